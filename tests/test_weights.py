@@ -1,0 +1,94 @@
+"""The shared loading rules: strict key tables, clear errors, no second copy."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from weights import CheckpointError, load_state, read_safetensors, remap
+
+TABLE = [("enc.layers.{i}.fc.weight", "blocks.{i}.weight"),
+         ("enc.layers.{i}.fc.bias", "blocks.{i}.bias")]
+
+
+def meta_model():
+    with torch.device("meta"):
+        m = nn.Module()
+        m.blocks = nn.ModuleList(nn.Linear(3, 3) for _ in range(2))
+    return m
+
+
+def foreign():
+    return {f"enc.layers.{i}.fc.{n}": torch.randn(3, 3) if n == "weight" else torch.randn(3)
+            for i in range(2) for n in ("weight", "bias")}
+
+
+def load(tensors, ignore=()):
+    state, unexpected = remap(tensors, TABLE, ignore)
+    return load_state(meta_model(), state, "ckpt", unexpected)
+
+
+def test_roundtrip_adopts_tensors_without_copy():
+    t = foreign()
+    m = load(t)
+    assert m.blocks[1].weight.data_ptr() == t["enc.layers.1.fc.weight"].data_ptr()
+    assert torch.equal(m.blocks[0].bias, t["enc.layers.0.fc.bias"])
+
+
+def test_missing_key_named():
+    t = foreign()
+    del t["enc.layers.1.fc.bias"]
+    with pytest.raises(CheckpointError, match=r"ckpt: missing blocks\.1\.bias"):
+        load(t)
+
+
+def test_unexpected_key_named_and_ignore_patterns():
+    t = foreign()
+    t["head.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"unexpected head\.weight"):
+        load(t)
+    load(t, ignore=[r"head\."])  # a known-unused key is skipped
+
+
+def test_shape_mismatch_names_key_and_both_shapes():
+    t = foreign()
+    t["enc.layers.0.fc.weight"] = torch.randn(4, 3)
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.weight: model expects \(3, 3\), checkpoint has \(4, 3\)"):
+        load(t)
+
+
+def test_dtype_is_the_callers(tmp_path):
+    save_file(foreign(), tmp_path / "m.safetensors")
+    t = read_safetensors(str(tmp_path / "m.safetensors"), dtype=torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in t.values())
+    assert load(t).blocks[0].weight.dtype == torch.bfloat16
+
+
+def test_sharded_directory_and_missing_shard(tmp_path):
+    t = foreign()
+    keys = sorted(t)
+    save_file({k: t[k] for k in keys[:2]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: t[k] for k in keys[2:]}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {k: f"model-0000{1 + (i >= 2)}-of-00002.safetensors" for i, k in enumerate(keys)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = read_safetensors(str(tmp_path))
+    assert sorted(got) == keys and all(torch.equal(got[k], t[k]) for k in keys)
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: shard listed in .* is missing"):
+        read_safetensors(str(tmp_path))
+
+
+def test_truncated_and_missing_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(foreign(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: not a readable safetensors file"):
+        read_safetensors(str(path))
+    with pytest.raises(CheckpointError, match=r"nowhere: no such file or directory"):
+        read_safetensors(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match=r"empty: no model\.safetensors"):
+        read_safetensors(str(tmp_path / "empty"))
