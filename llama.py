@@ -1,0 +1,368 @@
+"""LLaMA-2 decoder (Vicuna v1.5): the language model of LLaVA-HR.
+
+Pre-norm transformer blocks: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)),
+with rotary position embeddings and (optionally) grouped-query attention. This is F_L
+in the paper's Eq. 1, p = prod_s F_L(R_s | F_P(F_v), f_t, R_<s): it reads the
+projected visual tokens and the text embeddings f_t as one sequence, so the
+forward takes token ids *or* input embeddings (mra.py splices the visual tokens
+in). A static, preallocated KV cache serves batched generation with left or
+right padding.
+
+References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE);
+Shazeer, "GLU Variants Improve Transformer" (SwiGLU); HF transformers'
+modeling_llama.py (the numerics matched here); gpt-fast and nanoGPT (the layout).
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from weights import CheckpointError, load_state, read_safetensors, remap
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (multi-head attention, as in Vicuna)
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name):
+        return cls(**LLAMA_PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, cfg):
+        """From an HF config.json dict (LlamaConfig, or LLaVA's, which carries the same fields)."""
+        # refuse what we do not implement rather than load weights that would silently misbehave
+        unsupported = {"rope_scaling": cfg.get("rope_scaling"),
+                       "attention_bias": cfg.get("attention_bias", False),
+                       "mlp_bias": cfg.get("mlp_bias", False),
+                       "hidden_act": cfg.get("hidden_act", "silu") != "silu" and cfg["hidden_act"]}
+        for field, value in unsupported.items():
+            if value:
+                raise ValueError(f"HF config sets {field}={value!r}, which llama.py does not implement")
+        c = cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                n_heads=cfg["num_attention_heads"],
+                n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=cfg.get("rope_theta", 10000.0),
+                max_seq_len=cfg.get("max_position_embeddings", 4096),
+                tie_embeddings=cfg.get("tie_word_embeddings", False))
+        if cfg.get("head_dim", c.head_dim) != c.head_dim:
+            raise ValueError(f"HF config sets head_dim={cfg['head_dim']} != hidden_size / n_heads")
+        return c
+
+
+LLAMA_PRESETS = {
+    "vicuna-7b-v1.5": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008),
+    "vicuna-13b-v1.5": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
+    "llama-tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172,
+                       max_seq_len=256),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # x / rms(x), in fp32 so bf16 activations don't lose the mean of squares; cast back
+        # before the weight, exactly as HF does (the order changes bf16 results)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(positions, head_dim, theta, dtype):
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2), angle = pos * theta^(-2i/d)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # HF's rotate_half convention: dimension i is paired with i + d/2 (not with its neighbour as
+    # in Meta's original code), so HF q/k weights load unchanged, without permuting their rows.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` slots and written in place.
+
+    k, v: (n_layers, B, n_kv_heads, max_len, head_dim); valid: (B, max_len), True where a slot
+    holds a real (not padding) token; pos: slots used so far, the same for every row.
+    """
+
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0
+
+    def write(self, layer, k, v):
+        """Store new k, v (B, n_kv, T, hd) at slots [pos, pos+T); return all of slots [0, pos+T)."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig, layer):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)  # (B, nkv, S, hd), S = slots filled so far
+        if self.n_kv_heads != self.n_heads:
+            # grouped-query attention: each k/v head serves n_heads / n_kv_heads consecutive q heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # softmax(q k^T / sqrt(hd), over the keys `mask` allows; causal when mask is None) v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.up = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.down = nn.Linear(c.hidden_dim, c.dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig, layer):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(c.dim, c.norm_eps), Attention(c, layer)
+        self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# HF LlamaForCausalLM key -> ours
+LLAMA_KEYS = [
+    ("model.embed_tokens.weight", "tok_embeddings.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wq.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wk.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wv.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "output.weight"),
+]
+# older checkpoints saved the RoPE frequencies; we recompute them
+LLAMA_IGNORE = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"]
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = c = config
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        # tied: the head *is* the embedding matrix, used directly in forward; holding no second
+        # parameter means nothing can untie them (load_state_dict(assign=True) would)
+        self.output = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+
+    def embed(self, tokens):
+        return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
+
+    def new_cache(self, batch_size, max_len, dtype=None, device=None):
+        w = self.tok_embeddings.weight
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim,
+                       dtype or w.dtype, device or w.device)
+
+    def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None):
+        """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, D).
+
+        pad_mask (B, T) bool, True = real token; a padded token is never attended to, and its
+        own output is meaningless (finite, to be ignored). Each token's RoPE position is the
+        number of real tokens before it in its row (HF's cumsum(mask) - 1), so a row reads
+        the same whether it is padded on the left, on the right, or not at all.
+
+        Without a cache: causal attention over the T tokens (training, reference).
+        With cache = new_cache(B, max_len): the T tokens go to slots [pos, pos+T), their
+        pad_mask (all True when None) into cache.valid; they attend causally (in slot order)
+        to every valid slot in [0, pos+T); then pos += T. So prefill with left or right
+        padding, then decode one token per row per call.
+        """
+        x = self.embed(tokens) if embeds is None else embeds
+        B, T, _ = x.shape
+        start = 0 if cache is None else cache.pos
+        end = start + T
+        limits = {"max_seq_len": self.config.max_seq_len}
+        if cache is not None:
+            limits["cache length"] = cache.valid.shape[1]
+        for name, limit in limits.items():
+            if end > limit:
+                raise ValueError(f"{end} positions exceed the {name} ({limit})")
+        valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
+        if cache is not None:
+            cache.valid[:, start:end] = valid
+            valid = cache.valid[:, :end]  # (B, S), S = end
+        positions = (valid.cumsum(-1) - valid.long())[:, start:]  # (B, T): real tokens before each
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+
+        mask = None  # None: SDPA's causal fast path (no padding, queries start at slot 0)
+        if pad_mask is not None or start > 0:
+            q_slot = torch.arange(start, end, device=x.device)[:, None]  # (T, 1)
+            k_slot = torch.arange(end, device=x.device)[None, :]  # (1, S)
+            mask = (k_slot <= q_slot) & valid[:, None, :]  # (B, T, S)
+            # every query sees at least its own slot: a padded query with every key masked is a
+            # softmax over nothing, NaN in the textbook formula and in some SDPA kernels, and a NaN
+            # value poisons real tokens in the next layer even at attention weight 0
+            mask = (mask | (k_slot == q_slot))[:, None]  # (B, 1, T, S), broadcast over heads
+
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos = end
+        x = self.norm(x)
+        return F.linear(x, self.tok_embeddings.weight if self.output is None else self.output.weight)
+
+    @classmethod
+    def from_pretrained(cls, src, dtype=None, device="cpu"):
+        """src: an HF checkpoint dir (config.json + model.safetensors or shards with an index),
+        or a (config, tensors) pair: LlamaConfig or HF config dict, and {HF key: tensor}."""
+        if isinstance(src, (str, os.PathLike)):
+            cfg_path = os.path.join(src, "config.json")
+            if not os.path.isfile(cfg_path):
+                raise CheckpointError(f"{cfg_path}: missing (an HF LLaMA checkpoint needs config.json)")
+            with open(cfg_path) as f:
+                config, tensors, source = LlamaConfig.from_hf(json.load(f)), None, str(src)
+        else:
+            (config, tensors), source = src, "LLaMA tensors"
+            config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf(config)
+        # HF leaves lm_head.weight out of tied checkpoints; if one is there anyway the embedding
+        # wins, as it does in HF
+        keep = lambda k: not (config.tie_embeddings and k == "lm_head.weight")  # noqa: E731
+        if tensors is None:
+            tensors = read_safetensors(src, dtype, device, keep=keep)
+        else:
+            tensors = {k: t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                       for k, t in tensors.items() if keep(k)}
+        state, unexpected = remap(tensors, LLAMA_KEYS, ignore=LLAMA_IGNORE)
+        with torch.device("meta"):
+            model = cls(config)
+        return load_state(model, state, source, unexpected)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: sentencepiece, wrapped exactly as HF's slow LlamaTokenizer wraps it
+
+
+class Tokenizer:
+    """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0).
+
+    LLaVA tokenises through HF's slow `LlamaTokenizer` in legacy mode; `encode` and `decode`
+    reproduce its ids and text exactly (tests/test_tokenizer.py checks this against HF), so
+    checkpoints trained with it see the same sequences. Sentencepiece does the real work; the
+    rest is HF's handling of the special-token strings "<s>", "</s>", "<unk>".
+    """
+
+    def __init__(self, model_path):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(model_path)
+        except RuntimeError:
+            raise ValueError(f"not a sentencepiece model: {model_path}") from None
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.pad_id = self.unk_id  # LLaMA has no pad token; LLaVA pads with <unk>
+        self.vocab_size = self.sp.get_piece_size()
+        self.special = {i: self.sp.id_to_piece(i) for i in (self.unk_id, self.bos_id, self.eos_id)}
+        self.special_ids = {s: i for i, s in self.special.items()}
+        self.special_re = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
+
+    def __len__(self):
+        return self.vocab_size
+
+    def encode(self, text, bos=True, eos=False):
+        ids = [self.bos_id] if bos else []
+        # HF first cuts the text at literal special-token strings: the "</s>" that ends every
+        # answer in the vicuna_v1 template becomes EOS. The spaces around them are kept, and
+        # each chunk is a separate sentencepiece call with its own dummy-prefix space, so
+        # "</s>USER" gives [</s>, ▁USER] in legacy mode (a non-legacy tokenizer gives "USER").
+        for chunk in self.special_re.split(text):
+            if chunk in self.special_ids:
+                ids.append(self.special_ids[chunk])
+            elif chunk:
+                ids += self.sp.encode(chunk)
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = [int(i) for i in ids]  # lists or tensors
+        if skip_special_tokens:  # <unk> counts as special too, so padding disappears
+            ids = [i for i in ids if i not in self.special]
+        pieces = [self.sp.id_to_piece(i) for i in ids]
+        if not pieces:
+            return ""
+        # HF removes the dummy-prefix space itself, then sentencepiece removes a leading one
+        # again, so a first piece "▁▁x" loses both spaces.
+        if pieces[0].startswith("▁"):
+            pieces[0] = pieces[0][1:]
+        # Runs of ordinary pieces are decoded by sentencepiece and special tokens pasted in as
+        # text. Legacy mode also puts a space *at the start of the run* that precedes a special
+        # token, and after a leading special token when the next piece has no "▁".
+        text, run = "", []
+        for k, (i, piece) in enumerate(zip(ids, pieces)):
+            prev_special = k > 0 and ids[k - 1] in self.special
+            if i in self.special:
+                if k > 0 and not prev_special:
+                    text += " "
+                text += self.sp.decode_pieces(run) + piece
+                run = []
+            else:
+                if k == 1 and prev_special and not piece.startswith("▁"):
+                    text += " "
+                run.append(piece)
+        return text + self.sp.decode_pieces(run)

@@ -1,0 +1,297 @@
+"""llama.py against HF transformers' LlamaForCausalLM on tiny random models."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+from llama import Llama, LlamaConfig, RMSNorm, apply_rope, rope
+from weights import CheckpointError
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+VOCAB = 96
+
+VARIANTS = {  # name: (n_kv_heads, tie_word_embeddings, rope_theta, max_shard_size)
+    "mha": (4, False, 10000.0, None),
+    "gqa-tied": (2, True, 500000.0, None),
+    "gqa-sharded": (2, False, 10000.0, "60KB"),
+}
+
+
+def make_hf(n_kv, tie, theta, seed=0):
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=64,
+        rms_norm_eps=1e-6, rope_theta=theta, tie_word_embeddings=tie, initializer_range=0.1,
+        attn_implementation="eager", pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1, which would hide a norm-weight mixup
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    """(HF model, its save_pretrained directory, ours loaded from it)."""
+    n_kv, tie, theta, shard = VARIANTS[request.param]
+    hf = make_hf(n_kv, tie, theta)
+    path = tmp_path_factory.mktemp(request.param)
+    kw = {} if shard is None else dict(max_shard_size=shard)
+    hf.save_pretrained(path, safe_serialization=True, **kw)
+    assert os.path.isfile(path / "model.safetensors.index.json") == (shard is not None)
+    return hf, path, Llama.from_pretrained(path)
+
+
+def tokens(B, T, seed=1):
+    return torch.randint(1, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_match_hf(pair):
+    hf, _, ours = pair
+    ids = tokens(2, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, **TOL)
+
+
+def test_tied_embeddings_stay_tied(pair):
+    hf, _, ours = pair
+    if not hf.config.tie_word_embeddings:
+        assert ours.output is not None
+        return
+    assert ours.output is None and "output.weight" not in ours.state_dict()
+    ours.zero_grad()
+    ours(tokens(1, 5)).sum().backward()  # the head's gradient lands on the embedding
+    assert ours.tok_embeddings.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_hf(pair, side):
+    hf, _, ours = pair
+    ids, mask = tokens(3, 12), torch.ones(3, 12, dtype=torch.bool)
+    for row, n_pad in [(1, 4), (2, 11)]:  # row 2 keeps a single real token
+        mask[row, :n_pad] = False
+    if side == "right":
+        mask = mask.flip(1)
+    ids = ids.masked_fill(~mask, 0)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # what HF's generate() passes
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask.long(), position_ids=position_ids).logits
+        out = ours(ids, pad_mask=mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[mask], ref[mask], **TOL)
+
+
+def test_embeds_equal_tokens(pair):
+    _, _, ours = pair
+    ids, mask = tokens(2, 9), torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    with torch.no_grad():
+        torch.testing.assert_close(ours(embeds=ours.embed(ids)), ours(ids), atol=0, rtol=0)
+        torch.testing.assert_close(ours(embeds=ours.embed(ids), pad_mask=mask), ours(ids, pad_mask=mask),
+                                   atol=0, rtol=0)
+
+
+def test_cache_prefill_then_decode_equals_full_forward(pair):
+    _, _, ours = pair
+    ids = tokens(2, 14)
+    with torch.no_grad():
+        full = ours(ids)
+        cache = ours.new_cache(2, 20)
+        steps = [ours(ids[:, :8], cache=cache)]
+        steps += [ours(ids[:, t:t + 1], cache=cache) for t in range(8, 14)]
+    assert cache.pos == 14
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+
+
+def greedy(model, ids, n, pad_mask=None):
+    """Greedy tokens (B, n) and each step's logits (B, n, V), through the KV cache."""
+    B, T = ids.shape
+    cache = model.new_cache(B, T + n)
+    logits = model(ids, cache=cache, pad_mask=pad_mask)
+    # each row continues from its last real token (T - 1, unless the row is right-padded)
+    last = torch.full((B,), T - 1) if pad_mask is None else (pad_mask.long() * torch.arange(T)).argmax(1)
+    step = logits[torch.arange(B), last]  # (B, V)
+    out, steps = [], []
+    for i in range(n):
+        steps.append(step)
+        out.append(step.argmax(-1))
+        if i < n - 1:
+            step = model(out[-1][:, None], cache=cache)[:, -1]
+    return torch.stack(out, 1), torch.stack(steps, 1)
+
+
+def test_greedy_matches_hf_generate(pair):
+    hf, _, ours = pair
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+        got, _ = greedy(ours, ids, 10)
+    assert torch.equal(got, ref[:, 7:])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batched_padded_generation_equals_rows_alone(pair, side):
+    _, _, ours = pair
+    lengths, T, n = [9, 4, 6], 9, 8
+    rows = [tokens(1, L, seed=10 + L)[0] for L in lengths]
+    ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        span = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        ids[b, span], mask[b, span] = r, True
+    with torch.no_grad():
+        got, got_logits = greedy(ours, ids, n, pad_mask=mask)
+        for b, r in enumerate(rows):
+            alone, alone_logits = greedy(ours, r[None], n)
+            assert torch.equal(got[b], alone[0])
+            torch.testing.assert_close(got_logits[b], alone_logits[0], **TOL)
+
+
+def test_rmsnorm_and_rope_match_hf_bitwise_in_bf16():
+    # fp32 parity can't see where the casts sit; bf16 can
+    from transformers.models.llama import modeling_llama as hf
+    x = torch.randn(2, 5, 64).bfloat16()
+    ours, ref = RMSNorm(64, 1e-6), hf.LlamaRMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    ours, ref = ours.bfloat16(), ref.bfloat16()
+    assert torch.equal(ours(x), ref(x))
+    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])
+    cos, sin = hf.LlamaRotaryEmbedding(cfg)(x, pos)
+    our_cos, our_sin = rope(pos, 16, 500000.0, torch.bfloat16)
+    q = torch.randn(2, 4, 5, 16).bfloat16()
+    assert torch.equal(apply_rope(q, our_cos, our_sin), hf.apply_rotary_pos_emb(q, q, cos, sin)[0])
+
+
+def naive_attention(q, k, v, attn_mask=None, is_causal=False):
+    # the textbook formula: a row whose keys are all masked gives softmax(-inf...) = NaN here
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, nh, T, S)
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_textbook_attention_equals_sdpa_with_padding(pair, monkeypatch):
+    """SDPA (fast) against the formula in its comment (readable), padded and cached; the
+    textbook version also proves no query is left with every key masked."""
+    _, _, ours = pair
+    ids, mask = tokens(3, 10), torch.ones(3, 10, dtype=torch.bool)
+    mask[1, :6], mask[2, 7:] = False, False
+    with torch.no_grad():
+        fast = ours(ids, pad_mask=mask), greedy(ours, ids, 5, pad_mask=mask)[1]
+        monkeypatch.setattr(F, "scaled_dot_product_attention", naive_attention)
+        slow = ours(ids, pad_mask=mask), greedy(ours, ids, 5, pad_mask=mask)[1]
+    assert all(torch.isfinite(t).all() for t in slow)
+    torch.testing.assert_close(slow, fast, **TOL)
+
+
+def test_cache_overflow_is_refused():
+    model = Llama(LlamaConfig.from_name("llama-tiny"))
+    cache = model.new_cache(1, 8)
+    model(tokens(1, 6), cache=cache)
+    with pytest.raises(ValueError, match="cache length"):
+        model(tokens(1, 3), cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, model.config.max_seq_len + 1, dtype=torch.long))
+
+
+def test_presets_parameter_counts():
+    # the published sizes of LLaMA-2 7B / 13B (Vicuna v1.5 is a fine-tune of them)
+    for name, n in [("vicuna-7b-v1.5", 6_738_415_616), ("vicuna-13b-v1.5", 13_015_864_320)]:
+        with torch.device("meta"):
+            model = Llama(LlamaConfig.from_name(name))
+        assert sum(p.numel() for p in model.parameters()) == n
+
+
+def test_from_hf_refuses_rope_scaling():
+    cfg = make_hf(4, False, 10000.0).config.to_dict()
+    cfg["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig.from_hf(cfg)
+
+
+def test_pair_source_loads_the_same(pair):
+    hf, path, ours = pair
+    cfg = json.loads((path / "config.json").read_text())
+    model = Llama.from_pretrained((cfg, hf.state_dict()), dtype=torch.float64)
+    assert model.norm.weight.dtype == torch.float64
+    ids = tokens(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), ours(ids), **TOL)
+
+
+# ----- loader errors: every one names the file or key -----
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A single-file checkpoint dir and a function that rewrites its tensors."""
+    make_hf(4, False, 10000.0).save_pretrained(tmp_path, safe_serialization=True)
+
+    def rewrite(edit):
+        file = tmp_path / "model.safetensors"
+        tensors = load_file(file)
+        edit(tensors)
+        save_file(tensors, file, metadata={"format": "pt"})
+    return tmp_path, rewrite
+
+
+def test_missing_key(checkpoint):
+    path, rewrite = checkpoint
+    rewrite(lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing layers\.1\.mlp\.up\.weight"):
+        Llama.from_pretrained(path)
+
+
+def test_unexpected_key(checkpoint):
+    path, rewrite = checkpoint
+    rewrite(lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    with pytest.raises(CheckpointError, match=r"unexpected model\.layers\.0\.self_attn\.q_proj\.bias"):
+        Llama.from_pretrained(path)
+
+
+def test_wrong_shape(checkpoint):
+    path, rewrite = checkpoint
+    rewrite(lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(CheckpointError, match=r"norm\.weight: model expects \(64,\), checkpoint has \(65,\)"):
+        Llama.from_pretrained(path)
+
+
+def test_old_inv_freq_is_ignored(checkpoint):
+    path, rewrite = checkpoint
+    rewrite(lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    Llama.from_pretrained(path)
+
+
+def test_missing_shard(tmp_path):
+    make_hf(4, False, 10000.0).save_pretrained(tmp_path, safe_serialization=True, max_shard_size="60KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_truncated_file(checkpoint):
+    path, _ = checkpoint
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Llama.from_pretrained(path)
+
+
+def test_missing_config(checkpoint, tmp_path_factory):
+    path, _ = checkpoint
+    bare = tmp_path_factory.mktemp("bare")
+    shutil.copy(path / "model.safetensors", bare)
+    with pytest.raises(CheckpointError, match=r"bare\d*/config\.json"):
+        Llama.from_pretrained(bare)

@@ -1,0 +1,142 @@
+"""Tokenizer parity with HF's slow LlamaTokenizer (legacy mode, as LLaVA uses it).
+
+A tiny sentencepiece model is trained here with LLaMA's trainer settings (BPE, byte fallback,
+split digits, identity normalisation, whitespace kept), so the test needs no download.
+"""
+import random
+
+import pytest
+import sentencepiece as spm
+from transformers import LlamaTokenizer
+
+from llama import Tokenizer
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+          "gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA = SYSTEM + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: And? ASSISTANT:"
+WORDS = ("the a cat dog image picture what is this color of on in and man woman red blue two three "
+         "there are people sitting standing table street car sign says number answer question "
+         "using single word phrase yes no left right photo describe detail").split()
+
+CASES = [
+    "", " ", "  ", "\n", "\n\n", "hello", "hello world", " hello", "  hello", "hello ", "hello  ",
+    "a  b   c", "\nhello", "hello\n", "line one\nline two", "para one\n\npara two", "\n \n",
+    "1234567890", "in 2023, 42 cats", "3.14 and -7", "def f(x):\n    return x + 1",
+    "你好，世界", "café naïve Ærø", "emoji 🙂🐈 ok", "Ωmega ß ñ", "▁already▁marked",
+    VICUNA, SYSTEM + " USER: What? ASSISTANT: Yes.</s>USER: No? ASSISTANT: No.</s>",
+    "<image>\nDescribe the image.\n", "Hello</s>", "</s>Hello", "Hello</s>world", "Hello </s> world",
+    "Hello  </s>  world", "<s>Hello", "<s> Hello", "Hello<s>", "a <s> b </s> c", "</s>", "<s>",
+    "<unk>", "<s></s>", "</s></s>", " </s>", "</s> ", "\n</s>\n", "x<unk>y", "<unk> cat",
+    "<</s>>", "</</s>", "<s<s>>", "<un<unk>", "< s>", "</ s>", "<S>", "你</s>好",
+]
+FRAGMENTS = ["<s>", "</s>", "<unk>", " ", "  ", "\n", "hello", "USER:", "ASSISTANT:", "cat.", "42",
+             "你好", "é", "🙂", "<", "s>", "/", "▁", "What is", " this?", "\t", "<image>"]
+
+
+def random_cases(n=300, seed=0):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 8))) for _ in range(n)]
+
+
+ALL = CASES + random_cases()
+
+
+def training_lines(n=400, seed=0):
+    rng = random.Random(seed)
+    lines = [SYSTEM, "USER:", "ASSISTANT:", "    indented code", "        more indented"]
+    for _ in range(n):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+        a = " ".join(rng.choice(WORDS + [str(rng.randint(0, 9999))]) for _ in range(rng.randint(1, 8)))
+        lines.append(f"USER: {q.capitalize()}? ASSISTANT: {a.capitalize()}.")
+        lines.append(" " * rng.choice([2, 4, 8]) + q)  # whitespace-only pieces ("▁▁▁▁")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("spm") / "tok"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_lines()), model_prefix=str(prefix), vocab_size=500,
+        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        minloglevel=2)
+    return f"{prefix}.model"
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    return Tokenizer(model_path)
+
+
+@pytest.fixture(scope="module")
+def hf(model_path):
+    return LlamaTokenizer(vocab_file=model_path, legacy=True)
+
+
+def test_special_ids(tok, hf):
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, 0)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (1, 2, 0)
+    assert len(tok) == tok.vocab_size == len(hf) == hf.vocab_size == 500
+    assert any(tok.sp.id_to_piece(i) == "▁▁▁▁" for i in range(len(tok)))  # trained like LLaMA's
+
+
+def test_encode_matches_hf(tok, hf):
+    for text in ALL:
+        assert tok.encode(text) == hf(text).input_ids, repr(text)
+        assert tok.encode(text, bos=False) == hf(text, add_special_tokens=False).input_ids, repr(text)
+
+
+def test_encode_eos_matches_hf(tok, model_path):
+    hf_eos = LlamaTokenizer(vocab_file=model_path, legacy=True, add_eos_token=True)
+    for text in CASES:
+        assert tok.encode(text, eos=True) == hf_eos(text).input_ids, repr(text)
+
+
+def test_vicuna_template(tok):
+    ids = tok.encode(VICUNA)
+    assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1 and tok.unk_id not in ids
+    # legacy mode: the turn after "</s>" starts with a dummy-prefix space, "▁USER"
+    rest = [tok.sp.id_to_piece(i) for i in ids[ids.index(tok.eos_id) + 1:]]
+    assert rest[0].startswith("▁") and tok.sp.decode_pieces(rest) == "USER: And? ASSISTANT:"
+    # characters outside the vocabulary become their UTF-8 bytes, never <unk>
+    assert [tok.sp.id_to_piece(i) for i in tok.encode("你", bos=False)] == ["▁", "<0xE4>", "<0xBD>", "<0xA0>"]
+    assert tok.unk_id not in tok.encode("你好🙂")
+
+
+def test_decode_matches_hf(tok, hf):
+    for text in ALL:
+        ids = hf(text).input_ids
+        for skip in (True, False):
+            assert tok.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip), (repr(text), skip)
+
+
+def test_decode_random_ids_matches_hf(tok, hf):
+    # arbitrary id sequences: specials anywhere, lone byte pieces (invalid UTF-8), "▁"-only pieces
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.choice([0, 1, 2, rng.randrange(3, 259), rng.randrange(259, len(tok))])
+               for _ in range(rng.randint(0, 10))]
+        for skip in (True, False):
+            assert tok.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip), (ids, skip)
+
+
+def test_round_trip(tok, hf):
+    for text in ALL:
+        for skip in (True, False):
+            hf_text = hf.decode(hf(text, add_special_tokens=False).input_ids, skip_special_tokens=skip)
+            assert tok.decode(tok.encode(text, bos=False), skip) == hf_text, (repr(text), skip)
+        ours = tok.decode(tok.encode(text, bos=False))
+        # lossless except for leading whitespace (the dummy-prefix space is stripped twice) and
+        # "▁", which sentencepiece reads as its own space symbol and gives back as " "
+        if not any(s in text for s in ("<s>", "</s>", "<unk>", "▁")) and not text[:1].isspace():
+            assert ours == text, repr(text)
+
+
+def test_bad_model_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.model"):
+        Tokenizer(str(tmp_path / "missing.model"))
+    bad = tmp_path / "corrupt.model"
+    bad.write_bytes(b"this is not a protobuf")
+    with pytest.raises(ValueError, match="corrupt.model"):
+        Tokenizer(str(bad))
