@@ -1,0 +1,458 @@
+"""Mixture-of-Resolution Adaptation: the MR-Adapter, the dual-pathway encoder, LLaVA-HR.
+
+Paper: Luo et al., "Feast Your Eyes: Mixture-of-Resolution Adaptation for Multimodal
+Large Language Models" (arXiv 2403.03003). Read it beside this file:
+- Fig. 3 / Eq. 2: two visual pathways. A ConvNeXt ("slow", high resolution R x R,
+  stride 32) and a CLIP ViT ("fast", low resolution S x S, stride 14) see the same
+  image; MR-Adapters inside the ViT carry high-res detail into the low-res tokens, so
+  the LLM gets few tokens that still hold fine detail.     -> DualEncoder
+- Fig. 4 / Eq. 3-4: the MR-Adapter, f_l on the low-res tokens, f_h on the high-res
+  map, a gate g from the pooled pair.                      -> MRAdapter, gate_mix
+- Sec. 4.4: stage 1 trains the projector without adapters, stage 2 everything.
+Where the released code (which the released checkpoints need) differs from the paper,
+we follow the release and say so in a comment (../shared/DESIGN.md lists the facts).
+
+Also here: the LLaVA-1.5 baseline (one ViT path), the projector and the multimodal
+model (visual features spliced into the LLM's input), visual-token accounting, and
+loading released checkpoints, stage-1 projector files, separate backbones, and ours.
+"""
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convnext import ConvNeXt, ConvNeXtConfig
+from llama import Llama, LlamaConfig, Tokenizer
+from vit import ViT, ViTConfig
+from weights import CheckpointError, load_state, read_safetensors, remap
+
+IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
+IGNORE = -100  # label of every position the loss skips
+
+
+@dataclass
+class MRAConfig:
+    arch: str = "llava-hr"  # "llava-hr" (dual pathway) or "llava-1.5" (one ViT path)
+    image_size: int = 1024  # R: the ConvNeXt input (LLaVA-1.5: the ViT input)
+    vit_min_size: int = 336  # floor of the low-res size S (the release hard-codes 336)
+    adapters: bool = True  # stage 2 inserts MR-Adapters; stage 1 has none
+    gate: str = "tanh"  # "tanh" (released), "sigmoid", "none" (plain sum): Table 3's ablation
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig.from_name("clip-vit-l-14-336"))
+    convnext: ConvNeXtConfig = field(default_factory=lambda: ConvNeXtConfig.from_name("convnext_large_mlp"))
+    llm: LlamaConfig = field(default_factory=lambda: LlamaConfig.from_name("vicuna-7b-v1.5"))
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        sub = {"vit": ViTConfig, "convnext": ConvNeXtConfig, "llm": LlamaConfig}
+        for k, c in sub.items():
+            if isinstance(d.get(k), dict):
+                d[k] = c(**{n: tuple(v) if isinstance(v, list) else v for n, v in d[k].items()})
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------
+# Token accounting: why MRA is cheap. The ViT's grid sets the LLM's visual-token count;
+# the ConvNeXt's stride of 32 lets R grow while S (and so the count) grows far slower.
+
+def vit_input_size(R, floor=336, patch=14, stride=32):
+    """S for a high-res input R: the ViT grid matches the ConvNeXt's R/32 grid (release rule)."""
+    return max(int(R / stride * patch), floor)
+
+
+def visual_tokens(arch, R, floor=336, patch=14):
+    """LLaVA-HR: 384->576, 768->576, 1024->1024, 1536->2304. LLaVA-1.5: 336->576 ... 1022->5329."""
+    S = vit_input_size(R, floor, patch) if arch == "llava-hr" else R
+    return (S // patch) ** 2
+
+
+def align(x, n):
+    """Resample a map (B, C, h, w) to n tokens (B, n, C) on a sqrt(n) x sqrt(n) grid.
+
+    Up: bilinear with align_corners, in fp32 (release). Down: average pooling with
+    kernel = stride = the side ratio. One count must divide the other.
+    """
+    B, C, h, w = x.shape
+    s = math.isqrt(n)
+    if s * s != n or h != w or (n % (h * w) and (h * w) % n) or (h > s and h % s) or (h < s and s % h):
+        raise ValueError(f"cannot align a {h}x{w} map to {n} tokens: one grid must divide the other "
+                         f"(choose the image size so the ConvNeXt and ViT grids are multiples)")
+    if h < s:
+        x = F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=True).to(x.dtype)
+    elif h > s:
+        x = F.avg_pool2d(x, h // s)
+    return x.flatten(2).transpose(1, 2)  # (B, s*s, C)
+
+
+# ---------------------------------------------------------------------------------------
+# The MR-Adapter (Fig. 4, Eq. 3-4)
+
+def gate_mix(f, s, w1, b1, w2, b2, act):
+    """out = f + act(W2 GELU(W1 mean_tokens([f, s]))) * s.  f, s: (B, N, d).
+
+    Eq. 4 pools the concatenated pair over tokens, so g looks at the whole image. The
+    paper's W2 is d/2 -> d (a gate per channel); the release's is d/2 -> 1: one scalar
+    per image, which is what the released weights hold.
+    """
+    pooled = torch.cat([f, s], dim=-1).mean(dim=1)  # (B, 2d)
+    g = F.linear(F.gelu(F.linear(pooled, w1, b1)), w2, b2)  # (B, 1)
+    g = torch.tanh(g) if act == "tanh" else torch.sigmoid(g)
+    return f + g[:, :, None] * s  # (B, 1, 1) broadcast over tokens and channels
+
+
+_compiled_gate_mix = None
+
+
+def fused_gate_mix(f, s, w1, b1, w2, b2, act):
+    """gate_mix as one fused kernel on CUDA (torch.compile); eager elsewhere."""
+    global _compiled_gate_mix
+    if not f.is_cuda:
+        return gate_mix(f, s, w1, b1, w2, b2, act)
+    if _compiled_gate_mix is None:
+        _compiled_gate_mix = torch.compile(gate_mix, dynamic=False)
+    return _compiled_gate_mix(f, s, w1, b1, w2, b2, act)
+
+
+class MRAdapter(nn.Module):
+    """F'_vl = F_vl + f_l(F_vl) + g * f_h(F_vh)   (Eq. 3), with the release's module names.
+
+    fast_* is f_l (the ViT side), slow_* is f_h (the ConvNeXt side).
+    """
+
+    def __init__(self, d, c_slow, gate="tanh"):
+        super().__init__()
+        if gate not in ("tanh", "sigmoid", "none"):
+            raise ValueError(f"gate must be tanh, sigmoid or none, not {gate!r}")
+        self.act = gate
+        # f_l: "a convolutional block": depthwise 7x7 (local mixing on the low-res grid), 1x1
+        self.fast_conv = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.fast_proj = nn.Conv2d(d, d, 1)
+        # f_h: "an MLP layer", i.e. two 1x1 convs on the high-res map, C_s -> C_s -> d
+        self.slow_conv = nn.Conv2d(c_slow, c_slow, 1)
+        self.slow_proj = nn.Conv2d(c_slow, d, 1)
+        self.gate = None if gate == "none" else nn.Sequential(nn.Linear(2 * d, d // 2), nn.GELU(), nn.Linear(d // 2, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for conv in (self.fast_conv, self.slow_conv):
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        # zero output projections: f_l = f_h = 0, so a new adapter is the identity and
+        # stage 2 starts from exactly the stage-1 model
+        for conv in (self.fast_proj, self.slow_proj):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x, slow):
+        """x: low-res ViT tokens (B, N, d); slow: the high-res ConvNeXt map (B, C_s, H, W)."""
+        B, N, d = x.shape
+        s = math.isqrt(N)
+        grid = x.transpose(1, 2).reshape(B, d, s, s)  # (B, d, s, s): tokens back on their grid
+        # release: the residual is taken here, f = x + f_l(x), and the gate pools this updated f
+        f = x + self.fast_proj(F.gelu(self.fast_conv(grid))).flatten(2).transpose(1, 2)  # (B, N, d)
+        h = align(self.slow_proj(F.gelu(self.slow_conv(slow))), N)  # (B, N, d)
+        if self.gate is None:
+            return f + h
+        lin1, lin2 = self.gate[0], self.gate[2]
+        return fused_gate_mix(f, h, lin1.weight, lin1.bias, lin2.weight, lin2.bias, self.act)
+
+
+# ---------------------------------------------------------------------------------------
+# Vision encoders
+
+class DualEncoder(nn.Module):
+    """LLaVA-HR's vision encoder (Eq. 2): ConvNeXt on R x R, ViT on S x S, adapters between."""
+
+    def __init__(self, cfg: MRAConfig, vit=None, convnext=None):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = vit or ViT(cfg.vit)
+        self.convnext = convnext or ConvNeXt(cfg.convnext)
+        d, c_slow = cfg.vit.width, cfg.convnext.dims[-1]
+        if cfg.adapters and cfg.vit.layers < 4:
+            raise ValueError("MR-Adapters go after layers n, 2n, 3n with n = layers // 4: need >= 4 ViT layers")
+        # the paper: "applied into the last three stages of ViT", i.e. after the 1st, 2nd, 3rd quarter
+        self.adapters = nn.ModuleList(MRAdapter(d, c_slow, cfg.gate) for _ in range(3 if cfg.adapters else 0))
+        # final fusion, release: F_v = fast_proj(y) + slow_proj(align(slow)), two Linear maps
+        # summed (Eq. 2 writes the sum with F_vh directly; the release projects both sides)
+        self.fusion = nn.ModuleDict(dict(fast_proj=nn.Linear(d, d), slow_proj=nn.Linear(c_slow, d)))
+
+    def forward(self, images):
+        """Normalised images (B, 3, R, R) -> visual features (B, N, d)."""
+        slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32): stage 4 only, no norm, no head
+        S = vit_input_size(images.shape[-1], self.cfg.vit_min_size, self.cfg.vit.patch_size)
+        # the low-res input is the same normalised tensor, resized bilinearly without antialias
+        low = F.interpolate(images, size=(S, S), mode="bilinear", align_corners=True)
+        # release: the class token is dropped right after the embeddings, before pre-LN and
+        # every layer (LLaVA-1.5 keeps it through the layers and drops it at the end)
+        x = self.vit.ln_pre(self.vit.embed(low)[:, 1:])  # (B, N, d)
+        n = len(self.vit.blocks) // 4
+        for i, block in enumerate(self.vit.blocks, start=1):
+            x = block(x)
+            if i % n == 0 and i // n <= len(self.adapters):
+                x = self.adapters[i // n - 1](x, slow)
+        # the last layer's output, no post-norm (config.json's mm_vision_select_layer -2 is unused)
+        return self.fusion["fast_proj"](x) + self.fusion["slow_proj"](align(slow, x.shape[1]))
+
+
+class ClipEncoder(nn.Module):
+    """LLaVA-1.5's vision encoder: the ViT alone at R x R, penultimate layer, patch tokens."""
+
+    def __init__(self, cfg: MRAConfig, vit=None, convnext=None):
+        super().__init__()
+        self.vit = vit or ViT(cfg.vit)
+
+    def forward(self, images):
+        x = self.vit.ln_pre(self.vit.embed(images))  # (B, 1+N, d), class token kept
+        for block in self.vit.blocks[:-1]:  # the last layer is never needed
+            x = block(x)
+        return x[:, 1:]  # (B, N, d)
+
+
+# ---------------------------------------------------------------------------------------
+# The multimodal model
+
+class LlavaHR(nn.Module):
+    """Vision encoder -> projector -> LLaMA. Backbones already loaded may be passed in."""
+
+    def __init__(self, cfg: MRAConfig, llm=None, vit=None, convnext=None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = (DualEncoder if cfg.arch == "llava-hr" else ClipEncoder)(cfg, vit, convnext)
+        d, H = cfg.vit.width, cfg.llm.dim
+        self.projector = nn.Sequential(nn.Linear(d, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
+        self.llm = llm or Llama(cfg.llm)
+
+    def encode_images(self, images):
+        """(B, 3, R, R) -> visual tokens in the LLM's embedding space (B, N, H)."""
+        return self.projector(self.encoder(images.to(self.projector[0].weight.dtype)))
+
+    def splice(self, input_ids, images=None, labels=None, pad_mask=None, left_pad=False):
+        """Replace each IMAGE_TOKEN in input_ids (B, T) by the next image's N features.
+
+        images: (M, 3, R, R), one per placeholder in row order (text-only rows have none).
+        Returns embeds (B, T', H), pad_mask (B, T') and labels (B, T') (-100 on visual
+        tokens and padding), re-padded on the right (training) or the left (generation).
+        """
+        B, T = input_ids.shape
+        pad_mask = torch.ones_like(input_ids, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        n_img = int((input_ids == IMAGE_TOKEN).sum())
+        n_given = 0 if images is None else images.shape[0]
+        if n_img != n_given:
+            raise ValueError(f"{n_img} <image> placeholders but {n_given} images")
+        feats = self.encode_images(images) if n_img else None  # (M, N, H)
+        tok_embeds = self.llm.embed(input_ids.clamp(min=0))  # placeholder rows are overwritten below
+        rows, row_labels, k = [], [], 0
+        for b in range(B):
+            keep = pad_mask[b]
+            ids, emb = input_ids[b][keep], tok_embeds[b][keep]
+            lab = labels[b][keep] if labels is not None else torch.full_like(ids, IGNORE)
+            pieces, lpieces, start = [], [], 0
+            for p in (ids == IMAGE_TOKEN).nonzero().flatten().tolist():
+                pieces += [emb[start:p], feats[k]]
+                lpieces += [lab[start:p], lab.new_full((feats.shape[1],), IGNORE)]
+                start, k = p + 1, k + 1
+            rows.append(torch.cat(pieces + [emb[start:]]))
+            row_labels.append(torch.cat(lpieces + [lab[start:]]))
+        L = max(r.shape[0] for r in rows)
+        embeds = tok_embeds.new_zeros(B, L, tok_embeds.shape[-1])
+        out_labels = input_ids.new_full((B, L), IGNORE)
+        out_mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
+        for b, (r, lab) in enumerate(zip(rows, row_labels)):
+            sl = slice(L - len(r), L) if left_pad else slice(0, len(r))
+            embeds[b, sl], out_labels[b, sl], out_mask[b, sl] = r, lab, True
+        return embeds, out_mask, out_labels
+
+    def forward(self, input_ids, images=None, labels=None, pad_mask=None):
+        """Training / reference pass. Returns (logits (B, T', V), loss or None)."""
+        embeds, pad_mask, labels = self.splice(input_ids, images, labels, pad_mask)
+        logits = self.llm(embeds=embeds, pad_mask=pad_mask)
+        loss = None
+        if labels is not None:  # next-token prediction: position t predicts label t+1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE)
+        return logits, loss
+
+    def prefill(self, input_ids, images=None, pad_mask=None, max_new_tokens=128):
+        """Encode the prompt into a fresh KV cache. Returns (last logits (B, V), cache).
+
+        Rows are re-padded on the left so every row's last prompt token sits in the same slot.
+        """
+        embeds, mask, _ = self.splice(input_ids, images, pad_mask=pad_mask, left_pad=True)
+        cache = self.llm.new_cache(embeds.shape[0], embeds.shape[1] + max_new_tokens)
+        logits = self.llm(embeds=embeds, cache=cache, pad_mask=mask)
+        return logits[:, -1], cache
+
+    def decode(self, tokens, cache):
+        """One step: tokens (B,) -> next-token logits (B, V), extending the cache."""
+        return self.llm(tokens[:, None], cache=cache)[:, -1]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading. Our own checkpoints use our module names (model.state_dict() as it is, plus
+# mra_config.json): saving and loading need no table, and FSDP/DDP state dicts match it.
+# Every foreign name lives in the tables below.
+
+HR_VIT = "model.vision_tower.fast_vision_tower.vision_tower."  # + HF CLIP keys (vision_model.*)
+HR_CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."  # + timm keys, gamma -> .weight
+V15_VIT = "model.vision_tower.vision_tower."  # LLaVA-1.5's single CLIP tower
+LLM_KEYS = re.compile(r"^(model\.(embed_tokens|layers|norm)\.|lm_head\.)")
+_ADAPTER = [f"{m}.{p}" for m in ("fast_conv", "fast_proj", "slow_conv", "slow_proj", "gate.0", "gate.2")
+            for p in ("weight", "bias")]
+RELEASE_KEYS = (
+    [(f"model.vision_tower.align_stages_latent.{{i}}.{k}", f"encoder.adapters.{{i}}.{k}") for k in _ADAPTER]
+    + [(f"model.vision_tower.align_stages.0.{m}.{p}", f"encoder.fusion.{m}.{p}")
+       for m in ("fast_proj", "slow_proj") for p in ("weight", "bias")]
+    + [("model.mm_projector.{i}.weight", "projector.{i}.weight"), ("model.mm_projector.{i}.bias", "projector.{i}.bias")]
+)
+
+
+def _prefixed(module, prefix):
+    return {prefix + k: v for k, v in module.state_dict().items()}
+
+
+def load_release(path, dtype=None, device="cpu"):
+    """A released LLaVA-HR or LLaVA-1.5 directory (config.json + safetensors) -> LlavaHR.
+
+    Tower shapes come from the tensors, so ConvNeXt-L, -XXL (LLaVA-HR-X) and tiny test
+    variants all load here. Released .bin shards: convert them first (convert_bin).
+    """
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{cfg_path}: missing (a LLaVA checkpoint directory holds config.json)")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    tensors = read_safetensors(path, dtype, device)
+    parts = {p: {k[len(p):]: tensors.pop(k) for k in list(tensors) if k.startswith(p)}
+             for p in (HR_VIT, HR_CONVNEXT, V15_VIT)}
+    if parts[HR_VIT] or parts[HR_CONVNEXT]:
+        arch = "llava-hr"
+        for p, what in ((HR_VIT, "CLIP ViT"), (HR_CONVNEXT, "ConvNeXt")):
+            if not parts[p]:
+                raise CheckpointError(f"{path}: LLaVA-HR checkpoint without its {what} tower (no {p}* keys)")
+    elif parts[V15_VIT]:
+        arch = "llava-1.5"
+    else:
+        raise CheckpointError(f"{path}: no vision tower in this checkpoint (expected {HR_VIT}* and {HR_CONVNEXT}* "
+                              f"for LLaVA-HR, or {V15_VIT}* for LLaVA-1.5); is it a plain LLaMA checkpoint?")
+    llm = Llama.from_pretrained((hf, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}))
+    vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
+    state = _prefixed(llm, "llm.") | _prefixed(vit, "encoder.vit.")
+    rest, unexpected = remap(tensors, RELEASE_KEYS)
+    kw = dict(arch=arch, vit=vit.cfg, llm=llm.config)
+    if arch == "llava-hr":
+        convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT])
+        state |= _prefixed(convnext, "encoder.convnext.")
+        kw.update(convnext=convnext.config, image_size=hf.get("input_image_size", 1024),
+                  adapters=any(k.startswith("encoder.adapters.") for k in rest))
+    else:
+        kw.update(image_size=vit.cfg.image_size)
+    with torch.device("meta"):
+        model = LlavaHR(MRAConfig(**kw))
+    return load_state(model, state | rest, path, unexpected)
+
+
+def load_projector(model, path):
+    """Load a released stage-1 file (projector + final fusion) into `model`, in place."""
+    tensors = read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
+    state, unexpected = remap(tensors, RELEASE_KEYS)
+    ours = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "encoder.fusion."))}
+    missing = sorted(set(ours) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: not a stage-1 projector file (missing {missing}, unexpected {unexpected})")
+    for k, v in state.items():
+        if v.shape != ours[k].shape:
+            raise CheckpointError(f"{path}: shape mismatch for {k}: model expects {tuple(ours[k].shape)}, "
+                                  f"file has {tuple(v.shape)}")
+        ours[k].data.copy_(v)
+    return model
+
+
+def build(cfg, llm=None, vit=None, convnext=None, dtype=None, device="cpu"):
+    """A fresh model for training: pretrained backbones from their own checkpoints (an HF
+    LLaMA/Vicuna dir, an HF CLIP checkpoint, a timm/open_clip ConvNeXt), new adapters,
+    fusion and projector. A backbone left as None is randomly initialised (tests, demo)."""
+    if llm is not None:
+        llm = Llama.from_pretrained(llm, dtype, device)
+        cfg = replace(cfg, llm=llm.config)
+    if vit is not None:
+        vit = ViT.from_pretrained(vit, dtype=dtype, device=device)
+        cfg = replace(cfg, vit=vit.cfg)
+    if convnext is not None and cfg.arch == "llava-hr":
+        convnext = ConvNeXt.from_pretrained(convnext, dtype=dtype, device=device)
+        cfg = replace(cfg, convnext=convnext.config)
+    with torch.device(device):  # only the parts not loaded are created (and initialised) here
+        model = LlavaHR(cfg, llm, vit, convnext)
+    return model.to(dtype) if dtype is not None else model
+
+
+def save_checkpoint(model, path):
+    """Our format: model.safetensors (our module names) + mra_config.json, written atomically."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    for name, write in (("model.safetensors", lambda p: save_file(model.state_dict(), p)),
+                        ("mra_config.json", lambda p: open(p, "w").write(json.dumps(model.cfg.to_dict(), indent=1)))):
+        tmp = os.path.join(path, name + ".tmp")
+        write(tmp)
+        os.replace(tmp, os.path.join(path, name))
+
+
+def load_checkpoint(path, dtype=None, device="cpu"):
+    """Ours (mra_config.json) or a released LLaVA-HR / LLaVA-1.5 directory."""
+    ours = os.path.join(path, "mra_config.json")
+    if not os.path.isfile(ours):
+        return load_release(path, dtype, device)
+    with open(ours) as f:
+        cfg = MRAConfig.from_dict(json.load(f))
+    with torch.device("meta"):
+        model = LlavaHR(cfg)
+    return load_state(model, read_safetensors(path, dtype, device), path)
+
+
+def load_tokenizer(path):
+    return Tokenizer(os.path.join(path, "tokenizer.model"))
+
+
+def convert_bin(src, dst):
+    """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files).
+
+    The .bin files are pickles: they are read only through torch.load(weights_only=True),
+    which refuses anything but tensors and plain containers.
+    """
+    shards = sorted(f for f in os.listdir(src) if re.fullmatch(r"pytorch_model.*\.bin", f) or f == "mm_projector.bin")
+    if not shards:
+        raise CheckpointError(f"{src}: no pytorch_model*.bin or mm_projector.bin files to convert")
+    from safetensors.torch import save_file
+    os.makedirs(dst, exist_ok=True)
+    weight_map = {}
+    for i, name in enumerate(shards, 1):
+        try:
+            sd = torch.load(os.path.join(src, name), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 -- any unpickling failure means: not a weights file
+            raise CheckpointError(f"{os.path.join(src, name)}: not a loadable weights file ({e})") from None
+        out = name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(dst, out), metadata={"format": "pt"})
+        weight_map |= {k: out for k in sd}
+    if len(shards) > 1:
+        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    for extra in os.listdir(src):
+        if not extra.endswith(".bin") and os.path.isfile(os.path.join(src, extra)) and "index.json" not in extra:
+            shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
+    return dst
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "convert":
+        sys.exit("usage: python mra.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
+    print(convert_bin(sys.argv[2], sys.argv[3]))
