@@ -43,6 +43,7 @@ class MRAConfig:
     vit_min_size: int = 336  # floor of the low-res size S (the release hard-codes 336)
     adapters: bool = True  # stage 2 inserts MR-Adapters; stage 1 has none
     gate: str = "tanh"  # "tanh" (released), "sigmoid", "none" (plain sum): Table 3's ablation
+    image_aspect_ratio: str = "pad"  # "pad" to a square (stage 2, inference) or "crop" (stage 1)
     vit: ViTConfig = field(default_factory=lambda: ViTConfig.from_name("clip-vit-l-14-336"))
     convnext: ConvNeXtConfig = field(default_factory=lambda: ConvNeXtConfig.from_name("convnext_large_mlp"))
     llm: LlamaConfig = field(default_factory=lambda: LlamaConfig.from_name("vicuna-7b-v1.5"))
@@ -348,7 +349,8 @@ def load_release(path, dtype=None, device="cpu"):
     vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
     state = _prefixed(llm, "llm.") | _prefixed(vit, "encoder.vit.")
     rest, unexpected = remap(tensors, RELEASE_KEYS)
-    kw = dict(arch=arch, vit=vit.cfg, llm=llm.config)
+    kw = dict(arch=arch, vit=vit.cfg, llm=llm.config,
+              image_aspect_ratio="pad" if hf.get("image_aspect_ratio", "pad") == "pad" else "crop")
     if arch == "llava-hr":
         convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT])
         state |= _prefixed(convnext, "encoder.convnext.")
