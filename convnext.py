@@ -142,7 +142,7 @@ class ConvNeXt(nn.Module):
         state = {k: t.to(device=device, dtype=dtype) for k, t in state.items()}
         with torch.device("meta"):  # no random init, no second copy: load_state adopts the tensors
             model = cls(ConvNeXtConfig.from_shapes(state, name))
-        return load_state(model, state, source, unexpected)
+        return load_state(model, state, source, unexpected, table)
 
 
 # timm module -> ours; each has a .weight and a .bias. The layer-scale vector is added in _layout.

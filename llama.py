@@ -292,7 +292,7 @@ class Llama(nn.Module):
         state, unexpected = remap(tensors, LLAMA_KEYS, ignore=LLAMA_IGNORE)
         with torch.device("meta"):
             model = cls(config)
-        return load_state(model, state, source, unexpected)
+        return load_state(model, state, source, unexpected, LLAMA_KEYS)
 
 
 # -----------------------------------------------------------------------------

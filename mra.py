@@ -360,7 +360,7 @@ def load_release(path, dtype=None, device="cpu"):
         kw.update(image_size=vit.cfg.image_size)
     with torch.device("meta"):
         model = LlavaHR(MRAConfig(**kw))
-    return load_state(model, state | rest, path, unexpected)
+    return load_state(model, state | rest, path, unexpected, RELEASE_KEYS)
 
 
 def load_projector(model, path):

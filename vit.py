@@ -213,4 +213,4 @@ class ViT(nn.Module):
         config = config or ViTConfig.from_state(state)
         with torch.device("meta"):
             model = cls(config)
-        return load_state(model, state, source, unexpected)
+        return load_state(model, state, source, unexpected, HF_KEYS)

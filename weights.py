@@ -10,7 +10,7 @@ steps, which live here so that each of them is a table and a few lines:
 2. `remap(tensors, table)`: foreign key -> our key through an explicit table of
    patterns (`{i}`, `{j}` stand for layer indices). A key no pattern matches is
    "unexpected" unless an `ignore` pattern (a head, a text tower) covers it.
-3. `load_state(model, state)`: the model was built on the `meta` device; every
+3. `load_state(model, state, ...)`: the model was built on the `meta` device; every
    expected tensor must be present with the expected shape, then
    `load_state_dict(assign=True)` adopts the tensors without copying them.
 
@@ -101,16 +101,29 @@ def remap(tensors, table, ignore=()):
     return state, unexpected
 
 
+def their_name(key, table):
+    """Our key -> the checkpoint's name for it, through the same table (for error messages)."""
+    for theirs, ours in table:
+        m = _pattern(ours).match(key)
+        if m:
+            return theirs.format(**m.groupdict())
+    return key
+
+
 def _listing(keys, n=6):
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_state(model, state, source, unexpected=()):
-    """Strictly load `state` (our key names) into `model` (built on meta), adopting the tensors."""
+def load_state(model, state, source, unexpected=(), table=()):
+    """Strictly load `state` (our key names) into `model` (built on meta), adopting the tensors.
+
+    Missing keys are reported under the checkpoint's names when `table` (the one `remap` used)
+    says what they are called there: that is the name a user can look for in the file.
+    """
     expected = model.state_dict()
     problems = []
-    missing = [k for k in expected if k not in state]
+    missing = [their_name(k, table) for k in expected if k not in state]
     extra = list(unexpected) + [k for k in state if k not in expected]
     if missing:
         problems.append(f"missing {_listing(missing)}")

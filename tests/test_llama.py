@@ -248,7 +248,7 @@ def checkpoint(tmp_path):
 def test_missing_key(checkpoint):
     path, rewrite = checkpoint
     rewrite(lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing layers\.1\.mlp\.up\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing model\.layers\.1\.mlp\.up_proj\.weight"):
         Llama.from_pretrained(path)
 
 

@@ -217,7 +217,7 @@ def test_loader_errors_name_the_key(tmp_path, with_config):
 
     load(good)  # the untouched checkpoint loads in both layouts
     missing = {k: v for k, v in good.items() if k != "vision_model.encoder.layers.1.mlp.fc2.bias"}
-    with pytest.raises(CheckpointError, match=r"missing blocks\.1\.fc2\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing vision_model\.encoder\.layers\.1\.mlp\.fc2\.bias"):
         load(missing)
     extra = good | {"vision_model.encoder.layers.0.self_attn.qkv.weight": torch.zeros(3, 3)}
     with pytest.raises(CheckpointError, match=r"unexpected vision_model\.encoder\.layers\.0\.self_attn\.qkv\.weight"):
