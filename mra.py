@@ -354,7 +354,9 @@ def load_release(path, dtype=None, device="cpu"):
     if arch == "llava-hr":
         convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT])
         state |= _prefixed(convnext, "encoder.convnext.")
+        # the release hard-codes S's 336 px floor; a config.json may override it (tiny models)
         kw.update(convnext=convnext.config, image_size=hf.get("input_image_size", 1024),
+                  vit_min_size=hf.get("vit_min_size", 336),
                   adapters=any(k.startswith("encoder.adapters.") for k in rest))
     else:
         kw.update(image_size=vit.cfg.image_size)
@@ -365,7 +367,11 @@ def load_release(path, dtype=None, device="cpu"):
 
 def load_projector(model, path):
     """Load a released stage-1 file (projector + final fusion) into `model`, in place."""
-    tensors = read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        tensors = read_safetensors(path)
+    else:
+        tensors = _load_bin(path)
     state, unexpected = remap(tensors, RELEASE_KEYS)
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "encoder.fusion."))}
     missing = sorted(set(ours) - set(state))
@@ -424,6 +430,14 @@ def load_tokenizer(path):
     return Tokenizer(os.path.join(path, "tokenizer.model"))
 
 
+def _load_bin(path):
+    # weights_only=True: the unpickler accepts tensors and plain containers, nothing executable
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means: not a weights file
+        raise CheckpointError(f"{path}: not a loadable weights file ({e})") from None
+
+
 def convert_bin(src, dst):
     """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files).
 
@@ -437,10 +451,7 @@ def convert_bin(src, dst):
     os.makedirs(dst, exist_ok=True)
     weight_map = {}
     for i, name in enumerate(shards, 1):
-        try:
-            sd = torch.load(os.path.join(src, name), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 -- any unpickling failure means: not a weights file
-            raise CheckpointError(f"{os.path.join(src, name)}: not a loadable weights file ({e})") from None
+        sd = _load_bin(os.path.join(src, name))
         out = name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(dst, out), metadata={"format": "pt"})
         weight_map |= {k: out for k in sd}

@@ -131,7 +131,7 @@ def load_state(model, state, source, unexpected=(), table=()):
         problems.append(f"unexpected {_listing(extra)}")
     for k, t in state.items():
         if k in expected and tuple(t.shape) != tuple(expected[k].shape):
-            problems.append(f"shape mismatch for {k}: model expects {tuple(expected[k].shape)}, "
+            problems.append(f"shape mismatch for {their_name(k, table)}: model expects {tuple(expected[k].shape)}, "
                             f"checkpoint has {tuple(t.shape)}")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))

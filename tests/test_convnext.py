@@ -151,7 +151,7 @@ def test_unexpected_key_inside_open_clip_trunk(large):
 def test_wrong_shape(large):
     sd = dict(large.state_dict())
     sd["stages.2.blocks.0.mlp.fc1.weight"] = torch.zeros(128, 31)
-    with pytest.raises(CheckpointError, match=r"stages\.2\.blocks\.0\.fc1\.weight: model expects \(128, 32\), "
+    with pytest.raises(CheckpointError, match=r"stages\.2\.blocks\.0\.mlp\.fc1\.weight: model expects \(128, 32\), "
                                               r"checkpoint has \(128, 31\)"):
         ConvNeXt.from_pretrained(sd)
 

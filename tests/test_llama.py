@@ -262,7 +262,7 @@ def test_unexpected_key(checkpoint):
 def test_wrong_shape(checkpoint):
     path, rewrite = checkpoint
     rewrite(lambda t: t.update({"model.norm.weight": torch.ones(65)}))
-    with pytest.raises(CheckpointError, match=r"norm\.weight: model expects \(64,\), checkpoint has \(65,\)"):
+    with pytest.raises(CheckpointError, match=r"for model\.norm\.weight: model expects \(64,\), checkpoint has \(65,\)"):
         Llama.from_pretrained(path)
 
 

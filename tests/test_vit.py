@@ -223,7 +223,7 @@ def test_loader_errors_name_the_key(tmp_path, with_config):
     with pytest.raises(CheckpointError, match=r"unexpected vision_model\.encoder\.layers\.0\.self_attn\.qkv\.weight"):
         load(extra)
     wrong = good | {"vision_model.encoder.layers.2.mlp.fc2.bias": torch.zeros(127)}
-    with pytest.raises(CheckpointError, match=r"blocks\.2\.fc2\.bias: model expects \(128,\), checkpoint has \(127,\)"):
+    with pytest.raises(CheckpointError, match=r"vision_model\.encoder\.layers\.2\.mlp\.fc2\.bias: model expects \(128,\), checkpoint has \(127,\)"):
         load(wrong)
 
 
@@ -231,7 +231,7 @@ def test_config_json_that_disagrees_with_the_weights(tmp_path):
     hf = tiny_hf()
     save_file(hf.state_dict(), tmp_path / "model.safetensors")
     vision_config(image_size=70).to_json_file(tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match=r"pos: model expects \(26, 128\), checkpoint has \(10, 128\)"):
+    with pytest.raises(CheckpointError, match=r"vision_model\.embeddings\.position_embedding\.weight: model expects \(26, 128\), checkpoint has \(10, 128\)"):
         ViT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(CheckpointError, match="llava"):

@@ -55,7 +55,7 @@ def test_unexpected_key_named_and_ignore_patterns():
 def test_shape_mismatch_names_key_and_both_shapes():
     t = foreign()
     t["enc.layers.0.fc.weight"] = torch.randn(4, 3)
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.weight: model expects \(3, 3\), checkpoint has \(4, 3\)"):
+    with pytest.raises(CheckpointError, match=r"enc\.layers\.0\.fc\.weight: model expects \(3, 3\), checkpoint has \(4, 3\)"):
         load(t)
 
 

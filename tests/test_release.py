@@ -1,0 +1,576 @@
+"""Released LLaVA-HR and LLaVA-1.5 checkpoints, end to end, against a reference built from
+independent parts: transformers' CLIPVisionModel and LlamaForCausalLM, timm's ConvNeXt, and
+the MR-Adapter, final fusion and projector written out below as plain functions over the
+release's own tensors, step by step as ../shared/DESIGN.md lists them. Also stage-1
+projector files, .bin conversion, wrong checkpoints, our own format, and building a model
+from separate backbones."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import save_file
+
+import mra
+from convnext import ConvNeXtConfig
+from llama import LlamaConfig
+from vit import ViTConfig
+from weights import CheckpointError
+
+# Tiny towers. CLIP heads are 64 wide: config.json holds no tower shapes, so the loader infers
+# heads = width / 64 from the tensors, as it must for the real ViT-L. Four layers: n = 1, so the
+# adapters go after layers 1, 2, 3. The ViT is trained at 112 px (an 8x8 grid).
+CLIP = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+            image_size=112, patch_size=14, layer_norm_eps=1e-5)
+DEPTHS, DIMS = (1, 1, 1, 1), (16, 24, 32, 40)
+LLM = dict(vocab_size=96, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=2048, rope_theta=10000.0,
+           tie_word_embeddings=False)
+D, CS, H = CLIP["hidden_size"], DIMS[-1], LLM["hidden_size"]
+
+# release key prefixes (DESIGN.md, "Parameter keys in released checkpoints")
+HR_VIT = "model.vision_tower.fast_vision_tower.vision_tower."
+HR_CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."
+V15_VIT = "model.vision_tower.vision_tower."
+ADAPTER = "model.vision_tower.align_stages_latent.{}."
+FUSION = "model.vision_tower.align_stages.0."
+PROJECTOR = "model.mm_projector."
+POS = "vision_model.embeddings.position_embedding.weight"
+
+IMG = mra.IMAGE_TOKEN
+# a batch mixing image rows and a text-only row, with padding (0 where pad_mask is False)
+IDS = torch.tensor([[1, 5, 6, IMG, 7, 8, 9, 0],
+                    [1, 10, 11, 12, 0, 0, 0, 0],
+                    [1, IMG, 13, 14, 15, 16, 17, 18]])
+PAD_MASK = IDS != 0
+
+
+def near(got, want, rtol=1e-5):
+    """fp32 parity: an absolute tolerance of 1e-5 of the reference's largest magnitude."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+def rand(shape, g, fan_in):
+    return torch.randn(shape, generator=g) / math.sqrt(fan_in)
+
+
+def randomise(model, seed):
+    """Random values everywhere (norm gains, biases, layer scale too): no layer is an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(rand(p.shape, g, p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def make_clip(seed=0, image_size=CLIP["image_size"]):
+    cfg = transformers.CLIPVisionConfig(**CLIP | dict(image_size=image_size), attn_implementation="eager")
+    return randomise(transformers.CLIPVisionModel(cfg), seed)
+
+
+def make_convnext(seed=1):
+    # convnext_large_mlp keeps an MLP head (head.*): present in the release, unused
+    return randomise(timm.create_model("convnext_large_mlp", pretrained=False, depths=DEPTHS, dims=DIMS,
+                                       num_classes=8, head_hidden_size=48), seed)
+
+
+def make_llama(seed=2):
+    return randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLM, attn_implementation="eager")),
+                     seed)
+
+
+def make_heads(seed=3, adapters=True):
+    """Adapters (NON-zero: the zero init would hide bugs), final fusion and projector,
+    under their release names. 1x1 convs are stored as the release stores them: (out, in, 1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"fast_conv": (D, 1, 7, 7), "fast_proj": (D, D, 1, 1), "slow_conv": (CS, CS, 1, 1),
+              "slow_proj": (D, CS, 1, 1), "gate.0": (D // 2, 2 * D), "gate.2": (1, D // 2)}
+    heads = {}
+    for i in range(3 if adapters else 0):
+        for m, s in shapes.items():
+            heads[ADAPTER.format(i) + m + ".weight"] = rand(s, g, math.prod(s[1:]))
+            heads[ADAPTER.format(i) + m + ".bias"] = 0.3 * torch.randn(s[0], generator=g)
+    for name, (out, inp) in {FUSION + "fast_proj": (D, D), FUSION + "slow_proj": (D, CS),
+                             PROJECTOR + "0": (H, D), PROJECTOR + "2": (H, H)}.items():
+        heads[name + ".weight"] = rand((out, inp), g, inp)
+        heads[name + ".bias"] = 0.3 * torch.randn(out, generator=g)
+    return heads
+
+
+# ----- the reference, one DESIGN.md step per function --------------------------------------
+
+def ref_align(x, n):
+    """(B, C, h, h) map -> n tokens (B, n, C): bilinear up (align_corners, fp32), avg-pool down."""
+    s, h = math.isqrt(n), x.shape[-1]
+    if h < s:
+        x = F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=True)
+    elif h > s:
+        x = F.avg_pool2d(x, kernel_size=h // s, stride=h // s)
+    return x.flatten(2).transpose(1, 2)
+
+
+def ref_adapter(w, x, slow):
+    """The released MR-Adapter; w holds one align_stages_latent.{i} entry's tensors."""
+    B, N, d = x.shape
+    s = math.isqrt(N)
+    grid = x.transpose(1, 2).reshape(B, d, s, s)
+    f_l = F.conv2d(F.gelu(F.conv2d(grid, w["fast_conv.weight"], w["fast_conv.bias"], padding=3, groups=d)),
+                   w["fast_proj.weight"], w["fast_proj.bias"])
+    f = x + f_l.flatten(2).transpose(1, 2)  # residual
+    f_h = ref_align(F.conv2d(F.gelu(F.conv2d(slow, w["slow_conv.weight"], w["slow_conv.bias"])),
+                             w["slow_proj.weight"], w["slow_proj.bias"]), N)
+    pooled = torch.cat([f, f_h], dim=-1).mean(dim=1)  # over the tokens of the updated f
+    g = F.linear(F.gelu(F.linear(pooled, w["gate.0.weight"], w["gate.0.bias"])), w["gate.2.weight"], w["gate.2.bias"])
+    return f + torch.tanh(g)[:, :, None] * f_h  # g: (B, 1), one scalar per image
+
+
+def resample_pos(pos, grid):
+    """Position table to a grid x grid patch grid: bicubic with antialias in fp32, class entry kept."""
+    side = math.isqrt(pos.shape[0] - 1)
+    table = pos[1:].float().T.reshape(1, -1, side, side)
+    table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([pos[:1], table.reshape(-1, grid * grid).T.to(pos.dtype)])
+
+
+def clip_at(clip, size):
+    """The same CLIP weights as an HF model built for `size` px, holding the resampled table."""
+    if size == clip.config.image_size:
+        return clip
+    big = make_clip(image_size=size)
+    state = clip.state_dict()
+    big.load_state_dict(state | {POS: resample_pos(state[POS], size // clip.config.patch_size)})
+    return big
+
+
+def ref_hr_encoder(clip, convnext, heads, images, floor=336):
+    """LLaVA-HR's visual features F_v (B, N, d) from normalised images (B, 3, R, R)."""
+    R = images.shape[-1]
+    slow_map = convnext.stages(convnext.stem(images))  # stage-4 map, (B, Cs, R/32, R/32)
+    S = max(int(R / 32 * 14), floor)
+    low = F.interpolate(images, size=(S, S), mode="bilinear", align_corners=True)
+    vm = clip_at(clip, S).vision_model
+    x = vm.pre_layrnorm(vm.embeddings(low)[:, 1:])  # class token dropped before pre-LN
+    n = len(vm.encoder.layers) // 4
+    for i, layer in enumerate(vm.encoder.layers, start=1):
+        x = layer(x, None, None)[0]
+        prefix = ADAPTER.format(i // n - 1)
+        if i % n == 0 and i // n <= 3 and prefix + "fast_conv.weight" in heads:
+            x = ref_adapter({k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)}, x, slow_map)
+    # last layer, no post-LN; F_v = fast_proj(y) + slow_proj(align(slow))
+    fast, slow = FUSION + "fast_proj.", FUSION + "slow_proj."
+    return (F.linear(x, heads[fast + "weight"], heads[fast + "bias"])
+            + F.linear(ref_align(slow_map, x.shape[1]), heads[slow + "weight"], heads[slow + "bias"]))
+
+
+def ref_v15_encoder(clip, images):
+    """LLaVA-1.5: class token kept through the layers, penultimate layer, then dropped."""
+    return clip(pixel_values=images, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+
+def ref_project(heads, feats):
+    """mlp2x_gelu: Linear(d, H), GELU, Linear(H, H)."""
+    h = F.gelu(F.linear(feats, heads[PROJECTOR + "0.weight"], heads[PROJECTOR + "0.bias"]))
+    return F.linear(h, heads[PROJECTOR + "2.weight"], heads[PROJECTOR + "2.bias"])
+
+
+def ref_rows(llama, visual, ids=IDS, pad_mask=PAD_MASK):
+    """Each row's unpadded input embeddings, its <image> replaced by the next image's tokens."""
+    rows, k = [], 0
+    for b in range(ids.shape[0]):
+        pieces = []
+        for t in ids[b][pad_mask[b]].tolist():
+            if t == IMG:
+                pieces.append(visual[k])
+                k += 1
+            else:
+                pieces.append(llama.model.embed_tokens(torch.tensor([t])))
+        rows.append(torch.cat(pieces))
+    return rows
+
+
+def ref_greedy(llama, embeds, n):
+    """Greedy decoding without a cache: the whole sequence again at every step."""
+    tokens, steps = [], []
+    for _ in range(n):
+        logits = llama(inputs_embeds=embeds[None]).logits[0, -1]
+        steps.append(logits)
+        tokens.append(logits.argmax())
+        embeds = torch.cat([embeds, llama.model.embed_tokens(tokens[-1][None])])
+    return torch.stack(tokens), torch.stack(steps)
+
+
+def greedy(model, images, n, ids=IDS, pad_mask=PAD_MASK):
+    """Ours: prefill, then one decode step per token."""
+    logits, cache = model.prefill(ids, images, pad_mask=pad_mask, max_new_tokens=n)
+    tokens, steps = [], []
+    for i in range(n):
+        steps.append(logits)
+        tokens.append(logits.argmax(-1))
+        if i < n - 1:
+            logits = model.decode(tokens[-1], cache)
+    return torch.stack(tokens, 1), torch.stack(steps, 1)
+
+
+# ----- writing released checkpoints ---------------------------------------------------------
+
+def release_state(llama, heads, clip=None, convnext=None, v15_clip=None):
+    """Every tensor under its release key."""
+    state = {k: v.clone() for k, v in llama.state_dict().items()} | heads
+    # older checkpoints also hold the RoPE frequencies, which a loader skips
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(LLM["hidden_size"] // 8)
+    if clip is not None:
+        state |= {HR_VIT + k: v.clone() for k, v in clip.state_dict().items()}
+    if convnext is not None:  # timm's layer-scale `gamma` is stored as `.weight`
+        state |= {HR_CONVNEXT + k.removesuffix("gamma") + ("weight" if k.endswith("gamma") else ""): v.clone()
+                  for k, v in convnext.state_dict().items()}
+    if v15_clip is not None:
+        state |= {V15_VIT + k: v.clone() for k, v in v15_clip.state_dict().items()}
+    return state
+
+
+def llava_config(R=None):
+    cfg = dict(model_type="llava", architectures=["LlavaLlamaForCausalLM"], **LLM,
+               mm_vision_tower="openai/clip-vit-large-patch14-336", mm_vision_select_layer=-2,
+               image_aspect_ratio="pad", mm_hidden_size=D, mm_projector_type="mlp2x_gelu")
+    if R is not None:
+        cfg |= dict(vision_tower_slow="convnext_large_mlp.clip_laion2b_ft_320", is_multipath_encoder=True,
+                    input_image_size=R)
+    return cfg
+
+
+def shards(state, n=2):
+    keys = sorted(state)
+    return [{k: state[k] for k in keys[i::n]} for i in range(n)]
+
+
+def write_release(path, state, config):
+    """config.json + two safetensors shards + model.safetensors.index.json."""
+    os.makedirs(path, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    weight_map = {}
+    for i, shard in enumerate(shards(state), 1):
+        name = f"model-{i:05d}-of-00002.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, path / name, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def images(R, n=2, seed=4):
+    return torch.randn(n, 3, R, R, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def hr(tmp_path_factory):
+    """(reference parts, a released LLaVA-HR dir at R = 384, the stage-1 resolution)."""
+    torch.manual_seed(0)
+    parts = dict(clip=make_clip(), convnext=make_convnext(), llama=make_llama(), heads=make_heads())
+    path = write_release(tmp_path_factory.mktemp("llava-hr"), release_state(**parts), llava_config(384))
+    return parts, path
+
+
+@pytest.fixture(scope="module")
+def hr_model(hr):
+    return mra.load_checkpoint(hr[1]).eval()
+
+
+@pytest.fixture(scope="module")
+def v15(tmp_path_factory):
+    torch.manual_seed(0)
+    parts = dict(v15_clip=make_clip(seed=5), llama=make_llama(seed=6),
+                 heads={k: v for k, v in make_heads(seed=7, adapters=False).items() if k.startswith(PROJECTOR)})
+    path = write_release(tmp_path_factory.mktemp("llava-15"), release_state(**parts), llava_config())
+    return parts, path
+
+
+# ----- 1. LLaVA-HR end to end ----------------------------------------------------------------
+
+@pytest.mark.parametrize("R, vit_grid, conv_grid", [(384, 24, 12),  # S = 336: align upsamples 12x12 -> 24x24
+                                                    (768, 24, 24),  # S = 336: grids equal
+                                                    (1024, 32, 32)])  # S = 448: table resampled 8x8 -> 32x32
+@torch.no_grad()
+def test_hr_visual_features(hr, hr_model, R, vit_grid, conv_grid):
+    parts, _ = hr
+    x = images(R)
+    assert parts["convnext"].stages(parts["convnext"].stem(x)).shape[-1] == conv_grid
+    want = ref_hr_encoder(parts["clip"], parts["convnext"], parts["heads"], x)
+    assert want.shape == (2, vit_grid ** 2, D)
+    near(hr_model.encoder(x), want)
+    near(hr_model.encode_images(x), ref_project(parts["heads"], want))
+    # the random adapters matter: without them the features move by far more than the tolerance
+    plain = ref_hr_encoder(parts["clip"], parts["convnext"], {k: v for k, v in parts["heads"].items()
+                                                              if not k.startswith(ADAPTER[:-3])}, x)
+    assert (plain - want).abs().max() > 0.1 * want.abs().max()
+
+
+def test_hr_grids_that_do_not_divide_are_refused(hr_model):
+    # R = 512: ConvNeXt 16x16 = 256 tokens, ViT at S = 336 gives 24x24 = 576
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot align a 16x16 map to 576 tokens"):
+        hr_model.encoder(images(512, n=1))
+
+
+def test_align_down_up_equal():
+    # the avg-pool branch is unreachable through the encoder (S >= R/32*14 keeps the ViT grid at
+    # least the ConvNeXt's), so it is checked on align itself
+    x = images(8, n=2)[:, :, :8, :8].repeat(1, 2, 1, 1)  # (2, 6, 8, 8)
+    for n in (16, 64, 256):  # down 8 -> 4, equal, up 8 -> 16
+        near(mra.align(x, n), ref_align(x, n))
+    assert mra.align(x, 16).shape == (2, 16, 6)
+
+
+@torch.no_grad()
+def test_hr_logits_match_reference(hr, hr_model):
+    parts, path = hr
+    assert hr_model.cfg.arch == "llava-hr" and hr_model.cfg.image_size == 384 and hr_model.cfg.adapters
+    assert hr_model.cfg.vit == ViTConfig(image_size=112, patch_size=14, width=D, layers=4, heads=2, mlp_dim=256)
+    assert hr_model.cfg.convnext == ConvNeXtConfig(DEPTHS, DIMS, 1e-6)
+    # load_checkpoint hands a released directory to load_release: the same model either way
+    direct = mra.load_release(path).state_dict()
+    assert all(torch.equal(v, direct[k]) for k, v in hr_model.state_dict().items())
+    x = images(384)
+    logits, _ = hr_model(IDS, x, pad_mask=PAD_MASK)
+    visual = ref_project(parts["heads"], ref_hr_encoder(parts["clip"], parts["convnext"], parts["heads"], x))
+    rows = ref_rows(parts["llama"], visual)
+    assert [len(r) for r in rows] == [6 + 576, 4, 7 + 576]
+    assert logits.shape == (3, 7 + 576, LLM["vocab_size"])
+    for b, emb in enumerate(rows):  # our output is right-padded: row b's tokens come first
+        near(logits[b, :len(emb)], parts["llama"](inputs_embeds=emb[None]).logits[0])
+
+
+@torch.no_grad()
+def test_hr_greedy_matches_reference(hr, hr_model):
+    parts, _ = hr
+    x = images(384)
+    tokens, steps = greedy(hr_model, x, 8)
+    visual = ref_project(parts["heads"], ref_hr_encoder(parts["clip"], parts["convnext"], parts["heads"], x))
+    for b, emb in enumerate(ref_rows(parts["llama"], visual)):
+        want_tokens, want_steps = ref_greedy(parts["llama"], emb, 8)
+        near(steps[b], want_steps)
+        assert torch.equal(tokens[b], want_tokens)
+
+
+@torch.no_grad()
+def test_hr_low_res_floor_of_a_tiny_release(hr, tmp_path):
+    """The 336 floor of S is the release's, sized for ViT-L/14-336. A tiny checkpoint needs its
+    own (here 112, the tiny ViT's trained size: R = 256 gives S = 112, both grids 8x8). Either fix
+    passes: load_release reading an optional `vit_min_size` from config.json (default 336), or
+    taking the floor from the ViT's trained size (336 for every released model)."""
+    parts, _ = hr
+    path = write_release(tmp_path, release_state(**parts), llava_config(256) | {"vit_min_size": 112})
+    model = mra.load_checkpoint(path)
+    assert model.cfg.vit_min_size == 112
+    x = images(256)
+    near(model.encoder(x), ref_hr_encoder(parts["clip"], parts["convnext"], parts["heads"], x, floor=112))
+
+
+# ----- 2. LLaVA-1.5 end to end ---------------------------------------------------------------
+
+@torch.no_grad()
+def test_v15_matches_reference(v15):
+    parts, path = v15
+    model = mra.load_checkpoint(path).eval()
+    assert model.cfg.arch == "llava-1.5" and model.cfg.image_size == 112
+    assert not hasattr(model.encoder, "convnext") and not hasattr(model.encoder, "fusion")
+    x = images(112)
+    want = ref_v15_encoder(parts["v15_clip"], x)
+    assert want.shape == (2, 64, D)
+    near(model.encoder(x), want)
+    visual = ref_project(parts["heads"], want)
+    near(model.encode_images(x), visual)
+    logits, _ = model(IDS, x, pad_mask=PAD_MASK)
+    tokens, steps = greedy(model, x, 8)
+    for b, emb in enumerate(ref_rows(parts["llama"], visual)):
+        near(logits[b, :len(emb)], parts["llama"](inputs_embeds=emb[None]).logits[0])
+        want_tokens, want_steps = ref_greedy(parts["llama"], emb, 8)
+        near(steps[b], want_steps)
+        assert torch.equal(tokens[b], want_tokens)
+
+
+# ----- 3. stage-1 projector files ------------------------------------------------------------
+
+def tiny_cfg(**kw):
+    vit = ViTConfig(image_size=112, patch_size=14, width=D, layers=4, heads=2, mlp_dim=256)
+    llm = LlamaConfig(vocab_size=96, dim=H, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=2048)
+    return mra.MRAConfig(**dict(image_size=384, vit=vit, convnext=ConvNeXtConfig(DEPTHS, DIMS), llm=llm) | kw)
+
+
+def stage1_heads():
+    return make_heads(seed=8, adapters=False)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_stage1_projector_file(tmp_path, fmt):
+    heads = stage1_heads()
+    assert set(heads) == {f"{FUSION}{m}.{p}" for m in ("fast_proj", "slow_proj") for p in ("weight", "bias")} | \
+        {f"{PROJECTOR}{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    file = str(tmp_path / f"mm_projector.{fmt}")
+    if fmt == "safetensors":
+        save_file(heads, file)
+    else:
+        torch.save(heads, file)
+    torch.manual_seed(0)
+    model = mra.build(tiny_cfg(adapters=False))
+    vit_before = model.encoder.vit.patch.weight.clone()
+    assert mra.load_projector(model, file) is model
+    assert torch.equal(model.projector[0].weight, heads[PROJECTOR + "0.weight"])
+    assert torch.equal(model.projector[2].bias, heads[PROJECTOR + "2.bias"])
+    ours = model.state_dict()
+    for k, v in heads.items():
+        our_key = k.replace(PROJECTOR, "projector.").replace(FUSION, "encoder.fusion.")
+        assert torch.equal(ours[our_key], v), k
+    assert torch.equal(model.encoder.vit.patch.weight, vit_before)  # nothing else touched
+    # a file without the final fusion is not a LLaVA-HR stage-1 file
+    save_file({k: v for k, v in heads.items() if k.startswith(PROJECTOR)}, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing .*(encoder\.fusion|align_stages\.0)\.fast_proj\.bias"):
+        mra.load_projector(model, str(tmp_path / "partial.safetensors"))
+
+
+def test_load_projector_takes_a_path_object(tmp_path):
+    # every other loader takes str or os.PathLike (pytest's tmp_path is a pathlib.Path)
+    save_file(stage1_heads(), tmp_path / "mm_projector.safetensors")
+    model = mra.build(tiny_cfg(adapters=False))
+    mra.load_projector(model, tmp_path / "mm_projector.safetensors")
+    assert torch.equal(model.projector[0].weight, stage1_heads()[PROJECTOR + "0.weight"])
+
+
+class Payload:
+    """A pickled object whose unpickling would run code: weights_only loading must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the marker file
+
+
+def test_load_projector_refuses_pickled_objects(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save(stage1_heads() | {"extra": Payload(str(marker))}, tmp_path / "mm_projector.bin")
+    with pytest.raises(CheckpointError, match="mm_projector.bin"):
+        mra.load_projector(mra.build(tiny_cfg(adapters=False)), str(tmp_path / "mm_projector.bin"))
+    assert not marker.exists()
+
+
+# ----- 4. .bin conversion --------------------------------------------------------------------
+
+@torch.no_grad()
+def test_convert_bin(hr, hr_model, tmp_path):
+    parts, _ = hr
+    src, dst = tmp_path / "bin", tmp_path / "converted"
+    src.mkdir()
+    weight_map = {}
+    for i, shard in enumerate(shards(release_state(**parts)), 1):
+        name = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save(shard, src / name)
+        weight_map |= dict.fromkeys(shard, name)
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (src / "config.json").write_text(json.dumps(llava_config(384)))
+    (src / "tokenizer.model").write_bytes(b"\x00sentencepiece bytes\xff")
+    assert mra.convert_bin(str(src), str(dst)) == str(dst)
+    assert sorted(os.listdir(dst)) == ["config.json", "model-00001-of-00002.safetensors",
+                                       "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                                       "tokenizer.model"]
+    assert (dst / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    model = mra.load_checkpoint(dst).eval()
+    x = images(384)
+    near(model(IDS, x, pad_mask=PAD_MASK)[0], hr_model(IDS, x, pad_mask=PAD_MASK)[0], rtol=1e-6)
+
+
+def test_convert_bin_refuses_pickled_objects(tmp_path):
+    src, dst, marker = tmp_path / "bin", tmp_path / "converted", tmp_path / "ran"
+    src.mkdir()
+    torch.save({"model.norm.weight": torch.ones(4), "extra": Payload(str(marker))}, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        mra.convert_bin(str(src), str(dst))
+    assert not marker.exists()
+    assert not dst.exists() or not any(f.endswith(".safetensors") for f in os.listdir(dst))
+
+
+# ----- 5. wrong checkpoints ------------------------------------------------------------------
+
+def test_llama_only_directory_is_refused(tmp_path):
+    make_llama().save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(CheckpointError, match=r"no vision tower .*model\.vision_tower\.fast_vision_tower"):
+        mra.load_checkpoint(tmp_path)
+
+
+def drop(prefix):
+    return lambda state: {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def reshape(key, shape):
+    return lambda state: state | {key: torch.zeros(shape)}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (drop(HR_CONVNEXT), r"without its ConvNeXt tower \(no model\.vision_tower\.slow_vision_tower"),
+    # named as the checkpoint calls it, the name a user can look for
+    (drop(ADAPTER.format(2) + "slow_proj.bias"),
+     r"missing model\.vision_tower\.align_stages_latent\.2\.slow_proj\.bias"),
+    # the paper's per-channel gate (W2: d/2 -> d) where the release has one scalar per image
+    (reshape(ADAPTER.format(1) + "gate.2.weight", (D, D // 2)),
+     r"shape mismatch for model\.vision_tower\.align_stages_latent\.1\.gate\.2\.weight: "
+     r"model expects \(1, 64\), checkpoint has \(128, 64\)"),
+    (reshape(ADAPTER.format(0) + "fast_conv.weight", (D, D, 7, 7)),  # a dense 7x7 where f_l's is depthwise
+     r"model\.vision_tower\.align_stages_latent\.0\.fast_conv\.weight: model expects \(128, 1, 7, 7\), "
+     r"checkpoint has \(128, 128, 7, 7\)"),
+], ids=["no-convnext", "missing-adapter-key", "gate-shape", "dense-fast-conv"])
+def test_wrong_llava_hr_checkpoint(hr, tmp_path, edit, message):
+    parts, _ = hr
+    path = write_release(tmp_path, edit(release_state(**parts)), llava_config(384))
+    with pytest.raises(CheckpointError, match=message):
+        mra.load_checkpoint(path)
+
+
+# ----- 6. our own format ---------------------------------------------------------------------
+
+@torch.no_grad()
+def test_our_checkpoint_round_trip(hr_model, tmp_path):
+    mra.save_checkpoint(hr_model, tmp_path / "ours")
+    assert sorted(os.listdir(tmp_path / "ours")) == ["model.safetensors", "mra_config.json"]
+    back = mra.load_checkpoint(tmp_path / "ours").eval()  # nothing else in the directory
+    assert back.cfg == hr_model.cfg
+    ours, theirs = hr_model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    x = images(384)
+    near(back(IDS, x, pad_mask=PAD_MASK)[0], hr_model(IDS, x, pad_mask=PAD_MASK)[0], rtol=1e-6)
+
+
+# ----- 7. a fresh model from separate backbones ----------------------------------------------
+
+@pytest.mark.parametrize("R", [128, 256])  # floor 112: ConvNeXt 4x4 (aligned up to 8x8) / 8x8
+@torch.no_grad()
+def test_build_from_parts(tmp_path, R):
+    clip, convnext, llama = make_clip(seed=9), make_convnext(seed=10), make_llama(seed=11)
+    llama.save_pretrained(tmp_path / "llama", safe_serialization=True)
+    save_file(clip.state_dict(), tmp_path / "clip.safetensors")
+    save_file(convnext.state_dict(), tmp_path / "convnext.safetensors")
+    torch.manual_seed(0)
+    model = mra.build(mra.MRAConfig(image_size=R, vit_min_size=112), llm=str(tmp_path / "llama"),
+                      vit=str(tmp_path / "clip.safetensors"), convnext=str(tmp_path / "convnext.safetensors")).eval()
+    assert model.cfg.llm.dim == H and model.cfg.vit.width == D and model.cfg.convnext.dims == DIMS
+    # the LLM is the HF model
+    ids = IDS[1:2, :4]
+    near(model.llm(ids), llama(ids).logits)
+    # new adapters are the identity: the encoder equals the reference with no adapters, exactly
+    # equal to itself with the adapters removed, and its fusion is the model's own new one
+    x = images(R)
+    heads = {FUSION + k: v for k, v in model.encoder.fusion.state_dict().items()}
+    near(model.encoder(x), ref_hr_encoder(clip, convnext, heads, x, floor=112))
+    bare = copy.deepcopy(model.encoder)
+    bare.adapters = torch.nn.ModuleList()
+    assert len(model.encoder.adapters) == 3
+    assert torch.equal(model.encoder(x), bare(x))
+    for ad in model.encoder.adapters:  # identity through zero output projections, not dead convs
+        assert ad.fast_proj.weight.count_nonzero() == 0 and ad.slow_proj.weight.count_nonzero() == 0
+        assert ad.fast_conv.weight.count_nonzero() > 0 and ad.slow_conv.weight.count_nonzero() > 0
