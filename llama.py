@@ -220,7 +220,7 @@ class Llama(nn.Module):
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim,
                        dtype or w.dtype, device or w.device)
 
-    def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None):
+    def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None, last_only=False):
         """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, D).
 
         pad_mask (B, T) bool, True = real token; a padded token is never attended to, and its
@@ -232,7 +232,8 @@ class Llama(nn.Module):
         With cache = new_cache(B, max_len): the T tokens go to slots [pos, pos+T), their
         pad_mask (all True when None) into cache.valid; they attend causally (in slot order)
         to every valid slot in [0, pos+T); then pos += T. So prefill with left or right
-        padding, then decode one token per row per call.
+        padding, then decode one token per row per call. last_only: logits of the last
+        position only, (B, 1, V).
         """
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
@@ -265,6 +266,8 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos = end
+        if last_only:  # prefill needs the next-token logits only: skip T-1 rows of the (D x V) head
+            x = x[:, -1:]
         x = self.norm(x)
         return F.linear(x, self.tok_embeddings.weight if self.output is None else self.output.weight)
 

@@ -290,7 +290,7 @@ class LlavaHR(nn.Module):
         """
         embeds, mask, _ = self.splice(input_ids, images, pad_mask=pad_mask, left_pad=True)
         cache = self.llm.new_cache(embeds.shape[0], embeds.shape[1] + max_new_tokens)
-        logits = self.llm(embeds=embeds, cache=cache, pad_mask=mask)
+        logits = self.llm(embeds=embeds, cache=cache, pad_mask=mask, last_only=True)
         return logits[:, -1], cache
 
     def decode(self, tokens, cache):

@@ -295,3 +295,15 @@ def test_missing_config(checkpoint, tmp_path_factory):
     shutil.copy(path / "model.safetensors", bare)
     with pytest.raises(CheckpointError, match=r"bare\d*/config\.json"):
         Llama.from_pretrained(bare)
+
+
+def test_last_only_logits_equal_the_full_passes_last_row():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("llama-tiny"))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7))
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1, :3] = False  # left padding: the last position is real in every row
+    full = model(tokens, pad_mask=pad)
+    last = model(tokens, pad_mask=pad, last_only=True)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
