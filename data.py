@@ -1,0 +1,377 @@
+"""Data: images, prompt templates, tokenisation and label masking, exactly as LLaVA-HR trains.
+
+LLaVA-HR reuses LLaVA-1.5's data pipeline (llava/train/train.py, llava/conversation.py,
+llava/mm_utils.py), and the released checkpoints learned from what it produced, so this
+file reproduces it and names the function each piece transcribes:
+- images: Image.open(...).convert("RGB"), expand2square, then CLIPImageProcessor
+  (shortest-edge bicubic resize, centre crop, 1/255, CLIP mean/std)     -> load_image, preprocess
+- templates: conv_llava_plain (stage 1), conv_vicuna_v1 (stage 2, chat) -> build_prompt
+- <image> as one placeholder id between separately tokenised chunks   -> tokenize
+- labels: preprocess_plain / preprocess_v1, whose masking of instructions is *computed
+  from token counts of separately tokenised rounds*, not from positions -> encode
+- the dataset (LLaVA json / jsonl), padding and batches grouped by modality and length.
+
+Where LLaVA silently drops a bad sample (it masks every label on a tokenisation length
+mismatch, or asserts mid-training) we raise DataError naming the record, or skip it and
+count it when asked to (skip_bad=True).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from mra import IGNORE, IMAGE_TOKEN
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD_FILL = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): LLaVA truncates, not rounds
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+          "gives helpful, detailed, and polite answers to the user's questions.")
+MAX_LEN = {"plain": 2048, "vicuna_v1": 2496}  # stage 1, stage 2 (= 2048 - 576 + 1024 visual tokens)
+
+
+class DataError(ValueError):
+    """A record or image that cannot become a correct training sample."""
+
+
+# ---------------------------------------------------------------------------------------
+# Images
+
+def load_image(path):
+    """Any image file -> an RGB PIL image, upright (EXIF orientation applied)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not in a worker later
+            im = ImageOps.exif_transpose(im)  # phone photos store "rotate me" in EXIF (LLaVA ignores it)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit scans: PIL's convert("RGB") clips at 255, turning most of the range white;
+        # scale to 8 bit instead ("I" is how PIL opens 16-bit PNGs; "F" is taken as 0..255)
+        a = np.asarray(im, dtype=np.float64)
+        a = a / 257.0 if im.mode != "F" else a
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":  # palette with transparency: PIL wants it through RGBA (same colours)
+        im = im.convert("RGBA")
+    return im.convert("RGB")  # as LLaVA: alpha dropped (not composited), CMYK naively inverted
+
+
+def expand2square(image, fill=PAD_FILL):
+    """LLaVA's "pad" mode: the image centred on a square canvas of the mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def preprocess(image, size, mode="pad"):
+    """PIL image -> normalised float tensor (3, size, size), CLIPImageProcessor's numerics.
+
+    mode "pad": expand2square first (stage 2, inference); "crop": shortest-edge resize and
+    centre crop only, cutting off the long side (stage 1, LLaVA's default "square").
+    """
+    if mode not in ("pad", "crop"):
+        raise ValueError(f"mode must be 'pad' or 'crop', not {mode!r}")
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    if mode == "pad":
+        image = expand2square(image)
+    w, h = image.size
+    # HF: the short side becomes `size`, the long side int(size * long / short) (floored)
+    long = int(size * max(w, h) / min(w, h))
+    new_w, new_h = (size, long) if w <= h else (long, size)
+    image = image.resize((new_w, new_h), Image.BICUBIC)  # PIL on uint8, as HF does
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = np.asarray(image)[top:top + size, left:left + size]  # (size, size, 3) uint8
+    # HF rescales in float64 then casts, and normalises in float32: same order, same bits
+    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, size, size)
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts and tokens
+
+def move_image_first(text):
+    """LLaVA's preprocess_multimodal: '<image>' goes to the front, then a newline, then the rest."""
+    return ("<image>\n" + text.replace("<image>", "").strip()).strip()
+
+
+def _check_turns(turns):
+    for i, (role, text) in enumerate(turns):
+        if role != ("human", "gpt")[i % 2]:
+            raise DataError(f"turn {i} is from {role!r}: turns must alternate human, gpt, human, ...")
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"turn {i} has a {type(text).__name__} value, not text")
+
+
+def build_prompt(turns, template="vicuna_v1"):
+    """[(role, text), ...] with role "human"/"gpt" -> the prompt string.
+
+    A final ("gpt", None) leaves the prompt open for generation. "<image>" in a turn moves
+    to its front as "<image>\\n".
+    vicuna_v1 (SeparatorStyle.TWO): SYSTEM + " USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:"
+    plain (stage 1): "<image>" + caption + "\\n". preprocess_plain *replaces* the human
+    turn by the bare "<image>": stage 1 learns to caption from the image alone.
+    """
+    _check_turns(turns)
+    turns = [(r, move_image_first(t) if t and "<image>" in t else t) for r, t in turns]
+    if template == "plain":
+        if len(turns) != 2 or "<image>" not in (turns[0][1] or ""):
+            raise DataError("the plain template takes one human turn holding <image> and one caption")
+        return "<image>" + (turns[1][1] + "\n" if turns[1][1] else "")
+    if template != "vicuna_v1":
+        raise ValueError(f"unknown template {template!r} (plain or vicuna_v1)")
+    ret = SYSTEM + " "
+    for i, (role, text) in enumerate(turns):
+        name = "USER" if role == "human" else "ASSISTANT"
+        # an empty message means "open" (LLaVA's `if message:`); seps alternate " ", "</s>"
+        ret += f"{name}: {text}" + (" ", "</s>")[i % 2] if text else f"{name}:"
+    return ret
+
+
+def tokenize(tok, prompt):
+    """LLaVA's tokenizer_image_token: one BOS, then each '<image>'-separated chunk tokenised on
+    its own (with its own dummy-prefix space), joined by the IMAGE_TOKEN placeholder."""
+    ids = [tok.bos_id]
+    for i, chunk in enumerate(prompt.split("<image>")):
+        if i:
+            ids.append(IMAGE_TOKEN)
+        ids += tok.encode(chunk, bos=False)
+    return ids
+
+
+def encode(tok, turns, template, has_image):
+    """Turns -> (input_ids, labels), untruncated: preprocess_plain / preprocess_v1.
+
+    Only the answers (and their </s>) are learned. preprocess_v1 tokenises the whole
+    conversation once, then walks its rounds ("USER: q ASSISTANT: a", split on "</s>")
+    advancing by each round's *separate* token count and masking the instruction part;
+    the "- 2" drops the BOS and the space that ends "ASSISTANT: ", which joins the answer's
+    first word when tokenised whole. The counts must add up to the whole; LLaVA masks the
+    sample silently when they do not, we refuse it.
+    """
+    prompt = build_prompt(turns, template)
+    # text-only samples go through the plain tokenizer (LLaVA: has_image=False)
+    enc = (lambda s: tokenize(tok, s)) if has_image else (lambda s: tok.encode(s))
+    ids = enc(prompt)
+    if template == "plain":
+        labels = list(ids)
+        n = len(enc("<image>"))  # BOS + placeholder
+        labels[:n] = [IGNORE] * n
+        return ids, labels
+    labels = list(ids)
+    sep = " ASSISTANT: "
+    cur = 1  # BOS
+    labels[:cur] = [IGNORE]
+    for rou in prompt.split("</s>"):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        round_len = len(enc(rou))  # its BOS stands in for the "</s>" the split removed
+        instruction_len = len(enc(parts[0] + sep)) - 2
+        labels[cur:cur + instruction_len] = [IGNORE] * len(labels[cur:cur + instruction_len])
+        cur += round_len
+    labels[cur:] = [IGNORE] * len(labels[cur:])
+    if cur != len(ids):
+        raise DataError(f"tokenization mismatch: the rounds count {cur} tokens, the conversation {len(ids)} "
+                        f"(a turn containing '{sep.strip()}' or '</s>'? LLaVA would silently mask it all)")
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------------------
+# The dataset
+
+def read_records(path):
+    """A LLaVA json list, or jsonl (one record a line)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: neither a JSON list nor JSON lines ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
+    return records
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format records -> dict(input_ids, labels (LongTensor), image (3, R, R) or None).
+
+    Structure and image files are checked up front (cheap, fails before hours of training);
+    decoding and tokenisation happen per item. skip_bad: drop bad records instead of
+    raising; self.bad lists them, and each item reports the load-time skips it replaced.
+    """
+
+    def __init__(self, path, image_folder, tok, template, image_size, image_mode="pad",
+                 max_len=None, skip_bad=False):
+        self.path, self.folder, self.tok, self.template = path, image_folder or "", tok, template
+        self.image_size, self.image_mode, self.skip_bad = image_size, image_mode, skip_bad
+        self.max_len = max_len or MAX_LEN[template]
+        self.records, self.bad = [], []
+        for i, rec in enumerate(read_records(path)):
+            try:
+                self.records.append(self._check(rec))
+            except DataError as e:
+                self.fail(i, rec, e)
+        if not self.records:
+            raise DataError(f"{path}: no usable records")
+
+    def fail(self, i, rec, err):
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        msg = f"{self.path} record {i}" + (f" (id {rid})" if rid is not None else "") + f": {err}"
+        if not self.skip_bad:
+            raise DataError(msg) from None
+        self.bad.append(msg)
+
+    def _check(self, rec):
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
+            raise DataError("no conversations")
+        conv = rec["conversations"]
+        if not all(isinstance(t, dict) and "from" in t and isinstance(t.get("value"), str) for t in conv):
+            raise DataError("a turn without 'from' or a text 'value'")
+        turns = [(t["from"], t["value"]) for t in conv]
+        _check_turns(turns)
+        if len(turns) % 2:
+            raise DataError(f"{len(turns)} turns: the last human turn has no answer")
+        n_tags = sum(t.count("<image>") for _, t in turns)
+        image = None
+        if "image" in rec:
+            image = os.path.join(self.folder, rec["image"])
+            if not os.path.isfile(image):
+                raise DataError(f"image file not found: {image}")
+            if n_tags != 1:
+                raise DataError(f"{n_tags} '<image>' tags for one image")
+        elif n_tags:  # LLaVA would tokenise the tag as text; almost surely a broken record
+            raise DataError("'<image>' in a record without an image")
+        elif self.template == "plain":
+            raise DataError("stage 1 (plain) needs an image in every record")
+        words = sum(len(t.split()) for _, t in turns)  # LLaVA's cheap length for grouping
+        return dict(turns=turns, image=image, words=words, index=len(self.records))
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def has_image(self):
+        return [r["image"] is not None for r in self.records]
+
+    @property
+    def lengths(self):
+        return [r["words"] for r in self.records]
+
+    def load(self, i):
+        rec = self.records[i]
+        image = preprocess(load_image(rec["image"]), self.image_size, self.image_mode) if rec["image"] else None
+        ids, labels = encode(self.tok, rec["turns"], self.template, rec["image"] is not None)
+        # truncation after masking, placeholder counted as one token (LLaVA's collator)
+        ids, labels = ids[:self.max_len], labels[:self.max_len]
+        if all(label == IGNORE for label in labels):
+            raise DataError(f"no answer tokens left within {self.max_len} tokens")
+        if rec["image"] and IMAGE_TOKEN not in ids:
+            raise DataError(f"the <image> placeholder lies beyond {self.max_len} tokens")
+        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), image=image)
+
+    def __getitem__(self, i):
+        for k in range(len(self)):  # a bad item is replaced by the next good one (skip_bad only)
+            j = (i + k) % len(self)
+            try:
+                return self.load(j) | dict(skipped=k)
+            except DataError as e:
+                msg = f"{self.path} record {j}: {e}"
+                if not self.skip_bad:
+                    raise DataError(msg) from None
+        raise DataError(f"{self.path}: every record is bad")
+
+
+def collate(batch, pad_id):
+    """Right padding: input_ids with pad_id, labels with -100, pad_mask False on padding.
+
+    Returns the arguments of LlavaHR.forward: input_ids (B, T), labels (B, T), pad_mask
+    (B, T), images (M, 3, R, R) for the M samples with an image, in row order, or None.
+    """
+    T = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    pad_mask = torch.zeros(len(batch), T, dtype=torch.bool)
+    for r, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[r, :n], labels[r, :n], pad_mask[r, :n] = b["input_ids"], b["labels"], True
+    images = [b["image"] for b in batch if b["image"] is not None]
+    return dict(input_ids=input_ids, labels=labels, pad_mask=pad_mask,
+                images=torch.stack(images) if images else None,
+                skipped=sum(b.get("skipped", 0) for b in batch))
+
+
+# ---------------------------------------------------------------------------------------
+# Batches: one global order per epoch, sliced the same way at any world size
+
+def epoch_order(n, seed, epoch, unit=1, has_image=None, lengths=None, group=False, mega=50):
+    """A permutation of range(n) for one epoch, deterministic in (seed, epoch).
+
+    group: LLaVA's group_by_modality_length. The order is cut into units of `unit` samples
+    (one global batch); each holds one modality (image or text-only, so every rank runs the
+    same modules in every micro-step, as FSDP needs) and similar lengths (units are cut
+    from sorted blocks of `mega` units, so padding stays small), then shuffled. A modality's
+    last unit is filled up with repeats of its own samples.
+    """
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    if not group:
+        return torch.randperm(n, generator=g).tolist()
+    units = []
+    for want in (True, False):
+        idx = [i for i in range(n) if has_image[i] == want]
+        idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        idx += (idx * unit)[:-len(idx) % unit]  # fill the last unit with repeats, as DistributedSampler pads
+        for s in range(0, len(idx), unit * mega):  # sort each block by length, longest first
+            block = sorted(idx[s:s + unit * mega], key=lambda i: -lengths[i])
+            units += [block[u:u + unit] for u in range(0, len(block), unit)]
+    units = [units[j] for j in torch.randperm(len(units), generator=g).tolist()]
+    return [i for u in units for i in u]
+
+
+class BatchSampler:
+    """Yields this rank's micro-batches, step after step, from `start_step` on.
+
+    A global batch of G = accum * world * micro samples is laid out as [micro-step][rank]
+    [micro]: rank r's k-th micro-batch is order[(k*world + r)*micro :][:micro]. Any split
+    of the same global batch over ranks and accumulation sees the same samples in each
+    optimizer step, and resuming at step s just starts at sample s * G. The last partial
+    global batch of an epoch is dropped.
+    """
+
+    def __init__(self, dataset, micro, accum, world, rank, seed, epochs=1, group=False, start_step=0):
+        self.ds, self.micro, self.accum, self.world, self.rank = dataset, micro, accum, world, rank
+        self.seed, self.group, self.start_step = seed, group, start_step
+        self.global_batch = micro * accum * world
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(dataset)} samples cannot fill one global batch of {self.global_batch}")
+        self.total_steps = self.steps_per_epoch * epochs
+
+    def __len__(self):
+        return (self.total_steps - self.start_step) * self.accum
+
+    def __iter__(self):
+        order, epoch = None, -1
+        for step in range(self.start_step, self.total_steps):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                order = epoch_order(len(self.ds), self.seed, epoch, self.global_batch,
+                                    self.ds.has_image, self.ds.lengths, self.group)
+            base = (step % self.steps_per_epoch) * self.global_batch
+            for k in range(self.accum):
+                s = base + (k * self.world + self.rank) * self.micro
+                yield order[s:s + self.micro]
+

@@ -1,0 +1,441 @@
+"""data.py against its references: HF's CLIPImageProcessor for the pixels, and a transcription
+of LLaVA's preprocess_v1 / preprocess_plain (run with HF's slow LlamaTokenizer, legacy mode)
+for the tokens and labels. Images are generated with PIL; the tokenizer is trained here."""
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, LlamaTokenizer
+
+import data
+from data import DataError, LlavaDataset, build_prompt, encode, load_image, preprocess, tokenize
+from llama import Tokenizer
+from mra import IGNORE, IMAGE_TOKEN
+
+WORDS = ("the a cat dog image picture what is this color of on in and man woman red blue two three "
+         "there are people sitting standing table street car sign says number answer question "
+         "describe detail yes no left right photo").split()
+
+
+def train_spm(prefix, n=400, seed=0):
+    """A tiny LLaMA-like sentencepiece model (BPE, byte fallback, whitespace kept)."""
+    rng = random.Random(seed)
+    lines = [data.SYSTEM, "USER:", "ASSISTANT:"]
+    for _ in range(n):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+        a = " ".join(rng.choice(WORDS + [str(rng.randint(0, 99))]) for _ in range(rng.randint(1, 8)))
+        lines += [f"USER: {q.capitalize()}? ASSISTANT: {a.capitalize()}.", "  " + q]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=400, model_type="bpe",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, minloglevel=2)
+    return f"{prefix}.model"
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return train_spm(tmp_path_factory.mktemp("spm") / "tok")
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    return Tokenizer(model_path)
+
+
+@pytest.fixture(scope="module")
+def hf(model_path):
+    return LlamaTokenizer(vocab_file=model_path, legacy=True)
+
+
+# ---------------------------------------------------------------------------------------
+# LLaVA's code (llava/train/train.py, mm_utils.py, conversation.py), transcribed as it is
+
+def llava_tokenizer_image_token(prompt, tokenizer):
+    prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+
+    def insert_separator(X, sep):
+        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
+
+    input_ids, offset = [], 0
+    if len(prompt_chunks) > 0 and len(prompt_chunks[0]) > 0 and prompt_chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        input_ids.append(prompt_chunks[0][0])
+    for x in insert_separator(prompt_chunks, [IMAGE_TOKEN] * (offset + 1)):
+        input_ids.extend(x[offset:])
+    return torch.tensor(input_ids, dtype=torch.long)
+
+
+def llava_preprocess_multimodal(source):
+    for sentence in source:
+        if "<image>" in sentence["value"]:
+            sentence["value"] = sentence["value"].replace("<image>", "").strip()
+            sentence["value"] = "<image>" + "\n" + sentence["value"]
+            sentence["value"] = sentence["value"].strip()
+    return source
+
+
+def llava_v1_prompt(source):
+    system, roles, seps = data.SYSTEM, ("USER", "ASSISTANT"), [" ", "</s>"]
+    messages = [(roles[0] if s["from"] == "human" else roles[1], s["value"]) for s in source]
+    ret = system + seps[0]
+    for i, (role, message) in enumerate(messages):
+        if message:
+            ret += role + ": " + message + seps[i % 2]
+        else:
+            ret += role + ":"
+    return ret
+
+
+def llava_preprocess_v1(source, tokenizer, has_image):
+    conversation = llava_v1_prompt(source)
+    if has_image:
+        target_ids = llava_tokenizer_image_token(conversation, tokenizer)
+    else:
+        target_ids = torch.tensor(tokenizer(conversation).input_ids)
+    input_ids, target = target_ids.clone(), target_ids.clone()
+    sep = " " + "ASSISTANT" + ": "
+    total_len = int(target.ne(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0).sum())
+    rounds = conversation.split("</s>")
+    cur_len = 1
+    target[:cur_len] = IGNORE
+    for i, rou in enumerate(rounds):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        if has_image:
+            round_len = len(llava_tokenizer_image_token(rou, tokenizer))
+            instruction_len = len(llava_tokenizer_image_token(parts[0], tokenizer)) - 2
+        else:
+            round_len = len(tokenizer(rou).input_ids)
+            instruction_len = len(tokenizer(parts[0]).input_ids) - 2
+        target[cur_len:cur_len + instruction_len] = IGNORE
+        cur_len += round_len
+    target[cur_len:] = IGNORE
+    if cur_len != total_len:
+        target[:] = IGNORE  # "WARNING: tokenization mismatch ... (ignored)"
+    return input_ids.tolist(), target.tolist()
+
+
+def llava_preprocess_plain(source, tokenizer):
+    assert len(source) == 2 and "<image>" in source[0]["value"]
+    source[0]["value"] = "<image>"
+    conversation = source[0]["value"] + source[1]["value"] + "\n"
+    input_ids = llava_tokenizer_image_token(conversation, tokenizer)
+    target = input_ids.clone()
+    target[:len(llava_tokenizer_image_token(source[0]["value"], tokenizer))] = IGNORE
+    return input_ids.tolist(), target.tolist()
+
+
+def llava_reference(conversations, tokenizer, template, has_image):
+    source = copy.deepcopy(conversations)
+    if has_image:
+        source = llava_preprocess_multimodal(source)
+    if template == "plain":
+        return llava_preprocess_plain(source, tokenizer)
+    return llava_preprocess_v1(source, tokenizer, has_image)
+
+
+def conv(*texts):
+    return [{"from": ("human", "gpt")[i % 2], "value": t} for i, t in enumerate(texts)]
+
+
+CONVERSATIONS = [  # (conversations, has_image)
+    (conv("<image>\nWhat is this?", "A cat."), True),
+    (conv("What color is the car?\n<image>", "Red"), True),
+    (conv("<image>\nDescribe the image in detail.", "Two people sitting on a table.\nThe man is left.",
+          "What number does the sign say?", "42", "Is it a dog?", "No"), True),
+    (conv("<image> what is this  ", "  a dog  ", "and this?", "3 cats"), True),
+    (conv("What is the answer?", "Yes, the answer is 7.", "And the question?", "There is no question."), False),
+    (conv("Hello", "Hi there"), False),
+]
+CAPTIONS = [
+    (conv("<image>\nDescribe the image.", "a man sitting on a red car"), True),
+    (conv("Give a short caption.\n<image>", "two dogs in the street."), True),
+    (conv("<image>", "42 people"), True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CONVERSATIONS)))
+def test_vicuna_labels_match_llava(tok, hf, case):
+    conversations, has_image = CONVERSATIONS[case]
+    turns = [(t["from"], t["value"]) for t in conversations]
+    ids, labels = encode(tok, turns, "vicuna_v1", has_image)
+    ref_ids, ref_labels = llava_reference(conversations, hf, "vicuna_v1", has_image)
+    assert ids == ref_ids
+    assert labels == ref_labels
+    assert any(label != IGNORE for label in labels)  # not the silently-ignored case
+    assert ids.count(IMAGE_TOKEN) == int(has_image) and labels[0] == IGNORE
+    # what is learned: each answer and its </s>, nothing else
+    learned = tok.decode([t for t, label in zip(ids, labels) if label != IGNORE], skip_special_tokens=False)
+    assert learned.count("</s>") == len(turns) // 2 and "USER" not in learned and "ASSISTANT" not in learned
+
+
+@pytest.mark.parametrize("case", range(len(CAPTIONS)))
+def test_plain_labels_match_llava(tok, hf, case):
+    conversations, _ = CAPTIONS[case]
+    turns = [(t["from"], t["value"]) for t in conversations]
+    ids, labels = encode(tok, turns, "plain", True)
+    assert (ids, labels) == llava_reference(conversations, hf, "plain", True)
+    assert ids[:2] == [tok.bos_id, IMAGE_TOKEN] and labels[:2] == [IGNORE, IGNORE]
+    assert all(label != IGNORE for label in labels[2:])  # the whole caption and its "\n"
+
+
+def test_mismatch_is_refused_not_silently_masked(tok, hf):
+    conversations = conv("<image>\nSay ASSISTANT: hi", "hi")
+    _, ref_labels = llava_reference(conversations, hf, "vicuna_v1", True)
+    assert all(label == IGNORE for label in ref_labels)  # LLaVA: the sample quietly teaches nothing
+    with pytest.raises(DataError, match="tokenization mismatch"):
+        encode(tok, [(t["from"], t["value"]) for t in conversations], "vicuna_v1", True)
+
+
+def test_build_prompt_strings():
+    S = data.SYSTEM
+    assert S == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                 "gives helpful, detailed, and polite answers to the user's questions.")
+    assert build_prompt([("human", "What is this? <image>"), ("gpt", None)]) == \
+        S + " USER: <image>\nWhat is this? ASSISTANT:"
+    assert build_prompt([("human", "<image>\nQ1"), ("gpt", "A1"), ("human", "Q2"), ("gpt", "A2")]) == \
+        S + " USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>"
+    assert build_prompt([("human", "Hi"), ("gpt", "Hello"), ("human", "Q"), ("gpt", None)]) == \
+        S + " USER: Hi ASSISTANT: Hello</s>USER: Q ASSISTANT:"
+    assert build_prompt([("human", "Describe.\n<image>"), ("gpt", "A cat.")], "plain") == "<image>A cat.\n"
+    assert build_prompt([("human", "<image>"), ("gpt", None)], "plain") == "<image>"
+    with pytest.raises(DataError, match="alternate"):
+        build_prompt([("gpt", "hi"), ("human", "x")])
+    with pytest.raises(ValueError, match="unknown template"):
+        build_prompt([("human", "x")], "llama_2")
+
+
+def test_tokenize_matches_llava(tok, hf):
+    for p in ["<image>", "<image>\nWhat?", "a <image> b <image>", "no image here", "x<image>", ""]:
+        assert tokenize(tok, p) == llava_tokenizer_image_token(p, hf).tolist(), p
+
+
+# ---------------------------------------------------------------------------------------
+# Images
+
+def random_image(w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+def llava_expand2square(pil_img, background_color):
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    elif width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
+@pytest.mark.parametrize("w,h,size", [(97, 61, 64), (50, 133, 64), (64, 64, 64), (31, 40, 48), (300, 200, 112)])
+def test_preprocess_matches_clip_image_processor(w, h, size):
+    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    img = random_image(w, h, seed=w * h)
+    for mode in ("crop", "pad"):
+        ref_img = llava_expand2square(img, tuple(int(x * 255) for x in proc.image_mean)) if mode == "pad" else img
+        ref = proc.preprocess(ref_img, return_tensors="pt")["pixel_values"][0]
+        ours = preprocess(img, size, mode)
+        assert ours.shape == (3, size, size) and ours.dtype == torch.float32
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert data.PAD_FILL == (122, 116, 104)
+
+
+def rgb(path):
+    return np.asarray(load_image(str(path)))
+
+
+def test_load_image_modes(tmp_path):
+    base = random_image(20, 12)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.full((12, 20), 7, np.uint8)))
+    rgba.save(tmp_path / "rgba.png")
+    assert np.array_equal(rgb(tmp_path / "rgba.png"), np.asarray(base))  # alpha dropped, like LLaVA
+    pal = base.quantize(16)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "p.png", transparency=0)
+    assert np.array_equal(rgb(tmp_path / "p.png"), np.asarray(pal.convert("RGB")))
+    base.convert("L").save(tmp_path / "l.png")
+    gray = np.asarray(base.convert("L"))
+    assert np.array_equal(rgb(tmp_path / "l.png"), np.stack([gray] * 3, -1))
+    base.convert("CMYK").save(tmp_path / "cmyk.tiff")
+    assert np.array_equal(rgb(tmp_path / "cmyk.tiff"), np.asarray(base.convert("CMYK").convert("RGB")))
+    # 16-bit grayscale: scaled to 8 bit, not clipped at 255
+    deep = np.array([[0, 257, 1000, 65535], [30000, 128, 129, 40000]], np.uint16)
+    Image.fromarray(deep).save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "i16.png").mode in ("I;16", "I")
+    out = rgb(tmp_path / "i16.png")
+    assert out.shape == (2, 4, 3) and out[..., 0].tolist() == np.rint(deep / 257).astype(int).tolist()
+    for name in ("rgba.png", "p.png", "l.png", "cmyk.tiff", "i16.png"):
+        assert load_image(str(tmp_path / name)).mode == "RGB"
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = (255, 0, 0)  # left half red, right half blue
+    a[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(a).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = rgb(tmp_path / "rot.jpg")
+    assert out.shape == (40, 20, 3)  # upright: portrait
+    assert out[5, 10, 0] > 200 and out[35, 10, 2] > 200  # the left half is now on top
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(DataError, match="nope.jpg: image file not found"):
+        load_image(str(tmp_path / "nope.jpg"))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="bad.jpg: cannot read image"):
+        load_image(str(tmp_path / "bad.jpg"))
+    random_image(30, 30).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:200])
+    with pytest.raises(DataError, match="cut.png: cannot read image"):
+        load_image(str(tmp_path / "cut.png"))
+
+
+# ---------------------------------------------------------------------------------------
+# The dataset, bad records, batches
+
+def write_dataset(tmp_path, records, name="data.json", jsonl=False):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for i in range(4):
+        random_image(40 + 10 * i, 30, seed=i).save(tmp_path / "images" / f"{i}.png")
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records))
+    return str(path)
+
+
+def records():
+    return [
+        dict(id="a", image="0.png", conversations=conv("<image>\nWhat is this?", "A cat.")),
+        dict(id="b", conversations=conv("What is the answer?", "Yes.", "Why?", "Two dogs.")),
+        dict(id="c", image="1.png", conversations=conv("Describe.\n<image>", "A red car.", "And?", "No")),
+        dict(id="d", image="2.png", conversations=conv("<image>\nWhat number?", "42")),
+    ]
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_dataset_items_and_collate(tmp_path, tok, hf, jsonl):
+    path = write_dataset(tmp_path, records(), jsonl=jsonl)
+    ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", image_size=32)
+    assert len(ds) == 4 and ds.has_image == [True, False, True, True]
+    for i, rec in enumerate(records()):
+        item = ds[i]
+        ref_ids, ref_labels = llava_reference(rec["conversations"], hf, "vicuna_v1", "image" in rec)
+        assert item["input_ids"].tolist() == ref_ids and item["labels"].tolist() == ref_labels
+        if "image" in rec:
+            img = llava_expand2square(Image.open(tmp_path / "images" / rec["image"]).convert("RGB"), (122, 116, 104))
+            torch.testing.assert_close(item["image"], preprocess(img, 32, "crop"))
+        else:
+            assert item["image"] is None
+    batch = data.collate([ds[0], ds[1], ds[2]], tok.pad_id)
+    T = max(len(ds[i]["input_ids"]) for i in range(3))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["pad_mask"].shape == (3, T)
+    assert batch["images"].shape == (2, 3, 32, 32)  # rows 0 and 2 hold an image, row 1 none
+    n1 = len(ds[1]["input_ids"])
+    assert (batch["input_ids"][1, n1:] == tok.pad_id).all() and (batch["labels"][1, n1:] == IGNORE).all()
+    assert batch["pad_mask"][1, :n1].all() and not batch["pad_mask"][1, n1:].any()
+
+
+def test_plain_dataset_crops(tmp_path, tok, hf):
+    recs = [dict(id=i, image=f"{i}.png", conversations=c) for i, (c, _) in enumerate(CAPTIONS)]
+    ds = LlavaDataset(write_dataset(tmp_path, recs), str(tmp_path / "images"), tok, "plain", 32, "crop")
+    for i, rec in enumerate(recs):
+        assert (ds[i]["input_ids"].tolist(), ds[i]["labels"].tolist()) == \
+            llava_reference(rec["conversations"], hf, "plain", True)
+        img = Image.open(tmp_path / "images" / rec["image"]).convert("RGB")
+        torch.testing.assert_close(ds[i]["image"], preprocess(img, 32, "crop"))
+
+
+def test_truncation(tmp_path, tok):
+    path = write_dataset(tmp_path, records())
+    full = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)[2]
+    n = len(full["input_ids"]) - 5
+    short = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, max_len=n)[2]
+    assert short["input_ids"].tolist() == full["input_ids"][:n].tolist()
+    assert short["labels"].tolist() == full["labels"][:n].tolist()
+    assert data.MAX_LEN == {"plain": 2048, "vicuna_v1": 2496}
+    # nothing left to learn after truncation: refused, never a sample of pure -100
+    with pytest.raises(DataError, match="record 0: no answer tokens left within 10 tokens"):
+        LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, max_len=10)[0]
+
+
+BAD = [
+    (dict(id="x", image="0.png"), "record 1 \\(id x\\): no conversations"),
+    (dict(id="y", image="missing.png", conversations=conv("<image>\nQ", "A")), "record 1 \\(id y\\): image file not found: .*missing.png"),
+    (dict(id="z", conversations=[{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]), "record 1 \\(id z\\): turn 0 is from 'gpt'"),
+    (dict(id="w", conversations=conv("Q", "A", "Q2")), "record 1 \\(id w\\): 3 turns"),
+    (dict(id="v", image="0.png", conversations=conv("no tag", "A")), "record 1 \\(id v\\): 0 '<image>' tags"),
+    (dict(id="u", conversations=conv("<image>\nQ", "A")), "record 1 \\(id u\\): '<image>' in a record without"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_records(tmp_path, tok, case):
+    bad, message = BAD[case]
+    recs = [records()[0], bad, records()[3]]
+    path = write_dataset(tmp_path, recs)
+    with pytest.raises(DataError, match="data.json " + message):
+        LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)
+    ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, skip_bad=True)
+    assert len(ds) == 2 and len(ds.bad) == 1 and "record 1" in ds.bad[0]
+
+
+def test_unreadable_image_at_load_time(tmp_path, tok):
+    path = write_dataset(tmp_path, records())
+    (tmp_path / "images" / "1.png").write_bytes(b"corrupt")
+    ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)
+    with pytest.raises(DataError, match="data.json record 2: .*1.png: cannot read image"):
+        ds[2]
+    ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, skip_bad=True)
+    item = ds[2]  # replaced by the next good record, and counted
+    assert item["skipped"] == 1 and item["input_ids"].tolist() == ds[3]["input_ids"].tolist()
+    assert data.collate([ds[0], ds[2]], tok.pad_id)["skipped"] == 1
+
+
+def test_plain_needs_images_and_bad_json(tmp_path, tok):
+    path = write_dataset(tmp_path, records())
+    with pytest.raises(DataError, match="record 1 \\(id b\\): stage 1 \\(plain\\) needs an image"):
+        LlavaDataset(path, str(tmp_path / "images"), tok, "plain", 32, "crop")
+    (tmp_path / "broken.json").write_text('[{"id": 1,')
+    with pytest.raises(DataError, match="broken.json: neither a JSON list nor JSON lines"):
+        LlavaDataset(str(tmp_path / "broken.json"), str(tmp_path / "images"), tok, "plain", 32)
+
+
+def test_batches_same_at_any_world_size():
+    class DS:
+        def __len__(self):
+            return 40
+        has_image = [i % 3 != 0 for i in range(40)]
+        lengths = [(i * 7) % 13 for i in range(40)]
+
+    def steps(world, accum, micro, group=False, start=0):
+        per_rank = [list(data.BatchSampler(DS(), micro, accum, world, r, seed=3, epochs=2, group=group,
+                                           start_step=start)) for r in range(world)]
+        n = len(per_rank[0]) // accum
+        return [sorted(i for r in range(world) for b in per_rank[r][s * accum:(s + 1) * accum] for i in b)
+                for s in range(n)]
+
+    ref = steps(1, 4, 2)
+    assert len(ref) == 2 * (40 // 8) and all(len(s) == 8 for s in ref)
+    assert steps(2, 2, 2) == ref and steps(4, 1, 2) == ref and steps(1, 8, 1) == ref
+    assert steps(2, 2, 2, start=3) == ref[3:]  # resuming at step 3 picks up the same batches
+    grouped = steps(1, 4, 2, group=True)
+    assert steps(2, 2, 2, group=True) == grouped and steps(4, 1, 2, group=True) == grouped != ref
+    assert sorted(i for s in ref[:5] for i in s) == sorted(range(40))  # one epoch: each sample once
+    # grouped: every optimizer step (all ranks, all micro-steps) holds one modality
+    assert all(len({DS.has_image[i] for i in s}) == 1 for s in grouped)
