@@ -403,12 +403,15 @@ def build(cfg, llm=None, vit=None, convnext=None, dtype=None, device="cpu"):
     return model.to(dtype) if dtype is not None else model
 
 
-def save_checkpoint(model, path):
-    """Our format: model.safetensors (our module names) + mra_config.json, written atomically."""
+def save_checkpoint(model, path, state=None, cfg=None):
+    """Our format: model.safetensors (our module names) + mra_config.json, each written atomically.
+    state / cfg: a full state dict and config gathered elsewhere (FSDP) instead of the model's."""
     from safetensors.torch import save_file
+    state = model.state_dict() if state is None else state
+    cfg = model.cfg if cfg is None else cfg
     os.makedirs(path, exist_ok=True)
-    for name, write in (("model.safetensors", lambda p: save_file(model.state_dict(), p)),
-                        ("mra_config.json", lambda p: open(p, "w").write(json.dumps(model.cfg.to_dict(), indent=1)))):
+    for name, write in (("model.safetensors", lambda p: save_file(state, p)),
+                        ("mra_config.json", lambda p: open(p, "w").write(json.dumps(cfg.to_dict(), indent=1)))):
         tmp = os.path.join(path, name + ".tmp")
         write(tmp)
         os.replace(tmp, os.path.join(path, name))

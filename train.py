@@ -1,0 +1,345 @@
+"""Train LLaVA-HR in the paper's two stages (Sec. 4.4), with the released recipe.
+
+Stage 1 (pre-training, LCS-558K, template "plain", R = 384, no MR-Adapters): only the
+projector and the final fusion learn; both towers and the LLM stay frozen.
+Stage 2 (instruction tuning, llava_v1_5_mix665k, "vicuna_v1", R = 1024): MR-Adapters are
+inserted as the identity and everything learns. AdamW, weight decay 0, warmup ratio 0.03,
+cosine, one epoch, lr 1e-3 / 2e-5, global batch 256 / 128, bf16, gradient checkpointing.
+
+    python train.py --stage 1 --data blip_laion_cc_sbu_558k.json --image-folder images/ \
+        --llm vicuna-7b-v1.5/ --vit clip-vit-large-patch14-336/ --convnext convnext_large.safetensors \
+        --out out/stage1 --grad-checkpoint
+    torchrun --nproc_per_node 8 train.py --stage 2 --data llava_v1_5_mix665k.json \
+        --image-folder data/ --init out/stage1/ckpt --out out/stage2 --fsdp --grad-checkpoint
+
+One process per device (torchrun); DDP, or FSDP2 (--fsdp: parameters sharded per
+transformer block, the release's ZeRO-3 for stage 2). Checkpoints are loadable by
+generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+import mra
+from convnext import ConvNeXtConfig
+from llama import LlamaConfig, Tokenizer
+from vit import ViTConfig
+
+# -----------------------------------------------------------------------------
+# settings: the release's recipe per stage; a flag overrides
+
+STAGE = {1: dict(template="plain", image_size=384, image_mode="crop", lr=1e-3, global_batch=256),
+         2: dict(template="vicuna_v1", image_size=1024, image_mode="pad", lr=2e-5, global_batch=128)}
+# random towers small enough for a CPU test: R 64 -> 2x2 ConvNeXt map, ViT 28 px -> 2x2 grid
+TINY = mra.MRAConfig(vit_min_size=28,
+                     vit=ViTConfig(image_size=28, patch_size=14, width=32, layers=4, heads=2, mlp_dim=64),
+                     convnext=ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
+                     llm=LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=512))
+TINY_SIZE = {1: 64, 2: 128}
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+p.add_argument("--data", required=True, help="LLaVA json / jsonl")
+p.add_argument("--image-folder", default="")
+p.add_argument("--out", required=True)
+p.add_argument("--llm", help="HF LLaMA / Vicuna directory")
+p.add_argument("--vit", help="HF CLIP ViT checkpoint (file or directory)")
+p.add_argument("--convnext", help="timm / open_clip ConvNeXt safetensors")
+p.add_argument("--init", help="start from our checkpoint or a released LLaVA-HR directory")
+p.add_argument("--projector", help="stage 2: the released stage-1 projector file")
+p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
+p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig")
+p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
+p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"))
+p.add_argument("--lr", type=float)
+p.add_argument("--warmup-ratio", type=float, default=0.03)
+p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
+p.add_argument("--epochs", type=int, default=1)
+p.add_argument("--global-batch", type=int, help="default 256 / 128")
+p.add_argument("--batch-size", type=int, default=16, help="per device, per micro-step")
+p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
+p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
+p.add_argument("--save-every", type=int, default=500)
+p.add_argument("--seed", type=int, default=42)
+p.add_argument("--grad-checkpoint", action="store_true")
+p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
+p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both towers fixed")
+p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
+p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+               help="micro-steps of one modality and similar lengths (default: on in stage 2, as released)")
+p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
+p.add_argument("--workers", type=int, default=4)
+p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+args = p.parse_args()
+st = STAGE[args.stage]
+
+# -----------------------------------------------------------------------------
+# processes and devices: torchrun sets RANK; a plain `python train.py` is one process
+
+distributed = "RANK" in os.environ
+cuda = torch.cuda.is_available()
+if distributed:
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+else:
+    rank, world, local_rank = 0, 1, 0
+device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+if cuda:
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+else:
+    torch.set_flush_denormal(True)  # CPU: subnormal floats (late in tiny test runs) are ~100x slower
+master = rank == 0
+torch.manual_seed(args.seed)  # the same initial weights (new adapters, projector) on every rank
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+global_batch = args.global_batch or st["global_batch"]
+accum, rem = divmod(global_batch, args.batch_size * world)
+if rem or not accum:
+    raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {args.batch_size} "
+                     f"x {world} processes")
+ckpt_dir = os.path.join(args.out, "ckpt")
+if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
+    resume_dir = next((d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)), None)
+    if resume_dir is None:
+        raise SystemExit(f"--resume: no checkpoint in {args.out}")
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def with_adapters(m1, cfg):
+    """A model without MR-Adapters (stage 1) -> the same model with new ones (identity at init).
+
+    Every stage-1 tensor must load; the adapters must be the only keys the file lacks."""
+    m2 = mra.LlavaHR(cfg, llm=m1.llm, vit=m1.encoder.vit, convnext=m1.encoder.convnext)
+    missing, unexpected = m2.load_state_dict(m1.state_dict(), strict=False)
+    bad = unexpected + [k for k in missing if not k.startswith("encoder.adapters.")]
+    if bad:
+        raise SystemExit(f"--init {args.init}: does not fit the stage-2 model: {bad[:6]}")
+    return m2
+
+
+if args.config == "tiny":
+    cfg = TINY
+elif args.config == "full":
+    cfg = mra.MRAConfig()
+else:
+    with open(args.config) as f:
+        cfg = mra.MRAConfig.from_dict(json.load(f))
+image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else st["image_size"])
+stage_cfg = dict(adapters=args.stage == 2, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
+if args.resume:
+    model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
+elif args.init:
+    model = mra.load_checkpoint(args.init)
+    if args.stage == 2 and not model.cfg.adapters:  # stage 1 -> 2: the MRA step of the recipe
+        model = with_adapters(model, replace(model.cfg, **stage_cfg))
+    else:
+        model.cfg = replace(model.cfg, image_size=image_size, image_aspect_ratio=st["image_mode"])
+else:
+    if args.config == "full" and not (args.llm and args.vit and (args.convnext or cfg.arch != "llava-hr")):
+        raise SystemExit("--llm, --vit and --convnext are needed (or --init, or --config tiny for a test)")
+    model = mra.build(replace(cfg, **stage_cfg), llm=args.llm, vit=args.vit, convnext=args.convnext)
+    if args.projector:  # stage 2 from the released stage-1 file (projector + final fusion)
+        mra.load_projector(model, args.projector)
+# fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
+model.to(device, torch.float32)
+if device.type == "cpu":
+    # tensors loaded from safetensors are views into the file's buffer; CPU kernels then round
+    # differently in the last bit (observed), so a resumed run would drift from an
+    # uninterrupted one. Fresh copies make the two match bit for bit.
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
+cfg = model.cfg
+
+# stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen here)
+for name, param in model.named_parameters():
+    if args.stage == 1:
+        train = name.startswith(("projector.", "encoder.fusion."))
+    else:
+        train = not (args.freeze_vision and name.startswith(("encoder.vit.", "encoder.convnext.")))
+        train = train and not (args.freeze_llm and name.startswith("llm."))
+    # CLIP's ln_post feeds only the pooled class token, which LLaVA never uses
+    param.requires_grad_(train and not name.startswith("encoder.vit.ln_post."))
+raw = model  # the module itself: DDP wraps it below, fully_shard changes it in place
+n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
+n_all = sum(q.numel() for q in model.parameters())
+
+# activation checkpointing: keep only each block's input, recompute the inside in backward
+if args.grad_checkpoint:
+    for block in [*model.llm.layers, *model.encoder.vit.blocks]:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+if args.fsdp and distributed:
+    from torch.distributed.fsdp import fully_shard
+    # each block's parameters are gathered just before it runs and freed after: only one
+    # block is ever whole on a device (ZeRO-3); the root holds the rest (embeddings, convnext,
+    # adapters, projector)
+    for block in [*model.llm.layers, *model.encoder.vit.blocks]:
+        fully_shard(block)
+    fully_shard(model)
+elif distributed:
+    # text-only micro-batches leave the vision side unused: DDP must be told it may happen
+    model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True)
+
+params = [q for q in model.parameters() if q.requires_grad]
+opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+
+# -----------------------------------------------------------------------------
+# data
+
+tok_path = args.tokenizer or os.path.join(
+    resume_dir if args.resume else args.init if args.init else args.llm or "", "tokenizer.model")
+tok = Tokenizer(tok_path)
+if tok.vocab_size > cfg.llm.vocab_size:
+    raise SystemExit(f"tokenizer has {tok.vocab_size} pieces, the LLM only {cfg.llm.vocab_size} embeddings")
+ds = data.LlavaDataset(args.data, args.image_folder, tok, st["template"], cfg.image_size,
+                       st["image_mode"], args.max_len, skip_bad=args.skip_bad)
+group = args.group_by_length if args.group_by_length is not None else args.stage == 2
+if args.fsdp and not group and not all(ds.has_image):
+    # FSDP gathers a block's shards when it runs: every rank must run the same modules
+    raise SystemExit("--fsdp with text-only samples needs --group-by-length (one modality per micro-step)")
+
+start_step = 0
+if args.resume:
+    state = torch.load(os.path.join(resume_dir, "train_state.pt"), weights_only=True)
+    run = json.loads(state["run"])
+    for key, now in (("global_batch", global_batch), ("seed", args.seed), ("epochs", args.epochs),
+                     ("data", args.data), ("stage", args.stage)):
+        if run[key] != now:
+            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: the data position "
+                             f"would not carry over")
+    set_optimizer_state_dict(raw, opt, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["cpu_rng"])
+    if cuda and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    start_step = state["step"]
+
+sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, group, start_step)
+loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
+                                     collate_fn=partial(data.collate, pad_id=tok.pad_id))
+total_steps = sampler.total_steps
+stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+warmup = math.ceil(args.warmup_ratio * total_steps)
+lr_max = args.lr or st["lr"]
+n_visual = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+
+
+def get_lr(step):
+    """HF's cosine schedule with linear warmup, as LLaVA trains (step 0 has lr 0)."""
+    if step < warmup:
+        return lr_max * step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return lr_max * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save(step):
+    """OUT/ckpt: weights (generate.py loads the dir) + train_state.pt, replaced atomically."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # with FSDP every rank takes part in gathering the full tensors; rank 0 writes them
+    weights = get_model_state_dict(raw, options=full)
+    optim = get_optimizer_state_dict(raw, opt, options=full)
+    if master:
+        tmp = ckpt_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+        mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
+        shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
+        run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=args.data, stage=args.stage)
+        # plain types and tensors only: torch.load(weights_only=True) reads it back
+        state = dict(step=step, optimizer=optim, cpu_rng=torch.get_rng_state(), run=json.dumps(run))
+        if cuda:
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        torch.save(state, os.path.join(tmp, "train_state.pt"))
+        # the last good checkpoint is never touched until the new one is complete
+        if os.path.isdir(ckpt_dir):
+            shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+            os.replace(ckpt_dir, ckpt_dir + ".old")
+        os.replace(tmp, ckpt_dir)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+    if distributed:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+if master:
+    os.makedirs(args.out, exist_ok=True)
+    print(f"stage {args.stage}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; R={cfg.image_size}, "
+          f"{n_visual} visual tokens; {len(ds)} samples, {total_steps} steps of {global_batch} "
+          f"({world} x {args.batch_size} x {accum} accumulation); "
+          f"{'FSDP2' if args.fsdp and distributed else 'DDP' if distributed else 'one process'}")
+    if ds.bad:
+        print(f"skipping {len(ds.bad)} bad records, e.g. {ds.bad[0]}")
+log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+bar = tqdm(total=stop_step, initial=start_step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
+batches = iter(loader)
+skipped = 0
+t0 = time.time()
+for step in range(start_step, stop_step):
+    lr = get_lr(step)
+    for group_ in opt.param_groups:
+        group_["lr"] = lr
+    stats = torch.zeros(3, device=device)  # loss sum, tokens, skipped
+    for k in range(accum):
+        batch = next(batches)
+        last = k == accum - 1
+        # DDP: average gradients across ranks only once, after the last micro-batch
+        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        with sync, autocast:
+            _, loss = model(batch["input_ids"].to(device), None if batch["images"] is None else batch["images"].to(device),
+                            batch["labels"].to(device), batch["pad_mask"].to(device))
+            (loss / accum).backward()  # the mean over micro-batches, then over ranks (DDP)
+        n_img = 0 if batch["images"] is None else batch["images"].shape[0]
+        stats += torch.tensor([loss.item(), batch["pad_mask"].sum().item() + n_img * (n_visual - 1),
+                               batch["skipped"]], device=device)
+    if distributed:
+        dist.all_reduce(stats)  # every rank sees the same numbers, so every rank stops together
+    loss = stats[0].item() / (accum * world)
+    if not math.isfinite(loss):
+        msg = (f"step {step + 1}: loss is {loss}; stopping without saving this state "
+               f"(the last checkpoint in {ckpt_dir} is untouched)")
+        bar.close()
+        if distributed:
+            dist.destroy_process_group()
+        raise SystemExit(msg)
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    skipped += int(stats[2].item())
+
+    done, dt = step + 1, time.time() - t0
+    tok_s = stats[1].item() / max(dt, 1e-9)  # all ranks together
+    t0 = time.time()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+    bar.update()
+    if master:
+        log.write(json.dumps(dict(step=done, loss=loss, lr=lr, tokens=int(stats[1].item()), tokens_per_s=tok_s,
+                                  skipped=skipped, time=time.time())) + "\n")
+        log.flush()
+    if done == stop_step or (args.save_every and done % args.save_every == 0):
+        save(done)
+bar.close()
+if master:
+    print(f"done: step {stop_step} of {total_steps}; checkpoint in {ckpt_dir}"
+          + (f"; {len(ds.bad)} bad records skipped, {skipped} replaced at load time" if args.skip_bad else ""))
+if distributed:
+    dist.destroy_process_group()
