@@ -1,0 +1,254 @@
+"""Benchmarks. Every figure is a ratio of two things measured side by side in this one run.
+
+1. decode: our LLaMA against transformers' LlamaForCausalLM on identical weights (a ~100M
+   random model built in HF, saved as safetensors, loaded by ours): batch 1, greedy, the same
+   decode loop (generate.decode) driving both. Tokens/s, and the bytes each token reads
+   (weights + KV cache) turned into achieved memory bandwidth: decode is bandwidth-bound.
+2. ttft: why MRA. Time to first token of LLaVA-HR at 1024 px against LLaVA-1.5 at 336,
+   448 and 1022 px, same code, widths scaled down to run on a CPU but the full token counts:
+   what grows with resolution is the number of visual tokens the LLM must read.
+3. table1: the paper's Table 1 cost columns at full scale (7B), counted without weights on
+   the meta device: visual tokens and prefill FLOPs of one image + a short prompt.
+
+    python bench.py            # all three, ~2 minutes on 2 CPU cores
+    python bench.py --quick    # smoke run, a few seconds
+"""
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import generate
+import mra
+from convnext import ConvNeXtConfig
+from llama import Llama, LlamaConfig
+from vit import ViTConfig
+
+
+def now(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def argmax(logits):
+    return logits.argmax(-1)
+
+
+def table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Decode speed against transformers
+
+@torch.no_grad()
+def run_ours(llm, ids, n, step):
+    """(tokens, prefill seconds, decode seconds) for n greedy tokens after ids (1, P)."""
+    dev = ids.device
+    cache = llm.new_cache(1, ids.shape[1] + n)
+    t0 = now(dev)
+    logits = llm(ids, cache=cache)[:, -1]
+    t1 = now(dev)
+    out = generate.decode(step, logits, cache, n, argmax, eos_id=-1)[0]
+    return out, t1 - t0, now(dev) - t1
+
+
+@torch.no_grad()
+def run_hf(hf, ids, n):
+    dev = ids.device
+    t0 = now(dev)
+    o = hf(ids, use_cache=True, logits_to_keep=1)
+    t1 = now(dev)
+    past = [o.past_key_values]
+
+    def step(tokens, _):  # HF's own cache object, threaded through the same loop
+        o = hf(tokens[:, None], past_key_values=past[0], use_cache=True)
+        past[0] = o.past_key_values
+        return o.logits[:, -1]
+    out = generate.decode(step, o.logits[:, -1], None, n, argmax, eos_id=-1)[0]
+    return out, t1 - t0, now(dev) - t1
+
+
+def bench_decode(a, device):
+    try:
+        import transformers
+    except ImportError:
+        print("decode: skipped, transformers is not installed (pip install -r requirements-dev.txt)")
+        return {}
+    c = LlamaConfig(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
+                    hidden_dim=a.hidden, max_seq_len=4096)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps, attn_implementation="sdpa", torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d, safe_serialization=True)
+        ours = Llama.from_pretrained(d, device=device).eval()
+    step = lambda tokens, cache: ours(tokens[:, None], cache=cache)[:, -1]  # noqa: E731
+    if a.compile:
+        step = torch.compile(step)
+    n_params = sum(p.numel() for p in ours.parameters())
+    ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    run_ours(ours, ids[:, :16], 4, step), run_hf(hf, ids[:, :16], 4)  # warm-up (kernels, allocator, compile)
+    best = {}
+    for _ in range(a.repeats):  # alternate, keep each side's best
+        for name, fn in (("ours", lambda: run_ours(ours, ids, a.new_tokens, step)),
+                         ("transformers", lambda: run_hf(hf, ids, a.new_tokens))):
+            out, pre, dec = fn()
+            if name not in best or dec < best[name][2]:
+                best[name] = (out, pre, dec)
+    # bytes read per decode step: every weight once (the embedding table: one row), and the
+    # KV cache up to the current position (its mean over the generated tokens)
+    weight_bytes = 4 * (n_params - c.vocab_size * c.dim + c.dim)
+    kv_bytes = 4 * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (a.prompt_len + a.new_tokens / 2)
+    rows, tps = [], {}
+    for name, (out, pre, dec) in best.items():
+        tps[name] = (a.new_tokens - 1) / dec  # decode steps per second (the first token is prefill's)
+        rows.append([name, f"{pre:.2f}", f"{tps[name]:.1f}", f"{weight_bytes / 1e6:.0f}", f"{kv_bytes / 1e6:.0f}",
+                     f"{(weight_bytes + kv_bytes) * tps[name] / 1e9:.2f}"])
+    o1, o2 = best["ours"][0], best["transformers"][0]
+    same = next((i for i, (x, y) in enumerate(zip(o1, o2)) if x != y), len(o1))
+    print(f"\n1. decode: {n_params / 1e6:.0f}M-parameter LLaMA (dim {c.dim}, {c.n_layers} layers), fp32, "
+          f"{device.type}, {torch.get_num_threads()} threads, batch 1, greedy, {a.new_tokens} new tokens after "
+          f"{a.prompt_len} prompt tokens{', ours compiled' if a.compile else ''}; best of {a.repeats}")
+    table(rows, ["impl", "prefill s", "tokens/s", "weights MB/tok", "KV MB/tok", "GB/s"])
+    print(f"greedy tokens identical for {same} of {len(o1)} steps")
+    return {"decode_tokens_per_s_ours": f"{tps['ours']:.1f}",
+            "decode_tokens_per_s_transformers": f"{tps['transformers']:.1f}",
+            "decode_speedup_vs_transformers": f"{tps['ours'] / tps['transformers']:.2f}x",
+            "decode_bandwidth_gb_s_ours": f"{(weight_bytes + kv_bytes) * tps['ours'] / 1e9:.2f}"}
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Time to first token: LLaVA-HR at 1024 px against LLaVA-1.5
+
+def small_cfg(arch, R, quick):
+    """Narrow towers and LLM, real patch sizes and strides: real visual-token counts."""
+    s = 1 if quick else 2
+    return mra.MRAConfig(
+        arch=arch, image_size=R, adapters=arch == "llava-hr",
+        vit=ViTConfig(image_size=336, patch_size=14, width=64 * s, layers=4, heads=s, mlp_dim=256 * s),
+        convnext=ConvNeXtConfig(depths=(1, 1, 3, 1), dims=(16 * s, 32 * s, 64 * s, 128 * s)),
+        llm=LlamaConfig(vocab_size=4096, dim=256 * s, n_layers=4, n_heads=4 * s, hidden_dim=688 * s,
+                        max_seq_len=8192))
+
+
+@torch.no_grad()
+def bench_ttft(a, device):
+    cases = [("llava-1.5", 336), ("llava-hr", 384)] if a.quick else \
+        [("llava-1.5", 336), ("llava-1.5", 448), ("llava-1.5", 1022), ("llava-hr", 1024)]
+    ids = torch.tensor([[1] + [5] * 40 + [mra.IMAGE_TOKEN] + [6] * 20], device=device)  # system, image, question
+    rows, ttft = [], {}
+    for arch, R in cases:
+        torch.manual_seed(0)
+        model = mra.build(small_cfg(arch, R, a.quick), device=device).eval()
+        image = torch.randn(1, 3, R, R, device=device)
+        times = []
+        for _ in range(1 + a.repeats):  # the first run warms up
+            t0 = now(device)
+            logits, _ = model.prefill(ids, image, max_new_tokens=1)
+            logits.argmax(-1)
+            times.append(now(device) - t0)
+        ttft[arch, R] = min(times[1:])
+        n = mra.visual_tokens(arch, R, model.cfg.vit_min_size)
+        rows.append([arch, R, n, f"{ttft[arch, R]:.3f}"])
+    ref = ttft[cases[-1]]
+    for r, case in zip(rows, cases):
+        r.append(f"{ttft[case] / ref:.2f}")
+    print(f"\n2. time to first token (image encoding + LLM prefill of {ids.shape[1] - 1} text tokens + the visual "
+          f"tokens), scaled-down widths, {device.type}; best of {a.repeats}")
+    table(rows, ["model", "px", "visual tokens", "TTFT s", f"x {cases[-1][0]}@{cases[-1][1]}"])
+    (arch0, R0), (arch1, R1) = cases[-2], cases[-1]
+    return {f"ttft_speedup_{arch1}@{R1}_vs_{arch0}@{R0}": f"{ttft[cases[-2]] / ref:.2f}x"}
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Table 1 at full scale, on the meta device
+
+PAPER_TOKENS_PER_S = {("llava-1.5", 336): 23.8, ("llava-1.5", 448): 19.9, ("llava-1.5", 672): 12.7,
+                      ("llava-1.5", 1022): 5.6, ("llava-hr", 384): 23.8, ("llava-hr", 768): 23.5,
+                      ("llava-hr", 1024): 19.7, ("llava-hr", 1536): 12.6}
+
+
+def prefill_flops(arch, R, text_tokens):
+    """FLOPs of encoding one R x R image and prefilling the LLM on text + visual tokens."""
+    cfg = mra.MRAConfig(arch=arch, image_size=R, adapters=arch == "llava-hr")
+    cfg = replace(cfg, llm=replace(cfg.llm, max_seq_len=8192))  # 1.5@1022 overflows Vicuna's 4096
+    with torch.device("meta"):
+        model = mra.LlavaHR(cfg)
+    # splice() reads ids on the host, which meta tensors cannot do; so the prefill is run as its
+    # two halves: encoder + projector on the image, then the LLM on the spliced length
+    with FlopCounterMode(display=False) as counter:
+        visual = model.encode_images(torch.empty(1, 3, R, R, device="meta"))  # (1, N, H)
+        model.llm(embeds=torch.empty(1, text_tokens + visual.shape[1], cfg.llm.dim, device="meta"))
+    return visual.shape[1], counter.get_total_flops()
+
+
+def bench_table1(a):
+    cases = [("llava-1.5", 336), ("llava-hr", 1024)] if a.quick else list(PAPER_TOKENS_PER_S)
+    rows, flops = [], {}
+    for arch, R in cases:
+        n, flops[arch, R] = prefill_flops(arch, R, a.text_tokens)
+        rows.append([f"{arch}-7b", R, n, f"{flops[arch, R] / 1e12:.1f}", PAPER_TOKENS_PER_S[arch, R]])
+    base = flops[cases[0]]
+    for r, case in zip(rows, cases):
+        r.insert(4, f"{flops[case] / base:.2f}")
+    print(f"\n3. Table 1 cost at full scale (Vicuna-7B, CLIP ViT-L/14, ConvNeXt-L), counted on the meta device: "
+          f"prefill of one image + {a.text_tokens} text tokens (logits at every position, as prefill computes them)")
+    table(rows, ["model", "px", "visual tokens", "TFLOPs", f"x {cases[0][0]}@{cases[0][1]}", "paper tok/s (A800)"])
+    out = {}
+    if ("llava-1.5", 1022) in flops:
+        out["flops_ratio_llava-1.5@1022_vs_llava-hr@1024"] = \
+            f"{flops['llava-1.5', 1022] / flops['llava-hr', 1024]:.2f}x"
+        out["visual_tokens_llava-1.5@1022_vs_llava-hr@1024"] = \
+            f"{mra.visual_tokens('llava-1.5', 1022)} vs {mra.visual_tokens('llava-hr', 1024)}"
+    else:
+        out["prefill_tflops_llava-hr@1024"] = f"{flops['llava-hr', 1024] / 1e12:.1f}"
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
+    p.add_argument("--only", choices=["decode", "ttft", "table1"], action="append", help="run these sections")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--prompt-len", type=int, default=1100)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--text-tokens", type=int, default=60, help="table1: text tokens beside the image")
+    p.add_argument("--compile", action="store_true", help="decode: torch.compile our decode step")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    sections = a.only or ["decode", "ttft", "table1"]
+    summary = {}
+    if "decode" in sections:
+        summary |= bench_decode(a, device)
+    if "ttft" in sections:
+        summary |= bench_ttft(a, device)
+    if "table1" in sections:
+        summary |= bench_table1(a)
+    print()
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

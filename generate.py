@@ -1,0 +1,354 @@
+"""Answer questions about images with LLaVA-HR: one prompt, an interactive chat, or a batch eval.
+
+    python generate.py --model DIR --image x.jpg --prompt "What is written on the sign?"
+    python generate.py --model DIR --image x.jpg                      # chat on stdin
+    python generate.py --model DIR --questions q.jsonl --answers a.jsonl --image-folder imgs/
+
+Generation is the gpt-fast loop: `prefill` runs the whole prompt (visual tokens spliced in at
+the <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_one`
+feeds one token per row per call. Only the decode step is compiled (--compile): prefill runs
+once per prompt with a new shape each time, decode runs hundreds of times with one shape.
+Sampling is small pure functions; temperature 0 is argmax (the paper's evaluation setting:
+greedy, one beam, 128 new tokens). Batch files use LLaVA's model_vqa formats, so its
+evaluation scripts read our answers unchanged.
+"""
+import argparse
+import json
+import os
+import sys
+import uuid
+from functools import partial
+
+import torch
+
+import data
+import mra
+from mra import IMAGE_TOKEN
+
+
+class ContextError(ValueError):
+    """A prompt that cannot fit in the LLM's context."""
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling: pure functions of the logits
+
+def top_p_filter(probs, top_p):
+    """Nucleus filter on probs (B, V): keep the smallest set of most likely tokens whose
+    total probability reaches top_p (always at least the most likely one), renormalised."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # a token is kept while the mass strictly before it is still short of top_p
+    keep_sorted = sorted_p.cumsum(-1) - sorted_p < top_p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    probs = probs * keep
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Next token per row (B,) from logits (B, V): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) after the nucleus filter."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill and decode over the model's static KV cache
+
+def prefill(model, prompts, images, pad_id, max_new_tokens):
+    """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths.
+    Returns the last prompt position's logits (B, V) and a cache with room for
+    max_new_tokens more tokens per row."""
+    device = model.projector[0].weight.device
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (B, T), right-padded here;
+    pad_mask = torch.zeros(len(prompts), T, dtype=torch.bool)  # model.prefill re-pads on the left
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)], pad_mask[b, :len(p)] = torch.tensor(p), True
+    return model.prefill(ids.to(device), images, pad_mask.to(device), max_new_tokens)
+
+
+def decode_one(model, tokens, cache):
+    """tokens (B,) -> next-token logits (B, V); the cache grows by one slot per row."""
+    return model.decode(tokens, cache)
+
+
+@torch.no_grad()
+def decode(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None):
+    """Sample, feed back, repeat; a row stops at EOS (not returned) or max_new_tokens.
+    step: decode_one bound to a model (maybe compiled); pick: logits -> tokens."""
+    out = [[] for _ in range(logits.shape[0])]
+    done = [False] * len(out)
+    for i in range(max_new_tokens):
+        tokens = pick(logits)
+        for b, t in enumerate(tokens.tolist()):  # the one host sync per step
+            if not done[b]:
+                done[b] = t == eos_id
+                if not done[b]:
+                    out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
+        if all(done) or i == max_new_tokens - 1:
+            break
+        # finished rows keep decoding (their tokens are discarded): every row shares one slot
+        logits = step(tokens, cache)
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts, images=None, *, max_new_tokens=128, pick=sample, eos_id=2, pad_id=0,
+             step=None, on_token=None):
+    """Batched generation: generated ids (EOS excluded) for each prompt. images: (M, 3, R, R),
+    one per placeholder in row order (rows without an image take none)."""
+    logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens)
+    return decode(step or partial(decode_one, model), logits, cache, max_new_tokens, pick, eos_id, on_token)
+
+
+def n_visual(model):
+    c = model.cfg
+    return mra.visual_tokens(c.arch, c.image_size, c.vit_min_size, c.vit.patch_size)
+
+
+def slots(model, ids):
+    """KV-cache slots a list of ids takes: each placeholder becomes n_visual tokens."""
+    return len(ids) + ids.count(IMAGE_TOKEN) * (n_visual(model) - 1)
+
+
+def check_length(model, ids, max_new_tokens, what="prompt"):
+    need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
+    if need > limit:
+        n_img = ids.count(IMAGE_TOKEN)
+        raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * n_visual(model)} visual "
+                           f"tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
+                           f"(shorten it or lower --max-new-tokens)")
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts and streaming
+
+def human_turn(text, has_image):
+    # LLaVA's model_vqa: the question follows the image placeholder and a newline
+    return ("human", "<image>\n" + text if has_image else text)
+
+
+def prompt_ids(tok, turns, conv_mode):
+    return data.tokenize(tok, data.build_prompt(turns + [("gpt", None)], conv_mode))
+
+
+def streamer(tok, file):
+    """on_token callback printing row 0's text as it grows, decoded from all its ids so far:
+    sentencepiece spaces and multi-byte characters split over byte pieces come out right."""
+    ids, shown = [], [""]
+
+    def on_token(b, t):
+        if b != 0:
+            return
+        ids.append(t)
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            file.write(text[len(shown[0]):])
+            file.flush()
+            shown[0] = text
+
+    def finish():  # whatever is still held back (a character that never completed)
+        file.write(tok.decode(ids)[len(shown[0]):] + "\n")
+        file.flush()
+    return on_token, finish
+
+
+def short_id():
+    """A shortuuid-style answer_id: a random uuid4 in base 57 (22 characters)."""
+    alphabet, n, s = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", uuid.uuid4().int, ""
+    while n:
+        n, r = divmod(n, 57)
+        s += alphabet[r]
+    return s
+
+
+def log(*a, **kw):
+    print(*a, file=sys.stderr, flush=True, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# The three modes
+
+def answer_one(model, tok, image, args, pick, step):
+    has = image is not None
+    ids = prompt_ids(tok, [human_turn(args.prompt, has)], args.conv_mode)
+    check_length(model, ids, args.max_new_tokens)
+    on_token, finish = streamer(tok, sys.stdout)
+    generate(model, [ids], image[None] if has else None, max_new_tokens=args.max_new_tokens, pick=pick,
+             eos_id=tok.eos_id, pad_id=tok.pad_id, step=step, on_token=on_token)
+    finish()
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def chat(model, tok, image, args, pick, step):
+    """Multi-turn chat that keeps one KV cache for the whole conversation.
+
+    Each turn's prompt is the full conversation tokenised afresh (exactly what a new run
+    would see); only what the cache does not already hold is fed. That is usually the
+    "</s>USER: ... ASSISTANT:" continuation after the answer, since the cache holds the
+    answer as generated. Where the retokenised answer differs from the generated ids (a
+    non-canonical split) the cache is rolled back to the common prefix: being static, it is
+    enough to move its write position back.
+    """
+    has = image is not None
+    turns, cache, cached = [], None, []  # cached: the ids whose keys/values the cache holds
+    limit = model.cfg.llm.max_seq_len
+    while True:
+        log("USER: ", end="")
+        line = sys.stdin.readline()
+        if not line or line.strip() == "exit":
+            return
+        if not line.strip():
+            continue
+        turns.append(human_turn(line.strip(), has and not turns))
+        ids = prompt_ids(tok, turns, args.conv_mode)
+        check_length(model, ids, args.max_new_tokens, "conversation")
+        keep = min(common_prefix(cached, ids), len(ids) - 1)  # feed at least one token for logits
+        with torch.no_grad():
+            if cache is None or IMAGE_TOKEN in ids[keep:]:
+                # first turn: a cache for the whole context, so later turns only append
+                logits, cache = prefill(model, [ids], image[None] if has else None, tok.pad_id,
+                                        limit - slots(model, ids))
+            else:
+                cache.pos = slots(model, ids[:keep])  # roll back to the common prefix
+                cache.valid[:, cache.pos:] = False
+                new = torch.tensor([ids[keep:]], device=cache.k.device)
+                logits = model.llm(new, cache=cache)[:, -1]
+        log("ASSISTANT: ", end="")
+        on_token, finish = streamer(tok, sys.stdout)
+        out = decode(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
+        finish()
+        turns.append(("gpt", tok.decode(out).strip()))
+        # the cache holds the prompt and every generated token that was fed back (not the last
+        # one sampled); count them back from its slots
+        fed = cache.pos - slots(model, ids) + len(ids)
+        cached = (ids + out)[:fed]
+
+
+def answer_file(model, tok, args, pick, step):
+    """LLaVA's model_vqa: {question_id, image, text} lines in, {question_id, prompt, text,
+    answer_id, model_id, metadata} lines out; ids already answered are skipped (resume)."""
+    from tqdm import tqdm
+    with open(args.questions) as f:
+        questions = [json.loads(line) for line in f if line.strip()]
+    for i, q in enumerate(questions, 1):
+        if not isinstance(q, dict) or "question_id" not in q or "text" not in q:
+            raise data.DataError(f"{args.questions}: question {i} lacks question_id or text")
+    answered = set()
+    if os.path.exists(args.answers):
+        with open(args.answers, "rb+") as f:
+            raw = f.read()
+            if raw and not raw.endswith(b"\n"):  # a line cut short by a crash: drop it, redo it
+                f.truncate(raw.rfind(b"\n") + 1)
+                raw = raw[:raw.rfind(b"\n") + 1]
+        answered = {json.loads(line)["question_id"] for line in raw.decode().splitlines() if line.strip()}
+    todo = [q for q in questions if q["question_id"] not in answered]
+    if answered:
+        log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
+    model_id = os.path.basename(os.path.normpath(args.model))
+    R, mode = model.cfg.image_size, model.cfg.image_aspect_ratio
+    with open(args.answers, "a") as out, tqdm(total=len(questions), initial=len(questions) - len(todo),
+                                              file=sys.stderr, unit="q") as bar:
+        for i in range(0, len(todo), args.batch_size):
+            batch, prompts, images = todo[i:i + args.batch_size], [], []
+            for q in batch:
+                if q.get("image"):
+                    path = os.path.join(args.image_folder or "", q["image"])
+                    images.append(data.preprocess(data.load_image(path), R, mode))
+                prompts.append(prompt_ids(tok, [human_turn(q["text"], bool(q.get("image")))], args.conv_mode))
+                check_length(model, prompts[-1], args.max_new_tokens, f"question {q['question_id']}")
+            device = model.projector[0].weight.device
+            outs = generate(model, prompts, torch.stack(images).to(device) if images else None,
+                            max_new_tokens=args.max_new_tokens, pick=pick, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, step=step)
+            for q, ids in zip(batch, outs):
+                out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
+                                          text=tok.decode(ids).strip(), answer_id=short_id(),
+                                          model_id=model_id, metadata={})) + "\n")
+                out.flush()
+            bar.update(len(batch))
+
+
+# ---------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help="our checkpoint dir or a released LLaVA-HR / LLaVA-1.5 dir")
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", help="answer this one question and exit; without it: chat on stdin")
+    p.add_argument("--questions", help="LLaVA question .jsonl ({question_id, image, text} per line)")
+    p.add_argument("--answers", help="answer .jsonl to write (appended to; answered ids are skipped)")
+    p.add_argument("--image-folder", help="directory the questions' image paths are relative to")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--conv-mode", default="vicuna_v1", choices=["vicuna_v1", "plain"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    args = p.parse_args(argv)
+    if (args.questions is None) != (args.answers is None):
+        p.error("--questions and --answers go together")
+    if args.questions and (args.prompt or args.image):
+        p.error("--questions takes its images from the file; drop --prompt/--image")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("need --max-new-tokens >= 1, --batch-size >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    return args
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
+    image = data.load_image(args.image) if args.image else None  # fail on a bad path before loading 7B
+    log(f"loading {args.model} ({dtype}, {device})")
+    model = mra.load_checkpoint(args.model, dtype, device).eval()
+    tok = mra.load_tokenizer(args.model)
+    if image is not None:
+        image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
+    generator = torch.Generator(device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+    pick = partial(sample, temperature=args.temperature, top_p=args.top_p, generator=generator)
+    step = partial(decode_one, model)
+    if args.compile:
+        step = torch.compile(step)
+    if args.questions:
+        answer_file(model, tok, args, pick, step)
+    elif args.prompt is not None:
+        answer_one(model, tok, image, args, pick, step)
+    else:
+        chat(model, tok, image, args, pick, step)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:  # DataError, CheckpointError, ContextError, missing files
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

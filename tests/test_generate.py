@@ -1,0 +1,290 @@
+"""generate.py on a tiny saved model: cached greedy = full-forward greedy, batching, sampling,
+chat with a kept KV cache, LLaVA answer files with resume, and clean error exits."""
+import io
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from PIL import Image
+
+import data
+import generate
+import mra
+from llama import LlamaConfig
+from test_mra import randomise, tiny_cfg
+from test_tokenizer import training_lines
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Our checkpoint format: a tiny LLaVA-HR (64 visual tokens) + a trained tokenizer.model."""
+    path = tmp_path_factory.mktemp("tiny-llava-hr")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_lines()), model_prefix=str(path / "tok"), vocab_size=500,
+        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        minloglevel=2)
+    os.replace(path / "tok.model", path / "tokenizer.model")
+    os.remove(path / "tok.vocab")
+    llm = LlamaConfig(vocab_size=500, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=512)
+    mra.save_checkpoint(randomise(mra.build(tiny_cfg(llm=llm))), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return mra.load_checkpoint(str(model_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return mra.load_tokenizer(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    path, rng = tmp_path_factory.mktemp("images"), np.random.default_rng(0)
+    files = []
+    for i, (w, h) in enumerate([(64, 48), (40, 72)]):  # non-square: exercises the padding
+        files.append(path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    return files
+
+
+def pixels(model, path):
+    return data.preprocess(data.load_image(path), model.cfg.image_size, model.cfg.image_aspect_ratio)
+
+
+def ids_for(tok, turns):
+    return generate.prompt_ids(tok, turns, "vicuna_v1")
+
+
+def run_cli(capsys, *argv):
+    code = generate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@torch.no_grad()
+def greedy_full_forward(model, ids, image, eos_id, n=MAX_NEW):
+    """The readable path: no cache, the whole sequence through forward every step."""
+    seq = list(ids)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([seq]), image)
+        t = int(logits[0, -1].argmax())
+        if t == eos_id:
+            break
+        seq.append(t)
+    return seq[len(ids):]
+
+
+def test_cli_greedy_equals_full_forward(model_dir, model, tok, images, capsys):
+    q = "What is this?"
+    ids = ids_for(tok, [generate.human_turn(q, True)])
+    assert ids[0] == tok.bos_id and ids.count(mra.IMAGE_TOKEN) == 1
+    ref = greedy_full_forward(model, ids, pixels(model, images[0])[None], tok.eos_id)
+    assert len(ref) > 0
+    code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--prompt", q,
+                             "--max-new-tokens", MAX_NEW)
+    assert code == 0, err
+    assert out == tok.decode(ref) + "\n"  # the answer and nothing else on stdout
+    got = generate.generate(model, [ids], pixels(model, images[0])[None], max_new_tokens=MAX_NEW,
+                            eos_id=tok.eos_id)
+    assert got == [ref]
+
+
+def test_text_only_prompt(model_dir, model, tok, capsys):
+    ids = ids_for(tok, [generate.human_turn("Hello there", False)])
+    assert mra.IMAGE_TOKEN not in ids
+    ref = greedy_full_forward(model, ids, None, tok.eos_id)
+    code, out, _ = run_cli(capsys, "--model", model_dir, "--prompt", "Hello there", "--max-new-tokens", MAX_NEW)
+    assert code == 0 and out == tok.decode(ref) + "\n"
+
+
+def test_batched_equals_one_by_one(model, tok, images):
+    rows = [("What is this?", images[0]), ("Describe the picture in detail, the table and the street", None),
+            ("Red or blue?", images[1]), ("Yes", None)]
+    prompts = [ids_for(tok, [generate.human_turn(q, img is not None)]) for q, img in rows]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every row a different length
+    pix = [pixels(model, img) for _, img in rows if img is not None]
+    singles = [generate.generate(model, [p], pixels(model, img)[None] if img else None, max_new_tokens=MAX_NEW,
+                                 eos_id=tok.eos_id)[0] for p, (_, img) in zip(prompts, rows)]
+    batched = generate.generate(model, prompts, torch.stack(pix), max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
+    assert batched == singles
+    # rows stop on their own: make row 0's third token the stop token
+    stop = singles[0][2]
+    singles = [generate.generate(model, [p], pixels(model, img)[None] if img else None, max_new_tokens=MAX_NEW,
+                                 eos_id=stop)[0] for p, (_, img) in zip(prompts, rows)]
+    batched = generate.generate(model, prompts, torch.stack(pix), max_new_tokens=MAX_NEW, eos_id=stop)
+    assert batched == singles and len(batched[0]) <= 2 and stop not in batched[0]
+    assert max(map(len, batched)) == MAX_NEW  # the others went on
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    p = torch.tensor([[0.125, 0.5, 0.125, 0.25], [0.25, 0.25, 0.25, 0.25]])
+    kept = lambda top_p: (generate.top_p_filter(p, top_p) > 0).tolist()  # noqa: E731
+    assert kept(0.5)[0] == [False, True, False, False]  # 0.5 reaches 0.5: one token
+    assert kept(0.75)[0] == [False, True, False, True]
+    assert kept(0.76)[0] in ([True, True, False, True], [False, True, True, True])  # one of the ties
+    assert kept(0.01)[0] == [False, True, False, False]  # always at least one
+    assert kept(1.0) == [[True] * 4] * 2
+    assert kept(0.5)[1].count(True) == 2
+    torch.testing.assert_close(generate.top_p_filter(p, 0.75)[0], torch.tensor([0, 2 / 3, 0, 1 / 3]))
+    # sampling draws only from the nucleus; temperature 0 is argmax
+    logits = p.log()
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([generate.sample(logits, 1.0, 0.75, g) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 3}
+    assert generate.sample(logits, 0.0)[0] == 1
+
+
+def test_sampling_is_reproducible(model_dir, model, tok, images, capsys):
+    ids = ids_for(tok, [generate.human_turn("What is this?", True)])
+    img = pixels(model, images[0])[None]
+
+    def draw(seed):
+        pick = partial(generate.sample, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+        return generate.generate(model, [ids], img, max_new_tokens=MAX_NEW, pick=pick, eos_id=tok.eos_id)
+
+    assert draw(1) == draw(1) and draw(1) != draw(2)
+    argv = ("--model", model_dir, "--image", images[0], "--prompt", "What?", "--temperature", 1, "--seed", 5)
+    assert run_cli(capsys, *argv)[1] == run_cli(capsys, *argv)[1]
+
+
+def test_chat_continuation_tokenises_like_a_fresh_prompt(tok):
+    # what the chat feeds after an answer ("</s>USER: ... ASSISTANT:") is exactly the tail of
+    # the whole conversation tokenised afresh, and the answer's tokens are what was generated
+    first = [generate.human_turn("What is this?", True)]
+    answer = "A red car on the street."
+    ids1 = ids_for(tok, first)
+    full = ids_for(tok, first + [("gpt", answer), ("human", "And the sign?")])
+    generated = tok.encode(answer, bos=False)  # what a model emitting this text would produce
+    assert full[:len(ids1) + len(generated)] == ids1 + generated
+    assert full[len(ids1) + len(generated):] == tok.encode("</s>USER: And the sign? ASSISTANT:", bos=False)
+
+
+def test_chat_reuses_cache_and_matches_fresh_run(model_dir, model, tok, images, capsys, monkeypatch):
+    questions = ["What is this?", "And the colour?", "Why?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\nexit\n"))
+    calls = []
+    real = mra.LlavaHR.prefill
+    monkeypatch.setattr(mra.LlavaHR, "prefill", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--max-new-tokens", MAX_NEW)
+    assert code == 0, err
+    assert len(calls) == 1  # one prefill: later turns only extend the cache
+    # a fresh run over the whole conversation so far gives each answer again
+    img, turns, expected = pixels(model, images[0])[None], [], ""
+    for q in questions:
+        turns.append(generate.human_turn(q, not turns))
+        fresh = generate.generate(model, [ids_for(tok, turns)], img, max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
+        expected += tok.decode(fresh[0]) + "\n"  # (answers of a random model may hold newlines)
+        turns.append(("gpt", tok.decode(fresh[0]).strip()))
+    assert out == expected and err.count("ASSISTANT: ") == 3
+
+
+def test_chat_appends_after_a_canonical_answer(model, tok, images, capsys, monkeypatch):
+    # the first answer is forced to canonical tokens (a trained model's usual output), so the
+    # cache already holds the fresh prompt's prefix and turn 2 only appends "</s>USER: ..."
+    answer = tok.encode("A red car on the street.", bos=False)
+    forced = answer + [tok.eos_id]
+    pick = lambda logits: torch.tensor([forced.pop(0)]) if forced else logits.argmax(-1)  # noqa: E731
+    seen = []
+    monkeypatch.setattr(generate, "common_prefix", lambda a, b: seen.append((len(a), len(b))) or
+                        next(i for i in range(len(a) + 1) if i == len(a) or i == len(b) or a[i] != b[i]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is this?\nAnd the sign?\n"))
+    img = pixels(model, images[0])
+    args = SimpleNamespace(conv_mode="vicuna_v1", max_new_tokens=MAX_NEW)
+    generate.chat(model, tok, img, args, pick, partial(generate.decode_one, model))
+    out = capsys.readouterr().out
+    ids1 = ids_for(tok, [generate.human_turn("What is this?", True)])
+    assert seen[1][0] == len(ids1) + len(answer)  # turn 2: the cache holds prompt + answer...
+    turns = [generate.human_turn("What is this?", True), ("gpt", tok.decode(answer)), ("human", "And the sign?")]
+    full = ids_for(tok, turns)
+    assert full[:seen[1][0]] == ids1 + answer  # ...all of which the fresh prompt starts with
+    fresh = generate.generate(model, [full], img[None], max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
+    assert out == tok.decode(answer) + "\n" + tok.decode(fresh[0]) + "\n"
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images, tmp_path, capsys):
+    folder = images[0].parent
+    qs = [dict(question_id=7, image=images[0].name, text="What is this?"),
+          dict(question_id="b", text="Say something."),
+          dict(question_id=9, image=images[1].name, text="Red or blue? Answer the question using a single word.")]
+    qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs[:2]))
+    argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--image-folder", folder,
+            "--batch-size", 2, "--max-new-tokens", MAX_NEW]
+    assert run_cli(capsys, *argv)[0] == 0
+    first = read_jsonl(afile)
+    assert [a["question_id"] for a in first] == [7, "b"]
+    for a, q in zip(first, qs):
+        assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert a["prompt"] == q["text"] and a["model_id"] == model_dir.name and a["metadata"] == {}
+        assert isinstance(a["answer_id"], str) and len(a["answer_id"]) >= 20
+        img = pixels(model, folder / q["image"])[None] if "image" in q else None
+        ref = generate.generate(model, [ids_for(tok, [generate.human_turn(q["text"], img is not None)])], img,
+                                max_new_tokens=MAX_NEW, eos_id=tok.eos_id)[0]
+        assert a["text"] == tok.decode(ref).strip()
+    # resume: answered ids are skipped, a line cut short by a crash is dropped and redone
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    with open(afile, "a") as f:
+        f.write('{"question_id": 9, "prompt": "Red')
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and out == "" and "resuming: 2 of 3" in err
+    second = read_jsonl(afile)
+    assert second[:2] == first and [a["question_id"] for a in second] == [7, "b", 9]
+
+
+def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "missing image": ["--model", model_dir, "--image", tmp_path / "nope.jpg", "--prompt", "Hi"],
+        "unreadable image": ["--model", model_dir, "--image", not_image, "--prompt", "Hi"],
+        "not a model": ["--model", empty, "--prompt", "Hi"],
+        "too long": ["--model", model_dir, "--image", images[0], "--prompt", "Hi", "--max-new-tokens", 500],
+    }
+    for name, argv in cases.items():
+        code, out, err = run_cli(capsys, *argv)
+        lines = [line for line in err.splitlines() if not line.startswith("loading ")]
+        assert code != 0 and out == "", name
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (name, err)
+    assert "nope.jpg" in run_cli(capsys, *cases["missing image"])[2]
+    assert "context" in run_cli(capsys, *cases["too long"])[2]
+    # the same through the real entry point
+    r = subprocess.run([sys.executable, "generate.py", *map(str, cases["missing image"])], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.abspath(generate.__file__)))
+    assert r.returncode != 0 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_compiled_decode_equals_eager(model, tok, images):
+    ids = ids_for(tok, [generate.human_turn("What is this?", True)])
+    img = pixels(model, images[0])[None]
+    eager = generate.generate(model, [ids], img, max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
+    step = torch.compile(partial(generate.decode_one, model))
+    assert generate.generate(model, [ids], img, max_new_tokens=MAX_NEW, eos_id=tok.eos_id, step=step) == eager
+
+
+def test_bench_counts_table1_on_meta():
+    # bench.py itself runs for minutes; its full-scale FLOP count on the meta device is quick
+    import bench
+    n, flops = bench.prefill_flops("llava-1.5", 336, 60)
+    # about 2 FLOPs per LLM weight per token (6.7B weights, 636 tokens) plus the ViT and attention
+    assert n == 576 and 2 * 6.7e9 * 636 < flops < 1.2 * 2 * 6.7e9 * 636 + 0.5e12
