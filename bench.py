@@ -10,11 +10,19 @@
 3. table1: the paper's Table 1 cost columns at full scale (7B), counted without weights on
    the meta device: visual tokens and prefill FLOPs of one image + a short prompt.
 
-    python bench.py            # all three, ~2 minutes on 2 CPU cores
+4. experiment: the paper's claim in miniature on the synthetic task (data.make_scene): six
+   arms trained by `train.py --preset demo` with the same data, steps and seed, scored on 500
+   held-out questions through generate.py's batch mode. Not in the default run (~50 min).
+
+    python bench.py            # sections 1-3, ~3 minutes on 2 CPU cores
     python bench.py --quick    # smoke run, a few seconds
+    python bench.py --only experiment   # section 4: the README's experiment table
 """
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -22,6 +30,7 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import generate
 import mra
 from convnext import ConvNeXtConfig
@@ -216,10 +225,71 @@ def bench_table1(a):
     return out
 
 
+# (name, MRAConfig changes, R in stage 1, R in stage 2, extra train.py flags)
+ARMS = [("(a) LLaVA-1.5 style: ViT alone, low res", dict(arch="llava-1.5"), 112, 112, []),
+        ("(b) ViT alone, full res", dict(arch="llava-1.5"), 224, 224, []),
+        ("(c) LLaVA-HR, MR-Adapters (tanh gate)", {}, 128, 256, []),
+        ("(d) no adapters, final fusion only", {}, 128, 256, ["--no-adapters"]),
+        ("(d) sigmoid gate", {}, 128, 256, ["--gate", "sigmoid"]),
+        ("(d) no gate", {}, 128, 256, ["--gate", "none"])]
+
+
+def score(questions, answers):
+    """Exact-match accuracy per question category (answers compared case- and period-free)."""
+    norm = lambda s: s.strip().rstrip(".").lower()  # noqa: E731
+    truth = {q["question_id"]: q for q in map(json.loads, open(questions))}
+    right, seen = {}, {}
+    for a in map(json.loads, open(answers)):
+        q = truth[a["question_id"]]
+        seen[q["category"]] = seen.get(q["category"], 0) + 1
+        right[q["category"]] = right.get(q["category"], 0) + (norm(a["text"]) == norm(q["answer"]))
+    return {k: right[k] / seen[k] for k in sorted(seen)}, seen
+
+
+def bench_experiment(a):
+    d = data.prepare_demo(a.data_dir)
+    test = os.path.join(d, "test")
+    rows, summary = [], {}
+    for i, (name, change, r1, r2, flags) in enumerate(ARMS):
+        arm = os.path.join(a.experiment_out, f"arm{i}")
+        os.makedirs(arm, exist_ok=True)
+        base = mra.MRAConfig.from_name("demo")
+        cfg = replace(base, vit=replace(base.vit, image_size=r2) if change.get("arch") else base.vit, **change)
+        with open(os.path.join(arm, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f)
+        t0 = time.time()
+        subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", arm, "--data-dir", a.data_dir,
+                        "--config", os.path.join(arm, "config.json"), "--stage1-size", str(r1),
+                        "--image-size", str(r2)] + flags, check=True)
+        train_s = time.time() - t0
+        answers = os.path.join(arm, "answers.jsonl")
+        if os.path.exists(answers):
+            os.remove(answers)
+        subprocess.run([sys.executable, "generate.py", "--model", os.path.join(arm, "stage2", "ckpt"),
+                        "--questions", os.path.join(test, "questions.jsonl"), "--answers", answers,
+                        "--image-folder", test, "--batch-size", "50", "--max-new-tokens", "8"], check=True)
+        acc, seen = score(os.path.join(test, "questions.jsonl"), answers)
+        steps = [json.loads(line) for line in open(os.path.join(arm, "stage2", "log.jsonl"))]
+        tok_s = sum(s["tokens_per_s"] for s in steps) / len(steps)
+        tokens = mra.visual_tokens(cfg.arch, r2, cfg.vit_min_size, cfg.vit.patch_size)
+        rows.append([name, tokens, *(f"{acc[k]:.1%}" for k in ("texture", "colour", "digit")),
+                     f"{train_s / 60:.1f}", f"{tok_s:.0f}"])
+        summary |= {f"arm{i}_{k}_accuracy": f"{v:.3f}" for k, v in acc.items()}
+        table(rows, ["arm", "visual tokens", "texture", "colour", "digit", "train min", "tokens/s"])
+    print(f"questions per category: {seen}")
+    with open(os.path.join(a.experiment_out, "results.md"), "w") as f:
+        f.write("| arm | visual tokens | texture | colour | digit | train min | tokens/s |\n|---|---|---|---|---|---|---|\n")
+        f.writelines("| " + " | ".join(map(str, r)) + " |\n" for r in rows)
+    return summary
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "ttft", "table1"], action="append", help="run these sections")
+    p.add_argument("--only", choices=["decode", "ttft", "table1", "experiment"], action="append",
+                   help="run these sections")
+    p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
+    p.add_argument("--experiment-out", default="out/experiment")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-len", type=int, default=1100)
@@ -244,6 +314,8 @@ def main(argv=None):
         summary |= bench_ttft(a, device)
     if "table1" in sections:
         summary |= bench_table1(a)
+    if "experiment" in sections:
+        summary |= bench_experiment(a)
     print()
     for k, v in summary.items():
         print(f"{k}: {v}")

@@ -17,6 +17,7 @@ count it when asked to (skip_bad=True).
 """
 import json
 import os
+import random
 
 import numpy as np
 import torch
@@ -375,3 +376,118 @@ class BatchSampler:
                 s = base + (k * self.world + self.rank) * self.micro
                 yield order[s:s + self.micro]
 
+
+# -----------------------------------------------------------------------------
+# A synthetic task that shows why resolution matters (the CPU demo and experiment).
+# Each 256 x 256 scene has a fine background texture (1-3 px period: only full resolution
+# sees it), a big coloured circle (any resolution sees it) and optionally a small digit.
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (235, 210, 40), "purple": (140, 50, 180), "orange": (245, 140, 30)}
+TEXTURES = ("horizontal lines", "vertical lines", "checkerboard", "dots")
+QUESTIONS = {"colour": "What colour is the big circle?", "texture": "What pattern fills the background?",
+             "digit": "What digit is written in the image?"}
+# 3x5 bitmaps of the digits, drawn as blocks so no font file is needed and every machine
+# renders the same pixels
+DIGITS = ["111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
+          "111100111001111", "111100111101111", "111001001010010", "111101111101111", "111101111001111"]
+
+
+def texture_mask(kind, size):
+    """Boolean (size, size) map of the darkened pixels, and how much they are darkened."""
+    y, x = np.mgrid[:size, :size]
+    if kind == "horizontal lines":
+        return y % 2 == 1, (30, 40)
+    if kind == "vertical lines":
+        return x % 2 == 1, (30, 40)
+    if kind == "checkerboard":
+        return (x + y) % 2 == 1, (30, 40)
+    return (x % 3 == 0) & (y % 3 == 0), (50, 70)  # dots
+
+
+def make_scene(rng, size=256, digit=True):
+    """One scene (H, W, 3 uint8) and its answers {colour, texture, digit or None}."""
+    bg = np.array([rng.randint(190, 250) for _ in range(3)], dtype=np.int16)
+    img = np.broadcast_to(bg, (size, size, 3)).copy()
+    texture = rng.choice(TEXTURES)
+    mask, (lo, hi) = texture_mask(texture, size)
+    img[mask] -= rng.randint(lo, hi)
+    for _ in range(rng.randint(2, 4)):  # distractor rectangles in muted colours
+        w, h = rng.randint(20, 70), rng.randint(20, 70)
+        x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
+        img[y0:y0 + h, x0:x0 + w] = [rng.randint(100, 180) for _ in range(3)]
+    colour = rng.choice(sorted(COLOURS))
+    r = rng.randint(22, 40)
+    cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
+    yy, xx = np.mgrid[:size, :size]
+    img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = [c + rng.randint(-12, 12) for c in COLOURS[colour]]
+    answer = None
+    if digit:
+        answer = rng.randint(0, 9)
+        cell = 3  # 3x5 cells of 3 px: a 9 x 15 px glyph, about 16 px tall with its margin
+        gx, gy = rng.randint(0, size - 3 * cell), rng.randint(0, size - 5 * cell)
+        for i, bit in enumerate(DIGITS[answer]):
+            if bit == "1":
+                r0, c0 = gy + (i // 3) * cell, gx + (i % 3) * cell
+                img[r0:r0 + cell, c0:c0 + cell] = 20
+    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).integers(-4, 5, img.shape)
+    img = np.clip(img + noise, 0, 255).astype(np.uint8)
+    return img, {"colour": colour, "texture": texture, "digit": answer}
+
+
+def make_synthetic(out, n, seed=0, size=256, digit=True, n_questions=0, question_seed=None):
+    """Write n scenes under out/images plus stage-1 captions (pretrain.json), stage-2
+    conversations (instruct.json), and optionally a question file (questions.jsonl) for
+    generate.py's batch mode. Deterministic for a seed; returns the answers."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    pretrain, instruct, answers = [], [], []
+    for i in range(n):
+        img, ans = make_scene(rng, size, digit)
+        name = f"images/{seed}_{i:05d}.png"
+        Image.fromarray(img).save(os.path.join(out, name))
+        caption = f"A {ans['colour']} circle on a background of {ans['texture']}"
+        caption += f" with the digit {ans['digit']}." if ans["digit"] is not None else "."
+        pretrain.append({"id": f"{seed}_{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]})
+        qs = [k for k in QUESTIONS if ans[k] is not None]
+        rng.shuffle(qs)
+        turns = []
+        for j, k in enumerate(qs):
+            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + QUESTIONS[k]},
+                      {"from": "gpt", "value": str(ans[k])}]
+        instruct.append({"id": f"{seed}_{i}", "image": name, "conversations": turns})
+        answers.append(dict(ans, image=name))
+    for fname, records in (("pretrain.json", pretrain), ("instruct.json", instruct)):
+        with open(os.path.join(out, fname), "w") as f:
+            json.dump(records, f)
+    if n_questions:
+        qrng = random.Random(seed if question_seed is None else question_seed)
+        with open(os.path.join(out, "questions.jsonl"), "w") as f:
+            for q in range(n_questions):
+                a = answers[q % n]
+                kind = qrng.choice([k for k in QUESTIONS if a[k] is not None])
+                f.write(json.dumps({"question_id": q, "image": a["image"], "text": QUESTIONS[kind],
+                                    "category": kind, "answer": str(a[kind])}) + "\n")
+    return answers
+
+
+def prepare_demo(out, n_train=2000, n_test=500, vocab_size=600):
+    """The demo's files under out/: training scenes (seed 0), held-out scenes and 500 questions
+    (seed 1), and a sentencepiece tokenizer trained on the text (nothing pretrained exists
+    here). Kept if already there, so the demo and the experiment reuse them."""
+    import sentencepiece as spm
+    if not os.path.isfile(os.path.join(out, "tokenizer.model")):
+        make_synthetic(os.path.join(out, "train"), n_train, seed=0)
+        make_synthetic(os.path.join(out, "test"), n_test, seed=1, n_questions=n_test)
+        # every stage-2 prompt starts with the system text: weight it as often as it will be seen
+        texts = [SYSTEM + " USER: ASSISTANT:"] * n_train + [
+            t["value"].replace("<image>", "") for name in ("pretrain.json", "instruct.json")
+            for r in read_records(os.path.join(out, "train", name)) for t in r["conversations"]]
+        # LLaMA's sentencepiece settings: BPE, byte fallback, split digits, ids unk 0 / bos 1 / eos 2
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=os.path.join(out, "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    return out

@@ -48,6 +48,12 @@ class MRAConfig:
     convnext: ConvNeXtConfig = field(default_factory=lambda: ConvNeXtConfig.from_name("convnext_large_mlp"))
     llm: LlamaConfig = field(default_factory=lambda: LlamaConfig.from_name("vicuna-7b-v1.5"))
 
+    @classmethod
+    def from_name(cls, name):
+        if name not in MRA_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(MRA_PRESETS)}")
+        return MRA_PRESETS[name]()
+
     def to_dict(self):
         return asdict(self)
 
@@ -59,6 +65,20 @@ class MRAConfig:
             if isinstance(d.get(k), dict):
                 d[k] = c(**{n: tuple(v) if isinstance(v, list) else v for n, v in d[k].items()})
         return cls(**d)
+
+
+MRA_PRESETS = {
+    "llava-hr-7b": MRAConfig,
+    "llava-hr-x-13b": lambda: MRAConfig(convnext=ConvNeXtConfig.from_name("convnext_xxlarge"),
+                                        llm=LlamaConfig.from_name("vicuna-13b-v1.5")),
+    # the CPU demo (train.py --preset demo): random towers and LLM small enough to train in
+    # minutes; R = 256 gives S = max(256 / 32 * 14, 112) = 112, an 8x8 grid, 64 visual tokens
+    "demo": lambda: MRAConfig(
+        image_size=256, vit_min_size=112,
+        vit=ViTConfig(image_size=112, patch_size=14, width=128, layers=4, heads=2, mlp_dim=256),
+        convnext=ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(32, 64, 96, 128)),
+        llm=LlamaConfig(vocab_size=600, dim=192, n_layers=4, n_heads=4, hidden_dim=512, max_seq_len=512)),
+}
 
 
 # ---------------------------------------------------------------------------------------

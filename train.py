@@ -21,6 +21,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -52,6 +54,47 @@ TINY = mra.MRAConfig(vit_min_size=28,
                      llm=LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=512))
 TINY_SIZE = {1: 64, 2: 128}
 
+# -----------------------------------------------------------------------------
+# the demo: the whole pipeline on a CPU in minutes, through the same two commands as real use
+# (mra.MRA_PRESETS["demo"]). Nothing pretrained exists here, so the towers and the LLM start
+# random and are learned in stage 2; stage 1 (frozen random towers and LLM) fits the projector.
+
+
+def run_demo(argv):
+    """python train.py --preset demo [--out out/demo] [--data-dir data/demo] [--scenes N] [flags for both stages]"""
+    pre = argparse.ArgumentParser()
+    pre.add_argument("--preset", choices=["demo"])
+    pre.add_argument("--out", default="out/demo")
+    pre.add_argument("--data-dir", default="data/demo")
+    pre.add_argument("--scenes", type=int, default=2000, help="training scenes to generate")
+    pre.add_argument("--test-scenes", type=int, default=500, help="held-out scenes (one question each)")
+    pre.add_argument("--config", help="an MRAConfig json instead of the demo's (the experiment's arms)")
+    pre.add_argument("--stage1-size", type=int, default=128, help="R in stage 1 (stage 2 uses --image-size)")
+    pre.add_argument("--image-size", type=int, default=256)
+    demo, rest = pre.parse_known_args(argv)
+    d = data.prepare_demo(demo.data_dir, n_train=demo.scenes, n_test=demo.test_scenes)
+    os.makedirs(demo.out, exist_ok=True)
+    config = demo.config or os.path.join(demo.out, "config.json")
+    if not demo.config:
+        with open(config, "w") as f:
+            json.dump(mra.MRAConfig.from_name("demo").to_dict(), f, indent=1)
+    common = [sys.executable, os.path.abspath(__file__), "--config", config, "--tokenizer", f"{d}/tokenizer.model",
+              "--image-folder", f"{d}/train", "--global-batch", "16", "--batch-size", "16", "--lr", "1e-3",
+              "--workers", "1", "--save-every", "0"]
+    stages = [["--stage", "1", "--data", f"{d}/train/pretrain.json", "--out", f"{demo.out}/stage1",
+               "--image-size", str(demo.stage1_size)],
+              ["--stage", "2", "--data", f"{d}/train/instruct.json", "--out", f"{demo.out}/stage2",
+               "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "3"]]
+    for stage in stages:  # flags given on the command line come last, so they win
+        subprocess.run(common + stage + rest, check=True)
+    print(f"\ntry: python generate.py --model {demo.out}/stage2/ckpt --image examples/demo.png "
+          f"--prompt \"What pattern fills the background?\"")
+
+
+if __name__ == "__main__" and "--preset" in sys.argv:
+    run_demo(sys.argv[1:])
+    sys.exit()
+
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--stage", type=int, choices=(1, 2), required=True)
 p.add_argument("--data", required=True, help="LLaVA json / jsonl")
@@ -66,6 +109,8 @@ p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
 p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"))
+p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
+               help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
 p.add_argument("--lr", type=float)
 p.add_argument("--warmup-ratio", type=float, default=0.03)
 p.add_argument("--weight-decay", type=float, default=0.0)
@@ -127,7 +172,7 @@ def with_adapters(m1, cfg):
     """A model without MR-Adapters (stage 1) -> the same model with new ones (identity at init).
 
     Every stage-1 tensor must load; the adapters must be the only keys the file lacks."""
-    m2 = mra.LlavaHR(cfg, llm=m1.llm, vit=m1.encoder.vit, convnext=m1.encoder.convnext)
+    m2 = mra.LlavaHR(cfg, llm=m1.llm, vit=m1.encoder.vit, convnext=getattr(m1.encoder, "convnext", None))
     missing, unexpected = m2.load_state_dict(m1.state_dict(), strict=False)
     bad = unexpected + [k for k in missing if not k.startswith("encoder.adapters.")]
     if bad:
@@ -143,12 +188,13 @@ else:
     with open(args.config) as f:
         cfg = mra.MRAConfig.from_dict(json.load(f))
 image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else st["image_size"])
-stage_cfg = dict(adapters=args.stage == 2, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
+adapters = args.adapters if args.adapters is not None else args.stage == 2
+stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
 if args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
 elif args.init:
     model = mra.load_checkpoint(args.init)
-    if args.stage == 2 and not model.cfg.adapters:  # stage 1 -> 2: the MRA step of the recipe
+    if adapters and not model.cfg.adapters and model.cfg.arch == "llava-hr":  # stage 1 -> 2: add MRA
         model = with_adapters(model, replace(model.cfg, **stage_cfg))
     else:
         model.cfg = replace(model.cfg, image_size=image_size, image_aspect_ratio=st["image_mode"])
