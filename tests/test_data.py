@@ -10,11 +10,10 @@ import pytest
 import sentencepiece as spm
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor, LlamaTokenizer
+from transformers import CLIPImageProcessor
 
 import data
 from data import DataError, LlavaDataset, build_prompt, encode, load_image, preprocess, tokenize
-from llama import Tokenizer
 from mra import IGNORE, IMAGE_TOKEN
 
 WORDS = ("the a cat dog image picture what is this color of on in and man woman red blue two three "
@@ -41,16 +40,6 @@ def train_spm(prefix, n=400, seed=0):
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     return train_spm(tmp_path_factory.mktemp("spm") / "tok")
-
-
-@pytest.fixture(scope="module")
-def tok(model_path):
-    return Tokenizer(model_path)
-
-
-@pytest.fixture(scope="module")
-def hf(model_path):
-    return LlamaTokenizer(vocab_file=model_path, legacy=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -64,16 +64,6 @@ def model_path(tmp_path_factory):
     return f"{prefix}.model"
 
 
-@pytest.fixture(scope="module")
-def tok(model_path):
-    return Tokenizer(model_path)
-
-
-@pytest.fixture(scope="module")
-def hf(model_path):
-    return LlamaTokenizer(vocab_file=model_path, legacy=True)
-
-
 def test_special_ids(tok, hf):
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, 0)
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (1, 2, 0)
