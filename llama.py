@@ -210,12 +210,6 @@ class Llama(nn.Module):
         # tied: the head *is* the embedding matrix, used directly in forward; holding no second
         # parameter means nothing can untie them (load_state_dict(assign=True) would)
         self.output = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
-        # from-scratch init as HF's LlamaPreTrainedModel (initializer_range 0.02). torch's
-        # default N(0, 1) embeddings would be ~10x the projected visual tokens, whose signal
-        # the first blocks' outputs would then drown (a loaded model overwrites all of this)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
 
     def embed(self, tokens):
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
