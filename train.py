@@ -84,7 +84,8 @@ def run_demo(argv):
     stages = [["--stage", "1", "--data", f"{d}/train/pretrain.json", "--out", f"{demo.out}/stage1",
                "--image-size", str(demo.stage1_size)],
               ["--stage", "2", "--data", f"{d}/train/instruct.json", "--out", f"{demo.out}/stage2",
-               "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "3"]]
+               "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "4",
+               "--adapter-lr-scale", "0.1"]]
     for stage in stages:  # flags given on the command line come last, so they win
         subprocess.run(common + stage + rest, check=True)
     print(f"\ntry: python generate.py --model {demo.out}/stage2/ckpt --image examples/demo.png "
@@ -112,6 +113,8 @@ p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"))
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
                help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
 p.add_argument("--lr", type=float)
+p.add_argument("--adapter-lr-scale", type=float, default=1.0,
+               help="the MR-Adapters' lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
 p.add_argument("--warmup-ratio", type=float, default=0.03)
 p.add_argument("--weight-decay", type=float, default=0.0)
 p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
@@ -245,7 +248,11 @@ elif distributed:
     model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True)
 
 params = [q for q in model.parameters() if q.requires_grad]
-opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+adapter = {id(q) for name, q in model.named_parameters() if ".adapters." in f".{name}" and q.requires_grad}
+groups = [dict(params=[q for q in params if id(q) not in adapter], scale=1.0),
+          dict(params=[q for q in params if id(q) in adapter], scale=args.adapter_lr_scale)]
+opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=args.weight_decay)
 
 # -----------------------------------------------------------------------------
 # data
@@ -342,7 +349,7 @@ t0 = time.time()
 for step in range(start_step, stop_step):
     lr = get_lr(step)
     for group_ in opt.param_groups:
-        group_["lr"] = lr
+        group_["lr"] = lr * group_["scale"]
     stats = torch.zeros(3, device=device)  # loss sum, tokens, skipped
     for k in range(accum):
         batch = next(batches)

@@ -140,6 +140,20 @@ def test_stage2_from_stage1_adds_adapters_and_learns(env, tmp_path):
     assert s2["encoder.adapters.0.fast_proj.weight"].abs().sum() > 0  # left the identity
 
 
+def test_adapter_lr_scale(env, tmp_path):
+    torch.manual_seed(0)
+    init = mra.build(replace(tiny(), adapters=True, image_size=128))
+    mra.save_checkpoint(init, tmp_path / "init")
+    train(args(env, tmp_path / "s2", 2, "--init", tmp_path / "init", "--global-batch", 4, "--batch-size", 4,
+               "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, "--adapter-lr-scale", 0))
+    before, after = init.state_dict(), weights(tmp_path / "s2")
+    for k in before:  # lr 0 for the adapters alone: they stay the identity, all else learns
+        if k.startswith("encoder.adapters."):
+            assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before[LLM_KEY], after[LLM_KEY])
+    assert not torch.equal(before["encoder.convnext.stem_conv.weight"], after["encoder.convnext.stem_conv.weight"])
+
+
 def test_resume_equals_uninterrupted_run(env, tmp_path):
     common = ("--global-batch", 2, "--batch-size", 1, "--epochs", 1, "--lr", 1e-3)
     train(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
