@@ -56,12 +56,62 @@ TINY_SIZE = {1: 64, 2: 128}
 
 # -----------------------------------------------------------------------------
 # the demo: the whole pipeline on a CPU in minutes, through the same two commands as real use
-# (mra.MRA_PRESETS["demo"]). Nothing pretrained exists here, so the towers and the LLM start
-# random and are learned in stage 2; stage 1 (frozen random towers and LLM) fits the projector.
+# (mra.MRA_PRESETS["demo"]). Nothing pretrained exists here, so a short "stage 0" stands in for
+# the release's pretrained towers (CLIP ViT, CLIP ConvNeXt), then stage 1 and stage 2 run as
+# released. The LLM starts random and is learned in stage 2.
+
+
+def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
+    """Stage 0 (demo only): each tower alone, supervised on the scenes' answers, as ImageNet /
+    CLIP pretraining would give them. Each tower sees what it sees in the model: the ConvNeXt
+    the R x R image; LLaVA-HR's ViT the S x S bilinear resize of it; LLaVA-1.5's ViT the image
+    preprocessed at R. Features: mean over positions; a linear head per question, a class per
+    answer. Nothing here gives the ViT the resolution to see the texture (README, experiment)."""
+    import torch.nn.functional as F
+    with open(config) as f:
+        cfg = replace(mra.MRAConfig.from_dict(json.load(f)), adapters=False, image_size=image_size)
+    torch.manual_seed(seed)
+    model = mra.build(cfg)
+    records = data.read_records(os.path.join(data_dir, "instruct.json"))
+    qa = [dict((c["value"].replace("<image>", "").strip(), a["value"]) for c, a in
+               zip(r["conversations"][::2], r["conversations"][1::2])) for r in records]
+    classes = {q: sorted({x[q] for x in qa}) for q in qa[0]}  # a head per question, a class per answer
+    labels = torch.tensor([[classes[q].index(x[q]) for q in classes] for x in qa])
+    images = torch.stack([data.preprocess(data.load_image(os.path.join(data_dir, r["image"])), image_size)
+                          for r in tqdm(records, desc="stage 0: images", leave=False)])
+    enc = model.encoder
+
+    def vit_features(x):
+        if cfg.arch == "llava-hr":  # the low-res path exactly as DualEncoder makes it
+            S = mra.vit_input_size(image_size, cfg.vit_min_size, cfg.vit.patch_size)
+            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=True)
+        h = enc.vit.ln_pre(enc.vit.embed(x))
+        for block in enc.vit.blocks:
+            h = block(h)
+        return h[:, 1:].mean(1)
+
+    towers = [("vit", enc.vit, vit_features, cfg.vit.width)]
+    if cfg.arch == "llava-hr":
+        towers.append(("convnext", enc.convnext, lambda x: enc.convnext(x)[-1].mean((2, 3)), cfg.convnext.dims[-1]))
+    g = torch.Generator().manual_seed(seed)
+    for name, tower, features, width in towers:
+        heads = torch.nn.ModuleList(torch.nn.Linear(width, len(c)) for c in classes.values())
+        opt = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=1e-3, weight_decay=0.0)
+        bar = tqdm(range(steps), desc=f"stage 0: {name}")
+        for _ in bar:
+            i = torch.randint(0, len(records), (16,), generator=g)
+            f = features(images[i])
+            loss = sum(F.cross_entropy(h(f), labels[i, k]) for k, h in enumerate(heads))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    mra.save_checkpoint(model, os.path.join(out, "ckpt"), cfg=cfg)
 
 
 def run_demo(argv):
-    """python train.py --preset demo [--out out/demo] [--data-dir data/demo] [--scenes N] [flags for both stages]"""
+    """python train.py --preset demo [--out out/demo] [--data-dir data/demo] [--scenes N] [--tower-steps N]
+    [flags for both stages]: data, stage 0 (pretrain_towers), stage 1, stage 2."""
     pre = argparse.ArgumentParser()
     pre.add_argument("--preset", choices=["demo"])
     pre.add_argument("--out", default="out/demo")
@@ -71,6 +121,7 @@ def run_demo(argv):
     pre.add_argument("--config", help="an MRAConfig json instead of the demo's (the experiment's arms)")
     pre.add_argument("--stage1-size", type=int, default=128, help="R in stage 1 (stage 2 uses --image-size)")
     pre.add_argument("--image-size", type=int, default=256)
+    pre.add_argument("--tower-steps", type=int, default=300, help="stage 0: steps per tower (0: random towers)")
     demo, rest = pre.parse_known_args(argv)
     d = data.prepare_demo(demo.data_dir, n_train=demo.scenes, n_test=demo.test_scenes)
     os.makedirs(demo.out, exist_ok=True)
@@ -81,8 +132,12 @@ def run_demo(argv):
     common = [sys.executable, os.path.abspath(__file__), "--config", config, "--tokenizer", f"{d}/tokenizer.model",
               "--image-folder", f"{d}/train", "--global-batch", "16", "--batch-size", "16", "--lr", "1e-3",
               "--workers", "1", "--save-every", "0"]
+    init = []
+    if demo.tower_steps:
+        pretrain_towers(config, f"{d}/train", f"{demo.out}/stage0", demo.image_size, demo.tower_steps)
+        init = ["--init", f"{demo.out}/stage0/ckpt"]
     stages = [["--stage", "1", "--data", f"{d}/train/pretrain.json", "--out", f"{demo.out}/stage1",
-               "--image-size", str(demo.stage1_size)],
+               "--image-size", str(demo.stage1_size)] + init,
               ["--stage", "2", "--data", f"{d}/train/instruct.json", "--out", f"{demo.out}/stage2",
                "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "4",
                "--adapter-lr-scale", "0.1"]]

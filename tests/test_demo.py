@@ -8,7 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import data
 
@@ -64,10 +66,14 @@ def test_demo_preset_end_to_end(tmp_path):
     out, d = tmp_path / "out", tmp_path / "data"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", str(out), "--data-dir", str(d),
-                          "--scenes", "40", "--test-scenes", "4", "--max-steps", "2"],
+                          "--scenes", "40", "--test-scenes", "4", "--tower-steps", "2", "--max-steps", "2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "try: python generate.py" in run.stdout
+    # stage 0 pretrains the towers; stage 1 starts from them and keeps them frozen
+    s0, s1 = (load_file(str(out / s / "ckpt" / "model.safetensors")) for s in ("stage0", "stage1"))
+    towers = [k for k in s0 if k.startswith(("encoder.vit.", "encoder.convnext."))]
+    assert towers and all(torch.equal(s0[k], s1[k]) for k in towers)
     for stage in ("stage1", "stage2"):
         assert (out / stage / "ckpt" / "model.safetensors").is_file()
         assert len((out / stage / "log.jsonl").read_text().splitlines()) == 2
