@@ -12,7 +12,7 @@
 
 4. experiment: the paper's claim in miniature on the synthetic task (data.make_scene): six
    arms trained by `train.py --preset demo` with the same data, steps and seed, scored on 500
-   held-out questions through generate.py's batch mode. Not in the default run (~25 min).
+   held-out questions through generate.py's batch mode. Not in the default run (~30 min).
 
     python bench.py            # sections 1-3, ~3 minutes on 2 CPU cores
     python bench.py --quick    # smoke run, a few seconds

@@ -140,7 +140,7 @@ def run_demo(argv):
                "--image-size", str(demo.stage1_size)] + init,
               ["--stage", "2", "--data", f"{d}/train/instruct.json", "--out", f"{demo.out}/stage2",
                "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "4",
-               "--adapter-lr-scale", "0.1"]]
+               "--adapter-lr-scale", "0.1", "--tower-lr-scale", "0.1"]]
     for stage in stages:  # flags given on the command line come last, so they win
         subprocess.run(common + stage + rest, check=True)
     print(f"\ntry: python generate.py --model {demo.out}/stage2/ckpt --image examples/demo.png "
@@ -170,6 +170,8 @@ p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
 p.add_argument("--lr", type=float)
 p.add_argument("--adapter-lr-scale", type=float, default=1.0,
                help="the MR-Adapters' lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
+p.add_argument("--tower-lr-scale", type=float, default=1.0,
+               help="the ViT's and ConvNeXt's lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
 p.add_argument("--warmup-ratio", type=float, default=0.03)
 p.add_argument("--weight-decay", type=float, default=0.0)
 p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
@@ -303,9 +305,12 @@ elif distributed:
     model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True)
 
 params = [q for q in model.parameters() if q.requires_grad]
-adapter = {id(q) for name, q in model.named_parameters() if ".adapters." in f".{name}" and q.requires_grad}
-groups = [dict(params=[q for q in params if id(q) not in adapter], scale=1.0),
-          dict(params=[q for q in params if id(q) in adapter], scale=args.adapter_lr_scale)]
+named = [(name, q) for name, q in model.named_parameters() if q.requires_grad]
+adapter = {id(q) for name, q in named if ".adapters." in f".{name}"}
+tower = {id(q) for name, q in named if ".encoder.vit." in f".{name}" or ".encoder.convnext." in f".{name}"}
+groups = [dict(params=[q for q in params if id(q) not in adapter | tower], scale=1.0),
+          dict(params=[q for q in params if id(q) in adapter], scale=args.adapter_lr_scale),
+          dict(params=[q for q in params if id(q) in tower], scale=args.tower_lr_scale)]
 opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 

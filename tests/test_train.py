@@ -140,18 +140,23 @@ def test_stage2_from_stage1_adds_adapters_and_learns(env, tmp_path):
     assert s2["encoder.adapters.0.fast_proj.weight"].abs().sum() > 0  # left the identity
 
 
-def test_adapter_lr_scale(env, tmp_path):
+@pytest.mark.parametrize("zeroed", ["adapter", "tower"])
+def test_lr_scales(env, tmp_path, zeroed):
     torch.manual_seed(0)
     init = mra.build(replace(tiny(), adapters=True, image_size=128))
     mra.save_checkpoint(init, tmp_path / "init")
     train(args(env, tmp_path / "s2", 2, "--init", tmp_path / "init", "--global-batch", 4, "--batch-size", 4,
-               "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, "--adapter-lr-scale", 0))
+               "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, f"--{zeroed}-lr-scale", 0))
     before, after = init.state_dict(), weights(tmp_path / "s2")
-    for k in before:  # lr 0 for the adapters alone: they stay the identity, all else learns
-        if k.startswith("encoder.adapters."):
+    frozen = ("encoder.adapters.",) if zeroed == "adapter" else ("encoder.vit.", "encoder.convnext.")
+    for k in before:  # lr 0 for that group alone: it stays as it was, all else learns
+        if k.startswith(frozen):
             assert torch.equal(before[k], after[k]), k
-    assert not torch.equal(before[LLM_KEY], after[LLM_KEY])
-    assert not torch.equal(before["encoder.convnext.stem_conv.weight"], after["encoder.convnext.stem_conv.weight"])
+    learns = [LLM_KEY, "projector.0.weight", "encoder.adapters.0.fast_conv.weight",
+              "encoder.vit.blocks.0.fc1.weight", "encoder.convnext.stem_conv.weight"]
+    for k in learns:
+        if not k.startswith(frozen):
+            assert not torch.equal(before[k], after[k]), k
 
 
 def test_resume_equals_uninterrupted_run(env, tmp_path):
