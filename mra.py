@@ -207,15 +207,17 @@ class DualEncoder(nn.Module):
         # summed (Eq. 2 writes the sum with F_vh directly; the release projects both sides)
         self.fusion = nn.ModuleDict(dict(fast_proj=nn.Linear(d, d), slow_proj=nn.Linear(c_slow, d)))
 
+    def low_res(self, images):
+        """The ViT's S x S input: the same normalised tensor, resized bilinearly without antialias."""
+        S = vit_input_size(images.shape[-1], self.cfg.vit_min_size, self.cfg.vit.patch_size)
+        return F.interpolate(images, size=(S, S), mode="bilinear", align_corners=True)
+
     def forward(self, images):
         """Normalised images (B, 3, R, R) -> visual features (B, N, d)."""
         slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32): stage 4 only, no norm, no head
-        S = vit_input_size(images.shape[-1], self.cfg.vit_min_size, self.cfg.vit.patch_size)
-        # the low-res input is the same normalised tensor, resized bilinearly without antialias
-        low = F.interpolate(images, size=(S, S), mode="bilinear", align_corners=True)
         # release: the class token is dropped right after the embeddings, before pre-LN and
         # every layer (LLaVA-1.5 keeps it through the layers and drops it at the end)
-        x = self.vit.ln_pre(self.vit.embed(low)[:, 1:])  # (B, N, d)
+        x = self.vit.ln_pre(self.vit.embed(self.low_res(images))[:, 1:])  # (B, N, d)
         n = len(self.vit.blocks) // 4
         for i, block in enumerate(self.vit.blocks, start=1):
             x = block(x)

@@ -30,6 +30,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -67,7 +68,6 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
     the R x R image; LLaVA-HR's ViT the S x S bilinear resize of it; LLaVA-1.5's ViT the image
     preprocessed at R. Features: mean over positions; a linear head per question, a class per
     answer. Nothing here gives the ViT the resolution to see the texture (README, experiment)."""
-    import torch.nn.functional as F
     with open(config) as f:
         cfg = replace(mra.MRAConfig.from_dict(json.load(f)), adapters=False, image_size=image_size)
     torch.manual_seed(seed)
@@ -80,17 +80,9 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
     images = torch.stack([data.preprocess(data.load_image(os.path.join(data_dir, r["image"])), image_size)
                           for r in tqdm(records, desc="stage 0: images", leave=False)])
     enc = model.encoder
-
-    def vit_features(x):
-        if cfg.arch == "llava-hr":  # the low-res path exactly as DualEncoder makes it
-            S = mra.vit_input_size(image_size, cfg.vit_min_size, cfg.vit.patch_size)
-            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=True)
-        h = enc.vit.ln_pre(enc.vit.embed(x))
-        for block in enc.vit.blocks:
-            h = block(h)
-        return h[:, 1:].mean(1)
-
-    towers = [("vit", enc.vit, vit_features, cfg.vit.width)]
+    low_res = enc.low_res if cfg.arch == "llava-hr" else (lambda x: x)  # LLaVA-1.5: R is the ViT's input
+    # the ViT pretrains as CLIP does, class token included; features: the last layer's patches
+    towers = [("vit", enc.vit, lambda x: enc.vit(low_res(x))[-1][:, 1:].mean(1), cfg.vit.width)]
     if cfg.arch == "llava-hr":
         towers.append(("convnext", enc.convnext, lambda x: enc.convnext(x)[-1].mean((2, 3)), cfg.convnext.dims[-1]))
     g = torch.Generator().manual_seed(seed)
@@ -305,12 +297,12 @@ elif distributed:
     model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True)
 
 params = [q for q in model.parameters() if q.requires_grad]
-named = [(name, q) for name, q in model.named_parameters() if q.requires_grad]
-adapter = {id(q) for name, q in named if ".adapters." in f".{name}"}
-tower = {id(q) for name, q in named if ".encoder.vit." in f".{name}" or ".encoder.convnext." in f".{name}"}
-groups = [dict(params=[q for q in params if id(q) not in adapter | tower], scale=1.0),
-          dict(params=[q for q in params if id(q) in adapter], scale=args.adapter_lr_scale),
-          dict(params=[q for q in params if id(q) in tower], scale=args.tower_lr_scale)]
+groups = [dict(params=[], scale=s) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale)]
+for name, q in model.named_parameters():  # names may carry DDP's "module." prefix
+    name = f".{name}"
+    tower = ".encoder.vit." in name or ".encoder.convnext." in name
+    if q.requires_grad:
+        groups[1 if ".adapters." in name else 2 if tower else 0]["params"].append(q)
 opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
