@@ -52,6 +52,12 @@ PRESETS = {
     "convnext_large_mlp": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), eps=1e-6),
     "convnext_xxlarge": dict(depths=(3, 4, 30, 3), dims=(384, 768, 1536, 3072), eps=1e-5),
 }
+# The weights the release starts from. Its scripts name a tag (--vision_tower_slow
+# convnext_large_mlp.clip_laion2b_ft_320), but its code hands that string to timm as the truthy
+# `pretrained` flag, so timm loads the architecture's *default* tag instead; the released
+# stage-1 projector was trained on (and only fits) these weights.
+RELEASE_WEIGHTS = {"convnext_large_mlp": "convnext_large_mlp.clip_laion2b_soup_ft_in12k_in1k_320",
+                   "convnext_xxlarge": "convnext_xxlarge.clip_laion2b_soup_ft_in1k"}
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -193,15 +193,24 @@ def encode(tok, turns, template, has_image):
 
 def read_records(path):
     """A LLaVA json list, or jsonl (one record a line)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file (expected a LLaVA JSON list or JSON lines)") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file (expected a LLaVA JSON list or JSON lines)")
     try:
         records = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: neither a JSON list nor JSON lines ({e})") from None
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
     return records
@@ -220,7 +229,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.path, self.folder, self.tok, self.template = path, image_folder or "", tok, template
         self.image_size, self.image_mode, self.skip_bad = image_size, image_mode, skip_bad
         self.max_len = max_len or MAX_LEN[template]
-        self.records, self.bad = [], []
+        self.records, self.bad, self.dropped_first = [], [], 0
         for i, rec in enumerate(read_records(path)):
             try:
                 self.records.append(self._check(rec))
@@ -243,6 +252,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         if not all(isinstance(t, dict) and "from" in t and isinstance(t.get("value"), str) for t in conv):
             raise DataError("a turn without 'from' or a text 'value'")
         turns = [(t["from"], t["value"]) for t in conv]
+        if turns[0][0] == "gpt":  # the release (preprocess_v1) drops a leading answer, trains on the rest
+            turns = turns[1:]
+            self.dropped_first += 1
+            if not turns:
+                raise DataError("one turn, from gpt: nothing left once it is dropped")
         _check_turns(turns)
         if len(turns) % 2:
             raise DataError(f"{len(turns)} turns: the last human turn has no answer")

@@ -208,14 +208,19 @@ def chat(model, tok, image, args, pick, step):
     limit = model.cfg.llm.max_seq_len
     while True:
         log("USER: ", end="")
-        line = sys.stdin.readline()
+        line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with stdin closed
         if not line or line.strip() == "exit":
             return
         if not line.strip():
             continue
         turns.append(human_turn(line.strip(), has and not turns))
         ids = prompt_ids(tok, turns, args.conv_mode)
-        check_length(model, ids, args.max_new_tokens, "conversation")
+        try:
+            check_length(model, ids, args.max_new_tokens, "conversation")
+        except ContextError as e:  # this turn is refused; the conversation so far goes on
+            turns.pop()
+            log(f"error: {e}")
+            continue
         keep = min(common_prefix(cached, ids), len(ids) - 1)  # feed at least one token for logits
         with torch.no_grad():
             if cache is None or IMAGE_TOKEN in ids[keep:]:
@@ -238,23 +243,60 @@ def chat(model, tok, image, args, pick, step):
         cached = (ids + out)[:fed]
 
 
-def answer_file(model, tok, args, pick, step):
-    """LLaVA's model_vqa: {question_id, image, text} lines in, {question_id, prompt, text,
-    answer_id, model_id, metadata} lines out; ids already answered are skipped (resume)."""
-    from tqdm import tqdm
-    with open(args.questions) as f:
-        questions = [json.loads(line) for line in f if line.strip()]
-    for i, q in enumerate(questions, 1):
-        if not isinstance(q, dict) or "question_id" not in q or "text" not in q:
-            raise data.DataError(f"{args.questions}: question {i} lacks question_id or text")
+def read_jsonl(path, check):
+    """[(line number, object)] of a .jsonl file; check(obj) -> what is wrong with it, or None."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise data.DataError(f"{path} line {n}: not JSON ({e})") from None
+            problem = check(obj) if isinstance(obj, dict) else "not a JSON object"
+            if problem:
+                raise data.DataError(f"{path} line {n}: {problem}")
+            out.append((n, obj))
+    return out
+
+
+def question_problem(q, image_folder):
+    if not isinstance(q.get("question_id"), (str, int)) or isinstance(q["question_id"], bool):
+        return "question_id must be a string or an integer"
+    if not isinstance(q.get("text"), str):
+        return "text must be a string"
+    if q.get("image") is not None and not isinstance(q["image"], str):
+        return "image must be a file name"
+    if q.get("image") and not os.path.isfile(os.path.join(image_folder or "", q["image"])):
+        return f"image file not found: {os.path.join(image_folder or '', q['image'])} (--image-folder?)"
+    return None
+
+
+def read_questions(args):
+    """The questions to answer and the ids already answered, all checked before the model loads."""
+    questions, first = [], {}
+    for n, q in read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder)):
+        if q["question_id"] in first:  # answers are matched by id: a repeated one is ambiguous
+            raise data.DataError(f"{args.questions} line {n}: question_id {q['question_id']!r} repeats line "
+                                 f"{first[q['question_id']]}; ids must be unique")
+        first[q["question_id"]] = n
+        questions.append(q)
     answered = set()
     if os.path.exists(args.answers):
         with open(args.answers, "rb+") as f:
             raw = f.read()
             if raw and not raw.endswith(b"\n"):  # a line cut short by a crash: drop it, redo it
                 f.truncate(raw.rfind(b"\n") + 1)
-                raw = raw[:raw.rfind(b"\n") + 1]
-        answered = {json.loads(line)["question_id"] for line in raw.decode().splitlines() if line.strip()}
+        has_id = lambda a: None if isinstance(a.get("question_id"), (str, int)) else "no question_id"  # noqa: E731
+        answered = {a["question_id"] for _, a in read_jsonl(args.answers, has_id)}
+    return questions, answered
+
+
+def answer_file(model, tok, args, pick, step, questions, answered):
+    """LLaVA's model_vqa: {question_id, image, text} lines in, {question_id, prompt, text,
+    answer_id, model_id, metadata} lines out; ids already answered are skipped (resume)."""
+    from tqdm import tqdm
     todo = [q for q in questions if q["question_id"] not in answered]
     if answered:
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
@@ -284,8 +326,13 @@ def answer_file(model, tok, args, pick, step):
 
 # ---------------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage text
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="our checkpoint dir or a released LLaVA-HR / LLaVA-1.5 dir")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", help="answer this one question and exit; without it: chat on stdin")
@@ -302,23 +349,38 @@ def parse_args(argv):
                    help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     if (args.questions is None) != (args.answers is None):
         p.error("--questions and --answers go together")
     if args.questions and (args.prompt or args.image):
         p.error("--questions takes its images from the file; drop --prompt/--image")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("need --max-new-tokens >= 1, --batch-size >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if not (args.max_new_tokens >= 1 and args.batch_size >= 1 and 0 <= args.temperature < float("inf")
+            and 0 < args.top_p <= 1):  # written so that NaN fails too
+        p.error("need --max-new-tokens >= 1, --batch-size >= 1, a finite --temperature >= 0, 0 < --top-p <= 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device (cpu, cuda, cuda:1, mps)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        p.error(f"--device {args.device}: MPS is not available here; use --device cpu")
     return args
 
 
 def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
-    image = data.load_image(args.image) if args.image else None  # fail on a bad path before loading 7B
+    # every input is checked before the model loads (minutes for a 7B)
+    image = data.load_image(args.image) if args.image else None
+    questions, answered = read_questions(args) if args.questions else (None, None)
+    tok = mra.load_tokenizer(args.model)
     log(f"loading {args.model} ({dtype}, {device})")
     model = mra.load_checkpoint(args.model, dtype, device).eval()
-    tok = mra.load_tokenizer(args.model)
+    if len(tok) > model.cfg.llm.vocab_size:
+        raise mra.CheckpointError(f"{args.model}: tokenizer.model has {len(tok)} pieces, the LLM only "
+                                  f"{model.cfg.llm.vocab_size} embeddings: they do not belong together")
     if image is not None:
         image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
     generator = torch.Generator(device)
@@ -326,12 +388,14 @@ def run(args):
         generator.manual_seed(args.seed)
     else:
         generator.seed()
-    pick = partial(sample, temperature=args.temperature, top_p=args.top_p, generator=generator)
+    # an LLM with more embedding rows than the tokenizer has pieces (a padded vocabulary) must never
+    # pick a row that has no text: sample among the tokenizer's ids only
+    pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
     step = partial(decode_one, model)
     if args.compile:
         step = torch.compile(step)
     if args.questions:
-        answer_file(model, tok, args, pick, step)
+        answer_file(model, tok, args, pick, step, questions, answered)
     elif args.prompt is not None:
         answer_one(model, tok, image, args, pick, step)
     else:
@@ -343,6 +407,8 @@ def main(argv=None):
     try:
         run(args)
     except (ValueError, OSError) as e:  # DataError, CheckpointError, ContextError, missing files
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,7 +12,6 @@ References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE);
 Shazeer, "GLU Variants Improve Transformer" (SwiGLU); HF transformers'
 modeling_llama.py (the numerics matched here); gpt-fast and nanoGPT (the layout).
 """
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, load_state, read_safetensors, remap
+from weights import CheckpointError, load_state, read_config, read_safetensors, remap
 
 
 @dataclass
@@ -279,8 +278,7 @@ class Llama(nn.Module):
             cfg_path = os.path.join(src, "config.json")
             if not os.path.isfile(cfg_path):
                 raise CheckpointError(f"{cfg_path}: missing (an HF LLaMA checkpoint needs config.json)")
-            with open(cfg_path) as f:
-                config, tensors, source = LlamaConfig.from_hf(json.load(f)), None, str(src)
+            config, tensors, source = read_config(cfg_path, LlamaConfig.from_hf), None, str(src)
         else:
             (config, tensors), source = src, "LLaMA tensors"
             config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf(config)

@@ -30,7 +30,7 @@ from torch import nn
 from convnext import ConvNeXt, ConvNeXtConfig
 from llama import Llama, LlamaConfig, Tokenizer
 from vit import ViT, ViTConfig
-from weights import CheckpointError, load_state, read_safetensors, remap
+from weights import CheckpointError, load_state, read_config, read_safetensors, remap
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
 IGNORE = -100  # label of every position the loss skips
@@ -352,8 +352,8 @@ def load_release(path, dtype=None, device="cpu"):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing (a LLaVA checkpoint directory holds config.json)")
-    with open(cfg_path) as f:
-        hf = json.load(f)
+    hf = read_config(cfg_path)
+    llm_cfg = read_config(cfg_path, LlamaConfig.from_hf)  # a missing or bad field fails here, named
     tensors = read_safetensors(path, dtype, device)
     parts = {p: {k[len(p):]: tensors.pop(k) for k in list(tensors) if k.startswith(p)}
              for p in (HR_VIT, HR_CONVNEXT, V15_VIT)}
@@ -367,7 +367,7 @@ def load_release(path, dtype=None, device="cpu"):
     else:
         raise CheckpointError(f"{path}: no vision tower in this checkpoint (expected {HR_VIT}* and {HR_CONVNEXT}* "
                               f"for LLaVA-HR, or {V15_VIT}* for LLaVA-1.5); is it a plain LLaMA checkpoint?")
-    llm = Llama.from_pretrained((hf, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}))
+    llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}))
     vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
     state = _prefixed(llm, "llm.") | _prefixed(vit, "encoder.vit.")
     rest, unexpected = remap(tensors, RELEASE_KEYS)
@@ -444,8 +444,7 @@ def load_checkpoint(path, dtype=None, device="cpu"):
     ours = os.path.join(path, "mra_config.json")
     if not os.path.isfile(ours):
         return load_release(path, dtype, device)
-    with open(ours) as f:
-        cfg = MRAConfig.from_dict(json.load(f))
+    cfg = read_config(ours, MRAConfig.from_dict)
     with torch.device("meta"):
         model = LlavaHR(cfg)
     return load_state(model, read_safetensors(path, dtype, device), path)
@@ -458,9 +457,15 @@ def load_tokenizer(path):
 def _load_bin(path):
     # weights_only=True: the unpickler accepts tensors and plain containers, nothing executable
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 -- any unpickling failure means: not a weights file
-        raise CheckpointError(f"{path}: not a loadable weights file ({e})") from None
+        # torch's message is a paragraph; the line that says what was refused is enough
+        lines = str(e).splitlines() or [type(e).__name__]
+        why = next((line for line in lines if "Unsupported" in line or "Unpickler" in line), lines[0])
+        raise CheckpointError(f"{path}: refused, not a plain weights file ({why.strip()})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: holds {type(sd).__name__} data, not a {{name: tensor}} weights file")
+    return sd
 
 
 def convert_bin(src, dst):
@@ -469,11 +474,17 @@ def convert_bin(src, dst):
     The .bin files are pickles: they are read only through torch.load(weights_only=True),
     which refuses anything but tensors and plain containers.
     """
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src}: no such directory")
     shards = sorted(f for f in os.listdir(src) if re.fullmatch(r"pytorch_model.*\.bin", f) or f == "mm_projector.bin")
     if not shards:
         raise CheckpointError(f"{src}: no pytorch_model*.bin or mm_projector.bin files to convert")
+    if os.path.exists(dst):
+        raise CheckpointError(f"{dst}: already exists; convert into a new directory")
     from safetensors.torch import save_file
-    os.makedirs(dst, exist_ok=True)
+    final, dst = dst, dst.rstrip("/") + ".tmp"  # written whole under a temporary name, then renamed
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
     weight_map = {}
     for i, name in enumerate(shards, 1):
         sd = _load_bin(os.path.join(src, name))
@@ -486,11 +497,16 @@ def convert_bin(src, dst):
     for extra in os.listdir(src):
         if not extra.endswith(".bin") and os.path.isfile(os.path.join(src, extra)) and "index.json" not in extra:
             shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
-    return dst
+    os.replace(dst, final)
+    return final
 
 
 if __name__ == "__main__":
     import sys
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
         sys.exit("usage: python mra.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
-    print(convert_bin(sys.argv[2], sys.argv[3]))
+    try:
+        print(convert_bin(sys.argv[2], sys.argv[3]))
+    except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
+        shutil.rmtree(sys.argv[3].rstrip("/") + ".tmp", ignore_errors=True)
+        sys.exit(f"error: {e}")

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,7 @@ import mra
 from convnext import ConvNeXtConfig
 from llama import LlamaConfig, Tokenizer
 from vit import ViTConfig
+from weights import read_config
 
 # -----------------------------------------------------------------------------
 # settings: the release's recipe per stage; a flag overrides
@@ -54,6 +56,21 @@ TINY = mra.MRAConfig(vit_min_size=28,
                      convnext=ConvNeXtConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
                      llm=LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=512))
 TINY_SIZE = {1: 64, 2: 128}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage text
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def one_line_errors(kind, err, tb):
+    """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
+    disk) is one line, not a traceback (--debug shows it)."""
+    if not issubclass(kind, (ValueError, OSError)):
+        return sys.__excepthook__(kind, err, tb)
+    # an error raised in a DataLoader worker arrives with the worker's traceback as its message
+    last = (str(err).strip().splitlines() or [kind.__name__])[-1]
+    print("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # the demo: the whole pipeline on a CPU in minutes, through the same two commands as real use
@@ -68,8 +85,7 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
     the R x R image; LLaVA-HR's ViT the S x S bilinear resize of it; LLaVA-1.5's ViT the image
     preprocessed at R. Features: mean over positions; a linear head per question, a class per
     answer. Nothing here gives the ViT the resolution to see the texture (README, experiment)."""
-    with open(config) as f:
-        cfg = replace(mra.MRAConfig.from_dict(json.load(f)), adapters=False, image_size=image_size)
+    cfg = replace(read_config(config, mra.MRAConfig.from_dict), adapters=False, image_size=image_size)
     torch.manual_seed(seed)
     model = mra.build(cfg)
     records = data.read_records(os.path.join(data_dir, "instruct.json"))
@@ -115,6 +131,10 @@ def run_demo(argv):
     pre.add_argument("--image-size", type=int, default=256)
     pre.add_argument("--tower-steps", type=int, default=300, help="stage 0: steps per tower (0: random towers)")
     demo, rest = pre.parse_known_args(argv)
+    done = [f"{demo.out}/{s}/ckpt" for s in ("stage0", "stage1", "stage2") if os.path.isdir(f"{demo.out}/{s}/ckpt")]
+    if done and "--overwrite" not in rest:
+        raise SystemExit(f"--out {demo.out} already holds a demo run ({', '.join(done)}): --overwrite "
+                         f"starts over (deleting it), or pick another --out")
     d = data.prepare_demo(demo.data_dir, n_train=demo.scenes, n_test=demo.test_scenes)
     os.makedirs(demo.out, exist_ok=True)
     config = demo.config or os.path.join(demo.out, "config.json")
@@ -134,7 +154,8 @@ def run_demo(argv):
                "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "4",
                "--adapter-lr-scale", "0.1", "--tower-lr-scale", "0.1"]]
     for stage in stages:  # flags given on the command line come last, so they win
-        subprocess.run(common + stage + rest, check=True)
+        if subprocess.run(common + stage + rest).returncode:
+            sys.exit(1)  # the stage printed its own error
     print(f"\ntry: python generate.py --model {demo.out}/stage2/ckpt --image examples/demo.png "
           f"--prompt \"What pattern fills the background?\"")
 
@@ -143,7 +164,7 @@ if __name__ == "__main__" and "--preset" in sys.argv:
     run_demo(sys.argv[1:])
     sys.exit()
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p = Parser(description=__doc__.split("\n")[0])
 p.add_argument("--stage", type=int, choices=(1, 2), required=True)
 p.add_argument("--data", required=True, help="LLaVA json / jsonl")
 p.add_argument("--image-folder", default="")
@@ -183,8 +204,23 @@ p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
 p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
 p.add_argument("--workers", type=int, default=4)
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (deletes it)")
+p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
 args = p.parse_args()
+if not args.debug:
+    sys.excepthook = one_line_errors
 st = STAGE[args.stage]
+limits = {"--batch-size >= 1": args.batch_size >= 1, "--global-batch >= 1": (args.global_batch or 1) >= 1,
+          "--epochs >= 1": args.epochs >= 1, "--max-steps >= 1": (args.max_steps or 1) >= 1,
+          "--save-every >= 0": args.save_every >= 0, "--workers >= 0": args.workers >= 0,
+          "--lr > 0": args.lr is None or 0 < args.lr < math.inf, "0 <= --warmup-ratio <= 1": 0 <= args.warmup_ratio <= 1,
+          "--grad-clip >= 0": 0 <= args.grad_clip < math.inf, "--weight-decay >= 0": 0 <= args.weight_decay < math.inf,
+          "lr scales >= 0": 0 <= args.adapter_lr_scale < math.inf and 0 <= args.tower_lr_scale < math.inf}
+bad = [rule for rule, ok in limits.items() if not ok]  # NaN fails every comparison, so it lands here too
+if bad:
+    p.error("need " + ", ".join(bad))
+if args.resume and args.overwrite:
+    p.error("--resume continues the run in --out, --overwrite deletes it: pick one")
 
 # -----------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK; a plain `python train.py` is one process
@@ -210,11 +246,37 @@ accum, rem = divmod(global_batch, args.batch_size * world)
 if rem or not accum:
     raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {args.batch_size} "
                      f"x {world} processes")
-ckpt_dir = os.path.join(args.out, "ckpt")
+# a user's run is never overwritten unasked: an --out that holds one is resumed or refused
+ckpt_dir, log_path = os.path.join(args.out, "ckpt"), os.path.join(args.out, "log.jsonl")
+if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise SystemExit(f"--out {args.out}: is a file, not a directory")
+previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
 if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
-    resume_dir = next((d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)), None)
-    if resume_dir is None:
-        raise SystemExit(f"--resume: no checkpoint in {args.out}")
+    if not previous:
+        raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue; drop --resume)")
+    resume_dir = previous[0]
+    if not os.path.isfile(os.path.join(resume_dir, "train_state.pt")):
+        raise SystemExit(f"--resume: {resume_dir} has no train_state.pt (weights only, no optimizer or data "
+                         f"position); start a new run from its weights with --init {resume_dir}")
+elif (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and not args.overwrite:
+    raise SystemExit(f"--out {args.out} already holds a run ({', '.join(previous) or log_path}): "
+                     f"--resume continues it, --overwrite starts over (deleting it), or pick another --out")
+
+# -----------------------------------------------------------------------------
+# data: checked before the model loads (minutes for a 7B), so a bad file fails at once
+
+weights_dir = resume_dir if args.resume else args.init or args.llm
+if not (args.tokenizer or weights_dir):
+    raise SystemExit("--tokenizer is needed (no --llm, --init or --resume to take tokenizer.model from)")
+tok_path = args.tokenizer or os.path.join(weights_dir, "tokenizer.model")
+tok = Tokenizer(tok_path)
+image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else st["image_size"])
+ds = data.LlavaDataset(args.data, args.image_folder, tok, st["template"], image_size,
+                       st["image_mode"], args.max_len, skip_bad=args.skip_bad)
+group = args.group_by_length if args.group_by_length is not None else args.stage == 2
+if args.fsdp and not group and not all(ds.has_image):
+    # FSDP gathers a block's shards when it runs: every rank must run the same modules
+    raise SystemExit("--fsdp with text-only samples needs --group-by-length (one modality per micro-step)")
 
 # -----------------------------------------------------------------------------
 # the model
@@ -237,9 +299,7 @@ if args.config == "tiny":
 elif args.config == "full":
     cfg = mra.MRAConfig()
 else:
-    with open(args.config) as f:
-        cfg = mra.MRAConfig.from_dict(json.load(f))
-image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else st["image_size"])
+    cfg = read_config(args.config, mra.MRAConfig.from_dict)
 adapters = args.adapters if args.adapters is not None else args.stage == 2
 stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
 if args.resume:
@@ -265,6 +325,10 @@ if device.type == "cpu":
     for t in [*model.parameters(), *model.buffers()]:
         t.data = t.data.clone()
 cfg = model.cfg
+ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
+if tok.vocab_size > cfg.llm.vocab_size:
+    raise SystemExit(f"{tok_path}: {tok.vocab_size} pieces, but the LLM has only {cfg.llm.vocab_size} "
+                     f"embeddings: the tokenizer does not belong to this model (--tokenizer)")
 
 # stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen here)
 for name, param in model.named_parameters():
@@ -306,32 +370,30 @@ for name, q in model.named_parameters():  # names may carry DDP's "module." pref
 opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
-# -----------------------------------------------------------------------------
-# data
-
-tok_path = args.tokenizer or os.path.join(
-    resume_dir if args.resume else args.init if args.init else args.llm or "", "tokenizer.model")
-tok = Tokenizer(tok_path)
-if tok.vocab_size > cfg.llm.vocab_size:
-    raise SystemExit(f"tokenizer has {tok.vocab_size} pieces, the LLM only {cfg.llm.vocab_size} embeddings")
-ds = data.LlavaDataset(args.data, args.image_folder, tok, st["template"], cfg.image_size,
-                       st["image_mode"], args.max_len, skip_bad=args.skip_bad)
-group = args.group_by_length if args.group_by_length is not None else args.stage == 2
-if args.fsdp and not group and not all(ds.has_image):
-    # FSDP gathers a block's shards when it runs: every rank must run the same modules
-    raise SystemExit("--fsdp with text-only samples needs --group-by-length (one modality per micro-step)")
-
 start_step = 0
 if args.resume:
-    state = torch.load(os.path.join(resume_dir, "train_state.pt"), weights_only=True)
-    run = json.loads(state["run"])
+    state_path = os.path.join(resume_dir, "train_state.pt")
+    try:
+        state = torch.load(state_path, weights_only=True)
+        run = json.loads(state["run"])
+    except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
+        raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     for key, now in (("global_batch", global_batch), ("seed", args.seed), ("epochs", args.epochs),
                      ("data", args.data), ("stage", args.stage)):
         if run[key] != now:
             raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: the data position "
                              f"would not carry over")
+    # a parameter that never had a gradient before the save (the vision side after text-only
+    # micro-batches) has no Adam state yet; strict=False starts it fresh, exactly as AdamW would
+    # have at its first gradient in the uninterrupted run. The same parameters must train.
+    saved = {n for g in state["optimizer"]["param_groups"] for n in g["params"]}
+    now = {n for n, q in raw.named_parameters() if q.requires_grad}
+    if saved != now:
+        raise SystemExit(f"--resume: the run trained other parameters ({len(saved ^ now)} differ, e.g. "
+                         f"{sorted(saved ^ now)[0]}): same --stage and --freeze-* flags as the run, please")
     set_optimizer_state_dict(raw, opt, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(state["cpu_rng"])
     if cuda and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])
@@ -345,6 +407,13 @@ stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 warmup = math.ceil(args.warmup_ratio * total_steps)
 lr_max = args.lr or st["lr"]
 n_visual = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+
+
+def logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return math.inf
 
 
 def get_lr(step):
@@ -364,14 +433,21 @@ def save(step):
     if master:
         tmp = ckpt_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
-        mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
-        shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
         run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=args.data, stage=args.stage)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, optimizer=optim, cpu_rng=torch.get_rng_state(), run=json.dumps(run))
         if cuda:
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        torch.save(state, os.path.join(tmp, "train_state.pt"))
+        try:
+            mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
+            shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
+            torch.save(state, os.path.join(tmp, "train_state.pt"))
+        except Exception as e:  # noqa: BLE001 -- a full disk shows as OSError, RuntimeError or SafetensorError
+            shutil.rmtree(tmp, ignore_errors=True)
+            bar.close()
+            kept = f"the last checkpoint {ckpt_dir} is untouched" if os.path.isdir(ckpt_dir) else "no checkpoint kept"
+            raise SystemExit(f"step {step}: saving to {tmp} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             f"{kept}; free disk space, then --resume") from None
         # the last good checkpoint is never touched until the new one is complete
         if os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
@@ -386,14 +462,27 @@ def save(step):
 # training loop
 
 if master:
+    if args.overwrite:  # asked for: the old run goes only now that the new one is ready to start
+        for old in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+        if os.path.isfile(log_path):
+            os.remove(log_path)
     os.makedirs(args.out, exist_ok=True)
+    if args.resume and os.path.isfile(log_path):  # steps logged after the last save are run again: drop them
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(line + "\n" for line in lines if logged_step(line) <= start_step)
+        os.replace(log_path + ".tmp", log_path)
     print(f"stage {args.stage}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; R={cfg.image_size}, "
           f"{n_visual} visual tokens; {len(ds)} samples, {total_steps} steps of {global_batch} "
           f"({world} x {args.batch_size} x {accum} accumulation); "
           f"{'FSDP2' if args.fsdp and distributed else 'DDP' if distributed else 'one process'}")
     if ds.bad:
         print(f"skipping {len(ds.bad)} bad records, e.g. {ds.bad[0]}")
-log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    if ds.dropped_first:
+        print(f"{ds.dropped_first} conversations open with a gpt turn: dropped that turn (as the release does)")
+log = open(log_path, "a") if master else None
 bar = tqdm(total=stop_step, initial=start_step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
 batches = iter(loader)
 skipped = 0

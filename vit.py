@@ -13,7 +13,6 @@ Eyes", Sec. 4.2, 4.4) keeps it as is, with two changes that live here:
 References: github.com/openai/CLIP (model.py), transformers' modeling_clip.py,
 github.com/luogen1996/LLaVA-HR (clip_encoder.py).
 """
-import json
 import math
 import os
 import re
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, load_state, read_safetensors, remap
+from weights import CheckpointError, load_state, read_config, read_safetensors, remap
 
 
 @dataclass
@@ -203,11 +202,10 @@ class ViT(nn.Module):
             tensors = read_safetensors(source, dtype, device, keep=lambda k: not any(p.match(k) for p in skip))
             config_json = os.path.join(source, "config.json")
             if config is None and os.path.isfile(config_json):
-                with open(config_json) as f:
-                    hf = json.load(f)
+                hf = read_config(config_json)
                 if hf.get("model_type") not in ("clip", "clip_vision_model"):
                     raise CheckpointError(f"{config_json}: model_type {hf.get('model_type')!r} is not a CLIP model")
-                config = ViTConfig.from_hf(hf)
+                config = read_config(config_json, ViTConfig.from_hf)
         state, unexpected = remap(tensors, HF_KEYS, HF_IGNORE)
         state = {k: t.to(device, dtype if t.is_floating_point() else None) for k, t in state.items()}
         config = config or ViTConfig.from_state(state)

@@ -34,6 +34,19 @@ def _cast(t, dtype):
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def read_config(path, parse=lambda d: d):
+    """A JSON config file through parse(dict); whatever is wrong is one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(json.load(f))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the field {e} is missing") from None
+    except (TypeError, ValueError, AssertionError, AttributeError) as e:  # unknown fields, bad values, not text
+        raise CheckpointError(f"{path}: not a valid config ({e or type(e).__name__})") from None
+
+
 def safetensors_files(path):
     """The safetensors files a checkpoint path stands for (file, dir, or sharded dir)."""
     if os.path.isfile(path):
@@ -133,6 +146,8 @@ def load_state(model, state, source, unexpected=(), table=()):
         if k in expected and tuple(t.shape) != tuple(expected[k].shape):
             problems.append(f"shape mismatch for {their_name(k, table)}: model expects {tuple(expected[k].shape)}, "
                             f"checkpoint has {tuple(t.shape)}")
+        elif k in expected and expected[k].is_floating_point() and not t.is_floating_point():
+            problems.append(f"{their_name(k, table)} holds {t.dtype} values where weights are floating point")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)

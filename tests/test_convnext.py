@@ -4,7 +4,7 @@ import timm  # the reference; a test dependency only (requirements-dev.txt)
 import torch
 from safetensors.torch import save_file
 
-from convnext import PRESETS, ConvNeXt, ConvNeXtConfig
+from convnext import PRESETS, RELEASE_WEIGHTS, ConvNeXt, ConvNeXtConfig
 from weights import CheckpointError
 
 DEPTHS, DIMS = (1, 2, 1, 1), (16, 24, 32, 40)
@@ -160,3 +160,14 @@ def test_unreadable_file(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.safetensors"):
         ConvNeXt.from_pretrained(tmp_path / "bad.safetensors")
+
+
+def test_release_weights_are_timms_default_tags():
+    # The release calls timm's convnext_large_mlp(pretrained="convnext_large_mlp.clip_laion2b_ft_320"):
+    # a truthy flag, not a tag. timm then resolves the architecture's default pretrained config,
+    # which is what RELEASE_WEIGHTS names (timm's own lookup; nothing is downloaded).
+    from timm.models._builder import resolve_pretrained_cfg
+    for arch, weights in RELEASE_WEIGHTS.items():
+        cfg = resolve_pretrained_cfg(arch)
+        assert f"{cfg.architecture}.{cfg.tag}" == weights
+        assert cfg.hf_hub_id == f"timm/{weights}"

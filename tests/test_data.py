@@ -366,7 +366,7 @@ def test_truncation(tmp_path, tok):
 BAD = [
     (dict(id="x", image="0.png"), "record 1 \\(id x\\): no conversations"),
     (dict(id="y", image="missing.png", conversations=conv("<image>\nQ", "A")), "record 1 \\(id y\\): image file not found: .*missing.png"),
-    (dict(id="z", conversations=[{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]), "record 1 \\(id z\\): turn 0 is from 'gpt'"),
+    (dict(id="z", conversations=[{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"}]), "record 1 \\(id z\\): turn 1 is from 'human'"),
     (dict(id="w", conversations=conv("Q", "A", "Q2")), "record 1 \\(id w\\): 3 turns"),
     (dict(id="v", image="0.png", conversations=conv("no tag", "A")), "record 1 \\(id v\\): 0 '<image>' tags"),
     (dict(id="u", conversations=conv("<image>\nQ", "A")), "record 1 \\(id u\\): '<image>' in a record without"),

@@ -1,0 +1,277 @@
+"""Hostile inputs, kills and reruns: nothing a user made is lost, every user error is one line.
+
+train.py: a rerun never replaces a run unasked; a run resumes at any step (even one saved before
+some parameter had a gradient); log.jsonl holds each step once; a failed save keeps the last
+checkpoint. generate.py: questions and answers files are checked (file and line) before the
+model loads; ids are unique; a padded vocabulary never yields an id without text; chat survives
+closed stdin and over-long turns. Loaders: config files, dtypes and pickles are checked.
+"""
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+
+import data
+import generate
+import mra
+from llama import Llama, LlamaConfig, Tokenizer
+from test_data import conv, records, write_dataset
+from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
+from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, train, weights  # noqa: F401
+from weights import CheckpointError
+
+COMMON = ("--global-batch", 1, "--batch-size", 1, "--lr", 1e-3)
+
+
+def one_line(r):
+    """A subprocess's error: exit status non-zero, one line on stderr besides progress bars, no traceback."""
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "it/s" not in line and "s/it" not in line]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+def run_train(argv, **kw):
+    env_ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([sys.executable, TRAIN, *map(str, argv)], cwd=ROOT, env=env_, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+# -----------------------------------------------------------------------------
+# train.py: runs are never lost
+
+
+def test_rerun_is_refused_and_overwrite_starts_over(env, tmp_path):
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 2))
+    before = (out / "ckpt" / "model.safetensors").read_bytes(), (out / "log.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run .*--resume continues it, --overwrite starts over"):
+        train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    assert ((out / "ckpt" / "model.safetensors").read_bytes(), (out / "log.jsonl").read_text()) == before
+    train(args(env, out, 2, *COMMON, "--max-steps", 1, "--overwrite"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+
+
+def test_resume_after_a_save_where_some_parameters_had_no_gradient(env, tmp_path):
+    d, _ = env
+    # text-only data: the towers, adapters and projector never get a gradient, so Adam has no
+    # state for them in the checkpoint
+    (d / "text.json").write_text(json.dumps([dict(id=i, conversations=conv(f"Say {w}.", w))
+                                             for i, w in enumerate(["yes", "no", "red", "blue"])]))
+    text = [a if a != str(d / "chats.json") else str(d / "text.json") for a in map(str, args(env, "", 2))]
+    run = lambda out, *extra: train([*text[:text.index("--out")], "--out", str(out), "--workers", "0", *map(str, extra)])  # noqa: E731
+    run(tmp_path / "full", *COMMON, "--max-steps", 3)
+    run(tmp_path / "cut", *COMMON, "--max-steps", 1)
+    run(tmp_path / "cut", *COMMON, "--max-steps", 3, "--resume")
+    assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_log_holds_each_step_once_after_a_crash_and_resume(env, tmp_path, monkeypatch):
+    train(args(env, tmp_path / "full", 2, *COMMON, "--max-steps", 5))
+    forward, calls = mra.LlavaHR.forward, []
+
+    def crash_at_4(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed")
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(mra.LlavaHR, "forward", crash_at_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(args(env, tmp_path / "cut", 2, *COMMON, "--max-steps", 5, "--save-every", 2))
+    monkeypatch.setattr(mra.LlavaHR, "forward", forward)
+    assert len(losses(tmp_path / "cut")) == 3  # steps 1-3 logged, the checkpoint holds step 2
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # and a line the kill cut short
+    train(args(env, tmp_path / "cut", 2, *COMMON, "--max-steps", 5, "--save-every", 2, "--resume"))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))
+
+    def small_disk():  # writes past 64 KB fail (EFBIG) as they would on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    r = run_train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", "--workers", 0), preexec_fn=small_disk)
+    line = one_line(r)
+    assert "step 2: saving to" in line and "is untouched" in line and "--resume" in line
+    assert not os.path.exists(out / "ckpt.tmp")
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+    mra.load_checkpoint(str(out / "ckpt"))
+
+
+def test_first_turn_from_gpt_is_dropped_as_released(env, tmp_path):
+    recs = records()
+    recs[1]["conversations"] = [{"from": "gpt", "value": "Hello."}] + recs[1]["conversations"]
+    path = write_dataset(tmp_path, recs)
+    ds = data.LlavaDataset(path, str(tmp_path / "images"), Tokenizer(env[1]), "vicuna_v1", 32)
+    assert len(ds) == 4 and ds.dropped_first == 1
+    assert ds.records[1]["turns"] == [(c["from"], c["value"]) for c in records()[1]["conversations"]]
+
+
+def test_train_user_errors_are_one_line(env, tmp_path):
+    d, tok = env
+    good = json.loads((d / "chats.json").read_text())
+    files = {"no_conv.json": [dict(id=1, image="0.png")], "no_image.json": [dict(good[0], image="gone.png")],
+             "empty.json": None}
+    for name, recs in files.items():
+        (tmp_path / name).write_text("" if recs is None else json.dumps(recs))
+    (tmp_path / "bad.json").write_text('{"arch": "llava-hr",\n "image_size": }')
+    weights_only = tmp_path / "w" / "ckpt"
+    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(json.loads(json.dumps(tiny_dict())))), weights_only)
+    base = args(env, tmp_path / "o", 2, "--max-steps", 1)
+    with_data = lambda f: [str(tmp_path / f) if a == str(d / "chats.json") else a for a in map(str, base)]  # noqa: E731
+    cases = {
+        "record without conversations": (with_data("no_conv.json"), "record 0 (id 1): no conversations"),
+        "missing image": (with_data("no_image.json"), "gone.png"),
+        "empty data file": (with_data("empty.json"), "empty.json: empty file"),
+        "batch size 0": ([*base, "--batch-size", 0], "--batch-size >= 1"),
+        "lr nan": ([*base, "--lr", "nan"], "--lr > 0"),
+        "config not json": ([*base, "--config", tmp_path / "bad.json"], "bad.json line 2: not valid JSON"),
+        "resume without train state": ([*args(env, tmp_path / "w", 2), "--resume"], "has no train_state.pt"),
+    }
+    for name, (argv, expected) in cases.items():
+        assert expected in one_line(run_train(argv)), name
+
+
+def tiny_dict():
+    from test_train import tiny
+    return tiny().to_dict()
+
+
+# -----------------------------------------------------------------------------
+# generate.py: inputs checked before the model loads, ids unique, a padded vocabulary
+
+
+def batch_argv(model_dir, images, q, a):  # noqa: F811
+    return ["--model", model_dir, "--questions", q, "--answers", a, "--image-folder", images[0].parent,
+            "--max-new-tokens", 2]
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['{"question_id": 1, "text": "Hi"}', '{"question_id": 1, "text": "Again"}'],
+     "line 2: question_id 1 repeats line 1; ids must be unique"),
+    (['{"question_id": 1, "text": null}'], "line 1: text must be a string"),
+    (['{"question_id": [1], "text": "Hi"}'], "line 1: question_id must be a string or an integer"),
+    (['{"question_id": 1, "text": "Hi"}', '{"question_id": 2, "text": '], "q.jsonl line 2: not JSON"),
+    (['{"question_id": 1, "text": "Hi", "image": "nope.png"}'], "line 1: image file not found"),
+])
+def test_bad_questions_fail_before_the_model_loads(model_dir, images, tmp_path, capsys, lines, expected):  # noqa: F811
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text("\n".join(lines) + "\n")
+    code, out, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
+    assert code == 1 and expected in err and len(err.splitlines()) == 1 and "loading" not in err, err
+    assert not a.exists()
+
+
+def test_garbage_answers_line_is_named(model_dir, images, tmp_path, capsys):  # noqa: F811
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n')
+    a.write_text('{"question_id": 0, "text": "ok"}\ngarbage\n')
+    code, _, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
+    assert code == 1 and "a.jsonl line 2: not JSON" in err and "loading" not in err
+
+
+def padded_checkpoint(model_dir, path, vocab):  # noqa: F811
+    """model_dir's model (500 pieces) with `vocab` embedding rows. With more rows than pieces the
+    head is zero: every logit ties, so sampling unguarded would pick ids without text 3 times in 4."""
+    m = mra.load_checkpoint(str(model_dir))
+    llm = LlamaConfig(**{**vars(m.cfg.llm), "vocab_size": vocab})
+    big = mra.build(mra.MRAConfig(**{**vars(m.cfg), "llm": llm}))
+    state = m.state_dict()
+    for k, v in big.state_dict().items():
+        n = min(v.shape[0], state[k].shape[0]) if v.dim() else None
+        v.copy_(state[k]) if v.shape == state[k].shape else v[:n].copy_(state[k][:n])
+    if vocab > 500:
+        big.llm.output.weight.data.zero_()
+    mra.save_checkpoint(big, path)
+    os.link(model_dir / "tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+def test_padded_vocabulary_never_samples_an_id_without_text(model_dir, images, tmp_path, capsys):  # noqa: F811
+    path = padded_checkpoint(model_dir, tmp_path / "padded", 2000)
+    code, out, err = run_cli(capsys, "--model", path, "--image", images[0], "--prompt", "Hi",
+                             "--max-new-tokens", 8, "--temperature", 1.0, "--seed", 0)
+    assert code == 0 and "error" not in err and out.strip(), err
+
+
+def test_tokenizer_larger_than_the_llm_is_refused(model_dir, images, tmp_path, capsys):  # noqa: F811
+    path = padded_checkpoint(model_dir, tmp_path / "small", 400)
+    code, out, err = run_cli(capsys, "--model", path, "--prompt", "Hi")
+    assert code == 1 and "500 pieces, the LLM only 400 embeddings" in err and out == ""
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--device", "gpu"], "--device gpu: not a device"),
+    (["--temperature", "nan"], "a finite --temperature"),
+    (["--device", "cuda"], "no CUDA GPU is visible"),
+])
+def test_bad_flags_are_one_line(model_dir, capsys, flags, expected):  # noqa: F811
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model", str(model_dir), "--prompt", "Hi", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+
+
+def test_chat_with_stdin_closed_and_an_over_long_turn(model_dir, images, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(sys, "stdin", None)
+    assert run_cli(capsys, "--model", model_dir, "--max-new-tokens", 2)[0] == 0
+    import io
+    monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 600 + "\nWhat is this?\n"))
+    code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--max-new-tokens", 2)
+    assert code == 0 and "error: conversation too long" in err and err.count("ASSISTANT: ") == 1, err
+
+
+# -----------------------------------------------------------------------------
+# loaders and mra.py convert
+
+
+def test_config_problems_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=32, num_hidden_layers=1)))
+    with pytest.raises(CheckpointError, match=r"config.json: the field 'hidden_size' is missing"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "mra_config.json").write_text('{\n"arch": "llava-hr",\n}')
+    with pytest.raises(CheckpointError, match=r"mra_config.json line 3: not valid JSON"):
+        mra.load_checkpoint(str(tmp_path))
+
+
+def test_integer_weights_are_refused_by_name():
+    cfg = LlamaConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    state = {k: v for k, v in Llama(cfg).state_dict().items()}
+    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"].long()}
+    with pytest.raises(CheckpointError, match="model.embed_tokens.weight holds torch.int64 values"):
+        Llama.from_pretrained((cfg, hf))
+
+
+def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
+    conv_ = lambda src, dst: subprocess.run([sys.executable, "mra.py", "convert", str(src), str(dst)],  # noqa: E731
+                                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "no such directory" in one_line(conv_(tmp_path / "nope", tmp_path / "out"))
+    src = tmp_path / "release"
+    src.mkdir()
+    torch.save({"a": torch.ones(2)}, src / "pytorch_model-00001-of-00002.bin")
+    with open(src / "pytorch_model-00002-of-00002.bin", "wb") as f:
+        pickle.dump(Namespace(x=1), f)  # an object, not tensors: the unpickler must refuse it
+    assert "refused, not a plain weights file" in one_line(conv_(src, tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    (src / "pytorch_model-00002-of-00002.bin").unlink()
+    torch.save({"b": torch.zeros(3)}, src / "pytorch_model-00002-of-00002.bin")
+    r = conv_(src, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "already exists" in one_line(conv_(src, tmp_path / "out"))
