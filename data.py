@@ -263,6 +263,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         n_tags = sum(t.count("<image>") for _, t in turns)
         image = None
         if "image" in rec:
+            if not isinstance(rec["image"], str) or not rec["image"]:
+                raise DataError(f"'image' must be a file name, not {rec['image']!r}")
             image = os.path.join(self.folder, rec["image"])
             if not os.path.isfile(image):
                 raise DataError(f"image file not found: {image}")

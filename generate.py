@@ -131,7 +131,9 @@ def check_length(model, ids, max_new_tokens, what="prompt"):
 # Prompts and streaming
 
 def human_turn(text, has_image):
-    # LLaVA's model_vqa: the question follows the image placeholder and a newline
+    # LLaVA's model_vqa: the question follows the image placeholder and a newline. A user's own
+    # "<image>" is dropped: only the image we were given may become a placeholder.
+    text = text.replace("<image>", "")
     return ("human", "<image>\n" + text if has_image else text)
 
 
@@ -373,6 +375,10 @@ def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
     # every input is checked before the model loads (minutes for a 7B)
+    if not os.path.isdir(args.model):
+        raise mra.CheckpointError(f"--model {args.model}: no such directory (a checkpoint directory is expected)")
+    if args.answers and not os.path.isdir(os.path.dirname(os.path.abspath(args.answers))):
+        raise data.DataError(f"--answers {args.answers}: its directory does not exist")
     image = data.load_image(args.image) if args.image else None
     questions, answered = read_questions(args) if args.questions else (None, None)
     tok = mra.load_tokenizer(args.model)

@@ -48,6 +48,12 @@ class MRAConfig:
     convnext: ConvNeXtConfig = field(default_factory=lambda: ConvNeXtConfig.from_name("convnext_large_mlp"))
     llm: LlamaConfig = field(default_factory=lambda: LlamaConfig.from_name("vicuna-7b-v1.5"))
 
+    def __post_init__(self):
+        for name, allowed in (("arch", ("llava-hr", "llava-1.5")), ("gate", ("tanh", "sigmoid", "none")),
+                              ("image_aspect_ratio", ("pad", "crop"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} is {getattr(self, name)!r}, expected one of {allowed}")
+
     @classmethod
     def from_name(cls, name):
         if name not in MRA_PRESETS:

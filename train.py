@@ -66,11 +66,13 @@ class Parser(argparse.ArgumentParser):
 def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
     disk) is one line, not a traceback (--debug shows it)."""
+    if issubclass(kind, KeyboardInterrupt):
+        return tqdm.write("interrupted: the last saved checkpoint is intact; --resume continues from it", file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     # an error raised in a DataLoader worker arrives with the worker's traceback as its message
     last = (str(err).strip().splitlines() or [kind.__name__])[-1]
-    print("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)
+    tqdm.write("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)  # below any bar
 
 # -----------------------------------------------------------------------------
 # the demo: the whole pipeline on a CPU in minutes, through the same two commands as real use
@@ -211,7 +213,8 @@ if not args.debug:
     sys.excepthook = one_line_errors
 st = STAGE[args.stage]
 limits = {"--batch-size >= 1": args.batch_size >= 1, "--global-batch >= 1": (args.global_batch or 1) >= 1,
-          "--epochs >= 1": args.epochs >= 1, "--max-steps >= 1": (args.max_steps or 1) >= 1,
+          "--epochs >= 1": args.epochs >= 1, "--image-size >= 32": (args.image_size or 32) >= 32,
+          "--max-len >= 1": (args.max_len or 1) >= 1, "--max-steps >= 1": (args.max_steps or 1) >= 1,
           "--save-every >= 0": args.save_every >= 0, "--workers >= 0": args.workers >= 0,
           "--lr > 0": args.lr is None or 0 < args.lr < math.inf, "0 <= --warmup-ratio <= 1": 0 <= args.warmup_ratio <= 1,
           "--grad-clip >= 0": 0 <= args.grad_clip < math.inf, "--weight-decay >= 0": 0 <= args.weight_decay < math.inf,
@@ -266,6 +269,9 @@ elif (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and no
 # data: checked before the model loads (minutes for a 7B), so a bad file fails at once
 
 weights_dir = resume_dir if args.resume else args.init or args.llm
+for flag, path in (("--init", args.init), ("--llm", args.llm)):
+    if path and not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
 if not (args.tokenizer or weights_dir):
     raise SystemExit("--tokenizer is needed (no --llm, --init or --resume to take tokenizer.model from)")
 tok_path = args.tokenizer or os.path.join(weights_dir, "tokenizer.model")
@@ -298,6 +304,8 @@ if args.config == "tiny":
     cfg = TINY
 elif args.config == "full":
     cfg = mra.MRAConfig()
+elif not os.path.isfile(args.config):
+    raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
 else:
     cfg = read_config(args.config, mra.MRAConfig.from_dict)
 adapters = args.adapters if args.adapters is not None else args.stage == 2

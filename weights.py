@@ -149,7 +149,8 @@ def load_state(model, state, source, unexpected=(), table=()):
         elif k in expected and expected[k].is_floating_point() and not t.is_floating_point():
             problems.append(f"{their_name(k, table)} holds {t.dtype} values where weights are floating point")
     if problems:
-        raise CheckpointError(f"{source}: " + "; ".join(problems))
+        more = f"; ... ({len(problems) - 8} more problems)" if len(problems) > 8 else ""
+        raise CheckpointError(f"{source}: " + "; ".join(problems[:8]) + more)
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a buffer the model forgot to rebuild after loading: our bug, not the user's

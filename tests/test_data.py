@@ -401,7 +401,7 @@ def test_plain_needs_images_and_bad_json(tmp_path, tok):
     with pytest.raises(DataError, match="record 1 \\(id b\\): stage 1 \\(plain\\) needs an image"):
         LlavaDataset(path, str(tmp_path / "images"), tok, "plain", 32, "crop")
     (tmp_path / "broken.json").write_text('[{"id": 1,')
-    with pytest.raises(DataError, match="broken.json: neither a JSON list nor JSON lines"):
+    with pytest.raises(DataError, match="broken.json line 1: not valid JSON"):
         LlavaDataset(str(tmp_path / "broken.json"), str(tmp_path / "images"), tok, "plain", 32)
 
 
