@@ -276,13 +276,16 @@ def question_problem(q, image_folder):
 
 
 def read_questions(args):
-    """The questions to answer and the ids already answered, all checked before the model loads."""
+    """The questions to answer and the (question_id, text) pairs already answered, all checked
+    before the model loads. An id may repeat with other text (MME asks two questions per image
+    under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
     questions, first = [], {}
     for n, q in read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder)):
-        if q["question_id"] in first:  # answers are matched by id: a repeated one is ambiguous
-            raise data.DataError(f"{args.questions} line {n}: question_id {q['question_id']!r} repeats line "
-                                 f"{first[q['question_id']]}; ids must be unique")
-        first[q["question_id"]] = n
+        key = (q["question_id"], q["text"])
+        if key in first:
+            raise data.DataError(f"{args.questions} line {n}: repeats line {first[key]} (question_id "
+                                 f"{q['question_id']!r}, same text); each question must be asked once")
+        first[key] = n
         questions.append(q)
     answered = set()
     if os.path.exists(args.answers):
@@ -291,15 +294,15 @@ def read_questions(args):
             if raw and not raw.endswith(b"\n"):  # a line cut short by a crash: drop it, redo it
                 f.truncate(raw.rfind(b"\n") + 1)
         has_id = lambda a: None if isinstance(a.get("question_id"), (str, int)) else "no question_id"  # noqa: E731
-        answered = {a["question_id"] for _, a in read_jsonl(args.answers, has_id)}
+        answered = {(a["question_id"], a.get("prompt")) for _, a in read_jsonl(args.answers, has_id)}
     return questions, answered
 
 
 def answer_file(model, tok, args, pick, step, questions, answered):
     """LLaVA's model_vqa: {question_id, image, text} lines in, {question_id, prompt, text,
-    answer_id, model_id, metadata} lines out; ids already answered are skipped (resume)."""
+    answer_id, model_id, metadata} lines out; questions already answered are skipped (resume)."""
     from tqdm import tqdm
-    todo = [q for q in questions if q["question_id"] not in answered]
+    todo = [q for q in questions if (q["question_id"], q["text"]) not in answered]
     if answered:
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
     model_id = os.path.basename(os.path.normpath(args.model))
@@ -339,7 +342,7 @@ def parse_args(argv):
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", help="answer this one question and exit; without it: chat on stdin")
     p.add_argument("--questions", help="LLaVA question .jsonl ({question_id, image, text} per line)")
-    p.add_argument("--answers", help="answer .jsonl to write (appended to; answered ids are skipped)")
+    p.add_argument("--answers", help="answer .jsonl to write (appended to; answered questions are skipped)")
     p.add_argument("--image-folder", help="directory the questions' image paths are relative to")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

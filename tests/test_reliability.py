@@ -162,8 +162,8 @@ def batch_argv(model_dir, images, q, a):  # noqa: F811
 
 
 @pytest.mark.parametrize("lines, expected", [
-    (['{"question_id": 1, "text": "Hi"}', '{"question_id": 1, "text": "Again"}'],
-     "line 2: question_id 1 repeats line 1; ids must be unique"),
+    (['{"question_id": 1, "text": "Hi"}', '{"question_id": 2, "text": "Hi"}', '{"question_id": 1, "text": "Hi"}'],
+     "line 3: repeats line 1 (question_id 1, same text)"),
     (['{"question_id": 1, "text": null}'], "line 1: text must be a string"),
     (['{"question_id": [1], "text": "Hi"}'], "line 1: question_id must be a string or an integer"),
     (['{"question_id": 1, "text": "Hi"}', '{"question_id": 2, "text": '], "q.jsonl line 2: not JSON"),
@@ -175,6 +175,19 @@ def test_bad_questions_fail_before_the_model_loads(model_dir, images, tmp_path, 
     code, out, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
     assert code == 1 and expected in err and len(err.splitlines()) == 1 and "loading" not in err, err
     assert not a.exists()
+
+
+def test_one_id_two_questions_each_answered_once_across_a_resume(model_dir, images, tmp_path, capsys):  # noqa: F811
+    # MME asks two questions per image under one question_id
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qs = [dict(question_id="img.png", image=images[0].name, text=t) for t in ("Is it red?", "Is it blue?")]
+    q.write_text(json.dumps(qs[0]) + "\n")
+    assert run_cli(capsys, *batch_argv(model_dir, images, q, a))[0] == 0  # interrupted after the first
+    q.write_text("".join(json.dumps(x) + "\n" for x in qs))
+    code, _, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
+    answers = [json.loads(line) for line in open(a)]
+    assert code == 0 and "resuming: 1 of 2" in err
+    assert [(x["question_id"], x["prompt"]) for x in answers] == [("img.png", t["text"]) for t in qs]
 
 
 def test_garbage_answers_line_is_named(model_dir, images, tmp_path, capsys):  # noqa: F811
