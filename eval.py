@@ -64,7 +64,7 @@ def read_jsonl(path, what, keys):
                             f"rerun generate.py, which redoes a broken last line") from None
         missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
         if missing:
-            raise EvalError(f"{path}:{n}: a {what} line needs {', '.join(keys)}; it lacks {', '.join(missing)}")
+            raise EvalError(f"{path}:{n}: each {what} line needs {', '.join(keys)}; this one lacks {', '.join(missing)}")
         if "text" in keys and not isinstance(obj["text"], str):
             raise EvalError(f"{path}:{n}: 'text' must be a string, got {type(obj['text']).__name__}")
         rows.append((n, obj))
@@ -88,12 +88,17 @@ def unknown(path, n, qid, where):
                      f"were these answers generated from another question file?")
 
 
-def report(**counts):
-    for k, v in counts.items():
-        print(f"{k}: {v}")
-    if counts.get("missing"):
-        print(f"warning: {counts['missing']} questions have no answer; the scores below cover the "
-              f"answered ones only", file=sys.stderr)
+def need(obj, key, path, what):
+    """obj[key], or one line saying the file does not have the expected layout."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise EvalError(f"{path}: {what} has no {key!r}; is this the right file?")
+    return obj[key]
+
+
+def report(questions, answered, missing, note="the scores below cover the answered ones only"):
+    print(f"questions: {questions}\nanswered: {answered}\nmissing: {missing}")
+    if missing:
+        print(f"warning: {missing} questions have no answer; {note}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,18 +190,19 @@ def score_vqa(preds):
 
 
 def human_answers(path, ann, qid):
-    answers = [a["answer"] if isinstance(a, dict) else a for a in ann["answers"]]
+    answers = [a["answer"] if isinstance(a, dict) else a for a in need(ann, "answers", path, f"question {qid!r}")]
     if len(answers) != 10:  # the release asserts ten
         raise EvalError(f"{path}: question {qid!r} has {len(answers)} human answers; VQA accuracy needs 10")
     return answers
 
 
 def run_textvqa(args):
-    anns = read_json(args.annotations, "TextVQA annotations")["data"]
+    anns = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file")
     # later duplicates win, as in the release's dict
-    anns = {(a["image_id"], a["question"].lower()): a for a in anns}
+    anns = {(need(a, "image_id", args.annotations, "an entry"), need(a, "question", args.annotations, "an entry").lower()): a
+            for a in anns}
     rows = read_jsonl(args.answers, "answer", ("question_id", "prompt", "text"))
-    preds, seen = [], set()
+    preds, seen = [], {}
     for n, a in rows:
         q = textvqa_question(a["prompt"])
         if q is None:
@@ -206,7 +212,10 @@ def run_textvqa(args):
         if key not in anns:
             raise EvalError(f"{args.answers}:{n}: image {a['question_id']!r} with question {q!r} is not in "
                             f"{args.annotations}")
-        seen.add(key)
+        if key in seen:  # the release would score it twice
+            raise EvalError(f"{args.answers}:{n}: image {key[0]!r} question {key[1]!r} was already answered on "
+                            f"line {seen[key]}; keep one answer per question")
+        seen[key] = n
         preds.append((a["text"], human_answers(args.annotations, anns[key], key)))
     report(questions=len(anns), answered=len(seen), missing=len(anns) - len(seen))
     if preds:
@@ -216,8 +225,8 @@ def run_textvqa(args):
 def run_vqav2(args):
     if args.submission:
         return vqa_submission(args, "vqav2")
-    anns = read_json(args.annotations, "VQAv2 annotations")["annotations"]
-    anns = {a["question_id"]: a for a in anns}
+    anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file")
+    anns = {need(a, "question_id", args.annotations, "an annotation"): a for a in anns}
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
                      lambda a: a["question_id"])
     preds, per_type = [], defaultdict(list)
@@ -264,7 +273,7 @@ def vqa_submission(args, bench):
     with open(tmp, "w") as f:
         json.dump(out, f)
     os.replace(tmp, args.submission)
-    report(questions=len(questions), answered=len(answers), missing=len(missing))
+    report(len(questions), len(answers), len(missing), "they go as '' (test-dev is part of test2015)")
     print(f"submission: {args.submission}")
 
 
@@ -285,6 +294,10 @@ def run_gqa(args):
     averaged over the balanced questions; binary (yes/no, 'verify'/'logical'/'choose'/'compare'
     structures) and open ('query') splits likewise."""
     questions = read_json(args.questions, "GQA questions")
+    if not isinstance(questions, dict):
+        raise EvalError(f"{args.questions}: expected GQA's {{question id: question}} object")
+    for qid, q in questions.items():
+        need(q, "answer", args.questions, f"question {qid!r}")
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
                      lambda a: str(a["question_id"]))  # GQA's ids are strings; LLaVA's files too
     for qid, (n, _) in answers.items():
@@ -376,7 +389,7 @@ def run_pope(args):
         for k, v in m.items():  # the release prints the raw floats
             print(f"{category}_{k}: {v}")
         f1s.append(m["f1"])
-    if len(f1s) == len(categories):  # LLaVA-1.5 and the paper report the three splits' mean F1
+    if len(f1s) == len(categories):  # the figure LLaVA-1.5 reports for POPE: the splits' mean F1, x100
         print(f"mean_f1: {100 * sum(f1s) / len(f1s):.1f}")
 
 
@@ -500,12 +513,12 @@ def run_mme(args):
 OPTIONS = ["A", "B", "C", "D", "E"]  # a list: `"" in "ABCDE"` would be True
 
 
-def sqa_letter(text, rule="llava-hr"):
-    """The option letter read from an answer (llava_hr/eval/eval_science_qa.py): the answer
-    itself if it is a letter, else its first character if that is a letter and the answer has
-    3+ characters, else X from a single 'The answer is X.'; else FAILED. LLaVA-1.5's script
-    takes the first character only when '. ' follows it (rule='llava'); LLaVA-HR dropped that
-    condition in its 2024-04 SQA fix, which its released numbers use."""
+def sqa_letter(text, rule="llava"):
+    """The option letter read from an answer (llava/eval/eval_science_qa.py): the answer itself
+    if it is a letter, else its first letter when '. ' follows it ('B. because'), else X from a
+    single 'The answer is X.'; else FAILED. LLaVA-HR's copy of the script was the same when its
+    numbers were published; on 2024-04-28 it dropped the '. ' condition (rule='llava-hr': any
+    3+ character answer starting with a letter reads as that letter)."""
     if text in OPTIONS:
         return text
     if len(text) >= 3 and text[0] in OPTIONS and (rule == "llava-hr" or text[1:3] == ". "):
@@ -517,10 +530,13 @@ def sqa_letter(text, rule="llava-hr"):
 def run_scienceqa(args):
     problems = read_json(os.path.join(args.base_dir, "problems.json"), "ScienceQA problems")
     splits = read_json(os.path.join(args.base_dir, "pid_splits.json"), "ScienceQA splits")
-    if args.split not in splits:
+    if not isinstance(splits, dict) or args.split not in splits:
         raise EvalError(f"{os.path.join(args.base_dir, 'pid_splits.json')}: no split {args.split!r} "
                         f"(it has {', '.join(splits)})")
     split = splits[args.split]
+    for pid in split:
+        need(problems, pid, os.path.join(args.base_dir, "problems.json"), "the file")
+        need(problems[pid], "choices", os.path.join(args.base_dir, "problems.json"), f"problem {pid!r}")
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
                      lambda a: str(a["question_id"]))
     in_split = set(split)
@@ -539,7 +555,8 @@ def run_scienceqa(args):
         image = a is not None and ("<image>" in a.get("prompt", "") or bool(prob.get("image")))
         correct, total = correct + ok, total + 1
         img_correct, img_total = img_correct + (ok and image), img_total + image
-    report(questions=len(split), answered=len(answers), missing=len(split) - len(answers))
+    report(len(split), len(answers), len(split) - len(answers),
+           "they count as wrong, and the image subset leaves them out (as the release scores them)")
     print(f"correct: {correct}")
     print(f"accuracy: {correct / total * 100:.2f}")  # eval_science_qa.py's order and rounding
     if img_total:
@@ -590,8 +607,8 @@ def parse_args(argv):
     s = sub.add_parser("scienceqa")
     s.add_argument("--base-dir", required=True, help="the folder holding problems.json and pid_splits.json")
     s.add_argument("--split", default="test")
-    s.add_argument("--letter-rule", choices=["llava-hr", "llava"], default="llava-hr",
-                   help="how the option letter is read (see sqa_letter); llava-hr as released")
+    s.add_argument("--letter-rule", choices=["llava", "llava-hr"], default="llava",
+                   help="how the option letter is read (see sqa_letter); llava: the published numbers' rule")
     for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa"):
         sub.choices[name].add_argument("--answers", required=True, help="answer .jsonl (generate.py's)")
     s = sub.add_parser("scienceqa-questions", help="convert llava_test_CQM-A.json for generate.py")

@@ -557,3 +557,134 @@ def test_scienceqa_image_subset_from_problems_when_prompts_lack_the_placeholder(
     _, with_tag, _ = run(capsys, *write_sqa(tmp_path / "a"))
     _, without, _ = run(capsys, *write_sqa(tmp_path / "b", image_in_prompt=False))
     assert with_tag == without
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line naming the file and line, a non-zero exit, never a wrong score
+
+def rewrite_answers(path, edit):
+    lines = open(path).read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join(edit(lines)) + "\n")
+
+
+def fails(capsys, argv, *needles):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 1 and "accuracy" not in out, out
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for s in needles:
+        assert s in err, (s, err)
+    return err
+
+
+def test_malformed_line_names_file_and_line(tmp_path, capsys):
+    argv = write_gqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:2] + [ls[2][:30]] + ls[3:])  # a line cut short
+    fails(capsys, argv, "answers.jsonl:3:", "not a JSON line")
+
+
+def test_line_without_question_id(tmp_path, capsys):
+    argv = write_textvqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:1] + [json.dumps({"prompt": "x", "text": "y"})] + ls[2:])
+    fails(capsys, argv, "answers.jsonl:2:", "lacks question_id")
+
+
+def test_text_must_be_a_string(tmp_path, capsys):
+    argv = write_pope(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:4] + [json.dumps(answer(5, "q", None))] + ls[5:])
+    fails(capsys, argv, "answers.jsonl:5:", "'text' must be a string")
+
+
+@pytest.mark.parametrize("bench", ["textvqa", "vqav2", "gqa", "pope", "mme", "scienceqa", "vizwiz"])
+def test_answer_to_an_unknown_question(tmp_path, capsys, bench):
+    writers = dict(textvqa=write_textvqa, vqav2=write_vqav2, gqa=write_gqa, pope=write_pope, mme=write_mme,
+                   scienceqa=write_sqa, vizwiz=write_vizwiz)
+    argv = writers[bench](tmp_path)
+    stranger = answer("nope-404" if bench != "mme" else "existence/404.png", "Is it?" + SHORT, "yes")
+    rewrite_answers(argv[2], lambda ls: ls + [json.dumps(stranger)])
+    n = len(open(argv[2]).read().splitlines())
+    fails(capsys, argv, f"answers.jsonl:{n}:")
+
+
+def test_two_answers_to_one_question(tmp_path, capsys):
+    argv = write_vqav2(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls + [ls[1]])
+    fails(capsys, argv, f"answers.jsonl:{len(VQAV2) + 1}:", "already answered on line 2")
+
+
+def test_missing_answers_are_counted_and_scored_apart(tmp_path, capsys):
+    argv = write_gqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[2:])  # the first two questions unanswered
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == ("8", "6", "2")
+    assert "2 questions have no answer" in err
+    # the score covers the six answered questions: GQA's rule on those alone
+    gold = {qid: g for qid, _, g, _ in GQA[2:]}
+    right = sum(ev.gqa_prediction(a) == gold[qid] for qid, _, _, a in GQA[2:])
+    assert out["accuracy"] == f"{right / 6 * 100:.2f}"
+
+
+def test_unreadable_inputs(tmp_path, capsys):
+    argv = write_textvqa(tmp_path)
+    fails(capsys, argv[:2] + [str(tmp_path / "absent.jsonl")] + argv[3:], "absent.jsonl", "cannot read")
+    with open(argv[4], "w") as f:
+        f.write("{broken")
+    fails(capsys, argv, "TextVQA_0.5.1_val.json:1:", "not valid JSON")
+
+
+def test_textvqa_prompt_without_a_question(tmp_path, capsys):
+    argv = write_textvqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(answer("t01", "one\ntwo\nthree\nfour", "x"))] + ls[1:])
+    fails(capsys, argv, "answers.jsonl:1:", "cannot find the question")
+
+
+def test_pope_labels_must_follow_the_questions(tmp_path, capsys):
+    argv = write_pope(tmp_path)
+    path = os.path.join(argv[6], "coco_pope_random.json")
+    rewrite_answers(path, lambda ls: ls[:-1])
+    fails(capsys, argv, "coco_pope_random.json", "2 labels", "3 'random' questions")
+    argv = write_pope(tmp_path / "b")
+    path = os.path.join(argv[6], "coco_pope_popular.json")
+    rewrite_answers(path, lambda ls: [ls[2], ls[1], ls[0], ls[3]])
+    fails(capsys, argv, "coco_pope_popular.json:1:", "image 'e.jpg'")
+
+
+def test_submission_never_overwrites(tmp_path, capsys):
+    argv = write_vqav2_test(tmp_path)
+    (tmp_path / "upload.json").write_text("my earlier upload")
+    fails(capsys, argv, "upload.json exists")
+    assert (tmp_path / "upload.json").read_text() == "my earlier upload"
+
+
+def test_vizwiz_needs_every_answer(tmp_path, capsys):
+    argv = write_vizwiz(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[1:])
+    fails(capsys, argv, "1 of 4 VizWiz questions have no answer")
+    assert not (tmp_path / "upload.json").exists()
+
+
+def test_cli_exits_with_one_line(tmp_path):
+    # the real entry point, as a user runs it: one stderr line, no traceback
+    import subprocess
+    import sys
+    argv = write_gqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls + ["{"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), *argv], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and f"answers.jsonl:{len(GQA) + 1}:" in r.stderr
+
+
+def test_scienceqa_questions_for_generate(tmp_path, capsys):
+    # model_vqa_science.py's prompt: <image> dropped from the text (generate.py adds it back), the
+    # letter instruction appended; problems without an image stay text-only
+    src = tmp_path / "llava_test_CQM-A.json"
+    src.write_text(json.dumps([
+        {"id": "5", "image": "5/image.png", "conversations": [{"from": "human", "value": "<image>\nContext: x\nWhich?\nA. a\nB. b"},
+                                                              {"from": "gpt", "value": "B"}]},
+        {"id": "4", "conversations": [{"from": "human", "value": "Which?\nA. a\nB. b"}, {"from": "gpt", "value": "A"}]}]))
+    rc, out, _ = run(capsys, "scienceqa-questions", src, tmp_path / "sqa.jsonl")
+    rows = [json.loads(line) for line in open(tmp_path / "sqa.jsonl")]
+    suffix = "\nAnswer with the option's letter from the given choices directly."
+    assert rc == 0 and rows == [dict(question_id="5", text="Context: x\nWhich?\nA. a\nB. b" + suffix, image="5/image.png"),
+                                dict(question_id="4", text="Which?\nA. a\nB. b" + suffix)]
