@@ -50,7 +50,7 @@ def read_jsonl(path, what, keys):
     """[(line number, object)] for every non-blank line; each object must hold `keys`."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")  # not splitlines(): U+2028 inside a string is no line break
     except OSError as e:
         raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
     rows = []
@@ -496,9 +496,7 @@ def run_mme(args):
     for kind, tasks in MME_TASKS.items():
         done = [t for t in tasks if per_task[t]]
         scores = {t: mme_task_score(per_task[t]) for t in done}
-        total = 0
-        for t in done:
-            total += scores[t]
+        total = sum(scores[t] for t in done)  # 0 + first + second ..., calculation.py's order
         if len(done) == len(tasks):
             print(f"{kind}: {total}")  # calculation.py prints the raw float sum
         else:

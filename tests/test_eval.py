@@ -688,3 +688,10 @@ def test_scienceqa_questions_for_generate(tmp_path, capsys):
     suffix = "\nAnswer with the option's letter from the given choices directly."
     assert rc == 0 and rows == [dict(question_id="5", text="Context: x\nWhich?\nA. a\nB. b" + suffix, image="5/image.png"),
                                 dict(question_id="4", text="Which?\nA. a\nB. b" + suffix)]
+
+
+def test_a_line_separator_inside_an_answer_is_not_a_line_break(tmp_path, capsys):
+    argv = write_pope(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), text="Yes\u2028no"), ensure_ascii=False)] + ls[1:])
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and out["missing"] == "0"
