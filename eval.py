@@ -1,0 +1,636 @@
+"""Score generate.py's answer files on the paper's benchmarks, by the rules the release scores them.
+
+    python eval.py textvqa   --answers A.jsonl --annotations TextVQA_0.5.1_val.json
+    python eval.py vqav2     --answers A.jsonl --annotations v2_mscoco_val2014_annotations.json
+    python eval.py vqav2     --answers A.jsonl --questions llava_vqav2_mscoco_test2015.jsonl --submission up.json
+    python eval.py vizwiz    --answers A.jsonl --questions llava_test.jsonl --submission up.json
+    python eval.py gqa       --answers A.jsonl --questions testdev_balanced_questions.json
+    python eval.py pope      --answers A.jsonl --questions llava_pope_test.jsonl --annotation-dir coco/
+    python eval.py mme       --answers A.jsonl --mme-dir MME_Benchmark_release_version/
+    python eval.py scienceqa --answers A.jsonl --base-dir scienceqa/     (problems.json, pid_splits.json)
+    python eval.py scienceqa-questions llava_test_CQM-A.json sqa.jsonl   (the question file generate.py reads)
+
+Answer files are LLaVA's model_vqa jsonl ({question_id, prompt, text, ...} per line), as generate.py
+and the release's model_vqa_loader write them. Each benchmark's rule is one small pure function
+below, written from the release's scoring code (LLaVA-1.5 / LLaVA-HR: llava/eval/*.py and
+scripts/convert_*.py) or, where the release hands off, from the benchmark's own tool (GQA's
+eval.py, MME's eval_tool/calculation.py). Each prints `name: value` lines in the units and with
+the rounding that tool prints, so the numbers can be compared digit for digit. Where the release
+is fragile (it pairs POPE labels and MME questions by file position, and silently drops extra
+answers) we match by id instead, which gives the same numbers whenever the release's assumptions
+hold, and refuses the input with one line naming the file and line when they do not. Missing
+answers are never scored as if the set were complete: every run prints `missing:`.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+
+class EvalError(ValueError):
+    """Bad input: the message is one line naming the file (and line) and the way out."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading answers and annotations
+
+def read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}:{e.lineno}: the {what} is not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path, what, keys):
+    """[(line number, object)] for every non-blank line; each object must hold `keys`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")  # not splitlines(): U+2028 inside a string is no line break
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{n}: not a JSON line ({e.msg}); a run cut short? "
+                            f"rerun generate.py, which redoes a broken last line") from None
+        missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise EvalError(f"{path}:{n}: each {what} line needs {', '.join(keys)}; this one lacks {', '.join(missing)}")
+        if "text" in keys and not isinstance(obj["text"], str):
+            raise EvalError(f"{path}:{n}: 'text' must be a string, got {type(obj['text']).__name__}")
+        rows.append((n, obj))
+    return rows
+
+
+def by_key(path, rows, key):
+    """{key(obj): (line, obj)}; a key seen twice is an error (two answers to one question)."""
+    out = {}
+    for n, obj in rows:
+        k = key(obj)
+        if k in out:
+            raise EvalError(f"{path}:{n}: question {k!r} was already answered on line {out[k][0]}; "
+                            f"keep one answer per question")
+        out[k] = (n, obj)
+    return out
+
+
+def unknown(path, n, qid, where):
+    return EvalError(f"{path}:{n}: question_id {qid!r} is not in {where}; "
+                     f"were these answers generated from another question file?")
+
+
+def need(obj, key, path, what):
+    """obj[key], or one line saying the file does not have the expected layout."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise EvalError(f"{path}: {what} has no {key!r}; is this the right file?")
+    return obj[key]
+
+
+def report(questions, answered, missing, note="the scores below cover the answered ones only"):
+    print(f"questions: {questions}\nanswered: {answered}\nmissing: {missing}")
+    if missing:
+        print(f"warning: {missing} questions have no answer; {note}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# VQA answer normalisation: the EvalAI processor of LLaVA's llava/eval/m4c_evaluator.py (from
+# MMF), used for TextVQA and for the VQAv2 / VizWiz submission files. Restated as tables.
+
+# contractions written without the apostrophe -> with it; the odd entries ("somebody'd" ->
+# "somebodyd", "let's" -> "let's") are in the original table and kept so answers match it
+CONTRACTIONS = dict(pair.split("=") for pair in """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
+couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
+hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's
+howd=how'd howll=how'll hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd
+itd've=it'd've it'dve=it'd've itll=it'll let's=let's maam=ma'am mightnt=mightn't
+mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've
+neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at
+'ow'sat='ow's'at shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've
+shouldnt=shouldn't shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd
+somebodyd've=somebody'd've somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's
+someoned=someone'd someoned've=someone'd've someone'dve=someone'd've someonell=someone'll
+someones=someone's somethingd=something'd somethingd've=something'd've
+something'dve=something'd've somethingll=something'll thats=that's thered=there'd
+thered've=there'd've there'dve=there'd've therere=there're theres=there's theyd=they'd
+theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas
+wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll
+whatre=what're whats=what's whatve=what've whens=when's whered=where'd wheres=where's
+whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's
+whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't
+wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll
+yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've
+you'dve=you'd've youll=you'll youre=you're youve=you've""".split())
+NUMBERS = dict(zip("none zero one two three four five six seven eight nine ten".split(),
+                   "0 0 1 2 3 4 5 6 7 8 9 10".split()))
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+# a period not followed by a digit ("1.5" keeps its point). The original passes re.UNICODE as
+# sub()'s third argument, which is `count`: at most 32 periods go, and so do we.
+PERIOD = re.compile(r"\.(?!\d)")
+
+
+def normalize_answer(text):
+    """The EvalAI answer normalisation, step by step as m4c_evaluator applies it."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    # punctuation touching a space is deleted, punctuation inside a word becomes a space
+    # (the original's digit-comma test never fires here: commas are already gone)
+    out = text
+    for p in PUNCTUATION:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text) else " ")
+    out = PERIOD.sub("", out, count=32)
+    words = [NUMBERS.get(w, w) for w in out.split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def vqa_accuracy(pred, humans):
+    """VQA accuracy of one answer against the 10 human answers (all already normalised):
+    min(#humans who gave it / 3, 1), averaged over the 10 leave-one-out subsets of 9 humans
+    (m4c_evaluator's TextVQAAccuracyEvaluator, the VQA challenge's metric)."""
+    total = 0
+    for i, h in enumerate(humans):
+        others = sum(1 for j, o in enumerate(humans) if j != i and o == pred)
+        total += min(1, others / 3)
+    return total / len(humans)
+
+
+# ---------------------------------------------------------------------------------------
+# TextVQA and VQAv2 val: VQA accuracy
+
+def textvqa_question(prompt):
+    """The question inside a TextVQA prompt, lower-cased (llava/eval/eval_textvqa.py's
+    prompt_processor): the release matches answers to annotations by (image id, this)."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        m = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        question = m.group(1) if m else None
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    elif len(lines) == 2:  # the question, then the answer-format line
+        question = lines[0]
+    else:
+        question = None
+    return None if question is None else question.lower()
+
+
+def score_vqa(preds):
+    """preds: [(answer text, the 10 human answers)] -> mean VQA accuracy, summed in order."""
+    scores = [vqa_accuracy(normalize_answer(p), [normalize_answer(h) for h in hs]) for p, hs in preds]
+    return sum(scores) / len(scores)
+
+
+def human_answers(path, ann, qid):
+    answers = [a["answer"] if isinstance(a, dict) else a for a in need(ann, "answers", path, f"question {qid!r}")]
+    if len(answers) != 10:  # the release asserts ten
+        raise EvalError(f"{path}: question {qid!r} has {len(answers)} human answers; VQA accuracy needs 10")
+    return answers
+
+
+def run_textvqa(args):
+    anns = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file")
+    # later duplicates win, as in the release's dict
+    anns = {(need(a, "image_id", args.annotations, "an entry"), need(a, "question", args.annotations, "an entry").lower()): a
+            for a in anns}
+    rows = read_jsonl(args.answers, "answer", ("question_id", "prompt", "text"))
+    preds, seen = [], {}
+    for n, a in rows:
+        q = textvqa_question(a["prompt"])
+        if q is None:
+            raise EvalError(f"{args.answers}:{n}: cannot find the question in the prompt {a['prompt']!r} "
+                            f"(expected 'question\\n[Reference OCR token: ...\\n]answer-format line')")
+        key = (a["question_id"], q)
+        if key not in anns:
+            raise EvalError(f"{args.answers}:{n}: image {a['question_id']!r} with question {q!r} is not in "
+                            f"{args.annotations}")
+        if key in seen:  # the release would score it twice
+            raise EvalError(f"{args.answers}:{n}: image {key[0]!r} question {key[1]!r} was already answered on "
+                            f"line {seen[key]}; keep one answer per question")
+        seen[key] = n
+        preds.append((a["text"], human_answers(args.annotations, anns[key], key)))
+    report(questions=len(anns), answered=len(seen), missing=len(anns) - len(seen))
+    if preds:
+        print(f"accuracy: {100. * score_vqa(preds):.2f}")  # eval_textvqa prints a percentage, 2 places
+
+
+def run_vqav2(args):
+    if args.submission:
+        return vqa_submission(args, "vqav2")
+    anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file")
+    anns = {need(a, "question_id", args.annotations, "an annotation"): a for a in anns}
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+                     lambda a: a["question_id"])
+    preds, per_type = [], defaultdict(list)
+    for qid, (n, a) in answers.items():
+        if qid not in anns:
+            raise unknown(args.answers, n, qid, args.annotations)
+        pair = (a["text"], human_answers(args.annotations, anns[qid], qid))
+        preds.append(pair)
+        per_type[anns[qid].get("answer_type", "all")].append(pair)
+    report(questions=len(anns), answered=len(answers), missing=len(anns) - len(answers))
+    if preds:
+        print(f"accuracy: {100. * score_vqa(preds):.2f}")
+        for t in sorted(per_type):
+            print(f"accuracy_{t.replace('/', '_')}: {100. * score_vqa(per_type[t]):.2f}")
+
+
+# ---------------------------------------------------------------------------------------
+# VQAv2 test-dev and VizWiz test: the files the evaluation servers score
+
+def vqa_submission(args, bench):
+    """scripts/convert_vqav2_for_submission.py and convert_vizwiz_for_submission.py: every
+    question of the split in the question file's order, its answer EvalAI-normalised. VQAv2's
+    question file is all of test2015 and test-dev answers a part of it: the rest go as '' (as
+    released). VizWiz needs every answer (the release asserts it)."""
+    questions = read_jsonl(args.questions, "question", ("question_id",) + (("image",) if bench == "vizwiz" else ()))
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+                     lambda a: a["question_id"])
+    ids = {q["question_id"] for _, q in questions}
+    for qid, (n, _) in answers.items():
+        if qid not in ids:
+            raise unknown(args.answers, n, qid, args.questions)
+    missing = [q["question_id"] for _, q in questions if q["question_id"] not in answers]
+    if bench == "vizwiz" and missing:
+        raise EvalError(f"{args.answers}: {len(missing)} of {len(questions)} VizWiz questions have no answer "
+                        f"(first: {missing[0]!r}); the server needs all of them: finish the run first")
+    if os.path.exists(args.submission):
+        raise EvalError(f"{args.submission} exists; remove it or choose another --submission path")
+    out = []
+    for _, q in questions:
+        text = normalize_answer(answers[q["question_id"]][1]["text"]) if q["question_id"] in answers else ""
+        out.append({"image": q["image"], "answer": text} if bench == "vizwiz"
+                   else {"question_id": q["question_id"], "answer": text})
+    tmp = args.submission + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, args.submission)
+    report(len(questions), len(answers), len(missing), "they go as '' (test-dev is part of test2015)")
+    print(f"submission: {args.submission}")
+
+
+def run_vizwiz(args):
+    return vqa_submission(args, "vizwiz")
+
+
+# ---------------------------------------------------------------------------------------
+# GQA testdev-balanced: exact match
+
+def gqa_prediction(text):
+    # scripts/convert_gqa_for_eval.py: trailing periods off, lower case
+    return text.rstrip(".").lower()
+
+
+def run_gqa(args):
+    """GQA's eval.py (as the release runs it): 1 point when the prediction equals the answer,
+    averaged over the balanced questions; binary (yes/no, 'verify'/'logical'/'choose'/'compare'
+    structures) and open ('query') splits likewise."""
+    questions = read_json(args.questions, "GQA questions")
+    if not isinstance(questions, dict):
+        raise EvalError(f"{args.questions}: expected GQA's {{question id: question}} object")
+    for qid, q in questions.items():
+        need(q, "answer", args.questions, f"question {qid!r}")
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+                     lambda a: str(a["question_id"]))  # GQA's ids are strings; LLaVA's files too
+    for qid, (n, _) in answers.items():
+        if qid not in questions:
+            raise unknown(args.answers, n, qid, args.questions)
+    scores = defaultdict(list)
+    balanced = [qid for qid, q in questions.items() if q.get("isBalanced", True)]
+    for qid in balanced:  # the questions file's order, as eval.py iterates
+        if qid not in answers:
+            continue
+        q = questions[qid]
+        score = float(gqa_prediction(answers[qid][1]["text"]) == q["answer"])
+        scores["accuracy"].append(score)
+        if "types" in q:
+            scores["open" if q["types"]["structural"] == "query" else "binary"].append(score)
+    report(questions=len(balanced), answered=len(scores["accuracy"]), missing=len(balanced) - len(scores["accuracy"]))
+    for k in ("accuracy", "binary", "open"):  # eval.py: avg * 100, printed with 2 places
+        if scores[k]:
+            print(f"{k}: {float(sum(scores[k])) / len(scores[k]) * 100:.2f}")
+
+
+# ---------------------------------------------------------------------------------------
+# POPE: yes/no against the COCO labels, per category
+
+def pope_yes(text):
+    """llava/eval/eval_pope.py: keep the first sentence, drop commas, and read 'no' if the words
+    hold 'No', 'no' or 'not'; anything else, even an empty answer, counts as yes."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return not ("No" in words or "not" in words or "no" in words)
+
+
+def pope_metrics(pairs):
+    """pairs: [(predicted yes, label yes)] -> the release's metrics (yes is the positive class).
+    A ratio with a zero denominator (the release divides by zero there) is nan."""
+    tp = sum(p and l for p, l in pairs)
+    fp = sum(p and not l for p, l in pairs)
+    tn = sum(not p and not l for p, l in pairs)
+    fn = sum(not p and l for p, l in pairs)
+    div = lambda a, b: a / b if b else float("nan")
+    precision, recall = div(float(tp), float(tp + fp)), div(float(tp), float(tp + fn))
+    f1 = div(2 * precision * recall, precision + recall)
+    return dict(tp=tp, fp=fp, tn=tn, fn=fn, accuracy=div(tp + tn, tp + tn + fp + fn), precision=precision,
+                recall=recall, f1=f1, yes_ratio=div(sum(p for p, _ in pairs), len(pairs)))
+
+
+def run_pope(args):
+    questions = read_jsonl(args.questions, "question", ("question_id", "category"))
+    qs = by_key(args.questions, questions, lambda q: q["question_id"])
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+                     lambda a: a["question_id"])
+    for qid, (n, _) in answers.items():
+        if qid not in qs:
+            raise unknown(args.answers, n, qid, args.questions)
+    try:
+        files = sorted(f for f in os.listdir(args.annotation_dir) if f.startswith("coco_pope_") and f.endswith(".json"))
+    except OSError as e:
+        raise EvalError(f"{args.annotation_dir}: cannot list the POPE label files ({e.strerror})") from None
+    if not files:
+        raise EvalError(f"{args.annotation_dir}: no coco_pope_<category>.json label files")
+    # The release pairs the k-th answer of a category with the k-th line of its label file.
+    # llava_pope_test.jsonl is those label files in order, so we pair by question order instead
+    # (checking the image where both name one) and look answers up by id: same labels, but
+    # answers in any order, and missing ones are counted rather than shifting every label after.
+    label, categories = {}, []
+    for f in files:
+        category, path = f[len("coco_pope_"):-len(".json")], os.path.join(args.annotation_dir, f)
+        labels = read_jsonl(path, "label", ("label",))
+        mine = [(n, q) for n, q in questions if q["category"] == category]
+        if len(mine) != len(labels):
+            raise EvalError(f"{path}: {len(labels)} labels, but {args.questions} has {len(mine)} "
+                            f"'{category}' questions; they must correspond line by line")
+        for (qn, q), (ln, lab) in zip(mine, labels):
+            if "image" in q and "image" in lab and q["image"] != lab["image"]:
+                raise EvalError(f"{path}:{ln}: image {lab['image']!r} but {args.questions}:{qn} (the same "
+                                f"position among '{category}' questions) has {q['image']!r}")
+            label[q["question_id"]] = lab["label"] != "no"
+        categories.append(category)
+    total = sum(1 for _, q in questions if q["category"] in categories)
+    answered = [qid for qid in answers if qid in label]
+    report(questions=total, answered=len(answered), missing=total - len(answered))
+    f1s = []
+    for category in categories:
+        pairs = [(pope_yes(a["text"]), label[qid]) for qid, (_, a) in answers.items()
+                 if qs[qid][1]["category"] == category]
+        if not pairs:
+            continue
+        m = pope_metrics(pairs)
+        print(f"{category}_samples: {len(pairs)}")
+        for k, v in m.items():  # the release prints the raw floats
+            print(f"{category}_{k}: {v}")
+        f1s.append(m["f1"])
+    if len(f1s) == len(categories):  # the figure LLaVA-1.5 reports for POPE: the splits' mean F1, x100
+        print(f"mean_f1: {100 * sum(f1s) / len(f1s):.1f}")
+
+
+# ---------------------------------------------------------------------------------------
+# MME: perception and cognition scores
+
+MME_TASKS = {  # MME's eval_tool/calculation.py sums the tasks in this order
+    "perception": ["existence", "count", "position", "color", "posters", "celebrity", "scene",
+                   "landmark", "artwork", "OCR"],
+    "cognition": ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"],
+}
+SHORT = "Answer the question using a single word or phrase."
+YES_NO = "Please answer yes or no."
+
+
+def mme_ground_truth(mme_dir):
+    """{(category, txt file, question): 'Yes'/'No'} from MME's release folder (the release's
+    convert_answer_to_mme.py): a category keeps its .txt files beside its images, or in
+    questions_answers_YN/ when its images are in images/; each line is question<TAB>answer."""
+    try:
+        return read_mme_folder(mme_dir)
+    except OSError as e:
+        raise EvalError(f"{e.filename}: cannot read MME's release folder ({e.strerror})") from None
+
+
+def read_mme_folder(mme_dir):
+    gt = {}
+    for category in sorted(os.listdir(mme_dir)):
+        cdir = os.path.join(mme_dir, category)
+        if not os.path.isdir(cdir):
+            continue
+        qa_dir = os.path.join(cdir, "questions_answers_YN") if os.path.exists(os.path.join(cdir, "images")) else cdir
+        for name in sorted(os.listdir(qa_dir)):
+            if not name.endswith(".txt"):
+                continue
+            path = os.path.join(qa_dir, name)
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    parts = line.strip().split("\t")
+                    if len(parts) != 2:
+                        raise EvalError(f"{path}:{n}: expected 'question<TAB>answer'")
+                    gt[category, name, parts[0]] = parts[1]
+    return gt
+
+
+def mme_key(question_id, prompt, gt):
+    """The ground-truth key of one answer: the prompt loses the short-answer line and gets MME's
+    ' Please answer yes or no.' back (convert_answer_to_mme.py; a few MME questions have two
+    spaces before it). LLaVA-HR's MME loader first cuts the combined suffix its question file
+    carries; we cut it here, so answers from either question file find their question."""
+    category, name = question_id.split("/")[0], question_id.split("/")[-1].split(".")[0] + ".txt"
+    prompt = prompt.replace("\n " + YES_NO + " \n" + SHORT, "")
+    if SHORT in prompt:
+        prompt = prompt.replace(SHORT, "").strip()
+    if YES_NO not in prompt:
+        prompt = prompt + " " + YES_NO
+        if (category, name, prompt) not in gt:
+            prompt = prompt.replace(" " + YES_NO, "  " + YES_NO)
+    return category, name, prompt
+
+
+def mme_label(text):
+    """calculation.py's reading of an answer: lower-cased, 'yes'/'no' as is, else whichever of
+    'yes' (first) or 'no' occurs in its first four characters, else 'other' (always wrong)."""
+    text = text.lower()
+    if text in ("yes", "no"):
+        return text
+    return "yes" if "yes" in text[:4] else "no" if "no" in text[:4] else "other"
+
+
+def mme_task_score(images):
+    """images: [[correct?, correct?]] (the two questions of each image) -> acc*100 + acc+*100,
+    where acc+ counts images with both answers right (calculation.py, in its float order)."""
+    flat = [c for pair in images for c in pair]
+    acc, acc_plus = sum(flat) / len(flat), sum(all(pair) for pair in images) / len(images)
+    return 0 + acc * 100 + acc_plus * 100
+
+
+def run_mme(args):
+    gt = mme_ground_truth(args.mme_dir)
+    rows = read_jsonl(args.answers, "answer", ("question_id", "prompt", "text"))
+    # MME asks two questions per image, under one question_id: an answer is (id, prompt)
+    answers = by_key(args.answers, rows, lambda a: (a["question_id"], a["prompt"]))
+    # calculation.py scores consecutive pairs of lines; we pair the two questions of each image
+    images, seen = defaultdict(list), set()
+    for (qid, prompt), (n, a) in answers.items():
+        key = mme_key(qid, prompt, gt)
+        if key not in gt:
+            raise EvalError(f"{args.answers}:{n}: no MME ground truth for {key[0]}/{key[1]} question {key[2]!r} "
+                            f"in {args.mme_dir}")
+        if key in seen:
+            raise EvalError(f"{args.answers}:{n}: a second answer to {key[0]}/{key[1]} question {key[2]!r}")
+        seen.add(key)
+        if gt[key].lower() not in ("yes", "no"):
+            raise EvalError(f"{args.mme_dir}: ground truth {gt[key]!r} for {key} is neither yes nor no")
+        images[key[0], key[1]].append(mme_label(a["text"]) == gt[key].lower())
+    report(questions=len(gt), answered=len(seen), missing=len(gt) - len(seen))
+    per_task = defaultdict(list)
+    for (category, _), pair in images.items():
+        if len(pair) > 2:
+            raise EvalError(f"{args.answers}: {category} has {len(pair)} questions on one image; MME has two")
+        if len(pair) == 2:  # an image missing one of its answers is left out (counted in missing)
+            per_task[category].append(pair)
+    for kind, tasks in MME_TASKS.items():
+        done = [t for t in tasks if per_task[t]]
+        scores = {t: mme_task_score(per_task[t]) for t in done}
+        total = sum(scores[t] for t in done)  # 0 + first + second ..., calculation.py's order
+        if len(done) == len(tasks):
+            print(f"{kind}: {total}")  # calculation.py prints the raw float sum
+        else:
+            print(f"{kind}: incomplete ({len(done)} of {len(tasks)} tasks answered)")
+        for t in done:
+            print(f"{t}: {scores[t]}")
+
+
+# ---------------------------------------------------------------------------------------
+# ScienceQA: option-letter accuracy, and the image subset the paper reports
+
+OPTIONS = ["A", "B", "C", "D", "E"]  # a list: `"" in "ABCDE"` would be True
+
+
+def sqa_letter(text, rule="llava"):
+    """The option letter read from an answer (llava/eval/eval_science_qa.py): the answer itself
+    if it is a letter, else its first letter when '. ' follows it ('B. because'), else X from a
+    single 'The answer is X.'; else FAILED. LLaVA-HR's copy of the script was the same when its
+    numbers were published; on 2024-04-28 it dropped the '. ' condition (rule='llava-hr': any
+    3+ character answer starting with a letter reads as that letter)."""
+    if text in OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in OPTIONS and (rule == "llava-hr" or text[1:3] == ". "):
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z]).", text)
+    return found[0] if len(found) == 1 else "FAILED"
+
+
+def run_scienceqa(args):
+    problems = read_json(os.path.join(args.base_dir, "problems.json"), "ScienceQA problems")
+    splits = read_json(os.path.join(args.base_dir, "pid_splits.json"), "ScienceQA splits")
+    if not isinstance(splits, dict) or args.split not in splits:
+        raise EvalError(f"{os.path.join(args.base_dir, 'pid_splits.json')}: no split {args.split!r} "
+                        f"(it has {', '.join(splits)})")
+    split = splits[args.split]
+    for pid in split:
+        need(problems, pid, os.path.join(args.base_dir, "problems.json"), "the file")
+        need(problems[pid], "choices", os.path.join(args.base_dir, "problems.json"), f"problem {pid!r}")
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+                     lambda a: str(a["question_id"]))
+    in_split = set(split)
+    for qid, (n, _) in answers.items():
+        if qid not in in_split:
+            raise unknown(args.answers, n, qid, f"the {args.split} split of {args.base_dir}")
+    correct = total = img_correct = img_total = 0
+    for pid in split:  # every problem of the split counts; an unanswered one is wrong
+        prob = problems[pid]
+        a = answers[pid][1] if pid in answers else None
+        letter = sqa_letter(a["text"], args.letter_rule) if a else "FAILED"
+        ok = letter in OPTIONS[:len(prob["choices"])] and OPTIONS.index(letter) == prob["answer"]
+        # the release counts a problem as an image one when its prompt carries <image>;
+        # generate.py's prompts leave the placeholder out, so the problem's own image counts
+        # too. The release files an unanswered problem as text-only: so do we.
+        image = a is not None and ("<image>" in a.get("prompt", "") or bool(prob.get("image")))
+        correct, total = correct + ok, total + 1
+        img_correct, img_total = img_correct + (ok and image), img_total + image
+    report(len(split), len(answers), len(split) - len(answers),
+           "they count as wrong, and the image subset leaves them out (as the release scores them)")
+    print(f"correct: {correct}")
+    print(f"accuracy: {correct / total * 100:.2f}")  # eval_science_qa.py's order and rounding
+    if img_total:
+        print(f"img_accuracy: {img_correct / img_total * 100:.2f}")
+
+
+def run_scienceqa_questions(args):
+    """llava_test_CQM-A.json -> the question jsonl generate.py reads, with the prompt
+    model_vqa_science.py builds under --single-pred-prompt (generate.py adds the <image> line)."""
+    items = read_json(args.src, "ScienceQA questions")
+    if os.path.exists(args.dst):
+        raise EvalError(f"{args.dst} exists; remove it or choose another output path")
+    with open(args.dst + ".tmp", "w") as f:
+        for item in items:
+            text = item["conversations"][0]["value"].replace("<image>", "").strip()
+            q = dict(question_id=item["id"], text=text + "\n" + SQA_SUFFIX)
+            if "image" in item:
+                q["image"] = item["image"]
+            f.write(json.dumps(q) + "\n")
+    os.replace(args.dst + ".tmp", args.dst)
+    print(f"questions: {len(items)}")
+
+
+SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+# ---------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="bench", required=True)
+    s = sub.add_parser("textvqa")
+    s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
+    s = sub.add_parser("vqav2", help="val accuracy (--annotations) or the test-dev upload (--questions, --submission)")
+    s.add_argument("--annotations", help="v2_mscoco_val2014_annotations.json")
+    s.add_argument("--questions", help="llava_vqav2_mscoco_test2015.jsonl (all of test2015)")
+    s.add_argument("--submission", help="the upload file to write")
+    s = sub.add_parser("vizwiz")
+    s.add_argument("--questions", required=True, help="llava_test.jsonl")
+    s.add_argument("--submission", required=True, help="the upload file to write")
+    s = sub.add_parser("gqa")
+    s.add_argument("--questions", required=True, help="testdev_balanced_questions.json")
+    s = sub.add_parser("pope")
+    s.add_argument("--questions", required=True, help="llava_pope_test.jsonl")
+    s.add_argument("--annotation-dir", required=True, help="POPE's output/coco/ (coco_pope_<category>.json)")
+    s = sub.add_parser("mme")
+    s.add_argument("--mme-dir", required=True, help="MME_Benchmark_release_version/")
+    s = sub.add_parser("scienceqa")
+    s.add_argument("--base-dir", required=True, help="the folder holding problems.json and pid_splits.json")
+    s.add_argument("--split", default="test")
+    s.add_argument("--letter-rule", choices=["llava", "llava-hr"], default="llava",
+                   help="how the option letter is read (see sqa_letter); llava: the published numbers' rule")
+    for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa"):
+        sub.choices[name].add_argument("--answers", required=True, help="answer .jsonl (generate.py's)")
+    s = sub.add_parser("scienceqa-questions", help="convert llava_test_CQM-A.json for generate.py")
+    s.add_argument("src")
+    s.add_argument("dst")
+    args = p.parse_args(argv)
+    if args.bench == "vqav2" and bool(args.annotations) == bool(args.questions or args.submission):
+        p.error("vqav2: give --annotations (val accuracy) or --questions with --submission (test-dev upload)")
+    if args.bench == "vqav2" and bool(args.questions) != bool(args.submission):
+        p.error("vqav2: --questions and --submission go together")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = {"textvqa": run_textvqa, "vqav2": run_vqav2, "vizwiz": run_vizwiz, "gqa": run_gqa, "pope": run_pope,
+           "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions}
+    try:
+        run[args.bench](args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,697 @@
+"""eval.py against the release's own scoring code, on vectors written for the tricky cases.
+
+Every expected value in this file was produced by running the release's scoring script on the
+very vector the test writes (the `write_*` helpers below build the files; the scripts ran outside
+this repo, unchanged): LLaVA-HR's llava_hr/eval/m4c_evaluator.py (EvalAIAnswerProcessor,
+TextVQAAccuracyEvaluator), eval_textvqa.py, eval_pope.py, eval_science_qa.py (LLaVA-1.5's
+llava/eval/eval_science_qa.py for rule='llava'), scripts/convert_vqav2_for_submission.py,
+convert_vizwiz_for_submission.py and convert_gqa_for_eval.py followed by GQA's eval.py (the
+version LLaVA's docs point to), and LLaVA's playground/data/eval/MME/convert_answer_to_mme.py
+followed by MME's eval_tool/calculation.py. No expected number here was computed by eval.py.
+"""
+import json
+import os
+
+import pytest
+
+import eval as ev
+
+SHORT = "\nAnswer the question using a single word or phrase."
+
+# ---------------------------------------------------------------------------------------
+# The answer normalisation, string by string (expected: EvalAIAnswerProcessor()(s))
+
+NORMALISE = {
+    'Dakota.': 'dakota',
+    'Two': '2',
+    'No, there is not.': 'no there is not',
+    'Coca-Cola': 'coca cola',
+    '1,000': '1000',
+    '3.5.': '3.5',
+    'The  Beatles': 'beatles',
+    'DONT STOP': "don't stop",
+    "McDonald's": "mcdonald 's",
+    '': '',
+    "it's 1999": "it 's 1999",
+    'New\nYork': 'new york',
+    'left / right': 'left right',
+    '10:00!': '10:00',
+    'dakota': 'dakota',
+    'dakota digital': 'dakota digital',
+    'Dakota': 'dakota',
+    '2': '2',
+    'two': '2',
+    '2 bottles': '2 bottles',
+    '3': '3',
+    'no': 'no',
+    'No': 'no',
+    'nope': 'nope',
+    'no there is not': 'no there is not',
+    'coca-cola': 'coca cola',
+    'coca cola': 'coca cola',
+    'cocacola': 'cocacola',
+    'coke': 'coke',
+    '$1,000': '$1000',
+    '1000': '1000',
+    '$1000': '$1000',
+    '3.5': '3.5',
+    '35': '35',
+    'the beatles': 'beatles',
+    'beatles': 'beatles',
+    'a beatles': 'beatles',
+    'Beatles!': 'beatles',
+    'dont stop': "don't stop",
+    "don't stop": "don't stop",
+    'do not stop': 'do not stop',
+    "mcdonald's": "mcdonald 's",
+    'mcdonalds': 'mcdonalds',
+    "mc donald's": "mc donald 's",
+    'none': '0',
+    '0': '0',
+    '1999': '1999',
+    'nineteen ninety nine': 'nineteen ninety 9',
+    "'99": "'99",
+    'new york': 'new york',
+    'nyc': 'nyc',
+    'new york city': 'new york city',
+    'left/right': 'left right',
+    'left right': 'left right',
+    'left': 'left',
+    'ten': '10',
+    '10': '10',
+    '10:00': '10:00',
+    'Yes': 'yes',
+    '1': '1',
+    'Red and white.': 'red and white',
+    'A frisbee': 'frisbee',
+    'Hello, World!': 'hello world',
+    'U.S.A.': 'usa',
+    '1.5 dollars.': '1.5 dollars',
+    'e-mail': 'e mail',
+    '(a) red': 'red',
+    'Yes!!!': 'yes',
+    "it's": "it 's",
+    'wont': "won't",
+    "Id've": "id've",
+    'Im': 'im',
+    'None': '0',
+    'an apple': 'apple',
+    'the 3 bears': '3 bears',
+    '........................................': '........',
+    'a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.': 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.a.a.a.a.a.a.a.',
+    '5,000,000': '5000000',
+    '1 , 2': '1 2',
+    "what's up?": "what 's up",
+    '   spaced   out   ': 'spaced out',
+    "Smith's cat": "smith 's cat",
+    '<b>bold</b>': 'b bold b',
+    'C++': 'c',
+    '50% off': '50% off',
+    '#1': '#1',
+    "i'm": "i'm",
+    "somebody'd": 'somebodyd',
+    'somebodyd': 'somebodyd',
+    'no there isnt': "no there isn't",
+    'isnt': "isn't",
+    'Yes.': 'yes',
+    ' ': '',
+    '\t\n': '',
+    'A': '',
+    'The': '',
+    'the the': '',
+    'Twenty two': 'twenty 2',
+    'two-thirds': '2 thirds',
+    '3:45 p.m.': '3:45 pm',
+    '$1,000.50': '$1000.50',
+    '1,0': '10',
+    'a,b': 'ab',
+    'x;y': 'x y',
+    '[1]': '1',
+    '{x}': 'x',
+    'a=b': 'b',
+    'a+b': 'b',
+    'back\\slash': 'back slash',
+    'snake_case': 'snake case',
+    'a>b': 'b',
+    'me@x.com': 'me xcom',
+    '`tick`': 'tick',
+    'what?!': 'what',
+    "don't!": "don't",
+    "O'Neil": "o'neil",
+    "ya'll": "ya'll",
+    'yall': "y'all",
+    "y'all": "y'all",
+    "rock 'n' roll": "rock 'n' roll",
+    'Wait...': 'wait',
+    '3.': '3',
+    '.5': '.5',
+    'No.': 'no',
+    'NONE': '0',
+    'One': '1',
+    'tWo': '2',
+    "Mr. Smith's": "mr smith 's",
+    'left/ right': 'left right',
+    'left /right': 'left right',
+}
+
+
+def test_normalize_answer_matches_the_evalai_processor():
+    assert NORMALISE, "expected values missing"
+    for s, want in NORMALISE.items():
+        assert ev.normalize_answer(s) == want, s
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers: write a vector's files, run eval.py's CLI, read its `name: value` lines
+
+def run(capsys, *argv):
+    rc = ev.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, dict(line.split(": ", 1) for line in out.splitlines()), err
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def answer(qid, prompt, text):
+    return dict(question_id=qid, prompt=prompt, text=text, answer_id="x", model_id="m", metadata={})
+
+
+# ---------------------------------------------------------------------------------------
+# TextVQA: (image id, annotated question, 10 human answers, prompt, model answer)
+
+TEXTVQA = [
+    ("t01", "What brand is this camera?", ["dakota"] * 5 + ["dakota digital"] * 3 + ["Dakota"] * 2,
+     "What brand is this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use" + SHORT, "Dakota."),
+    ("t02", "How many bottles are there?", ["2"] * 4 + ["two"] * 3 + ["2 bottles"] * 2 + ["3"],
+     "How many bottles are there?" + SHORT, "Two"),
+    ("t03", "Is there a person?", ["no"] * 6 + ["No"] * 2 + ["nope", "no there is not"],
+     "Reference OCR token: STOP, HERE\nIs there a person?" + SHORT, "No, there is not."),
+    ("t04", "What does the sign say?", ["coca-cola"] * 3 + ["coca cola"] * 3 + ["cocacola"] * 2 + ["coke"] * 2,
+     "OCR tokens: coca cola Question: What does the sign say? Short answer:", "Coca-Cola"),
+    ("t05", "What Is The Price?", ["$1,000"] * 2 + ["1000"] * 4 + ["1,000"] * 2 + ["$1000"] * 2,
+     "what is the price?" + SHORT, "1,000"),
+    ("t06", "What is the number?", ["3.5"] * 5 + ["35"] * 2 + ["3"] * 3, "What is the number?" + SHORT, "3.5."),
+    ("t07", "Who wrote it?", ["the beatles"] * 4 + ["beatles"] * 4 + ["a beatles", "Beatles!"],
+     "Who wrote it?" + SHORT, "The  Beatles"),
+    ("t08", "What is written?", ["dont stop"] * 3 + ["don't stop"] * 4 + ["do not stop"] * 3,
+     "What is written?" + SHORT, "DONT STOP"),
+    ("t09", "What is the name?", ["mcdonald's"] * 4 + ["mcdonalds"] * 3 + ["mc donald's"] * 3,
+     "What is the name?" + SHORT, "McDonald's"),
+    ("t10", "What is on the screen?", [""] * 4 + ["none"] * 3 + ["0"] * 3, "What is on the screen?" + SHORT, ""),
+    ("t11", "Which year?", ["1999"] * 3 + ["nineteen ninety nine"] * 2 + ["'99"] * 5, "Which year?" + SHORT,
+     "it's 1999"),
+    ("t12", "What city?", ["new york"] * 5 + ["nyc"] * 3 + ["new york city"] * 2, "What city?" + SHORT, "New\nYork"),
+    ("t13", "Which way?", ["left/right"] * 3 + ["left right"] * 3 + ["left"] * 4, "Which way?" + SHORT, "left / right"),
+    ("t14", "What is the time?", ["ten"] * 2 + ["10"] * 2 + ["10:00"] * 6, "What is the time?" + SHORT, "10:00!"),
+]
+
+
+def write_textvqa(d, rows=TEXTVQA):
+    ann = {"data": [dict(image_id=i, question=q, answers=hs, question_id=k) for k, (i, q, hs, _, _) in enumerate(rows)]}
+    with open(os.path.join(d, "TextVQA_0.5.1_val.json"), "w") as f:
+        json.dump(ann, f)
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answer(i, p, t) for i, _, _, p, t in rows])
+    return ["textvqa", "--answers", os.path.join(d, "answers.jsonl"),
+            "--annotations", os.path.join(d, "TextVQA_0.5.1_val.json")]
+
+
+# eval_textvqa.py's "Accuracy: xx.xx%"
+TEXTVQA_EXPECTED = {'accuracy': '87.86'}
+
+
+def test_textvqa_matches_the_release(tmp_path, capsys):
+    rc, out, _ = run(capsys, *write_textvqa(tmp_path))
+    assert rc == 0 and TEXTVQA_EXPECTED
+    assert out["accuracy"] == TEXTVQA_EXPECTED["accuracy"]
+    assert (out["answered"], out["missing"]) == (str(len(TEXTVQA)), "0")
+
+
+# ---------------------------------------------------------------------------------------
+# VQAv2 val: (question id, answer type, 10 human answers, model answer)
+
+VQAV2 = [
+    (1, "yes/no", ["yes"] * 9 + ["no"], "Yes"),
+    (2, "yes/no", ["no"] * 7 + ["yes"] * 3, "No, there is not."),
+    (3, "number", ["2"] * 6 + ["two"] * 2 + ["3"] * 2, "two"),
+    (4, "number", ["1"] * 2 + ["2"] * 8, "1"),
+    (5, "other", ["red"] * 2 + ["red and white"] * 4 + ["white"] * 4, "Red and white."),
+    (6, "other", ["frisbee"] * 10, "A frisbee"),
+    (7, "other", ["tennis"] * 5 + ["playing tennis"] * 5, ""),
+]
+
+
+def write_vqav2(d):
+    ann = {"annotations": [dict(question_id=q, answer_type=t, question_type="what",
+                                answers=[dict(answer=h, answer_confidence="yes", answer_id=j + 1) for j, h in enumerate(hs)])
+                           for q, t, hs, _ in VQAV2]}
+    with open(os.path.join(d, "v2_mscoco_val2014_annotations.json"), "w") as f:
+        json.dump(ann, f)
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answer(q, "q" + SHORT, a) for q, _, _, a in VQAV2])
+    return ["vqav2", "--answers", os.path.join(d, "answers.jsonl"),
+            "--annotations", os.path.join(d, "v2_mscoco_val2014_annotations.json")]
+
+
+# TextVQAAccuracyEvaluator.eval_pred_list, x100, 2 places
+VQAV2_EXPECTED = {'accuracy': '65.71', 'accuracy_number': '80.00', 'accuracy_other': '66.67', 'accuracy_yes_no': '50.00'}
+
+
+def test_vqav2_val_matches_the_release_accuracy(tmp_path, capsys):
+    rc, out, _ = run(capsys, *write_vqav2(tmp_path))
+    assert rc == 0 and VQAV2_EXPECTED
+    for k, v in VQAV2_EXPECTED.items():
+        assert out[k] == v, k
+
+
+# ---------------------------------------------------------------------------------------
+# VQAv2 test-dev and VizWiz upload files
+
+VQAV2_TEST = [(10, "Yes."), (11, None), (12, "Two dogs"), (13, "The man's hat"), (14, None), (15, "  ")]
+
+
+def write_vqav2_test(d):
+    write_jsonl(os.path.join(d, "llava_vqav2_mscoco_test2015.jsonl"),
+                [dict(question_id=q, image=f"COCO_test2015_{q:012d}.jpg", text="q" + SHORT, category="default")
+                 for q, _ in VQAV2_TEST])
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answer(q, "q" + SHORT, a) for q, a in VQAV2_TEST if a is not None])
+    return ["vqav2", "--answers", os.path.join(d, "answers.jsonl"), "--questions",
+            os.path.join(d, "llava_vqav2_mscoco_test2015.jsonl"), "--submission", os.path.join(d, "upload.json")]
+
+
+# the release's answers_upload/<split>/<ckpt>.json
+VQAV2_UPLOAD = [{'question_id': 10, 'answer': 'yes'},
+ {'question_id': 11, 'answer': ''},
+ {'question_id': 12, 'answer': '2 dogs'},
+ {'question_id': 13, 'answer': "man 's hat"},
+ {'question_id': 14, 'answer': ''},
+ {'question_id': 15, 'answer': ''}]
+
+
+def test_vqav2_submission_matches_the_release(tmp_path, capsys):
+    rc, out, _ = run(capsys, *write_vqav2_test(tmp_path))
+    assert rc == 0 and VQAV2_UPLOAD is not None
+    assert json.load(open(tmp_path / "upload.json")) == VQAV2_UPLOAD
+    assert (out["answered"], out["missing"]) == ("4", "2")
+
+
+VIZWIZ = [(0, "Unanswerable"), (1, "A bottle of water."), (2, "It's red"), (3, "twenty-five dollars")]
+
+
+def write_vizwiz(d):
+    write_jsonl(os.path.join(d, "llava_test.jsonl"),
+                [dict(question_id=q, image=f"VizWiz_test_{q:08d}.jpg", text="q" + SHORT, category="default")
+                 for q, _ in VIZWIZ])
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answer(q, "q" + SHORT, a) for q, a in VIZWIZ])
+    return ["vizwiz", "--answers", os.path.join(d, "answers.jsonl"), "--questions",
+            os.path.join(d, "llava_test.jsonl"), "--submission", os.path.join(d, "upload.json")]
+
+
+# convert_vizwiz_for_submission.py's --result-upload-file
+VIZWIZ_UPLOAD = [{'image': 'VizWiz_test_00000000.jpg', 'answer': 'unanswerable'},
+ {'image': 'VizWiz_test_00000001.jpg', 'answer': 'bottle of water'},
+ {'image': 'VizWiz_test_00000002.jpg', 'answer': "it 's red"},
+ {'image': 'VizWiz_test_00000003.jpg', 'answer': 'twenty 5 dollars'}]
+
+
+def test_vizwiz_submission_matches_the_release(tmp_path, capsys):
+    rc, _, _ = run(capsys, *write_vizwiz(tmp_path))
+    assert rc == 0 and VIZWIZ_UPLOAD is not None
+    assert json.load(open(tmp_path / "upload.json")) == VIZWIZ_UPLOAD
+
+
+# ---------------------------------------------------------------------------------------
+# GQA: (question id, structural type, gold answer, model answer)
+
+GQA = [
+    ("201307251", "verify", "no", "No"),
+    ("201640614", "query", "woman", "Woman."),
+    ("202225914", "logical", "yes", "Yes.."),
+    ("20515", "query", "table", "The table"),
+    ("20516", "choose", "left", "left"),
+    ("20517", "compare", "no", "No, there is not."),
+    ("20518", "query", "gray", "grey"),
+    ("20519", "query", "t-shirt", "T-Shirt."),
+]
+
+
+def write_gqa(d):
+    qs = {qid: dict(answer=gold, isBalanced=True, question="q", semantic=[], groups={"global": "g" + gold[0], "local": "x"},
+                    types={"structural": st, "semantic": "attr", "detailed": "x"}) for qid, st, gold, _ in GQA}
+    with open(os.path.join(d, "testdev_balanced_questions.json"), "w") as f:
+        json.dump(qs, f)
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answer(qid, "q" + SHORT, a) for qid, _, _, a in GQA])
+    return ["gqa", "--answers", os.path.join(d, "answers.jsonl"),
+            "--questions", os.path.join(d, "testdev_balanced_questions.json")]
+
+
+# GQA eval.py's Accuracy / Binary / Open
+GQA_EXPECTED = {'binary': '75.00', 'open': '50.00', 'accuracy': '62.50'}
+
+
+def test_gqa_matches_the_release(tmp_path, capsys):
+    rc, out, _ = run(capsys, *write_gqa(tmp_path))
+    assert rc == 0 and GQA_EXPECTED
+    for k, v in GQA_EXPECTED.items():
+        assert out[k] == v, k
+
+
+# ---------------------------------------------------------------------------------------
+# POPE: per category, (image, object, label, model answer)
+
+POPE = {
+    "adversarial": [("a.jpg", "dog", "yes", "Yes"), ("a.jpg", "cat", "no", "No"),
+                    ("b.jpg", "car", "no", "No, there is not."), ("b.jpg", "bus", "yes", "There is no bus."),
+                    ("c.jpg", "cup", "yes", "yes, a cup. No saucer."), ("c.jpg", "fork", "no", "NO")],
+    "popular": [("d.jpg", "man", "yes", ""), ("d.jpg", "tie", "no", "Nope."),
+                ("e.jpg", "kite", "no", "I do not think so"), ("e.jpg", "sky", "yes", "Yes,there is")],
+    "random": [("f.jpg", "tree", "yes", "no"), ("f.jpg", "boat", "no", "Not,really"),
+               ("g.jpg", "bird", "yes", "A bird, yes.")],
+}
+
+
+def pope_questions():
+    rows, qid = [], 0
+    for category, items in POPE.items():
+        for image, obj, _, text in items:
+            qid += 1
+            rows.append((dict(question_id=qid, image=image, text=f"Is there a {obj} in the image?" + SHORT,
+                              category=category), text))
+    return rows
+
+
+def write_pope(d, order=None):
+    os.makedirs(os.path.join(d, "coco"), exist_ok=True)
+    for category, items in POPE.items():
+        write_jsonl(os.path.join(d, "coco", f"coco_pope_{category}.json"),
+                    [dict(question_id=i + 1, image=image, text=f"Is there a {obj} in the image?", label=label)
+                     for i, (image, obj, label, _) in enumerate(items)])
+    qs = pope_questions()
+    write_jsonl(os.path.join(d, "llava_pope_test.jsonl"), [q for q, _ in qs])
+    answers = [answer(q["question_id"], q["text"], t) for q, t in qs]
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answers[i] for i in order] if order else answers)
+    return ["pope", "--answers", os.path.join(d, "answers.jsonl"), "--questions",
+            os.path.join(d, "llava_pope_test.jsonl"), "--annotation-dir", os.path.join(d, "coco")]
+
+
+# eval_pope.py's printed values per category
+POPE_EXPECTED = {'adversarial_samples': '6',
+ 'adversarial_tp': '2',
+ 'adversarial_fp': '1',
+ 'adversarial_tn': '2',
+ 'adversarial_fn': '1',
+ 'adversarial_accuracy': '0.6666666666666666',
+ 'adversarial_precision': '0.6666666666666666',
+ 'adversarial_recall': '0.6666666666666666',
+ 'adversarial_f1': '0.6666666666666666',
+ 'adversarial_yes_ratio': '0.5',
+ 'random_samples': '3',
+ 'random_tp': '1',
+ 'random_fp': '1',
+ 'random_tn': '0',
+ 'random_fn': '1',
+ 'random_accuracy': '0.3333333333333333',
+ 'random_precision': '0.5',
+ 'random_recall': '0.5',
+ 'random_f1': '0.5',
+ 'random_yes_ratio': '0.6666666666666666',
+ 'popular_samples': '4',
+ 'popular_tp': '2',
+ 'popular_fp': '1',
+ 'popular_tn': '1',
+ 'popular_fn': '0',
+ 'popular_accuracy': '0.75',
+ 'popular_precision': '0.6666666666666666',
+ 'popular_recall': '1.0',
+ 'popular_f1': '0.8',
+ 'popular_yes_ratio': '0.75'}
+
+
+def test_pope_matches_the_release(tmp_path, capsys):
+    rc, out, _ = run(capsys, *write_pope(tmp_path))
+    assert rc == 0 and POPE_EXPECTED
+    for k, v in POPE_EXPECTED.items():
+        assert out[k] == v, k
+
+
+def test_pope_pairs_labels_by_question_not_by_answer_order(tmp_path, capsys):
+    # the release would pair shuffled answers with the wrong labels; we look them up by id
+    n = len(pope_questions())
+    _, ordered, _ = run(capsys, *write_pope(tmp_path / "a"))
+    _, shuffled, _ = run(capsys, *write_pope(tmp_path / "b", order=list(reversed(range(n)))))
+    assert ordered == shuffled
+
+
+# ---------------------------------------------------------------------------------------
+# MME: a miniature release folder with all 14 tasks, two questions per image
+
+MME_FOLDERS = {"artwork", "celebrity", "landmark", "posters", "scene"}  # images/ + questions_answers_YN/
+
+
+def mme_items():
+    """[(category, image, question as MME writes it, gt, prompt as the answer file has it, answer)]"""
+    answers = ["Yes", "No", "yes, it is", "No.", "Not really", "I don't know", "", "Nope", "Yes and no",
+               "There is no", "NO", "yEs", "no", "yes"]
+    rows, k = [], 0
+    for t, task in enumerate(ev.MME_TASKS["perception"] + ev.MME_TASKS["cognition"]):
+        for img in range(1 + t % 5):  # 1-5 images a task: scores that are not round numbers
+            image = f"{t:02d}{img}.jpg" if task in MME_FOLDERS else f"{t:02d}{img}.png"
+            for j, gt in enumerate(["Yes", "No"]):
+                q = f"Is this {task} number {img}{j}?"
+                suffix = "  Please answer yes or no." if (t, img, j) == (3, 1, 0) else " Please answer yes or no."
+                prompt = q + SHORT
+                if (t, img, j) == (5, 0, 1):  # LLaVA-HR's question file carries both suffixes
+                    prompt = q + "\n Please answer yes or no. " + SHORT
+                rows.append((task, image, q + suffix, gt, prompt, answers[k % len(answers)]))
+                k += 1
+    return rows
+
+
+def write_mme(d):
+    root = os.path.join(d, "MME_Benchmark_release_version")
+    for task, image, question, gt, _, _ in mme_items():
+        qa_dir = os.path.join(root, task, "questions_answers_YN") if task in MME_FOLDERS else os.path.join(root, task)
+        os.makedirs(qa_dir, exist_ok=True)
+        if task in MME_FOLDERS:
+            os.makedirs(os.path.join(root, task, "images"), exist_ok=True)
+        with open(os.path.join(qa_dir, image.split(".")[0] + ".txt"), "a") as f:
+            f.write(f"{question}\t{gt}\n")
+    write_jsonl(os.path.join(d, "answers.jsonl"),
+                [answer(f"{task}/images/{image}" if task in MME_FOLDERS else f"{task}/{image}", prompt, text)
+                 for task, image, _, _, prompt, text in mme_items()])
+    return ["mme", "--answers", os.path.join(d, "answers.jsonl"), "--mme-dir", root]
+
+
+# calculation.py's "total score" per kind and each task's score
+MME_EXPECTED = {'perception': '937.4999999999999',
+ 'existence': '200.0',
+ 'count': '100.0',
+ 'position': '33.33333333333333',
+ 'color': '100.0',
+ 'posters': '60.0',
+ 'celebrity': '200.0',
+ 'scene': '25.0',
+ 'landmark': '16.666666666666664',
+ 'artwork': '112.5',
+ 'OCR': '90.0',
+ 'cognition': '191.66666666666666',
+ 'commonsense_reasoning': '0.0',
+ 'numerical_calculation': '50.0',
+ 'text_translation': '66.66666666666666',
+ 'code_reasoning': '75.0'}
+
+
+def test_mme_matches_the_release(tmp_path, capsys):
+    rc, out, _ = run(capsys, *write_mme(tmp_path))
+    assert rc == 0 and MME_EXPECTED
+    for k, v in MME_EXPECTED.items():
+        assert out[k] == v, k
+
+
+# ---------------------------------------------------------------------------------------
+# ScienceQA: (pid, number of choices, answer index, has image, model answer or None)
+
+SQA = [
+    ("1", 2, 1, False, "B"), ("2", 3, 0, True, "A."), ("3", 4, 2, True, "C. because it is"),
+    ("4", 4, 1, False, "The answer is B."), ("5", 3, 1, True, "The answer is B. The answer is C."),
+    ("6", 3, 2, True, "E"), ("7", 2, 0, False, ""), ("8", 2, 1, True, "b"), ("9", 5, 0, True, "A dog"),
+    ("10", 4, 0, False, "Answer: C"), ("11", 2, 0, True, None), ("12", 3, 1, False, "The answer is (B)."),
+]
+
+
+def write_sqa(d, image_in_prompt=True):
+    problems = {pid: dict(choices=[f"c{i}" for i in range(n)], answer=a, image="image.png" if img else None)
+                for pid, n, a, img, _ in SQA}
+    problems["99"] = dict(choices=["x", "y"], answer=0, image=None)  # another split
+    with open(os.path.join(d, "problems.json"), "w") as f:
+        json.dump(problems, f)
+    with open(os.path.join(d, "pid_splits.json"), "w") as f:
+        json.dump({"test": [pid for pid, *_ in SQA], "val": ["99"]}, f)
+    suffix = "\nAnswer with the option's letter from the given choices directly."
+    rows = [answer(pid, ("<image>\n" if img and image_in_prompt else "") + "Question?\nA. x\nB. y" + suffix, t)
+            for pid, _, _, img, t in SQA if t is not None]
+    write_jsonl(os.path.join(d, "answers.jsonl"), rows)
+    return ["scienceqa", "--answers", os.path.join(d, "answers.jsonl"), "--base-dir", d]
+
+
+# eval_science_qa.py's Correct / Accuracy / IMG-Accuracy, per letter rule
+SQA_EXPECTED = {'llava-hr': {'correct': '5', 'accuracy': '41.67', 'img_accuracy': '33.33'},
+ 'llava': {'correct': '3', 'accuracy': '25.00', 'img_accuracy': '16.67'}}
+
+
+@pytest.mark.parametrize("rule", ["llava-hr", "llava"])
+def test_scienceqa_matches_the_release(tmp_path, capsys, rule):
+    rc, out, _ = run(capsys, *write_sqa(tmp_path), "--letter-rule", rule)
+    assert rc == 0 and SQA_EXPECTED
+    for k, v in SQA_EXPECTED[rule].items():
+        assert out[k] == v, k
+    assert out["missing"] == "1"
+
+
+def test_scienceqa_image_subset_from_problems_when_prompts_lack_the_placeholder(tmp_path, capsys):
+    # generate.py's prompts carry no <image>: the problem's own image decides, same numbers
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _, with_tag, _ = run(capsys, *write_sqa(tmp_path / "a"))
+    _, without, _ = run(capsys, *write_sqa(tmp_path / "b", image_in_prompt=False))
+    assert with_tag == without
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line naming the file and line, a non-zero exit, never a wrong score
+
+def rewrite_answers(path, edit):
+    lines = open(path).read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join(edit(lines)) + "\n")
+
+
+def fails(capsys, argv, *needles):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 1 and "accuracy" not in out, out
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for s in needles:
+        assert s in err, (s, err)
+    return err
+
+
+def test_malformed_line_names_file_and_line(tmp_path, capsys):
+    argv = write_gqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:2] + [ls[2][:30]] + ls[3:])  # a line cut short
+    fails(capsys, argv, "answers.jsonl:3:", "not a JSON line")
+
+
+def test_line_without_question_id(tmp_path, capsys):
+    argv = write_textvqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:1] + [json.dumps({"prompt": "x", "text": "y"})] + ls[2:])
+    fails(capsys, argv, "answers.jsonl:2:", "lacks question_id")
+
+
+def test_text_must_be_a_string(tmp_path, capsys):
+    argv = write_pope(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:4] + [json.dumps(answer(5, "q", None))] + ls[5:])
+    fails(capsys, argv, "answers.jsonl:5:", "'text' must be a string")
+
+
+@pytest.mark.parametrize("bench", ["textvqa", "vqav2", "gqa", "pope", "mme", "scienceqa", "vizwiz"])
+def test_answer_to_an_unknown_question(tmp_path, capsys, bench):
+    writers = dict(textvqa=write_textvqa, vqav2=write_vqav2, gqa=write_gqa, pope=write_pope, mme=write_mme,
+                   scienceqa=write_sqa, vizwiz=write_vizwiz)
+    argv = writers[bench](tmp_path)
+    stranger = answer("nope-404" if bench != "mme" else "existence/404.png", "Is it?" + SHORT, "yes")
+    rewrite_answers(argv[2], lambda ls: ls + [json.dumps(stranger)])
+    n = len(open(argv[2]).read().splitlines())
+    fails(capsys, argv, f"answers.jsonl:{n}:")
+
+
+def test_two_answers_to_one_question(tmp_path, capsys):
+    argv = write_vqav2(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls + [ls[1]])
+    fails(capsys, argv, f"answers.jsonl:{len(VQAV2) + 1}:", "already answered on line 2")
+
+
+def test_missing_answers_are_counted_and_scored_apart(tmp_path, capsys):
+    argv = write_gqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[2:])  # the first two questions unanswered
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == ("8", "6", "2")
+    assert "2 questions have no answer" in err
+    # the score covers the six answered questions: GQA's rule on those alone
+    gold = {qid: g for qid, _, g, _ in GQA[2:]}
+    right = sum(ev.gqa_prediction(a) == gold[qid] for qid, _, _, a in GQA[2:])
+    assert out["accuracy"] == f"{right / 6 * 100:.2f}"
+
+
+def test_unreadable_inputs(tmp_path, capsys):
+    argv = write_textvqa(tmp_path)
+    fails(capsys, argv[:2] + [str(tmp_path / "absent.jsonl")] + argv[3:], "absent.jsonl", "cannot read")
+    with open(argv[4], "w") as f:
+        f.write("{broken")
+    fails(capsys, argv, "TextVQA_0.5.1_val.json:1:", "not valid JSON")
+
+
+def test_textvqa_prompt_without_a_question(tmp_path, capsys):
+    argv = write_textvqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(answer("t01", "one\ntwo\nthree\nfour", "x"))] + ls[1:])
+    fails(capsys, argv, "answers.jsonl:1:", "cannot find the question")
+
+
+def test_pope_labels_must_follow_the_questions(tmp_path, capsys):
+    argv = write_pope(tmp_path)
+    path = os.path.join(argv[6], "coco_pope_random.json")
+    rewrite_answers(path, lambda ls: ls[:-1])
+    fails(capsys, argv, "coco_pope_random.json", "2 labels", "3 'random' questions")
+    argv = write_pope(tmp_path / "b")
+    path = os.path.join(argv[6], "coco_pope_popular.json")
+    rewrite_answers(path, lambda ls: [ls[2], ls[1], ls[0], ls[3]])
+    fails(capsys, argv, "coco_pope_popular.json:1:", "image 'e.jpg'")
+
+
+def test_submission_never_overwrites(tmp_path, capsys):
+    argv = write_vqav2_test(tmp_path)
+    (tmp_path / "upload.json").write_text("my earlier upload")
+    fails(capsys, argv, "upload.json exists")
+    assert (tmp_path / "upload.json").read_text() == "my earlier upload"
+
+
+def test_vizwiz_needs_every_answer(tmp_path, capsys):
+    argv = write_vizwiz(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[1:])
+    fails(capsys, argv, "1 of 4 VizWiz questions have no answer")
+    assert not (tmp_path / "upload.json").exists()
+
+
+def test_cli_exits_with_one_line(tmp_path):
+    # the real entry point, as a user runs it: one stderr line, no traceback
+    import subprocess
+    import sys
+    argv = write_gqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls + ["{"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), *argv], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and f"answers.jsonl:{len(GQA) + 1}:" in r.stderr
+
+
+def test_scienceqa_questions_for_generate(tmp_path, capsys):
+    # model_vqa_science.py's prompt: <image> dropped from the text (generate.py adds it back), the
+    # letter instruction appended; problems without an image stay text-only
+    src = tmp_path / "llava_test_CQM-A.json"
+    src.write_text(json.dumps([
+        {"id": "5", "image": "5/image.png", "conversations": [{"from": "human", "value": "<image>\nContext: x\nWhich?\nA. a\nB. b"},
+                                                              {"from": "gpt", "value": "B"}]},
+        {"id": "4", "conversations": [{"from": "human", "value": "Which?\nA. a\nB. b"}, {"from": "gpt", "value": "A"}]}]))
+    rc, out, _ = run(capsys, "scienceqa-questions", src, tmp_path / "sqa.jsonl")
+    rows = [json.loads(line) for line in open(tmp_path / "sqa.jsonl")]
+    suffix = "\nAnswer with the option's letter from the given choices directly."
+    assert rc == 0 and rows == [dict(question_id="5", text="Context: x\nWhich?\nA. a\nB. b" + suffix, image="5/image.png"),
+                                dict(question_id="4", text="Which?\nA. a\nB. b" + suffix)]
+
+
+def test_a_line_separator_inside_an_answer_is_not_a_line_break(tmp_path, capsys):
+    argv = write_pope(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), text="Yes\u2028no"), ensure_ascii=False)] + ls[1:])
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and out["missing"] == "0"
