@@ -351,19 +351,26 @@ raw = model  # the module itself: DDP wraps it below, fully_shard changes it in 
 n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
 n_all = sum(q.numel() for q in model.parameters())
 
-# activation checkpointing: keep only each block's input, recompute the inside in backward
+convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
+blocks = [*model.llm.layers, *model.encoder.vit.blocks]
+# activation checkpointing: keep only each block's input, recompute the inside in backward. The
+# ConvNeXt too, block by block as the release does (timm's checkpoint_seq): at R = 1024 its maps
+# (stage 3: 27 blocks of 64 x 64 x 768) hold more activations than the rest. Per block, not per
+# stage: recomputing a stage in backward rebuilds all its blocks' activations at once.
 if args.grad_checkpoint:
-    for block in [*model.llm.layers, *model.encoder.vit.blocks]:
+    for block in [*blocks, *(b for stage in convnext.stages for b in stage.blocks)] if convnext else blocks:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 if args.fsdp and distributed:
-    from torch.distributed.fsdp import fully_shard
-    # each block's parameters are gathered just before it runs and freed after: only one
-    # block is ever whole on a device (ZeRO-3); the root holds the rest (embeddings, convnext,
-    # adapters, projector)
-    for block in [*model.llm.layers, *model.encoder.vit.blocks]:
-        fully_shard(block)
-    fully_shard(model)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # each unit's parameters are gathered just before it runs and freed after: only one block (or
+    # ConvNeXt stage) is ever whole on a device (ZeRO-3); the root holds the rest (embeddings,
+    # adapters, projector). On GPUs the gathered copies are bf16 and gradients are reduced in fp32,
+    # as the release's bf16 ZeRO-3; the optimizer keeps the fp32 shards.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    for unit in [*blocks, *(convnext.stages if convnext else [])]:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 elif distributed:
     # text-only micro-batches leave the vision side unused: DDP must be told it may happen
     model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True)

@@ -204,3 +204,12 @@ def test_ddp_and_fsdp_equal_one_process(env, tmp_path):
     assert_same(weights(tmp_path / "fsdp"), weights(tmp_path / "one_g"), atol=1e-6)
     opt = torch.load(tmp_path / "fsdp" / "ckpt" / "train_state.pt", weights_only=True)["optimizer"]
     assert LLM_KEY in opt["state"]  # full, named optimizer state
+
+
+def test_grad_checkpoint_changes_no_number(env, tmp_path):
+    # every LLM, ViT and ConvNeXt block recomputed in backward: the same losses and weights
+    common = ("--global-batch", 2, "--batch-size", 2, "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0)
+    train(args(env, tmp_path / "plain", 2, *common))
+    train(args(env, tmp_path / "ckpt", 2, *common, "--grad-checkpoint"))
+    torch.testing.assert_close(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), rtol=1e-6, atol=0)
+    assert_same(weights(tmp_path / "ckpt"), weights(tmp_path / "plain"), atol=1e-6)
