@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
@@ -35,6 +36,9 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -73,6 +77,95 @@ def one_line_errors(kind, err, tb):
     # an error raised in a DataLoader worker arrives with the worker's traceback as its message
     last = (str(err).strip().splitlines() or [kind.__name__])[-1]
     tqdm.write("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)  # below any bar
+
+# -----------------------------------------------------------------------------
+# the memory plan: what one device holds, counted before any weight is read
+
+
+class PeakBytes(TorchDispatchMode):
+    """Live and peak bytes of the tensors ops create while active; under FakeTensorMode nothing
+    is allocated or computed, so a 7B training step is counted in seconds on any machine."""
+
+    def __init__(self, known=()):
+        super().__init__()
+        self.live, self.peak = 0, 0
+        # tensors that exist already (the weights): their views are not new memory
+        self.sizes = {id(t.untyped_storage()): 0 for t in known}
+
+    def add(self, t):
+        st = t.untyped_storage()
+        if id(st) not in self.sizes:  # views share their base's storage: count it once
+            self.sizes[id(st)] = st.nbytes()
+            self.live += st.nbytes()
+            weakref.finalize(st, self.free, id(st))
+
+    def free(self, key):
+        self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16):
+    """Bytes per device: fp32 weights, gradients and AdamW's two moments (divided over the ranks
+    under FSDP), and the activations of one micro-step of `batch` samples of `max_len` tokens with
+    one image each, measured on fake tensors through the real forward and backward (autocast's
+    bf16 copies of the weights included, as they are held for the whole step)."""
+    with FakeTensorMode():
+        # FSDP2's mixed precision gathers bf16 weights, so autocast makes no copies of them
+        torch.set_default_dtype(torch.bfloat16 if fsdp and bf16 else torch.float32)
+        model = build(cfg)
+        torch.set_default_dtype(torch.float32)
+        n_all = sum(q.numel() for q in model.parameters())
+        n_train = sum(q.numel() for n, q in model.named_parameters() if trains(n))
+        for n, q in model.named_parameters():
+            q.requires_grad_(trains(n))
+            if trains(n):  # gradients are counted above: drop each as soon as it is made
+                q.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+        if grad_ckpt:
+            checkpoint_blocks(model)
+        n_vis = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+        n_text = min(max_len - 1, cfg.llm.max_seq_len - n_vis)  # the placeholder's slot goes to the image
+        ids = torch.zeros(batch, n_text, dtype=torch.long)
+        with PeakBytes(known=model.parameters()) as counter, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            # the model's forward, with the splice (data-dependent, so not traceable) as one concat
+            x = torch.cat([model.encode_images(torch.zeros(batch, 3, cfg.image_size, cfg.image_size)),
+                           model.llm.embed(ids)], dim=1)  # (B, N + T - 1, H)
+            logits = model.llm(embeds=x)
+            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), torch.zeros(batch * (x.shape[1] - 1),
+                                                                               dtype=torch.long)).backward()
+        # AdamW's foreach update makes temporaries the size of what it updates: after backward,
+        # when the activations are gone, this is the step's peak instead
+        params = [torch.zeros_like(q, dtype=torch.float32) for q in model.parameters() if q.requires_grad]
+        for q in params:
+            q.grad = torch.zeros_like(q)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        opt.step()  # makes the state, counted above
+        with PeakBytes(known=[*params, *(q.grad for q in params), *(t for st in opt.state.values()
+                                                                     for t in st.values())]) as update:
+            opt.step()
+    shard = world if fsdp else 1
+    return dict(weights=4 * n_all / shard, gradients=4 * n_train / shard, adam=8 * n_train / shard,
+                activations=counter.peak, update=update.peak / shard, n_all=n_all, n_train=n_train,
+                tokens=n_vis + n_text, world=world, fsdp=fsdp, batch=batch, bf16=bf16, grad_ckpt=grad_ckpt)
+
+
+def print_plan(plan):
+    gb = lambda n: f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.2f} MiB"  # noqa: E731
+    how = f"FSDP2 over {plan['world']} ranks" if plan["fsdp"] else f"{plan['world']} process(es), unsharded"
+    print(f"memory plan per device: {plan['n_train'] / 1e6:.0f}M of {plan['n_all'] / 1e6:.0f}M parameters "
+          f"train; {how}; micro-batch {plan['batch']} x {plan['tokens']} tokens; "
+          f"{'bf16 autocast' if plan['bf16'] else 'fp32'}; {'with' if plan['grad_ckpt'] else 'no'} grad checkpointing")
+    for k in ("weights", "gradients", "adam", "activations", "update"):
+        print(f"  {k:<12}{gb(plan[k])}")
+    # the activations (forward, backward) and the update's temporaries (optimizer step) never coexist
+    print(f"  {'peak':<12}{gb(plan['weights'] + plan['gradients'] + plan['adam'] + max(plan['activations'], plan['update']))}")
+
 
 # -----------------------------------------------------------------------------
 # the demo: the whole pipeline on a CPU in minutes, through the same two commands as real use
@@ -168,9 +261,9 @@ if __name__ == "__main__" and "--preset" in sys.argv:
 
 p = Parser(description=__doc__.split("\n")[0])
 p.add_argument("--stage", type=int, choices=(1, 2), required=True)
-p.add_argument("--data", required=True, help="LLaVA json / jsonl")
+p.add_argument("--data", help="LLaVA json / jsonl (required unless --dry-run)")
 p.add_argument("--image-folder", default="")
-p.add_argument("--out", required=True)
+p.add_argument("--out", help="run directory (required unless --dry-run)")
 p.add_argument("--llm", help="HF LLaMA / Vicuna directory")
 p.add_argument("--vit", help="HF CLIP ViT checkpoint (file or directory)")
 p.add_argument("--convnext", help="timm / open_clip ConvNeXt safetensors")
@@ -208,6 +301,9 @@ p.add_argument("--workers", type=int, default=4)
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
 p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (deletes it)")
 p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
+p.add_argument("--dry-run", type=int, nargs="?", const=0, metavar="WORLD",
+               help="print the memory plan per device for WORLD processes (default: this run's) and exit; "
+                    "no weights or data are read")
 args = p.parse_args()
 if not args.debug:
     sys.excepthook = one_line_errors
@@ -222,6 +318,8 @@ limits = {"--batch-size >= 1": args.batch_size >= 1, "--global-batch >= 1": (arg
 bad = [rule for rule, ok in limits.items() if not ok]  # NaN fails every comparison, so it lands here too
 if bad:
     p.error("need " + ", ".join(bad))
+if args.dry_run is None and not (args.data and args.out):
+    p.error("--data and --out are required (unless --dry-run)")
 if args.resume and args.overwrite:
     p.error("--resume continues the run in --out, --overwrite deletes it: pick one")
 
@@ -249,7 +347,56 @@ accum, rem = divmod(global_batch, args.batch_size * world)
 if rem or not accum:
     raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {args.batch_size} "
                      f"x {world} processes")
-# a user's run is never overwritten unasked: an --out that holds one is resumed or refused
+
+# -----------------------------------------------------------------------------
+# the model's configuration, and what trains
+
+if args.config == "tiny":
+    cfg = TINY
+elif args.config == "full":
+    cfg = mra.MRAConfig()
+elif not os.path.isfile(args.config):
+    raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
+else:
+    cfg = read_config(args.config, mra.MRAConfig.from_dict)
+image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else st["image_size"])
+adapters = args.adapters if args.adapters is not None else args.stage == 2
+stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
+
+
+def trains(name):
+    """Stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen)."""
+    if args.stage == 1:
+        train = name.startswith(("projector.", "encoder.fusion."))
+    else:
+        train = not (args.freeze_vision and name.startswith(("encoder.vit.", "encoder.convnext.")))
+        train = train and not (args.freeze_llm and name.startswith("llm."))
+    # CLIP's ln_post feeds only the pooled class token, which LLaVA never uses
+    return train and not name.startswith("encoder.vit.ln_post.")
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing: keep only each block's input, recompute the inside in backward.
+    The ConvNeXt too, block by block as the release does (timm's checkpoint_seq): at R = 1024 its
+    maps (stage 3: 27 blocks of 64 x 64 x 768) hold more activations than the rest. Per block, not
+    per stage: recomputing a stage in backward rebuilds all its blocks' activations at once."""
+    convnext = getattr(model.encoder, "convnext", None)
+    conv_blocks = [b for stage in convnext.stages for b in stage.blocks] if convnext else []
+    for block in [*model.llm.layers, *model.encoder.vit.blocks, *conv_blocks]:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def plan(cfg, world, bf16):
+    return memory_plan(mra.LlavaHR, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
+                       args.max_len or data.MAX_LEN[st["template"]], args.grad_checkpoint, bf16)
+
+
+if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
+    print_plan(plan(replace(cfg, **stage_cfg), args.dry_run or world, bf16=cuda or args.dry_run > 0))
+    sys.exit()
+
+# -----------------------------------------------------------------------------
+# the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
 ckpt_dir, log_path = os.path.join(args.out, "ckpt"), os.path.join(args.out, "log.jsonl")
 if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise SystemExit(f"--out {args.out}: is a file, not a directory")
@@ -276,7 +423,6 @@ if not (args.tokenizer or weights_dir):
     raise SystemExit("--tokenizer is needed (no --llm, --init or --resume to take tokenizer.model from)")
 tok_path = args.tokenizer or os.path.join(weights_dir, "tokenizer.model")
 tok = Tokenizer(tok_path)
-image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else st["image_size"])
 ds = data.LlavaDataset(args.data, args.image_folder, tok, st["template"], image_size,
                        st["image_mode"], args.max_len, skip_bad=args.skip_bad)
 group = args.group_by_length if args.group_by_length is not None else args.stage == 2
@@ -300,16 +446,6 @@ def with_adapters(m1, cfg):
     return m2
 
 
-if args.config == "tiny":
-    cfg = TINY
-elif args.config == "full":
-    cfg = mra.MRAConfig()
-elif not os.path.isfile(args.config):
-    raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
-else:
-    cfg = read_config(args.config, mra.MRAConfig.from_dict)
-adapters = args.adapters if args.adapters is not None else args.stage == 2
-stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
 if args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
 elif args.init:
@@ -338,28 +474,16 @@ if tok.vocab_size > cfg.llm.vocab_size:
     raise SystemExit(f"{tok_path}: {tok.vocab_size} pieces, but the LLM has only {cfg.llm.vocab_size} "
                      f"embeddings: the tokenizer does not belong to this model (--tokenizer)")
 
-# stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen here)
 for name, param in model.named_parameters():
-    if args.stage == 1:
-        train = name.startswith(("projector.", "encoder.fusion."))
-    else:
-        train = not (args.freeze_vision and name.startswith(("encoder.vit.", "encoder.convnext.")))
-        train = train and not (args.freeze_llm and name.startswith("llm."))
-    # CLIP's ln_post feeds only the pooled class token, which LLaVA never uses
-    param.requires_grad_(train and not name.startswith("encoder.vit.ln_post."))
+    param.requires_grad_(trains(name))
 raw = model  # the module itself: DDP wraps it below, fully_shard changes it in place
 n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
 n_all = sum(q.numel() for q in model.parameters())
 
 convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
 blocks = [*model.llm.layers, *model.encoder.vit.blocks]
-# activation checkpointing: keep only each block's input, recompute the inside in backward. The
-# ConvNeXt too, block by block as the release does (timm's checkpoint_seq): at R = 1024 its maps
-# (stage 3: 27 blocks of 64 x 64 x 768) hold more activations than the rest. Per block, not per
-# stage: recomputing a stage in backward rebuilds all its blocks' activations at once.
 if args.grad_checkpoint:
-    for block in [*blocks, *(b for stage in convnext.stages for b in stage.blocks)] if convnext else blocks:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    checkpoint_blocks(model)
 
 if args.fsdp and distributed:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -495,6 +619,7 @@ if master:
           f"{'FSDP2' if args.fsdp and distributed else 'DDP' if distributed else 'one process'}")
     if ds.bad:
         print(f"skipping {len(ds.bad)} bad records, e.g. {ds.bad[0]}")
+    print_plan(plan(cfg, world, bf16=cuda))  # the longest sample the stage allows
     if ds.dropped_first:
         print(f"{ds.dropped_first} conversations open with a gpt turn: dropped that turn (as the release does)")
 log = open(log_path, "a") if master else None

@@ -213,3 +213,28 @@ def test_grad_checkpoint_changes_no_number(env, tmp_path):
     train(args(env, tmp_path / "ckpt", 2, *common, "--grad-checkpoint"))
     torch.testing.assert_close(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), rtol=1e-6, atol=0)
     assert_same(weights(tmp_path / "ckpt"), weights(tmp_path / "plain"), atol=1e-6)
+
+
+def plan(env, capsys, *extra):
+    """train.py --dry-run's figures (GiB) by row, from its printout."""
+    d, tok = env
+    with pytest.raises(SystemExit) as e:
+        train(["--stage", "2", "--config", "tiny", "--batch-size", "2", "--max-len", "40", *map(str, extra)])
+    assert not e.value.code
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    return {r[0]: float(r[1]) * {"GiB": 2**30, "MiB": 2**20}[r[2]] for r in rows}
+
+
+def test_dry_run_memory_plan(env, capsys):
+    n = sum(q.numel() for q in mra.build(replace(tiny(), adapters=True, image_size=128)).parameters())
+    one = plan(env, capsys, "--dry-run")
+    # weights, gradients and AdamW's two moments: 4, 4 and 8 bytes per trained fp32 parameter
+    # (printed to 0.01 MiB: within 1% at this size)
+    assert one["weights"] == pytest.approx(4 * n, rel=1e-2) and one["adam"] == pytest.approx(8 * n, rel=1e-2)
+    fsdp = plan(env, capsys, "--dry-run", 4, "--fsdp")
+    assert fsdp["weights"] == pytest.approx(one["weights"] / 4, rel=1e-2)  # sharded over 4 ranks
+    lean = plan(env, capsys, "--dry-run", "--grad-checkpoint")
+    assert 0 < lean["activations"] < one["activations"]
+    assert 0 < one["update"] <= 4 * n * 1.01  # AdamW's temporaries: at most one fp32 copy of what it updates
+    peak = one["weights"] + one["gradients"] + one["adam"] + max(one["activations"], one["update"])
+    assert one["peak"] == pytest.approx(peak, rel=1e-2)
