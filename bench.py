@@ -388,7 +388,7 @@ def experiment_tables(out):
              f"{r['train_s'] / 60:.1f}", f"{r['tokens_per_s']:.0f}"] for i, r in results.items()]
     table(rows, header)
     phases = sorted({k for r in results.values() for k in r["gen"] if " " in k and "%" in k})
-    ph_header = ["pattern, darkened pixels"] + [ARMS[i][0][:3] + " gen / pil" for i in results]
+    ph_header = ["pattern, darkened pixels"] + [ARMS[i][0].split(":")[0].split(",")[0] + ": gen / pil" for i in results]
     ph_rows = [[k] + [f"{r['gen'].get(k, 0):.0%} ({r['gen_seen'].get(k, 0)}) / {r['pil'].get(k, 0):.0%} "
                       f"({r['pil_seen'].get(k, 0)})" for r in results.values()] for k in phases]
     table(ph_rows, ph_header)
@@ -407,7 +407,8 @@ def main(argv=None):
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
-    p.add_argument("--arms", default="abcd", help="experiment: the arms to train, by letter (d: all three ablations)")
+    p.add_argument("--arms", default="abcd",
+                   help="experiment: the arms to train, by letter (d: all three ablations) or index 0-5")
     p.add_argument("--pil-scenes", type=int, default=300, help="experiment: scenes in the independent held-out set")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -422,7 +423,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
-    a.arms = [i for i, arm in enumerate(ARMS) if arm[0][1] in a.arms]
+    a.arms = [i for i, arm in enumerate(ARMS) if arm[0][1] in a.arms or str(i) in a.arms]
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
