@@ -11,8 +11,9 @@
    the meta device: visual tokens and prefill FLOPs of one image + a short prompt.
 
 4. experiment: the paper's claim in miniature on the synthetic task (data.make_scene): six
-   arms trained by `train.py --preset demo` with the same data, steps and seed, scored on 500
-   held-out questions through generate.py's batch mode. Not in the default run (~30 min).
+   arms trained by `train.py --preset demo` with the same data, steps and seed, scored through
+   generate.py's batch mode on two held-out sets: the generator's, and an independent
+   renderer's (pil_scene, JPEG). Not in the default run (~30 min on 2 idle cores).
 
     python bench.py            # sections 1-3, ~3 minutes on 2 CPU cores
     python bench.py --quick    # smoke run, a few seconds
