@@ -11,8 +11,9 @@
    the meta device: visual tokens and prefill FLOPs of one image + a short prompt.
 
 4. experiment: the paper's claim in miniature on the synthetic task (data.make_scene): six
-   arms trained by `train.py --preset demo` with the same data, steps and seed, scored on 500
-   held-out questions through generate.py's batch mode. Not in the default run (~30 min).
+   arms trained by `train.py --preset demo` with the same data, steps and seed, scored through
+   generate.py's batch mode on two held-out sets: the generator's, and an independent
+   renderer's (pil_scene, JPEG). Not in the default run (~30 min on 2 idle cores).
 
     python bench.py            # sections 1-3, ~3 minutes on 2 CPU cores
     python bench.py --quick    # smoke run, a few seconds
@@ -235,14 +236,17 @@ ARMS = [("(a) LLaVA-1.5 style: ViT alone, low res", dict(arch="llava-1.5"), 112,
 
 
 def score(questions, answers):
-    """Exact-match accuracy per question category (answers compared case- and period-free)."""
+    """Exact-match accuracy per question category (answers compared case- and period-free), and
+    the texture's per pattern and phase ("dots x%3=0,y%3=2")."""
     norm = lambda s: s.strip().rstrip(".").lower()  # noqa: E731
     truth = {q["question_id"]: q for q in map(json.loads, open(questions))}
     right, seen = {}, {}
     for a in map(json.loads, open(answers)):
         q = truth[a["question_id"]]
-        seen[q["category"]] = seen.get(q["category"], 0) + 1
-        right[q["category"]] = right.get(q["category"], 0) + (norm(a["text"]) == norm(q["answer"]))
+        keys = [q["category"]] + ([f"{q['answer']} {q['phase']}"] if "phase" in q else [])
+        for k in keys:
+            seen[k] = seen.get(k, 0) + 1
+            right[k] = right.get(k, 0) + (norm(a["text"]) == norm(q["answer"]))
     return {k: right[k] / seen[k] for k in sorted(seen)}, seen
 
 
@@ -266,13 +270,89 @@ def paths_picture(src="examples/demo.png", out="examples/paths.png"):
     return out
 
 
+def pil_scene(rng, size=256):
+    """The demo task's spec (README) drawn a second way, to catch a model that learned the
+    generator rather than the task: PIL ImageDraw shapes, written without data.make_scene or
+    data.texture_mask. Returns a PIL image and its answers (the caller saves it as JPEG 90)."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+    bg = [rng.randint(*data.BACKGROUND) for _ in range(3)]
+    im = Image.new("RGB", (size, size), tuple(bg))
+    draw = ImageDraw.Draw(im)
+    texture = rng.choice(data.TEXTURES)
+    k = rng.randint(*data.DARKEN[texture])
+    dark = tuple(c - k for c in bg)  # the texture's pixels: the background, k grey levels darker
+    if texture == "horizontal lines":
+        p = rng.randrange(2)
+        for y in range(p, size, 2):
+            draw.line([(0, y), (size - 1, y)], fill=dark)
+        phase = f"y%2={p}"
+    elif texture == "vertical lines":
+        p = rng.randrange(2)
+        for x in range(p, size, 2):
+            draw.line([(x, 0), (x, size - 1)], fill=dark)
+        phase = f"x%2={p}"
+    elif texture == "checkerboard":
+        p = rng.randrange(2)
+        draw.point([(x, y) for y in range(size) for x in range((y + p) % 2, size, 2)], fill=dark)
+        phase = f"(x+y)%2={p}"
+    else:
+        px, py = rng.randrange(3), rng.randrange(3)
+        draw.point([(x, y) for y in range(py, size, 3) for x in range(px, size, 3)], fill=dark)
+        phase = f"x%3={px},y%3={py}"
+    for _ in range(rng.randint(2, 4)):
+        w, h = rng.randint(20, 70), rng.randint(20, 70)
+        x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
+        fill = None
+        while fill is None or max(fill) < 90 or any(max(abs(a - b) for a, b in zip(fill, rgb)) < 60
+                                                     for rgb in data.COLOURS.values()):
+            fill = tuple(rng.randint(0, 255) for _ in range(3))
+        draw.rectangle([x0, y0, x0 + w - 1, y0 + h - 1], fill=fill)
+    colour = rng.choice(sorted(data.COLOURS))
+    r = rng.randint(22, 40)
+    cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
+    fill = tuple(c + rng.randint(-data.JITTER, data.JITTER) for c in data.COLOURS[colour])
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    digit = rng.randint(0, 9)
+    gx, gy = rng.randint(0, size - 9), rng.randint(0, size - 15)
+    for i, bit in enumerate(data.DIGITS[digit]):
+        if bit == "1":
+            x0, y0 = gx + 3 * (i % 3), gy + 3 * (i // 3)
+            draw.rectangle([x0, y0, x0 + 2, y0 + 2], fill=(20, 20, 20))
+    a = rng.randint(*data.NOISE)
+    nrng = np.random.default_rng(rng.randint(0, 2 ** 31))
+    noise = nrng.normal(0, a / 2, (size, size, 3)) if rng.random() < 0.5 else nrng.integers(-a, a + 1, (size, size, 3))
+    im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8))
+    return im, {"colour": colour, "texture": texture, "digit": digit, "phase": phase}
+
+
+def make_pil_heldout(out, n, seed=2):
+    """n pil_scene scenes as JPEG 90 under out/images, every question of each in questions.jsonl."""
+    import random
+    if os.path.isfile(os.path.join(out, "questions.jsonl")):
+        return out
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rng, answers = random.Random(seed), []
+    for i in range(n):
+        im, ans = pil_scene(rng)
+        name = f"images/pil{seed}_{i:05d}.jpg"
+        im.save(os.path.join(out, name), quality=90)
+        answers.append(dict(ans, image=name))
+    data.write_questions(out, answers, 3 * n, seed)
+    return out
+
+
 def bench_experiment(a):
+    """Train the chosen arms (--arms; an arm with a result.json is kept, delete it to rerun), score
+    each on both held-out sets, and write the table of every arm that has a result."""
     paths_picture()
     d = data.prepare_demo(a.data_dir)
-    test = os.path.join(d, "test")
-    rows, summary = [], {}
-    for i, (name, change, r1, r2, flags) in enumerate(ARMS):
+    sets = {"gen": os.path.join(d, "test"), "pil": make_pil_heldout(os.path.join(d, "test_pil"), a.pil_scenes)}
+    for i in a.arms:
+        name, change, r1, r2, flags = ARMS[i]
         arm = os.path.join(a.experiment_out, f"arm{i}")
+        if os.path.isfile(os.path.join(arm, "result.json")):
+            continue
         os.makedirs(arm, exist_ok=True)
         base = mra.MRAConfig.from_name("demo")
         cfg = replace(base, vit=replace(base.vit, image_size=r2) if change.get("arch") else base.vit, **change)
@@ -282,26 +362,43 @@ def bench_experiment(a):
         subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", arm, "--data-dir", a.data_dir,
                         "--config", os.path.join(arm, "config.json"), "--stage1-size", str(r1),
                         "--image-size", str(r2)] + flags, check=True)
-        train_s = time.time() - t0
-        answers = os.path.join(arm, "answers.jsonl")
-        if os.path.exists(answers):
-            os.remove(answers)
-        subprocess.run([sys.executable, "generate.py", "--model", os.path.join(arm, "stage2", "ckpt"),
-                        "--questions", os.path.join(test, "questions.jsonl"), "--answers", answers,
-                        "--image-folder", test, "--batch-size", "50", "--max-new-tokens", "8"], check=True)
-        acc, seen = score(os.path.join(test, "questions.jsonl"), answers)
+        result = {"train_s": time.time() - t0, "tokens": mra.visual_tokens(cfg.arch, r2, cfg.vit_min_size, cfg.vit.patch_size)}
         steps = [json.loads(line) for line in open(os.path.join(arm, "stage2", "log.jsonl"))]
-        tok_s = sum(s["tokens_per_s"] for s in steps) / len(steps)
-        tokens = mra.visual_tokens(cfg.arch, r2, cfg.vit_min_size, cfg.vit.patch_size)
-        rows.append([name, tokens, *(f"{acc[k]:.1%}" for k in ("texture", "colour", "digit")),
-                     f"{train_s / 60:.1f}", f"{tok_s:.0f}"])
-        summary |= {f"arm{i}_{k}_accuracy": f"{v:.3f}" for k, v in acc.items()}
-        table(rows, ["arm", "visual tokens", "texture", "colour", "digit", "train min", "tokens/s"])
-    print(f"questions per category: {seen}")
-    with open(os.path.join(a.experiment_out, "results.md"), "w") as f:
-        f.write("| arm | visual tokens | texture | colour | digit | train min | tokens/s |\n|---|---|---|---|---|---|---|\n")
-        f.writelines("| " + " | ".join(map(str, r)) + " |\n" for r in rows)
-    return summary
+        result["tokens_per_s"] = sum(s["tokens_per_s"] for s in steps) / len(steps)
+        for key, test in sets.items():
+            answers = os.path.join(arm, f"answers_{key}.jsonl")
+            if os.path.exists(answers):
+                os.remove(answers)
+            subprocess.run([sys.executable, "generate.py", "--model", os.path.join(arm, "stage2", "ckpt"),
+                            "--questions", os.path.join(test, "questions.jsonl"), "--answers", answers,
+                            "--image-folder", test, "--batch-size", "50", "--max-new-tokens", "8"], check=True)
+            result[key], result[key + "_seen"] = score(os.path.join(test, "questions.jsonl"), answers)
+        with open(os.path.join(arm, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return experiment_tables(a.experiment_out)
+
+
+def experiment_tables(out):
+    """out/results.md from every arm's result.json: the main table (generator's held-out set /
+    the independent renderer's) and the texture per pattern and phase."""
+    results = {i: json.load(open(p)) for i in range(len(ARMS))
+               for p in [os.path.join(out, f"arm{i}", "result.json")] if os.path.isfile(p)}
+    both = lambda r, k: f"{r['gen'][k]:.1%} / {r['pil'][k]:.1%}"  # noqa: E731
+    header = ["arm", "visual tokens", "texture", "colour", "digit", "train min", "tokens/s"]
+    rows = [[ARMS[i][0], r["tokens"], *(both(r, k) for k in ("texture", "colour", "digit")),
+             f"{r['train_s'] / 60:.1f}", f"{r['tokens_per_s']:.0f}"] for i, r in results.items()]
+    table(rows, header)
+    phases = sorted({k for r in results.values() for k in r["gen"] if " " in k and "%" in k})
+    ph_header = ["pattern, darkened pixels"] + [ARMS[i][0].split(":")[0].split(",")[0] + ": gen / pil" for i in results]
+    ph_rows = [[k] + [f"{r['gen'].get(k, 0):.0%} ({r['gen_seen'].get(k, 0)}) / {r['pil'].get(k, 0):.0%} "
+                      f"({r['pil_seen'].get(k, 0)})" for r in results.values()] for k in phases]
+    table(ph_rows, ph_header)
+    md = lambda h, rs: "| " + " | ".join(h) + " |\n|" + "---|" * len(h) + "\n" + "".join(  # noqa: E731
+        "| " + " | ".join(map(str, r)) + " |\n" for r in rs)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md(header, rows) + "\n" + md(ph_header, ph_rows))
+    return {f"arm{i}_{s}_{k}_accuracy": f"{r[s][k]:.3f}" for i, r in results.items()
+            for s in ("gen", "pil") for k in ("texture", "colour", "digit")}
 
 
 def main(argv=None):
@@ -311,6 +408,9 @@ def main(argv=None):
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
+    p.add_argument("--arms", default="abcd",
+                   help="experiment: the arms to train, by letter (d: all three ablations) or index 0-5")
+    p.add_argument("--pil-scenes", type=int, default=300, help="experiment: scenes in the independent held-out set")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-len", type=int, default=1100)
@@ -324,6 +424,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
+    a.arms = [i for i, arm in enumerate(ARMS) if arm[0][1] in a.arms or str(i) in a.arms]
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

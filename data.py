@@ -409,34 +409,60 @@ DIGITS = ["111101101101111", "010110010010111", "111001111100111", "111001111001
           "111100111001111", "111100111101111", "111001001010010", "111101111101111", "111101111001111"]
 
 
-def texture_mask(kind, size):
+# The task's spec (README, "The demo task"): what a scene may be. make_scene draws at random
+# everything it leaves free; bench.py's second held-out set draws the same spec another way.
+PHASES = {"horizontal lines": 2, "vertical lines": 2, "checkerboard": 2, "dots": 9}
+DARKEN = {"horizontal lines": (30, 40), "vertical lines": (30, 40), "checkerboard": (30, 40), "dots": (50, 70)}
+BACKGROUND = (160, 255)  # each channel of the light background colour
+JITTER = 12  # the circle's colour: its named colour, each channel moved by up to this much
+NOISE = (2, 6)  # pixel noise: uniform integers in [-a, a] or Gaussian with sigma a / 2, a in this range
+
+
+def phase_name(kind, phase):
+    """Which pixels a texture darkens, in words: phase 0-1 (lines, checkerboard) or 0-8 (dots)."""
+    if kind == "dots":
+        return f"x%3={phase % 3},y%3={phase // 3}"
+    return {"horizontal lines": "y", "vertical lines": "x", "checkerboard": "(x+y)"}[kind] + f"%2={phase}"
+
+
+def texture_mask(kind, size, phase=1):
     """Boolean (size, size) map of the darkened pixels, and how much they are darkened."""
     y, x = np.mgrid[:size, :size]
     if kind == "horizontal lines":
-        return y % 2 == 1, (30, 40)
+        return y % 2 == phase, DARKEN[kind]
     if kind == "vertical lines":
-        return x % 2 == 1, (30, 40)
+        return x % 2 == phase, DARKEN[kind]
     if kind == "checkerboard":
-        return (x + y) % 2 == 1, (30, 40)
-    return (x % 3 == 0) & (y % 3 == 0), (50, 70)  # dots
+        return (x + y) % 2 == phase, DARKEN[kind]
+    return (x % 3 == phase % 3) & (y % 3 == phase // 3), DARKEN[kind]  # dots
+
+
+def distractor_colour(rng):
+    """Any colour that names no answer: at least 60 from every circle colour in some channel
+    (so jitter and noise never bring it near one), and not near the digit's black."""
+    while True:
+        c = [rng.randint(0, 255) for _ in range(3)]
+        if max(c) >= 90 and all(max(abs(a - b) for a, b in zip(c, rgb)) >= 60 for rgb in COLOURS.values()):
+            return c
 
 
 def make_scene(rng, size=256, digit=True):
-    """One scene (H, W, 3 uint8) and its answers {colour, texture, digit or None}."""
-    bg = np.array([rng.randint(190, 250) for _ in range(3)], dtype=np.int16)
+    """One scene (H, W, 3 uint8) and its answers {colour, texture, digit or None, phase}."""
+    bg = np.array([rng.randint(*BACKGROUND) for _ in range(3)], dtype=np.int16)
     img = np.broadcast_to(bg, (size, size, 3)).copy()
     texture = rng.choice(TEXTURES)
-    mask, (lo, hi) = texture_mask(texture, size)
+    phase = rng.randrange(PHASES[texture])  # every phase: a model must not learn one pixel grid
+    mask, (lo, hi) = texture_mask(texture, size, phase)
     img[mask] -= rng.randint(lo, hi)
-    for _ in range(rng.randint(2, 4)):  # distractor rectangles in muted colours
+    for _ in range(rng.randint(2, 4)):  # distractor rectangles
         w, h = rng.randint(20, 70), rng.randint(20, 70)
         x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
-        img[y0:y0 + h, x0:x0 + w] = [rng.randint(100, 180) for _ in range(3)]
+        img[y0:y0 + h, x0:x0 + w] = distractor_colour(rng)
     colour = rng.choice(sorted(COLOURS))
     r = rng.randint(22, 40)
     cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
     yy, xx = np.mgrid[:size, :size]
-    img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = [c + rng.randint(-12, 12) for c in COLOURS[colour]]
+    img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = [c + rng.randint(-JITTER, JITTER) for c in COLOURS[colour]]
     answer = None
     if digit:
         answer = rng.randint(0, 9)
@@ -446,9 +472,11 @@ def make_scene(rng, size=256, digit=True):
             if bit == "1":
                 r0, c0 = gy + (i // 3) * cell, gx + (i % 3) * cell
                 img[r0:r0 + cell, c0:c0 + cell] = 20
-    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).integers(-4, 5, img.shape)
+    a, gaussian = rng.randint(*NOISE), rng.random() < 0.5
+    nrng = np.random.default_rng(rng.randint(0, 2 ** 31))
+    noise = nrng.normal(0, a / 2, img.shape).round() if gaussian else nrng.integers(-a, a + 1, img.shape)
     img = np.clip(img + noise, 0, 255).astype(np.uint8)
-    return img, {"colour": colour, "texture": texture, "digit": answer}
+    return img, {"colour": colour, "texture": texture, "digit": answer, "phase": phase_name(texture, phase)}
 
 
 def make_synthetic(out, n, seed=0, size=256, digit=True, n_questions=0, question_seed=None):
@@ -478,24 +506,33 @@ def make_synthetic(out, n, seed=0, size=256, digit=True, n_questions=0, question
         with open(os.path.join(out, fname), "w") as f:
             json.dump(records, f)
     if n_questions:
-        qrng = random.Random(seed if question_seed is None else question_seed)
-        with open(os.path.join(out, "questions.jsonl"), "w") as f:
-            for q in range(n_questions):
-                a = answers[q % n]
-                kind = qrng.choice([k for k in QUESTIONS if a[k] is not None])
-                f.write(json.dumps({"question_id": q, "image": a["image"], "text": QUESTIONS[kind],
-                                    "category": kind, "answer": str(a[kind])}) + "\n")
+        write_questions(out, answers, n_questions, seed if question_seed is None else question_seed)
     return answers
 
 
+def write_questions(out, answers, n_questions, seed):
+    """out/questions.jsonl for generate.py's batch mode: question q asks about scene q % n, the
+    (q // n)-th of its questions in an order drawn per scene (n_questions = 3n asks all of them).
+    Texture questions carry the pattern's phase, so a score can be split by it."""
+    rng = random.Random(seed)
+    orders = [rng.sample(ks, len(ks)) for a in answers for ks in [[k for k in QUESTIONS if a[k] is not None]]]
+    with open(os.path.join(out, "questions.jsonl"), "w") as f:
+        for q in range(n_questions):
+            a, kinds = answers[q % len(answers)], orders[q % len(answers)]
+            kind = kinds[(q // len(answers)) % len(kinds)]
+            extra = {"phase": a["phase"]} if kind == "texture" else {}
+            f.write(json.dumps({"question_id": q, "image": a["image"], "text": QUESTIONS[kind],
+                                "category": kind, "answer": str(a[kind])} | extra) + "\n")
+
+
 def prepare_demo(out, n_train=2000, n_test=500, vocab_size=600):
-    """The demo's files under out/: training scenes (seed 0), held-out scenes and 500 questions
-    (seed 1), and a sentencepiece tokenizer trained on the text (nothing pretrained exists
-    here). Kept if already there, so the demo and the experiment reuse them."""
+    """The demo's files under out/: training scenes (seed 0), held-out scenes and all three
+    questions about each (seed 1), and a sentencepiece tokenizer trained on the text (nothing
+    pretrained exists here). Kept if already there, so the demo and the experiment reuse them."""
     import sentencepiece as spm
     if not os.path.isfile(os.path.join(out, "tokenizer.model")):
         make_synthetic(os.path.join(out, "train"), n_train, seed=0)
-        make_synthetic(os.path.join(out, "test"), n_test, seed=1, n_questions=n_test)
+        make_synthetic(os.path.join(out, "test"), n_test, seed=1, n_questions=3 * n_test)
         # every stage-2 prompt starts with the system text: weight it as often as it will be seen
         texts = [SYSTEM + " USER: ASSISTANT:"] * n_train + [
             t["value"].replace("<image>", "") for name in ("pretrain.json", "instruct.json")

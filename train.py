@@ -220,7 +220,7 @@ def run_demo(argv):
     pre.add_argument("--out", default="out/demo")
     pre.add_argument("--data-dir", default="data/demo")
     pre.add_argument("--scenes", type=int, default=2000, help="training scenes to generate")
-    pre.add_argument("--test-scenes", type=int, default=500, help="held-out scenes (one question each)")
+    pre.add_argument("--test-scenes", type=int, default=500, help="held-out scenes (three questions each)")
     pre.add_argument("--config", help="an MRAConfig json instead of the demo's (the experiment's arms)")
     pre.add_argument("--stage1-size", type=int, default=128, help="R in stage 1 (stage 2 uses --image-size)")
     pre.add_argument("--image-size", type=int, default=256)
