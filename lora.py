@@ -170,8 +170,9 @@ def setup_7b(r=None, alpha=None):
             add_lora(model, r, alpha or 2 * r)
     for name, p in model.named_parameters():
         p.requires_grad_(not r or ".lora_" in name or not name.startswith(FROZEN))
-        if r and not p.requires_grad and name.startswith("llm.layers."):
-            p.data = p.data.to(torch.bfloat16)
+    for m in model.modules():  # as train.py stores them on one GPU
+        if isinstance(m, LoRALinear):
+            m.weight.data = m.weight.data.to(torch.bfloat16)
     return model
 
 
@@ -181,7 +182,7 @@ def fits_table(seq=2048):
         model = setup_7b(r)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for ckpt in (True, False):
-            for batch in (1, 4, 16):
+            for batch in (1, 4):
                 gb = memory(model, batch, seq, ckpt, lora_dropout=bool(r))
                 fit = " / ".join("yes" if gb["total"] <= 0.9 * cap else "no" for cap in (24, 48, 80))
                 rows.append(f"| {'full' if r is None else f'LoRA r {r}'} | {n_train / 1e6:,.0f}M | "

@@ -157,3 +157,22 @@ def test_adapters_that_do_not_fit_the_base_are_one_line(run, env, tmp_path, caps
     assert "llm.layers.0.mlp.gate.weight" in err and "(128, 64)" in err and "(96, 64)" in err, err
     code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(tmp_path), "--prompt", "Hi"])
     assert code == 1 and "no lora.json" in capsys.readouterr().err
+
+
+def test_7b_counts_and_memory_on_meta():
+    # LoRA at 7B, counted by hand: per layer r x (in + out) for q, k, v, o (4096 -> 4096) and
+    # gate, up (4096 -> 11008), down (11008 -> 4096); 32 layers
+    r = 128
+    per_layer = r * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    model = lora.setup_7b(r)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert n_lora == 32 * per_layer == 319_815_680
+    small = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(FROZEN))
+    gb = lora.memory(model, 1, 2048, grad_checkpoint=True)
+    assert gb["grads"] == pytest.approx(4 * (n_lora + small) / 2 ** 30) and gb["adam"] == 2 * gb["grads"]
+    # frozen LLM linear weights in bf16 (2 bytes), the rest fp32
+    n_wrapped = sum(p.numel() for n, p in model.named_parameters() if p.dtype == torch.bfloat16)
+    assert n_wrapped == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    n_all = sum(p.numel() for p in model.parameters())
+    assert gb["weights"] == pytest.approx((2 * n_wrapped + 4 * (n_all - n_wrapped)) / 2 ** 30)
+    assert gb["total"] < 0.9 * 48 < lora.memory(lora.setup_7b(None), 1, 2048, True)["total"]
