@@ -387,7 +387,7 @@ def run(args):
     log(f"loading {args.model} ({dtype}, {device})")
     if args.lora:  # base + adapters, merged as they load: the same model as the run's merged checkpoint
         model = lora.load(args.model, args.lora, dtype, device).eval()
-    elif os.path.isdir(os.path.join(args.model, "lora")) and not os.path.isfile(os.path.join(args.model, "mra_config.json")):
+    elif not os.path.exists(os.path.join(args.model, "mra_config.json")) and os.path.isdir(f"{args.model}/lora"):
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model BASE --lora "
                                   f"{os.path.join(args.model, 'lora')}")
     else:

@@ -67,15 +67,14 @@ def add_lora(model, r, alpha, dropout=0.0):
 
 
 def merge(state, scale, dtype=None):
-    """A state dict with LoRA tensors -> the plain model's: W + scale * B A, computed in fp32,
-    stored as `dtype` (default: W's own)."""
-    out = {k: v for k, v in state.items() if not k.endswith((".lora_a", ".lora_b"))}
-    for k in state:
-        if k.endswith(".lora_a"):
-            w, stem = k[:-len("lora_a")] + "weight", k[:-len("lora_a")]
-            delta = state[stem + "lora_b"].float() @ state[k].float()  # (out, r) @ (r, in)
-            out[w] = (state[w].float() + scale * delta).to(dtype or state[w].dtype)
-    return out
+    """A state dict with LoRA tensors -> the plain model's, in place: W + scale * B A, computed in
+    fp32, stored as `dtype` (default: W's own). One weight at a time, so never a second model."""
+    for k in [k for k in state if k.endswith(".lora_a")]:
+        stem = k[:-len("lora_a")]
+        a, b, w = state.pop(k), state.pop(stem + "lora_b"), state[stem + "weight"]
+        delta = b.float() @ a.float()  # (out, r) @ (r, in)
+        state[stem + "weight"] = (w.float() + scale * delta).to(dtype or w.dtype)
+    return state
 
 
 def adapter_state(state, trainable):
@@ -103,8 +102,8 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0):
     info = read_config(info_path)
     cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
     tensors = read_safetensors(adapters, dtype, device)
-    base_model = mra.load_checkpoint(base, dtype, device)
-    state = {k: v for k, v in base_model.state_dict().items() if k not in tensors} | tensors
+    state = {k: v for k, v in mra.load_checkpoint(base, dtype, device).state_dict().items() if k not in tensors}
+    state |= tensors
     with torch.device("meta"):
         model = add_lora(mra.LlavaHR(cfg), info["r"], info["alpha"], dropout)
     try:
@@ -114,9 +113,11 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0):
                               f"model)") from None
     if not merged:
         return model
+    state = model.state_dict()
+    del model, tensors  # the state dict now holds the only references: merge frees each old W
     with torch.device("meta"):
         plain = mra.LlavaHR(cfg)
-    return load_state(plain, merge(model.state_dict(), info["alpha"] / info["r"]), adapters)
+    return load_state(plain, merge(state, info["alpha"] / info["r"]), adapters)
 
 
 # -----------------------------------------------------------------------------

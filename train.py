@@ -241,6 +241,8 @@ if args.resume and args.overwrite:
 if args.lora_r and not (args.stage == 2 and args.init):
     p.error("--lora-r adapts a trained model in stage 2: --stage 2 and --init CHECKPOINT (a released LLaVA-HR "
             "dir or a train.py checkpoint) are needed")
+if args.lora_adapters_only and not args.lora_r:
+    p.error("--lora-adapters-only saves LoRA adapters: it needs --lora-r")
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 
 # -----------------------------------------------------------------------------
@@ -329,6 +331,8 @@ else:
 adapters = args.adapters if args.adapters is not None else args.stage == 2
 stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
 if args.resume and os.path.isdir(os.path.join(resume_dir, "lora")):  # the frozen base is --init's, as it was
+    if not args.lora_r:
+        raise SystemExit(f"--resume: {resume_dir} holds a LoRA run: the run's --lora-r and --init, please")
     model = lora.load(args.init, os.path.join(resume_dir, "lora"), merged=False, dropout=args.lora_dropout)
 elif args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
@@ -426,7 +430,7 @@ if args.resume:
     for key, now in (("global_batch", global_batch), ("seed", args.seed), ("epochs", args.epochs),
                      ("data", args.data), ("stage", args.stage), ("lora_r", args.lora_r)):
         if run.get(key) != now:
-            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: the data position "
+            raise SystemExit(f"--resume: the run used {key}={run.get(key)!r}, now {now!r}: the data position "
                              f"would not carry over")
     # a parameter that never had a gradient before the save (the vision side after text-only
     # micro-batches) has no Adam state yet; strict=False starts it fresh, exactly as AdamW would
@@ -484,8 +488,9 @@ def save(step):
             if args.lora_r:  # the adapters alone (resume reads them), and the merged model for generate.py
                 lora.save_adapters(os.path.join(tmp, "lora"), lora.adapter_state(weights, trainable), cfg,
                                    args.lora_r, lora_alpha, args.init)
-                weights = lora.merge(weights, lora_alpha / args.lora_r, torch.float32)
-            if not args.lora_adapters_only:
+                scale = lora_alpha / args.lora_r
+                weights = None if args.lora_adapters_only else lora.merge(weights, scale, torch.float32)
+            if weights is not None:
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
             torch.save(state, os.path.join(tmp, "train_state.pt"))

@@ -112,12 +112,15 @@ def test_merged_equals_unmerged(run, base, env, capsys):
     assert len(ref) > 0 and texts[0] == texts[1] == Tokenizer(tok).decode(ref) + "\n", texts
 
 
-def test_resume_equals_uninterrupted(env, base, tmp_path):
+def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     common = ("--init", base, *LORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2)
     train_globals(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
     train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2,
                        "--lora-adapters-only"))
     assert not os.path.exists(tmp_path / "cut" / "ckpt" / "model.safetensors")  # the adapters alone
+    capsys.readouterr()
+    assert generate.main(["--model", str(tmp_path / "cut" / "ckpt"), "--prompt", "Hi"]) == 1
+    assert "holds LoRA adapters only; use --model BASE --lora" in capsys.readouterr().err
     train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
