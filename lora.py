@@ -99,25 +99,24 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0):
     if not os.path.isfile(info_path):
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
                               f"OUT/ckpt/lora of a train.py --lora-r run)")
-    info = read_config(info_path)
+    r, alpha, trained_on = read_config(info_path, lambda d: (int(d["r"]), float(d["alpha"]), d.get("base")))
     cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
     tensors = read_safetensors(adapters, dtype, device)
     state = {k: v for k, v in mra.load_checkpoint(base, dtype, device).state_dict().items() if k not in tensors}
     state |= tensors
     with torch.device("meta"):
-        model = add_lora(mra.LlavaHR(cfg), info["r"], info["alpha"], dropout)
+        model = add_lora(mra.LlavaHR(cfg), r, alpha, dropout)
     try:
-        load_state(model, state, f"--lora {adapters} on --model {base}")
+        load_state(model, state, f"adapters {adapters} on base {base}")
     except CheckpointError as e:
-        raise CheckpointError(f"{e} (the adapters were trained on {info.get('base')}: they do not fit this base "
-                              f"model)") from None
+        raise CheckpointError(f"{e} (the adapters were trained on {trained_on}: they do not fit this base model)") from None
     if not merged:
         return model
     state = model.state_dict()
     del model, tensors  # the state dict now holds the only references: merge frees each old W
     with torch.device("meta"):
         plain = mra.LlavaHR(cfg)
-    return load_state(plain, merge(state, info["alpha"] / info["r"]), adapters)
+    return load_state(plain, merge(state, alpha / r), adapters)
 
 
 # -----------------------------------------------------------------------------
