@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 import data
+import lora
 import mra
 from mra import IMAGE_TOKEN
 
@@ -339,6 +340,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="our checkpoint dir or a released LLaVA-HR / LLaVA-1.5 dir")
+    p.add_argument("--lora", help="LoRA adapters (OUT/ckpt/lora of train.py --lora-r) to apply to --model, the base")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", help="answer this one question and exit; without it: chat on stdin")
     p.add_argument("--questions", help="LLaVA question .jsonl ({question_id, image, text} per line)")
@@ -386,7 +388,13 @@ def run(args):
     questions, answered = read_questions(args) if args.questions else (None, None)
     tok = mra.load_tokenizer(args.model)
     log(f"loading {args.model} ({dtype}, {device})")
-    model = mra.load_checkpoint(args.model, dtype, device).eval()
+    if args.lora:  # base + adapters, merged as they load: the same model as the run's merged checkpoint
+        model = lora.load(args.model, args.lora, dtype, device).eval()
+    elif not os.path.exists(os.path.join(args.model, "mra_config.json")) and os.path.isdir(f"{args.model}/lora"):
+        raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model BASE --lora "
+                                  f"{os.path.join(args.model, 'lora')}")
+    else:
+        model = mra.load_checkpoint(args.model, dtype, device).eval()
     if len(tok) > model.cfg.llm.vocab_size:
         raise mra.CheckpointError(f"{args.model}: tokenizer.model has {len(tok)} pieces, the LLM only "
                                   f"{model.cfg.llm.vocab_size} embeddings: they do not belong together")

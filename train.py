@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
+import lora
 import mra
 from convnext import ConvNeXtConfig
 from llama import LlamaConfig, Tokenizer
@@ -294,6 +295,15 @@ p.add_argument("--grad-checkpoint", action="store_true")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
 p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both towers fixed")
 p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
+p.add_argument("--lora-r", type=int, help="stage 2 with LoRA of this rank on the LLM (release: 128); needs --init")
+p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default 2 r, as released: 256)")
+p.add_argument("--lora-dropout", type=float, default=0.05, help="on the input of the low-rank path (release: 0.05)")
+p.add_argument("--lora-train-mra", action=argparse.BooleanOptionalAction, default=True,
+               help="with LoRA, also train the MR-Adapters and the fusion at full rank (as LLaVA-HR does)")
+p.add_argument("--lora-adapters-only", action="store_true",
+               help="checkpoints hold only OUT/ckpt/lora (small), not the merged model as well")
+p.add_argument("--projector-lr-scale", type=float,
+               help="the projector's lr as a fraction of --lr (default 1; with LoRA 0.1: 2e-5 of 2e-4, as released)")
 p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                help="micro-steps of one modality and similar lengths (default: on in stage 2, as released)")
 p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
@@ -314,7 +324,11 @@ limits = {"--batch-size >= 1": args.batch_size >= 1, "--global-batch >= 1": (arg
           "--save-every >= 0": args.save_every >= 0, "--workers >= 0": args.workers >= 0,
           "--lr > 0": args.lr is None or 0 < args.lr < math.inf, "0 <= --warmup-ratio <= 1": 0 <= args.warmup_ratio <= 1,
           "--grad-clip >= 0": 0 <= args.grad_clip < math.inf, "--weight-decay >= 0": 0 <= args.weight_decay < math.inf,
-          "lr scales >= 0": 0 <= args.adapter_lr_scale < math.inf and 0 <= args.tower_lr_scale < math.inf}
+          "lr scales >= 0": all(0 <= s < math.inf for s in (args.adapter_lr_scale, args.tower_lr_scale,
+                                                             args.projector_lr_scale or 0)),
+          "--lora-r >= 1": args.lora_r is None or args.lora_r >= 1,
+          "--lora-alpha > 0": args.lora_alpha is None or 0 < args.lora_alpha < math.inf,
+          "0 <= --lora-dropout < 1": 0 <= args.lora_dropout < 1}
 bad = [rule for rule, ok in limits.items() if not ok]  # NaN fails every comparison, so it lands here too
 if bad:
     p.error("need " + ", ".join(bad))
@@ -322,6 +336,12 @@ if args.dry_run is None and not (args.data and args.out):
     p.error("--data and --out are required (unless --dry-run)")
 if args.resume and args.overwrite:
     p.error("--resume continues the run in --out, --overwrite deletes it: pick one")
+if args.lora_r and not (args.stage == 2 and args.init):
+    p.error("--lora-r adapts a trained model in stage 2: --stage 2 and --init CHECKPOINT (a released LLaVA-HR "
+            "dir or a train.py checkpoint) are needed")
+if args.lora_adapters_only and not args.lora_r:
+    p.error("--lora-adapters-only saves LoRA adapters: it needs --lora-r")
+lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 
 # -----------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK; a plain `python train.py` is one process
@@ -368,6 +388,9 @@ def trains(name):
     """Stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen)."""
     if args.stage == 1:
         train = name.startswith(("projector.", "encoder.fusion."))
+    elif args.lora_r:  # the low-rank updates, the projector, and (as LLaVA-HR) the MR-Adapters and fusion
+        train = ".lora_" in name or name.startswith("projector.") or (
+            args.lora_train_mra and name.startswith(("encoder.adapters.", "encoder.fusion.")))
     else:
         train = not (args.freeze_vision and name.startswith(("encoder.vit.", "encoder.convnext.")))
         train = train and not (args.freeze_llm and name.startswith("llm."))
@@ -387,7 +410,8 @@ def checkpoint_blocks(model):
 
 
 def plan(cfg, world, bf16):
-    return memory_plan(mra.LlavaHR, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
+    build = (lambda c: lora.add_lora(mra.LlavaHR(c), args.lora_r, lora_alpha)) if args.lora_r else mra.LlavaHR
+    return memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
                        args.max_len or data.MAX_LEN[st["template"]], args.grad_checkpoint, bf16)
 
 
@@ -446,7 +470,11 @@ def with_adapters(m1, cfg):
     return m2
 
 
-if args.resume:
+if args.resume and os.path.isdir(os.path.join(resume_dir, "lora")):  # the frozen base is --init's, as it was
+    if not args.lora_r:
+        raise SystemExit(f"--resume: {resume_dir} holds a LoRA run: the run's --lora-r and --init, please")
+    model = lora.load(args.init, os.path.join(resume_dir, "lora"), merged=False, dropout=args.lora_dropout)
+elif args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
 elif args.init:
     model = mra.load_checkpoint(args.init)
@@ -460,6 +488,8 @@ else:
     model = mra.build(replace(cfg, **stage_cfg), llm=args.llm, vit=args.vit, convnext=args.convnext)
     if args.projector:  # stage 2 from the released stage-1 file (projector + final fusion)
         mra.load_projector(model, args.projector)
+if args.lora_r and not args.resume:
+    lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
 # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
 model.to(device, torch.float32)
 if device.type == "cpu":
@@ -468,6 +498,12 @@ if device.type == "cpu":
     # uninterrupted one. Fresh copies make the two match bit for bit.
     for t in [*model.parameters(), *model.buffers()]:
         t.data = t.data.clone()
+if args.lora_r and cuda and not (args.fsdp and distributed):
+    # the wrapped weights are frozen and only ever read by autocast's bf16 matmuls: stored in bf16
+    # they give the same products at half the memory (7B: 13 GB, not 26). FSDP2 wants one dtype.
+    for m in model.modules():
+        if isinstance(m, lora.LoRALinear):
+            m.weight.data = m.weight.data.to(torch.bfloat16)
 cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
 if tok.vocab_size > cfg.llm.vocab_size:
@@ -479,6 +515,7 @@ for name, param in model.named_parameters():
 raw = model  # the module itself: DDP wraps it below, fully_shard changes it in place
 n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
 n_all = sum(q.numel() for q in model.parameters())
+trainable = {n for n, q in model.named_parameters() if q.requires_grad}
 
 convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
 blocks = [*model.llm.layers, *model.encoder.vit.blocks]
@@ -500,12 +537,13 @@ elif distributed:
     model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True)
 
 params = [q for q in model.parameters() if q.requires_grad]
-groups = [dict(params=[], scale=s) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale)]
+proj_scale = args.projector_lr_scale if args.projector_lr_scale is not None else 0.1 if args.lora_r else 1.0
+groups = [dict(params=[], scale=s) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale, proj_scale)]
 for name, q in model.named_parameters():  # names may carry DDP's "module." prefix
     name = f".{name}"
     tower = ".encoder.vit." in name or ".encoder.convnext." in name
     if q.requires_grad:
-        groups[1 if ".adapters." in name else 2 if tower else 0]["params"].append(q)
+        groups[1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0]["params"].append(q)
 opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
@@ -519,9 +557,9 @@ if args.resume:
         raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     for key, now in (("global_batch", global_batch), ("seed", args.seed), ("epochs", args.epochs),
-                     ("data", args.data), ("stage", args.stage)):
-        if run[key] != now:
-            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: the data position "
+                     ("data", args.data), ("stage", args.stage), ("lora_r", args.lora_r)):
+        if run.get(key) != now:
+            raise SystemExit(f"--resume: the run used {key}={run.get(key)!r}, now {now!r}: the data position "
                              f"would not carry over")
     # a parameter that never had a gradient before the save (the vision side after text-only
     # micro-batches) has no Adam state yet; strict=False starts it fresh, exactly as AdamW would
@@ -533,9 +571,6 @@ if args.resume:
                          f"{sorted(saved ^ now)[0]}): same --stage and --freeze-* flags as the run, please")
     set_optimizer_state_dict(raw, opt, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True, strict=False))
-    torch.set_rng_state(state["cpu_rng"])
-    if cuda and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"])
     start_step = state["step"]
 
 sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, group, start_step)
@@ -544,7 +579,7 @@ loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args
 total_steps = sampler.total_steps
 stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 warmup = math.ceil(args.warmup_ratio * total_steps)
-lr_max = args.lr or st["lr"]
+lr_max = args.lr or (2e-4 if args.lora_r else st["lr"])  # LoRA: the release's finetune_lora lr
 n_visual = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
 
 
@@ -572,13 +607,20 @@ def save(step):
     if master:
         tmp = ckpt_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
-        run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=args.data, stage=args.stage)
+        run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=args.data, stage=args.stage,
+                   lora_r=args.lora_r)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, optimizer=optim, cpu_rng=torch.get_rng_state(), run=json.dumps(run))
         if cuda:
             state["cuda_rng"] = torch.cuda.get_rng_state()
         try:
-            mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
+            if args.lora_r:  # the adapters alone (resume reads them), and the merged model for generate.py
+                lora.save_adapters(os.path.join(tmp, "lora"), lora.adapter_state(weights, trainable), cfg,
+                                   args.lora_r, lora_alpha, args.init)
+                scale = lora_alpha / args.lora_r
+                weights = None if args.lora_adapters_only else lora.merge(weights, scale, torch.float32)
+            if weights is not None:
+                mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
             torch.save(state, os.path.join(tmp, "train_state.pt"))
         except Exception as e:  # noqa: BLE001 -- a full disk shows as OSError, RuntimeError or SafetensorError
@@ -624,7 +666,11 @@ if master:
         print(f"{ds.dropped_first} conversations open with a gpt turn: dropped that turn (as the release does)")
 log = open(log_path, "a") if master else None
 bar = tqdm(total=stop_step, initial=start_step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
-batches = iter(loader)
+batches = iter(loader)  # draws a seed from the global RNG: the saved state goes back only after it
+if args.resume:  # dropout (LoRA's) then draws the masks the uninterrupted run drew
+    torch.set_rng_state(state["cpu_rng"])
+    if cuda and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"])
 skipped = 0
 t0 = time.time()
 for step in range(start_step, stop_step):

@@ -1,0 +1,197 @@
+"""LoRA fine-tuning of LLaVA-HR: low-rank updates on the LLM's linear layers, merged for serving.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021). Each frozen weight W
+(out x in) gets a trainable update of rank r: W' = W + (alpha / r) B A, with A (r x in) random
+and B (out x r) zero, so training starts from exactly the base model. As LLaVA-1.5 releases it
+(scripts/v1_5/finetune_lora.sh): r 128, alpha 256, dropout 0.05 on the input of the low-rank
+path, LoRA on every linear layer of the LLM except the head (q, k, v, o, gate, up, down), lr
+2e-4, the projector trained at full rank with lr 2e-5. LLaVA-HR's train.py also trains its
+MR-Adapters and the final fusion at full rank ("align_stages"), LoRA or not.
+
+train.py --lora-r writes OUT/ckpt/lora/: the LoRA tensors plus every small module the base
+does not fix (projector, fusion, MR-Adapters), with lora.json and the model's mra_config.json.
+`load(base, adapters)` rebuilds the fine-tuned model from the base checkpoint and that
+directory; `merge` folds the updates into W for a plain model (generate.py, OUT/ckpt).
+`python lora.py` prints what fits on one GPU at 7B (`memory`, the model built on meta).
+"""
+import json
+import math
+import os
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mra
+from weights import CheckpointError, load_state, read_config, read_safetensors
+
+TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
+# the parts a LoRA run keeps frozen and its adapter file leaves to the base checkpoint
+FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A dropout(x): a frozen bias-free nn.Linear plus a rank-r update.
+
+    It holds the wrapped layer's own weight Parameter, so the base keys ("attn.wq.weight") are
+    unchanged and a base checkpoint loads into it as it is; the update adds "lora_a", "lora_b".
+    """
+
+    def __init__(self, linear: nn.Linear, r, alpha, dropout=0.0):
+        super().__init__()
+        assert linear.bias is None  # LLaMA's linear layers have none
+        self.weight = linear.weight  # (out, in)
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        w = linear.weight
+        self.lora_a = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=w.dtype))  # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
+
+    def forward(self, x):
+        # B = 0 at the start: the update is exactly +0 and the output is the base layer's
+        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+
+
+def add_lora(model, r, alpha, dropout=0.0):
+    """Wrap the LLM's q, k, v, o, gate, up, down projections of `model` (LlavaHR) in place."""
+    if not (isinstance(r, int) and r >= 1):
+        raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+    for block in model.llm.layers:
+        for path in TARGETS:
+            parent, name = path.split(".")
+            owner = getattr(block, parent)
+            setattr(owner, name, LoRALinear(getattr(owner, name), r, alpha, dropout))
+    return model
+
+
+def merge(state, scale, dtype=None):
+    """A state dict with LoRA tensors -> the plain model's, in place: W + scale * B A, computed in
+    fp32, stored as `dtype` (default: W's own). One weight at a time, so never a second model."""
+    for k in [k for k in state if k.endswith(".lora_a")]:
+        stem = k[:-len("lora_a")]
+        a, b, w = state.pop(k), state.pop(stem + "lora_b"), state[stem + "weight"]
+        delta = b.float() @ a.float()  # (out, r) @ (r, in)
+        state[stem + "weight"] = (w.float() + scale * delta).to(dtype or w.dtype)
+    return state
+
+
+def adapter_state(state, trainable):
+    """What the adapter file holds: the LoRA tensors, whatever trained, and every tensor outside
+    the frozen LLM and towers (projector, fusion, MR-Adapters: small, and perhaps new)."""
+    return {k: v for k, v in state.items() if ".lora_" in k or k in trainable or not k.startswith(FROZEN)}
+
+
+def save_adapters(path, state, cfg, r, alpha, base):
+    """DIR/model.safetensors (adapter_state), DIR/mra_config.json, DIR/lora.json {r, alpha, base}."""
+    mra.save_checkpoint(None, path, state=state, cfg=cfg)
+    with open(os.path.join(path, "lora.json"), "w") as f:
+        json.dump(dict(r=r, alpha=alpha, base=os.path.abspath(base)), f, indent=1)
+
+
+def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0):
+    """The fine-tuned model: `base` (a checkpoint dir) + `adapters` (a dir save_adapters wrote).
+
+    merged=True: a plain LlavaHR with the updates folded in (for generation); False: the LoRA
+    modules kept (train.py --resume). Adapters that do not fit the base: one CheckpointError."""
+    info_path = os.path.join(adapters, "lora.json")
+    if not os.path.isfile(info_path):
+        raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
+                              f"OUT/ckpt/lora of a train.py --lora-r run)")
+    r, alpha, trained_on = read_config(info_path, lambda d: (int(d["r"]), float(d["alpha"]), d.get("base")))
+    cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
+    tensors = read_safetensors(adapters, dtype, device)
+    state = {k: v for k, v in mra.load_checkpoint(base, dtype, device).state_dict().items() if k not in tensors}
+    state |= tensors
+    with torch.device("meta"):
+        model = add_lora(mra.LlavaHR(cfg), r, alpha, dropout)
+    try:
+        load_state(model, state, f"adapters {adapters} on base {base}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (the adapters were trained on {trained_on}: they do not fit this base model)") from None
+    if not merged:
+        return model
+    state = model.state_dict()
+    del model, tensors  # the state dict now holds the only references: merge frees each old W
+    with torch.device("meta"):
+        plain = mra.LlavaHR(cfg)
+    return load_state(plain, merge(state, alpha / r), adapters)
+
+
+# -----------------------------------------------------------------------------
+# memory per GPU: the weights, gradients and Adam state of the model as built, plus activations
+
+
+def activation_bytes(cfg, batch, seq, grad_checkpoint, lora_dropout=False):
+    """Rough activation memory of one micro-batch under bf16 autocast with SDPA (no T x T
+    scores): per token and LLM layer, the tensors backward keeps, about 10 D + 4 H values
+    (norm outputs, q k v, attention output, SwiGLU's gate, up, product) at 2 bytes; with
+    checkpointing only each block's input (fp32) and one block recomputed at a time. The ViT
+    (behind the MR-Adapters, so backward runs through it) counts the same way per image;
+    logits cost 10 bytes per vocabulary entry (bf16, fp32 for the loss, its gradient)."""
+    llm, vit = cfg.llm, cfg.vit
+
+    def layer(d, h, extra=0):
+        return 2 * (10 * d + 4 * h + extra)
+
+    drop = 6 * llm.dim + llm.hidden_dim if lora_dropout else 0  # each LoRA input, dropped
+    per_llm, n_vit = layer(llm.dim, llm.hidden_dim, drop), mra.visual_tokens(cfg.arch, cfg.image_size,
+                                                                             cfg.vit_min_size, cfg.vit.patch_size)
+    per_vit = layer(vit.width, vit.mlp_dim)
+    if grad_checkpoint:
+        llm_b = seq * (llm.n_layers * 4 * llm.dim + per_llm)
+        vit_b = n_vit * (vit.layers * 4 * vit.width + per_vit)
+    else:
+        llm_b, vit_b = seq * llm.n_layers * per_llm, n_vit * vit.layers * per_vit
+    return batch * (llm_b + vit_b + seq * 10 * llm.vocab_size)
+
+
+def memory(model, batch, seq, grad_checkpoint, shards=1, lora_dropout=False):
+    """GB per GPU for training `model` (its requires_grad flags and dtypes as set): weights,
+    fp32 gradients and Adam's two moments for what trains, activations. shards: FSDP's world
+    size (weights, gradients and optimizer state split across it), 1 for DDP or one GPU."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    gb = dict(weights=sum(p.numel() * p.element_size() for p in params) / shards,
+              grads=4 * trainable / shards, adam=8 * trainable / shards,
+              activations=activation_bytes(model.cfg, batch, seq, grad_checkpoint, lora_dropout))
+    gb = {k: v / 2 ** 30 for k, v in gb.items()}
+    gb["total"] = sum(gb.values())
+    return gb
+
+
+def setup_7b(r=None, alpha=None):
+    """LLaVA-HR-7B on meta as train.py would train it: full stage 2 (fp32, all trains), or LoRA
+    rank r (the wrapped weights frozen in bf16, LoRA + projector + fusion + MR-Adapters train)."""
+    with torch.device("meta"):
+        model = mra.LlavaHR(replace(mra.MRAConfig(), adapters=True))
+        if r:
+            add_lora(model, r, alpha or 2 * r)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not r or ".lora_" in name or not name.startswith(FROZEN))
+    for m in model.modules():  # as train.py stores them on one GPU
+        if isinstance(m, LoRALinear):
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+    return model
+
+
+def fits_table(seq=2048):
+    rows = []
+    for r in (None, 128, 64, 16):
+        model = setup_7b(r)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for ckpt in (True, False):
+            for batch in (1, 4):
+                gb = memory(model, batch, seq, ckpt, lora_dropout=bool(r))
+                fit = " / ".join("yes" if gb["total"] <= 0.9 * cap else "no" for cap in (24, 48, 80))
+                rows.append(f"| {'full' if r is None else f'LoRA r {r}'} | {n_train / 1e6:,.0f}M | "
+                            f"{'yes' if ckpt else 'no'} | {batch} | {gb['weights']:.1f} | "
+                            f"{gb['grads'] + gb['adam']:.1f} | {gb['activations']:.1f} | {gb['total']:.1f} | {fit} |")
+    return rows
+
+
+if __name__ == "__main__":
+    print("| setup | trains | grad ckpt | batch | weights | grads + Adam | activations | total GB | fits 24 / 48 / 80 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(fits_table()))

@@ -1,0 +1,181 @@
+"""LoRA (lora.py, train.py --lora-r, generate.py --lora) on tiny random models (CPU): B = 0 is exactly
+the base model; after training the merged model equals the unmerged one (logits, greedy text);
+only LoRA, the projector and the flagged modules learn, the base weights stay bit-identical;
+resume, DDP and FSDP2 equal one uninterrupted process; bad ranks and mismatched adapters are
+one line."""
+import os
+import runpy
+import shutil
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import generate
+import lora
+import mra
+from llama import Tokenizer
+from test_generate import greedy_full_forward, ids_for, pixels
+from test_train import TRAIN, args, assert_same, env, losses, one_thread, tiny, torchrun, weights  # noqa: F401
+
+LORA = ("--lora-r", 4, "--lora-alpha", 8)
+FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
+
+
+def train_globals(argv):
+    """train.py in this process, returning its globals (the model it trained, its optimizer)."""
+    old = sys.argv
+    sys.argv = [TRAIN, *map(str, argv)]
+    try:
+        return runpy.run_path(TRAIN, run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+@pytest.fixture(scope="module")
+def base(env, tmp_path_factory):
+    """A stage-1 checkpoint (no MR-Adapters) with its tokenizer: what LoRA stage 2 adapts."""
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = mra.build(replace(tiny(), adapters=False, image_size=128))
+    mra.save_checkpoint(model, d / "ckpt")
+    shutil.copy(env[1], d / "ckpt" / "tokenizer.model")
+    return str(d / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def run(env, base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    g = train_globals(args(env, out, 2, "--init", base, *LORA, "--global-batch", 10, "--batch-size", 10,
+                           "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0, "--grad-checkpoint"))
+    return out, g
+
+
+def test_zero_init_is_the_base_model(base):
+    model = mra.load_checkpoint(base)
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        before = model.llm(ids)
+        lora.add_lora(model, 4, 8, dropout=0.0)
+        after = model.llm(ids)
+    assert isinstance(model.llm.layers[1].mlp.down, lora.LoRALinear)
+    assert torch.equal(before, after)
+
+
+def test_only_lora_projector_and_mra_learn_base_bit_identical(run, base):
+    out, g = run
+    assert losses(out)[-1] < 0.5 * losses(out)[0], losses(out)
+    model, init = g["raw"], mra.load_checkpoint(base).state_dict()
+    trained = {n for n, q in model.named_parameters() if q.requires_grad}
+    for n in trained:
+        assert ".lora_" in n or n.startswith(("projector.", "encoder.adapters.", "encoder.fusion.")), n
+    assert any(".lora_a" in n for n in trained) and "projector.0.weight" in trained
+    # one backward: gradients reach exactly the trained set
+    batch = next(b for b in g["loader"] if b["images"] is not None)  # micro-batches are one modality
+    model.zero_grad(set_to_none=True)
+    model(batch["input_ids"], batch["images"], batch["labels"], batch["pad_mask"])[1].backward()
+    assert {n for n, q in model.named_parameters() if q.grad is not None} == trained
+    state = model.state_dict()
+    for k, v in init.items():  # everything the base had and LoRA froze is bit for bit as it was
+        if k not in trained:
+            assert torch.equal(state[k], v), k
+    for k in ("llm.layers.0.attn.wq.lora_b", "llm.layers.1.mlp.down.lora_b", "projector.2.weight"):
+        assert state[k].abs().sum() > 0 and (k not in init or not torch.equal(state[k], init[k])), k
+    # the adapter file is small: no frozen LLM or tower weight in it
+    adapters = mra.read_safetensors(out / "ckpt" / "lora")
+    assert not any(k.startswith(FROZEN) and ".lora_" not in k for k in adapters)
+
+
+def test_merged_equals_unmerged(run, base, env, capsys):
+    out, _ = run
+    unmerged = lora.load(base, out / "ckpt" / "lora", merged=False).eval()
+    merged = mra.load_checkpoint(str(out / "ckpt")).eval()  # what train.py wrote
+    assert_same(lora.load(base, out / "ckpt" / "lora").state_dict(), merged.state_dict())
+    assert not any(".lora_" in k for k in merged.state_dict())
+    d, tok = env
+    image = pixels(merged, d / "images" / "0.png")[None]
+    ids = ids_for(Tokenizer(tok), [generate.human_turn("What is this?", True)])
+    with torch.no_grad():
+        a, b = unmerged(torch.tensor([ids]), image)[0], merged(torch.tensor([ids]), image)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # greedy text: the readable path on the unmerged model, generate.py on the merged checkpoint
+    # and on base + --lora
+    ref = greedy_full_forward(unmerged, ids, image, Tokenizer(tok).eos_id, n=6)
+    texts = []
+    for model_args in (["--model", out / "ckpt"], ["--model", base, "--lora", out / "ckpt" / "lora"]):
+        code = generate.main([str(a) for a in [*model_args, "--image", d / "images" / "0.png", "--prompt",
+                                               "What is this?", "--max-new-tokens", 6]])
+        o, e = capsys.readouterr()
+        assert code == 0, e
+        texts.append(o)
+    assert len(ref) > 0 and texts[0] == texts[1] == Tokenizer(tok).decode(ref) + "\n", texts
+
+
+def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
+    common = ("--init", base, *LORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2)
+    train_globals(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
+    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2,
+                       "--lora-adapters-only"))
+    assert not os.path.exists(tmp_path / "cut" / "ckpt" / "model.safetensors")  # the adapters alone
+    capsys.readouterr()
+    assert generate.main(["--model", str(tmp_path / "cut" / "ckpt"), "--prompt", "Hi"]) == 1
+    assert "holds LoRA adapters only; use --model BASE --lora" in capsys.readouterr().err
+    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
+    assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
+    assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
+                mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_ddp_and_fsdp_equal_one_process(env, base, tmp_path):
+    # dropout 0: each rank would draw its own dropout masks
+    common = ("--init", base, *LORA, "--lora-dropout", 0, "--global-batch", 2, "--batch-size", 1,
+              "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, "--group-by-length", "--grad-checkpoint")
+    train_globals(args(env, tmp_path / "one", 2, *common))
+    torchrun(args(env, tmp_path / "ddp", 2, *common))
+    assert_same(weights(tmp_path / "ddp"), weights(tmp_path / "one"), atol=1e-6)
+    torchrun(args(env, tmp_path / "fsdp", 2, *common, "--fsdp"))
+    assert_same(weights(tmp_path / "fsdp"), weights(tmp_path / "one"), atol=1e-6)
+
+
+@pytest.mark.parametrize("r", [0, -2])
+def test_bad_rank_is_one_line(env, base, tmp_path, capsys, r):
+    with pytest.raises(SystemExit) as e:
+        train_globals(args(env, tmp_path / "o", 2, "--init", base, "--lora-r", r))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "need --lora-r >= 1" in err and len(err.splitlines()) == 1, err
+
+
+def test_adapters_that_do_not_fit_the_base_are_one_line(run, env, tmp_path, capsys):
+    out, _ = run
+    torch.manual_seed(1)
+    other = mra.build(replace(tiny(), adapters=False, image_size=128, llm=replace(tiny().llm, hidden_dim=96)))
+    mra.save_checkpoint(other, tmp_path / "other")
+    shutil.copy(env[1], tmp_path / "other" / "tokenizer.model")
+    code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(out / "ckpt" / "lora"), "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("loading ")]
+    assert code == 1 and len(errors) == 1 and "do not fit this base model" in errors[0], err
+    assert "llm.layers.0.mlp.gate.weight" in err and "(128, 64)" in err and "(96, 64)" in err, err
+    code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(tmp_path), "--prompt", "Hi"])
+    assert code == 1 and "no lora.json" in capsys.readouterr().err
+
+
+def test_7b_counts_and_memory_on_meta():
+    # LoRA at 7B, counted by hand: per layer r x (in + out) for q, k, v, o (4096 -> 4096) and
+    # gate, up (4096 -> 11008), down (11008 -> 4096); 32 layers
+    r = 128
+    per_layer = r * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    model = lora.setup_7b(r)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert n_lora == 32 * per_layer == 319_815_680
+    small = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(FROZEN))
+    gb = lora.memory(model, 1, 2048, grad_checkpoint=True)
+    assert gb["grads"] == pytest.approx(4 * (n_lora + small) / 2 ** 30) and gb["adam"] == 2 * gb["grads"]
+    # frozen LLM linear weights in bf16 (2 bytes), the rest fp32
+    n_wrapped = sum(p.numel() for n, p in model.named_parameters() if p.dtype == torch.bfloat16)
+    assert n_wrapped == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    n_all = sum(p.numel() for p in model.parameters())
+    assert gb["weights"] == pytest.approx((2 * n_wrapped + 4 * (n_all - n_wrapped)) / 2 ** 30)
+    assert gb["total"] < 0.9 * 48 < lora.memory(lora.setup_7b(None), 1, 2048, True)["total"]
