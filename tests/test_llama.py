@@ -123,7 +123,7 @@ def greedy(model, ids, n, pad_mask=None):
         steps.append(step)
         out.append(step.argmax(-1))
         if i < n - 1:
-            step = model(out[-1][:, None], cache=cache)[:, -1]
+            step = model.decode(out[-1], cache)  # the static-shape step generation uses
     return torch.stack(out, 1), torch.stack(steps, 1)
 
 
@@ -171,8 +171,10 @@ def test_rmsnorm_and_rope_match_hf_bitwise_in_bf16():
     assert torch.equal(apply_rope(q, our_cos, our_sin), hf.apply_rotary_pos_emb(q, q, cos, sin)[0])
 
 
-def naive_attention(q, k, v, attn_mask=None, is_causal=False):
+def naive_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     # the textbook formula: a row whose keys are all masked gives softmax(-inf...) = NaN here
+    if enable_gqa:  # each k/v head serves n_heads / n_kv_heads consecutive q heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, nh, T, S)
     if is_causal:
         attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
