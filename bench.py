@@ -67,9 +67,9 @@ def table(rows, header):
 def read_bandwidth(device, repeats=10):
     """The memory read bandwidth this run can reach, bytes/s: the best of a few sums over a
     buffer far larger than the last-level cache (CPU: 8x the largest cache sysfs lists, at
-    least 256 MB; GPU: 2 GB), so every byte comes from DRAM / HBM. Decode is measured against it."""
+    least 256 MB; GPU: 4 GB), so every byte comes from DRAM / HBM. Decode is measured against it."""
     if device.type == "cuda":
-        n = 2 << 30
+        n = 4 << 30
     else:
         sizes = [64 << 20]
         for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
@@ -85,11 +85,15 @@ def read_bandwidth(device, repeats=10):
     return n / best
 
 
+def cache_length(n):
+    return -(-n // generate.CACHE_ROUND) * generate.CACHE_ROUND  # rounded up as generate.prefill does
+
+
 @torch.no_grad()
 def run_ours(llm, ids, n, step, cache_len=None):
     """(tokens, prefill seconds, decode seconds) for n greedy tokens after ids (1, P)."""
     dev = ids.device
-    cache = llm.new_cache(1, cache_len or ids.shape[1] + n)
+    cache = llm.new_cache(1, cache_len or cache_length(ids.shape[1] + n))
     t0 = now(dev)
     logits = llm(ids, cache=cache, last_only=True)[:, -1]
     t1 = now(dev)
@@ -142,7 +146,7 @@ def bench_decode(a, device, bandwidth):
         ours = Llama.from_pretrained(d, device=device).eval()
     n_params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    cache_len = a.prompt_len + a.new_tokens
+    cache_len = cache_length(a.prompt_len + a.new_tokens)
     compiled = generate.compile_step(ours.decode, device)
     impls = {"ours": lambda: run_ours(ours, ids, a.new_tokens, ours.decode),
              "ours compiled": lambda: run_ours(ours, ids, a.new_tokens, compiled),
@@ -234,13 +238,13 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128):
     c = LlamaConfig.from_name("vicuna-7b-v1.5")
     with torch.device("meta"):
         llm = Llama(c)
-    llm = llm.to_empty(device=device).to(torch.bfloat16).eval()
+    llm = llm.to(torch.bfloat16).to_empty(device=device).eval()
     torch.manual_seed(0)
     for name, p in llm.named_parameters():  # norms at 1, the rest small: finite activations
         p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     ids = torch.randint(3, c.vocab_size, (1, prompt_len), device=device)
     compiled = generate.compile_step(llm.decode, device)
-    cache_len = prompt_len + new_tokens
+    cache_len = cache_length(prompt_len + new_tokens)
     run_ours(llm, ids[:, :16], 4, llm.decode), run_ours(llm, ids[:, :16], 4, compiled, cache_len=cache_len)
     weight_bytes, kv_bytes = bytes_per_token(llm, prompt_len, new_tokens)
     rows, frac = [], {}

@@ -106,8 +106,13 @@ def test_cache_prefill_then_decode_equals_full_forward(pair):
         cache = ours.new_cache(2, 20)
         steps = [ours(ids[:, :8], cache=cache)]
         steps += [ours(ids[:, t:t + 1], cache=cache) for t in range(8, 14)]
-    assert cache.pos == 14
+        # the static-shape step (whole cache, masked) gives the same as the forward's growing span
+        static = ours.new_cache(2, 20)
+        ours(ids[:, :8], cache=static)
+        decoded = [ours.decode(ids[:, t], static) for t in range(8, 14)]
+    assert cache.pos == 14 and static.pos == 14
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+    torch.testing.assert_close(torch.stack(decoded, 1), full[:, 8:], **TOL)
 
 
 def greedy(model, ids, n, pad_mask=None):
@@ -203,6 +208,10 @@ def test_cache_overflow_is_refused():
     model(tokens(1, 6), cache=cache)
     with pytest.raises(ValueError, match="cache length"):
         model(tokens(1, 3), cache=cache)
+    model.decode(tokens(1, 1)[:, 0], cache)
+    model.decode(tokens(1, 1)[:, 0], cache)
+    with pytest.raises(ValueError, match="decoding at slot 8: the cache holds 8 positions"):
+        model.decode(tokens(1, 1)[:, 0], cache)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, model.config.max_seq_len + 1, dtype=torch.long))
 
