@@ -172,7 +172,8 @@ def bench_decode(a, device, bandwidth):
         gbs = (weight_bytes + kv_bytes) * tps[name]
         frac[name] = gbs / bandwidth
         same = next((i for i, (x, y) in enumerate(zip(out, ref)) if x != y), len(out))
-        rows.append([name, f"{pre:.2f}", f"{tps[name]:.1f}", f"{gbs / 1e9:.2f}", f"{frac[name]:.2f}", f"{same}/{len(out)}"])
+        rows.append([name, f"{pre:.2f}", f"{tps[name]:.1f}", f"{gbs / 1e9:.2f}", f"{frac[name]:.2f}",
+                     f"{same}/{len(out)}"])
     print(f"\n1. decode: {n_params / 1e6:.0f}M-parameter LLaMA (dim {c.dim}, {c.n_layers} layers), fp32, "
           f"{device.type}, {torch.get_num_threads()} threads, batch 1, greedy, {a.new_tokens} new tokens after "
           f"{a.prompt_len} prompt tokens; best of {a.repeats}. Each step reads {weight_bytes / 1e6:.0f} MB of "
@@ -252,9 +253,10 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128):
         _, pre, dec = min((run_ours(llm, ids, new_tokens, step) for _ in range(2)), key=lambda r: r[2])
         tps = (new_tokens - 1) / dec
         frac[name] = (weight_bytes + kv_bytes) * tps / bandwidth
-        rows.append([name, f"{pre:.3f}", f"{tps:.1f}", f"{(weight_bytes + kv_bytes) * tps / 1e9:.0f}", f"{frac[name]:.2f}"])
-    print(f"\n1c. decode, Vicuna-7B shape, bf16, {torch.cuda.get_device_name(device)}, batch 1, {new_tokens} new tokens "
-          f"after {prompt_len}; {(weight_bytes + kv_bytes) / 1e9:.1f} GB per step; HBM reads "
+        gbs = (weight_bytes + kv_bytes) * tps
+        rows.append([name, f"{pre:.3f}", f"{tps:.1f}", f"{gbs / 1e9:.0f}", f"{frac[name]:.2f}"])
+    print(f"\n1c. decode, Vicuna-7B shape, bf16, {torch.cuda.get_device_name(device)}, batch 1, "
+          f"{new_tokens} new tokens after {prompt_len}; {(weight_bytes + kv_bytes) / 1e9:.1f} GB per step; HBM reads "
           f"{bandwidth / 1e9:.0f} GB/s")
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline"])
     return {"decode_7b_bf16_roofline_fraction": f"{max(frac.values()):.2f}"}
@@ -300,8 +302,8 @@ def bench_ttft(a, device):
           f"tokens), scaled-down widths, {device.type}; best of {a.repeats}")
     table(rows, ["model", "px", "visual tokens", "TTFT s", f"x {cases[-1][0]}@{cases[-1][1]}"])
     (arch0, R0), (arch1, R1) = cases[-2], cases[-1]
-    slug = lambda arch: arch.replace("-", "_").replace(".", "")  # noqa: E731  llava-1.5 -> llava_15
-    return {f"ttft_speedup_{slug(arch1)}_{R1}_vs_{slug(arch0)}_{R0}": f"{ttft[cases[-2]] / ref:.2f}x"}
+    slug = {"llava-hr": "llava_hr", "llava-1.5": "llava15"}
+    return {f"ttft_speedup_{slug[arch1]}_{R1}_vs_{slug[arch0]}_{R0}": f"{ttft[cases[-2]] / ref:.2f}x"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,8 +473,9 @@ def main(argv=None):
     if "experiment" in sections:
         summary |= bench_experiment(a)
     # the headline figures last, in a fixed order
-    last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers", "decode_roofline_fraction",
-            "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1", "ttft_speedup_llava_hr_1024_vs_llava15_1022"]
+    last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers",
+            "decode_roofline_fraction", "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1",
+            "ttft_speedup_llava_hr_1024_vs_llava15_1022"]
     print()
     for k in sorted(summary, key=lambda k: last.index(k) if k in last else -1):
         print(f"{k}: {summary[k]}")

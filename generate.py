@@ -61,6 +61,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (masked)
 
+
 def prefill(model, prompts, images, pad_id, max_new_tokens):
     """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths.
     Returns the last prompt position's logits (B, V) and a cache with room for
@@ -324,7 +325,7 @@ def parse_args(argv):
                    help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA: as a CUDA graph); compiles once per batch shape")
+                   help="torch.compile the decode step (CUDA: as a CUDA graph), once per batch size and cache length")
     args = p.parse_args(argv)
     if (args.questions is None) != (args.answers is None):
         p.error("--questions and --answers go together")
