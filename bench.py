@@ -1,9 +1,13 @@
 """Benchmarks. Every figure is a ratio of two things measured side by side in this one run.
 
-1. decode: our LLaMA against transformers' LlamaForCausalLM on identical weights (a ~100M
-   random model built in HF, saved as safetensors, loaded by ours): batch 1, greedy, the same
-   decode loop (generate.decode) driving both. Tokens/s, and the bytes each token reads
-   (weights + KV cache) turned into achieved memory bandwidth: decode is bandwidth-bound.
+1. decode: our LLaMA, eager and compiled (generate.compile_step), against transformers'
+   LlamaForCausalLM on identical weights (a ~100M random model built in HF, saved as
+   safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode)
+   driving all three. Tokens/s, prefill time, and the bytes each token reads (weights + KV
+   cache) as a fraction of the read bandwidth measured in the same run (decode is bound by
+   it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
+1b. batch: generate.py's batching, 8 prompts of different lengths one at a time vs as one
+   left-padded batch: generated tokens/s.
 2. ttft: why MRA. Time to first token of LLaVA-HR at 1024 px against LLaVA-1.5 at 336,
    448 and 1022 px, same code, widths scaled down to run on a CPU but the full token counts:
    what grows with resolution is the number of visual tokens the LLM must read.
@@ -15,11 +19,13 @@
    generate.py's batch mode on two held-out sets: the generator's, and an independent
    renderer's (pil_scene, JPEG). Not in the default run (~30 min on 2 idle cores).
 
-    python bench.py            # sections 1-3, ~3 minutes on 2 CPU cores
+    python bench.py            # sections 1-3, ~5 minutes on 2 CPU cores
+    python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
     python bench.py --quick    # smoke run, a few seconds
     python bench.py --only experiment   # section 4: the README's experiment table
 """
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -27,6 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -58,13 +65,38 @@ def table(rows, header):
 # ---------------------------------------------------------------------------------------
 # 1. Decode speed against transformers
 
+def read_bandwidth(device, repeats=10):
+    """The memory read bandwidth this run can reach, bytes/s: the best of a few sums over a
+    buffer far larger than the last-level cache (CPU: 8x the largest cache sysfs lists, at
+    least 256 MB; GPU: 4 GB), so every byte comes from DRAM / HBM. Decode is measured against it."""
+    if device.type == "cuda":
+        n = 4 << 30
+    else:
+        sizes = [64 << 20]
+        for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+            text = open(f).read().strip()  # e.g. "32768K"
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20}[text[-1]] if text[-1] in "KM" else int(text))
+        n = max(256 << 20, 8 * max(sizes))
+    buf = torch.ones(n // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = now(device)
+        buf.sum().item()
+        best = min(best, now(device) - t0)
+    return n / best
+
+
+def cache_length(n):
+    return -(-n // generate.CACHE_ROUND) * generate.CACHE_ROUND  # rounded up as generate.prefill does
+
+
 @torch.no_grad()
-def run_ours(llm, ids, n, step):
+def run_ours(llm, ids, n, step, cache_len=None):
     """(tokens, prefill seconds, decode seconds) for n greedy tokens after ids (1, P)."""
     dev = ids.device
-    cache = llm.new_cache(1, ids.shape[1] + n)
+    cache = llm.new_cache(1, cache_len or cache_length(ids.shape[1] + n))
     t0 = now(dev)
-    logits = llm(ids, cache=cache)[:, -1]
+    logits = llm(ids, cache=cache, last_only=True)[:, -1]
     t1 = now(dev)
     out = generate.decode(step, logits, cache, n, argmax, eos_id=-1)[0]
     return out, t1 - t0, now(dev) - t1
@@ -86,7 +118,17 @@ def run_hf(hf, ids, n):
     return out, t1 - t0, now(dev) - t1
 
 
-def bench_decode(a, device):
+def bytes_per_token(llm, prompt_len, new_tokens):
+    """Bytes a decode step reads: every weight once (of the embedding table, one row) and the
+    KV cache up to the current position (its mean over the generated tokens)."""
+    c, size = llm.config, llm.tok_embeddings.weight.element_size()
+    n_params = sum(p.numel() for p in llm.parameters())
+    weights = size * (n_params - c.vocab_size * c.dim + c.dim)
+    kv = size * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (prompt_len + new_tokens / 2)
+    return weights, kv
+
+
+def bench_decode(a, device, bandwidth):
     try:
         import transformers
     except ImportError:
@@ -103,39 +145,122 @@ def bench_decode(a, device):
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d, safe_serialization=True)
         ours = Llama.from_pretrained(d, device=device).eval()
-    step = lambda tokens, cache: ours(tokens[:, None], cache=cache)[:, -1]  # noqa: E731
-    if a.compile:
-        step = torch.compile(step)
     n_params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    run_ours(ours, ids[:, :16], 4, step), run_hf(hf, ids[:, :16], 4)  # warm-up (kernels, allocator, compile)
-    best = {}
-    for _ in range(a.repeats):  # alternate, keep each side's best
-        for name, fn in (("ours", lambda: run_ours(ours, ids, a.new_tokens, step)),
-                         ("transformers", lambda: run_hf(hf, ids, a.new_tokens))):
+    cache_len = cache_length(a.prompt_len + a.new_tokens)
+    compiled = generate.compile_step(ours.decode, device)
+    impls = {"ours": lambda: run_ours(ours, ids, a.new_tokens, ours.decode),
+             "ours compiled": lambda: run_ours(ours, ids, a.new_tokens, compiled),
+             "transformers": lambda: run_hf(hf, ids, a.new_tokens)}
+    # warm-up: kernels, allocator, and the compile, for the cache shape measured below
+    run_ours(ours, ids[:, :16], 4, ours.decode), run_hf(hf, ids[:, :16], 4)
+    torch._dynamo.utils.counters.clear()
+    t0 = time.perf_counter()
+    run_ours(ours, ids[:, :16], 4, compiled, cache_len=cache_len)
+    compile_s = time.perf_counter() - t0
+    best = {}  # name: (tokens, best prefill s, best decode s), each side's best over the repeats
+    for _ in range(a.repeats):  # alternate the three
+        for name, fn in impls.items():
             out, pre, dec = fn()
-            if name not in best or dec < best[name][2]:
-                best[name] = (out, pre, dec)
-    # bytes read per decode step: every weight once (the embedding table: one row), and the
-    # KV cache up to the current position (its mean over the generated tokens)
-    weight_bytes = 4 * (n_params - c.vocab_size * c.dim + c.dim)
-    kv_bytes = 4 * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (a.prompt_len + a.new_tokens / 2)
-    rows, tps = [], {}
+            old = best.get(name, (out, pre, dec))
+            best[name] = (out, min(pre, old[1]), min(dec, old[2]))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
+    rows, tps, frac = [], {}, {}
+    ref = best["transformers"][0]
     for name, (out, pre, dec) in best.items():
         tps[name] = (a.new_tokens - 1) / dec  # decode steps per second (the first token is prefill's)
-        rows.append([name, f"{pre:.2f}", f"{tps[name]:.1f}", f"{weight_bytes / 1e6:.0f}", f"{kv_bytes / 1e6:.0f}",
-                     f"{(weight_bytes + kv_bytes) * tps[name] / 1e9:.2f}"])
-    o1, o2 = best["ours"][0], best["transformers"][0]
-    same = next((i for i, (x, y) in enumerate(zip(o1, o2)) if x != y), len(o1))
+        gbs = (weight_bytes + kv_bytes) * tps[name]
+        frac[name] = gbs / bandwidth
+        same = next((i for i, (x, y) in enumerate(zip(out, ref)) if x != y), len(out))
+        rows.append([name, f"{pre:.2f}", f"{tps[name]:.1f}", f"{gbs / 1e9:.2f}", f"{frac[name]:.2f}",
+                     f"{same}/{len(out)}"])
     print(f"\n1. decode: {n_params / 1e6:.0f}M-parameter LLaMA (dim {c.dim}, {c.n_layers} layers), fp32, "
           f"{device.type}, {torch.get_num_threads()} threads, batch 1, greedy, {a.new_tokens} new tokens after "
-          f"{a.prompt_len} prompt tokens{', ours compiled' if a.compile else ''}; best of {a.repeats}")
-    table(rows, ["impl", "prefill s", "tokens/s", "weights MB/tok", "KV MB/tok", "GB/s"])
-    print(f"greedy tokens identical for {same} of {len(o1)} steps")
-    return {"decode_tokens_per_s_ours": f"{tps['ours']:.1f}",
-            "decode_tokens_per_s_transformers": f"{tps['transformers']:.1f}",
-            "decode_speedup_vs_transformers": f"{tps['ours'] / tps['transformers']:.2f}x",
-            "decode_bandwidth_gb_s_ours": f"{(weight_bytes + kv_bytes) * tps['ours'] / 1e9:.2f}"}
+          f"{a.prompt_len} prompt tokens; best of {a.repeats}. Each step reads {weight_bytes / 1e6:.0f} MB of "
+          f"weights + {kv_bytes / 1e6:.0f} MB of KV cache; this machine reads {bandwidth / 1e9:.1f} GB/s (a sum "
+          f"over a buffer beyond its caches)")
+    table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline", "tokens = transformers"])
+    print(f"compiled step: {compile_s:.0f} s to compile, {graphs} graph(s) for all {a.repeats * (a.new_tokens - 1)} "
+          f"measured steps")
+    hf_tps = tps["transformers"]
+    return {"read_bandwidth_gb_s": f"{bandwidth / 1e9:.1f}",
+            "decode_tokens_per_s_ours": f"{tps['ours']:.1f}",
+            "decode_tokens_per_s_ours_compiled": f"{tps['ours compiled']:.1f}",
+            "decode_tokens_per_s_transformers": f"{hf_tps:.1f}",
+            "decode_speedup_vs_transformers": f"{tps['ours'] / hf_tps:.2f}x",
+            "decode_compiled_speedup_vs_transformers": f"{tps['ours compiled'] / hf_tps:.2f}x",
+            "decode_roofline_fraction": f"{max(frac['ours'], frac['ours compiled']):.2f}",
+            "prefill_speedup_vs_transformers": f"{best['transformers'][1] / best['ours'][1]:.2f}x"}
+
+
+@torch.no_grad()
+def bench_batch(a, device):
+    """Throughput of generate.py's batching: 8 prompts of different lengths answered one at a
+    time, then as one left-padded batch of 8; same model as section 1, eager."""
+    c = LlamaConfig(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
+                    hidden_dim=a.hidden, max_seq_len=4096)
+    torch.manual_seed(0)
+    model = mra.LlavaHR(replace(small_cfg("llava-1.5", 336, True), llm=c)).to(device).eval()  # text-only here
+    lo, hi = a.batch_prompt_lens
+    g = torch.Generator().manual_seed(1)
+    prompts = [[1] + torch.randint(3, c.vocab_size, (lo + (hi - lo) * i // 7 - 1,), generator=g).tolist()
+               for i in range(8)]
+
+    def run(batch):  # (prefill s, decode s) for these prompts in one batch
+        t0 = now(device)
+        logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens)
+        t1 = now(device)
+        generate.decode(partial(generate.decode_one, model), logits, cache, a.new_tokens, argmax, eos_id=-1)
+        return t1 - t0, now(device) - t1
+
+    run(prompts[:1]), run(prompts)  # warm-up
+    best = {}
+    for _ in range(a.repeats):
+        for name, fn in (("batch 1", lambda: [sum(t) for t in zip(*(run([p]) for p in prompts))]),
+                         ("batch 8", lambda: run(prompts))):
+            pre, dec = fn()
+            best[name] = min(best.get(name, (pre, dec)), (pre, dec), key=sum)
+    n = 8 * a.new_tokens
+    rows, tps = [], {}
+    for name, (pre, dec) in best.items():
+        tps[name] = n / (pre + dec)
+        rows.append([name, f"{pre:.2f}", f"{dec:.2f}", f"{8 * (a.new_tokens - 1) / dec:.1f}", f"{tps[name]:.1f}"])
+    print(f"\n1b. batch throughput: 8 prompts of {lo}-{hi} tokens, {a.new_tokens} new tokens each, greedy, same "
+          f"LLM as 1, eager, through generate.prefill/decode (left-padded); one at a time vs one batch; best of "
+          f"{a.repeats}")
+    table(rows, ["", "prefill s", "decode s", "decode tokens/s", "tokens/s overall"])
+    return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x"}
+
+
+@torch.no_grad()
+def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128):
+    """A Vicuna-7B-shaped LLaMA, random bf16 weights, on a GPU: eager and compiled (one CUDA
+    graph per step) decode against the measured HBM read bandwidth."""
+    c = LlamaConfig.from_name("vicuna-7b-v1.5")
+    with torch.device("meta"):
+        llm = Llama(c)
+    llm = llm.to(torch.bfloat16).to_empty(device=device).eval()
+    torch.manual_seed(0)
+    for name, p in llm.named_parameters():  # norms at 1, the rest small: finite activations
+        p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    ids = torch.randint(3, c.vocab_size, (1, prompt_len), device=device)
+    compiled = generate.compile_step(llm.decode, device)
+    cache_len = cache_length(prompt_len + new_tokens)
+    run_ours(llm, ids[:, :16], 4, llm.decode), run_ours(llm, ids[:, :16], 4, compiled, cache_len=cache_len)
+    weight_bytes, kv_bytes = bytes_per_token(llm, prompt_len, new_tokens)
+    rows, frac = [], {}
+    for name, step in (("eager", llm.decode), ("compiled", compiled)):
+        _, pre, dec = min((run_ours(llm, ids, new_tokens, step) for _ in range(2)), key=lambda r: r[2])
+        tps = (new_tokens - 1) / dec
+        frac[name] = (weight_bytes + kv_bytes) * tps / bandwidth
+        gbs = (weight_bytes + kv_bytes) * tps
+        rows.append([name, f"{pre:.3f}", f"{tps:.1f}", f"{gbs / 1e9:.0f}", f"{frac[name]:.2f}"])
+    print(f"\n1c. decode, Vicuna-7B shape, bf16, {torch.cuda.get_device_name(device)}, batch 1, "
+          f"{new_tokens} new tokens after {prompt_len}; {(weight_bytes + kv_bytes) / 1e9:.1f} GB per step; HBM reads "
+          f"{bandwidth / 1e9:.0f} GB/s")
+    table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline"])
+    return {"decode_7b_bf16_roofline_fraction": f"{max(frac.values()):.2f}"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,7 +303,8 @@ def bench_ttft(a, device):
           f"tokens), scaled-down widths, {device.type}; best of {a.repeats}")
     table(rows, ["model", "px", "visual tokens", "TTFT s", f"x {cases[-1][0]}@{cases[-1][1]}"])
     (arch0, R0), (arch1, R1) = cases[-2], cases[-1]
-    return {f"ttft_speedup_{arch1}@{R1}_vs_{arch0}@{R0}": f"{ttft[cases[-2]] / ref:.2f}x"}
+    slug = {"llava-hr": "llava_hr", "llava-1.5": "llava15"}
+    return {f"ttft_speedup_{slug[arch1]}_{R1}_vs_{slug[arch0]}_{R0}": f"{ttft[cases[-2]] / ref:.2f}x"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -404,7 +530,7 @@ def experiment_tables(out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "ttft", "table1", "experiment"], action="append",
+    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment"], action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
@@ -418,29 +544,42 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--batch-prompt-lens", type=int, nargs=2, default=(64, 256), metavar=("MIN", "MAX"),
+                   help="batch: the 8 prompts' lengths run from MIN to MAX tokens")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--text-tokens", type=int, default=60, help="table1: text tokens beside the image")
-    p.add_argument("--compile", action="store_true", help="decode: torch.compile our decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="decode on CUDA: also a Vicuna-7B-shaped bf16 model, eager and compiled (~20 GB of GPU memory)")
     a = p.parse_args(argv)
     if a.quick:
         a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
+        a.batch_prompt_lens = (8, 32)
     a.arms = [i for i, arm in enumerate(ARMS) if arm[0][1] in a.arms or str(i) in a.arms]
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    sections = a.only or ["decode", "ttft", "table1"]
+    sections = a.only or ["decode", "batch", "ttft", "table1"]
     summary = {}
     if "decode" in sections:
-        summary |= bench_decode(a, device)
+        bandwidth = read_bandwidth(device)
+        summary |= bench_decode(a, device, bandwidth)
+        if a.compile and device.type == "cuda":
+            summary |= bench_decode_7b(device, bandwidth)
+    if "batch" in sections:
+        summary |= bench_batch(a, device)
     if "ttft" in sections:
         summary |= bench_ttft(a, device)
     if "table1" in sections:
         summary |= bench_table1(a)
     if "experiment" in sections:
         summary |= bench_experiment(a)
+    # the headline figures last, in a fixed order
+    last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers",
+            "decode_roofline_fraction", "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1",
+            "ttft_speedup_llava_hr_1024_vs_llava15_1022"]
     print()
-    for k, v in summary.items():
-        print(f"{k}: {v}")
+    for k in sorted(summary, key=lambda k: last.index(k) if k in last else -1):
+        print(f"{k}: {summary[k]}")
 
 
 if __name__ == "__main__":

@@ -60,11 +60,19 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 # ---------------------------------------------------------------------------------------
 # Prefill and decode over the model's static KV cache
 
+CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (masked)
+
+
 def prefill(model, prompts, images, pad_id, max_new_tokens):
     """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths.
     Returns the last prompt position's logits (B, V) and a cache with room for
-    max_new_tokens more tokens per row."""
+    max_new_tokens more tokens per row (or more: its length is rounded up to a multiple of
+    CACHE_ROUND, within the context, so that prompts of similar lengths share one cache shape
+    and so one compiled decode step)."""
     device = model.projector[0].weight.device
+    used = max(slots(model, p) for p in prompts)
+    rounded = -(-(used + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
+    max_new_tokens = max(max_new_tokens, min(rounded, model.cfg.llm.max_seq_len) - used)
     T = max(map(len, prompts))
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (B, T), right-padded here;
     pad_mask = torch.zeros(len(prompts), T, dtype=torch.bool)  # model.prefill re-pads on the left
@@ -76,6 +84,22 @@ def prefill(model, prompts, images, pad_id, max_new_tokens):
 def decode_one(model, tokens, cache):
     """tokens (B,) -> next-token logits (B, V); the cache grows by one slot per row."""
     return model.decode(tokens, cache)
+
+
+def compile_step(step, device):
+    """torch.compile a decode step. Its shapes are the same at every position (see
+    Llama.decode), so it compiles once per cache shape and never sees a dynamic shape."""
+    if device.type == "cuda":  # the whole step replayed as one CUDA graph: no per-kernel launches
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    # CPU: at batch 1 every Linear is a matrix-vector product, bound by reading the weights. MKL's
+    # gemv reads them at about half the bandwidth a plain reduction reaches; inductor's
+    # decompose_mm pass (off by default) turns a (1, K) x (K, N) product into its own fused
+    # multiply-and-sum, which reads at nearly all of it. Its size limit (N, K <= 2048) is raised
+    # to take in the vocabulary head, a third of the weights read per step.
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
+    return torch.compile(step, fullgraph=True, dynamic=False,
+                         options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
 
 
 @torch.no_grad()
@@ -231,9 +255,8 @@ def chat(model, tok, image, args, pick, step):
                 logits, cache = prefill(model, [ids], image[None] if has else None, tok.pad_id,
                                         limit - slots(model, ids))
             else:
-                cache.pos = slots(model, ids[:keep])  # roll back to the common prefix
-                cache.valid[:, cache.pos:] = False
-                new = torch.tensor([ids[keep:]], device=cache.k.device)
+                cache.rewind(slots(model, ids[:keep]))  # roll back to the common prefix
+                new = torch.tensor([ids[keep:]], device=cache.pos.device)
                 logits = model.llm(new, cache=cache)[:, -1]
         log("ASSISTANT: ", end="")
         on_token, finish = streamer(tok, sys.stdout)
@@ -242,7 +265,7 @@ def chat(model, tok, image, args, pick, step):
         turns.append(("gpt", tok.decode(out).strip()))
         # the cache holds the prompt and every generated token that was fed back (not the last
         # one sampled); count them back from its slots
-        fed = cache.pos - slots(model, ids) + len(ids)
+        fed = int(cache.pos) - slots(model, ids) + len(ids)
         cached = (ids + out)[:fed]
 
 
@@ -355,7 +378,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA: as a CUDA graph), once per batch size and cache length")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     if (args.questions is None) != (args.answers is None):
@@ -410,7 +434,7 @@ def run(args):
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
     step = partial(decode_one, model)
     if args.compile:
-        step = torch.compile(step)
+        step = compile_step(step, device)
     if args.questions:
         answer_file(model, tok, args, pick, step, questions, answered)
     elif args.prompt is not None:

@@ -113,23 +113,43 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` slots and written in place.
 
-    k, v: (n_layers, B, n_kv_heads, max_len, head_dim); valid: (B, max_len), True where a slot
-    holds a real (not padding) token; pos: slots used so far, the same for every row.
+    k, v: per layer, (B, n_kv_heads, max_len, head_dim); valid: (B, max_len), True where a slot
+    holds a real (not padding) token, False from `pos` on; pos: (1,) long, the next slot to
+    write, the same for every row. pos is a tensor, not a Python int, so that a compiled decode
+    step reads it as data: an int would be baked into the graph and force a recompile per token.
+    One tensor per layer (not one for all) so a compiled step writes each in place: a write
+    through a view of a bigger input is compiled as a copy of the whole input.
     """
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.pos = 0
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        for t in self.k + self.v + [self.valid, self.pos]:
+            # fixed buffers that a CUDA graph reads and updates in place (no copy in per replay)
+            torch._dynamo.mark_static_address(t)
 
-    def write(self, layer, k, v):
-        """Store new k, v (B, n_kv, T, hd) at slots [pos, pos+T); return all of slots [0, pos+T)."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def write(self, layer, k, v, start=None):
+        """Store k, v (B, n_kv, T, hd); return the keys and values the queries attend to.
+        start (int): at slots [start, start+T), returning slots [0, start+T) (prefill). start
+        None: one token at slot `pos`, returning the whole cache (the static decode step)."""
+        cache_k, cache_v = self.k[layer], self.v[layer]
+        if start is None:
+            cache_k.index_copy_(2, self.pos, k)
+            cache_v.index_copy_(2, self.pos, v)
+            return cache_k, cache_v  # (B, nkv, max_len, hd)
+        end = start + k.shape[2]
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        return cache_k[:, :, :end], cache_v[:, :, :end]  # (B, nkv, end, hd)
+
+    def rewind(self, pos):
+        """Forget every slot from `pos` on (chat's roll-back to a common prefix): being static,
+        the cache only moves its write position back; the stale keys are masked, then overwritten."""
+        self.pos.fill_(pos)
+        self.valid[:, pos:] = False
 
 
 class Attention(nn.Module):
@@ -141,20 +161,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, start):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(self.layer, k, v)  # (B, nkv, S, hd), S = slots filled so far
-        if self.n_kv_heads != self.n_heads:
-            # grouped-query attention: each k/v head serves n_heads / n_kv_heads consecutive q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        # softmax(q k^T / sqrt(hd), over the keys `mask` allows; causal when mask is None) v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
+        # softmax(q k^T / sqrt(hd), over the keys `mask` allows; causal when mask is None) v.
+        # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
+        # consecutive q heads, read in place rather than copied per q head (repeat_interleave)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, D)
 
 
@@ -175,8 +194,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(c.dim, c.norm_eps), Attention(c, layer)
         self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, start=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -231,12 +250,12 @@ class Llama(nn.Module):
         With cache = new_cache(B, max_len): the T tokens go to slots [pos, pos+T), their
         pad_mask (all True when None) into cache.valid; they attend causally (in slot order)
         to every valid slot in [0, pos+T); then pos += T. So prefill with left or right
-        padding, then decode one token per row per call. last_only: logits of the last
+        padding, then `decode` one token per row per call. last_only: logits of the last
         position only, (B, 1, V).
         """
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
-        start = 0 if cache is None else cache.pos
+        start = 0 if cache is None else int(cache.pos)
         end = start + T
         limits = {"max_seq_len": self.config.max_seq_len}
         if cache is not None:
@@ -262,13 +281,38 @@ class Llama(nn.Module):
             mask = (mask | (k_slot == q_slot))[:, None]  # (B, 1, T, S), broadcast over heads
 
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, start)
         if cache is not None:
-            cache.pos = end
+            cache.pos.fill_(end)
         if last_only:  # prefill needs the next-token logits only: skip T-1 rows of the (D x V) head
             x = x[:, -1:]
+        return self.head(x)
+
+    def head(self, x):
         x = self.norm(x)
-        return F.linear(x, self.tok_embeddings.weight if self.output is None else self.output.weight)
+        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+
+    def decode(self, tokens, cache):
+        """One token per row, tokens (B,), at slot cache.pos -> next-token logits (B, V); pos += 1.
+
+        The step generation compiles, so every shape is the same at every position: the query
+        attends over the whole preallocated cache, masked by cache.valid (False from pos on), and
+        the position comes from tensors, never from a Python number. One compiled graph (on CUDA,
+        one CUDA graph) then serves every step. The same as forward(tokens[:, None], cache=cache).
+        """
+        limit = min(cache.valid.shape[1], self.config.max_seq_len)
+        if not torch.compiler.is_compiling() and int(cache.pos) >= limit:  # (a compiled step can't check)
+            raise ValueError(f"decoding at slot {int(cache.pos)}: the cache holds {limit} positions")
+        x = self.embed(tokens[:, None])  # (B, 1, D)
+        # RoPE position: the row's real tokens so far (slots from pos on are not valid yet)
+        positions = cache.valid.sum(-1, keepdim=True)  # (B, 1)
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cache.valid.index_fill_(1, cache.pos, True)
+        mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): every real slot up to this one
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        cache.pos += 1
+        return self.head(x)[:, 0]
 
     @classmethod
     def from_pretrained(cls, src, dtype=None, device="cpu"):

@@ -322,8 +322,8 @@ class LlavaHR(nn.Module):
         return logits[:, -1], cache
 
     def decode(self, tokens, cache):
-        """One step: tokens (B,) -> next-token logits (B, V), extending the cache."""
-        return self.llm(tokens[:, None], cache=cache)[:, -1]
+        """One step: tokens (B,) -> next-token logits (B, V), extending the cache (static shapes)."""
+        return self.llm.decode(tokens, cache)
 
 
 # ---------------------------------------------------------------------------------------

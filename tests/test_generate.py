@@ -274,12 +274,19 @@ def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_compiled_decode_equals_eager(model, tok, images):
-    ids = ids_for(tok, [generate.human_turn("What is this?", True)])
+def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images):
+    # a 64-token batched generation (rows of different lengths, left-padded) through the compiled
+    # step: the same tokens as eager, from one graph compiled once (its shapes never change)
+    from torch._dynamo.utils import counters
+    rows = [("What is this?", images[0]), ("Describe the picture in detail, the table and the street", None)]
+    prompts = [ids_for(tok, [generate.human_turn(q, img is not None)]) for q, img in rows]
     img = pixels(model, images[0])[None]
-    eager = generate.generate(model, [ids], img, max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
-    step = torch.compile(partial(generate.decode_one, model))
-    assert generate.generate(model, [ids], img, max_new_tokens=MAX_NEW, eos_id=tok.eos_id, step=step) == eager
+    eager = generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1)
+    torch._dynamo.reset()
+    counters.clear()
+    step = generate.compile_step(partial(generate.decode_one, model), torch.device("cpu"))
+    assert generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1, step=step) == eager
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
 def test_bench_counts_table1_on_meta():

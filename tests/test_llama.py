@@ -106,8 +106,13 @@ def test_cache_prefill_then_decode_equals_full_forward(pair):
         cache = ours.new_cache(2, 20)
         steps = [ours(ids[:, :8], cache=cache)]
         steps += [ours(ids[:, t:t + 1], cache=cache) for t in range(8, 14)]
-    assert cache.pos == 14
+        # the static-shape step (whole cache, masked) gives the same as the forward's growing span
+        static = ours.new_cache(2, 20)
+        ours(ids[:, :8], cache=static)
+        decoded = [ours.decode(ids[:, t], static) for t in range(8, 14)]
+    assert cache.pos == 14 and static.pos == 14
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+    torch.testing.assert_close(torch.stack(decoded, 1), full[:, 8:], **TOL)
 
 
 def greedy(model, ids, n, pad_mask=None):
@@ -123,7 +128,7 @@ def greedy(model, ids, n, pad_mask=None):
         steps.append(step)
         out.append(step.argmax(-1))
         if i < n - 1:
-            step = model(out[-1][:, None], cache=cache)[:, -1]
+            step = model.decode(out[-1], cache)  # the static-shape step generation uses
     return torch.stack(out, 1), torch.stack(steps, 1)
 
 
@@ -171,8 +176,10 @@ def test_rmsnorm_and_rope_match_hf_bitwise_in_bf16():
     assert torch.equal(apply_rope(q, our_cos, our_sin), hf.apply_rotary_pos_emb(q, q, cos, sin)[0])
 
 
-def naive_attention(q, k, v, attn_mask=None, is_causal=False):
+def naive_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     # the textbook formula: a row whose keys are all masked gives softmax(-inf...) = NaN here
+    if enable_gqa:  # each k/v head serves n_heads / n_kv_heads consecutive q heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, nh, T, S)
     if is_causal:
         attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
@@ -201,6 +208,10 @@ def test_cache_overflow_is_refused():
     model(tokens(1, 6), cache=cache)
     with pytest.raises(ValueError, match="cache length"):
         model(tokens(1, 3), cache=cache)
+    model.decode(tokens(1, 1)[:, 0], cache)
+    model.decode(tokens(1, 1)[:, 0], cache)
+    with pytest.raises(ValueError, match="decoding at slot 8: the cache holds 8 positions"):
+        model.decode(tokens(1, 1)[:, 0], cache)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, model.config.max_seq_len + 1, dtype=torch.long))
 

@@ -1,0 +1,103 @@
+"""What runs only on a GPU (`python -m pytest -m cuda`; skipped without CUDA): the compiled
+adapter gate and the compiled decode step as CUDA graphs, and bf16 generation."""
+from functools import partial
+
+import pytest
+import torch
+
+import generate
+import mra
+from test_release import (IDS, PAD_MASK, greedy, images, llava_config, make_clip, make_convnext, make_heads,
+                          make_llama, release_state, write_release)
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def gate_args(device, dtype, seed=0):
+    """MR-Adapter gate inputs at the release's widths: ViT-L tokens (d = 1024) at R = 1024."""
+    g = torch.Generator().manual_seed(seed)
+    f, s = torch.randn(2, 1024, 1024, generator=g), torch.randn(2, 1024, 1024, generator=g)
+    w1, b1 = torch.randn(512, 2048, generator=g) / 2048 ** 0.5, 0.1 * torch.randn(512, generator=g)
+    w2, b2 = torch.randn(1, 512, generator=g) / 512 ** 0.5, 0.1 * torch.randn(1, generator=g)
+    return [t.to(device, dtype) for t in (f, s, w1, b1, w2, b2)]
+
+
+def check_fused_gate_bf16(device):
+    args = gate_args(device, torch.bfloat16)
+    eager = mra.gate_mix(*args, "tanh")
+    fused = mra.fused_gate_mix(*args, "tanh")  # torch.compile'd on CUDA
+    exact = mra.gate_mix(*[t.float() for t in args], "tanh")
+    # the fused kernel rounds to bf16 once where eager rounds after every op: they may differ by
+    # a unit in the last place of the output's magnitude, and fusing must not be less accurate
+    ulp = 2 ** -7 * exact.abs().max().item()
+    torch.testing.assert_close(fused.float(), eager.float(), rtol=0, atol=ulp)
+    assert (fused.float() - exact).abs().max() <= (eager.float() - exact).abs().max()
+
+
+def test_compiled_adapter_gate_equals_eager_in_bf16():
+    check_fused_gate_bf16("cuda")
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory):
+    """The released LLaVA-HR layout of tests/test_release.py, at R = 384."""
+    torch.manual_seed(0)
+    parts = dict(clip=make_clip(), convnext=make_convnext(), llama=make_llama(), heads=make_heads())
+    return write_release(tmp_path_factory.mktemp("llava-hr"), release_state(**parts), llava_config(384))
+
+
+def forced(model, x, tokens, step):
+    """Logits (B, n, V) of prefill and then each step fed the given tokens (B, n) (teacher
+    forcing: both precisions see the same sequence, so one early near-tie cannot fork them)."""
+    logits, cache = model.prefill(IDS.to(x.device), x, PAD_MASK.to(x.device), max_new_tokens=tokens.shape[1])
+    out = [logits.float()]
+    for t in tokens[:, :-1].T:
+        out.append(step(t, cache).float())
+    return torch.stack(out, 1)
+
+
+def check_bf16_agrees_with_fp32(path, device, n=8):
+    """bf16 (eager, and compiled as generation runs it) against fp32: logits within bf16's
+    precision at every step of the fp32 greedy run, so the same greedy token at every step
+    where fp32's choice is clear of that precision (a random tiny model has near-ties too)."""
+    x = images(384).to(device)
+    with torch.no_grad():
+        ref, ref_logits = greedy(mra.load_checkpoint(path, torch.float32, device).eval(), x, n,
+                                 IDS.to(device), PAD_MASK.to(device))
+        model = mra.load_checkpoint(path, torch.bfloat16, device).eval()
+        compiled = generate.compile_step(partial(generate.decode_one, model), torch.device(device))
+        atol = 0.05 * ref_logits.abs().max().item()  # bf16: 8 mantissa bits through every layer
+        top2 = ref_logits.topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 2 * atol  # no error within atol can flip these
+        assert clear.sum() >= 3, "the test model has too few clear greedy choices to test anything"
+        for step in (model.decode, compiled):
+            logits = forced(model, x, ref, step)
+            torch.testing.assert_close(logits, ref_logits, rtol=0, atol=atol)
+            assert torch.equal(logits.argmax(-1)[clear], ref[clear])
+
+
+def test_bf16_generation_agrees_with_fp32(release_dir):
+    check_bf16_agrees_with_fp32(release_dir, "cuda")
+
+
+def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
+    from torch._dynamo.utils import counters
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+    recorded = []
+    record = CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(CUDAGraphTreeManager, "record_function",
+                        lambda self, *a, **k: recorded.append(1) or record(self, *a, **k))
+    model = mra.load_checkpoint(release_dir, torch.bfloat16, "cuda").eval()
+    prompts = [row[mask].tolist() for row, mask in zip(IDS, PAD_MASK)]
+    x = images(384).cuda()
+    eager = generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1)
+    torch._dynamo.reset()
+    counters.clear()
+    step = generate.compile_step(partial(generate.decode_one, model), torch.device("cuda"))
+    assert generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1, step=step) == eager
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once for 63 steps
+    assert counters["inductor"]["cudagraph_skips"] == 0  # and run as a CUDA graph...
+    assert len(recorded) == 1  # ...recorded once, replayed for every later step
+    # only the new tokens are copied into the graph per step: the cache is read and written in place
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] <= 1
