@@ -253,16 +253,22 @@ def shards(state, n=2):
     return [{k: state[k] for k in keys[i::n]} for i in range(n)]
 
 
-def write_release(path, state, config):
-    """config.json + two safetensors shards + model.safetensors.index.json."""
+def write_release(path, state, config, fmt="safetensors"):
+    """config.json + two shards + their index: model-0000N-of-00002.safetensors, or as released,
+    pytorch_model-0000N-of-00002.bin (torch.save) + pytorch_model.bin.index.json."""
     os.makedirs(path, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     weight_map = {}
     for i, shard in enumerate(shards(state), 1):
-        name = f"model-{i:05d}-of-00002.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, path / name, metadata={"format": "pt"})
+        if fmt == "bin":
+            name = f"pytorch_model-{i:05d}-of-00002.bin"
+            torch.save(shard, path / name)
+        else:
+            name = f"model-{i:05d}-of-00002.safetensors"
+            save_file({k: v.contiguous() for k, v in shard.items()}, path / name, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(shard, name)
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    (path / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
 
 
@@ -271,12 +277,19 @@ def images(R, n=2, seed=4):
 
 
 @pytest.fixture(scope="module")
-def hr(tmp_path_factory):
-    """(reference parts, a released LLaVA-HR dir at R = 384, the stage-1 resolution)."""
+def hr_parts():
     torch.manual_seed(0)
-    parts = dict(clip=make_clip(), convnext=make_convnext(), llama=make_llama(), heads=make_heads())
-    path = write_release(tmp_path_factory.mktemp("llava-hr"), release_state(**parts), llava_config(384))
-    return parts, path
+    return dict(clip=make_clip(), convnext=make_convnext(), llama=make_llama(), heads=make_heads())
+
+
+# every parity test of a released model runs on both forms: safetensors, and the .bin shards
+# the releases ship (read directly, no conversion)
+@pytest.fixture(scope="module", params=["safetensors", "bin"])
+def hr(hr_parts, tmp_path_factory, request):
+    """(reference parts, a released LLaVA-HR dir at R = 384, the stage-1 resolution)."""
+    path = write_release(tmp_path_factory.mktemp("llava-hr"), release_state(**hr_parts), llava_config(384),
+                         request.param)
+    return hr_parts, path
 
 
 @pytest.fixture(scope="module")
@@ -284,12 +297,13 @@ def hr_model(hr):
     return mra.load_checkpoint(hr[1]).eval()
 
 
-@pytest.fixture(scope="module")
-def v15(tmp_path_factory):
+@pytest.fixture(scope="module", params=["safetensors", "bin"])
+def v15(tmp_path_factory, request):
     torch.manual_seed(0)
     parts = dict(v15_clip=make_clip(seed=5), llama=make_llama(seed=6),
                  heads={k: v for k, v in make_heads(seed=7, adapters=False).items() if k.startswith(PROJECTOR)})
-    path = write_release(tmp_path_factory.mktemp("llava-15"), release_state(**parts), llava_config())
+    path = write_release(tmp_path_factory.mktemp("llava-15"), release_state(**parts), llava_config(),
+                         request.param)
     return parts, path
 
 
@@ -360,12 +374,12 @@ def test_hr_greedy_matches_reference(hr, hr_model):
 
 
 @torch.no_grad()
-def test_hr_low_res_floor_of_a_tiny_release(hr, tmp_path):
+def test_hr_low_res_floor_of_a_tiny_release(hr_parts, tmp_path):
     """The 336 floor of S is the release's, sized for ViT-L/14-336. A tiny checkpoint needs its
     own (here 112, the tiny ViT's trained size: R = 256 gives S = 112, both grids 8x8). Either fix
     passes: load_release reading an optional `vit_min_size` from config.json (default 336), or
     taking the floor from the ViT's trained size (336 for every released model)."""
-    parts, _ = hr
+    parts = hr_parts
     path = write_release(tmp_path, release_state(**parts), llava_config(256) | {"vit_min_size": 112})
     model = mra.load_checkpoint(path)
     assert model.cfg.vit_min_size == 112
@@ -525,9 +539,9 @@ def reshape(key, shape):
      r"model\.vision_tower\.align_stages_latent\.0\.fast_conv\.weight: model expects \(128, 1, 7, 7\), "
      r"checkpoint has \(128, 128, 7, 7\)"),
 ], ids=["no-convnext", "missing-adapter-key", "gate-shape", "dense-fast-conv"])
-def test_wrong_llava_hr_checkpoint(hr, tmp_path, edit, message):
-    parts, _ = hr
-    path = write_release(tmp_path, edit(release_state(**parts)), llava_config(384))
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_wrong_llava_hr_checkpoint(hr_parts, tmp_path, edit, message, fmt):
+    path = write_release(tmp_path, edit(release_state(**hr_parts)), llava_config(384), fmt)
     with pytest.raises(CheckpointError, match=message):
         mra.load_checkpoint(path)
 
