@@ -391,6 +391,8 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
         kw.update(image_size=vit.cfg.image_size)
     with torch.device("meta"):
         model = LlavaHR(MRAConfig(**kw))
+        if quantize:
+            int8_linears(model.llm)
     return load_state(model, state | rest, path, unexpected, RELEASE_KEYS)
 
 
