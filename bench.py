@@ -349,7 +349,9 @@ class PeakAnon:
 
 
 def random_llama(path, c):
-    """A random LLaMA in HF layout (config.json + model.safetensors), bf16, written tensor by tensor."""
+    """A random LLaMA in HF layout (config.json + model.safetensors) in fp16, as releases are: loading
+    in bf16 then casts every tensor into memory of its own. (A checkpoint already in the dtype asked
+    for stays mapped from the file: lean, but decode re-reads it from disk once memory runs short.)"""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     hf = dict(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
@@ -360,8 +362,8 @@ def random_llama(path, c):
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Llama(c).state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    state = {weights.their_name(k, llama.LLAMA_KEYS): torch.ones(s, dtype=torch.bfloat16) if len(s) == 1 else
-             (torch.randn(s, generator=g) / s[-1] ** 0.5).bfloat16() for k, s in shapes.items()}
+    state = {weights.their_name(k, llama.LLAMA_KEYS): torch.ones(s, dtype=torch.float16) if len(s) == 1 else
+             (torch.randn(s, generator=g) / s[-1] ** 0.5).half() for k, s in shapes.items()}
     save_file(state, os.path.join(path, "model.safetensors"))
 
 
@@ -507,7 +509,7 @@ def make_tokenizer(path, n=32000):
         lines = [f"What is in the image? A picture of {w} number {i}." for i, w in enumerate(["cat", "sign", "tree"] * 50)]
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=os.path.join(d, "t"),
                                        vocab_size=300, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
-                                       eos_id=2, pad_id=-1)
+                                       eos_id=2, pad_id=-1, minloglevel=2)
         m = pb.ModelProto()
         m.ParseFromString(open(os.path.join(d, "t.model"), "rb").read())
     for i in range(n - len(m.pieces)):
@@ -538,7 +540,8 @@ def make_release(path, preset="llava-hr-7b", n_shards=3, seed=0):
               hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
               num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
               rms_norm_eps=c.norm_eps, torch_dtype="float16", image_aspect_ratio="pad", mm_projector_type="mlp2x_gelu",
-              mm_hidden_size=cfg.vit.width, input_image_size=cfg.image_size, is_multipath_encoder=True)
+              mm_hidden_size=cfg.vit.width, input_image_size=cfg.image_size, vit_min_size=cfg.vit_min_size,
+              is_multipath_encoder=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
     make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)

@@ -121,7 +121,7 @@ def read_bin(file):
 
 def _tensors(file, keep):
     """(key, tensor) pairs of one file, read one at a time, in the dtype they are stored in."""
-    if file.endswith(".bin"):
+    if os.fspath(file).endswith(".bin"):
         sd = read_bin(file)
         for k in list(sd):
             t = sd.pop(k)  # the dict lets go of each tensor (and, at the end, of the mapping)
@@ -165,7 +165,7 @@ def tensor_sizes(path):
     (a .bin shard is memory-mapped, and only its pickle, a few kB, is touched)."""
     sizes = {}
     for file in checkpoint_files(path):
-        if file.endswith(".bin"):
+        if os.fspath(file).endswith(".bin"):
             sizes |= {k: (t.numel(), t.element_size(), t.is_floating_point()) for k, t in read_bin(file).items()}
             continue
         try:

@@ -699,3 +699,18 @@ def test_int8_greedy_agrees_where_fp32_is_decided(int8_pair):
     assert sum(N) >= 1
     for b, k in enumerate(N):
         assert torch.equal(tokens8[b, :k], tokens32[b, :k]), b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_equals_dequantise_then_matmul(dtype):
+    """Int8Linear's CPU path (torch's int8 kernel where it exists) against the plain formula."""
+    from llama import Int8Linear
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(172, 64, generator=g), torch.randn(3, 5, 64, generator=g).to(dtype)
+    layer = Int8Linear(64, 172)
+    layer.weight, layer.scales = Int8Linear.quantize(w, dtype)
+    assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() == 127
+    assert ((layer.weight.float() * layer.scales.float()[:, None] - w).abs()
+            <= layer.scales.float()[:, None] / 2 * (1 + 1e-2)).all()  # half a step, up to the scales' rounding
+    want = F.linear(x.float(), layer.weight.float()) * layer.scales.float()
+    near(layer(x).float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2)
