@@ -10,6 +10,10 @@
 3. table1: the paper's Table 1 cost columns at full scale (7B), counted without weights on
    the meta device: visual tokens and prefill FLOPs of one image + a short prompt.
 
+4. experiment: the paper's claim in miniature on the synthetic task (data.make_scene): six
+   arms trained by `train.py --preset demo` with the same data, steps and seed, scored on 500
+   held-out questions through generate.py's batch mode. Not in the default run (~30 min).
+
 5. scale: int8 weight-only against bf16 decoding on a random ~1B LLaMA (7B shapes with
    --device cuda), each loaded in a process of its own from the same safetensors checkpoint:
    tokens/s, bytes read per token against the measured memory bandwidth (the roofline), and
@@ -17,10 +21,7 @@
    With --model DIR: the README's generate.py command on a real checkpoint, bf16 and int8:
    load seconds, peak anonymous memory / bf16 weight bytes, time to first token, tokens/s.
    `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with.
-
-4. experiment: the paper's claim in miniature on the synthetic task (data.make_scene): six
-   arms trained by `train.py --preset demo` with the same data, steps and seed, scored on 500
-   held-out questions through generate.py's batch mode. Not in the default run (~30 min).
+   Not in the default run (~15 min on 2 busy cores).
 
     python bench.py            # sections 1-3, ~3 minutes on 2 CPU cores
     python bench.py --quick    # smoke run, a few seconds
@@ -506,7 +507,7 @@ def make_tokenizer(path, n=32000):
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
     with tempfile.TemporaryDirectory() as d:
-        lines = [f"What is in the image? A picture of {w} number {i}." for i, w in enumerate(["cat", "sign", "tree"] * 50)]
+        lines = [f"What is in the image? A picture of {w} number {i}." for i, w in enumerate(["cat", "sign"] * 75)]
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=os.path.join(d, "t"),
                                        vocab_size=300, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
                                        eos_id=2, pad_id=-1, minloglevel=2)
@@ -518,9 +519,10 @@ def make_tokenizer(path, n=32000):
         f.write(m.SerializeToString())
 
 
-def make_release(path, preset="llava-hr-7b", n_shards=3, seed=0):
+def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
     """A random LLaVA-HR in the released layout: config.json, fp16 pytorch_model-0000N-of-0000M.bin
-    shards + pytorch_model.bin.index.json, a 32,000-piece tokenizer.model. Release names come from
+    shards (of ~shard_gb; the releases' are ~10 GB) + pytorch_model.bin.index.json, a 32,000-piece
+    tokenizer.model. Release names come from
     our names through the loaders' own tables (their_name), so nothing here is a second copy of them."""
     cfg = mra.MRAConfig.from_name(preset)
     with torch.device("meta"):
@@ -545,11 +547,17 @@ def make_release(path, preset="llava-hr-7b", n_shards=3, seed=0):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
     make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)
-    keys, g, weight_map = list(shapes), torch.Generator().manual_seed(seed), {}
-    for i in range(n_shards):
-        name = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+    groups, size = [[]], 0  # consecutive keys, a new shard after every shard_gb (what the maker holds)
+    for k, shape in shapes.items():
+        if size >= shard_gb * 1e9:
+            groups, size = groups + [[]], 0
+        groups[-1].append(k)
+        size += 2 * shape.numel()
+    g, weight_map = torch.Generator().manual_seed(seed), {}
+    for i, group in enumerate(groups):
+        name = f"pytorch_model-{i + 1:05d}-of-{len(groups):05d}.bin"
         shard = {}
-        for k in keys[i * len(keys) // n_shards:(i + 1) * len(keys) // n_shards]:
+        for k in group:
             s = shapes[k]  # norms 1, biases 0, weights N(0, 1 / fan_in): activations stay O(1)
             shard[release_name(k)] = (torch.ones(s) if re.search(r"(norm|ln\w*)\.weight$", k) else
                                       torch.zeros(s) if len(s) == 1 else
