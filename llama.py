@@ -208,8 +208,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
-        if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(x.dtype))  # int8 kernel, as gpt-fast
+        # torch's int8 kernel (as gpt-fast) is built for decode's few rows; a prefill of hundreds
+        # of tokens is compute-bound, where dequantising once for a bf16 matmul is faster
+        if x.device.type == "cpu" and x.shape[0] <= 256 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(x.dtype))  # (N, out)
         else:  # dequantise, then an ordinary matmul (torch.compile fuses the two on CUDA)
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y.view(*shape, -1)  # (..., out)
