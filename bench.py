@@ -19,18 +19,31 @@
    generate.py's batch mode on two held-out sets: the generator's, and an independent
    renderer's (pil_scene, JPEG). Not in the default run (~30 min on 2 idle cores).
 
+5. scale: int8 weight-only against bf16 decoding on a random ~1B LLaMA (7B shapes with
+   --device cuda), each loaded in a process of its own from the same safetensors checkpoint:
+   tokens/s, bytes read per token against the measured memory bandwidth (the roofline), and
+   peak anonymous memory (RssAnon: what cannot be reclaimed, unlike a mapped file's pages).
+   With --model DIR: the README's generate.py command on a real checkpoint, bf16 and int8:
+   load seconds, peak anonymous memory / bf16 weight bytes, time to first token, tokens/s.
+   `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with.
+   Not in the default run (~15 min on 2 busy cores).
+
     python bench.py            # sections 1-3, ~5 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
     python bench.py --quick    # smoke run, a few seconds
     python bench.py --only experiment   # section 4: the README's experiment table
+    python bench.py --only scale [--model DIR]   # section 5
 """
 import argparse
 import glob
 import json
+import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from functools import partial
@@ -42,6 +55,10 @@ import data
 import generate
 import mra
 from convnext import ConvNeXtConfig
+import llama
+import vit
+import weights
+from convnext import _layout
 from llama import Llama, LlamaConfig
 from vit import ViTConfig
 
@@ -527,10 +544,250 @@ def experiment_tables(out):
             for s in ("gen", "pil") for k in ("texture", "colour", "digit")}
 
 
+# ---------------------------------------------------------------------------------------
+# 5. Scale: int8 against bf16, and real checkpoints in the memory users have
+
+class PeakAnon:
+    """Samples a process's RssAnon (/proc/PID/status) every 20 ms in a thread; .peak in bytes.
+    Anonymous memory is what loading allocates; a memory-mapped checkpoint's pages are not in it."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    kb = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+                self.peak = max(self.peak, kb * 1024)
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.02)
+
+    def done(self):
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
+def random_llama(path, c):
+    """A random LLaMA in HF layout (config.json + model.safetensors) in fp16, as releases are: loading
+    in bf16 then casts every tensor into memory of its own. (A checkpoint already in the dtype asked
+    for stays mapped from the file: lean, but decode re-reads it from disk once memory runs short.)"""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    hf = dict(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+              num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+              rms_norm_eps=c.norm_eps)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Llama(c).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {weights.their_name(k, llama.LLAMA_KEYS): torch.ones(s, dtype=torch.float16) if len(s) == 1 else
+             (torch.randn(s, generator=g) / s[-1] ** 0.5).half() for k, s in shapes.items()}
+    save_file(state, os.path.join(path, "model.safetensors"))
+
+
+@torch.no_grad()
+def scale_worker(path, quantize, device, prompt_len, new_tokens, out):
+    """In a fresh process: load, prefill, decode; report through the queue `out`."""
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    model = Llama.from_pretrained(path, torch.bfloat16, device, quantize=quantize).eval()
+    load_s = time.perf_counter() - t0
+    c = model.config
+    ids = torch.randint(3, c.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    step = lambda tokens, cache: model(tokens[:, None], cache=cache)[:, -1]  # noqa: E731
+    run_ours(model, ids, 4, step)  # warm-up: the same shapes (kernels, allocator)
+    tokens, _, dec = run_ours(model, ids, new_tokens, step)
+    state = model.state_dict()
+    # every weight once per token except the embedding table (one row), plus the KV cache so far
+    weight_bytes = sum(t.numel() * t.element_size() for t in state.values()) - (c.vocab_size - 1) * c.dim * 2
+    kv_bytes = 2 * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (prompt_len + new_tokens / 2)
+    out.put(dict(load_s=load_s, tokens_per_s=(new_tokens - 1) / dec, bytes_per_token=weight_bytes + kv_bytes,
+                 tokens=tokens, cuda_peak=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0))
+
+
+def in_process(target, *args):
+    """Run target(*args, queue) in a spawned process, sampling its RssAnon; (result, peak bytes)."""
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=args + (q,))
+    proc.start()
+    peak = PeakAnon(proc.pid)
+    result = q.get()
+    proc.join()
+    return result, peak.done()
+
+
+def memory_table(context=2048):
+    """Weights + KV cache at `context` tokens for the released models, counted on the meta device
+    (no weights exist): float32, bfloat16, and int8 (LLM linear weights int8, the rest bfloat16)."""
+    rows = []
+    for preset in ("llava-hr-7b", "llava-hr-x-13b"):
+        cfg = mra.MRAConfig.from_name(preset)
+        c = cfg.llm
+        for name, dtype, int8 in (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
+                                  ("int8", torch.bfloat16, True)):
+            with torch.device("meta"):
+                model = mra.LlavaHR(cfg)
+                if int8:
+                    llama.int8_linears(model.llm)
+            model.to(dtype)  # floating tensors only: int8 weights stay int8
+            w = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * context * torch.empty(0, dtype=dtype).element_size()
+            rows.append([preset, name, f"{w / 1e9:.1f}", f"{kv / 1e9:.1f}", f"{(w + kv) / 1e9:.1f}",
+                         *("yes" if w + kv <= 0.9 * gb * 1e9 else "no" for gb in (16, 24, 80))])
+    print(f"\nmemory: weights + KV cache at {context} tokens (batch 1), counted on the meta device; fits: the "
+          f"total within 90% of the memory, the rest left to activations, the runtime and the system")
+    table(rows, ["model", "dtype", "weights GB", "KV GB", "total GB", "16 GB", "24 GB", "80 GB"])
+
+
+SCALE_PROMPT = 64  # decode speed is the point here; a short prompt keeps the KV cache small
+
+
+def bench_scale(a, device):
+    memory_table()
+    if a.model:
+        return bench_release(a)
+    if device.type == "cuda":  # 7B shapes: the decode GPUs are bought for
+        c = LlamaConfig(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=2048)
+    elif a.quick:
+        c = LlamaConfig(vocab_size=4096, dim=256, n_layers=2, n_heads=4, hidden_dim=688, max_seq_len=512)
+    else:  # ~1B: TinyLlama's widths, Vicuna's vocabulary
+        c = LlamaConfig(dim=2048, n_layers=18, n_heads=16, hidden_dim=5632, max_seq_len=2048)
+    bw = read_bandwidth(device, 2 if a.quick else 10)
+    rows, res = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        random_llama(d, c)
+        n_params = sum(n for n, _, _ in weights.tensor_sizes(d).values())
+        for name, quantize in (("bf16", None), ("int8", "int8")):
+            r, peak = in_process(scale_worker, d, quantize, str(device), SCALE_PROMPT, a.new_tokens)
+            res[name] = r
+            rows.append([name, f"{r['load_s']:.1f}", f"{r['tokens_per_s']:.2f}", f"{r['bytes_per_token'] / 1e9:.2f}",
+                         f"{r['bytes_per_token'] * r['tokens_per_s'] / 1e9:.1f}",
+                         f"{bw / r['bytes_per_token']:.2f}", f"{peak / 1e9:.2f}",
+                         f"{r['cuda_peak'] / 1e9:.2f}" if device.type == "cuda" else "-"])
+    print(f"\n5. scale: a random {n_params / 1e6:,.0f}M-parameter LLaMA (dim {c.dim}, {c.n_layers} layers), "
+          f"{device.type}, {torch.get_num_threads()} threads, batch 1, greedy, {a.new_tokens} new tokens after "
+          f"{SCALE_PROMPT} prompt tokens; read bandwidth measured {bw / 1e9:.1f} GB/s")
+    table(rows, ["weights", "load s", "tokens/s", "GB/token", "GB/s", "roofline tok/s", "peak anon GB", "CUDA peak GB"])
+    same = next((i for i, (x, y) in enumerate(zip(res["bf16"]["tokens"], res["int8"]["tokens"])) if x != y),
+                len(res["bf16"]["tokens"]))
+    print(f"greedy tokens identical for the first {same} of {len(res['bf16']['tokens'])} (random weights: near-ties)")
+    return {"int8_decode_speedup_vs_bf16": f"{res['int8']['tokens_per_s'] / res['bf16']['tokens_per_s']:.2f}",
+            "decode_tokens_per_s_bf16": f"{res['bf16']['tokens_per_s']:.2f}",
+            "decode_tokens_per_s_int8": f"{res['int8']['tokens_per_s']:.2f}"}
+
+
+def bench_release(a):
+    """generate.py as the README runs it, bf16 then int8, on a released-layout checkpoint."""
+    from PIL import Image
+    bf16 = weights.weight_bytes(weights.tensor_sizes(a.model), torch.bfloat16)
+    rows, out = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        image = os.path.join(d, "x.png")
+        Image.effect_noise((336, 336), 64).convert("RGB").save(image)
+        for name, extra in (("bf16", []), ("int8", ["--quantize", "int8"])):
+            cmd = [sys.executable, "generate.py", "--model", a.model, "--image", image, "--prompt",
+                   "What is in the image?", "--dtype", "bfloat16", "--max-new-tokens", str(a.new_tokens),
+                   "--device", a.device] + extra
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            peak = PeakAnon(proc.pid)
+            stdout, stderr = proc.communicate()
+            peak, wall = peak.done(), time.perf_counter() - t0
+            if proc.returncode:  # e.g. refused: not enough memory for this variant; the next may fit
+                print(f"{name}: generate.py failed: {stderr.strip().splitlines()[-1]}")
+                continue
+            load = re.search(r"loaded in ([\d.]+) s", stderr)
+            speed = re.search(r"time to first token ([\d.]+) s, then ([\d.]+) tokens/s", stderr)
+            rows.append([name, f"{float(load[1]):.1f}", f"{peak / 1e9:.2f}", f"{peak / bf16:.2f}",
+                         speed[1] if speed else "-", speed[2] if speed else "-", f"{wall:.0f}"])
+            out[f"peak_anon_over_bf16_weights_{name}"] = f"{peak / bf16:.2f}"
+            print(f"{name} answer: {stdout.strip()[:80]!r}")
+    print(f"\n5. {a.model}: generate.py --dtype bfloat16, {a.new_tokens} new tokens, one image; "
+          f"bf16 weights {bf16 / 1e9:.2f} GB; peak anonymous memory sampled every 20 ms")
+    table(rows, ["weights", "load s", "peak anon GB", "/ bf16 weights", "TTFT s", "tokens/s", "wall s"])
+    return out
+
+
+def make_tokenizer(path, n=32000):
+    """A sentencepiece BPE model with n pieces (byte fallback, <unk> <s> </s> = 0 1 2, as LLaMA's):
+    trained on a few lines, then padded with placeholder pieces up to n."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    with tempfile.TemporaryDirectory() as d:
+        lines = [f"What is in the image? A picture of {w} number {i}." for i, w in enumerate(["cat", "sign"] * 75)]
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=os.path.join(d, "t"),
+                                       vocab_size=300, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                       eos_id=2, pad_id=-1, minloglevel=2)
+        m = pb.ModelProto()
+        m.ParseFromString(open(os.path.join(d, "t.model"), "rb").read())
+    for i in range(n - len(m.pieces)):
+        m.pieces.add(piece=f"▁x{i}", score=-1000.0 - i)
+    with open(path, "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
+    """A random LLaVA-HR in the released layout: config.json, fp16 pytorch_model-0000N-of-0000M.bin
+    shards (of ~shard_gb; the releases' are ~10 GB) + pytorch_model.bin.index.json, a 32,000-piece
+    tokenizer.model. Release names come from
+    our names through the loaders' own tables (their_name), so nothing here is a second copy of them."""
+    cfg = mra.MRAConfig.from_name(preset)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in mra.LlavaHR(cfg).state_dict().items()}
+    convnext_table, _ = _layout(["stages.0.blocks.0.weight"])  # the release's layout (gamma as .weight)
+
+    def release_name(k):
+        for ours, prefix, table in (("llm.", "", llama.LLAMA_KEYS), ("encoder.vit.", mra.HR_VIT, vit.HF_KEYS),
+                                    ("encoder.convnext.", mra.HR_CONVNEXT, convnext_table)):
+            if k.startswith(ours):
+                return prefix + weights.their_name(k[len(ours):], table)
+        return weights.their_name(k, mra.RELEASE_KEYS)
+
+    os.makedirs(path, exist_ok=True)
+    c = cfg.llm
+    hf = dict(model_type="llava", architectures=["LlavaLlamaForCausalLM"], vocab_size=c.vocab_size,
+              hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+              num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+              rms_norm_eps=c.norm_eps, torch_dtype="float16", image_aspect_ratio="pad", mm_projector_type="mlp2x_gelu",
+              mm_hidden_size=cfg.vit.width, input_image_size=cfg.image_size, vit_min_size=cfg.vit_min_size,
+              is_multipath_encoder=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+    make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)
+    groups, size = [[]], 0  # consecutive keys, a new shard after every shard_gb (what the maker holds)
+    for k, shape in shapes.items():
+        if size >= shard_gb * 1e9:
+            groups, size = groups + [[]], 0
+        groups[-1].append(k)
+        size += 2 * shape.numel()
+    g, weight_map = torch.Generator().manual_seed(seed), {}
+    for i, group in enumerate(groups):
+        name = f"pytorch_model-{i + 1:05d}-of-{len(groups):05d}.bin"
+        shard = {}
+        for k in group:
+            s = shapes[k]  # norms 1, biases 0, weights N(0, 1 / fan_in): activations stay O(1)
+            shard[release_name(k)] = (torch.ones(s) if re.search(r"(norm|ln\w*)\.weight$", k) else
+                                      torch.zeros(s) if len(s) == 1 else
+                                      torch.randn(s, generator=g) / (s[1:].numel() ** 0.5)).half()
+        torch.save(shard, os.path.join(path, name))
+        weight_map |= dict.fromkeys(shard, name)
+        del shard
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment"], action="append",
+    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale"], action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
@@ -550,6 +807,8 @@ def main(argv=None):
     p.add_argument("--text-tokens", type=int, default=60, help="table1: text tokens beside the image")
     p.add_argument("--compile", action="store_true",
                    help="decode on CUDA: also a Vicuna-7B-shaped bf16 model, eager and compiled (~20 GB of GPU memory)")
+    p.add_argument("--model", help="scale: a real (released-layout) checkpoint to run generate.py on")
+    p.add_argument("--make-release", metavar="DIR", help="write a random LLaVA-HR-7B in the released .bin layout, exit")
     a = p.parse_args(argv)
     if a.quick:
         a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
@@ -558,6 +817,9 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if a.make_release:
+        print(make_release(a.make_release))
+        return
     sections = a.only or ["decode", "batch", "ttft", "table1"]
     summary = {}
     if "decode" in sections:
@@ -573,6 +835,8 @@ def main(argv=None):
         summary |= bench_table1(a)
     if "experiment" in sections:
         summary |= bench_experiment(a)
+    if "scale" in sections:
+        summary |= bench_scale(a, device)
     # the headline figures last, in a fixed order
     last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers",
             "decode_roofline_fraction", "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1",

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from convnext import ConvNeXt, ConvNeXtConfig
-from llama import Llama, LlamaConfig, Tokenizer
+from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer, int8_linears, int8_reader
 from vit import ViT, ViTConfig
-from weights import CheckpointError, load_state, read_config, read_safetensors, remap
+from weights import (CheckpointError, check_memory, load_state, read_checkpoint, read_config, read_safetensors,
+                     remap, tensor_sizes)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
 IGNORE = -100  # label of every position the loss skips
@@ -349,18 +350,24 @@ def _prefixed(module, prefix):
     return {prefix + k: v for k, v in module.state_dict().items()}
 
 
-def load_release(path, dtype=None, device="cpu"):
-    """A released LLaVA-HR or LLaVA-1.5 directory (config.json + safetensors) -> LlavaHR.
+def load_release(path, dtype=None, device="cpu", quantize=None):
+    """A released LLaVA-HR or LLaVA-1.5 directory (config.json + the released fp16
+    pytorch_model-*.bin shards as they are, or safetensors) -> LlavaHR.
 
     Tower shapes come from the tensors, so ConvNeXt-L, -XXL (LLaVA-HR-X) and tiny test
-    variants all load here. Released .bin shards: convert them first (convert_bin).
+    variants all load here. Each tensor is cast to `dtype` as it is read, and a shard is let
+    go before the next: loading holds the weights once, in `dtype`. quantize="int8": the LLM's
+    linear weights are quantized as they are read (llama.Int8Linear), never held whole in fp16.
+    Weights that would not fit in the memory available are refused before any is read.
     """
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing (a LLaVA checkpoint directory holds config.json)")
     hf = read_config(cfg_path)
     llm_cfg = read_config(cfg_path, LlamaConfig.from_hf)  # a missing or bad field fails here, named
-    tensors = read_safetensors(path, dtype, device)
+    check_memory(path, tensor_sizes(path), dtype, device, INT8_KEYS.match, _int8(quantize))
+    convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
+    tensors = read_checkpoint(path, dtype, device, convert=convert)
     parts = {p: {k[len(p):]: tensors.pop(k) for k in list(tensors) if k.startswith(p)}
              for p in (HR_VIT, HR_CONVNEXT, V15_VIT)}
     if parts[HR_VIT] or parts[HR_CONVNEXT]:
@@ -373,7 +380,8 @@ def load_release(path, dtype=None, device="cpu"):
     else:
         raise CheckpointError(f"{path}: no vision tower in this checkpoint (expected {HR_VIT}* and {HR_CONVNEXT}* "
                               f"for LLaVA-HR, or {V15_VIT}* for LLaVA-1.5); is it a plain LLaMA checkpoint?")
-    llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}))
+    llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}),
+                                quantize=quantize)
     vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
     state = _prefixed(llm, "llm.") | _prefixed(vit, "encoder.vit.")
     rest, unexpected = remap(tensors, RELEASE_KEYS)
@@ -390,6 +398,8 @@ def load_release(path, dtype=None, device="cpu"):
         kw.update(image_size=vit.cfg.image_size)
     with torch.device("meta"):
         model = LlavaHR(MRAConfig(**kw))
+        if quantize:
+            int8_linears(model.llm)
     return load_state(model, state | rest, path, unexpected, RELEASE_KEYS)
 
 
@@ -445,15 +455,27 @@ def save_checkpoint(model, path, state=None, cfg=None):
         os.replace(tmp, os.path.join(path, name))
 
 
-def load_checkpoint(path, dtype=None, device="cpu"):
-    """Ours (mra_config.json) or a released LLaVA-HR / LLaVA-1.5 directory."""
+def _int8(quantize):
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    return quantize == "int8"
+
+
+def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
+    """Ours (mra_config.json) or a released LLaVA-HR / LLaVA-1.5 directory (see load_release)."""
+    path = os.fspath(path)
     ours = os.path.join(path, "mra_config.json")
     if not os.path.isfile(ours):
-        return load_release(path, dtype, device)
+        return load_release(path, dtype, device, quantize)
     cfg = read_config(ours, MRAConfig.from_dict)
     with torch.device("meta"):
         model = LlavaHR(cfg)
-    return load_state(model, read_safetensors(path, dtype, device), path)
+        if _int8(quantize):
+            int8_linears(model.llm)
+    int8 = {k for k, v in model.state_dict().items() if v.dtype == torch.int8}.__contains__
+    check_memory(path, tensor_sizes(path), dtype, device, int8, quantize)
+    convert = int8_reader(int8, dtype, device) if quantize else None
+    return load_state(model, read_checkpoint(path, dtype, device, convert=convert), path)
 
 
 def load_tokenizer(path):

@@ -3,10 +3,14 @@
 Every loader in mra (vit.py, convnext.py, llama.py, mra.py) follows the same three
 steps, which live here so that each of them is a table and a few lines:
 
-1. `read_safetensors(path)`: a file, or a directory holding `model.safetensors`
-   or shards listed in `model.safetensors.index.json`. Tensors are read one at a
-   time and cast to the caller's dtype as they arrive, so a 7B model never holds
-   two copies in memory.
+1. `read_checkpoint(path)`: a file, or a directory holding `model.safetensors`,
+   shards listed in `model.safetensors.index.json`, or the released PyTorch form,
+   `pytorch_model-0000N-of-0000M.bin` shards and their index (`read_safetensors`:
+   safetensors only). Tensors are read one at a time and cast to the caller's dtype
+   as they arrive (or quantized, through `convert`), and a memory-mapped .bin shard
+   is let go before the next, so a 7B model never holds two copies in memory.
+   `weight_bytes` counts what that will take from the headers alone, and
+   `check_memory` refuses, before any weight is read, what cannot fit.
 2. `remap(tensors, table)`: foreign key -> our key through an explicit table of
    patterns (`{i}`, `{j}` stand for layer indices). A key no pattern matches is
    "unexpected" unless an `ignore` pattern (a head, a text tower) covers it.
@@ -18,8 +22,10 @@ Everything that can go wrong raises `CheckpointError` with one line naming the
 file or key, and what was expected.
 """
 import json
+import math
 import os
 import re
+import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -74,18 +80,164 @@ def safetensors_files(path):
     return [os.path.join(path, f) for f in found]
 
 
-def read_safetensors(path, dtype=None, device="cpu", keep=None):
-    """All tensors of a checkpoint as {key: tensor}; `keep(key)` filters before reading."""
-    out = {}
-    for file in safetensors_files(path):
+def bin_files(path):
+    """The released PyTorch shards a directory holds: the index's, pytorch_model.bin, or pytorch_model*.bin."""
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
         try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
+            with open(index) as f:
+                files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+        for f in files:
+            if not os.path.isfile(f):
+                raise CheckpointError(f"{f}: shard listed in {index} is missing")
+        return files
+    # training_args.bin and mm_projector.bin are not weights of the whole model
+    return [os.path.join(path, f) for f in sorted(os.listdir(path)) if re.fullmatch(r"pytorch_model.*\.bin", f)]
+
+
+def checkpoint_files(path):
+    """safetensors_files, or else the directory's released .bin shards."""
+    if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        files = bin_files(path)
+        if files:
+            return files
+        raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin, shard index, or *.safetensors "
+                              f"file: not a checkpoint directory")
+    return safetensors_files(path)
+
+
+def read_bin(file):
+    """A PyTorch .bin file as {key: tensor}, memory-mapped (its pages are read as they are used).
+
+    A pickle can run code when loaded: torch.load(weights_only=True) accepts tensors and plain
+    containers only, and anything but a flat {name: tensor} is refused here as well."""
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            sd = torch.load(file, map_location="cpu", weights_only=True)  # pre-1.6 format: read whole
+    except Exception as e:  # noqa: BLE001 -- UnpicklingError and the zip reader's many errors
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"{file}: refused, it holds a {code[1]} object, not only tensors (a pickle that "
+                              f"would run code when loaded)" if code else
+                              f"{file}: not a readable PyTorch weights file ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        bad = type(sd).__name__ if not isinstance(sd, dict) else \
+            next(f"{k!r}: {type(v).__name__}" for k, v in sd.items() if not torch.is_tensor(v))
+        raise CheckpointError(f"{file}: refused, a weights file maps names to tensors, this one holds {bad}")
+    return sd
+
+
+def _tensors(file, keep):
+    """(key, tensor) pairs of one file, read one at a time, in the dtype they are stored in."""
+    if os.fspath(file).endswith(".bin"):
+        sd = read_bin(file)
+        for k in list(sd):
+            t = sd.pop(k)  # the dict lets go of each tensor (and, at the end, of the mapping)
+            if keep is None or keep(k):
+                yield k, t
+        return
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                if keep is None or keep(k):
+                    yield k, f.get_tensor(k)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_checkpoint(path, dtype=None, device="cpu", keep=None, convert=None, files=None):
+    """All tensors of a checkpoint as {key: tensor}; `keep(key)` filters before reading;
+    `convert(key, tensor)` (default: cast to dtype, move to device) returns the entries to keep
+    for one tensor as it arrives: an int8 weight and its scales, say."""
+    out = {}
+    for file in files or checkpoint_files(path):
+        for k, t in _tensors(file, keep):
+            out |= convert(k, t) if convert is not None else {k: _cast(t, dtype).to(device)}
+    return out
+
+
+def read_safetensors(path, dtype=None, device="cpu", keep=None):
+    """read_checkpoint for safetensors files only (a file, or a dir of them)."""
+    return read_checkpoint(path, dtype, device, keep, files=safetensors_files(path))
+
+
+# Memory. Before a weight is read, the checkpoint's headers say what loading will take: if the
+# weights alone exceed the memory available, stop with both numbers and the way out.
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def tensor_sizes(path):
+    """{key: (elements, bytes per element as stored, floating?)} from the headers: no weight is read
+    (a .bin shard is memory-mapped, and only its pickle, a few kB, is touched)."""
+    sizes = {}
+    for file in checkpoint_files(path):
+        if os.fspath(file).endswith(".bin"):
+            sizes |= {k: (t.numel(), t.element_size(), t.is_floating_point()) for k, t in read_bin(file).items()}
+            continue
+        try:
+            with safe_open(file, framework="pt") as f:
                 for k in f.keys():
-                    if keep is None or keep(k):
-                        out[k] = _cast(f.get_tensor(k), dtype)
+                    s = f.get_slice(k)
+                    n, d = math.prod(s.get_shape()), s.get_dtype()
+                    sizes[k] = (n, _SAFETENSORS_BYTES.get(d, 4), d.startswith(("F", "BF")))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    return out
+    return sizes
+
+
+def weight_bytes(sizes, dtype=None, int8=None):
+    """Bytes the tensors take once loaded: floating ones in `dtype` (None: as stored), those
+    `int8(key)` picks in one byte each (their per-row scales are a rounding error, not counted)."""
+    item = None if dtype is None else torch.empty(0, dtype=dtype).element_size()
+    return sum(n * (1 if int8 is not None and int8(k) else item if item and fl else size)
+               for k, (n, size, fl) in sizes.items())
+
+
+def available_memory(device):
+    """Bytes that can still be allocated on `device`: CUDA's free memory; on the CPU, the kernel's
+    MemAvailable, or less when a cgroup (a container) sets a lower limit. None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return None
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            if limit != "max":
+                avail = min(avail, int(limit) - int(f.read()))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return avail
+
+
+def check_memory(source, sizes, dtype, device, int8_keys, quantize):
+    """Refuse to load what cannot fit, naming both numbers and the smaller ways to load it.
+    int8_keys(key): the tensors --quantize int8 stores in one byte. Returns the bytes needed."""
+    need = weight_bytes(sizes, dtype, int8_keys if quantize else None)
+    avail = available_memory(device)
+    if avail is None or need <= avail:
+        return need
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    ways = []
+    if dtype is None or torch.empty(0, dtype=dtype).element_size() > 2:
+        ways.append(f"--dtype bfloat16 ({gb(weight_bytes(sizes, torch.bfloat16, int8_keys if quantize else None))})")
+    if not quantize:
+        ways.append(f"--quantize int8 ({gb(weight_bytes(sizes, torch.bfloat16, int8_keys))} with bfloat16)")
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "the stored dtypes"
+    raise CheckpointError(f"{source}: the weights need {gb(need)} in {name} but only {gb(avail)} of memory is "
+                          f"available on {device}; load them with " + (" or ".join(ways) or "more memory free"))
 
 
 def _pattern(p):

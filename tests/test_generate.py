@@ -262,7 +262,7 @@ def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
     }
     for name, argv in cases.items():
         code, out, err = run_cli(capsys, *argv)
-        lines = [line for line in err.splitlines() if not line.startswith("loading ")]
+        lines = [line for line in err.splitlines() if not line.startswith(("loading ", "loaded in "))]
         assert code != 0 and out == "", name
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (name, err)
     assert "nope.jpg" in run_cli(capsys, *cases["missing image"])[2]
