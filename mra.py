@@ -10,7 +10,7 @@ Large Language Models" (arXiv 2403.03003). Read it beside this file:
   map, a gate g from the pooled pair.                      -> MRAdapter, gate_mix
 - Sec. 4.4: stage 1 trains the projector without adapters, stage 2 everything.
 Where the released code (which the released checkpoints need) differs from the paper,
-we follow the release and say so in a comment (../shared/DESIGN.md lists the facts).
+we follow the release and say so in a comment (README: "Where the release differs from the paper").
 
 Also here: the LLaVA-1.5 baseline (one ViT path), the projector and the multimodal
 model (visual features spliced into the LLM's input), visual-token accounting, and

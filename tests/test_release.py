@@ -1,7 +1,7 @@
 """Released LLaVA-HR and LLaVA-1.5 checkpoints, end to end, against a reference built from
 independent parts: transformers' CLIPVisionModel and LlamaForCausalLM, timm's ConvNeXt, and
 the MR-Adapter, final fusion and projector written out below as plain functions over the
-release's own tensors, step by step as ../shared/DESIGN.md lists them. Also stage-1
+release's own tensors, step by step as the release computes them. Also stage-1
 projector files, .bin conversion, wrong checkpoints, our own format, and building a model
 from separate backbones."""
 import copy
@@ -33,7 +33,7 @@ LLM = dict(vocab_size=96, hidden_size=64, intermediate_size=172, num_hidden_laye
            tie_word_embeddings=False)
 D, CS, H = CLIP["hidden_size"], DIMS[-1], LLM["hidden_size"]
 
-# release key prefixes (DESIGN.md, "Parameter keys in released checkpoints")
+# release key prefixes (README: "Checkpoints and key names")
 HR_VIT = "model.vision_tower.fast_vision_tower.vision_tower."
 HR_CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."
 V15_VIT = "model.vision_tower.vision_tower."
@@ -107,7 +107,7 @@ def make_heads(seed=3, adapters=True):
     return heads
 
 
-# ----- the reference, one DESIGN.md step per function --------------------------------------
+# ----- the reference, one step of the release's forward per function ------------------------
 
 def ref_align(x, n):
     """(B, C, h, h) map -> n tokens (B, n, C): bilinear up (align_corners, fp32), avg-pool down."""
