@@ -30,8 +30,8 @@ from torch import nn
 from convnext import ConvNeXt, ConvNeXtConfig
 from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer, int8_linears, int8_reader
 from vit import ViT, ViTConfig
-from weights import (CheckpointError, check_memory, load_state, read_checkpoint, read_config, read_safetensors,
-                     remap, tensor_sizes)
+from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint, read_config,
+                     read_safetensors, remap, tensor_sizes)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
 IGNORE = -100  # label of every position the loss skips
@@ -363,8 +363,8 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing (a LLaVA checkpoint directory holds config.json)")
-    hf = read_config(cfg_path)
-    llm_cfg = read_config(cfg_path, LlamaConfig.from_hf)  # a missing or bad field fails here, named
+    # the LLM's config is checked as the file is read: a missing or bad field fails here, named
+    hf, llm_cfg = read_config(cfg_path, lambda d: (d, LlamaConfig.from_hf(d)))
     check_memory(path, tensor_sizes(path), dtype, device, INT8_KEYS.match, _int8(quantize))
     convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
     tensors = read_checkpoint(path, dtype, device, convert=convert)
@@ -409,7 +409,7 @@ def load_projector(model, path):
     if path.endswith(".safetensors"):
         tensors = read_safetensors(path)
     else:
-        tensors = _load_bin(path)
+        tensors = read_bin(path)
     state, unexpected = remap(tensors, RELEASE_KEYS)
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "encoder.fusion."))}
     missing = sorted(set(ours) - set(state))
@@ -482,20 +482,6 @@ def load_tokenizer(path):
     return Tokenizer(os.path.join(path, "tokenizer.model"))
 
 
-def _load_bin(path):
-    # weights_only=True: the unpickler accepts tensors and plain containers, nothing executable
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means: not a weights file
-        # torch's message is a paragraph; the line that says what was refused is enough
-        lines = str(e).splitlines() or [type(e).__name__]
-        why = next((line for line in lines if "Unsupported" in line or "Unpickler" in line), lines[0])
-        raise CheckpointError(f"{path}: refused, not a plain weights file ({why.strip()})") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise CheckpointError(f"{path}: holds {type(sd).__name__} data, not a {{name: tensor}} weights file")
-    return sd
-
-
 def convert_bin(src, dst):
     """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files).
 
@@ -515,7 +501,7 @@ def convert_bin(src, dst):
     os.makedirs(dst)
     weight_map = {}
     for i, name in enumerate(shards, 1):
-        sd = _load_bin(os.path.join(src, name))
+        sd = read_bin(os.path.join(src, name))
         out = name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(dst, out), metadata={"format": "pt"})
         weight_map |= {k: out for k in sd}

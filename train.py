@@ -120,8 +120,10 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
     with FakeTensorMode():
         # FSDP2's mixed precision gathers bf16 weights, so autocast makes no copies of them
         torch.set_default_dtype(torch.bfloat16 if fsdp and bf16 else torch.float32)
-        model = build(cfg)
-        torch.set_default_dtype(torch.float32)
+        try:
+            model = build(cfg)
+        finally:
+            torch.set_default_dtype(torch.float32)
         n_all = sum(q.numel() for q in model.parameters())
         n_train = sum(q.numel() for n, q in model.named_parameters() if trains(n))
         for n, q in model.named_parameters():

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -53,23 +54,30 @@ def read_config(path, parse=lambda d: d):
         raise CheckpointError(f"{path}: not a valid config ({e or type(e).__name__})") from None
 
 
+def shard_index(index):
+    """The shard files a `*.index.json` lists, each checked to exist; None if there is no index."""
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+    files = [os.path.join(os.path.dirname(index), s) for s in shards]
+    for f in files:
+        if not os.path.isfile(f):
+            raise CheckpointError(f"{f}: shard listed in {index} is missing")
+    return files
+
+
 def safetensors_files(path):
     """The safetensors files a checkpoint path stands for (file, dir, or sharded dir)."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or directory")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-        files = [os.path.join(path, s) for s in shards]
-        for f in files:
-            if not os.path.isfile(f):
-                raise CheckpointError(f"{f}: shard listed in {index} is missing")
+    files = shard_index(os.path.join(path, "model.safetensors.index.json"))
+    if files:
         return files
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
@@ -82,16 +90,8 @@ def safetensors_files(path):
 
 def bin_files(path):
     """The released PyTorch shards a directory holds: the index's, pytorch_model.bin, or pytorch_model*.bin."""
-    index = os.path.join(path, "pytorch_model.bin.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-        for f in files:
-            if not os.path.isfile(f):
-                raise CheckpointError(f"{f}: shard listed in {index} is missing")
+    files = shard_index(os.path.join(path, "pytorch_model.bin.index.json"))
+    if files:
         return files
     # training_args.bin and mm_projector.bin are not weights of the whole model
     return [os.path.join(path, f) for f in sorted(os.listdir(path)) if re.fullmatch(r"pytorch_model.*\.bin", f)]
@@ -115,6 +115,7 @@ def read_bin(file):
     containers only, and anything but a flat {name: tensor} is refused here as well."""
     try:
         try:
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # old pickles: refused below, or fine
             sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap can only be used" not in str(e):
@@ -122,8 +123,11 @@ def read_bin(file):
             sd = torch.load(file, map_location="cpu", weights_only=True)  # pre-1.6 format: read whole
     except Exception as e:  # noqa: BLE001 -- UnpicklingError and the zip reader's many errors
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch's message is a paragraph; the line that says what the unpickler refused is enough
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), None)
         raise CheckpointError(f"{file}: refused, it holds a {code[1]} object, not only tensors (a pickle that "
                               f"would run code when loaded)" if code else
+                              f"{file}: refused, not a plain weights file ({why})" if why else
                               f"{file}: not a readable PyTorch weights file ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         bad = type(sd).__name__ if not isinstance(sd, dict) else \
