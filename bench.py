@@ -2,7 +2,7 @@
 
 1. decode: our LLaMA, eager and compiled (generate.compile_step), against transformers'
    LlamaForCausalLM on identical weights (a ~100M random model built in HF, saved as
-   safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode)
+   safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
    driving all three. Tokens/s, prefill time, and the bytes each token reads (weights + KV
    cache) as a fraction of the read bandwidth measured in the same run (decode is bound by
    it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
@@ -46,7 +46,6 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
-from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -115,7 +114,7 @@ def run_ours(llm, ids, n, step, cache_len=None):
     t0 = now(dev)
     logits = llm(ids, cache=cache, last_only=True)[:, -1]
     t1 = now(dev)
-    out = generate.decode(step, logits, cache, n, argmax, eos_id=-1)[0]
+    out = generate.decode_n_tokens(step, logits, cache, n, argmax, eos_id=-1)[0]
     return out, t1 - t0, now(dev) - t1
 
 
@@ -131,7 +130,7 @@ def run_hf(hf, ids, n):
         o = hf(tokens[:, None], past_key_values=past[0], use_cache=True)
         past[0] = o.past_key_values
         return o.logits[:, -1]
-    out = generate.decode(step, o.logits[:, -1], None, n, argmax, eos_id=-1)[0]
+    out = generate.decode_n_tokens(step, o.logits[:, -1], None, n, argmax, eos_id=-1)[0]
     return out, t1 - t0, now(dev) - t1
 
 
@@ -228,7 +227,7 @@ def bench_batch(a, device):
         t0 = now(device)
         logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens)
         t1 = now(device)
-        generate.decode(partial(generate.decode_one, model), logits, cache, a.new_tokens, argmax, eos_id=-1)
+        generate.decode_n_tokens(model.llm.decode, logits, cache, a.new_tokens, argmax, eos_id=-1)
         return t1 - t0, now(device) - t1
 
     run(prompts[:1]), run(prompts)  # warm-up
@@ -311,7 +310,7 @@ def bench_ttft(a, device):
             logits.argmax(-1)
             times.append(now(device) - t0)
         ttft[arch, R] = min(times[1:])
-        n = mra.visual_tokens(arch, R, model.cfg.vit_min_size)
+        n = model.cfg.visual_tokens
         rows.append([arch, R, n, f"{ttft[arch, R]:.3f}"])
     ref = ttft[cases[-1]]
     for r, case in zip(rows, cases):
@@ -505,7 +504,7 @@ def bench_experiment(a):
         subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", arm, "--data-dir", a.data_dir,
                         "--config", os.path.join(arm, "config.json"), "--stage1-size", str(r1),
                         "--image-size", str(r2), "--overwrite"] + flags, check=True)  # an arm without a result is redone
-        result = {"train_s": time.time() - t0, "tokens": mra.visual_tokens(cfg.arch, r2, cfg.vit_min_size, cfg.vit.patch_size)}
+        result = {"train_s": time.time() - t0, "tokens": replace(cfg, image_size=r2).visual_tokens}
         steps = [json.loads(line) for line in open(os.path.join(arm, "stage2", "log.jsonl"))]
         result["tokens_per_s"] = sum(s["tokens_per_s"] for s in steps) / len(steps)
         for key, test in sets.items():

@@ -5,9 +5,10 @@
     python generate.py --model DIR --questions q.jsonl --answers a.jsonl --image-folder imgs/
 
 Generation is the gpt-fast loop: `prefill` runs the whole prompt (visual tokens spliced in at
-the <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_one`
-feeds one token per row per call. Only the decode step is compiled (--compile): prefill runs
-once per prompt with a new shape each time, decode runs hundreds of times with one shape.
+the <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_n_tokens`
+feeds one token per row per step (`model.llm.decode`: past the prompt only the LLM runs). Only
+the decode step is compiled (--compile): prefill runs once per prompt with a new shape each
+time, decode runs hundreds of times with one shape.
 Sampling is small pure functions; temperature 0 is argmax (the paper's evaluation setting:
 greedy, one beam, 128 new tokens). Batch files use LLaVA's model_vqa formats, so its
 evaluation scripts read our answers unchanged.
@@ -18,7 +19,6 @@ import os
 import sys
 import time
 import uuid
-from functools import partial
 
 import torch
 
@@ -65,8 +65,8 @@ CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (ma
 
 
 def prefill(model, prompts, images, pad_id, max_new_tokens):
-    """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths.
-    Returns the last prompt position's logits (B, V) and a cache with room for
+    """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths, made one padded
+    batch for LlavaHR.prefill (which splices the images in and runs the LLM). Returns the last prompt position's logits (B, V) and a cache with room for
     max_new_tokens more tokens per row (or more: its length is rounded up to a multiple of
     CACHE_ROUND, within the context, so that prompts of similar lengths share one cache shape
     and so one compiled decode step)."""
@@ -80,11 +80,6 @@ def prefill(model, prompts, images, pad_id, max_new_tokens):
     for b, p in enumerate(prompts):
         ids[b, :len(p)], pad_mask[b, :len(p)] = torch.tensor(p), True
     return model.prefill(ids.to(device), images, pad_mask.to(device), max_new_tokens)
-
-
-def decode_one(model, tokens, cache):
-    """tokens (B,) -> next-token logits (B, V); the cache grows by one slot per row."""
-    return model.decode(tokens, cache)
 
 
 def compile_step(step, device):
@@ -104,9 +99,9 @@ def compile_step(step, device):
 
 
 @torch.no_grad()
-def decode(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None):
+def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None):
     """Sample, feed back, repeat; a row stops at EOS (not returned) or max_new_tokens.
-    step: decode_one bound to a model (maybe compiled); pick: logits -> tokens."""
+    step: model.llm.decode (maybe compiled), tokens (B,) -> logits (B, V); pick: logits -> tokens."""
     out = [[] for _ in range(logits.shape[0])]
     done = [False] * len(out)
     for i in range(max_new_tokens):
@@ -131,24 +126,19 @@ def generate(model, prompts, images=None, *, max_new_tokens=128, pick=sample, eo
     """Batched generation: generated ids (EOS excluded) for each prompt. images: (M, 3, R, R),
     one per placeholder in row order (rows without an image take none)."""
     logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens)
-    return decode(step or partial(decode_one, model), logits, cache, max_new_tokens, pick, eos_id, on_token)
-
-
-def n_visual(model):
-    c = model.cfg
-    return mra.visual_tokens(c.arch, c.image_size, c.vit_min_size, c.vit.patch_size)
+    return decode_n_tokens(step or model.llm.decode, logits, cache, max_new_tokens, pick, eos_id, on_token)
 
 
 def slots(model, ids):
-    """KV-cache slots a list of ids takes: each placeholder becomes n_visual tokens."""
-    return len(ids) + ids.count(IMAGE_TOKEN) * (n_visual(model) - 1)
+    """KV-cache slots a list of ids takes: each placeholder becomes N visual tokens."""
+    return mra.llm_positions(len(ids), ids.count(IMAGE_TOKEN), model.cfg)
 
 
 def check_length(model, ids, max_new_tokens, what="prompt"):
     need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
     if need > limit:
         n_img = ids.count(IMAGE_TOKEN)
-        raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * n_visual(model)} visual "
+        raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * model.cfg.visual_tokens} visual "
                            f"tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
                            f"(shorten it or lower --max-new-tokens)")
 
@@ -269,7 +259,7 @@ def chat(model, tok, image, args, pick, step):
                 logits = model.llm(new, cache=cache)[:, -1]
         log("ASSISTANT: ", end="")
         on_token, finish = streamer(tok, sys.stdout)
-        out = decode(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
+        out = decode_n_tokens(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
         finish()
         turns.append(("gpt", tok.decode(out).strip()))
         # the cache holds the prompt and every generated token that was fed back (not the last
@@ -448,7 +438,7 @@ def run(args):
     # an LLM with more embedding rows than the tokenizer has pieces (a padded vocabulary) must never
     # pick a row that has no text: sample among the tokenizer's ids only
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
-    step = partial(decode_one, model)
+    step = model.llm.decode
     if args.compile:
         step = compile_step(step, device)
     if args.questions:
