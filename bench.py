@@ -393,23 +393,12 @@ def score(questions, answers):
 
 
 def paths_picture(src="examples/demo.png", out="examples/paths.png"):
-    """What each path sees, through the real preprocessing: the 256 px image the ConvNeXt
-    reads, the 112 px ViT input LLaVA-HR makes from it (bilinear, no antialias), and the
-    112 px image LLaVA-1.5 would be given (bicubic with antialias), shown at 2x."""
-    import numpy as np
-    from PIL import Image
-    mean, std = torch.tensor(data.CLIP_MEAN)[:, None, None], torch.tensor(data.CLIP_STD)[:, None, None]
-    to_img = lambda t: Image.fromarray((t * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
-    image = data.load_image(src)
-    full = data.preprocess(image, 256)
-    S = mra.vit_input_size(256, 112)
-    low_hr = torch.nn.functional.interpolate(full[None], size=(S, S), mode="bilinear", align_corners=True)[0]
-    panels = [to_img(full), to_img(low_hr).resize((256, 256), Image.NEAREST),
-              to_img(data.preprocess(image, S)).resize((256, 256), Image.NEAREST)]
-    crops = [p.crop((0, 0, 64, 64)).resize((256, 256), Image.NEAREST) for p in panels]  # the corner, 4x
-    grid = np.concatenate([np.concatenate([np.asarray(p) for p in row], 1) for row in (panels, crops)], 0)
-    Image.fromarray(grid).save(out)
-    return out
+    """What each path of the demo model sees of the demo image (trace_image.paths_picture): the
+    256 px image the ConvNeXt reads, the 112 px ViT input made from it, LLaVA-1.5's 112 px image."""
+    import trace_image
+    with torch.device("meta"):  # only the preprocessing runs: no weights needed
+        model = mra.LlavaHR(mra.MRAConfig.from_name("demo"))
+    return trace_image.paths_picture(data.load_image(src), model, out)
 
 
 def pil_scene(rng, size=256):

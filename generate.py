@@ -3,6 +3,7 @@
     python generate.py --model DIR --image x.jpg --prompt "What is written on the sign?"
     python generate.py --model DIR --image x.jpg                      # chat on stdin
     python generate.py --model DIR --questions q.jsonl --answers a.jsonl --image-folder imgs/
+    python generate.py --model DIR --image x.jpg --trace              # pixels to the LLM's input
 
 Generation is the gpt-fast loop: `prefill` runs the whole prompt (visual tokens spliced in at
 the <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_n_tokens`
@@ -381,10 +382,16 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: as a CUDA graph), once per batch size and cache length")
+    p.add_argument("--trace", nargs="?", const="", metavar="PNG", help="print each step from --image's pixels to the "
+                   "LLM's input, write what each path sees to PNG (default: IMAGE_NAME.paths.png here); no answer")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     if (args.questions is None) != (args.answers is None):
         p.error("--questions and --answers go together")
+    if args.trace is not None and not args.image:
+        p.error("--trace needs --image")
+    if args.trace == "" and args.image:
+        args.trace = os.path.splitext(os.path.basename(args.image))[0] + ".paths.png"
     if args.questions and (args.prompt or args.image):
         p.error("--questions takes its images from the file; drop --prompt/--image")
     if not (args.max_new_tokens >= 1 and args.batch_size >= 1 and 0 <= args.temperature < float("inf")
@@ -409,6 +416,8 @@ def run(args):
         raise mra.CheckpointError(f"--model {args.model}: no such directory (a checkpoint directory is expected)")
     if args.answers and not os.path.isdir(os.path.dirname(os.path.abspath(args.answers))):
         raise data.DataError(f"--answers {args.answers}: its directory does not exist")
+    if args.trace and os.path.exists(args.trace):
+        raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
     image = data.load_image(args.image) if args.image else None
     questions, answered = read_questions(args) if args.questions else (None, None)
     tok = mra.load_tokenizer(args.model)
@@ -428,6 +437,11 @@ def run(args):
     if len(tok) > model.cfg.llm.vocab_size:
         raise mra.CheckpointError(f"{args.model}: tokenizer.model has {len(tok)} pieces, the LLM only "
                                   f"{model.cfg.llm.vocab_size} embeddings: they do not belong together")
+    if args.trace:  # pixels to the LLM's input, printed, and the picture; no answer
+        import trace_image
+        trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))
+        log(f"what each path sees: {trace_image.paths_picture(image, model, args.trace)}")
+        return
     if image is not None:
         image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
     generator = torch.Generator(device)

@@ -7,14 +7,16 @@ Large Language Models" (arXiv 2403.03003). Read it beside this file:
   image; MR-Adapters inside the ViT carry high-res detail into the low-res tokens, so
   the LLM gets few tokens that still hold fine detail.     -> DualEncoder
 - Fig. 4 / Eq. 3-4: the MR-Adapter, f_l on the low-res tokens, f_h on the high-res
-  map, a gate g from the pooled pair.                      -> MRAdapter, gate_mix
-- Sec. 4.4: stage 1 trains the projector without adapters, stage 2 everything.
+  map, a gate g from the pooled pair.                      -> MRAdapter.forward
+- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without
+  adapters, stage 2 everything.
 Where the released code (which the released checkpoints need) differs from the paper,
 we follow the release and say so in a comment (README: "Where the release differs from the paper").
 
-Also here: the LLaVA-1.5 baseline (one ViT path), the projector and the multimodal
-model (visual features spliced into the LLM's input), visual-token accounting, and
-loading released checkpoints, stage-1 projector files, separate backbones, and ours.
+Then, each in its own section: visual-token accounting; the LLaVA-1.5 baseline (one ViT
+path), the projector and the multimodal model (visual features spliced into the LLM's
+input); loading the release (checkpoints, stage-1 projector files); building from separate
+backbones, saving and loading ours; converting .bin shards (`python mra.py convert`).
 """
 import json
 import math
@@ -314,9 +316,8 @@ class LlavaHR(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Loading. Our own checkpoints use our module names (model.state_dict() as it is, plus
-# mra_config.json): saving and loading need no table, and FSDP/DDP state dicts match it.
-# Every foreign name lives in the tables below.
+# Loading the release: LLaVA-HR / LLaVA-1.5 directories and stage-1 projector files. Every
+# foreign name lives in the tables below.
 
 HR_VIT = "model.vision_tower.fast_vision_tower.vision_tower."  # + HF CLIP keys (vision_model.*)
 HR_CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."  # + timm keys, gamma -> .weight
@@ -409,6 +410,10 @@ def load_projector(model, path):
     return model
 
 
+# ---------------------------------------------------------------------------------------
+# Building, saving and loading ours. Our checkpoints use our module names (model.state_dict()
+# as it is, plus mra_config.json): no table, and FSDP/DDP state dicts match it.
+
 def build(cfg, llm=None, vit=None, convnext=None, dtype=None, device="cpu"):
     """A fresh model for training: pretrained backbones from their own checkpoints (an HF
     LLaMA/Vicuna dir, an HF CLIP checkpoint, a timm/open_clip ConvNeXt), new adapters,
@@ -467,6 +472,9 @@ def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
 def load_tokenizer(path):
     return Tokenizer(os.path.join(path, "tokenizer.model"))
 
+
+# ---------------------------------------------------------------------------------------
+# Conversion, the one command line here: python mra.py convert SRC DST
 
 def convert_bin(src, dst):
     """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files).
