@@ -243,7 +243,7 @@ def bench_batch(a, device):
         tps[name] = n / (pre + dec)
         rows.append([name, f"{pre:.2f}", f"{dec:.2f}", f"{8 * (a.new_tokens - 1) / dec:.1f}", f"{tps[name]:.1f}"])
     print(f"\n1b. batch throughput: 8 prompts of {lo}-{hi} tokens, {a.new_tokens} new tokens each, greedy, same "
-          f"LLM as 1, eager, through generate.prefill/decode (left-padded); one at a time vs one batch; best of "
+          f"LLM as 1, eager, through generate.prefill/decode_n_tokens (left-padded); one at a time vs one batch; best of "
           f"{a.repeats}")
     table(rows, ["", "prefill s", "decode s", "decode tokens/s", "tokens/s overall"])
     return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x"}

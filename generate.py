@@ -67,10 +67,10 @@ CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (ma
 
 def prefill(model, prompts, images, pad_id, max_new_tokens):
     """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths, made one padded
-    batch for LlavaHR.prefill (which splices the images in and runs the LLM). Returns the last prompt position's logits (B, V) and a cache with room for
-    max_new_tokens more tokens per row (or more: its length is rounded up to a multiple of
-    CACHE_ROUND, within the context, so that prompts of similar lengths share one cache shape
-    and so one compiled decode step)."""
+    batch for LlavaHR.prefill (which splices the images in and runs the LLM). Returns the last
+    prompt position's logits (B, V) and a cache with room for max_new_tokens more tokens per row
+    (or more: its length is rounded up to a multiple of CACHE_ROUND, within the context, so that
+    prompts of similar lengths share one cache shape and so one compiled decode step)."""
     device = model.projector[0].weight.device
     used = max(slots(model, p) for p in prompts)
     rounded = -(-(used + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
@@ -139,8 +139,8 @@ def check_length(model, ids, max_new_tokens, what="prompt"):
     need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
     if need > limit:
         n_img = ids.count(IMAGE_TOKEN)
-        raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * model.cfg.visual_tokens} visual "
-                           f"tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
+        raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * model.cfg.visual_tokens} "
+                           f"visual tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
                            f"(shorten it or lower --max-new-tokens)")
 
 
@@ -390,7 +390,7 @@ def parse_args(argv):
         p.error("--questions and --answers go together")
     if args.trace is not None and not args.image:
         p.error("--trace needs --image")
-    if args.trace == "" and args.image:
+    if args.trace == "":  # the picture's default name
         args.trace = os.path.splitext(os.path.basename(args.image))[0] + ".paths.png"
     if args.questions and (args.prompt or args.image):
         p.error("--questions takes its images from the file; drop --prompt/--image")

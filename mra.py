@@ -124,7 +124,8 @@ def align(x, n):
     """
     B, C, h, w = x.shape
     side = math.isqrt(n)
-    if side * side != n or h != w or (n % (h * w) and (h * w) % n) or (h > side and h % side) or (h < side and side % h):
+    if (side * side != n or h != w or (n % (h * w) and (h * w) % n)
+            or (h > side and h % side) or (h < side and side % h)):
         raise ValueError(f"cannot align a {h}x{w} map to {n} tokens: one grid must divide the other "
                          f"(choose the image size so the ConvNeXt and ViT grids are multiples)")
     if h < side:
@@ -393,10 +394,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
 def load_projector(model, path):
     """Load a released stage-1 file (projector + final fusion) into `model`, in place."""
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        tensors = read_safetensors(path)
-    else:
-        tensors = read_bin(path)
+    tensors = read_safetensors(path) if path.endswith(".safetensors") else read_bin(path)
     state, unexpected = remap(tensors, RELEASE_KEYS)
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "encoder.fusion."))}
     missing = sorted(set(ours) - set(state))

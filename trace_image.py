@@ -76,7 +76,8 @@ def trace(model, tok, image, ids):
     print(f"prompt: {len(ids)} ids, <image> placeholder (id {mra.IMAGE_TOKEN}) at position {where}: {ids}")
     print(f"  text before it: {tok.decode(ids[:where])!r}")
     print(f"  text after it: {tok.decode(ids[where + 1:])!r}")
-    print(f"LLM input: {len(ids)} ids - 1 placeholder + {n} visual tokens = {embeds.shape[1]} positions: {shape(embeds)}")
+    print(f"LLM input: {len(ids)} ids - 1 placeholder + {n} visual tokens = {embeds.shape[1]} positions: "
+          f"{shape(embeds)}")
     return embeds
 
 

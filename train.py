@@ -444,8 +444,7 @@ elif (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and no
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
-# the tokenizer: --tokenizer, else the one beside the weights the run starts from
-start_dir = resume_dir if args.resume else args.init or args.llm
+start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
 if not (args.tokenizer or start_dir):
     raise SystemExit("--tokenizer is needed (no --llm, --init or --resume to take tokenizer.model from)")
 tok_path = args.tokenizer or os.path.join(start_dir, "tokenizer.model")

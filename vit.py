@@ -173,11 +173,9 @@ class ViT(nn.Module):
 
     def encode(self, x, keep_cls=True, depth=None, after=None):
         """Images (B, 3, H, W) -> the output of block `depth` (default: the last), (B, [1+]N, d).
-
         keep_cls=False drops the class token before ln_pre, so attention never sees it (LLaVA-HR).
-        after: {i: f}: f(x) replaces block i's output before block i+1 runs (i = 0: ln_pre's);
-        mra.py puts its MR-Adapters here. The index i is that of HF's hidden_states.
-        """
+        after: {i: f}: f(x) replaces block i's output (i = 0: ln_pre's; HF's hidden_states index)
+        before the next block runs: mra.py puts its MR-Adapters here."""
         x = self.embed(x)
         if not keep_cls:
             x = x[:, 1:]  # (B, N, d)
@@ -189,11 +187,8 @@ class ViT(nn.Module):
 
     def forward(self, x, keep_cls=True):
         """Hidden states as HF lists them: [ln_pre output, block 1 output, ..., block L output].
-
-        LLaVA-1.5: features = hs[-2][:, 1:] (penultimate layer, patches). LLaVA-HR: keep_cls=False
-        and features = hs[-1] (last layer; no ln_post), despite the `mm_vision_select_layer: -2`
-        its config.json carries. (mra.py calls `encode`, which keeps only what it needs.)
-        """
+        LLaVA-1.5 uses hs[-2][:, 1:], LLaVA-HR (keep_cls=False) hs[-1], no ln_post, despite the
+        `mm_vision_select_layer: -2` its config.json carries; mra.py calls `encode` for them."""
         hidden = []
         self.encode(x, keep_cls, after=dict.fromkeys(range(len(self.blocks) + 1), lambda h: hidden.append(h) or h))
         return hidden

@@ -40,10 +40,12 @@ def check(out, cfg, ids):
     else:
         assert f"ViT tokens into block 1: 1x{n + 1}x{cfg.vit.width} (class token kept)" in out
         assert "ConvNeXt" not in out and "MR-Adapter" not in out
-    assert f"vision encoder{' (after the final fusion)' if cfg.arch == 'llava-hr' else ''} output: 1x{n}x{cfg.vit.width}" in out
+    fusion = " (after the final fusion)" if cfg.arch == "llava-hr" else ""
+    assert f"vision encoder{fusion} output: 1x{n}x{cfg.vit.width}" in out
     assert f"projector output: 1x{n}x{cfg.llm.dim}" in out
     assert f"visual tokens: {n} (" in out
-    assert f"prompt: {len(ids)} ids, <image> placeholder (id {mra.IMAGE_TOKEN}) at position {ids.index(mra.IMAGE_TOKEN)}" in out
+    where = ids.index(mra.IMAGE_TOKEN)
+    assert f"prompt: {len(ids)} ids, <image> placeholder (id {mra.IMAGE_TOKEN}) at position {where}" in out
     T = len(ids) - 1 + n
     assert f"LLM input: {len(ids)} ids - 1 placeholder + {n} visual tokens = {T} positions: 1x{T}x{cfg.llm.dim}" in out
 
