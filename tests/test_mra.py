@@ -164,6 +164,36 @@ def test_splice_places_features_and_masks_labels():
         model.splice(ids, torch.randn(2, 3, 256, 256))
 
 
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_splice_equals_a_row_by_row_reference(left_pad):
+    """Two images in one row, one in another, a text-only row, padding inside and after rows."""
+    torch.manual_seed(0)
+    model = mra.build(tiny_cfg(image_size=128))
+    I = IMAGE_TOKEN
+    ids = torch.tensor([[1, I, 5, 6, I, 7], [1, 8, 0, I, 9, 0], [1, 10, 11, 12, 0, 0]])
+    pad = ids != 0
+    images = torch.randn(3, 3, 128, 128)
+    feats, embeds = model.encode_images(images), model.llm.embed(ids.clamp(min=0))
+    rows, k = [], 0  # the readable way: walk each row, copying tokens and inserting features
+    for b in range(3):
+        row = []
+        for t in range(6):
+            if pad[b, t] and ids[b, t] == I:
+                row += [(f, IGNORE) for f in feats[k]]
+                k += 1
+            elif pad[b, t]:
+                row.append((embeds[b, t], ids[b, t].item()))
+        rows.append(row)
+    L = max(map(len, rows))
+    got, mask, labels = model.splice(ids, images, labels=ids, pad_mask=pad, left_pad=left_pad)
+    assert got.shape == (3, L, embeds.shape[-1]) and mask.sum(1).tolist() == list(map(len, rows))
+    for b, row in enumerate(rows):
+        at = range(L - len(row), L) if left_pad else range(len(row))
+        torch.testing.assert_close(got[b, at], torch.stack([e for e, _ in row]), rtol=0, atol=0)
+        assert labels[b, at].tolist() == [lab for _, lab in row] and mask[b, at].all()
+        assert (labels[b][~mask[b]] == IGNORE).all() and (got[b][~mask[b]] == 0).all()
+
+
 def test_cached_generation_equals_full_forward():
     torch.manual_seed(0)
     model = randomise(mra.build(tiny_cfg())).eval()
