@@ -190,31 +190,35 @@ def memory(model, batch, seq, grad_checkpoint, shards=1, lora_dropout=False):
     return gb
 
 
-def setup_7b(r=None, alpha=None):
+def setup_7b(r=None, alpha=None, int8=False):
     """LLaVA-HR-7B on meta as train.py would train it: full stage 2 (fp32, all trains), or LoRA
-    rank r (the wrapped weights frozen in bf16, LoRA + projector + fusion + MR-Adapters train)."""
+    rank r (the wrapped weights frozen in bf16, or int8 with --quantize int8; LoRA + projector +
+    fusion + MR-Adapters train)."""
     with torch.device("meta"):
         model = mra.LlavaHR(replace(mra.MRAConfig(), adapters=True))
+        if int8:
+            int8_linears(model.llm)
         if r:
             add_lora(model, r, alpha or 2 * r)
     for name, p in model.named_parameters():
         p.requires_grad_(not r or ".lora_" in name or not name.startswith(FROZEN))
     for m in model.modules():  # as train.py stores them on one GPU
-        if isinstance(m, LoRALinear):
+        if isinstance(m, LoRALinear) and m.weight.is_floating_point():
             m.weight.data = m.weight.data.to(torch.bfloat16)
     return model
 
 
 def fits_table(seq=2048):
     rows = []
-    for r in (None, 128, 64, 16):
-        model = setup_7b(r)
+    for r, int8 in ((None, False), (128, False), (64, False), (16, False), (128, True), (64, True)):
+        model = setup_7b(r, int8=int8)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for ckpt in (True, False):
             for batch in (1, 4):
                 gb = memory(model, batch, seq, ckpt, lora_dropout=bool(r))
                 fit = " / ".join("yes" if gb["total"] <= 0.9 * cap else "no" for cap in (24, 48, 80))
-                rows.append(f"| {'full' if r is None else f'LoRA r {r}'} | {n_train / 1e6:,.0f}M | "
+                name = "full" if r is None else f"LoRA r {r}" + (" on int8" if int8 else "")
+                rows.append(f"| {name} | {n_train / 1e6:,.0f}M | "
                             f"{'yes' if ckpt else 'no'} | {batch} | {gb['weights']:.1f} | "
                             f"{gb['grads'] + gb['adam']:.1f} | {gb['activations']:.1f} | {gb['total']:.1f} | {fit} |")
     return rows

@@ -17,7 +17,7 @@ import lora
 import mra
 from llama import Tokenizer
 from test_generate import greedy_full_forward, ids_for, pixels
-from test_train import TRAIN, args, assert_same, env, losses, one_thread, tiny, torchrun, weights  # noqa: F401
+from test_train import TRAIN, args, assert_same, env, losses, one_thread, plan, tiny, torchrun, weights  # noqa: F401
 
 LORA = ("--lora-r", 4, "--lora-alpha", 8)
 FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
@@ -285,3 +285,25 @@ def test_qlora_bad_combinations_are_one_line(qrun, env, base, tmp_path, capsys):
                            "--epochs", 25, "--resume"))
     with pytest.raises(ValueError, match=r"llm\.layers\.0\.attn\.wq\.weight is int8: LoRA on an int8 base is not merged"):
         lora.merge(lora.add_lora(mra.load_checkpoint(base, quantize="int8"), 4, 8).state_dict(), 2.0)
+
+
+def test_dry_run_counts_an_int8_base_at_one_byte(env, capsys):
+    """--dry-run --quantize int8: each int8 weight is 1 byte, not 4, plus a 4-byte scale per row."""
+    from llama import Int8Linear, int8_linears
+    with torch.device("meta"):
+        llm = int8_linears(mra.build(replace(tiny(), adapters=True, image_size=128)).llm)
+    int8 = [m.weight for m in llm.modules() if isinstance(m, Int8Linear)]
+    saved = sum(3 * w.numel() - 4 * w.shape[0] for w in int8)
+    full, q8 = (plan(env, capsys, "--dry-run", "--init", "unread", *LORA, *extra) for extra in ((), ("--quantize", "int8")))
+    assert full["weights"] - q8["weights"] == pytest.approx(saved, abs=0.01 * 2**20)  # printed to 0.01 MiB
+    assert q8["adam"] == full["adam"]  # the same LoRA parameters train
+
+
+def test_7b_int8_base_counted_at_one_byte():
+    # LoRA r 128 on an int8 base: the wrapped weights 1 byte (not bf16's 2), the head 1 (not 4),
+    # plus a 4-byte fp32 scale per output row of each
+    n_wrapped, head = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008), 32000 * 4096
+    rows = 32 * (4 * 4096 + 2 * 11008 + 4096) + 32000
+    bf16, int8 = (lora.memory(lora.setup_7b(128, int8=q), 1, 2048, True) for q in (False, True))
+    assert (bf16["weights"] - int8["weights"]) * 2 ** 30 == pytest.approx(n_wrapped + 3 * head - 4 * rows)
+    assert int8["grads"] == bf16["grads"] and int8["total"] < 0.9 * 24 < bf16["total"]
