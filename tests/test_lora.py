@@ -307,3 +307,13 @@ def test_7b_int8_base_counted_at_one_byte():
     bf16, int8 = (lora.memory(lora.setup_7b(128, int8=q), 1, 2048, True) for q in (False, True))
     assert (bf16["weights"] - int8["weights"]) * 2 ** 30 == pytest.approx(n_wrapped + 3 * head - 4 * rows)
     assert int8["grads"] == bf16["grads"] and int8["total"] < 0.9 * 24 < bf16["total"]
+
+
+def test_qlora_ddp_equals_one_process(env, base, tmp_path):
+    common = ("--init", base, *QLORA, "--lora-dropout", 0, "--global-batch", 2, "--batch-size", 1,
+              "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, "--group-by-length")
+    train_globals(args(env, tmp_path / "one", 2, *common))
+    torchrun(args(env, tmp_path / "ddp", 2, *common))
+    one, ddp = (mra.read_safetensors(tmp_path / d / "ckpt" / "lora") for d in ("one", "ddp"))
+    assert any(".lora_b" in k and v.abs().sum() > 0 for k, v in one.items())
+    assert_same(ddp, one, atol=1e-6)
