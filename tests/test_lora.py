@@ -2,7 +2,8 @@
 the base model; after training the merged model equals the unmerged one (logits, greedy text);
 only LoRA, the projector and the flagged modules learn, the base weights stay bit-identical;
 resume, DDP and FSDP2 equal one uninterrupted process; bad ranks and mismatched adapters are
-one line."""
+one line. The same on an int8 base (train.py --quantize int8): the int8 weights and scales stay
+bit-identical, the adapters alone are saved and serve on the full-precision base."""
 import os
 import runpy
 import shutil
@@ -317,3 +318,13 @@ def test_qlora_ddp_equals_one_process(env, base, tmp_path):
     one, ddp = (mra.read_safetensors(tmp_path / d / "ckpt" / "lora") for d in ("one", "ddp"))
     assert any(".lora_b" in k and v.abs().sum() > 0 for k, v in one.items())
     assert_same(ddp, one, atol=1e-6)
+
+
+def test_qlora_resume_equals_uninterrupted(env, base, tmp_path):
+    common = ("--init", base, *QLORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2)
+    train_globals(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
+    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2))
+    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
+    assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
+                mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
