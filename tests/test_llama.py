@@ -318,3 +318,26 @@ def test_last_only_logits_equal_the_full_passes_last_row():
     last = model(tokens, pad_mask=pad, last_only=True)
     assert last.shape == (2, 1, model.config.vocab_size)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_int8_quantizes_an_untied_head_and_keeps_a_tied_one():
+    """--quantize int8 covers the output head (read whole every token) unless it is the embedding
+    table; an int8 model answers through both (the head's int8 kernel and the dequantised path)."""
+    from dataclasses import replace
+
+    from llama import Int8Linear, int8_linears
+    for tied in (False, True):
+        torch.manual_seed(0)
+        c = replace(LlamaConfig.from_name("llama-tiny"), tie_embeddings=tied)
+        model = Llama(c).eval()
+        state = model.state_dict()
+        int8_linears(model)
+        for k, t in list(state.items()):
+            if isinstance(model.get_submodule(k.rpartition(".")[0]), Int8Linear):
+                state[k], state[k.removesuffix("weight") + "scales"] = Int8Linear.quantize(t)
+        model.load_state_dict(state, assign=True)
+        assert isinstance(model.output, Int8Linear) != tied
+        ids = torch.randint(0, c.vocab_size, (2, 7))
+        with torch.no_grad():
+            logits = model(ids)
+        assert logits.shape == (2, 7, c.vocab_size) and logits.isfinite().all()
