@@ -28,11 +28,17 @@
    `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with.
    Not in the default run (~15 min on 2 busy cores).
 
+6. stage2: `train.py --stage 2 --fsdp` as run (torchrun, one GPU, bf16 FSDP2) with the full vision
+   towers (CLIP ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at 1024) and a random ~1B
+   LLaMA (TinyLlama's widths), with and without --grad-checkpoint: tokens/s, MFU, peak CUDA
+   memory. CUDA only (~6 minutes on one H100-class GPU).
+
     python bench.py            # sections 1-3, ~5 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
     python bench.py --quick    # smoke run, a few seconds
     python bench.py --only experiment   # section 4: the README's experiment table
     python bench.py --only scale [--model DIR]   # section 5
+    python bench.py --only stage2 --device cuda   # section 6
 """
 import argparse
 import glob
@@ -784,10 +790,74 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
     return path
 
 
+# ---------------------------------------------------------------------------------------
+# 6. stage-2 training on one GPU, through train.py itself
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}  # dense, FLOP/s
+
+
+def bench_stage2(a, device, steps=8, batch=4, words=150):
+    """train.py --stage 2 --fsdp (torchrun, one process) on random weights and one synthetic
+    1024 px image + ~200 text tokens per sample; the first two steps (allocator, kernels) are not
+    timed. MFU counts model FLOPs: 3x the forward (measured with FlopCounterMode on the meta
+    device), the forward that checkpointing repeats not included."""
+    if device.type != "cuda":
+        print("\n6. stage2: needs a CUDA device (--device cuda); skipped")
+        return {}
+    from PIL import Image
+    llm = LlamaConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=4096)
+    cfg = replace(mra.MRAConfig(), llm=llm)  # LLaVA-HR-7B's towers, a TinyLlama-sized LLM
+    rows, out = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        make_tokenizer(os.path.join(d, "tokenizer.model"))
+        Image.effect_noise((1024, 1024), 64).convert("RGB").save(os.path.join(d, "x.png"))
+        answer = " ".join(["A picture of a cat", "number 7 sign"] * (words // 8))
+        records = [dict(id=i, image="x.png", conversations=[{"from": "human", "value": "<image>\nWhat is in the image?"},
+                                                            {"from": "gpt", "value": answer}])
+                   for i in range(steps * batch)]
+        with open(os.path.join(d, "data.json"), "w") as f:
+            json.dump(records, f)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f)
+        for ckpt in (False, True):
+            run = os.path.join(d, f"run{int(ckpt)}")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
+                   "--stage", "2", "--config", os.path.join(d, "config.json"), "--data", os.path.join(d, "data.json"),
+                   "--image-folder", d, "--tokenizer", os.path.join(d, "tokenizer.model"), "--out", run,
+                   "--global-batch", str(batch), "--batch-size", str(batch), "--max-steps", str(steps),
+                   "--fsdp", "--no-save", "--workers", "4"] + (["--grad-checkpoint"] if ckpt else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(proc.stderr[-3000:])
+                raise SystemExit("stage2: train.py failed (above)")
+            with open(os.path.join(run, "log.jsonl")) as f:
+                log = [json.loads(line) for line in f]
+            dt = (log[-1]["time"] - log[1]["time"]) / (len(log) - 2)  # seconds per step after the warm-up
+            tokens = log[-1]["tokens"] / batch  # per sample: visual + text
+            n_vis = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+            with torch.device("meta"):
+                model = mra.LlavaHR(replace(cfg, adapters=True))
+            with FlopCounterMode(display=False) as counter:
+                model.encode_images(torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta"))
+                model.llm(embeds=torch.empty(1, round(tokens), llm.dim, device="meta"))
+            flops = 3 * counter.get_total_flops() * batch / dt
+            peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
+            mfu = f"{flops / peak:.1%}" if peak else "-"
+            rows.append(["yes" if ckpt else "no", f"{batch * tokens / dt:,.0f}", f"{dt:.2f}", mfu,
+                         f"{max(r['cuda_peak_gib'] for r in log):.1f}"])
+            out[f"stage2_tokens_per_s{'_grad_ckpt' if ckpt else ''}"] = f"{batch * tokens / dt:,.0f}"
+    n = sum(q.numel() for q in model.parameters())
+    print(f"\n6. stage 2 on {torch.cuda.get_device_name(device)}: train.py --fsdp (bf16 FSDP2, one GPU), "
+          f"{n / 1e9:.2f}B parameters (ViT-L/14 at 448, ConvNeXt-L at 1024, LLM dim {llm.dim} x {llm.n_layers}), "
+          f"micro-batch {batch} x {tokens:.0f} tokens ({n_vis} visual), {steps - 2} timed steps")
+    table(rows, ["grad ckpt", "tokens/s", "s/step", "MFU", "peak GiB"])
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale"], action="append",
+    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2"], action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
@@ -837,6 +907,8 @@ def main(argv=None):
         summary |= bench_experiment(a)
     if "scale" in sections:
         summary |= bench_scale(a, device)
+    if "stage2" in sections:
+        summary |= bench_stage2(a, device)
     # the headline figures last, in a fixed order
     last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers",
             "decode_roofline_fraction", "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1",
