@@ -827,8 +827,8 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
                    "--global-batch", str(batch), "--batch-size", str(batch), "--max-steps", str(steps),
                    "--fsdp", "--no-save", "--workers", "4"] + (["--grad-checkpoint"] if ckpt else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                print(proc.stderr[-3000:])
+            if proc.returncode:  # train.py's own error, without torchrun's report that follows it
+                print(proc.stderr.split("torch.distributed.elastic.multiprocessing.api")[0][-3000:])
                 raise SystemExit("stage2: train.py failed (above)")
             with open(os.path.join(run, "log.jsonl")) as f:
                 log = [json.loads(line) for line in f]
