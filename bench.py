@@ -32,6 +32,8 @@
    towers (CLIP ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at 1024) and a random ~1B
    LLaMA (TinyLlama's widths), with and without --grad-checkpoint: tokens/s, MFU, peak CUDA
    memory. CUDA only (~6 minutes on one H100-class GPU).
+7. lean: train.py --fsdp's lean start on the CPU: peak RSS of each of two gloo ranks against one
+   process of the same run (--init from a 324M-parameter checkpoint), and their losses.
 
     python bench.py            # sections 1-3, ~5 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
@@ -39,6 +41,7 @@
     python bench.py --only experiment   # section 4: the README's experiment table
     python bench.py --only scale [--model DIR]   # section 5
     python bench.py --only stage2 --device cuda   # section 6
+    python bench.py --only lean   # section 7 (~10 minutes, 12 GB of memory at once, on 2 busy cores)
 """
 import argparse
 import glob
@@ -557,8 +560,8 @@ class PeakAnon:
     """Samples a process's RssAnon (/proc/PID/status) every 20 ms in a thread; .peak in bytes.
     Anonymous memory is what loading allocates; a memory-mapped checkpoint's pages are not in it."""
 
-    def __init__(self, pid):
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+    def __init__(self, pid, field="RssAnon"):  # field="VmRSS": the whole resident set, mapped pages too
+        self.pid, self.field, self.peak, self.stop = pid, field + ":", 0, threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -566,7 +569,7 @@ class PeakAnon:
         while not self.stop.is_set():
             try:
                 with open(f"/proc/{self.pid}/status") as f:
-                    kb = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+                    kb = next(int(line.split()[1]) for line in f if line.startswith(self.field))
                 self.peak = max(self.peak, kb * 1024)
             except (OSError, StopIteration):
                 pass
@@ -854,10 +857,69 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# 7. the lean FSDP start: host memory per rank against one process
+
+
+def bench_lean(a, port=29533):
+    """train.py --stage 2 --init CKPT, one process and two gloo ranks (--fsdp) of the same run:
+    peak RSS of each process (VmRSS sampled every 20 ms; --no-save, so the peak is training's)
+    and the losses. The towers are tiny, the LLM 20 x 1024 wide (quick: 2 layers)."""
+    from PIL import Image
+    cfg = replace(small_cfg("llava-hr", 128, True), vit_min_size=28, llm=LlamaConfig(
+        dim=1024, n_layers=2 if a.quick else 20, n_heads=16, hidden_dim=2816, max_seq_len=512))
+    with tempfile.TemporaryDirectory() as d:
+        make_tokenizer(os.path.join(d, "tokenizer.model"))
+        records = []
+        for i in range(8):
+            Image.effect_noise((64, 64), 32 + 8 * i).convert("RGB").save(os.path.join(d, f"{i}.png"))
+            records.append(dict(id=i, image=f"{i}.png", conversations=[
+                {"from": "human", "value": "What is in the image?\n<image>"},
+                {"from": "gpt", "value": f"A picture of a cat, number {i}."}]))
+        with open(os.path.join(d, "data.json"), "w") as f:
+            json.dump(records, f)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f)
+        torch.manual_seed(0)
+        mra.save_checkpoint(mra.build(cfg), os.path.join(d, "init"))
+        n = sum(s[0] for s in weights.tensor_sizes(os.path.join(d, "init")).values())
+        cmd = [sys.executable, "train.py", "--stage", "2", "--config", os.path.join(d, "config.json"),
+               "--init", os.path.join(d, "init"), "--data", os.path.join(d, "data.json"), "--image-folder", d,
+               "--tokenizer", os.path.join(d, "tokenizer.model"), "--image-size", "128", "--workers", "0",
+               "--global-batch", "2", "--batch-size", "1", "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0",
+               "--group-by-length", "--grad-checkpoint", "--no-save"]
+        rows, losses = [], {}
+        for name, world in (("one process", 1), ("--fsdp, 2 ranks", 2)):
+            out = os.path.join(d, f"world{world}")
+            env = os.environ | dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                                    OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
+            procs = [subprocess.Popen(cmd + ["--out", out] + (["--fsdp"] if world > 1 else []), text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      env=env | dict(RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env)
+                     for r in range(world)]
+            peaks = [PeakAnon(p.pid, "VmRSS") for p in procs]
+            for p in procs:
+                if p.wait():
+                    raise SystemExit(f"lean: train.py failed: {p.stderr.read()[-2000:]}")
+            with open(os.path.join(out, "log.jsonl")) as f:
+                losses[world] = [json.loads(line)["loss"] for line in f]
+            for r, peak in enumerate(peaks):
+                rows.append([name if world == 1 else f"{name}: rank {r}", f"{peak.done() / 2**30:.2f}"])
+        one = float(rows[0][1])
+        for r in rows:
+            r.append(f"{float(r[1]) / one:.2f}")
+    print(f"\n7. lean FSDP start: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter checkpoint, fp32), "
+          f"--grad-checkpoint, 3 steps of 2 samples; {os.cpu_count()} CPU cores")
+    table(rows, ["run", "peak RSS GiB", "x one process"])
+    worst = max((abs(x - y) / abs(y) for x, y in zip(losses[2], losses[1])), default=0)
+    print(f"losses, one process: {losses[1]}; FSDP: {losses[2]}; largest relative difference {worst:.1e}")
+    return {"lean_fsdp_rank_peak_vs_one_process": max(r[2] for r in rows[1:])}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2"], action="append",
+    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2", "lean"], action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
@@ -909,6 +971,8 @@ def main(argv=None):
         summary |= bench_scale(a, device)
     if "stage2" in sections:
         summary |= bench_stage2(a, device)
+    if "lean" in sections:
+        summary |= bench_lean(a)
     # the headline figures last, in a fixed order
     last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers",
             "decode_roofline_fraction", "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1",
