@@ -815,9 +815,8 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
         make_tokenizer(os.path.join(d, "tokenizer.model"))
         Image.effect_noise((1024, 1024), 64).convert("RGB").save(os.path.join(d, "x.png"))
         answer = " ".join(["A picture of a cat", "number 7 sign"] * (words // 8))
-        records = [dict(id=i, image="x.png", conversations=[{"from": "human", "value": "<image>\nWhat is in the image?"},
-                                                            {"from": "gpt", "value": answer}])
-                   for i in range(steps * batch)]
+        turns = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": answer}]
+        records = [dict(id=i, image="x.png", conversations=turns) for i in range(steps * batch)]
         with open(os.path.join(d, "data.json"), "w") as f:
             json.dump(records, f)
         with open(os.path.join(d, "config.json"), "w") as f:
@@ -919,7 +918,8 @@ def bench_lean(a, port=29533):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2", "lean"], action="append",
+    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2", "lean"],
+                   action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
