@@ -294,6 +294,7 @@ p.add_argument("--batch-size", type=int, default=16, help="per device, per micro
 p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
 p.add_argument("--save-every", type=int, default=500)
+p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
 p.add_argument("--seed", type=int, default=42)
 p.add_argument("--grad-checkpoint", action="store_true")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
@@ -426,6 +427,37 @@ def int8_base(model):
     return model
 
 
+def shard_lean(model, units, mp, device, rank, world):
+    """FSDP2 (ZeRO-3) with a lean start: each rank allocates and reads only its shards.
+
+    The model as loaded holds views of its memory-mapped checkpoint (no page read yet) and, for
+    parts no checkpoint has (new adapters, a random test model), fresh random tensors: every rank
+    drew them from the same seed, in the order one process draws them, so they equal one
+    process's. The module is then emptied to the meta device and sharded; each rank allocates its
+    shard of every parameter (rows of dim 0, FSDP2's Shard(0)) and copies just those rows in, so
+    only their pages of the file are read: host memory per rank stays near 1/world of the model.
+    Buffers are not sharded: each rank copies them whole."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    # detached: emptying the module below must not empty the tensors it was loaded with
+    source = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    model.to_empty(device="meta").float()  # fp32 master weights (released checkpoints are fp16)
+    for unit in units:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            full = source.pop(name)
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if isinstance(t, DTensor):  # as FSDP2 splits: torch.chunk, empty for ranks past the last chunk
+                chunks = full.chunk(world)
+                full = chunks[rank] if rank < len(chunks) else full[:0]
+            assert full.shape == local.shape, (name, full.shape, local.shape)
+            local.copy_(full)  # casts to fp32
+    return model
+
+
 def plan(cfg, world, bf16):
     build = (lambda c: lora.add_lora(int8_base(mra.LlavaHR(c)), args.lora_r, lora_alpha)) if args.lora_r else mra.LlavaHR
     return memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
@@ -508,9 +540,11 @@ else:
         mra.load_projector(model, args.projector)
 if args.lora_r and not args.resume:
     lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
+lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) until shard_lean
 # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
-model.to(device, torch.float32)
-if device.type == "cpu":
+if not lean:
+    model.to(device, torch.float32)
+if device.type == "cpu" and not lean:
     # tensors loaded from safetensors are views into the file's buffer; CPU kernels then round
     # differently in the last bit (observed), so a resumed run would drift from an
     # uninterrupted one. Fresh copies make the two match bit for bit.
@@ -530,6 +564,7 @@ if tok.vocab_size > cfg.llm.vocab_size:
 
 for name, param in model.named_parameters():
     param.requires_grad_(trains(name))
+del param  # a global: it would keep the last tensor as loaded, and with it the whole mapped file
 unwrapped = model  # the module itself: DDP wraps it below, fully_shard changes it in place
 n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
 n_all = sum(q.numel() for q in model.parameters()) + sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)
@@ -540,16 +575,20 @@ blocks = [*model.llm.layers, *model.encoder.vit.blocks]
 if args.grad_checkpoint:
     checkpoint_blocks(model)
 
-if args.fsdp and distributed:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+if lean:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     # each unit's parameters are gathered just before it runs and freed after: only one block (or
-    # ConvNeXt stage) is ever whole on a device (ZeRO-3); the root holds the rest (embeddings,
-    # adapters, projector). On GPUs the gathered copies are bf16 and gradients are reduced in fp32,
-    # as the release's bf16 ZeRO-3; the optimizer keeps the fp32 shards.
+    # ConvNeXt stage) is ever whole on a device (ZeRO-3); the root holds the rest (adapters,
+    # projector, norms), whole from forward to backward. The LLM's embedding and head are units
+    # of their own (at 7B, 1 GB of fp32 that the root would keep whole), unless tied: a tied head
+    # reads the embedding's weight outside its module, where FSDP2 would not gather it.
+    # On GPUs the gathered copies are bf16 and gradients are reduced in fp32, as the release's
+    # bf16 ZeRO-3; the optimizer keeps the fp32 shards.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    for unit in [*blocks, *(convnext.stages if convnext else [])]:
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    ends = [model.llm.tok_embeddings, model.llm.output] if model.llm.output is not None else []
+    shard_lean(model, [*blocks, *(convnext.stages if convnext else []), *ends], mp, device, rank, world)
+    held = sum(q.to_local().nbytes for q in model.parameters())
+    print(f"rank {rank}: {held / 2**20:.1f} MiB of parameters held, {held / (4 * n_all):.2f} of the model")
 elif distributed:
     # text-only micro-batches leave the vision side unused: DDP must be told it may happen
     # an int8 base's weights are buffers, identical on every rank: not broadcast every step
@@ -735,16 +774,20 @@ for step in range(start_step, stop_step):
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
     bar.update()
     if master:
-        log.write(json.dumps(dict(step=done, loss=loss, lr=lr, tokens=int(tokens), tokens_per_s=tok_s,
-                                  skipped=skipped, time=time.time())) + "\n")
+        entry = dict(step=done, loss=loss, lr=lr, tokens=int(tokens), tokens_per_s=tok_s,
+                     skipped=skipped, time=time.time())
+        if cuda:  # this rank's, the most any step has held so far
+            entry["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        log.write(json.dumps(entry) + "\n")
         log.flush()
-    if done == stop_step or (args.save_every and done % args.save_every == 0):
+    if not args.no_save and (done == stop_step or (args.save_every and done % args.save_every == 0)):
         save(done)
 bar.close()
 if master:
-    print(f"done: step {stop_step} of {total_steps}; checkpoint in {ckpt_dir}"
+    kept = "no checkpoint (--no-save)" if args.no_save else f"checkpoint in {ckpt_dir}"
+    print(f"done: step {stop_step} of {total_steps}; {kept}"
           + (f" (adapters only: generate.py --model {args.init} --lora {ckpt_dir}/lora)"
-             if args.lora_adapters_only or args.quantize else "")
+             if not args.no_save and (args.lora_adapters_only or args.quantize) else "")
           + (f"; {len(ds.bad)} bad records skipped, {skipped} replaced at load time" if args.skip_bad else ""))
 if distributed:
     dist.destroy_process_group()
