@@ -90,8 +90,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # x / rms(x), in fp32 so bf16 activations don't lose the mean of squares; cast back
         # before the weight, exactly as HF does (the order changes bf16 results)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # h * rsqrt(mean(h^2) + eps), one call
         return self.weight * h.to(x.dtype)
 
 
@@ -108,6 +107,12 @@ def apply_rope(x, cos, sin):
     # in Meta's original code), so HF q/k weights load unchanged, without permuting their rows.
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def additive_mask(allowed, dtype):
+    """A bool mask (True: may attend) as 0 / -inf to add to the scores. Built once per call and
+    shared by every layer: given the bool mask, SDPA would convert it again in each."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class KVCache:
@@ -169,7 +174,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
-        # softmax(q k^T / sqrt(hd), over the keys `mask` allows; causal when mask is None) v.
+        # softmax(q k^T / sqrt(hd) + mask) v, mask 0 where a key may be read, -inf where not
+        # (causal when mask is None).
         # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
         # consecutive q heads, read in place rather than copied per q head (repeat_interleave)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -342,7 +348,7 @@ class Llama(nn.Module):
             # every query sees at least its own slot: a padded query with every key masked is a
             # softmax over nothing, NaN in the textbook formula and in some SDPA kernels, and a NaN
             # value poisons real tokens in the next layer even at attention weight 0
-            mask = (mask | (k_slot == q_slot))[:, None]  # (B, 1, T, S), broadcast over heads
+            mask = additive_mask((mask | (k_slot == q_slot))[:, None], x.dtype)  # (B, 1, T, S), over heads
 
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start)
@@ -372,7 +378,7 @@ class Llama(nn.Module):
         positions = cache.valid.sum(-1, keepdim=True)  # (B, 1)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         cache.valid.index_fill_(1, cache.pos, True)
-        mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): every real slot up to this one
+        mask = additive_mask(cache.valid[:, None, None, :], x.dtype)  # (B, 1, 1, max_len): real slots so far
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         cache.pos += 1

@@ -183,8 +183,10 @@ def naive_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, nh, T, S)
     if is_causal:
         attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:  # additive: 0 where allowed, -inf where masked
+        scores = scores + attn_mask
     return scores.softmax(-1) @ v
 
 
