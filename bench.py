@@ -824,7 +824,7 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
                 log = [json.loads(line) for line in f]
             dt = (log[-1]["time"] - log[1]["time"]) / (len(log) - 2)  # seconds per step after the warm-up
             tokens = log[-1]["tokens"] / batch  # per sample: visual + text
-            n_vis = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+            n_vis = cfg.visual_tokens
             with torch.device("meta"):
                 model = mra.LlavaHR(replace(cfg, adapters=True))
             with FlopCounterMode(display=False) as counter:

@@ -164,8 +164,7 @@ def activation_bytes(cfg, batch, seq, grad_checkpoint, lora_dropout=False):
         return 2 * (10 * d + 4 * h + extra)
 
     drop = 6 * llm.dim + llm.hidden_dim if lora_dropout else 0  # each LoRA input, dropped
-    per_llm, n_vit = layer(llm.dim, llm.hidden_dim, drop), mra.visual_tokens(cfg.arch, cfg.image_size,
-                                                                             cfg.vit_min_size, cfg.vit.patch_size)
+    per_llm, n_vit = layer(llm.dim, llm.hidden_dim, drop), cfg.visual_tokens
     per_vit = layer(vit.width, vit.mlp_dim)
     if grad_checkpoint:
         llm_b = seq * (llm.n_layers * 4 * llm.dim + per_llm)

@@ -134,7 +134,10 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
                 q.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
         if grad_ckpt:
             checkpoint_blocks(model)
-        n_vis = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+        n_vis = cfg.visual_tokens
+        if n_vis >= cfg.llm.max_seq_len:
+            raise ValueError(f"one image takes {n_vis} LLM positions at --image-size {cfg.image_size}, but the "
+                             f"LLM holds {cfg.llm.max_seq_len}: lower --image-size or raise llm.max_seq_len")
         n_text = min(max_len - 1, cfg.llm.max_seq_len - n_vis)  # the placeholder's slot goes to the image
         ids = torch.zeros(batch, n_text, dtype=torch.long)
         with PeakBytes(known=model.parameters()) as counter, torch.autocast("cpu", torch.bfloat16, enabled=bf16):

@@ -232,7 +232,7 @@ def qrun(env, base, tmp_path_factory):
 def test_qlora_trains_lora_only_int8_base_bit_identical(qrun, base):
     out, g = qrun
     assert losses(out)[-1] < 0.5 * losses(out)[0], losses(out)
-    model, init = g["raw"], mra.load_checkpoint(base, quantize="int8").state_dict()
+    model, init = g["unwrapped"], mra.load_checkpoint(base, quantize="int8").state_dict()
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
     for n in trained:
         assert ".lora_" in n or n.startswith(("projector.", "encoder.adapters.", "encoder.fusion.")), n

@@ -264,3 +264,9 @@ def test_dry_run_memory_plan(env, capsys):
     assert 0 < one["update"] <= 4 * n * 1.01  # AdamW's temporaries: at most one fp32 copy of what it updates
     peak = one["weights"] + one["gradients"] + one["adam"] + max(one["activations"], one["update"])
     assert one["peak"] == pytest.approx(peak, rel=1e-2)
+
+
+def test_dry_run_refuses_an_image_longer_than_the_llm(env, capsys):
+    d, tok = env  # tiny's LLM holds 512 positions; R = 2048 gives S = 2048 / 32 * 14 = 896, a 64 x 64 grid
+    with pytest.raises(ValueError, match="one image takes 4096 LLM positions at --image-size 2048, but the LLM holds 512"):
+        train(["--stage", "2", "--config", "tiny", "--image-size", "2048", "--dry-run"])
