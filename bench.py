@@ -2,7 +2,7 @@
 
 1. decode: our LLaMA, eager and compiled (generate.compile_step), against transformers'
    LlamaForCausalLM on identical weights (a ~100M random model built in HF, saved as
-   safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode)
+   safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
    driving all three. Tokens/s, prefill time, and the bytes each token reads (weights + KV
    cache) as a fraction of the read bandwidth measured in the same run (decode is bound by
    it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
@@ -46,7 +46,6 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
-from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -116,7 +115,7 @@ def run_ours(llm, ids, n, step, cache_len=None):
     t0 = now(dev)
     logits = llm(ids, cache=cache, last_only=True)[:, -1]
     t1 = now(dev)
-    out = generate.decode(step, logits, cache, n, argmax, eos_id=-1)[0]
+    out = generate.decode_n_tokens(step, logits, cache, n, argmax, eos_id=-1)[0]
     return out, t1 - t0, now(dev) - t1
 
 
@@ -132,7 +131,7 @@ def run_hf(hf, ids, n):
         o = hf(tokens[:, None], past_key_values=past[0], use_cache=True)
         past[0] = o.past_key_values
         return o.logits[:, -1]
-    out = generate.decode(step, o.logits[:, -1], None, n, argmax, eos_id=-1)[0]
+    out = generate.decode_n_tokens(step, o.logits[:, -1], None, n, argmax, eos_id=-1)[0]
     return out, t1 - t0, now(dev) - t1
 
 
@@ -229,7 +228,7 @@ def bench_batch(a, device):
         t0 = now(device)
         logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens)
         t1 = now(device)
-        generate.decode(partial(generate.decode_one, model), logits, cache, a.new_tokens, argmax, eos_id=-1)
+        generate.decode_n_tokens(model.llm.decode, logits, cache, a.new_tokens, argmax, eos_id=-1)
         return t1 - t0, now(device) - t1
 
     run(prompts[:1]), run(prompts)  # warm-up
@@ -245,7 +244,7 @@ def bench_batch(a, device):
         tps[name] = n / (pre + dec)
         rows.append([name, f"{pre:.2f}", f"{dec:.2f}", f"{8 * (a.new_tokens - 1) / dec:.1f}", f"{tps[name]:.1f}"])
     print(f"\n1b. batch throughput: 8 prompts of {lo}-{hi} tokens, {a.new_tokens} new tokens each, greedy, same "
-          f"LLM as 1, eager, through generate.prefill/decode (left-padded); one at a time vs one batch; best of "
+          f"LLM as 1, eager, through generate.prefill/decode_n_tokens (left-padded); one at a time vs one batch; best of "
           f"{a.repeats}")
     table(rows, ["", "prefill s", "decode s", "decode tokens/s", "tokens/s overall"])
     return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x"}
@@ -312,7 +311,7 @@ def bench_ttft(a, device):
             logits.argmax(-1)
             times.append(now(device) - t0)
         ttft[arch, R] = min(times[1:])
-        n = mra.visual_tokens(arch, R, model.cfg.vit_min_size)
+        n = model.cfg.visual_tokens
         rows.append([arch, R, n, f"{ttft[arch, R]:.3f}"])
     ref = ttft[cases[-1]]
     for r, case in zip(rows, cases):
@@ -395,23 +394,12 @@ def score(questions, answers):
 
 
 def paths_picture(src="examples/demo.png", out="examples/paths.png"):
-    """What each path sees, through the real preprocessing: the 256 px image the ConvNeXt
-    reads, the 112 px ViT input LLaVA-HR makes from it (bilinear, no antialias), and the
-    112 px image LLaVA-1.5 would be given (bicubic with antialias), shown at 2x."""
-    import numpy as np
-    from PIL import Image
-    mean, std = torch.tensor(data.CLIP_MEAN)[:, None, None], torch.tensor(data.CLIP_STD)[:, None, None]
-    to_img = lambda t: Image.fromarray((t * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
-    image = data.load_image(src)
-    full = data.preprocess(image, 256)
-    S = mra.vit_input_size(256, 112)
-    low_hr = torch.nn.functional.interpolate(full[None], size=(S, S), mode="bilinear", align_corners=True)[0]
-    panels = [to_img(full), to_img(low_hr).resize((256, 256), Image.NEAREST),
-              to_img(data.preprocess(image, S)).resize((256, 256), Image.NEAREST)]
-    crops = [p.crop((0, 0, 64, 64)).resize((256, 256), Image.NEAREST) for p in panels]  # the corner, 4x
-    grid = np.concatenate([np.concatenate([np.asarray(p) for p in row], 1) for row in (panels, crops)], 0)
-    Image.fromarray(grid).save(out)
-    return out
+    """What each path of the demo model sees of the demo image (trace_image.paths_picture): the
+    256 px image the ConvNeXt reads, the 112 px ViT input made from it, LLaVA-1.5's 112 px image."""
+    import trace_image
+    with torch.device("meta"):  # only the preprocessing runs: no weights needed
+        model = mra.LlavaHR(mra.MRAConfig.from_name("demo"))
+    return trace_image.paths_picture(data.load_image(src), model, out)
 
 
 def pil_scene(rng, size=256):
@@ -506,7 +494,7 @@ def bench_experiment(a):
         subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", arm, "--data-dir", a.data_dir,
                         "--config", os.path.join(arm, "config.json"), "--stage1-size", str(r1),
                         "--image-size", str(r2), "--overwrite"] + flags, check=True)  # an arm without a result is redone
-        result = {"train_s": time.time() - t0, "tokens": mra.visual_tokens(cfg.arch, r2, cfg.vit_min_size, cfg.vit.patch_size)}
+        result = {"train_s": time.time() - t0, "tokens": replace(cfg, image_size=r2).visual_tokens}
         steps = [json.loads(line) for line in open(os.path.join(arm, "stage2", "log.jsonl"))]
         result["tokens_per_s"] = sum(s["tokens_per_s"] for s in steps) / len(steps)
         for key, test in sets.items():

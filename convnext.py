@@ -27,7 +27,7 @@ class ConvNeXtConfig:
 
     @classmethod
     def from_name(cls, name):
-        return cls(**PRESETS[name])
+        return cls(**CONVNEXT_PRESETS[name])
 
     @classmethod
     def from_shapes(cls, state, name=None):
@@ -45,10 +45,10 @@ class ConvNeXtConfig:
         # eps is not in the weights: timm builds convnext_xxlarge with 1e-5 and the rest with 1e-6
         if name is not None:
             return cls(depths, dims, cls.from_name(name).eps)
-        return cls(depths, dims, next((p["eps"] for p in PRESETS.values() if p["dims"] == dims), 1e-6))
+        return cls(depths, dims, next((p["eps"] for p in CONVNEXT_PRESETS.values() if p["dims"] == dims), 1e-6))
 
 
-PRESETS = {
+CONVNEXT_PRESETS = {
     "convnext_large_mlp": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), eps=1e-6),
     "convnext_xxlarge": dict(depths=(3, 4, 30, 3), dims=(384, 768, 1536, 3072), eps=1e-5),
 }

@@ -3,11 +3,13 @@
     python generate.py --model DIR --image x.jpg --prompt "What is written on the sign?"
     python generate.py --model DIR --image x.jpg                      # chat on stdin
     python generate.py --model DIR --questions q.jsonl --answers a.jsonl --image-folder imgs/
+    python generate.py --model DIR --image x.jpg --trace              # pixels to the LLM's input
 
 Generation is the gpt-fast loop: `prefill` runs the whole prompt (visual tokens spliced in at
-the <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_one`
-feeds one token per row per call. Only the decode step is compiled (--compile): prefill runs
-once per prompt with a new shape each time, decode runs hundreds of times with one shape.
+the <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_n_tokens`
+feeds one token per row per step (`model.llm.decode`: past the prompt only the LLM runs). Only
+the decode step is compiled (--compile): prefill runs once per prompt with a new shape each
+time, decode runs hundreds of times with one shape.
 Sampling is small pure functions; temperature 0 is argmax (the paper's evaluation setting:
 greedy, one beam, 128 new tokens). Batch files use LLaVA's model_vqa formats, so its
 evaluation scripts read our answers unchanged.
@@ -18,7 +20,6 @@ import os
 import sys
 import time
 import uuid
-from functools import partial
 
 import torch
 
@@ -65,11 +66,11 @@ CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (ma
 
 
 def prefill(model, prompts, images, pad_id, max_new_tokens):
-    """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths.
-    Returns the last prompt position's logits (B, V) and a cache with room for
-    max_new_tokens more tokens per row (or more: its length is rounded up to a multiple of
-    CACHE_ROUND, within the context, so that prompts of similar lengths share one cache shape
-    and so one compiled decode step)."""
+    """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths, made one padded
+    batch for LlavaHR.prefill (which splices the images in and runs the LLM). Returns the last
+    prompt position's logits (B, V) and a cache with room for max_new_tokens more tokens per row
+    (or more: its length is rounded up to a multiple of CACHE_ROUND, within the context, so that
+    prompts of similar lengths share one cache shape and so one compiled decode step)."""
     device = model.projector[0].weight.device
     used = max(slots(model, p) for p in prompts)
     rounded = -(-(used + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
@@ -80,11 +81,6 @@ def prefill(model, prompts, images, pad_id, max_new_tokens):
     for b, p in enumerate(prompts):
         ids[b, :len(p)], pad_mask[b, :len(p)] = torch.tensor(p), True
     return model.prefill(ids.to(device), images, pad_mask.to(device), max_new_tokens)
-
-
-def decode_one(model, tokens, cache):
-    """tokens (B,) -> next-token logits (B, V); the cache grows by one slot per row."""
-    return model.decode(tokens, cache)
 
 
 def compile_step(step, device):
@@ -104,9 +100,9 @@ def compile_step(step, device):
 
 
 @torch.no_grad()
-def decode(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None):
+def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None):
     """Sample, feed back, repeat; a row stops at EOS (not returned) or max_new_tokens.
-    step: decode_one bound to a model (maybe compiled); pick: logits -> tokens."""
+    step: model.llm.decode (maybe compiled), tokens (B,) -> logits (B, V); pick: logits -> tokens."""
     out = [[] for _ in range(logits.shape[0])]
     done = [False] * len(out)
     for i in range(max_new_tokens):
@@ -131,25 +127,20 @@ def generate(model, prompts, images=None, *, max_new_tokens=128, pick=sample, eo
     """Batched generation: generated ids (EOS excluded) for each prompt. images: (M, 3, R, R),
     one per placeholder in row order (rows without an image take none)."""
     logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens)
-    return decode(step or partial(decode_one, model), logits, cache, max_new_tokens, pick, eos_id, on_token)
-
-
-def n_visual(model):
-    c = model.cfg
-    return mra.visual_tokens(c.arch, c.image_size, c.vit_min_size, c.vit.patch_size)
+    return decode_n_tokens(step or model.llm.decode, logits, cache, max_new_tokens, pick, eos_id, on_token)
 
 
 def slots(model, ids):
-    """KV-cache slots a list of ids takes: each placeholder becomes n_visual tokens."""
-    return len(ids) + ids.count(IMAGE_TOKEN) * (n_visual(model) - 1)
+    """KV-cache slots a list of ids takes: each placeholder becomes N visual tokens."""
+    return mra.llm_positions(len(ids), ids.count(IMAGE_TOKEN), model.cfg)
 
 
 def check_length(model, ids, max_new_tokens, what="prompt"):
     need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
     if need > limit:
         n_img = ids.count(IMAGE_TOKEN)
-        raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * n_visual(model)} visual "
-                           f"tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
+        raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * model.cfg.visual_tokens} "
+                           f"visual tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
                            f"(shorten it or lower --max-new-tokens)")
 
 
@@ -269,7 +260,7 @@ def chat(model, tok, image, args, pick, step):
                 logits = model.llm(new, cache=cache)[:, -1]
         log("ASSISTANT: ", end="")
         on_token, finish = streamer(tok, sys.stdout)
-        out = decode(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
+        out = decode_n_tokens(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
         finish()
         turns.append(("gpt", tok.decode(out).strip()))
         # the cache holds the prompt and every generated token that was fed back (not the last
@@ -391,10 +382,16 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: as a CUDA graph), once per batch size and cache length")
+    p.add_argument("--trace", nargs="?", const="", metavar="PNG", help="print each step from --image's pixels to the "
+                   "LLM's input, write what each path sees to PNG (default: IMAGE_NAME.paths.png here); no answer")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     if (args.questions is None) != (args.answers is None):
         p.error("--questions and --answers go together")
+    if args.trace is not None and not args.image:
+        p.error("--trace needs --image")
+    if args.trace == "":  # the picture's default name
+        args.trace = os.path.splitext(os.path.basename(args.image))[0] + ".paths.png"
     if args.questions and (args.prompt or args.image):
         p.error("--questions takes its images from the file; drop --prompt/--image")
     if not (args.max_new_tokens >= 1 and args.batch_size >= 1 and 0 <= args.temperature < float("inf")
@@ -419,6 +416,8 @@ def run(args):
         raise mra.CheckpointError(f"--model {args.model}: no such directory (a checkpoint directory is expected)")
     if args.answers and not os.path.isdir(os.path.dirname(os.path.abspath(args.answers))):
         raise data.DataError(f"--answers {args.answers}: its directory does not exist")
+    if args.trace and os.path.exists(args.trace):
+        raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
     image = data.load_image(args.image) if args.image else None
     questions, answered = read_questions(args) if args.questions else (None, None)
     tok = mra.load_tokenizer(args.model)
@@ -438,6 +437,11 @@ def run(args):
     if len(tok) > model.cfg.llm.vocab_size:
         raise mra.CheckpointError(f"{args.model}: tokenizer.model has {len(tok)} pieces, the LLM only "
                                   f"{model.cfg.llm.vocab_size} embeddings: they do not belong together")
+    if args.trace:  # pixels to the LLM's input, printed, and the picture; no answer
+        import trace_image
+        trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))
+        log(f"what each path sees: {trace_image.paths_picture(image, model, args.trace)}")
+        return
     if image is not None:
         image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
     generator = torch.Generator(device)
@@ -448,7 +452,7 @@ def run(args):
     # an LLM with more embedding rows than the tokenizer has pieces (a padded vocabulary) must never
     # pick a row that has no text: sample among the tokenizer's ids only
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
-    step = partial(decode_one, model)
+    step = model.llm.decode
     if args.compile:
         step = compile_step(step, device)
     if args.questions:

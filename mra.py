@@ -7,14 +7,16 @@ Large Language Models" (arXiv 2403.03003). Read it beside this file:
   image; MR-Adapters inside the ViT carry high-res detail into the low-res tokens, so
   the LLM gets few tokens that still hold fine detail.     -> DualEncoder
 - Fig. 4 / Eq. 3-4: the MR-Adapter, f_l on the low-res tokens, f_h on the high-res
-  map, a gate g from the pooled pair.                      -> MRAdapter, gate_mix
-- Sec. 4.4: stage 1 trains the projector without adapters, stage 2 everything.
+  map, a gate g from the pooled pair.                      -> MRAdapter.forward
+- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without
+  adapters, stage 2 everything.
 Where the released code (which the released checkpoints need) differs from the paper,
 we follow the release and say so in a comment (README: "Where the release differs from the paper").
 
-Also here: the LLaVA-1.5 baseline (one ViT path), the projector and the multimodal
-model (visual features spliced into the LLM's input), visual-token accounting, and
-loading released checkpoints, stage-1 projector files, separate backbones, and ours.
+Then, each in its own section: visual-token accounting; the LLaVA-1.5 baseline (one ViT
+path), the projector and the multimodal model (visual features spliced into the LLM's
+input); loading the release (checkpoints, stage-1 projector files); building from separate
+backbones, saving and loading ours; converting .bin shards (`python mra.py convert`).
 """
 import json
 import math
@@ -22,6 +24,7 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +63,11 @@ class MRAConfig:
         if name not in MRA_PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(MRA_PRESETS)}")
         return MRA_PRESETS[name]()
+
+    @property
+    def visual_tokens(self):
+        """N: the LLM positions one image takes (see visual_tokens below)."""
+        return visual_tokens(self.arch, self.image_size, self.vit_min_size, self.vit.patch_size)
 
     def to_dict(self):
         return asdict(self)
@@ -103,6 +111,11 @@ def visual_tokens(arch, R, floor=336, patch=14):
     return (S // patch) ** 2
 
 
+def llm_positions(n_ids, n_images, cfg):
+    """Positions a prompt takes in the LLM: each <image> placeholder (one id) becomes N visual tokens."""
+    return n_ids + n_images * (cfg.visual_tokens - 1)
+
+
 def align(x, n):
     """Resample a map (B, C, h, w) to n tokens (B, n, C) on a sqrt(n) x sqrt(n) grid.
 
@@ -110,50 +123,26 @@ def align(x, n):
     kernel = stride = the side ratio. One count must divide the other.
     """
     B, C, h, w = x.shape
-    s = math.isqrt(n)
-    if s * s != n or h != w or (n % (h * w) and (h * w) % n) or (h > s and h % s) or (h < s and s % h):
+    side = math.isqrt(n)
+    if (side * side != n or h != w or (n % (h * w) and (h * w) % n)
+            or (h > side and h % side) or (h < side and side % h)):
         raise ValueError(f"cannot align a {h}x{w} map to {n} tokens: one grid must divide the other "
                          f"(choose the image size so the ConvNeXt and ViT grids are multiples)")
-    if h < s:
-        x = F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=True).to(x.dtype)
-    elif h > s:
-        x = F.avg_pool2d(x, h // s)
-    return x.flatten(2).transpose(1, 2)  # (B, s*s, C)
+    if h < side:
+        x = F.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=True).to(x.dtype)
+    elif h > side:
+        x = F.avg_pool2d(x, h // side)
+    return x.flatten(2).transpose(1, 2)  # (B, n, C)
 
 
 # ---------------------------------------------------------------------------------------
 # The MR-Adapter (Fig. 4, Eq. 3-4)
 
-def gate_mix(f, s, w1, b1, w2, b2, act):
-    """out = f + act(W2 GELU(W1 mean_tokens([f, s]))) * s.  f, s: (B, N, d).
-
-    Eq. 4 pools the concatenated pair over tokens, so g looks at the whole image. The
-    paper's W2 is d/2 -> d (a gate per channel); the release's is d/2 -> 1: one scalar
-    per image, which is what the released weights hold.
-    """
-    pooled = torch.cat([f, s], dim=-1).mean(dim=1)  # (B, 2d)
-    g = F.linear(F.gelu(F.linear(pooled, w1, b1)), w2, b2)  # (B, 1)
-    g = torch.tanh(g) if act == "tanh" else torch.sigmoid(g)
-    return f + g[:, :, None] * s  # (B, 1, 1) broadcast over tokens and channels
-
-
-_compiled_gate_mix = None
-
-
-def fused_gate_mix(f, s, w1, b1, w2, b2, act):
-    """gate_mix as one fused kernel on CUDA (torch.compile); eager elsewhere."""
-    global _compiled_gate_mix
-    if not f.is_cuda:
-        return gate_mix(f, s, w1, b1, w2, b2, act)
-    if _compiled_gate_mix is None:
-        _compiled_gate_mix = torch.compile(gate_mix, dynamic=False)
-    return _compiled_gate_mix(f, s, w1, b1, w2, b2, act)
-
-
 class MRAdapter(nn.Module):
-    """F'_vl = F_vl + f_l(F_vl) + g * f_h(F_vh)   (Eq. 3), with the release's module names.
+    """F'_vl = F_vl + f_l(F_vl) + g * f_h(F_vh)   (Eq. 3), g = tanh(W2 GELU(W1 f_v))   (Eq. 4).
 
-    fast_* is f_l (the ViT side), slow_* is f_h (the ConvNeXt side).
+    F_vl: the ViT's low-res tokens; F_vh (`slow`): the ConvNeXt's high-res map. Module names are
+    the release's: fast_* is f_l (the ViT side), slow_* is f_h (the ConvNeXt side).
     """
 
     def __init__(self, d, c_slow, gate="tanh"):
@@ -167,6 +156,8 @@ class MRAdapter(nn.Module):
         # f_h: "an MLP layer", i.e. two 1x1 convs on the high-res map, C_s -> C_s -> d
         self.slow_conv = nn.Conv2d(c_slow, c_slow, 1)
         self.slow_proj = nn.Conv2d(c_slow, d, 1)
+        # W1, W2 of Eq. 4. The paper's W2 is d/2 -> d (a gate per channel); the release's is
+        # d/2 -> 1: one scalar per image, which is what the released weights hold
         self.gate = None if gate == "none" else nn.Sequential(nn.Linear(2 * d, d // 2), nn.GELU(), nn.Linear(d // 2, 1))
         self.reset_parameters()
 
@@ -181,17 +172,20 @@ class MRAdapter(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, x, slow):
-        """x: low-res ViT tokens (B, N, d); slow: the high-res ConvNeXt map (B, C_s, H, W)."""
+        """x: F_vl, low-res ViT tokens (B, N, d); slow: F_vh, the high-res ConvNeXt map (B, C_s, H, W)."""
         B, N, d = x.shape
-        s = math.isqrt(N)
-        grid = x.transpose(1, 2).reshape(B, d, s, s)  # (B, d, s, s): tokens back on their grid
-        # release: the residual is taken here, f = x + f_l(x), and the gate pools this updated f
-        f = x + self.fast_proj(F.gelu(self.fast_conv(grid))).flatten(2).transpose(1, 2)  # (B, N, d)
-        h = align(self.slow_proj(F.gelu(self.slow_conv(slow))), N)  # (B, N, d)
-        if self.gate is None:
-            return f + h
-        lin1, lin2 = self.gate[0], self.gate[2]
-        return fused_gate_mix(f, h, lin1.weight, lin1.bias, lin2.weight, lin2.bias, self.act)
+        side = math.isqrt(N)
+        grid = x.transpose(1, 2).reshape(B, d, side, side)  # (B, d, side, side): tokens back on their grid
+        f_l = self.fast_proj(F.gelu(self.fast_conv(grid))).flatten(2).transpose(1, 2)  # (B, N, d)
+        f_h = align(self.slow_proj(F.gelu(self.slow_conv(slow))), N)  # (B, N, d): on the low-res grid
+        # release: the residual is added first, x = F_vl + f_l(F_vl), and the gate pools this updated x
+        x = x + f_l
+        if self.gate is None:  # Table 3's ablation without a gate
+            return x + f_h
+        # Eq. 4: f_v pools the concatenated pair over tokens, so g looks at the whole image
+        g = self.gate(torch.cat([x, f_h], dim=-1).mean(dim=1))  # (B, 2d) -> (B, 1)
+        g = torch.tanh(g) if self.act == "tanh" else torch.sigmoid(g)
+        return x + g[:, :, None] * f_h  # Eq. 3; (B, 1, 1) broadcast over tokens and channels
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,6 +204,8 @@ class DualEncoder(nn.Module):
             raise ValueError("MR-Adapters go after layers n, 2n, 3n with n = layers // 4: need >= 4 ViT layers")
         # the paper: "applied into the last three stages of ViT", i.e. after the 1st, 2nd, 3rd quarter
         self.adapters = nn.ModuleList(MRAdapter(d, c_slow, cfg.gate) for _ in range(3 if cfg.adapters else 0))
+        quarter = cfg.vit.layers // 4
+        self.adapter_after = [quarter, 2 * quarter, 3 * quarter][:len(self.adapters)]  # ViT block numbers, from 1
         # final fusion, release: F_v = fast_proj(y) + slow_proj(align(slow)), two Linear maps
         # summed (Eq. 2 writes the sum with F_vh directly; the release projects both sides)
         self.fusion = nn.ModuleDict(dict(fast_proj=nn.Linear(d, d), slow_proj=nn.Linear(c_slow, d)))
@@ -222,15 +218,14 @@ class DualEncoder(nn.Module):
     def forward(self, images):
         """Normalised images (B, 3, R, R) -> visual features (B, N, d)."""
         slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32): stage 4 only, no norm, no head
-        # release: the class token is dropped right after the embeddings, before pre-LN and
-        # every layer (LLaVA-1.5 keeps it through the layers and drops it at the end)
-        x = self.vit.ln_pre(self.vit.embed(self.low_res(images))[:, 1:])  # (B, N, d)
-        n = len(self.vit.blocks) // 4
-        for i, block in enumerate(self.vit.blocks, start=1):
-            x = block(x)
-            if i % n == 0 and i // n <= len(self.adapters):
-                x = self.adapters[i // n - 1](x, slow)
-        # the last layer's output, no post-norm (config.json's mm_vision_select_layer -2 is unused)
+        # on CUDA each adapter runs compiled, its gate fused into a few kernels (torch.compile keeps
+        # the compiled code on MRAdapter.forward, so wrapping it again per call costs nothing)
+        adapters = [torch.compile(a, dynamic=False) if images.is_cuda else a for a in self.adapters]
+        after = {i: partial(adapter, slow=slow) for i, adapter in zip(self.adapter_after, adapters)}
+        # release: the class token is dropped before pre-LN and every layer (LLaVA-1.5 keeps it),
+        # and the last layer's output is used, no post-norm (config.json's mm_vision_select_layer
+        # -2 is unused). All three adapters and the fusion read the same stage-4 map.
+        x = self.vit.encode(self.low_res(images), keep_cls=False, after=after)  # (B, N, d)
         return self.fusion["fast_proj"](x) + self.fusion["slow_proj"](align(slow, x.shape[1]))
 
 
@@ -242,17 +237,15 @@ class ClipEncoder(nn.Module):
         self.vit = vit or ViT(cfg.vit)
 
     def forward(self, images):
-        x = self.vit.ln_pre(self.vit.embed(images))  # (B, 1+N, d), class token kept
-        for block in self.vit.blocks[:-1]:  # the last layer is never needed
-            x = block(x)
-        return x[:, 1:]  # (B, N, d)
+        return self.vit.encode(images, depth=-1)[:, 1:]  # (B, N, d): the last layer is never needed
 
 
 # ---------------------------------------------------------------------------------------
 # The multimodal model
 
 class LlavaHR(nn.Module):
-    """Vision encoder -> projector -> LLaMA. Backbones already loaded may be passed in."""
+    """Vision encoder -> projector -> LLaMA: LLaVA-HR, or LLaVA-1.5 when cfg.arch is "llava-1.5"
+    (the same model with ClipEncoder). Backbones already loaded may be passed in."""
 
     def __init__(self, cfg: MRAConfig, llm=None, vit=None, convnext=None):
         super().__init__()
@@ -269,37 +262,37 @@ class LlavaHR(nn.Module):
     def splice(self, input_ids, images=None, labels=None, pad_mask=None, left_pad=False):
         """Replace each IMAGE_TOKEN in input_ids (B, T) by the next image's N features.
 
+        Prompts carry one placeholder id per image, not N, as the release's do: token ids, lengths
+        and truncation then match its prompts exactly, whatever the model's N. So rows grow here,
+        each by its own count, and are re-padded: on the right (training) or the left (generation).
         images: (M, 3, R, R), one per placeholder in row order (text-only rows have none).
-        Returns embeds (B, T', H), pad_mask (B, T') and labels (B, T') (-100 on visual
-        tokens and padding), re-padded on the right (training) or the left (generation).
+        Returns embeds (B, T', H), pad_mask (B, T') and labels (B, T') (-100 on visual tokens and padding).
         """
-        B, T = input_ids.shape
         pad_mask = torch.ones_like(input_ids, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
-        n_img = int((input_ids == IMAGE_TOKEN).sum())
+        is_image = (input_ids == IMAGE_TOKEN) & pad_mask
         n_given = 0 if images is None else images.shape[0]
-        if n_img != n_given:
-            raise ValueError(f"{n_img} <image> placeholders but {n_given} images")
-        feats = self.encode_images(images) if n_img else None  # (M, N, H)
-        tok_embeds = self.llm.embed(input_ids.clamp(min=0))  # placeholder rows are overwritten below
-        rows, row_labels, k = [], [], 0
-        for b in range(B):
-            keep = pad_mask[b]
-            ids, emb = input_ids[b][keep], tok_embeds[b][keep]
-            lab = labels[b][keep] if labels is not None else torch.full_like(ids, IGNORE)
-            pieces, lpieces, start = [], [], 0
-            for p in (ids == IMAGE_TOKEN).nonzero().flatten().tolist():
-                pieces += [emb[start:p], feats[k]]
-                lpieces += [lab[start:p], lab.new_full((feats.shape[1],), IGNORE)]
-                start, k = p + 1, k + 1
-            rows.append(torch.cat(pieces + [emb[start:]]))
-            row_labels.append(torch.cat(lpieces + [lab[start:]]))
-        L = max(r.shape[0] for r in rows)
+        if int(is_image.sum()) != n_given:
+            raise ValueError(f"{int(is_image.sum())} <image> placeholders but {n_given} images")
+        feats = self.encode_images(images) if n_given else None  # (M, N, H)
+        tok_embeds = self.llm.embed(input_ids.clamp(min=0))  # (B, T, H); placeholders' rows unused
+        # every input position becomes `width` output slots (N for a placeholder, 0 for padding),
+        # starting at `start`: the widths of the positions before it, plus the left padding
+        width = torch.where(is_image, 0 if feats is None else feats.shape[1], 1) * pad_mask  # (B, T)
+        start = width.cumsum(1) - width  # (B, T)
+        B, L = input_ids.shape[0], int(width.sum(1).max())
+        if left_pad:
+            start += L - width.sum(1, keepdim=True)
         embeds = tok_embeds.new_zeros(B, L, tok_embeds.shape[-1])
         out_labels = input_ids.new_full((B, L), IGNORE)
         out_mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
-        for b, (r, lab) in enumerate(zip(rows, row_labels)):
-            sl = slice(L - len(r), L) if left_pad else slice(0, len(r))
-            embeds[b, sl], out_labels[b, sl], out_mask[b, sl] = r, lab, True
+        b, t = (pad_mask & ~is_image).nonzero(as_tuple=True)  # text tokens: one slot each
+        embeds[b, start[b, t]], out_mask[b, start[b, t]] = tok_embeds[b, t], True
+        if labels is not None:
+            out_labels[b, start[b, t]] = labels[b, t]
+        if feats is not None:  # placeholders in row-major order, the order the images come in
+            b, t = is_image.nonzero(as_tuple=True)
+            slots = start[b, t, None] + torch.arange(feats.shape[1], device=start.device)  # (M, N)
+            embeds[b[:, None], slots], out_mask[b[:, None], slots] = feats.to(embeds.dtype), True
         return embeds, out_mask, out_labels
 
     def forward(self, input_ids, images=None, labels=None, pad_mask=None):
@@ -322,15 +315,10 @@ class LlavaHR(nn.Module):
         logits = self.llm(embeds=embeds, cache=cache, pad_mask=mask, last_only=True)
         return logits[:, -1], cache
 
-    def decode(self, tokens, cache):
-        """One step: tokens (B,) -> next-token logits (B, V), extending the cache (static shapes)."""
-        return self.llm.decode(tokens, cache)
-
 
 # ---------------------------------------------------------------------------------------
-# Loading. Our own checkpoints use our module names (model.state_dict() as it is, plus
-# mra_config.json): saving and loading need no table, and FSDP/DDP state dicts match it.
-# Every foreign name lives in the tables below.
+# Loading the release: LLaVA-HR / LLaVA-1.5 directories and stage-1 projector files. Every
+# foreign name lives in the tables below.
 
 HR_VIT = "model.vision_tower.fast_vision_tower.vision_tower."  # + HF CLIP keys (vision_model.*)
 HR_CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."  # + timm keys, gamma -> .weight
@@ -385,7 +373,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
     state = _prefixed(llm, "llm.") | _prefixed(vit, "encoder.vit.")
     rest, unexpected = remap(tensors, RELEASE_KEYS)
-    kw = dict(arch=arch, vit=vit.cfg, llm=llm.config,
+    kw = dict(arch=arch, vit=vit.config, llm=llm.config,
               image_aspect_ratio="pad" if hf.get("image_aspect_ratio", "pad") == "pad" else "crop")
     if arch == "llava-hr":
         convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT])
@@ -395,7 +383,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
                   vit_min_size=hf.get("vit_min_size", 336),
                   adapters=any(k.startswith("encoder.adapters.") for k in rest))
     else:
-        kw.update(image_size=vit.cfg.image_size)
+        kw.update(image_size=vit.config.image_size)
     with torch.device("meta"):
         model = LlavaHR(MRAConfig(**kw))
         if quantize:
@@ -406,10 +394,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
 def load_projector(model, path):
     """Load a released stage-1 file (projector + final fusion) into `model`, in place."""
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        tensors = read_safetensors(path)
-    else:
-        tensors = read_bin(path)
+    tensors = read_safetensors(path) if path.endswith(".safetensors") else read_bin(path)
     state, unexpected = remap(tensors, RELEASE_KEYS)
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "encoder.fusion."))}
     missing = sorted(set(ours) - set(state))
@@ -423,6 +408,10 @@ def load_projector(model, path):
     return model
 
 
+# ---------------------------------------------------------------------------------------
+# Building, saving and loading ours. Our checkpoints use our module names (model.state_dict()
+# as it is, plus mra_config.json): no table, and FSDP/DDP state dicts match it.
+
 def build(cfg, llm=None, vit=None, convnext=None, dtype=None, device="cpu"):
     """A fresh model for training: pretrained backbones from their own checkpoints (an HF
     LLaMA/Vicuna dir, an HF CLIP checkpoint, a timm/open_clip ConvNeXt), new adapters,
@@ -432,7 +421,7 @@ def build(cfg, llm=None, vit=None, convnext=None, dtype=None, device="cpu"):
         cfg = replace(cfg, llm=llm.config)
     if vit is not None:
         vit = ViT.from_pretrained(vit, dtype=dtype, device=device)
-        cfg = replace(cfg, vit=vit.cfg)
+        cfg = replace(cfg, vit=vit.config)
     if convnext is not None and cfg.arch == "llava-hr":
         convnext = ConvNeXt.from_pretrained(convnext, dtype=dtype, device=device)
         cfg = replace(cfg, convnext=convnext.config)
@@ -481,6 +470,9 @@ def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
 def load_tokenizer(path):
     return Tokenizer(os.path.join(path, "tokenizer.model"))
 
+
+# ---------------------------------------------------------------------------------------
+# Conversion, the one command line here: python mra.py convert SRC DST
 
 def convert_bin(src, dst):
     """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files).

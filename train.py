@@ -231,7 +231,7 @@ p.add_argument("--dry-run", type=int, nargs="?", const=0, metavar="WORLD",
 args = p.parse_args()
 if not args.debug:
     sys.excepthook = one_line_errors
-st = STAGE[args.stage]
+recipe = STAGE[args.stage]
 limits = {"--batch-size >= 1": args.batch_size >= 1, "--global-batch >= 1": (args.global_batch or 1) >= 1,
           "--epochs >= 1": args.epochs >= 1, "--image-size >= 32": (args.image_size or 32) >= 32,
           "--max-len >= 1": (args.max_len or 1) >= 1, "--max-steps >= 1": (args.max_steps or 1) >= 1,
@@ -276,7 +276,7 @@ else:
 master = rank == 0
 torch.manual_seed(args.seed)  # the same initial weights (new adapters, projector) on every rank
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-global_batch = args.global_batch or st["global_batch"]
+global_batch = args.global_batch or recipe["global_batch"]
 accum, rem = divmod(global_batch, args.batch_size * world)
 if rem or not accum:
     raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {args.batch_size} "
@@ -293,9 +293,9 @@ elif not os.path.isfile(args.config):
     raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
 else:
     cfg = read_config(args.config, mra.MRAConfig.from_dict)
-image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else st["image_size"])
+image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else recipe["image_size"])
 adapters = args.adapters if args.adapters is not None else args.stage == 2
-stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=st["image_mode"])
+stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=recipe["image_mode"])
 
 
 def trains(name):
@@ -326,7 +326,7 @@ def checkpoint_blocks(model):
 def plan(cfg, world, bf16):
     build = (lambda c: lora.add_lora(mra.LlavaHR(c), args.lora_r, lora_alpha)) if args.lora_r else mra.LlavaHR
     return memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
-                       args.max_len or data.MAX_LEN[st["template"]], args.grad_checkpoint, bf16)
+                       args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
 
 
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
@@ -353,18 +353,18 @@ elif (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and no
 # -----------------------------------------------------------------------------
 # data: checked before the model loads (minutes for a 7B), so a bad file fails at once
 
-weights_dir = resume_dir if args.resume else args.init or args.llm
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
-if not (args.tokenizer or weights_dir):
+start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
+if not (args.tokenizer or start_dir):
     raise SystemExit("--tokenizer is needed (no --llm, --init or --resume to take tokenizer.model from)")
-tok_path = args.tokenizer or os.path.join(weights_dir, "tokenizer.model")
+tok_path = args.tokenizer or os.path.join(start_dir, "tokenizer.model")
 tok = Tokenizer(tok_path)
-ds = data.LlavaDataset(args.data, args.image_folder, tok, st["template"], image_size,
-                       st["image_mode"], args.max_len, skip_bad=args.skip_bad)
-group = args.group_by_length if args.group_by_length is not None else args.stage == 2
-if args.fsdp and not group and not all(ds.has_image):
+ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
+                       recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
+by_length = args.group_by_length if args.group_by_length is not None else args.stage == 2
+if args.fsdp and not by_length and not all(ds.has_image):
     # FSDP gathers a block's shards when it runs: every rank must run the same modules
     raise SystemExit("--fsdp with text-only samples needs --group-by-length (one modality per micro-step)")
 
@@ -372,7 +372,7 @@ if args.fsdp and not group and not all(ds.has_image):
 # the model
 
 
-def with_adapters(m1, cfg):
+def with_adapters(m1, cfg, source):
     """A model without MR-Adapters (stage 1) -> the same model with new ones (identity at init).
 
     Every stage-1 tensor must load; the adapters must be the only keys the file lacks."""
@@ -380,7 +380,7 @@ def with_adapters(m1, cfg):
     missing, unexpected = m2.load_state_dict(m1.state_dict(), strict=False)
     bad = unexpected + [k for k in missing if not k.startswith("encoder.adapters.")]
     if bad:
-        raise SystemExit(f"--init {args.init}: does not fit the stage-2 model: {bad[:6]}")
+        raise SystemExit(f"{source}: does not fit the stage-2 model: {bad[:6]}")
     return m2
 
 
@@ -393,9 +393,9 @@ elif args.resume:
 elif args.init:
     model = mra.load_checkpoint(args.init)
     if adapters and not model.cfg.adapters and model.cfg.arch == "llava-hr":  # stage 1 -> 2: add MRA
-        model = with_adapters(model, replace(model.cfg, **stage_cfg))
+        model = with_adapters(model, replace(model.cfg, **stage_cfg), f"--init {args.init}")
     else:
-        model.cfg = replace(model.cfg, image_size=image_size, image_aspect_ratio=st["image_mode"])
+        model.cfg = replace(model.cfg, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
 else:
     if args.config == "full" and not (args.llm and args.vit and (args.convnext or cfg.arch != "llava-hr")):
         raise SystemExit("--llm, --vit and --convnext are needed (or --init, or --config tiny for a test)")
@@ -426,7 +426,7 @@ if tok.vocab_size > cfg.llm.vocab_size:
 
 for name, param in model.named_parameters():
     param.requires_grad_(trains(name))
-raw = model  # the module itself: DDP wraps it below, fully_shard changes it in place
+unwrapped = model  # the module itself: DDP wraps it below, fully_shard changes it in place
 n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
 n_all = sum(q.numel() for q in model.parameters())
 trainable = {n for n, q in model.named_parameters() if q.requires_grad}
@@ -452,13 +452,13 @@ elif distributed:
 
 params = [q for q in model.parameters() if q.requires_grad]
 proj_scale = args.projector_lr_scale if args.projector_lr_scale is not None else 0.1 if args.lora_r else 1.0
-groups = [dict(params=[], scale=s) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale, proj_scale)]
+lr_groups = [dict(params=[], scale=s) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale, proj_scale)]
 for name, q in model.named_parameters():  # names may carry DDP's "module." prefix
     name = f".{name}"
     tower = ".encoder.vit." in name or ".encoder.convnext." in name
     if q.requires_grad:
-        groups[1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0]["params"].append(q)
-opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
+        lr_groups[1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0]["params"].append(q)
+opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
 start_step = 0
@@ -479,22 +479,21 @@ if args.resume:
     # micro-batches) has no Adam state yet; strict=False starts it fresh, exactly as AdamW would
     # have at its first gradient in the uninterrupted run. The same parameters must train.
     saved = {n for g in state["optimizer"]["param_groups"] for n in g["params"]}
-    now = {n for n, q in raw.named_parameters() if q.requires_grad}
+    now = {n for n, q in unwrapped.named_parameters() if q.requires_grad}
     if saved != now:
         raise SystemExit(f"--resume: the run trained other parameters ({len(saved ^ now)} differ, e.g. "
                          f"{sorted(saved ^ now)[0]}): same --stage and --freeze-* flags as the run, please")
-    set_optimizer_state_dict(raw, opt, state["optimizer"],
+    set_optimizer_state_dict(unwrapped, opt, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True, strict=False))
     start_step = state["step"]
 
-sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, group, start_step)
+sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, by_length, start_step)
 loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
                                      collate_fn=partial(data.collate, pad_id=tok.pad_id))
 total_steps = sampler.total_steps
 stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 warmup = math.ceil(args.warmup_ratio * total_steps)
-lr_max = args.lr or (2e-4 if args.lora_r else st["lr"])  # LoRA: the release's finetune_lora lr
-n_visual = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+lr_max = args.lr or (2e-4 if args.lora_r else recipe["lr"])  # LoRA: the release's finetune_lora lr
 
 
 def logged_step(line):
@@ -516,8 +515,8 @@ def save(step):
     """OUT/ckpt: weights (generate.py loads the dir) + train_state.pt, replaced atomically."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # with FSDP every rank takes part in gathering the full tensors; rank 0 writes them
-    weights = get_model_state_dict(raw, options=full)
-    optim = get_optimizer_state_dict(raw, opt, options=full)
+    weights = get_model_state_dict(unwrapped, options=full)
+    optim = get_optimizer_state_dict(unwrapped, opt, options=full)
     if master:
         tmp = ckpt_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
@@ -570,7 +569,7 @@ if master:
             f.writelines(line + "\n" for line in lines if logged_step(line) <= start_step)
         os.replace(log_path + ".tmp", log_path)
     print(f"stage {args.stage}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; R={cfg.image_size}, "
-          f"{n_visual} visual tokens; {len(ds)} samples, {total_steps} steps of {global_batch} "
+          f"{cfg.visual_tokens} visual tokens; {len(ds)} samples, {total_steps} steps of {global_batch} "
           f"({world} x {args.batch_size} x {accum} accumulation); "
           f"{'FSDP2' if args.fsdp and distributed else 'DDP' if distributed else 'one process'}")
     if ds.bad:
@@ -589,9 +588,9 @@ skipped = 0
 t0 = time.time()
 for step in range(start_step, stop_step):
     lr = get_lr(step)
-    for group_ in opt.param_groups:
-        group_["lr"] = lr * group_["scale"]
-    stats = torch.zeros(3, device=device)  # loss sum, tokens, skipped
+    for g in opt.param_groups:
+        g["lr"] = lr * g["scale"]
+    sums = torch.zeros(3, device=device)  # over micro-batches (and ranks): loss, tokens, samples skipped
     for k in range(accum):
         batch = next(batches)
         last = k == accum - 1
@@ -602,11 +601,12 @@ for step in range(start_step, stop_step):
                             batch["labels"].to(device), batch["pad_mask"].to(device))
             (loss / accum).backward()  # the mean over micro-batches, then over ranks (DDP)
         n_img = 0 if batch["images"] is None else batch["images"].shape[0]
-        stats += torch.tensor([loss.item(), batch["pad_mask"].sum().item() + n_img * (n_visual - 1),
-                               batch["skipped"]], device=device)
+        positions = mra.llm_positions(batch["pad_mask"].sum().item(), n_img, cfg)  # placeholders expanded
+        sums += torch.tensor([loss.item(), positions, batch["skipped"]], device=device)
     if distributed:
-        dist.all_reduce(stats)  # every rank sees the same numbers, so every rank stops together
-    loss = stats[0].item() / (accum * world)
+        dist.all_reduce(sums)  # every rank sees the same numbers, so every rank stops together
+    loss_sum, tokens, n_skipped = sums.tolist()
+    loss = loss_sum / (accum * world)
     if not math.isfinite(loss):
         msg = (f"step {step + 1}: loss is {loss}; stopping without saving this state "
                f"(the last checkpoint in {ckpt_dir} is untouched)")
@@ -618,15 +618,15 @@ for step in range(start_step, stop_step):
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    skipped += int(stats[2].item())
+    skipped += int(n_skipped)
 
     done, dt = step + 1, time.time() - t0
-    tok_s = stats[1].item() / max(dt, 1e-9)  # all ranks together
+    tok_s = tokens / max(dt, 1e-9)  # all ranks together
     t0 = time.time()
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
     bar.update()
     if master:
-        log.write(json.dumps(dict(step=done, loss=loss, lr=lr, tokens=int(stats[1].item()), tokens_per_s=tok_s,
+        log.write(json.dumps(dict(step=done, loss=loss, lr=lr, tokens=int(tokens), tokens_per_s=tok_s,
                                   skipped=skipped, time=time.time())) + "\n")
         log.flush()
     if done == stop_step or (args.save_every and done % args.save_every == 0):

@@ -7,8 +7,8 @@ Eyes", Sec. 4.2, 4.4) keeps it as is, with two changes that live here:
 
 - in stage 2 it runs ViT-L/14-336 at 448 px, so the 24x24 position table is resampled
   to 32x32 (`resize_pos_embed`, bicubic *with antialias*, as in the released code);
-- mra.py runs the blocks a few at a time to insert MR-Adapters between them, so the
-  blocks are a plain `nn.ModuleList` and `forward` returns every hidden state.
+- mra.py inserts MR-Adapters between the blocks (`encode`'s `after`), so the blocks are a
+  plain `nn.ModuleList`; `forward` returns every hidden state, as HF does.
 
 References: github.com/openai/CLIP (model.py), transformers' modeling_clip.py,
 github.com/luogen1996/LLaVA-HR (clip_encoder.py).
@@ -41,9 +41,9 @@ class ViTConfig:
 
     @classmethod
     def from_name(cls, name):
-        if name not in PRESETS:
-            raise KeyError(f"unknown ViT preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
+        if name not in VIT_PRESETS:
+            raise KeyError(f"unknown ViT preset {name!r}; known: {', '.join(VIT_PRESETS)}")
+        return cls(**VIT_PRESETS[name])
 
     @classmethod
     def from_hf(cls, cfg):
@@ -58,7 +58,7 @@ class ViTConfig:
                    eps=cfg.get("layer_norm_eps", 1e-5))
 
     @classmethod
-    def from_state(cls, state):
+    def from_shapes(cls, state):
         """Infer the architecture from tensor shapes (our key names). Shapes do not give the
         head count: CLIP's heads are all of size 64. A truncated checkpoint reads as a shallower
         model; a config (or config.json beside the weights) rules that out."""
@@ -72,7 +72,7 @@ class ViTConfig:
                    heads=width // 64, mlp_dim=state["blocks.0.fc1.weight"].shape[0])
 
 
-PRESETS = {
+VIT_PRESETS = {
     "clip-vit-l-14-336": dict(image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
     "clip-vit-l-14": dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
     "clip-vit-b-16": dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072),
@@ -154,7 +154,7 @@ HF_IGNORE = [r"text_model\.", r"(text|visual)_projection\.", r"logit_scale$",
 class ViT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         d = cfg.width
         self.patch = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.cls = nn.Parameter(torch.zeros(d))
@@ -171,22 +171,26 @@ class ViT(nn.Module):
         x = torch.cat([self.cls.expand(B, 1, d), x], dim=1)  # (B, 1+N, d)
         return x + resize_pos_embed(self.pos, (gh, gw))
 
-    def forward(self, x, keep_cls=True):
-        """Hidden states as HF lists them: [ln_pre output, block 1 output, ..., block L output].
-
-        LLaVA-1.5: keep_cls=True, features = hs[-2][:, 1:] (penultimate layer, patches).
-        LLaVA-HR: keep_cls=False drops the class token before ln_pre, so attention never
-        sees it, and features = hs[-1] (last layer; no ln_post), despite the
-        `mm_vision_select_layer: -2` its config.json carries.
-        """
+    def encode(self, x, keep_cls=True, depth=None, after=None):
+        """Images (B, 3, H, W) -> the output of block `depth` (default: the last), (B, [1+]N, d).
+        keep_cls=False drops the class token before ln_pre, so attention never sees it (LLaVA-HR).
+        after: {i: f}: f(x) replaces block i's output (i = 0: ln_pre's; HF's hidden_states index)
+        before the next block runs: mra.py puts its MR-Adapters here."""
         x = self.embed(x)
         if not keep_cls:
             x = x[:, 1:]  # (B, N, d)
-        x = self.ln_pre(x)
-        hidden = [x]
-        for block in self.blocks:
-            x = block(x)
-            hidden.append(x)
+        for i, layer in enumerate([self.ln_pre, *self.blocks[:depth]]):
+            x = layer(x)
+            if after and i in after:
+                x = after[i](x)
+        return x
+
+    def forward(self, x, keep_cls=True):
+        """Hidden states as HF lists them: [ln_pre output, block 1 output, ..., block L output].
+        LLaVA-1.5 uses hs[-2][:, 1:], LLaVA-HR (keep_cls=False) hs[-1], no ln_post, despite the
+        `mm_vision_select_layer: -2` its config.json carries; mra.py calls `encode` for them."""
+        hidden = []
+        self.encode(x, keep_cls, after=dict.fromkeys(range(len(self.blocks) + 1), lambda h: hidden.append(h) or h))
         return hidden
 
     @classmethod
@@ -208,7 +212,7 @@ class ViT(nn.Module):
                 config = read_config(config_json, ViTConfig.from_hf)
         state, unexpected = remap(tensors, HF_KEYS, HF_IGNORE)
         state = {k: t.to(device, dtype if t.is_floating_point() else None) for k, t in state.items()}
-        config = config or ViTConfig.from_state(state)
+        config = config or ViTConfig.from_shapes(state)
         with torch.device("meta"):
             model = cls(config)
         return load_state(model, state, source, unexpected, HF_KEYS)

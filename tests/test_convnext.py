@@ -4,7 +4,7 @@ import timm  # the reference; a test dependency only (requirements-dev.txt)
 import torch
 from safetensors.torch import save_file
 
-from convnext import PRESETS, RELEASE_WEIGHTS, ConvNeXt, ConvNeXtConfig
+from convnext import CONVNEXT_PRESETS, RELEASE_WEIGHTS, ConvNeXt, ConvNeXtConfig
 from weights import CheckpointError
 
 DEPTHS, DIMS = (1, 2, 1, 1), (16, 24, 32, 40)
@@ -103,7 +103,7 @@ def test_eps_from_preset(xxlarge, image, tmp_path):
             xxlarge.stem[0].bias.copy_(stem_bias)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(CONVNEXT_PRESETS))
 def test_presets_inferred_from_shapes(name):
     # full-size presets on the meta device: shapes only, no memory; the eps follows the matching widths
     with torch.device("meta"):

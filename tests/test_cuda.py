@@ -1,6 +1,5 @@
 """What runs only on a GPU (`python -m pytest -m cuda`; skipped without CUDA): the compiled
-adapter gate and the compiled decode step as CUDA graphs, and bf16 generation."""
-from functools import partial
+MR-Adapter and the compiled decode step as CUDA graphs, and bf16 generation."""
 
 import pytest
 import torch
@@ -14,29 +13,32 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def gate_args(device, dtype, seed=0):
-    """MR-Adapter gate inputs at the release's widths: ViT-L tokens (d = 1024) at R = 1024."""
+def release_adapter(seed=0):
+    """An MR-Adapter at the release's widths (ViT-L d = 1024, ConvNeXt-L C = 1536), weights drawn
+    at random (the zero init would leave f_l = f_h = 0), and its inputs at R = 1024."""
     g = torch.Generator().manual_seed(seed)
-    f, s = torch.randn(2, 1024, 1024, generator=g), torch.randn(2, 1024, 1024, generator=g)
-    w1, b1 = torch.randn(512, 2048, generator=g) / 2048 ** 0.5, 0.1 * torch.randn(512, generator=g)
-    w2, b2 = torch.randn(1, 512, generator=g) / 512 ** 0.5, 0.1 * torch.randn(1, generator=g)
-    return [t.to(device, dtype) for t in (f, s, w1, b1, w2, b2)]
+    ad = mra.MRAdapter(1024, 1536)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    return ad, torch.randn(2, 1024, 1024, generator=g), torch.randn(2, 1536, 32, 32, generator=g)
 
 
-def check_fused_gate_bf16(device):
-    args = gate_args(device, torch.bfloat16)
-    eager = mra.gate_mix(*args, "tanh")
-    fused = mra.fused_gate_mix(*args, "tanh")  # torch.compile'd on CUDA
-    exact = mra.gate_mix(*[t.float() for t in args], "tanh")
-    # the fused kernel rounds to bf16 once where eager rounds after every op: they may differ by
+def check_compiled_adapter_bf16(device):
+    ad, x, slow = release_adapter()
+    exact = ad.to(device)(x.to(device), slow.to(device))
+    ad, x, slow = ad.to(torch.bfloat16), x.to(device, torch.bfloat16), slow.to(device, torch.bfloat16)
+    eager = ad(x, slow)
+    fused = torch.compile(ad, dynamic=False)(x, slow)  # as DualEncoder runs it on CUDA
+    # the fused kernels round to bf16 once where eager rounds after every op: they may differ by
     # a unit in the last place of the output's magnitude, and fusing must not be less accurate
     ulp = 2 ** -7 * exact.abs().max().item()
     torch.testing.assert_close(fused.float(), eager.float(), rtol=0, atol=ulp)
     assert (fused.float() - exact).abs().max() <= (eager.float() - exact).abs().max()
 
 
-def test_compiled_adapter_gate_equals_eager_in_bf16():
-    check_fused_gate_bf16("cuda")
+def test_compiled_adapter_equals_eager_in_bf16():
+    check_compiled_adapter_bf16("cuda")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def check_bf16_agrees_with_fp32(path, device, n=8):
         ref, ref_logits = greedy(mra.load_checkpoint(path, torch.float32, device).eval(), x, n,
                                  IDS.to(device), PAD_MASK.to(device))
         model = mra.load_checkpoint(path, torch.bfloat16, device).eval()
-        compiled = generate.compile_step(partial(generate.decode_one, model), torch.device(device))
+        compiled = generate.compile_step(model.llm.decode, torch.device(device))
         atol = 0.05 * ref_logits.abs().max().item()  # bf16: 8 mantissa bits through every layer
         top2 = ref_logits.topk(2, dim=-1).values
         clear = top2[..., 0] - top2[..., 1] > 2 * atol  # no error within atol can flip these
@@ -94,7 +96,7 @@ def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
     eager = generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1)
     torch._dynamo.reset()
     counters.clear()
-    step = generate.compile_step(partial(generate.decode_one, model), torch.device("cuda"))
+    step = generate.compile_step(model.llm.decode, torch.device("cuda"))
     assert generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1, step=step) == eager
     assert counters["stats"]["unique_graphs"] == 1  # compiled once for 63 steps
     assert counters["inductor"]["cudagraph_skips"] == 0  # and run as a CUDA graph...

@@ -204,7 +204,7 @@ def test_chat_appends_after_a_canonical_answer(model, tok, images, capsys, monke
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is this?\nAnd the sign?\n"))
     img = pixels(model, images[0])
     args = SimpleNamespace(conv_mode="vicuna_v1", max_new_tokens=MAX_NEW)
-    generate.chat(model, tok, img, args, pick, partial(generate.decode_one, model))
+    generate.chat(model, tok, img, args, pick, model.llm.decode)
     out = capsys.readouterr().out
     ids1 = ids_for(tok, [generate.human_turn("What is this?", True)])
     assert seen[1][0] == len(ids1) + len(answer)  # turn 2: the cache holds prompt + answer...
@@ -284,7 +284,7 @@ def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images):
     eager = generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1)
     torch._dynamo.reset()
     counters.clear()
-    step = generate.compile_step(partial(generate.decode_one, model), torch.device("cpu"))
+    step = generate.compile_step(model.llm.decode, torch.device("cpu"))
     assert generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1, step=step) == eager
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 

@@ -66,7 +66,7 @@ def test_zero_init_is_the_base_model(base):
 def test_only_lora_projector_and_mra_learn_base_bit_identical(run, base):
     out, g = run
     assert losses(out)[-1] < 0.5 * losses(out)[0], losses(out)
-    model, init = g["raw"], mra.load_checkpoint(base).state_dict()
+    model, init = g["unwrapped"], mra.load_checkpoint(base).state_dict()
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
     for n in trained:
         assert ".lora_" in n or n.startswith(("projector.", "encoder.adapters.", "encoder.fusion.")), n

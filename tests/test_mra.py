@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import mra
 from convnext import ConvNeXtConfig
 from llama import LlamaConfig
-from mra import IGNORE, IMAGE_TOKEN, MRAConfig, MRAdapter, align, gate_mix
+from mra import IGNORE, IMAGE_TOKEN, MRAConfig, MRAdapter, align
 from vit import ViTConfig
 
 
@@ -94,20 +94,18 @@ def test_align_upsamples_in_fp32():
     assert torch.equal(align(x, 64), ref.flatten(2).transpose(1, 2))
 
 
-def test_compiled_gate_equals_eager():
-    # fused_gate_mix compiles gate_mix only on CUDA; compiling it here on the CPU proves the
+def test_compiled_adapter_equals_eager():
+    # DualEncoder compiles its adapters only on CUDA; compiling one here on the CPU proves the
     # traced graph computes the same function, forward and backward
-    torch.manual_seed(0)
-    args = [torch.randn(2, 16, 32), torch.randn(2, 16, 32), torch.randn(16, 64), torch.randn(16),
-            torch.randn(1, 16), torch.randn(1)]
-    eager_args = [a.clone().requires_grad_() for a in args]
-    comp_args = [a.clone().requires_grad_() for a in args]
-    eager = gate_mix(*eager_args, "tanh")
-    compiled = torch.compile(gate_mix, dynamic=False)(*comp_args, "tanh")
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    eager.sum().backward()
-    compiled.sum().backward()
-    for a, b in zip(comp_args, eager_args):
+    ad = randomise(MRAdapter(32, 40))
+    x, slow = torch.randn(2, 16, 32), torch.randn(2, 40, 8, 8)
+    eager, compiled = [(x.clone().requires_grad_(), slow.clone().requires_grad_()) for _ in range(2)]
+    out = ad(*eager)
+    out_c = torch.compile(ad, dynamic=False)(*compiled)
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    out_c.sum().backward()
+    for a, b in zip(compiled, eager):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
@@ -166,6 +164,36 @@ def test_splice_places_features_and_masks_labels():
         model.splice(ids, torch.randn(2, 3, 256, 256))
 
 
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_splice_equals_a_row_by_row_reference(left_pad):
+    """Two images in one row, one in another, a text-only row, padding inside and after rows."""
+    torch.manual_seed(0)
+    model = mra.build(tiny_cfg(image_size=128))
+    I = IMAGE_TOKEN
+    ids = torch.tensor([[1, I, 5, 6, I, 7], [1, 8, 0, I, 9, 0], [1, 10, 11, 12, 0, 0]])
+    pad = ids != 0
+    images = torch.randn(3, 3, 128, 128)
+    feats, embeds = model.encode_images(images), model.llm.embed(ids.clamp(min=0))
+    rows, k = [], 0  # the readable way: walk each row, copying tokens and inserting features
+    for b in range(3):
+        row = []
+        for t in range(6):
+            if pad[b, t] and ids[b, t] == I:
+                row += [(f, IGNORE) for f in feats[k]]
+                k += 1
+            elif pad[b, t]:
+                row.append((embeds[b, t], ids[b, t].item()))
+        rows.append(row)
+    L = max(map(len, rows))
+    got, mask, labels = model.splice(ids, images, labels=ids, pad_mask=pad, left_pad=left_pad)
+    assert got.shape == (3, L, embeds.shape[-1]) and mask.sum(1).tolist() == list(map(len, rows))
+    for b, row in enumerate(rows):
+        at = range(L - len(row), L) if left_pad else range(len(row))
+        torch.testing.assert_close(got[b, at], torch.stack([e for e, _ in row]), rtol=0, atol=0)
+        assert labels[b, at].tolist() == [lab for _, lab in row] and mask[b, at].all()
+        assert (labels[b][~mask[b]] == IGNORE).all() and (got[b][~mask[b]] == 0).all()
+
+
 def test_cached_generation_equals_full_forward():
     torch.manual_seed(0)
     model = randomise(mra.build(tiny_cfg())).eval()
@@ -177,7 +205,7 @@ def test_cached_generation_equals_full_forward():
         for _ in range(4):
             tok = logits.argmax(-1)
             seq = torch.cat([seq, tok[:, None]], 1)
-            logits = model.decode(tok, cache)
+            logits = model.llm.decode(tok, cache)
             # each row alone, unpadded: row 0 holds the image, row 1 is text-only
             for b, img in ((0, images), (1, None)):
                 full, _ = model(seq[b:b + 1], img)

@@ -217,7 +217,7 @@ def greedy(model, images, n, ids=IDS, pad_mask=PAD_MASK):
         steps.append(logits)
         tokens.append(logits.argmax(-1))
         if i < n - 1:
-            logits = model.decode(tokens[-1], cache)
+            logits = model.llm.decode(tokens[-1], cache)
     return torch.stack(tokens, 1), torch.stack(steps, 1)
 
 
@@ -689,7 +689,7 @@ def test_int8_greedy_agrees_where_fp32_is_decided(int8_pair):
     tokens32, steps32 = greedy(m32, x, n)
     tokens8, _ = greedy(m8, x, n)
     logits, cache = m8.prefill(IDS, x, pad_mask=PAD_MASK, max_new_tokens=n)  # int8 fed fp32's tokens
-    forced = [logits] + [m8.decode(tokens32[:, i], cache) for i in range(n - 1)]
+    forced = [logits] + [m8.llm.decode(tokens32[:, i], cache) for i in range(n - 1)]
     deviation = (torch.stack(forced, 1) - steps32).abs().amax(-1)  # (B, n)
     top2 = steps32.topk(2, dim=-1).values
     decided = (top2[..., 0] - top2[..., 1]) > 2 * deviation  # (B, n)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from vit import PRESETS, ViT, ViTConfig, resize_pos_embed
+from vit import VIT_PRESETS, ViT, ViTConfig, resize_pos_embed
 from weights import CheckpointError
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -51,7 +51,7 @@ def assert_matches_hf(vit, hf_vision, x):
         ref = hf_vision(pixel_values=x, output_hidden_states=True)
         hs = vit(x)
         pooled = vit.ln_post(hs[-1][:, 0])
-    assert len(hs) == len(ref.hidden_states) == vit.cfg.layers + 1
+    assert len(hs) == len(ref.hidden_states) == vit.config.layers + 1
     for ours, theirs in zip(hs, ref.hidden_states):
         torch.testing.assert_close(ours, theirs, **TOL)
     torch.testing.assert_close(pooled, ref.pooler_output, **TOL)
@@ -62,11 +62,11 @@ def test_presets_and_config_inference():
     assert (cfg.grid, cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim) == (24, 1024, 24, 16, 4096)
     with pytest.raises(KeyError, match="clip-vit-h"):
         ViTConfig.from_name("clip-vit-h")
-    for name in PRESETS:
+    for name in VIT_PRESETS:
         cfg = ViTConfig.from_name(name)
         with torch.device("meta"):  # real shapes, no memory
             state = ViT(cfg).state_dict()
-        assert ViTConfig.from_state(state) == cfg, name
+        assert ViTConfig.from_shapes(state) == cfg, name
         hf = CLIPVisionConfig(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers,
                               num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size)
         assert ViTConfig.from_hf(hf.to_dict()) == cfg, name
@@ -79,7 +79,7 @@ def test_parity_shape_inference(tmp_path):
     hf = tiny_hf()
     save_file(hf.state_dict(), tmp_path / "clip.safetensors")
     vit = ViT.from_pretrained(tmp_path / "clip.safetensors")
-    assert vit.cfg == ViTConfig(image_size=42, patch_size=14, width=128, layers=3, heads=2, mlp_dim=256)
+    assert vit.config == ViTConfig(image_size=42, patch_size=14, width=128, layers=3, heads=2, mlp_dim=256)
     assert_matches_hf(vit, hf.vision_model, images(42, 42))
     # an in-memory state dict goes the same way, and dtype is the caller's choice
     vit16 = ViT.from_pretrained(hf.state_dict(), dtype=torch.bfloat16)
@@ -91,7 +91,7 @@ def test_parity_config_json(tmp_path):
     hf = tiny_hf(heads=4, eps=1e-6)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     vit = ViT.from_pretrained(tmp_path)
-    assert (vit.cfg.heads, vit.cfg.eps) == (4, 1e-6)
+    assert (vit.config.heads, vit.config.eps) == (4, 1e-6)
     assert_matches_hf(vit, hf.vision_model, images(42, 42))
 
 
@@ -102,12 +102,12 @@ def test_full_clip_model_ignores_text_tower(tmp_path):
     clip = randomise(CLIPModel(cfg))
     clip.save_pretrained(tmp_path, safe_serialization=True)
     vit = ViT.from_pretrained(tmp_path)  # config.json holds a vision_config section
-    assert vit.cfg.heads == 4
+    assert vit.config.heads == 4
     assert_matches_hf(vit, clip.vision_model, images(42, 42))
     # the position_ids buffer older checkpoints carry is ignored too
     state = clip.state_dict() | {"vision_model.embeddings.position_ids": torch.arange(10)[None]}
     assert any(k.startswith("text_model.") for k in state)
-    assert_matches_hf(ViT.from_pretrained(state, config=vit.cfg), clip.vision_model, images(42, 42))
+    assert_matches_hf(ViT.from_pretrained(state, config=vit.config), clip.vision_model, images(42, 42))
 
 
 def resample_reference(pos, gh, gw):
@@ -142,7 +142,7 @@ def test_resampled_square_input_matches_hf_at_that_size():
     big = CLIPVisionModel(vision_config(image_size=70)).eval()
     big.load_state_dict(state)
     vit = ViT.from_pretrained(small.state_dict())
-    assert vit.cfg.image_size == 42
+    assert vit.config.image_size == 42
     assert_matches_hf(vit, big.vision_model, images(70, 70))
 
 
