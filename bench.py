@@ -28,11 +28,20 @@
    `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with.
    Not in the default run (~15 min on 2 busy cores).
 
+6. stage2: `train.py --stage 2 --fsdp` as run (torchrun, one GPU, bf16 FSDP2) with the full vision
+   towers (CLIP ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at 1024) and a random ~1B
+   LLaMA (TinyLlama's widths), with and without --grad-checkpoint: tokens/s, MFU, peak CUDA
+   memory. CUDA only (~6 minutes on one H100-class GPU).
+7. lean: train.py --fsdp's lean start on the CPU: peak RSS of each of two gloo ranks against one
+   process of the same run (--init from a 324M-parameter checkpoint), and their losses.
+
     python bench.py            # sections 1-3, ~5 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
     python bench.py --quick    # smoke run, a few seconds
     python bench.py --only experiment   # section 4: the README's experiment table
     python bench.py --only scale [--model DIR]   # section 5
+    python bench.py --only stage2 --device cuda   # section 6
+    python bench.py --only lean   # section 7 (~10 minutes, 12 GB of memory at once, on 2 busy cores)
 """
 import argparse
 import glob
@@ -540,8 +549,8 @@ class PeakAnon:
     """Samples a process's RssAnon (/proc/PID/status) every 20 ms in a thread; .peak in bytes.
     Anonymous memory is what loading allocates; a memory-mapped checkpoint's pages are not in it."""
 
-    def __init__(self, pid):
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+    def __init__(self, pid, field="RssAnon"):  # field="VmRSS": the whole resident set, mapped pages too
+        self.pid, self.field, self.peak, self.stop = pid, field + ":", 0, threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -549,7 +558,7 @@ class PeakAnon:
         while not self.stop.is_set():
             try:
                 with open(f"/proc/{self.pid}/status") as f:
-                    kb = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+                    kb = next(int(line.split()[1]) for line in f if line.startswith(self.field))
                 self.peak = max(self.peak, kb * 1024)
             except (OSError, StopIteration):
                 pass
@@ -773,10 +782,133 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
     return path
 
 
+# ---------------------------------------------------------------------------------------
+# 6. stage-2 training on one GPU, through train.py itself
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}  # dense, FLOP/s
+
+
+def bench_stage2(a, device, steps=8, batch=4, words=150):
+    """train.py --stage 2 --fsdp (torchrun, one process) on random weights and one synthetic
+    1024 px image + ~200 text tokens per sample; the first two steps (allocator, kernels) are not
+    timed. MFU counts model FLOPs: 3x the forward (measured with FlopCounterMode on the meta
+    device), the forward that checkpointing repeats not included."""
+    if device.type != "cuda":
+        print("\n6. stage2: needs a CUDA device (--device cuda); skipped")
+        return {}
+    from PIL import Image
+    llm = LlamaConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=4096)
+    cfg = replace(mra.MRAConfig(), llm=llm)  # LLaVA-HR-7B's towers, a TinyLlama-sized LLM
+    rows, out = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        make_tokenizer(os.path.join(d, "tokenizer.model"))
+        Image.effect_noise((1024, 1024), 64).convert("RGB").save(os.path.join(d, "x.png"))
+        answer = " ".join(["A picture of a cat", "number 7 sign"] * (words // 8))
+        turns = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": answer}]
+        records = [dict(id=i, image="x.png", conversations=turns) for i in range(steps * batch)]
+        with open(os.path.join(d, "data.json"), "w") as f:
+            json.dump(records, f)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f)
+        for ckpt in (False, True):
+            run = os.path.join(d, f"run{int(ckpt)}")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
+                   "--stage", "2", "--config", os.path.join(d, "config.json"), "--data", os.path.join(d, "data.json"),
+                   "--image-folder", d, "--tokenizer", os.path.join(d, "tokenizer.model"), "--out", run,
+                   "--global-batch", str(batch), "--batch-size", str(batch), "--max-steps", str(steps),
+                   "--fsdp", "--no-save", "--workers", "4"] + (["--grad-checkpoint"] if ckpt else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:  # train.py's own error, without torchrun's report that follows it
+                print(proc.stderr.split("torch.distributed.elastic.multiprocessing.api")[0][-3000:])
+                raise SystemExit("stage2: train.py failed (above)")
+            with open(os.path.join(run, "log.jsonl")) as f:
+                log = [json.loads(line) for line in f]
+            dt = (log[-1]["time"] - log[1]["time"]) / (len(log) - 2)  # seconds per step after the warm-up
+            tokens = log[-1]["tokens"] / batch  # per sample: visual + text
+            n_vis = mra.visual_tokens(cfg.arch, cfg.image_size, cfg.vit_min_size, cfg.vit.patch_size)
+            with torch.device("meta"):
+                model = mra.LlavaHR(replace(cfg, adapters=True))
+            with FlopCounterMode(display=False) as counter:
+                model.encode_images(torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta"))
+                model.llm(embeds=torch.empty(1, round(tokens), llm.dim, device="meta"))
+            flops = 3 * counter.get_total_flops() * batch / dt
+            peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None)
+            mfu = f"{flops / peak:.1%}" if peak else "-"
+            rows.append(["yes" if ckpt else "no", f"{batch * tokens / dt:,.0f}", f"{dt:.2f}", mfu,
+                         f"{max(r['cuda_peak_gib'] for r in log):.1f}"])
+            out[f"stage2_tokens_per_s{'_grad_ckpt' if ckpt else ''}"] = f"{batch * tokens / dt:,.0f}"
+    n = sum(q.numel() for q in model.parameters())
+    print(f"\n6. stage 2 on {torch.cuda.get_device_name(device)}: train.py --fsdp (bf16 FSDP2, one GPU), "
+          f"{n / 1e9:.2f}B parameters (ViT-L/14 at 448, ConvNeXt-L at 1024, LLM dim {llm.dim} x {llm.n_layers}), "
+          f"micro-batch {batch} x {tokens:.0f} tokens ({n_vis} visual), {steps - 2} timed steps")
+    table(rows, ["grad ckpt", "tokens/s", "s/step", "MFU", "peak GiB"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 7. the lean FSDP start: host memory per rank against one process
+
+
+def bench_lean(a, port=29533):
+    """train.py --stage 2 --init CKPT, one process and two gloo ranks (--fsdp) of the same run:
+    peak RSS of each process (VmRSS sampled every 20 ms; --no-save, so the peak is training's)
+    and the losses. The towers are tiny, the LLM 20 x 1024 wide (quick: 2 layers)."""
+    from PIL import Image
+    cfg = replace(small_cfg("llava-hr", 128, True), vit_min_size=28, llm=LlamaConfig(
+        dim=1024, n_layers=2 if a.quick else 20, n_heads=16, hidden_dim=2816, max_seq_len=512))
+    with tempfile.TemporaryDirectory() as d:
+        make_tokenizer(os.path.join(d, "tokenizer.model"))
+        records = []
+        for i in range(8):
+            Image.effect_noise((64, 64), 32 + 8 * i).convert("RGB").save(os.path.join(d, f"{i}.png"))
+            records.append(dict(id=i, image=f"{i}.png", conversations=[
+                {"from": "human", "value": "What is in the image?\n<image>"},
+                {"from": "gpt", "value": f"A picture of a cat, number {i}."}]))
+        with open(os.path.join(d, "data.json"), "w") as f:
+            json.dump(records, f)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f)
+        torch.manual_seed(0)
+        mra.save_checkpoint(mra.build(cfg), os.path.join(d, "init"))
+        n = sum(s[0] for s in weights.tensor_sizes(os.path.join(d, "init")).values())
+        cmd = [sys.executable, "train.py", "--stage", "2", "--config", os.path.join(d, "config.json"),
+               "--init", os.path.join(d, "init"), "--data", os.path.join(d, "data.json"), "--image-folder", d,
+               "--tokenizer", os.path.join(d, "tokenizer.model"), "--image-size", "128", "--workers", "0",
+               "--global-batch", "2", "--batch-size", "1", "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0",
+               "--group-by-length", "--grad-checkpoint", "--no-save"]
+        rows, losses = [], {}
+        for name, world in (("one process", 1), ("--fsdp, 2 ranks", 2)):
+            out = os.path.join(d, f"world{world}")
+            env = os.environ | dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                                    OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
+            procs = [subprocess.Popen(cmd + ["--out", out] + (["--fsdp"] if world > 1 else []), text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      env=env | dict(RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env)
+                     for r in range(world)]
+            peaks = [PeakAnon(p.pid, "VmRSS") for p in procs]
+            for p in procs:
+                if p.wait():
+                    raise SystemExit(f"lean: train.py failed: {p.stderr.read()[-2000:]}")
+            with open(os.path.join(out, "log.jsonl")) as f:
+                losses[world] = [json.loads(line)["loss"] for line in f]
+            for r, peak in enumerate(peaks):
+                rows.append([name if world == 1 else f"{name}: rank {r}", f"{peak.done() / 2**30:.2f}"])
+        one = float(rows[0][1])
+        for r in rows:
+            r.append(f"{float(r[1]) / one:.2f}")
+    print(f"\n7. lean FSDP start: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter checkpoint, fp32), "
+          f"--grad-checkpoint, 3 steps of 2 samples; {os.cpu_count()} CPU cores")
+    table(rows, ["run", "peak RSS GiB", "x one process"])
+    worst = max((abs(x - y) / abs(y) for x, y in zip(losses[2], losses[1])), default=0)
+    print(f"losses, one process: {losses[1]}; FSDP: {losses[2]}; largest relative difference {worst:.1e}")
+    return {"lean_fsdp_rank_peak_vs_one_process": max(r[2] for r in rows[1:])}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale"], action="append",
+    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2", "lean"],
+                   action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
     p.add_argument("--experiment-out", default="out/experiment")
@@ -826,6 +958,10 @@ def main(argv=None):
         summary |= bench_experiment(a)
     if "scale" in sections:
         summary |= bench_scale(a, device)
+    if "stage2" in sections:
+        summary |= bench_stage2(a, device)
+    if "lean" in sections:
+        summary |= bench_lean(a)
     # the headline figures last, in a fixed order
     last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers",
             "decode_roofline_fraction", "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1",

@@ -423,11 +423,8 @@ def run(args):
     tok = mra.load_tokenizer(args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
     t0 = time.perf_counter()
-    if args.lora and args.quantize:
-        raise mra.CheckpointError("--quantize with --lora is not supported yet: merge first (train.py writes the "
-                                  "merged model to OUT/ckpt), then --quantize that")
-    if args.lora:  # base + adapters, merged as they load: the same model as the run's merged checkpoint
-        model = lora.load(args.model, args.lora, dtype, device).eval()
+    if args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint
+        model = lora.load(args.model, args.lora, dtype, device, quantize=args.quantize).eval()
     elif not os.path.exists(os.path.join(args.model, "mra_config.json")) and os.path.isdir(f"{args.model}/lora"):
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model BASE --lora "
                                   f"{os.path.join(args.model, 'lora')}")

@@ -12,6 +12,7 @@ References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE);
 Shazeer, "GLU Variants Improve Transformer" (SwiGLU); HF transformers'
 modeling_llama.py (the numerics matched here); gpt-fast and nanoGPT (the layout).
 """
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -90,8 +91,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # x / rms(x), in fp32 so bf16 activations don't lose the mean of squares; cast back
         # before the weight, exactly as HF does (the order changes bf16 results)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # h * rsqrt(mean(h^2) + eps), one call
         return self.weight * h.to(x.dtype)
 
 
@@ -108,6 +108,12 @@ def apply_rope(x, cos, sin):
     # in Meta's original code), so HF q/k weights load unchanged, without permuting their rows.
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def additive_mask(allowed, dtype):
+    """A bool mask (True: may attend) as 0 / -inf to add to the scores. Built once per call and
+    shared by every layer: given the bool mask, SDPA would convert it again in each."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class KVCache:
@@ -131,15 +137,16 @@ class KVCache:
             # fixed buffers that a CUDA graph reads and updates in place (no copy in per replay)
             torch._dynamo.mark_static_address(t)
 
-    def write(self, layer, k, v, start=None):
+    def write(self, layer, k, v, start=None, span=None):
         """Store k, v (B, n_kv, T, hd); return the keys and values the queries attend to.
         start (int): at slots [start, start+T), returning slots [0, start+T) (prefill). start
-        None: one token at slot `pos`, returning the whole cache (the static decode step)."""
+        None: one token at slot `pos` (the decode step), returning slots [0, span), by default
+        the whole cache (the static shape a compiled step needs)."""
         cache_k, cache_v = self.k[layer], self.v[layer]
         if start is None:
             cache_k.index_copy_(2, self.pos, k)
             cache_v.index_copy_(2, self.pos, v)
-            return cache_k, cache_v  # (B, nkv, max_len, hd)
+            return cache_k[:, :, :span], cache_v[:, :, :span]  # (B, nkv, span or max_len, hd)
         end = start + k.shape[2]
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v
@@ -151,6 +158,14 @@ class KVCache:
         self.pos.fill_(pos)
         self.valid[:, pos:] = False
 
+    def row(self, b, first):
+        """Row b from slot `first` on, as a cache of its own (pos 0) that shares this one's memory:
+        a prompt prefilled into it lands in place, in row b after the row's left padding."""
+        view = copy.copy(self)
+        view.k, view.v = [t[b:b + 1, :, first:] for t in self.k], [t[b:b + 1, :, first:] for t in self.v]
+        view.valid, view.pos = self.valid[b:b + 1, first:], torch.zeros_like(self.pos)
+        return view
+
 
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig, layer):
@@ -161,15 +176,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, start):
+    def forward(self, x, cos, sin, mask, cache, start, span=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
-        # softmax(q k^T / sqrt(hd), over the keys `mask` allows; causal when mask is None) v.
+            k, v = cache.write(self.layer, k, v, start, span)  # (B, nkv, S, hd), S = slots attended to
+        # softmax(q k^T / sqrt(hd) + mask) v, mask 0 where a key may be read, -inf where not
+        # (causal when mask is None).
         # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
         # consecutive q heads, read in place rather than copied per q head (repeat_interleave)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -194,8 +210,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(c.dim, c.norm_eps), Attention(c, layer)
         self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache=None, start=None, span=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, span)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -207,7 +223,8 @@ class Int8Linear(nn.Module):
         s_o = max_i |W_oi| / 127,   q_oi = round(W_oi / s_o) in [-127, 127]      (quantize)
         y = x W^T ~= x (q * s)^T = (x q^T) * s                                    (forward)
 
-    The error per weight is at most s_o / 2, half a step of its row's grid.
+    The error per weight is at most s_o / 2, half a step of its row's grid. The weights are
+    buffers, never trained; gradients flow to x only (LoRA on an int8 base, lora.py).
     """
 
     def __init__(self, in_features, out_features):
@@ -218,31 +235,59 @@ class Int8Linear(nn.Module):
     @staticmethod
     def quantize(w, dtype=None):
         """(out, in) float weight -> int8 (out, in), scales (out,) in `dtype` (default: w's)."""
+        dtype = dtype or w.dtype
         w = w.float()
-        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype or w.dtype)
+        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype)
         # divide by the scales as stored, so q * s reconstructs with the scales forward will use
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
         return q, scales
 
     def forward(self, x):
-        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
-        # torch's int8 kernel (as gpt-fast) is built for decode's few rows; a prefill of hundreds
-        # of tokens is compute-bound, where dequantising once for a bf16 matmul is faster
-        if x.device.type == "cpu" and x.shape[0] <= 256 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(x.dtype))  # (N, out)
-        else:  # dequantise, then an ordinary matmul (torch.compile fuses the two on CUDA)
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y.view(*shape, -1)  # (..., out)
+        return int8_linear(x, self.weight, self.scales)
+
+
+def int8_linear(x, q, scales):
+    """(x q^T) * s for x (..., in), q int8 (out, in), scales (out,) -> (..., out)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return Int8Matmul.apply(x, q, scales)
+    shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
+    s = scales if scales.dtype == x.dtype else scales.to(x.dtype)  # stored in the model's dtype: no copy
+    # torch's int8 kernel (as gpt-fast) is built for decode's few rows; a prefill of hundreds
+    # of tokens is compute-bound, where dequantising once for a bf16 matmul is faster
+    if x.device.type == "cpu" and x.shape[0] <= 256 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        y = torch.ops.aten._weight_int8pack_mm(x, q, s)  # (N, out)
+    else:  # dequantise, then an ordinary matmul (torch.compile fuses the two on CUDA)
+        y = F.linear(x, q.to(x.dtype)) * s
+    return y.view(*shape, -1)  # (..., out)
+
+
+class Int8Matmul(torch.autograd.Function):
+    """int8_linear with a gradient for x: dL/dx = (dL/dy * s) q. Backward dequantises q again
+    rather than keeping a float copy of it for every layer until then (QLoRA's trick)."""
+
+    @staticmethod
+    def forward(ctx, x, q, scales):
+        ctx.save_for_backward(q, scales)
+        with torch.no_grad():
+            return int8_linear(x, q, scales)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scales = ctx.saved_tensors
+        return (grad * scales.to(grad.dtype)) @ q.to(grad.dtype), None, None  # (..., out) @ (out, in)
 
 
 def int8_linears(model):
-    """Swap the blocks' nn.Linear layers (q, k, v, o and the MLP's three) for Int8Linear, in place.
-    The output head stays in the model's dtype: logits keep full precision."""
+    """Swap the blocks' nn.Linear layers (q, k, v, o and the MLP's three) and the output head for
+    Int8Linear, in place. The head (vocab x dim, 6% of a 1B model's weights) is read whole every
+    token; a head tied to the embedding table stays as it is (it is also the token lookup)."""
     for block in model.layers:
         for part in (block.attn, block.mlp):
             for name, m in list(part.named_children()):
                 if isinstance(m, nn.Linear):
                     setattr(part, name, Int8Linear(m.in_features, m.out_features))
+    if isinstance(model.output, nn.Linear):
+        model.output = Int8Linear(model.output.in_features, model.output.out_features)
     return model
 
 
@@ -257,8 +302,8 @@ def int8_reader(quantized, dtype, device):
     return convert
 
 
-# HF names of the weights int8_linears quantizes (q/k/v/o_proj, gate/up/down_proj)
-INT8_KEYS = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+# HF names of the weights int8_linears quantizes (q/k/v/o_proj, gate/up/down_proj, lm_head)
+INT8_KEYS = re.compile(r"^(model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|lm_head)\.weight$")
 
 # HF LlamaForCausalLM key -> ours
 LLAMA_KEYS = [
@@ -342,7 +387,7 @@ class Llama(nn.Module):
             # every query sees at least its own slot: a padded query with every key masked is a
             # softmax over nothing, NaN in the textbook formula and in some SDPA kernels, and a NaN
             # value poisons real tokens in the next layer even at attention weight 0
-            mask = (mask | (k_slot == q_slot))[:, None]  # (B, 1, T, S), broadcast over heads
+            mask = additive_mask((mask | (k_slot == q_slot))[:, None], x.dtype)  # (B, 1, T, S), over heads
 
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start)
@@ -363,18 +408,22 @@ class Llama(nn.Module):
         attends over the whole preallocated cache, masked by cache.valid (False from pos on), and
         the position comes from tensors, never from a Python number. One compiled graph (on CUDA,
         one CUDA graph) then serves every step. The same as forward(tokens[:, None], cache=cache).
+        Run eagerly, it attends over the slots written so far only: shapes need not be static
+        there, and the slots after pos, masked, would only be read for nothing.
         """
-        limit = min(cache.valid.shape[1], self.config.max_seq_len)
-        if not torch.compiler.is_compiling() and int(cache.pos) >= limit:  # (a compiled step can't check)
-            raise ValueError(f"decoding at slot {int(cache.pos)}: the cache holds {limit} positions")
+        span = None  # compiled: the whole cache
+        if not torch.compiler.is_compiling():  # (a compiled step can't check)
+            span, limit = int(cache.pos) + 1, min(cache.valid.shape[1], self.config.max_seq_len)
+            if span > limit:
+                raise ValueError(f"decoding at slot {span - 1}: the cache holds {limit} positions")
         x = self.embed(tokens[:, None])  # (B, 1, D)
         # RoPE position: the row's real tokens so far (slots from pos on are not valid yet)
         positions = cache.valid.sum(-1, keepdim=True)  # (B, 1)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         cache.valid.index_fill_(1, cache.pos, True)
-        mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): every real slot up to this one
+        mask = additive_mask(cache.valid[:, None, None, :span], x.dtype)  # (B, 1, 1, S): real slots so far
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, None, span)
         cache.pos += 1
         return self.head(x)[:, 0]
 

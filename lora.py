@@ -12,6 +12,9 @@ train.py --lora-r writes OUT/ckpt/lora/: the LoRA tensors plus every small modul
 does not fix (projector, fusion, MR-Adapters), with lora.json and the model's mra_config.json.
 `load(base, adapters)` rebuilds the fine-tuned model from the base checkpoint and that
 directory; `merge` folds the updates into W for a plain model (generate.py, OUT/ckpt).
+On an int8 base (train.py --quantize int8, QLoRA-style as Dettmers et al. 2023 but 8-bit) W is
+llama.Int8Linear's frozen q * s and only A, B train; such adapters are applied to the
+full-precision base at load time rather than merged into the rounded W.
 `python lora.py` prints what fits on one GPU at 7B (`memory`, the model built on meta).
 """
 import json
@@ -24,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mra
+from llama import Int8Linear, int8_linear, int8_linears, int8_reader
 from weights import CheckpointError, load_state, read_config, read_safetensors
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
@@ -32,26 +36,34 @@ FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) B A dropout(x): a frozen bias-free nn.Linear plus a rank-r update.
+    """y = W x + (alpha / r) B A dropout(x): a frozen bias-free nn.Linear (or llama.Int8Linear,
+    W = q * s) plus a rank-r update.
 
-    It holds the wrapped layer's own weight Parameter, so the base keys ("attn.wq.weight") are
-    unchanged and a base checkpoint loads into it as it is; the update adds "lora_a", "lora_b".
+    It holds the wrapped layer's own weight (an int8 layer's scales too), so the base keys
+    ("attn.wq.weight") are unchanged and a base checkpoint loads into it as it is; the update
+    adds "lora_a", "lora_b".
     """
 
-    def __init__(self, linear: nn.Linear, r, alpha, dropout=0.0):
+    def __init__(self, linear, r, alpha, dropout=0.0):
         super().__init__()
-        assert linear.bias is None  # LLaMA's linear layers have none
-        self.weight = linear.weight  # (out, in)
+        if isinstance(linear, Int8Linear):  # buffers: never trained, never in the optimizer
+            self.register_buffer("weight", linear.weight)  # (out, in) int8
+            self.register_buffer("scales", linear.scales)  # (out,)
+        else:
+            assert linear.bias is None  # LLaMA's linear layers have none
+            self.weight = linear.weight  # (out, in)
+            self.register_buffer("scales", None)
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
-        w = linear.weight
-        self.lora_a = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=w.dtype))  # (r, in)
-        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))  # (out, r)
+        w, dtype = self.weight, (linear.weight if self.scales is None else linear.scales).dtype
+        self.lora_a = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=dtype))  # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=dtype))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
 
     def forward(self, x):
+        base = F.linear(x, self.weight) if self.scales is None else int8_linear(x, self.weight, self.scales)
         # B = 0 at the start: the update is exactly +0 and the output is the base layer's
-        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+        return base + self.scale * F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
 
 
 def add_lora(model, r, alpha, dropout=0.0):
@@ -71,6 +83,9 @@ def merge(state, scale, dtype=None):
     fp32, stored as `dtype` (default: W's own). One weight at a time, so never a second model."""
     for k in [k for k in state if k.endswith(".lora_a")]:
         stem = k[:-len("lora_a")]
+        if stem + "scales" in state:
+            raise ValueError(f"{stem}weight is int8: LoRA on an int8 base is not merged into the rounded "
+                             f"weights; apply the adapters to the full-precision base (load(base, adapters))")
         a, b, w = state.pop(k), state.pop(stem + "lora_b"), state[stem + "weight"]
         delta = b.float() @ a.float()  # (out, r) @ (r, in)
         state[stem + "weight"] = (w.float() + scale * delta).to(dtype or w.dtype)
@@ -90,11 +105,13 @@ def save_adapters(path, state, cfg, r, alpha, base):
         json.dump(dict(r=r, alpha=alpha, base=os.path.abspath(base)), f, indent=1)
 
 
-def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0):
+def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, quantize=None):
     """The fine-tuned model: `base` (a checkpoint dir) + `adapters` (a dir save_adapters wrote).
 
     merged=True: a plain LlavaHR with the updates folded in (for generation); False: the LoRA
-    modules kept (train.py --resume). Adapters that do not fit the base: one CheckpointError."""
+    modules kept (train.py --resume). Adapters that do not fit the base: one CheckpointError.
+    quantize="int8": unmerged, LoRA on the int8 base (a --quantize run's resume); merged, the
+    merged weights quantized one at a time (generate.py --lora --quantize int8)."""
     info_path = os.path.join(adapters, "lora.json")
     if not os.path.isfile(info_path):
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
@@ -102,10 +119,14 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0):
     r, alpha, trained_on = read_config(info_path, lambda d: (int(d["r"]), float(d["alpha"]), d.get("base")))
     cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
     tensors = read_safetensors(adapters, dtype, device)
-    state = {k: v for k, v in mra.load_checkpoint(base, dtype, device).state_dict().items() if k not in tensors}
+    q = quantize if not merged else None  # merged: W + (alpha / r) B A in full precision, then quantized
+    state = {k: v for k, v in mra.load_checkpoint(base, dtype, device, q).state_dict().items() if k not in tensors}
     state |= tensors
     with torch.device("meta"):
-        model = add_lora(mra.LlavaHR(cfg), r, alpha, dropout)
+        model = mra.LlavaHR(cfg)
+        if q:
+            int8_linears(model.llm)
+        add_lora(model, r, alpha, dropout)
     try:
         load_state(model, state, f"adapters {adapters} on base {base}")
     except CheckpointError as e:
@@ -114,9 +135,16 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0):
         return model
     state = model.state_dict()
     del model, tensors  # the state dict now holds the only references: merge frees each old W
+    state = merge(state, alpha / r)
     with torch.device("meta"):
         plain = mra.LlavaHR(cfg)
-    return load_state(plain, merge(state, alpha / r), adapters)
+        if quantize:
+            int8_linears(plain.llm)
+    if quantize:  # one merged weight at a time becomes int8 + scales, the float one freed
+        int8 = {k for k, v in plain.state_dict().items() if v.dtype == torch.int8}.__contains__
+        convert = int8_reader(int8, dtype, device)
+        state = {k2: v2 for k in list(state) for k2, v2 in convert(k, state.pop(k)).items()}
+    return load_state(plain, state, adapters)
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +181,8 @@ def memory(model, batch, seq, grad_checkpoint, shards=1, lora_dropout=False):
     size (weights, gradients and optimizer state split across it), 1 for DDP or one GPU."""
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    gb = dict(weights=sum(p.numel() * p.element_size() for p in params) / shards,
+    frozen_int8 = [*model.buffers()]  # an int8 base's weights and scales (--quantize int8)
+    gb = dict(weights=sum(t.numel() * t.element_size() for t in params + frozen_int8) / shards,
               grads=4 * trainable / shards, adam=8 * trainable / shards,
               activations=activation_bytes(model.cfg, batch, seq, grad_checkpoint, lora_dropout))
     gb = {k: v / 2 ** 30 for k, v in gb.items()}
@@ -161,31 +190,35 @@ def memory(model, batch, seq, grad_checkpoint, shards=1, lora_dropout=False):
     return gb
 
 
-def setup_7b(r=None, alpha=None):
+def setup_7b(r=None, alpha=None, int8=False):
     """LLaVA-HR-7B on meta as train.py would train it: full stage 2 (fp32, all trains), or LoRA
-    rank r (the wrapped weights frozen in bf16, LoRA + projector + fusion + MR-Adapters train)."""
+    rank r (the wrapped weights frozen in bf16, or int8 with --quantize int8; LoRA + projector +
+    fusion + MR-Adapters train)."""
     with torch.device("meta"):
         model = mra.LlavaHR(replace(mra.MRAConfig(), adapters=True))
+        if int8:
+            int8_linears(model.llm)
         if r:
             add_lora(model, r, alpha or 2 * r)
     for name, p in model.named_parameters():
         p.requires_grad_(not r or ".lora_" in name or not name.startswith(FROZEN))
     for m in model.modules():  # as train.py stores them on one GPU
-        if isinstance(m, LoRALinear):
+        if isinstance(m, LoRALinear) and m.weight.is_floating_point():
             m.weight.data = m.weight.data.to(torch.bfloat16)
     return model
 
 
 def fits_table(seq=2048):
     rows = []
-    for r in (None, 128, 64, 16):
-        model = setup_7b(r)
+    for r, int8 in ((None, False), (128, False), (64, False), (16, False), (128, True), (64, True)):
+        model = setup_7b(r, int8=int8)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for ckpt in (True, False):
             for batch in (1, 4):
                 gb = memory(model, batch, seq, ckpt, lora_dropout=bool(r))
                 fit = " / ".join("yes" if gb["total"] <= 0.9 * cap else "no" for cap in (24, 48, 80))
-                rows.append(f"| {'full' if r is None else f'LoRA r {r}'} | {n_train / 1e6:,.0f}M | "
+                name = "full" if r is None else f"LoRA r {r}" + (" on int8" if int8 else "")
+                rows.append(f"| {name} | {n_train / 1e6:,.0f}M | "
                             f"{'yes' if ckpt else 'no'} | {batch} | {gb['weights']:.1f} | "
                             f"{gb['grads'] + gb['adam']:.1f} | {gb['activations']:.1f} | {gb['total']:.1f} | {fit} |")
     return rows

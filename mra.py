@@ -309,11 +309,18 @@ class LlavaHR(nn.Module):
         """Encode the prompt into a fresh KV cache. Returns (last logits (B, V), cache).
 
         Rows are re-padded on the left so every row's last prompt token sits in the same slot.
+        Rows of different lengths are prefilled one at a time, each into its own row of the cache
+        after its padding: no padding is computed, and each row takes SDPA's causal fast path.
         """
         embeds, mask, _ = self.splice(input_ids, images, pad_mask=pad_mask, left_pad=True)
-        cache = self.llm.new_cache(embeds.shape[0], embeds.shape[1] + max_new_tokens)
-        logits = self.llm(embeds=embeds, cache=cache, pad_mask=mask, last_only=True)
-        return logits[:, -1], cache
+        B, L, _ = embeds.shape
+        cache = self.llm.new_cache(B, L + max_new_tokens)
+        if mask.all():  # no padding: one batched pass
+            return self.llm(embeds=embeds, cache=cache, last_only=True)[:, -1], cache
+        logits = [self.llm(embeds=embeds[b:b + 1, L - n:], cache=cache.row(b, L - n), last_only=True)
+                  for b, n in enumerate(mask.sum(-1).tolist())]  # (1, 1, V) each
+        cache.pos.fill_(L)
+        return torch.cat(logits)[:, -1], cache
 
 
 # ---------------------------------------------------------------------------------------

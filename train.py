@@ -45,7 +45,7 @@ import data
 import lora
 import mra
 from convnext import ConvNeXtConfig
-from llama import LlamaConfig, Tokenizer
+from llama import LlamaConfig, Tokenizer, int8_linears
 from vit import ViTConfig
 from weights import read_config
 
@@ -124,6 +124,8 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
         finally:
             torch.set_default_dtype(torch.float32)
         n_all = sum(q.numel() for q in model.parameters())
+        # an int8 base (--quantize): its weights are buffers of 1 byte each, plus a scale per row
+        buffers, n_int8 = sum(b.nbytes for b in model.buffers()), sum(b.numel() for b in model.buffers() if b.ndim == 2)
         n_train = sum(q.numel() for n, q in model.named_parameters() if trains(n))
         for n, q in model.named_parameters():
             q.requires_grad_(trains(n))
@@ -152,8 +154,8 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
                                                                      for t in st.values())]) as update:
             opt.step()
     shard = world if fsdp else 1
-    return dict(weights=4 * n_all / shard, gradients=4 * n_train / shard, adam=8 * n_train / shard,
-                activations=counter.peak, update=update.peak / shard, n_all=n_all, n_train=n_train,
+    return dict(weights=4 * n_all / shard + buffers, gradients=4 * n_train / shard, adam=8 * n_train / shard,
+                activations=counter.peak, update=update.peak / shard, n_all=n_all + n_int8, n_train=n_train,
                 tokens=n_vis + n_text, world=world, fsdp=fsdp, batch=batch, bf16=bf16, grad_ckpt=grad_ckpt)
 
 
@@ -204,6 +206,7 @@ p.add_argument("--batch-size", type=int, default=16, help="per device, per micro
 p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
 p.add_argument("--save-every", type=int, default=500)
+p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
 p.add_argument("--seed", type=int, default=42)
 p.add_argument("--grad-checkpoint", action="store_true")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
@@ -216,6 +219,9 @@ p.add_argument("--lora-train-mra", action=argparse.BooleanOptionalAction, defaul
                help="with LoRA, also train the MR-Adapters and the fusion at full rank (as LLaVA-HR does)")
 p.add_argument("--lora-adapters-only", action="store_true",
                help="checkpoints hold only OUT/ckpt/lora (small), not the merged model as well")
+p.add_argument("--quantize", choices=["int8"],
+               help="with --lora-r: the frozen LLM's linear weights in int8 (QLoRA-style, 1 byte each + a scale "
+                    "per row); checkpoints then hold the adapters only: generate.py --model INIT --lora OUT/ckpt/lora")
 p.add_argument("--projector-lr-scale", type=float,
                help="the projector's lr as a fraction of --lr (default 1; with LoRA 0.1: 2e-5 of 2e-4, as released)")
 p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
@@ -255,6 +261,10 @@ if args.lora_r and not (args.stage == 2 and args.init):
             "dir or a train.py checkpoint) are needed")
 if args.lora_adapters_only and not args.lora_r:
     p.error("--lora-adapters-only saves LoRA adapters: it needs --lora-r")
+if args.quantize and not args.lora_r:
+    p.error("--quantize int8 freezes the LLM's weights in int8, where only LoRA can learn: it needs --lora-r")
+if args.quantize and args.fsdp:
+    p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 
 # -----------------------------------------------------------------------------
@@ -323,8 +333,45 @@ def checkpoint_blocks(model):
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def int8_base(model):
+    if args.quantize:
+        int8_linears(model.llm)
+    return model
+
+
+def shard_lean(model, units, mp, device, rank, world):
+    """FSDP2 (ZeRO-3) with a lean start: each rank allocates and reads only its shards.
+
+    The model as loaded holds views of its memory-mapped checkpoint (no page read yet) and, for
+    parts no checkpoint has (new adapters, a random test model), fresh random tensors: every rank
+    drew them from the same seed, in the order one process draws them, so they equal one
+    process's. The module is then emptied to the meta device and sharded; each rank allocates its
+    shard of every parameter (rows of dim 0, FSDP2's Shard(0)) and copies just those rows in, so
+    only their pages of the file are read: host memory per rank stays near 1/world of the model.
+    Buffers are not sharded: each rank copies them whole."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    # detached: emptying the module below must not empty the tensors it was loaded with
+    source = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    model.to_empty(device="meta").float()  # fp32 master weights (released checkpoints are fp16)
+    for unit in units:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            full = source.pop(name)
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if isinstance(t, DTensor):  # as FSDP2 splits: torch.chunk, empty for ranks past the last chunk
+                chunks = full.chunk(world)
+                full = chunks[rank] if rank < len(chunks) else full[:0]
+            assert full.shape == local.shape, (name, full.shape, local.shape)
+            local.copy_(full)  # casts to fp32
+    return model
+
+
 def plan(cfg, world, bf16):
-    build = (lambda c: lora.add_lora(mra.LlavaHR(c), args.lora_r, lora_alpha)) if args.lora_r else mra.LlavaHR
+    build = (lambda c: lora.add_lora(int8_base(mra.LlavaHR(c)), args.lora_r, lora_alpha)) if args.lora_r else mra.LlavaHR
     return memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
                        args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
 
@@ -387,11 +434,12 @@ def with_adapters(m1, cfg, source):
 if args.resume and os.path.isdir(os.path.join(resume_dir, "lora")):  # the frozen base is --init's, as it was
     if not args.lora_r:
         raise SystemExit(f"--resume: {resume_dir} holds a LoRA run: the run's --lora-r and --init, please")
-    model = lora.load(args.init, os.path.join(resume_dir, "lora"), merged=False, dropout=args.lora_dropout)
+    model = lora.load(args.init, os.path.join(resume_dir, "lora"), merged=False, dropout=args.lora_dropout,
+                      quantize=args.quantize)
 elif args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
 elif args.init:
-    model = mra.load_checkpoint(args.init)
+    model = mra.load_checkpoint(args.init, quantize=args.quantize)
     if adapters and not model.cfg.adapters and model.cfg.arch == "llava-hr":  # stage 1 -> 2: add MRA
         model = with_adapters(model, replace(model.cfg, **stage_cfg), f"--init {args.init}")
     else:
@@ -404,9 +452,11 @@ else:
         mra.load_projector(model, args.projector)
 if args.lora_r and not args.resume:
     lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
+lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) until shard_lean
 # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
-model.to(device, torch.float32)
-if device.type == "cpu":
+if not lean:
+    model.to(device, torch.float32)
+if device.type == "cpu" and not lean:
     # tensors loaded from safetensors are views into the file's buffer; CPU kernels then round
     # differently in the last bit (observed), so a resumed run would drift from an
     # uninterrupted one. Fresh copies make the two match bit for bit.
@@ -416,7 +466,7 @@ if args.lora_r and cuda and not (args.fsdp and distributed):
     # the wrapped weights are frozen and only ever read by autocast's bf16 matmuls: stored in bf16
     # they give the same products at half the memory (7B: 13 GB, not 26). FSDP2 wants one dtype.
     for m in model.modules():
-        if isinstance(m, lora.LoRALinear):
+        if isinstance(m, lora.LoRALinear) and m.weight.is_floating_point():
             m.weight.data = m.weight.data.to(torch.bfloat16)
 cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
@@ -426,9 +476,10 @@ if tok.vocab_size > cfg.llm.vocab_size:
 
 for name, param in model.named_parameters():
     param.requires_grad_(trains(name))
+del param  # a global: it would keep the last tensor as loaded, and with it the whole mapped file
 unwrapped = model  # the module itself: DDP wraps it below, fully_shard changes it in place
 n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
-n_all = sum(q.numel() for q in model.parameters())
+n_all = sum(q.numel() for q in model.parameters()) + sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)
 trainable = {n for n, q in model.named_parameters() if q.requires_grad}
 
 convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
@@ -436,19 +487,25 @@ blocks = [*model.llm.layers, *model.encoder.vit.blocks]
 if args.grad_checkpoint:
     checkpoint_blocks(model)
 
-if args.fsdp and distributed:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+if lean:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     # each unit's parameters are gathered just before it runs and freed after: only one block (or
-    # ConvNeXt stage) is ever whole on a device (ZeRO-3); the root holds the rest (embeddings,
-    # adapters, projector). On GPUs the gathered copies are bf16 and gradients are reduced in fp32,
-    # as the release's bf16 ZeRO-3; the optimizer keeps the fp32 shards.
+    # ConvNeXt stage) is ever whole on a device (ZeRO-3); the root holds the rest (adapters,
+    # projector, norms), whole from forward to backward. The LLM's embedding and head are units
+    # of their own (at 7B, 1 GB of fp32 that the root would keep whole), unless tied: a tied head
+    # reads the embedding's weight outside its module, where FSDP2 would not gather it.
+    # On GPUs the gathered copies are bf16 and gradients are reduced in fp32, as the release's
+    # bf16 ZeRO-3; the optimizer keeps the fp32 shards.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    for unit in [*blocks, *(convnext.stages if convnext else [])]:
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    ends = [model.llm.tok_embeddings, model.llm.output] if model.llm.output is not None else []
+    shard_lean(model, [*blocks, *(convnext.stages if convnext else []), *ends], mp, device, rank, world)
+    held = sum(q.to_local().nbytes for q in model.parameters())
+    print(f"rank {rank}: {held / 2**20:.1f} MiB of parameters held, {held / (4 * n_all):.2f} of the model")
 elif distributed:
     # text-only micro-batches leave the vision side unused: DDP must be told it may happen
-    model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True)
+    # an int8 base's weights are buffers, identical on every rank: not broadcast every step
+    model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True,
+                broadcast_buffers=not args.quantize)
 
 params = [q for q in model.parameters() if q.requires_grad]
 proj_scale = args.projector_lr_scale if args.projector_lr_scale is not None else 0.1 if args.lora_r else 1.0
@@ -471,7 +528,8 @@ if args.resume:
         raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     for key, now in (("global_batch", global_batch), ("seed", args.seed), ("epochs", args.epochs),
-                     ("data", args.data), ("stage", args.stage), ("lora_r", args.lora_r)):
+                     ("data", args.data), ("stage", args.stage), ("lora_r", args.lora_r),
+                     ("quantize", args.quantize)):
         if run.get(key) != now:
             raise SystemExit(f"--resume: the run used {key}={run.get(key)!r}, now {now!r}: the data position "
                              f"would not carry over")
@@ -521,7 +579,7 @@ def save(step):
         tmp = ckpt_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
         run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=args.data, stage=args.stage,
-                   lora_r=args.lora_r)
+                   lora_r=args.lora_r, quantize=args.quantize)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, optimizer=optim, cpu_rng=torch.get_rng_state(), run=json.dumps(run))
         if cuda:
@@ -531,7 +589,9 @@ def save(step):
                 lora.save_adapters(os.path.join(tmp, "lora"), lora.adapter_state(weights, trainable), cfg,
                                    args.lora_r, lora_alpha, args.init)
                 scale = lora_alpha / args.lora_r
-                weights = None if args.lora_adapters_only else lora.merge(weights, scale, torch.float32)
+                # an int8 base's W is rounded: its adapters go onto the full-precision --init at load time
+                merged = not (args.lora_adapters_only or args.quantize)
+                weights = lora.merge(weights, scale, torch.float32) if merged else None
             if weights is not None:
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
@@ -626,14 +686,20 @@ for step in range(start_step, stop_step):
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
     bar.update()
     if master:
-        log.write(json.dumps(dict(step=done, loss=loss, lr=lr, tokens=int(tokens), tokens_per_s=tok_s,
-                                  skipped=skipped, time=time.time())) + "\n")
+        entry = dict(step=done, loss=loss, lr=lr, tokens=int(tokens), tokens_per_s=tok_s,
+                     skipped=skipped, time=time.time())
+        if cuda:  # this rank's, the most any step has held so far
+            entry["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        log.write(json.dumps(entry) + "\n")
         log.flush()
-    if done == stop_step or (args.save_every and done % args.save_every == 0):
+    if not args.no_save and (done == stop_step or (args.save_every and done % args.save_every == 0)):
         save(done)
 bar.close()
 if master:
-    print(f"done: step {stop_step} of {total_steps}; checkpoint in {ckpt_dir}"
+    kept = "no checkpoint (--no-save)" if args.no_save else f"checkpoint in {ckpt_dir}"
+    print(f"done: step {stop_step} of {total_steps}; {kept}"
+          + (f" (adapters only: generate.py --model {args.init} --lora {ckpt_dir}/lora)"
+             if not args.no_save and (args.lora_adapters_only or args.quantize) else "")
           + (f"; {len(ds.bad)} bad records skipped, {skipped} replaced at load time" if args.skip_bad else ""))
 if distributed:
     dist.destroy_process_group()

@@ -115,6 +115,42 @@ def test_cache_prefill_then_decode_equals_full_forward(pair):
     torch.testing.assert_close(torch.stack(decoded, 1), full[:, 8:], **TOL)
 
 
+def test_eager_decode_equals_the_static_whole_cache_step(pair, monkeypatch):
+    """Eager decode reads only the slots written so far; compiled, the step reads the whole cache
+    (one shape for every position). Both must give the same logits."""
+    _, _, ours = pair
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        eager, static = ours.new_cache(2, 16), ours.new_cache(2, 16)
+        ours(ids[:, :6], cache=eager), ours(ids[:, :6], cache=static)
+        got = [ours.decode(ids[:, t], eager) for t in range(6, 12)]
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the path a compiled step traces
+        ref = [ours.decode(ids[:, t], static) for t in range(6, 12)]
+    torch.testing.assert_close(torch.stack(got), torch.stack(ref), **TOL)
+
+
+def test_rows_prefilled_alone_equal_the_left_padded_batch(pair):
+    """mra.prefill's way with rows of different lengths: each row alone into its cache row
+    (KVCache.row), after its left padding; the same cache and logits as one padded pass."""
+    _, _, ours = pair
+    lengths, T = [9, 4, 6], 9
+    ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:], mask[b, T - n:] = tokens(1, n, seed=10 + n)[0], True
+    with torch.no_grad():
+        batched, rows = ours.new_cache(3, T + 4), ours.new_cache(3, T + 4)
+        ref = ours(ids, cache=batched, pad_mask=mask)[:, -1]
+        got = torch.cat([ours(ids[b:b + 1, T - n:], cache=rows.row(b, T - n))[:, -1] for b, n in enumerate(lengths)])
+        rows.pos.fill_(T)
+        assert torch.equal(rows.valid, batched.valid)
+        for k_ref, k_got in zip(batched.k + batched.v, rows.k + rows.v):
+            real = lambda k: k[:, :, :T].transpose(1, 2)[mask]  # noqa: E731  (real slots, nkv, hd)
+            torch.testing.assert_close(real(k_got), real(k_ref), **TOL)
+        torch.testing.assert_close(got, ref, **TOL)
+        for t in ids[:, -1], ids[:, 0], ids[:, 1]:  # and decoding continues the same
+            torch.testing.assert_close(ours.decode(t, rows), ours.decode(t, batched), **TOL)
+
+
 def greedy(model, ids, n, pad_mask=None):
     """Greedy tokens (B, n) and each step's logits (B, n, V), through the KV cache."""
     B, T = ids.shape
@@ -183,8 +219,10 @@ def naive_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, nh, T, S)
     if is_causal:
         attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:  # additive: 0 where allowed, -inf where masked
+        scores = scores + attn_mask
     return scores.softmax(-1) @ v
 
 
@@ -318,3 +356,26 @@ def test_last_only_logits_equal_the_full_passes_last_row():
     last = model(tokens, pad_mask=pad, last_only=True)
     assert last.shape == (2, 1, model.config.vocab_size)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_int8_quantizes_an_untied_head_and_keeps_a_tied_one():
+    """--quantize int8 covers the output head (read whole every token) unless it is the embedding
+    table; an int8 model answers through both (the head's int8 kernel and the dequantised path)."""
+    from dataclasses import replace
+
+    from llama import Int8Linear, int8_linears
+    for tied in (False, True):
+        torch.manual_seed(0)
+        c = replace(LlamaConfig.from_name("llama-tiny"), tie_embeddings=tied)
+        model = Llama(c).eval()
+        state = model.state_dict()
+        int8_linears(model)
+        for k, t in list(state.items()):
+            if isinstance(model.get_submodule(k.rpartition(".")[0]), Int8Linear):
+                state[k], state[k.removesuffix("weight") + "scales"] = Int8Linear.quantize(t)
+        model.load_state_dict(state, assign=True)
+        assert isinstance(model.output, Int8Linear) != tied
+        ids = torch.randint(0, c.vocab_size, (2, 7))
+        with torch.no_grad():
+            logits = model(ids)
+        assert logits.shape == (2, 7, c.vocab_size) and logits.isfinite().all()

@@ -2,7 +2,8 @@
 the base model; after training the merged model equals the unmerged one (logits, greedy text);
 only LoRA, the projector and the flagged modules learn, the base weights stay bit-identical;
 resume, DDP and FSDP2 equal one uninterrupted process; bad ranks and mismatched adapters are
-one line."""
+one line. The same on an int8 base (train.py --quantize int8): the int8 weights and scales stay
+bit-identical, the adapters alone are saved and serve on the full-precision base."""
 import os
 import runpy
 import shutil
@@ -17,7 +18,7 @@ import lora
 import mra
 from llama import Tokenizer
 from test_generate import greedy_full_forward, ids_for, pixels
-from test_train import TRAIN, args, assert_same, env, losses, one_thread, tiny, torchrun, weights  # noqa: F401
+from test_train import TRAIN, args, assert_same, env, losses, one_thread, plan, tiny, torchrun, weights  # noqa: F401
 
 LORA = ("--lora-r", 4, "--lora-alpha", 8)
 FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
@@ -179,3 +180,151 @@ def test_7b_counts_and_memory_on_meta():
     n_all = sum(p.numel() for p in model.parameters())
     assert gb["weights"] == pytest.approx((2 * n_wrapped + 4 * (n_all - n_wrapped)) / 2 ** 30)
     assert gb["total"] < 0.9 * 48 < lora.memory(lora.setup_7b(None), 1, 2048, True)["total"]
+
+
+# ----- LoRA on an int8 base (train.py --quantize int8, QLoRA-style) ------------------------------
+
+QLORA = (*LORA, "--quantize", "int8")
+
+
+def test_int8_gradient_is_the_dequantised_layers():
+    """Int8Matmul's backward (dL/dx = (dL/dy * s) q, dequantised again) against autograd through
+    the plain formula y = x (q * s)^T, in fp32."""
+    from llama import Int8Linear
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear(64, 96)
+    layer.weight, layer.scales = Int8Linear.quantize(torch.randn(96, 64, generator=g))
+    x, dy = torch.randn(3, 5, 64, generator=g, requires_grad=True), torch.randn(3, 5, 96, generator=g)
+    y = layer(x)
+    (y * dy).sum().backward()
+    x2 = x.detach().requires_grad_()
+    want = torch.nn.functional.linear(x2, layer.weight.float() * layer.scales[:, None])
+    (want * dy).sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_init_lora_on_int8_is_the_int8_model(base):
+    from llama import Int8Linear
+    model = mra.load_checkpoint(base, quantize="int8")
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        before = model.llm(ids)
+        lora.add_lora(model, 4, 8, dropout=0.0)
+        after = model.llm(ids)
+    wq = model.llm.layers[0].attn.wq
+    assert isinstance(wq, lora.LoRALinear) and wq.weight.dtype == torch.int8 and wq.lora_a.dtype == torch.float32
+    assert isinstance(model.llm.output, Int8Linear)  # the head is int8 too, and not adapted
+    assert set(model.state_dict()) - keys == {k for k in model.state_dict() if ".lora_" in k}
+    assert not any(p.dtype == torch.int8 for p in model.parameters())  # int8 weights are buffers: never trained
+    assert torch.equal(before, after)
+
+
+@pytest.fixture(scope="module")
+def qrun(env, base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    g = train_globals(args(env, out, 2, "--init", base, *QLORA, "--global-batch", 10, "--batch-size", 10,
+                           "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0, "--grad-checkpoint"))
+    return out, g
+
+
+def test_qlora_trains_lora_only_int8_base_bit_identical(qrun, base):
+    out, g = qrun
+    assert losses(out)[-1] < 0.5 * losses(out)[0], losses(out)
+    model, init = g["raw"], mra.load_checkpoint(base, quantize="int8").state_dict()
+    trained = {n for n, q in model.named_parameters() if q.requires_grad}
+    for n in trained:
+        assert ".lora_" in n or n.startswith(("projector.", "encoder.adapters.", "encoder.fusion.")), n
+    assert any(".lora_a" in n for n in trained)
+    batch = next(b for b in g["loader"] if b["images"] is not None)
+    model.zero_grad(set_to_none=True)
+    model(batch["input_ids"], batch["images"], batch["labels"], batch["pad_mask"])[1].backward()
+    assert {n for n, q in model.named_parameters() if q.grad is not None} == trained
+    state = model.state_dict()
+    int8 = [k for k, v in init.items() if v.dtype == torch.int8]
+    assert len(int8) == 7 * 2 + 1  # q k v o gate up down per layer, and the head
+    for k, v in init.items():  # the int8 weights and their scales as quantized from the base
+        if k not in trained:
+            assert torch.equal(state[k], v), k
+    assert state["llm.layers.1.mlp.down.lora_b"].abs().sum() > 0
+    # adapters only (no merge into rounded weights); resume rebuilds exactly this model
+    assert not os.path.exists(out / "ckpt" / "model.safetensors")
+    again = lora.load(base, out / "ckpt" / "lora", merged=False, quantize="int8").eval()
+    assert_same(again.state_dict(), {k: v for k, v in state.items()})
+
+
+def test_qlora_adapters_serve_on_the_full_precision_base_and_int8(qrun, base, env, capsys):
+    out, _ = qrun
+    d, _ = env
+    for extra in ([], ["--quantize", "int8"]):
+        code = generate.main([str(a) for a in ["--model", base, "--lora", out / "ckpt" / "lora", "--image",
+                                               d / "images" / "0.png", "--prompt", "What is this?",
+                                               "--max-new-tokens", 4, *extra]])
+        o, e = capsys.readouterr()
+        assert code == 0 and o.strip(), e
+    # int8 + merged adapters: the merged weights quantized, so the same as quantizing the merged model
+    merged = lora.load(base, out / "ckpt" / "lora")
+    q8 = lora.load(base, out / "ckpt" / "lora", quantize="int8")
+    from llama import Int8Linear
+    w = merged.state_dict()["llm.layers.0.mlp.up.weight"]
+    q, s = Int8Linear.quantize(w)
+    assert torch.equal(q8.llm.layers[0].mlp.up.weight, q) and torch.equal(q8.llm.layers[0].mlp.up.scales, s)
+
+
+def test_qlora_bad_combinations_are_one_line(qrun, env, base, tmp_path, capsys):
+    for extra, msg in ((("--quantize", "int8"), "--quantize int8 freezes the LLM's weights in int8, where only "
+                                                "LoRA can learn: it needs --lora-r"),
+                       ((*QLORA, "--fsdp"), "--quantize int8 with --fsdp")):
+        with pytest.raises(SystemExit) as e:
+            train_globals(args(env, tmp_path / "o", 2, "--init", base, *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, err
+    out, _ = qrun  # resuming a --quantize run without it would train on other base weights
+    with pytest.raises(SystemExit, match=r"the run used quantize='int8', now None"):
+        train_globals(args(env, out, 2, "--init", base, *LORA, "--global-batch", 10, "--batch-size", 10,
+                           "--epochs", 25, "--resume"))
+    with pytest.raises(ValueError, match=r"llm\.layers\.0\.attn\.wq\.weight is int8: LoRA on an int8 base is not merged"):
+        lora.merge(lora.add_lora(mra.load_checkpoint(base, quantize="int8"), 4, 8).state_dict(), 2.0)
+
+
+def test_dry_run_counts_an_int8_base_at_one_byte(env, capsys):
+    """--dry-run --quantize int8: each int8 weight is 1 byte, not 4, plus a 4-byte scale per row."""
+    from llama import Int8Linear, int8_linears
+    with torch.device("meta"):
+        llm = int8_linears(mra.build(replace(tiny(), adapters=True, image_size=128)).llm)
+    int8 = [m.weight for m in llm.modules() if isinstance(m, Int8Linear)]
+    saved = sum(3 * w.numel() - 4 * w.shape[0] for w in int8)
+    full, q8 = (plan(env, capsys, "--dry-run", "--init", "unread", *LORA, *extra) for extra in ((), ("--quantize", "int8")))
+    assert full["weights"] - q8["weights"] == pytest.approx(saved, abs=0.01 * 2**20)  # printed to 0.01 MiB
+    assert q8["adam"] == full["adam"]  # the same LoRA parameters train
+
+
+def test_7b_int8_base_counted_at_one_byte():
+    # LoRA r 128 on an int8 base: the wrapped weights 1 byte (not bf16's 2), the head 1 (not 4),
+    # plus a 4-byte fp32 scale per output row of each
+    n_wrapped, head = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008), 32000 * 4096
+    rows = 32 * (4 * 4096 + 2 * 11008 + 4096) + 32000
+    bf16, int8 = (lora.memory(lora.setup_7b(128, int8=q), 1, 2048, True) for q in (False, True))
+    assert (bf16["weights"] - int8["weights"]) * 2 ** 30 == pytest.approx(n_wrapped + 3 * head - 4 * rows)
+    assert int8["grads"] == bf16["grads"] and int8["total"] < 0.9 * 24 < bf16["total"]
+
+
+def test_qlora_ddp_equals_one_process(env, base, tmp_path):
+    common = ("--init", base, *QLORA, "--lora-dropout", 0, "--global-batch", 2, "--batch-size", 1,
+              "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, "--group-by-length")
+    train_globals(args(env, tmp_path / "one", 2, *common))
+    torchrun(args(env, tmp_path / "ddp", 2, *common))
+    one, ddp = (mra.read_safetensors(tmp_path / d / "ckpt" / "lora") for d in ("one", "ddp"))
+    assert any(".lora_b" in k and v.abs().sum() > 0 for k, v in one.items())
+    assert_same(ddp, one, atol=1e-6)
+
+
+def test_qlora_resume_equals_uninterrupted(env, base, tmp_path):
+    common = ("--init", base, *QLORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2)
+    train_globals(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
+    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2))
+    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
+    assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
+                mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")

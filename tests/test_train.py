@@ -79,6 +79,7 @@ def torchrun(argv, n=2):
                         "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN, *argv],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
 
 
 def weights(out):
@@ -200,10 +201,35 @@ def test_ddp_and_fsdp_equal_one_process(env, tmp_path):
     assert_same(weights(tmp_path / "ddp"), weights(tmp_path / "one"), atol=1e-6)
     # FSDP2: sharded per block, gathered to one file on rank 0; loads in this single process
     train(args(env, tmp_path / "one_g", 2, *common, "--group-by-length", "--grad-checkpoint"))
-    torchrun(args(env, tmp_path / "fsdp", 2, *common, "--group-by-length", "--fsdp", "--grad-checkpoint"))
+    out = torchrun(args(env, tmp_path / "fsdp", 2, *common, "--group-by-length", "--fsdp", "--grad-checkpoint"))
     assert_same(weights(tmp_path / "fsdp"), weights(tmp_path / "one_g"), atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one_g"), rtol=1e-6, atol=0)
     opt = torch.load(tmp_path / "fsdp" / "ckpt" / "train_state.pt", weights_only=True)["optimizer"]
     assert LLM_KEY in opt["state"]  # full, named optimizer state
+    assert_lean(out)
+
+
+def assert_lean(out, world=2):
+    """Each rank allocated only its shards (lean start): about 1/world of the model's parameters."""
+    held = [float(line.split(", ")[1].split()[0]) for line in out.splitlines() if "of parameters held" in line]
+    assert len(held) == world and sum(held) == pytest.approx(1, abs=0.011), out
+    assert all(abs(h - 1 / world) < 0.05 for h in held), held
+
+
+def test_fsdp_lean_start_from_a_checkpoint_equals_one_process(env, tmp_path):
+    # stage 1 -> 2: the towers and LLM come from the file (each rank reads its rows of it), the new
+    # MR-Adapters are random (drawn on every rank from the seed, as one process draws them)
+    torch.manual_seed(0)
+    init = mra.build(replace(tiny(), adapters=False, image_size=64, image_aspect_ratio="crop"))
+    mra.save_checkpoint(init, tmp_path / "init")
+    # lr 1e-3 as above: the ViT's k biases get only rounding noise as gradient (softmax ignores a
+    # shift of every key), which AdamW turns into steps of up to ~lr that differ with summation order
+    common = ("--init", tmp_path / "init", "--global-batch", 2, "--batch-size", 1, "--max-steps", 2, "--lr", 1e-3,
+              "--warmup-ratio", 0, "--group-by-length")
+    train(args(env, tmp_path / "one", 2, *common))
+    assert_lean(torchrun(args(env, tmp_path / "fsdp", 2, *common, "--fsdp")))
+    assert_same(weights(tmp_path / "fsdp"), weights(tmp_path / "one"), atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), rtol=1e-6, atol=0)
 
 
 def test_grad_checkpoint_changes_no_number(env, tmp_path):
