@@ -34,6 +34,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
 TEXTURES = ("horizontal lines", "vertical lines", "checkerboard", "dots")
 QUESTIONS = {"colour": "What colour is the big circle?", "texture": "What pattern fills the background?",
              "digit": "What digit is written in the image?"}
+KIND = {q: k for k, q in QUESTIONS.items()}
 # 3x5 bitmaps of the digits, drawn as blocks so no font file is needed and every machine
 # renders the same pixels
 DIGITS = ["111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
@@ -187,37 +188,57 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
     """Stage 0 (demo only): each tower alone, supervised on the scenes' answers, as ImageNet /
     CLIP pretraining would give them. Each tower sees what it sees in the model: the ConvNeXt
     the R x R image; LLaVA-HR's ViT the S x S bilinear resize of it; LLaVA-1.5's ViT the image
-    preprocessed at R. Features: mean over positions; a linear head per question, a class per
-    answer. Nothing here gives the ViT the resolution to see the texture (README, experiment)."""
+    preprocessed at R. Features: mean over positions; a linear head per question (colour,
+    texture), a class per answer. The ConvNeXt gets such heads after each of its four stages
+    (deep supervision, as GoogLeNet's auxiliary classifiers): the texture is resolved at stride 4, where a phase-free
+    detector is one GELU away, but a head after stage 4 alone sends it too weak a gradient
+    through three random stages (README: measured). Nothing here gives the ViT the resolution
+    to see the texture (README, experiment)."""
     cfg = replace(read_config(config, mra.MRAConfig.from_dict), adapters=False, image_size=image_size)
     torch.manual_seed(seed)
     model = mra.build(cfg)
     records = data.read_records(os.path.join(data_dir, "instruct.json"))
     qa = [dict((c["value"].replace("<image>", "").strip(), a["value"]) for c, a in
                zip(r["conversations"][::2], r["conversations"][1::2])) for r in records]
-    classes = {q: sorted({x[q] for x in qa}) for q in qa[0]}  # a head per question, a class per answer
+    # a head per question, a class per answer; not the digit: from pooled features neither tower
+    # learns it in a few hundred steps, and its loss, stuck at chance, sends only noise (README)
+    classes = {q: sorted({x[q] for x in qa}) for q in qa[0] if q != QUESTIONS["digit"]}
     labels = torch.tensor([[classes[q].index(x[q]) for q in classes] for x in qa])
     images = torch.stack([data.preprocess(data.load_image(os.path.join(data_dir, r["image"])), image_size)
                           for r in tqdm(records, desc="stage 0: images", leave=False)])
     enc = model.encoder
     low_res = enc.low_res if cfg.arch == "llava-hr" else (lambda x: x)  # LLaVA-1.5: R is the ViT's input
     # the ViT pretrains as CLIP does, class token included; features: the last layer's patches
-    towers = [("vit", enc.vit, lambda x: enc.vit(low_res(x))[-1][:, 1:].mean(1), cfg.vit.width)]
+    towers = [("vit", enc.vit, lambda x: [enc.vit(low_res(x))[-1][:, 1:].mean(1)], [cfg.vit.width])]
     if cfg.arch == "llava-hr":
-        towers.append(("convnext", enc.convnext, lambda x: enc.convnext(x)[-1].mean((2, 3)), cfg.convnext.dims[-1]))
+        towers.append(("convnext", enc.convnext, lambda x: [m.mean((2, 3)) for m in enc.convnext(x)],
+                       cfg.convnext.dims))
+        # ConvNeXt's layer scale starts each block's branch at 1e-6 of its output, an init made for
+        # 300 epochs; at 1 the blocks' GELUs, where a phase-free detector lives, count from step 1
+        for stage in enc.convnext.stages:
+            for block in stage.blocks:
+                torch.nn.init.ones_(block.gamma)
     g = torch.Generator().manual_seed(seed)
-    for name, tower, features, width in towers:
-        heads = torch.nn.ModuleList(torch.nn.Linear(width, len(c)) for c in classes.values())
+    for name, tower, features, widths in towers:
+        heads = torch.nn.ModuleList(torch.nn.Linear(w, len(c)) for w in widths for c in classes.values())
         opt = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=1e-3, weight_decay=0.0)
         bar = tqdm(range(steps), desc=f"stage 0: {name}")
-        for _ in bar:
+        right = torch.zeros(len(classes))  # the last level's heads, over the last 50 steps
+        for step in bar:
             i = torch.randint(0, len(records), (16,), generator=g)
-            f = features(images[i])
-            loss = sum(F.cross_entropy(h(f), labels[i, k]) for k, h in enumerate(heads))
+            fs = [f for f in features(images[i]) for _ in classes]  # each level once per question
+            logits = [h(f) for h, f in zip(heads, fs)]
+            loss = sum(F.cross_entropy(z, labels[i, k % len(classes)]) for k, z in enumerate(logits))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item() / len(widths):.3f}")  # per level, as one head set sums it
+            if step >= steps - 50:
+                right += torch.stack([(z.argmax(1) == labels[i, k]).sum() for k, z in
+                                      enumerate(logits[-len(classes):])]).float()
+        seen = 16 * min(50, steps)
+        tqdm.write(f"stage 0: {name}, accuracy over its last {seen} training scenes: " + ", ".join(
+            f"{KIND[q]} {n / seen:.0%}" for q, n in zip(classes, right.tolist())))
     mra.save_checkpoint(model, os.path.join(out, "ckpt"), cfg=cfg)
 
 
