@@ -209,17 +209,17 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
     enc = model.encoder
     low_res = enc.low_res if cfg.arch == "llava-hr" else (lambda x: x)  # LLaVA-1.5: R is the ViT's input
     # the ViT pretrains as CLIP does, class token included; features: the last layer's patches
-    towers = [("vit", enc.vit, lambda x: [enc.vit(low_res(x))[-1][:, 1:].mean(1)], [cfg.vit.width])]
-    if cfg.arch == "llava-hr":
+    towers = [("vit", enc.vit, lambda x: [enc.vit(low_res(x))[-1][:, 1:].mean(1)], [cfg.vit.width], steps)]
+    if cfg.arch == "llava-hr":  # twice the steps: its texture detector starts to learn after 200-300
         towers.append(("convnext", enc.convnext, lambda x: [m.mean((2, 3)) for m in enc.convnext(x)],
-                       cfg.convnext.dims))
+                       cfg.convnext.dims, 2 * steps))
         # ConvNeXt's layer scale starts each block's branch at 1e-6 of its output, an init made for
         # 300 epochs; at 1 the blocks' GELUs, where a phase-free detector lives, count from step 1
         for stage in enc.convnext.stages:
             for block in stage.blocks:
                 torch.nn.init.ones_(block.gamma)
     g = torch.Generator().manual_seed(seed)
-    for name, tower, features, widths in towers:
+    for name, tower, features, widths, steps in towers:
         heads = torch.nn.ModuleList(torch.nn.Linear(w, len(c)) for w in widths for c in classes.values())
         opt = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=1e-3, weight_decay=0.0)
         bar = tqdm(range(steps), desc=f"stage 0: {name}")
@@ -254,7 +254,7 @@ def run(argv):
     pre.add_argument("--config", help="an MRAConfig json instead of the demo's (the experiment's arms)")
     pre.add_argument("--stage1-size", type=int, default=128, help="R in stage 1 (stage 2 uses --image-size)")
     pre.add_argument("--image-size", type=int, default=256)
-    pre.add_argument("--tower-steps", type=int, default=300, help="stage 0: steps per tower (0: random towers)")
+    pre.add_argument("--tower-steps", type=int, default=300, help="stage 0: the ViT's steps, the ConvNeXt's twice that (0: random towers)")
     demo, rest = pre.parse_known_args(argv)
     done = [f"{demo.out}/{s}/ckpt" for s in ("stage0", "stage1", "stage2") if os.path.isdir(f"{demo.out}/{s}/ckpt")]
     if done and "--overwrite" not in rest:
