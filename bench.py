@@ -14,7 +14,7 @@
 3. table1: the paper's Table 1 cost columns at full scale (7B), counted without weights on
    the meta device: visual tokens and prefill FLOPs of one image + a short prompt.
 
-4. experiment: the paper's claim in miniature on the synthetic task (data.make_scene): six
+4. experiment: the paper's claim in miniature on the synthetic task (demo.make_scene): six
    arms trained by `train.py --preset demo` with the same data, steps and seed, scored through
    generate.py's batch mode on two held-out sets: the generator's, and an independent
    renderer's (pil_scene, JPEG). Not in the default run (~30 min on 2 idle cores).
@@ -60,6 +60,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import demo
 import generate
 import mra
 from convnext import ConvNeXtConfig
@@ -412,15 +413,15 @@ def paths_picture(src="examples/demo.png", out="examples/paths.png"):
 
 def pil_scene(rng, size=256):
     """The demo task's spec (README) drawn a second way, to catch a model that learned the
-    generator rather than the task: PIL ImageDraw shapes, written without data.make_scene or
-    data.texture_mask. Returns a PIL image and its answers (the caller saves it as JPEG 90)."""
+    generator rather than the task: PIL ImageDraw shapes, written without demo.make_scene or
+    demo.texture_mask. Returns a PIL image and its answers (the caller saves it as JPEG 90)."""
     from PIL import Image, ImageDraw
     import numpy as np
-    bg = [rng.randint(*data.BACKGROUND) for _ in range(3)]
+    bg = [rng.randint(*demo.BACKGROUND) for _ in range(3)]
     im = Image.new("RGB", (size, size), tuple(bg))
     draw = ImageDraw.Draw(im)
-    texture = rng.choice(data.TEXTURES)
-    k = rng.randint(*data.DARKEN[texture])
+    texture = rng.choice(demo.TEXTURES)
+    k = rng.randint(*demo.DARKEN[texture])
     dark = tuple(c - k for c in bg)  # the texture's pixels: the background, k grey levels darker
     if texture == "horizontal lines":
         p = rng.randrange(2)
@@ -445,21 +446,21 @@ def pil_scene(rng, size=256):
         x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
         fill = None
         while fill is None or max(fill) < 90 or any(max(abs(a - b) for a, b in zip(fill, rgb)) < 60
-                                                     for rgb in data.COLOURS.values()):
+                                                     for rgb in demo.COLOURS.values()):
             fill = tuple(rng.randint(0, 255) for _ in range(3))
         draw.rectangle([x0, y0, x0 + w - 1, y0 + h - 1], fill=fill)
-    colour = rng.choice(sorted(data.COLOURS))
+    colour = rng.choice(sorted(demo.COLOURS))
     r = rng.randint(22, 40)
     cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
-    fill = tuple(c + rng.randint(-data.JITTER, data.JITTER) for c in data.COLOURS[colour])
+    fill = tuple(c + rng.randint(-demo.JITTER, demo.JITTER) for c in demo.COLOURS[colour])
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     digit = rng.randint(0, 9)
     gx, gy = rng.randint(0, size - 9), rng.randint(0, size - 15)
-    for i, bit in enumerate(data.DIGITS[digit]):
+    for i, bit in enumerate(demo.DIGITS[digit]):
         if bit == "1":
             x0, y0 = gx + 3 * (i % 3), gy + 3 * (i // 3)
             draw.rectangle([x0, y0, x0 + 2, y0 + 2], fill=(20, 20, 20))
-    a = rng.randint(*data.NOISE)
+    a = rng.randint(*demo.NOISE)
     nrng = np.random.default_rng(rng.randint(0, 2 ** 31))
     noise = nrng.normal(0, a / 2, (size, size, 3)) if rng.random() < 0.5 else nrng.integers(-a, a + 1, (size, size, 3))
     im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8))
@@ -478,7 +479,7 @@ def make_pil_heldout(out, n, seed=2):
         name = f"images/pil{seed}_{i:05d}.jpg"
         im.save(os.path.join(out, name), quality=90)
         answers.append(dict(ans, image=name))
-    data.write_questions(out, answers, 3 * n, seed)
+    demo.write_questions(out, answers, 3 * n, seed)
     return out
 
 
@@ -486,7 +487,7 @@ def bench_experiment(a):
     """Train the chosen arms (--arms; an arm with a result.json is kept, delete it to rerun), score
     each on both held-out sets, and write the table of every arm that has a result."""
     paths_picture()
-    d = data.prepare_demo(a.data_dir)
+    d = demo.prepare(a.data_dir)
     sets = {"gen": os.path.join(d, "test"), "pil": make_pil_heldout(os.path.join(d, "test_pil"), a.pil_scenes)}
     for i in a.arms:
         name, change, r1, r2, flags = ARMS[i]

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import weakref
@@ -175,96 +174,9 @@ def print_plan(plan):
     print(f"  {'peak':<12}{gb(plan['weights'] + plan['gradients'] + plan['adam'] + max(plan['activations'], plan['update']))}")
 
 
-# -----------------------------------------------------------------------------
-# the demo: the whole pipeline on a CPU in minutes, through the same two commands as real use
-# (mra.MRA_PRESETS["demo"]). Nothing pretrained exists here, so a short "stage 0" stands in for
-# the release's pretrained towers (CLIP ViT, CLIP ConvNeXt), then stage 1 and stage 2 run as
-# released. The LLM starts random and is learned in stage 2.
-
-
-def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
-    """Stage 0 (demo only): each tower alone, supervised on the scenes' answers, as ImageNet /
-    CLIP pretraining would give them. Each tower sees what it sees in the model: the ConvNeXt
-    the R x R image; LLaVA-HR's ViT the S x S bilinear resize of it; LLaVA-1.5's ViT the image
-    preprocessed at R. Features: mean over positions; a linear head per question, a class per
-    answer. Nothing here gives the ViT the resolution to see the texture (README, experiment)."""
-    cfg = replace(read_config(config, mra.MRAConfig.from_dict), adapters=False, image_size=image_size)
-    torch.manual_seed(seed)
-    model = mra.build(cfg)
-    records = data.read_records(os.path.join(data_dir, "instruct.json"))
-    qa = [dict((c["value"].replace("<image>", "").strip(), a["value"]) for c, a in
-               zip(r["conversations"][::2], r["conversations"][1::2])) for r in records]
-    classes = {q: sorted({x[q] for x in qa}) for q in qa[0]}  # a head per question, a class per answer
-    labels = torch.tensor([[classes[q].index(x[q]) for q in classes] for x in qa])
-    images = torch.stack([data.preprocess(data.load_image(os.path.join(data_dir, r["image"])), image_size)
-                          for r in tqdm(records, desc="stage 0: images", leave=False)])
-    enc = model.encoder
-    low_res = enc.low_res if cfg.arch == "llava-hr" else (lambda x: x)  # LLaVA-1.5: R is the ViT's input
-    # the ViT pretrains as CLIP does, class token included; features: the last layer's patches
-    towers = [("vit", enc.vit, lambda x: enc.vit(low_res(x))[-1][:, 1:].mean(1), cfg.vit.width)]
-    if cfg.arch == "llava-hr":
-        towers.append(("convnext", enc.convnext, lambda x: enc.convnext(x)[-1].mean((2, 3)), cfg.convnext.dims[-1]))
-    g = torch.Generator().manual_seed(seed)
-    for name, tower, features, width in towers:
-        heads = torch.nn.ModuleList(torch.nn.Linear(width, len(c)) for c in classes.values())
-        opt = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=1e-3, weight_decay=0.0)
-        bar = tqdm(range(steps), desc=f"stage 0: {name}")
-        for _ in bar:
-            i = torch.randint(0, len(records), (16,), generator=g)
-            f = features(images[i])
-            loss = sum(F.cross_entropy(h(f), labels[i, k]) for k, h in enumerate(heads))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    mra.save_checkpoint(model, os.path.join(out, "ckpt"), cfg=cfg)
-
-
-def run_demo(argv):
-    """python train.py --preset demo [--out out/demo] [--data-dir data/demo] [--scenes N] [--tower-steps N]
-    [flags for both stages]: data, stage 0 (pretrain_towers), stage 1, stage 2."""
-    pre = argparse.ArgumentParser()
-    pre.add_argument("--preset", choices=["demo"])
-    pre.add_argument("--out", default="out/demo")
-    pre.add_argument("--data-dir", default="data/demo")
-    pre.add_argument("--scenes", type=int, default=2000, help="training scenes to generate")
-    pre.add_argument("--test-scenes", type=int, default=500, help="held-out scenes (three questions each)")
-    pre.add_argument("--config", help="an MRAConfig json instead of the demo's (the experiment's arms)")
-    pre.add_argument("--stage1-size", type=int, default=128, help="R in stage 1 (stage 2 uses --image-size)")
-    pre.add_argument("--image-size", type=int, default=256)
-    pre.add_argument("--tower-steps", type=int, default=300, help="stage 0: steps per tower (0: random towers)")
-    demo, rest = pre.parse_known_args(argv)
-    done = [f"{demo.out}/{s}/ckpt" for s in ("stage0", "stage1", "stage2") if os.path.isdir(f"{demo.out}/{s}/ckpt")]
-    if done and "--overwrite" not in rest:
-        raise SystemExit(f"--out {demo.out} already holds a demo run ({', '.join(done)}): --overwrite "
-                         f"starts over (deleting it), or pick another --out")
-    d = data.prepare_demo(demo.data_dir, n_train=demo.scenes, n_test=demo.test_scenes)
-    os.makedirs(demo.out, exist_ok=True)
-    config = demo.config or os.path.join(demo.out, "config.json")
-    if not demo.config:
-        with open(config, "w") as f:
-            json.dump(mra.MRAConfig.from_name("demo").to_dict(), f, indent=1)
-    common = [sys.executable, os.path.abspath(__file__), "--config", config, "--tokenizer", f"{d}/tokenizer.model",
-              "--image-folder", f"{d}/train", "--global-batch", "16", "--batch-size", "16", "--lr", "1e-3",
-              "--workers", "1", "--save-every", "0"]
-    init = []
-    if demo.tower_steps:
-        pretrain_towers(config, f"{d}/train", f"{demo.out}/stage0", demo.image_size, demo.tower_steps)
-        init = ["--init", f"{demo.out}/stage0/ckpt"]
-    stages = [["--stage", "1", "--data", f"{d}/train/pretrain.json", "--out", f"{demo.out}/stage1",
-               "--image-size", str(demo.stage1_size)] + init,
-              ["--stage", "2", "--data", f"{d}/train/instruct.json", "--out", f"{demo.out}/stage2",
-               "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "4",
-               "--adapter-lr-scale", "0.1", "--tower-lr-scale", "0.1"]]
-    for stage in stages:  # flags given on the command line come last, so they win
-        if subprocess.run(common + stage + rest).returncode:
-            sys.exit(1)  # the stage printed its own error
-    print(f"\ntry: python generate.py --model {demo.out}/stage2/ckpt --image examples/demo.png "
-          f"--prompt \"What pattern fills the background?\"")
-
-
-if __name__ == "__main__" and "--preset" in sys.argv:
-    run_demo(sys.argv[1:])
+if __name__ == "__main__" and "--preset" in sys.argv:  # the CPU demo lives in demo.py
+    import demo
+    demo.run(sys.argv[1:])
     sys.exit()
 
 p = Parser(description=__doc__.split("\n")[0])

@@ -7,31 +7,30 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import data
+import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_generator_is_deterministic(tmp_path):
-    a = data.make_synthetic(str(tmp_path / "a"), 6, seed=3, n_questions=10)
-    b = data.make_synthetic(str(tmp_path / "b"), 6, seed=3, n_questions=10)
+    a = demo.make_synthetic(str(tmp_path / "a"), 6, seed=3, n_questions=10)
+    b = demo.make_synthetic(str(tmp_path / "b"), 6, seed=3, n_questions=10)
     assert a == b
     for name in ("pretrain.json", "instruct.json", "questions.jsonl", "images/3_00005.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert data.make_synthetic(str(tmp_path / "c"), 6, seed=4) != a
+    assert demo.make_synthetic(str(tmp_path / "c"), 6, seed=4) != a
     # the example shipped in the repo is scene 1002, so its answers are known
-    img, ans = data.make_scene(random.Random(1002))
+    img, ans = demo.make_scene(random.Random(1002))
     assert np.array_equal(np.asarray(Image.open(os.path.join(ROOT, "examples", "demo.png"))), img)
     assert ans == {"colour": "purple", "texture": "vertical lines", "digit": 2, "phase": "x%2=0"}
 
 
 # Reading the answers back from the pixels, with the spec's patterns defined here again (not through
-# data.texture_mask), so a generator that mislabels a phase, or draws only one, fails.
+# demo.texture_mask), so a generator that mislabels a phase, or draws only one, fails.
 Y, X = np.mgrid[:256, :256]
 PATTERNS = {**{("horizontal lines", f"y%2={p}"): Y % 2 == p for p in range(2)},
             **{("vertical lines", f"x%2={p}"): X % 2 == p for p in range(2)},
@@ -52,7 +51,7 @@ def read_texture(img):
 def read_colour(img, tol, others):
     """The named colour that at least 80% of a 22 px disc's pixels are within tol of (tol: the
     circle's jitter, noise and JPEG; the digit may cover some), fewer than `others` of another."""
-    near = {c: (np.abs(img.astype(int) - rgb).max(-1) <= tol).sum() for c, rgb in data.COLOURS.items()}
+    near = {c: (np.abs(img.astype(int) - rgb).max(-1) <= tol).sum() for c, rgb in demo.COLOURS.items()}
     best = max(near, key=near.get)
     assert near[best] >= np.pi * 22 ** 2 * 0.8 and all(n < others for c, n in near.items() if c != best), near
     return best
@@ -65,16 +64,16 @@ def read_digit(img):
     y0, x0 = ys.min(), xs.min()
     assert (ys.max() - y0, xs.max() - x0) == (14, 8)
     bits = "".join("1" if img[y0 + 3 * r + 1, x0 + 3 * c + 1].max() < 45 else "0" for r in range(5) for c in range(3))
-    return data.DIGITS.index(bits)
+    return demo.DIGITS.index(bits)
 
 
 def test_generator_draws_every_phase_and_answers_match_the_pixels():
     seen = set()
     for seed in range(200):
-        img, ans = data.make_scene(random.Random(seed))
+        img, ans = demo.make_scene(random.Random(seed))
         texture = read_texture(img)
         assert texture == (ans["texture"], ans["phase"])
-        assert read_colour(img, data.JITTER + 6, 1) == ans["colour"]
+        assert read_colour(img, demo.JITTER + 6, 1) == ans["colour"]
         assert read_digit(img) == ans["digit"]
         seen.add(texture)
     assert seen == set(PATTERNS)  # all 2 + 2 + 2 + 9 phases
@@ -87,22 +86,22 @@ def test_independent_renderer_draws_every_phase_and_answers_match_the_pixels(tmp
         im, ans = bench.pil_scene(random.Random(seed))
         raw = np.asarray(im)
         assert read_texture(raw) == (ans["texture"], ans["phase"])
-        assert read_colour(raw, data.JITTER + 6, 1) == ans["colour"]
+        assert read_colour(raw, demo.JITTER + 6, 1) == ans["colour"]
         assert read_digit(raw) == ans["digit"]
         im.save(tmp_path / "x.jpg", quality=90)  # as the held-out set stores it: JPEG keeps the answers
         jpeg = np.asarray(Image.open(tmp_path / "x.jpg"))
         assert read_texture(jpeg) == (ans["texture"], ans["phase"])
         # JPEG's chroma subsampling smears saturated edges: a few hundred pixels may stray
-        assert read_colour(jpeg, data.JITTER + 16, 300) == ans["colour"]
+        assert read_colour(jpeg, demo.JITTER + 16, 300) == ans["colour"]
         seen.add((ans["texture"], ans["phase"]))
     assert seen == set(PATTERNS)
 
 
 def test_questions_file_holds_true_answers(tmp_path):
-    answers = data.make_synthetic(str(tmp_path), 5, seed=2, n_questions=15)
+    answers = demo.make_synthetic(str(tmp_path), 5, seed=2, n_questions=15)
     by_image = {a["image"]: a for a in answers}
     for q in map(json.loads, open(tmp_path / "questions.jsonl")):
-        assert q["text"] == data.QUESTIONS[q["category"]]
+        assert q["text"] == demo.QUESTIONS[q["category"]]
         assert q["answer"] == str(by_image[q["image"]][q["category"]])
 
 
