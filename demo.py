@@ -190,10 +190,10 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
     the R x R image; LLaVA-HR's ViT the S x S bilinear resize of it; LLaVA-1.5's ViT the image
     preprocessed at R. Features: mean over positions; a linear head per question (colour,
     texture), a class per answer. The ConvNeXt gets such heads after each of its four stages
-    (deep supervision, as GoogLeNet's auxiliary classifiers): the texture is resolved at stride 4, where a phase-free
-    detector is one GELU away, but a head after stage 4 alone sends it too weak a gradient
-    through three random stages (README: measured). Nothing here gives the ViT the resolution
-    to see the texture (README, experiment)."""
+    (deep supervision, as GoogLeNet's auxiliary classifiers): the texture is resolved at stride
+    4, where a phase-free detector is one GELU away, but a head after stage 4 alone sends it too
+    weak a gradient through three random stages (README). Nothing here gives the ViT the
+    resolution to see the texture (README, experiment)."""
     cfg = replace(read_config(config, mra.MRAConfig.from_dict), adapters=False, image_size=image_size)
     torch.manual_seed(seed)
     model = mra.build(cfg)

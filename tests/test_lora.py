@@ -45,12 +45,16 @@ def base(env, tmp_path_factory):
     return str(d / "ckpt")
 
 
-@pytest.fixture(scope="module")
-def run(env, base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora") / "run"
-    g = train_globals(args(env, out, 2, "--init", base, *LORA, "--global-batch", 10, "--batch-size", 10,
+def lora_run(env, base, out, flags):
+    """A short LoRA stage 2 from `base` with `flags` (25 epochs, lr 2e-2): (out, train.py's globals)."""
+    g = train_globals(args(env, out, 2, "--init", base, *flags, "--global-batch", 10, "--batch-size", 10,
                            "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0, "--grad-checkpoint"))
     return out, g
+
+
+@pytest.fixture(scope="module")
+def run(env, base, tmp_path_factory):
+    return lora_run(env, base, tmp_path_factory.mktemp("lora") / "run", LORA)
 
 
 def test_zero_init_is_the_base_model(base):
@@ -223,10 +227,7 @@ def test_zero_init_lora_on_int8_is_the_int8_model(base):
 
 @pytest.fixture(scope="module")
 def qrun(env, base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("qlora") / "run"
-    g = train_globals(args(env, out, 2, "--init", base, *QLORA, "--global-batch", 10, "--batch-size", 10,
-                           "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0, "--grad-checkpoint"))
-    return out, g
+    return lora_run(env, base, tmp_path_factory.mktemp("qlora") / "run", QLORA)
 
 
 def test_qlora_trains_lora_only_int8_base_bit_identical(qrun, base):
