@@ -184,16 +184,20 @@ def prepare(out, n_train=2000, n_test=500, vocab_size=600):
 # and is learned in stage 2.
 
 
-def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
-    """Stage 0 (demo only): each tower alone, supervised on the scenes' answers, as ImageNet /
-    CLIP pretraining would give them. Each tower sees what it sees in the model: the ConvNeXt
-    the R x R image; LLaVA-HR's ViT the S x S bilinear resize of it; LLaVA-1.5's ViT the image
-    preprocessed at R. Features: mean over positions; a linear head per question (colour,
-    texture), a class per answer. The ConvNeXt gets such heads after each of its four stages
-    (deep supervision, as GoogLeNet's auxiliary classifiers): the texture is resolved at stride
-    4, where a phase-free detector is one GELU away, but a head after stage 4 alone sends it too
-    weak a gradient through three random stages (README). Nothing here gives the ViT the
-    resolution to see the texture (README, experiment)."""
+def pretrain_towers(config, data_dir, out, image_size, steps, seed=0, crop=64):
+    """Stage 0 (demo only): each tower alone, supervised on the scenes' answers, standing in for
+    the release's pretrained towers. Features: mean over positions; a linear head per question,
+    a class per answer. Each tower learns what it is there for, on what it sees in the model:
+    - the ViT (LLaVA-HR's: the S x S bilinear resize of the R x R image; LLaVA-1.5's: the image
+      preprocessed at R): colour and texture, `steps` steps. At low resolution it cannot see the
+      texture, and nothing here gives it that (README, experiment).
+    - the ConvNeXt: the texture, twice the steps, on random crop x crop windows of the R x R
+      image, as ImageNet training uses random crops. The texture fills the scene, so any window
+      shows it, and a 64 px window costs 1/16 of the image: the detector, which on whole images
+      sat on a plateau for 200-300 steps and came out at 70-100% from run to run, is learned in
+      about 200 (README). Heads after each of its four stages (deep supervision, as GoogLeNet's
+      auxiliary classifiers): the texture is resolved at stride 4, where a phase-free detector
+      is one GELU away."""
     cfg = replace(read_config(config, mra.MRAConfig.from_dict), adapters=False, image_size=image_size)
     torch.manual_seed(seed)
     model = mra.build(cfg)
@@ -209,36 +213,42 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0):
     enc = model.encoder
     low_res = enc.low_res if cfg.arch == "llava-hr" else (lambda x: x)  # LLaVA-1.5: R is the ViT's input
     # the ViT pretrains as CLIP does, class token included; features: the last layer's patches
-    towers = [("vit", enc.vit, lambda x: [enc.vit(low_res(x))[-1][:, 1:].mean(1)], [cfg.vit.width], steps)]
-    if cfg.arch == "llava-hr":  # twice the steps: its texture detector starts to learn after 200-300
+    towers = [("vit", enc.vit, lambda x: [enc.vit(low_res(x))[-1][:, 1:].mean(1)], [cfg.vit.width],
+               list(classes), steps, None)]
+    if cfg.arch == "llava-hr":
         towers.append(("convnext", enc.convnext, lambda x: [m.mean((2, 3)) for m in enc.convnext(x)],
-                       cfg.convnext.dims, 2 * steps))
+                       cfg.convnext.dims, [QUESTIONS["texture"]], 2 * steps, crop))
         # ConvNeXt's layer scale starts each block's branch at 1e-6 of its output, an init made for
         # 300 epochs; at 1 the blocks' GELUs, where a phase-free detector lives, count from step 1
         for stage in enc.convnext.stages:
             for block in stage.blocks:
                 torch.nn.init.ones_(block.gamma)
     g = torch.Generator().manual_seed(seed)
-    for name, tower, features, widths, steps in towers:
-        heads = torch.nn.ModuleList(torch.nn.Linear(w, len(c)) for w in widths for c in classes.values())
+    for name, tower, features, widths, questions, steps, crop in towers:
+        ks = [list(classes).index(q) for q in questions]  # the label columns this tower learns
+        heads = torch.nn.ModuleList(torch.nn.Linear(w, len(classes[q])) for w in widths for q in questions)
         opt = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=1e-3, weight_decay=0.0)
         bar = tqdm(range(steps), desc=f"stage 0: {name}")
-        right = torch.zeros(len(classes))  # the last level's heads, over the last 50 steps
+        right = torch.zeros(len(ks))  # the last level's heads, over the last 50 steps
         for step in bar:
             i = torch.randint(0, len(records), (16,), generator=g)
-            fs = [f for f in features(images[i]) for _ in classes]  # each level once per question
+            x = images[i]
+            if crop and crop < image_size:  # a window per image, anywhere
+                y0, x0 = torch.randint(0, image_size - crop + 1, (2, 16), generator=g).tolist()
+                x = torch.stack([im[:, a:a + crop, b:b + crop] for im, a, b in zip(x, y0, x0)])
+            fs = [f for f in features(x) for _ in ks]  # each level once per question
             logits = [h(f) for h, f in zip(heads, fs)]
-            loss = sum(F.cross_entropy(z, labels[i, k % len(classes)]) for k, z in enumerate(logits))
+            loss = sum(F.cross_entropy(z, labels[i, ks[j % len(ks)]]) for j, z in enumerate(logits))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             bar.set_postfix(loss=f"{loss.item() / len(widths):.3f}")  # per level, as one head set sums it
             if step >= steps - 50:
                 right += torch.stack([(z.argmax(1) == labels[i, k]).sum() for k, z in
-                                      enumerate(logits[-len(classes):])]).float()
+                                      zip(ks, logits[-len(ks):])]).float()
         seen = 16 * min(50, steps)
-        tqdm.write(f"stage 0: {name}, accuracy over its last {seen} training scenes: " + ", ".join(
-            f"{KIND[q]} {n / seen:.0%}" for q, n in zip(classes, right.tolist())))
+        tqdm.write(f"stage 0: {name}, accuracy over its last {seen} training " + ("windows: " if crop else "scenes: ")
+                   + ", ".join(f"{KIND[q]} {n / seen:.0%}" for q, n in zip(questions, right.tolist())))
     mra.save_checkpoint(model, os.path.join(out, "ckpt"), cfg=cfg)
 
 
