@@ -4,6 +4,7 @@ equals an uninterrupted one, a NaN stops the run and keeps the last checkpoint."
 import json
 import os
 import runpy
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,6 +175,32 @@ def test_resume_equals_uninterrupted_run(env, tmp_path):
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert not os.path.exists(tmp_path / "cut" / "ckpt.tmp") and not os.path.exists(tmp_path / "cut" / "ckpt.old")
+
+
+def test_fsdp_resume_equals_uninterrupted_run(env, tmp_path):
+    # --fsdp saves without gathering: rank 0 streams the weights one tensor at a time into
+    # model.safetensors, each rank writes its own rows of AdamW's state
+    common = ("--global-batch", 2, "--batch-size", 1, "--epochs", 1, "--lr", 1e-3, "--group-by-length", "--fsdp")
+    torchrun(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
+    torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 3))
+    ckpt = tmp_path / "cut" / "ckpt"
+    assert sorted(f for f in os.listdir(ckpt) if f.startswith("optimizer")) == [
+        "optimizer-00001-of-00002.safetensors", "optimizer-00002-of-00002.safetensors"]
+    assert "optimizer" not in torch.load(ckpt / "train_state.pt", weights_only=True)  # nothing gathered
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
+    # a kill during the next save: a half-written tmp dir, and the good one renamed away
+    os.makedirs(tmp_path / "cut" / "ckpt.tmp")
+    (tmp_path / "cut" / "ckpt.tmp" / "optimizer-00001-of-00002.safetensors").write_bytes(b"partial")
+    os.replace(ckpt, tmp_path / "cut" / "ckpt.old")
+    torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
+    assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))  # bit for bit
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert not os.path.exists(tmp_path / "cut" / "ckpt.tmp") and not os.path.exists(tmp_path / "cut" / "ckpt.old")
+    # the rows of both ranks' files come back whole in one process: the run goes on as on two
+    # ranks, up to the order in which the ranks' gradients were summed
+    train(args(env, tmp_path / "cut1", 2, *common[:-1], "--save-every", 2, "--resume"))
+    assert_same(weights(tmp_path / "cut1"), weights(tmp_path / "full"), atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "cut1"), losses(tmp_path / "full"), rtol=1e-6, atol=0)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch):
