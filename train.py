@@ -405,10 +405,15 @@ def load_shards(model, opt, path, saved_world, rank, world):
     that had no state (no gradient yet) gets none, exactly as in the uninterrupted run."""
     from torch.distributed.tensor import DTensor
     files = [os.path.join(path, f"optimizer-{r + 1:05d}-of-{saved_world:05d}.safetensors") for r in range(saved_world)]
+    opened = []
     for f in files:
-        if not os.path.isfile(f):
-            raise SystemExit(f"--resume: {f} is missing: the optimizer state of the run's rank is gone")
-    files = [safe_open(f, framework="pt") for f in files]
+        try:
+            opened.append(safe_open(f, framework="pt"))
+        except Exception as e:  # noqa: BLE001 -- missing (OSError) or cut short (SafetensorError)
+            raise SystemExit(f"--resume: {f}: the optimizer state the run's rank {len(opened)} saved is missing or "
+                             f"unreadable ({str(e).splitlines()[0]}); start anew from its weights with --init "
+                             f"{path}") from None
+    files = opened
     saved = {}
     for key in files[0].keys():
         name, k = key.split("/")

@@ -197,6 +197,13 @@ def test_fsdp_resume_equals_uninterrupted_run(env, tmp_path):
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))  # bit for bit
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert not os.path.exists(tmp_path / "cut" / "ckpt.tmp") and not os.path.exists(tmp_path / "cut" / "ckpt.old")
+    bad = tmp_path / "cut1" / "ckpt" / "optimizer-00002-of-00002.safetensors"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:-8])  # cut short
+    with pytest.raises(SystemExit, match="optimizer-00002-of-00002.safetensors: the optimizer state the run's "
+                                         "rank 1 saved is missing or unreadable"):
+        train(args(env, tmp_path / "cut1", 2, *common[:-1], "--save-every", 2, "--resume"))
+    bad.write_bytes(good)
     # the rows of both ranks' files come back whole in one process: the run goes on as on two
     # ranks, up to the order in which the ranks' gradients were summed
     train(args(env, tmp_path / "cut1", 2, *common[:-1], "--save-every", 2, "--resume"))
