@@ -411,7 +411,7 @@ def load_shards(model, opt, path, saved_world, rank, world):
             opened.append(safe_open(f, framework="pt"))
         except Exception as e:  # noqa: BLE001 -- missing (OSError) or cut short (SafetensorError)
             raise SystemExit(f"--resume: {f}: the optimizer state the run's rank {len(opened)} saved is missing or "
-                             f"unreadable ({str(e).splitlines()[0]}); start anew from its weights with --init "
+                             f"unreadable ({(str(e).splitlines() or [type(e).__name__])[0]}); start anew from its weights with --init "
                              f"{path}") from None
     files = opened
     saved = {}
