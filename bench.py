@@ -32,8 +32,11 @@
    towers (CLIP ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at 1024) and a random ~1B
    LLaMA (TinyLlama's widths), with and without --grad-checkpoint: tokens/s, MFU, peak CUDA
    memory. CUDA only (~6 minutes on one H100-class GPU).
-7. lean: train.py --fsdp's lean start on the CPU: peak RSS of each of two gloo ranks against one
-   process of the same run (--init from a 324M-parameter checkpoint), and their losses.
+7. lean: train.py --fsdp's lean start and save on the CPU: peak RSS of each of two gloo ranks
+   against one process of the same run (--init from a 324M-parameter checkpoint, a checkpoint
+   saved at the end), their losses and saved weights.
+8. ckpt1024: --grad-checkpoint at the release's vision shapes, R = 1024, one process on the CPU:
+   the losses of 2 steps with and without, each run's peak RSS against its memory plan.
 
     python bench.py            # sections 1-3, ~5 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
@@ -42,6 +45,7 @@
     python bench.py --only scale [--model DIR]   # section 5
     python bench.py --only stage2 --device cuda   # section 6
     python bench.py --only lean   # section 7 (~10 minutes, 12 GB of memory at once, on 2 busy cores)
+    python bench.py --only ckpt1024   # section 8 (~20 GB of memory without checkpointing: an idle machine)
 """
 import argparse
 import glob
@@ -850,9 +854,10 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
 
 
 def bench_lean(a, port=29533):
-    """train.py --stage 2 --init CKPT, one process and two gloo ranks (--fsdp) of the same run:
-    peak RSS of each process (VmRSS sampled every 20 ms; --no-save, so the peak is training's)
-    and the losses. The towers are tiny, the LLM 20 x 1024 wide (quick: 2 layers)."""
+    """train.py --stage 2 --init CKPT, one process and two gloo ranks (--fsdp) of the same run,
+    each saving its checkpoint at the end: peak RSS of each process (VmRSS sampled every 20 ms),
+    the losses, and the saved weights against each other. The towers are tiny, the LLM 20 x 1024
+    wide (quick: 2 layers)."""
     from PIL import Image
     cfg = replace(small_cfg("llava-hr", 128, True), vit_min_size=28, llm=LlamaConfig(
         dim=1024, n_layers=2 if a.quick else 20, n_heads=16, hidden_dim=2816, max_seq_len=512))
@@ -875,7 +880,7 @@ def bench_lean(a, port=29533):
                "--init", os.path.join(d, "init"), "--data", os.path.join(d, "data.json"), "--image-folder", d,
                "--tokenizer", os.path.join(d, "tokenizer.model"), "--image-size", "128", "--workers", "0",
                "--global-batch", "2", "--batch-size", "1", "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0",
-               "--group-by-length", "--grad-checkpoint", "--no-save"]
+               "--group-by-length", "--grad-checkpoint"]
         rows, losses = [], {}
         for name, world in (("one process", 1), ("--fsdp, 2 ranks", 2)):
             out = os.path.join(d, f"world{world}")
@@ -896,18 +901,83 @@ def bench_lean(a, port=29533):
         one = float(rows[0][1])
         for r in rows:
             r.append(f"{float(r[1]) / one:.2f}")
-    print(f"\n7. lean FSDP start: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter checkpoint, fp32), "
-          f"--grad-checkpoint, 3 steps of 2 samples; {os.cpu_count()} CPU cores")
+        saved = [weights.read_safetensors(os.path.join(d, f"world{w}", "ckpt")) for w in (1, 2)]
+        assert saved[0].keys() == saved[1].keys()
+        diff = max((saved[0][k] - saved[1][k]).abs().max().item() for k in saved[0])
+        del saved
+    print(f"\n7. lean FSDP start and save: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter checkpoint, fp32), "
+          f"--grad-checkpoint, 3 steps of 2 samples, then the checkpoint; {os.cpu_count()} CPU cores")
     table(rows, ["run", "peak RSS GiB", "x one process"])
     worst = max((abs(x - y) / abs(y) for x, y in zip(losses[2], losses[1])), default=0)
     print(f"losses, one process: {losses[1]}; FSDP: {losses[2]}; largest relative difference {worst:.1e}")
+    print(f"saved weights, FSDP against one process: largest absolute difference {diff:.1e}")
     return {"lean_fsdp_rank_peak_vs_one_process": max(r[2] for r in rows[1:])}
+
+
+# ---------------------------------------------------------------------------------------
+# 8. --grad-checkpoint at the release's R = 1024: the same numbers, the memory it saves
+
+
+def bench_ckpt1024(a):
+    """train.py --stage 2, one process, fp32 on the CPU, at the release's vision shapes (CLIP
+    ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at R = 1024) and a random 2-layer 1024-wide
+    LLM: 2 steps of one 1024 px image + ~130 tokens (lr 2e-5 from step 1, so step 2's loss
+    follows an update), without and then with --grad-checkpoint.
+    Prints each run's losses, peak RSS (VmRSS, sampled every 20 ms) and the memory plan train.py
+    printed before step 1. Without checkpointing the plan is 18.7 GiB (20 GB; with it 10.8 GiB):
+    an idle machine with 24 GB, please. --quick: small towers at R = 256, a smoke run of the same command."""
+    from PIL import Image
+    R = 256 if a.quick else 1024
+    llm = LlamaConfig(dim=1024, n_layers=2, n_heads=16, hidden_dim=2816, max_seq_len=4096)
+    cfg = replace(small_cfg("llava-hr", R, True) if a.quick else mra.MRAConfig(), image_size=R, llm=llm)
+    rows, losses = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        make_tokenizer(os.path.join(d, "tokenizer.model"))
+        Image.effect_noise((R, R), 64).convert("RGB").save(os.path.join(d, "x.png"))
+        records = [dict(id=i, image="x.png", conversations=[
+            {"from": "human", "value": "<image>\nWhat is in the image?"},
+            {"from": "gpt", "value": " ".join([f"A picture of a cat number {i}", "sign"] * 12)}]) for i in range(2)]
+        with open(os.path.join(d, "data.json"), "w") as f:
+            json.dump(records, f)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f)
+        for ckpt in (False, True):
+            cmd = [sys.executable, "train.py", "--stage", "2", "--config", os.path.join(d, "config.json"),
+                   "--data", os.path.join(d, "data.json"), "--image-folder", d, "--image-size", str(R),
+                   "--tokenizer", os.path.join(d, "tokenizer.model"), "--out", os.path.join(d, f"run{int(ckpt)}"),
+                   "--global-batch", "1", "--batch-size", "1", "--max-steps", "2", "--max-len", "256",
+                   "--warmup-ratio", "0",
+                   "--workers", "0", "--no-save"] + (["--grad-checkpoint"] if ckpt else [])
+            proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            peak = PeakAnon(proc.pid, "VmRSS")
+            out, err = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"ckpt1024: train.py failed: {err[-2000:]}")
+            plan = next(float(line.split()[1]) * (1 if line.split()[2] == "GiB" else 2**-10)
+                        for line in out.splitlines() if line.startswith("  peak"))
+            with open(os.path.join(d, f"run{int(ckpt)}", "log.jsonl")) as f:
+                losses[ckpt] = [json.loads(line)["loss"] for line in f]
+            gib = peak.done() / 2**30
+            rows.append(["yes" if ckpt else "no", *(f"{x!r}" for x in losses[ckpt]), f"{gib:.2f}",
+                         f"{gib * 2**30 / 1e9:.2f}", f"{plan:.2f}", f"{gib / plan:.2f}"])
+    n_vis = cfg.visual_tokens
+    print(f"\n8. --grad-checkpoint at R = {R}: train.py --stage 2, one process, fp32 CPU, "
+          f"{'small towers' if a.quick else 'ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L'}, a 2-layer "
+          f"1024-wide LLM; 2 steps of one image ({n_vis} visual tokens) + text, --max-len 256; "
+          f"{os.cpu_count()} CPU cores")
+    table(rows, ["grad ckpt", "loss 1", "loss 2", "peak RSS GiB", "peak RSS GB", "plan GiB", "peak / plan"])
+    rel = [abs(x - y) / abs(y) for x, y in zip(losses[True], losses[False])]
+    print("relative difference of the losses, with vs without: " + ", ".join(f"step {i + 1}: {r:.1e}"
+                                                                           for i, r in enumerate(rel)))
+    return {f"ckpt{R}_loss_rel_diff": f"{max(rel):.1e}", f"ckpt{R}_peak_gb": rows[1][4],
+            f"ckpt{R}_peak_gb_no_ckpt": rows[0][4]}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2", "lean"],
+    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2", "lean",
+                                      "ckpt1024"],
                    action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
@@ -962,6 +1032,8 @@ def main(argv=None):
         summary |= bench_stage2(a, device)
     if "lean" in sections:
         summary |= bench_lean(a)
+    if "ckpt1024" in sections:
+        summary |= bench_ckpt1024(a)
     # the headline figures last, in a fixed order
     last = ["decode_speedup_vs_transformers", "decode_compiled_speedup_vs_transformers",
             "decode_roofline_fraction", "prefill_speedup_vs_transformers", "batch8_throughput_vs_batch1",

@@ -34,7 +34,7 @@ from convnext import ConvNeXt, ConvNeXtConfig
 from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer, int8_linears, int8_reader
 from vit import ViT, ViTConfig
 from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint, read_config,
-                     read_safetensors, remap, tensor_sizes)
+                     read_safetensors, remap, tensor_sizes, write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
 IGNORE = -100  # label of every position the loss skips
@@ -437,14 +437,15 @@ def build(cfg, llm=None, vit=None, convnext=None, dtype=None, device="cpu"):
     return model.to(dtype) if dtype is not None else model
 
 
-def save_checkpoint(model, path, state=None, cfg=None):
+def save_checkpoint(model, path, state=None, cfg=None, tensors=None):
     """Our format: model.safetensors (our module names) + mra_config.json, each written atomically.
-    state / cfg: a full state dict and config gathered elsewhere (FSDP) instead of the model's."""
-    from safetensors.torch import save_file
+    state / cfg: a state dict and config from elsewhere (FSDP) instead of the model's; tensors:
+    state's data in its order, made as they are written (gathered one at a time under FSDP).
+    Written tensor by tensor (write_safetensors): no second copy of the model in memory."""
     state = model.state_dict() if state is None else state
     cfg = model.cfg if cfg is None else cfg
     os.makedirs(path, exist_ok=True)
-    for name, write in (("model.safetensors", lambda p: save_file(state, p)),
+    for name, write in (("model.safetensors", lambda p: write_safetensors(p, state, tensors)),
                         ("mra_config.json", lambda p: open(p, "w").write(json.dumps(cfg.to_dict(), indent=1)))):
         tmp = os.path.join(path, name + ".tmp")
         write(tmp)

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import partial
 
@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
+from safetensors import safe_open
 from tqdm import tqdm
 
 import data
@@ -47,7 +48,7 @@ import mra
 from convnext import ConvNeXtConfig
 from llama import LlamaConfig, Tokenizer, int8_linears
 from vit import ViTConfig
-from weights import read_config
+from weights import read_config, write_safetensors
 
 # -----------------------------------------------------------------------------
 # settings: the release's recipe per stage; a flag overrides
@@ -373,6 +374,71 @@ def shard_lean(model, units, mp, device, rank, world):
     return model
 
 
+def rows_of(n, world, rank):
+    """Rows [start, stop) of a dim 0 of n that rank holds under FSDP2 (torch.chunk's split)."""
+    size = -(-n // world)
+    return min(n, rank * size), min(n, rank * size + size)
+
+
+def save_shards(model, opt, path, cfg, rank, world):
+    """--fsdp: a checkpoint written without any rank holding the whole model or optimizer.
+    The weights are gathered one tensor at a time, on every rank, and rank 0 streams each into
+    model.safetensors (the file generate.py and --resume load); each rank writes its own rows of
+    AdamW's state to optimizer-R-of-W.safetensors (read back by load_shards, for any world)."""
+    from torch.distributed.tensor import DTensor
+    state = model.state_dict()  # DTensors of the global shapes: the file's header
+    full = (t.full_tensor() if isinstance(t, DTensor) else t for t in state.values())  # collectives
+    if rank == 0:
+        mra.save_checkpoint(None, path, state=state, cfg=cfg, tensors=full)
+    else:
+        for _ in full:  # each rank takes part in each gather, then drops the tensor
+            pass
+    names = {q: n for n, q in model.named_parameters()}
+    rows = {f"{names[q]}/{k}": v.to_local() if isinstance(v, DTensor) else v  # "step" is the same on every rank
+            for q, st in opt.state.items() for k, v in st.items()}
+    write_safetensors(os.path.join(path, f"optimizer-{rank + 1:05d}-of-{world:05d}.safetensors"), rows)
+
+
+def load_shards(model, opt, path, saved_world, rank, world):
+    """AdamW's state from save_shards' files, cut for this run's ranks, whatever the saved run's
+    were: each rank reads only the rows it holds, from the files that have them. A parameter
+    that had no state (no gradient yet) gets none, exactly as in the uninterrupted run."""
+    from torch.distributed.tensor import DTensor
+    files = [os.path.join(path, f"optimizer-{r + 1:05d}-of-{saved_world:05d}.safetensors") for r in range(saved_world)]
+    opened = []
+    for f in files:
+        try:
+            opened.append(safe_open(f, framework="pt"))
+        except Exception as e:  # noqa: BLE001 -- missing (OSError) or cut short (SafetensorError)
+            raise SystemExit(f"--resume: {f}: the optimizer state the run's rank {len(opened)} saved is missing or "
+                             f"unreadable ({(str(e).splitlines() or [type(e).__name__])[0]}); start anew from its weights with --init "
+                             f"{path}") from None
+    files = opened
+    saved = {}
+    for key in files[0].keys():
+        name, k = key.split("/")
+        saved.setdefault(name, []).append(k)
+    for name, q in model.named_parameters():
+        st = {}
+        for k in saved.get(name, ()):
+            key = f"{name}/{k}"
+            if not files[0].get_slice(key).get_shape():  # a scalar ("step"): every file holds it
+                st[k] = files[0].get_tensor(key)
+                continue
+            st[k] = torch.zeros_like(q)  # a DTensor sharded as q is, under FSDP
+            local = st[k].to_local() if isinstance(q, DTensor) else st[k]
+            start, stop = rows_of(q.shape[0], world, rank) if isinstance(q, DTensor) else (0, q.shape[0])
+            parts = []
+            for r, f in enumerate(files):  # the saved rows [a, b) of rank r that this rank holds now
+                a, b = rows_of(q.shape[0], saved_world, r)
+                if max(a, start) < min(b, stop):
+                    parts.append(f.get_slice(key)[max(a, start) - a:min(b, stop) - a])
+            if parts:
+                local.copy_(torch.cat(parts))
+        if st:
+            opt.state[q] = st
+
+
 def plan(cfg, world, bf16):
     build = (lambda c: lora.add_lora(int8_base(mra.LlavaHR(c)), args.lora_r, lora_alpha)) if args.lora_r else mra.LlavaHR
     return memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
@@ -456,6 +522,7 @@ else:
 if args.lora_r and not args.resume:
     lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
 lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) until shard_lean
+sharded = lean and not args.lora_r  # saved without gathering (save_shards); LoRA's merge gathers on rank 0
 # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
 if not lean:
     model.to(device, torch.float32)
@@ -539,13 +606,17 @@ if args.resume:
     # a parameter that never had a gradient before the save (the vision side after text-only
     # micro-batches) has no Adam state yet; strict=False starts it fresh, exactly as AdamW would
     # have at its first gradient in the uninterrupted run. The same parameters must train.
-    saved = {n for g in state["optimizer"]["param_groups"] for n in g["params"]}
+    saved = (set(json.loads(state["params"])) if "params" in state else  # a sharded save
+             {n for g in state["optimizer"]["param_groups"] for n in g["params"]})
     now = {n for n, q in unwrapped.named_parameters() if q.requires_grad}
     if saved != now:
         raise SystemExit(f"--resume: the run trained other parameters ({len(saved ^ now)} differ, e.g. "
                          f"{sorted(saved ^ now)[0]}): same --stage and --freeze-* flags as the run, please")
-    set_optimizer_state_dict(unwrapped, opt, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    if "params" in state:
+        load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
+    else:
+        set_optimizer_state_dict(unwrapped, opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     start_step = state["step"]
 
 sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, by_length, start_step)
@@ -572,22 +643,47 @@ def get_lr(step):
     return lr_max * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@contextmanager
+def save_errors(step, tmp):
+    """A failed write (a full disk shows as OSError, RuntimeError or SafetensorError) stops the
+    run in one line; the last good checkpoint stays as it was."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        bar.close()
+        kept = f"the last checkpoint {ckpt_dir} is untouched" if os.path.isdir(ckpt_dir) else "no checkpoint kept"
+        raise SystemExit(f"step {step}: saving to {tmp} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"{kept}; free disk space, then --resume") from None
+
+
 def save(step):
-    """OUT/ckpt: weights (generate.py loads the dir) + train_state.pt, replaced atomically."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    # with FSDP every rank takes part in gathering the full tensors; rank 0 writes them
-    weights = get_model_state_dict(unwrapped, options=full)
-    optim = get_optimizer_state_dict(unwrapped, opt, options=full)
+    """OUT/ckpt: weights (generate.py loads the dir) + train_state.pt (under --fsdp, AdamW's state
+    in one file per rank), replaced atomically."""
+    tmp = ckpt_dir + ".tmp"
     if master:
-        tmp = ckpt_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+    if sharded:
+        dist.barrier()  # cleared before any rank writes into it
+        with save_errors(step, tmp):
+            os.makedirs(tmp, exist_ok=True)
+            save_shards(unwrapped, opt, tmp, cfg, rank, world)
+        dist.barrier()  # every rank's file is complete before rank 0 renames the directory
+        extra = dict(params=json.dumps(sorted(trainable)), world=world)
+    else:
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # with FSDP (LoRA) every rank takes part in gathering the full tensors; rank 0 writes them
+        weights = get_model_state_dict(unwrapped, options=full)
+        extra = dict(optimizer=get_optimizer_state_dict(unwrapped, opt, options=full))
+    if master:
         run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=args.data, stage=args.stage,
                    lora_r=args.lora_r, quantize=args.quantize)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
-        state = dict(step=step, optimizer=optim, cpu_rng=torch.get_rng_state(), run=json.dumps(run))
+        state = dict(step=step, cpu_rng=torch.get_rng_state(), run=json.dumps(run), **extra)
         if cuda:
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        try:
+        with save_errors(step, tmp):
             if args.lora_r:  # the adapters alone (resume reads them), and the merged model for generate.py
                 lora.save_adapters(os.path.join(tmp, "lora"), lora.adapter_state(weights, trainable), cfg,
                                    args.lora_r, lora_alpha, args.init)
@@ -595,16 +691,10 @@ def save(step):
                 # an int8 base's W is rounded: its adapters go onto the full-precision --init at load time
                 merged = not (args.lora_adapters_only or args.quantize)
                 weights = lora.merge(weights, scale, torch.float32) if merged else None
-            if weights is not None:
+            if not sharded and weights is not None:
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
             torch.save(state, os.path.join(tmp, "train_state.pt"))
-        except Exception as e:  # noqa: BLE001 -- a full disk shows as OSError, RuntimeError or SafetensorError
-            shutil.rmtree(tmp, ignore_errors=True)
-            bar.close()
-            kept = f"the last checkpoint {ckpt_dir} is untouched" if os.path.isdir(ckpt_dir) else "no checkpoint kept"
-            raise SystemExit(f"step {step}: saving to {tmp} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                             f"{kept}; free disk space, then --resume") from None
         # the last good checkpoint is never touched until the new one is complete
         if os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)

@@ -170,6 +170,32 @@ def read_safetensors(path, dtype=None, device="cpu", keep=None):
     return read_checkpoint(path, dtype, device, keep, files=safetensors_files(path))
 
 
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path, header, tensors=None):
+    """A safetensors file written one tensor at a time: `header` ({name: tensor}, meta or sharded
+    tensors will do) gives the names, dtypes and shapes; `tensors` yields the data in that order
+    (default: header's own). Nothing is copied whole (safetensors' save_file first turns every
+    tensor into bytes), so a caller can gather each tensor just before it is written and drop it
+    after: a whole model is never in memory at once. The format: the header's length (8 bytes,
+    little-endian), the JSON header padded with spaces to 8 bytes, then the raw tensors."""
+    meta, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in header.items():
+        n = math.prod(t.shape) * t.element_size()
+        meta[name] = dict(dtype=_SAFETENSORS_DTYPES[t.dtype], shape=list(t.shape), data_offsets=[at, at + n])
+        at += n
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for (name, h), t in zip(header.items(), header.values() if tensors is None else tensors, strict=True):
+            assert t.dtype == h.dtype and t.shape == h.shape, (name, t.dtype, t.shape, h.dtype, h.shape)
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # (bytes,), no copy
+
 # Memory. Before a weight is read, the checkpoint's headers say what loading will take: if the
 # weights alone exceed the memory available, stop with both numbers and the way out.
 

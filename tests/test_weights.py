@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from weights import CheckpointError, load_state, read_safetensors, remap
+from weights import CheckpointError, load_state, read_safetensors, remap, write_safetensors
 
 TABLE = [("enc.layers.{i}.fc.weight", "blocks.{i}.weight"),
          ("enc.layers.{i}.fc.bias", "blocks.{i}.bias")]
@@ -92,3 +92,18 @@ def test_truncated_and_missing_files(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(CheckpointError, match=r"empty: no model\.safetensors"):
         read_safetensors(str(tmp_path / "empty"))
+
+
+def test_write_safetensors_streams_what_save_file_writes(tmp_path):
+    # every dtype a checkpoint holds, a scalar, an empty tensor, a transposed (non-contiguous) view
+    state = {"w": torch.randn(3, 5), "t": torch.randn(5, 3).t(), "half": torch.randn(4).half(),
+             "bf16": torch.randn(2, 2).bfloat16(), "step": torch.tensor(7.0), "empty": torch.zeros(0, 4),
+             "ids": torch.arange(6), "q": torch.randint(-128, 127, (3, 2), dtype=torch.int8),
+             "mask": torch.tensor([True, False])}
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "ref.safetensors")
+    header = {k: torch.empty_like(v, device="meta") for k, v in state.items()}  # shapes only
+    write_safetensors(tmp_path / "ours.safetensors", header, iter(state.values()))
+    ours, ref = read_safetensors(str(tmp_path / "ours.safetensors")), read_safetensors(str(tmp_path / "ref.safetensors"))
+    assert ours.keys() == ref.keys() == state.keys()
+    for k in state:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
