@@ -14,6 +14,7 @@ modeling_llama.py (the numerics matched here); gpt-fast and nanoGPT (the layout)
 """
 import copy
 import os
+import platform
 import re
 from dataclasses import dataclass
 
@@ -130,7 +131,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
+ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
+          and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def additive_mask(allowed, dtype):
