@@ -358,6 +358,20 @@ def test_last_only_logits_equal_the_full_passes_last_row():
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
 
 
+def test_linear_inference_path_equals_f_linear_and_training_keeps_autograd():
+    # llama.Linear: oneDNN for CPU inference on 2+ rows, F.linear for one row and for training
+    import llama
+    torch.manual_seed(0)
+    lin = llama.Linear(64, 172, bias=False)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), **TOL)
+        torch.testing.assert_close(lin(x[:1, :1]), F.linear(x[:1, :1], lin.weight), atol=0, rtol=0)
+    lin(x).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(x, lin.weight).square().sum(), lin.weight)[0]
+    torch.testing.assert_close(lin.weight.grad, expected, atol=0, rtol=0)
+
+
 def test_int8_quantizes_an_untied_head_and_keeps_a_tied_one():
     """--quantize int8 covers the output head (read whole every token) unless it is the embedding
     table; an int8 model answers through both (the head's int8 kernel and the dequantised path)."""
