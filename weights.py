@@ -170,7 +170,6 @@ def read_safetensors(path, dtype=None, device="cpu", keep=None):
     return read_checkpoint(path, dtype, device, keep, files=safetensors_files(path))
 
 
-
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
