@@ -864,6 +864,15 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
 # 7. the lean FSDP start: host memory per rank against one process
 
 
+def write_run(d, cfg, records):
+    """What a train.py --stage 2 run reads, under d: tokenizer.model (32,000 pieces), data.json
+    (records) and config.json (cfg)."""
+    make_tokenizer(os.path.join(d, "tokenizer.model"))
+    for name, obj in (("data.json", records), ("config.json", cfg.to_dict())):
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(obj, f)
+
+
 def bench_lean(a, port=29533):
     """train.py --stage 2 --init CKPT, one process and two gloo ranks (--fsdp) of the same run,
     each saving its checkpoint at the end: peak RSS of each process (VmRSS sampled every 20 ms),
@@ -873,17 +882,13 @@ def bench_lean(a, port=29533):
     cfg = replace(small_cfg("llava-hr", 128, True), vit_min_size=28, llm=LlamaConfig(
         dim=1024, n_layers=2 if a.quick else 20, n_heads=16, hidden_dim=2816, max_seq_len=512))
     with tempfile.TemporaryDirectory() as d:
-        make_tokenizer(os.path.join(d, "tokenizer.model"))
         records = []
         for i in range(8):
             Image.effect_noise((64, 64), 32 + 8 * i).convert("RGB").save(os.path.join(d, f"{i}.png"))
             records.append(dict(id=i, image=f"{i}.png", conversations=[
                 {"from": "human", "value": "What is in the image?\n<image>"},
                 {"from": "gpt", "value": f"A picture of a cat, number {i}."}]))
-        with open(os.path.join(d, "data.json"), "w") as f:
-            json.dump(records, f)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f)
+        write_run(d, cfg, records)
         torch.manual_seed(0)
         mra.save_checkpoint(mra.build(cfg), os.path.join(d, "init"))
         n = sum(s[0] for s in weights.tensor_sizes(os.path.join(d, "init")).values())
@@ -943,15 +948,10 @@ def bench_ckpt1024(a):
     cfg = replace(small_cfg("llava-hr", R, True) if a.quick else mra.MRAConfig(), image_size=R, llm=llm)
     rows, losses = [], {}
     with tempfile.TemporaryDirectory() as d:
-        make_tokenizer(os.path.join(d, "tokenizer.model"))
         Image.effect_noise((R, R), 64).convert("RGB").save(os.path.join(d, "x.png"))
-        records = [dict(id=i, image="x.png", conversations=[
+        write_run(d, cfg, [dict(id=i, image="x.png", conversations=[
             {"from": "human", "value": "<image>\nWhat is in the image?"},
-            {"from": "gpt", "value": " ".join([f"A picture of a cat number {i}", "sign"] * 12)}]) for i in range(2)]
-        with open(os.path.join(d, "data.json"), "w") as f:
-            json.dump(records, f)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f)
+            {"from": "gpt", "value": " ".join([f"A picture of a cat number {i}", "sign"] * 12)}]) for i in range(2)])
         for ckpt in (False, True):
             cmd = [sys.executable, "train.py", "--stage", "2", "--config", os.path.join(d, "config.json"),
                    "--data", os.path.join(d, "data.json"), "--image-folder", d, "--image-size", str(R),
