@@ -112,19 +112,19 @@ def apply_rope(x, cos, sin):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU inference on 2 rows or more runs through oneDNN's matmul.
+    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul.
 
     torch sends an fp32 matmul on the CPU to MKL. On the AMD EPYC (Zen 5) CPU bench.py was
-    measured on, MKL's sgemm runs at about half the FLOP/s of oneDNN's AVX-512 kernels for a
-    prefill (1,100 x 768 x 2,048), and reads the weights at about half the bytes/s for a batch
-    of 8 rows; MKL's matrix-vector product (batch-1 decode, 1 row) is as fast as oneDNN's and
-    scales better over threads, so one row stays with it. The same product in another summation
-    order: the results differ from F.linear's by float rounding only. Training keeps F.linear (the
-    oneDNN op has no backward), and so does a compiled step (inductor chooses its own kernels)."""
+    measured on, idle, at 2 threads, oneDNN's AVX-512 kernels read the weights of a 1-row product
+    (batch-1 decode) at about twice MKL's bytes/s (MKL's gemv does not scale past one thread:
+    15 GB/s at one thread and at two, oneDNN 17 and 26-31), read them at about twice for a batch
+    of 8 rows, and run a prefill (1,100 x 768 x 2,048) at about twice MKL's FLOP/s. The same
+    product in another summation order: the results differ from F.linear's by float rounding
+    only. Training keeps F.linear (the oneDNN op has no backward), and so does a compiled step
+    (inductor chooses its own kernels)."""
 
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if (rows >= 2 and x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN
                 and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
