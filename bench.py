@@ -971,7 +971,7 @@ def bench_ckpt1024(a):
     """train.py --stage 2, one process, fp32 on the CPU, at the release's vision shapes (CLIP
     ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at R = 1024) and a random 2-layer 1024-wide
     LLM: 2 steps of one 1024 px image + ~130 tokens (lr 2e-5 from step 1, so step 2's loss
-    follows an update), without and then with --grad-checkpoint.
+    follows an update), without and then with --grad-checkpoint, both with --lean-malloc.
     Prints each run's losses, peak RSS (VmRSS, sampled every 20 ms) and the memory plan train.py
     printed before step 1. Without checkpointing the plan is 18.7 GiB (20 GB; with it 10.8 GiB):
     an idle machine with 24 GB, please. --quick: small towers at R = 256, a smoke run of the same command."""
@@ -991,7 +991,7 @@ def bench_ckpt1024(a):
                    "--tokenizer", os.path.join(d, "tokenizer.model"), "--out", os.path.join(d, f"run{int(ckpt)}"),
                    "--global-batch", "1", "--batch-size", "1", "--max-steps", "2", "--max-len", "256",
                    "--warmup-ratio", "0",
-                   "--workers", "0", "--no-save"] + (["--grad-checkpoint"] if ckpt else [])
+                   "--workers", "0", "--no-save", "--lean-malloc"] + (["--grad-checkpoint"] if ckpt else [])
             proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             peak = PeakAnon(proc.pid, "VmRSS")
             out, err = proc.communicate()
@@ -1007,7 +1007,7 @@ def bench_ckpt1024(a):
                          f"{gib * 2**30 / 1e9:.2f}", f"{plan:.2f}", f"{gib / plan:.2f}",
                          " / ".join(f"{e['tokens'] / e['tokens_per_s']:.0f}" for e in log)])
     n_vis = cfg.visual_tokens
-    print(f"\n8. --grad-checkpoint at R = {R}: train.py --stage 2, one process, fp32 CPU, "
+    print(f"\n8. --grad-checkpoint at R = {R}: train.py --stage 2 --lean-malloc, one process, fp32 CPU, "
           f"{'small towers' if a.quick else 'ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L'}, a 2-layer "
           f"1024-wide LLM; 2 steps of one image ({n_vis} visual tokens) + text, --max-len 256; "
           f"{os.cpu_count()} CPU cores")

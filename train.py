@@ -114,12 +114,14 @@ class PeakBytes(TorchDispatchMode):
 
 
 def fixed_malloc_threshold():
-    """CPU training with glibc: give freed activations back to the system. glibc serves a request
-    below its mmap threshold from its heap, and raises the threshold (up to 32 MB) whenever a
-    bigger mapped block is freed; after step 1 most activations then come from the heap, where
-    freed blocks stay resident, and the process peaks ~2 GiB above its memory plan at R = 1024
-    (bench.py --only ckpt1024). A fixed threshold (what MALLOC_MMAP_THRESHOLD_ sets) keeps every
-    block of 64 KiB or more mapped, and unmapped when torch frees it. Elsewhere: no-op."""
+    """--lean-malloc, CPU training with glibc: give freed activations back to the system. glibc
+    serves a request below its mmap threshold from its heap, and raises the threshold (up to 32 MB)
+    whenever a bigger mapped block is freed; after step 1 most activations then come from the
+    heap, where freed blocks stay resident, and the process peaks ~2 GiB above its memory plan at
+    R = 1024 (bench.py --only ckpt1024). A fixed threshold (what MALLOC_MMAP_THRESHOLD_ sets) keeps
+    every block of 64 KiB or more mapped, and unmapped when torch frees it. The price: every such
+    block is page-faulted in afresh (R = 1024: steps 13-16% slower; the demo's small model: ~70%),
+    so it is a flag, not the default. Elsewhere: no-op."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -229,6 +231,9 @@ p.add_argument("--save-every", type=int, default=500)
 p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
 p.add_argument("--seed", type=int, default=42)
 p.add_argument("--grad-checkpoint", action="store_true")
+p.add_argument("--lean-malloc", action="store_true",
+               help="CPU: give freed activations back to the system at once (glibc): ~2 GB less at R = 1024, "
+                    "13-16%% slower steps there, far slower for small models")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
 p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both towers fixed")
 p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
@@ -304,7 +309,8 @@ if cuda:
     torch.backends.cuda.matmul.allow_tf32 = True
 else:
     torch.set_flush_denormal(True)  # CPU: subnormal floats (late in tiny test runs) are ~100x slower
-    fixed_malloc_threshold()
+    if args.lean_malloc:
+        fixed_malloc_threshold()
 master = rank == 0
 torch.manual_seed(args.seed)  # the same initial weights (new adapters, projector) on every rank
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()

@@ -279,6 +279,19 @@ def test_grad_checkpoint_changes_no_number(env, tmp_path):
     assert_same(weights(tmp_path / "ckpt"), weights(tmp_path / "plain"), atol=1e-6)
 
 
+def test_lean_malloc_changes_no_number(env, tmp_path):
+    # --lean-malloc only changes where glibc puts freed memory; in a process of its own, since the
+    # setting would outlive the run and slow every later test
+    common = ("--global-batch", 2, "--batch-size", 2, "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0)
+    train(args(env, tmp_path / "plain", 2, *common))
+    r = subprocess.run([sys.executable, TRAIN, *args(env, tmp_path / "lean", 2, *common, "--lean-malloc")],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),  # as this process runs (one_thread)
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "lean") == losses(tmp_path / "plain")
+    assert_same(weights(tmp_path / "lean"), weights(tmp_path / "plain"))
+
+
 def plan(env, capsys, *extra):
     """train.py --dry-run's figures (GiB) by row, from its printout."""
     d, tok = env
