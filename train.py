@@ -49,7 +49,7 @@ import mra
 from convnext import ConvNeXtConfig
 from llama import LlamaConfig, Tokenizer, int8_linears
 from vit import ViTConfig
-from weights import read_config, write_safetensors
+from weights import available_memory, read_config, write_safetensors
 
 # -----------------------------------------------------------------------------
 # settings: the release's recipe per stage; a flag overrides
@@ -189,8 +189,12 @@ def print_plan(plan):
           f"{'bf16 autocast' if plan['bf16'] else 'fp32'}; {'with' if plan['grad_ckpt'] else 'no'} grad checkpointing")
     for k in ("weights", "gradients", "adam", "activations", "update"):
         print(f"  {k:<12}{gb(plan[k])}")
+    print(f"  {'peak':<12}{gb(plan_peak(plan))}")
+
+
+def plan_peak(plan):
     # the activations (forward, backward) and the update's temporaries (optimizer step) never coexist
-    print(f"  {'peak':<12}{gb(plan['weights'] + plan['gradients'] + plan['adam'] + max(plan['activations'], plan['update']))}")
+    return plan["weights"] + plan["gradients"] + plan["adam"] + max(plan["activations"], plan["update"])
 
 
 if __name__ == "__main__" and "--preset" in sys.argv:  # the CPU demo lives in demo.py
@@ -751,7 +755,12 @@ if master:
           f"{'FSDP2' if args.fsdp and distributed else 'DDP' if distributed else 'one process'}")
     if ds.bad:
         print(f"skipping {len(ds.bad)} bad records, e.g. {ds.bad[0]}")
-    print_plan(plan(cfg, world, bf16=cuda))  # the longest sample the stage allows
+    the_plan = plan(cfg, world, bf16=cuda)  # the longest sample the stage allows
+    print_plan(the_plan)
+    avail = available_memory(device)
+    if not cuda and not args.lean_malloc and avail and plan_peak(the_plan) > avail / 2:
+        print(f"the plan needs over half of the {avail / 2**30:.1f} GiB available, and glibc's heap can hold ~20% "
+              f"more (bench.py --only ckpt1024): --lean-malloc keeps the peak near the plan, at slower steps")
     if ds.dropped_first:
         print(f"{ds.dropped_first} conversations open with a gpt turn: dropped that turn (as the release does)")
 log = open(log_path, "a") if master else None

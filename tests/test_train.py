@@ -292,6 +292,14 @@ def test_lean_malloc_changes_no_number(env, tmp_path):
     assert_same(weights(tmp_path / "lean"), weights(tmp_path / "plain"))
 
 
+def test_a_plan_near_the_memory_available_suggests_lean_malloc(env, tmp_path, monkeypatch, capsys):
+    import weights
+    monkeypatch.setattr(weights, "available_memory", lambda device: 2**20)  # 1 MiB free
+    train(args(env, tmp_path / "run", 2, "--global-batch", 2, "--batch-size", 2, "--max-steps", 1, "--no-save"))
+    out = capsys.readouterr().out
+    assert "the plan needs over half of the 0.0 GiB available" in out and "--lean-malloc keeps the peak" in out
+
+
 def plan(env, capsys, *extra):
     """train.py --dry-run's figures (GiB) by row, from its printout."""
     d, tok = env
