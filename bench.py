@@ -906,10 +906,17 @@ def write_run(d, cfg, records):
             json.dump(obj, f)
 
 
+def plan_gib(printed):
+    """The peak of the memory plan train.py printed before step 1, GiB."""
+    line = next(line for line in printed.splitlines() if line.startswith("  peak")).split()
+    return float(line[1]) * (1 if line[2] == "GiB" else 2**-10)
+
+
 def bench_lean(a, port=29533):
-    """train.py --stage 2 --init CKPT, one process and two gloo ranks (--fsdp) of the same run,
-    each saving its checkpoint at the end: peak RSS of each process (VmRSS sampled every 20 ms),
-    the losses, and the saved weights against each other. The towers are tiny, the LLM 20 x 1024
+    """train.py --stage 2 --init CKPT --lean-malloc, one process and two gloo ranks (--fsdp) of the
+    same run, each saving its checkpoint at the end: peak RSS of each process (VmRSS sampled every
+    20 ms) against the other's and against its memory plan, the losses, and the saved weights
+    against each other. The towers are tiny, the LLM 20 x 1024
     wide (quick: 2 layers)."""
     from PIL import Image
     cfg = replace(small_cfg("llava-hr", 128, True), vit_min_size=28, llm=LlamaConfig(
@@ -929,38 +936,43 @@ def bench_lean(a, port=29533):
                "--init", os.path.join(d, "init"), "--data", os.path.join(d, "data.json"), "--image-folder", d,
                "--tokenizer", os.path.join(d, "tokenizer.model"), "--image-size", "128", "--workers", "0",
                "--global-batch", "2", "--batch-size", "1", "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0",
-               "--group-by-length", "--grad-checkpoint"]
+               "--group-by-length", "--grad-checkpoint", "--lean-malloc"]
         rows, losses = [], {}
         for name, world in (("one process", 1), ("--fsdp, 2 ranks", 2)):
             out = os.path.join(d, f"world{world}")
             env = os.environ | dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                                     OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
             procs = [subprocess.Popen(cmd + ["--out", out] + (["--fsdp"] if world > 1 else []), text=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       env=env | dict(RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env)
                      for r in range(world)]
             peaks = [PeakAnon(p.pid, "VmRSS") for p in procs]
+            printed = procs[0].stdout.read()  # rank 0 prints the plan (per device: every rank's)
             for p in procs:
                 if p.wait():
                     raise SystemExit(f"lean: train.py failed: {p.stderr.read()[-2000:]}")
             with open(os.path.join(out, "log.jsonl")) as f:
                 losses[world] = [json.loads(line)["loss"] for line in f]
             for r, peak in enumerate(peaks):
-                rows.append([name if world == 1 else f"{name}: rank {r}", f"{peak.done() / 2**30:.2f}"])
+                gib = peak.done() / 2**30
+                plan = plan_gib(printed)
+                rows.append([name if world == 1 else f"{name}: rank {r}", f"{gib:.2f}", f"{plan:.2f}",
+                             f"{gib / plan:.2f}"])
         one = float(rows[0][1])
         for r in rows:
-            r.append(f"{float(r[1]) / one:.2f}")
+            r.insert(2, f"{float(r[1]) / one:.2f}")
         saved = [weights.read_safetensors(os.path.join(d, f"world{w}", "ckpt")) for w in (1, 2)]
         assert saved[0].keys() == saved[1].keys()
         diff = max((saved[0][k] - saved[1][k]).abs().max().item() for k in saved[0])
         del saved
     print(f"\n7. lean FSDP start and save: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter checkpoint, fp32), "
           f"--grad-checkpoint, 3 steps of 2 samples, then the checkpoint; {os.cpu_count()} CPU cores")
-    table(rows, ["run", "peak RSS GiB", "x one process"])
+    table(rows, ["run", "peak RSS GiB", "x one process", "plan GiB", "peak / plan"])
     worst = max((abs(x - y) / abs(y) for x, y in zip(losses[2], losses[1])), default=0)
     print(f"losses, one process: {losses[1]}; FSDP: {losses[2]}; largest relative difference {worst:.1e}")
     print(f"saved weights, FSDP against one process: largest absolute difference {diff:.1e}")
-    return {"lean_fsdp_rank_peak_vs_one_process": max(r[2] for r in rows[1:])}
+    return {"lean_fsdp_rank_peak_vs_one_process": max(r[2] for r in rows[1:]),
+            "lean_peak_vs_plan": f"{min(float(r[4]) for r in rows):.2f}-{max(float(r[4]) for r in rows):.2f}"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -997,8 +1009,7 @@ def bench_ckpt1024(a):
             out, err = proc.communicate()
             if proc.returncode:
                 raise SystemExit(f"ckpt1024: train.py failed: {err[-2000:]}")
-            plan = next(float(line.split()[1]) * (1 if line.split()[2] == "GiB" else 2**-10)
-                        for line in out.splitlines() if line.startswith("  peak"))
+            plan = plan_gib(out)
             with open(os.path.join(d, f"run{int(ckpt)}", "log.jsonl")) as f:
                 log = [json.loads(line) for line in f]
             losses[ckpt] = [e["loss"] for e in log]

@@ -187,14 +187,23 @@ def print_plan(plan):
     print(f"memory plan per device: {plan['n_train'] / 1e6:.0f}M of {plan['n_all'] / 1e6:.0f}M parameters "
           f"train; {how}; micro-batch {plan['batch']} x {plan['tokens']} tokens; "
           f"{'bf16 autocast' if plan['bf16'] else 'fp32'}; {'with' if plan['grad_ckpt'] else 'no'} grad checkpointing")
-    for k in ("weights", "gradients", "adam", "activations", "update"):
+    for k in ("weights", "gradients", "adam", "activations", "update") + (("runtime",) if plan["runtime"] else ()):
         print(f"  {k:<12}{gb(plan[k])}")
     print(f"  {'peak':<12}{gb(plan_peak(plan))}")
 
 
+def resident_bytes():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def plan_peak(plan):
     # the activations (forward, backward) and the update's temporaries (optimizer step) never coexist
-    return plan["weights"] + plan["gradients"] + plan["adam"] + max(plan["activations"], plan["update"])
+    return (plan["weights"] + plan["gradients"] + plan["adam"] + max(plan["activations"], plan["update"])
+            + plan["runtime"])
 
 
 if __name__ == "__main__" and "--preset" in sys.argv:  # the CPU demo lives in demo.py
@@ -315,6 +324,9 @@ else:
     torch.set_flush_denormal(True)  # CPU: subnormal floats (late in tiny test runs) are ~100x slower
     if args.lean_malloc:
         fixed_malloc_threshold()
+# on the CPU the plan adds what this process holds before any model exists: Python, torch's
+# libraries, the process group (VmRSS; 0 where /proc is not)
+runtime = 0 if cuda else resident_bytes()
 master = rank == 0
 torch.manual_seed(args.seed)  # the same initial weights (new adapters, projector) on every rank
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -469,8 +481,10 @@ def load_shards(model, opt, path, saved_world, rank, world):
 
 def plan(cfg, world, bf16):
     build = (lambda c: lora.add_lora(int8_base(mra.LlavaHR(c)), args.lora_r, lora_alpha)) if args.lora_r else mra.LlavaHR
-    return memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
-                       args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
+    p = memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
+                    args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
+    p["runtime"] = 0 if bf16 else runtime  # a plan for this CPU: the process itself shares its memory
+    return p
 
 
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
