@@ -706,11 +706,10 @@ def bench_scale(a, device):
         for _ in range(a.repeats):  # alternate the two, a fresh process each; each one's best run stands
             for name, quantize in (("bf16", None), ("int8", "int8")):
                 r, peak = in_process(scale_worker, d, quantize, str(device), SCALE_PROMPT, a.new_tokens)
-                r["peak"] = max(peak, res[name]["peak"]) if name in res else peak
-                if name in res and res[name]["tokens_per_s"] > r["tokens_per_s"]:
-                    res[name]["peak"] = r["peak"]
-                else:
+                highest = max(peak, res[name]["peak"]) if name in res else peak
+                if name not in res or r["tokens_per_s"] > res[name]["tokens_per_s"]:
                     res[name] = r
+                res[name]["peak"] = highest
     for name, r in res.items():
         rows.append([name, f"{r['load_s']:.1f}", f"{r['tokens_per_s']:.2f}", f"{r['bytes_per_token'] / 1e9:.2f}",
                      f"{r['bytes_per_token'] * r['tokens_per_s'] / 1e9:.1f}",

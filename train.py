@@ -120,7 +120,7 @@ def fixed_malloc_threshold():
     heap, where freed blocks stay resident, and the process peaks ~2 GiB above its memory plan at
     R = 1024 (bench.py --only ckpt1024). A fixed threshold (what MALLOC_MMAP_THRESHOLD_ sets) keeps
     every block of 64 KiB or more mapped, and unmapped when torch frees it. The price: every such
-    block is page-faulted in afresh (R = 1024: steps 13-16% slower; the demo's small model: ~70%),
+    block is page-faulted in afresh (R = 1024: steps 9-18% slower; the demo's small model: ~70%),
     so it is a flag, not the default. Elsewhere: no-op."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -246,7 +246,7 @@ p.add_argument("--seed", type=int, default=42)
 p.add_argument("--grad-checkpoint", action="store_true")
 p.add_argument("--lean-malloc", action="store_true",
                help="CPU: give freed activations back to the system at once (glibc): ~2 GB less at R = 1024, "
-                    "13-16%% slower steps there, far slower for small models")
+                    "9-18%% slower steps there, far slower for small models")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
 p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both towers fixed")
 p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
