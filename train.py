@@ -305,7 +305,6 @@ if args.quantize and args.fsdp:
     p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 
-
 # -----------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK; a plain `python train.py` is one process
 
