@@ -915,8 +915,7 @@ def bench_lean(a, port=29533):
     """train.py --stage 2 --init CKPT --lean-malloc, one process and two gloo ranks (--fsdp) of the
     same run, each saving its checkpoint at the end: peak RSS of each process (VmRSS sampled every
     20 ms) against the other's and against its memory plan, the losses, and the saved weights
-    against each other. The towers are tiny, the LLM 20 x 1024
-    wide (quick: 2 layers)."""
+    against each other. The towers are tiny, the LLM 20 x 1024 wide (quick: 2 layers)."""
     from PIL import Image
     cfg = replace(small_cfg("llava-hr", 128, True), vit_min_size=28, llm=LlamaConfig(
         dim=1024, n_layers=2 if a.quick else 20, n_heads=16, hidden_dim=2816, max_seq_len=512))
@@ -946,7 +945,7 @@ def bench_lean(a, port=29533):
                                       env=env | dict(RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env)
                      for r in range(world)]
             peaks = [PeakAnon(p.pid, "VmRSS") for p in procs]
-            printed = procs[0].stdout.read()  # rank 0 prints the plan (per device: every rank's)
+            plan = plan_gib(procs[0].stdout.read())  # rank 0 prints the plan (per device: every rank's)
             for p in procs:
                 if p.wait():
                     raise SystemExit(f"lean: train.py failed: {p.stderr.read()[-2000:]}")
@@ -954,7 +953,6 @@ def bench_lean(a, port=29533):
                 losses[world] = [json.loads(line)["loss"] for line in f]
             for r, peak in enumerate(peaks):
                 gib = peak.done() / 2**30
-                plan = plan_gib(printed)
                 rows.append([name if world == 1 else f"{name}: rank {r}", f"{gib:.2f}", f"{plan:.2f}",
                              f"{gib / plan:.2f}"])
         one = float(rows[0][1])
@@ -965,7 +963,7 @@ def bench_lean(a, port=29533):
         diff = max((saved[0][k] - saved[1][k]).abs().max().item() for k in saved[0])
         del saved
     print(f"\n7. lean FSDP start and save: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter checkpoint, fp32), "
-          f"--grad-checkpoint, 3 steps of 2 samples, then the checkpoint; {os.cpu_count()} CPU cores")
+          f"--grad-checkpoint --lean-malloc, 3 steps of 2 samples, then the checkpoint; {os.cpu_count()} CPU cores")
     table(rows, ["run", "peak RSS GiB", "x one process", "plan GiB", "peak / plan"])
     worst = max((abs(x - y) / abs(y) for x, y in zip(losses[2], losses[1])), default=0)
     print(f"losses, one process: {losses[1]}; FSDP: {losses[2]}; largest relative difference {worst:.1e}")
@@ -984,7 +982,7 @@ def bench_ckpt1024(a):
     LLM: 2 steps of one 1024 px image + ~130 tokens (lr 2e-5 from step 1, so step 2's loss
     follows an update), without and then with --grad-checkpoint, both with --lean-malloc.
     Prints each run's losses, peak RSS (VmRSS, sampled every 20 ms) and the memory plan train.py
-    printed before step 1. Without checkpointing the plan is 18.7 GiB (20 GB; with it 10.8 GiB):
+    printed before step 1. Without checkpointing the plan is 19.3 GiB (21 GB; with it 11.3 GiB):
     an idle machine with 24 GB, please. --quick: small towers at R = 256, a smoke run of the same command."""
     from PIL import Image
     R = 256 if a.quick else 1024
