@@ -199,19 +199,21 @@ def bench_decode(a, device):
     hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d, safe_serialization=True)
-        ours = Llama.from_pretrained(d, device=device).eval()
+        # two copies, as generate.py runs them: eager with packed weights, or the step compiled
+        ours, dense = (Llama.from_pretrained(d, device=device).eval() for _ in range(2))
+    llama.pack_linears(ours)
     n_params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     cache_len = cache_length(a.prompt_len + a.new_tokens)
-    compiled = generate.compile_step(ours.decode, device)
+    compiled = generate.compile_step(dense.decode, device)
     impls = {"ours": lambda: run_ours(ours, ids, a.new_tokens, ours.decode),
-             "ours compiled": lambda: run_ours(ours, ids, a.new_tokens, compiled),
+             "ours compiled": lambda: run_ours(dense, ids, a.new_tokens, compiled),
              "transformers": lambda: run_hf(hf, ids, a.new_tokens)}
     # warm-up: kernels, allocator, and the compile, for the cache shape measured below
     run_ours(ours, ids[:, :16], 4, ours.decode), run_hf(hf, ids[:, :16], 4)
     torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()
-    run_ours(ours, ids[:, :16], 4, compiled, cache_len=cache_len)
+    run_ours(dense, ids[:, :16], 4, compiled, cache_len=cache_len)
     compile_s = time.perf_counter() - t0
     best = {}  # name: (tokens, best prefill s, best decode s), each side's best over the repeats
     # the roofline is sampled right after each decode run, for as long as that run decoded: a
@@ -227,8 +229,8 @@ def bench_decode(a, device):
             samples.append(read_bandwidth(device, 1, seconds=dec))
     bandwidth = max(samples)
     pairs = 3 if a.quick else 30
-    paired = {name: paired_roofline(ours, step, ids, device, cache_len, pairs)
-              for name, step in (("ours", ours.decode), ("ours compiled", compiled))}
+    paired = {name: paired_roofline(llm, step, ids, device, cache_len, pairs)
+              for name, llm, step in (("ours", ours, ours.decode), ("ours compiled", dense, compiled))}
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
     rows, tps, frac = [], {}, {}
@@ -270,6 +272,7 @@ def bench_batch(a, device):
                     hidden_dim=a.hidden, max_seq_len=4096)
     torch.manual_seed(0)
     model = mra.LlavaHR(replace(small_cfg("llava-1.5", 336, True), llm=c)).to(device).eval()  # text-only here
+    llama.pack_linears(model.llm)  # as generate.py does, eager on the CPU
     lo, hi = a.batch_prompt_lens
     g = torch.Generator().manual_seed(1)
     prompts = [[1] + torch.randint(3, c.vocab_size, (lo + (hi - lo) * i // 7 - 1,), generator=g).tolist()

@@ -24,6 +24,7 @@ import uuid
 import torch
 
 import data
+import llama
 import lora
 import mra
 from mra import IMAGE_TOKEN
@@ -452,6 +453,8 @@ def run(args):
     step = model.llm.decode
     if args.compile:
         step = compile_step(step, device)
+    else:  # fp32 on an x86 CPU: the LLM's weights in oneDNN's blocked layout (else nothing happens)
+        llama.pack_linears(model.llm)
     if args.questions:
         answer_file(model, tok, args, pick, step, questions, answered)
     elif args.prompt is not None:

@@ -393,3 +393,32 @@ def test_int8_quantizes_an_untied_head_and_keeps_a_tied_one():
         with torch.no_grad():
             logits = model(ids)
         assert logits.shape == (2, 7, c.vocab_size) and logits.isfinite().all()
+
+
+@pytest.mark.skipif(not __import__("llama").ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
+def test_packed_linears_answer_as_the_plain_ones():
+    """pack_linears (generate.py's eager CPU path) moves each weight into oneDNN's blocked layout in
+    place of the plain one: the same logits and greedy tokens, the same parameter count, and a
+    packed model refuses to train."""
+    import copy
+
+    import generate
+    import llama
+    torch.manual_seed(0)
+    plain = Llama(LlamaConfig.from_name("llama-tiny")).eval()
+    packed = copy.deepcopy(plain)
+    assert llama.pack_linears(packed) == 7 * plain.config.n_layers + 1  # q k v o, gate up down; head
+    assert all(m.weight.is_meta for m in packed.modules() if isinstance(m, llama.Linear))
+    assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in plain.parameters())
+    ids = torch.randint(3, plain.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), plain(ids), **TOL)
+    tokens = []
+    for model in (plain, packed):
+        cache = model.new_cache(2, 32)
+        with torch.no_grad():
+            logits = model(ids, cache=cache, last_only=True)[:, -1]
+        tokens.append(generate.decode_n_tokens(model.decode, logits, cache, 16, lambda x: x.argmax(-1), eos_id=-1))
+    assert tokens[0] == tokens[1] and len(tokens[0][0]) == 16
+    with pytest.raises(RuntimeError, match="packed for eager inference"):
+        packed(embeds=torch.randn(1, 3, plain.config.dim, requires_grad=True))
