@@ -191,16 +191,16 @@ class KVCache:
             # fixed buffers that a CUDA graph reads and updates in place (no copy in per replay)
             torch._dynamo.mark_static_address(t)
 
-    def write(self, layer, k, v, start=None, span=None):
+    def write(self, layer, k, v, start=None):
         """Store k, v (B, n_kv, T, hd); return the keys and values the queries attend to.
-        start (int): at slots [start, start+T), returning slots [0, start+T) (prefill). start
-        None: one token at slot `pos` (the decode step), returning slots [0, span), by default
-        the whole cache (the static shape a compiled step needs)."""
+        start (int): at slots [start, start+T), returning slots [0, start+T) (prefill, and an
+        eager decode step). start None: one token at the slot the tensor `pos` holds, returning
+        the whole cache (a compiled decode step: static shapes, no Python number)."""
         cache_k, cache_v = self.k[layer], self.v[layer]
         if start is None:
             cache_k.index_copy_(2, self.pos, k)
             cache_v.index_copy_(2, self.pos, v)
-            return cache_k[:, :, :span], cache_v[:, :, :span]  # (B, nkv, span or max_len, hd)
+            return cache_k, cache_v  # (B, nkv, max_len, hd)
         end = start + k.shape[2]
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v
@@ -230,14 +230,14 @@ class Attention(nn.Module):
         self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, start, span=None):
+    def forward(self, x, cos, sin, mask, cache, start):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(self.layer, k, v, start, span)  # (B, nkv, S, hd), S = slots attended to
+            k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
         # softmax(q k^T / sqrt(hd) + mask) v, mask 0 where a key may be read, -inf where not
         # (causal when mask is None).
         # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
@@ -264,8 +264,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(c.dim, c.norm_eps), Attention(c, layer)
         self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=None, span=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, span)
+    def forward(self, x, cos, sin, mask, cache=None, start=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -465,11 +465,12 @@ class Llama(nn.Module):
         Run eagerly, it attends over the slots written so far only: shapes need not be static
         there, and the slots after pos, masked, would only be read for nothing.
         """
-        span = None  # compiled: the whole cache
+        start = span = None  # compiled: the whole cache
         if not torch.compiler.is_compiling():  # (a compiled step can't check)
-            span, limit = int(cache.pos) + 1, min(cache.valid.shape[1], self.config.max_seq_len)
+            start, limit = int(cache.pos), min(cache.valid.shape[1], self.config.max_seq_len)
+            span = start + 1
             if span > limit:
-                raise ValueError(f"decoding at slot {span - 1}: the cache holds {limit} positions")
+                raise ValueError(f"decoding at slot {start}: the cache holds {limit} positions")
         x = self.embed(tokens[:, None])  # (B, 1, D)
         # RoPE position: the row's real tokens so far (slots from pos on are not valid yet)
         positions = cache.valid.sum(-1, keepdim=True)  # (B, 1)
@@ -477,7 +478,7 @@ class Llama(nn.Module):
         cache.valid.index_fill_(1, cache.pos, True)
         mask = additive_mask(cache.valid[:, None, None, :span], x.dtype)  # (B, 1, 1, S): real slots so far
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, None, span)
+            x = layer(x, cos, sin, mask, cache, start)
         cache.pos += 1
         return self.head(x)[:, 0]
 
