@@ -8,6 +8,8 @@
    it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
 1b. batch: generate.py's batching, 8 prompts of different lengths one at a time vs as one
    left-padded batch: generated tokens/s.
+1c. linear (CPU): the products of a decode step alone, 1 and 8 rows: MKL, oneDNN on the plain
+   weights, oneDNN on its packed layout, and a sum over the same bytes.
 2. ttft: why MRA. Time to first token of LLaVA-HR at 1024 px against LLaVA-1.5 at 336,
    448 and 1022 px, same code, widths scaled down to run on a CPU but the full token counts:
    what grows with resolution is the number of visual tokens the LLM must read.
@@ -38,7 +40,7 @@
 8. ckpt1024: --grad-checkpoint at the release's vision shapes, R = 1024, one process on the CPU:
    the losses of 2 steps with and without, each run's peak RSS against its memory plan.
 
-    python bench.py            # sections 1-3, ~5 minutes on 2 CPU cores
+    python bench.py            # sections 1-3, ~6 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
     python bench.py --quick    # smoke run, a few seconds
     python bench.py --only experiment   # section 4: the README's experiment table
@@ -302,6 +304,47 @@ def bench_batch(a, device):
           f"{a.repeats}")
     table(rows, ["", "prefill s", "decode s", "decode tokens/s", "tokens/s overall"])
     return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x"}
+
+
+@torch.no_grad()
+def bench_linear(a, rows=(1, 8), repeats=15):
+    """The products a decode step makes, alone: every Linear weight of section 1's model (its
+    layers and output head) times `rows` rows, through torch's F.linear (MKL for fp32), oneDNN's
+    matmul on the plain weight (llama.Linear) and on the weight in oneDNN's blocked layout
+    (llama.pack_linears), against a sum over the same weights (what reading them costs). Each
+    is the median of `repeats` passes, the four interleaved."""
+    if not llama.ONEDNN:
+        print("linear: skipped, oneDNN's matmul is used on x86 CPUs only")
+        return {}
+    g = torch.Generator().manual_seed(0)
+    shapes = [(a.dim, a.dim)] * 4 + [(a.hidden, a.dim)] * 2 + [(a.dim, a.hidden)]
+    weights = [torch.randn(shape, generator=g) * 0.02 for _ in range(a.layers) for shape in shapes]
+    weights.append(torch.randn(32000, a.dim, generator=g) * 0.02)
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    n_bytes = sum(w.numel() * w.element_size() for w in weights)
+    onednn = torch.ops.mkldnn._linear_pointwise
+    out, table_rows = {}, []
+    for n in rows:
+        x = {k: torch.randn(n, k, generator=g) for k in (a.dim, a.hidden)}
+        impls = {"F.linear (MKL)": lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in weights],
+                 "oneDNN, plain weight": lambda: [onednn(x[w.shape[1]], w, None, "none", [], "") for w in weights],
+                 "oneDNN, packed weight": lambda: [onednn(x[w.shape[1]], p, None, "none", [], "")
+                                                   for w, p in zip(weights, packed)],
+                 "sum of the weights": lambda: [w.sum() for w in weights]}
+        times = {k: [] for k in impls}
+        for _ in range(repeats):
+            for k, fn in impls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: sorted(v)[repeats // 2] for k, v in times.items()}
+        for k, t in med.items():
+            table_rows.append([n, k, f"{t * 1e3:.1f}", f"{n_bytes / t / 1e9:.1f}"])
+        out[f"linear_packed_speedup_{n}_rows"] = f"{med['oneDNN, plain weight'] / med['oneDNN, packed weight']:.2f}x"
+    print(f"\n1c. linear: the {len(weights)} weights of section 1's model ({n_bytes / 1e6:.0f} MB, fp32) times a few "
+          f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
+    table(table_rows, ["rows", "product", "ms", "GB/s"])
+    return out
 
 
 @torch.no_grad()
@@ -1034,8 +1077,8 @@ def bench_ckpt1024(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "ttft", "table1", "experiment", "scale", "stage2", "lean",
-                                      "ckpt1024"],
+    p.add_argument("--only", choices=["decode", "batch", "linear", "ttft", "table1", "experiment", "scale", "stage2",
+                                      "lean", "ckpt1024"],
                    action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
@@ -1069,7 +1112,7 @@ def main(argv=None):
     if a.make_release:
         print(make_release(a.make_release))
         return
-    sections = a.only or ["decode", "batch", "ttft", "table1"]
+    sections = a.only or ["decode", "batch", "linear", "ttft", "table1"]
     summary = {}
     if "decode" in sections:
         summary |= bench_decode(a, device)
@@ -1077,6 +1120,8 @@ def main(argv=None):
             summary |= bench_decode_7b(device, read_bandwidth(device))
     if "batch" in sections:
         summary |= bench_batch(a, device)
+    if "linear" in sections and device.type == "cpu":
+        summary |= bench_linear(a)
     if "ttft" in sections:
         summary |= bench_ttft(a, device)
     if "table1" in sections:
