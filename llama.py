@@ -115,12 +115,12 @@ class Linear(nn.Linear):
     """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul.
 
     torch sends an fp32 matmul on the CPU to MKL. On the AMD EPYC (Zen 5) CPU bench.py was
-    measured on, idle, at 2 threads, oneDNN's AVX-512 kernels read the weights of a 1-row product
-    (batch-1 decode) at about twice MKL's bytes/s (MKL's gemv does not scale past one thread:
-    15 GB/s at one thread and at two, oneDNN 17 and 26-31), read them at about twice for a batch
-    of 8 rows, and run a prefill (1,100 x 768 x 2,048) at about twice MKL's FLOP/s. The same
-    product in another summation order: the results differ from F.linear's by float rounding
-    only. Training keeps F.linear (the oneDNN op has no backward), and so does a compiled step
+    measured on, idle (`python bench.py --only linear`, a decode step's products over the bench
+    model's weights), MKL read the weights of a 1-row product (batch-1 decode) at 16 GB/s with
+    2 threads and 15 with one: its gemv does not use the second core. oneDNN read them at 31-34
+    GB/s (18 with one thread), and at about twice MKL's rate for 8 rows too. The same product in
+    another summation order: the results differ from F.linear's by float rounding only.
+    Training keeps F.linear (the oneDNN op has no backward), and so does a compiled step
     (inductor chooses its own kernels). After pack_linears, the weight lives in oneDNN's own
     blocked layout (`packed`) and only this path remains."""
     packed = None  # pack_linears: the weight in oneDNN's blocked layout, for inference only
@@ -138,25 +138,26 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def pack_linears(model):
+def pack_linears(model, min_bytes=64 << 20):
     """fp32 inference on an x86 CPU: move every llama.Linear's weight into oneDNN's blocked layout
-    (what its kernels read fastest) in place of the plain one, so memory does not grow. Measured
-    with bench.py's 106M model, idle, 2 threads, the same products in the plain layout took
-    1.2-1.5x as long for one row (decode) and 1.5-2.2x for 8 rows (batched decode): given a plain
-    weight, oneDNN picks slower kernels or repacks it at every call. The Parameters stay, on the
-    meta device (shapes and counts still read; any other use fails loudly), and the model is for
-    eager inference from then on (its parameters no longer require grad): generate.py packs
-    unless it compiles the step. Returns how many weights were packed (0 elsewhere: GPU, bf16,
-    not x86)."""
-    n = 0
+    (what its kernels read fastest) in place of the plain one, so memory does not grow. On
+    bench.py's 106M model (325 MB of weights, idle, 2 threads; `python bench.py --only linear`)
+    the packed products were 1.25-1.58x faster for one row (decode) and 1.42-1.75x for 8. Given a
+    plain weight, oneDNN picks slower kernels or repacks it at every call. Weights that stay in
+    the caches gain nothing (the demo's 7 MB LLM decoded 7% slower packed), so a model whose
+    Linear weights total under `min_bytes` is left as it is. The Parameters stay, on the meta
+    device (shapes and counts still read; any other use fails loudly), and the model is for eager
+    inference from then on (its parameters no longer require grad): generate.py packs unless it
+    compiles the step. Returns how many weights were packed (0 elsewhere: GPU, bf16, not x86)."""
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    if sum(m.weight.numel() * 4 for m in linears) < min_bytes:
+        return 0
     model.requires_grad_(False)
-    for m in model.modules():
-        if (isinstance(m, Linear) and m.packed is None and ONEDNN and m.weight.device.type == "cpu"
-                and m.weight.dtype == torch.float32):
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
-            m.weight = nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
-            n += 1
-    return n
+    for m in linears:
+        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+        m.weight = nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
+    return len(linears)
 
 
 # measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands

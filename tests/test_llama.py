@@ -407,7 +407,8 @@ def test_packed_linears_answer_as_the_plain_ones():
     torch.manual_seed(0)
     plain = Llama(LlamaConfig.from_name("llama-tiny")).eval()
     packed = copy.deepcopy(plain)
-    assert llama.pack_linears(packed) == 7 * plain.config.n_layers + 1  # q k v o, gate up down; head
+    assert llama.pack_linears(packed) == 0  # a model this small stays in the caches: left as it is
+    assert llama.pack_linears(packed, min_bytes=0) == 7 * plain.config.n_layers + 1  # q k v o, gate up down; head
     assert all(m.weight.is_meta for m in packed.modules() if isinstance(m, llama.Linear))
     assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in plain.parameters())
     ids = torch.randint(3, plain.config.vocab_size, (2, 9))
