@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import generate
+import llama
 import mra
 from llama import LlamaConfig
 from test_mra import randomise, tiny_cfg
@@ -61,6 +62,20 @@ def images(tmp_path_factory):
     return files
 
 
+@pytest.fixture(params=["plain", "packed"])
+def pack(request, monkeypatch):
+    """Runs a CLI test twice: as is (a model this small is not packed), and with generate.py's
+    llama.pack_linears forced to pack (as it does a model of 64 MB of Linear weights and more):
+    a list that holds how many weights were packed."""
+    if request.param == "plain":
+        return None
+    if not llama.ONEDNN:
+        pytest.skip("oneDNN's packed layout: x86 CPUs")
+    packed, real = [], llama.pack_linears
+    monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(real(m, min_bytes=0)) or packed[-1])
+    return packed
+
+
 def pixels(model, path):
     return data.preprocess(data.load_image(path), model.cfg.image_size, model.cfg.image_aspect_ratio)
 
@@ -88,7 +103,7 @@ def greedy_full_forward(model, ids, image, eos_id, n=MAX_NEW):
     return seq[len(ids):]
 
 
-def test_cli_greedy_equals_full_forward(model_dir, model, tok, images, capsys):
+def test_cli_greedy_equals_full_forward(model_dir, model, tok, images, capsys, pack):
     q = "What is this?"
     ids = ids_for(tok, [generate.human_turn(q, True)])
     assert ids[0] == tok.bos_id and ids.count(mra.IMAGE_TOKEN) == 1
@@ -98,6 +113,7 @@ def test_cli_greedy_equals_full_forward(model_dir, model, tok, images, capsys):
                              "--max-new-tokens", MAX_NEW)
     assert code == 0, err
     assert out == tok.decode(ref) + "\n"  # the answer and nothing else on stdout
+    assert pack is None or pack[0] == 7 * 2 + 1  # the LLM's q k v o, gate up down (2 layers) and head
     got = generate.generate(model, [ids], pixels(model, images[0])[None], max_new_tokens=MAX_NEW,
                             eos_id=tok.eos_id)
     assert got == [ref]
@@ -173,7 +189,7 @@ def test_chat_continuation_tokenises_like_a_fresh_prompt(tok):
     assert full[len(ids1) + len(generated):] == tok.encode("</s>USER: And the sign? ASSISTANT:", bos=False)
 
 
-def test_chat_reuses_cache_and_matches_fresh_run(model_dir, model, tok, images, capsys, monkeypatch):
+def test_chat_reuses_cache_and_matches_fresh_run(model_dir, model, tok, images, capsys, monkeypatch, pack):
     questions = ["What is this?", "And the colour?", "Why?"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions) + "\nexit\n"))
     calls = []
@@ -190,6 +206,7 @@ def test_chat_reuses_cache_and_matches_fresh_run(model_dir, model, tok, images, 
         expected += tok.decode(fresh[0]) + "\n"  # (answers of a random model may hold newlines)
         turns.append(("gpt", tok.decode(fresh[0]).strip()))
     assert out == expected and err.count("ASSISTANT: ") == 3
+    assert pack is None or pack[0] > 0
 
 
 def test_chat_appends_after_a_canonical_answer(model, tok, images, capsys, monkeypatch):
@@ -219,7 +236,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images, tmp_path, capsys):
+def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images, tmp_path, capsys, pack):
     folder = images[0].parent
     qs = [dict(question_id=7, image=images[0].name, text="What is this?"),
           dict(question_id="b", text="Say something."),
@@ -247,6 +264,7 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
     assert code == 0 and out == "" and "resuming: 2 of 3" in err
     second = read_jsonl(afile)
     assert second[:2] == first and [a["question_id"] for a in second] == [7, "b", 9]
+    assert pack is None or pack == [15, 15]  # both runs packed
 
 
 def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
