@@ -151,7 +151,7 @@ def pack_linears(model, min_bytes=64 << 20):
     compiles the step. Returns how many weights were packed (0 elsewhere: GPU, bf16, not x86)."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    if sum(m.weight.numel() * 4 for m in linears) < min_bytes:
+    if sum(m.weight.nbytes for m in linears) < min_bytes:
         return 0
     model.requires_grad_(False)
     for m in linears:
