@@ -144,8 +144,8 @@ def pack_linears(model, min_bytes=64 << 20):
     bench.py's 106M model (325 MB of weights, idle, 2 threads; `python bench.py --only linear`)
     the packed products were 1.25-1.58x faster for one row (decode) and 1.42-1.75x for 8. Given a
     plain weight, oneDNN picks slower kernels or repacks it at every call. Weights that stay in
-    the caches gain nothing (the demo's 7 MB LLM decoded 7% slower packed), so a model whose
-    Linear weights total under `min_bytes` is left as it is. The Parameters stay, on the meta
+    the caches gain nothing (`--quick`'s 16 MB: one-row products 0.75x as fast packed), so a
+    model whose Linear weights total under `min_bytes` is left as it is. The Parameters stay, on the meta
     device (shapes and counts still read; any other use fails loudly), and the model is for eager
     inference from then on (its parameters no longer require grad): generate.py packs unless it
     compiles the step. Returns how many weights were packed (0 elsewhere: GPU, bf16, not x86)."""
