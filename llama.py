@@ -162,7 +162,7 @@ def pack_linears(model, min_bytes=64 << 20):
 
 # measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
 ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
-          and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+          and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
 
 
 def additive_mask(allowed, dtype):
