@@ -201,29 +201,40 @@ def bench_decode(a, device):
     hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d, safe_serialization=True)
-        # two copies, as generate.py runs them: eager with packed weights, or the step compiled
-        ours, dense = (Llama.from_pretrained(d, device=device).eval() for _ in range(2))
+        # copies as generate.py runs them: eager with packed weights, or the step compiled (on
+        # the CPU also with SDPA in place of llama.decode_attention, to compare)
+        ours, dense, dense_sdpa = (Llama.from_pretrained(d, device=device).eval() for _ in range(3))
     llama.pack_linears(ours)
     n_params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     cache_len = cache_length(a.prompt_len + a.new_tokens)
-    compiled = generate.compile_step(dense.decode, device)
-    impls = {"ours": lambda: run_ours(ours, ids, a.new_tokens, ours.decode),
-             "ours compiled": lambda: run_ours(dense, ids, a.new_tokens, compiled),
-             "transformers": lambda: run_hf(hf, ids, a.new_tokens)}
-    # warm-up: kernels, allocator, and the compile, for the cache shape measured below
+
+    def attending(how, step):  # the step traced, and so run, with this llama.COMPILED_CPU_ATTENTION
+        def run(tokens, cache):
+            llama.COMPILED_CPU_ATTENTION = how
+            return step(tokens, cache)
+        return run
+    compiled = attending("written-out", generate.compile_step(dense.decode, device))
+    impls = {"ours": (ours, ours.decode), "ours compiled": (dense, compiled)}
+    if device.type == "cpu":
+        impls["ours compiled, SDPA"] = (dense_sdpa, attending("sdpa", generate.compile_step(dense_sdpa.decode, device)))
+    # warm-up: kernels, allocator, and the compiles, for the cache shape measured below
     run_ours(ours, ids[:, :16], 4, ours.decode), run_hf(hf, ids[:, :16], 4)
     torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()
-    run_ours(dense, ids[:, :16], 4, compiled, cache_len=cache_len)
-    compile_s = time.perf_counter() - t0
+    for llm, step in list(impls.values())[1:]:
+        run_ours(llm, ids[:, :16], 4, step, cache_len=cache_len)
+    compile_s = (time.perf_counter() - t0) / (len(impls) - 1)
+    paired_impls = impls
+    impls = {name: (lambda llm=llm, step=step: run_ours(llm, ids, a.new_tokens, step))
+             for name, (llm, step) in impls.items()} | {"transformers": lambda: run_hf(hf, ids, a.new_tokens)}
     best = {}  # name: (tokens, best prefill s, best decode s), each side's best over the repeats
     # the roofline is sampled right after each decode run, for as long as that run decoded: a
     # shared machine's bandwidth drifts over minutes and spikes for fractions of a second, so
     # each run is paired with a window of the same length in the same conditions. The best sample
     # stands, as each side's best run does.
     samples = []
-    for _ in range(a.repeats):  # alternate the three
+    for _ in range(a.repeats):  # alternate them
         for name, fn in impls.items():
             out, pre, dec = fn()
             old = best.get(name, (out, pre, dec))
@@ -232,7 +243,8 @@ def bench_decode(a, device):
     bandwidth = max(samples)
     pairs = 3 if a.quick else 30
     paired = {name: paired_roofline(llm, step, ids, device, cache_len, pairs)
-              for name, llm, step in (("ours", ours, ours.decode), ("ours compiled", dense, compiled))}
+              for name, (llm, step) in paired_impls.items()}
+    llama.COMPILED_CPU_ATTENTION = "written-out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
     rows, tps, frac = [], {}, {}
@@ -252,8 +264,8 @@ def bench_decode(a, device):
           f"each right after a decode run and as long as it)")
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline", "paired", "tokens = transformers"])
     print(f"paired: the median over {pairs} pairs of 16 decode steps and a bandwidth sample as long (paired_roofline)")
-    print(f"compiled step: {compile_s:.0f} s to compile, {graphs} graph(s) for all "
-          f"{a.repeats * (a.new_tokens - 1) + (pairs + 1) * 16} measured steps")
+    print(f"compiled steps: {compile_s:.0f} s to compile each, {graphs} graph(s) for {len(impls) - 2} step(s), "
+          f"each measured over {a.repeats * (a.new_tokens - 1) + (pairs + 1) * 16} steps")
     hf_tps = tps["transformers"]
     return {"read_bandwidth_gb_s": f"{bandwidth / 1e9:.1f}",
             "decode_tokens_per_s_ours": f"{tps['ours']:.1f}",
@@ -262,7 +274,7 @@ def bench_decode(a, device):
             "decode_speedup_vs_transformers": f"{tps['ours'] / hf_tps:.2f}x",
             "decode_compiled_speedup_vs_transformers": f"{tps['ours compiled'] / hf_tps:.2f}x",
             "decode_roofline_fraction": f"{max(frac['ours'], frac['ours compiled']):.2f}",
-            "decode_roofline_fraction_paired": f"{max(paired.values()):.2f}",
+            "decode_roofline_fraction_paired": f"{max(paired['ours'], paired['ours compiled']):.2f}",
             "prefill_speedup_vs_transformers": f"{best['transformers'][1] / best['ours'][1]:.2f}x"}
 
 

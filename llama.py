@@ -222,6 +222,24 @@ class KVCache:
         return view
 
 
+# How a compiled decode step attends on the CPU: "written-out" (decode_attention) or "sdpa". Read
+# as the step is traced; bench.py compiles a step with each and sets it before every call.
+COMPILED_CPU_ATTENTION = "written-out"
+
+
+def decode_attention(q, k, v, mask):
+    """One query per row, q (B, nh, 1, hd), against the whole cache, k, v (B, nkv, S, hd), with
+    mask (B, 1, 1, S): softmax(q k^T / sqrt(hd) + mask) v, written out for a compiled CPU step.
+    Inductor fuses it with its neighbours into one pass over the keys and one over the values;
+    SDPA's CPU kernel, called from the step, read the cache at about half the rate (the two
+    rows "compiled" of `python bench.py --only decode`)."""
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    q = q.view(B, nkv, nh // nkv, 1, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
+    p = ((q * k[:, :, None]).sum(-1) + mask).softmax(-1)  # (B, nkv, g, S)
+    return (p[..., None] * v[:, :, None]).sum(-2).view(B, nh, 1, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig, layer):
         super().__init__()
@@ -243,8 +261,12 @@ class Attention(nn.Module):
         # (causal when mask is None).
         # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
         # consecutive q heads, read in place rather than copied per q head (repeat_interleave)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if (T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
+                and COMPILED_CPU_ATTENTION == "written-out"):
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, D)
 
 
@@ -399,8 +421,13 @@ class Llama(nn.Module):
     def new_cache(self, batch_size, max_len, dtype=None, device=None):
         w = self.tok_embeddings.weight
         c = self.config
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim,
-                       dtype or w.dtype, device or w.device)
+        cache = KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype or w.dtype,
+                        device or w.device)
+        # cos, sin of every slot's position, (max_len, hd) each, for the decode step to look up:
+        # computed in a compiled step, they would be recomputed inside every loop that reads them
+        cache.rope = [t[0, 0] for t in rope(torch.arange(max_len, device=cache.pos.device)[None], c.head_dim,
+                                            c.rope_theta, cache.k[0].dtype)]
+        return cache
 
     def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None, last_only=False):
         """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, D).
@@ -475,7 +502,7 @@ class Llama(nn.Module):
         x = self.embed(tokens[:, None])  # (B, 1, D)
         # RoPE position: the row's real tokens so far (slots from pos on are not valid yet)
         positions = cache.valid.sum(-1, keepdim=True)  # (B, 1)
-        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = (t[positions][:, None] for t in cache.rope)  # (B, 1, 1, hd)
         cache.valid.index_fill_(1, cache.pos, True)
         mask = additive_mask(cache.valid[:, None, None, :span], x.dtype)  # (B, 1, 1, S): real slots so far
         for layer in self.layers:

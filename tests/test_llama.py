@@ -423,3 +423,22 @@ def test_packed_linears_answer_as_the_plain_ones():
     assert tokens[0] == tokens[1] and len(tokens[0][0]) == 16
     with pytest.raises(RuntimeError, match="packed for eager inference"):
         packed(embeds=torch.randn(1, 3, plain.config.dim, requires_grad=True))
+
+
+def test_compiled_decode_attends_as_eager_with_grouped_queries():
+    """A compiled CPU step attends through llama.decode_attention (grouped-query here: 4 query
+    heads over 2 key/value heads, two rows, one left-padded): the same logits as eager SDPA."""
+    import generate
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("llama-tiny")).eval()
+    assert model.config.n_kv_heads < model.config.n_heads
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[1, :2] = False
+    step = generate.compile_step(model.decode, torch.device("cpu"))
+    with torch.no_grad():
+        eager, static = model.new_cache(2, 32), model.new_cache(2, 32)
+        model(ids[:, :6], cache=eager, pad_mask=pad), model(ids[:, :6], cache=static, pad_mask=pad)
+        got = [step(ids[:, t], static) for t in range(6, 12)]
+        ref = [model.decode(ids[:, t], eager) for t in range(6, 12)]
+    torch.testing.assert_close(torch.stack(got), torch.stack(ref), **TOL)
