@@ -156,23 +156,28 @@ def run_hf(hf, ids, n):
 
 
 @torch.no_grad()
-def paired_roofline(llm, step, ids, device, cache_len, pairs=30, steps=16):
+def paired_roofline(impls, ids, device, cache_len, pairs=30, steps=16):
     """Decode's read rate / the machine's, in pairs taken back to back: `steps` decode steps after
-    the prompt, then a read-bandwidth sample as long as they took; the median of the pairs' ratios.
-    A shared machine's bandwidth swings (here 33-65 GB/s within a minute), so a best run set
-    against the best sample of another moment mixes two conditions; a pair shares one."""
+    the prompt, then a read-bandwidth sample as long as they took; for each of impls ({name: (llm,
+    step)}, taking turns pair by pair, so that all meet the same moments) the median of its
+    pairs' ratios. A shared machine's bandwidth swings (here 33-65 GB/s within a minute), so a
+    best run set against the best sample of another moment mixes two conditions; a pair shares one."""
+    llm = next(iter(impls.values()))[0]
     weight_bytes, kv_bytes = bytes_per_token(llm, ids.shape[1], steps)
-    cache = llm.new_cache(1, cache_len)  # the shape the compiled step was compiled for
-    llm(ids, cache=cache, last_only=True)
-    tokens, ratios = ids[0, -1:], []  # (1,), laid out as the loop's argmax output (else a recompile)
+    caches = {}
+    for name, (llm, _) in impls.items():
+        caches[name] = llm.new_cache(1, cache_len)  # the shape the compiled step was compiled for
+        llm(ids, cache=caches[name], last_only=True)
+    tokens, ratios = ids[0, -1:], {name: [] for name in impls}  # (1,), as the loop's argmax (else a recompile)
     for _ in range(pairs + 1):
-        cache.rewind(ids.shape[1])
-        t0 = now(device)
-        for _ in range(steps):
-            step(tokens, cache)
-        dt = now(device) - t0
-        ratios.append((weight_bytes + kv_bytes) * steps / dt / read_bandwidth(device, 1, seconds=dt))
-    return sorted(ratios[1:])[pairs // 2]  # the first pair warms up
+        for name, (_, step) in impls.items():
+            caches[name].rewind(ids.shape[1])
+            t0 = now(device)
+            for _ in range(steps):
+                step(tokens, caches[name])
+            dt = now(device) - t0
+            ratios[name].append((weight_bytes + kv_bytes) * steps / dt / read_bandwidth(device, 1, seconds=dt))
+    return {name: sorted(r[1:])[pairs // 2] for name, r in ratios.items()}  # the first pair warms up
 
 
 def bytes_per_token(llm, prompt_len, new_tokens):
@@ -242,8 +247,7 @@ def bench_decode(a, device):
             samples.append(read_bandwidth(device, 1, seconds=dec))
     bandwidth = max(samples)
     pairs = 3 if a.quick else 30
-    paired = {name: paired_roofline(llm, step, ids, device, cache_len, pairs)
-              for name, (llm, step) in paired_impls.items()}
+    paired = paired_roofline(paired_impls, ids, device, cache_len, pairs)
     llama.COMPILED_CPU_ATTENTION = "written-out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
@@ -263,7 +267,8 @@ def bench_decode(a, device):
           f"of {len(samples)} samples, {min(samples) / 1e9:.1f} at worst: sums over a buffer beyond its caches, "
           f"each right after a decode run and as long as it)")
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline", "paired", "tokens = transformers"])
-    print(f"paired: the median over {pairs} pairs of 16 decode steps and a bandwidth sample as long (paired_roofline)")
+    print(f"paired: the median over {pairs} pairs of 16 decode steps and a bandwidth sample as long, the "
+          f"implementations taking turns pair by pair (paired_roofline)")
     print(f"compiled steps: {compile_s:.0f} s to compile each, {graphs} graph(s) for {len(impls) - 2} step(s), "
           f"each measured over {a.repeats * (a.new_tokens - 1) + (pairs + 1) * 16} steps")
     hf_tps = tps["transformers"]
