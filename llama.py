@@ -179,7 +179,8 @@ class KVCache:
     write, the same for every row. pos is a tensor, not a Python int, so that a compiled decode
     step reads it as data: an int would be baked into the graph and force a recompile per token.
     One tensor per layer (not one for all) so a compiled step writes each in place: a write
-    through a view of a bigger input is compiled as a copy of the whole input.
+    through a view of a bigger input is compiled as a copy of the whole input. rope: RoPE's cos
+    and sin for every slot's position, (max_len, head_dim) each, set by Llama.new_cache.
     """
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
