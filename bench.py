@@ -4,7 +4,7 @@
    also compiled with SDPA in place of llama.decode_attention), against transformers'
    LlamaForCausalLM on identical weights (a ~100M random model built in HF, saved as
    safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
-   driving all three. Tokens/s, prefill time, and the bytes each token reads (weights + KV
+   driving them all. Tokens/s, prefill time, and the bytes each token reads (weights + KV
    cache) as a fraction of the read bandwidth measured in the same run (decode is bound by
    it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
 1b. batch: generate.py's batching, 8 prompts of different lengths one at a time vs as one
