@@ -221,19 +221,18 @@ def bench_decode(a, device):
             return step(tokens, cache)
         return run
     compiled = attending("written-out", generate.compile_step(dense.decode, device))
-    impls = {"ours": (ours, ours.decode), "ours compiled": (dense, compiled)}
+    steps = {"ours": (ours, ours.decode), "ours compiled": (dense, compiled)}  # name: (model, step)
     if device.type == "cpu":
-        impls["ours compiled, SDPA"] = (dense_sdpa, attending("sdpa", generate.compile_step(dense_sdpa.decode, device)))
+        steps["ours compiled, SDPA"] = (dense_sdpa, attending("sdpa", generate.compile_step(dense_sdpa.decode, device)))
     # warm-up: kernels, allocator, and the compiles, for the cache shape measured below
     run_ours(ours, ids[:, :16], 4, ours.decode), run_hf(hf, ids[:, :16], 4)
     torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()
-    for llm, step in list(impls.values())[1:]:
+    for llm, step in list(steps.values())[1:]:
         run_ours(llm, ids[:, :16], 4, step, cache_len=cache_len)
-    compile_s = (time.perf_counter() - t0) / (len(impls) - 1)
-    paired_impls = impls
-    impls = {name: (lambda llm=llm, step=step: run_ours(llm, ids, a.new_tokens, step))
-             for name, (llm, step) in impls.items()} | {"transformers": lambda: run_hf(hf, ids, a.new_tokens)}
+    compile_s = (time.perf_counter() - t0) / (len(steps) - 1)
+    runs = {name: (lambda llm=llm, step=step: run_ours(llm, ids, a.new_tokens, step))
+            for name, (llm, step) in steps.items()} | {"transformers": lambda: run_hf(hf, ids, a.new_tokens)}
     best = {}  # name: (tokens, best prefill s, best decode s), each side's best over the repeats
     # the roofline is sampled right after each decode run, for as long as that run decoded: a
     # shared machine's bandwidth drifts over minutes and spikes for fractions of a second, so
@@ -241,14 +240,14 @@ def bench_decode(a, device):
     # stands, as each side's best run does.
     samples = []
     for _ in range(a.repeats):  # alternate them
-        for name, fn in impls.items():
+        for name, fn in runs.items():
             out, pre, dec = fn()
             old = best.get(name, (out, pre, dec))
             best[name] = (out, min(pre, old[1]), min(dec, old[2]))
             samples.append(read_bandwidth(device, 1, seconds=dec))
     bandwidth = max(samples)
     pairs = 3 if a.quick else 30
-    paired = paired_roofline(paired_impls, ids, device, cache_len, pairs)
+    paired = paired_roofline(steps, ids, device, cache_len, pairs)
     llama.COMPILED_CPU_ATTENTION = "written-out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
@@ -270,7 +269,7 @@ def bench_decode(a, device):
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline", "paired", "tokens = transformers"])
     print(f"paired: the median over {pairs} pairs of 16 decode steps and a bandwidth sample as long, the "
           f"implementations taking turns pair by pair (paired_roofline)")
-    print(f"compiled steps: {compile_s:.0f} s to compile each, {graphs} graph(s) for {len(impls) - 2} step(s), "
+    print(f"compiled steps: {compile_s:.0f} s to compile each, {graphs} graph(s) for {len(steps) - 1} step(s), "
           f"each measured over {a.repeats * (a.new_tokens - 1) + (pairs + 1) * 16} steps")
     hf_tps = tps["transformers"]
     return {"read_bandwidth_gb_s": f"{bandwidth / 1e9:.1f}",

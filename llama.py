@@ -130,12 +130,14 @@ class Linear(nn.Linear):
             if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
                 raise RuntimeError("this Linear's weight is packed for eager inference (llama.pack_linears): "
                                    "it can't be compiled or trained; load the model again for that")
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN
+            weight = self.packed
+        elif (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN
                 and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            weight = self.weight
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
 
 def pack_linears(model, min_bytes=64 << 20):
@@ -145,10 +147,11 @@ def pack_linears(model, min_bytes=64 << 20):
     the packed products were 1.25-1.58x faster for one row (decode) and 1.42-1.75x for 8. Given a
     plain weight, oneDNN picks slower kernels or repacks it at every call. Weights that stay in
     the caches gain nothing (`--quick`'s 16 MB: one-row products 0.75x as fast packed), so a
-    model whose Linear weights total under `min_bytes` is left as it is. The Parameters stay, on the meta
-    device (shapes and counts still read; any other use fails loudly), and the model is for eager
-    inference from then on (its parameters no longer require grad): generate.py packs unless it
-    compiles the step. Returns how many weights were packed (0 elsewhere: GPU, bf16, not x86)."""
+    model whose Linear weights total under `min_bytes` is left as it is. The Parameters stay, on
+    the meta device (shapes and counts still read; any other use fails loudly), and the model is
+    for eager inference from then on (its parameters no longer require grad): generate.py packs
+    unless it compiles the step. Returns how many weights were packed (0 elsewhere: GPU, bf16,
+    not x86)."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     if sum(m.weight.nbytes for m in linears) < min_bytes:
