@@ -165,17 +165,16 @@ def paired_roofline(impls, ids, device, cache_len, pairs=30, steps=16):
     best run set against the best sample of another moment mixes two conditions; a pair shares one."""
     llm = next(iter(impls.values()))[0]
     weight_bytes, kv_bytes = bytes_per_token(llm, ids.shape[1], steps)
-    caches = {}
+    caches, logits = {}, {}
     for name, (llm, _) in impls.items():
         caches[name] = llm.new_cache(1, cache_len)  # the shape the compiled step was compiled for
-        llm(ids, cache=caches[name], last_only=True)
-    tokens, ratios = ids[0, -1:], {name: [] for name in impls}  # (1,), as the loop's argmax (else a recompile)
+        logits[name] = llm(ids, cache=caches[name], last_only=True)[:, -1]
+    ratios = {name: [] for name in impls}
     for _ in range(pairs + 1):
         for name, (_, step) in impls.items():
             caches[name].rewind(ids.shape[1])
             t0 = now(device)
-            for _ in range(steps):
-                step(tokens, caches[name])
+            generate.decode_n_tokens(step, logits[name], caches[name], steps + 1, argmax, eos_id=-1)  # steps steps
             dt = now(device) - t0
             ratios[name].append((weight_bytes + kv_bytes) * steps / dt / read_bandwidth(device, 1, seconds=dt))
     return {name: sorted(r[1:])[pairs // 2] for name, r in ratios.items()}  # the first pair warms up

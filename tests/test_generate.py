@@ -1,5 +1,6 @@
 """generate.py on a tiny saved model: cached greedy = full-forward greedy, batching, sampling,
 chat with a kept KV cache, LLaVA answer files with resume, and clean error exits."""
+import contextlib
 import io
 import json
 import os
@@ -292,7 +293,7 @@ def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images):
+def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images, monkeypatch):
     # a 64-token batched generation (rows of different lengths, left-padded) through the compiled
     # step: the same tokens as eager, from one graph compiled once (its shapes never change)
     from torch._dynamo.utils import counters
@@ -300,9 +301,13 @@ def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images):
     prompts = [ids_for(tok, [generate.human_turn(q, img is not None)]) for q, img in rows]
     img = pixels(model, images[0])[None]
     eager = generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1)
+    step = generate.compile_step(model.llm.decode, torch.device("cpu"))
+    assert generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1, step=step) == eager
+    # decode_n_tokens skips the guards after the first step; with every guard checked at every
+    # step, not one fails: one graph, compiled once, which is what makes skipping them safe
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda **_: contextlib.nullcontext())
     torch._dynamo.reset()
     counters.clear()
-    step = generate.compile_step(model.llm.decode, torch.device("cpu"))
     assert generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1, step=step) == eager
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
