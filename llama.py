@@ -226,9 +226,9 @@ class KVCache:
         return view
 
 
-# How a compiled decode step attends on the CPU: "written-out" (decode_attention) or "sdpa". Read
-# as the step is traced; bench.py compiles a step with each and sets it before every call.
-COMPILED_CPU_ATTENTION = "written-out"
+# How a decode step attends on the CPU: "decode_attention" or "sdpa" (SDPA's kernel, as prefill
+# does). A compiled step reads it as it is traced; bench.py runs and compiles steps with each.
+CPU_DECODE_ATTENTION = "decode_attention"
 
 
 def decode_attention(q, k, v, mask):
@@ -270,8 +270,7 @@ class Attention(nn.Module):
         # (causal when mask is None).
         # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
         # consecutive q heads, read in place rather than copied per q head (repeat_interleave)
-        if (T == 1 and mask is not None and q.device.type == "cpu"
-                and (COMPILED_CPU_ATTENTION == "written-out" or not torch.compiler.is_compiling())):
+        if T == 1 and mask is not None and q.device.type == "cpu" and CPU_DECODE_ATTENTION == "decode_attention":
             y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
