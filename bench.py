@@ -159,9 +159,9 @@ def run_hf(hf, ids, n):
 @torch.no_grad()
 def paired_roofline(impls, ids, device, cache_len, pairs=30, steps=16):
     """Decode's read rate / the machine's, in pairs taken back to back: `steps` decode steps after
-    the prompt, then a read-bandwidth sample as long as they took; for each of impls ({name: (llm,
-    step)}, taking turns pair by pair, so that all meet the same moments) the median of its
-    pairs' ratios. A shared machine's bandwidth swings (here 33-65 GB/s within a minute), so a
+    the prompt (generate.decode_n_tokens, as generate.py runs them), then a read-bandwidth sample
+    as long as they took; for each of impls ({name: (llm, step)}, taking turns pair by pair, so
+    that all meet the same moments) the median of its pairs' ratios. A shared machine's bandwidth swings (here 33-65 GB/s within a minute), so a
     best run set against the best sample of another moment mixes two conditions; a pair shares one."""
     llm = next(iter(impls.values()))[0]
     weight_bytes, kv_bytes = bytes_per_token(llm, ids.shape[1], steps)
@@ -214,12 +214,12 @@ def bench_decode(a, device):
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     cache_len = cache_length(a.prompt_len + a.new_tokens)
 
-    def attending(how, step):  # the step traced, and so run, with this llama.CPU_DECODE_ATTENTION
+    def attending(how, step):  # the step traced, and so run, with this llama.COMPILED_CPU_ATTENTION
         def run(tokens, cache):
-            llama.CPU_DECODE_ATTENTION = how
+            llama.COMPILED_CPU_ATTENTION = how
             return step(tokens, cache)
         return run
-    compiled = attending("decode_attention", generate.compile_step(dense.decode, device))
+    compiled = attending("written-out", generate.compile_step(dense.decode, device))
     steps = {"ours": (ours, ours.decode), "ours compiled": (dense, compiled)}  # name: (model, step)
     if device.type == "cpu":
         steps["ours compiled, SDPA"] = (dense_sdpa, attending("sdpa", generate.compile_step(dense_sdpa.decode, device)))
@@ -247,7 +247,7 @@ def bench_decode(a, device):
     bandwidth = max(samples)
     pairs = 3 if a.quick else 30
     paired = paired_roofline(steps, ids, device, cache_len, pairs)
-    llama.CPU_DECODE_ATTENTION = "decode_attention"
+    llama.COMPILED_CPU_ATTENTION = "written-out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
     rows, tps, frac = [], {}, {}
@@ -298,23 +298,18 @@ def bench_batch(a, device):
     prompts = [[1] + torch.randint(3, c.vocab_size, (lo + (hi - lo) * i // 7 - 1,), generator=g).tolist()
                for i in range(8)]
 
-    def run(batch, attention="decode_attention"):  # (prefill s, decode s) for these prompts in one batch
-        llama.CPU_DECODE_ATTENTION = attention
+    def run(batch):  # (prefill s, decode s) for these prompts in one batch
         t0 = now(device)
         logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens)
         t1 = now(device)
         generate.decode_n_tokens(model.llm.decode, logits, cache, a.new_tokens, argmax, eos_id=-1)
-        llama.CPU_DECODE_ATTENTION = "decode_attention"
         return t1 - t0, now(device) - t1
 
-    runs = {"batch 1": lambda: [sum(t) for t in zip(*(run([p]) for p in prompts))],
-            "batch 8": lambda: run(prompts)}
-    if device.type == "cpu":  # llama.decode_attention against SDPA's kernel, at batch 8
-        runs["batch 8, SDPA"] = lambda: run(prompts, "sdpa")
     run(prompts[:1]), run(prompts)  # warm-up
     best = {}
     for _ in range(a.repeats):
-        for name, fn in runs.items():
+        for name, fn in (("batch 1", lambda: [sum(t) for t in zip(*(run([p]) for p in prompts))]),
+                         ("batch 8", lambda: run(prompts))):
             pre, dec = fn()
             best[name] = min(best.get(name, (pre, dec)), (pre, dec), key=sum)
     n = 8 * a.new_tokens
@@ -323,8 +318,8 @@ def bench_batch(a, device):
         tps[name] = n / (pre + dec)
         rows.append([name, f"{pre:.2f}", f"{dec:.2f}", f"{8 * (a.new_tokens - 1) / dec:.1f}", f"{tps[name]:.1f}"])
     print(f"\n1b. batch throughput: 8 prompts of {lo}-{hi} tokens, {a.new_tokens} new tokens each, greedy, same "
-          f"LLM as 1, eager, through generate.prefill/decode_n_tokens (left-padded); one at a time vs one batch "
-          f"(on the CPU also attending through SDPA's kernel in place of llama.decode_attention); best of {a.repeats}")
+          f"LLM as 1, eager, through generate.prefill/decode_n_tokens (left-padded); one at a time vs one batch; best of "
+          f"{a.repeats}")
     table(rows, ["", "prefill s", "decode s", "decode tokens/s", "tokens/s overall"])
     return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x"}
 

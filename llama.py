@@ -226,27 +226,22 @@ class KVCache:
         return view
 
 
-# How a decode step attends on the CPU: "decode_attention" or "sdpa" (SDPA's kernel, as prefill
-# does). A compiled step reads it as it is traced; bench.py runs and compiles steps with each.
-CPU_DECODE_ATTENTION = "decode_attention"
+# How a compiled decode step attends on the CPU: "written-out" (decode_attention) or "sdpa". Read
+# as the step is traced; bench.py compiles a step with each and sets it before every call.
+COMPILED_CPU_ATTENTION = "written-out"
 
 
 def decode_attention(q, k, v, mask):
-    """One query per row, q (B, nh, 1, hd), against the cache, k, v (B, nkv, S, hd), with mask
-    (B, 1, 1, S): softmax(q k^T / sqrt(hd) + mask) v, the CPU's decode attention.
-    Compiled, it is written out as a multiply-and-sum: inductor fuses it with its neighbours into
-    one pass over the keys and one over the values. With SDPA's CPU kernel called from the step
-    instead, the step read its bytes 6-11% slower (the paired column of the two compiled rows of
-    `python bench.py --only decode`). Eager, it is two batched matrix products: at batch 8 the
-    step took 18.8 ms where SDPA's kernel, run per (row, head), took 19.9 (equal at batch 1)."""
+    """One query per row, q (B, nh, 1, hd), against the whole cache, k, v (B, nkv, S, hd), with
+    mask (B, 1, 1, S): softmax(q k^T / sqrt(hd) + mask) v, written out for a compiled CPU step.
+    Inductor fuses it with its neighbours into one pass over the keys and one over the values.
+    With SDPA's CPU kernel called from the step instead, the step read its bytes 6-11% slower
+    (the paired column of the two compiled rows of `python bench.py --only decode`)."""
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
-    q = q.view(B, nkv, nh // nkv, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
-    if torch.compiler.is_compiling():
-        p = ((q[..., None, :] * k[:, :, None]).sum(-1) + mask).softmax(-1)  # (B, nkv, g, S)
-        return (p[..., None] * v[:, :, None]).sum(-2).view(B, nh, 1, hd)
-    p = (q @ k.transpose(-1, -2) + mask).softmax(-1)  # (B, nkv, g, S)
-    return (p @ v).view(B, nh, 1, hd)
+    q = q.view(B, nkv, nh // nkv, 1, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
+    p = ((q * k[:, :, None]).sum(-1) + mask).softmax(-1)  # (B, nkv, g, S)
+    return (p[..., None] * v[:, :, None]).sum(-2).view(B, nh, 1, hd)
 
 
 class Attention(nn.Module):
@@ -270,7 +265,8 @@ class Attention(nn.Module):
         # (causal when mask is None).
         # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
         # consecutive q heads, read in place rather than copied per q head (repeat_interleave)
-        if T == 1 and mask is not None and q.device.type == "cpu" and CPU_DECODE_ATTENTION == "decode_attention":
+        if (T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
+                and COMPILED_CPU_ATTENTION == "written-out"):
             y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
