@@ -158,11 +158,13 @@ def run_hf(hf, ids, n):
 
 @torch.no_grad()
 def paired_roofline(impls, ids, device, cache_len, pairs=30, steps=16):
-    """Decode's read rate / the machine's, in pairs taken back to back: `steps` decode steps after
-    the prompt (generate.decode_n_tokens, as generate.py runs them), then a read-bandwidth sample
-    as long as they took; for each of impls ({name: (llm, step)}, taking turns pair by pair, so
-    that all meet the same moments) the median of its pairs' ratios. A shared machine's bandwidth swings (here 33-65 GB/s within a minute), so a
-    best run set against the best sample of another moment mixes two conditions; a pair shares one."""
+    """Decode's read rate and the machine's, in pairs taken back to back: `steps` decode steps
+    after the prompt (generate.decode_n_tokens, as generate.py runs them), then a read-bandwidth
+    sample as long as they took. For each of impls ({name: (llm, step)}, taking turns pair by
+    pair, so that all meet the same moments) its pairs' (decode bytes/s, sum bytes/s); the
+    median of their ratios is the paired roofline fraction. A shared machine's bandwidth swings
+    (here 30-68 GB/s within a minute), so a best run set against the best sample of another
+    moment mixes two conditions; a pair shares one."""
     llm = next(iter(impls.values()))[0]
     weight_bytes, kv_bytes = bytes_per_token(llm, ids.shape[1], steps)
     caches, logits = {}, {}
@@ -176,8 +178,21 @@ def paired_roofline(impls, ids, device, cache_len, pairs=30, steps=16):
             t0 = now(device)
             generate.decode_n_tokens(step, logits[name], caches[name], steps + 1, argmax, eos_id=-1)  # steps steps
             dt = now(device) - t0
-            ratios[name].append((weight_bytes + kv_bytes) * steps / dt / read_bandwidth(device, 1, seconds=dt))
-    return {name: sorted(r[1:])[pairs // 2] for name, r in ratios.items()}  # the first pair warms up
+            ratios[name].append(((weight_bytes + kv_bytes) * steps / dt, read_bandwidth(device, 1, seconds=dt)))
+    return {name: r[1:] for name, r in ratios.items()}  # the first pair warms up
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def by_moment(pairs):
+    """paired_roofline's pairs (decode bytes/s, sum bytes/s) -> the ratio's median in the third
+    of pairs with the slowest sums and in the third with the fastest, and the two rates' ranges."""
+    pairs, k = sorted(pairs, key=lambda p: p[1]), max(1, len(pairs) // 3)
+    ratio = lambda ps: median([d / b for d, b in ps])  # noqa: E731
+    gbs = lambda xs: f"{min(xs) / 1e9:.0f}-{max(xs) / 1e9:.0f} GB/s"  # noqa: E731
+    return ratio(pairs[:k]), ratio(pairs[-k:]), gbs([d for d, _ in pairs]), gbs([b for _, b in pairs])
 
 
 def bytes_per_token(llm, prompt_len, new_tokens):
@@ -246,7 +261,8 @@ def bench_decode(a, device):
             samples.append(read_bandwidth(device, 1, seconds=dec))
     bandwidth = max(samples)
     pairs = 3 if a.quick else 30
-    paired = paired_roofline(steps, ids, device, cache_len, pairs)
+    paired_rates = paired_roofline(steps, ids, device, cache_len, pairs)
+    paired = {name: median([d / b for d, b in r]) for name, r in paired_rates.items()}
     llama.COMPILED_CPU_ATTENTION = "written-out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
@@ -268,6 +284,9 @@ def bench_decode(a, device):
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline", "paired", "tokens = transformers"])
     print(f"paired: the median over {pairs} pairs of 16 decode steps and a bandwidth sample as long, the "
           f"implementations taking turns pair by pair (paired_roofline)")
+    slow, fast, decode_range, sum_range = by_moment(paired_rates["ours compiled"])
+    print(f"compiled, pair by pair: decode read {decode_range} while the sum read {sum_range}; paired {slow:.2f} "
+          f"in the third of pairs with the slowest sums, {fast:.2f} in the third with the fastest")
     print(f"compiled steps: {compile_s:.0f} s to compile each, {graphs} graph(s) for {len(steps) - 1} step(s), "
           f"each measured over {a.repeats * (a.new_tokens - 1) + (pairs + 1) * 16} steps")
     hf_tps = tps["transformers"]
