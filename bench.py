@@ -376,7 +376,7 @@ def bench_linear(a, rows=(1, 8), repeats=15):
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
-        med = {k: sorted(v)[repeats // 2] for k, v in times.items()}
+        med = {k: median(v) for k, v in times.items()}
         for k, t in med.items():
             table_rows.append([n, k, f"{t * 1e3:.1f}", f"{n_bytes / t / 1e9:.1f}"])
         out[f"linear_packed_speedup_{n}_rows"] = f"{med['oneDNN, plain weight'] / med['oneDNN, packed weight']:.2f}x"
