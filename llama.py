@@ -182,17 +182,18 @@ class KVCache:
     write, the same for every row. pos is a tensor, not a Python int, so that a compiled decode
     step reads it as data: an int would be baked into the graph and force a recompile per token.
     One tensor per layer (not one for all) so a compiled step writes each in place: a write
-    through a view of a bigger input is compiled as a copy of the whole input. rope: RoPE's cos
-    and sin for every slot's position, (max_len, head_dim) each, set by Llama.new_cache.
+    through a view of a bigger input is compiled as a copy of the whole input. rope: [cos, sin]
+    of every position a slot can hold, (max_len, head_dim) each, for the decode step to look up.
     """
 
-    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device, rope):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        for t in self.k + self.v + [self.valid, self.pos]:
+        self.rope = rope
+        for t in self.k + self.v + [self.valid, self.pos] + rope:
             # fixed buffers that a CUDA graph reads and updates in place (no copy in per replay)
             torch._dynamo.mark_static_address(t)
 
@@ -425,13 +426,11 @@ class Llama(nn.Module):
     def new_cache(self, batch_size, max_len, dtype=None, device=None):
         w = self.tok_embeddings.weight
         c = self.config
-        cache = KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype or w.dtype,
-                        device or w.device)
-        # cos, sin of every slot's position, (max_len, hd) each, for the decode step to look up:
-        # computed in a compiled step, they would be recomputed inside every loop that reads them
-        cache.rope = [t[0, 0] for t in rope(torch.arange(max_len, device=cache.pos.device)[None], c.head_dim,
-                                            c.rope_theta, cache.k[0].dtype)]
-        return cache
+        dtype, device = dtype or w.dtype, device or w.device
+        # cos, sin of every position, (max_len, hd) each, for the decode step to look up: computed
+        # in a compiled step, they would be recomputed inside every loop that reads them
+        tables = [t[0, 0] for t in rope(torch.arange(max_len, device=device)[None], c.head_dim, c.rope_theta, dtype)]
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device, tables)
 
     def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None, last_only=False):
         """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, D).
