@@ -360,7 +360,7 @@ def bench_linear(a, rows=(1, 8), repeats=15):
     weights = [torch.randn(shape, generator=g) * 0.02 for _ in range(a.layers) for shape in shapes]
     weights.append(torch.randn(32000, a.dim, generator=g) * 0.02)
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
-    n_bytes = sum(w.numel() * w.element_size() for w in weights)
+    n_bytes = sum(w.nbytes for w in weights)
     onednn = torch.ops.mkldnn._linear_pointwise
     out, table_rows = {}, []
     for n in rows:
