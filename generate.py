@@ -122,12 +122,10 @@ def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=
             # finished rows keep decoding (their tokens are discarded): every row shares one slot
             logits = step(tokens, cache)
             if i == 0:
-                # Every later step is given what this one was: the same cache, tokens of the same
-                # shape, and nothing the step reads changes in between. So a compiled step skips
-                # dynamo's check that its inputs still fit the graph (its guards, run at every
-                # call: torch.profiler's "TorchDynamo Cache Lookup"); a skipped guard catches
-                # nothing, and test_compiled_decode_compiles_once_and_equals_eager counts that
-                # every guard holds at every step when they are checked.
+                # Later steps get what this one got (the same cache, tokens of one shape), so a
+                # compiled step skips dynamo's per-call check of its inputs against the graph (its
+                # guards). A skipped guard catches nothing: test_compiled_decode_compiles_once_...
+                # counts that every guard holds at every step when they are checked.
                 steady.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
     return out
 
