@@ -94,11 +94,20 @@ def compile_step(step, device):
     # gemv reads them at about half the bandwidth a plain reduction reaches; inductor's
     # decompose_mm pass (off by default) turns a (1, K) x (K, N) product into its own fused
     # multiply-and-sum, which reads at nearly all of it. Its size limit (N, K <= 2048) is raised
-    # to take in the vocabulary head, a third of the weights read per step.
+    # to take in the vocabulary head, a third of the weights read per step. A pointwise result
+    # of more than 8 operations is stored once, not recomputed inside each loop that reads it
+    # (inductor's CPU default is 50): the query's RoPE was otherwise redone for every cache slot.
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
-    return torch.compile(step, fullgraph=True, dynamic=False,
-                         options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+    compiled = torch.compile(step, fullgraph=True, dynamic=False,
+                             options={"post_grad_fusion_options": {"decompose_mm_pass": {}},
+                                      "realize_cpu_opcount_threshold": 8})
+
+    def run(tokens, cache):
+        if llama.COMPILED_CPU_ATTENTION == "written-out":
+            cache.values_by_channel()  # the layout decode_attention reads in one pass (once per cache)
+        return compiled(tokens, cache)
+    return run
 
 
 @torch.no_grad()

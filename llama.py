@@ -193,6 +193,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.rope = rope
+        self.by_channel = False  # values_by_channel
         for t in self.k + self.v + [self.valid, self.pos] + rope:
             # fixed buffers that a CUDA graph reads and updates in place (no copy in per replay)
             torch._dynamo.mark_static_address(t)
@@ -211,6 +212,19 @@ class KVCache:
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v
         return cache_k[:, :, :end], cache_v[:, :, :end]  # (B, nkv, end, hd)
+
+    def values_by_channel(self):
+        """Hold each layer's values as (B, nkv, head_dim, max_len) in memory, seen through the
+        same (B, nkv, max_len, head_dim) view (a one-off copy; writes and reads are unchanged).
+        A compiled CPU decode step (decode_attention) then sums e_s * v_s over the slots along
+        contiguous memory: in the slot-major layout it went over every slot four times, 16 of
+        its 64 channels a time. SDPA reads this layout slower (a prefill of 512 tokens, 2.7x),
+        so generate.compile_step switches a cache after its prefill."""
+        if not self.by_channel:
+            self.v = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in self.v]
+            for t in self.v:
+                torch._dynamo.mark_static_address(t)
+            self.by_channel = True
 
     def rewind(self, pos):
         """Forget every slot from `pos` on (chat's roll-back to a common prefix): being static,
@@ -235,14 +249,17 @@ COMPILED_CPU_ATTENTION = "written-out"
 def decode_attention(q, k, v, mask):
     """One query per row, q (B, nh, 1, hd), against the whole cache, k, v (B, nkv, S, hd), with
     mask (B, 1, 1, S): softmax(q k^T / sqrt(hd) + mask) v, written out for a compiled CPU step.
-    Inductor fuses it with its neighbours into one pass over the keys and one over the values.
-    With SDPA's CPU kernel called from the step instead, the step read its bytes 6-11% slower
-    (the paired column of the two compiled rows of `python bench.py --only decode`)."""
+    Inductor fuses it with its neighbours into one pass over the keys and one over the values
+    (the values channel-major in memory: KVCache.values_by_channel). The softmax's division
+    comes after the sum over slots, once per channel rather than once per slot. With SDPA's CPU
+    kernel called from the step instead, the step read its bytes slower (the paired column of
+    the two compiled rows of `python bench.py --only decode`)."""
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     q = q.view(B, nkv, nh // nkv, 1, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
-    p = ((q * k[:, :, None]).sum(-1) + mask).softmax(-1)  # (B, nkv, g, S)
-    return (p[..., None] * v[:, :, None]).sum(-2).view(B, nh, 1, hd)
+    s = (q * k[:, :, None]).sum(-1) + mask  # (B, nkv, g, S)
+    e = (s - s.amax(-1, keepdim=True)).exp()  # softmax(s) = e / sum(e)
+    return ((e[..., None] * v[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)).view(B, nh, 1, hd)
 
 
 class Attention(nn.Module):
