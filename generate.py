@@ -468,6 +468,12 @@ def run(args):
     # pick a row that has no text: sample among the tokenizer's ids only
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
     step = model.llm.decode
+    if args.compile and device.type == "cpu" and args.questions and args.batch_size > 1:
+        # inductor turns only a one-row product into its fast multiply-and-sum (compile_step); a
+        # batch's products would go to MKL, which reads 8-row products' weights at under half
+        # the rate of eager's packed oneDNN (`python bench.py --only linear`)
+        log("--compile: on the CPU only one prompt at a time gains from it; --batch-size > 1 runs eager")
+        args.compile = False
     if args.compile:
         step = compile_step(step, device)
     else:  # fp32 on an x86 CPU: the LLM's weights in oneDNN's blocked layout (else nothing happens)

@@ -268,6 +268,19 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
     assert pack is None or pack == [15, 15]  # both runs packed
 
 
+def test_compile_with_batches_runs_eager_on_the_cpu(model_dir, tmp_path, capsys, monkeypatch):
+    qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
+    compiled = []
+    monkeypatch.setattr(generate, "compile_step", lambda step, device: compiled.append(step) or step)
+    argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW, "--compile"]
+    code, _, err = run_cli(capsys, *argv, "--batch-size", 2)
+    assert code == 0 and len(read_jsonl(afile)) == 3
+    assert compiled == [] and "--batch-size > 1 runs eager" in err
+    afile.unlink()
+    assert run_cli(capsys, *argv)[0] == 0 and len(compiled) == 1  # batch 1: compiled
+
+
 def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a png")
