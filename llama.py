@@ -204,24 +204,30 @@ class KVCache:
         eager decode step). start None: one token at the slot the tensor `pos` holds, returning
         the whole cache (a compiled decode step: static shapes, no Python number)."""
         cache_k, cache_v = self.k[layer], self.v[layer]
+        d = 3 if self.by_channel else 2  # the values' slot dimension, as stored
+        if self.by_channel:
+            v = v.transpose(-1, -2)  # (B, n_kv, hd, T)
         if start is None:
             cache_k.index_copy_(2, self.pos, k)
-            cache_v.index_copy_(2, self.pos, v)
-            return cache_k, cache_v  # (B, nkv, max_len, hd)
-        end = start + k.shape[2]
-        cache_k[:, :, start:end] = k
-        cache_v[:, :, start:end] = v
-        return cache_k[:, :, :end], cache_v[:, :, :end]  # (B, nkv, end, hd)
+            cache_v.index_copy_(d, self.pos, v)
+            end = cache_k.shape[2]
+        else:
+            end = start + k.shape[2]
+            cache_k[:, :, start:end] = k
+            cache_v.narrow(d, start, end - start).copy_(v)
+        v = cache_v.narrow(d, 0, end)
+        return cache_k[:, :, :end], v.transpose(-1, -2) if self.by_channel else v  # (B, nkv, end, hd) each
 
     def values_by_channel(self):
-        """Hold each layer's values as (B, nkv, head_dim, max_len) in memory, seen through the
-        same (B, nkv, max_len, head_dim) view (a one-off copy; writes and reads are unchanged).
-        A compiled CPU decode step (decode_attention) then sums e_s * v_s over the slots along
-        contiguous memory: in the slot-major layout it went over every slot four times, 16 of
-        its 64 channels a time. SDPA reads this layout slower (a prefill of 512 tokens, 2.7x),
-        so generate.compile_step switches a cache after its prefill."""
+        """Store each layer's values as (B, nkv, head_dim, max_len), written and read through
+        write() as before (a one-off copy). A compiled CPU decode step (decode_attention) then sums
+        e_s * v_s over the slots along contiguous memory: slot-major, it went over every slot four
+        times, 16 of its 64 channels a time. The tensors themselves change, not a view of them: a
+        step writing through a transposed view of its input was compiled with a copy of the whole
+        input onto itself. SDPA reads the values slower this way (a prefill of 512 tokens, 2.7x), so
+        generate.compile_step switches a cache after its prefill."""
         if not self.by_channel:
-            self.v = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in self.v]
+            self.v = [t.transpose(-1, -2).contiguous() for t in self.v]
             for t in self.v:
                 torch._dynamo.mark_static_address(t)
             self.by_channel = True
@@ -236,7 +242,9 @@ class KVCache:
         """Row b from slot `first` on, as a cache of its own (pos 0) that shares this one's memory:
         a prompt prefilled into it lands in place, in row b after the row's left padding."""
         view = copy.copy(self)
-        view.k, view.v = [t[b:b + 1, :, first:] for t in self.k], [t[b:b + 1, :, first:] for t in self.v]
+        d = 3 if self.by_channel else 2  # the values' slot dimension
+        view.k = [t[b:b + 1, :, first:] for t in self.k]
+        view.v = [t[b:b + 1].narrow(d, first, t.shape[d] - first) for t in self.v]
         view.valid, view.pos = self.valid[b:b + 1, first:], torch.zeros_like(self.pos)
         return view
 
