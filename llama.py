@@ -224,7 +224,7 @@ class KVCache:
         e_s * v_s over the slots along contiguous memory: slot-major, it went over every slot four
         times, 16 of its 64 channels a time. The tensors themselves change, not a view of them: a
         step writing through a transposed view of its input was compiled with a copy of the whole
-        input onto itself. SDPA reads the values slower this way (a prefill of 512 tokens, 2.7x), so
+        input onto itself. SDPA's kernel reads values slower in this layout, so
         generate.compile_step switches a cache after its prefill."""
         if not self.by_channel:
             self.v = [t.transpose(-1, -2).contiguous() for t in self.v]
