@@ -177,7 +177,8 @@ def additive_mask(allowed, dtype):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` slots and written in place.
 
-    k, v: per layer, (B, n_kv_heads, max_len, head_dim); valid: (B, max_len), True where a slot
+    k, v: per layer, (B, n_kv_heads, max_len, head_dim) (v as (B, n_kv_heads, head_dim, max_len)
+    after values_by_channel; write() hands out the usual view); valid: (B, max_len), True where a slot
     holds a real (not padding) token, False from `pos` on; pos: (1,) long, the next slot to
     write, the same for every row. pos is a tensor, not a Python int, so that a compiled decode
     step reads it as data: an int would be baked into the graph and force a recompile per token.
