@@ -228,9 +228,9 @@ class KVCache:
         input onto itself. SDPA's kernel reads values slower in this layout, so
         generate.compile_step switches a cache after its prefill."""
         if not self.by_channel:
-            self.v = [t.transpose(-1, -2).contiguous() for t in self.v]
-            for t in self.v:
-                torch._dynamo.mark_static_address(t)
+            for i, t in enumerate(self.v):  # one layer at a time: memory grows by one layer's values
+                self.v[i] = t.transpose(-1, -2).contiguous()
+                torch._dynamo.mark_static_address(self.v[i])
             self.by_channel = True
 
     def rewind(self, pos):
