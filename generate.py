@@ -94,12 +94,9 @@ def compile_step(step, device):
     # gemv reads them at about half the bandwidth a plain reduction reaches; inductor's
     # decompose_mm pass (off by default) turns a (1, K) x (K, N) product into its own fused
     # multiply-and-sum, which reads at nearly all of it. Its size limit (N, K <= 2048) is raised
-    # to take in the vocabulary head, a third of the weights read per step. A pointwise result
-    # of more than 8 operations is stored once, not recomputed inside each loop that reads it
-    # (inductor's CPU default is 50): the query's RoPE was otherwise redone for every cache slot.
-    # Multiplies and adds are fused (FMA, -ffp-contract=fast): fewer instructions per weight read,
-    # one rounding in place of two (results differ from eager's by rounding, as its order of
-    # summation already makes them).
+    # to take in the vocabulary head, a third of the weights read per step. A pointwise result of
+    # over 8 operations (CPU default 50) is stored, not redone in each loop that reads it (the
+    # query's RoPE was redone per cache slot); multiplies and adds are fused (FMA).
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
     compiled = torch.compile(step, fullgraph=True, dynamic=False,
@@ -472,13 +469,13 @@ def run(args):
     # pick a row that has no text: sample among the tokenizer's ids only
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
     step = model.llm.decode
-    if args.compile and device.type == "cpu" and args.questions and args.batch_size > 1:
-        # inductor turns only a one-row product into its fast multiply-and-sum (compile_step); a
-        # batch's products would go to MKL, which reads 8-row products' weights at under half
-        # the rate of eager's packed oneDNN (`python bench.py --only linear`)
+    compiling = args.compile
+    if compiling and device.type == "cpu" and args.questions and args.batch_size > 1:
+        # inductor writes its own fast product for one row only (compile_step); a batch's would
+        # go to MKL, under half packed oneDNN's rate at 8 rows (`python bench.py --only linear`)
         log("--compile: on the CPU only one prompt at a time gains from it; --batch-size > 1 runs eager")
-        args.compile = False
-    if args.compile:
+        compiling = False
+    if compiling:
         step = compile_step(step, device)
     else:  # fp32 on an x86 CPU: the LLM's weights in oneDNN's blocked layout (else nothing happens)
         llama.pack_linears(model.llm)

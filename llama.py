@@ -220,13 +220,12 @@ class KVCache:
         return cache_k[:, :, :end], v.transpose(-1, -2) if self.by_channel else v  # (B, nkv, end, hd) each
 
     def values_by_channel(self):
-        """Store each layer's values as (B, nkv, head_dim, max_len), written and read through
-        write() as before (a one-off copy). A compiled CPU decode step (decode_attention) then sums
-        e_s * v_s over the slots along contiguous memory: slot-major, it went over every slot four
-        times, 16 of its 64 channels a time. The tensors themselves change, not a view of them: a
-        step writing through a transposed view of its input was compiled with a copy of the whole
-        input onto itself. SDPA's kernel reads values slower in this layout, so
-        generate.compile_step switches a cache after its prefill."""
+        """Store each layer's values as (B, nkv, head_dim, max_len), read and written through
+        write() as before. A compiled CPU step (decode_attention) then sums e_s * v_s over the
+        slots along contiguous memory (slot-major: four strided passes, 16 channels each). The
+        tensors change, not a view: a step writing through a transposed view of its input copied
+        the whole input onto itself. SDPA reads this layout slower: compile_step switches a cache
+        after its prefill."""
         if not self.by_channel:
             for i, t in enumerate(self.v):  # one layer at a time: memory grows by one layer's values
                 self.v[i] = t.transpose(-1, -2).contiguous()
