@@ -8,7 +8,7 @@
    cache) as a fraction of the read bandwidth measured in the same run (decode is bound by
    it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
 1b. batch: generate.py's batching, 8 prompts of different lengths one at a time vs as one
-   left-padded batch: generated tokens/s.
+   left-padded batch: generated tokens/s; and the batch through the step --compile runs for it.
 1c. linear (CPU): the products of a decode step alone, 1 and 8 rows: MKL, oneDNN on the plain
    weights, oneDNN on its packed layout, and a sum over the same bytes.
 2. ttft: why MRA. Time to first token of LLaVA-HR at 1024 px against LLaVA-1.5 at 336,
@@ -306,43 +306,49 @@ def bench_decode(a, device):
 @torch.no_grad()
 def bench_batch(a, device):
     """Throughput of generate.py's batching: 8 prompts of different lengths answered one at a
-    time and as one left-padded batch of 8, in turns; same model as section 1, eager."""
+    time and as one left-padded batch of 8, in turns; same model as section 1, eager. Then the
+    batch of 8 through the step `--compile` runs for it (oneDNN's products inside)."""
     c = LlamaConfig(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                     hidden_dim=a.hidden, max_seq_len=4096)
     torch.manual_seed(0)
     model = mra.LlavaHR(replace(small_cfg("llava-1.5", 336, True), llm=c)).to(device).eval()  # text-only here
-    llama.pack_linears(model.llm)  # as generate.py does, eager on the CPU
+    llama.pack_linears(model.llm)  # as generate.py does on the CPU, eager or compiled for batches
+    compiled = generate.compile_step(model.llm.decode, device)
     lo, hi = a.batch_prompt_lens
     g = torch.Generator().manual_seed(1)
     prompts = [[1] + torch.randint(3, c.vocab_size, (lo + (hi - lo) * i // 7 - 1,), generator=g).tolist()
                for i in range(8)]
 
-    def run(batch):  # (prefill s, decode s) for these prompts in one batch
+    def run(batch, step=model.llm.decode):  # (prefill s, decode s) for these prompts in one batch
         t0 = now(device)
         logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens)
         t1 = now(device)
-        generate.decode_n_tokens(model.llm.decode, logits, cache, a.new_tokens, argmax, eos_id=-1)
+        generate.decode_n_tokens(step, logits, cache, a.new_tokens, argmax, eos_id=-1)
         return t1 - t0, now(device) - t1
 
-    run(prompts[:1]), run(prompts)  # warm-up
-    # The two take turns, each prompt alone and then the whole batch, so both meet the same
+    run(prompts[:1]), run(prompts), run(prompts, compiled)  # warm-up (and compile)
+    # The three take turns, each prompt alone and then the whole batch, so all meet the same
     # moments (a shared machine's bandwidth drifts over seconds): batch 1 is the sum of the eight
     # single runs, batch 8 the mean of the eight batch runs.
-    single, batch = [], []
+    single, batch, batch_compiled = [], [], []
     for p in prompts:
         single.append(run([p]))
         batch.append(run(prompts))
-    times = {"batch 1": [sum(t) for t in zip(*single)], "batch 8": [sum(t) / len(batch) for t in zip(*batch)]}
+        batch_compiled.append(run(prompts, compiled))
+    times = {"batch 1": [sum(t) for t in zip(*single)], "batch 8": [sum(t) / len(batch) for t in zip(*batch)],
+             "batch 8, compiled": [sum(t) / len(batch) for t in zip(*batch_compiled)]}
     n = 8 * a.new_tokens
     rows, tps = [], {}
     for name, (pre, dec) in times.items():
         tps[name] = n / (pre + dec)
         rows.append([name, f"{pre:.2f}", f"{dec:.2f}", f"{8 * (a.new_tokens - 1) / dec:.1f}", f"{tps[name]:.1f}"])
     print(f"\n1b. batch throughput: 8 prompts of {lo}-{hi} tokens, {a.new_tokens} new tokens each, greedy, same "
-          f"LLM as 1, eager, through generate.prefill/decode_n_tokens (left-padded); one at a time vs one batch, taking "
-          f"turns (each prompt alone, then the batch: the 8 single runs against the mean of the 8 batch runs)")
+          f"LLM as 1, through generate.prefill/decode_n_tokens (left-padded); one at a time vs one batch, eager, taking "
+          f"turns (each prompt alone, then the batch: the 8 single runs against the mean of the 8 batch runs); "
+          f"then the batch through generate.compile_step, in the same turns")
     table(rows, ["", "prefill s", "decode s", "decode tokens/s", "tokens/s overall"])
-    return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x"}
+    return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x",
+            "batch8_compiled_vs_eager": f"{tps['batch 8, compiled'] / tps['batch 8']:.2f}x"}
 
 
 @torch.no_grad()

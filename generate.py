@@ -90,11 +90,14 @@ def compile_step(step, device):
     Llama.decode), so it compiles once per cache shape and never sees a dynamic shape."""
     if device.type == "cuda":  # the whole step replayed as one CUDA graph: no per-kernel launches
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    # CPU: at batch 1 every Linear is a matrix-vector product, bound by reading the weights. MKL's
+    # CPU, batch 1: every Linear is a matrix-vector product, bound by reading the weights. MKL's
     # gemv reads them at about half the bandwidth a plain reduction reaches; inductor's
     # decompose_mm pass (off by default) turns a (1, K) x (K, N) product into its own fused
     # multiply-and-sum, which reads at nearly all of it. Its size limit (N, K <= 2048) is raised
-    # to take in the vocabulary head, a third of the weights read per step. A pointwise result of
+    # to take in the vocabulary head, a third of the weights read per step. Batches: inductor
+    # would send each product to MKL, at under half packed oneDNN's rate for 8 rows (`python
+    # bench.py --only linear`), so generate.py packs the weights first and the step calls oneDNN
+    # (llama.packed_linear), as eager does. A pointwise result of
     # over 8 operations (CPU default 50) is stored, not redone in each loop that reads it (the
     # query's RoPE was redone per cache slot); multiplies and adds are fused (FMA).
     from torch._inductor.fx_passes import decompose_mem_bound_mm
@@ -468,17 +471,12 @@ def run(args):
     # an LLM with more embedding rows than the tokenizer has pieces (a padded vocabulary) must never
     # pick a row that has no text: sample among the tokenizer's ids only
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
-    step = model.llm.decode
-    compiling = args.compile
-    if compiling and device.type == "cpu" and args.questions and args.batch_size > 1:
-        # inductor writes its own fast product for one row only (compile_step); a batch's would
-        # go to MKL, under half packed oneDNN's rate at 8 rows (`python bench.py --only linear`)
-        log("--compile: on the CPU only one prompt at a time gains from it; --batch-size > 1 runs eager")
-        compiling = False
-    if compiling:
-        step = compile_step(step, device)
-    else:  # fp32 on an x86 CPU: the LLM's weights in oneDNN's blocked layout (else nothing happens)
+    # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, for
+    # its products, eager or compiled; except in a step compiled for one prompt at a time, where
+    # inductor writes its own faster one-row products (compile_step)
+    if not (args.compile and not (args.questions and args.batch_size > 1)):
         llama.pack_linears(model.llm)
+    step = compile_step(model.llm.decode, device) if args.compile else model.llm.decode
     if args.questions:
         answer_file(model, tok, args, pick, step, questions, answered)
     elif args.prompt is not None:

@@ -17,6 +17,7 @@ import os
 import platform
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import sentencepiece as spm
 import torch
@@ -122,14 +123,16 @@ class Linear(nn.Linear):
     another summation order: the results differ from F.linear's by float rounding only.
     Training keeps F.linear (the oneDNN op has no backward), and so does a compiled step
     (inductor chooses its own kernels). After pack_linears, the weight lives in oneDNN's own
-    blocked layout (`packed`) and only this path remains."""
+    blocked layout (`packed`) and only this path remains, compiled steps included."""
     packed = None  # pack_linears: the weight in oneDNN's blocked layout, for inference only
 
     def forward(self, x):
         if self.packed is not None:
-            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
-                raise RuntimeError("this Linear's weight is packed for eager inference (llama.pack_linears): "
-                                   "it can't be compiled or trained; load the model again for that")
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise RuntimeError("this Linear's weight is packed for inference (llama.pack_linears): it can't "
+                                   "be trained; load the model again for that")
+            if torch.compiler.is_compiling():  # one opaque op to inductor, which can't read the layout
+                return packed_linear(x, self.packed, self.bias, self.out_features)
             weight = self.packed
         elif (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN
                 and not torch.compiler.is_compiling()
@@ -149,9 +152,9 @@ def pack_linears(model, min_bytes=64 << 20):
     the caches gain nothing (`--quick`'s 16 MB: one-row products 0.75x as fast packed), so a
     model whose Linear weights total under `min_bytes` is left as it is. The Parameters stay, on
     the meta device (shapes and counts still read; any other use fails loudly), and the model is
-    for eager inference from then on (its parameters no longer require grad): generate.py packs
-    unless it compiles the step. Returns how many weights were packed (0 elsewhere: GPU, bf16,
-    not x86)."""
+    for inference from then on (its parameters no longer require grad): generate.py packs unless
+    it compiles a step for one prompt at a time. Returns how many weights were packed (0
+    elsewhere: GPU, bf16, not x86)."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     if sum(m.weight.nbytes for m in linears) < min_bytes:
@@ -161,6 +164,17 @@ def pack_linears(model, min_bytes=64 << 20):
         m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
         m.weight = nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
     return len(linears)
+
+
+@torch.library.custom_op("mra::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    """A packed Linear inside a compiled step (generate.py --compile with batches on the CPU)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 # measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands

@@ -1,6 +1,7 @@
 """generate.py on a tiny saved model: cached greedy = full-forward greedy, batching, sampling,
 chat with a kept KV cache, LLaVA answer files with resume, and clean error exits."""
 import contextlib
+import copy
 import io
 import json
 import os
@@ -268,17 +269,33 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
     assert pack is None or pack == [15, 15]  # both runs packed
 
 
-def test_compile_with_batches_runs_eager_on_the_cpu(model_dir, tmp_path, capsys, monkeypatch):
+def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monkeypatch):
+    # --compile: one prompt at a time, inductor's own one-row products (nothing packed); batches of
+    # several, oneDNN's products on packed weights inside the compiled step
     qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
-    compiled = []
+    compiled, packed = [], []
     monkeypatch.setattr(generate, "compile_step", lambda step, device: compiled.append(step) or step)
+    monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(m) or 0)
     argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW, "--compile"]
-    code, _, err = run_cli(capsys, *argv, "--batch-size", 2)
-    assert code == 0 and len(read_jsonl(afile)) == 3
-    assert compiled == [] and "--batch-size > 1 runs eager" in err
+    assert run_cli(capsys, *argv, "--batch-size", 2)[0] == 0 and len(read_jsonl(afile)) == 3
+    assert len(compiled) == 1 and len(packed) == 1
     afile.unlink()
-    assert run_cli(capsys, *argv)[0] == 0 and len(compiled) == 1  # batch 1: compiled
+    assert run_cli(capsys, *argv)[0] == 0 and len(compiled) == 2 and len(packed) == 1  # batch 1: not packed
+
+
+@pytest.mark.skipif(not llama.ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
+def test_compiled_step_runs_packed_products(model, tok, images):
+    # generate.py --compile with batches on the CPU: packed weights, each product one opaque op
+    # (llama.packed_linear) in the compiled step; the same tokens as the plain eager model
+    rows = [("What is this?", images[0]), ("Describe the picture in detail, the table and the street", None)]
+    prompts = [ids_for(tok, [generate.human_turn(q, img is not None)]) for q, img in rows]
+    img = pixels(model, images[0])[None]
+    eager = generate.generate(model, prompts, img, max_new_tokens=16, eos_id=-1)
+    packed = copy.deepcopy(model)
+    assert llama.pack_linears(packed.llm, min_bytes=0) > 0
+    step = generate.compile_step(packed.llm.decode, torch.device("cpu"))
+    assert generate.generate(packed, prompts, img, max_new_tokens=16, eos_id=-1, step=step) == eager
 
 
 def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):

@@ -421,7 +421,7 @@ def test_packed_linears_answer_as_the_plain_ones():
             logits = model(ids, cache=cache, last_only=True)[:, -1]
         tokens.append(generate.decode_n_tokens(model.decode, logits, cache, 16, lambda x: x.argmax(-1), eos_id=-1))
     assert tokens[0] == tokens[1] and len(tokens[0][0]) == 16
-    with pytest.raises(RuntimeError, match="packed for eager inference"):
+    with pytest.raises(RuntimeError, match="packed for inference"):
         packed(embeds=torch.randn(1, 3, plain.config.dim, requires_grad=True))
 
 
