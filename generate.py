@@ -477,6 +477,8 @@ def run(args):
     if not (args.compile and not (args.questions and args.batch_size > 1)):
         llama.pack_linears(model.llm)
     step = compile_step(model.llm.decode, device) if args.compile else model.llm.decode
+    if args.compile:
+        log("--compile: each new batch size or cache length compiles the step at its first call (seconds to minutes)")
     if args.questions:
         answer_file(model, tok, args, pick, step, questions, answered)
     elif args.prompt is not None:
