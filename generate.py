@@ -472,9 +472,10 @@ def run(args):
     # pick a row that has no text: sample among the tokenizer's ids only
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
     # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, for
-    # its products, eager or compiled; except in a step compiled for one prompt at a time, where
-    # inductor writes its own faster one-row products (compile_step)
-    if not (args.compile and not (args.questions and args.batch_size > 1)):
+    # its products, eager or compiled; but a step compiled for one prompt at a time does better
+    # with inductor's own one-row products (compile_step)
+    inductor_products = args.compile and not (args.questions and args.batch_size > 1)
+    if not inductor_products:
         llama.pack_linears(model.llm)
     step = compile_step(model.llm.decode, device) if args.compile else model.llm.decode
     if args.compile:

@@ -121,9 +121,9 @@ class Linear(nn.Linear):
     2 threads and 15 with one: its gemv does not use the second core. oneDNN read them at 31-34
     GB/s (18 with one thread), and at about twice MKL's rate for 8 rows too. The same product in
     another summation order: the results differ from F.linear's by float rounding only.
-    Training keeps F.linear (the oneDNN op has no backward), and so does a compiled step
-    (inductor chooses its own kernels). After pack_linears, the weight lives in oneDNN's own
-    blocked layout (`packed`) and only this path remains, compiled steps included."""
+    Training keeps F.linear (the oneDNN op has no backward), and so does a compiled step of
+    plain weights (inductor chooses its own kernels). After pack_linears, the weight lives in
+    oneDNN's own blocked layout (`packed`) and only this path remains, compiled steps included."""
     packed = None  # pack_linears: the weight in oneDNN's blocked layout, for inference only
 
     def forward(self, x):
@@ -167,7 +167,8 @@ def pack_linears(model, min_bytes=64 << 20):
 
 
 @torch.library.custom_op("mra::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                  out_features: int) -> torch.Tensor:
     """A packed Linear inside a compiled step (generate.py --compile with batches on the CPU)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
