@@ -97,9 +97,9 @@ def compile_step(step, device):
     # to take in the vocabulary head, a third of the weights read per step. Batches: inductor
     # would send each product to MKL, at under half packed oneDNN's rate for 8 rows (`python
     # bench.py --only linear`), so generate.py packs the weights first and the step calls oneDNN
-    # (llama.packed_linear), as eager does. A pointwise result of
-    # over 8 operations (CPU default 50) is stored, not redone in each loop that reads it (the
-    # query's RoPE was redone per cache slot); multiplies and adds are fused (FMA).
+    # (llama.packed_linear), as eager does. A pointwise result of over 8 operations (CPU default
+    # 50) is stored, not redone in each loop that reads it (the query's RoPE was redone per
+    # cache slot); multiplies and adds are fused (FMA).
     import torch.utils.cpp_extension  # noqa: F401 -- now: a notice it may log comes before the answer, not inside it
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
