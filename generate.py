@@ -231,9 +231,12 @@ def answer_one(model, tok, image, args, pick, step):
     generate(model, [ids], image[None] if has else None, max_new_tokens=args.max_new_tokens, pick=pick,
              eos_id=tok.eos_id, pad_id=tok.pad_id, step=step, on_token=on_token)
     finish()
-    if len(times) > 2:  # the first token comes from prefill (image + prompt), the rest one step each
-        log(f"time to first token {times[1] - times[0]:.2f} s, then {(len(times) - 2) / (times[-1] - times[1]):.2f} "
-            f"tokens/s ({len(times) - 1} tokens)")
+    # the first token comes from prefill (image + prompt), the rest one step each; with --compile
+    # the first step also compiles, so the rate is counted from the step after it
+    first = 2 if args.compile else 1
+    if len(times) > first + 1:
+        log(f"time to first token {times[1] - times[0]:.2f} s, then {(len(times) - 1 - first) / (times[-1] - times[first]):.2f} "
+            f"tokens/s ({len(times) - 1} tokens{', the compiling step not counted' if args.compile else ''})")
 
 
 def common_prefix(a, b):

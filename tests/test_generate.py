@@ -284,6 +284,22 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
     assert run_cli(capsys, *argv)[0] == 0 and len(compiled) == 2 and len(packed) == 1  # batch 1: not packed
 
 
+def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkeypatch):
+    # --prompt logs time to first token and the decode rate; with --compile the first decode
+    # step also compiles the step, so the rate starts after it
+    monkeypatch.setattr(generate, "compile_step", lambda step, device: step)
+
+    def five_tokens(*_, on_token, **__):
+        for t in range(5):
+            on_token(0, 10 + t)
+        return [list(range(10, 15))]
+    monkeypatch.setattr(generate, "generate", five_tokens)
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--compile")
+    assert code == 0 and "tokens/s (5 tokens, the compiling step not counted)" in err
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi")
+    assert code == 0 and "tokens/s (5 tokens)" in err
+
+
 @pytest.mark.skipif(not llama.ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
 def test_compiled_step_runs_packed_products(model, tok, images):
     # generate.py --compile with batches on the CPU: packed weights, each product one opaque op
