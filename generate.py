@@ -235,8 +235,9 @@ def answer_one(model, tok, image, args, pick, step):
     # the first step also compiles, so the rate is counted from the step after it
     first = 2 if args.compile else 1
     if len(times) > first + 1:
-        log(f"time to first token {times[1] - times[0]:.2f} s, then {(len(times) - 1 - first) / (times[-1] - times[first]):.2f} "
-            f"tokens/s ({len(times) - 1} tokens{', the compiling step not counted' if args.compile else ''})")
+        rate = (len(times) - 1 - first) / (times[-1] - times[first])
+        log(f"time to first token {times[1] - times[0]:.2f} s, then {rate:.2f} tokens/s ({len(times) - 1} tokens"
+            f"{', the compiling step not counted' if args.compile else ''})")
 
 
 def common_prefix(a, b):
