@@ -100,7 +100,8 @@ def compile_step(step, device):
     # (llama.packed_linear), as eager does. A pointwise result of over 8 operations (CPU default
     # 50) is stored, not redone in each loop that reads it (the query's RoPE was redone per
     # cache slot); multiplies and adds are fused (FMA).
-    import torch.utils.cpp_extension  # noqa: F401 -- now: a notice it may log comes before the answer, not inside it
+    # imported now, so a notice it may log (CUDA_HOME) comes before the answer, not inside it
+    import torch.utils.cpp_extension  # noqa: F401
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
     compiled = torch.compile(step, fullgraph=True, dynamic=False,

@@ -4,7 +4,8 @@ train.py prints it before step 1 (and alone with --dry-run WORLD, for a cluster 
 not): fp32 weights, gradients and AdamW's two moments (sharded over the ranks under FSDP2), and
 the activations of one micro-step, measured by running the real forward and backward on fake
 tensors (FakeTensorMode: nothing is allocated or computed, so a 7B step is counted in seconds on
-any machine). On the CPU, glibc's heap and the process itself are accounted for too.
+any machine). On the CPU the process's own resident memory is added (`runtime`), and
+--lean-malloc keeps glibc's heap from holding on to freed activations (fixed_malloc_threshold).
 """
 import ctypes
 import weakref
@@ -17,8 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 
 class PeakBytes(TorchDispatchMode):
-    """Live and peak bytes of the tensors ops create while active; under FakeTensorMode nothing
-    is allocated or computed, so a 7B training step is counted in seconds on any machine."""
+    """Live and peak bytes of the tensors ops create while active (fake ones included)."""
 
     def __init__(self, known=()):
         super().__init__()
@@ -46,11 +46,11 @@ class PeakBytes(TorchDispatchMode):
 
 
 def fixed_malloc_threshold():
-    """train.py --lean-malloc, CPU training with glibc: give freed activations back to the system. glibc
-    serves a request below its mmap threshold from its heap, and raises the threshold (up to 32 MB)
-    whenever a bigger mapped block is freed; after step 1 most activations then come from the
-    heap, where freed blocks stay resident, and the process peaks ~2 GiB above its memory plan at
-    R = 1024 (bench.py --only ckpt1024). A fixed threshold (what MALLOC_MMAP_THRESHOLD_ sets) keeps
+    """train.py --lean-malloc, CPU training with glibc: give freed activations back to the system.
+    glibc serves a request below its mmap threshold from its heap, and raises the threshold (up to
+    32 MB) whenever a bigger mapped block is freed; after step 1 most activations then come from
+    the heap, where freed blocks stay resident, and the process peaks ~2 GiB above its memory plan
+    at R = 1024 (bench.py --only ckpt1024). A fixed threshold (what MALLOC_MMAP_THRESHOLD_ sets) keeps
     every block of 64 KiB or more mapped, and unmapped when torch frees it. The price: every such
     block is page-faulted in afresh (R = 1024: steps 9-18% slower; the demo's small model: ~70%),
     so it is a flag, not the default. Elsewhere: no-op."""
