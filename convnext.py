@@ -136,7 +136,7 @@ class ConvNeXt(nn.Module):
         """
         if isinstance(src, dict):
             table, ignore = _layout(src.keys())
-            tensors, source = src, "ConvNeXt state dict"
+            tensors, source = src, "ConvNeXt tensors"
         else:
             names = []  # first pass reads the headers only: append() returns None, so keep() drops all
             read_safetensors(src, keep=names.append)

@@ -43,7 +43,19 @@ class LlamaConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
+        # a config.json's fields arrive here unchecked: a bad one must fail now, named, not as
+        # a shape error deep in torch or as NaN logits (rope_theta 0)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} is {value!r}, expected a positive whole number")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} is {value!r}, expected a positive number")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} heads do not divide dim {self.dim}, or {self.n_kv_heads} key/value "
+                             f"heads do not divide them")
 
     @property
     def head_dim(self):

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
@@ -33,7 +34,7 @@ from torch import nn
 from convnext import ConvNeXt, ConvNeXtConfig
 from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer, int8_linears, int8_reader
 from vit import ViT, ViTConfig
-from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint, read_config,
+from weights import (CheckpointError, bin_files, check_memory, load_state, read_bin, read_checkpoint, read_config,
                      read_safetensors, remap, tensor_sizes, write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
@@ -57,6 +58,10 @@ class MRAConfig:
                               ("image_aspect_ratio", ("pad", "crop"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} is {getattr(self, name)!r}, expected one of {allowed}")
+        for name in ("image_size", "vit_min_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} is {value!r}, expected a positive whole number of pixels")
 
     @classmethod
     def from_name(cls, name):
@@ -79,6 +84,8 @@ class MRAConfig:
         for k, c in sub.items():
             if isinstance(d.get(k), dict):
                 d[k] = c(**{n: tuple(v) if isinstance(v, list) else v for n, v in d[k].items()})
+            elif k in d:
+                raise ValueError(f"{k} is {d[k]!r}, expected an object of {c.__name__} fields")
         return cls(**d)
 
 
@@ -375,15 +382,28 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     else:
         raise CheckpointError(f"{path}: no vision tower in this checkpoint (expected {HR_VIT}* and {HR_CONVNEXT}* "
                               f"for LLaVA-HR, or {V15_VIT}* for LLaVA-1.5); is it a plain LLaMA checkpoint?")
-    llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}),
-                                quantize=quantize)
-    vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
+    # what LLaVA's config.json may set that would change the model, beyond what we implement
+    projector, select = hf.get("mm_projector_type", "mlp2x_gelu"), (hf.get("mm_vision_select_layer", -2),
+                                                                     hf.get("mm_vision_select_feature", "patch"))
+    if projector != "mlp2x_gelu" or (arch == "llava-1.5" and select != (-2, "patch")):
+        raise CheckpointError(f"{cfg_path}: mm_projector_type {projector!r}, mm_vision_select_layer {select[0]!r}, "
+                              f"mm_vision_select_feature {select[1]!r}: implemented are 'mlp2x_gelu', -2, 'patch' "
+                              f"(LLaVA-1.5's; LLaVA-HR's ViT path uses its last layer whatever the config says)")
+    try:  # the towers' loaders name their keys without the release's prefix: say where they sit
+        where = "model.* and lm_head.*"
+        llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}),
+                                    quantize=quantize)
+        where = (HR_VIT if parts[HR_VIT] else V15_VIT) + "*"
+        vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
+        where = HR_CONVNEXT + "*"
+        convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT]) if arch == "llava-hr" else None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e} (keys {where})") from None
     state = _prefixed(llm, "llm.") | _prefixed(vit, "encoder.vit.")
     rest, unexpected = remap(tensors, RELEASE_KEYS)
     kw = dict(arch=arch, vit=vit.config, llm=llm.config,
               image_aspect_ratio="pad" if hf.get("image_aspect_ratio", "pad") == "pad" else "crop")
     if arch == "llava-hr":
-        convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT])
         state |= _prefixed(convnext, "encoder.convnext.")
         # the release hard-codes S's 336 px floor; a config.json may override it (tiny models)
         kw.update(convnext=convnext.config, image_size=hf.get("input_image_size", 1024),
@@ -391,8 +411,12 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
                   adapters=any(k.startswith("encoder.adapters.") for k in rest))
     else:
         kw.update(image_size=vit.config.image_size)
+    try:
+        cfg = MRAConfig(**kw)
+    except ValueError as e:  # input_image_size or vit_min_size
+        raise CheckpointError(f"{cfg_path}: {e}") from None
     with torch.device("meta"):
-        model = LlavaHR(MRAConfig(**kw))
+        model = LlavaHR(cfg)
         if quantize:
             int8_linears(model.llm)
     return load_state(model, state | rest, path, unexpected, RELEASE_KEYS)
@@ -461,6 +485,7 @@ def _int8(quantize):
 def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
     """Ours (mra_config.json) or a released LLaVA-HR / LLaVA-1.5 directory (see load_release)."""
     path = os.fspath(path)
+    run_directory(path)
     ours = os.path.join(path, "mra_config.json")
     if not os.path.isfile(ours):
         return load_release(path, dtype, device, quantize)
@@ -475,7 +500,16 @@ def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
     return load_state(model, read_checkpoint(path, dtype, device, convert=convert), path)
 
 
+def run_directory(path):
+    """Refuse a train.py run directory given where its checkpoint (OUT/ckpt) is meant, naming that."""
+    ckpt = os.path.join(path, "ckpt")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("mra_config.json", "config.json")) \
+            and os.path.isfile(os.path.join(ckpt, "mra_config.json")):
+        raise CheckpointError(f"{path}: a train.py run directory; its checkpoint is {ckpt}")
+
+
 def load_tokenizer(path):
+    run_directory(path)
     return Tokenizer(os.path.join(path, "tokenizer.model"))
 
 
@@ -490,29 +524,38 @@ def convert_bin(src, dst):
     """
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: no such directory")
-    shards = sorted(f for f in os.listdir(src) if re.fullmatch(r"pytorch_model.*\.bin", f) or f == "mm_projector.bin")
+    # the shards loading would read (the index's, when there is one), or a stage-1 projector file
+    projector = os.path.join(src, "mm_projector.bin")
+    shards = bin_files(src) or ([projector] if os.path.isfile(projector) else [])
     if not shards:
         raise CheckpointError(f"{src}: no pytorch_model*.bin or mm_projector.bin files to convert")
-    if os.path.exists(dst):
+    if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: already exists; convert into a new directory")
     from safetensors.torch import save_file
-    final, dst = dst, dst.rstrip("/") + ".tmp"  # written whole under a temporary name, then renamed
-    shutil.rmtree(dst, ignore_errors=True)
-    os.makedirs(dst)
-    weight_map = {}
-    for i, name in enumerate(shards, 1):
-        sd = read_bin(os.path.join(src, name))
-        out = name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(dst, out), metadata={"format": "pt"})
-        weight_map |= {k: out for k in sd}
-    if len(shards) > 1:
-        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
-    for extra in os.listdir(src):
-        if not extra.endswith(".bin") and os.path.isfile(os.path.join(src, extra)) and "index.json" not in extra:
-            shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
-    os.replace(dst, final)
-    return final
+    # written whole in a directory of its own beside dst, then renamed: dst appears complete or not at all
+    parent = os.path.dirname(os.path.abspath(dst))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", dir=parent)
+    try:
+        weight_map = {}
+        for file in shards:
+            sd = read_bin(file)
+            out = os.path.basename(file).replace("pytorch_model", "model").replace(".bin", ".safetensors")
+            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, out), metadata={"format": "pt"})
+            weight_map |= {k: out for k in sd}
+        if len(shards) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+        for extra in os.listdir(src):  # config.json, tokenizer files: not weights, nor an index of them
+            if os.path.isfile(os.path.join(src, extra)) and not extra.endswith((".bin", ".safetensors", "index.json")):
+                shutil.copy(os.path.join(src, extra), os.path.join(tmp, extra))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0o700 -> what a plain mkdir gives
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
 
 
 if __name__ == "__main__":
@@ -522,5 +565,4 @@ if __name__ == "__main__":
     try:
         print(convert_bin(sys.argv[2], sys.argv[3]))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
-        shutil.rmtree(sys.argv[3].rstrip("/") + ".tmp", ignore_errors=True)
         sys.exit(f"error: {e}")

@@ -199,7 +199,7 @@ class ViT(nn.Module):
         {key: tensor} dict with `vision_model.*` keys). The config comes from `config`, else the
         directory's config.json, else the tensor shapes; dtype defaults to the checkpoint's."""
         if isinstance(src, dict):
-            tensors, source = src, "state dict"
+            tensors, source = src, "CLIP ViT tensors"
         else:
             source = os.fspath(src)
             skip = [re.compile(p) for p in HF_IGNORE]

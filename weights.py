@@ -56,13 +56,20 @@ def read_config(path, parse=lambda d: d):
 
 def shard_index(index):
     """The shard files a `*.index.json` lists, each checked to exist; None if there is no index."""
-    if not os.path.isfile(index):
+    if not os.path.exists(index):
         return None
     try:
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index, a JSON object whose weight_map maps tensor "
+                              f"names to shard files ({e or type(e).__name__})") from None
+    # a shard is a file beside the index: a path that leads elsewhere is refused, not followed
+    bad = next((s for s in shards if not isinstance(s, str) or os.path.basename(s) != s or s in ("", ".", "..")),
+               None)
+    if bad is not None or not shards:
+        raise CheckpointError(f"{index}: " + (f"names the shard {bad!r}; shards are files in the index's own "
+                                              f"directory" if shards else "its weight_map lists no shard"))
     files = [os.path.join(os.path.dirname(index), s) for s in shards]
     for f in files:
         if not os.path.isfile(f):
@@ -98,13 +105,18 @@ def bin_files(path):
 
 
 def checkpoint_files(path):
-    """safetensors_files, or else the directory's released .bin shards."""
-    if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+    """The weight files a checkpoint path stands for, in HF's order of preference: safetensors
+    (index, or model.safetensors), then the released .bin shards (index, or pytorch_model*.bin),
+    then any *.safetensors. A stray safetensors file beside indexed .bin shards is not taken
+    for the checkpoint."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+                                       for f in ("model.safetensors.index.json", "model.safetensors")):
         files = bin_files(path)
         if files:
             return files
-        raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin, shard index, or *.safetensors "
-                              f"file: not a checkpoint directory")
+        if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin, shard index, or *.safetensors "
+                                  f"file: not a checkpoint directory")
     return safetensors_files(path)
 
 
@@ -128,11 +140,14 @@ def read_bin(file):
         raise CheckpointError(f"{file}: refused, it holds a {code[1]} object, not only tensors (a pickle that "
                               f"would run code when loaded)" if code else
                               f"{file}: refused, not a plain weights file ({why})" if why else
-                              f"{file}: not a readable PyTorch weights file ({str(e).splitlines()[0][:200]})") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        bad = type(sd).__name__ if not isinstance(sd, dict) else \
-            next(f"{k!r}: {type(v).__name__}" for k, v in sd.items() if not torch.is_tensor(v))
-        raise CheckpointError(f"{file}: refused, a weights file maps names to tensors, this one holds {bad}")
+                              f"{file}: not a readable PyTorch weights file "
+                              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+    plain = lambda k, v: isinstance(k, str) and torch.is_tensor(v) and v.layout == torch.strided  # noqa: E731
+    if not isinstance(sd, dict) or not all(plain(k, v) for k, v in sd.items()):
+        bad = type(sd).__name__ if not isinstance(sd, dict) else next(
+            f"{k!r}: {type(v).__name__}" + (f" ({v.layout})" if torch.is_tensor(v) else "")
+            for k, v in sd.items() if not plain(k, v))
+        raise CheckpointError(f"{file}: refused, a weights file maps names to dense tensors, this one holds {bad}")
     return sd
 
 
@@ -158,6 +173,8 @@ def read_checkpoint(path, dtype=None, device="cpu", keep=None, convert=None, fil
     """All tensors of a checkpoint as {key: tensor}; `keep(key)` filters before reading;
     `convert(key, tensor)` (default: cast to dtype, move to device) returns the entries to keep
     for one tensor as it arrives: an int8 weight and its scales, say."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype is {dtype!r}; expected None (as stored) or a floating torch.dtype, e.g. torch.bfloat16")
     out = {}
     for file in files or checkpoint_files(path):
         for k, t in _tensors(file, keep):

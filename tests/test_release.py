@@ -510,6 +510,57 @@ def test_convert_bin_refuses_pickled_objects(tmp_path):
     assert not dst.exists() or not any(f.endswith(".safetensors") for f in os.listdir(dst))
 
 
+
+def test_convert_follows_the_index_and_deletes_nothing_it_did_not_make(hr_parts, tmp_path):
+    src, dst = tmp_path / "bin", tmp_path / "converted"
+    write_release(src, release_state(**hr_parts), llava_config(384), "bin")
+    # strays a loader passes over (the index names the shards): convert must pass over them too
+    torch.save({"model.norm.weight": torch.zeros(LLM["hidden_size"])}, src / "pytorch_model.bin")
+    save_file({"model.norm.weight": torch.zeros(LLM["hidden_size"])}, src / "model-00001-of-00002.safetensors")
+    (tmp_path / "converted.tmp").mkdir()  # the user's, not convert's scratch
+    (tmp_path / "converted.tmp" / "notes.txt").write_text("mine")
+    mra.convert_bin(str(src), str(dst))
+    assert sorted(os.listdir(dst)) == ["config.json", "model-00001-of-00002.safetensors",
+                                       "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    want, got = mra.load_checkpoint(src).state_dict(), mra.load_checkpoint(dst).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert (tmp_path / "converted.tmp" / "notes.txt").read_text() == "mine"
+    os.remove(src / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin: shard listed in .* is missing"):
+        mra.convert_bin(str(src), str(tmp_path / "again"))
+    assert sorted(os.listdir(tmp_path)) == ["bin", "converted", "converted.tmp"]  # no scratch left behind
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(rope_theta=0), r"rope_theta is 0, expected a positive number"),
+    (dict(num_attention_heads=0), r"n_heads is 0, expected a positive whole number"),
+    (dict(hidden_size=64.0), r"dim is 64\.0, expected a positive whole number"),
+    (dict(num_key_value_heads=3), r"3 key/value heads do not divide them"),
+    (dict(input_image_size="384"), r"image_size is '384', expected a positive whole number of pixels"),
+    (dict(mm_projector_type="linear"), r"mm_projector_type 'linear'.*implemented are 'mlp2x_gelu'"),
+], ids=["rope-theta", "heads", "float-width", "kv-heads", "image-size", "projector"])
+def test_a_config_json_the_code_cannot_honour_is_refused_by_name(hr_parts, tmp_path, edit, message):
+    path = write_release(tmp_path, release_state(**hr_parts), llava_config(384) | edit)
+    with pytest.raises(CheckpointError, match=r"config\.json: .*" + message):
+        mra.load_checkpoint(path)
+
+
+def test_llava15_vision_select_other_than_the_penultimate_patches_is_refused(tmp_path):
+    parts = dict(v15_clip=make_clip(seed=5), llama=make_llama(seed=6),
+                 heads={k: v for k, v in make_heads(seed=7, adapters=False).items() if k.startswith(PROJECTOR)})
+    path = write_release(tmp_path, release_state(**parts), llava_config() | dict(mm_vision_select_layer=-1))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*mm_vision_select_layer -1"):
+        mra.load_checkpoint(path)
+
+
+def test_tower_key_problems_name_the_directory_and_the_prefix(hr_parts, tmp_path):
+    path = write_release(tmp_path, drop(HR_VIT + "vision_model.encoder.layers.1.mlp.fc2.bias")(
+        release_state(**hr_parts)), llava_config(384))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: CLIP ViT tensors: missing "
+                                              rf"vision_model\.encoder\.layers\.1\.mlp\.fc2\.bias "
+                                              rf"\(keys {HR_VIT.replace('.', '[.]')}\*\)$"):
+        mra.load_checkpoint(path)
+
 # ----- 5. wrong checkpoints ------------------------------------------------------------------
 
 def test_llama_only_directory_is_refused(tmp_path):

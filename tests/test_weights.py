@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from weights import CheckpointError, load_state, read_safetensors, remap, write_safetensors
+from weights import (CheckpointError, checkpoint_files, load_state, read_bin, read_checkpoint, read_safetensors, remap,
+                     write_safetensors)
 
 TABLE = [("enc.layers.{i}.fc.weight", "blocks.{i}.weight"),
          ("enc.layers.{i}.fc.bias", "blocks.{i}.bias")]
@@ -107,3 +108,51 @@ def test_write_safetensors_streams_what_save_file_writes(tmp_path):
     assert ours.keys() == ref.keys() == state.keys()
     for k in state:
         assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": ["x"]}, r"not a valid shard index"),
+    ({"a": 3}, r"not a valid shard index"),
+    ([], r"not a valid shard index"),
+    ({"weight_map": {}}, r"its weight_map lists no shard"),
+    ({"weight_map": {"a": "/etc/passwd"}}, r"names the shard '/etc/passwd'; shards are files in the index's own"),
+    ({"weight_map": {"a": "../model.safetensors"}}, r"names the shard '\.\./model\.safetensors'"),
+    ({"weight_map": {"a": 3}}, r"names the shard 3"),
+])
+def test_a_bad_shard_index_is_refused_not_followed(tmp_path, index, message):
+    save_file(foreign(), tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: " + message):
+        read_checkpoint(str(tmp_path))
+
+
+def test_indexed_bin_shards_win_over_a_stray_safetensors_file(tmp_path):
+    t = foreign()
+    torch.save(t, tmp_path / "pytorch_model-00001-of-00001.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(t, "pytorch_model-00001-of-00001.bin")}))
+    save_file({"foo": torch.ones(1)}, tmp_path / "adapter.safetensors")  # not the model's
+    assert checkpoint_files(str(tmp_path)) == [str(tmp_path / "pytorch_model-00001-of-00001.bin")]
+    got = read_checkpoint(str(tmp_path))
+    assert sorted(got) == sorted(t) and all(torch.equal(got[k], t[k]) for k in t)
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_bin_files_that_are_empty_or_hold_more_than_named_dense_tensors(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"")  # torch.load raises an error with no message
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable PyTorch weights file \(EOFError\)"):
+        read_bin(str(path))
+    torch.save({"w": torch.ones(2), 7: torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused, .* holds 7: Tensor"):
+        read_bin(str(path))
+    torch.save({"w": torch.eye(3).to_sparse()}, path)
+    with pytest.raises(CheckpointError, match=r"holds 'w': Tensor \(torch\.sparse_coo\)"):
+        read_bin(str(path))
+
+
+def test_dtype_must_be_a_floating_torch_dtype(tmp_path):
+    save_file(foreign(), tmp_path / "m.safetensors")
+    for bad in ("bfloat16", torch.int8):
+        with pytest.raises(ValueError, match=r"dtype is .*expected None \(as stored\) or a floating torch\.dtype"):
+            read_checkpoint(str(tmp_path / "m.safetensors"), dtype=bad)
