@@ -231,7 +231,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.records, self.bad, self.dropped_first = [], [], 0
         for i, rec in enumerate(read_records(path)):
             try:
-                self.records.append(self._check(rec))
+                self.records.append(self._check(rec) | dict(number=i, id=rec.get("id")))
             except DataError as e:
                 self.fail(i, rec, e)
         if not self.records:
@@ -304,10 +304,11 @@ class LlavaDataset(torch.utils.data.Dataset):
             j = (i + k) % len(self)
             try:
                 return self.load(j) | dict(skipped=k)
-            except DataError as e:
-                msg = f"{self.path} record {j}: {e}"
+            except DataError as e:  # found only now, mid-run (decoding every image up front would take long)
+                rec = self.records[j]
                 if not self.skip_bad:
-                    raise DataError(msg) from None
+                    raise DataError(f"{self.path} record {rec['number']}" + (f" (id {rec['id']})" if rec["id"] is not None
+                                    else "") + f": {e}; fix or drop it, or pass --skip-bad to skip such records") from None
         raise DataError(f"{self.path}: every record is bad")
 
 
@@ -373,7 +374,9 @@ class BatchSampler:
         self.global_batch = micro * accum * world
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DataError(f"{len(dataset)} samples cannot fill one global batch of {self.global_batch}")
+            raise DataError(f"{getattr(dataset, 'path', 'the data')}: {len(dataset)} samples cannot fill one "
+                            f"global batch of {self.global_batch} "
+                            f"({world} x {micro} x {accum}): a smaller --global-batch, or more data")
         self.total_steps = self.steps_per_epoch * epochs
 
     def __len__(self):

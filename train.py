@@ -17,6 +17,7 @@ transformer block, the release's ZeRO-3 for stage 2). Checkpoints are loadable b
 generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,10 @@ def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
     disk) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):
-        return tqdm.write("interrupted: the last saved checkpoint is intact; --resume continues from it", file=sys.stderr)
+        saved = "ckpt_dir" in globals() and any(os.path.isdir(d) for d in (ckpt_dir, ckpt_dir + ".old"))
+        return tqdm.write("interrupted: the last saved checkpoint is intact; --resume continues from it" if saved else
+                          "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over",
+                          file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     # an error raised in a DataLoader worker arrives with the worker's traceback as its message
@@ -81,9 +85,10 @@ if __name__ == "__main__" and "--preset" in sys.argv:  # the CPU demo lives in d
     sys.exit()
 
 p = Parser(description=__doc__.split("\n")[0])
-p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+p.add_argument("--stage", type=int, choices=(1, 2), required=True,
+               help="1: projector (and fusion) on caption pairs; 2: instruction tuning with the MR-Adapters")
 p.add_argument("--data", help="LLaVA json / jsonl (required unless --dry-run)")
-p.add_argument("--image-folder", default="")
+p.add_argument("--image-folder", default="", help="the records' image paths are under it")
 p.add_argument("--out", help="run directory (required unless --dry-run)")
 p.add_argument("--llm", help="HF LLaMA / Vicuna directory")
 p.add_argument("--vit", help="HF CLIP ViT checkpoint (file or directory)")
@@ -93,26 +98,26 @@ p.add_argument("--projector", help="stage 2: the released stage-1 projector file
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
-p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"))
+p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"), help="MR-Adapter gate (default tanh, as released)")
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
                help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
-p.add_argument("--lr", type=float)
+p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 / 2e-5; LoRA 2e-4)")
 p.add_argument("--adapter-lr-scale", type=float, default=1.0,
                help="the MR-Adapters' lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
 p.add_argument("--tower-lr-scale", type=float, default=1.0,
                help="the ViT's and ConvNeXt's lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
-p.add_argument("--warmup-ratio", type=float, default=0.03)
-p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, then cosine (default 0.03)")
+p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (default 0)")
 p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
-p.add_argument("--epochs", type=int, default=1)
+p.add_argument("--epochs", type=int, default=1, help="default 1")
 p.add_argument("--global-batch", type=int, help="default 256 / 128")
-p.add_argument("--batch-size", type=int, default=16, help="per device, per micro-step")
+p.add_argument("--batch-size", type=int, default=16, help="per device, per micro-step (default 16)")
 p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
-p.add_argument("--save-every", type=int, default=500)
+p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500; 0: at the end only)")
 p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
-p.add_argument("--seed", type=int, default=42)
-p.add_argument("--grad-checkpoint", action="store_true")
+p.add_argument("--seed", type=int, default=42, help="default 42")
+p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in the backward pass: less memory")
 p.add_argument("--lean-malloc", action="store_true",
                help="CPU: give freed activations back to the system at once (glibc): ~2 GB less at R = 1024, "
                     "9-18%% slower steps there, far slower for small models")
@@ -134,7 +139,7 @@ p.add_argument("--projector-lr-scale", type=float,
 p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                help="micro-steps of one modality and similar lengths (default: on in stage 2, as released)")
 p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
-p.add_argument("--workers", type=int, default=4)
+p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
 p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (deletes it)")
 p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
@@ -370,7 +375,8 @@ if os.path.exists(args.out) and not os.path.isdir(args.out):
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
 if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
     if not previous:
-        raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue; drop --resume)")
+        raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue): " + (
+            "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
     resume_dir = previous[0]
     if not os.path.isfile(os.path.join(resume_dir, "train_state.pt")):
         raise SystemExit(f"--resume: {resume_dir} has no train_state.pt (weights only, no optimizer or data "
@@ -378,6 +384,13 @@ if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
 elif (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and not args.overwrite:
     raise SystemExit(f"--out {args.out} already holds a run ({', '.join(previous) or log_path}): "
                      f"--resume continues it, --overwrite starts over (deleting it), or pick another --out")
+if args.overwrite:  # what --overwrite deletes must not be what this run reads (its --init, say)
+    doomed = [os.path.realpath(d) for d in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp", log_path)]
+    for flag in ("init", "llm", "vit", "convnext", "projector", "tokenizer", "data", "image_folder"):
+        path = getattr(args, flag) and os.path.realpath(getattr(args, flag))
+        if path and any(path == d or path.startswith(d + os.sep) for d in doomed):
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)} lies in the run that --overwrite "
+                             f"would delete; copy it out of {args.out} first, or pick another --out")
 
 # -----------------------------------------------------------------------------
 # data: checked before the model loads (minutes for a 7B), so a bad file fails at once
@@ -385,10 +398,16 @@ elif (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and no
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
+if args.init:
+    mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
 start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
 if not (args.tokenizer or start_dir):
     raise SystemExit("--tokenizer is needed (no --llm, --init or --resume to take tokenizer.model from)")
 tok_path = args.tokenizer or os.path.join(start_dir, "tokenizer.model")
+if not os.path.isfile(args.data):
+    raise SystemExit(f"--data {args.data}: no such file (a LLaVA json or jsonl file of conversations is expected)")
+if args.image_folder and not os.path.isdir(args.image_folder):
+    raise SystemExit(f"--image-folder {args.image_folder}: no such directory (the records' image paths are under it)")
 tok = Tokenizer(tok_path)
 ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
                        recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
@@ -501,6 +520,21 @@ for name, q in model.named_parameters():  # names may carry DDP's "module." pref
 opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
+# flags that may change on --resume without a word: where and how the run goes on, not what it computes
+RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
+               "data", "global_batch", "seed", "epochs", "stage", "lora_r", "quantize"}
+
+
+@cache
+def data_digest(path):
+    """sha256 of the data file's bytes: a resumed run must read the records the run read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 start_step = 0
 if args.resume:
     state_path = os.path.join(resume_dir, "train_state.pt")
@@ -511,11 +545,20 @@ if args.resume:
         raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     for key, now in (("global_batch", global_batch), ("seed", args.seed), ("epochs", args.epochs),
-                     ("data", args.data), ("stage", args.stage), ("lora_r", args.lora_r),
-                     ("quantize", args.quantize)):
+                     ("stage", args.stage), ("lora_r", args.lora_r), ("quantize", args.quantize)):
         if run.get(key) != now:
             raise SystemExit(f"--resume: the run used {key}={run.get(key)!r}, now {now!r}: the data position "
                              f"would not carry over")
+    # the same records in the same order, wherever the file now lies (older runs kept its path only)
+    if (run["data_sha256"] != data_digest(args.data) if "data_sha256" in run else
+            os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):
+        raise SystemExit(f"--resume: --data {args.data} is not the file the run read ({run.get('data')}, as it was "
+                         f"then): the data position would not carry over")
+    changed = [f"--{k.replace('_', '-')} {run['args'][k]} -> {v}" for k, v in vars(args).items()
+               if k not in RESUME_FREE and k in run.get("args", {}) and run["args"][k] != v]
+    if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
+        print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
+              f"come from the checkpoint, the rest applies from here on")
     # a parameter that never had a gradient before the save (the vision side after text-only
     # micro-batches) has no Adam state yet; strict=False starts it fresh, exactly as AdamW would
     # have at its first gradient in the uninterrupted run. The same parameters must train.
@@ -537,6 +580,13 @@ loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args
                                      collate_fn=partial(data.collate, pad_id=tok.pad_id))
 total_steps = sampler.total_steps
 stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+if start_step >= stop_step:  # resumed at or past where this run stops: it is done as it is
+    if master:
+        print(f"nothing to train: the checkpoint is at step {start_step} of {total_steps}"
+              + (f", --max-steps {args.max_steps}" if start_step < total_steps else ""))
+    if distributed:
+        dist.destroy_process_group()
+    sys.exit()
 warmup = math.ceil(args.warmup_ratio * total_steps)
 lr_max = args.lr or (2e-4 if args.lora_r else recipe["lr"])  # LoRA: the release's finetune_lora lr
 
@@ -566,9 +616,11 @@ def save_errors(step, tmp):
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
-        kept = f"the last checkpoint {ckpt_dir} is untouched" if os.path.isdir(ckpt_dir) else "no checkpoint kept"
+        kept = (f"the last checkpoint {ckpt_dir} is untouched; once the cause is fixed (a full disk?), --resume "
+                f"continues from it" if os.path.isdir(ckpt_dir) else
+                "no checkpoint kept; once the cause is fixed (a full disk?), --overwrite starts over")
         raise SystemExit(f"step {step}: saving to {tmp} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         f"{kept}; free disk space, then --resume") from None
+                         f"{kept}") from None
 
 
 def save(step):
@@ -590,8 +642,9 @@ def save(step):
         weights = get_model_state_dict(unwrapped, options=full)
         extra = dict(optimizer=get_optimizer_state_dict(unwrapped, opt, options=full))
     if master:
-        run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=args.data, stage=args.stage,
-                   lora_r=args.lora_r, quantize=args.quantize)
+        run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=os.path.realpath(args.data),
+                   data_sha256=data_digest(args.data), stage=args.stage, lora_r=args.lora_r, quantize=args.quantize,
+                   args=vars(args))
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, cpu_rng=torch.get_rng_state(), run=json.dumps(run), **extra)
         if cuda:

@@ -59,6 +59,42 @@ def test_rerun_is_refused_and_overwrite_starts_over(env, tmp_path):
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
 
 
+
+def test_overwrite_never_deletes_what_the_run_reads(env, tmp_path):
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    before = (out / "ckpt" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"--init .*ckpt lies in the run that --overwrite would delete; copy it out"):
+        train([*args(env, out, 2, *COMMON, "--max-steps", 1), "--init", str(out / "ckpt"), "--overwrite"])
+    assert (out / "ckpt" / "model.safetensors").read_bytes() == before
+    # a run's directory given where its checkpoint is meant
+    with pytest.raises(CheckpointError, match=r"run: a train.py run directory; its checkpoint is .*run/ckpt"):
+        train([*args(env, tmp_path / "other", 2, *COMMON), "--init", str(out)])
+    with pytest.raises(SystemExit, match=r"--data .*nope\.json: no such file \(a LLaVA json or jsonl"):
+        train([str(tmp_path / "nope.json") if a.endswith("chats.json") else a for a in args(env, tmp_path / "o")])
+
+
+def test_resume_checks_the_data_by_content_and_says_what_else_changed(env, tmp_path, capsys):
+    d, _ = env
+    moved, out = tmp_path / "moved.json", tmp_path / "run"
+    moved.write_bytes((d / "chats.json").read_bytes())
+    with_data = lambda path, *extra: [str(path) if a.endswith("chats.json") else a  # noqa: E731
+                                      for a in args(env, out, 2, *COMMON, *extra)]
+    with pytest.raises(SystemExit, match=r"--resume: no checkpoint in .*run \(nothing to continue\): drop --resume"):
+        train(with_data(moved, "--resume"))
+    train(with_data(moved, "--max-steps", 1))
+    # the same records in another file: fine; a new lr: allowed, and said
+    train(with_data(d / "chats.json", "--max-steps", 2, "--resume", "--lr", 5e-4))
+    assert "--resume with settings other than the run's: --lr 0.001 -> 0.0005" in capsys.readouterr().out
+    moved.write_text(json.dumps(json.loads(moved.read_text())[::-1]))  # the same path, other records
+    with pytest.raises(SystemExit, match=r"--resume: --data .*moved\.json is not the file the run read"):
+        train(with_data(moved, "--max-steps", 3, "--resume"))
+    with pytest.raises(SystemExit) as done:  # at step 2 already: nothing to do, and no error
+        train(with_data(d / "chats.json", "--max-steps", 1, "--resume", "--lr", 5e-4))
+    assert done.value.code is None
+    assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 1" in capsys.readouterr().out
+
+
 def test_resume_after_a_save_where_some_parameters_had_no_gradient(env, tmp_path):
     d, _ = env
     # text-only data: the towers, adapters and projector never get a gradient, so Adam has no
