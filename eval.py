@@ -472,6 +472,10 @@ def run_mme(args):
     gt = mme_ground_truth(args.mme_dir)
     rows = read_jsonl(args.answers, "answer", ("question_id", "prompt", "text"))
     # MME asks two questions per image, under one question_id: an answer is (id, prompt)
+    for n, a in rows:
+        if not isinstance(a["question_id"], str) or not isinstance(a["prompt"], str):
+            raise EvalError(f"{args.answers}:{n}: MME's question_id is a category and image, e.g. 'artwork/10002.jpg', "
+                            f"and its prompt a string; got {a['question_id']!r}: are these MME answers?")
     answers = by_key(args.answers, rows, lambda a: (a["question_id"], a["prompt"]))
     # calculation.py scores consecutive pairs of lines; we pair the two questions of each image
     images, seen = defaultdict(list), set()
@@ -567,13 +571,22 @@ def run_scienceqa_questions(args):
     items = read_json(args.src, "ScienceQA questions")
     if os.path.exists(args.dst):
         raise EvalError(f"{args.dst} exists; remove it or choose another output path")
+    if not isinstance(items, list):
+        raise EvalError(f"{args.src}: a list of questions (llava_test_CQM-A.json) is expected, not a "
+                        f"{type(items).__name__}")
+    lines = []
+    for i, item in enumerate(items):
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not (isinstance(turns, list) and turns and isinstance(turns[0], dict)
+                and isinstance(turns[0].get("value"), str) and "id" in item):
+            raise EvalError(f"{args.src}: item {i} needs an id and conversations whose first turn has a text "
+                            f"value, as llava_test_CQM-A.json's do")
+        q = dict(question_id=item["id"], text=turns[0]["value"].replace("<image>", "").strip() + "\n" + SQA_SUFFIX)
+        if "image" in item:
+            q["image"] = item["image"]
+        lines.append(json.dumps(q) + "\n")
     with open(args.dst + ".tmp", "w") as f:
-        for item in items:
-            text = item["conversations"][0]["value"].replace("<image>", "").strip()
-            q = dict(question_id=item["id"], text=text + "\n" + SQA_SUFFIX)
-            if "image" in item:
-                q["image"] = item["image"]
-            f.write(json.dumps(q) + "\n")
+        f.writelines(lines)
     os.replace(args.dst + ".tmp", args.dst)
     print(f"questions: {len(items)}")
 
@@ -586,23 +599,23 @@ SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="bench", required=True)
-    s = sub.add_parser("textvqa")
+    s = sub.add_parser("textvqa", help="val accuracy (VQA's soft accuracy, LLaVA's answer processing)")
     s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
     s = sub.add_parser("vqav2", help="val accuracy (--annotations) or the test-dev upload (--questions, --submission)")
     s.add_argument("--annotations", help="v2_mscoco_val2014_annotations.json")
     s.add_argument("--questions", help="llava_vqav2_mscoco_test2015.jsonl (all of test2015)")
     s.add_argument("--submission", help="the upload file to write")
-    s = sub.add_parser("vizwiz")
+    s = sub.add_parser("vizwiz", help="the test upload file (scored by the VizWiz server)")
     s.add_argument("--questions", required=True, help="llava_test.jsonl")
     s.add_argument("--submission", required=True, help="the upload file to write")
-    s = sub.add_parser("gqa")
+    s = sub.add_parser("gqa", help="testdev-balanced accuracy")
     s.add_argument("--questions", required=True, help="testdev_balanced_questions.json")
-    s = sub.add_parser("pope")
+    s = sub.add_parser("pope", help="accuracy, precision, recall, F1 and yes-ratio per category")
     s.add_argument("--questions", required=True, help="llava_pope_test.jsonl")
     s.add_argument("--annotation-dir", required=True, help="POPE's output/coco/ (coco_pope_<category>.json)")
-    s = sub.add_parser("mme")
+    s = sub.add_parser("mme", help="perception and cognition scores (accuracy + accuracy+ per task)")
     s.add_argument("--mme-dir", required=True, help="MME_Benchmark_release_version/")
-    s = sub.add_parser("scienceqa")
+    s = sub.add_parser("scienceqa", help="accuracy on the test split, image questions too (IMG)")
     s.add_argument("--base-dir", required=True, help="the folder holding problems.json and pid_splits.json")
     s.add_argument("--split", default="test")
     s.add_argument("--letter-rule", choices=["llava", "llava-hr"], default="llava",

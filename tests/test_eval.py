@@ -690,6 +690,28 @@ def test_scienceqa_questions_for_generate(tmp_path, capsys):
                                 dict(question_id="4", text="Which?\nA. a\nB. b" + suffix)]
 
 
+
+@pytest.mark.parametrize("items, message", [
+    ({"id": "5"}, "a list of questions (llava_test_CQM-A.json) is expected, not a dict"),
+    ([1, 2], "item 0 needs an id and conversations"),
+    ([{"id": "5", "conversations": []}], "item 0 needs an id and conversations"),
+    ([{"conversations": [{"from": "human", "value": "Which?"}]}], "item 0 needs an id"),
+])
+def test_scienceqa_questions_of_another_layout_are_one_line(tmp_path, capsys, items, message):
+    src, dst = tmp_path / "q.json", tmp_path / "sqa.jsonl"
+    src.write_text(json.dumps(items))
+    rc, _, err = run(capsys, "scienceqa-questions", src, dst)
+    assert rc == 1 and err == f"error: {src}: {message}" + err.split(message, 1)[1] and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["q.json"]  # no output, no .tmp
+
+
+def test_mme_refuses_answers_of_another_benchmark(tmp_path, capsys):
+    argv = write_mme(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), question_id=7))] + ls[1:])
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and "answers.jsonl:1: MME's question_id is a category and image" in err and err.count("\n") == 1
+
+
 def test_a_line_separator_inside_an_answer_is_not_a_line_break(tmp_path, capsys):
     argv = write_pope(tmp_path)
     rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), text="Yes\u2028no"), ensure_ascii=False)] + ls[1:])
