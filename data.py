@@ -306,9 +306,10 @@ class LlavaDataset(torch.utils.data.Dataset):
                 return self.load(j) | dict(skipped=k)
             except DataError as e:  # found only now, mid-run (decoding every image up front would take long)
                 rec = self.records[j]
+                rid = f" (id {rec['id']})" if rec["id"] is not None else ""
                 if not self.skip_bad:
-                    raise DataError(f"{self.path} record {rec['number']}" + (f" (id {rec['id']})" if rec["id"] is not None
-                                    else "") + f": {e}; fix or drop it, or pass --skip-bad to skip such records") from None
+                    raise DataError(f"{self.path} record {rec['number']}{rid}: {e}; fix or drop it, or pass "
+                                    f"--skip-bad to skip such records") from None
         raise DataError(f"{self.path}: every record is bad")
 
 

@@ -98,7 +98,8 @@ p.add_argument("--projector", help="stage 2: the released stage-1 projector file
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
-p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"), help="MR-Adapter gate (default tanh, as released)")
+p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"),
+               help="MR-Adapter gate (default tanh, as released)")
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
                help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
 p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 / 2e-5; LoRA 2e-4)")
@@ -114,10 +115,12 @@ p.add_argument("--global-batch", type=int, help="default 256 / 128")
 p.add_argument("--batch-size", type=int, default=16, help="per device, per micro-step (default 16)")
 p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
-p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500; 0: at the end only)")
+p.add_argument("--save-every", type=int, default=500,
+               help="steps between checkpoints (default 500; 0: at the end only)")
 p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
 p.add_argument("--seed", type=int, default=42, help="default 42")
-p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in the backward pass: less memory")
+p.add_argument("--grad-checkpoint", action="store_true",
+               help="recompute each block in the backward pass: less memory")
 p.add_argument("--lean-malloc", action="store_true",
                help="CPU: give freed activations back to the system at once (glibc): ~2 GB less at R = 1024, "
                     "9-18%% slower steps there, far slower for small models")
@@ -520,7 +523,8 @@ for name, q in model.named_parameters():  # names may carry DDP's "module." pref
 opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
-# flags that may change on --resume without a word: where and how the run goes on, not what it computes
+# flags --resume does not list when they change: where and how the run goes on, not what it computes
+# (or checked above: a change to those is refused)
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
                "data", "global_batch", "seed", "epochs", "stage", "lora_r", "quantize"}
 

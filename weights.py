@@ -174,7 +174,8 @@ def read_checkpoint(path, dtype=None, device="cpu", keep=None, convert=None, fil
     `convert(key, tensor)` (default: cast to dtype, move to device) returns the entries to keep
     for one tensor as it arrives: an int8 weight and its scales, say."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype is {dtype!r}; expected None (as stored) or a floating torch.dtype, e.g. torch.bfloat16")
+        raise ValueError(f"dtype is {dtype!r}; expected None (as stored) or a floating torch.dtype, such as "
+                         f"torch.bfloat16")
     out = {}
     for file in files or checkpoint_files(path):
         for k, t in _tensors(file, keep):
