@@ -390,7 +390,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
                               f"mm_vision_select_feature {select[1]!r}: implemented are 'mlp2x_gelu', -2, 'patch' "
                               f"(LLaVA-1.5's; LLaVA-HR's ViT path uses its last layer whatever the config says)")
     try:  # the towers' loaders name their keys without the release's prefix: say where they sit
-        where = "model.* and lm_head.*"
+        where = "model.* and lm_head.*, shaped as config.json says"
         llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}),
                                     quantize=quantize)
         where = (HR_VIT if parts[HR_VIT] else V15_VIT) + "*"
