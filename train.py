@@ -405,7 +405,8 @@ if args.init:
     mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
 start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
 if not (args.tokenizer or start_dir):
-    raise SystemExit("--tokenizer is needed (no --llm, --init or --resume to take tokenizer.model from)")
+    raise SystemExit("nothing to start from: --llm (with --vit and --convnext) or --init gives the weights and "
+                     "the tokenizer; to train from random weights, pass --tokenizer")
 tok_path = args.tokenizer or os.path.join(start_dir, "tokenizer.model")
 if not os.path.isfile(args.data):
     raise SystemExit(f"--data {args.data}: no such file (a LLaVA json or jsonl file of conversations is expected)")
