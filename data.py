@@ -42,7 +42,8 @@ class DataError(ValueError):
 def load_image(path):
     """Any image file -> an RGB PIL image, upright (EXIF orientation applied)."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: image file not found")
+        raise DataError(f"{path}: " + ("a directory, not an image file" if os.path.isdir(path) else
+                                       "image file not found"))
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not in a worker later

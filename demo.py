@@ -163,6 +163,8 @@ def prepare(out, n_train=2000, n_test=500, vocab_size=600):
     pretrained exists here). Kept if already there, so the demo and the experiment reuse them."""
     import sentencepiece as spm
     if not os.path.isfile(os.path.join(out, "tokenizer.model")):
+        print(f"data: drawing {n_train} training and {n_test} held-out scenes into {out}, then training a "
+              f"tokenizer on their text (once; a rerun reuses them)", flush=True)
         make_synthetic(os.path.join(out, "train"), n_train, seed=0)
         make_synthetic(os.path.join(out, "test"), n_test, seed=1, n_questions=3 * n_test)
         # every stage-2 prompt starts with the system text: weight it as often as it will be seen

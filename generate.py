@@ -17,6 +17,7 @@ evaluation scripts read our answers unchanged.
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -100,7 +101,9 @@ def compile_step(step, device):
     # (llama.packed_linear), as eager does. A pointwise result of over 8 operations (CPU default
     # 50) is stored, not redone in each loop that reads it (the query's RoPE was redone per
     # cache slot); multiplies and adds are fused (FMA).
-    # imported now, so a notice it may log (CUDA_HOME) comes before the answer, not inside it
+    # imported now, so that nothing it logs lands inside the answer; its notice that no CUDA runtime
+    # was found is silenced (this is the CPU path: there is nothing to find)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch.utils.cpp_extension  # noqa: F401
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
@@ -338,7 +341,7 @@ def read_questions(args):
             raise data.DataError(f"{args.questions} line {n}: repeats line {first[key]} (question_id "
                                  f"{q['question_id']!r}, same text); each question must be asked once")
         first[key] = n
-        questions.append(q)
+        questions.append((n, q))
     answered = set()
     if os.path.exists(args.answers):
         with open(args.answers, "rb+") as f:
@@ -354,21 +357,37 @@ def answer_file(model, tok, args, pick, step, questions, answered):
     """LLaVA's model_vqa: {question_id, image, text} lines in, {question_id, prompt, text,
     answer_id, model_id, metadata} lines out; questions already answered are skipped (resume)."""
     from tqdm import tqdm
-    todo = [q for q in questions if (q["question_id"], q["text"]) not in answered]
+    todo = [(n, q) for n, q in questions if (q["question_id"], q["text"]) not in answered]
     if answered:
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
     model_id = os.path.basename(os.path.normpath(args.model))
     R, mode = model.cfg.image_size, model.cfg.image_aspect_ratio
+    skipped = []
     with open(args.answers, "a") as out, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                               file=sys.stderr, unit="q") as bar:
         for i in range(0, len(todo), args.batch_size):
-            batch, prompts, images = todo[i:i + args.batch_size], [], []
-            for q in batch:
-                if q.get("image"):
-                    path = os.path.join(args.image_folder or "", q["image"])
-                    images.append(data.preprocess(data.load_image(path), R, mode))
-                prompts.append(prompt_ids(tok, [human_turn(q["text"], bool(q.get("image")))], args.conv_mode))
-                check_length(model, prompts[-1], args.max_new_tokens, f"question {q['question_id']}")
+            batch, prompts, images = [], [], []
+            for n, q in todo[i:i + args.batch_size]:
+                where = f"{args.questions} line {n} (question_id {q['question_id']!r})"
+                ids = prompt_ids(tok, [human_turn(q["text"], bool(q.get("image")))], args.conv_mode)
+                try:
+                    check_length(model, ids, args.max_new_tokens, "the question")
+                except ContextError as e:  # one question can't stop a benchmark: skipped, said, counted
+                    bar.write(f"skipped {where}: {e}", file=sys.stderr)
+                    skipped.append(n)
+                    bar.update()
+                    continue
+                if q.get("image"):  # its existence was checked before the model loaded; decoding is now
+                    try:
+                        image = data.load_image(os.path.join(args.image_folder or "", q["image"]))
+                    except data.DataError as e:
+                        raise data.DataError(f"{where}: {e}; the answers so far are kept: fix or drop that "
+                                             f"line and run again to go on") from None
+                    images.append(data.preprocess(image, R, mode))
+                batch.append(q)
+                prompts.append(ids)
+            if not batch:
+                continue
             device = model.projector[0].weight.device
             outs = generate(model, prompts, torch.stack(images).to(device) if images else None,
                             max_new_tokens=args.max_new_tokens, pick=pick, eos_id=tok.eos_id,
@@ -379,6 +398,9 @@ def answer_file(model, tok, args, pick, step, questions, answered):
                                           model_id=model_id, metadata={})) + "\n")
                 out.flush()
             bar.update(len(batch))
+    if skipped:
+        log(f"{len(skipped)} question(s) skipped, too long for the context (lines {', '.join(map(str, skipped))}); "
+            f"they count as missing")
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,17 +414,19 @@ def parse_args(argv):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="our checkpoint dir or a released LLaVA-HR / LLaVA-1.5 dir")
     p.add_argument("--lora", help="LoRA adapters (OUT/ckpt/lora of train.py --lora-r) to apply to --model, the base")
-    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--image", action="append", help="image file (omit for a text-only prompt); one per conversation")
     p.add_argument("--prompt", help="answer this one question and exit; without it: chat on stdin")
     p.add_argument("--questions", help="LLaVA question .jsonl ({question_id, image, text} per line)")
     p.add_argument("--answers", help="answer .jsonl to write (appended to; answered questions are skipped)")
     p.add_argument("--image-folder", help="directory the questions' image paths are relative to")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="--questions answered this many at a time (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--conv-mode", default="vicuna_v1", choices=["vicuna_v1", "plain"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0 (default 1: off)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    p.add_argument("--conv-mode", default="vicuna_v1", choices=["vicuna_v1", "plain"],
+                   help="the prompt template: vicuna_v1 (stage 2, default) or plain (a stage-1 model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
     p.add_argument("--quantize", choices=["int8"], help="int8: the LLM's linear weights in one byte each, "
@@ -414,6 +438,13 @@ def parse_args(argv):
                    "LLM's input, write what each path sees to PNG (default: IMAGE_NAME.paths.png here); no answer")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     args = p.parse_args(argv)
+    if args.image and len(args.image) > 1:
+        p.error("one --image per conversation (the model reads one image); for many, --questions")
+    args.image = args.image[0] if args.image else None
+    if args.prompt is not None and not args.prompt.strip():
+        p.error("--prompt is empty: ask a question, or drop --prompt to chat")
+    if not args.questions and (args.image_folder or args.batch_size != 1):
+        p.error("--image-folder and --batch-size go with --questions")
     if (args.questions is None) != (args.answers is None):
         p.error("--questions and --answers go together")
     if args.trace is not None and not args.image:
@@ -422,9 +453,12 @@ def parse_args(argv):
         args.trace = os.path.splitext(os.path.basename(args.image))[0] + ".paths.png"
     if args.questions and (args.prompt or args.image):
         p.error("--questions takes its images from the file; drop --prompt/--image")
-    if not (args.max_new_tokens >= 1 and args.batch_size >= 1 and 0 <= args.temperature < float("inf")
-            and 0 < args.top_p <= 1):  # written so that NaN fails too
-        p.error("need --max-new-tokens >= 1, --batch-size >= 1, a finite --temperature >= 0, 0 < --top-p <= 1")
+    limits = {"--max-new-tokens >= 1": args.max_new_tokens >= 1, "--batch-size >= 1": args.batch_size >= 1,
+              "a finite --temperature >= 0": 0 <= args.temperature < float("inf"),
+              "0 < --top-p <= 1": 0 < args.top_p <= 1}  # written so that NaN fails too
+    bad = [rule for rule, ok in limits.items() if not ok]
+    if bad:
+        p.error("need " + ", ".join(bad))
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -441,12 +475,20 @@ def run(args):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
     # every input is checked before the model loads (minutes for a 7B)
     if not os.path.isdir(args.model):
-        raise mra.CheckpointError(f"--model {args.model}: no such directory (a checkpoint directory is expected)")
+        raise mra.CheckpointError(f"--model {args.model}: " + ("a file; " if os.path.exists(args.model) else
+                                  "no such directory; ") + "a checkpoint directory is expected")
+    if args.questions and not os.path.isfile(args.questions):
+        raise data.DataError(f"--questions {args.questions}: no such file (a LLaVA question .jsonl is expected)")
+    if args.answers and os.path.isdir(args.answers):
+        raise data.DataError(f"--answers {args.answers}: a directory; name the .jsonl file to write")
     if args.answers and not os.path.isdir(os.path.dirname(os.path.abspath(args.answers))):
         raise data.DataError(f"--answers {args.answers}: its directory does not exist")
     if args.trace and os.path.exists(args.trace):
         raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
-    image = data.load_image(args.image) if args.image else None
+    try:
+        image = data.load_image(args.image) if args.image else None
+    except data.DataError as e:
+        raise data.DataError(f"--image {e}") from None
     questions, answered = read_questions(args) if args.questions else (None, None)
     tok = mra.load_tokenizer(args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")

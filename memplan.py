@@ -115,7 +115,7 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
 def print_plan(plan):
     gb = lambda n: f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.2f} MiB"  # noqa: E731
     how = f"FSDP2 over {plan['world']} ranks" if plan["fsdp"] else f"{plan['world']} process(es), unsharded"
-    print(f"memory plan per device: {plan['n_train'] / 1e6:.0f}M of {plan['n_all'] / 1e6:.0f}M parameters "
+    print(f"memory plan per device: {plan['n_train'] / 1e6:.2f}M of {plan['n_all'] / 1e6:.2f}M parameters "
           f"train; {how}; micro-batch {plan['batch']} x {plan['tokens']} tokens; "
           f"{'bf16 autocast' if plan['bf16'] else 'fp32'}; {'with' if plan['grad_ckpt'] else 'no'} grad checkpointing")
     for k in ("weights", "gradients", "adam", "activations", "update") + (("runtime",) if plan["runtime"] else ()):

@@ -364,7 +364,8 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     """
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{cfg_path}: missing (a LLaVA checkpoint directory holds config.json)")
+        raise CheckpointError(f"{path}: neither mra_config.json (a train.py checkpoint) nor config.json (a released "
+                              f"LLaVA checkpoint): not a checkpoint directory, or one missing its config")
     # the LLM's config is checked as the file is read: a missing or bad field fails here, named
     hf, llm_cfg = read_config(cfg_path, lambda d: (d, LlamaConfig.from_hf(d)))
     check_memory(path, tensor_sizes(path), dtype, device, INT8_KEYS.match, _int8(quantize))

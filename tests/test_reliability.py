@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,59 @@ def test_bad_questions_fail_before_the_model_loads(model_dir, images, tmp_path, 
     code, out, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
     assert code == 1 and expected in err and len(err.splitlines()) == 1 and "loading" not in err, err
     assert not a.exists()
+
+
+
+def test_generate_flag_slips_are_one_line_naming_the_flag(model_dir, images, tmp_path, capsys):  # noqa: F811
+    img, ask = images[0], ("--prompt", "What is it?")
+    refused = {  # by the parser: exit status 2
+        "two images": (["--image", img, "--image", images[1], *ask], "one --image per conversation"),
+        "empty prompt": (["--image", img, "--prompt", "  "], "--prompt is empty"),
+        "a batch flag with one prompt": ([*ask, "--image-folder", tmp_path], "go with --questions"),
+        "one bad limit": ([*ask, "--max-new-tokens", 0], "need --max-new-tokens >= 1 (see --help)"),
+    }
+    for name, (argv, expected) in refused.items():
+        with pytest.raises(SystemExit) as e:
+            run_cli(capsys, "--model", model_dir, *argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, (name, err)
+    (tmp_path / "a.jsonl").mkdir()
+    failed = {  # by run(), before the model loads: exit status 1
+        "image is a directory": (["--model", model_dir, "--image", tmp_path, *ask],
+                                 f"--image {tmp_path}: a directory, not an image file"),
+        "model is a file": (["--model", img, *ask], "a file; a checkpoint directory is expected"),
+        "no questions file": (["--model", model_dir, "--questions", tmp_path / "q.jsonl", "--answers", tmp_path / "x"],
+                              "q.jsonl: no such file (a LLaVA question .jsonl is expected)"),
+        "answers is a directory": (["--model", model_dir, "--questions", img, "--answers", tmp_path / "a.jsonl"],
+                                   "a.jsonl: a directory; name the .jsonl file to write"),
+    }
+    for name, (argv, expected) in failed.items():
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 1 and expected in err and len(err.splitlines()) == 1 and "loading" not in err, (name, err)
+    shutil.copytree(model_dir, tmp_path / "m", ignore=shutil.ignore_patterns("mra_config.json"))
+    code, _, err = run_cli(capsys, "--model", tmp_path / "m", *ask)
+    assert code == 1 and err.splitlines()[-1] == f"error: {tmp_path / 'm'}: neither mra_config.json (a train.py " \
+        f"checkpoint) nor config.json (a released LLaVA checkpoint): not a checkpoint directory, or one missing its config"
+
+
+def test_a_long_question_is_skipped_and_a_bad_image_named_by_line(model_dir, images, tmp_path, capsys):  # noqa: F811
+    folder, q, a = images[0].parent, tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    long = " ".join(["stripes"] * 600)  # beyond the tiny model's 512 positions
+    rows = [dict(question_id=1, image=images[0].name, text="Hi"), dict(question_id="long", text=long),
+            dict(question_id=3, image=images[1].name, text="Hi")]
+    q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--image-folder", folder,
+                           "--max-new-tokens", 2)
+    assert code == 0 and f"skipped {q} line 2 (question_id 'long'): the question too long" in err, err
+    assert "1 question(s) skipped, too long for the context (lines 2)" in err
+    assert [json.loads(line)["question_id"] for line in open(a)] == [1, 3]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    q.write_text(q.read_text() + json.dumps(dict(question_id=4, image=str(bad), text="Hi")) + "\n")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--image-folder", folder,
+                           "--max-new-tokens", 2)
+    assert code == 1 and f"error: {q} line 4 (question_id 4): {bad}: cannot read image" in err, err
+    assert "the answers so far are kept" in err and len(open(a).readlines()) == 2
 
 
 def test_one_id_two_questions_each_answered_once_across_a_resume(model_dir, images, tmp_path, capsys):  # noqa: F811
