@@ -1,16 +1,14 @@
 """LLaMA-2 decoder (Vicuna v1.5): the language model of LLaVA-HR.
 
-Pre-norm transformer blocks: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)),
-with rotary position embeddings and (optionally) grouped-query attention. This is F_L
-in the paper's Eq. 1, p = prod_s F_L(R_s | F_P(F_v), f_t, R_<s): it reads the
-projected visual tokens and the text embeddings f_t as one sequence, so the
-forward takes token ids *or* input embeddings (mra.py splices the visual tokens
-in). A static, preallocated KV cache serves batched generation with left or
-right padding.
+Pre-norm transformer blocks: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), with rotary position
+embeddings and (optionally) grouped-query attention. This is F_L in the paper's Eq. 1,
+p = prod_s F_L(R_s | F_P(F_v), f_t, R_<s): it reads the projected visual tokens and the text embeddings
+f_t as one sequence, so the forward takes token ids *or* input embeddings (mra.py splices the visual
+tokens in). A static, preallocated KV cache serves batched generation with left or right padding.
 
-References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE);
-Shazeer, "GLU Variants Improve Transformer" (SwiGLU); HF transformers'
-modeling_llama.py (the numerics matched here); gpt-fast and nanoGPT (the layout).
+References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE); Shazeer, "GLU Variants
+Improve Transformer" (SwiGLU); HF transformers' modeling_llama.py (the numerics matched here);
+gpt-fast and nanoGPT (the layout).
 """
 import copy
 import os
@@ -80,8 +78,7 @@ class LlamaConfig:
                 n_heads=cfg["num_attention_heads"],
                 n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                 hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=cfg.get("rope_theta", 10000.0),
-                max_seq_len=cfg.get("max_position_embeddings", 4096),
+                rope_theta=cfg.get("rope_theta", 10000.0), max_seq_len=cfg.get("max_position_embeddings", 4096),
                 tie_embeddings=cfg.get("tie_word_embeddings", False))
         if cfg.get("head_dim", c.head_dim) != c.head_dim:
             raise ValueError(f"HF config sets head_dim={cfg['head_dim']} != hidden_size / n_heads")
@@ -125,17 +122,11 @@ def apply_rope(x, cos, sin):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul.
-
-    torch sends an fp32 matmul on the CPU to MKL. On the AMD EPYC (Zen 5) CPU bench.py was
-    measured on, idle (`python bench.py --only linear`, a decode step's products over the bench
-    model's weights), MKL read the weights of a 1-row product (batch-1 decode) at 16 GB/s with
-    2 threads and 15 with one: its gemv does not use the second core. oneDNN read them at 31-34
-    GB/s (18 with one thread), and at about twice MKL's rate for 8 rows too. The same product in
-    another summation order: the results differ from F.linear's by float rounding only.
-    Training keeps F.linear (the oneDNN op has no backward), and so does a compiled step of
-    plain weights (inductor chooses its own kernels). After pack_linears, the weight lives in
-    oneDNN's own blocked layout (`packed`) and only this path remains, compiled steps included."""
+    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul rather than MKL's one-core gemv:
+    1.4-2x as fast for 1 and 8 rows on the hosts measured (`python bench.py --only linear`), results
+    equal up to float rounding. Training keeps F.linear (the oneDNN op has no backward), and so does a
+    compiled step of plain weights (inductor chooses its own kernels). After pack_linears the weight
+    lives in oneDNN's blocked layout (`packed`) and only this path remains, compiled steps included."""
     packed = None  # pack_linears: the weight in oneDNN's blocked layout, for inference only
 
     def forward(self, x):
@@ -156,17 +147,13 @@ class Linear(nn.Linear):
 
 
 def pack_linears(model, min_bytes=64 << 20):
-    """fp32 inference on an x86 CPU: move every llama.Linear's weight into oneDNN's blocked layout
-    (what its kernels read fastest) in place of the plain one, so memory does not grow. On
-    bench.py's 106M model (325 MB of weights, idle, 2 threads; `python bench.py --only linear`)
-    the packed products were 1.25-1.58x faster for one row (decode) and 1.42-1.75x for 8. Given a
-    plain weight, oneDNN picks slower kernels or repacks it at every call. Weights that stay in
-    the caches gain nothing (`--quick`'s 16 MB: one-row products 0.75x as fast packed), so a
-    model whose Linear weights total under `min_bytes` is left as it is. The Parameters stay, on
-    the meta device (shapes and counts still read; any other use fails loudly), and the model is
-    for inference from then on (its parameters no longer require grad): generate.py packs unless
-    it compiles a step for one prompt at a time. Returns how many weights were packed (0
-    elsewhere: GPU, bf16, not x86)."""
+    """fp32 inference on an x86 CPU: move every llama.Linear's weight into oneDNN's blocked layout in
+    place of the plain one (memory does not grow): given a plain weight, oneDNN picks slower kernels
+    or repacks it per call. `python bench.py --only linear`: packed, 8-row products 1.2-1.75x as fast;
+    1-row ones 1.25-1.58x on a Zen 5 host, 0.92x on a Zen 3. Weights that stay in the caches gain
+    nothing: a model whose Linear weights total under `min_bytes` is left as it is. The Parameters
+    stay, on the meta device (shapes and counts still read; any other use fails loudly), and the model
+    is for inference only. Returns how many were packed (0 on a GPU, in bf16, off x86)."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     if sum(m.weight.nbytes for m in linears) < min_bytes:
@@ -204,15 +191,12 @@ def additive_mask(allowed, dtype):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` slots and written in place.
 
-    k, v: per layer, (B, n_kv_heads, max_len, head_dim) (v as (B, n_kv_heads, head_dim, max_len)
-    after values_by_channel; write() hands out the usual view); valid: (B, max_len), True where a slot
-    holds a real (not padding) token, False from `pos` on; pos: (1,) long, the next slot to
-    write, the same for every row. pos is a tensor, not a Python int, so that a compiled decode
-    step reads it as data: an int would be baked into the graph and force a recompile per token.
-    One tensor per layer (not one for all) so a compiled step writes each in place: a write
-    through a view of a bigger input is compiled as a copy of the whole input. rope: [cos, sin]
-    of every position a slot can hold, (max_len, head_dim) each, for the decode step to look up.
-    """
+    k, v: per layer, (B, n_kv_heads, max_len, head_dim) (v transposed after values_by_channel; write()
+    hands out the usual view). One tensor per layer, not one for all: a compiled step writing through a
+    view of a bigger input copies the whole input. valid: (B, max_len), True where a slot holds a real
+    (not padding) token, False from `pos` on. pos: (1,) long, the next slot to write in every row; a
+    tensor, so a compiled decode step reads it as data (an int would recompile per token). rope:
+    [cos, sin] of every position a slot can hold, (max_len, head_dim) each, for decode to look up."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device, rope):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
@@ -227,10 +211,9 @@ class KVCache:
             torch._dynamo.mark_static_address(t)
 
     def write(self, layer, k, v, start=None):
-        """Store k, v (B, n_kv, T, hd); return the keys and values the queries attend to.
-        start (int): at slots [start, start+T), returning slots [0, start+T) (prefill, and an
-        eager decode step). start None: one token at the slot the tensor `pos` holds, returning
-        the whole cache (a compiled decode step: static shapes, no Python number)."""
+        """Store k, v (B, n_kv, T, hd); return the keys and values the queries attend to. start (int):
+        at slots [start, start+T), returning slots [0, start+T) (prefill, an eager decode step). start
+        None: one token at slot `pos`, returning the whole cache (a compiled decode step: static shapes)."""
         cache_k, cache_v = self.k[layer], self.v[layer]
         d = 3 if self.by_channel else 2  # the values' slot dimension, as stored
         if self.by_channel:
@@ -247,12 +230,10 @@ class KVCache:
         return cache_k[:, :, :end], v.transpose(-1, -2) if self.by_channel else v  # (B, nkv, end, hd) each
 
     def values_by_channel(self):
-        """Store each layer's values as (B, nkv, head_dim, max_len), read and written through
-        write() as before. A compiled CPU step (decode_attention) then sums e_s * v_s over the
-        slots along contiguous memory (slot-major: four strided passes, 16 channels each). The
-        tensors change, not a view: a step writing through a transposed view of its input copied
-        the whole input onto itself. SDPA reads this layout slower: compile_step switches a cache
-        after its prefill."""
+        """Store each layer's values as (B, nkv, head_dim, max_len), still read and written through
+        write(): a compiled CPU step (decode_attention) then sums e_s * v_s over contiguous slots. The
+        tensors change, not a view (a step writing through a transposed view of its input copied it
+        whole). SDPA reads this layout slower: compile_step switches a cache after its prefill."""
         if not self.by_channel:
             for i, t in enumerate(self.v):  # one layer at a time: memory grows by one layer's values
                 self.v[i] = t.transpose(-1, -2).contiguous()
@@ -283,12 +264,10 @@ COMPILED_CPU_ATTENTION = "written-out"
 
 def decode_attention(q, k, v, mask):
     """One query per row, q (B, nh, 1, hd), against the whole cache, k, v (B, nkv, S, hd), with
-    mask (B, 1, 1, S): softmax(q k^T / sqrt(hd) + mask) v, written out for a compiled CPU step.
-    Inductor fuses it with its neighbours into one pass over the keys and one over the values
-    (the values channel-major in memory: KVCache.values_by_channel). The softmax's division
-    comes after the sum over slots, once per channel rather than once per slot. With SDPA's CPU
-    kernel called from the step instead, the step read its bytes slower (the paired column of
-    the two compiled rows of `python bench.py --only decode`)."""
+    mask (B, 1, 1, S): softmax(q k^T / sqrt(hd) + mask) v, written out for a compiled CPU step, which
+    inductor fuses into one pass over the keys and one over the (channel-major) values: faster than
+    SDPA's CPU kernel (`python bench.py --only decode`). Dividing after the sum over slots divides once
+    per channel rather than once per slot."""
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     q = q.view(B, nkv, nh // nkv, 1, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
@@ -314,10 +293,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
-        # softmax(q k^T / sqrt(hd) + mask) v, mask 0 where a key may be read, -inf where not
-        # (causal when mask is None).
-        # Grouped-query attention (enable_gqa): each k/v head serves n_heads / n_kv_heads
-        # consecutive q heads, read in place rather than copied per q head (repeat_interleave)
+        # softmax(q k^T / sqrt(hd) + mask) v, mask 0 / -inf (causal when None). Grouped-query (enable_gqa):
+        # each k/v head serves n_heads / n_kv_heads consecutive q heads, read in place, not copied
         if (T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
                 and COMPILED_CPU_ATTENTION == "written-out"):
             y = decode_attention(q, k, v, mask)
@@ -350,16 +327,14 @@ class Block(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """A bias-free Linear with int8 weights and one scale per output channel (weight-only: the
-    activations keep the model's dtype). Decoding reads every weight once per token, so half
-    the bytes of bf16 is up to twice the tokens/s.
+    """A bias-free Linear with int8 weights, one scale per output channel (weight-only: activations keep
+    the model's dtype). Decoding reads every weight once per token: half of bf16's bytes, up to 2x tokens/s.
 
         s_o = max_i |W_oi| / 127,   q_oi = round(W_oi / s_o) in [-127, 127]      (quantize)
         y = x W^T ~= x (q * s)^T = (x q^T) * s                                    (forward)
 
     The error per weight is at most s_o / 2, half a step of its row's grid. The weights are
-    buffers, never trained; gradients flow to x only (LoRA on an int8 base, lora.py).
-    """
+    buffers, never trained; gradients flow to x only (LoRA on an int8 base, lora.py)."""
 
     def __init__(self, in_features, out_features):
         super().__init__()
@@ -476,37 +451,30 @@ class Llama(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
     def new_cache(self, batch_size, max_len, dtype=None, device=None):
-        w = self.tok_embeddings.weight
-        c = self.config
+        c, w = self.config, self.tok_embeddings.weight
         dtype, device = dtype or w.dtype, device or w.device
-        # cos, sin of every position, (max_len, hd) each, for the decode step to look up: computed
-        # in a compiled step, they would be recomputed inside every loop that reads them
+        # cos, sin of every position, (max_len, hd) each, for decode to look up (computed in a compiled
+        # step, they would be recomputed inside every loop that reads them)
         tables = [t[0, 0] for t in rope(torch.arange(max_len, device=device)[None], c.head_dim, c.rope_theta, dtype)]
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device, tables)
 
     def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None, last_only=False):
         """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, D).
 
-        pad_mask (B, T) bool, True = real token; a padded token is never attended to, and its
-        own output is meaningless (finite, to be ignored). Each token's RoPE position is the
-        number of real tokens before it in its row (HF's cumsum(mask) - 1), so a row reads
-        the same whether it is padded on the left, on the right, or not at all.
-
-        Without a cache: causal attention over the T tokens (training, reference).
-        With cache = new_cache(B, max_len): the T tokens go to slots [pos, pos+T), their
-        pad_mask (all True when None) into cache.valid; they attend causally (in slot order)
-        to every valid slot in [0, pos+T); then pos += T. So prefill with left or right
-        padding, then `decode` one token per row per call. last_only: logits of the last
-        position only, (B, 1, V).
+        pad_mask (B, T) bool, True = real token: a padded token is never attended to, and its own output
+        is finite but meaningless. A token's RoPE position is the number of real tokens before it in its
+        row (HF's cumsum(mask) - 1), so a row reads the same however it is padded. Without a cache:
+        causal attention over the T tokens (training, reference). With cache = new_cache(B, max_len):
+        the T tokens go to slots [pos, pos+T), their pad_mask (all True when None) into cache.valid, and
+        attend causally to every valid slot in [0, pos+T); then pos += T. So prefill with left or right
+        padding, then `decode` one token per row per call. last_only: the last position's logits (B, 1, V).
         """
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
         start = 0 if cache is None else int(cache.pos)
         end = start + T
-        limits = {"max_seq_len": self.config.max_seq_len}
-        if cache is not None:
-            limits["cache length"] = cache.valid.shape[1]
-        for name, limit in limits.items():
+        cache_len = float("inf") if cache is None else cache.valid.shape[1]
+        for name, limit in (("max_seq_len", self.config.max_seq_len), ("cache length", cache_len)):
             if end > limit:
                 raise ValueError(f"{end} positions exceed the {name} ({limit})")
         valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
@@ -521,9 +489,8 @@ class Llama(nn.Module):
             q_slot = torch.arange(start, end, device=x.device)[:, None]  # (T, 1)
             k_slot = torch.arange(end, device=x.device)[None, :]  # (1, S)
             mask = (k_slot <= q_slot) & valid[:, None, :]  # (B, T, S)
-            # every query sees at least its own slot: a padded query with every key masked is a
-            # softmax over nothing, NaN in the textbook formula and in some SDPA kernels, and a NaN
-            # value poisons real tokens in the next layer even at attention weight 0
+            # every query sees at least its own slot: a padded query with every key masked is a softmax
+            # over nothing, NaN in some SDPA kernels, and a NaN poisons real tokens in the next layer
             mask = additive_mask((mask | (k_slot == q_slot))[:, None], x.dtype)  # (B, 1, T, S), over heads
 
         for layer in self.layers:
@@ -541,13 +508,10 @@ class Llama(nn.Module):
     def decode(self, tokens, cache):
         """One token per row, tokens (B,), at slot cache.pos -> next-token logits (B, V); pos += 1.
 
-        The step generation compiles, so every shape is the same at every position: the query
-        attends over the whole preallocated cache, masked by cache.valid (False from pos on), and
-        the position comes from tensors, never from a Python number. One compiled graph (on CUDA,
-        one CUDA graph) then serves every step. The same as forward(tokens[:, None], cache=cache).
-        Run eagerly, it attends over the slots written so far only: shapes need not be static
-        there, and the slots after pos, masked, would only be read for nothing.
-        """
+        The same as forward(tokens[:, None], cache=cache), shaped for the step generation compiles: every
+        shape is the same at every position (the query attends over the whole cache, masked by cache.valid)
+        and the position comes from tensors, so one graph (on CUDA, one CUDA graph) serves every step.
+        Run eagerly, it attends over the slots written so far only."""
         start = span = None  # compiled: the whole cache
         if not torch.compiler.is_compiling():  # (a compiled step can't check)
             start, limit = int(cache.pos), min(cache.valid.shape[1], self.config.max_seq_len)
@@ -581,8 +545,7 @@ class Llama(nn.Module):
         else:
             (config, tensors), source = src, "LLaMA tensors"
             config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf(config)
-        # HF leaves lm_head.weight out of tied checkpoints; if one is there anyway the embedding
-        # wins, as it does in HF
+        # HF leaves lm_head.weight out of tied checkpoints; if one is there, the embedding wins (as in HF)
         keep = lambda k: not (config.tie_embeddings and k == "lm_head.weight")  # noqa: E731
         if tensors is None:
             convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
@@ -602,15 +565,11 @@ class Llama(nn.Module):
 # -----------------------------------------------------------------------------
 # Tokenizer: sentencepiece, wrapped exactly as HF's slow LlamaTokenizer wraps it
 
-
 class Tokenizer:
-    """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0).
-
-    LLaVA tokenises through HF's slow `LlamaTokenizer` in legacy mode; `encode` and `decode`
-    reproduce its ids and text exactly (tests/test_tokenizer.py checks this against HF), so
-    checkpoints trained with it see the same sequences. Sentencepiece does the real work; the
-    rest is HF's handling of the special-token strings "<s>", "</s>", "<unk>".
-    """
+    """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0). LLaVA
+    tokenises through HF's slow `LlamaTokenizer` in legacy mode; `encode` and `decode` reproduce its ids
+    and text exactly (tests/test_tokenizer.py), so checkpoints trained with it see the same sequences.
+    Sentencepiece does the real work; the rest is HF's handling of the strings "<s>", "</s>", "<unk>"."""
 
     def __init__(self, model_path):
         if not os.path.isfile(model_path):
@@ -632,10 +591,9 @@ class Tokenizer:
 
     def encode(self, text, bos=True, eos=False):
         ids = [self.bos_id] if bos else []
-        # HF first cuts the text at literal special-token strings: the "</s>" that ends every
-        # answer in the vicuna_v1 template becomes EOS. The spaces around them are kept, and
-        # each chunk is a separate sentencepiece call with its own dummy-prefix space, so
-        # "</s>USER" gives [</s>, ▁USER] in legacy mode (a non-legacy tokenizer gives "USER").
+        # HF first cuts the text at literal special-token strings: the "</s>" that ends every answer in
+        # the vicuna_v1 template becomes EOS. The spaces around them are kept, and each chunk is a separate
+        # sentencepiece call with its own dummy-prefix space: "</s>USER" gives [</s>, ▁USER] in legacy mode.
         for chunk in self.special_re.split(text):
             if chunk in self.special_ids:
                 ids.append(self.special_ids[chunk])
@@ -650,13 +608,11 @@ class Tokenizer:
         pieces = [self.sp.id_to_piece(i) for i in ids]
         if not pieces:
             return ""
-        # HF removes the dummy-prefix space itself, then sentencepiece removes a leading one
-        # again, so a first piece "▁▁x" loses both spaces.
+        # HF removes the dummy-prefix space, then sentencepiece a leading one again: a first "▁▁x" loses both
         if pieces[0].startswith("▁"):
             pieces[0] = pieces[0][1:]
-        # Runs of ordinary pieces are decoded by sentencepiece and special tokens pasted in as
-        # text. Legacy mode also puts a space *at the start of the run* that precedes a special
-        # token, and after a leading special token when the next piece has no "▁".
+        # Runs of ordinary pieces are decoded by sentencepiece, special tokens pasted in. Legacy mode adds a
+        # space *before the run* preceding a special token, and after a leading one when no "▁" follows.
         text, run = "", []
         for k, (i, piece) in enumerate(zip(ids, pieces)):
             prev_special = k > 0 and ids[k - 1] in self.special

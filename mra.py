@@ -1,23 +1,16 @@
 """Mixture-of-Resolution Adaptation: the MR-Adapter, the dual-pathway encoder, LLaVA-HR.
 
-Paper: Luo et al., "Feast Your Eyes: Mixture-of-Resolution Adaptation for Multimodal
-Large Language Models" (arXiv 2403.03003). Read it beside this file:
-- Fig. 3 / Eq. 2: two visual pathways. A ConvNeXt ("slow", high resolution R x R,
-  stride 32) and a CLIP ViT ("fast", low resolution S x S, stride 14) see the same
-  image; MR-Adapters inside the ViT carry high-res detail into the low-res tokens, so
-  the LLM gets few tokens that still hold fine detail.     -> DualEncoder
-- Fig. 4 / Eq. 3-4: the MR-Adapter, f_l on the low-res tokens, f_h on the high-res
-  map, a gate g from the pooled pair.                      -> MRAdapter.forward
-- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without
-  adapters, stage 2 everything.
-Where the released code (which the released checkpoints need) differs from the paper,
-we follow the release and say so in a comment (README: "Where the release differs from the paper").
-
-Then, each in its own section: visual-token accounting; the LLaVA-1.5 baseline (one ViT
-path), the projector and the multimodal model (visual features spliced into the LLM's
-input); loading the release (checkpoints, stage-1 projector files); building from separate
-backbones, saving and loading ours; converting .bin shards (`python mra.py convert`).
-"""
+Paper: Luo et al., "Feast Your Eyes: Mixture-of-Resolution Adaptation for Multimodal Large Language
+Models" (arXiv 2403.03003). Read it beside this file:
+- Fig. 3 / Eq. 2 (DualEncoder): two visual pathways. A ConvNeXt ("slow", high resolution R x R,
+  stride 32) and a CLIP ViT ("fast", low resolution S x S, stride 14) see the same image; MR-Adapters
+  inside the ViT carry high-res detail into the low-res tokens: few LLM tokens that hold fine detail.
+- Fig. 4 / Eq. 3-4 (MRAdapter.forward): f_l on the low-res tokens, f_h on the high-res map, a gate g
+  from the pooled pair.
+- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without adapters, stage 2 all.
+Where the released code (which the released checkpoints need) differs from the paper, we follow the
+release and say so in a comment (README: "Where the release differs from the paper").
+Then: token accounting, the model, loading the release, building and saving ours, converting .bin."""
 import json
 import math
 import os
@@ -80,8 +73,7 @@ class MRAConfig:
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
-        sub = {"vit": ViTConfig, "convnext": ConvNeXtConfig, "llm": LlamaConfig}
-        for k, c in sub.items():
+        for k, c in {"vit": ViTConfig, "convnext": ConvNeXtConfig, "llm": LlamaConfig}.items():
             if isinstance(d.get(k), dict):
                 d[k] = c(**{n: tuple(v) if isinstance(v, list) else v for n, v in d[k].items()})
             elif k in d:
@@ -124,15 +116,11 @@ def llm_positions(n_ids, n_images, cfg):
 
 
 def align(x, n):
-    """Resample a map (B, C, h, w) to n tokens (B, n, C) on a sqrt(n) x sqrt(n) grid.
-
-    Up: bilinear with align_corners, in fp32 (release). Down: average pooling with
-    kernel = stride = the side ratio. One count must divide the other.
-    """
+    """Resample a map (B, C, h, w) to n tokens (B, n, C) on a sqrt(n) grid, one count dividing the other.
+    Up: bilinear with align_corners, in fp32 (release). Down: average pooling, kernel = stride = ratio."""
     B, C, h, w = x.shape
     side = math.isqrt(n)
-    if (side * side != n or h != w or (n % (h * w) and (h * w) % n)
-            or (h > side and h % side) or (h < side and side % h)):
+    if side * side != n or h != w or (h > side and h % side) or (h < side and side % h):
         raise ValueError(f"cannot align a {h}x{w} map to {n} tokens: one grid must divide the other "
                          f"(choose the image size so the ConvNeXt and ViT grids are multiples)")
     if h < side:
@@ -149,8 +137,7 @@ class MRAdapter(nn.Module):
     """F'_vl = F_vl + f_l(F_vl) + g * f_h(F_vh)   (Eq. 3), g = tanh(W2 GELU(W1 f_v))   (Eq. 4).
 
     F_vl: the ViT's low-res tokens; F_vh (`slow`): the ConvNeXt's high-res map. Module names are
-    the release's: fast_* is f_l (the ViT side), slow_* is f_h (the ConvNeXt side).
-    """
+    the release's: fast_* is f_l (the ViT side), slow_* is f_h (the ConvNeXt side)."""
 
     def __init__(self, d, c_slow, gate="tanh"):
         super().__init__()
@@ -163,19 +150,16 @@ class MRAdapter(nn.Module):
         # f_h: "an MLP layer", i.e. two 1x1 convs on the high-res map, C_s -> C_s -> d
         self.slow_conv = nn.Conv2d(c_slow, c_slow, 1)
         self.slow_proj = nn.Conv2d(c_slow, d, 1)
-        # W1, W2 of Eq. 4. The paper's W2 is d/2 -> d (a gate per channel); the release's is
-        # d/2 -> 1: one scalar per image, which is what the released weights hold
+        # W1, W2 of Eq. 4. The paper's W2 is d/2 -> d (a gate per channel); the released weights hold
+        # d/2 -> 1: one scalar per image
         self.gate = None if gate == "none" else nn.Sequential(nn.Linear(2 * d, d // 2), nn.GELU(), nn.Linear(d // 2, 1))
         self.reset_parameters()
 
     def reset_parameters(self):
-        for conv in (self.fast_conv, self.slow_conv):
-            nn.init.xavier_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
-        # zero output projections: f_l = f_h = 0, so a new adapter is the identity and
-        # stage 2 starts from exactly the stage-1 model
-        for conv in (self.fast_proj, self.slow_proj):
-            nn.init.zeros_(conv.weight)
+        # zero output projections: f_l = f_h = 0, so a new adapter is the identity (stage 2 starts at stage 1)
+        for conv, init in ((self.fast_conv, nn.init.xavier_uniform_), (self.fast_proj, nn.init.zeros_),
+                           (self.slow_conv, nn.init.xavier_uniform_), (self.slow_proj, nn.init.zeros_)):
+            init(conv.weight)
             nn.init.zeros_(conv.bias)
 
     def forward(self, x, slow):
@@ -213,8 +197,7 @@ class DualEncoder(nn.Module):
         self.adapters = nn.ModuleList(MRAdapter(d, c_slow, cfg.gate) for _ in range(3 if cfg.adapters else 0))
         quarter = cfg.vit.layers // 4
         self.adapter_after = [quarter, 2 * quarter, 3 * quarter][:len(self.adapters)]  # ViT block numbers, from 1
-        # final fusion, release: F_v = fast_proj(y) + slow_proj(align(slow)), two Linear maps
-        # summed (Eq. 2 writes the sum with F_vh directly; the release projects both sides)
+        # final fusion, release: F_v = fast_proj(y) + slow_proj(align(slow)) (Eq. 2 adds F_vh unprojected)
         self.fusion = nn.ModuleDict(dict(fast_proj=nn.Linear(d, d), slow_proj=nn.Linear(c_slow, d)))
 
     def low_res(self, images):
@@ -224,14 +207,12 @@ class DualEncoder(nn.Module):
 
     def forward(self, images):
         """Normalised images (B, 3, R, R) -> visual features (B, N, d)."""
-        slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32): stage 4 only, no norm, no head
-        # on CUDA each adapter runs compiled, its gate fused into a few kernels (torch.compile keeps
-        # the compiled code on MRAdapter.forward, so wrapping it again per call costs nothing)
+        slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32): stage 4, unnormed, for all adapters + fusion
+        # on CUDA the adapters run compiled, gates fused (cached on MRAdapter.forward: re-wrapping is free)
         adapters = [torch.compile(a, dynamic=False) if images.is_cuda else a for a in self.adapters]
         after = {i: partial(adapter, slow=slow) for i, adapter in zip(self.adapter_after, adapters)}
-        # release: the class token is dropped before pre-LN and every layer (LLaVA-1.5 keeps it),
-        # and the last layer's output is used, no post-norm (config.json's mm_vision_select_layer
-        # -2 is unused). All three adapters and the fusion read the same stage-4 map.
+        # release: the class token is dropped before pre-LN and every layer (LLaVA-1.5 keeps it), and the
+        # last layer's output is used, no post-norm (config.json's mm_vision_select_layer -2 is unused)
         x = self.vit.encode(self.low_res(images), keep_cls=False, after=after)  # (B, N, d)
         return self.fusion["fast_proj"](x) + self.fusion["slow_proj"](align(slow, x.shape[1]))
 
@@ -269,12 +250,11 @@ class LlavaHR(nn.Module):
     def splice(self, input_ids, images=None, labels=None, pad_mask=None, left_pad=False):
         """Replace each IMAGE_TOKEN in input_ids (B, T) by the next image's N features.
 
-        Prompts carry one placeholder id per image, not N, as the release's do: token ids, lengths
-        and truncation then match its prompts exactly, whatever the model's N. So rows grow here,
-        each by its own count, and are re-padded: on the right (training) or the left (generation).
-        images: (M, 3, R, R), one per placeholder in row order (text-only rows have none).
-        Returns embeds (B, T', H), pad_mask (B, T') and labels (B, T') (-100 on visual tokens and padding).
-        """
+        Prompts carry one placeholder id per image, not N, as the release's do: token ids, lengths and
+        truncation then match its prompts exactly, whatever the model's N. So rows grow here, each by its
+        own count, and are re-padded: on the right (training) or the left (generation).
+        images: (M, 3, R, R), one per placeholder in row order (text-only rows have none). Returns embeds
+        (B, T', H), pad_mask (B, T') and labels (B, T') (-100 on visual tokens and padding)."""
         pad_mask = torch.ones_like(input_ids, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         is_image = (input_ids == IMAGE_TOKEN) & pad_mask
         n_given = 0 if images is None else images.shape[0]
@@ -314,11 +294,9 @@ class LlavaHR(nn.Module):
 
     def prefill(self, input_ids, images=None, pad_mask=None, max_new_tokens=128):
         """Encode the prompt into a fresh KV cache. Returns (last logits (B, V), cache).
-
-        Rows are re-padded on the left so every row's last prompt token sits in the same slot.
-        Rows of different lengths are prefilled one at a time, each into its own row of the cache
-        after its padding: no padding is computed, and each row takes SDPA's causal fast path.
-        """
+        Rows are re-padded on the left so every row's last prompt token sits in the same slot. Rows of
+        different lengths are prefilled one at a time, each into its own row of the cache after its
+        padding: no padding is computed, and each row takes SDPA's causal fast path."""
         embeds, mask, _ = self.splice(input_ids, images, pad_mask=pad_mask, left_pad=True)
         B, L, _ = embeds.shape
         cache = self.llm.new_cache(B, L + max_new_tokens)
@@ -331,8 +309,7 @@ class LlavaHR(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Loading the release: LLaVA-HR / LLaVA-1.5 directories and stage-1 projector files. Every
-# foreign name lives in the tables below.
+# Loading the release: LLaVA-HR / LLaVA-1.5 dirs, stage-1 projector files; every foreign name is below
 
 HR_VIT = "model.vision_tower.fast_vision_tower.vision_tower."  # + HF CLIP keys (vision_model.*)
 HR_CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."  # + timm keys, gamma -> .weight
@@ -348,20 +325,12 @@ RELEASE_KEYS = (
 )
 
 
-def _prefixed(module, prefix):
-    return {prefix + k: v for k, v in module.state_dict().items()}
-
-
 def load_release(path, dtype=None, device="cpu", quantize=None):
-    """A released LLaVA-HR or LLaVA-1.5 directory (config.json + the released fp16
-    pytorch_model-*.bin shards as they are, or safetensors) -> LlavaHR.
-
-    Tower shapes come from the tensors, so ConvNeXt-L, -XXL (LLaVA-HR-X) and tiny test
-    variants all load here. Each tensor is cast to `dtype` as it is read, and a shard is let
-    go before the next: loading holds the weights once, in `dtype`. quantize="int8": the LLM's
-    linear weights are quantized as they are read (llama.Int8Linear), never held whole in fp16.
-    Weights that would not fit in the memory available are refused before any is read.
-    """
+    """A released LLaVA-HR or LLaVA-1.5 directory (config.json + the released fp16 pytorch_model-*.bin
+    shards as they are, or safetensors) -> LlavaHR. Tower shapes come from the tensors (ConvNeXt-L, -XXL,
+    tiny tests). Each tensor is cast to `dtype` as it is read, a shard let go before the next: the weights
+    are held once, in `dtype`; quantize="int8" quantizes the LLM's linear weights as they are read
+    (llama.Int8Linear). Weights that would not fit in the memory available are refused before any is read."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: neither mra_config.json (a train.py checkpoint) nor config.json (a released "
@@ -384,8 +353,8 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
         raise CheckpointError(f"{path}: no vision tower in this checkpoint (expected {HR_VIT}* and {HR_CONVNEXT}* "
                               f"for LLaVA-HR, or {V15_VIT}* for LLaVA-1.5); is it a plain LLaMA checkpoint?")
     # what LLaVA's config.json may set that would change the model, beyond what we implement
-    projector, select = hf.get("mm_projector_type", "mlp2x_gelu"), (hf.get("mm_vision_select_layer", -2),
-                                                                     hf.get("mm_vision_select_feature", "patch"))
+    projector = hf.get("mm_projector_type", "mlp2x_gelu")
+    select = hf.get("mm_vision_select_layer", -2), hf.get("mm_vision_select_feature", "patch")
     if projector != "mlp2x_gelu" or (arch == "llava-1.5" and select != (-2, "patch")):
         raise CheckpointError(f"{cfg_path}: mm_projector_type {projector!r}, mm_vision_select_layer {select[0]!r}, "
                               f"mm_vision_select_feature {select[1]!r}: implemented are 'mlp2x_gelu', -2, 'patch' "
@@ -400,18 +369,16 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
         convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT]) if arch == "llava-hr" else None
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e} (keys {where})") from None
-    state = _prefixed(llm, "llm.") | _prefixed(vit, "encoder.vit.")
+    towers = {"llm.": llm, "encoder.vit.": vit, "encoder.convnext.": convnext}  # where each sits in LlavaHR
+    state = {p + k: v for p, m in towers.items() if m is not None for k, v in m.state_dict().items()}
     rest, unexpected = remap(tensors, RELEASE_KEYS)
-    kw = dict(arch=arch, vit=vit.config, llm=llm.config,
+    kw = dict(arch=arch, vit=vit.config, llm=llm.config, image_size=vit.config.image_size,  # LLaVA-1.5's R
               image_aspect_ratio="pad" if hf.get("image_aspect_ratio", "pad") == "pad" else "crop")
     if arch == "llava-hr":
-        state |= _prefixed(convnext, "encoder.convnext.")
         # the release hard-codes S's 336 px floor; a config.json may override it (tiny models)
         kw.update(convnext=convnext.config, image_size=hf.get("input_image_size", 1024),
                   vit_min_size=hf.get("vit_min_size", 336),
                   adapters=any(k.startswith("encoder.adapters.") for k in rest))
-    else:
-        kw.update(image_size=vit.config.image_size)
     try:
         cfg = MRAConfig(**kw)
     except ValueError as e:  # input_image_size or vit_min_size
@@ -463,10 +430,9 @@ def build(cfg, llm=None, vit=None, convnext=None, dtype=None, device="cpu"):
 
 
 def save_checkpoint(model, path, state=None, cfg=None, tensors=None):
-    """Our format: model.safetensors (our module names) + mra_config.json, each written atomically.
-    state / cfg: a state dict and config from elsewhere (FSDP) instead of the model's; tensors:
-    state's data in its order, made as they are written (gathered one at a time under FSDP).
-    Written tensor by tensor (write_safetensors): no second copy of the model in memory."""
+    """Our format: model.safetensors (our module names) + mra_config.json, each written atomically, tensor
+    by tensor (no second copy of the model in memory). state / cfg: a state dict and config from elsewhere
+    (FSDP) instead of the model's; tensors: state's data in order, made as written (gathered under FSDP)."""
     state = model.state_dict() if state is None else state
     cfg = model.cfg if cfg is None else cfg
     os.makedirs(path, exist_ok=True)
@@ -518,11 +484,9 @@ def load_tokenizer(path):
 # Conversion, the one command line here: python mra.py convert SRC DST
 
 def convert_bin(src, dst):
-    """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files).
-
-    The .bin files are pickles: they are read only through torch.load(weights_only=True),
-    which refuses anything but tensors and plain containers.
-    """
+    """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files). The
+    .bin files are pickles: read only through torch.load(weights_only=True), which refuses anything but
+    tensors and plain containers."""
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: no such directory")
     # the shards loading would read (the index's, when there is one), or a stage-1 projector file
@@ -533,10 +497,9 @@ def convert_bin(src, dst):
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: already exists; convert into a new directory")
     from safetensors.torch import save_file
-    # written whole in a directory of its own beside dst, then renamed: dst appears complete or not at all
-    parent = os.path.dirname(os.path.abspath(dst))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", dir=parent)
-    try:
+    # written in a hidden directory beside dst (removed on failure), then renamed: all of dst appears, or none
+    parent, name = os.path.split(os.path.abspath(dst))
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
         weight_map = {}
         for file in shards:
             sd = read_bin(file)
@@ -553,9 +516,6 @@ def convert_bin(src, dst):
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0o700 -> what a plain mkdir gives
         os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
