@@ -119,8 +119,7 @@ p.add_argument("--save-every", type=int, default=500,
                help="steps between checkpoints (default 500; 0: at the end only)")
 p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
 p.add_argument("--seed", type=int, default=42, help="default 42")
-p.add_argument("--grad-checkpoint", action="store_true",
-               help="recompute each block in the backward pass: less memory")
+p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward: less memory")
 p.add_argument("--lean-malloc", action="store_true",
                help="CPU: give freed activations back to the system at once (glibc): ~2 GB less at R = 1024, "
                     "9-18%% slower steps there, far slower for small models")
@@ -200,9 +199,7 @@ else:
     torch.set_flush_denormal(True)  # CPU: subnormal floats (late in tiny test runs) are ~100x slower
     if args.lean_malloc:
         memplan.fixed_malloc_threshold()
-# on the CPU the plan adds what this process holds before any model exists: Python, torch's
-# libraries, the process group (VmRSS; 0 where /proc is not)
-runtime = 0 if cuda else memplan.resident_bytes()
+runtime = 0 if cuda else memplan.resident_bytes()  # the CPU plan adds what the process holds before any model
 master = rank == 0
 torch.manual_seed(args.seed)  # the same initial weights (new adapters, projector) on every rank
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -215,14 +212,12 @@ if rem or not accum:
 # -----------------------------------------------------------------------------
 # the model's configuration, and what trains
 
-if args.config == "tiny":
-    cfg = TINY
-elif args.config == "full":
-    cfg = mra.MRAConfig()
-elif not os.path.isfile(args.config):
-    raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
-else:
+if args.config in ("tiny", "full"):
+    cfg = TINY if args.config == "tiny" else mra.MRAConfig()
+elif os.path.isfile(args.config):
     cfg = read_config(args.config, mra.MRAConfig.from_dict)
+else:
+    raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
 image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else recipe["image_size"])
 adapters = args.adapters if args.adapters is not None else args.stage == 2
 stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=recipe["image_mode"])
@@ -230,23 +225,21 @@ stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image
 
 def trains(name):
     """Stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen)."""
+    if name.startswith("encoder.vit.ln_post."):  # feeds only CLIP's pooled class token, which LLaVA never uses
+        return False
     if args.stage == 1:
-        train = name.startswith(("projector.", "encoder.fusion."))
-    elif args.lora_r:  # the low-rank updates, the projector, and (as LLaVA-HR) the MR-Adapters and fusion
-        train = ".lora_" in name or name.startswith("projector.") or (
+        return name.startswith(("projector.", "encoder.fusion."))
+    if args.lora_r:  # the low-rank updates, the projector, and (as LLaVA-HR) the MR-Adapters and fusion
+        return ".lora_" in name or name.startswith("projector.") or (
             args.lora_train_mra and name.startswith(("encoder.adapters.", "encoder.fusion.")))
-    else:
-        train = not (args.freeze_vision and name.startswith(("encoder.vit.", "encoder.convnext.")))
-        train = train and not (args.freeze_llm and name.startswith("llm."))
-    # CLIP's ln_post feeds only the pooled class token, which LLaVA never uses
-    return train and not name.startswith("encoder.vit.ln_post.")
+    return not (args.freeze_vision and name.startswith(("encoder.vit.", "encoder.convnext."))
+                or args.freeze_llm and name.startswith("llm."))
 
 
 def checkpoint_blocks(model):
-    """Activation checkpointing: keep only each block's input, recompute the inside in backward.
-    The ConvNeXt too, block by block as the release does (timm's checkpoint_seq): at R = 1024 its
-    maps (stage 3: 27 blocks of 64 x 64 x 768) hold more activations than the rest. Per block, not
-    per stage: recomputing a stage in backward rebuilds all its blocks' activations at once."""
+    """Recompute each block in backward; the ConvNeXt's too, per block as the release does (timm's
+    checkpoint_seq): at R = 1024 its maps (stage 3: 27 blocks of 64 x 64 x 768) outweigh the rest, and
+    recomputing a whole stage would rebuild all its blocks' activations at once."""
     convnext = getattr(model.encoder, "convnext", None)
     conv_blocks = [b for stage in convnext.stages for b in stage.blocks] if convnext else []
     for block in [*model.llm.layers, *model.encoder.vit.blocks, *conv_blocks]:
@@ -254,22 +247,11 @@ def checkpoint_blocks(model):
     return model
 
 
-def int8_base(model):
-    if args.quantize:
-        int8_linears(model.llm)
-    return model
-
-
 def shard_lean(model, units, mp, device, rank, world):
-    """FSDP2 (ZeRO-3) with a lean start: each rank allocates and reads only its shards.
-
-    The model as loaded holds views of its memory-mapped checkpoint (no page read yet) and, for
-    parts no checkpoint has (new adapters, a random test model), fresh random tensors: every rank
-    drew them from the same seed, in the order one process draws them, so they equal one
-    process's. The module is then emptied to the meta device and sharded; each rank allocates its
-    shard of every parameter (rows of dim 0, FSDP2's Shard(0)) and copies just those rows in, so
-    only their pages of the file are read: host memory per rank stays near 1/world of the model.
-    Buffers are not sharded: each rank copies them whole."""
+    """FSDP2 (ZeRO-3) with a lean start. The loaded model holds views of its memory-mapped checkpoint
+    (unread) and random tensors every rank drew alike from one seed (new adapters, a test model); emptied
+    to meta and sharded, each rank copies in only its rows of each parameter, so reads only their pages:
+    host memory per rank stays near 1/world of the model. Buffers are copied whole."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     # detached: emptying the module below must not empty the tensors it was loaded with
@@ -282,13 +264,10 @@ def shard_lean(model, units, mp, device, rank, world):
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             full = source.pop(name)
-            local = t.to_local() if isinstance(t, DTensor) else t
-            if isinstance(t, DTensor):  # as FSDP2 splits: torch.chunk, empty for ranks past the last chunk
-                chunks = full.chunk(world)
-                full = chunks[rank] if rank < len(chunks) else full[:0]
-            assert full.shape == local.shape, (name, full.shape, local.shape)
-            local.copy_(full)  # casts to fp32
-    return model
+            if isinstance(t, DTensor):  # FSDP2's Shard(0): this rank's rows of dim 0
+                full, t = full[slice(*rows_of(full.shape[0], world, rank))], t.to_local()
+            assert full.shape == t.shape, (name, full.shape, t.shape)
+            t.copy_(full)  # casts to fp32
 
 
 def rows_of(n, world, rank):
@@ -298,10 +277,9 @@ def rows_of(n, world, rank):
 
 
 def save_shards(model, opt, path, cfg, rank, world):
-    """--fsdp: a checkpoint written without any rank holding the whole model or optimizer.
-    The weights are gathered one tensor at a time, on every rank, and rank 0 streams each into
-    model.safetensors (the file generate.py and --resume load); each rank writes its own rows of
-    AdamW's state to optimizer-R-of-W.safetensors (read back by load_shards, for any world)."""
+    """--fsdp: a checkpoint no rank holds whole. Each weight is gathered on every rank in turn and rank 0
+    streams it into model.safetensors (what generate.py and --resume load); each rank writes its rows of
+    AdamW's state to optimizer-R-of-W.safetensors (load_shards reads them back for any world)."""
     from torch.distributed.tensor import DTensor
     state = model.state_dict()  # DTensors of the global shapes: the file's header
     full = (t.full_tensor() if isinstance(t, DTensor) else t for t in state.values())  # collectives
@@ -317,48 +295,63 @@ def save_shards(model, opt, path, cfg, rank, world):
 
 
 def load_shards(model, opt, path, saved_world, rank, world):
-    """AdamW's state from save_shards' files, cut for this run's ranks, whatever the saved run's
-    were: each rank reads only the rows it holds, from the files that have them. A parameter
-    that had no state (no gradient yet) gets none, exactly as in the uninterrupted run."""
+    """AdamW's state from save_shards' files, cut for this run's ranks whatever the saved run's were:
+    each rank reads only the rows it holds. A parameter with no state (no gradient yet) gets none."""
     from torch.distributed.tensor import DTensor
-    files = [os.path.join(path, f"optimizer-{r + 1:05d}-of-{saved_world:05d}.safetensors") for r in range(saved_world)]
-    opened = []
-    for f in files:
+    files = []
+    for r in range(saved_world):
+        f = os.path.join(path, f"optimizer-{r + 1:05d}-of-{saved_world:05d}.safetensors")
         try:
-            opened.append(safe_open(f, framework="pt"))
+            files.append(safe_open(f, framework="pt"))
         except Exception as e:  # noqa: BLE001 -- missing (OSError) or cut short (SafetensorError)
-            raise SystemExit(f"--resume: {f}: the optimizer state the run's rank {len(opened)} saved is missing or "
-                             f"unreadable ({(str(e).splitlines() or [type(e).__name__])[0]}); start anew from its weights with --init "
-                             f"{path}") from None
-    files = opened
-    saved = {}
-    for key in files[0].keys():
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise SystemExit(f"--resume: {f}: the optimizer state the run's rank {r} saved is missing or "
+                             f"unreadable ({why}); start anew from its weights with --init {path}") from None
+    named = dict(model.named_parameters())
+    for key in files[0].keys():  # "name/k": AdamW's state k of a parameter
         name, k = key.split("/")
-        saved.setdefault(name, []).append(k)
-    for name, q in model.named_parameters():
-        st = {}
-        for k in saved.get(name, ()):
-            key = f"{name}/{k}"
-            if not files[0].get_slice(key).get_shape():  # a scalar ("step"): every file holds it
-                st[k] = files[0].get_tensor(key)
-                continue
-            st[k] = torch.zeros_like(q)  # a DTensor sharded as q is, under FSDP
-            local = st[k].to_local() if isinstance(q, DTensor) else st[k]
-            start, stop = rows_of(q.shape[0], world, rank) if isinstance(q, DTensor) else (0, q.shape[0])
-            parts = []
-            for r, f in enumerate(files):  # the saved rows [a, b) of rank r that this rank holds now
-                a, b = rows_of(q.shape[0], saved_world, r)
-                if max(a, start) < min(b, stop):
-                    parts.append(f.get_slice(key)[max(a, start) - a:min(b, stop) - a])
-            if parts:
-                local.copy_(torch.cat(parts))
-        if st:
-            opt.state[q] = st
+        q = named[name]
+        if not files[0].get_slice(key).get_shape():  # a scalar ("step"): every file holds it
+            opt.state[q][k] = files[0].get_tensor(key)
+            continue
+        st = opt.state[q][k] = torch.zeros_like(q)  # a DTensor sharded as q is, under FSDP
+        local = st.to_local() if isinstance(q, DTensor) else st
+        start, stop = rows_of(q.shape[0], world, rank) if isinstance(q, DTensor) else (0, q.shape[0])
+        parts = []
+        for r, f in enumerate(files):  # the saved rows [a, b) of rank r that this rank holds now
+            a, b = rows_of(q.shape[0], saved_world, r)
+            if max(a, start) < min(b, stop):
+                parts.append(f.get_slice(key)[max(a, start) - a:min(b, stop) - a])
+        if parts:
+            local.copy_(torch.cat(parts))
+
+
+def with_adapters(m1, cfg, source):
+    """Stage 1 -> 2: the same model with new MR-Adapters (identity at init); every other tensor must load."""
+    m2 = mra.LlavaHR(cfg, llm=m1.llm, vit=m1.encoder.vit, convnext=getattr(m1.encoder, "convnext", None))
+    missing, unexpected = m2.load_state_dict(m1.state_dict(), strict=False)
+    bad = unexpected + [k for k in missing if not k.startswith("encoder.adapters.")]
+    if bad:
+        raise SystemExit(f"{source}: does not fit the stage-2 model: {bad[:6]}")
+    return m2
+
+
+@cache
+def data_digest(path):
+    """sha256 of the data file's bytes: a resumed run must read the records the run read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def plan(cfg, world, bf16):
     def build(c):
-        model = lora.add_lora(int8_base(mra.LlavaHR(c)), args.lora_r, lora_alpha) if args.lora_r else mra.LlavaHR(c)
+        model = mra.LlavaHR(c)
+        if args.quantize:
+            int8_linears(model.llm)
+        model = lora.add_lora(model, args.lora_r, lora_alpha) if args.lora_r else model
         return checkpoint_blocks(model) if args.grad_checkpoint else model
     p = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
                             args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
@@ -423,19 +416,6 @@ if args.fsdp and not by_length and not all(ds.has_image):
 # -----------------------------------------------------------------------------
 # the model
 
-
-def with_adapters(m1, cfg, source):
-    """A model without MR-Adapters (stage 1) -> the same model with new ones (identity at init).
-
-    Every stage-1 tensor must load; the adapters must be the only keys the file lacks."""
-    m2 = mra.LlavaHR(cfg, llm=m1.llm, vit=m1.encoder.vit, convnext=getattr(m1.encoder, "convnext", None))
-    missing, unexpected = m2.load_state_dict(m1.state_dict(), strict=False)
-    bad = unexpected + [k for k in missing if not k.startswith("encoder.adapters.")]
-    if bad:
-        raise SystemExit(f"{source}: does not fit the stage-2 model: {bad[:6]}")
-    return m2
-
-
 if args.resume and os.path.isdir(os.path.join(resume_dir, "lora")):  # the frozen base is --init's, as it was
     if not args.lora_r:
         raise SystemExit(f"--resume: {resume_dir} holds a LoRA run: the run's --lora-r and --init, please")
@@ -459,16 +439,14 @@ if args.lora_r and not args.resume:
     lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
 lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) until shard_lean
 sharded = lean and not args.lora_r  # saved without gathering (save_shards); LoRA's merge gathers on rank 0
-# fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
-if not lean:
+if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
     model.to(device, torch.float32)
-if device.type == "cpu" and not lean:
-    # tensors loaded from safetensors are views into the file's buffer; CPU kernels then round
-    # differently in the last bit (observed), so a resumed run would drift from an
-    # uninterrupted one. Fresh copies make the two match bit for bit.
-    for t in [*model.parameters(), *model.buffers()]:
-        t.data = t.data.clone()
-if args.lora_r and cuda and not (args.fsdp and distributed):
+    if device.type == "cpu":
+        # safetensors' tensors are views into the file's buffer, where CPU kernels round differently in
+        # the last bit (observed): fresh copies keep a resumed run bit for bit on the uninterrupted one
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
+if args.lora_r and cuda and not lean:
     # the wrapped weights are frozen and only ever read by autocast's bf16 matmuls: stored in bf16
     # they give the same products at half the memory (7B: 13 GB, not 26). FSDP2 wants one dtype.
     for m in model.modules():
@@ -488,23 +466,20 @@ n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
 n_all = sum(q.numel() for q in model.parameters()) + sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)
 trainable = {n for n, q in model.named_parameters() if q.requires_grad}
 
-convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
-blocks = [*model.llm.layers, *model.encoder.vit.blocks]
 if args.grad_checkpoint:
     checkpoint_blocks(model)
-
 if lean:
     from torch.distributed.fsdp import MixedPrecisionPolicy
-    # each unit's parameters are gathered just before it runs and freed after: only one block (or
-    # ConvNeXt stage) is ever whole on a device (ZeRO-3); the root holds the rest (adapters,
-    # projector, norms), whole from forward to backward. The LLM's embedding and head are units
-    # of their own (at 7B, 1 GB of fp32 that the root would keep whole), unless tied: a tied head
-    # reads the embedding's weight outside its module, where FSDP2 would not gather it.
-    # On GPUs the gathered copies are bf16 and gradients are reduced in fp32, as the release's
-    # bf16 ZeRO-3; the optimizer keeps the fp32 shards.
+    # ZeRO-3: a unit is gathered just before it runs and freed after, so one block (or ConvNeXt stage) is
+    # whole at a time; the root (adapters, projector, norms) stays whole. The LLM's embedding and head are
+    # units (7B: 1 GB of fp32) unless tied: a tied head reads the embedding's weight outside its module,
+    # where FSDP2 would not gather it. GPUs: bf16 gathers, fp32 gradient reduction and fp32 shards in
+    # AdamW, as the release's bf16 ZeRO-3.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
     ends = [model.llm.tok_embeddings, model.llm.output] if model.llm.output is not None else []
-    shard_lean(model, [*blocks, *(convnext.stages if convnext else []), *ends], mp, device, rank, world)
+    units = [*model.llm.layers, *model.encoder.vit.blocks, *(convnext.stages if convnext else []), *ends]
+    shard_lean(model, units, mp, device, rank, world)
     held = sum(q.to_local().nbytes for q in model.parameters())
     print(f"rank {rank}: {held / 2**20:.1f} MiB of parameters held, {held / (4 * n_all):.2f} of the model")
 elif distributed:
@@ -524,21 +499,12 @@ for name, q in model.named_parameters():  # names may carry DDP's "module." pref
 opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
-# flags --resume does not list when they change: where and how the run goes on, not what it computes
-# (or checked above: a change to those is refused)
+# the data position carries over only if these stay as the run had them: --resume refuses a change
+fixed = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, stage=args.stage,
+             lora_r=args.lora_r, quantize=args.quantize)
+# flags --resume does not list when they change: where and how the run goes on, and the ones above
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
-               "data", "global_batch", "seed", "epochs", "stage", "lora_r", "quantize"}
-
-
-@cache
-def data_digest(path):
-    """sha256 of the data file's bytes: a resumed run must read the records the run read."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
+               "data", *fixed}
 
 start_step = 0
 if args.resume:
@@ -549,8 +515,7 @@ if args.resume:
     except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
         raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    for key, now in (("global_batch", global_batch), ("seed", args.seed), ("epochs", args.epochs),
-                     ("stage", args.stage), ("lora_r", args.lora_r), ("quantize", args.quantize)):
+    for key, now in fixed.items():
         if run.get(key) != now:
             raise SystemExit(f"--resume: the run used {key}={run.get(key)!r}, now {now!r}: the data position "
                              f"would not carry over")
@@ -564,15 +529,14 @@ if args.resume:
     if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
         print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
               f"come from the checkpoint, the rest applies from here on")
-    # a parameter that never had a gradient before the save (the vision side after text-only
-    # micro-batches) has no Adam state yet; strict=False starts it fresh, exactly as AdamW would
-    # have at its first gradient in the uninterrupted run. The same parameters must train.
+    # a parameter with no gradient before the save (vision, after text-only micro-batches) has no Adam
+    # state: strict=False starts it fresh, as AdamW would at its first gradient. The same ones must train.
     saved = (set(json.loads(state["params"])) if "params" in state else  # a sharded save
              {n for g in state["optimizer"]["param_groups"] for n in g["params"]})
-    now = {n for n, q in unwrapped.named_parameters() if q.requires_grad}
-    if saved != now:
-        raise SystemExit(f"--resume: the run trained other parameters ({len(saved ^ now)} differ, e.g. "
-                         f"{sorted(saved ^ now)[0]}): same --stage and --freeze-* flags as the run, please")
+    if saved != trainable:
+        diff = sorted(saved ^ trainable)
+        raise SystemExit(f"--resume: the run trained other parameters ({len(diff)} differ, e.g. {diff[0]}): "
+                         f"same --stage and --freeze-* flags as the run, please")
     if "params" in state:
         load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
     else:
@@ -613,19 +577,18 @@ def get_lr(step):
 
 @contextmanager
 def save_errors(step, tmp):
-    """A failed write (a full disk shows as OSError, RuntimeError or SafetensorError) stops the
-    run in one line; the last good checkpoint stays as it was."""
+    """A failed write stops the run in one line; the last good checkpoint stays as it was."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 -- a full disk shows as OSError, RuntimeError or SafetensorError
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
         kept = (f"the last checkpoint {ckpt_dir} is untouched; once the cause is fixed (a full disk?), --resume "
                 f"continues from it" if os.path.isdir(ckpt_dir) else
                 "no checkpoint kept; once the cause is fixed (a full disk?), --overwrite starts over")
-        raise SystemExit(f"step {step}: saving to {tmp} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         f"{kept}") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"step {step}: saving to {tmp} failed ({why}); {kept}") from None
 
 
 def save(step):
@@ -647,9 +610,7 @@ def save(step):
         weights = get_model_state_dict(unwrapped, options=full)
         extra = dict(optimizer=get_optimizer_state_dict(unwrapped, opt, options=full))
     if master:
-        run = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, data=os.path.realpath(args.data),
-                   data_sha256=data_digest(args.data), stage=args.stage, lora_r=args.lora_r, quantize=args.quantize,
-                   args=vars(args))
+        run = dict(fixed, data=os.path.realpath(args.data), data_sha256=data_digest(args.data), args=vars(args))
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, cpu_rng=torch.get_rng_state(), run=json.dumps(run), **extra)
         if cuda:
@@ -658,10 +619,9 @@ def save(step):
             if args.lora_r:  # the adapters alone (resume reads them), and the merged model for generate.py
                 lora.save_adapters(os.path.join(tmp, "lora"), lora.adapter_state(weights, trainable), cfg,
                                    args.lora_r, lora_alpha, args.init)
-                scale = lora_alpha / args.lora_r
                 # an int8 base's W is rounded: its adapters go onto the full-precision --init at load time
                 merged = not (args.lora_adapters_only or args.quantize)
-                weights = lora.merge(weights, scale, torch.float32) if merged else None
+                weights = lora.merge(weights, lora_alpha / args.lora_r, torch.float32) if merged else None
             if not sharded and weights is not None:
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
@@ -722,9 +682,8 @@ for step in range(start_step, stop_step):
     sums = torch.zeros(3, device=device)  # over micro-batches (and ranks): loss, tokens, samples skipped
     for k in range(accum):
         batch = next(batches)
-        last = k == accum - 1
         # DDP: average gradients across ranks only once, after the last micro-batch
-        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        sync = model.no_sync() if isinstance(model, DDP) and k < accum - 1 else nullcontext()
         with sync, autocast:
             _, loss = model(batch["input_ids"].to(device), None if batch["images"] is None else batch["images"].to(device),
                             batch["labels"].to(device), batch["pad_mask"].to(device))
@@ -737,12 +696,11 @@ for step in range(start_step, stop_step):
     loss_sum, tokens, n_skipped = sums.tolist()
     loss = loss_sum / (accum * world)
     if not math.isfinite(loss):
-        msg = (f"step {step + 1}: loss is {loss}; stopping without saving this state "
-               f"(the last checkpoint in {ckpt_dir} is untouched)")
         bar.close()
         if distributed:
             dist.destroy_process_group()
-        raise SystemExit(msg)
+        raise SystemExit(f"step {step + 1}: loss is {loss}; stopping without saving this state "
+                         f"(the last checkpoint in {ckpt_dir} is untouched)")
     if args.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     opt.step()
