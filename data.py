@@ -11,9 +11,8 @@ file reproduces it and names the function each piece transcribes:
   from token counts of separately tokenised rounds*, not from positions -> encode
 - the dataset (LLaVA json / jsonl), padding and batches grouped by modality and length.
 
-Where LLaVA silently drops a bad sample (it masks every label on a tokenisation length
-mismatch, or asserts mid-training) we raise DataError naming the record, or skip it and
-count it when asked to (skip_bad=True).
+Where LLaVA silently drops a bad sample (it masks every label on a tokenisation length mismatch,
+or asserts mid-training) we raise DataError naming the record, or skip and count it (skip_bad=True).
 """
 import json
 import os
@@ -53,8 +52,7 @@ def load_image(path):
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16-bit scans: PIL's convert("RGB") clips at 255, turning most of the range white;
         # scale to 8 bit instead ("I" is how PIL opens 16-bit PNGs; "F" is taken as 0..255)
-        a = np.asarray(im, dtype=np.float64)
-        a = a / 257.0 if im.mode != "F" else a
+        a = np.asarray(im, dtype=np.float64) / (1.0 if im.mode == "F" else 257.0)
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     if im.mode == "P":  # palette with transparency: PIL wants it through RGBA (same colours)
         im = im.convert("RGBA")
@@ -73,11 +71,9 @@ def expand2square(image, fill=PAD_FILL):
 
 
 def preprocess(image, size, mode="pad"):
-    """PIL image -> normalised float tensor (3, size, size), CLIPImageProcessor's numerics.
-
-    mode "pad": expand2square first (stage 2, inference); "crop": shortest-edge resize and
-    centre crop only, cutting off the long side (stage 1, LLaVA's default "square").
-    """
+    """PIL image -> normalised float tensor (3, size, size), CLIPImageProcessor's numerics. mode
+    "pad": expand2square first (stage 2, inference); "crop": shortest-edge resize and centre crop
+    only, cutting off the long side (stage 1, LLaVA's default "square")."""
     if mode not in ("pad", "crop"):
         raise ValueError(f"mode must be 'pad' or 'crop', not {mode!r}")
     image = image if image.mode == "RGB" else image.convert("RGB")
@@ -113,14 +109,11 @@ def _check_turns(turns):
 
 
 def build_prompt(turns, template="vicuna_v1"):
-    """[(role, text), ...] with role "human"/"gpt" -> the prompt string.
-
-    A final ("gpt", None) leaves the prompt open for generation. "<image>" in a turn moves
-    to its front as "<image>\\n".
+    """[(role, text), ...] with role "human"/"gpt" -> the prompt string; a final ("gpt", None)
+    leaves it open for generation, and "<image>" in a turn moves to its front as "<image>\\n".
     vicuna_v1 (SeparatorStyle.TWO): SYSTEM + " USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:"
     plain (stage 1): "<image>" + caption + "\\n". preprocess_plain *replaces* the human
-    turn by the bare "<image>": stage 1 learns to caption from the image alone.
-    """
+    turn by the bare "<image>": stage 1 learns to caption from the image alone."""
     _check_turns(turns)
     turns = [(r, move_image_first(t) if t and "<image>" in t else t) for r, t in turns]
     if template == "plain":
@@ -142,45 +135,36 @@ def tokenize(tok, prompt):
     its own (with its own dummy-prefix space), joined by the IMAGE_TOKEN placeholder."""
     ids = [tok.bos_id]
     for i, chunk in enumerate(prompt.split("<image>")):
-        if i:
-            ids.append(IMAGE_TOKEN)
-        ids += tok.encode(chunk, bos=False)
+        ids += ([IMAGE_TOKEN] if i else []) + tok.encode(chunk, bos=False)
     return ids
 
 
 def encode(tok, turns, template, has_image):
     """Turns -> (input_ids, labels), untruncated: preprocess_plain / preprocess_v1.
 
-    Only the answers (and their </s>) are learned. preprocess_v1 tokenises the whole
-    conversation once, then walks its rounds ("USER: q ASSISTANT: a", split on "</s>")
-    advancing by each round's *separate* token count and masking the instruction part;
-    the "- 2" drops the BOS and the space that ends "ASSISTANT: ", which joins the answer's
-    first word when tokenised whole. The counts must add up to the whole; LLaVA masks the
-    sample silently when they do not, we refuse it.
-    """
+    Only the answers (and their </s>) are learned. preprocess_v1 tokenises the whole conversation
+    once, then walks its rounds ("USER: q ASSISTANT: a", split on "</s>") advancing by each round's
+    *separate* token count and masking the instruction part; the "- 2" drops the BOS and the space
+    that ends "ASSISTANT: ", which joins the answer's first word when tokenised whole. The counts
+    must add up to the whole; LLaVA masks the sample silently when they do not, we refuse it."""
     prompt = build_prompt(turns, template)
     # text-only samples go through the plain tokenizer (LLaVA: has_image=False)
     enc = (lambda s: tokenize(tok, s)) if has_image else (lambda s: tok.encode(s))
     ids = enc(prompt)
+    labels = list(ids)
     if template == "plain":
-        labels = list(ids)
         n = len(enc("<image>"))  # BOS + placeholder
         labels[:n] = [IGNORE] * n
         return ids, labels
-    labels = list(ids)
-    sep = " ASSISTANT: "
-    cur = 1  # BOS
+    sep, cur = " ASSISTANT: ", 1  # cur: past the BOS
     labels[:cur] = [IGNORE]
     for rou in prompt.split("</s>"):
-        if rou == "":
-            break
         parts = rou.split(sep)
-        if len(parts) != 2:
+        if len(parts) != 2:  # also the empty round after the last "</s>"
             break
-        round_len = len(enc(rou))  # its BOS stands in for the "</s>" the split removed
         instruction_len = len(enc(parts[0] + sep)) - 2
         labels[cur:cur + instruction_len] = [IGNORE] * len(labels[cur:cur + instruction_len])
-        cur += round_len
+        cur += len(enc(rou))  # its BOS stands in for the "</s>" the split removed
     labels[cur:] = [IGNORE] * len(labels[cur:])
     if cur != len(ids):
         raise DataError(f"tokenization mismatch: the rounds count {cur} tokens, the conversation {len(ids)} "
@@ -219,10 +203,9 @@ def read_records(path):
 class LlavaDataset(torch.utils.data.Dataset):
     """LLaVA-format records -> dict(input_ids, labels (LongTensor), image (3, R, R) or None).
 
-    Structure and image files are checked up front (cheap, fails before hours of training);
-    decoding and tokenisation happen per item. skip_bad: drop bad records instead of
-    raising; self.bad lists them, and each item reports the load-time skips it replaced.
-    """
+    Structure and image files are checked up front (cheap, fails before hours of training); decoding
+    and tokenisation happen per item. skip_bad: drop bad records instead of raising; self.bad lists
+    them, and each item reports the load-time skips it replaced."""
 
     def __init__(self, path, image_folder, tok, template, image_size, image_mode="pad",
                  max_len=None, skip_bad=False):
@@ -231,24 +214,21 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.max_len = max_len or MAX_LEN[template]
         self.records, self.bad, self.dropped_first = [], [], 0
         for i, rec in enumerate(read_records(path)):
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            where = f"{path} record {i}" + (f" (id {rid})" if rid is not None else "")
             try:
-                self.records.append(self._check(rec) | dict(number=i, id=rec.get("id")))
+                self.records.append(self._check(rec) | dict(where=where))
             except DataError as e:
-                self.fail(i, rec, e)
+                if not skip_bad:
+                    raise DataError(f"{where}: {e}") from None
+                self.bad.append(f"{where}: {e}")
         if not self.records:
             raise DataError(f"{path}: no usable records")
 
-    def fail(self, i, rec, err):
-        rid = rec.get("id") if isinstance(rec, dict) else None
-        msg = f"{self.path} record {i}" + (f" (id {rid})" if rid is not None else "") + f": {err}"
-        if not self.skip_bad:
-            raise DataError(msg) from None
-        self.bad.append(msg)
-
     def _check(self, rec):
-        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
+        conv = rec.get("conversations") if isinstance(rec, dict) else None
+        if not isinstance(conv, list) or not conv:
             raise DataError("no conversations")
-        conv = rec["conversations"]
         if not all(isinstance(t, dict) and "from" in t and isinstance(t.get("value"), str) for t in conv):
             raise DataError("a turn without 'from' or a text 'value'")
         turns = [(t["from"], t["value"]) for t in conv]
@@ -275,7 +255,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         elif self.template == "plain":
             raise DataError("stage 1 (plain) needs an image in every record")
         words = sum(len(t.split()) for _, t in turns)  # LLaVA's cheap length for grouping
-        return dict(turns=turns, image=image, words=words, index=len(self.records))
+        return dict(turns=turns, image=image, words=words)
 
     def __len__(self):
         return len(self.records)
@@ -306,20 +286,16 @@ class LlavaDataset(torch.utils.data.Dataset):
             try:
                 return self.load(j) | dict(skipped=k)
             except DataError as e:  # found only now, mid-run (decoding every image up front would take long)
-                rec = self.records[j]
-                rid = f" (id {rec['id']})" if rec["id"] is not None else ""
                 if not self.skip_bad:
-                    raise DataError(f"{self.path} record {rec['number']}{rid}: {e}; fix or drop it, or pass "
-                                    f"--skip-bad to skip such records") from None
+                    raise DataError(f"{self.records[j]['where']}: {e}; fix or drop it, or pass --skip-bad to "
+                                    f"skip such records") from None
         raise DataError(f"{self.path}: every record is bad")
 
 
 def collate(batch, pad_id):
-    """Right padding: input_ids with pad_id, labels with -100, pad_mask False on padding.
-
-    Returns the arguments of LlavaHR.forward: input_ids (B, T), labels (B, T), pad_mask
-    (B, T), images (M, 3, R, R) for the M samples with an image, in row order, or None.
-    """
+    """Right padding: input_ids with pad_id, labels with -100, pad_mask False on padding. Returns
+    LlavaHR.forward's arguments: input_ids, labels, pad_mask (B, T) and images (M, 3, R, R) for the
+    M samples with an image, in row order, or None."""
     T = max(len(b["input_ids"]) for b in batch)
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
@@ -339,12 +315,11 @@ def collate(batch, pad_id):
 def epoch_order(n, seed, epoch, unit=1, has_image=None, lengths=None, group=False, mega=50):
     """A permutation of range(n) for one epoch, deterministic in (seed, epoch).
 
-    group: LLaVA's group_by_modality_length. The order is cut into units of `unit` samples
-    (one global batch); each holds one modality (image or text-only, so every rank runs the
-    same modules in every micro-step, as FSDP needs) and similar lengths (units are cut
-    from sorted blocks of `mega` units, so padding stays small), then shuffled. A modality's
-    last unit is filled up with repeats of its own samples.
-    """
+    group: LLaVA's group_by_modality_length. The order is cut into units of `unit` samples (one
+    global batch); each holds one modality (image or text-only, so every rank runs the same modules
+    in every micro-step, as FSDP needs) and similar lengths (units are cut from sorted blocks of
+    `mega` units, so padding stays small), then shuffled. A modality's last unit is filled up with
+    repeats of its own samples."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     if not group:
         return torch.randperm(n, generator=g).tolist()
@@ -363,12 +338,10 @@ def epoch_order(n, seed, epoch, unit=1, has_image=None, lengths=None, group=Fals
 class BatchSampler:
     """Yields this rank's micro-batches, step after step, from `start_step` on.
 
-    A global batch of G = accum * world * micro samples is laid out as [micro-step][rank]
-    [micro]: rank r's k-th micro-batch is order[(k*world + r)*micro :][:micro]. Any split
-    of the same global batch over ranks and accumulation sees the same samples in each
-    optimizer step, and resuming at step s just starts at sample s * G. The last partial
-    global batch of an epoch is dropped.
-    """
+    A global batch of G = accum * world * micro samples is laid out as [micro-step][rank][micro]:
+    rank r's k-th micro-batch is order[(k*world + r)*micro :][:micro]. Any split of the same global
+    batch over ranks and accumulation sees the same samples in each optimizer step, and resuming at
+    step s just starts at sample s * G. The last partial global batch of an epoch is dropped."""
 
     def __init__(self, dataset, micro, accum, world, rank, seed, epochs=1, group=False, start_step=0):
         self.ds, self.micro, self.accum, self.world, self.rank = dataset, micro, accum, world, rank
@@ -385,13 +358,12 @@ class BatchSampler:
         return (self.total_steps - self.start_step) * self.accum
 
     def __iter__(self):
-        order, epoch = None, -1
         for step in range(self.start_step, self.total_steps):
-            if step // self.steps_per_epoch != epoch:
-                epoch = step // self.steps_per_epoch
+            epoch, i = divmod(step, self.steps_per_epoch)  # i: the step within its epoch
+            if i == 0 or step == self.start_step:
                 order = epoch_order(len(self.ds), self.seed, epoch, self.global_batch,
                                     self.ds.has_image, self.ds.lengths, self.group)
-            base = (step % self.steps_per_epoch) * self.global_batch
+            base = i * self.global_batch
             for k in range(self.accum):
                 s = base + (k * self.world + self.rank) * self.micro
                 yield order[s:s + self.micro]

@@ -5,14 +5,12 @@
     python generate.py --model DIR --questions q.jsonl --answers a.jsonl --image-folder imgs/
     python generate.py --model DIR --image x.jpg --trace              # pixels to the LLM's input
 
-Generation is the gpt-fast loop: `prefill` runs the whole prompt (visual tokens spliced in at
-the <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_n_tokens`
-feeds one token per row per step (`model.llm.decode`: past the prompt only the LLM runs). Only
-the decode step is compiled (--compile): prefill runs once per prompt with a new shape each
-time, decode runs hundreds of times with one shape.
-Sampling is small pure functions; temperature 0 is argmax (the paper's evaluation setting:
-greedy, one beam, 128 new tokens). Batch files use LLaVA's model_vqa formats, so its
-evaluation scripts read our answers unchanged.
+Generation is the gpt-fast loop: `prefill` runs the whole prompt (visual tokens spliced in at the
+<image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_n_tokens` feeds
+one token per row per step through the LLM alone (`model.llm.decode`). --compile compiles only the
+decode step: prefill runs once per prompt with a new shape, decode hundreds of times with one.
+Temperature 0 is argmax (the paper's evaluation: greedy, one beam, 128 new tokens). Batch files use
+LLaVA's model_vqa formats, so its evaluation scripts read our answers unchanged.
 """
 import argparse
 import contextlib
@@ -69,11 +67,10 @@ CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (ma
 
 
 def prefill(model, prompts, images, pad_id, max_new_tokens):
-    """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths, made one padded
-    batch for LlavaHR.prefill (which splices the images in and runs the LLM). Returns the last
-    prompt position's logits (B, V) and a cache with room for max_new_tokens more tokens per row
-    (or more: its length is rounded up to a multiple of CACHE_ROUND, within the context, so that
-    prompts of similar lengths share one cache shape and so one compiled decode step)."""
+    """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths, run as one padded batch
+    by LlavaHR.prefill. Returns the last position's logits (B, V) and a cache with room for at least
+    max_new_tokens more per row: its length is rounded up to a multiple of CACHE_ROUND (within the
+    context), so prompts of similar lengths share one cache shape and so one compiled decode step."""
     device = model.projector[0].weight.device
     used = max(slots(model, p) for p in prompts)
     rounded = -(-(used + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
@@ -91,18 +88,12 @@ def compile_step(step, device):
     Llama.decode), so it compiles once per cache shape and never sees a dynamic shape."""
     if device.type == "cuda":  # the whole step replayed as one CUDA graph: no per-kernel launches
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    # CPU, batch 1: every Linear is a matrix-vector product, bound by reading the weights. MKL's
-    # gemv reads them at about half the bandwidth a plain reduction reaches; inductor's
-    # decompose_mm pass (off by default) turns a (1, K) x (K, N) product into its own fused
-    # multiply-and-sum, which reads at nearly all of it. Its size limit (N, K <= 2048) is raised
-    # to take in the vocabulary head, a third of the weights read per step. Batches: inductor
-    # would send each product to MKL, at under half packed oneDNN's rate for 8 rows (`python
-    # bench.py --only linear`), so generate.py packs the weights first and the step calls oneDNN
-    # (llama.packed_linear), as eager does. A pointwise result of over 8 operations (CPU default
-    # 50) is stored, not redone in each loop that reads it (the query's RoPE was redone per
-    # cache slot); multiplies and adds are fused (FMA).
-    # imported now, so that nothing it logs lands inside the answer; its notice that no CUDA runtime
-    # was found is silenced (this is the CPU path: there is nothing to find)
+    # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default;
+    # its N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at
+    # about twice MKL's gemv bandwidth. Batches call oneDNN on weights run() packed (llama.packed_linear):
+    # about twice inductor's MKL rate at 8 rows (`python bench.py --only linear`). Pointwise results of over
+    # 8 ops (CPU default 50) are stored, not redone per loop reading them (the query's RoPE was, per cache
+    # slot); multiply-adds fused. cpp_extension imported now and muted: nothing it logs lands in the answer.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch.utils.cpp_extension  # noqa: F401
     from torch._inductor.fx_passes import decompose_mem_bound_mm
@@ -129,21 +120,18 @@ def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=
         for i in range(max_new_tokens):
             tokens = pick(logits)
             for b, t in enumerate(tokens.tolist()):  # the one host sync per step
+                done[b] = done[b] or t == eos_id
                 if not done[b]:
-                    done[b] = t == eos_id
-                    if not done[b]:
-                        out[b].append(t)
-                        if on_token is not None:
-                            on_token(b, t)
+                    out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
             if all(done) or i == max_new_tokens - 1:
                 break
             # finished rows keep decoding (their tokens are discarded): every row shares one slot
             logits = step(tokens, cache)
             if i == 0:
-                # Later steps get what this one got (the same cache, tokens of one shape), so a
-                # compiled step skips dynamo's per-call check of its inputs against the graph (its
-                # guards). A skipped guard catches nothing: test_compiled_decode_compiles_once_...
-                # counts that every guard holds at every step when they are checked.
+                # later steps get this one's inputs (one cache, tokens of one shape), so a compiled step
+                # skips dynamo's guards, which then catch nothing: test_compiled_decode_... checks they hold
                 steady.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
     return out
 
@@ -191,18 +179,15 @@ def streamer(tok, file):
     ids, shown = [], [""]
 
     def on_token(b, t):
-        if b != 0:
-            return
-        ids.append(t)
-        text = tok.decode(ids)
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-            file.write(text[len(shown[0]):])
-            file.flush()
-            shown[0] = text
+        if b == 0:
+            ids.append(t)
+            text = tok.decode(ids)
+            if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+                print(text[len(shown[0]):], end="", file=file, flush=True)
+                shown[0] = text
 
     def finish():  # whatever is still held back (a character that never completed)
-        file.write(tok.decode(ids)[len(shown[0]):] + "\n")
-        file.flush()
+        print(tok.decode(ids)[len(shown[0]):], file=file, flush=True)
     return on_token, finish
 
 
@@ -223,8 +208,7 @@ def log(*a, **kw):
 # The three modes
 
 def answer_one(model, tok, image, args, pick, step):
-    has = image is not None
-    ids = prompt_ids(tok, [human_turn(args.prompt, has)], args.conv_mode)
+    ids = prompt_ids(tok, [human_turn(args.prompt, image is not None)], args.conv_mode)
     check_length(model, ids, args.max_new_tokens)
     show, finish = streamer(tok, sys.stdout)
     times = [time.perf_counter()]
@@ -232,11 +216,10 @@ def answer_one(model, tok, image, args, pick, step):
     def on_token(b, t):
         times.append(time.perf_counter())
         show(b, t)
-    generate(model, [ids], image[None] if has else None, max_new_tokens=args.max_new_tokens, pick=pick,
-             eos_id=tok.eos_id, pad_id=tok.pad_id, step=step, on_token=on_token)
+    generate(model, [ids], None if image is None else image[None], max_new_tokens=args.max_new_tokens,
+             pick=pick, eos_id=tok.eos_id, pad_id=tok.pad_id, step=step, on_token=on_token)
     finish()
-    # the first token comes from prefill (image + prompt), the rest one step each; with --compile
-    # the first step also compiles, so the rate is counted from the step after it
+    # the first token comes from prefill, the rest one step each; --compile's first step also compiles
     first = 2 if args.compile else 1
     if len(times) > first + 1:
         rate = (len(times) - 1 - first) / (times[-1] - times[first])
@@ -245,25 +228,15 @@ def answer_one(model, tok, image, args, pick, step):
 
 
 def common_prefix(a, b):
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def chat(model, tok, image, args, pick, step):
-    """Multi-turn chat that keeps one KV cache for the whole conversation.
-
-    Each turn's prompt is the full conversation tokenised afresh (exactly what a new run
-    would see); only what the cache does not already hold is fed. That is usually the
-    "</s>USER: ... ASSISTANT:" continuation after the answer, since the cache holds the
-    answer as generated. Where the retokenised answer differs from the generated ids (a
-    non-canonical split) the cache is rolled back to the common prefix: being static, it is
-    enough to move its write position back.
-    """
-    has = image is not None
+    """Multi-turn chat over one KV cache. Each turn's prompt is the whole conversation tokenised afresh
+    (what a new run would see); only what the cache lacks is fed, usually "</s>USER: ... ASSISTANT:"
+    after the answer as generated. Where retokenising splits the answer differently, the static cache
+    is rolled back to the common prefix (only its write position moves)."""
     turns, cache, cached = [], None, []  # cached: the ids whose keys/values the cache holds
-    limit = model.cfg.llm.max_seq_len
     while True:
         log("USER: ", end="")
         line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with stdin closed
@@ -271,7 +244,7 @@ def chat(model, tok, image, args, pick, step):
             return
         if not line.strip():
             continue
-        turns.append(human_turn(line.strip(), has and not turns))
+        turns.append(human_turn(line.strip(), image is not None and not turns))
         ids = prompt_ids(tok, turns, args.conv_mode)
         try:
             check_length(model, ids, args.max_new_tokens, "conversation")
@@ -283,8 +256,8 @@ def chat(model, tok, image, args, pick, step):
         with torch.no_grad():
             if cache is None or IMAGE_TOKEN in ids[keep:]:
                 # first turn: a cache for the whole context, so later turns only append
-                logits, cache = prefill(model, [ids], image[None] if has else None, tok.pad_id,
-                                        limit - slots(model, ids))
+                logits, cache = prefill(model, [ids], None if image is None else image[None], tok.pad_id,
+                                        model.cfg.llm.max_seq_len - slots(model, ids))
             else:
                 cache.rewind(slots(model, ids[:keep]))  # roll back to the common prefix
                 new = torch.tensor([ids[keep:]], device=cache.pos.device)
@@ -294,15 +267,12 @@ def chat(model, tok, image, args, pick, step):
         out = decode_n_tokens(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
         finish()
         turns.append(("gpt", tok.decode(out).strip()))
-        # the cache holds the prompt and every generated token that was fed back (not the last
-        # one sampled); count them back from its slots
-        fed = int(cache.pos) - slots(model, ids) + len(ids)
-        cached = (ids + out)[:fed]
+        # the cache holds the prompt and each token fed back (not the last sampled): count from its slots
+        cached = (ids + out)[:int(cache.pos) - slots(model, ids) + len(ids)]
 
 
 def read_jsonl(path, check):
-    """[(line number, object)] of a .jsonl file; check(obj) -> what is wrong with it, or None."""
-    out = []
+    """(line number, object) for each line of a .jsonl file; check(obj) -> what is wrong with it, or None."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -314,8 +284,7 @@ def read_jsonl(path, check):
             problem = check(obj) if isinstance(obj, dict) else "not a JSON object"
             if problem:
                 raise data.DataError(f"{path} line {n}: {problem}")
-            out.append((n, obj))
-    return out
+            yield n, obj
 
 
 def question_problem(q, image_folder):
@@ -334,23 +303,20 @@ def read_questions(args):
     """The questions to answer and the (question_id, text) pairs already answered, all checked
     before the model loads. An id may repeat with other text (MME asks two questions per image
     under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
-    questions, first = [], {}
-    for n, q in read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder)):
+    questions, first = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder))), {}
+    for n, q in questions:
         key = (q["question_id"], q["text"])
-        if key in first:
+        if first.setdefault(key, n) != n:
             raise data.DataError(f"{args.questions} line {n}: repeats line {first[key]} (question_id "
                                  f"{q['question_id']!r}, same text); each question must be asked once")
-        first[key] = n
-        questions.append((n, q))
-    answered = set()
-    if os.path.exists(args.answers):
-        with open(args.answers, "rb+") as f:
-            raw = f.read()
-            if raw and not raw.endswith(b"\n"):  # a line cut short by a crash: drop it, redo it
-                f.truncate(raw.rfind(b"\n") + 1)
-        has_id = lambda a: None if isinstance(a.get("question_id"), (str, int)) else "no question_id"  # noqa: E731
-        answered = {(a["question_id"], a.get("prompt")) for _, a in read_jsonl(args.answers, has_id)}
-    return questions, answered
+    if not os.path.exists(args.answers):
+        return questions, set()
+    with open(args.answers, "rb+") as f:
+        raw = f.read()
+        if raw and not raw.endswith(b"\n"):  # a line cut short by a crash: drop it, redo it
+            f.truncate(raw.rfind(b"\n") + 1)
+    has_id = lambda a: None if isinstance(a.get("question_id"), (str, int)) else "no question_id"  # noqa: E731
+    return questions, {(a["question_id"], a.get("prompt")) for _, a in read_jsonl(args.answers, has_id)}
 
 
 def answer_file(model, tok, args, pick, step, questions, answered):
@@ -362,42 +328,38 @@ def answer_file(model, tok, args, pick, step, questions, answered):
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
     model_id = os.path.basename(os.path.normpath(args.model))
     R, mode = model.cfg.image_size, model.cfg.image_aspect_ratio
+    device = model.projector[0].weight.device
     skipped = []
     with open(args.answers, "a") as out, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                               file=sys.stderr, unit="q") as bar:
         for i in range(0, len(todo), args.batch_size):
-            batch, prompts, images = [], [], []
+            batch, images = [], []
             for n, q in todo[i:i + args.batch_size]:
                 where = f"{args.questions} line {n} (question_id {q['question_id']!r})"
                 ids = prompt_ids(tok, [human_turn(q["text"], bool(q.get("image")))], args.conv_mode)
                 try:
                     check_length(model, ids, args.max_new_tokens, "the question")
+                    if q.get("image"):  # its existence was checked before the model loaded; decoding is now
+                        image = data.load_image(os.path.join(args.image_folder or "", q["image"]))
+                        images.append(data.preprocess(image, R, mode).to(device))
                 except ContextError as e:  # one question can't stop a benchmark: skipped, said, counted
                     bar.write(f"skipped {where}: {e}", file=sys.stderr)
                     skipped.append(n)
-                    bar.update()
                     continue
-                if q.get("image"):  # its existence was checked before the model loaded; decoding is now
-                    try:
-                        image = data.load_image(os.path.join(args.image_folder or "", q["image"]))
-                    except data.DataError as e:
-                        raise data.DataError(f"{where}: {e}; the answers so far are kept: fix or drop that "
-                                             f"line and run again to go on") from None
-                    images.append(data.preprocess(image, R, mode))
-                batch.append(q)
-                prompts.append(ids)
-            if not batch:
-                continue
-            device = model.projector[0].weight.device
-            outs = generate(model, prompts, torch.stack(images).to(device) if images else None,
-                            max_new_tokens=args.max_new_tokens, pick=pick, eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, step=step)
-            for q, ids in zip(batch, outs):
-                out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
-                                          text=tok.decode(ids).strip(), answer_id=short_id(),
-                                          model_id=model_id, metadata={})) + "\n")
-                out.flush()
-            bar.update(len(batch))
+                except data.DataError as e:
+                    raise data.DataError(f"{where}: {e}; the answers so far are kept: fix or drop that "
+                                         f"line and run again to go on") from None
+                batch.append((q, ids))
+            if batch:
+                outs = generate(model, [ids for _, ids in batch], torch.stack(images) if images else None,
+                                max_new_tokens=args.max_new_tokens, pick=pick, eos_id=tok.eos_id,
+                                pad_id=tok.pad_id, step=step)
+                for (q, _), ids in zip(batch, outs):
+                    out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
+                                              text=tok.decode(ids).strip(), answer_id=short_id(),
+                                              model_id=model_id, metadata={})) + "\n")
+                    out.flush()
+            bar.update(len(todo[i:i + args.batch_size]))  # the skipped ones too
     if skipped:
         log(f"{len(skipped)} question(s) skipped, too long for the context (lines {', '.join(map(str, skipped))}); "
             f"they count as missing")
@@ -516,12 +478,10 @@ def run(args):
         generator.manual_seed(args.seed)
     else:
         generator.seed()
-    # an LLM with more embedding rows than the tokenizer has pieces (a padded vocabulary) must never
-    # pick a row that has no text: sample among the tokenizer's ids only
+    # a padded vocabulary (more LLM rows than tokenizer pieces): never pick a row without text
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
-    # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, for
-    # its products, eager or compiled; but a step compiled for one prompt at a time does better
-    # with inductor's own one-row products (compile_step)
+    # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, eager or
+    # compiled; but a step compiled for one prompt at a time does better with inductor's (compile_step)
     inductor_products = args.compile and not (args.questions and args.batch_size > 1)
     if not inductor_products:
         llama.pack_linears(model.llm)
