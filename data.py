@@ -135,7 +135,9 @@ def tokenize(tok, prompt):
     its own (with its own dummy-prefix space), joined by the IMAGE_TOKEN placeholder."""
     ids = [tok.bos_id]
     for i, chunk in enumerate(prompt.split("<image>")):
-        ids += ([IMAGE_TOKEN] if i else []) + tok.encode(chunk, bos=False)
+        if i:
+            ids.append(IMAGE_TOKEN)
+        ids += tok.encode(chunk, bos=False)
     return ids
 
 

@@ -303,12 +303,14 @@ def read_questions(args):
     """The questions to answer and the (question_id, text) pairs already answered, all checked
     before the model loads. An id may repeat with other text (MME asks two questions per image
     under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
-    questions, first = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder))), {}
+    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder)))
+    first = {}  # (question_id, text): the line that asked it
     for n, q in questions:
         key = (q["question_id"], q["text"])
-        if first.setdefault(key, n) != n:
+        if key in first:
             raise data.DataError(f"{args.questions} line {n}: repeats line {first[key]} (question_id "
                                  f"{q['question_id']!r}, same text); each question must be asked once")
+        first[key] = n
     if not os.path.exists(args.answers):
         return questions, set()
     with open(args.answers, "rb+") as f:
