@@ -44,6 +44,13 @@ def read_json(path, what):
         raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}:{e.lineno}: the {what} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise EvalError(f"{path}: the {what} is not UTF-8 text; is this the right file?") from None
+
+
+# what every line of generate.py's (and LLaVA's model_vqa) answer files holds; a question line has
+# question_id and text too, but no prompt
+ANSWER_KEYS = ("question_id", "prompt", "text")
 
 
 def read_jsonl(path, what, keys):
@@ -53,6 +60,8 @@ def read_jsonl(path, what, keys):
             lines = f.read().split("\n")  # not splitlines(): U+2028 inside a string is no line break
     except OSError as e:
         raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise EvalError(f"{path}: the {what} file is not UTF-8 text; is this the right file?") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -64,9 +73,12 @@ def read_jsonl(path, what, keys):
                             f"rerun generate.py, which redoes a broken last line") from None
         missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
         if missing:
-            raise EvalError(f"{path}:{n}: each {what} line needs {', '.join(keys)}; this one lacks {', '.join(missing)}")
-        if "text" in keys and not isinstance(obj["text"], str):
-            raise EvalError(f"{path}:{n}: 'text' must be a string, got {type(obj['text']).__name__}")
+            hint = "; a question file given as --answers?" if what == "answer" and "prompt" in missing else ""
+            raise EvalError(f"{path}:{n}: each {what} line needs {', '.join(keys)}; this one lacks "
+                            f"{', '.join(missing)}{hint}")
+        for k in ("text", "prompt"):
+            if k in keys and not isinstance(obj[k], str):
+                raise EvalError(f"{path}:{n}: {k!r} must be a string, got {type(obj[k]).__name__}")
         rows.append((n, obj))
     return rows
 
@@ -93,6 +105,16 @@ def need(obj, key, path, what):
     if not isinstance(obj, dict) or key not in obj:
         raise EvalError(f"{path}: {what} has no {key!r}; is this the right file?")
     return obj[key]
+
+
+def write_new(path, write):
+    """Write a file whole or not at all (through path.tmp)."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            write(f)
+    except OSError as e:
+        raise EvalError(f"{path}: cannot write it ({e.strerror}); does its folder exist?") from None
+    os.replace(path + ".tmp", path)
 
 
 def report(questions, answered, missing, note="the scores below cover the answered ones only"):
@@ -201,7 +223,7 @@ def run_textvqa(args):
     # later duplicates win, as in the release's dict
     anns = {(need(a, "image_id", args.annotations, "an entry"), need(a, "question", args.annotations, "an entry").lower()): a
             for a in anns}
-    rows = read_jsonl(args.answers, "answer", ("question_id", "prompt", "text"))
+    rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
     preds, seen = [], {}
     for n, a in rows:
         q = textvqa_question(a["prompt"])
@@ -227,7 +249,7 @@ def run_vqav2(args):
         return vqa_submission(args, "vqav2")
     anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file")
     anns = {need(a, "question_id", args.annotations, "an annotation"): a for a in anns}
-    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
     preds, per_type = [], defaultdict(list)
     for qid, (n, a) in answers.items():
@@ -252,7 +274,7 @@ def vqa_submission(args, bench):
     question file is all of test2015 and test-dev answers a part of it: the rest go as '' (as
     released). VizWiz needs every answer (the release asserts it)."""
     questions = read_jsonl(args.questions, "question", ("question_id",) + (("image",) if bench == "vizwiz" else ()))
-    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
     ids = {q["question_id"] for _, q in questions}
     for qid, (n, _) in answers.items():
@@ -269,10 +291,7 @@ def vqa_submission(args, bench):
         text = normalize_answer(answers[q["question_id"]][1]["text"]) if q["question_id"] in answers else ""
         out.append({"image": q["image"], "answer": text} if bench == "vizwiz"
                    else {"question_id": q["question_id"], "answer": text})
-    tmp = args.submission + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f)
-    os.replace(tmp, args.submission)
+    write_new(args.submission, lambda f: json.dump(out, f))
     report(len(questions), len(answers), len(missing), "they go as '' (test-dev is part of test2015)")
     print(f"submission: {args.submission}")
 
@@ -298,7 +317,7 @@ def run_gqa(args):
         raise EvalError(f"{args.questions}: expected GQA's {{question id: question}} object")
     for qid, q in questions.items():
         need(q, "answer", args.questions, f"question {qid!r}")
-    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))  # GQA's ids are strings; LLaVA's files too
     for qid, (n, _) in answers.items():
         if qid not in questions:
@@ -346,7 +365,7 @@ def pope_metrics(pairs):
 def run_pope(args):
     questions = read_jsonl(args.questions, "question", ("question_id", "category"))
     qs = by_key(args.questions, questions, lambda q: q["question_id"])
-    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
     for qid, (n, _) in answers.items():
         if qid not in qs:
@@ -413,6 +432,9 @@ def mme_ground_truth(mme_dir):
         return read_mme_folder(mme_dir)
     except OSError as e:
         raise EvalError(f"{e.filename}: cannot read MME's release folder ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise EvalError(f"{mme_dir}: a .txt file in it is not UTF-8 text (MME's are question<TAB>answer "
+                        f"lines)") from None
 
 
 def read_mme_folder(mme_dir):
@@ -470,7 +492,7 @@ def mme_task_score(images):
 
 def run_mme(args):
     gt = mme_ground_truth(args.mme_dir)
-    rows = read_jsonl(args.answers, "answer", ("question_id", "prompt", "text"))
+    rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
     # MME asks two questions per image, under one question_id: an answer is (id, prompt)
     for n, a in rows:
         if not isinstance(a["question_id"], str) or not isinstance(a["prompt"], str):
@@ -538,8 +560,9 @@ def run_scienceqa(args):
     split = splits[args.split]
     for pid in split:
         need(problems, pid, os.path.join(args.base_dir, "problems.json"), "the file")
-        need(problems[pid], "choices", os.path.join(args.base_dir, "problems.json"), f"problem {pid!r}")
-    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ("question_id", "text")),
+        for key in ("choices", "answer"):
+            need(problems[pid], key, os.path.join(args.base_dir, "problems.json"), f"problem {pid!r}")
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))
     in_split = set(split)
     for qid, (n, _) in answers.items():
@@ -585,9 +608,7 @@ def run_scienceqa_questions(args):
         if "image" in item:
             q["image"] = item["image"]
         lines.append(json.dumps(q) + "\n")
-    with open(args.dst + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(args.dst + ".tmp", args.dst)
+    write_new(args.dst, lambda f: f.writelines(lines))
     print(f"questions: {len(items)}")
 
 

@@ -595,6 +595,40 @@ def test_text_must_be_a_string(tmp_path, capsys):
     fails(capsys, argv, "answers.jsonl:5:", "'text' must be a string")
 
 
+def test_a_question_file_given_as_answers_is_refused(tmp_path, capsys):
+    # question lines carry question_id and text too: read as answers, the questions would score
+    argv = write_pope(tmp_path)
+    argv[2] = argv[4]
+    fails(capsys, argv, "llava_pope_test.jsonl:1:", "lacks prompt", "a question file given as --answers?")
+
+
+def test_prompt_must_be_a_string(tmp_path, capsys):
+    argv = write_sqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(answer("1", None, "A"))] + ls[1:])
+    fails(capsys, argv, "answers.jsonl:1:", "'prompt' must be a string")
+
+
+def test_binary_inputs_are_one_line(tmp_path, capsys):
+    argv = write_gqa(tmp_path)
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    fails(capsys, argv[:2] + [str(tmp_path / "image.png")] + argv[3:], "image.png", "not UTF-8 text")
+    fails(capsys, argv[:4] + [str(tmp_path / "image.png")] + argv[5:], "image.png", "not UTF-8 text")
+
+
+def test_output_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    argv = write_vqav2_test(tmp_path)
+    argv[argv.index("--submission") + 1] = str(tmp_path / "nodir" / "up.json")
+    fails(capsys, argv, "nodir/up.json: cannot write it", "does its folder exist?")
+
+
+def test_scienceqa_problem_without_its_answer(tmp_path, capsys):
+    argv = write_sqa(tmp_path)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    del problems["1"]["answer"]
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    fails(capsys, argv, "problems.json", "problem '1' has no 'answer'")
+
+
 @pytest.mark.parametrize("bench", ["textvqa", "vqav2", "gqa", "pope", "mme", "scienceqa", "vizwiz"])
 def test_answer_to_an_unknown_question(tmp_path, capsys, bench):
     writers = dict(textvqa=write_textvqa, vqav2=write_vqav2, gqa=write_gqa, pope=write_pope, mme=write_mme,
