@@ -54,7 +54,9 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     softmax(logits / temperature) after the nucleus filter."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, not inf - inf
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -271,20 +273,27 @@ def chat(model, tok, image, args, pick, step):
         cached = (ids + out)[:int(cache.pos) - slots(model, ids) + len(ids)]
 
 
-def read_jsonl(path, check):
-    """(line number, object) for each line of a .jsonl file; check(obj) -> what is wrong with it, or None."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise data.DataError(f"{path} line {n}: not JSON ({e})") from None
-            problem = check(obj) if isinstance(obj, dict) else "not a JSON object"
-            if problem:
-                raise data.DataError(f"{path} line {n}: {problem}")
-            yield n, obj
+def read_jsonl(path, check, text=None, first=1):
+    """(line number, object) for each line of a .jsonl file (or of its `text`, already read, whose
+    first line is line `first`); check(obj) -> what is wrong with it, or None."""
+    if text is None:
+        with open(path, "rb") as f:
+            text = f.read()
+    try:
+        lines = text.decode("utf-8").split("\n")  # not splitlines(): U+2028 inside a string is no line break
+    except UnicodeDecodeError:
+        raise data.DataError(f"{path}: not UTF-8 text (a .jsonl file, one JSON object per line, is expected)") from None
+    for n, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise data.DataError(f"{path} line {n}: not JSON ({e}); fix or delete that line") from None
+        problem = check(obj) if isinstance(obj, dict) else "not a JSON object"
+        if problem:
+            raise data.DataError(f"{path} line {n}: {problem}")
+        yield n, obj
 
 
 def question_problem(q, image_folder):
@@ -313,12 +322,48 @@ def read_questions(args):
         first[key] = n
     if not os.path.exists(args.answers):
         return questions, set()
-    with open(args.answers, "rb+") as f:
+    if os.path.samefile(args.answers, args.questions):
+        raise data.DataError(f"--answers {args.answers} is the --questions file; name a new file for the answers")
+    # the file is read and checked whole before anything is written to it: only an answers file
+    # of these questions is appended to, and only its cut-short last line (a crash) is dropped
+    with open(args.answers, "rb") as f:
         raw = f.read()
-        if raw and not raw.endswith(b"\n"):  # a line cut short by a crash: drop it, redo it
-            f.truncate(raw.rfind(b"\n") + 1)
-    has_id = lambda a: None if isinstance(a.get("question_id"), (str, int)) else "no question_id"  # noqa: E731
-    return questions, {(a["question_id"], a.get("prompt")) for _, a in read_jsonl(args.answers, has_id)}
+    whole = raw[:raw.rfind(b"\n") + 1]  # the complete lines
+    tail, n_tail = raw[len(whole):], whole.count(b"\n") + 1
+    answers = list(read_jsonl(args.answers, answer_problem, whole))
+    cut = False  # a last line without its newline: complete, or cut short as a crash leaves one
+    if tail.strip():
+        try:
+            json.loads(tail)
+        except ValueError:
+            if not tail.startswith(b'{"question_id"'):  # how generate.py's lines start
+                raise data.DataError(f"{args.answers} line {n_tail}: neither an answer nor one cut short: not an "
+                                     f"answers file? name a new file for --answers") from None
+            cut = True
+        if not cut:
+            answers += list(read_jsonl(args.answers, answer_problem, tail, n_tail))
+    asked = {(q["question_id"], q["text"]) for _, q in questions}
+    stray = next(((n, a) for n, a in answers if (a["question_id"], a["prompt"]) not in asked), None)
+    if stray:
+        n, a = stray
+        raise data.DataError(f"{args.answers} line {n}: answers question_id "
+                             f"{a['question_id']!r} with a prompt that {args.questions} does not ask: the answers to "
+                             f"other questions? name a new file for --answers")
+    with open(args.answers, "ab") as f:
+        if cut:
+            f.truncate(len(whole))
+            log(f"--answers {args.answers}: dropped line {n_tail}, cut short (a run that stopped); asking it again")
+        elif tail.strip():
+            f.write(b"\n")
+    return questions, {(a["question_id"], a["prompt"]) for _, a in answers}
+
+
+def answer_problem(a):
+    if not isinstance(a, dict) or not isinstance(a.get("question_id"), (str, int)):
+        return "no question_id: not an answers file"
+    if not isinstance(a.get("prompt"), str) or not isinstance(a.get("text"), str):
+        return "needs a prompt and a text (strings): not an answers file (a question file?)"
+    return None
 
 
 def answer_file(model, tok, args, pick, step, questions, answered):
@@ -434,6 +479,13 @@ def parse_args(argv):
     return args
 
 
+def picture_name(path):
+    """Whether PIL can write a picture under this file name (it goes by the extension)."""
+    from PIL import Image
+    ext = os.path.splitext(path)[1].lower()
+    return Image.registered_extensions().get(ext) in Image.SAVE
+
+
 def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
@@ -449,6 +501,10 @@ def run(args):
         raise data.DataError(f"--answers {args.answers}: its directory does not exist")
     if args.trace and os.path.exists(args.trace):
         raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
+    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
+        raise data.DataError(f"--trace {args.trace}: its folder does not exist")
+    if args.trace and not picture_name(args.trace):
+        raise data.DataError(f"--trace {args.trace}: not a picture's file name; end it in .png (or .jpg, ...)")
     try:
         image = data.load_image(args.image) if args.image else None
     except data.DataError as e:

@@ -164,6 +164,9 @@ def test_top_p_keeps_the_smallest_nucleus():
     draws = torch.stack([generate.sample(logits, 1.0, 0.75, g) for _ in range(200)])
     assert set(draws[:, 0].tolist()) == {1, 3}
     assert generate.sample(logits, 0.0)[0] == 1
+    # a temperature so small that logits / t overflow: the draw is the argmax, not an error
+    assert generate.sample(logits, 1e-40, 1.0, g)[0] == 1  # (row 1: four ties, any of them)
+    assert generate.sample(logits * 1e30, 1e-30, 0.9, g)[0] == 1
 
 
 def test_sampling_is_reproducible(model_dir, model, tok, images, capsys):
@@ -364,3 +367,51 @@ def test_bench_counts_table1_on_meta():
     n, flops = bench.prefill_flops("llava-1.5", 336, 60)
     # about 2 FLOPs per LLM weight per token (6.7B weights, 636 tokens) plus the ViT and attention
     assert n == 576 and 2 * 6.7e9 * 636 < flops < 1.2 * 2 * 6.7e9 * 636 + 0.5e12
+
+
+# ---------------------------------------------------------------------------------------
+# --answers: appended to only when it is an answers file of these questions; nothing else touched
+
+def answers_run(capsys, model_dir, q, a):
+    return run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--max-new-tokens", 2)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'[{"question_id": 1, "answer": "yes"}]', "line 1: not a JSON object"),  # an upload
+    (b'{"question_id": 1, "text": "Hi"}\n', "line 1: needs a prompt and a text (strings): not an answers file"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "not UTF-8 text"),
+    (b"my notes", "line 1: neither an answer nor one cut short: not an answers file?"),
+    (b"my notes\nsecond line", "line 1: not JSON"),
+    (b'{"question_id": 5, "prompt": "Other?", "text": "x"}\n', "line 1: answers question_id 5 with a prompt that"),
+])
+def test_answers_that_are_not_these_answers_are_left_untouched(model_dir, tmp_path, capsys, content, message):
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n')
+    a.write_bytes(content)
+    code, _, err = answers_run(capsys, model_dir, q, a)
+    assert code == 1 and message in err and err.count("\n") == 1 and "loading" not in err, err
+    assert a.read_bytes() == content
+
+
+def test_answers_file_is_not_the_questions_file(model_dir, tmp_path, capsys):
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n')
+    code, _, err = answers_run(capsys, model_dir, q, q)
+    assert code == 1 and "is the --questions file" in err and q.read_text() == '{"question_id": 1, "text": "Hi"}\n'
+
+
+def test_a_complete_last_answer_without_its_newline_is_kept(model_dir, tmp_path, capsys):
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2, "text": "Bye"}\n')
+    a.write_text('{"question_id": 1, "prompt": "Hi", "text": "kept"}')
+    code, _, err = answers_run(capsys, model_dir, q, a)
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    assert code == 0 and "resuming: 1 of 2" in err and "dropped" not in err
+    assert [r["question_id"] for r in rows] == [1, 2] and rows[0]["text"] == "kept"
+
+
+def test_binary_questions_file_is_one_line(model_dir, tmp_path, capsys):
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    code, _, err = answers_run(capsys, model_dir, q, tmp_path / "a.jsonl")
+    assert code == 1 and f"{q}: not UTF-8 text" in err and err.count("\n") == 1

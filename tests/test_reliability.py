@@ -283,7 +283,7 @@ def test_one_id_two_questions_each_answered_once_across_a_resume(model_dir, imag
 def test_garbage_answers_line_is_named(model_dir, images, tmp_path, capsys):  # noqa: F811
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     q.write_text('{"question_id": 1, "text": "Hi"}\n')
-    a.write_text('{"question_id": 0, "text": "ok"}\ngarbage\n')
+    a.write_text('{"question_id": 1, "prompt": "Hi", "text": "ok"}\ngarbage\n')
     code, _, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
     assert code == 1 and "a.jsonl line 2: not JSON" in err and "loading" not in err
 
