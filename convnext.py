@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, load_state, read_safetensors, remap
+from weights import CheckpointError, load_state, read_checkpoint, remap
 
 
 @dataclass
@@ -128,7 +128,7 @@ class ConvNeXt(nn.Module):
 
     @classmethod
     def from_pretrained(cls, src, name=None, dtype=None, device="cpu"):
-        """Load timm, open_clip or LLaVA-HR ConvNeXt weights (a safetensors path or a dict).
+        """Load timm, open_clip or LLaVA-HR ConvNeXt weights (a safetensors or .bin path or dir, or a dict).
 
         Depths and widths come from the tensor shapes; `name` (a preset) only supplies
         the LayerNorm eps, which otherwise comes from the preset whose widths match.
@@ -139,16 +139,16 @@ class ConvNeXt(nn.Module):
             tensors, source = src, "ConvNeXt tensors"
         else:
             names = []  # first pass reads the headers only: append() returns None, so keep() drops all
-            read_safetensors(src, keep=names.append)
+            read_checkpoint(src, keep=names.append)
             table, ignore = _layout(names)
             # skip what the layout ignores (an open_clip text tower) instead of reading it into memory
-            tensors = read_safetensors(src, dtype, device, keep=lambda k: not any(re.match(p, k) for p in ignore))
+            tensors = read_checkpoint(src, dtype, device, keep=lambda k: not any(re.match(p, k) for p in ignore))
             source = str(src)
         state, unexpected = remap(tensors, table, ignore)
         state = {k: t.to(device=device, dtype=dtype) for k, t in state.items()}
         with torch.device("meta"):  # no random init, no second copy: load_state adopts the tensors
             model = cls(ConvNeXtConfig.from_shapes(state, name))
-        return load_state(model, state, source, unexpected, table)
+        return load_state(model, state, source, unexpected, table, one_dtype=dtype is None)
 
 
 # timm module -> ours; each has a .weight and a .bias. The layer-scale vector is added in _layout.

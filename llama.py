@@ -74,6 +74,12 @@ class LlamaConfig:
         for field, value in unsupported.items():
             if value:
                 raise ValueError(f"HF config sets {field}={value!r}, which llama.py does not implement")
+        # Mistral's local attention: refused unless unset, off (Qwen2's use_sliding_window false) or no shorter
+        # than the context
+        window = cfg.get("sliding_window")
+        if window is not None and cfg.get("use_sliding_window", True) is not False \
+                and not (isinstance(window, int) and window >= cfg.get("max_position_embeddings", 4096)):
+            raise ValueError(f"HF config sets sliding_window={window!r}, which llama.py does not implement")
         c = cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                 n_heads=cfg["num_attention_heads"],
                 n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
@@ -545,8 +551,9 @@ class Llama(nn.Module):
         else:
             (config, tensors), source = src, "LLaMA tensors"
             config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf(config)
-        # HF leaves lm_head.weight out of tied checkpoints; if one is there, the embedding wins (as in HF)
-        keep = lambda k: not (config.tie_embeddings and k == "lm_head.weight")  # noqa: E731
+        # HF leaves lm_head.weight out of tied checkpoints; if one is there, the embedding wins (as in HF);
+        # so do its int8 scales, when load_release quantized it while reading
+        keep = lambda k: not (config.tie_embeddings and k in ("lm_head.weight", "lm_head.scales"))  # noqa: E731
         if tensors is None:
             convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
             tensors = read_checkpoint(src, dtype, device, keep=keep, convert=convert)
@@ -559,7 +566,7 @@ class Llama(nn.Module):
             model = cls(config)
             if quantize:
                 int8_linears(model)
-        return load_state(model, state, source, unexpected, table)
+        return load_state(model, state, source, unexpected, table, one_dtype=dtype is None)
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
 import torch
@@ -72,9 +72,17 @@ class MRAConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """From to_dict's form, every field present: one left out would silently take its default (a
+        model saved at R = 384 read back at 1024), so it is a KeyError naming it (read_config: one line)."""
+        def complete(c, d, where=""):
+            missing = next((f.name for f in fields(c) if f.name not in d), None)
+            if missing is not None:
+                raise KeyError(where + missing)
         d = dict(d)
+        complete(cls, d)
         for k, c in {"vit": ViTConfig, "convnext": ConvNeXtConfig, "llm": LlamaConfig}.items():
             if isinstance(d.get(k), dict):
+                complete(c, d[k], k + ".")
                 d[k] = c(**{n: tuple(v) if isinstance(v, list) else v for n, v in d[k].items()})
             elif k in d:
                 raise ValueError(f"{k} is {d[k]!r}, expected an object of {c.__name__} fields")
@@ -337,6 +345,13 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
                               f"LLaVA checkpoint): not a checkpoint directory, or one missing its config")
     # the LLM's config is checked as the file is read: a missing or bad field fails here, named
     hf, llm_cfg = read_config(cfg_path, lambda d: (d, LlamaConfig.from_hf(d)))
+    # what the release does with images and prompts that we do not (llava_hr/mm_utils.py process_images)
+    if hf.get("image_aspect_ratio") == "anyres":
+        raise CheckpointError(f"{cfg_path}: image_aspect_ratio 'anyres' (tiled any-resolution images) is not "
+                              f"implemented; implemented are 'pad' and the resize and centre crop of any other value")
+    if hf.get("mm_use_im_start_end"):
+        raise CheckpointError(f"{cfg_path}: mm_use_im_start_end {hf['mm_use_im_start_end']!r}: the <im_start> and "
+                              f"<im_end> tokens around each image are not implemented (false or absent is)")
     check_memory(path, tensor_sizes(path), dtype, device, INT8_KEYS.match, _int8(quantize))
     convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
     tensors = read_checkpoint(path, dtype, device, convert=convert)
@@ -352,6 +367,8 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     else:
         raise CheckpointError(f"{path}: no vision tower in this checkpoint (expected {HR_VIT}* and {HR_CONVNEXT}* "
                               f"for LLaVA-HR, or {V15_VIT}* for LLaVA-1.5); is it a plain LLaMA checkpoint?")
+    # the other architecture's tower is in no model built here: reported as unexpected, not dropped
+    stray = [p + k for p in ((V15_VIT,) if arch == "llava-hr" else (HR_VIT, HR_CONVNEXT)) for k in parts[p]]
     # what LLaVA's config.json may set that would change the model, beyond what we implement
     projector = hf.get("mm_projector_type", "mlp2x_gelu")
     select = hf.get("mm_vision_select_layer", -2), hf.get("mm_vision_select_feature", "patch")
@@ -372,8 +389,9 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     towers = {"llm.": llm, "encoder.vit.": vit, "encoder.convnext.": convnext}  # where each sits in LlavaHR
     state = {p + k: v for p, m in towers.items() if m is not None for k, v in m.state_dict().items()}
     rest, unexpected = remap(tensors, RELEASE_KEYS)
+    # the release pads only for "pad"; any other value, absent included, is the processor's resize + crop
     kw = dict(arch=arch, vit=vit.config, llm=llm.config, image_size=vit.config.image_size,  # LLaVA-1.5's R
-              image_aspect_ratio="pad" if hf.get("image_aspect_ratio", "pad") == "pad" else "crop")
+              image_aspect_ratio="pad" if hf.get("image_aspect_ratio") == "pad" else "crop")
     if arch == "llava-hr":
         # the release hard-codes S's 336 px floor; a config.json may override it (tiny models)
         kw.update(convnext=convnext.config, image_size=hf.get("input_image_size", 1024),
@@ -384,10 +402,13 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     except ValueError as e:  # input_image_size or vit_min_size
         raise CheckpointError(f"{cfg_path}: {e}") from None
     with torch.device("meta"):
-        model = LlavaHR(cfg)
+        try:
+            model = LlavaHR(cfg)
+        except ValueError as e:  # a tiny release's ViT too shallow for the adapters it holds
+            raise CheckpointError(f"{path}: {e} (this one has {cfg.vit.layers})") from None
         if quantize:
             int8_linears(model.llm)
-    return load_state(model, state | rest, path, unexpected, RELEASE_KEYS)
+    return load_state(model, state | rest, path, unexpected + stray, RELEASE_KEYS, one_dtype=dtype is None)
 
 
 def load_projector(model, path):
@@ -464,7 +485,7 @@ def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
     int8 = {k for k, v in model.state_dict().items() if v.dtype == torch.int8}.__contains__
     check_memory(path, tensor_sizes(path), dtype, device, int8, quantize)
     convert = int8_reader(int8, dtype, device) if quantize else None
-    return load_state(model, read_checkpoint(path, dtype, device, convert=convert), path)
+    return load_state(model, read_checkpoint(path, dtype, device, convert=convert), path, one_dtype=dtype is None)
 
 
 def run_directory(path):
@@ -496,9 +517,11 @@ def convert_bin(src, dst):
         raise CheckpointError(f"{src}: no pytorch_model*.bin or mm_projector.bin files to convert")
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: already exists; convert into a new directory")
-    from safetensors.torch import save_file
     # written in a hidden directory beside dst (removed on failure), then renamed: all of dst appears, or none
     parent, name = os.path.split(os.path.abspath(dst))
+    if not os.path.isdir(parent):  # named here: mkdtemp's error would name the hidden directory
+        raise CheckpointError(f"{parent}: no such directory, to convert into {dst}; create it first")
+    from safetensors.torch import save_file
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
         weight_map = {}
         for file in shards:

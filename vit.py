@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, load_state, read_config, read_safetensors, remap
+from weights import CheckpointError, load_state, read_checkpoint, read_config, remap
 
 
 @dataclass
@@ -195,15 +195,16 @@ class ViT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, src, config=None, dtype=None, device="cpu"):
-        """Load HF CLIPVisionModel or CLIPModel weights (a safetensors file, a directory, or a
-        {key: tensor} dict with `vision_model.*` keys). The config comes from `config`, else the
-        directory's config.json, else the tensor shapes; dtype defaults to the checkpoint's."""
+        """Load HF CLIPVisionModel or CLIPModel weights (a safetensors or .bin file; a directory, its
+        safetensors or else its pytorch_model*.bin as for the LLM, since HF's CLIP repos may ship only
+        the .bin; or a {key: tensor} dict with `vision_model.*` keys). The config comes from `config`,
+        else the directory's config.json, else the tensor shapes; dtype defaults to the checkpoint's."""
         if isinstance(src, dict):
             tensors, source = src, "CLIP ViT tensors"
         else:
             source = os.fspath(src)
             skip = [re.compile(p) for p in HF_IGNORE]
-            tensors = read_safetensors(source, dtype, device, keep=lambda k: not any(p.match(k) for p in skip))
+            tensors = read_checkpoint(source, dtype, device, keep=lambda k: not any(p.match(k) for p in skip))
             config_json = os.path.join(source, "config.json")
             if config is None and os.path.isfile(config_json):
                 hf = read_config(config_json)
@@ -215,4 +216,4 @@ class ViT(nn.Module):
         config = config or ViTConfig.from_shapes(state)
         with torch.device("meta"):
             model = cls(config)
-        return load_state(model, state, source, unexpected, HF_KEYS)
+        return load_state(model, state, source, unexpected, HF_KEYS, one_dtype=dtype is None)

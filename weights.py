@@ -10,7 +10,9 @@ steps, which live here so that each of them is a table and a few lines:
    as they arrive (or quantized, through `convert`), and a memory-mapped .bin shard
    is let go before the next, so a 7B model never holds two copies in memory.
    `weight_bytes` counts what that will take from the headers alone, and
-   `check_memory` refuses, before any weight is read, what cannot fit.
+   `check_memory` refuses, before any weight is read, what cannot fit. A key held by two
+   files, or not by the shard its index names, and a shard the others' -of-M names count
+   but that is not there, are refused: what is left would load as a different model.
 2. `remap(tensors, table)`: foreign key -> our key through an explicit table of
    patterns (`{i}`, `{j}` stand for layer indices). A key no pattern matches is
    "unexpected" unless an `ignore` pattern (a head, a text tower) covers it.
@@ -21,6 +23,7 @@ steps, which live here so that each of them is a table and a few lines:
 Everything that can go wrong raises `CheckpointError` with one line naming the
 file or key, and what was expected.
 """
+import itertools
 import json
 import math
 import os
@@ -56,11 +59,19 @@ def read_config(path, parse=lambda d: d):
 
 def shard_index(index):
     """The shard files a `*.index.json` lists, each checked to exist; None if there is no index."""
+    weight_map = _weight_map(index)
+    return None if weight_map is None else sorted({os.path.join(os.path.dirname(index), s)
+                                                   for s in weight_map.values()})
+
+
+def _weight_map(index):
+    """A `*.index.json`'s {key: shard file name}, its shards checked to exist; None if there is no index."""
     if not os.path.exists(index):
         return None
     try:
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index}: not a valid shard index, a JSON object whose weight_map maps tensor "
                               f"names to shard files ({e or type(e).__name__})") from None
@@ -70,10 +81,23 @@ def shard_index(index):
     if bad is not None or not shards:
         raise CheckpointError(f"{index}: " + (f"names the shard {bad!r}; shards are files in the index's own "
                                               f"directory" if shards else "its weight_map lists no shard"))
-    files = [os.path.join(os.path.dirname(index), s) for s in shards]
-    for f in files:
+    for f in (os.path.join(os.path.dirname(index), s) for s in shards):
         if not os.path.isfile(f):
             raise CheckpointError(f"{f}: shard listed in {index} is missing")
+    return weight_map
+
+
+def _all_shards(path, files):
+    """`files` found by name, without an index: shards named *-0000N-of-0000M.* must all be there
+    (a lost one would load what is left, a different model)."""
+    series = {}  # (head, digits, tail, M) -> the N found
+    for m in filter(None, (re.fullmatch(r"(.*-)(\d+)(-of-(\d+)\..*)", os.path.basename(f)) for f in files)):
+        series.setdefault((m[1], len(m[2]), m[3], int(m[4])), set()).add(int(m[2]))
+    missing = [f"{head}{i:0{digits}d}{tail}" for (head, digits, tail, n), found in series.items()
+               for i in itertools.islice((i for i in range(1, n + 1) if i not in found), 6)]
+    if missing:
+        raise CheckpointError(f"{path}: missing the shard {_listing(missing)}, which the other shards' names "
+                              f"count; download the checkpoint again")
     return files
 
 
@@ -92,7 +116,7 @@ def safetensors_files(path):
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not found:
         raise CheckpointError(f"{path}: no model.safetensors, shard index, or *.safetensors file")
-    return [os.path.join(path, f) for f in found]
+    return _all_shards(path, [os.path.join(path, f) for f in found])
 
 
 def bin_files(path):
@@ -101,7 +125,8 @@ def bin_files(path):
     if files:
         return files
     # training_args.bin and mm_projector.bin are not weights of the whole model
-    return [os.path.join(path, f) for f in sorted(os.listdir(path)) if re.fullmatch(r"pytorch_model.*\.bin", f)]
+    return _all_shards(path, [os.path.join(path, f) for f in sorted(os.listdir(path))
+                              if re.fullmatch(r"pytorch_model.*\.bin", f)])
 
 
 def checkpoint_files(path):
@@ -148,22 +173,32 @@ def read_bin(file):
             f"{k!r}: {type(v).__name__}" + (f" ({v.layout})" if torch.is_tensor(v) else "")
             for k, v in sd.items() if not plain(k, v))
         raise CheckpointError(f"{file}: refused, a weights file maps names to dense tensors, this one holds {bad}")
+    meta = next((k for k, v in sd.items() if v.is_meta), None)  # saved from a model never loaded
+    if meta is not None:
+        raise CheckpointError(f"{file}: {meta!r} is a meta tensor, it holds no data; save the file again from a "
+                              f"model whose weights are loaded")
     return sd
 
 
-def _tensors(file, keep):
-    """(key, tensor) pairs of one file, read one at a time, in the dtype they are stored in."""
+def _tensors(file, keep, where):
+    """(key, tensor) pairs of one file, read one at a time, in the dtype they are stored in.
+    where: {key: file} of every key seen so far, skipped ones too; a key in two files is refused."""
+    def wanted(k):
+        if where.setdefault(k, file) != file:  # two copies: which one is the model's is anyone's guess
+            raise CheckpointError(f"{k}: held by both {where[k]} and {file}; a checkpoint holds each tensor "
+                                  f"once: remove the stale file, or download the checkpoint again")
+        return keep is None or keep(k)
     if os.fspath(file).endswith(".bin"):
         sd = read_bin(file)
         for k in list(sd):
             t = sd.pop(k)  # the dict lets go of each tensor (and, at the end, of the mapping)
-            if keep is None or keep(k):
+            if wanted(k):
                 yield k, t
         return
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
             for k in f.keys():
-                if keep is None or keep(k):
+                if wanted(k):
                     yield k, f.get_tensor(k)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
@@ -176,11 +211,32 @@ def read_checkpoint(path, dtype=None, device="cpu", keep=None, convert=None, fil
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype is {dtype!r}; expected None (as stored) or a floating torch.dtype, such as "
                          f"torch.bfloat16")
-    out = {}
-    for file in files or checkpoint_files(path):
-        for k, t in _tensors(file, keep):
+    out, where = {}, {}
+    files = files or checkpoint_files(path)
+    for file in files:
+        for k, t in _tensors(file, keep, where):
             out |= convert(k, t) if convert is not None else {k: _cast(t, dtype).to(device)}
+    _check_index(files, where)
     return out
+
+
+def _check_index(files, where):
+    """When `files` are a shard index's, every key it lists must have come from the shard it names:
+    one missing, or found elsewhere, means shards that are not the ones the index was written with."""
+    folder = os.path.dirname(files[0])
+    shard = lambda s: os.path.normpath(os.path.join(folder, s))  # noqa: E731
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(folder, name)
+        weight_map = _weight_map(index)
+        if weight_map is None or {shard(s) for s in weight_map.values()} != {os.path.normpath(f) for f in files}:
+            continue
+        wrong = sorted(k for k, s in weight_map.items() if os.path.normpath(where.get(k, "")) != shard(s))
+        if wrong:
+            k = wrong[0]
+            found = f"{where[k]} holds it" if k in where else "no shard holds it"
+            more = f" ({len(wrong)} keys in all)" if len(wrong) > 1 else ""
+            raise CheckpointError(f"{index}: lists {k} in {weight_map[k]}, but {found}{more}; the shards do not "
+                                  f"match their index: download them again")
 
 
 def read_safetensors(path, dtype=None, device="cpu", keep=None):
@@ -327,11 +383,13 @@ def _listing(keys, n=6):
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_state(model, state, source, unexpected=(), table=()):
+def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
     """Strictly load `state` (our key names) into `model` (built on meta), adopting the tensors.
 
     Missing keys are reported under the checkpoint's names when `table` (the one `remap` used)
     says what they are called there: that is the name a user can look for in the file.
+    one_dtype: refuse floating tensors in more than one dtype (a loader's dtype=None keeps each
+    as stored: shards saved in different precisions would fail at the first matmul).
     """
     expected = model.state_dict()
     problems = []
@@ -350,6 +408,10 @@ def load_state(model, state, source, unexpected=(), table=()):
     if problems:
         more = f"; ... ({len(problems) - 8} more problems)" if len(problems) > 8 else ""
         raise CheckpointError(f"{source}: " + "; ".join(problems[:8]) + more)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    if one_dtype and len(dtypes) > 1:
+        raise CheckpointError(f"{source}: the weights are stored in {' and '.join(dtypes)}; pass dtype= (e.g. "
+                              f"torch.float32) to load them in one")
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a buffer the model forgot to rebuild after loading: our bug, not the user's

@@ -17,9 +17,9 @@ import transformers
 from safetensors.torch import save_file
 
 import mra
-from convnext import ConvNeXtConfig
+from convnext import ConvNeXt, ConvNeXtConfig
 from llama import LlamaConfig
-from vit import ViTConfig
+from vit import ViT, ViTConfig
 from weights import CheckpointError
 
 # Tiny towers. CLIP heads are 64 wide: config.json holds no tower shapes, so the loader infers
@@ -531,6 +531,21 @@ def test_convert_follows_the_index_and_deletes_nothing_it_did_not_make(hr_parts,
     assert sorted(os.listdir(tmp_path)) == ["bin", "converted", "converted.tmp"]  # no scratch left behind
 
 
+def test_convert_refuses_a_missing_parent_and_meta_tensors_in_one_line(tmp_path):
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save({"model.norm.weight": torch.ones(4)}, src / "pytorch_model.bin")
+    # named as the user gave it, not as the hidden scratch directory beside it
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/nope: no such directory, to convert into "
+                                              rf"{tmp_path}/nope/out; create it first$"):
+        mra.convert_bin(str(src), str(tmp_path / "nope" / "out"))
+    torch.save({"model.norm.weight": torch.empty(4, device="meta")}, src / "pytorch_model.bin")  # saved unloaded
+    with pytest.raises(CheckpointError, match=r"^\S*pytorch_model\.bin: 'model\.norm\.weight' is a meta tensor, "
+                                              r"it holds no data; save the file again from a model whose weights"):
+        mra.convert_bin(str(src), str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["bin"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (dict(rope_theta=0), r"rope_theta is 0, expected a positive number"),
     (dict(num_attention_heads=0), r"n_heads is 0, expected a positive whole number"),
@@ -538,11 +553,37 @@ def test_convert_follows_the_index_and_deletes_nothing_it_did_not_make(hr_parts,
     (dict(num_key_value_heads=3), r"3 key/value heads do not divide them"),
     (dict(input_image_size="384"), r"image_size is '384', expected a positive whole number of pixels"),
     (dict(mm_projector_type="linear"), r"mm_projector_type 'linear'.*implemented are 'mlp2x_gelu'"),
-], ids=["rope-theta", "heads", "float-width", "kv-heads", "image-size", "projector"])
+    (dict(image_aspect_ratio="anyres"), r"image_aspect_ratio 'anyres' \(tiled any-resolution images\) is not "
+                                        r"implemented; implemented are 'pad' and the resize and centre crop"),
+    (dict(mm_use_im_start_end=True), r"mm_use_im_start_end True: the <im_start> and <im_end> tokens .* not "
+                                     r"implemented"),
+    (dict(sliding_window=1024), r"sliding_window=1024, which llama\.py does not implement"),
+], ids=["rope-theta", "heads", "float-width", "kv-heads", "image-size", "projector", "anyres", "im-start-end",
+        "sliding-window"])
 def test_a_config_json_the_code_cannot_honour_is_refused_by_name(hr_parts, tmp_path, edit, message):
     path = write_release(tmp_path, release_state(**hr_parts), llava_config(384) | edit)
     with pytest.raises(CheckpointError, match=r"config\.json: .*" + message):
         mra.load_checkpoint(path)
+
+
+def test_image_aspect_ratio_as_the_release_reads_it(hr_parts, tmp_path):
+    """llava_hr/mm_utils.py process_images pads for "pad" only; any other value, absent included, is
+    the image processor's resize and centre crop: ours, "crop"."""
+    cfg = {k: v for k, v in llava_config(384).items() if k != "image_aspect_ratio"} | dict(mm_use_im_start_end=False)
+    path = write_release(tmp_path, release_state(**hr_parts), cfg)
+    assert mra.load_checkpoint(path).cfg.image_aspect_ratio == "crop"
+    for value, mode in (("square", "crop"), ("pad", "pad")):
+        (path / "config.json").write_text(json.dumps(cfg | dict(image_aspect_ratio=value)))
+        assert mra.load_checkpoint(path).cfg.image_aspect_ratio == mode, value
+
+
+def test_a_sliding_window_that_changes_nothing_is_accepted():
+    # unset, switched off (Qwen2's use_sliding_window), or as long as the context: plain causal attention
+    for edit in (dict(sliding_window=None), dict(sliding_window=16, use_sliding_window=False),
+                 dict(sliding_window=LLM["max_position_embeddings"])):
+        assert LlamaConfig.from_hf(LLM | edit).max_seq_len == LLM["max_position_embeddings"]
+    with pytest.raises(ValueError, match=r"sliding_window=16, which llama\.py does not implement"):
+        LlamaConfig.from_hf(LLM | dict(sliding_window=16))
 
 
 def test_llava15_vision_select_other_than_the_penultimate_patches_is_refused(tmp_path):
@@ -589,11 +630,22 @@ def reshape(key, shape):
     (reshape(ADAPTER.format(0) + "fast_conv.weight", (D, D, 7, 7)),  # a dense 7x7 where f_l's is depthwise
      r"model\.vision_tower\.align_stages_latent\.0\.fast_conv\.weight: model expects \(128, 1, 7, 7\), "
      r"checkpoint has \(128, 128, 7, 7\)"),
-], ids=["no-convnext", "missing-adapter-key", "gate-shape", "dense-fast-conv"])
+    # LLaVA-1.5's tower in a LLaVA-HR checkpoint: in no model built here, reported rather than dropped
+    (lambda state: state | {V15_VIT + POS: torch.zeros(65, D)},
+     r"unexpected model\.vision_tower\.vision_tower\.vision_model\.embeddings\.position_embedding\.weight$"),
+], ids=["no-convnext", "missing-adapter-key", "gate-shape", "dense-fast-conv", "llava-1.5-tower"])
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_wrong_llava_hr_checkpoint(hr_parts, tmp_path, edit, message, fmt):
     path = write_release(tmp_path, edit(release_state(**hr_parts)), llava_config(384), fmt)
     with pytest.raises(CheckpointError, match=message):
+        mra.load_checkpoint(path)
+
+
+def test_a_vit_too_shallow_for_the_adapters_names_the_checkpoint(hr_parts, tmp_path):
+    clip = randomise(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP | dict(num_hidden_layers=2))), 0)
+    path = write_release(tmp_path, release_state(**hr_parts | dict(clip=clip)), llava_config(384))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: MR-Adapters go after layers .*need >= 4 ViT layers "
+                                              r"\(this one has 2\)$"):
         mra.load_checkpoint(path)
 
 
@@ -609,6 +661,20 @@ def test_our_checkpoint_round_trip(hr_model, tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     x = images(384)
     near(back(IDS, x, pad_mask=PAD_MASK)[0], hr_model(IDS, x, pad_mask=PAD_MASK)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("field", ["image_size", "gate", "image_aspect_ratio", "adapters", "llm.rope_theta",
+                                   "llm.n_kv_heads", "vit.eps", "convnext.eps"])
+def test_our_config_with_a_field_missing_is_refused_by_name(tmp_path, field):
+    """mra_config.json is what to_dict wrote, whole: a field left out is not taken as its default."""
+    d = tiny_cfg(image_size=768, gate="sigmoid", image_aspect_ratio="crop").to_dict()
+    assert mra.MRAConfig.from_dict(json.loads(json.dumps(d))) == tiny_cfg(image_size=768, gate="sigmoid",
+                                                                           image_aspect_ratio="crop")
+    *within, name = field.split(".")
+    del (d[within[0]] if within else d)[name]
+    (tmp_path / "mra_config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/mra_config\.json: the field '{field}' is missing$"):
+        mra.load_checkpoint(tmp_path)
 
 
 # ----- 7. a fresh model from separate backbones ----------------------------------------------
@@ -766,3 +832,37 @@ def test_int8_kernel_equals_dequantise_then_matmul(dtype):
             <= layer.scales.float()[:, None] / 2 * (1 + 1e-2)).all()  # half a step, up to the scales' rounding
     want = F.linear(x.float(), layer.weight.float()) * layer.scales.float()
     near(layer(x).float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_towers_load_from_pytorch_model_bin_as_the_llm_does(tmp_path):
+    """HF's CLIP repos may ship only pytorch_model.bin: the towers find their files as Llama does."""
+    clip, convnext = make_clip(seed=9), make_convnext(seed=10)
+    clip.save_pretrained(tmp_path / "clip", safe_serialization=False)
+    assert "pytorch_model.bin" in os.listdir(tmp_path / "clip")
+    (tmp_path / "convnext").mkdir()
+    torch.save(convnext.state_dict(), tmp_path / "convnext" / "pytorch_model.bin")
+    for cls, src, state in ((ViT, "clip", clip.state_dict()), (ConvNeXt, "convnext", convnext.state_dict())):
+        want, got = cls.from_pretrained(dict(state)).state_dict(), cls.from_pretrained(tmp_path / src).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), src
+
+
+def test_int8_of_a_tied_release_that_holds_lm_head_loads_as_fp32_does(hr_parts, tmp_path):
+    # lm_head.weight is quantized as it is read, into a weight and scales: the tied model drops both
+    path = write_release(tmp_path, release_state(**hr_parts), llava_config(384) | dict(tie_word_embeddings=True),
+                         "bin")
+    fp32, int8 = mra.load_checkpoint(path), mra.load_checkpoint(path, quantize="int8")
+    assert fp32.llm.output is None and int8.llm.output is None
+    assert torch.equal(int8.llm.tok_embeddings.weight, hr_parts["llama"].model.embed_tokens.weight)
+
+
+def test_weights_stored_in_two_floating_dtypes_need_a_dtype(hr_parts, tmp_path):
+    """dtype=None keeps each tensor as stored: shards (or towers) saved in different precisions would
+    fail at the first matmul, so they are refused, and load with a dtype."""
+    state = release_state(**hr_parts)
+    for name, edit in (("shard", lambda k: k in shards(state)[1]), ("tower", lambda k: k.startswith(HR_VIT))):
+        path = write_release(tmp_path / name, {k: v.double() if edit(k) else v for k, v in state.items()},
+                             llava_config(384), "bin")
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / name}: .*the weights are stored in float32 and "
+                                                  r"float64; pass dtype= \(e\.g\. torch\.float32\) to load them in one"):
+            mra.load_checkpoint(path)
+        assert {p.dtype for p in mra.load_checkpoint(path, dtype=torch.float32).parameters()} == {torch.float32}

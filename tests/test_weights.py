@@ -156,3 +156,76 @@ def test_dtype_must_be_a_floating_torch_dtype(tmp_path):
     for bad in ("bfloat16", torch.int8):
         with pytest.raises(ValueError, match=r"dtype is .*expected None \(as stored\) or a floating torch\.dtype"):
             read_checkpoint(str(tmp_path / "m.safetensors"), dtype=bad)
+
+
+def write_shards(path, parts, fmt):
+    """Each {key: tensor} of `parts` as shard N of len(parts), HF's names, no index."""
+    names = []
+    for i, part in enumerate(parts, 1):
+        stem = "pytorch_model" if fmt == "bin" else "model"
+        names.append(f"{stem}-{i:05d}-of-{len(parts):05d}.{fmt}")
+        (torch.save if fmt == "bin" else save_file)(part, path / names[-1])
+    return names
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_a_key_held_by_two_files_is_refused_naming_both(tmp_path, fmt):
+    t = foreign()
+    write_shards(tmp_path, [t, {"enc.layers.1.fc.bias": torch.zeros(3)}], fmt)  # a stale second copy
+    with pytest.raises(CheckpointError, match=rf"^enc\.layers\.1\.fc\.bias: held by both \S*-00001-of-00002\.{fmt} "
+                                              rf"and \S*-00002-of-00002\.{fmt}; .* download the checkpoint again$"):
+        read_checkpoint(str(tmp_path))
+    # a key the caller skips is a key all the same: which copy is the model's is still unknown
+    with pytest.raises(CheckpointError, match=r"^enc\.layers\.1\.fc\.bias: held by both"):
+        read_checkpoint(str(tmp_path), keep=lambda k: k != "enc.layers.1.fc.bias")
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_every_key_an_index_lists_comes_from_the_shard_it_names(tmp_path, fmt):
+    t = foreign()
+    keys = sorted(t)
+    names = write_shards(tmp_path, [{k: t[k] for k in keys[:2]}, {k: t[k] for k in keys[2:]}], fmt)
+    index = tmp_path / ("pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json")
+    weight_map = {k: names[i >= 2] for i, k in enumerate(keys)}
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    assert sorted(read_checkpoint(str(tmp_path))) == keys
+    # a key the index lists that no shard holds (a shard from another download, a shallower model)
+    index.write_text(json.dumps({"weight_map": weight_map | {"enc.layers.2.fc.bias": names[1]}}))
+    with pytest.raises(CheckpointError, match=rf"^\S*{index.name}: lists enc\.layers\.2\.fc\.bias in {names[1]}, "
+                                              r"but no shard holds it; .*download them again$"):
+        read_checkpoint(str(tmp_path))
+    # a key held by another shard than the index names
+    index.write_text(json.dumps({"weight_map": weight_map | {keys[0]: names[1]}}))
+    with pytest.raises(CheckpointError, match=rf"lists {keys[0]} in {names[1]}, but \S*{names[0]} holds it"):
+        read_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_shards_found_without_an_index_must_all_be_there(tmp_path, fmt):
+    t = foreign()
+    keys = sorted(t)
+    names = write_shards(tmp_path, [{k: t[k]} for k in keys], fmt)  # four shards, -of-00004
+    assert sorted(read_checkpoint(str(tmp_path))) == keys
+    for name in names[1:3]:
+        os.remove(tmp_path / name)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: missing the shard {names[1]}, {names[2]}, which "
+                                              r"the other shards' names count; download the checkpoint again$"):
+        read_checkpoint(str(tmp_path))
+
+
+def test_a_bin_file_of_meta_tensors_is_refused(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2), "v": torch.empty(3, 3, device="meta")}, path)
+    with pytest.raises(CheckpointError, match=r"^\S*pytorch_model\.bin: 'v' is a meta tensor, it holds no data; "
+                                              r"save the file again"):
+        read_bin(str(path))
+
+
+def test_floating_weights_in_two_dtypes_are_refused_when_asked(tmp_path):
+    t = foreign()
+    t["enc.layers.1.fc.weight"] = t["enc.layers.1.fc.weight"].double()
+    state, unexpected = remap(t, TABLE)
+    with pytest.raises(CheckpointError, match=r"^ckpt: the weights are stored in float32 and float64; pass dtype= "
+                                              r"\(e\.g\. torch\.float32\) to load them in one$"):
+        load_state(meta_model(), state, "ckpt", unexpected, TABLE, one_dtype=True)
+    load_state(meta_model(), state, "ckpt", unexpected, TABLE)  # a caller that mixes them on purpose (LoRA)
