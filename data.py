@@ -14,6 +14,7 @@ file reproduces it and names the function each piece transcribes:
 Where LLaVA silently drops a bad sample (it masks every label on a tokenisation length mismatch,
 or asserts mid-training) we raise DataError naming the record, or skip and count it (skip_bad=True).
 """
+import hashlib
 import json
 import os
 
@@ -177,11 +178,13 @@ def encode(tok, turns, template, has_image):
 # ---------------------------------------------------------------------------------------
 # The dataset
 
-def read_records(path):
-    """A LLaVA json list, or jsonl (one record a line)."""
+def read_records(path, with_digest=False):
+    """A LLaVA json list, or jsonl (one record a line). with_digest: (records, the SHA-256 of the very
+    bytes parsed), so a file edited later cannot pass for the one read."""
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text file (expected a LLaVA JSON list or JSON lines)") from None
     if not text.strip():
@@ -197,9 +200,11 @@ def read_records(path):
                 records += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    if isinstance(records, dict) and (str(path).endswith(".jsonl") or "conversations" in records):
+        records = [records]  # JSON lines of one record
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
-    return records
+    return (records, hashlib.sha256(raw).hexdigest()) if with_digest else records
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -207,23 +212,26 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     Structure and image files are checked up front (cheap, fails before hours of training); decoding
     and tokenisation happen per item. skip_bad: drop bad records instead of raising; self.bad lists
-    them, and each item reports the load-time skips it replaced."""
+    them (self.bad_index: their indices in the file), and each item reports the load-time skips it
+    replaced. self.sha256: the file's, as read."""
 
     def __init__(self, path, image_folder, tok, template, image_size, image_mode="pad",
                  max_len=None, skip_bad=False):
         self.path, self.folder, self.tok, self.template = path, image_folder or "", tok, template
         self.image_size, self.image_mode, self.skip_bad = image_size, image_mode, skip_bad
         self.max_len = max_len or MAX_LEN[template]
-        self.records, self.bad, self.dropped_first = [], [], 0
-        for i, rec in enumerate(read_records(path)):
+        self.records, self.bad, self.bad_index, self.dropped_first = [], [], [], 0
+        records, self.sha256 = read_records(path, with_digest=True)
+        for i, rec in enumerate(records):
             rid = rec.get("id") if isinstance(rec, dict) else None
             where = f"{path} record {i}" + (f" (id {rid})" if rid is not None else "")
             try:
                 self.records.append(self._check(rec) | dict(where=where))
             except DataError as e:
                 if not skip_bad:
-                    raise DataError(f"{where}: {e}") from None
+                    raise DataError(f"{where}: {e}; fix or drop it, or pass --skip-bad to skip such records") from None
                 self.bad.append(f"{where}: {e}")
+                self.bad_index.append(i)
         if not self.records:
             raise DataError(f"{path}: no usable records")
 
@@ -242,6 +250,13 @@ class LlavaDataset(torch.utils.data.Dataset):
         _check_turns(turns)
         if len(turns) % 2:
             raise DataError(f"{len(turns)} turns: the last human turn has no answer")
+        # what build_prompt / encode would refuse mid-run, found here by string checks alone
+        for i, (role, text) in enumerate(turns):
+            if not text:  # the template reads an empty turn as an open one (LLaVA masks the whole sample)
+                raise DataError(f"turn {i} ({role}) is empty")
+            if self.template == "vicuna_v1" and ("ASSISTANT:" in text or "</s>" in text):
+                raise DataError(f"turn {i} holds the template's separator 'ASSISTANT:' or '</s>', which would "
+                                f"break its rounds (LLaVA would silently mask it all)")
         n_tags = sum(t.count("<image>") for _, t in turns)
         image = None
         if "image" in rec:
@@ -256,6 +271,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise DataError("'<image>' in a record without an image")
         elif self.template == "plain":
             raise DataError("stage 1 (plain) needs an image in every record")
+        if self.template == "plain" and (len(turns) != 2 or "<image>" not in turns[0][1]):
+            raise DataError("the plain template (stage 1) takes one human turn holding <image> and one caption")
         words = sum(len(t.split()) for _, t in turns)  # LLaVA's cheap length for grouping
         return dict(turns=turns, image=image, words=words)
 
@@ -321,7 +338,7 @@ def epoch_order(n, seed, epoch, unit=1, has_image=None, lengths=None, group=Fals
     global batch); each holds one modality (image or text-only, so every rank runs the same modules
     in every micro-step, as FSDP needs) and similar lengths (units are cut from sorted blocks of
     `mega` units, so padding stays small), then shuffled. A modality's last unit is filled up with
-    repeats of its own samples."""
+    repeats of its own samples, so the order holds grouped_units(has_image, unit) whole units."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     if not group:
         return torch.randperm(n, generator=g).tolist()
@@ -337,19 +354,28 @@ def epoch_order(n, seed, epoch, unit=1, has_image=None, lengths=None, group=Fals
     return [i for u in units for i in u]
 
 
+def grouped_units(has_image, unit):
+    """The units in a grouped epoch_order: each modality's samples in whole units of `unit`."""
+    n_img = sum(has_image)
+    return -(-n_img // unit) + -(-(len(has_image) - n_img) // unit)
+
+
 class BatchSampler:
     """Yields this rank's micro-batches, step after step, from `start_step` on.
 
     A global batch of G = accum * world * micro samples is laid out as [micro-step][rank][micro]:
     rank r's k-th micro-batch is order[(k*world + r)*micro :][:micro]. Any split of the same global
     batch over ranks and accumulation sees the same samples in each optimizer step, and resuming at
-    step s just starts at sample s * G. The last partial global batch of an epoch is dropped."""
+    step s just starts at sample s * G. An epoch is every global batch of its order: grouped, every
+    unit (each record at least once); ungrouped, the last partial global batch is dropped."""
 
     def __init__(self, dataset, micro, accum, world, rank, seed, epochs=1, group=False, start_step=0):
         self.ds, self.micro, self.accum, self.world, self.rank = dataset, micro, accum, world, rank
         self.seed, self.group, self.start_step = seed, group, start_step
         self.global_batch = micro * accum * world
-        self.steps_per_epoch = len(dataset) // self.global_batch
+        # grouped: each modality's last unit is filled up, never dropped (a whole unit of images could be)
+        self.steps_per_epoch = (grouped_units(dataset.has_image, self.global_batch) if group else
+                                len(dataset) // self.global_batch)
         if self.steps_per_epoch == 0:
             raise DataError(f"{getattr(dataset, 'path', 'the data')}: {len(dataset)} samples cannot fill one "
                             f"global batch of {self.global_batch} "
@@ -365,6 +391,7 @@ class BatchSampler:
             if i == 0 or step == self.start_step:
                 order = epoch_order(len(self.ds), self.seed, epoch, self.global_batch,
                                     self.ds.has_image, self.ds.lengths, self.group)
+                assert len(order) // self.global_batch == self.steps_per_epoch
             base = i * self.global_batch
             for k in range(self.accum):
                 s = base + (k * self.world + self.rank) * self.micro

@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from functools import cache, partial
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -152,9 +152,12 @@ args = p.parse_args()
 if not args.debug:
     sys.excepthook = one_line_errors
 recipe = STAGE[args.stage]
-limits = {"--batch-size >= 1": args.batch_size >= 1, "--global-batch >= 1": (args.global_batch or 1) >= 1,
-          "--epochs >= 1": args.epochs >= 1, "--image-size >= 32": (args.image_size or 32) >= 32,
-          "--max-len >= 1": (args.max_len or 1) >= 1, "--max-steps >= 1": (args.max_steps or 1) >= 1,
+# a flag left out (None) takes the default; one given as 0 is refused, never read as left out
+limits = {"--batch-size >= 1": args.batch_size >= 1, "--epochs >= 1": args.epochs >= 1,
+          "--global-batch >= 1": args.global_batch is None or args.global_batch >= 1,
+          "--image-size >= 32": args.image_size is None or args.image_size >= 32,
+          "--max-len >= 1": args.max_len is None or args.max_len >= 1,
+          "--max-steps >= 1": args.max_steps is None or args.max_steps >= 1,
           "--save-every >= 0": args.save_every >= 0, "--workers >= 0": args.workers >= 0,
           "--lr > 0": args.lr is None or 0 < args.lr < math.inf, "0 <= --warmup-ratio <= 1": 0 <= args.warmup_ratio <= 1,
           "--grad-clip >= 0": 0 <= args.grad_clip < math.inf, "--weight-decay >= 0": 0 <= args.weight_decay < math.inf,
@@ -336,16 +339,6 @@ def with_adapters(m1, cfg, source):
     return m2
 
 
-@cache
-def data_digest(path):
-    """sha256 of the data file's bytes: a resumed run must read the records the run read."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def plan(cfg, world, bf16):
     def build(c):
         model = mra.LlavaHR(c)
@@ -370,6 +363,10 @@ if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise SystemExit(f"--out {args.out}: is a file, not a directory")
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
 if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
+    if not previous and os.path.isfile(os.path.join(args.out, "train_state.pt")):  # dropping --resume would
+        # start a new run inside the checkpoint
+        raise SystemExit(f"--resume: --out {args.out} is a checkpoint, not a run directory: pass the run that "
+                         f"holds it, --out {os.path.dirname(os.path.abspath(args.out))}")
     if not previous:
         raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue): " + (
             "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
@@ -396,11 +393,19 @@ for flag, path in (("--init", args.init), ("--llm", args.llm)):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
 if args.init:
     mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
+    info = os.path.join(args.init, "lora", "lora.json")  # a --lora-adapters-only (or --quantize) run's ckpt
+    if os.path.isfile(info) and not os.path.isfile(os.path.join(args.init, "mra_config.json")):
+        base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)
+        raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
+                         f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
 start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
 if not (args.tokenizer or start_dir):
     raise SystemExit("nothing to start from: --llm (with --vit and --convnext) or --init gives the weights and "
                      "the tokenizer; to train from random weights, pass --tokenizer")
 tok_path = args.tokenizer or os.path.join(start_dir, "tokenizer.model")
+if not os.path.isfile(tok_path):
+    raise SystemExit(f"--tokenizer {tok_path}: no such file" if args.tokenizer else f"{start_dir}: no "
+                     f"tokenizer.model beside the weights: pass --tokenizer (the LLM's tokenizer.model)")
 if not os.path.isfile(args.data):
     raise SystemExit(f"--data {args.data}: no such file (a LLaVA json or jsonl file of conversations is expected)")
 if args.image_folder and not os.path.isdir(args.image_folder):
@@ -409,6 +414,8 @@ tok = Tokenizer(tok_path)
 ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
                        recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
 by_length = args.group_by_length if args.group_by_length is not None else args.stage == 2
+# the records the run trains on (--skip-bad leaves the bad ones out): a resume must find the same
+usable = dict(records=len(ds), bad_sha256=hashlib.sha256(json.dumps(ds.bad_index).encode()).hexdigest())
 if args.fsdp and not by_length and not all(ds.has_image):
     # FSDP gathers a block's shards when it runs: every rank must run the same modules
     raise SystemExit("--fsdp with text-only samples needs --group-by-length (one modality per micro-step)")
@@ -499,9 +506,13 @@ for name, q in model.named_parameters():  # names may carry DDP's "module." pref
 opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay)
 
-# the data position carries over only if these stay as the run had them: --resume refuses a change
+# the data position carries over only if these stay as the run had them, and a LoRA run's model (its
+# scale, rank and frozen base) is the one its adapters were trained in: --resume refuses a change
 fixed = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, stage=args.stage,
-             lora_r=args.lora_r, quantize=args.quantize)
+             group_by_length=by_length, lora_r=args.lora_r, quantize=args.quantize,
+             lora_alpha=lora_alpha if args.lora_r else None,
+             init=os.path.realpath(args.init) if args.lora_r else None)
+MODEL_FIXED = {"lora_r", "quantize", "lora_alpha", "init"}
 # flags --resume does not list when they change: where and how the run goes on, and the ones above
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
                "data", *fixed}
@@ -515,17 +526,26 @@ if args.resume:
     except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
         raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    new_run = f"or start a new run from its weights: --init {resume_dir} and another --out"
     for key, now in fixed.items():
-        if run.get(key) != now:
-            raise SystemExit(f"--resume: the run used {key}={run.get(key)!r}, now {now!r}: the data position "
-                             f"would not carry over")
+        if run.get(key, now) != now:  # a setting older runs did not record is noted below, if changed
+            why = ("the model would not be the one trained" if key in MODEL_FIXED else
+                   "the data position would not carry over")
+            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: {why}; give the run's "
+                             f"--{key.replace('_', '-')}, {new_run}")
     # the same records in the same order, wherever the file now lies (older runs kept its path only)
-    if (run["data_sha256"] != data_digest(args.data) if "data_sha256" in run else
+    if (run["data_sha256"] != ds.sha256 if "data_sha256" in run else
             os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):
         raise SystemExit(f"--resume: --data {args.data} is not the file the run read ({run.get('data')}, as it was "
-                         f"then): the data position would not carry over")
+                         f"then): the data position would not carry over; give that file, {new_run}")
+    if any(run.get(k, v) != v for k, v in usable.items()):  # --skip-bad: other records bad now (or fixed)
+        raise SystemExit(f"--resume: the run trained on {run['records']} usable records of {args.data}, now "
+                         f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
+                         f"data position would not carry over; restore the records and images as the run had "
+                         f"them, {new_run}")
     changed = [f"--{k.replace('_', '-')} {run['args'][k]} -> {v}" for k, v in vars(args).items()
-               if k not in RESUME_FREE and k in run.get("args", {}) and run["args"][k] != v]
+               if (k not in RESUME_FREE or k in fixed and k not in run) and k in run.get("args", {})
+               and run["args"][k] != v]
     if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
         print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
               f"come from the checkpoint, the rest applies from here on")
@@ -610,7 +630,8 @@ def save(step):
         weights = get_model_state_dict(unwrapped, options=full)
         extra = dict(optimizer=get_optimizer_state_dict(unwrapped, opt, options=full))
     if master:
-        run = dict(fixed, data=os.path.realpath(args.data), data_sha256=data_digest(args.data), args=vars(args))
+        # the data file's digest as it was read (at the start), not as it may be now
+        run = dict(fixed, **usable, data=os.path.realpath(args.data), data_sha256=ds.sha256, args=vars(args))
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, cpu_rng=torch.get_rng_state(), run=json.dumps(run), **extra)
         if cuda:

@@ -371,6 +371,13 @@ BAD = [
     (dict(id="w", conversations=conv("Q", "A", "Q2")), "record 1 \\(id w\\): 3 turns"),
     (dict(id="v", image="0.png", conversations=conv("no tag", "A")), "record 1 \\(id v\\): 0 '<image>' tags"),
     (dict(id="u", conversations=conv("<image>\nQ", "A")), "record 1 \\(id u\\): '<image>' in a record without"),
+    # found up front, not mid-run as a misleading "tokenization mismatch"
+    (dict(id="t", image="0.png", conversations=conv("<image>\nQ", "")),
+     "record 1 \\(id t\\): turn 1 \\(gpt\\) is empty"),
+    (dict(id="s", conversations=conv("", "A")), "record 1 \\(id s\\): turn 0 \\(human\\) is empty"),
+    (dict(id="r", conversations=conv("Q ASSISTANT: x", "A")),
+     "record 1 \\(id r\\): turn 0 holds the template's separator"),
+    (dict(id="q", conversations=conv("Q", "A</s>B")), "record 1 \\(id q\\): turn 1 holds the template's separator"),
 ]
 
 
@@ -379,10 +386,19 @@ def test_bad_records(tmp_path, tok, case):
     bad, message = BAD[case]
     recs = [records()[0], bad, records()[3]]
     path = write_dataset(tmp_path, recs)
-    with pytest.raises(DataError, match="data.json " + message):
+    with pytest.raises(DataError, match="data.json " + message + ".*; fix or drop it, or pass --skip-bad"):
         LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)
     ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, skip_bad=True)
     assert len(ds) == 2 and len(ds.bad) == 1 and "record 1" in ds.bad[0]
+
+
+def test_jsonl_of_one_record(tmp_path, tok):
+    for name in ("one.jsonl", "one.json"):  # one line holding one record: JSON lines of one
+        path = write_dataset(tmp_path, records()[:1], name, jsonl=True)
+        assert len(LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)) == 1
+    (tmp_path / "top.json").write_text(json.dumps(dict(data=records())))  # a dict that is not a record
+    with pytest.raises(DataError, match="top.json: expected a JSON list of records, found a dict"):
+        LlavaDataset(str(tmp_path / "top.json"), str(tmp_path / "images"), tok, "vicuna_v1", 32)
 
 
 def test_unreadable_image_at_load_time(tmp_path, tok):
@@ -402,6 +418,17 @@ def test_plain_needs_images_and_bad_json(tmp_path, tok):
     path = write_dataset(tmp_path, records())
     with pytest.raises(DataError, match="record 1 \\(id b\\): stage 1 \\(plain\\) needs an image"):
         LlavaDataset(path, str(tmp_path / "images"), tok, "plain", 32, "crop")
+    # the plain template's one question and one caption: checked up front, not when the record is read
+    recs = [dict(records()[0], id="p", conversations=conv("<image>\nQ", "A", "Q2", "B")),
+            dict(records()[0], id="o", conversations=conv("Q", "<image> A"))]
+    for i in range(2):
+        path = write_dataset(tmp_path, [records()[0], recs[i]])
+        with pytest.raises(DataError, match=f"record 1 \\(id {'po'[i]}\\): the plain template \\(stage 1\\) takes "
+                                            f"one human turn holding <image> and one caption; fix or drop it"):
+            LlavaDataset(path, str(tmp_path / "images"), tok, "plain", 32, "crop")
+    # stage 1 knows no "</s>" separator: a caption may hold it
+    path = write_dataset(tmp_path, [dict(records()[0], conversations=conv("<image>\nQ", "A</s>B"))])
+    assert len(LlavaDataset(path, str(tmp_path / "images"), tok, "plain", 32, "crop")) == 1
     (tmp_path / "broken.json").write_text('[{"id": 1,')
     with pytest.raises(DataError, match="broken.json line 1: not valid JSON"):
         LlavaDataset(str(tmp_path / "broken.json"), str(tmp_path / "images"), tok, "plain", 32)
@@ -430,3 +457,26 @@ def test_batches_same_at_any_world_size():
     assert sorted(i for s in ref[:5] for i in s) == sorted(range(40))  # one epoch: each sample once
     # grouped: every optimizer step (all ranks, all micro-steps) holds one modality
     assert all(len({DS.has_image[i] for i in s}) == 1 for s in grouped)
+
+
+@pytest.mark.parametrize("n_img, n_txt, G", [(300, 20, 128), (5, 3, 4), (8, 0, 4), (0, 7, 4), (9, 16, 8), (1, 30, 8)])
+def test_grouped_epoch_holds_every_record(n_img, n_txt, G):
+    # each modality is filled up to whole global batches, and the epoch takes every one of them: no
+    # record is dropped (a whole unit of images was, when an epoch had len // G steps)
+    class DS:
+        has_image = [True] * n_img + [False] * n_txt
+        lengths = [(i * 7) % 13 for i in range(n_img + n_txt)]
+
+        def __len__(self):
+            return n_img + n_txt
+
+    units = -(-n_img // G) + -(-n_txt // G)
+    for micro, accum, world in ((G, 1, 1), (1, G // 2, 2)):
+        epochs = [data.BatchSampler(DS(), micro, accum, world, r, seed=5, epochs=2, group=True) for r in range(world)]
+        assert epochs[0].steps_per_epoch == units and epochs[0].total_steps == 2 * units
+        seen = [i for s in epochs for b in s for i in b]
+        first = [i for s in epochs for b in list(s)[:units * accum] for i in b]
+        assert len(seen) == 2 * units * G and set(first) == set(range(len(DS()))), (n_img, n_txt, G)
+    for epoch in range(2):
+        order = data.epoch_order(len(DS()), 5, epoch, G, DS.has_image, DS.lengths, group=True)
+        assert len(order) == units * G and set(order) == set(range(len(DS())))

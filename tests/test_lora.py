@@ -70,7 +70,8 @@ def test_zero_init_is_the_base_model(base):
 
 def test_only_lora_projector_and_mra_learn_base_bit_identical(run, base):
     out, g = run
-    assert losses(out)[-1] < 0.5 * losses(out)[0], losses(out)
+    loss = losses(out)  # an epoch: a global batch of images, one of the 2 text-only records filled up (slower)
+    assert sum(loss[-2:]) < 0.6 * sum(loss[:2]), loss
     model, init = g["unwrapped"], mra.load_checkpoint(base).state_dict()
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
     for n in trained:
@@ -142,6 +143,28 @@ def test_ddp_and_fsdp_equal_one_process(env, base, tmp_path):
     assert_same(weights(tmp_path / "ddp"), weights(tmp_path / "one"), atol=1e-6)
     torchrun(args(env, tmp_path / "fsdp", 2, *common, "--fsdp"))
     assert_same(weights(tmp_path / "fsdp"), weights(tmp_path / "one"), atol=1e-6)
+
+
+def test_resume_refuses_another_alpha_rank_or_base(env, base, tmp_path):
+    # the adapters were trained at the run's scale alpha / r on its base: another one would train (and
+    # save, merged and in lora.json) a model other than the one trained
+    common = ("--init", base, *LORA, "--global-batch", 1, "--batch-size", 1, "--lr", 1e-2, "--lora-adapters-only")
+    out = tmp_path / "run"
+    train_globals(args(env, out, 2, *common, "--max-steps", 1))
+    info = (out / "ckpt" / "lora" / "lora.json").read_text()
+    shutil.copytree(base, tmp_path / "copy")  # the same weights elsewhere: another --init all the same
+    for extra, was in ((("--lora-alpha", 16), "lora_alpha=8.0, now 16.0"), (("--lora-r", 8), "lora_r=4, now 8"),
+                       (("--init", tmp_path / "copy"), "init='.*ckpt', now '.*copy'")):
+        flag = extra[0]
+        with pytest.raises(SystemExit, match=f"--resume: the run used {was}: the model would not be the one trained; "
+                                             f"give the run's {flag}, or start a new run from its weights: --init "):
+            train_globals(args(env, out, 2, *common, "--max-steps", 2, "--resume", *extra))
+    assert (out / "ckpt" / "lora" / "lora.json").read_text() == info
+    # adapters alone are no model to start from: their base is
+    with pytest.raises(SystemExit, match=r"--init .*run/ckpt: holds LoRA adapters only, no model: start from their "
+                                         r"base \(--init .*base\S*/ckpt\), or apply them with generate.py --model "
+                                         r".*ckpt --lora .*run/ckpt/lora"):
+        train_globals(args(env, tmp_path / "new", 2, "--init", out / "ckpt", "--global-batch", 1, "--batch-size", 1))
 
 
 @pytest.mark.parametrize("r", [0, -2])
@@ -232,7 +255,8 @@ def qrun(env, base, tmp_path_factory):
 
 def test_qlora_trains_lora_only_int8_base_bit_identical(qrun, base):
     out, g = qrun
-    assert losses(out)[-1] < 0.5 * losses(out)[0], losses(out)
+    loss = losses(out)  # an epoch: a global batch of images, one of the 2 text-only records filled up (slower)
+    assert sum(loss[-2:]) < 0.6 * sum(loss[:2]), loss
     model, init = g["unwrapped"], mra.load_checkpoint(base, quantize="int8").state_dict()
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
     for n in trained:

@@ -88,12 +88,88 @@ def test_resume_checks_the_data_by_content_and_says_what_else_changed(env, tmp_p
     train(with_data(d / "chats.json", "--max-steps", 2, "--resume", "--lr", 5e-4))
     assert "--resume with settings other than the run's: --lr 0.001 -> 0.0005" in capsys.readouterr().out
     moved.write_text(json.dumps(json.loads(moved.read_text())[::-1]))  # the same path, other records
-    with pytest.raises(SystemExit, match=r"--resume: --data .*moved\.json is not the file the run read"):
+    with pytest.raises(SystemExit, match=r"--resume: --data .*moved\.json is not the file the run read .*give "
+                                         r"that file, or start a new run from its weights: --init .*run/ckpt"):
         train(with_data(moved, "--max-steps", 3, "--resume"))
     with pytest.raises(SystemExit) as done:  # at step 2 already: nothing to do, and no error
         train(with_data(d / "chats.json", "--max-steps", 1, "--resume", "--lr", 5e-4))
     assert done.value.code is None
     assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 1" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tmp_path):
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))  # stage 2: grouped by default
+    for extra, was in ((("--no-group-by-length",), "group_by_length=True, now False"),
+                       (("--seed", 1), "seed=42, now 1")):
+        flag = extra[0].replace("no-", "")
+        with pytest.raises(SystemExit, match=f"--resume: the run used {was}: the data position would not carry "
+                                             f"over; give the run's {flag}, or start a new run from its weights: "
+                                             f"--init .*run/ckpt and another --out"):
+            train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", *extra))
+    # the checkpoint given as the run: dropping --resume would start a new run inside it
+    with pytest.raises(SystemExit, match=r"--out .*run/ckpt is a checkpoint, not a run directory: pass the run that "
+                                         r"holds it, --out \S*run$"):
+        train(args(env, out / "ckpt", 2, *COMMON, "--max-steps", 2, "--resume"))
+    train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", "--group-by-length", "--seed", 42))
+
+
+def test_resume_checks_the_data_as_it_was_read(env, tmp_path, monkeypatch):
+    d, _ = env
+    path, out = tmp_path / "data.json", tmp_path / "run"
+    path.write_bytes((d / "chats.json").read_bytes())
+    with_data = lambda *extra: [str(path) if a.endswith("chats.json") else a  # noqa: E731
+                                for a in args(env, out, 2, *COMMON, *extra)]
+    forward = mra.LlavaHR.forward
+
+    def edit_then_forward(self, *a, **kw):  # the file is edited while the run trains on what it read
+        path.write_text(json.dumps(json.loads((d / "chats.json").read_text())[::-1]))
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(mra.LlavaHR, "forward", edit_then_forward)
+    train(with_data("--max-steps", 1))
+    monkeypatch.setattr(mra.LlavaHR, "forward", forward)
+    with pytest.raises(SystemExit, match=r"--resume: --data .*data\.json is not the file the run read"):
+        train(with_data("--max-steps", 2, "--resume"))
+    path.write_bytes((d / "chats.json").read_bytes())  # as the run read it: it goes on
+    train(with_data("--max-steps", 2, "--resume"))
+    assert len(losses(out)) == 2
+
+
+def test_skip_bad_resume_needs_the_same_usable_records(env, tmp_path):
+    d, _ = env
+    shutil.copytree(d / "images", tmp_path / "images")
+    recs = json.loads((d / "chats.json").read_text())
+    (tmp_path / "data.json").write_text(json.dumps([*recs, dict(id="late", image="late.png", conversations=conv(
+        "<image>\nWhat is this?", "A car."))]))
+    own = {str(d / "chats.json"): str(tmp_path / "data.json"), str(d / "images"): str(tmp_path / "images")}
+    run = lambda *extra: train([own.get(a, a) for a in map(str, args(env, tmp_path / "run", 2, *COMMON,  # noqa: E731
+                                                                        "--skip-bad", *extra))])
+    run("--max-steps", 1)  # late.png is missing: 10 of the 11 records train
+    shutil.copy(tmp_path / "images" / "0.png", tmp_path / "images" / "late.png")  # now it is there
+    with pytest.raises(SystemExit, match=r"--resume: the run trained on 10 usable records of .*data\.json, now 11 "
+                                         r"\(0 bad\): the data position would not carry over; restore the records and "
+                                         r"images as the run had them, or start a new run from its weights: --init"):
+        run("--max-steps", 2, "--resume")
+    os.remove(tmp_path / "images" / "late.png")
+    run("--max-steps", 2, "--resume")
+
+
+@pytest.mark.parametrize("flag", ["--max-steps", "--image-size", "--max-len", "--global-batch"])
+def test_a_zero_flag_is_refused_not_read_as_left_out(env, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        train(args(env, tmp_path / "o", 2, flag, 0))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"need {flag} >= " in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_checkpoint_without_its_tokenizer_names_the_flag(env, tmp_path):
+    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict())), tmp_path / "init")  # no tokenizer.model
+    argv = [a for a in map(str, args(env, tmp_path / "o", 2, "--init", tmp_path / "init")) if a != env[1]]
+    argv.remove("--tokenizer")
+    with pytest.raises(SystemExit, match=r"init: no tokenizer.model beside the weights: pass --tokenizer"):
+        train(argv)
 
 
 def test_resume_after_a_save_where_some_parameters_had_no_gradient(env, tmp_path):

@@ -212,6 +212,14 @@ def test_fsdp_resume_equals_uninterrupted_run(env, tmp_path):
     torch.testing.assert_close(losses(tmp_path / "cut1"), losses(tmp_path / "full"), rtol=1e-6, atol=0)
 
 
+def test_grouped_epoch_is_every_global_batch_of_each_modality(env, tmp_path, capsys):
+    # 8 image and 2 text-only records in global batches of 4, one modality each: 2 of images (one
+    # filled up), 1 of text; none dropped (10 // 4 = 2 steps left a whole one out)
+    train(args(env, tmp_path / "o", 2, "--global-batch", 4, "--batch-size", 4, "--no-save"))
+    assert "10 samples, 3 steps of 4" in capsys.readouterr().out
+    assert len(losses(tmp_path / "o")) == 3
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch):
     forward, calls = mra.LlavaHR.forward, []
 
