@@ -509,6 +509,8 @@ def run(args):
         image = data.load_image(args.image) if args.image else None
     except data.DataError as e:
         raise data.DataError(f"--image {e}") from None
+    if args.temperature == 0 and (args.top_p != 1.0 or args.seed is not None):
+        log("note: --top-p and --seed shape sampling (--temperature > 0); greedy decoding (the default) ignores them")
     questions, answered = read_questions(args) if args.questions else (None, None)
     tok = mra.load_tokenizer(args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")

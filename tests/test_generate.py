@@ -415,3 +415,10 @@ def test_binary_questions_file_is_one_line(model_dir, tmp_path, capsys):
     q.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     code, _, err = answers_run(capsys, model_dir, q, tmp_path / "a.jsonl")
     assert code == 1 and f"{q}: not UTF-8 text" in err and err.count("\n") == 1
+
+
+def test_sampling_flags_without_a_temperature_are_said_to_do_nothing(model_dir, capsys):
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--seed", 3)
+    assert code == 0 and "note: --top-p and --seed shape sampling" in err
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 2)
+    assert code == 0 and "note:" not in err
