@@ -22,6 +22,7 @@ import time
 import uuid
 
 import torch
+from PIL import Image
 
 import data
 import llama
@@ -328,31 +329,23 @@ def read_questions(args):
     # of these questions is appended to, and only its cut-short last line (a crash) is dropped
     with open(args.answers, "rb") as f:
         raw = f.read()
-    whole = raw[:raw.rfind(b"\n") + 1]  # the complete lines
-    tail, n_tail = raw[len(whole):], whole.count(b"\n") + 1
-    answers = list(read_jsonl(args.answers, answer_problem, whole))
-    cut = False  # a last line without its newline: complete, or cut short as a crash leaves one
-    if tail.strip():
-        try:
-            json.loads(tail)
-        except ValueError:
-            if not tail.startswith(b'{"question_id"'):  # how generate.py's lines start
-                raise data.DataError(f"{args.answers} line {n_tail}: neither an answer nor one cut short: not an "
-                                     f"answers file? name a new file for --answers") from None
-            cut = True
-        if not cut:
-            answers += list(read_jsonl(args.answers, answer_problem, tail, n_tail))
+    tail = raw[raw.rfind(b"\n") + 1:]  # a last line without its newline: whole, or cut short by a crash
+    try:
+        json.loads(tail or b"0")
+        cut = False
+    except ValueError:  # cut short if it starts as generate.py's lines do; anything else is named below
+        cut = tail.startswith(b'{"question_id"')
+    answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
     asked = {(q["question_id"], q["text"]) for _, q in questions}
     stray = next(((n, a) for n, a in answers if (a["question_id"], a["prompt"]) not in asked), None)
     if stray:
         n, a = stray
-        raise data.DataError(f"{args.answers} line {n}: answers question_id "
-                             f"{a['question_id']!r} with a prompt that {args.questions} does not ask: the answers to "
-                             f"other questions? name a new file for --answers")
+        raise data.DataError(f"{args.answers} line {n}: answers question_id {a['question_id']!r} with a prompt that "
+                             f"{args.questions} does not ask: the answers to other questions? name a new file for --answers")
     with open(args.answers, "ab") as f:
         if cut:
-            f.truncate(len(whole))
-            log(f"--answers {args.answers}: dropped line {n_tail}, cut short (a run that stopped); asking it again")
+            f.truncate(len(raw) - len(tail))
+            log(f"--answers {args.answers}: dropped its last line, cut short (a run that stopped); asking it again")
         elif tail.strip():
             f.write(b"\n")
     return questions, {(a["question_id"], a["prompt"]) for _, a in answers}
@@ -479,13 +472,6 @@ def parse_args(argv):
     return args
 
 
-def picture_name(path):
-    """Whether PIL can write a picture under this file name (it goes by the extension)."""
-    from PIL import Image
-    ext = os.path.splitext(path)[1].lower()
-    return Image.registered_extensions().get(ext) in Image.SAVE
-
-
 def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
@@ -503,7 +489,8 @@ def run(args):
         raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
     if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
         raise data.DataError(f"--trace {args.trace}: its folder does not exist")
-    if args.trace and not picture_name(args.trace):
+    picture = Image.registered_extensions().get(os.path.splitext(args.trace or "")[1].lower())
+    if args.trace and picture not in Image.SAVE:  # PIL writes by the name's extension
         raise data.DataError(f"--trace {args.trace}: not a picture's file name; end it in .png (or .jpg, ...)")
     try:
         image = data.load_image(args.image) if args.image else None

@@ -380,7 +380,7 @@ def answers_run(capsys, model_dir, q, a):
     (b'[{"question_id": 1, "answer": "yes"}]', "line 1: not a JSON object"),  # an upload
     (b'{"question_id": 1, "text": "Hi"}\n', "line 1: needs a prompt and a text (strings): not an answers file"),
     (b"\x89PNG\r\n\x1a\n\x00\xff", "not UTF-8 text"),
-    (b"my notes", "line 1: neither an answer nor one cut short: not an answers file?"),
+    (b"my notes", "line 1: not JSON"),
     (b"my notes\nsecond line", "line 1: not JSON"),
     (b'{"question_id": 5, "prompt": "Other?", "text": "x"}\n', "line 1: answers question_id 5 with a prompt that"),
 ])
