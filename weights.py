@@ -23,6 +23,7 @@ steps, which live here so that each of them is a table and a few lines:
 Everything that can go wrong raises `CheckpointError` with one line naming the
 file or key, and what was expected.
 """
+import functools
 import itertools
 import json
 import math
@@ -388,8 +389,9 @@ def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
 
     Missing keys are reported under the checkpoint's names when `table` (the one `remap` used)
     says what they are called there: that is the name a user can look for in the file.
-    one_dtype: refuse floating tensors in more than one dtype (a loader's dtype=None keeps each
-    as stored: shards saved in different precisions would fail at the first matmul).
+    one_dtype: floating tensors stored in several dtypes are all cast to the widest of them, which
+    loses nothing (a loader's dtype=None keeps each as stored, and shards saved in different
+    precisions would fail at the first matmul); train.py casts to fp32 after loading anyway.
     """
     expected = model.state_dict()
     problems = []
@@ -408,10 +410,10 @@ def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
     if problems:
         more = f"; ... ({len(problems) - 8} more problems)" if len(problems) > 8 else ""
         raise CheckpointError(f"{source}: " + "; ".join(problems[:8]) + more)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if one_dtype and len(dtypes) > 1:
-        raise CheckpointError(f"{source}: the weights are stored in {' and '.join(dtypes)}; pass dtype= (e.g. "
-                              f"torch.float32) to load them in one")
+        wide = functools.reduce(torch.promote_types, dtypes)
+        state = {k: t.to(wide) if t.is_floating_point() else t for k, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a buffer the model forgot to rebuild after loading: our bug, not the user's
