@@ -291,12 +291,16 @@ class Attention(nn.Module):
         self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, start):
+    def forward(self, x, cos, sin, mask, cache, start, last_only=False):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        # last_only: keys and values of all T tokens (the cache needs them), the query of the last only
+        xq, Tq = (x[:, -1:], 1) if last_only else (x, T)
+        q = self.wq(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[..., -Tq:, :], sin[..., -Tq:, :]), apply_rope(k, cos, sin)
+        if last_only and mask is not None:
+            mask = mask[:, :, -1:]  # (B, 1, 1, S); with no mask, the last query sees every slot
         if cache is not None:
             k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
         # softmax(q k^T / sqrt(hd) + mask) v, mask 0 / -inf (causal when None). Grouped-query (enable_gqa):
@@ -305,9 +309,9 @@ class Attention(nn.Module):
                 and COMPILED_CPU_ATTENTION == "written-out"):
             y = decode_attention(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not last_only,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, Tq, -1))  # (B, Tq, nh*hd) -> (B, Tq, D)
 
 
 class MLP(nn.Module):
@@ -327,8 +331,10 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(c.dim, c.norm_eps), Attention(c, layer)
         self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache=None, start=None, last_only=False):
+        """last_only: the last token's output only, (B, 1, D) (every token's keys and values still cached)."""
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, start, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -499,12 +505,15 @@ class Llama(nn.Module):
             # over nothing, NaN in some SDPA kernels, and a NaN poisons real tokens in the next layer
             mask = additive_mask((mask | (k_slot == q_slot))[:, None], x.dtype)  # (B, 1, T, S), over heads
 
-        for layer in self.layers:
+        # last_only (prefill needs the next-token logits only): the last layer's outputs at the other
+        # T-1 tokens feed nothing but their logits, so that layer skips their queries, attention, wo
+        # and MLP, and the head their (D x V) rows: of 8 layers, an eighth of the work is left out
+        *layers, last = self.layers
+        for layer in layers:
             x = layer(x, cos, sin, mask, cache, start)
+        x = last(x, cos, sin, mask, cache, start, last_only)
         if cache is not None:
             cache.pos.fill_(end)
-        if last_only:  # prefill needs the next-token logits only: skip T-1 rows of the (D x V) head
-            x = x[:, -1:]
         return self.head(x)
 
     def head(self, x):

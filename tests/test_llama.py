@@ -352,10 +352,21 @@ def test_last_only_logits_equal_the_full_passes_last_row():
     tokens = torch.randint(0, model.config.vocab_size, (2, 7))
     pad = torch.ones(2, 7, dtype=torch.bool)
     pad[1, :3] = False  # left padding: the last position is real in every row
-    full = model(tokens, pad_mask=pad)
-    last = model(tokens, pad_mask=pad, last_only=True)
-    assert last.shape == (2, 1, model.config.vocab_size)
-    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+    for mask in (pad, None):  # None: SDPA's causal path, which the one last query must not take
+        full = model(tokens, pad_mask=mask)
+        last = model(tokens, pad_mask=mask, last_only=True)
+        assert last.shape == (2, 1, model.config.vocab_size)
+        torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+        # the last layer takes the last query only, yet caches every token's keys and values, and a
+        # chunk after a cached prefix (queries from slot 4 on) gives the same last logits
+        whole, trimmed, chunked = (model.new_cache(2, 16) for _ in range(3))
+        model(tokens, pad_mask=mask, cache=whole)
+        torch.testing.assert_close(model(tokens, pad_mask=mask, cache=trimmed, last_only=True), last)
+        for a, b in zip(whole.k + whole.v, trimmed.k + trimmed.v):
+            assert torch.equal(a, b)
+        model(tokens[:, :4], pad_mask=None if mask is None else mask[:, :4], cache=chunked)
+        rest = model(tokens[:, 4:], pad_mask=None if mask is None else mask[:, 4:], cache=chunked, last_only=True)
+        torch.testing.assert_close(rest[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
 
 
 def test_linear_inference_path_equals_f_linear_and_training_keeps_autograd():
