@@ -14,6 +14,7 @@ LLaVA's model_vqa formats, so its evaluation scripts read our answers unchanged.
 """
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -111,6 +112,24 @@ def compile_step(step, device):
             cache.values_by_channel()  # the layout decode_attention reads in one pass (once per cache)
         return compiled(tokens, cache)
     return run
+
+
+def keep_freed_memory():
+    """On glibc (Linux), keep freed blocks of up to 32 MB for reuse rather than giving them back to
+    the kernel, which maps in fresh zeroed pages, a page fault per 4 KB, at the next allocation.
+    A prefill's activations are allocated and freed layer after layer: with glibc's defaults,
+    the bench model's 1,100-token prefill page-faulted 55-69K times (about 250 MB) and spent ~190 ms
+    of its 2 threads' time in the kernel; with these settings, none, and 12-13% less wall time.
+    `GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=33554432
+    python bench.py --only decode` sets the same for both sides of bench.py (which leaves glibc's
+    defaults otherwise). Peak memory is unchanged; it is not returned between prompts."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # at most 32 MB on 64-bit glibc
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):  # not glibc: its allocator stands
+        pass
 
 
 @torch.no_grad()
@@ -532,6 +551,8 @@ def run(args):
     inductor_products = args.compile and not (args.questions and args.batch_size > 1)
     if not inductor_products:
         llama.pack_linears(model.llm)
+    if device.type == "cpu":
+        keep_freed_memory()
     step = compile_step(model.llm.decode, device) if args.compile else model.llm.decode
     if args.compile:
         log("--compile: each new batch size or cache length compiles the step at its first call (seconds to minutes)")
