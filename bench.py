@@ -1168,6 +1168,9 @@ def main(argv=None):
     p.add_argument("--text-tokens", type=int, default=60, help="table1: text tokens beside the image")
     p.add_argument("--compile", action="store_true",
                    help="decode on CUDA: also a Vicuna-7B-shaped bf16 model, eager and compiled (~20 GB of GPU memory)")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="leave glibc's allocator as it is, rather than keep freed memory as generate.py does on "
+                        "the CPU (generate.keep_freed_memory; both sides share the process either way)")
     p.add_argument("--model", help="scale: a real (released-layout) checkpoint to run generate.py on")
     p.add_argument("--make-release", metavar="DIR", help="write a random LLaVA-HR-7B in the released .bin layout, exit")
     a = p.parse_args(argv)
@@ -1178,6 +1181,8 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if device.type == "cpu" and not a.glibc_defaults:
+        generate.keep_freed_memory()
     if a.make_release:
         print(make_release(a.make_release))
         return

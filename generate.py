@@ -119,10 +119,9 @@ def keep_freed_memory():
     the kernel, which maps in fresh zeroed pages, a page fault per 4 KB, at the next allocation.
     A prefill's activations are allocated and freed layer after layer: with glibc's defaults,
     the bench model's 1,100-token prefill page-faulted 55-69K times (about 250 MB) and spent ~190 ms
-    of its 2 threads' time in the kernel; with these settings, none, and 12-13% less wall time.
-    `GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=33554432
-    python bench.py --only decode` sets the same for both sides of bench.py (which leaves glibc's
-    defaults otherwise). Peak memory is unchanged; it is not returned between prompts."""
+    of its 2 threads' time in the kernel; with these settings, none (`python bench.py --only decode`
+    against the same with --glibc-defaults: prefill seconds, ours and transformers' alike, as the
+    two share the process). Peak memory is unchanged; it is just not returned between prompts."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
