@@ -56,6 +56,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -186,19 +187,23 @@ def paired_roofline(impls, ids, device, cache_len, pairs=30, steps=16):
 def paired_prefill(llm, hf, ids, cache_len, pairs):
     """Prefill side by side, as paired_roofline does decode: in each pair, ours (cache allocation
     included) and transformers' back to back, which goes first alternating. Returns each pair's
-    transformers seconds / ours; a moment of noise then moves one pair, not the figure."""
-    dev, ratios = ids.device, []
+    transformers seconds / ours; a moment of noise then moves one pair, not the figure. Also each
+    side's page faults and system seconds per prefill, {side: [(faults, s), ...]} (the allocator's
+    cost: see generate.keep_freed_memory and --glibc-defaults)."""
+    dev, ratios, kernel = ids.device, [], {"ours": [], "transformers": []}
+    usage = lambda: (lambda r: (r.ru_minflt, r.ru_stime))(resource.getrusage(resource.RUSAGE_SELF))  # noqa: E731
     for i in range(pairs + 1):
         times = {}
-        for side in (("ours", "hf") if i % 2 else ("hf", "ours")):
-            t0 = now(dev)
+        for side in (("ours", "transformers") if i % 2 else ("transformers", "ours")):
+            u0, t0 = usage(), now(dev)
             if side == "ours":
                 llm(ids, cache=llm.new_cache(1, cache_len), last_only=True)
             else:
                 hf(ids, use_cache=True, logits_to_keep=1)
-            times[side] = now(dev) - t0
-        ratios.append(times["hf"] / times["ours"])
-    return ratios[1:]  # the first pair warms up
+            times[side], u1 = now(dev) - t0, usage()
+            kernel[side].append((u1[0] - u0[0], u1[1] - u0[1]))
+        ratios.append(times["transformers"] / times["ours"])
+    return ratios[1:], {side: k[1:] for side, k in kernel.items()}  # the first pair warms up
 
 
 def median(xs):
@@ -283,7 +288,7 @@ def bench_decode(a, device):
     pairs = 3 if a.quick else 30
     paired_rates = paired_roofline(steps, ids, device, cache_len, pairs)
     paired = {name: median([d / b for d, b in r]) for name, r in paired_rates.items()}
-    prefill_pairs = paired_prefill(ours, hf, ids, cache_len, 3 if a.quick else 9)
+    prefill_pairs, prefill_kernel = paired_prefill(ours, hf, ids, cache_len, 3 if a.quick else 9)
     llama.COMPILED_CPU_ATTENTION = "written-out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
@@ -311,7 +316,12 @@ def bench_decode(a, device):
     print(f"compiled steps: {compile_s:.0f} s to compile each, {graphs} graph(s) for {len(steps) - 1} step(s), "
           f"each measured over {a.repeats * (a.new_tokens - 1) + (pairs + 1) * 16} steps")
     print(f"prefill, pair by pair: transformers' time / ours {median(prefill_pairs):.2f}x, the median of "
-          f"{len(prefill_pairs)} pairs ({min(prefill_pairs):.2f}-{max(prefill_pairs):.2f}x; paired_prefill)")
+          f"{len(prefill_pairs)} pairs ({min(prefill_pairs):.2f}-{max(prefill_pairs):.2f}x; paired_prefill); per "
+          f"prefill, medians: " + ", ".join(f"{side} {median([f for f, _ in k]):.0f} page faults and "
+                                            f"{median([s for _, s in k]) * 1e3:.0f} ms in the kernel"
+                                            for side, k in prefill_kernel.items())
+          + (" (glibc's allocator as it is: --glibc-defaults)" if a.glibc_defaults else
+             " (freed memory kept, as generate.py does: generate.keep_freed_memory)"))
     hf_tps = tps["transformers"]
     return {"read_bandwidth_gb_s": f"{bandwidth / 1e9:.1f}",
             "decode_tokens_per_s_ours": f"{tps['ours']:.1f}",
