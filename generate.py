@@ -117,11 +117,11 @@ def compile_step(step, device):
 def keep_freed_memory():
     """On glibc (Linux), keep freed blocks of up to 32 MB for reuse rather than giving them back to
     the kernel, which maps in fresh zeroed pages, a page fault per 4 KB, at the next allocation.
-    A prefill's activations are allocated and freed layer after layer: with glibc's defaults,
-    the bench model's 1,100-token prefill page-faulted 55-69K times (about 250 MB) and spent ~190 ms
-    of its 2 threads' time in the kernel; with these settings, none (`python bench.py --only decode`
-    against the same with --glibc-defaults: prefill seconds, ours and transformers' alike, as the
-    two share the process). Peak memory is unchanged; it is just not returned between prompts."""
+    A prefill's activations are allocated and freed layer after layer: with glibc's defaults, the
+    bench model's 1,100-token prefill page-faulted about 50,000 times (200 MB) and spent ~160 ms of
+    its 2 threads' time in the kernel (`python bench.py --only decode --glibc-defaults`, ours and
+    transformers' alike); with these settings, none (the same without the flag). Peak memory is
+    unchanged; it is just not returned between prompts."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
