@@ -41,8 +41,7 @@ class LlamaConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        # a config.json's fields arrive here unchecked: a bad one must fail now, named, not as
-        # a shape error deep in torch or as NaN logits (rope_theta 0)
+        # unchecked config.json fields must fail here, named, not as a shape error or NaN logits (rope_theta 0)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -67,15 +66,13 @@ class LlamaConfig:
     def from_hf(cls, cfg):
         """From an HF config.json dict (LlamaConfig, or LLaVA's, which carries the same fields)."""
         # refuse what we do not implement rather than load weights that would silently misbehave
-        unsupported = {"rope_scaling": cfg.get("rope_scaling"),
-                       "attention_bias": cfg.get("attention_bias", False),
+        unsupported = {"rope_scaling": cfg.get("rope_scaling"), "attention_bias": cfg.get("attention_bias", False),
                        "mlp_bias": cfg.get("mlp_bias", False),
                        "hidden_act": cfg.get("hidden_act", "silu") != "silu" and cfg["hidden_act"]}
         for field, value in unsupported.items():
             if value:
                 raise ValueError(f"HF config sets {field}={value!r}, which llama.py does not implement")
-        # Mistral's local attention: refused unless unset, off (Qwen2's use_sliding_window false) or no shorter
-        # than the context
+        # Mistral's local attention: refused unless unset, off (Qwen2's use_sliding_window false) or >= the context
         window = cfg.get("sliding_window")
         if window is not None and cfg.get("use_sliding_window", True) is not False \
                 and not (isinstance(window, int) and window >= cfg.get("max_position_embeddings", 4096)):
@@ -94,8 +91,7 @@ class LlamaConfig:
 LLAMA_PRESETS = {
     "vicuna-7b-v1.5": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008),
     "vicuna-13b-v1.5": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
-    "llama-tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172,
-                       max_seq_len=256),
+    "llama-tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=256),
 }
 
 
@@ -133,7 +129,7 @@ class Linear(nn.Linear):
     equal up to float rounding. Training keeps F.linear (the oneDNN op has no backward), and so does a
     compiled step of plain weights (inductor chooses its own kernels). After pack_linears the weight
     lives in oneDNN's blocked layout (`packed`) and only this path remains, compiled steps included."""
-    packed = None  # pack_linears: the weight in oneDNN's blocked layout, for inference only
+    packed = None
 
     def forward(self, x):
         if self.packed is not None:
@@ -465,8 +461,7 @@ class Llama(nn.Module):
     def new_cache(self, batch_size, max_len, dtype=None, device=None):
         c, w = self.config, self.tok_embeddings.weight
         dtype, device = dtype or w.dtype, device or w.device
-        # cos, sin of every position, (max_len, hd) each, for decode to look up (computed in a compiled
-        # step, they would be recomputed inside every loop that reads them)
+        # KVCache.rope, made here: computed in a compiled step, it would be recomputed in every loop reading it
         tables = [t[0, 0] for t in rope(torch.arange(max_len, device=device)[None], c.head_dim, c.rope_theta, dtype)]
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device, tables)
 

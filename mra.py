@@ -144,8 +144,8 @@ def align(x, n):
 class MRAdapter(nn.Module):
     """F'_vl = F_vl + f_l(F_vl) + g * f_h(F_vh)   (Eq. 3), g = tanh(W2 GELU(W1 f_v))   (Eq. 4).
 
-    F_vl: the ViT's low-res tokens; F_vh (`slow`): the ConvNeXt's high-res map. Module names are
-    the release's: fast_* is f_l (the ViT side), slow_* is f_h (the ConvNeXt side)."""
+    F_vl (`x`, (B, N, d)): the ViT's low-res tokens; F_vh (`slow`, (B, C_s, H, W)): the ConvNeXt's high-res
+    map. Module names are the release's: fast_* is f_l (the ViT side), slow_* is f_h (the ConvNeXt side)."""
 
     def __init__(self, d, c_slow, gate="tanh"):
         super().__init__()
@@ -153,13 +153,10 @@ class MRAdapter(nn.Module):
             raise ValueError(f"gate must be tanh, sigmoid or none, not {gate!r}")
         self.act = gate
         # f_l: "a convolutional block": depthwise 7x7 (local mixing on the low-res grid), 1x1
-        self.fast_conv = nn.Conv2d(d, d, 7, padding=3, groups=d)
-        self.fast_proj = nn.Conv2d(d, d, 1)
+        self.fast_conv, self.fast_proj = nn.Conv2d(d, d, 7, padding=3, groups=d), nn.Conv2d(d, d, 1)
         # f_h: "an MLP layer", i.e. two 1x1 convs on the high-res map, C_s -> C_s -> d
-        self.slow_conv = nn.Conv2d(c_slow, c_slow, 1)
-        self.slow_proj = nn.Conv2d(c_slow, d, 1)
-        # W1, W2 of Eq. 4. The paper's W2 is d/2 -> d (a gate per channel); the released weights hold
-        # d/2 -> 1: one scalar per image
+        self.slow_conv, self.slow_proj = nn.Conv2d(c_slow, c_slow, 1), nn.Conv2d(c_slow, d, 1)
+        # W1, W2 of Eq. 4: the paper's W2 is d/2 -> d (a gate per channel), the release's d/2 -> 1 (one per image)
         self.gate = None if gate == "none" else nn.Sequential(nn.Linear(2 * d, d // 2), nn.GELU(), nn.Linear(d // 2, 1))
         self.reset_parameters()
 
@@ -171,7 +168,6 @@ class MRAdapter(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, x, slow):
-        """x: F_vl, low-res ViT tokens (B, N, d); slow: F_vh, the high-res ConvNeXt map (B, C_s, H, W)."""
         B, N, d = x.shape
         side = math.isqrt(N)
         grid = x.transpose(1, 2).reshape(B, d, side, side)  # (B, d, side, side): tokens back on their grid
@@ -296,8 +292,7 @@ class LlavaHR(nn.Module):
         logits = self.llm(embeds=embeds, pad_mask=pad_mask)
         loss = None
         if labels is not None:  # next-token prediction: position t predicts label t+1
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
         return logits, loss
 
     def prefill(self, input_ids, images=None, pad_mask=None, max_new_tokens=128):

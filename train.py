@@ -189,11 +189,10 @@ lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 
 distributed = "RANK" in os.environ
 cuda = torch.cuda.is_available()
+rank, world, local_rank = 0, 1, 0
 if distributed:
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-else:
-    rank, world, local_rank = 0, 1, 0
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 if cuda:
     torch.cuda.set_device(device)
@@ -363,11 +362,10 @@ if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise SystemExit(f"--out {args.out}: is a file, not a directory")
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
 if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
-    if not previous and os.path.isfile(os.path.join(args.out, "train_state.pt")):  # dropping --resume would
-        # start a new run inside the checkpoint
-        raise SystemExit(f"--resume: --out {args.out} is a checkpoint, not a run directory: pass the run that "
-                         f"holds it, --out {os.path.dirname(os.path.abspath(args.out))}")
     if not previous:
+        if os.path.isfile(os.path.join(args.out, "train_state.pt")):  # dropping --resume would start a run in it
+            raise SystemExit(f"--resume: --out {args.out} is a checkpoint, not a run directory: pass the run that "
+                             f"holds it, --out {os.path.dirname(os.path.abspath(args.out))}")
         raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue): " + (
             "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
     resume_dir = previous[0]
@@ -510,8 +508,7 @@ opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.
 # scale, rank and frozen base) is the one its adapters were trained in: --resume refuses a change
 fixed = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, stage=args.stage,
              group_by_length=by_length, lora_r=args.lora_r, quantize=args.quantize,
-             lora_alpha=lora_alpha if args.lora_r else None,
-             init=os.path.realpath(args.init) if args.lora_r else None)
+             lora_alpha=lora_alpha if args.lora_r else None, init=os.path.realpath(args.init) if args.lora_r else None)
 MODEL_FIXED = {"lora_r", "quantize", "lora_alpha", "init"}
 # flags --resume does not list when they change: where and how the run goes on, and the ones above
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
