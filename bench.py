@@ -9,8 +9,9 @@
    it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
 1b. batch: generate.py's batching, 8 prompts of different lengths one at a time vs as one
    left-padded batch: generated tokens/s; and the batch through the step --compile runs for it.
-1c. linear (CPU): the products of a decode step alone, 1 and 8 rows: MKL, oneDNN on the plain
-   weights, oneDNN on its packed layout, and a sum over the same bytes.
+1c. linear (CPU): the products of a decode step alone, 1 and 8 rows: MKL (three ways), oneDNN on
+   the plain weights and on its packed layout (also with q, k, v and gate, up fused), inductor's
+   C++ GEMM (8 rows), and a sum over the same bytes; then the attention of 1b's batch-8 step.
 2. ttft: why MRA. Time to first token of LLaVA-HR at 1024 px against LLaVA-1.5 at 336,
    448 and 1022 px, same code, widths scaled down to run on a CPU but the full token counts:
    what grows with resolution is the number of visual tokens the LLM must read.
@@ -388,28 +389,44 @@ def bench_batch(a, device):
 @torch.no_grad()
 def bench_linear(a, rows=(1, 8), repeats=15):
     """The products a decode step makes, alone: every Linear weight of section 1's model (its
-    layers and output head) times `rows` rows, through torch's F.linear (MKL for fp32), oneDNN's
-    matmul on the plain weight (llama.Linear) and on the weight in oneDNN's blocked layout
-    (llama.pack_linears), against a sum over the same weights (what reading them costs). Each
-    is the median of `repeats` passes, the four interleaved."""
+    layers and output head) times `rows` rows, through torch's F.linear (MKL for fp32), MKL on
+    the transposed product and on its own packed layout, oneDNN's matmul on the plain weight
+    (llama.Linear) and on the weight in oneDNN's blocked layout (llama.pack_linears), the latter
+    with q, k, v and gate, up fused into two products per layer, and (8 rows) inductor's C++ GEMM
+    template on weights frozen into a compiled graph, against a sum over the same weights (what
+    reading them costs). Then the attention of a batch-8 step. Each is the median of `repeats`
+    passes, all interleaved."""
     if not llama.ONEDNN:
         print("linear: skipped, oneDNN's matmul is used on x86 CPUs only")
         return {}
     g = torch.Generator().manual_seed(0)
-    shapes = [(a.dim, a.dim)] * 4 + [(a.hidden, a.dim)] * 2 + [(a.dim, a.hidden)]
+    shapes = [(a.dim, a.dim)] * 4 + [(a.hidden, a.dim)] * 2 + [(a.dim, a.hidden)]  # q k v o, gate up, down
     weights = [torch.randn(shape, generator=g) * 0.02 for _ in range(a.layers) for shape in shapes]
     weights.append(torch.randn(32000, a.dim, generator=g) * 0.02)
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    packed = [pack(w) for w in weights]
+    fused = [pack(torch.cat(weights[i + lo:i + hi])) for i in range(0, 7 * a.layers, 7)
+             for lo, hi in ((0, 3), (3, 4), (4, 6), (6, 7))] + packed[-1:]  # [qkv, o, gate|up, down] per layer
     n_bytes = sum(w.nbytes for w in weights)
     onednn = torch.ops.mkldnn._linear_pointwise
+    mkl_packed = hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
     out, table_rows = {}, []
     for n in rows:
         x = {k: torch.randn(n, k, generator=g) for k in (a.dim, a.hidden)}
         impls = {"F.linear (MKL)": lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in weights],
+                 "MKL, W x^T": lambda: [torch.mm(w, x[w.shape[1]].t()) for w in weights],
                  "oneDNN, plain weight": lambda: [onednn(x[w.shape[1]], w, None, "none", [], "") for w in weights],
                  "oneDNN, packed weight": lambda: [onednn(x[w.shape[1]], p, None, "none", [], "")
                                                    for w, p in zip(weights, packed)],
-                 "sum of the weights": lambda: [w.sum() for w in weights]}
+                 "oneDNN, packed, qkv and gate|up fused": lambda: [onednn(x[a.dim if i % 4 < 3 else a.hidden], p, None,
+                                                                          "none", [], "") for i, p in enumerate(fused)]}
+        if mkl_packed:
+            mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, n) for w in weights]
+            impls["MKL, its packed layout"] = lambda: [torch.ops.mkl._mkl_linear(x[w.shape[1]], m, w, None, n)
+                                                       for w, m in zip(weights, mkl)]
+        if n > 1:
+            impls["inductor C++ GEMM, frozen weights"] = frozen_products(weights, x, a.dim)
+        impls["sum of the weights"] = lambda: [w.sum() for w in weights]
         times = {k: [] for k in impls}
         for _ in range(repeats):
             for k, fn in impls.items():
@@ -418,12 +435,63 @@ def bench_linear(a, rows=(1, 8), repeats=15):
                 times[k].append(time.perf_counter() - t0)
         med = {k: median(v) for k, v in times.items()}
         for k, t in med.items():
-            table_rows.append([n, k, f"{t * 1e3:.1f}", f"{n_bytes / t / 1e9:.1f}"])
+            table_rows.append([n, k, f"{t * 1e3:.1f}", f"{n_bytes / t / 1e9:.1f}",
+                               f"{2 * n * n_bytes / 4 / t / 1e9:.0f}" if "sum" not in k else "-"])
         out[f"linear_packed_speedup_{n}_rows"] = f"{med['oneDNN, plain weight'] / med['oneDNN, packed weight']:.2f}x"
     print(f"\n1c. linear: the {len(weights)} weights of section 1's model ({n_bytes / 1e6:.0f} MB, fp32) times a few "
           f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
-    table(table_rows, ["rows", "product", "ms", "GB/s"])
-    return out
+    table(table_rows, ["rows", "product", "ms", "GB/s", "GFLOP/s"])
+    return out | bench_batch_attention(a, repeats)
+
+
+def frozen_products(weights, x, dim):
+    """The products through inductor's C++ GEMM template (max_autotune picks it, or ATen's op where
+    faster), which needs the weights frozen into the graph as constants (freezing): a plain copy the
+    graph keeps. Returns the compiled call."""
+    class Products(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
+
+        def forward(self, x_dim, x_hidden):
+            return [torch.nn.functional.linear(x_dim if w.shape[1] == dim else x_hidden, w) for w in self.w]
+    other = next(k for k in x if k != dim)
+    with torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN"):
+        compiled = torch.compile(Products().eval())
+        compiled(x[dim], x[other])  # compiled (and autotuned) here, under these settings
+    return lambda: compiled(x[dim], x[other])
+
+
+def bench_batch_attention(a, repeats):
+    """Attention of section 1b's batch-8 decode step, one query per row, at its average slot count:
+    SDPA (eager decode's kernel) with the left padding masked, the same as two matrix products,
+    and a sum over the same keys and values (what reading them costs)."""
+    lo, hi = a.batch_prompt_lens
+    nh, hd, slots = a.dim // 64, 64, hi + a.new_tokens // 2
+    g = torch.Generator().manual_seed(0)
+    k, v = ([torch.randn(8, nh, cache_length(hi + a.new_tokens), hd, generator=g)[:, :, :slots]
+             for _ in range(a.layers)] for _ in range(2))
+    q = torch.randn(8, nh, 1, hd, generator=g)
+    lens = torch.tensor([lo + (hi - lo) * i // 7 + a.new_tokens // 2 for i in range(8)])
+    mask = llama.additive_mask((torch.arange(slots) >= slots - lens[:, None])[:, None, None], q.dtype)
+    F = torch.nn.functional
+    impls = {"SDPA": lambda: [F.scaled_dot_product_attention(q, kl, vl, attn_mask=mask) for kl, vl in zip(k, v)],
+             "two matrix products": lambda: [((q @ kl.transpose(-1, -2)) * hd ** -0.5 + mask).softmax(-1) @ vl
+                                             for kl, vl in zip(k, v)],
+             "sum of the keys and values": lambda: [(kl.sum(), vl.sum()) for kl, vl in zip(k, v)]}
+    times = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    n_bytes = 2 * sum(t.numel() * 4 for t in k)
+    med = {name: median(t) for name, t in times.items()}
+    print(f"\n1c. attention of 1b's batch-8 step: 8 rows x {nh} heads, one query each, over {slots} slots (the batch's "
+          f"average, left padding masked) in {a.layers} layers, {n_bytes / 1e6:.0f} MB of keys and values; medians of "
+          f"{repeats} interleaved passes")
+    table([[name, f"{t * 1e3:.2f}", f"{n_bytes / t / 1e9:.1f}"] for name, t in med.items()], ["", "ms", "GB/s"])
+    return {"attention_batch8_sdpa_vs_sum": f"{med['sum of the keys and values'] / med['SDPA']:.2f}"}
 
 
 @torch.no_grad()
