@@ -117,6 +117,11 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
                               f"OUT/ckpt/lora of a train.py --lora-r run)")
     r, alpha, trained_on = read_config(info_path, lambda d: (int(d["r"]), float(d["alpha"]), d.get("base")))
+    if (os.path.realpath(os.path.join(base, "lora")) == os.path.realpath(adapters)
+            and os.path.isfile(os.path.join(base, "mra_config.json"))):  # train.py's OUT/ckpt: the merged model
+        raise CheckpointError(f"--lora {adapters}: {base} is the model with these adapters already merged in; "
+                              f"applying them again would add the update twice. Use --model {base} alone, or "
+                              f"--model {trained_on or 'BASE'} --lora {adapters}")
     cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
     tensors = read_safetensors(adapters, dtype, device)
     q = quantize if not merged else None  # merged: W + (alpha / r) B A in full precision, then quantized

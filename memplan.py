@@ -64,7 +64,8 @@ def fixed_malloc_threshold():
 
 def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16):
     """Bytes per device for build(cfg), the model as it will train (its blocks checkpointed when
-    grad_ckpt): fp32 weights, gradients and AdamW's two moments (divided over the ranks under
+    grad_ckpt): weights (fp32; a LoRA base on GPUs in bf16, as train.py holds it), gradients and AdamW's
+    two moments (divided over the ranks under
     FSDP), and the activations of one micro-step of `batch` samples of `max_len` tokens with
     one image each, measured on fake tensors through the real forward and backward (autocast's
     bf16 copies of the weights included, as they are held for the whole step)."""
@@ -76,6 +77,9 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
         finally:
             torch.set_default_dtype(torch.float32)
         n_all = sum(q.numel() for q in model.parameters())
+        # fp32 masters under FSDP (built in bf16 above); else as built: bf16 where train.py stores a
+        # frozen LoRA base so (train.lora_bases_in_bf16), fp32 for the rest
+        weight_bytes = sum(q.numel() * (4 if fsdp else q.element_size()) for q in model.parameters())
         # an int8 base (--quantize): its weights are buffers of 1 byte each, plus a scale per row
         buffers, n_int8 = sum(b.nbytes for b in model.buffers()), sum(b.numel() for b in model.buffers() if b.ndim == 2)
         n_train = sum(q.numel() for n, q in model.named_parameters() if trains(n))
@@ -107,7 +111,7 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
                                                                      for t in st.values())]) as update:
             opt.step()
     shard = world if fsdp else 1
-    return dict(weights=4 * n_all / shard + buffers, gradients=4 * n_train / shard, adam=8 * n_train / shard,
+    return dict(weights=weight_bytes / shard + buffers, gradients=4 * n_train / shard, adam=8 * n_train / shard,
                 activations=counter.peak, update=update.peak / shard, n_all=n_all + n_int8, n_train=n_train,
                 tokens=n_vis + n_text, world=world, fsdp=fsdp, batch=batch, bf16=bf16, grad_ckpt=grad_ckpt)
 

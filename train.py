@@ -128,8 +128,8 @@ p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both 
 p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
 p.add_argument("--lora-r", type=int, help="stage 2 with LoRA of this rank on the LLM (release: 128); needs --init")
 p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default 2 r, as released: 256)")
-p.add_argument("--lora-dropout", type=float, default=0.05, help="on the input of the low-rank path (release: 0.05)")
-p.add_argument("--lora-train-mra", action=argparse.BooleanOptionalAction, default=True,
+p.add_argument("--lora-dropout", type=float, help="on the input of the low-rank path (default 0.05, as released)")
+p.add_argument("--lora-train-mra", action=argparse.BooleanOptionalAction,
                help="with LoRA, also train the MR-Adapters and the fusion at full rank (as LLaVA-HR does)")
 p.add_argument("--lora-adapters-only", action="store_true",
                help="checkpoints hold only OUT/ckpt/lora (small), not the merged model as well")
@@ -165,7 +165,8 @@ limits = {"--batch-size >= 1": args.batch_size >= 1, "--epochs >= 1": args.epoch
                                                              args.projector_lr_scale or 0)),
           "--lora-r >= 1": args.lora_r is None or args.lora_r >= 1,
           "--lora-alpha > 0": args.lora_alpha is None or 0 < args.lora_alpha < math.inf,
-          "0 <= --lora-dropout < 1": 0 <= args.lora_dropout < 1}
+          "0 <= --lora-dropout < 1": args.lora_dropout is None or 0 <= args.lora_dropout < 1,
+          "--dry-run WORLD >= 1": args.dry_run is None or args.dry_run >= 0}  # 0: const, this run's world
 bad = [rule for rule, ok in limits.items() if not ok]  # NaN fails every comparison, so it lands here too
 if bad:
     p.error("need " + ", ".join(bad))
@@ -176,8 +177,13 @@ if args.resume and args.overwrite:
 if args.lora_r and not (args.stage == 2 and args.init):
     p.error("--lora-r adapts a trained model in stage 2: --stage 2 and --init CHECKPOINT (a released LLaVA-HR "
             "dir or a train.py checkpoint) are needed")
-if args.lora_adapters_only and not args.lora_r:
-    p.error("--lora-adapters-only saves LoRA adapters: it needs --lora-r")
+lora_flags = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout),
+                              ("--[no-]lora-train-mra", args.lora_train_mra),
+                              ("--lora-adapters-only", args.lora_adapters_only or None)) if v is not None]
+if lora_flags and not args.lora_r:  # else a full fine-tune would run, the flags silently unused
+    p.error(f"{', '.join(lora_flags)} set LoRA up: it needs --lora-r (the rank; the release's is 128)")
+args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
+args.lora_train_mra = args.lora_train_mra is not False
 if args.quantize and not args.lora_r:
     p.error("--quantize int8 freezes the LLM's weights in int8, where only LoRA can learn: it needs --lora-r")
 if args.quantize and args.fsdp:
@@ -338,12 +344,24 @@ def with_adapters(m1, cfg, source):
     return m2
 
 
+def lora_bases_in_bf16(model):
+    """On GPUs (not FSDP across processes, which wants one dtype): the weights LoRA wraps are frozen and
+    only ever read by autocast's bf16 matmuls; stored in bf16 they give the same products at half the
+    memory (7B: 13 GB, not 26)."""
+    for m in model.modules():
+        if isinstance(m, lora.LoRALinear) and m.weight.is_floating_point():
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+
+
 def plan(cfg, world, bf16):
-    def build(c):
+    def build(c):  # the model as the run will hold it
         model = mra.LlavaHR(c)
         if args.quantize:
             int8_linears(model.llm)
-        model = lora.add_lora(model, args.lora_r, lora_alpha) if args.lora_r else model
+        if args.lora_r:
+            model = lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)
+            if bf16 and not (args.fsdp and world > 1):
+                lora_bases_in_bf16(model)
         return checkpoint_blocks(model) if args.grad_checkpoint else model
     p = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
                             args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
@@ -452,11 +470,7 @@ if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16);
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
 if args.lora_r and cuda and not lean:
-    # the wrapped weights are frozen and only ever read by autocast's bf16 matmuls: stored in bf16
-    # they give the same products at half the memory (7B: 13 GB, not 26). FSDP2 wants one dtype.
-    for m in model.modules():
-        if isinstance(m, lora.LoRALinear) and m.weight.is_floating_point():
-            m.weight.data = m.weight.data.to(torch.bfloat16)
+    lora_bases_in_bf16(model)
 cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
 if tok.vocab_size > cfg.llm.vocab_size:

@@ -118,6 +118,19 @@ def test_merged_equals_unmerged(run, base, env, capsys):
     assert len(ref) > 0 and texts[0] == texts[1] == Tokenizer(tok).decode(ref) + "\n", texts
 
 
+def test_adapters_on_their_own_merged_model_are_refused(run, env, capsys):
+    """OUT/ckpt is already W + s B A: --lora OUT/ckpt/lora on it would add the update twice."""
+    out, _ = run
+    with pytest.raises(mra.CheckpointError, match="already merged in"):
+        lora.load(str(out / "ckpt"), str(out / "ckpt" / "lora"))
+    d, _ = env
+    code = generate.main([str(a) for a in ["--model", out / "ckpt", "--lora", out / "ckpt" / "lora", "--image",
+                                           d / "images" / "0.png", "--prompt", "Hi", "--max-new-tokens", 2]])
+    err = capsys.readouterr().err
+    assert code != 0 and err.strip().splitlines()[-1].startswith("error: ") and "add the update twice" in err, err
+    assert "Traceback" not in err
+
+
 def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     common = ("--init", base, *LORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2)
     train_globals(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
@@ -323,6 +336,37 @@ def test_dry_run_counts_an_int8_base_at_one_byte(env, capsys):
     full, q8 = (plan(env, capsys, "--dry-run", "--init", "unread", *LORA, *extra) for extra in ((), ("--quantize", "int8")))
     assert full["weights"] - q8["weights"] == pytest.approx(saved, abs=0.01 * 2**20)  # printed to 0.01 MiB
     assert q8["adam"] == full["adam"]  # the same LoRA parameters train
+
+
+def test_lora_flags_without_a_rank_are_refused(env, base, tmp_path, capsys):
+    """--lora-alpha and the like without --lora-r used to run a full fine-tune, the flags unused."""
+    for extra, named in ((("--lora-alpha", 16), "--lora-alpha"), (("--lora-dropout", 0.1, "--no-lora-train-mra"),
+                                                                  "--lora-dropout, --[no-]lora-train-mra")):
+        with pytest.raises(SystemExit) as e:
+            train_globals(args(env, tmp_path / "o", 2, "--init", base, *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{named} set LoRA up: it needs --lora-r" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_counts_lora_dropout(env, capsys):
+    """The plan's model drops out on LoRA's input as the run's does (default 0.05): the mask and the
+    dropped copy of each input are held for backward."""
+    default = plan(env, capsys, "--dry-run", "--init", "unread", *LORA)
+    none = plan(env, capsys, "--dry-run", "--init", "unread", *LORA, "--lora-dropout", 0)
+    assert default["activations"] > none["activations"] > 0
+
+
+def test_dry_run_counts_a_gpu_lora_base_in_bf16(env, capsys):
+    """On GPUs train.py stores the frozen weights LoRA wraps in bf16 (2 bytes), the rest in fp32;
+    FSDP across processes keeps fp32 masters of everything."""
+    llm = mra.build(replace(tiny(), adapters=True, image_size=128)).llm
+    wrapped = sum(m.weight.numel() for layer in llm.layers for m in (*vars(layer.attn)["_modules"].values(),
+                                                                     *vars(layer.mlp)["_modules"].values()))
+    cpu, gpu = (plan(env, capsys, "--dry-run", *world, "--init", "unread", *LORA) for world in ((), (1,)))
+    assert cpu["weights"] - gpu["weights"] == pytest.approx(2 * wrapped, abs=0.01 * 2**20)
+    fsdp = plan(env, capsys, "--dry-run", 2, "--fsdp", "--init", "unread", *LORA)
+    assert fsdp["weights"] == pytest.approx(cpu["weights"] / 2, abs=0.01 * 2**20)
 
 
 def test_7b_int8_base_counted_at_one_byte():

@@ -335,6 +335,13 @@ def test_dry_run_memory_plan(env, capsys):
     assert one["peak"] == pytest.approx(peak, rel=1e-2)
 
 
+def test_dry_run_refuses_a_world_below_one(env, capsys):
+    with pytest.raises(SystemExit) as e:
+        train(["--stage", "2", "--config", "tiny", "--dry-run", "-2", "--fsdp"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "need --dry-run WORLD >= 1" in err, err
+
+
 def test_dry_run_refuses_an_image_longer_than_the_llm(env, capsys):
     d, tok = env  # tiny's LLM holds 512 positions; R = 2048 gives S = 2048 / 32 * 14 = 896, a 64 x 64 grid
     with pytest.raises(ValueError, match="one image takes 4096 LLM positions at --image-size 2048, but the LLM holds 512"):
