@@ -77,11 +77,19 @@ def preprocess(image, size, mode="pad"):
     only, cutting off the long side (stage 1, LLaVA's default "square")."""
     if mode not in ("pad", "crop"):
         raise ValueError(f"mode must be 'pad' or 'crop', not {mode!r}")
+    w, h = image.size
+    # HF: the short side becomes `size`, the long side int(size * long / short) (floored); a thin
+    # image's square canvas (pad) or resized long side (crop) grows without bound: 1 x 40,000 px
+    # padded is 4.8 GB. Refused past what Pillow refuses to decode (its decompression-bomb limit)
+    pixels = max(w, h) ** 2 if mode == "pad" else size * int(size * max(w, h) / min(w, h))
+    if pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        raise DataError(f"an image of {w} x {h} pixels is too thin: {'padding it square' if mode == 'pad' else 'resizing'} "
+                        f"it makes {pixels:,} pixels, over the {2 * Image.MAX_IMAGE_PIXELS:,} Pillow decodes at most; "
+                        f"crop it to a less extreme aspect ratio")
     image = image if image.mode == "RGB" else image.convert("RGB")
     if mode == "pad":
         image = expand2square(image)
-    w, h = image.size
-    # HF: the short side becomes `size`, the long side int(size * long / short) (floored)
+        w, h = image.size
     long = int(size * max(w, h) / min(w, h))
     new_w, new_h = (size, long) if w <= h else (long, size)
     image = image.resize((new_w, new_h), Image.BICUBIC)  # PIL on uint8, as HF does

@@ -320,8 +320,8 @@ def question_problem(q, image_folder):
         return "question_id must be a string or an integer"
     if not isinstance(q.get("text"), str):
         return "text must be a string"
-    if q.get("image") is not None and not isinstance(q["image"], str):
-        return "image must be a file name"
+    if q.get("image") is not None and not (isinstance(q["image"], str) and q["image"]):
+        return f"image must be a file name, not {q['image']!r} (leave it out for a text-only question)"
     if q.get("image") and not os.path.isfile(os.path.join(image_folder or "", q["image"])):
         return f"image file not found: {os.path.join(image_folder or '', q['image'])} (--image-folder?)"
     return None
@@ -460,6 +460,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.image and len(args.image) > 1:
         p.error("one --image per conversation (the model reads one image); for many, --questions")
+    if args.image == [""]:  # an unset shell variable, --image "$IMG": not a text-only question
+        p.error("--image is empty: name an image file, or drop --image")
     args.image = args.image[0] if args.image else None
     if args.prompt is not None and not args.prompt.strip():
         p.error("--prompt is empty: ask a question, or drop --prompt to chat")

@@ -516,13 +516,20 @@ def convert_bin(src, dst):
     parent, name = os.path.split(os.path.abspath(dst))
     if not os.path.isdir(parent):  # named here: mkdtemp's error would name the hidden directory
         raise CheckpointError(f"{parent}: no such directory, to convert into {dst}; create it first")
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
         weight_map = {}
         for file in shards:
-            sd = read_bin(file)
+            sd, seen = read_bin(file), set()
+            for k, v in sd.items():  # a tied head is the embedding's storage: safetensors stores each once
+                sd[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v.contiguous()
+                seen.add(v.untyped_storage().data_ptr())
             out = os.path.basename(file).replace("pytorch_model", "model").replace(".bin", ".safetensors")
-            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, out), metadata={"format": "pt"})
+            try:
+                save_file(sd, os.path.join(tmp, out), metadata={"format": "pt"})
+            except SafetensorError as e:  # e.g. no space left on the device
+                raise CheckpointError(f"{dst}: writing {out} failed: {e}") from None
             weight_map |= {k: out for k in sd}
         if len(shards) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -533,6 +540,8 @@ def convert_bin(src, dst):
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0o700 -> what a plain mkdir gives
+        for f in os.listdir(tmp):  # safetensors writes 0o600: readable by all, as a plain write would be
+            os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
         os.rename(tmp, dst)
     return dst
 

@@ -247,6 +247,15 @@ def rgb(path):
     return np.asarray(load_image(str(path)))
 
 
+def test_a_thin_image_is_refused_before_its_canvas_is_made():
+    """1 x 40,000 px padded square would be 4.8 GB, 1 x 3,000 resized for a crop 600M pixels: both
+    past Pillow's own decoding limit, refused in a line (a DataError: --skip-bad can skip it)."""
+    for (w, h), mode in (((1, 40000), "pad"), ((3000, 1), "crop")):
+        with pytest.raises(DataError, match=f"an image of {w} x {h} pixels is too thin"):
+            preprocess(Image.new("RGB", (w, h)), 448, mode)
+    assert preprocess(Image.new("RGB", (1, 3000)), 448, "pad").shape == (3, 448, 448)  # 9M pixels: fine
+
+
 def test_load_image_modes(tmp_path):
     base = random_image(20, 12)
     rgba = base.convert("RGBA")

@@ -281,6 +281,7 @@ def batch_argv(model_dir, images, q, a):  # noqa: F811
     (['{"question_id": [1], "text": "Hi"}'], "line 1: question_id must be a string or an integer"),
     (['{"question_id": 1, "text": "Hi"}', '{"question_id": 2, "text": '], "q.jsonl line 2: not JSON"),
     (['{"question_id": 1, "text": "Hi", "image": "nope.png"}'], "line 1: image file not found"),
+    (['{"question_id": 1, "text": "Hi", "image": ""}'], "line 1: image must be a file name, not ''"),
 ])
 def test_bad_questions_fail_before_the_model_loads(model_dir, images, tmp_path, capsys, lines, expected):  # noqa: F811
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
@@ -296,6 +297,7 @@ def test_generate_flag_slips_are_one_line_naming_the_flag(model_dir, images, tmp
     refused = {  # by the parser: exit status 2
         "two images": (["--image", img, "--image", images[1], *ask], "one --image per conversation"),
         "empty prompt": (["--image", img, "--prompt", "  "], "--prompt is empty"),
+        "empty image": (["--image", "", *ask], "--image is empty: name an image file, or drop --image"),
         "a batch flag with one prompt": ([*ask, "--image-folder", tmp_path], "go with --questions"),
         "one bad limit": ([*ask, "--max-new-tokens", 0], "need --max-new-tokens >= 1 (see --help)"),
     }
@@ -436,6 +438,35 @@ def test_integer_weights_are_refused_by_name():
     hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"].long()}
     with pytest.raises(CheckpointError, match="model.embed_tokens.weight holds torch.int64 values"):
         Llama.from_pretrained((cfg, hf))
+
+
+def test_convert_keeps_a_tied_head_and_writes_readable_files(tmp_path, monkeypatch):
+    """A .bin whose lm_head is the embedding's storage (tied) converts (safetensors stores shared
+    storage only once: each key gets its own copy); the files are readable by all as plain writes
+    are (safetensors makes them 0o600); a failed write (a full disk) is a CheckpointError, nothing left."""
+    src = tmp_path / "tied"
+    src.mkdir()
+    emb = torch.randn(8, 4)
+    torch.save({"model.embed_tokens.weight": emb, "lm_head.weight": emb}, src / "pytorch_model.bin")
+    (src / "config.json").write_text("{}")
+    old = os.umask(0o022)
+    try:
+        mra.convert_bin(str(src), str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    got = mra.read_safetensors(str(tmp_path / "out"))
+    assert torch.equal(got["lm_head.weight"], emb) and torch.equal(got["model.embed_tokens.weight"], emb)
+    assert {f: os.stat(tmp_path / "out" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "out")} == \
+        {"model.safetensors": 0o644, "config.json": 0o644}
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"out2: writing model.safetensors failed: No space left"):
+        mra.convert_bin(str(src), str(tmp_path / "out2"))
+    assert sorted(os.listdir(tmp_path)) == ["out", "tied"]
 
 
 def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
