@@ -27,8 +27,8 @@ from torch import nn
 from convnext import ConvNeXt, ConvNeXtConfig
 from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer, int8_linears, int8_reader
 from vit import ViT, ViTConfig
-from weights import (CheckpointError, bin_files, check_memory, load_state, read_bin, read_checkpoint, read_config,
-                     read_safetensors, remap, tensor_sizes, write_safetensors)
+from weights import (CheckpointError, _check_index, bin_files, check_memory, load_state, read_bin, read_checkpoint,
+                     read_config, read_safetensors, remap, tensor_sizes, write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
 IGNORE = -100  # label of every position the loss skips
@@ -519,7 +519,7 @@ def convert_bin(src, dst):
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
-        weight_map = {}
+        weight_map, where = {}, {}
         for file in shards:
             sd, seen = read_bin(file), set()
             for k, v in sd.items():  # a tied head is the embedding's storage: safetensors stores each once
@@ -531,6 +531,8 @@ def convert_bin(src, dst):
             except SafetensorError as e:  # e.g. no space left on the device
                 raise CheckpointError(f"{dst}: writing {out} failed: {e}") from None
             weight_map |= {k: out for k in sd}
+            where |= {k: file for k in sd}
+        _check_index(shards, where)  # shards that do not match their index: refused, as loading refuses them
         if len(shards) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
