@@ -15,6 +15,7 @@ LLaVA's model_vqa formats, so its evaluation scripts read our answers unchanged.
 import argparse
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
@@ -512,6 +513,12 @@ def run(args):
     picture = Image.registered_extensions().get(os.path.splitext(args.trace or "")[1].lower())
     if args.trace and picture not in Image.SAVE:  # PIL writes by the name's extension
         raise data.DataError(f"--trace {args.trace}: not a picture's file name; end it in .png (or .jpg, ...)")
+    if args.trace:  # a format PIL knows but cannot write an RGB picture in (.xbm, .msp): found now, not at the end
+        try:
+            Image.new("RGB", (2, 2)).save(io.BytesIO(), format=picture)
+        except (OSError, ValueError) as e:
+            raise data.DataError(f"--trace {args.trace}: cannot write the picture as {picture} ({e}); end it "
+                                 f"in .png (or .jpg, ...)") from None
     try:
         image = data.load_image(args.image) if args.image else None
     except data.DataError as e:

@@ -68,7 +68,8 @@ def test_trace_cli_on_our_checkpoint(model_dir, images, tmp_path, capsys):  # no
     code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--trace", picture)
     assert code == 1 and err.count("\n") == 1 and f"--trace {picture}: exists" in err
     # a name that can't be written is said before the model loads
-    for bad, why in ((tmp_path / "nodir" / "x.png", "its folder does not exist"), (tmp_path / "x.txt", "end it in .png")):
+    for bad, why in ((tmp_path / "nodir" / "x.png", "its folder does not exist"), (tmp_path / "x.txt", "end it in .png"),
+                     (tmp_path / "x.xbm", "cannot write the picture as XBM")):  # PIL knows XBM, writes no RGB in it
         code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--trace", bad)
         assert code == 1 and err.count("\n") == 1 and f"--trace {bad}: " in err and why in err and out == "", err
 
