@@ -427,13 +427,7 @@ def bench_linear(a, rows=(1, 8), repeats=15):
         if n > 1:
             impls["inductor C++ GEMM, frozen weights"] = frozen_products(weights, x, a.dim)
         impls["sum of the weights"] = lambda: [w.sum() for w in weights]
-        times = {k: [] for k in impls}
-        for _ in range(repeats):
-            for k, fn in impls.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        med = {k: median(v) for k, v in times.items()}
+        med = interleaved_medians(impls, repeats)
         for k, t in med.items():
             table_rows.append([n, k, f"{t * 1e3:.1f}", f"{n_bytes / t / 1e9:.1f}",
                                f"{2 * n * n_bytes / 4 / t / 1e9:.0f}" if "sum" not in k else "-"])
@@ -442,6 +436,17 @@ def bench_linear(a, rows=(1, 8), repeats=15):
           f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
     table(table_rows, ["rows", "product", "ms", "GB/s", "GFLOP/s"])
     return out | bench_batch_attention(a, repeats)
+
+
+def interleaved_medians(impls, repeats):
+    """{name: median seconds} of each call in `impls`, run in turns `repeats` times."""
+    times = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: median(t) for name, t in times.items()}
 
 
 def frozen_products(weights, x, dim):
@@ -479,14 +484,8 @@ def bench_batch_attention(a, repeats):
              "two matrix products": lambda: [((q @ kl.transpose(-1, -2)) * hd ** -0.5 + mask).softmax(-1) @ vl
                                              for kl, vl in zip(k, v)],
              "sum of the keys and values": lambda: [(kl.sum(), vl.sum()) for kl, vl in zip(k, v)]}
-    times = {name: [] for name in impls}
-    for _ in range(repeats):
-        for name, fn in impls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    med = interleaved_medians(impls, repeats)
     n_bytes = 2 * sum(t.numel() * 4 for t in k)
-    med = {name: median(t) for name, t in times.items()}
     print(f"\n1c. attention of 1b's batch-8 step: 8 rows x {nh} heads, one query each, over {slots} slots (the batch's "
           f"average, left padding masked) in {a.layers} layers, {n_bytes / 1e6:.0f} MB of keys and values; medians of "
           f"{repeats} interleaved passes")

@@ -64,10 +64,9 @@ def fixed_malloc_threshold():
 
 def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16):
     """Bytes per device for build(cfg), the model as it will train (its blocks checkpointed when
-    grad_ckpt): weights (fp32; a LoRA base on GPUs in bf16, as train.py holds it), gradients and AdamW's
-    two moments (divided over the ranks under
-    FSDP), and the activations of one micro-step of `batch` samples of `max_len` tokens with
-    one image each, measured on fake tensors through the real forward and backward (autocast's
+    grad_ckpt): weights (fp32; a LoRA base on GPUs in bf16, as train.py holds it), gradients and
+    AdamW's two moments (divided over the ranks under FSDP), and the activations of one micro-step
+    of `batch` samples of `max_len` tokens with one image each, measured on fake tensors through the real forward and backward (autocast's
     bf16 copies of the weights included, as they are held for the whole step)."""
     with FakeTensorMode():
         # FSDP2's mixed precision gathers bf16 weights, so autocast makes no copies of them
@@ -78,7 +77,7 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
             torch.set_default_dtype(torch.float32)
         n_all = sum(q.numel() for q in model.parameters())
         # fp32 masters under FSDP (built in bf16 above); else as built: bf16 where train.py stores a
-        # frozen LoRA base so (train.lora_bases_in_bf16), fp32 for the rest
+        # frozen LoRA base so (lora.bf16_bases), fp32 for the rest
         weight_bytes = sum(q.numel() * (4 if fsdp else q.element_size()) for q in model.parameters())
         # an int8 base (--quantize): its weights are buffers of 1 byte each, plus a scale per row
         buffers, n_int8 = sum(b.nbytes for b in model.buffers()), sum(b.numel() for b in model.buffers() if b.ndim == 2)

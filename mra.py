@@ -27,7 +27,7 @@ from torch import nn
 from convnext import ConvNeXt, ConvNeXtConfig
 from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer, int8_linears, int8_reader
 from vit import ViT, ViTConfig
-from weights import (CheckpointError, _check_index, bin_files, check_memory, load_state, read_bin, read_checkpoint,
+from weights import (CheckpointError, bin_files, check_index, check_memory, load_state, read_bin, read_checkpoint,
                      read_config, read_safetensors, remap, tensor_sizes, write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
@@ -532,7 +532,7 @@ def convert_bin(src, dst):
                 raise CheckpointError(f"{dst}: writing {out} failed: {e}") from None
             weight_map |= {k: out for k in sd}
             where |= {k: file for k in sd}
-        _check_index(shards, where)  # shards that do not match their index: refused, as loading refuses them
+        check_index(shards, where)  # shards that do not match their index: refused, as loading refuses them
         if len(shards) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)

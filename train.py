@@ -344,15 +344,6 @@ def with_adapters(m1, cfg, source):
     return m2
 
 
-def lora_bases_in_bf16(model):
-    """On GPUs (not FSDP across processes, which wants one dtype): the weights LoRA wraps are frozen and
-    only ever read by autocast's bf16 matmuls; stored in bf16 they give the same products at half the
-    memory (7B: 13 GB, not 26)."""
-    for m in model.modules():
-        if isinstance(m, lora.LoRALinear) and m.weight.is_floating_point():
-            m.weight.data = m.weight.data.to(torch.bfloat16)
-
-
 def plan(cfg, world, bf16):
     def build(c):  # the model as the run will hold it
         model = mra.LlavaHR(c)
@@ -361,7 +352,7 @@ def plan(cfg, world, bf16):
         if args.lora_r:
             model = lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)
             if bf16 and not (args.fsdp and world > 1):
-                lora_bases_in_bf16(model)
+                lora.bf16_bases(model)
         return checkpoint_blocks(model) if args.grad_checkpoint else model
     p = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
                             args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
@@ -470,7 +461,7 @@ if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16);
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
 if args.lora_r and cuda and not lean:
-    lora_bases_in_bf16(model)
+    lora.bf16_bases(model)  # on GPUs, not FSDP across processes (which wants one dtype)
 cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
 if tok.vocab_size > cfg.llm.vocab_size:

@@ -217,11 +217,11 @@ def read_checkpoint(path, dtype=None, device="cpu", keep=None, convert=None, fil
     for file in files:
         for k, t in _tensors(file, keep, where):
             out |= convert(k, t) if convert is not None else {k: _cast(t, dtype).to(device)}
-    _check_index(files, where)
+    check_index(files, where)
     return out
 
 
-def _check_index(files, where):
+def check_index(files, where):
     """When `files` are a shard index's, every key it lists must have come from the shard it names:
     one missing, or found elsewhere, means shards that are not the ones the index was written with."""
     folder = os.path.dirname(files[0])
