@@ -374,11 +374,11 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     try:  # the towers' loaders name their keys without the release's prefix: say where they sit
         where = "model.* and lm_head.*, shaped as config.json says"
         llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}),
-                                    quantize=quantize)
+                                    device=device, quantize=quantize)
         where = (HR_VIT if parts[HR_VIT] else V15_VIT) + "*"
-        vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT])
+        vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT], device=device)
         where = HR_CONVNEXT + "*"
-        convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT]) if arch == "llava-hr" else None
+        convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT], device=device) if arch == "llava-hr" else None
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e} (keys {where})") from None
     towers = {"llm.": llm, "encoder.vit.": vit, "encoder.convnext.": convnext}  # where each sits in LlavaHR

@@ -45,7 +45,7 @@ import mra
 from convnext import ConvNeXtConfig
 from llama import LlamaConfig, Tokenizer, int8_linears
 from vit import ViTConfig
-from weights import available_memory, read_config, write_safetensors
+from weights import available_memory, fingerprint, read_config, write_safetensors
 
 # -----------------------------------------------------------------------------
 # settings: the release's recipe per stage; a flag overrides
@@ -146,8 +146,8 @@ p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
 p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (deletes it)")
 p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
 p.add_argument("--dry-run", type=int, nargs="?", const=0, metavar="WORLD",
-               help="print the memory plan per device for WORLD processes (default: this run's) and exit; "
-                    "no weights or data are read")
+               help="print the memory plan per device for WORLD processes (default: this run's) and exit, for "
+                    "--init's model (else --config's); no weights or data are read")
 args = p.parse_args()
 if not args.debug:
     sys.excepthook = one_line_errors
@@ -174,7 +174,7 @@ if args.dry_run is None and not (args.data and args.out):
     p.error("--data and --out are required (unless --dry-run)")
 if args.resume and args.overwrite:
     p.error("--resume continues the run in --out, --overwrite deletes it: pick one")
-if args.lora_r and not (args.stage == 2 and args.init):
+if args.lora_r and not (args.stage == 2 and (args.init or args.dry_run is not None)):  # a plan: --config's
     p.error("--lora-r adapts a trained model in stage 2: --stage 2 and --init CHECKPOINT (a released LLaVA-HR "
             "dir or a train.py checkpoint) are needed")
 lora_flags = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout),
@@ -360,8 +360,22 @@ def plan(cfg, world, bf16):
     return p
 
 
+for flag, path in (("--init", args.init), ("--llm", args.llm)):
+    if path and not os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
+
+
+def from_init(held):
+    """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
+    if adapters and not held.adapters and held.arch == "llava-hr":
+        return replace(held, **stage_cfg)
+    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
+
+
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
-    memplan.print_plan(plan(replace(cfg, **stage_cfg), args.dry_run or world, bf16=cuda or args.dry_run > 0))
+    # --init's model as the run would build it: its shapes come from the files' headers, no weight is read
+    planned = from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else replace(cfg, **stage_cfg)
+    memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))
     sys.exit()
 
 # -----------------------------------------------------------------------------
@@ -395,9 +409,6 @@ if args.overwrite:  # what --overwrite deletes must not be what this run reads (
 # -----------------------------------------------------------------------------
 # data: checked before the model loads (minutes for a 7B), so a bad file fails at once
 
-for flag, path in (("--init", args.init), ("--llm", args.llm)):
-    if path and not os.path.isdir(path):
-        raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
 if args.init:
     mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
     info = os.path.join(args.init, "lora", "lora.json")  # a --lora-adapters-only (or --quantize) run's ckpt
@@ -405,6 +416,8 @@ if args.init:
         base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)
         raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
                          f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
+# a LoRA run's frozen base, as read at the start: a resume must find the same weights, wherever they lie
+init_digest = fingerprint(args.init) if args.lora_r else None
 start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
 if not (args.tokenizer or start_dir):
     raise SystemExit("nothing to start from: --llm (with --vit and --convnext) or --init gives the weights and "
@@ -439,10 +452,10 @@ elif args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
 elif args.init:
     model = mra.load_checkpoint(args.init, quantize=args.quantize)
-    if adapters and not model.cfg.adapters and model.cfg.arch == "llava-hr":  # stage 1 -> 2: add MRA
-        model = with_adapters(model, replace(model.cfg, **stage_cfg), f"--init {args.init}")
+    if from_init(model.cfg).adapters != model.cfg.adapters:  # stage 1 -> 2: add MRA
+        model = with_adapters(model, from_init(model.cfg), f"--init {args.init}")
     else:
-        model.cfg = replace(model.cfg, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
+        model.cfg = from_init(model.cfg)
 else:
     if args.config == "full" and not (args.llm and args.vit and (args.convnext or cfg.arch != "llava-hr")):
         raise SystemExit("--llm, --vit and --convnext are needed (or --init, or --config tiny for a test)")
@@ -513,11 +526,11 @@ opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.
 # scale, rank and frozen base) is the one its adapters were trained in: --resume refuses a change
 fixed = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, stage=args.stage,
              group_by_length=by_length, lora_r=args.lora_r, quantize=args.quantize,
-             lora_alpha=lora_alpha if args.lora_r else None, init=os.path.realpath(args.init) if args.lora_r else None)
-MODEL_FIXED = {"lora_r", "quantize", "lora_alpha", "init"}
+             lora_alpha=lora_alpha if args.lora_r else None)
+MODEL_FIXED = {"lora_r", "quantize", "lora_alpha"}
 # flags --resume does not list when they change: where and how the run goes on, and the ones above
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
-               "data", *fixed}
+               "data", "init", *fixed}
 
 start_step = 0
 if args.resume:
@@ -528,7 +541,9 @@ if args.resume:
     except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
         raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    new_run = f"or start a new run from its weights: --init {resume_dir} and another --out"
+    new_run = (f"or start a new run from its weights: --init {resume_dir} and another --out"
+               if os.path.isfile(os.path.join(resume_dir, "mra_config.json")) else  # not LoRA adapters alone
+               "or start a new run with another --out")
     for key, now in fixed.items():
         if run.get(key, now) != now:  # a setting older runs did not record is noted below, if changed
             why = ("the model would not be the one trained" if key in MODEL_FIXED else
@@ -540,6 +555,10 @@ if args.resume:
             os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):
         raise SystemExit(f"--resume: --data {args.data} is not the file the run read ({run.get('data')}, as it was "
                          f"then): the data position would not carry over; give that file, {new_run}")
+    if args.lora_r and (run["init_digest"] != init_digest if "init_digest" in run else  # older runs: the path
+                        run.get("init") != os.path.realpath(args.init)):
+        raise SystemExit(f"--resume: --init {args.init} is not the base the run trained on ({run.get('init')}, as it "
+                         f"was then): the model would not be the one trained; give that base, {new_run}")
     if any(run.get(k, v) != v for k, v in usable.items()):  # --skip-bad: other records bad now (or fixed)
         raise SystemExit(f"--resume: the run trained on {run['records']} usable records of {args.data}, now "
                          f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
@@ -558,7 +577,8 @@ if args.resume:
     if saved != trainable:
         diff = sorted(saved ^ trainable)
         raise SystemExit(f"--resume: the run trained other parameters ({len(diff)} differ, e.g. {diff[0]}): "
-                         f"same --stage and --freeze-* flags as the run, please")
+                         f"same --stage and --freeze-* flags as the run"
+                         f"{', and its --[no-]lora-train-mra' if args.lora_r else ''}, please")
     if "params" in state:
         load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
     else:
@@ -633,18 +653,21 @@ def save(step):
         extra = dict(optimizer=get_optimizer_state_dict(unwrapped, opt, options=full))
     if master:
         # the data file's digest as it was read (at the start), not as it may be now
-        run = dict(fixed, **usable, data=os.path.realpath(args.data), data_sha256=ds.sha256, args=vars(args))
+        run = dict(fixed, **usable, data=os.path.realpath(args.data), data_sha256=ds.sha256, args=vars(args),
+                   init=args.lora_r and os.path.realpath(args.init), init_digest=init_digest)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, cpu_rng=torch.get_rng_state(), run=json.dumps(run), **extra)
         if cuda:
             state["cuda_rng"] = torch.cuda.get_rng_state()
         with save_errors(step, tmp):
-            if args.lora_r:  # the adapters alone (resume reads them), and the merged model for generate.py
-                lora.save_adapters(os.path.join(tmp, "lora"), lora.adapter_state(weights, trainable), cfg,
-                                   args.lora_r, lora_alpha, args.init)
-                # an int8 base's W is rounded: its adapters go onto the full-precision --init at load time
-                merged = not (args.lora_adapters_only or args.quantize)
-                weights = lora.merge(weights, lora_alpha / args.lora_r, torch.float32) if merged else None
+            if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model:
+                # --init read again in fp32 + the adapters (on GPUs the base is held here in bf16, rounded)
+                adapters = os.path.join(tmp, "lora")
+                lora.save_adapters(adapters, lora.adapter_state(weights, trainable), cfg, args.lora_r, lora_alpha,
+                                   args.init)
+                weights = None  # freed: the merged model is built anew
+                if not (args.lora_adapters_only or args.quantize):
+                    weights = lora.load(args.init, adapters, torch.float32).state_dict()
             if not sharded and weights is not None:
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))

@@ -24,6 +24,7 @@ Everything that can go wrong raises `CheckpointError` with one line naming the
 file or key, and what was expected.
 """
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -146,6 +147,21 @@ def checkpoint_files(path):
     return safetensors_files(path)
 
 
+def fingerprint(path, samples=64, size=1 << 16):
+    """A digest of a checkpoint's weight files that changes when their contents do, read in
+    milliseconds at any size: each file's name and length, and 64 KB at 65 evenly spaced offsets
+    (a retrained or replaced model differs nearly everywhere; a file under 4 MB is read whole)."""
+    h = hashlib.sha256()
+    for file in checkpoint_files(path):
+        n = os.path.getsize(file)
+        h.update(f"{os.path.basename(file)} {n};".encode())
+        with open(file, "rb") as f:
+            for i in range(samples + 1):
+                f.seek(i * max(n - size, 0) // samples)
+                h.update(f.read(size))
+    return h.hexdigest()
+
+
 def read_bin(file):
     """A PyTorch .bin file as {key: tensor}, memory-mapped (its pages are read as they are used).
 
@@ -181,8 +197,14 @@ def read_bin(file):
     return sd
 
 
-def _tensors(file, keep, where):
-    """(key, tensor) pairs of one file, read one at a time, in the dtype they are stored in.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _tensors(file, keep, where, meta=False):
+    """(key, tensor) pairs of one file, read one at a time, in the dtype they are stored in (meta: their
+    shapes and dtypes only, from the header; a .bin's pages are mapped, never read).
     where: {key: file} of every key seen so far, skipped ones too; a key in two files is refused."""
     def wanted(k):
         if where.setdefault(k, file) != file:  # two copies: which one is the model's is anyone's guess
@@ -199,7 +221,10 @@ def _tensors(file, keep, where):
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
             for k in f.keys():
-                if wanted(k):
+                if wanted(k) and meta:
+                    s = f.get_slice(k)
+                    yield k, torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
+                elif wanted(k):
                     yield k, f.get_tensor(k)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
@@ -215,7 +240,7 @@ def read_checkpoint(path, dtype=None, device="cpu", keep=None, convert=None, fil
     out, where = {}, {}
     files = files or checkpoint_files(path)
     for file in files:
-        for k, t in _tensors(file, keep, where):
+        for k, t in _tensors(file, keep, where, torch.device(device).type == "meta"):
             out |= convert(k, t) if convert is not None else {k: _cast(t, dtype).to(device)}
     check_index(files, where)
     return out
@@ -245,9 +270,7 @@ def read_safetensors(path, dtype=None, device="cpu", keep=None):
     return read_checkpoint(path, dtype, device, keep, files=safetensors_files(path))
 
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path, header, tensors=None):
@@ -260,7 +283,7 @@ def write_safetensors(path, header, tensors=None):
     meta, at = {"__metadata__": {"format": "pt"}}, 0
     for name, t in header.items():
         n = math.prod(t.shape) * t.element_size()
-        meta[name] = dict(dtype=_SAFETENSORS_DTYPES[t.dtype], shape=list(t.shape), data_offsets=[at, at + n])
+        meta[name] = dict(dtype=_SAFETENSORS_NAMES[t.dtype], shape=list(t.shape), data_offsets=[at, at + n])
         at += n
     head = json.dumps(meta, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -273,8 +296,6 @@ def write_safetensors(path, header, tensors=None):
 # Memory. Before a weight is read, the checkpoint's headers say what loading will take: if the
 # weights alone exceed the memory available, stop with both numbers and the way out.
 
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def tensor_sizes(path):
@@ -290,7 +311,8 @@ def tensor_sizes(path):
                 for k in f.keys():
                     s = f.get_slice(k)
                     n, d = math.prod(s.get_shape()), s.get_dtype()
-                    sizes[k] = (n, _SAFETENSORS_BYTES.get(d, 4), d.startswith(("F", "BF")))
+                    sizes[k] = (n, _SAFETENSORS_DTYPES[d].itemsize if d in _SAFETENSORS_DTYPES else 4,
+                                d.startswith(("F", "BF")))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     return sizes
@@ -416,6 +438,7 @@ def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
         state = {k: t.to(wide) if t.is_floating_point() else t for k, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:  # a buffer the model forgot to rebuild after loading: our bug, not the user's
+    meta = any(t.is_meta for t in state.values())  # a load of the shapes alone (device="meta")
+    if leftover and not meta:  # a buffer the model forgot to rebuild after loading: our bug, not the user's
         raise RuntimeError(f"{type(model).__name__} still has meta tensors after loading: {_listing(leftover)}")
     return model

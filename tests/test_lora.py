@@ -118,6 +118,19 @@ def test_merged_equals_unmerged(run, base, env, capsys):
     assert len(ref) > 0 and texts[0] == texts[1] == Tokenizer(tok).decode(ref) + "\n", texts
 
 
+def test_merged_model_is_the_full_precision_base_plus_the_update(env, base, tmp_path):
+    """On GPUs train.py holds the frozen base in bf16 (lora.bf16_bases): the merged OUT/ckpt is still
+    --init's fp32 W + s B A, what generate.py --model INIT --lora computes, not the rounded W's."""
+    out = tmp_path / "run"
+    g = train_globals(args(env, out, 2, "--init", base, *LORA, "--global-batch", 10, "--batch-size", 10,
+                           "--epochs", 1, "--lr", 2e-2))
+    lora.bf16_bases(g["unwrapped"])  # as a GPU run holds it
+    g["save"](g["done"])
+    merged = mra.read_safetensors(out / "ckpt")
+    assert_same(lora.load(base, out / "ckpt" / "lora").state_dict(), merged)
+    assert g["unwrapped"].llm.layers[0].attn.wq.weight.dtype == torch.bfloat16
+
+
 def test_adapters_on_their_own_merged_model_are_refused(run, env, capsys):
     """OUT/ckpt is already W + s B A: --lora OUT/ckpt/lora on it would add the update twice."""
     out, _ = run
@@ -161,18 +174,31 @@ def test_ddp_and_fsdp_equal_one_process(env, base, tmp_path):
 def test_resume_refuses_another_alpha_rank_or_base(env, base, tmp_path):
     # the adapters were trained at the run's scale alpha / r on its base: another one would train (and
     # save, merged and in lora.json) a model other than the one trained
-    common = ("--init", base, *LORA, "--global-batch", 1, "--batch-size", 1, "--lr", 1e-2, "--lora-adapters-only")
+    shutil.copytree(base, tmp_path / "base")
+    common = ("--init", tmp_path / "base", *LORA, "--global-batch", 1, "--batch-size", 1, "--lr", 1e-2,
+              "--lora-adapters-only")
     out = tmp_path / "run"
     train_globals(args(env, out, 2, *common, "--max-steps", 1))
     info = (out / "ckpt" / "lora" / "lora.json").read_text()
-    shutil.copytree(base, tmp_path / "copy")  # the same weights elsewhere: another --init all the same
-    for extra, was in ((("--lora-alpha", 16), "lora_alpha=8.0, now 16.0"), (("--lora-r", 8), "lora_r=4, now 8"),
-                       (("--init", tmp_path / "copy"), "init='.*ckpt', now '.*copy'")):
-        flag = extra[0]
+    for extra, was in ((("--lora-alpha", 16), "lora_alpha=8.0, now 16.0"), (("--lora-r", 8), "lora_r=4, now 8")):
         with pytest.raises(SystemExit, match=f"--resume: the run used {was}: the model would not be the one trained; "
-                                             f"give the run's {flag}, or start a new run from its weights: --init "):
+                                             f"give the run's {extra[0]}, or start a new run with another --out$"):
             train_globals(args(env, out, 2, *common, "--max-steps", 2, "--resume", *extra))
+    # the base overwritten in place (another fine-tune of the same shapes): the same path, other weights
+    state = mra.read_safetensors(tmp_path / "base")
+    state["llm.layers.0.mlp.up.weight"][0, 0] += 1e-3
+    mra.save_checkpoint(None, tmp_path / "base", state=state, cfg=mra.load_checkpoint(base).cfg)
+    with pytest.raises(SystemExit, match=r"--resume: --init .*base is not the base the run trained on \(.*base, as "
+                                         r"it was then\): the model would not be the one trained; give that base, "
+                                         r"or start a new run with another --out$"):
+        train_globals(args(env, out, 2, *common, "--max-steps", 2, "--resume"))
     assert (out / "ckpt" / "lora" / "lora.json").read_text() == info
+    # the same weights elsewhere are the run's base: it goes on
+    train_globals(args(env, out, 2, *common, "--max-steps", 2, "--resume", "--init", base))
+    assert len(losses(out)) == 2
+    with pytest.raises(SystemExit, match=r"the run trained other parameters .* same --stage and --freeze-\* flags "
+                                         r"as the run, and its --\[no-\]lora-train-mra, please"):
+        train_globals(args(env, out, 2, *common, "--max-steps", 3, "--resume", "--init", base, "--no-lora-train-mra"))
     # adapters alone are no model to start from: their base is
     with pytest.raises(SystemExit, match=r"--init .*run/ckpt: holds LoRA adapters only, no model: start from their "
                                          r"base \(--init .*base\S*/ckpt\), or apply them with generate.py --model "
@@ -333,7 +359,7 @@ def test_dry_run_counts_an_int8_base_at_one_byte(env, capsys):
         llm = int8_linears(mra.build(replace(tiny(), adapters=True, image_size=128)).llm)
     int8 = [m.weight for m in llm.modules() if isinstance(m, Int8Linear)]
     saved = sum(3 * w.numel() - 4 * w.shape[0] for w in int8)
-    full, q8 = (plan(env, capsys, "--dry-run", "--init", "unread", *LORA, *extra) for extra in ((), ("--quantize", "int8")))
+    full, q8 = (plan(env, capsys, "--dry-run", *LORA, *extra) for extra in ((), ("--quantize", "int8")))
     assert full["weights"] - q8["weights"] == pytest.approx(saved, abs=0.01 * 2**20)  # printed to 0.01 MiB
     assert q8["adam"] == full["adam"]  # the same LoRA parameters train
 
@@ -352,8 +378,8 @@ def test_lora_flags_without_a_rank_are_refused(env, base, tmp_path, capsys):
 def test_dry_run_counts_lora_dropout(env, capsys):
     """The plan's model drops out on LoRA's input as the run's does (default 0.05): the mask and the
     dropped copy of each input are held for backward."""
-    default = plan(env, capsys, "--dry-run", "--init", "unread", *LORA)
-    none = plan(env, capsys, "--dry-run", "--init", "unread", *LORA, "--lora-dropout", 0)
+    default = plan(env, capsys, "--dry-run", *LORA)
+    none = plan(env, capsys, "--dry-run", *LORA, "--lora-dropout", 0)
     assert default["activations"] > none["activations"] > 0
 
 
@@ -363,9 +389,9 @@ def test_dry_run_counts_a_gpu_lora_base_in_bf16(env, capsys):
     llm = mra.build(replace(tiny(), adapters=True, image_size=128)).llm
     wrapped = sum(m.weight.numel() for layer in llm.layers for m in (*vars(layer.attn)["_modules"].values(),
                                                                      *vars(layer.mlp)["_modules"].values()))
-    cpu, gpu = (plan(env, capsys, "--dry-run", *world, "--init", "unread", *LORA) for world in ((), (1,)))
+    cpu, gpu = (plan(env, capsys, "--dry-run", *world, *LORA) for world in ((), (1,)))
     assert cpu["weights"] - gpu["weights"] == pytest.approx(2 * wrapped, abs=0.01 * 2**20)
-    fsdp = plan(env, capsys, "--dry-run", 2, "--fsdp", "--init", "unread", *LORA)
+    fsdp = plan(env, capsys, "--dry-run", 2, "--fsdp", *LORA)
     assert fsdp["weights"] == pytest.approx(cpu["weights"] / 2, abs=0.01 * 2**20)
 
 

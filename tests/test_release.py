@@ -865,3 +865,11 @@ def test_weights_stored_in_two_floating_dtypes_load_in_the_widest(hr_parts, tmp_
         model = mra.load_checkpoint(path)
         assert {p.dtype for p in model.parameters()} == {torch.float64}
         assert {p.dtype for p in mra.load_checkpoint(path, dtype=torch.float32).parameters()} == {torch.float32}
+
+def test_meta_load_reads_the_shapes_alone(hr, hr_model):
+    """device="meta" (train.py --dry-run --init): the model the files hold, from their headers (safetensors)
+    or mapped pages never touched (.bin)."""
+    meta = mra.load_checkpoint(hr[1], device="meta")
+    assert meta.cfg == hr_model.cfg
+    shapes = lambda m: {k: (v.shape, v.dtype) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(meta) == shapes(hr_model) and all(v.is_meta for v in meta.state_dict().values())

@@ -335,6 +335,17 @@ def test_dry_run_memory_plan(env, capsys):
     assert one["peak"] == pytest.approx(peak, rel=1e-2)
 
 
+def test_dry_run_plans_the_model_init_holds(env, capsys, tmp_path):
+    # --init's shapes (here a 4-layer LLM, stage 1: no MR-Adapters yet), not --config's; read from the header
+    held = replace(tiny(), adapters=False, llm=replace(tiny().llm, n_layers=4))
+    mra.save_checkpoint(mra.build(held), tmp_path / "ckpt")
+    ours = plan(env, capsys, "--dry-run", "--init", tmp_path / "ckpt")
+    as_trained = mra.build(replace(held, adapters=True, image_size=128))  # stage 2 adds the MR-Adapters
+    n = sum(q.numel() for q in as_trained.parameters())
+    assert ours["weights"] == pytest.approx(4 * n, rel=1e-2)
+    assert ours["weights"] > plan(env, capsys, "--dry-run")["weights"]  # --config tiny's 2 layers
+
+
 def test_dry_run_refuses_a_world_below_one(env, capsys):
     with pytest.raises(SystemExit) as e:
         train(["--stage", "2", "--config", "tiny", "--dry-run", "-2", "--fsdp"])
