@@ -8,6 +8,8 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -529,6 +531,26 @@ def test_convert_follows_the_index_and_deletes_nothing_it_did_not_make(hr_parts,
     with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin: shard listed in .* is missing"):
         mra.convert_bin(str(src), str(tmp_path / "again"))
     assert sorted(os.listdir(tmp_path)) == ["bin", "converted", "converted.tmp"]  # no scratch left behind
+
+
+def test_convert_killed_leaves_nothing(hr_parts, tmp_path):
+    """SIGTERM (a job's time limit, kill) mid-conversion: no hidden scratch directory, no dst."""
+    src = write_release(tmp_path / "bin", release_state(**hr_parts), llava_config(384), "bin")
+    killed_while_writing = """if True:
+        import os, runpy, signal, sys
+        import safetensors.torch
+        save = safetensors.torch.save_file
+        def save_and_die(*a, **kw):  # the second shard is being written when the signal comes
+            if any(f.endswith(".safetensors") for f in os.listdir(os.path.dirname(a[1]))):
+                os.kill(os.getpid(), signal.SIGTERM)
+            save(*a, **kw)
+        safetensors.torch.save_file = save_and_die
+        sys.argv = ["mra.py", "convert", sys.argv[1], sys.argv[2]]
+        runpy.run_path("mra.py", run_name="__main__")"""
+    r = subprocess.run([sys.executable, "-c", killed_while_writing, str(src), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(mra.__file__)))
+    assert r.returncode == 1 and r.stderr.strip() == f"error: terminated; {tmp_path / 'out'} was not written", r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bin"]
 
 
 def test_convert_refuses_a_missing_parent_and_meta_tensors_in_one_line(tmp_path):
