@@ -47,14 +47,19 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not in a worker later
+            fmt = im.format
             im = ImageOps.exif_transpose(im)  # phone photos store "rotate me" in EXIF (LLaVA ignores it)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16-bit scans: PIL's convert("RGB") clips at 255, turning most of the range white;
-        # scale to 8 bit instead ("I" is how PIL opens 16-bit PNGs; "F" is taken as 0..255)
-        a = np.asarray(im, dtype=np.float64) / (1.0 if im.mode == "F" else 257.0)
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        # deep grayscale: PIL's convert("RGB") clips at 255, turning a 16-bit scan mostly white. 16 bits
+        # (and a PNG's: older Pillow opens 16-bit PNGs as "I") span 0..65535; 32-bit integers and floats
+        # have no set range: theirs decides (up to 1.0 for floats, 255, 65535; beyond, the maximum is white)
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        top = a.max(initial=0.0)
+        full = (65535.0 if im.mode.startswith("I;16") or fmt == "PNG" else 1.0 if im.mode == "F" and top <= 1
+                else 255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
+        im = Image.fromarray(np.clip(np.rint(a * (255 / full)), 0, 255).astype(np.uint8), "L")
     if im.mode == "P":  # palette with transparency: PIL wants it through RGBA (same colours)
         im = im.convert("RGBA")
     return im.convert("RGB")  # as LLaVA: alpha dropped (not composited), CMYK naively inverted
