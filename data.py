@@ -53,11 +53,13 @@ def load_image(path):
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # deep grayscale: PIL's convert("RGB") clips at 255, turning a 16-bit scan mostly white. 16 bits
-        # (and a PNG's: older Pillow opens 16-bit PNGs as "I") span 0..65535; 32-bit integers and floats
-        # have no set range: theirs decides (up to 1.0 for floats, 255, 65535; beyond, the maximum is white)
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        # span 0..65535 (so do PNG's and PGM's "I": 16-bit at most, Pillow scales PGM's maxval to it);
+        # 32-bit integers and floats (TIFF) have no set range: theirs decides (floats up to 1.0 as 0..1,
+        # then up to 255 as 8-bit, up to 65535 as 16-bit; beyond, the maximum is white). NaN, inf: 0
+        a = np.asarray(im, dtype=np.float64)
+        a = np.where(np.isfinite(a), a, 0.0)
         top = a.max(initial=0.0)
-        full = (65535.0 if im.mode.startswith("I;16") or fmt == "PNG" else 1.0 if im.mode == "F" and top <= 1
+        full = (65535.0 if im.mode.startswith("I;16") or fmt in ("PNG", "PPM") else 1.0 if im.mode == "F" and top <= 1
                 else 255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
         im = Image.fromarray(np.clip(np.rint(a * (255 / full)), 0, 255).astype(np.uint8), "L")
     if im.mode == "P":  # palette with transparency: PIL wants it through RGBA (same colours)

@@ -553,8 +553,11 @@ if __name__ == "__main__":
     import signal
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
         sys.exit("usage: python mra.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
-    # a kill (SIGTERM) unwinds as an error does: the hidden directory goes, dst never appears
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"error: terminated; {sys.argv[3]} was not written"))
+    def terminated(*_):  # a kill (SIGTERM) unwinds as an error does: the hidden directory goes, dst never appears
+        done = "was written in full before" if os.path.isdir(sys.argv[3]) else "was not written"
+        print(f"error: terminated; {sys.argv[3]} {done}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    signal.signal(signal.SIGTERM, terminated)
     try:
         print(convert_bin(sys.argv[2], sys.argv[3]))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all

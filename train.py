@@ -363,6 +363,13 @@ def plan(cfg, world, bf16):
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
+if args.init:
+    mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
+    info = os.path.join(args.init, "lora", "lora.json")  # a --lora-adapters-only (or --quantize) run's ckpt
+    if os.path.isfile(info) and not os.path.isfile(os.path.join(args.init, "mra_config.json")):
+        base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)
+        raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
+                         f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
 
 
 def from_init(held):
@@ -409,13 +416,6 @@ if args.overwrite:  # what --overwrite deletes must not be what this run reads (
 # -----------------------------------------------------------------------------
 # data: checked before the model loads (minutes for a 7B), so a bad file fails at once
 
-if args.init:
-    mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
-    info = os.path.join(args.init, "lora", "lora.json")  # a --lora-adapters-only (or --quantize) run's ckpt
-    if os.path.isfile(info) and not os.path.isfile(os.path.join(args.init, "mra_config.json")):
-        base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)
-        raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
-                         f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
 # a LoRA run's frozen base, as read at the start: a resume must find the same weights, wherever they lie
 init_digest = fingerprint(args.init) if args.lora_r else None
 start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
@@ -633,6 +633,21 @@ def save_errors(step, tmp):
         raise SystemExit(f"step {step}: saving to {tmp} failed ({why}); {kept}") from None
 
 
+def merged_state(step, adapters):
+    """A LoRA run's merged model: --init read again in fp32 + the adapters saved in `adapters`. None
+    (the checkpoint holds the adapters alone, said in one line) if --init is no longer the base the
+    run read, or cannot be read now: the trained adapters are never lost to it."""
+    try:
+        if fingerprint(args.init) == init_digest:
+            return lora.load(args.init, adapters, torch.float32).state_dict()
+        why = f"--init {args.init} has changed since the run read it"
+    except (ValueError, OSError) as e:  # CheckpointError: gone, unreadable, too big for the memory free
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+    tqdm.write(f"step {step}: {ckpt_dir} holds the LoRA adapters alone, not the merged model ({why}); "
+               f"generate.py --model BASE --lora {ckpt_dir}/lora applies them to their base", file=sys.stderr)
+    return None
+
+
 def save(step):
     """OUT/ckpt: weights (generate.py loads the dir) + train_state.pt (under --fsdp, AdamW's state
     in one file per rank), replaced atomically."""
@@ -667,7 +682,7 @@ def save(step):
                                    args.init)
                 weights = None  # freed: the merged model is built anew
                 if not (args.lora_adapters_only or args.quantize):
-                    weights = lora.load(args.init, adapters, torch.float32).state_dict()
+                    weights = merged_state(step, adapters)
             if not sharded and weights is not None:
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))

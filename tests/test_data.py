@@ -277,9 +277,11 @@ def test_load_image_modes(tmp_path):
     assert Image.open(tmp_path / "i16.png").mode in ("I;16", "I")
     out = rgb(tmp_path / "i16.png")
     assert out.shape == (2, 4, 3) and out[..., 0].tolist() == np.rint(deep / 257).astype(int).tolist()
-    dark = np.array([[0, 100, 200]], np.uint16)  # a dark 16-bit scan stays dark: its depth says 0..65535
-    Image.fromarray(dark).save(tmp_path / "dark16.png")
-    assert rgb(tmp_path / "dark16.png")[..., 0].tolist() == [[0, 0, 1]]
+    # a dark 16-bit scan stays dark: its depth says 0..65535 (PNG; PGM, which Pillow opens as "I")
+    (tmp_path / "dark16.pgm").write_bytes(b"P5\n3 1\n65535\n" + np.array([0, 100, 200], ">u2").tobytes())
+    Image.fromarray(np.array([[0, 100, 200]], np.uint16)).save(tmp_path / "dark16.png")
+    for name in ("dark16.png", "dark16.pgm"):
+        assert rgb(tmp_path / name)[..., 0].tolist() == [[0, 0, 1]], name
     # 32-bit integers and floats have no set range: theirs decides
     for values, want in (([0, 7, 128, 255], [0, 7, 128, 255]),  # 8-bit values: as they are
                          ([0, 257, 1000, 65535], [0, 1, 4, 255]),  # 16-bit values
@@ -287,7 +289,8 @@ def test_load_image_modes(tmp_path):
         Image.fromarray(np.array([values], np.int32)).save(tmp_path / "i32.tiff")
         assert Image.open(tmp_path / "i32.tiff").mode == "I"
         assert rgb(tmp_path / "i32.tiff")[..., 1].tolist() == [want], values
-    for values, want in (([0.0, 0.25, 1.0], [0, 64, 255]), ([0.0, 2.0, 200.0], [0, 2, 200])):  # 0..1, 0..255
+    for values, want in (([0.0, 0.25, 1.0], [0, 64, 255]), ([0.0, 2.0, 200.0], [0, 2, 200]),  # 0..1, 0..255
+                         ([np.nan, np.inf, -np.inf], [0, 0, 0]), ([np.inf, 0.5, 1.0], [0, 128, 255])):
         Image.fromarray(np.array([values], np.float32)).save(tmp_path / "f.tiff")
         assert Image.open(tmp_path / "f.tiff").mode == "F" and rgb(tmp_path / "f.tiff")[..., 2].tolist() == [want]
     for name in ("rgba.png", "p.png", "l.png", "cmyk.tiff", "i16.png", "i32.tiff", "f.tiff"):

@@ -430,7 +430,8 @@ def test_keep_freed_memory_reuses_a_prefills_freed_activations():
     # A prefill allocates MB-sized activations and frees them. With glibc's defaults freed memory
     # often goes back to the kernel, and every pass maps in fresh pages, a fault per 4 KB (this
     # pattern: ~22,000 per pass in most processes; in some the heap's layout happens to keep it).
-    # A fresh process, as a long pytest run's heap and threads would blur the count
+    # A fresh process, as a long pytest run's heap and threads would blur the count; two of them, since
+    # a layout that keeps the memory anyway would let a keep_freed_memory that does nothing pass
     script = """if True:
         import resource, torch, generate
         torch.set_num_threads(1)
@@ -444,6 +445,6 @@ def test_keep_freed_memory_reuses_a_prefills_freed_activations():
         for _ in range(3):
             prefill_like()
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"""
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                       cwd=os.path.dirname(os.path.abspath(generate.__file__)))
-    assert int(r.stdout) < 100
+    faults = [int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                 cwd=os.path.dirname(os.path.abspath(generate.__file__))).stdout) for _ in range(2)]
+    assert max(faults) < 100, faults

@@ -131,6 +131,29 @@ def test_merged_model_is_the_full_precision_base_plus_the_update(env, base, tmp_
     assert g["unwrapped"].llm.layers[0].attn.wq.weight.dtype == torch.bfloat16
 
 
+def test_a_base_changed_or_gone_mid_run_leaves_the_adapters_saved(env, base, tmp_path, capsys):
+    """The merged model is built from --init at each save: if it is no longer the base the run read,
+    the checkpoint holds the adapters alone (said in one line), never a model merged onto another base."""
+    shutil.copytree(base, tmp_path / "base")
+    out = tmp_path / "run"
+    g = train_globals(args(env, out, 2, "--init", tmp_path / "base", *LORA, "--global-batch", 10, "--batch-size", 10,
+                           "--epochs", 1))
+    assert (out / "ckpt" / "model.safetensors").is_file()
+    state = mra.read_safetensors(tmp_path / "base")
+    state["llm.layers.0.mlp.up.weight"][0, 0] += 1e-3  # overwritten in place
+    mra.save_checkpoint(None, tmp_path / "base", state=state, cfg=mra.load_checkpoint(base).cfg)
+    for why in ("has changed since the run read it", "no model.safetensors"):
+        capsys.readouterr()
+        g["save"](g["done"])
+        err = capsys.readouterr().err
+        assert f"holds the LoRA adapters alone, not the merged model (" in err and why in err, err
+        assert not (out / "ckpt" / "model.safetensors").exists() and (out / "ckpt" / "lora" / "lora.json").is_file()
+        assert_same(mra.read_safetensors(out / "ckpt" / "lora"), lora.adapter_state(g["unwrapped"].state_dict(),
+                                                                                     g["trainable"]))
+        shutil.rmtree(tmp_path / "base")
+        (tmp_path / "base").mkdir()  # gone: an empty directory in its place
+
+
 def test_adapters_on_their_own_merged_model_are_refused(run, env, capsys):
     """OUT/ckpt is already W + s B A: --lora OUT/ckpt/lora on it would add the update twice."""
     out, _ = run
@@ -199,11 +222,13 @@ def test_resume_refuses_another_alpha_rank_or_base(env, base, tmp_path):
     with pytest.raises(SystemExit, match=r"the run trained other parameters .* same --stage and --freeze-\* flags "
                                          r"as the run, and its --\[no-\]lora-train-mra, please"):
         train_globals(args(env, out, 2, *common, "--max-steps", 3, "--resume", "--init", base, "--no-lora-train-mra"))
-    # adapters alone are no model to start from: their base is
-    with pytest.raises(SystemExit, match=r"--init .*run/ckpt: holds LoRA adapters only, no model: start from their "
-                                         r"base \(--init .*base\S*/ckpt\), or apply them with generate.py --model "
-                                         r".*ckpt --lora .*run/ckpt/lora"):
-        train_globals(args(env, tmp_path / "new", 2, "--init", out / "ckpt", "--global-batch", 1, "--batch-size", 1))
+    # adapters alone are no model to start from, nor to plan for: their base is
+    for plan_only in ((), ("--dry-run",)):
+        with pytest.raises(SystemExit, match=r"--init .*run/ckpt: holds LoRA adapters only, no model: start from "
+                                             r"their base \(--init .*base\S*/ckpt\), or apply them with generate.py "
+                                             r"--model .*ckpt --lora .*run/ckpt/lora"):
+            train_globals(args(env, tmp_path / "new", 2, "--init", out / "ckpt", "--global-batch", 1, "--batch-size", 1,
+                               *plan_only))
 
 
 @pytest.mark.parametrize("r", [0, -2])

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from weights import (CheckpointError, checkpoint_files, load_state, read_bin, read_checkpoint, read_safetensors, remap,
+from weights import (CheckpointError, checkpoint_files, fingerprint, load_state, read_bin, read_checkpoint, read_safetensors, remap,
                      write_safetensors)
 
 TABLE = [("enc.layers.{i}.fc.weight", "blocks.{i}.weight"),
@@ -235,3 +235,15 @@ def test_floating_weights_in_two_dtypes_load_in_the_widest_when_asked(tmp_path):
     assert torch.equal(model.blocks[1].weight, t["enc.layers.1.fc.weight"])
     assert torch.equal(model.blocks[0].weight.float(), t["enc.layers.0.fc.weight"])
     load_state(meta_model(), state, "ckpt", unexpected, TABLE)  # a caller that mixes them on purpose (LoRA)
+
+
+def test_fingerprint_follows_contents_not_place(tmp_path):
+    # 48 MB in three 16 MB tensors: a fine-tune of any one of them shows, a moved copy does not
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(2048, 2048, generator=g) for k in ("a", "b", "c")}
+    for d in ("one", "two", "tuned", "config"):
+        os.makedirs(tmp_path / d)
+        save_file(state | ({"b": state["b"] + 1e-3} if d == "tuned" else {}), tmp_path / d / "model.safetensors")
+    (tmp_path / "config" / "config.json").write_text('{"rope_theta": 1e6}')
+    one, two, tuned, config = (fingerprint(tmp_path / d) for d in ("one", "two", "tuned", "config"))
+    assert one == two and tuned != one and config != one
