@@ -147,7 +147,7 @@ p.add_argument("--overwrite", action="store_true", help="start over in an OUT th
 p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
 p.add_argument("--dry-run", type=int, nargs="?", const=0, metavar="WORLD",
                help="print the memory plan per device for WORLD processes (default: this run's) and exit, for "
-                    "--init's model (else --config's); no weights or data are read")
+                    "the model from --init or --llm (else --config's); no weights or data are read")
 args = p.parse_args()
 if not args.debug:
     sys.excepthook = one_line_errors
@@ -380,8 +380,10 @@ def from_init(held):
 
 
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
-    # --init's model as the run would build it: its shapes come from the files' headers, no weight is read
-    planned = from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else replace(cfg, **stage_cfg)
+    # the model as the run would build it from --init, or --llm (--vit, --convnext), else --config: the
+    # shapes come from the files' headers, no weight is read
+    planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
+               mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
     memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))
     sys.exit()
 

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import timm
@@ -712,6 +713,11 @@ def test_build_from_parts(tmp_path, R):
     model = mra.build(mra.MRAConfig(image_size=R, vit_min_size=112), llm=str(tmp_path / "llama"),
                       vit=str(tmp_path / "clip.safetensors"), convnext=str(tmp_path / "convnext.safetensors")).eval()
     assert model.cfg.llm.dim == H and model.cfg.vit.width == D and model.cfg.convnext.dims == DIMS
+    # on the meta device (train.py --dry-run --llm --vit --convnext): the same model from the headers alone
+    meta = mra.build(mra.MRAConfig(image_size=R, vit_min_size=112), llm=str(tmp_path / "llama"),
+                     vit=str(tmp_path / "clip.safetensors"), convnext=str(tmp_path / "convnext.safetensors"), device="meta")
+    assert meta.cfg == model.cfg and all(v.is_meta for v in meta.state_dict().values())
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     # the LLM is the HF model
     ids = IDS[1:2, :4]
     near(model.llm(ids), llama(ids).logits)
@@ -727,6 +733,16 @@ def test_build_from_parts(tmp_path, R):
     for ad in model.encoder.adapters:  # identity through zero output projections, not dead convs
         assert ad.fast_proj.weight.count_nonzero() == 0 and ad.slow_proj.weight.count_nonzero() == 0
         assert ad.fast_conv.weight.count_nonzero() > 0 and ad.slow_conv.weight.count_nonzero() > 0
+
+
+def test_dry_run_plans_the_llm_given(tmp_path, capsys):
+    """train.py --dry-run --llm DIR plans that LLM (read on the meta device), not --config's."""
+    from test_train import plan, tiny
+    make_llama(seed=11).save_pretrained(tmp_path / "llama", safe_serialization=True)
+    got = plan((None, None), capsys, "--dry-run", "--llm", tmp_path / "llama")
+    model = mra.build(replace(tiny(), adapters=True, image_size=128), llm=str(tmp_path / "llama"))
+    assert got["weights"] == pytest.approx(4 * sum(q.numel() for q in model.parameters()), rel=1e-2)
+    assert got["weights"] != plan((None, None), capsys, "--dry-run")["weights"]
 
 
 # ----- 8. released .bin shards: refusal, memory, dtype; int8 weight-only ----------------------
