@@ -59,8 +59,9 @@ def load_image(path):
         a = np.asarray(im, dtype=np.float64)
         a = np.where(np.isfinite(a), a, 0.0)
         top = a.max(initial=0.0)
-        full = (65535.0 if im.mode.startswith("I;16") or fmt in ("PNG", "PPM") else 1.0 if im.mode == "F" and top <= 1
-                else 255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
+        sixteen = im.mode.startswith("I;16") or fmt in ("PNG", "PPM")
+        full = (65535.0 if sixteen else 1.0 if im.mode == "F" and top <= 1 else 255.0 if top <= 255
+                else 65535.0 if top <= 65535 else top)
         im = Image.fromarray(np.clip(np.rint(a * (255 / full)), 0, 255).astype(np.uint8), "L")
     if im.mode == "P":  # palette with transparency: PIL wants it through RGBA (same colours)
         im = im.convert("RGBA")

@@ -66,8 +66,9 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
     """Bytes per device for build(cfg), the model as it will train (its blocks checkpointed when
     grad_ckpt): weights (fp32; a LoRA base on GPUs in bf16, as train.py holds it), gradients and
     AdamW's two moments (divided over the ranks under FSDP), and the activations of one micro-step
-    of `batch` samples of `max_len` tokens with one image each, measured on fake tensors through the real forward and backward (autocast's
-    bf16 copies of the weights included, as they are held for the whole step)."""
+    of `batch` samples of `max_len` tokens with one image each, measured on fake tensors through
+    the real forward and backward (autocast's bf16 copies of the weights included, as they are
+    held for the whole step)."""
     with FakeTensorMode():
         # FSDP2's mixed precision gathers bf16 weights, so autocast makes no copies of them
         torch.set_default_dtype(torch.bfloat16 if fsdp and bf16 else torch.float32)

@@ -549,10 +549,11 @@ def convert_bin(src, dst):
 
 
 if __name__ == "__main__":
-    import sys
     import signal
+    import sys
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
         sys.exit("usage: python mra.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
+
     def terminated(*_):  # a kill (SIGTERM) unwinds as an error does: the hidden directory goes, dst never appears
         done = "was written in full before" if os.path.isdir(sys.argv[3]) else "was not written"
         print(f"error: terminated; {sys.argv[3]} {done}", file=sys.stderr)

@@ -454,10 +454,11 @@ elif args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
 elif args.init:
     model = mra.load_checkpoint(args.init, quantize=args.quantize)
-    if from_init(model.cfg).adapters != model.cfg.adapters:  # stage 1 -> 2: add MRA
-        model = with_adapters(model, from_init(model.cfg), f"--init {args.init}")
+    run_cfg = from_init(model.cfg)
+    if run_cfg.adapters != model.cfg.adapters:  # stage 1 -> 2: add MRA
+        model = with_adapters(model, run_cfg, f"--init {args.init}")
     else:
-        model.cfg = from_init(model.cfg)
+        model.cfg = run_cfg
 else:
     if args.config == "full" and not (args.llm and args.vit and (args.convnext or cfg.arch != "llava-hr")):
         raise SystemExit("--llm, --vit and --convnext are needed (or --init, or --config tiny for a test)")

@@ -227,14 +227,14 @@ def _tensors(file, keep, where, meta=False):
         return
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for k in f.keys():
-                if wanted(k) and meta:
-                    s = f.get_slice(k)
-                    if s.get_dtype() not in _SAFETENSORS_DTYPES:
-                        raise CheckpointError(f"{file}: {k} is stored as {s.get_dtype()}, a dtype torch does not have")
-                    yield k, torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
-                elif wanted(k):
+            for k in filter(wanted, f.keys()):
+                if not meta:
                     yield k, f.get_tensor(k)
+                    continue
+                s = f.get_slice(k)
+                if s.get_dtype() not in _SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{file}: {k} is stored as {s.get_dtype()}, a dtype torch does not have")
+                yield k, torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
@@ -304,7 +304,6 @@ def write_safetensors(path, header, tensors=None):
 
 # Memory. Before a weight is read, the checkpoint's headers say what loading will take: if the
 # weights alone exceed the memory available, stop with both numbers and the way out.
-
 
 
 def tensor_sizes(path):
