@@ -56,8 +56,7 @@ def load_image(path):
         # span 0..65535 (so do PNG's and PGM's "I": 16-bit at most, Pillow scales PGM's maxval to it);
         # 32-bit integers and floats (TIFF) have no set range: theirs decides (floats up to 1.0 as 0..1,
         # then up to 255 as 8-bit, up to 65535 as 16-bit; beyond, the maximum is white). NaN, inf: 0
-        a = np.asarray(im, dtype=np.float64)
-        a = np.where(np.isfinite(a), a, 0.0)
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = a.max(initial=0.0)
         sixteen = im.mode.startswith("I;16") or fmt in ("PNG", "PPM")
         full = (65535.0 if sixteen else 1.0 if im.mode == "F" and top <= 1 else 255.0 if top <= 255
