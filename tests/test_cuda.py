@@ -73,7 +73,7 @@ def check_bf16_agrees_with_fp32(path, device, n=8):
         top2 = ref_logits.topk(2, dim=-1).values
         clear = top2[..., 0] - top2[..., 1] > 2 * atol  # no error within atol can flip these
         assert clear.sum() >= 3, "the test model has too few clear greedy choices to test anything"
-        for step in (model.decode, compiled):
+        for step in (model.llm.decode, compiled):
             logits = forced(model, x, ref, step)
             torch.testing.assert_close(logits, ref_logits, rtol=0, atol=atol)
             assert torch.equal(logits.argmax(-1)[clear], ref[clear])
@@ -90,7 +90,9 @@ def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
     record = CUDAGraphTreeManager.record_function
     monkeypatch.setattr(CUDAGraphTreeManager, "record_function",
                         lambda self, *a, **k: recorded.append(1) or record(self, *a, **k))
-    model = mra.load_checkpoint(release_dir, torch.bfloat16, "cuda").eval()
+    # fp32: eager and compiled then pick the same greedy tokens for all 64 steps (in bf16 their
+    # different roundings could break a near-tie of the random tiny model; bf16 is tested above)
+    model = mra.load_checkpoint(release_dir, torch.float32, "cuda").eval()
     prompts = [row[mask].tolist() for row, mask in zip(IDS, PAD_MASK)]
     x = images(384).cuda()
     eager = generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1)
