@@ -100,7 +100,7 @@ def compile_step(step, device):
     # 8 ops (CPU default 50) are stored, not redone per loop reading them (the query's RoPE was, per cache
     # slot); multiply-adds fused. cpp_extension imported now and muted: nothing it logs lands in the answer.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    import torch.utils.cpp_extension  # noqa: F401
+    from torch.utils import cpp_extension  # noqa: F401 ("import torch.utils..." would make torch a local)
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
     compiled = torch.compile(step, fullgraph=True, dynamic=False,

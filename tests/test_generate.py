@@ -448,3 +448,13 @@ def test_keep_freed_memory_reuses_a_prefills_freed_activations():
     faults = [int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                                  cwd=os.path.dirname(os.path.abspath(generate.__file__))).stdout) for _ in range(2)]
     assert max(faults) < 100, faults
+
+
+def test_compile_step_for_cuda_builds_without_a_gpu(monkeypatch):
+    # the CUDA branch only wraps the step (compiling waits for the first call): reachable on any
+    # machine. It once named `torch` after the function also imported torch.utils.cpp_extension,
+    # which made torch a local there, unbound on the CUDA branch (found on the first GPU run)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    step = generate.compile_step(len, torch.device("cuda"))
+    assert step is len and calls == [dict(mode="reduce-overhead", fullgraph=True, dynamic=False)]
