@@ -362,6 +362,14 @@ def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images, monk
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+def test_bench_gemv_pass_reads_every_linear_weight():
+    # bench.py --device cuda --compile's GEMV ceiling, on the CPU without the CUDA graph
+    import bench
+    llm = llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_seq_len=64))
+    n, seconds = bench.gemv_pass(llm, torch.device("cpu"), passes=2)
+    assert n == 4 * (2 * (4 * 32 * 32 + 3 * 32 * 48) + 64 * 32) and seconds > 0  # 7 per layer + head
+
+
 def test_bench_counts_table1_on_meta():
     # bench.py itself runs for minutes; its full-scale FLOP count on the meta device is quick
     import bench
