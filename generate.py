@@ -90,7 +90,9 @@ def prefill(model, prompts, images, pad_id, max_new_tokens):
 
 def compile_step(step, device):
     """torch.compile a decode step. Its shapes are the same at every position (see
-    Llama.decode), so it compiles once per cache shape and never sees a dynamic shape."""
+    Llama.decode), so it compiles once per cache shape and never sees a dynamic shape. A batch run
+    meets many (batch size, cache length) pairs: past dynamo's default 8, a fullgraph step fails."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type == "cuda":  # the whole step replayed as one CUDA graph: no per-kernel launches
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default;

@@ -466,3 +466,22 @@ def test_compile_step_for_cuda_builds_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     step = generate.compile_step(len, torch.device("cuda"))
     assert step is len and calls == [dict(mode="reduce-overhead", fullgraph=True, dynamic=False)]
+
+
+def test_compiled_step_serves_more_cache_shapes_than_dynamos_default(monkeypatch):
+    # a --questions run meets one (batch size, cache length) pair per batch shape: dynamo's default
+    # limit of 8 graphs per function made the 9th shape fail (fullgraph=True forbids falling back)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, fullgraph=True, dynamic=False, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=48, max_seq_len=256)).eval()
+    step = generate.compile_step(m.decode, torch.device("cuda"))  # the CUDA branch's arguments
+    with torch.no_grad():
+        for n in range(16, 16 * 12, 16):  # 11 cache lengths
+            cache = m.new_cache(1, n)
+            logits = m(torch.tensor([[1, 5, 9]]), cache=cache)[:, -1]
+            eager = copy.deepcopy(cache)
+            want = generate.decode_n_tokens(m.decode, logits, eager, 3, lambda x: x.argmax(-1), eos_id=-1)
+            assert generate.decode_n_tokens(step, logits, cache, 3, lambda x: x.argmax(-1), eos_id=-1) == want
