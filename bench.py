@@ -356,7 +356,7 @@ def bench_batch(a, device):
 
     def run(batch, step=model.llm.decode):  # (prefill s, decode s) for these prompts in one batch
         t0 = now(device)
-        logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens)
+        logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens, reuse_cache=True)  # as generate()
         t1 = now(device)
         generate.decode_n_tokens(step, logits, cache, a.new_tokens, argmax, eos_id=-1)
         return t1 - t0, now(device) - t1

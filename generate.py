@@ -71,7 +71,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (masked)
 
 
-def prefill(model, prompts, images, pad_id, max_new_tokens):
+def prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache=False):
     """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths, run as one padded batch
     by LlavaHR.prefill. Returns the last position's logits (B, V) and a cache with room for at least
     max_new_tokens more per row: its length is rounded up to a multiple of CACHE_ROUND (within the
@@ -85,7 +85,7 @@ def prefill(model, prompts, images, pad_id, max_new_tokens):
     pad_mask = torch.zeros(len(prompts), T, dtype=torch.bool)  # model.prefill re-pads on the left
     for b, p in enumerate(prompts):
         ids[b, :len(p)], pad_mask[b, :len(p)] = torch.tensor(p), True
-    return model.prefill(ids.to(device), images, pad_mask.to(device), max_new_tokens)
+    return model.prefill(ids.to(device), images, pad_mask.to(device), max_new_tokens, reuse_cache)
 
 
 def compile_step(step, device):
@@ -165,7 +165,8 @@ def generate(model, prompts, images=None, *, max_new_tokens=128, pick=sample, eo
              step=None, on_token=None):
     """Batched generation: generated ids (EOS excluded) for each prompt. images: (M, 3, R, R),
     one per placeholder in row order (rows without an image take none)."""
-    logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens)
+    # the cache is the last call's of this shape, emptied: a compiled CUDA step replays its graph
+    logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache=True)
     return decode_n_tokens(step or model.llm.decode, logits, cache, max_new_tokens, pick, eos_id, on_token)
 
 

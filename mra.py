@@ -295,14 +295,15 @@ class LlavaHR(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
         return logits, loss
 
-    def prefill(self, input_ids, images=None, pad_mask=None, max_new_tokens=128):
-        """Encode the prompt into a fresh KV cache. Returns (last logits (B, V), cache).
+    def prefill(self, input_ids, images=None, pad_mask=None, max_new_tokens=128, reuse_cache=False):
+        """Encode the prompt into a fresh KV cache (or the last one, emptied: Llama.new_cache's reuse).
+        Returns (last logits (B, V), cache).
         Rows are re-padded on the left so every row's last prompt token sits in the same slot. Rows of
         different lengths are prefilled one at a time, each into its own row of the cache after its
         padding: no padding is computed, and each row takes SDPA's causal fast path."""
         embeds, mask, _ = self.splice(input_ids, images, pad_mask=pad_mask, left_pad=True)
         B, L, _ = embeds.shape
-        cache = self.llm.new_cache(B, L + max_new_tokens)
+        cache = self.llm.new_cache(B, L + max_new_tokens, reuse=reuse_cache)
         if mask.all():  # no padding: one batched pass
             return self.llm(embeds=embeds, cache=cache, last_only=True)[:, -1], cache
         logits = [self.llm(embeds=embeds[b:b + 1, L - n:], cache=cache.row(b, L - n), last_only=True)

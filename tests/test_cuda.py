@@ -101,9 +101,10 @@ def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
         generate.prefill(model, prompts, x, 0, 64)  # the MR-Adapters compile here (DualEncoder on CUDA)
     counters.clear()  # from here on, only the decode step's graphs count
     step = generate.compile_step(model.llm.decode, torch.device("cuda"))
-    assert generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1, step=step) == eager
-    assert counters["stats"]["unique_graphs"] == 1  # compiled once for 63 steps
+    for _ in range(2):  # two batches of one shape: the second gets the first's cache (Llama.new_cache's reuse)
+        assert generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1, step=step) == eager
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once for 2 x 63 steps
     assert counters["inductor"]["cudagraph_skips"] == 0  # and run as a CUDA graph...
-    assert len(recorded) == 1  # ...recorded once, replayed for every later step
+    assert len(recorded) == 1  # ...recorded once, replayed for every later step and batch
     # only the new tokens are copied into the graph per step: the cache is read and written in place
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] <= 1

@@ -473,15 +473,36 @@ def test_compiled_step_serves_more_cache_shapes_than_dynamos_default(monkeypatch
     # limit of 8 graphs per function made the 9th shape fail (fullgraph=True forbids falling back)
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, fullgraph=True, dynamic=False, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=48, max_seq_len=256)).eval()
-    step = generate.compile_step(m.decode, torch.device("cuda"))  # the CUDA branch's arguments
-    with torch.no_grad():
+    with torch._dynamo.config.patch(recompile_limit=8), torch.no_grad():  # dynamo's default, restored after
+        step = generate.compile_step(m.decode, torch.device("cuda"))  # the CUDA branch's arguments
         for n in range(16, 16 * 12, 16):  # 11 cache lengths
             cache = m.new_cache(1, n)
             logits = m(torch.tensor([[1, 5, 9]]), cache=cache)[:, -1]
             eager = copy.deepcopy(cache)
             want = generate.decode_n_tokens(m.decode, logits, eager, 3, lambda x: x.argmax(-1), eos_id=-1)
             assert generate.decode_n_tokens(step, logits, cache, 3, lambda x: x.argmax(-1), eos_id=-1) == want
+
+
+def test_generate_reuses_one_cache_per_shape(model, tok, images):
+    # a CUDA graph is recorded for its inputs' addresses: each batch of a run gets the last batch's
+    # cache back, emptied, when the shape is the same (so the step replays), a new one when it is not;
+    # the answers are those of a fresh cache
+    seen = []
+
+    def step(tokens, cache):
+        seen.append(cache)
+        return model.llm.decode(tokens, cache)
+    q = [ids_for(tok, [generate.human_turn(t, False)]) for t in ("Hello there", "Describe the street", "Hi")]
+    fresh = [generate.decode_n_tokens(model.llm.decode, *generate.prefill(model, [p], None, 0, 8), 8, generate.sample,
+                                      eos_id=-1) for p in q]
+    model.llm.reusable_cache = None
+    runs = [generate.generate(model, [p], max_new_tokens=8, eos_id=-1, step=step) for p in q]
+    assert runs == fresh
+    caches = list(dict.fromkeys(map(id, seen)))  # in order of first use
+    assert len(caches) == 1 and seen[0].valid.shape == (1, generate.CACHE_ROUND)  # one shape, one cache
+    long = ids_for(tok, [generate.human_turn("word " * (generate.CACHE_ROUND - 8), False)])
+    generate.generate(model, [long, q[0]], max_new_tokens=8, eos_id=-1, step=step)
+    assert id(seen[-1]) != caches[0] and model.llm.reusable_cache is seen[-1]  # a new shape: a new cache kept
