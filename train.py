@@ -27,6 +27,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -144,6 +145,8 @@ p.add_argument("--skip-bad", action="store_true", help="skip bad records (counte
 p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
 p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (deletes it)")
+p.add_argument("--device", choices=("cuda", "cpu"),
+               help="default: cuda (bf16 autocast, NCCL) where a GPU is visible, else cpu (fp32, gloo)")
 p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
 p.add_argument("--dry-run", type=int, nargs="?", const=0, metavar="WORLD",
                help="print the memory plan per device for WORLD processes (default: this run's) and exit, for "
@@ -186,6 +189,8 @@ args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
 args.lora_train_mra = args.lora_train_mra is not False
 if args.quantize and not args.lora_r:
     p.error("--quantize int8 freezes the LLM's weights in int8, where only LoRA can learn: it needs --lora-r")
+if args.device == "cuda" and not torch.cuda.is_available():
+    p.error("--device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)")
 if args.quantize and args.fsdp:
     p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
@@ -194,11 +199,15 @@ lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 # processes and devices: torchrun sets RANK; a plain `python train.py` is one process
 
 distributed = "RANK" in os.environ
-cuda = torch.cuda.is_available()
+cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
 rank, world, local_rank = 0, 1, 0
 if distributed:
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # rank 0 alone writes a checkpoint (tens of GB at 7B) while the others wait: NCCL's 10 minutes is tight
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
     rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"error: process {local_rank} of this node has no GPU of its own: {torch.cuda.device_count()} "
+                         f"visible; start at most that many (torchrun --nproc_per_node), or --device cpu")
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 if cuda:
     torch.cuda.set_device(device)

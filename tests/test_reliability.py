@@ -256,6 +256,8 @@ def test_train_user_errors_are_one_line(env, tmp_path):
         "config not json": ([*base, "--config", tmp_path / "bad.json"], "bad.json line 2: not valid JSON"),
         "resume without train state": ([*args(env, tmp_path / "w", 2), "--resume"], "has no train_state.pt"),
     }
+    if not torch.cuda.is_available():
+        cases["no GPU"] = ([*base, "--device", "cuda"], "--device cuda: no CUDA GPU is visible")
     for name, (argv, expected) in cases.items():
         assert expected in one_line(run_train(argv)), name
 
