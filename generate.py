@@ -454,7 +454,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
     p.add_argument("--quantize", choices=["int8"], help="int8: the LLM's linear weights in one byte each, "
-                   "quantized while loading (about half the memory of bfloat16, faster decoding)")
+                   "quantized while loading (about half the memory of bfloat16; decodes faster on the CPU, not yet "
+                   "measured on a GPU)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: as a CUDA graph), once per batch size and cache length")
