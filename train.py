@@ -678,14 +678,17 @@ def save(step):
         # with FSDP (LoRA) every rank takes part in gathering the full tensors; rank 0 writes them
         weights = get_model_state_dict(unwrapped, options=full)
         extra = dict(optimizer=get_optimizer_state_dict(unwrapped, opt, options=full))
+    # every rank's random state (dropout draws per rank, for its own samples' shapes)
+    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if cuda else [])
+    rngs = [rng] * world
+    if distributed:
+        dist.all_gather_object(rngs, rng)
     if master:
         # the data file's digest as it was read (at the start), not as it may be now
         run = dict(fixed, **usable, data=os.path.realpath(args.data), data_sha256=ds.sha256, args=vars(args),
                    init=args.lora_r and os.path.realpath(args.init), init_digest=init_digest)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
-        state = dict(step=step, cpu_rng=torch.get_rng_state(), run=json.dumps(run), **extra)
-        if cuda:
-            state["cuda_rng"] = torch.cuda.get_rng_state()
+        state = dict(step=step, rng=rngs, run=json.dumps(run), **extra)
         with save_errors(step, tmp):
             if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model:
                 # --init read again in fp32 + the adapters (on GPUs the base is held here in bf16, rounded)
@@ -743,9 +746,12 @@ log = open(log_path, "a") if master else None
 bar = tqdm(total=stop_step, initial=start_step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
 batches = iter(loader)  # draws a seed from the global RNG: the saved state goes back only after it
 if args.resume:  # dropout (LoRA's) then draws the masks the uninterrupted run drew
-    torch.set_rng_state(state["cpu_rng"])
-    if cuda and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"])
+    # this rank's state (older checkpoints, or another number of ranks: rank 0's)
+    rng = state["rng"][rank if len(state["rng"]) == world else 0] if "rng" in state else \
+        [state["cpu_rng"]] + ([state["cuda_rng"]] if "cuda_rng" in state else [])
+    torch.set_rng_state(rng[0])
+    if cuda and len(rng) > 1:
+        torch.cuda.set_rng_state(rng[1])
 skipped = 0
 t0 = time.time()
 for step in range(start_step, stop_step):

@@ -183,6 +183,19 @@ def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+def test_ddp_resume_equals_uninterrupted_with_dropout(env, base, tmp_path):
+    # each rank draws its own dropout masks (its own samples' shapes): a resume restores each
+    # rank's random state, not rank 0's on every rank
+    common = ("--init", base, *LORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2,
+              "--lora-adapters-only", "--no-group-by-length")
+    torchrun(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
+    torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2))
+    torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
+    assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
+                mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
 def test_ddp_and_fsdp_equal_one_process(env, base, tmp_path):
     # dropout 0: each rank would draw its own dropout masks
     common = ("--init", base, *LORA, "--lora-dropout", 0, "--global-batch", 2, "--batch-size", 1,
