@@ -56,6 +56,7 @@ import glob
 import json
 import multiprocessing
 import os
+import queue
 import re
 import resource
 import subprocess
@@ -876,7 +877,14 @@ def in_process(target, *args):
     proc = ctx.Process(target=target, args=args + (q,))
     proc.start()
     peak = PeakAnon(proc.pid)
-    result = q.get()
+    while True:  # a worker that died (out of memory, say) never puts a result: stop, don't wait for ever
+        try:
+            result = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                peak.done()
+                raise SystemExit(f"{target.__name__}{args[:1]}: the worker died (exit code {proc.exitcode})")
     proc.join()
     return result, peak.done()
 

@@ -370,6 +370,15 @@ def test_bench_gemv_pass_reads_every_linear_weight():
     assert n == 4 * (2 * (4 * 32 * 32 + 3 * 32 * 48) + 64 * 32) and seconds > 0  # 7 per layer + head
 
 
+def test_bench_worker_that_dies_stops_the_section():
+    # bench.in_process waited for ever on a worker that died before putting its result (CUDA out of
+    # memory in scale_worker, say); truediv(1, queue) raises in the worker
+    import operator
+    import bench
+    with pytest.raises(SystemExit, match="truediv.*the worker died"):
+        bench.in_process(operator.truediv, 1)
+
+
 def test_bench_counts_table1_on_meta():
     # bench.py itself runs for minutes; its full-scale FLOP count on the meta device is quick
     import bench
