@@ -502,14 +502,17 @@ class Llama(nn.Module):
         positions = (valid.cumsum(-1) - valid.long())[:, start:]  # (B, T): real tokens before each
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
 
-        mask = None  # None: SDPA's causal fast path (no padding, queries start at slot 0)
-        if pad_mask is not None or start > 0:
+        mask = None  # None: SDPA's causal fast path (no padding, queries start at slot 0; flash on a GPU)
+        if start > 0 or (pad_mask is not None and not bool(valid.all())):
             q_slot = torch.arange(start, end, device=x.device)[:, None]  # (T, 1)
             k_slot = torch.arange(end, device=x.device)[None, :]  # (1, S)
             mask = (k_slot <= q_slot) & valid[:, None, :]  # (B, T, S)
             # every query sees at least its own slot: a padded query with every key masked is a softmax
             # over nothing, NaN in some SDPA kernels, and a NaN poisons real tokens in the next layer
-            mask = additive_mask((mask | (k_slot == q_slot))[:, None], x.dtype)  # (B, 1, T, S), over heads
+            # in the dtype SDPA computes in: under autocast (bf16) each layer cast an fp32 mask anew, and
+            # training kept every layer's copy for backward (~0.2 GB per layer at B 16, T 2,500)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            mask = additive_mask((mask | (k_slot == q_slot))[:, None], dtype)  # (B, 1, T, S), over heads
 
         # last_only (prefill needs the next-token logits only): the last layer's outputs at the other
         # T-1 tokens feed nothing but their logits, so that layer skips their queries, attention, wo

@@ -458,3 +458,28 @@ def test_compiled_decode_attends_as_eager_with_grouped_queries():
     assert static.by_channel and static.v[0].shape[-1] == 32 and static.v[0].is_contiguous() and not eager.by_channel
     with torch.no_grad():
         torch.testing.assert_close(model(ids[:, :5], cache=static), model(ids[:, :5], cache=eager), **TOL)
+
+
+def test_training_mask_is_built_once_in_the_autocast_dtype():
+    # under bf16 autocast (GPU training) an fp32 mask was cast anew in every layer's SDPA, and each
+    # copy kept for backward; a batch without padding takes the causal fast path, no mask at all.
+    # CPU autocast stands in for CUDA's here; the mask is the one (T, T) tensor per row and head
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig(vocab_size=128, dim=64, n_layers=4, n_heads=4, hidden_dim=128, max_seq_len=64))
+    B, T = 2, 24
+    x = torch.randn(B, T, 64, requires_grad=True)
+    for padded in (True, False):
+        pad = torch.ones(B, T, dtype=torch.bool)
+        pad[1, 18:] = not padded
+        masks = {}
+
+        def pack(t):
+            if t.dim() == 4 and t.shape[-2:] == (T, T):
+                masks[t.untyped_storage().data_ptr()] = t.dtype
+            return t
+        with torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(embeds=x, pad_mask=pad).float().sum().backward()
+        assert list(masks.values()) == ([torch.bfloat16] if padded else [])
+    with torch.no_grad():  # and the fast path answers as the mask did (fp32, no autocast)
+        full = torch.ones(B, T, dtype=torch.bool)
+        torch.testing.assert_close(m(embeds=x, pad_mask=full), m(embeds=x), rtol=0, atol=0)
