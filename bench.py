@@ -34,7 +34,7 @@
 
 6. stage2: `train.py --stage 2 --fsdp` as run (torchrun, one GPU, bf16 FSDP2) with the full vision
    towers (CLIP ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at 1024) and a random ~1B
-   LLaMA (TinyLlama's widths), with and without --grad-checkpoint: tokens/s, MFU, peak CUDA
+   LLaMA (TinyLlama's widths, multi-head attention), with and without --grad-checkpoint: tokens/s, MFU, peak CUDA
    memory. CUDA only (~6 minutes on one H100-class GPU).
 7. lean: train.py --fsdp's lean start and save on the CPU: peak RSS of each of two gloo ranks
    against one process of the same run (--init from a 324M-parameter checkpoint, a checkpoint
@@ -1071,8 +1071,10 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
         print("\n6. stage2: needs a CUDA device (--device cuda); skipped")
         return {}
     from PIL import Image
-    llm = LlamaConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=4096)
-    cfg = replace(mra.MRAConfig(), llm=llm)  # LLaVA-HR-7B's towers, a TinyLlama-sized LLM
+    # LLaVA-HR-7B's towers, a TinyLlama-sized LLM with Vicuna's multi-head attention: TinyLlama's 4
+    # key-value heads (enable_gqa) with training's padding mask may leave SDPA fewer kernels than 7B has
+    llm = LlamaConfig(dim=2048, n_layers=22, n_heads=32, hidden_dim=5632, max_seq_len=4096)
+    cfg = replace(mra.MRAConfig(), llm=llm)
     rows, out = [], {}
     with tempfile.TemporaryDirectory() as d:
         make_tokenizer(os.path.join(d, "tokenizer.model"))
