@@ -136,7 +136,8 @@ def run_ours(llm, ids, n, step, cache_len=None):
     """(tokens, prefill seconds, decode seconds) for n greedy tokens after ids (1, P)."""
     dev = ids.device
     t0 = now(dev)  # the cache's allocation counted in prefill, as transformers' grows inside its call
-    cache = llm.new_cache(1, cache_len or cache_length(ids.shape[1] + n))
+    # on CUDA one cache per shape, as generate() gives a compiled step (its graph replays, not re-recorded)
+    cache = llm.new_cache(1, cache_len or cache_length(ids.shape[1] + n), reuse=dev.type == "cuda")
     logits = llm(ids, cache=cache, last_only=True)[:, -1]
     t1 = now(dev)
     out = generate.decode_n_tokens(step, logits, cache, n, argmax, eos_id=-1)[0]
@@ -357,7 +358,9 @@ def bench_batch(a, device):
 
     def run(batch, step=model.llm.decode):  # (prefill s, decode s) for these prompts in one batch
         t0 = now(device)
-        logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens, reuse_cache=True)  # as generate()
+        # a compiled step on CUDA gets its own cache back every time, as generate() gives it (its graph replays)
+        reuse = step is compiled and device.type == "cuda"
+        logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens, reuse)
         t1 = now(device)
         generate.decode_n_tokens(step, logits, cache, a.new_tokens, argmax, eos_id=-1)
         return t1 - t0, now(device) - t1
@@ -883,6 +886,11 @@ def in_process(target, *args):
             break
         except queue.Empty:
             if not proc.is_alive():
+                try:  # a result put just before the worker exited
+                    result = q.get(timeout=1)
+                    break
+                except queue.Empty:
+                    pass
                 peak.done()
                 raise SystemExit(f"{target.__name__}{args[:1]}: the worker died (exit code {proc.exitcode})")
     proc.join()
@@ -1071,8 +1079,8 @@ def bench_stage2(a, device, steps=8, batch=4, words=150):
         print("\n6. stage2: needs a CUDA device (--device cuda); skipped")
         return {}
     from PIL import Image
-    # LLaVA-HR-7B's towers, a TinyLlama-sized LLM with Vicuna's multi-head attention: TinyLlama's 4
-    # key-value heads (enable_gqa) with training's padding mask may leave SDPA fewer kernels than 7B has
+    # LLaVA-HR-7B's towers, a TinyLlama-sized LLM with Vicuna's multi-head attention (TinyLlama has 4
+    # key-value heads; LLaVA-HR-7B attends with all 32)
     llm = LlamaConfig(dim=2048, n_layers=22, n_heads=32, hidden_dim=5632, max_seq_len=4096)
     cfg = replace(mra.MRAConfig(), llm=llm)
     rows, out = [], {}

@@ -162,11 +162,14 @@ def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=
 
 @torch.no_grad()
 def generate(model, prompts, images=None, *, max_new_tokens=128, pick=sample, eos_id=2, pad_id=0,
-             step=None, on_token=None):
+             step=None, on_token=None, reuse_cache=None):
     """Batched generation: generated ids (EOS excluded) for each prompt. images: (M, 3, R, R),
-    one per placeholder in row order (rows without an image take none)."""
-    # the cache is the last call's of this shape, emptied: a compiled CUDA step replays its graph
-    logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache=True)
+    one per placeholder in row order (rows without an image take none). reuse_cache (default: for a
+    compiled step on CUDA, whose graph is recorded for the cache's addresses): the last call's cache
+    of this shape, emptied (Llama.new_cache), rather than a new one."""
+    if reuse_cache is None:  # (on the CPU it would keep a compiled step's layout, slower to prefill into)
+        reuse_cache = step is not None and model.projector[0].weight.is_cuda
+    logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache)
     return decode_n_tokens(step or model.llm.decode, logits, cache, max_new_tokens, pick, eos_id, on_token)
 
 

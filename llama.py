@@ -459,21 +459,27 @@ class Llama(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
     def new_cache(self, batch_size, max_len, dtype=None, device=None, reuse=False):
-        """reuse: hand back the last cache made with reuse=True, emptied, if it has this shape (and keep
-        this one for next time). A CUDA graph is recorded for its inputs' addresses: a compiled step
-        fed a new cache per batch recorded again, and checked every recording at every step."""
+        """reuse: hand back the last cache made with reuse=True, emptied (keys and values zeroed: a NaN
+        left in a padding slot would pass the mask), if it has this shape; else let it go first, then
+        keep the new one. A CUDA graph is recorded for its inputs' addresses: a compiled step fed a new
+        cache per batch recorded again, and checked every recording at every step."""
         c, w = self.config, self.tok_embeddings.weight
-        dtype, device = dtype or w.dtype, device or w.device
-        last = getattr(self, "reusable_cache", None)
-        if reuse and last is not None and (*last.k[0].shape[:1], last.valid.shape[1], last.k[0].dtype,
-                                           last.k[0].device) == (batch_size, max_len, dtype, torch.device(device)):
+        dtype, device = dtype or w.dtype, torch.empty(0, device=device or w.device).device  # "cuda" -> cuda:0
+        last = self.__dict__.pop("reusable_cache", None) if reuse else None
+        if last is not None and (last.k[0].shape[0], last.valid.shape[1], last.k[0].dtype, last.k[0].device) == (
+                batch_size, max_len, dtype, device):
+            for t in last.k + last.v:
+                t.zero_()
             last.rewind(0)
-            return last
-        # KVCache.rope, made here: computed in a compiled step, it would be recomputed in every loop reading it
-        tables = [t[0, 0] for t in rope(torch.arange(max_len, device=device)[None], c.head_dim, c.rope_theta, dtype)]
-        cache = KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device, tables)
+            cache = last
+        else:
+            del last  # its memory is free before the new one takes its own
+            # KVCache.rope, made here: computed in a compiled step, it would be recomputed in every loop reading it
+            tables = [t[0, 0] for t in rope(torch.arange(max_len, device=device)[None], c.head_dim, c.rope_theta,
+                                            dtype)]
+            cache = KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device, tables)
         if reuse:
-            self.reusable_cache = cache  # one at a time: the last shape's memory is let go
+            self.reusable_cache = cache  # one at a time, until the next reuse (or `del model.llm.reusable_cache`)
         return cache
 
     def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None, last_only=False):

@@ -202,12 +202,13 @@ distributed = "RANK" in os.environ
 cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
 rank, world, local_rank = 0, 1, 0
 if distributed:
-    # rank 0 alone writes a checkpoint (tens of GB at 7B) while the others wait: NCCL's 10 minutes is tight
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
-    rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     if cuda and local_rank >= torch.cuda.device_count():
         raise SystemExit(f"error: process {local_rank} of this node has no GPU of its own: {torch.cuda.device_count()} "
                          f"visible; start at most that many (torchrun --nproc_per_node), or --device cpu")
+    # rank 0 alone writes a checkpoint (tens of GB at 7B) while the others wait: NCCL's 10 minutes is tight
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+    rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 if cuda:
     torch.cuda.set_device(device)

@@ -496,22 +496,31 @@ def test_compiled_step_serves_more_cache_shapes_than_dynamos_default(monkeypatch
 
 
 def test_generate_reuses_one_cache_per_shape(model, tok, images):
-    # a CUDA graph is recorded for its inputs' addresses: each batch of a run gets the last batch's
-    # cache back, emptied, when the shape is the same (so the step replays), a new one when it is not;
-    # the answers are those of a fresh cache
+    # a CUDA graph is recorded for its inputs' addresses: a compiled step on CUDA gets the last batch's
+    # cache back (reuse_cache, forced here on the CPU), emptied, when the shape is the same, a new one
+    # when it is not; every step sees what it would see in a fresh cache (slots, position, logits)
     seen = []
 
     def step(tokens, cache):
-        seen.append(cache)
-        return model.llm.decode(tokens, cache)
+        logits = model.llm.decode(tokens, cache)
+        seen.append((id(cache), int(cache.pos), cache.valid.clone(), logits))
+        return logits
     q = [ids_for(tok, [generate.human_turn(t, False)]) for t in ("Hello there", "Describe the street", "Hi")]
-    fresh = [generate.decode_n_tokens(model.llm.decode, *generate.prefill(model, [p], None, 0, 8), 8, generate.sample,
-                                      eos_id=-1) for p in q]
-    model.llm.reusable_cache = None
-    runs = [generate.generate(model, [p], max_new_tokens=8, eos_id=-1, step=step) for p in q]
-    assert runs == fresh
-    caches = list(dict.fromkeys(map(id, seen)))  # in order of first use
-    assert len(caches) == 1 and seen[0].valid.shape == (1, generate.CACHE_ROUND)  # one shape, one cache
+    batches = [q[:2], q[1:], q[::2]]  # rows of different lengths: left padding, slots no prompt writes
+    for b in batches:
+        generate.generate(model, b, max_new_tokens=8, eos_id=-1, step=step, reuse_cache=False)
+    fresh, seen = seen, []
+    model.llm.reusable_cache = model.llm.new_cache(2, generate.CACHE_ROUND)  # a cache of that shape...
+    for t in model.llm.reusable_cache.k + model.llm.reusable_cache.v:
+        t.fill_(float("nan"))  # ...whose old keys and values are poison (NaN passes a -inf mask)
+    kept = id(model.llm.reusable_cache)
+    for b in batches:
+        generate.generate(model, b, max_new_tokens=8, eos_id=-1, step=step, reuse_cache=True)
+    assert {c for c, *_ in seen} == {kept}  # one shape, one cache, reused
+    for (_, pos, valid, logits), (_, pos0, valid0, logits0) in zip(seen, fresh, strict=True):
+        assert pos == pos0 and torch.equal(valid, valid0) and torch.equal(logits, logits0)
     long = ids_for(tok, [generate.human_turn("word " * (generate.CACHE_ROUND - 8), False)])
-    generate.generate(model, [long, q[0]], max_new_tokens=8, eos_id=-1, step=step)
-    assert id(seen[-1]) != caches[0] and model.llm.reusable_cache is seen[-1]  # a new shape: a new cache kept
+    generate.generate(model, [long, q[0]], max_new_tokens=8, eos_id=-1, step=step, reuse_cache=True)
+    shape = seen[-1][2].shape  # a new shape: a new cache, kept in place of the old (which may leave its id free)
+    assert shape[1] > generate.CACHE_ROUND and model.llm.reusable_cache.valid.shape == shape
+    del model.llm.reusable_cache
