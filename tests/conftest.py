@@ -1,6 +1,7 @@
 """Fixtures shared by the tokenizer and data tests: ours and HF's slow LlamaTokenizer over the
 same sentencepiece model. Each module provides `model_path` (its own trained model). And every
-test starts with torch's process-wide float mode as a fresh process has it."""
+test starts with torch's process-wide float mode as a fresh process has it, and (but those marked
+cuda) sees no GPU, as CI's machine: their exact fp32 comparisons hold on a machine with one too."""
 import pytest
 import torch
 from transformers import LlamaTokenizer
@@ -24,3 +25,12 @@ def no_flush_denormal():
     a later test (sampling at a temperature of 1e-40) would then divide by zero."""
     yield
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture(autouse=True)
+def no_gpu_unless_marked(request, monkeypatch):
+    """train.py and generate.py take a visible GPU by default (bf16 / fp16): outside the cuda-marked
+    tests, this process and the ones it starts see none."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
