@@ -135,24 +135,30 @@ def keep_freed_memory():
 
 
 @torch.no_grad()
-def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None):
+def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None, ahead=None):
     """Sample, feed back, repeat; a row stops at EOS (not returned) or max_new_tokens.
-    step: model.llm.decode (maybe compiled), tokens (B,) -> logits (B, V); pick: logits -> tokens."""
+    step: model.llm.decode (maybe compiled), tokens (B,) -> logits (B, V); pick: logits -> tokens.
+    ahead (default: on a GPU): queue each step before reading the tokens it is fed, so the GPU is not
+    idle while the host reads them (then one step more runs after the last EOS; the CPU has no queue)."""
     out = [[] for _ in range(logits.shape[0])]
     done = [False] * len(out)
+    ahead = logits.is_cuda if ahead is None else ahead
     with contextlib.ExitStack() as steady:
         for i in range(max_new_tokens):
             tokens = pick(logits)
+            more = i < max_new_tokens - 1
+            if ahead and more:
+                logits = step(tokens, cache)
             for b, t in enumerate(tokens.tolist()):  # the one host sync per step
                 done[b] = done[b] or t == eos_id
                 if not done[b]:
                     out[b].append(t)
                     if on_token is not None:
                         on_token(b, t)
-            if all(done) or i == max_new_tokens - 1:
+            if all(done) or not more:
                 break
-            # finished rows keep decoding (their tokens are discarded): every row shares one slot
-            logits = step(tokens, cache)
+            if not ahead:  # finished rows keep decoding (their tokens are discarded): every row shares one slot
+                logits = step(tokens, cache)
             if i == 0:
                 # later steps get this one's inputs (one cache, tokens of one shape), so a compiled step
                 # skips dynamo's guards, which then catch nothing: test_compiled_decode_... checks they hold

@@ -524,3 +524,19 @@ def test_generate_reuses_one_cache_per_shape(model, tok, images):
     shape = seen[-1][2].shape  # a new shape: a new cache, kept in place of the old (which may leave its id free)
     assert shape[1] > generate.CACHE_ROUND and model.llm.reusable_cache.valid.shape == shape
     del model.llm.reusable_cache
+
+
+def test_step_queued_ahead_answers_the_same(model, tok):
+    # on a GPU each step is queued before the host reads the tokens it is fed (ahead): the same
+    # tokens, EOS or not; when every row ended at an EOS, one step more has run (a chat rolls it back)
+    prompts = [ids_for(tok, [generate.human_turn(t, False)]) for t in ("Describe the street", "Hi")]
+
+    def run(eos, ahead, n=12):
+        logits, cache = generate.prefill(model, prompts, None, 0, n)
+        return generate.decode_n_tokens(model.llm.decode, logits, cache, n, generate.sample, eos, ahead=ahead), cache
+    free, _ = run(-1, False)
+    for eos in (free[0][4], free[1][3], -1):
+        (slow, before), (fast, after) = run(eos, False), run(eos, True)
+        assert slow == fast == [row[:row.index(eos)] if eos in row else row for row in free]
+        early = all(eos in row[:11] for row in free)  # every row's EOS came before the 12th token
+        assert int(after.pos) - int(before.pos) == early
