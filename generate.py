@@ -134,20 +134,27 @@ def keep_freed_memory():
         pass
 
 
+def is_eager(step):
+    """Llama.decode itself (or None, its stand-in), not a compiled step."""
+    return step is None or getattr(step, "__func__", None) is llama.Llama.decode
+
+
 @torch.no_grad()
 def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=None, ahead=None):
     """Sample, feed back, repeat; a row stops at EOS (not returned) or max_new_tokens.
     step: model.llm.decode (maybe compiled), tokens (B,) -> logits (B, V); pick: logits -> tokens.
-    ahead (default: on a GPU): queue each step before reading the tokens it is fed, so the GPU is not
-    idle while the host reads them (then one step more runs after the last EOS; the CPU has no queue)."""
+    ahead (default: a compiled step on a GPU): from the second step on, queue each step before reading
+    the tokens it is fed, so the GPU is not idle while the host reads them; one step more then runs
+    after the last EOS. (An eager step reads cache.pos first, a sync anyway; the CPU has no queue.)"""
     out = [[] for _ in range(logits.shape[0])]
     done = [False] * len(out)
-    ahead = logits.is_cuda if ahead is None else ahead
+    ahead = logits.is_cuda and not is_eager(step) if ahead is None else ahead
     with contextlib.ExitStack() as steady:
         for i in range(max_new_tokens):
             tokens = pick(logits)
             more = i < max_new_tokens - 1
-            if ahead and more:
+            early = ahead and more and i > 0  # not the first step: it compiles, and the first token shows now
+            if early:
                 logits = step(tokens, cache)
             for b, t in enumerate(tokens.tolist()):  # the one host sync per step
                 done[b] = done[b] or t == eos_id
@@ -157,7 +164,7 @@ def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=
                         on_token(b, t)
             if all(done) or not more:
                 break
-            if not ahead:  # finished rows keep decoding (their tokens are discarded): every row shares one slot
+            if not early:  # finished rows keep decoding (their tokens are discarded): every row shares one slot
                 logits = step(tokens, cache)
             if i == 0:
                 # later steps get this one's inputs (one cache, tokens of one shape), so a compiled step
@@ -174,7 +181,7 @@ def generate(model, prompts, images=None, *, max_new_tokens=128, pick=sample, eo
     compiled step on CUDA, whose graph is recorded for the cache's addresses): the last call's cache
     of this shape, emptied (Llama.new_cache), rather than a new one."""
     if reuse_cache is None:  # (on the CPU it would keep a compiled step's layout, slower to prefill into)
-        reuse_cache = step is not None and model.projector[0].weight.is_cuda
+        reuse_cache = not is_eager(step) and model.projector[0].weight.is_cuda
     logits, cache = prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache)
     return decode_n_tokens(step or model.llm.decode, logits, cache, max_new_tokens, pick, eos_id, on_token)
 
@@ -301,8 +308,9 @@ def chat(model, tok, image, args, pick, step):
         out = decode_n_tokens(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
         finish()
         turns.append(("gpt", tok.decode(out).strip()))
-        # the cache holds the prompt and each token fed back (not the last sampled): count from its slots
-        cached = (ids + out)[:int(cache.pos) - slots(model, ids) + len(ids)]
+        # the cache holds the prompt and each token fed back (the last sampled too, if an EOS stopped a
+        # step queued ahead): count from its slots
+        cached = (ids + out + [tok.eos_id])[:int(cache.pos) - slots(model, ids) + len(ids)]
 
 
 def read_jsonl(path, check, text=None, first=1):

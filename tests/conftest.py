@@ -27,6 +27,15 @@ def no_flush_denormal():
     torch.set_flush_denormal(False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def triton_probed_with_the_gpu_visible():
+    """torch asks once per process whether triton can run (torch.cuda.is_available among its checks)
+    and keeps the answer: asked first under the fixture below, the cuda tests could not compile."""
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+        has_triton()
+
+
 @pytest.fixture(autouse=True)
 def no_gpu_unless_marked(request, monkeypatch):
     """train.py and generate.py take a visible GPU by default (bf16 / fp16): outside the cuda-marked
