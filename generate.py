@@ -148,7 +148,8 @@ def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=
     after the last EOS. (An eager step reads cache.pos first, a sync anyway; the CPU has no queue.)"""
     out = [[] for _ in range(logits.shape[0])]
     done = [False] * len(out)
-    ahead = logits.is_cuda and not is_eager(step) if ahead is None else ahead
+    if ahead is None:
+        ahead = logits.is_cuda and not is_eager(step)
     with contextlib.ExitStack() as steady:
         for i in range(max_new_tokens):
             tokens = pick(logits)

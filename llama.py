@@ -465,18 +465,17 @@ class Llama(nn.Module):
         cache per batch recorded again, and checked every recording at every step."""
         c, w = self.config, self.tok_embeddings.weight
         dtype, device = dtype or w.dtype, torch.empty(0, device=device or w.device).device  # "cuda" -> cuda:0
-        last = self.__dict__.pop("reusable_cache", None) if reuse else None
-        if last is not None and (last.k[0].shape[0], last.valid.shape[1], last.k[0].dtype, last.k[0].device) == (
-                batch_size, max_len, dtype, device):
-            for t in last.k + last.v:
+        cache = self.__dict__.pop("reusable_cache", None) if reuse else None
+        if cache is not None and (cache.valid.shape, cache.k[0].dtype, cache.k[0].device) == (
+                (batch_size, max_len), dtype, device):
+            for t in cache.k + cache.v:
                 t.zero_()
-            last.rewind(0)
-            cache = last
+            cache.rewind(0)
         else:
-            del last  # its memory is free before the new one takes its own
+            cache = None  # the last one's memory is free before the new one takes its own
             # KVCache.rope, made here: computed in a compiled step, it would be recomputed in every loop reading it
-            tables = [t[0, 0] for t in rope(torch.arange(max_len, device=device)[None], c.head_dim, c.rope_theta,
-                                            dtype)]
+            slots = torch.arange(max_len, device=device)[None]
+            tables = [t[0, 0] for t in rope(slots, c.head_dim, c.rope_theta, dtype)]
             cache = KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, device, tables)
         if reuse:
             self.reusable_cache = cache  # one at a time, until the next reuse (or `del model.llm.reusable_cache`)

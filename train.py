@@ -747,9 +747,9 @@ log = open(log_path, "a") if master else None
 bar = tqdm(total=stop_step, initial=start_step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
 batches = iter(loader)  # draws a seed from the global RNG: the saved state goes back only after it
 if args.resume:  # dropout (LoRA's) then draws the masks the uninterrupted run drew
-    # this rank's state (older checkpoints, or another number of ranks: rank 0's)
-    rng = state["rng"][rank if len(state["rng"]) == world else 0] if "rng" in state else \
-        [state["cpu_rng"]] + ([state["cuda_rng"]] if "cuda_rng" in state else [])
+    # this rank's state (older checkpoints kept rank 0's alone; another number of ranks takes rank 0's)
+    rngs = state.get("rng") or [[state["cpu_rng"]] + ([state["cuda_rng"]] if "cuda_rng" in state else [])]
+    rng = rngs[rank if len(rngs) == world else 0]
     torch.set_rng_state(rng[0])
     if cuda and len(rng) > 1:
         torch.cuda.set_rng_state(rng[1])

@@ -183,17 +183,22 @@ def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
-def test_ddp_resume_equals_uninterrupted_with_dropout(env, base, tmp_path):
-    # each rank draws its own dropout masks (its own samples' shapes): a resume restores each
-    # rank's random state, not rank 0's on every rank
-    common = ("--init", base, *LORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2,
-              "--lora-adapters-only", "--no-group-by-length")
-    torchrun(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
-    torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2))
-    torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
+def assert_resume_equals_uninterrupted(run, env, tmp_path, common):
+    """run (train_globals, or torchrun): 4 steps straight, and cut at step 2 then resumed, end alike."""
+    run(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
+    run(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2))
+    run(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
     assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
                 mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_ddp_resume_equals_uninterrupted_with_dropout(env, base, tmp_path):
+    # each rank draws its own dropout masks (its own samples' shapes): a resume restores each
+    # rank's random state, not rank 0's on every rank
+    assert_resume_equals_uninterrupted(torchrun, env, tmp_path, (
+        "--init", base, *LORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2,
+        "--lora-adapters-only", "--no-group-by-length"))
 
 
 def test_ddp_and_fsdp_equal_one_process(env, base, tmp_path):
@@ -454,10 +459,5 @@ def test_qlora_ddp_equals_one_process(env, base, tmp_path):
 
 
 def test_qlora_resume_equals_uninterrupted(env, base, tmp_path):
-    common = ("--init", base, *QLORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2)
-    train_globals(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
-    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2))
-    train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
-    assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
-                mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_resume_equals_uninterrupted(train_globals, env, tmp_path, (
+        "--init", base, *QLORA, "--global-batch", 2, "--batch-size", 1, "--max-steps", 4, "--lr", 1e-2))
