@@ -254,6 +254,8 @@ def bench_decode(a, device):
         # the CPU also with SDPA in place of llama.decode_attention, to compare)
         ours, dense, dense_sdpa = (Llama.from_pretrained(d, device=device).eval() for _ in range(3))
     llama.pack_linears(ours)
+    if device.type == "cuda":  # as generate.py runs on a GPU
+        llama.fuse_linears(ours), llama.fuse_linears(dense)
     n_params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     cache_len = cache_length(a.prompt_len + a.new_tokens)
@@ -351,6 +353,8 @@ def bench_batch(a, device):
     torch.manual_seed(0)
     model = mra.LlavaHR(replace(small_cfg("llava-1.5", 336, True), llm=c)).to(device).eval()  # text-only here
     llama.pack_linears(model.llm)  # as generate.py does on the CPU, eager or compiled for batches
+    if device.type == "cuda":  # and on a GPU
+        llama.fuse_linears(model.llm)
     compiled = generate.compile_step(model.llm.decode, device)
     lo, hi = a.batch_prompt_lens
     g = torch.Generator().manual_seed(1)
@@ -499,10 +503,9 @@ def bench_batch_attention(a, repeats):
 
 
 @torch.no_grad()
-def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128):
-    """A Vicuna-7B-shaped LLaMA, random bf16 weights, on a GPU: eager and compiled (one CUDA
+def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaConfig.from_name("vicuna-7b-v1.5")):
+    """A Vicuna-7B-shaped LLaMA (c), random bf16 weights, on a GPU: eager and compiled (one CUDA
     graph per step) decode against the measured HBM read bandwidth."""
-    c = LlamaConfig.from_name("vicuna-7b-v1.5")
     with torch.device("meta"):
         llm = Llama(c)
     llm = llm.to(torch.bfloat16).to_empty(device=device).eval()
@@ -510,30 +513,46 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128):
     for name, p in llm.named_parameters():  # norms at 1, the rest small: finite activations
         p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     ids = torch.randint(3, c.vocab_size, (1, prompt_len), device=device)
-    compiled = generate.compile_step(llm.decode, device)
     cache_len = cache_length(prompt_len + new_tokens)
-    run_ours(llm, ids[:, :16], 4, llm.decode), run_ours(llm, ids[:, :16], 4, compiled, cache_len=cache_len)
     weight_bytes, kv_bytes = bytes_per_token(llm, prompt_len, new_tokens)
     rows, frac = [], {}
-    # "not ahead": each step launched only after the host has read the tokens it is fed (the GPU idles)
-    runs = (("eager", llm.decode, None), ("compiled", compiled, None), ("compiled, not ahead", compiled, False))
-    for name, step, ahead in runs:
+
+    def measure(name, step, ahead=None):
         _, pre, dec = min((run_ours(llm, ids, new_tokens, step, ahead=ahead) for _ in range(2)), key=lambda r: r[2])
         tps = (new_tokens - 1) / dec
         frac[name] = (weight_bytes + kv_bytes) * tps / bandwidth
-        gbs = (weight_bytes + kv_bytes) * tps
-        rows.append([name, f"{pre:.3f}", f"{tps:.1f}", f"{gbs / 1e9:.0f}", f"{frac[name]:.2f}"])
-    gemv_bytes, gemv_s = gemv_pass(llm, device)
-    frac["gemv"] = gemv_bytes / gemv_s / bandwidth
-    rows.append(["its GEMVs alone", "-", "-", f"{gemv_bytes / gemv_s / 1e9:.0f}", f"{frac['gemv']:.2f}"])
-    print(f"\n1c. decode, Vicuna-7B shape, bf16, {torch.cuda.get_device_name(device)}, batch 1, "
+        rows.append([name, f"{pre:.3f}", f"{tps:.1f}", f"{frac[name] * bandwidth / 1e9:.0f}", f"{frac[name]:.2f}"])
+
+    def gemvs(name):
+        gemv_bytes, gemv_s = gemv_pass(llm, device)
+        frac[name] = gemv_bytes / gemv_s / bandwidth
+        rows.append([name, "-", "-", f"{gemv_bytes / gemv_s / 1e9:.0f}", f"{frac[name]:.2f}"])
+
+    def compiled():  # and warmed up: compiled for the cache shape measured
+        step = generate.compile_step(llm.decode, device)
+        run_ours(llm, ids[:, :16], 4, step, cache_len=cache_len)
+        return step
+    run_ours(llm, ids[:, :16], 4, llm.decode)
+    # q, k, v and gate, up as separate products, then fused (llama.fuse_linears), as generate.py runs on a GPU
+    measure("compiled, 7 products per layer", compiled())
+    gemvs("GEMVs alone, 7 per layer")
+    llama.fuse_linears(llm)
+    step = compiled()
+    # "not ahead": each step launched only after the host has read the tokens it is fed (the GPU idles)
+    for name, s, ahead in (("eager", llm.decode, None), ("compiled", step, None), ("compiled, not ahead", step, False)):
+        measure(name, s, ahead)
+    gemvs("GEMVs alone")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"\n1c. decode, {c.n_layers} layers of dim {c.dim}, bf16, {where}, batch 1, "
           f"{new_tokens} new tokens after {prompt_len}; {(weight_bytes + kv_bytes) / 1e9:.1f} GB per step; HBM reads "
-          f"{bandwidth / 1e9:.0f} GB/s. Last row: the step's weight products alone, one row each, replayed "
-          f"as one CUDA graph ({gemv_bytes / 1e9:.1f} GB): the ceiling of a step built on these kernels")
+          f"{bandwidth / 1e9:.0f} GB/s. Rows 'GEMVs alone': the step's weight products alone, one row each, "
+          f"replayed as one CUDA graph: the ceiling of a step built on these kernels")
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline"])
     return {"decode_7b_bf16_roofline_fraction": f"{max(frac['eager'], frac['compiled']):.2f}",
             "decode_7b_bf16_ahead_speedup": f"{frac['compiled'] / frac['compiled, not ahead']:.2f}x",
-            "decode_7b_bf16_gemv_roofline_fraction": f"{frac['gemv']:.2f}"}
+            "decode_7b_bf16_fused_speedup": f"{frac['compiled'] / frac['compiled, 7 products per layer']:.2f}x",
+            "decode_7b_bf16_gemv_roofline_fraction": f"{frac['GEMVs alone']:.2f}",
+            "decode_7b_bf16_gemv_roofline_fraction_unfused": f"{frac['GEMVs alone, 7 per layer']:.2f}"}
 
 
 @torch.no_grad()

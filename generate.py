@@ -576,10 +576,11 @@ def run(args):
         generator.seed()
     # a padded vocabulary (more LLM rows than tokenizer pieces): never pick a row without text
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
+    if device.type == "cuda":  # 4 weight products per layer, not 7: fewer GEMV kernels per token (on
+        llama.fuse_linears(model.llm)  # the CPU: decode as fast, prefill ~1% slower; so not there)
     # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, eager or
     # compiled; but a step compiled for one prompt at a time does better with inductor's (compile_step)
-    inductor_products = args.compile and not (args.questions and args.batch_size > 1)
-    if not inductor_products:
+    if not (args.compile and not (args.questions and args.batch_size > 1)):
         llama.pack_linears(model.llm)
     if device.type == "cpu":
         keep_freed_memory()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import generate
+import llama
 import mra
 from test_release import (IDS, PAD_MASK, greedy, images, llava_config, make_clip, make_convnext, make_heads,
                           make_llama, release_state, write_release)
@@ -68,12 +69,15 @@ def check_bf16_agrees_with_fp32(path, device, n=8):
         ref, ref_logits = greedy(mra.load_checkpoint(path, torch.float32, device).eval(), x, n,
                                  IDS.to(device), PAD_MASK.to(device))
         model = mra.load_checkpoint(path, torch.bfloat16, device).eval()
-        compiled = generate.compile_step(model.llm.decode, torch.device(device))
         atol = 0.05 * ref_logits.abs().max().item()  # bf16: 8 mantissa bits through every layer
         top2 = ref_logits.topk(2, dim=-1).values
         clear = top2[..., 0] - top2[..., 1] > 2 * atol  # no error within atol can flip these
         assert clear.sum() >= 3, "the test model has too few clear greedy choices to test anything"
-        for step in (model.llm.decode, compiled):
+        # eager; then fused (llama.fuse_linears, as generate.py runs on a GPU), eager and compiled
+        for step in (model.llm.decode, "fuse", "compile"):
+            if step == "fuse":
+                llama.fuse_linears(model.llm)
+            step = generate.compile_step(model.llm.decode, torch.device(device)) if step == "compile" else model.llm.decode
             logits = forced(model, x, ref, step)
             torch.testing.assert_close(logits, ref_logits, rtol=0, atol=atol)
             assert torch.equal(logits.argmax(-1)[clear], ref[clear])
@@ -93,6 +97,7 @@ def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
     # fp32: eager and compiled then pick the same greedy tokens for all 64 steps (in bf16 their
     # different roundings could break a near-tie of the random tiny model; bf16 is tested above)
     model = mra.load_checkpoint(release_dir, torch.float32, "cuda").eval()
+    llama.fuse_linears(model.llm)  # as generate.py runs on a GPU
     prompts = [row[mask].tolist() for row, mask in zip(IDS, PAD_MASK)]
     x = images(384).cuda()
     eager = generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1)

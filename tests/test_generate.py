@@ -368,6 +368,19 @@ def test_bench_gemv_pass_reads_every_linear_weight():
     llm = llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_seq_len=64))
     n, seconds = bench.gemv_pass(llm, torch.device("cpu"), passes=2)
     assert n == 4 * (2 * (4 * 32 * 32 + 3 * 32 * 48) + 64 * 32) and seconds > 0  # 7 per layer + head
+    llama.fuse_linears(llm)
+    assert bench.gemv_pass(llm, torch.device("cpu"), passes=2)[0] == n  # the same bytes in 4 per layer + head
+
+
+def test_bench_7b_section_runs_at_a_tiny_shape(capsys):
+    # bench.py --device cuda's 7B section runs on a GPU only: its code, run here on a tiny shape (the
+    # first GPU run found code no CPU test had reached simply crashing)
+    import bench
+    c = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_seq_len=64)
+    out = bench.bench_decode_7b(torch.device("cpu"), 1e10, prompt_len=8, new_tokens=4, c=c)
+    assert set(out) == {"decode_7b_bf16_roofline_fraction", "decode_7b_bf16_ahead_speedup", "decode_7b_bf16_fused_speedup",
+                        "decode_7b_bf16_gemv_roofline_fraction", "decode_7b_bf16_gemv_roofline_fraction_unfused"}
+    assert "compiled, 7 products per layer" in capsys.readouterr().out
 
 
 def test_bench_worker_that_dies_stops_the_section():

@@ -484,3 +484,52 @@ def test_training_mask_is_built_once_in_the_autocast_dtype():
         pad = torch.ones(B, T, dtype=torch.bool)
         pad[1, 18:] = False
         torch.testing.assert_close(m(embeds=x[:1], pad_mask=pad[:1]), m(embeds=x, pad_mask=pad)[:1], rtol=0, atol=1e-6)
+
+
+def test_fused_linears_answer_as_the_separate_ones():
+    """fuse_linears (generate.py on a GPU): q, k, v as one product and gate, up as one. The same
+    logits (prefill with padding and last_only, eager and compiled decode), plain and int8 weights;
+    fused then packed; a LoRA's layers are left as they are."""
+    import copy
+
+    import generate
+    import llama
+    import lora
+    torch.manual_seed(0)
+    plain = Llama(LlamaConfig.from_name("llama-tiny")).eval()
+    ids = torch.randint(3, plain.config.vocab_size, (2, 12))
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[1, :2] = False
+
+    def answers(model, compiled=False):
+        step = generate.compile_step(model.decode, torch.device("cpu")) if compiled else model.decode
+        cache = model.new_cache(2, 32)
+        with torch.no_grad():
+            out = [model(ids[:, :6], cache=cache, pad_mask=pad, last_only=True)[:, 0]]
+            out += [step(ids[:, t], cache) for t in range(6, 12)]
+        return torch.stack(out)
+
+    int8 = copy.deepcopy(plain)
+    state = int8.state_dict()
+    llama.int8_linears(int8)
+    for k, t in list(state.items()):
+        if isinstance(int8.get_submodule(k.rpartition(".")[0]), llama.Int8Linear):
+            state[k], state[k.removesuffix("weight") + "scales"] = llama.Int8Linear.quantize(t)
+    int8.load_state_dict(state, assign=True)
+    for model in (plain, int8):
+        fused = copy.deepcopy(model)
+        assert llama.fuse_linears(fused) == 2 * plain.config.n_layers and llama.fuse_linears(fused) == 0
+        attn, mlp = fused.layers[0].attn, fused.layers[0].mlp
+        assert not hasattr(attn, "wq") and not hasattr(mlp, "gate") and type(attn.wqkv) is type(attn.wo)
+        assert sum(p.numel() for p in fused.state_dict().values()) == sum(p.numel() for p in model.state_dict().values())
+        torch.testing.assert_close(answers(fused), answers(model), **TOL)
+    fused = copy.deepcopy(plain)
+    llama.fuse_linears(fused)
+    torch.testing.assert_close(answers(fused, compiled=True), answers(plain), **TOL)
+    if llama.ONEDNN:
+        assert llama.pack_linears(fused, min_bytes=0) == 4 * plain.config.n_layers + 1
+        torch.testing.assert_close(answers(fused), answers(plain), **TOL)
+    adapted = torch.nn.Module()
+    adapted.llm = copy.deepcopy(plain)
+    lora.add_lora(adapted, 4, 8)
+    assert llama.fuse_linears(adapted.llm) == 0 and isinstance(adapted.llm.layers[0].attn.wq, lora.LoRALinear)
