@@ -99,7 +99,7 @@ def compile_step(step, device):
     # its N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at
     # about twice MKL's gemv bandwidth. Batches call oneDNN on weights run() packed (llama.packed_linear):
     # about twice inductor's MKL rate at 8 rows (`python bench.py --only linear`). Pointwise results of over
-    # 8 ops (CPU default 50) are stored, not redone per loop reading them (the query's RoPE was, per cache
+    # 8 ops (CPU default 50) are stored, not redone in each loop reading them (the query's RoPE, per cache
     # slot); multiply-adds fused. cpp_extension imported now and muted: nothing it logs lands in the answer.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension  # noqa: F401 ("import torch.utils..." would make torch a local)
@@ -118,13 +118,12 @@ def compile_step(step, device):
 
 
 def keep_freed_memory():
-    """On glibc (Linux), keep freed blocks of up to 32 MB for reuse rather than giving them back to
-    the kernel, which maps in fresh zeroed pages, a page fault per 4 KB, at the next allocation.
-    A prefill's activations are allocated and freed layer after layer: with glibc's defaults, the
-    bench model's 1,100-token prefill page-faulted about 50,000 times (200 MB) and spent ~160 ms of
-    its 2 threads' time in the kernel (`python bench.py --only decode --glibc-defaults`, ours and
-    transformers' alike); with these settings, none (the same without the flag). Peak memory is
-    unchanged; it is just not returned between prompts."""
+    """On glibc (Linux), keep freed blocks of up to 32 MB for reuse rather than return them to the
+    kernel, which maps fresh zeroed pages (a page fault per 4 KB) at the next allocation. A prefill
+    allocates and frees activations layer after layer: with glibc's defaults the bench model's
+    1,100-token prefill page-faulted ~50,000 times (200 MB), ~160 ms of its 2 threads' time in the
+    kernel, ours and transformers' alike (`python bench.py --only decode --glibc-defaults`); with
+    these settings, none. Peak memory is unchanged, just not returned between prompts."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
@@ -301,7 +300,7 @@ def chat(model, tok, image, args, pick, step):
                 logits, cache = prefill(model, [ids], None if image is None else image[None], tok.pad_id,
                                         model.cfg.llm.max_seq_len - slots(model, ids))
             else:
-                cache.rewind(slots(model, ids[:keep]))  # roll back to the common prefix
+                cache.rewind(slots(model, ids[:keep]))
                 new = torch.tensor([ids[keep:]], device=cache.pos.device)
                 logits = model.llm(new, cache=cache)[:, -1]
         log("ASSISTANT: ", end="")
@@ -314,9 +313,9 @@ def chat(model, tok, image, args, pick, step):
         cached = (ids + out + [tok.eos_id])[:int(cache.pos) - slots(model, ids) + len(ids)]
 
 
-def read_jsonl(path, check, text=None, first=1):
-    """(line number, object) for each line of a .jsonl file (or of its `text`, already read, whose
-    first line is line `first`); check(obj) -> what is wrong with it, or None."""
+def read_jsonl(path, check, text=None):
+    """(line number, object) for each line of a .jsonl file (or of its bytes `text`, already read);
+    check(obj) -> what is wrong with it, or None."""
     if text is None:
         with open(path, "rb") as f:
             text = f.read()
@@ -324,7 +323,7 @@ def read_jsonl(path, check, text=None, first=1):
         lines = text.decode("utf-8").split("\n")  # not splitlines(): U+2028 inside a string is no line break
     except UnicodeDecodeError:
         raise data.DataError(f"{path}: not UTF-8 text (a .jsonl file, one JSON object per line, is expected)") from None
-    for n, line in enumerate(lines, first):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -377,11 +376,11 @@ def read_questions(args):
         cut = tail.startswith(b'{"question_id"')
     answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
     asked = {(q["question_id"], q["text"]) for _, q in questions}
-    stray = next(((n, a) for n, a in answers if (a["question_id"], a["prompt"]) not in asked), None)
-    if stray:
-        n, a = stray
-        raise data.DataError(f"{args.answers} line {n}: answers question_id {a['question_id']!r} with a prompt that "
-                             f"{args.questions} does not ask: the answers to other questions? name a new file for --answers")
+    for n, a in answers:
+        if (a["question_id"], a["prompt"]) not in asked:
+            raise data.DataError(f"{args.answers} line {n}: answers question_id {a['question_id']!r} with a prompt "
+                                 f"that {args.questions} does not ask: the answers to other questions? name a new file "
+                                 f"for --answers")
     with open(args.answers, "ab") as f:
         if cut:
             f.truncate(len(raw) - len(tail))
@@ -392,7 +391,7 @@ def read_questions(args):
 
 
 def answer_problem(a):
-    if not isinstance(a, dict) or not isinstance(a.get("question_id"), (str, int)):
+    if not isinstance(a.get("question_id"), (str, int)):
         return "no question_id: not an answers file"
     if not isinstance(a.get("prompt"), str) or not isinstance(a.get("text"), str):
         return "needs a prompt and a text (strings): not an answers file (a question file?)"
@@ -471,9 +470,8 @@ def parse_args(argv):
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
-    p.add_argument("--quantize", choices=["int8"], help="int8: the LLM's linear weights in one byte each, "
-                   "quantized while loading (about half the memory of bfloat16; decodes faster on the CPU, not yet "
-                   "measured on a GPU)")
+    p.add_argument("--quantize", choices=["int8"], help="int8: the LLM's linear weights in one byte each, quantized "
+                   "while loading (half bfloat16's memory; decodes faster on the CPU, not yet measured on a GPU)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: as a CUDA graph), once per batch size and cache length")
@@ -528,15 +526,15 @@ def run(args):
         raise data.DataError(f"--answers {args.answers}: a directory; name the .jsonl file to write")
     if args.answers and not os.path.isdir(os.path.dirname(os.path.abspath(args.answers))):
         raise data.DataError(f"--answers {args.answers}: its directory does not exist")
-    if args.trace and os.path.exists(args.trace):
-        raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
-    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
-        raise data.DataError(f"--trace {args.trace}: its folder does not exist")
-    picture = Image.registered_extensions().get(os.path.splitext(args.trace or "")[1].lower())
-    if args.trace and picture not in Image.SAVE:  # PIL writes by the name's extension
-        raise data.DataError(f"--trace {args.trace}: not a picture's file name; end it in .png (or .jpg, ...)")
-    if args.trace:  # a format PIL knows but cannot write an RGB picture in (.xbm, .msp): found now, not at the end
-        try:
+    if args.trace:
+        if os.path.exists(args.trace):
+            raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
+            raise data.DataError(f"--trace {args.trace}: its folder does not exist")
+        picture = Image.registered_extensions().get(os.path.splitext(args.trace)[1].lower())
+        if picture not in Image.SAVE:  # PIL writes by the name's extension
+            raise data.DataError(f"--trace {args.trace}: not a picture's file name; end it in .png (or .jpg, ...)")
+        try:  # a format PIL knows but cannot write an RGB picture in (.xbm, .msp): found now, not at the end
             Image.new("RGB", (2, 2)).save(io.BytesIO(), format=picture)
         except (OSError, ValueError) as e:
             raise data.DataError(f"--trace {args.trace}: cannot write the picture as {picture} ({e}); end it "
@@ -580,7 +578,7 @@ def run(args):
         llama.fuse_linears(model.llm)  # the CPU: decode as fast, prefill ~1% slower; so not there)
     # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, eager or
     # compiled; but a step compiled for one prompt at a time does better with inductor's (compile_step)
-    if not (args.compile and not (args.questions and args.batch_size > 1)):
+    if not args.compile or (args.questions and args.batch_size > 1):
         llama.pack_linears(model.llm)
     if device.type == "cpu":
         keep_freed_memory()
