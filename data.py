@@ -249,6 +249,9 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self.bad_index.append(i)
         if not self.records:
             raise DataError(f"{path}: no usable records")
+        # for grouping by modality and length (epoch_order); LLaVA's cheap length counts words
+        self.has_image = [r["image"] is not None for r in self.records]
+        self.lengths = [sum(len(t.split()) for _, t in r["turns"]) for r in self.records]
 
     def _check(self, rec):
         conv = rec.get("conversations") if isinstance(rec, dict) else None
@@ -288,19 +291,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise DataError("stage 1 (plain) needs an image in every record")
         if self.template == "plain" and (len(turns) != 2 or "<image>" not in turns[0][1]):
             raise DataError("the plain template (stage 1) takes one human turn holding <image> and one caption")
-        words = sum(len(t.split()) for _, t in turns)  # LLaVA's cheap length for grouping
-        return dict(turns=turns, image=image, words=words)
+        return dict(turns=turns, image=image)
 
     def __len__(self):
         return len(self.records)
-
-    @property
-    def has_image(self):
-        return [r["image"] is not None for r in self.records]
-
-    @property
-    def lengths(self):
-        return [r["words"] for r in self.records]
 
     def load(self, i):
         rec = self.records[i]
@@ -393,8 +387,8 @@ class BatchSampler:
                                 len(dataset) // self.global_batch)
         if self.steps_per_epoch == 0:
             raise DataError(f"{getattr(dataset, 'path', 'the data')}: {len(dataset)} samples cannot fill one "
-                            f"global batch of {self.global_batch} "
-                            f"({world} x {micro} x {accum}): a smaller --global-batch, or more data")
+                            f"global batch of {self.global_batch} ({world} x {micro} x {accum}): a smaller "
+                            f"--global-batch, or more data")
         self.total_steps = self.steps_per_epoch * epochs
 
     def __len__(self):
