@@ -233,9 +233,9 @@ def streamer(tok, file):
 
 
 def short_id():
-    """A shortuuid-style answer_id: a random uuid4 in base 57 (22 characters)."""
+    """A shortuuid-style answer_id: a random uuid4 in base 57, 22 characters (zero-padded)."""
     alphabet, n, s = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", uuid.uuid4().int, ""
-    while n:
+    for _ in range(22):  # 57^22 > 2^128
         n, r = divmod(n, 57)
         s += alphabet[r]
     return s

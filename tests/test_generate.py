@@ -561,3 +561,9 @@ def test_step_queued_ahead_answers_the_same():
         (out, calls, fed), (out1, calls1, fed1) = run(False), run(True)
         assert out1 == out and calls1 == calls and fed1[:len(fed)] == fed
         assert len(fed1) - len(fed) == (0 < len(fed) < n - 1)
+
+
+def test_answer_ids_are_22_characters():
+    # base 57 of a uuid4: about 2% of them have a leading zero digit, once dropped (21 characters)
+    ids = [generate.short_id() for _ in range(2000)]
+    assert {len(i) for i in ids} == {22} and len(set(ids)) == len(ids)
