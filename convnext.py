@@ -130,10 +130,9 @@ class ConvNeXt(nn.Module):
     def from_pretrained(cls, src, name=None, dtype=None, device="cpu"):
         """Load timm, open_clip or LLaVA-HR ConvNeXt weights (a safetensors or .bin path or dir, or a dict).
 
-        Depths and widths come from the tensor shapes; `name` (a preset) only supplies
-        the LayerNorm eps, which otherwise comes from the preset whose widths match.
-        A dict's tensors are adopted as the parameters (no copy) unless dtype/device differ.
-        """
+        Depths and widths come from the tensor shapes; `name` (a preset) only supplies the LayerNorm
+        eps, which otherwise comes from the preset whose widths match. A dict's tensors are adopted as
+        the parameters (no copy) unless dtype/device differ."""
         if isinstance(src, dict):
             table, ignore = _layout(src.keys())
             tensors, source = src, "ConvNeXt tensors"

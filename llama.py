@@ -102,9 +102,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # x / rms(x), in fp32 so bf16 activations don't lose the mean of squares; cast back
-        # before the weight, exactly as HF does (the order changes bf16 results)
-        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # h * rsqrt(mean(h^2) + eps), one call
+        # x * rsqrt(mean(x^2) + eps) in fp32, so bf16 activations don't lose the mean of squares; cast
+        # back before the weight, exactly as HF does (the order changes bf16 results)
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -123,12 +123,16 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+# measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
+ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
+          and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul rather than MKL's one-core gemv:
-    1.4-2x as fast for 1 and 8 rows on the hosts measured (`python bench.py --only linear`), results
-    equal up to float rounding. Training keeps F.linear (the oneDNN op has no backward), and so does a
-    compiled step of plain weights (inductor chooses its own kernels). After pack_linears the weight
-    lives in oneDNN's blocked layout (`packed`) and only this path remains, compiled steps included."""
+    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's one-core gemv: 1.4-2x
+    as fast for 1 and 8 rows (`python bench.py --only linear`), equal up to rounding. Training (no oneDNN
+    backward) and compiled steps of plain weights (inductor picks its kernels) keep F.linear. After
+    pack_linears the weight is oneDNN's blocked `packed` one and only this path remains."""
     packed = None
 
     def forward(self, x):
@@ -139,8 +143,7 @@ class Linear(nn.Linear):
             if torch.compiler.is_compiling():  # one opaque op to inductor, which can't read the layout
                 return packed_linear(x, self.packed, self.bias, self.out_features)
             weight = self.packed
-        elif (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN
-                and not torch.compiler.is_compiling()
+        elif (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             weight = self.weight
         else:
@@ -149,13 +152,12 @@ class Linear(nn.Linear):
 
 
 def pack_linears(model, min_bytes=64 << 20):
-    """fp32 inference on an x86 CPU: move every llama.Linear's weight into oneDNN's blocked layout in
-    place of the plain one (memory does not grow): given a plain weight, oneDNN picks slower kernels
-    or repacks it per call. `python bench.py --only linear`: packed, 8-row products 1.2-1.75x as fast;
-    1-row ones 1.25-1.58x on a Zen 5 host, 0.92x on a Zen 3. Weights that stay in the caches gain
-    nothing: a model whose Linear weights total under `min_bytes` is left as it is. The Parameters
-    stay, on the meta device (shapes and counts still read; any other use fails loudly), and the model
-    is for inference only. Returns how many were packed (0 on a GPU, in bf16, off x86)."""
+    """fp32 inference on an x86 CPU: each llama.Linear's weight moves into oneDNN's blocked layout (a
+    plain one gets slower kernels or a repack per call); memory does not grow. `bench.py --only linear`:
+    8-row products 1.2-1.75x as fast, 1-row 0.92x (Zen 3) to 1.58x (Zen 5). Weights that stay in the
+    caches gain nothing: under `min_bytes` in all, nothing is packed. The Parameters stay, on meta
+    (shapes and counts still read, any other use fails loudly); the model is for inference only.
+    Returns how many were packed (0 on a GPU, in bf16, off x86)."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     if sum(m.weight.nbytes for m in linears) < min_bytes:
@@ -179,11 +181,6 @@ def _(x, packed, bias, out_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-# measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
-ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
-          and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
-
-
 def additive_mask(allowed, dtype):
     """A bool mask (True: may attend) as 0 / -inf to add to the scores. Built once per call and
     shared by every layer: given the bool mask, SDPA would convert it again in each."""
@@ -193,12 +190,11 @@ def additive_mask(allowed, dtype):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` slots and written in place.
 
-    k, v: per layer, (B, n_kv_heads, max_len, head_dim) (v transposed after values_by_channel; write()
-    hands out the usual view). One tensor per layer, not one for all: a compiled step writing through a
-    view of a bigger input copies the whole input. valid: (B, max_len), True where a slot holds a real
-    (not padding) token, False from `pos` on. pos: (1,) long, the next slot to write in every row; a
-    tensor, so a compiled decode step reads it as data (an int would recompile per token). rope:
-    [cos, sin] of every position a slot can hold, (max_len, head_dim) each, for decode to look up."""
+    k, v: one tensor per layer (a compiled step writing through a view of a bigger input copies it
+    whole), (B, n_kv_heads, max_len, head_dim); v transposed after values_by_channel. valid: (B, max_len),
+    True where a slot holds a real (not padding) token, False from `pos` on. pos: (1,) long, the next
+    slot of every row; a tensor, so a compiled step reads it as data (an int recompiles per token).
+    rope: [cos, sin] of every slot, (max_len, head_dim) each, for decode to look up."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device, rope):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
@@ -208,14 +204,13 @@ class KVCache:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.rope = rope
         self.by_channel = False  # values_by_channel
-        for t in self.k + self.v + [self.valid, self.pos] + rope:
-            # fixed buffers that a CUDA graph reads and updates in place (no copy in per replay)
+        for t in self.k + self.v + [self.valid, self.pos] + rope:  # a CUDA graph updates them in place
             torch._dynamo.mark_static_address(t)
 
     def write(self, layer, k, v, start=None):
-        """Store k, v (B, n_kv, T, hd); return the keys and values the queries attend to. start (int):
-        at slots [start, start+T), returning slots [0, start+T) (prefill, an eager decode step). start
-        None: one token at slot `pos`, returning the whole cache (a compiled decode step: static shapes)."""
+        """Store k, v (B, n_kv, T, hd) and return the keys and values to attend to: start (int): at slots
+        [start, start+T), returning [0, start+T) (prefill, eager decode); None: one token at slot `pos`,
+        returning the whole cache (a compiled decode step: static shapes)."""
         cache_k, cache_v = self.k[layer], self.v[layer]
         d = 3 if self.by_channel else 2  # the values' slot dimension, as stored
         if self.by_channel:
@@ -232,10 +227,9 @@ class KVCache:
         return cache_k[:, :, :end], v.transpose(-1, -2) if self.by_channel else v  # (B, nkv, end, hd) each
 
     def values_by_channel(self):
-        """Store each layer's values as (B, nkv, head_dim, max_len), still read and written through
-        write(): a compiled CPU step (decode_attention) then sums e_s * v_s over contiguous slots. The
-        tensors change, not a view (a step writing through a transposed view of its input copied it
-        whole). SDPA reads this layout slower: compile_step switches a cache after its prefill."""
+        """Store each layer's values as (B, nkv, head_dim, max_len), still used through write(): a compiled
+        CPU step (decode_attention) then sums e_s * v_s over contiguous slots. New tensors, not a transposed
+        view (see k, v above). SDPA reads this layout slower: compile_step switches a cache after prefill."""
         if not self.by_channel:
             for i, t in enumerate(self.v):  # one layer at a time: memory grows by one layer's values
                 self.v[i] = t.transpose(-1, -2).contiguous()
@@ -243,8 +237,7 @@ class KVCache:
             self.by_channel = True
 
     def rewind(self, pos):
-        """Forget every slot from `pos` on (chat's roll-back to a common prefix): being static,
-        the cache only moves its write position back; the stale keys are masked, then overwritten."""
+        """Forget every slot from `pos` on (chat's roll-back to a common prefix): masked, then overwritten."""
         self.pos.fill_(pos)
         self.valid[:, pos:] = False
 
@@ -259,22 +252,21 @@ class KVCache:
         return view
 
 
-# How a compiled decode step attends on the CPU: "written-out" (decode_attention) or "sdpa". Read
-# as the step is traced; bench.py compiles a step with each and sets it before every call.
+# How a compiled decode step attends on the CPU: "written-out" (decode_attention) or "sdpa"; read as
+# the step is traced (bench.py compiles one with each)
 COMPILED_CPU_ATTENTION = "written-out"
 
 
 def decode_attention(q, k, v, mask):
-    """One query per row, q (B, nh, 1, hd), against the whole cache, k, v (B, nkv, S, hd), with
-    mask (B, 1, 1, S): softmax(q k^T / sqrt(hd) + mask) v, written out for a compiled CPU step, which
-    inductor fuses into one pass over the keys and one over the (channel-major) values: faster than
-    SDPA's CPU kernel (`python bench.py --only decode`). Dividing after the sum over slots divides once
-    per channel rather than once per slot."""
+    """softmax(q k^T / sqrt(hd) + mask) v for one query per row, q (B, nh, 1, hd), over the whole cache,
+    k, v (B, nkv, S, hd), mask (B, 1, 1, S). Written out, a compiled CPU step fuses it into one pass over
+    the keys and one over the (channel-major) values: faster than SDPA's kernel (`bench.py --only decode`)."""
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     q = q.view(B, nkv, nh // nkv, 1, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
     s = (q * k[:, :, None]).sum(-1) + mask  # (B, nkv, g, S)
     e = (s - s.amax(-1, keepdim=True)).exp()  # softmax(s) = e / sum(e)
+    # dividing after the sum over slots: once per channel, not once per slot
     return ((e[..., None] * v[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)).view(B, nh, 1, hd)
 
 
@@ -305,7 +297,7 @@ class Attention(nn.Module):
             mask = mask[:, :, -1:]  # (B, 1, 1, S); with no mask, the last query sees every slot
         if cache is not None:
             k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
-        # softmax(q k^T / sqrt(hd) + mask) v, mask 0 / -inf (causal when None). Grouped-query (enable_gqa):
+        # softmax(q k^T / sqrt(hd) + mask) v, mask 0 / -inf (causal when None); grouped-query (enable_gqa):
         # each k/v head serves n_heads / n_kv_heads consecutive q heads, read in place, not copied
         if (T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
                 and COMPILED_CPU_ATTENTION == "written-out"):
@@ -330,10 +322,9 @@ class MLP(nn.Module):
 
 
 def fuse_linears(model):
-    """Inference: q, k, v as one product and gate, up as one, their weights' rows stacked: a batch-1
-    decode step reads the same bytes in 4 larger products per layer instead of 7, fewer kernels and
-    their tails. In place, before pack_linears; plain and int8 weights (a LoRA is merged first). The
-    state dict's keys change (attn.wqkv, mlp.gate_up): save the model unfused. Returns how many."""
+    """Inference: q, k, v as one product and gate, up as one (weights' rows stacked): a batch-1 decode
+    step reads the same bytes in 4 products per layer, not 7. In place, before pack_linears; plain and
+    int8 weights (merge a LoRA first). The keys change (attn.wqkv, mlp.gate_up): save the model unfused."""
     n = 0
     for block in model.layers:
         for part, names, fused in ((block.attn, ("wq", "wk", "wv"), "wqkv"), (block.mlp, ("gate", "up"), "gate_up")):
@@ -364,9 +355,8 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
 
     def forward(self, x, cos, sin, mask, cache=None, start=None, last_only=False):
-        """last_only: the last token's output only, (B, 1, D) (every token's keys and values still cached)."""
         h = self.attn(self.attn_norm(x), cos, sin, mask, cache, start, last_only)
-        x = (x[:, -1:] if last_only else x) + h
+        x = (x[:, -1:] if last_only else x) + h  # last_only: (B, 1, D)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -495,15 +485,14 @@ class Llama(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
     def new_cache(self, batch_size, max_len, dtype=None, device=None, reuse=False):
-        """reuse: hand back the last cache made with reuse=True, emptied (keys and values zeroed: a NaN
-        left in a padding slot would pass the mask), if it has this shape; else let it go first, then
-        keep the new one. A CUDA graph is recorded for its inputs' addresses: a compiled step fed a new
-        cache per batch recorded again, and checked every recording at every step."""
+        """reuse: hand back the last cache made with reuse=True, emptied (zeroed: a NaN left in a padding
+        slot would pass the mask), if it has this shape; else let it go, then keep the new one. A CUDA
+        graph is recorded per input addresses: a new cache per batch was a new recording, each checked per step."""
         c, w = self.config, self.tok_embeddings.weight
         dtype, device = dtype or w.dtype, torch.empty(0, device=device or w.device).device  # "cuda" -> cuda:0
         cache = self.__dict__.pop("reusable_cache", None) if reuse else None
-        if cache is not None and (cache.valid.shape, cache.k[0].dtype, cache.k[0].device) == (
-                (batch_size, max_len), dtype, device):
+        wanted = ((batch_size, max_len), dtype, device)
+        if cache is not None and (cache.valid.shape, cache.k[0].dtype, cache.k[0].device) == wanted:
             for t in cache.k + cache.v:
                 t.zero_()
             cache.rewind(0)
@@ -520,14 +509,12 @@ class Llama(nn.Module):
     def forward(self, tokens=None, *, embeds=None, cache=None, pad_mask=None, last_only=False):
         """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, D).
 
-        pad_mask (B, T) bool, True = real token: a padded token is never attended to, and its own output
-        is finite but meaningless. A token's RoPE position is the number of real tokens before it in its
-        row (HF's cumsum(mask) - 1), so a row reads the same however it is padded. Without a cache:
-        causal attention over the T tokens (training, reference). With cache = new_cache(B, max_len):
-        the T tokens go to slots [pos, pos+T), their pad_mask (all True when None) into cache.valid, and
-        attend causally to every valid slot in [0, pos+T); then pos += T. So prefill with left or right
-        padding, then `decode` one token per row per call. last_only: the last position's logits (B, 1, V).
-        """
+        pad_mask (B, T) bool, True = real token: padding is never attended to (its own output is finite
+        but meaningless). A token's RoPE position is the number of real tokens before it in its row (HF's
+        cumsum(mask) - 1), so a row reads the same however it is padded. No cache: causal attention over
+        the T tokens (training). cache = new_cache(B, max_len): the T tokens go to slots [pos, pos+T),
+        their pad_mask into cache.valid, and attend causally to every valid slot in [0, pos+T); pos += T.
+        So: prefill, left or right padded, then `decode`. last_only: the last position's logits (B, 1, V)."""
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
         start = 0 if cache is None else int(cache.pos)
@@ -547,17 +534,15 @@ class Llama(nn.Module):
         if start > 0 or (pad_mask is not None and not bool(valid.all())):
             q_slot = torch.arange(start, end, device=x.device)[:, None]  # (T, 1)
             k_slot = torch.arange(end, device=x.device)[None, :]  # (1, S)
-            mask = (k_slot <= q_slot) & valid[:, None, :]  # (B, T, S)
-            # every query sees at least its own slot: a padded query with every key masked is a softmax
-            # over nothing, NaN in some SDPA kernels, and a NaN poisons real tokens in the next layer
-            # in the dtype SDPA computes in: under autocast (bf16) each layer cast an fp32 mask anew, and
-            # training kept every layer's copy for backward (~0.2 GB per layer at B 16, T 2,500)
+            # causal over real keys, and every query sees at least its own slot: a padded query with every
+            # key masked is a softmax over nothing, NaN in some SDPA kernels, poisoning real tokens next layer
+            mask = ((k_slot <= q_slot) & valid[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
+            # in SDPA's dtype: under autocast every layer cast an fp32 mask anew and kept it for backward
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            mask = additive_mask((mask | (k_slot == q_slot))[:, None], dtype)  # (B, 1, T, S), over heads
+            mask = additive_mask(mask[:, None], dtype)  # (B, 1, T, S), over heads
 
         # last_only (prefill needs the next-token logits only): the last layer's outputs at the other
-        # T-1 tokens feed nothing but their logits, so that layer skips their queries, attention, wo
-        # and MLP, and the head their (D x V) rows: of 8 layers, an eighth of the work is left out
+        # T-1 tokens feed nothing else, so it skips their queries, attention, wo and MLP, the head their rows
         *layers, last = self.layers
         for layer in layers:
             x = layer(x, cos, sin, mask, cache, start)
@@ -573,10 +558,9 @@ class Llama(nn.Module):
     def decode(self, tokens, cache):
         """One token per row, tokens (B,), at slot cache.pos -> next-token logits (B, V); pos += 1.
 
-        The same as forward(tokens[:, None], cache=cache), shaped for the step generation compiles: every
-        shape is the same at every position (the query attends over the whole cache, masked by cache.valid)
-        and the position comes from tensors, so one graph (on CUDA, one CUDA graph) serves every step.
-        Run eagerly, it attends over the slots written so far only."""
+        forward(tokens[:, None], cache=cache) shaped for the compiled step: every shape is the same at every
+        position (the query attends over the whole cache, masked by cache.valid) and the position is read
+        from tensors, so one graph (one CUDA graph) serves every step. Eagerly: the slots written so far."""
         start = span = None  # compiled: the whole cache
         if not torch.compiler.is_compiling():  # (a compiled step can't check)
             start, limit = int(cache.pos), min(cache.valid.shape[1], self.config.max_seq_len)

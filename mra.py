@@ -254,11 +254,10 @@ class LlavaHR(nn.Module):
     def splice(self, input_ids, images=None, labels=None, pad_mask=None, left_pad=False):
         """Replace each IMAGE_TOKEN in input_ids (B, T) by the next image's N features.
 
-        Prompts carry one placeholder id per image, not N, as the release's do: token ids, lengths and
-        truncation then match its prompts exactly, whatever the model's N. So rows grow here, each by its
-        own count, and are re-padded: on the right (training) or the left (generation).
-        images: (M, 3, R, R), one per placeholder in row order (text-only rows have none). Returns embeds
-        (B, T', H), pad_mask (B, T') and labels (B, T') (-100 on visual tokens and padding)."""
+        Prompts carry one placeholder id per image, as the release's do (ids, lengths and truncation match
+        its prompts whatever N), so rows grow here, each by its own count, and are re-padded on the right
+        (training) or the left (generation). images: (M, 3, R, R), one per placeholder in row order.
+        Returns embeds (B, T', H), pad_mask (B, T') and labels (B, T') (-100 on visual tokens and padding)."""
         pad_mask = torch.ones_like(input_ids, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         is_image = (input_ids == IMAGE_TOKEN) & pad_mask
         n_given = 0 if images is None else images.shape[0]
@@ -296,11 +295,10 @@ class LlavaHR(nn.Module):
         return logits, loss
 
     def prefill(self, input_ids, images=None, pad_mask=None, max_new_tokens=128, reuse_cache=False):
-        """Encode the prompt into a fresh KV cache (or the last one, emptied: Llama.new_cache's reuse).
-        Returns (last logits (B, V), cache).
-        Rows are re-padded on the left so every row's last prompt token sits in the same slot. Rows of
-        different lengths are prefilled one at a time, each into its own row of the cache after its
-        padding: no padding is computed, and each row takes SDPA's causal fast path."""
+        """Encode the prompt into a fresh KV cache (or the last one, emptied: Llama.new_cache's reuse) ->
+        (last logits (B, V), cache). Rows are left-padded so every row's last prompt token sits in the same
+        slot; rows of different lengths are prefilled one at a time into their own row of the cache, after
+        its padding: no padding is computed, and each row takes SDPA's causal fast path."""
         embeds, mask, _ = self.splice(input_ids, images, pad_mask=pad_mask, left_pad=True)
         B, L, _ = embeds.shape
         cache = self.llm.new_cache(B, L + max_new_tokens, reuse=reuse_cache)
@@ -330,11 +328,10 @@ RELEASE_KEYS = (
 
 
 def load_release(path, dtype=None, device="cpu", quantize=None):
-    """A released LLaVA-HR or LLaVA-1.5 directory (config.json + the released fp16 pytorch_model-*.bin
-    shards as they are, or safetensors) -> LlavaHR. Tower shapes come from the tensors (ConvNeXt-L, -XXL,
-    tiny tests). Each tensor is cast to `dtype` as it is read, a shard let go before the next: the weights
-    are held once, in `dtype`; quantize="int8" quantizes the LLM's linear weights as they are read
-    (llama.Int8Linear). Weights that would not fit in the memory available are refused before any is read."""
+    """A released LLaVA-HR or LLaVA-1.5 directory (config.json + the fp16 pytorch_model-*.bin shards as
+    released, or safetensors) -> LlavaHR; tower shapes come from the tensors. Each tensor is cast to `dtype`
+    (or, quantize="int8", the LLM's linear weights quantized) as it is read, a shard let go before the
+    next: the weights are held once. Weights that would not fit in memory are refused before any is read."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: neither mra_config.json (a train.py checkpoint) nor config.json (a released "

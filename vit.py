@@ -82,11 +82,9 @@ VIT_PRESETS = {
 def resize_pos_embed(pos, grid):
     """Resample a (1 + s*s, d) position table to a (gh, gw) patch grid: (1 + gh*gw, d).
 
-    LLaVA-HR uses timm's recipe: bicubic with antialias, in fp32, class entry kept.
-    The antialias flag matters even when upsampling: torch's antialiased bicubic uses
-    PIL's kernel (a = -0.5) instead of a = -0.75, so this is *not* the table HF's
-    `interpolate_pos_encoding` would give.
-    """
+    LLaVA-HR uses timm's recipe: bicubic with antialias, in fp32, class entry kept. The antialias
+    flag matters even when upsampling: torch's antialiased bicubic uses PIL's kernel (a = -0.5)
+    instead of a = -0.75, so this is *not* the table HF's `interpolate_pos_encoding` would give."""
     n, d = pos.shape
     side = math.isqrt(n - 1)
     if side * side != n - 1:
