@@ -563,10 +563,10 @@ class Llama(nn.Module):
         from tensors, so one graph (one CUDA graph) serves every step. Eagerly: the slots written so far."""
         start = span = None  # compiled: the whole cache
         if not torch.compiler.is_compiling():  # (a compiled step can't check)
-            start, limit = int(cache.pos), min(cache.valid.shape[1], self.config.max_seq_len)
-            span = start + 1
-            if span > limit:
-                raise ValueError(f"decoding at slot {start}: the cache holds {limit} positions")
+            start, span = int(cache.pos), int(cache.pos) + 1
+            for name, limit in (("max_seq_len", self.config.max_seq_len), ("cache length", cache.valid.shape[1])):
+                if span > limit:
+                    raise ValueError(f"decoding at slot {start}: past the {name} ({limit} positions)")
         x = self.embed(tokens[:, None])  # (B, 1, D)
         # RoPE position: the row's real tokens so far (slots from pos on are not valid yet)
         positions = cache.valid.sum(-1, keepdim=True)  # (B, 1)

@@ -450,8 +450,11 @@ def save_checkpoint(model, path, state=None, cfg=None, tensors=None):
     state = model.state_dict() if state is None else state
     cfg = model.cfg if cfg is None else cfg
     os.makedirs(path, exist_ok=True)
+    def write_config(p):
+        with open(p, "w") as f:  # closed (flushed) before the rename
+            f.write(json.dumps(cfg.to_dict(), indent=1))
     for name, write in (("model.safetensors", lambda p: write_safetensors(p, state, tensors)),
-                        ("mra_config.json", lambda p: open(p, "w").write(json.dumps(cfg.to_dict(), indent=1)))):
+                        ("mra_config.json", write_config)):
         tmp = os.path.join(path, name + ".tmp")
         write(tmp)
         os.replace(tmp, os.path.join(path, name))

@@ -248,7 +248,12 @@ def test_cache_overflow_is_refused():
         model(tokens(1, 3), cache=cache)
     model.decode(tokens(1, 1)[:, 0], cache)
     model.decode(tokens(1, 1)[:, 0], cache)
-    with pytest.raises(ValueError, match="decoding at slot 8: the cache holds 8 positions"):
+    with pytest.raises(ValueError, match=r"decoding at slot 8: past the cache length \(8 positions\)"):
+        model.decode(tokens(1, 1)[:, 0], cache)
+    n = model.config.max_seq_len  # a cache longer than the model's context: the context is the limit
+    cache = model.new_cache(1, n + 4)
+    model(torch.zeros(1, n, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=f"decoding at slot {n}: past the max_seq_len"):
         model.decode(tokens(1, 1)[:, 0], cache)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, model.config.max_seq_len + 1, dtype=torch.long))
