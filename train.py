@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from safetensors import safe_open
@@ -99,15 +101,12 @@ p.add_argument("--projector", help="stage 2: the released stage-1 projector file
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
-p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"),
-               help="MR-Adapter gate (default tanh, as released)")
+p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"), help="MR-Adapter gate (default tanh)")
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
                help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
 p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 / 2e-5; LoRA 2e-4)")
-p.add_argument("--adapter-lr-scale", type=float, default=1.0,
-               help="the MR-Adapters' lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
-p.add_argument("--tower-lr-scale", type=float, default=1.0,
-               help="the ViT's and ConvNeXt's lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
+p.add_argument("--adapter-lr-scale", type=float, default=1.0, help="MR-Adapters' lr / --lr (release 1; demo 0.1)")
+p.add_argument("--tower-lr-scale", type=float, default=1.0, help="ViT and ConvNeXt lr / --lr (release 1; demo 0.1)")
 p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, then cosine (default 0.03)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (default 0)")
 p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
@@ -116,14 +115,12 @@ p.add_argument("--global-batch", type=int, help="default 256 / 128")
 p.add_argument("--batch-size", type=int, default=16, help="per device, per micro-step (default 16)")
 p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
-p.add_argument("--save-every", type=int, default=500,
-               help="steps between checkpoints (default 500; 0: at the end only)")
+p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500; 0: at the end only)")
 p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
 p.add_argument("--seed", type=int, default=42, help="default 42")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward: less memory")
-p.add_argument("--lean-malloc", action="store_true",
-               help="CPU: give freed activations back to the system at once (glibc): ~2 GB less at R = 1024, "
-                    "9-18%% slower steps there, far slower for small models")
+p.add_argument("--lean-malloc", action="store_true", help="CPU: return freed activations to the system at once "
+               "(glibc): ~2 GB less at R = 1024, 9-18%% slower steps there, far slower for small models")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
 p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both towers fixed")
 p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
@@ -134,11 +131,9 @@ p.add_argument("--lora-train-mra", action=argparse.BooleanOptionalAction,
                help="with LoRA, also train the MR-Adapters and the fusion at full rank (as LLaVA-HR does)")
 p.add_argument("--lora-adapters-only", action="store_true",
                help="checkpoints hold only OUT/ckpt/lora (small), not the merged model as well")
-p.add_argument("--quantize", choices=["int8"],
-               help="with --lora-r: the frozen LLM's linear weights in int8 (QLoRA-style, 1 byte each + a scale "
-                    "per row); checkpoints then hold the adapters only: generate.py --model INIT --lora OUT/ckpt/lora")
-p.add_argument("--projector-lr-scale", type=float,
-               help="the projector's lr as a fraction of --lr (default 1; with LoRA 0.1: 2e-5 of 2e-4, as released)")
+p.add_argument("--quantize", choices=["int8"], help="with --lora-r: the frozen LLM's linears in int8 (QLoRA-style, "
+               "a scale per row); checkpoints hold the adapters only: generate.py --model INIT --lora OUT/ckpt/lora")
+p.add_argument("--projector-lr-scale", type=float, help="projector's lr / --lr (default 1; LoRA 0.1, as released)")
 p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                help="micro-steps of one modality and similar lengths (default: on in stage 2, as released)")
 p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
@@ -270,8 +265,6 @@ def shard_lean(model, units, mp, device, rank, world):
     (unread) and random tensors every rank drew alike from one seed (new adapters, a test model); emptied
     to meta and sharded, each rank copies in only its rows of each parameter, so reads only their pages:
     host memory per rank stays near 1/world of the model. Buffers are copied whole."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
     # detached: emptying the module below must not empty the tensors it was loaded with
     source = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     model.to_empty(device="meta").float()  # fp32 master weights (released checkpoints are fp16)
@@ -298,7 +291,6 @@ def save_shards(model, opt, path, cfg, rank, world):
     """--fsdp: a checkpoint no rank holds whole. Each weight is gathered on every rank in turn and rank 0
     streams it into model.safetensors (what generate.py and --resume load); each rank writes its rows of
     AdamW's state to optimizer-R-of-W.safetensors (load_shards reads them back for any world)."""
-    from torch.distributed.tensor import DTensor
     state = model.state_dict()  # DTensors of the global shapes: the file's header
     full = (t.full_tensor() if isinstance(t, DTensor) else t for t in state.values())  # collectives
     if rank == 0:
@@ -315,7 +307,6 @@ def save_shards(model, opt, path, cfg, rank, world):
 def load_shards(model, opt, path, saved_world, rank, world):
     """AdamW's state from save_shards' files, cut for this run's ranks whatever the saved run's were:
     each rank reads only the rows it holds. A parameter with no state (no gradient yet) gets none."""
-    from torch.distributed.tensor import DTensor
     files = []
     for r in range(saved_world):
         f = os.path.join(path, f"optimizer-{r + 1:05d}-of-{saved_world:05d}.safetensors")
@@ -505,7 +496,6 @@ trainable = {n for n, q in model.named_parameters() if q.requires_grad}
 if args.grad_checkpoint:
     checkpoint_blocks(model)
 if lean:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
     # ZeRO-3: a unit is gathered just before it runs and freed after, so one block (or ConvNeXt stage) is
     # whole at a time; the root (adapters, projector, norms) stays whole. The LLM's embedding and head are
     # units (7B: 1 GB of fp32) unless tied: a tied head reads the embedding's weight outside its module,
