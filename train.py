@@ -180,14 +180,14 @@ lora_flags = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-dropout
                               ("--lora-adapters-only", args.lora_adapters_only or None)) if v is not None]
 if lora_flags and not args.lora_r:  # else a full fine-tune would run, the flags silently unused
     p.error(f"{', '.join(lora_flags)} set LoRA up: it needs --lora-r (the rank; the release's is 128)")
-args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
-args.lora_train_mra = args.lora_train_mra is not False
 if args.quantize and not args.lora_r:
     p.error("--quantize int8 freezes the LLM's weights in int8, where only LoRA can learn: it needs --lora-r")
 if args.device == "cuda" and not torch.cuda.is_available():
     p.error("--device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)")
 if args.quantize and args.fsdp:
     p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
+args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
+args.lora_train_mra = args.lora_train_mra is not False
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 
 # -----------------------------------------------------------------------------
@@ -381,8 +381,7 @@ def from_init(held):
 
 
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
-    # the model as the run would build it from --init, or --llm (--vit, --convnext), else --config: the
-    # shapes come from the files' headers, no weight is read
+    # the model the run would build, on the meta device: shapes from the files' headers, no weight read
     planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
                mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
     memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))
@@ -472,13 +471,13 @@ lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) u
 sharded = lean and not args.lora_r  # saved without gathering (save_shards); LoRA's merge gathers on rank 0
 if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
     model.to(device, torch.float32)
-    if device.type == "cpu":
+    if not cuda:
         # safetensors' tensors are views into the file's buffer, where CPU kernels round differently in
         # the last bit (observed): fresh copies keep a resumed run bit for bit on the uninterrupted one
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
-if args.lora_r and cuda and not lean:
-    lora.bf16_bases(model)  # on GPUs, not FSDP across processes (which wants one dtype)
+    elif args.lora_r:
+        lora.bf16_bases(model)  # on GPUs, not FSDP across processes (which wants one dtype)
 cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
 if tok.vocab_size > cfg.llm.vocab_size:
@@ -496,11 +495,10 @@ trainable = {n for n, q in model.named_parameters() if q.requires_grad}
 if args.grad_checkpoint:
     checkpoint_blocks(model)
 if lean:
-    # ZeRO-3: a unit is gathered just before it runs and freed after, so one block (or ConvNeXt stage) is
-    # whole at a time; the root (adapters, projector, norms) stays whole. The LLM's embedding and head are
-    # units (7B: 1 GB of fp32) unless tied: a tied head reads the embedding's weight outside its module,
-    # where FSDP2 would not gather it. GPUs: bf16 gathers, fp32 gradient reduction and fp32 shards in
-    # AdamW, as the release's bf16 ZeRO-3.
+    # ZeRO-3: a unit (a block, a ConvNeXt stage) is gathered just before it runs and freed after; the root
+    # (adapters, projector, norms) stays whole. The LLM's embedding and head are units (7B: 1 GB of fp32)
+    # unless tied: a tied head reads the embedding's weight outside its module, where FSDP2 would not
+    # gather it. GPUs: bf16 gathers, fp32 gradient reduction and fp32 AdamW shards, as the release's ZeRO-3.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
     ends = [model.llm.tok_embeddings, model.llm.output] if model.llm.output is not None else []
@@ -681,12 +679,11 @@ def save(step):
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, rng=rngs, run=json.dumps(run), **extra)
         with save_errors(step, tmp):
-            if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model:
-                # --init read again in fp32 + the adapters (on GPUs the base is held here in bf16, rounded)
+            if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model
                 adapters = os.path.join(tmp, "lora")
                 lora.save_adapters(adapters, lora.adapter_state(weights, trainable), cfg, args.lora_r, lora_alpha,
                                    args.init)
-                weights = None  # freed: the merged model is built anew
+                weights = None  # freed: merged anew from --init in fp32 (on GPUs the base held here is bf16)
                 if not (args.lora_adapters_only or args.quantize):
                     weights = merged_state(step, adapters)
             if not sharded and weights is not None:
