@@ -361,6 +361,13 @@ def plan(cfg, world, bf16):
     return p
 
 
+def from_init(held):
+    """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
+    if adapters and not held.adapters and held.arch == "llava-hr":
+        return replace(held, **stage_cfg)
+    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
+
+
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
@@ -371,15 +378,6 @@ if args.init:
         base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)
         raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
                          f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
-
-
-def from_init(held):
-    """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
-    if adapters and not held.adapters and held.arch == "llava-hr":
-        return replace(held, **stage_cfg)
-    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
-
-
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
     # the model the run would build, on the meta device: shapes from the files' headers, no weight read
     planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
