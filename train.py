@@ -101,7 +101,8 @@ p.add_argument("--projector", help="stage 2: the released stage-1 projector file
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
-p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"), help="MR-Adapter gate (default tanh)")
+p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"),
+               help="MR-Adapter gate (default tanh, as released)")
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
                help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
 p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 / 2e-5; LoRA 2e-4)")
