@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from safetensors import safe_open
@@ -104,10 +106,8 @@ p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"),
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
                help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
 p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 / 2e-5; LoRA 2e-4)")
-p.add_argument("--adapter-lr-scale", type=float, default=1.0,
-               help="the MR-Adapters' lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
-p.add_argument("--tower-lr-scale", type=float, default=1.0,
-               help="the ViT's and ConvNeXt's lr as a fraction of --lr (release: 1; the demo: 0.1, see README)")
+p.add_argument("--adapter-lr-scale", type=float, default=1.0, help="MR-Adapters' lr / --lr (release 1; demo 0.1)")
+p.add_argument("--tower-lr-scale", type=float, default=1.0, help="ViT and ConvNeXt lr / --lr (release 1; demo 0.1)")
 p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, then cosine (default 0.03)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (default 0)")
 p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
@@ -116,14 +116,12 @@ p.add_argument("--global-batch", type=int, help="default 256 / 128")
 p.add_argument("--batch-size", type=int, default=16, help="per device, per micro-step (default 16)")
 p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
-p.add_argument("--save-every", type=int, default=500,
-               help="steps between checkpoints (default 500; 0: at the end only)")
+p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500; 0: at the end only)")
 p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
 p.add_argument("--seed", type=int, default=42, help="default 42")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward: less memory")
-p.add_argument("--lean-malloc", action="store_true",
-               help="CPU: give freed activations back to the system at once (glibc): ~2 GB less at R = 1024, "
-                    "9-18%% slower steps there, far slower for small models")
+p.add_argument("--lean-malloc", action="store_true", help="CPU: return freed activations to the system at once "
+               "(glibc): ~2 GB less at R = 1024, 9-18%% slower steps there, far slower for small models")
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
 p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both towers fixed")
 p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
@@ -134,11 +132,9 @@ p.add_argument("--lora-train-mra", action=argparse.BooleanOptionalAction,
                help="with LoRA, also train the MR-Adapters and the fusion at full rank (as LLaVA-HR does)")
 p.add_argument("--lora-adapters-only", action="store_true",
                help="checkpoints hold only OUT/ckpt/lora (small), not the merged model as well")
-p.add_argument("--quantize", choices=["int8"],
-               help="with --lora-r: the frozen LLM's linear weights in int8 (QLoRA-style, 1 byte each + a scale "
-                    "per row); checkpoints then hold the adapters only: generate.py --model INIT --lora OUT/ckpt/lora")
-p.add_argument("--projector-lr-scale", type=float,
-               help="the projector's lr as a fraction of --lr (default 1; with LoRA 0.1: 2e-5 of 2e-4, as released)")
+p.add_argument("--quantize", choices=["int8"], help="with --lora-r: the frozen LLM's linears in int8 (QLoRA-style, "
+               "a scale per row); checkpoints hold the adapters only: generate.py --model INIT --lora OUT/ckpt/lora")
+p.add_argument("--projector-lr-scale", type=float, help="projector's lr / --lr (default 1; LoRA 0.1, as released)")
 p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                help="micro-steps of one modality and similar lengths (default: on in stage 2, as released)")
 p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
@@ -185,14 +181,14 @@ lora_flags = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-dropout
                               ("--lora-adapters-only", args.lora_adapters_only or None)) if v is not None]
 if lora_flags and not args.lora_r:  # else a full fine-tune would run, the flags silently unused
     p.error(f"{', '.join(lora_flags)} set LoRA up: it needs --lora-r (the rank; the release's is 128)")
-args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
-args.lora_train_mra = args.lora_train_mra is not False
 if args.quantize and not args.lora_r:
     p.error("--quantize int8 freezes the LLM's weights in int8, where only LoRA can learn: it needs --lora-r")
 if args.device == "cuda" and not torch.cuda.is_available():
     p.error("--device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)")
 if args.quantize and args.fsdp:
     p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
+args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
+args.lora_train_mra = args.lora_train_mra is not False
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
 
 # -----------------------------------------------------------------------------
@@ -270,8 +266,6 @@ def shard_lean(model, units, mp, device, rank, world):
     (unread) and random tensors every rank drew alike from one seed (new adapters, a test model); emptied
     to meta and sharded, each rank copies in only its rows of each parameter, so reads only their pages:
     host memory per rank stays near 1/world of the model. Buffers are copied whole."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
     # detached: emptying the module below must not empty the tensors it was loaded with
     source = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     model.to_empty(device="meta").float()  # fp32 master weights (released checkpoints are fp16)
@@ -298,7 +292,6 @@ def save_shards(model, opt, path, cfg, rank, world):
     """--fsdp: a checkpoint no rank holds whole. Each weight is gathered on every rank in turn and rank 0
     streams it into model.safetensors (what generate.py and --resume load); each rank writes its rows of
     AdamW's state to optimizer-R-of-W.safetensors (load_shards reads them back for any world)."""
-    from torch.distributed.tensor import DTensor
     state = model.state_dict()  # DTensors of the global shapes: the file's header
     full = (t.full_tensor() if isinstance(t, DTensor) else t for t in state.values())  # collectives
     if rank == 0:
@@ -315,7 +308,6 @@ def save_shards(model, opt, path, cfg, rank, world):
 def load_shards(model, opt, path, saved_world, rank, world):
     """AdamW's state from save_shards' files, cut for this run's ranks whatever the saved run's were:
     each rank reads only the rows it holds. A parameter with no state (no gradient yet) gets none."""
-    from torch.distributed.tensor import DTensor
     files = []
     for r in range(saved_world):
         f = os.path.join(path, f"optimizer-{r + 1:05d}-of-{saved_world:05d}.safetensors")
@@ -370,6 +362,13 @@ def plan(cfg, world, bf16):
     return p
 
 
+def from_init(held):
+    """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
+    if adapters and not held.adapters and held.arch == "llava-hr":
+        return replace(held, **stage_cfg)
+    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
+
+
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
@@ -380,18 +379,8 @@ if args.init:
         base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)
         raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
                          f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
-
-
-def from_init(held):
-    """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
-    if adapters and not held.adapters and held.arch == "llava-hr":
-        return replace(held, **stage_cfg)
-    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
-
-
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
-    # the model as the run would build it from --init, or --llm (--vit, --convnext), else --config: the
-    # shapes come from the files' headers, no weight is read
+    # the model the run would build, on the meta device: shapes from the files' headers, no weight read
     planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
                mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
     memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))
@@ -481,13 +470,13 @@ lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) u
 sharded = lean and not args.lora_r  # saved without gathering (save_shards); LoRA's merge gathers on rank 0
 if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
     model.to(device, torch.float32)
-    if device.type == "cpu":
+    if not cuda:
         # safetensors' tensors are views into the file's buffer, where CPU kernels round differently in
         # the last bit (observed): fresh copies keep a resumed run bit for bit on the uninterrupted one
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
-if args.lora_r and cuda and not lean:
-    lora.bf16_bases(model)  # on GPUs, not FSDP across processes (which wants one dtype)
+    elif args.lora_r:
+        lora.bf16_bases(model)  # on GPUs, not FSDP across processes (which wants one dtype)
 cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
 if tok.vocab_size > cfg.llm.vocab_size:
@@ -505,12 +494,10 @@ trainable = {n for n, q in model.named_parameters() if q.requires_grad}
 if args.grad_checkpoint:
     checkpoint_blocks(model)
 if lean:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    # ZeRO-3: a unit is gathered just before it runs and freed after, so one block (or ConvNeXt stage) is
-    # whole at a time; the root (adapters, projector, norms) stays whole. The LLM's embedding and head are
-    # units (7B: 1 GB of fp32) unless tied: a tied head reads the embedding's weight outside its module,
-    # where FSDP2 would not gather it. GPUs: bf16 gathers, fp32 gradient reduction and fp32 shards in
-    # AdamW, as the release's bf16 ZeRO-3.
+    # ZeRO-3: a unit (a block, a ConvNeXt stage) is gathered just before it runs and freed after; the root
+    # (adapters, projector, norms) stays whole. The LLM's embedding and head are units (7B: 1 GB of fp32)
+    # unless tied: a tied head reads the embedding's weight outside its module, where FSDP2 would not
+    # gather it. GPUs: bf16 gathers, fp32 gradient reduction and fp32 AdamW shards, as the release's ZeRO-3.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
     ends = [model.llm.tok_embeddings, model.llm.output] if model.llm.output is not None else []
@@ -691,12 +678,11 @@ def save(step):
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, rng=rngs, run=json.dumps(run), **extra)
         with save_errors(step, tmp):
-            if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model:
-                # --init read again in fp32 + the adapters (on GPUs the base is held here in bf16, rounded)
+            if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model
                 adapters = os.path.join(tmp, "lora")
                 lora.save_adapters(adapters, lora.adapter_state(weights, trainable), cfg, args.lora_r, lora_alpha,
                                    args.init)
-                weights = None  # freed: the merged model is built anew
+                weights = None  # freed: merged anew from --init in fp32 (on GPUs the base held here is bf16)
                 if not (args.lora_adapters_only or args.quantize):
                     weights = merged_state(step, adapters)
             if not sharded and weights is not None:
