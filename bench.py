@@ -78,6 +78,7 @@ import llama
 import vit
 import weights
 from convnext import _layout
+from int8 import int8_linears
 from llama import Llama, LlamaConfig
 from vit import ViTConfig
 
@@ -927,12 +928,12 @@ def memory_table(context=2048):
     for preset in ("llava-hr-7b", "llava-hr-x-13b"):
         cfg = mra.MRAConfig.from_name(preset)
         c = cfg.llm
-        for name, dtype, int8 in (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
-                                  ("int8", torch.bfloat16, True)):
+        for name, dtype, quantized in (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
+                                       ("int8", torch.bfloat16, True)):
             with torch.device("meta"):
                 model = mra.LlavaHR(cfg)
-                if int8:
-                    llama.int8_linears(model.llm)
+                if quantized:
+                    int8_linears(model.llm)
             model.to(dtype)  # floating tensors only: int8 weights stay int8
             w = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * context * torch.empty(0, dtype=dtype).element_size()

@@ -13,7 +13,7 @@ does not fix (projector, fusion, MR-Adapters), with lora.json and the model's mr
 `load(base, adapters)` rebuilds the fine-tuned model from the base checkpoint and that
 directory; `merge` folds the updates into W for a plain model (generate.py, OUT/ckpt).
 On an int8 base (train.py --quantize int8, QLoRA-style as Dettmers et al. 2023 but 8-bit) W is
-llama.Int8Linear's frozen q * s and only A, B train; such adapters are applied to the
+int8.Int8Linear's frozen q * s and only A, B train; such adapters are applied to the
 full-precision base at load time rather than merged into the rounded W.
 `python lora.py` prints what fits on one GPU at 7B (`memory`, the model built on meta).
 """
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mra
-from llama import Int8Linear, int8_linear, int8_linears, int8_reader
+from int8 import Int8Linear, int8_linear, int8_linears, int8_reader
 from weights import CheckpointError, load_state, read_config, read_safetensors
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
@@ -36,7 +36,7 @@ FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) B A dropout(x): a frozen bias-free nn.Linear (or llama.Int8Linear,
+    """y = W x + (alpha / r) B A dropout(x): a frozen bias-free nn.Linear (or int8.Int8Linear,
     W = q * s) plus a rank-r update.
 
     It holds the wrapped layer's own weight (an int8 layer's scales too), so the base keys

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from convnext import ConvNeXt, ConvNeXtConfig
-from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer, int8_linears, int8_reader
+from int8 import int8_linears, int8_reader
+from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer
 from vit import ViT, ViTConfig
 from weights import (CheckpointError, bin_files, check_index, check_memory, load_state, read_bin, read_checkpoint,
                      read_config, read_safetensors, remap, tensor_sizes, write_safetensors)

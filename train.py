@@ -46,7 +46,8 @@ import lora
 import memplan
 import mra
 from convnext import ConvNeXtConfig
-from llama import LlamaConfig, Tokenizer, int8_linears
+from int8 import int8_linears
+from llama import LlamaConfig, Tokenizer
 from vit import ViTConfig
 from weights import available_memory, fingerprint, read_config, write_safetensors
 

@@ -393,7 +393,7 @@ def test_int8_quantizes_an_untied_head_and_keeps_a_tied_one():
     table; an int8 model answers through both (the head's int8 kernel and the dequantised path)."""
     from dataclasses import replace
 
-    from llama import Int8Linear, int8_linears
+    from int8 import Int8Linear, int8_linears
     for tied in (False, True):
         torch.manual_seed(0)
         c = replace(LlamaConfig.from_name("llama-tiny"), tie_embeddings=tied)
@@ -500,6 +500,7 @@ def test_fused_linears_answer_as_the_separate_ones():
     import generate
     import llama
     import lora
+    from int8 import Int8Linear, int8_linears
     torch.manual_seed(0)
     plain = Llama(LlamaConfig.from_name("llama-tiny")).eval()
     ids = torch.randint(3, plain.config.vocab_size, (2, 12))
@@ -514,14 +515,14 @@ def test_fused_linears_answer_as_the_separate_ones():
             out += [step(ids[:, t], cache) for t in range(6, 12)]
         return torch.stack(out)
 
-    int8 = copy.deepcopy(plain)
-    state = int8.state_dict()
-    llama.int8_linears(int8)
+    q8 = copy.deepcopy(plain)
+    state = q8.state_dict()
+    int8_linears(q8)
     for k, t in list(state.items()):
-        if isinstance(int8.get_submodule(k.rpartition(".")[0]), llama.Int8Linear):
-            state[k], state[k.removesuffix("weight") + "scales"] = llama.Int8Linear.quantize(t)
-    int8.load_state_dict(state, assign=True)
-    for model in (plain, int8):
+        if isinstance(q8.get_submodule(k.rpartition(".")[0]), Int8Linear):
+            state[k], state[k.removesuffix("weight") + "scales"] = Int8Linear.quantize(t)
+    q8.load_state_dict(state, assign=True)
+    for model in (plain, q8):
         fused = copy.deepcopy(model)
         assert llama.fuse_linears(fused) == 2 * plain.config.n_layers and llama.fuse_linears(fused) == 0
         attn, mlp = fused.layers[0].attn, fused.layers[0].mlp

@@ -299,7 +299,7 @@ QLORA = (*LORA, "--quantize", "int8")
 def test_int8_gradient_is_the_dequantised_layers():
     """Int8Matmul's backward (dL/dx = (dL/dy * s) q, dequantised again) against autograd through
     the plain formula y = x (q * s)^T, in fp32."""
-    from llama import Int8Linear
+    from int8 import Int8Linear
     g = torch.Generator().manual_seed(0)
     layer = Int8Linear(64, 96)
     layer.weight, layer.scales = Int8Linear.quantize(torch.randn(96, 64, generator=g))
@@ -314,7 +314,7 @@ def test_int8_gradient_is_the_dequantised_layers():
 
 
 def test_zero_init_lora_on_int8_is_the_int8_model(base):
-    from llama import Int8Linear
+    from int8 import Int8Linear
     model = mra.load_checkpoint(base, quantize="int8")
     keys = set(model.state_dict())
     ids = torch.randint(0, 500, (2, 12))
@@ -373,7 +373,7 @@ def test_qlora_adapters_serve_on_the_full_precision_base_and_int8(qrun, base, en
     # int8 + merged adapters: the merged weights quantized, so the same as quantizing the merged model
     merged = lora.load(base, out / "ckpt" / "lora")
     q8 = lora.load(base, out / "ckpt" / "lora", quantize="int8")
-    from llama import Int8Linear
+    from int8 import Int8Linear
     w = merged.state_dict()["llm.layers.0.mlp.up.weight"]
     q, s = Int8Linear.quantize(w)
     assert torch.equal(q8.llm.layers[0].mlp.up.weight, q) and torch.equal(q8.llm.layers[0].mlp.up.scales, s)
@@ -397,7 +397,7 @@ def test_qlora_bad_combinations_are_one_line(qrun, env, base, tmp_path, capsys):
 
 def test_dry_run_counts_an_int8_base_at_one_byte(env, capsys):
     """--dry-run --quantize int8: each int8 weight is 1 byte, not 4, plus a 4-byte scale per row."""
-    from llama import Int8Linear, int8_linears
+    from int8 import Int8Linear, int8_linears
     with torch.device("meta"):
         llm = int8_linears(mra.build(replace(tiny(), adapters=True, image_size=128)).llm)
     int8 = [m.weight for m in llm.modules() if isinstance(m, Int8Linear)]

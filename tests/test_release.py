@@ -805,7 +805,7 @@ def test_int8_layers_match_rounding_noise(int8_pair):
     error of rms(s) / (sqrt(12) rms(W)) (about 0.6% here). Asserted within [0.5, 1.5]x of that
     and under 1%; the full model's logits within 3% of their largest magnitude (15 such layers,
     the head included, errors independent: ~0.6% * sqrt(15) ~ 2.3%)."""
-    from llama import Int8Linear
+    from int8 import Int8Linear
     m32, m8 = int8_pair
     q8 = dict(m8.llm.named_modules())
     assert sum(isinstance(m, Int8Linear) for m in q8.values()) == 7 * LLM["num_hidden_layers"] + 1
@@ -860,7 +860,7 @@ def test_int8_greedy_agrees_where_fp32_is_decided(int8_pair):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_kernel_equals_dequantise_then_matmul(dtype):
     """Int8Linear's CPU path (torch's int8 kernel where it exists) against the plain formula."""
-    from llama import Int8Linear
+    from int8 import Int8Linear
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(172, 64, generator=g), torch.randn(3, 5, 64, generator=g).to(dtype)
     layer = Int8Linear(64, 172)
