@@ -543,17 +543,26 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
     for name, s, ahead in (("eager", llm.decode, None), ("compiled", step, None), ("compiled, not ahead", step, False)):
         measure(name, s, ahead)
     gemvs("GEMVs alone")
+    attn_bytes, attn_s = attention_pass(c, cache_len, device)
+    for name, seconds in attn_s.items():
+        frac["attention, " + name] = attn_bytes / seconds / bandwidth
+        rows.append([f"attention alone, {name}", "-", "-", f"{attn_bytes / seconds / 1e9:.0f}",
+                     f"{frac['attention, ' + name]:.2f}"])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"\n1c. decode, {c.n_layers} layers of dim {c.dim}, bf16, {where}, batch 1, "
           f"{new_tokens} new tokens after {prompt_len}; {(weight_bytes + kv_bytes) / 1e9:.1f} GB per step; HBM reads "
-          f"{bandwidth / 1e9:.0f} GB/s. Rows 'GEMVs alone': the step's weight products alone, one row each, "
-          f"replayed as one CUDA graph: the ceiling of a step built on these kernels")
+          f"{bandwidth / 1e9:.0f} GB/s. The 'alone' rows: one part of the step by itself, replayed as one CUDA graph "
+          f"(the ceiling of a step built on these kernels): the weight products, one row each; the attention over "
+          f"the whole {cache_len}-slot cache ({attn_bytes / 1e9:.2f} GB), the step's SDPA and the CPU step's "
+          f"written-out attention compiled")
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline"])
     return {"decode_7b_bf16_roofline_fraction": f"{max(frac['eager'], frac['compiled']):.2f}",
             "decode_7b_bf16_ahead_speedup": f"{frac['compiled'] / frac['compiled, not ahead']:.2f}x",
             "decode_7b_bf16_fused_speedup": f"{frac['compiled'] / frac['compiled, 7 products per layer']:.2f}x",
             "decode_7b_bf16_gemv_roofline_fraction": f"{frac['GEMVs alone']:.2f}",
-            "decode_7b_bf16_gemv_roofline_fraction_unfused": f"{frac['GEMVs alone, 7 per layer']:.2f}"}
+            "decode_7b_bf16_gemv_roofline_fraction_unfused": f"{frac['GEMVs alone, 7 per layer']:.2f}",
+            "decode_7b_bf16_attention_written_out_speedup":  # > 1: faster than SDPA
+                f"{frac['attention, written out, compiled'] / frac['attention, SDPA']:.2f}x"}
 
 
 @torch.no_grad()
@@ -562,9 +571,27 @@ def gemv_pass(llm, device, passes=50):
     what a batch-1 decode step's products read; on CUDA the pass is one CUDA graph replayed."""
     ws = [m.weight for m in llm.modules() if isinstance(m, torch.nn.Linear)]
     xs = {k: torch.randn(1, k, device=device, dtype=ws[0].dtype) for k in {w.shape[1] for w in ws}}
+    return sum(w.nbytes for w in ws), timed_pass(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws],
+                                                 device, passes)
 
-    def run():
-        return [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws]
+
+@torch.no_grad()
+def attention_pass(c, slots, device, dtype=torch.bfloat16, passes=50):
+    """(bytes, {impl: seconds}) of a batch-1 decode step's attention alone: in each of c.n_layers layers
+    one query per head over a cache of `slots` keys and values (its last tenth masked, not yet written),
+    as the compiled step reads it: SDPA, and llama.decode_attention compiled (the CPU step's attention)."""
+    q = torch.randn(1, c.n_heads, 1, c.head_dim, device=device, dtype=dtype)
+    kv = [torch.randn(2, 1, c.n_kv_heads, slots, c.head_dim, device=device, dtype=dtype) for _ in range(c.n_layers)]
+    mask = llama.additive_mask((torch.arange(slots, device=device) < slots - slots // 10)[None, None, None], dtype)
+    impls = {"SDPA": lambda k, v: torch.nn.functional.scaled_dot_product_attention(
+                 q, k, v, attn_mask=mask, enable_gqa=c.n_kv_heads != c.n_heads),
+             "written out, compiled": torch.compile(lambda k, v: llama.decode_attention(q, k, v, mask), fullgraph=True)}
+    return sum(t.nbytes for t in kv), {name: timed_pass(lambda f=f: [f(k, v) for k, v in kv], device, passes)
+                                       for name, f in impls.items()}
+
+
+def timed_pass(run, device, passes):
+    """Seconds per call of run (warmed up; on CUDA captured as one CUDA graph and replayed)."""
     run()
     if device.type == "cuda":
         graph = torch.cuda.CUDAGraph()
@@ -575,7 +602,7 @@ def gemv_pass(llm, device, passes=50):
     t0 = now(device)
     for _ in range(passes):
         run()
-    return sum(w.nbytes for w in ws), (now(device) - t0) / passes
+    return (now(device) - t0) / passes
 
 
 # ---------------------------------------------------------------------------------------

@@ -379,7 +379,8 @@ def test_bench_7b_section_runs_at_a_tiny_shape(capsys):
     c = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_seq_len=64)
     out = bench.bench_decode_7b(torch.device("cpu"), 1e10, prompt_len=8, new_tokens=4, c=c)
     assert set(out) == {"decode_7b_bf16_roofline_fraction", "decode_7b_bf16_ahead_speedup", "decode_7b_bf16_fused_speedup",
-                        "decode_7b_bf16_gemv_roofline_fraction", "decode_7b_bf16_gemv_roofline_fraction_unfused"}
+                        "decode_7b_bf16_gemv_roofline_fraction", "decode_7b_bf16_gemv_roofline_fraction_unfused",
+                        "decode_7b_bf16_attention_written_out_speedup"}
     assert "compiled, 7 products per layer" in capsys.readouterr().out
 
 
