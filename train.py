@@ -69,6 +69,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def world_size(text):  # --dry-run's WORLD; the flag alone (const 0) means this run's
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"WORLD must be a whole number >= 1, not {text!r}")
+    return int(text)
+
+
 def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
     disk) is one line, not a traceback (--debug shows it)."""
@@ -145,7 +151,7 @@ p.add_argument("--overwrite", action="store_true", help="start over in an OUT th
 p.add_argument("--device", choices=("cuda", "cpu"),
                help="default: cuda (bf16 autocast, NCCL) where a GPU is visible, else cpu (fp32, gloo)")
 p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
-p.add_argument("--dry-run", type=int, nargs="?", const=0, metavar="WORLD",
+p.add_argument("--dry-run", type=world_size, nargs="?", const=0, metavar="WORLD",
                help="print the memory plan per device for WORLD processes (default: this run's) and exit, for "
                     "the model from --init or --llm (else --config's); no weights or data are read")
 args = p.parse_args()
@@ -165,8 +171,7 @@ limits = {"--batch-size >= 1": args.batch_size >= 1, "--epochs >= 1": args.epoch
                                                              args.projector_lr_scale or 0)),
           "--lora-r >= 1": args.lora_r is None or args.lora_r >= 1,
           "--lora-alpha > 0": args.lora_alpha is None or 0 < args.lora_alpha < math.inf,
-          "0 <= --lora-dropout < 1": args.lora_dropout is None or 0 <= args.lora_dropout < 1,
-          "--dry-run WORLD >= 1": args.dry_run is None or args.dry_run >= 0}  # 0: const, this run's world
+          "0 <= --lora-dropout < 1": args.lora_dropout is None or 0 <= args.lora_dropout < 1}
 bad = [rule for rule, ok in limits.items() if not ok]  # NaN fails every comparison, so it lands here too
 if bad:
     p.error("need " + ", ".join(bad))
@@ -384,7 +389,7 @@ if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, 
     # the model the run would build, on the meta device: shapes from the files' headers, no weight read
     planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
                mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
-    memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))
+    memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))  # 0: no WORLD given
     sys.exit()
 
 # -----------------------------------------------------------------------------

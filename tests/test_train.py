@@ -346,11 +346,12 @@ def test_dry_run_plans_the_model_init_holds(env, capsys, tmp_path):
     assert ours["weights"] > plan(env, capsys, "--dry-run")["weights"]  # --config tiny's 2 layers
 
 
-def test_dry_run_refuses_a_world_below_one(env, capsys):
+@pytest.mark.parametrize("world", ["-2", "0"])  # 0 was read as no WORLD given (this run's world)
+def test_dry_run_refuses_a_world_below_one(env, capsys, world):
     with pytest.raises(SystemExit) as e:
-        train(["--stage", "2", "--config", "tiny", "--dry-run", "-2", "--fsdp"])
+        train(["--stage", "2", "--config", "tiny", "--dry-run", world, "--fsdp"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "need --dry-run WORLD >= 1" in err, err
+    assert e.value.code == 2 and f"--dry-run: WORLD must be a whole number >= 1, not '{world}'" in err, err
 
 
 def test_dry_run_refuses_an_image_longer_than_the_llm(env, capsys):
