@@ -78,7 +78,7 @@ import llama
 import vit
 import weights
 from convnext import _layout
-from int8 import int8_linears
+import int8
 from llama import Llama, LlamaConfig
 from vit import ViTConfig
 
@@ -226,12 +226,11 @@ def by_moment(pairs):
 
 
 def bytes_per_token(llm, prompt_len, new_tokens):
-    """Bytes a decode step reads: every weight once (of the embedding table, one row) and the
-    KV cache up to the current position (its mean over the generated tokens)."""
-    c, size = llm.config, llm.tok_embeddings.weight.element_size()
-    n_params = sum(p.numel() for p in llm.parameters())
-    weights = size * (n_params - c.vocab_size * c.dim + c.dim)
-    kv = size * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (prompt_len + new_tokens / 2)
+    """Bytes a decode step reads: every weight once (int8 ones with their scales; of the embedding
+    table, one row) and the KV cache up to the current position (its mean over the generated tokens)."""
+    c, emb = llm.config, llm.tok_embeddings.weight
+    weights = sum(t.nbytes for t in llm.state_dict().values()) - emb.nbytes + emb[0].nbytes
+    kv = emb.element_size() * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (prompt_len + new_tokens / 2)
     return weights, kv
 
 
@@ -516,13 +515,13 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
     ids = torch.randint(3, c.vocab_size, (1, prompt_len), device=device)
     cache_len = cache_length(prompt_len + new_tokens)
     weight_bytes, kv_bytes = bytes_per_token(llm, prompt_len, new_tokens)
-    rows, frac = [], {}
+    rows, frac, tps = [], {}, {}
 
     def measure(name, step, ahead=None):
         _, pre, dec = min((run_ours(llm, ids, new_tokens, step, ahead=ahead) for _ in range(2)), key=lambda r: r[2])
-        tps = (new_tokens - 1) / dec
-        frac[name] = (weight_bytes + kv_bytes) * tps / bandwidth
-        rows.append([name, f"{pre:.3f}", f"{tps:.1f}", f"{frac[name] * bandwidth / 1e9:.0f}", f"{frac[name]:.2f}"])
+        tps[name] = (new_tokens - 1) / dec
+        frac[name] = sum(bytes_per_token(llm, prompt_len, new_tokens)) * tps[name] / bandwidth
+        rows.append([name, f"{pre:.3f}", f"{tps[name]:.1f}", f"{frac[name] * bandwidth / 1e9:.0f}", f"{frac[name]:.2f}"])
 
     def gemvs(name):
         gemv_bytes, gemv_s = gemv_pass(llm, device)
@@ -548,13 +547,15 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
         frac["attention, " + name] = attn_bytes / seconds / bandwidth
         rows.append([f"attention alone, {name}", "-", "-", f"{attn_bytes / seconds / 1e9:.0f}",
                      f"{frac['attention, ' + name]:.2f}"])
+    int8_bytes = bytes_per_token(int8.quantize_(llm), prompt_len, new_tokens)[0]  # --quantize int8
+    measure("compiled, int8 weights", compiled())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"\n1c. decode, {c.n_layers} layers of dim {c.dim}, bf16, {where}, batch 1, "
           f"{new_tokens} new tokens after {prompt_len}; {(weight_bytes + kv_bytes) / 1e9:.1f} GB per step; HBM reads "
           f"{bandwidth / 1e9:.0f} GB/s. The 'alone' rows: one part of the step by itself, replayed as one CUDA graph "
           f"(the ceiling of a step built on these kernels): the weight products, one row each; the attention over "
           f"the whole {cache_len}-slot cache ({attn_bytes / 1e9:.2f} GB), the step's SDPA and the CPU step's "
-          f"written-out attention compiled")
+          f"written-out attention compiled. Last row: the fused weights as int8 ({int8_bytes / 1e9:.1f} GB)")
     table(rows, ["impl", "prefill s", "tokens/s", "GB/s", "x read roofline"])
     return {"decode_7b_bf16_roofline_fraction": f"{max(frac['eager'], frac['compiled']):.2f}",
             "decode_7b_bf16_ahead_speedup": f"{frac['compiled'] / frac['compiled, not ahead']:.2f}x",
@@ -562,7 +563,9 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
             "decode_7b_bf16_gemv_roofline_fraction": f"{frac['GEMVs alone']:.2f}",
             "decode_7b_bf16_gemv_roofline_fraction_unfused": f"{frac['GEMVs alone, 7 per layer']:.2f}",
             "decode_7b_bf16_attention_written_out_speedup":  # > 1: faster than SDPA
-                f"{frac['attention, written out, compiled'] / frac['attention, SDPA']:.2f}x"}
+                f"{frac['attention, written out, compiled'] / frac['attention, SDPA']:.2f}x",
+            "decode_7b_int8_speedup_vs_bf16": f"{tps['compiled, int8 weights'] / tps['compiled']:.2f}x",
+            "decode_7b_int8_roofline_fraction": f"{frac['compiled, int8 weights']:.2f}"}
 
 
 @torch.no_grad()
@@ -960,7 +963,7 @@ def memory_table(context=2048):
             with torch.device("meta"):
                 model = mra.LlavaHR(cfg)
                 if quantized:
-                    int8_linears(model.llm)
+                    int8.int8_linears(model.llm)
             model.to(dtype)  # floating tensors only: int8 weights stay int8
             w = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * context * torch.empty(0, dtype=dtype).element_size()
@@ -1340,7 +1343,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="decode: runs of each implementation (the best counts)")
     p.add_argument("--text-tokens", type=int, default=60, help="table1: text tokens beside the image")
     p.add_argument("--compile", action="store_true",
-                   help="decode on CUDA: also a Vicuna-7B-shaped bf16 model, eager and compiled (~20 GB of GPU memory)")
+                   help="decode on CUDA: also a Vicuna-7B-shaped model, bf16 and int8, eager and compiled (~40 GB of GPU memory)")
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's allocator as it is, rather than keep freed memory as generate.py does on "
                         "the CPU (generate.keep_freed_memory; both sides share the process either way)")

@@ -28,6 +28,7 @@ from PIL import Image
 
 import data
 import llama
+from int8 import Int8Linear
 import lora
 import mra
 from mra import IMAGE_TOKEN
@@ -93,8 +94,15 @@ def compile_step(step, device):
     Llama.decode), so it compiles once per cache shape and never sees a dynamic shape. A batch run
     meets many (batch size, cache length) pairs: past dynamo's default 8, a fullgraph step fails."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if device.type == "cuda":  # the whole step replayed as one CUDA graph: no per-kernel launches
-        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    if device.type == "cuda":  # the whole step replayed as one CUDA graph (reduce-overhead's option)
+        options = {"triton.cudagraphs": True}
+        # int8 weights: coordinate-descent tuning makes inductor write each one-row product as a reduction
+        # that dequantises as it reads (1 byte per weight); else the bf16 copy is written and read back
+        # every step (5). bf16 weights keep cuBLAS: tuned triton products were slower there (0.55 vs 0.59)
+        model = getattr(step, "__self__", None)  # step: model.decode
+        if isinstance(model, torch.nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules()):
+            options["coordinate_descent_tuning"] = True
+        return torch.compile(step, fullgraph=True, dynamic=False, options=options)
     # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default;
     # its N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at
     # about twice MKL's gemv bandwidth. Batches call oneDNN on weights run() packed (llama.packed_linear):

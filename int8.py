@@ -82,6 +82,16 @@ def int8_linears(model):
     return model
 
 
+def quantize_(model):
+    """A float LLaMA's layers and head (those int8_linears swaps) quantized in place; returns it."""
+    state = model.state_dict()
+    int8_linears(model)
+    for k in [k for k in state if isinstance(model.get_submodule(k.rpartition(".")[0]), Int8Linear)]:
+        state[k], state[k.removesuffix("weight") + "scales"] = Int8Linear.quantize(state[k])
+    model.load_state_dict(state, assign=True)
+    return model
+
+
 def int8_reader(quantized, dtype, device):
     """A read_checkpoint `convert`: weights whose key `quantized` picks become int8 + scales as
     they are read, one tensor at a time; every other tensor is cast to dtype."""

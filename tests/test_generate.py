@@ -380,7 +380,8 @@ def test_bench_7b_section_runs_at_a_tiny_shape(capsys):
     out = bench.bench_decode_7b(torch.device("cpu"), 1e10, prompt_len=8, new_tokens=4, c=c)
     assert set(out) == {"decode_7b_bf16_roofline_fraction", "decode_7b_bf16_ahead_speedup", "decode_7b_bf16_fused_speedup",
                         "decode_7b_bf16_gemv_roofline_fraction", "decode_7b_bf16_gemv_roofline_fraction_unfused",
-                        "decode_7b_bf16_attention_written_out_speedup"}
+                        "decode_7b_bf16_attention_written_out_speedup", "decode_7b_int8_speedup_vs_bf16",
+                        "decode_7b_int8_roofline_fraction"}
     assert "compiled, 7 products per layer" in capsys.readouterr().out
 
 
@@ -488,7 +489,13 @@ def test_compile_step_for_cuda_builds_without_a_gpu(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     step = generate.compile_step(len, torch.device("cuda"))
-    assert step is len and calls == [dict(mode="reduce-overhead", fullgraph=True, dynamic=False)]
+    assert step is len and calls == [dict(fullgraph=True, dynamic=False, options={"triton.cudagraphs": True})]
+    assert torch._inductor.list_mode_options("reduce-overhead") == {"triton.cudagraphs": True}
+    # an int8 model's step: its one-row products as triton reductions that read the int8 weights
+    from int8 import int8_linears
+    m = int8_linears(llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=48)))
+    generate.compile_step(m.decode, torch.device("cuda"))
+    assert calls[-1]["options"] == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 def test_compiled_step_serves_more_cache_shapes_than_dynamos_default(monkeypatch):

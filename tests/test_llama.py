@@ -393,17 +393,11 @@ def test_int8_quantizes_an_untied_head_and_keeps_a_tied_one():
     table; an int8 model answers through both (the head's int8 kernel and the dequantised path)."""
     from dataclasses import replace
 
-    from int8 import Int8Linear, int8_linears
+    from int8 import Int8Linear, quantize_
     for tied in (False, True):
         torch.manual_seed(0)
         c = replace(LlamaConfig.from_name("llama-tiny"), tie_embeddings=tied)
-        model = Llama(c).eval()
-        state = model.state_dict()
-        int8_linears(model)
-        for k, t in list(state.items()):
-            if isinstance(model.get_submodule(k.rpartition(".")[0]), Int8Linear):
-                state[k], state[k.removesuffix("weight") + "scales"] = Int8Linear.quantize(t)
-        model.load_state_dict(state, assign=True)
+        model = quantize_(Llama(c).eval())
         assert isinstance(model.output, Int8Linear) != tied
         ids = torch.randint(0, c.vocab_size, (2, 7))
         with torch.no_grad():
@@ -500,7 +494,7 @@ def test_fused_linears_answer_as_the_separate_ones():
     import generate
     import llama
     import lora
-    from int8 import Int8Linear, int8_linears
+    from int8 import quantize_
     torch.manual_seed(0)
     plain = Llama(LlamaConfig.from_name("llama-tiny")).eval()
     ids = torch.randint(3, plain.config.vocab_size, (2, 12))
@@ -515,13 +509,7 @@ def test_fused_linears_answer_as_the_separate_ones():
             out += [step(ids[:, t], cache) for t in range(6, 12)]
         return torch.stack(out)
 
-    q8 = copy.deepcopy(plain)
-    state = q8.state_dict()
-    int8_linears(q8)
-    for k, t in list(state.items()):
-        if isinstance(q8.get_submodule(k.rpartition(".")[0]), Int8Linear):
-            state[k], state[k.removesuffix("weight") + "scales"] = Int8Linear.quantize(t)
-    q8.load_state_dict(state, assign=True)
+    q8 = quantize_(copy.deepcopy(plain))
     for model in (plain, q8):
         fused = copy.deepcopy(model)
         assert llama.fuse_linears(fused) == 2 * plain.config.n_layers and llama.fuse_linears(fused) == 0
