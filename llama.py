@@ -336,11 +336,11 @@ def fuse_linears(model):
                     or all(type(m) is Int8Linear for m in ms)):
                 continue  # LoRA, packed: as they are
             w = torch.cat([m.weight.detach() for m in ms])
-            if type(ms[0]) is Linear:
-                new = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            with torch.device("meta"):  # shapes only: the stacked tensors go in next
+                new = Linear(w.shape[1], w.shape[0], bias=False) if type(ms[0]) is Linear else Int8Linear(*w.shape[::-1])
+            if type(new) is Linear:
                 new.weight = nn.Parameter(w, requires_grad=False)
             else:
-                new = Int8Linear(w.shape[1], w.shape[0])
                 new.weight, new.scales = w, torch.cat([m.scales for m in ms])
             for name in names:
                 delattr(part, name)
