@@ -119,7 +119,7 @@ def compile_step(step, device):
                                       "cpp.enable_floating_point_contract_flag": "fast"})
 
     def run(tokens, cache):
-        if llama.COMPILED_CPU_ATTENTION == "written-out":
+        if llama.COMPILED_ATTENTION["cpu"] == "written-out":
             cache.values_by_channel()  # the layout decode_attention reads in one pass (once per cache)
         return compiled(tokens, cache)
     return run

@@ -253,15 +253,16 @@ class KVCache:
         return view
 
 
-# How a compiled decode step attends on the CPU: "written-out" (decode_attention) or "sdpa"; read as
+# How a compiled decode step attends, per device: "written-out" (decode_attention) or "sdpa"; read as
 # the step is traced (bench.py compiles one with each)
-COMPILED_CPU_ATTENTION = "written-out"
+COMPILED_ATTENTION = {"cpu": "written-out", "cuda": "sdpa"}
 
 
 def decode_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(hd) + mask) v for one query per row, q (B, nh, 1, hd), over the whole cache,
     k, v (B, nkv, S, hd), mask (B, 1, 1, S). Written out, a compiled CPU step fuses it into one pass over
-    the keys and one over the (channel-major) values: faster than SDPA's kernel (`bench.py --only decode`)."""
+    the keys and one over the (channel-major) values: faster than SDPA's kernel (`bench.py --only decode`).
+    On a GPU the compiled step keeps SDPA (bench.py --device cuda --compile times both)."""
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     q = q.view(B, nkv, nh // nkv, 1, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
@@ -300,8 +301,7 @@ class Attention(nn.Module):
             k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
         # softmax(q k^T / sqrt(hd) + mask) v, mask 0 / -inf (causal when None); grouped-query (enable_gqa):
         # each k/v head serves n_heads / n_kv_heads consecutive q heads, read in place, not copied
-        if (T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
-                and COMPILED_CPU_ATTENTION == "written-out"):
+        if T == 1 and torch.compiler.is_compiling() and COMPILED_ATTENTION.get(q.device.type) == "written-out":
             y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not last_only,

@@ -381,8 +381,11 @@ def test_bench_7b_section_runs_at_a_tiny_shape(capsys):
     assert set(out) == {"decode_7b_bf16_roofline_fraction", "decode_7b_bf16_ahead_speedup", "decode_7b_bf16_fused_speedup",
                         "decode_7b_bf16_gemv_roofline_fraction", "decode_7b_bf16_gemv_roofline_fraction_unfused",
                         "decode_7b_bf16_attention_written_out_speedup", "decode_7b_int8_speedup_vs_bf16",
+                        "decode_7b_bf16_written_out_attention_step_speedup",
                         "decode_7b_int8_roofline_fraction"}
-    assert "compiled, 7 products per layer" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "compiled, 7 products per layer" in printed and "compiled, sdpa attention" in printed
+    assert llama.COMPILED_ATTENTION == {"cpu": "written-out", "cuda": "sdpa"}  # as it was
 
 
 def test_bench_worker_that_dies_stops_the_section():
