@@ -6,7 +6,8 @@
    safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
    driving them all. Tokens/s, prefill time, and the bytes each token reads (weights + KV
    cache) as a fraction of the read bandwidth measured in the same run (decode is bound by
-   it). With --device cuda --compile, also a Vicuna-7B-shaped bf16 model against HBM.
+   it). With --device cuda --compile (or --only 7b), a Vicuna-7B-shaped model against HBM: the
+   compiled step, bf16 and int8, q/k/v and gate/up fused or not, and its products and attention alone.
 1b. batch: generate.py's batching, 8 prompts of different lengths one at a time vs as one
    left-padded batch: generated tokens/s; and the batch through the step --compile runs for it.
 1c. linear (CPU): the products of a decode step alone, 1 and 8 rows: MKL (three ways), oneDNN on
@@ -44,6 +45,7 @@
 
     python bench.py            # sections 1-3, ~6 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
+    python bench.py --device cuda --only 7b   # that alone
     python bench.py --quick    # smoke run, a few seconds
     python bench.py --only experiment   # section 4: the README's experiment table
     python bench.py --only scale [--model DIR]   # section 5
@@ -1332,7 +1334,7 @@ def bench_ckpt1024(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
-    p.add_argument("--only", choices=["decode", "batch", "linear", "ttft", "table1", "experiment", "scale", "stage2",
+    p.add_argument("--only", choices=["decode", "7b", "batch", "linear", "ttft", "table1", "experiment", "scale", "stage2",
                                       "lean", "ckpt1024"],
                    action="append",
                    help="run these sections")
@@ -1376,7 +1378,10 @@ def main(argv=None):
     summary = {}
     if "decode" in sections:
         summary |= bench_decode(a, device)
-        if a.compile and device.type == "cuda":
+    if "7b" in sections or ("decode" in sections and a.compile):
+        if device.type != "cuda":
+            print("\n1c. the 7B-shaped decode: skipped, it needs --device cuda")
+        else:
             summary |= bench_decode_7b(device, read_bandwidth(device))
     if "batch" in sections:
         summary |= bench_batch(a, device)
