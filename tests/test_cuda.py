@@ -87,6 +87,24 @@ def test_bf16_generation_agrees_with_fp32(release_dir):
     check_bf16_agrees_with_fp32(release_dir, "cuda")
 
 
+def check_int8_compiled_agrees_with_eager(path, device, n=8):
+    """--quantize int8 --compile: the step compiled as generate.py compiles it for int8 weights (on a
+    GPU with coordinate-descent tuning: each product a reduction that dequantises as it reads) gives
+    eager int8's logits, within bf16's precision, at every step of eager's greedy run."""
+    x = images(384).to(device)
+    with torch.no_grad():
+        model = mra.load_checkpoint(path, torch.bfloat16, device, quantize="int8").eval()
+        llama.fuse_linears(model.llm)  # as generate.py runs on a GPU
+        ref, ref_logits = greedy(model, x, n, IDS.to(device), PAD_MASK.to(device))
+        step = generate.compile_step(model.llm.decode, torch.device(device))
+        logits = forced(model, x, ref, step)
+    torch.testing.assert_close(logits, ref_logits.float(), rtol=0, atol=0.05 * ref_logits.abs().max().item())
+
+
+def test_int8_compiled_step_agrees_with_eager(release_dir):
+    check_int8_compiled_agrees_with_eager(release_dir, "cuda")
+
+
 def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
     from torch._dynamo.utils import counters
     from torch._inductor.cudagraph_trees import CUDAGraphTreeManager

@@ -858,12 +858,13 @@ def test_int8_greedy_agrees_where_fp32_is_decided(int8_pair):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_equals_dequantise_then_matmul(dtype):
+@pytest.mark.parametrize("k", [64, 172])  # 172: torch's bf16 int8 kernel reads past rows not a multiple of 16
+def test_int8_kernel_equals_dequantise_then_matmul(dtype, k):
     """Int8Linear's CPU path (torch's int8 kernel where it exists) against the plain formula."""
     from int8 import Int8Linear
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(172, 64, generator=g), torch.randn(3, 5, 64, generator=g).to(dtype)
-    layer = Int8Linear(64, 172)
+    w, x = torch.randn(172, k, generator=g), torch.randn(3, 5, k, generator=g).to(dtype)
+    layer = Int8Linear(k, 172)
     layer.weight, layer.scales = Int8Linear.quantize(w, dtype)
     assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() == 127
     assert ((layer.weight.float() * layer.scales.float()[:, None] - w).abs()
@@ -911,3 +912,15 @@ def test_meta_load_reads_the_shapes_alone(hr, hr_model):
     assert meta.cfg == hr_model.cfg
     shapes = lambda m: {k: (v.shape, v.dtype) for k, v in m.state_dict().items()}  # noqa: E731
     assert shapes(meta) == shapes(hr_model) and all(v.is_meta for v in meta.state_dict().values())
+
+
+def test_the_gpu_checks_hold_on_the_cpu(tmp_path):
+    # tests/test_cuda.py's checks run only on a GPU; run here, they reach the same code on the CPU
+    # (the int8 one found torch's bf16 int8 kernel reading past rows of 172: int8.int8_linear)
+    import test_cuda
+    torch.manual_seed(0)
+    parts = dict(clip=make_clip(), convnext=make_convnext(), llama=make_llama(), heads=make_heads())
+    path = write_release(tmp_path, release_state(**parts), llava_config(384))
+    test_cuda.check_int8_compiled_agrees_with_eager(path, "cpu")
+    test_cuda.check_bf16_agrees_with_fp32(path, "cpu")
+    test_cuda.check_compiled_adapter_bf16("cpu")
