@@ -88,7 +88,8 @@ def int8_linears(model):
 def quantize_(model):
     """A float LLaMA's layers and head (those int8_linears swaps) quantized in place; returns it."""
     state = model.state_dict()
-    int8_linears(model)
+    with torch.device("meta"):  # the new layers' buffers: shapes only, the quantized tensors go in below
+        int8_linears(model)
     for k in [k for k in state if isinstance(model.get_submodule(k.rpartition(".")[0]), Int8Linear)]:
         state[k], state[k.removesuffix("weight") + "scales"] = Int8Linear.quantize(state[k])
     model.load_state_dict(state, assign=True)

@@ -265,11 +265,13 @@ def decode_attention(q, k, v, mask):
     On a GPU the compiled step keeps SDPA (bench.py --device cuda --compile times both)."""
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
-    q = q.view(B, nkv, nh // nkv, 1, hd) * hd ** -0.5  # each k/v head's queries (grouped-query)
+    # scores and softmax in fp32, as SDPA's kernels keep them: in bf16 a score near 30 is rounded by up
+    # to 1/16, e^(1/16) = 6% in its weight (the keys and values convert as read: no bytes added)
+    q = q.view(B, nkv, nh // nkv, 1, hd).float() * hd ** -0.5  # each k/v head's queries (grouped-query)
     s = (q * k[:, :, None]).sum(-1) + mask  # (B, nkv, g, S)
     e = (s - s.amax(-1, keepdim=True)).exp()  # softmax(s) = e / sum(e)
     # dividing after the sum over slots: once per channel, not once per slot
-    return ((e[..., None] * v[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)).view(B, nh, 1, hd)
+    return ((e[..., None] * v[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)).view(B, nh, 1, hd).to(v.dtype)
 
 
 class Attention(nn.Module):

@@ -527,3 +527,21 @@ def test_fused_linears_answer_as_the_separate_ones():
     adapted.llm = copy.deepcopy(plain)
     lora.add_lora(adapted, 4, 8)
     assert llama.fuse_linears(adapted.llm) == 0 and isinstance(adapted.llm.layers[0].attn.wq, lora.LoRALinear)
+
+
+def test_written_out_attention_is_as_accurate_as_sdpa_in_bf16():
+    # scores of std 9 (LLaMA's reach 10-40 on attention-sink tokens): in bf16 the written-out attention
+    # (a compiled CPU step's, llama.decode_attention) rounded them before the softmax, 10x SDPA's error
+    import llama
+    g = torch.Generator().manual_seed(0)
+    S = 256
+    q, k = torch.randn(1, 4, 1, 64, generator=g) * 3, torch.randn(1, 2, S, 64, generator=g) * 3
+    v = torch.randn(1, 2, S, 64, generator=g)
+    mask = llama.additive_mask((torch.arange(S) < S - 10)[None, None, None], torch.float32)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(),
+                                           enable_gqa=True)
+    bf = [t.bfloat16() for t in (q, k, v, mask)]
+    sdpa_error = (F.scaled_dot_product_attention(*bf[:3], attn_mask=bf[3], enable_gqa=True).double() - exact).abs().max()
+    for attend in (llama.decode_attention, torch.compile(llama.decode_attention, fullgraph=True)):
+        y = attend(*bf)
+        assert y.dtype == torch.bfloat16 and (y.double() - exact).abs().max() <= 2 * sdpa_error
