@@ -389,7 +389,10 @@ if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, 
     # the model the run would build, on the meta device: shapes from the files' headers, no weight read
     planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
                mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
-    memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))  # 0: no WORLD given
+    if master:  # under torchrun, once
+        memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))  # 0: no WORLD given
+    if distributed:
+        dist.destroy_process_group()
     sys.exit()
 
 # -----------------------------------------------------------------------------

@@ -335,6 +335,12 @@ def test_dry_run_memory_plan(env, capsys):
     assert one["peak"] == pytest.approx(peak, rel=1e-2)
 
 
+def test_dry_run_under_torchrun_prints_one_plan(env):
+    # every rank printed the plan (and left without destroying its process group)
+    out = torchrun(["--stage", "2", "--config", "tiny", "--dry-run", "--device", "cpu"])
+    assert out.count("memory plan per device") == 1 and "2 process(es)" in out
+
+
 def test_dry_run_plans_the_model_init_holds(env, capsys, tmp_path):
     # --init's shapes (here a 4-layer LLM, stage 1: no MR-Adapters yet), not --config's; read from the header
     held = replace(tiny(), adapters=False, llm=replace(tiny().llm, n_layers=4))
