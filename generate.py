@@ -28,9 +28,9 @@ from PIL import Image
 
 import data
 import llama
-from int8 import Int8Linear
 import lora
 import mra
+from int8 import Int8Linear
 from mra import IMAGE_TOKEN
 
 

@@ -337,13 +337,13 @@ def fuse_linears(model):
             if not (all(type(m) is Linear and m.packed is None and m.bias is None for m in ms)
                     or all(type(m) is Int8Linear for m in ms)):
                 continue  # LoRA, packed: as they are
-            w = torch.cat([m.weight.detach() for m in ms])
+            int8, w = type(ms[0]) is Int8Linear, torch.cat([m.weight.detach() for m in ms])
             with torch.device("meta"):  # shapes only: the stacked tensors go in next
-                new = Linear(w.shape[1], w.shape[0], bias=False) if type(ms[0]) is Linear else Int8Linear(*w.shape[::-1])
-            if type(new) is Linear:
-                new.weight = nn.Parameter(w, requires_grad=False)
-            else:
+                new = Int8Linear(w.shape[1], w.shape[0]) if int8 else Linear(w.shape[1], w.shape[0], bias=False)
+            if int8:
                 new.weight, new.scales = w, torch.cat([m.scales for m in ms])
+            else:
+                new.weight = nn.Parameter(w, requires_grad=False)
             for name in names:
                 delattr(part, name)
             setattr(part, fused, new)
