@@ -10,13 +10,11 @@ Models" (arXiv 2403.03003). Read it beside this file:
 - Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without adapters, stage 2 all.
 Where the released code (which the released checkpoints need) differs from the paper, we follow the
 release and say so in a comment (README: "Where the release differs from the paper").
-Then: token accounting, the model, loading the release, building and saving ours, converting .bin."""
+Then: token accounting, the model, loading the release, building and saving ours."""
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 
@@ -28,7 +26,7 @@ from convnext import ConvNeXt, ConvNeXtConfig
 from int8 import int8_linears, int8_reader
 from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer
 from vit import ViT, ViTConfig
-from weights import (CheckpointError, bin_files, check_index, check_memory, load_state, read_bin, read_checkpoint,
+from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint,
                      read_config, read_safetensors, remap, tensor_sizes, write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
@@ -496,72 +494,3 @@ def run_directory(path):
 def load_tokenizer(path):
     run_directory(path)
     return Tokenizer(os.path.join(path, "tokenizer.model"))
-
-
-# ---------------------------------------------------------------------------------------
-# Conversion, the one command line here: python mra.py convert SRC DST
-
-def convert_bin(src, dst):
-    """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files). The
-    .bin files are pickles: read only through torch.load(weights_only=True), which refuses anything but
-    tensors and plain containers."""
-    if not os.path.isdir(src):
-        raise CheckpointError(f"{src}: no such directory")
-    # the shards loading would read (the index's, when there is one), or a stage-1 projector file
-    projector = os.path.join(src, "mm_projector.bin")
-    shards = bin_files(src) or ([projector] if os.path.isfile(projector) else [])
-    if not shards:
-        raise CheckpointError(f"{src}: no pytorch_model*.bin or mm_projector.bin files to convert")
-    if os.path.lexists(dst):
-        raise CheckpointError(f"{dst}: already exists; convert into a new directory")
-    # written in a hidden directory beside dst (removed on failure), then renamed: all of dst appears, or none
-    parent, name = os.path.split(os.path.abspath(dst))
-    if not os.path.isdir(parent):  # named here: mkdtemp's error would name the hidden directory
-        raise CheckpointError(f"{parent}: no such directory, to convert into {dst}; create it first")
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
-        weight_map, where = {}, {}
-        for file in shards:
-            sd, seen = read_bin(file), set()
-            for k, v in sd.items():  # a tied head is the embedding's storage: safetensors stores each once
-                sd[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v.contiguous()
-                seen.add(v.untyped_storage().data_ptr())
-            out = os.path.basename(file).replace("pytorch_model", "model").replace(".bin", ".safetensors")
-            try:
-                save_file(sd, os.path.join(tmp, out), metadata={"format": "pt"})
-            except SafetensorError as e:  # e.g. no space left on the device
-                raise CheckpointError(f"{dst}: writing {out} failed: {e}") from None
-            weight_map |= {k: out for k in sd}
-            where |= {k: file for k in sd}
-        check_index(shards, where)  # shards that do not match their index: refused, as loading refuses them
-        if len(shards) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
-        for extra in os.listdir(src):  # config.json, tokenizer files: not weights, nor an index of them
-            if os.path.isfile(os.path.join(src, extra)) and not extra.endswith((".bin", ".safetensors", "index.json")):
-                shutil.copy(os.path.join(src, extra), os.path.join(tmp, extra))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0o700 -> what a plain mkdir gives
-        for f in os.listdir(tmp):  # safetensors writes 0o600: readable by all, as a plain write would be
-            os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
-        os.rename(tmp, dst)
-    return dst
-
-
-if __name__ == "__main__":
-    import signal
-    import sys
-    if len(sys.argv) != 4 or sys.argv[1] != "convert":
-        sys.exit("usage: python mra.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
-
-    def terminated(*_):  # a kill (SIGTERM) unwinds as an error does: the hidden directory goes, dst never appears
-        done = "was written in full before" if os.path.isdir(sys.argv[3]) else "was not written"
-        print(f"error: terminated; {sys.argv[3]} {done}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        print(convert_bin(sys.argv[2], sys.argv[3]))
-    except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
-        sys.exit(f"error: {e}")

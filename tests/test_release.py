@@ -23,7 +23,7 @@ import mra
 from convnext import ConvNeXt, ConvNeXtConfig
 from llama import LlamaConfig
 from vit import ViT, ViTConfig
-from weights import CheckpointError
+from weights import CheckpointError, convert_bin
 
 # Tiny towers. CLIP heads are 64 wide: config.json holds no tower shapes, so the loader infers
 # heads = width / 64 from the tensors, as it must for the real ViT-L. Four layers: n = 1, so the
@@ -493,7 +493,7 @@ def test_convert_bin(hr, hr_model, tmp_path):
     (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (src / "config.json").write_text(json.dumps(llava_config(384)))
     (src / "tokenizer.model").write_bytes(b"\x00sentencepiece bytes\xff")
-    assert mra.convert_bin(str(src), str(dst)) == str(dst)
+    assert convert_bin(str(src), str(dst)) == str(dst)
     assert sorted(os.listdir(dst)) == ["config.json", "model-00001-of-00002.safetensors",
                                        "model-00002-of-00002.safetensors", "model.safetensors.index.json",
                                        "tokenizer.model"]
@@ -508,7 +508,7 @@ def test_convert_bin_refuses_pickled_objects(tmp_path):
     src.mkdir()
     torch.save({"model.norm.weight": torch.ones(4), "extra": Payload(str(marker))}, src / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        mra.convert_bin(str(src), str(dst))
+        convert_bin(str(src), str(dst))
     assert not marker.exists()
     assert not dst.exists() or not any(f.endswith(".safetensors") for f in os.listdir(dst))
 
@@ -522,7 +522,7 @@ def test_convert_follows_the_index_and_deletes_nothing_it_did_not_make(hr_parts,
     save_file({"model.norm.weight": torch.zeros(LLM["hidden_size"])}, src / "model-00001-of-00002.safetensors")
     (tmp_path / "converted.tmp").mkdir()  # the user's, not convert's scratch
     (tmp_path / "converted.tmp" / "notes.txt").write_text("mine")
-    mra.convert_bin(str(src), str(dst))
+    convert_bin(str(src), str(dst))
     assert sorted(os.listdir(dst)) == ["config.json", "model-00001-of-00002.safetensors",
                                        "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     want, got = mra.load_checkpoint(src).state_dict(), mra.load_checkpoint(dst).state_dict()
@@ -530,7 +530,7 @@ def test_convert_follows_the_index_and_deletes_nothing_it_did_not_make(hr_parts,
     assert (tmp_path / "converted.tmp" / "notes.txt").read_text() == "mine"
     os.remove(src / "pytorch_model-00002-of-00002.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin: shard listed in .* is missing"):
-        mra.convert_bin(str(src), str(tmp_path / "again"))
+        convert_bin(str(src), str(tmp_path / "again"))
     assert sorted(os.listdir(tmp_path)) == ["bin", "converted", "converted.tmp"]  # no scratch left behind
 
 
@@ -546,8 +546,8 @@ def test_convert_killed_leaves_nothing(hr_parts, tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
             save(*a, **kw)
         safetensors.torch.save_file = save_and_die
-        sys.argv = ["mra.py", "convert", sys.argv[1], sys.argv[2]]
-        runpy.run_path("mra.py", run_name="__main__")"""
+        sys.argv = ["weights.py", "convert", sys.argv[1], sys.argv[2]]
+        runpy.run_path("weights.py", run_name="__main__")"""
     r = subprocess.run([sys.executable, "-c", killed_while_writing, str(src), str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(mra.__file__)))
     assert r.returncode == 143 and r.stderr.strip() == f"error: terminated; {tmp_path / 'out'} was not written", r.stderr
@@ -561,11 +561,11 @@ def test_convert_refuses_a_missing_parent_and_meta_tensors_in_one_line(tmp_path)
     # named as the user gave it, not as the hidden scratch directory beside it
     with pytest.raises(CheckpointError, match=rf"^{tmp_path}/nope: no such directory, to convert into "
                                               rf"{tmp_path}/nope/out; create it first$"):
-        mra.convert_bin(str(src), str(tmp_path / "nope" / "out"))
+        convert_bin(str(src), str(tmp_path / "nope" / "out"))
     torch.save({"model.norm.weight": torch.empty(4, device="meta")}, src / "pytorch_model.bin")  # saved unloaded
     with pytest.raises(CheckpointError, match=r"^\S*pytorch_model\.bin: 'model\.norm\.weight' is a meta tensor, "
                                               r"it holds no data; save the file again from a model whose weights"):
-        mra.convert_bin(str(src), str(tmp_path / "out"))
+        convert_bin(str(src), str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["bin"]
 
 

@@ -26,7 +26,7 @@ from llama import Llama, LlamaConfig, Tokenizer
 from test_data import conv, records, write_dataset
 from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
 from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, train, weights  # noqa: F401
-from weights import CheckpointError
+from weights import CheckpointError, convert_bin
 
 COMMON = ("--global-batch", 1, "--batch-size", 1, "--lr", 1e-3)
 
@@ -422,7 +422,7 @@ def test_chat_with_stdin_closed_and_an_over_long_turn(model_dir, images, capsys,
 
 
 # -----------------------------------------------------------------------------
-# loaders and mra.py convert
+# loaders and weights.py convert
 
 
 def test_config_problems_name_the_file(tmp_path):
@@ -453,7 +453,7 @@ def test_convert_keeps_a_tied_head_and_writes_readable_files(tmp_path, monkeypat
     (src / "config.json").write_text("{}")
     old = os.umask(0o022)
     try:
-        mra.convert_bin(str(src), str(tmp_path / "out"))
+        convert_bin(str(src), str(tmp_path / "out"))
     finally:
         os.umask(old)
     got = mra.read_safetensors(str(tmp_path / "out"))
@@ -467,12 +467,12 @@ def test_convert_keeps_a_tied_head_and_writes_readable_files(tmp_path, monkeypat
         raise SafetensorError("No space left on device (os error 28)")
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(CheckpointError, match=r"out2: writing model.safetensors failed: No space left"):
-        mra.convert_bin(str(src), str(tmp_path / "out2"))
+        convert_bin(str(src), str(tmp_path / "out2"))
     assert sorted(os.listdir(tmp_path)) == ["out", "tied"]
 
 
 def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
-    conv_ = lambda src, dst: subprocess.run([sys.executable, "mra.py", "convert", str(src), str(dst)],  # noqa: E731
+    conv_ = lambda src, dst: subprocess.run([sys.executable, "weights.py", "convert", str(src), str(dst)],  # noqa: E731
                                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "no such directory" in one_line(conv_(tmp_path / "nope", tmp_path / "out"))
     src = tmp_path / "release"

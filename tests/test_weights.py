@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from weights import (CheckpointError, checkpoint_files, fingerprint, load_state, read_bin, read_checkpoint, read_safetensors, remap,
+from weights import (CheckpointError, checkpoint_files, convert_bin, fingerprint, load_state, read_bin, read_checkpoint, read_safetensors, remap,
                      write_safetensors)
 
 TABLE = [("enc.layers.{i}.fc.weight", "blocks.{i}.weight"),
@@ -198,10 +198,9 @@ def test_every_key_an_index_lists_comes_from_the_shard_it_names(tmp_path, fmt):
     index.write_text(json.dumps({"weight_map": weight_map | {keys[0]: names[1]}}))
     with pytest.raises(CheckpointError, match=rf"lists {keys[0]} in {names[1]}, but \S*{names[0]} holds it"):
         read_checkpoint(str(tmp_path))
-    if fmt == "bin":  # mra.py convert refuses them as loading does (it used to write a fresh index)
-        import mra
+    if fmt == "bin":  # weights.py convert refuses them as loading does (it used to write a fresh index)
         with pytest.raises(CheckpointError, match=rf"lists {keys[0]} in {names[1]}, but \S*{names[0]} holds it"):
-            mra.convert_bin(str(tmp_path), str(tmp_path.parent / f"{tmp_path.name}-converted"))
+            convert_bin(str(tmp_path), str(tmp_path.parent / f"{tmp_path.name}-converted"))
         assert not os.path.exists(tmp_path.parent / f"{tmp_path.name}-converted")
 
 
