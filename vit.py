@@ -60,16 +60,21 @@ class ViTConfig:
     @classmethod
     def from_shapes(cls, state):
         """Infer the architecture from tensor shapes (our key names). Shapes do not give the
-        head count: CLIP's heads are all of size 64. A truncated checkpoint reads as a shallower
-        model; a config (or config.json beside the weights) rules that out."""
+        head count: OpenAI's CLIP ViTs have heads of 64 (B: 768 / 12, L: 1024 / 16), LAION's H, g and
+        bigG 16 heads (1280, 1408, 1664 wide); another width needs a config. A truncated checkpoint
+        reads as a shallower model; a config (or config.json beside the weights) rules that out."""
         for key in ("patch.weight", "pos", "blocks.0.fc1.weight"):
             if key not in state:
                 raise CheckpointError(f"cannot infer the ViT shape: no tensor for {key}")
         width, _, patch, _ = state["patch.weight"].shape  # (d, 3, p, p)
         side = math.isqrt(state["pos"].shape[0] - 1)  # the table is (1 + side*side, d)
         layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        heads = {1280: 16, 1408: 16, 1664: 16}.get(width, width // 64 if width % 64 == 0 else None)
+        if not heads:
+            raise CheckpointError(f"cannot tell the head count of a {width}-wide ViT from its tensors: load it "
+                                  f"from its directory (with its config.json), or pass a config")
         return cls(image_size=side * patch, patch_size=patch, width=width, layers=layers,
-                   heads=width // 64, mlp_dim=state["blocks.0.fc1.weight"].shape[0])
+                   heads=heads, mlp_dim=state["blocks.0.fc1.weight"].shape[0])
 
 
 VIT_PRESETS = {
@@ -196,19 +201,22 @@ class ViT(nn.Module):
         """Load HF CLIPVisionModel or CLIPModel weights (a safetensors or .bin file; a directory, its
         safetensors or else its pytorch_model*.bin as for the LLM, since HF's CLIP repos may ship only
         the .bin; or a {key: tensor} dict with `vision_model.*` keys). The config comes from `config`,
-        else the directory's config.json, else the tensor shapes; dtype defaults to the checkpoint's."""
+        else the directory's config.json (a file's: a CLIP config.json beside it), else the tensor
+        shapes; dtype defaults to the checkpoint's."""
         if isinstance(src, dict):
             tensors, source = src, "CLIP ViT tensors"
         else:
             source = os.fspath(src)
             skip = [re.compile(p) for p in HF_IGNORE]
             tensors = read_checkpoint(source, dtype, device, keep=lambda k: not any(p.match(k) for p in skip))
-            config_json = os.path.join(source, "config.json")
+            beside = not os.path.isdir(source)  # a file: the config.json beside it, if it is a CLIP one
+            config_json = os.path.join(os.path.dirname(source) if beside else source, "config.json")
             if config is None and os.path.isfile(config_json):
-                hf = read_config(config_json)
-                if hf.get("model_type") not in ("clip", "clip_vision_model"):
-                    raise CheckpointError(f"{config_json}: model_type {hf.get('model_type')!r} is not a CLIP model")
-                config = read_config(config_json, ViTConfig.from_hf)
+                kind = read_config(config_json).get("model_type")
+                if kind in ("clip", "clip_vision_model"):
+                    config = read_config(config_json, ViTConfig.from_hf)
+                elif not beside:
+                    raise CheckpointError(f"{config_json}: model_type {kind!r} is not a CLIP model")
         state, unexpected = remap(tensors, HF_KEYS, HF_IGNORE)
         state = {k: t.to(device, dtype if t.is_floating_point() else None) for k, t in state.items()}
         config = config or ViTConfig.from_shapes(state)

@@ -71,6 +71,10 @@ def test_presets_and_config_inference():
                               num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size)
         assert ViTConfig.from_hf(hf.to_dict()) == cfg, name
         assert ViTConfig.from_hf(CLIPConfig(vision_config=hf.to_dict()).to_dict()) == cfg, name
+    for width, mlp in ((1280, 5120), (1408, 6144), (1664, 8192)):  # LAION's H, g, bigG: 16 heads, not width / 64
+        cfg = ViTConfig(image_size=224, patch_size=14, width=width, layers=2, heads=16, mlp_dim=mlp)
+        with torch.device("meta"):
+            assert ViTConfig.from_shapes(ViT(cfg).state_dict()) == cfg, width
     with pytest.raises(CheckpointError, match="gelu"):
         ViTConfig.from_hf({"hidden_act": "gelu"})
 
@@ -93,6 +97,17 @@ def test_parity_config_json(tmp_path):
     vit = ViT.from_pretrained(tmp_path)
     assert (vit.config.heads, vit.config.eps) == (4, 1e-6)
     assert_matches_hf(vit, hf.vision_model, images(42, 42))
+    # the weights file itself, named: the config.json beside it is read (it was passed over, and 4 heads of
+    # 32 loaded as 2 of 64: a different model, silently)
+    vit = ViT.from_pretrained(tmp_path / "model.safetensors")
+    assert (vit.config.heads, vit.config.eps) == (4, 1e-6)
+    assert_matches_hf(vit, hf.vision_model, images(42, 42))
+    # without one, a width whose head count no CLIP release fixes is refused, not guessed
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(tiny_hf(hidden=96, heads=4).state_dict(), other / "clip.safetensors")
+    with pytest.raises(CheckpointError, match="cannot tell the head count of a 96-wide ViT from its tensors"):
+        ViT.from_pretrained(other / "clip.safetensors")
 
 
 def test_full_clip_model_ignores_text_tower(tmp_path):
