@@ -142,7 +142,7 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
             int8_linears(model.llm)
         add_lora(model, r, alpha, dropout)
     try:
-        load_state(model, state, f"adapters {adapters} on base {base}")
+        load_state(model, state, f"adapters {adapters} on base {base}", one_dtype=dtype is None)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (the adapters were trained on {trained_on}: they do not fit this base model)") from None
     if not merged:
@@ -158,7 +158,7 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
         int8 = {k for k, v in plain.state_dict().items() if v.dtype == torch.int8}.__contains__
         convert = int8_reader(int8, dtype, device)
         state = {k2: v2 for k in list(state) for k2, v2 in convert(k, state.pop(k)).items()}
-    return load_state(plain, state, adapters)
+    return load_state(plain, state, adapters, one_dtype=dtype is None)
 
 
 # -----------------------------------------------------------------------------

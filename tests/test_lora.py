@@ -118,6 +118,20 @@ def test_merged_equals_unmerged(run, base, env, capsys):
     assert len(ref) > 0 and texts[0] == texts[1] == Tokenizer(tok).decode(ref) + "\n", texts
 
 
+def test_an_fp16_base_loads_with_fp32_adapters_in_one_dtype(run, base, env, tmp_path):
+    # a converted release is fp16, train.py saves adapters in fp32: with dtype=None (each tensor as stored)
+    # everything is cast to the wider, as mra.load_checkpoint does, not a model that fails at its first matmul
+    out, _ = run
+    mra.save_checkpoint(mra.load_checkpoint(base).half(), tmp_path / "base16")
+    d, tok = env
+    ids = torch.tensor([ids_for(Tokenizer(tok), [generate.human_turn("What is this?", True)])])
+    for merged in (True, False):
+        model = lora.load(str(tmp_path / "base16"), out / "ckpt" / "lora", merged=merged).eval()
+        assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.float32}
+        with torch.no_grad():
+            assert model(ids, pixels(model, d / "images" / "0.png")[None])[0].isfinite().all()
+
+
 def test_merged_model_is_the_full_precision_base_plus_the_update(env, base, tmp_path):
     """On GPUs train.py holds the frozen base in bf16 (lora.bf16_bases): the merged OUT/ckpt is still
     --init's fp32 W + s B A, what generate.py --model INIT --lora computes, not the rounded W's."""
