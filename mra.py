@@ -27,7 +27,7 @@ from int8 import int8_linears, int8_reader
 from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer
 from vit import ViT, ViTConfig
 from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint,
-                     read_config, read_safetensors, remap, tensor_sizes, write_safetensors)
+                     read_config, read_safetensors, remap, tensor_sizes, their_name, write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
 IGNORE = -100  # label of every position the loss skips
@@ -409,9 +409,12 @@ def load_projector(model, path):
     tensors = read_safetensors(path) if path.endswith(".safetensors") else read_bin(path)
     state, unexpected = remap(tensors, RELEASE_KEYS)
     ours = {k: v for k, v in model.state_dict().items() if k.startswith(("projector.", "encoder.fusion."))}
-    missing = sorted(set(ours) - set(state))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: not a stage-1 projector file (missing {missing}, unexpected {unexpected})")
+    missing = sorted(their_name(k, RELEASE_KEYS) for k in set(ours) - set(state))
+    unexpected += [their_name(k, RELEASE_KEYS) for k in state if k not in ours]  # MR-Adapters: a stage-2 file
+    bad = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    if bad:
+        raise CheckpointError(f"{path}: not a stage-1 projector file: {', '.join(bad[:6])}"
+                              + (f" ... ({len(bad)} in all)" if len(bad) > 6 else ""))
     for k, v in state.items():
         if v.shape != ours[k].shape:
             raise CheckpointError(f"{path}: shape mismatch for {k}: model expects {tuple(ours[k].shape)}, "

@@ -452,6 +452,19 @@ def test_stage1_projector_file(tmp_path, fmt):
         mra.load_projector(model, str(tmp_path / "partial.safetensors"))
 
 
+@pytest.mark.parametrize("adapters", [False, True])
+def test_load_projector_refuses_a_file_with_adapters(tmp_path, adapters):
+    # the heads of a stage-2 model (MR-Adapters too) are not a stage-1 file: one line naming the file's own
+    # keys (it raised a KeyError on our name for them)
+    torch.save(make_heads(), tmp_path / "mm_projector.bin")
+    model = mra.build(tiny_cfg(adapters=adapters))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"mm_projector.bin: not a stage-1 projector file: unexpected "
+                                              r"model\.vision_tower\.align_stages_latent\.0\..* \(36 in all\)"):
+        mra.load_projector(model, str(tmp_path / "mm_projector.bin"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
+
+
 def test_load_projector_takes_a_path_object(tmp_path):
     # every other loader takes str or os.PathLike (pytest's tmp_path is a pathlib.Path)
     save_file(stage1_heads(), tmp_path / "mm_projector.safetensors")
