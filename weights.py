@@ -187,6 +187,8 @@ def read_bin(file):
                 raise
             sd = torch.load(file, map_location="cpu", weights_only=True)  # pre-1.6 format: read whole
     except Exception as e:  # noqa: BLE001 -- UnpicklingError and the zip reader's many errors
+        if lfs_pointer(file):
+            raise lfs_pointer(file) from None
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         # torch's message is a paragraph; the line that says what the unpickler refused is enough
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), None)
@@ -194,7 +196,8 @@ def read_bin(file):
                               f"would run code when loaded)" if code else
                               f"{file}: refused, not a plain weights file ({why})" if why else
                               f"{file}: not a readable PyTorch weights file "
-                              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+                              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); damaged or cut "
+                              f"short? download it again") from None
     plain = lambda k, v: isinstance(k, str) and torch.is_tensor(v) and v.layout == torch.strided  # noqa: E731
     if not isinstance(sd, dict) or not all(plain(k, v) for k, v in sd.items()):
         bad = type(sd).__name__ if not isinstance(sd, dict) else next(
@@ -214,14 +217,30 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def held_once(where, k, file):
+    """Note that `file` holds key k; a key already seen in another file is refused."""
+    if where.setdefault(k, file) != file:  # two copies: which one is the model's is anyone's guess
+        raise CheckpointError(f"{k}: held by both {where[k]} and {file}; a checkpoint holds each tensor "
+                              f"once: remove the stale file, or download the checkpoint again")
+
+
+def lfs_pointer(file):
+    """A git-lfs pointer (a clone made without git-lfs) in place of the weights, said in one line."""
+    try:
+        with open(file, "rb") as f:
+            pointer = f.read(64).startswith(b"version https://git-lfs")
+    except OSError:
+        return None
+    return CheckpointError(f"{file}: a git-lfs pointer, not the weights themselves: fetch them (git lfs "
+                           f"pull in the clone) or download the file again") if pointer else None
+
+
 def _tensors(file, keep, where, meta=False):
     """(key, tensor) pairs of one file, read one at a time, in the dtype they are stored in (meta: their
     shapes and dtypes only, from the header; a .bin's pages are mapped, never read).
     where: {key: file} of every key seen so far, skipped ones too; a key in two files is refused."""
     def wanted(k):
-        if where.setdefault(k, file) != file:  # two copies: which one is the model's is anyone's guess
-            raise CheckpointError(f"{k}: held by both {where[k]} and {file}; a checkpoint holds each tensor "
-                                  f"once: remove the stale file, or download the checkpoint again")
+        held_once(where, k, file)
         return keep is None or keep(k)
     if os.fspath(file).endswith(".bin"):
         sd = read_bin(file)
@@ -241,7 +260,7 @@ def _tensors(file, keep, where, meta=False):
                     raise CheckpointError(f"{file}: {k} is stored as {s.get_dtype()}, a dtype torch does not have")
                 yield k, torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        raise lfs_pointer(file) or CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def read_checkpoint(path, dtype=None, device="cpu", keep=None, convert=None, files=None):
@@ -422,8 +441,8 @@ def _listing(keys, n=6):
 def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
     """Strictly load `state` (our key names) into `model` (built on meta), adopting the tensors.
 
-    Missing keys are reported under the checkpoint's names when `table` (the one `remap` used)
-    says what they are called there: that is the name a user can look for in the file.
+    Missing and unexpected keys are reported under the checkpoint's names when `table` (the one
+    `remap` used) says what they are called there: that is the name a user can look for in the file.
     one_dtype: floating tensors stored in several dtypes are all cast to the widest of them, which
     loses nothing (a loader's dtype=None keeps each as stored, and shards saved in different
     precisions would fail at the first matmul); train.py casts to fp32 after loading anyway.
@@ -431,7 +450,7 @@ def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
     expected = model.state_dict()
     problems = []
     missing = [their_name(k, table) for k in expected if k not in state]
-    extra = list(unexpected) + [k for k in state if k not in expected]
+    extra = list(unexpected) + [their_name(k, table) for k in state if k not in expected]
     if missing:
         problems.append(f"missing {_listing(missing)}")
     if extra:
@@ -482,6 +501,8 @@ def convert_bin(src, dst):
         weight_map, where = {}, {}
         for file in shards:
             sd, seen = read_bin(file), set()
+            for k in sd:  # in two shards: refused before anything is written, as loading refuses it
+                held_once(where, k, file)
             for k, v in sd.items():  # a tied head is the embedding's storage: safetensors stores each once
                 sd[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v.contiguous()
                 seen.add(v.untyped_storage().data_ptr())
@@ -491,7 +512,6 @@ def convert_bin(src, dst):
             except SafetensorError as e:  # e.g. no space left on the device
                 raise CheckpointError(f"{dst}: writing {out} failed: {e}") from None
             weight_map |= {k: out for k in sd}
-            where |= {k: file for k in sd}
         check_index(shards, where)  # shards that do not match their index: refused, as loading refuses them
         if len(shards) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:

@@ -51,6 +51,20 @@ def test_unexpected_key_named_and_ignore_patterns():
     with pytest.raises(CheckpointError, match=r"unexpected head\.weight"):
         load(t)
     load(t, ignore=[r"head\."])  # a known-unused key is skipped
+    # a key the table maps, for a block the model lacks (a deeper checkpoint): named as the file names it
+    t["enc.layers.2.fc.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"unexpected enc\.layers\.2\.fc\.bias"):
+        load(t, ignore=[r"head\."])
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_a_git_lfs_pointer_is_named_as_one(tmp_path, fmt):
+    # a clone made without git-lfs holds 130-byte pointers where the shards should be
+    (tmp_path / f"model.{fmt}").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                           + "0" * 64 + "\nsize 9976576152\n")
+    with pytest.raises(CheckpointError, match=rf"model\.{fmt}: a git-lfs pointer, not the weights themselves: "
+                                              r"fetch them \(git lfs pull in the clone\) or download the file again$"):
+        read_checkpoint(str(tmp_path / f"model.{fmt}"))
 
 
 def test_shape_mismatch_names_key_and_both_shapes():
@@ -178,6 +192,13 @@ def test_a_key_held_by_two_files_is_refused_naming_both(tmp_path, fmt):
     # a key the caller skips is a key all the same: which copy is the model's is still unknown
     with pytest.raises(CheckpointError, match=r"^enc\.layers\.1\.fc\.bias: held by both"):
         read_checkpoint(str(tmp_path), keep=lambda k: k != "enc.layers.1.fc.bias")
+    if fmt == "bin":  # conversion refuses them too (it wrote a directory that would not load), with an index
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+            k: f"pytorch_model-0000{1 + (k == 'enc.layers.1.fc.bias')}-of-00002.bin" for k in t}}))
+        out = tmp_path.parent / f"{tmp_path.name}-converted"
+        with pytest.raises(CheckpointError, match=r"^enc\.layers\.1\.fc\.bias: held by both"):
+            convert_bin(str(tmp_path), str(out))
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
