@@ -291,6 +291,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise DataError("stage 1 (plain) needs an image in every record")
         if self.template == "plain" and (len(turns) != 2 or "<image>" not in turns[0][1]):
             raise DataError("the plain template (stage 1) takes one human turn holding <image> and one caption")
+        if image and not any("<image>" in t for role, t in turns if role == "human"):  # it would be a label
+            raise DataError("the '<image>' tag is in a gpt turn; the image goes with a human turn")
         return dict(turns=turns, image=image)
 
     def __len__(self):
@@ -309,15 +311,17 @@ class LlavaDataset(torch.utils.data.Dataset):
         return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), image=image)
 
     def __getitem__(self, i):
-        for k in range(len(self)):  # a bad item is replaced by the next good one (skip_bad only)
-            j = (i + k) % len(self)
+        # a bad item is replaced by the next good one of its modality (skip_bad only): a micro-step grouped
+        # by modality stays so (under FSDP every rank must run the same modules)
+        alike = [j for k in range(len(self)) if self.has_image[j := (i + k) % len(self)] == self.has_image[i]]
+        for skipped, j in enumerate(alike):
             try:
-                return self.load(j) | dict(skipped=k)
+                return self.load(j) | dict(skipped=skipped)
             except DataError as e:  # found only now, mid-run (decoding every image up front would take long)
                 if not self.skip_bad:
-                    raise DataError(f"{self.records[j]['where']}: {e}; fix or drop it, or pass --skip-bad to "
-                                    f"skip such records") from None
-        raise DataError(f"{self.path}: every record is bad")
+                    raise DataError(f"{self.records[j]['where']}: {e}; fix or drop it and start again, or pass "
+                                    f"--skip-bad (with --resume, to go on from the last checkpoint)") from None
+        raise DataError(f"{self.path}: every record {'with' if self.has_image[i] else 'without'} an image is bad")
 
 
 def collate(batch, pad_id):

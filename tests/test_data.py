@@ -385,7 +385,7 @@ def test_truncation(tmp_path, tok):
     assert data.MAX_LEN == {"plain": 2048, "vicuna_v1": 2496}
     # nothing left to learn after truncation: refused, never a sample of pure -100
     with pytest.raises(DataError, match=r"record 0 \(id a\): no answer tokens left within 10 tokens; fix or drop "
-                                        r"it, or pass --skip-bad"):
+                                        r"it and start again, or pass --skip-bad \(with --resume, to go on"):
         LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, max_len=10)[0]
 
 
@@ -403,6 +403,7 @@ BAD = [
     (dict(id="r", conversations=conv("Q ASSISTANT: x", "A")),
      "record 1 \\(id r\\): turn 0 holds the template's separator"),
     (dict(id="q", conversations=conv("Q", "A</s>B")), "record 1 \\(id q\\): turn 1 holds the template's separator"),
+    (dict(id="p", image="0.png", conversations=conv("Q", "<image> A")), "record 1 \\(id p\\): the '<image>' tag is in a gpt"),
 ]
 
 
@@ -431,12 +432,21 @@ def test_unreadable_image_at_load_time(tmp_path, tok):
     (tmp_path / "images" / "1.png").write_bytes(b"corrupt")
     ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)
     with pytest.raises(DataError, match=r"data.json record 2 \(id c\): .*1.png: cannot read image .*; fix or drop "
-                                        r"it, or pass --skip-bad"):
+                                        r"it and start again, or pass --skip-bad"):
         ds[2]
     ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, skip_bad=True)
     item = ds[2]  # replaced by the next good record, and counted
     assert item["skipped"] == 1 and item["input_ids"].tolist() == ds[3]["input_ids"].tolist()
     assert data.collate([ds[0], ds[2]], tok.pad_id)["skipped"] == 1
+    # replaced by one of its own modality: a micro-step of image samples stays one (FSDP ranks run the same
+    # modules); record 1 after record 0 has no image and record 2's is bad, so 0's replacement is record 3
+    (tmp_path / "images" / "0.png").write_bytes(b"corrupt")
+    item = ds[0]
+    assert item["skipped"] == 2 and item["image"] is not None and item["input_ids"].tolist() == ds[3]["input_ids"].tolist()
+    (tmp_path / "images" / "2.png").write_bytes(b"corrupt")
+    with pytest.raises(DataError, match=r"data.json: every record with an image is bad$"):
+        ds[0]
+    assert ds[1]["image"] is None and ds[1]["skipped"] == 0
 
 
 def test_plain_needs_images_and_bad_json(tmp_path, tok):
