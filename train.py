@@ -108,7 +108,7 @@ p.add_argument("--projector", help="stage 2: the released stage-1 projector file
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
-p.add_argument("--gate", default="tanh", choices=("tanh", "sigmoid", "none"),
+p.add_argument("--gate", choices=("tanh", "sigmoid", "none"),
                help="MR-Adapter gate (default tanh, as released)")
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
                help="MR-Adapters (default: in stage 2 only); --no-adapters is the fusion-only ablation")
@@ -191,11 +191,19 @@ if args.quantize and not args.lora_r:
     p.error("--quantize int8 freezes the LLM's weights in int8, where only LoRA can learn: it needs --lora-r")
 if args.device == "cuda" and not torch.cuda.is_available():
     p.error("--device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)")
+parts = [f for f, v in (("--llm", args.llm), ("--vit", args.vit), ("--convnext", args.convnext),
+                         ("--projector", args.projector)) if v]
+if args.init and parts:  # else they would be silently unused
+    p.error(f"--init gives the whole model, so {', '.join(parts)} would go unused: drop one or the other")
+if args.lora_r and (args.freeze_llm or args.freeze_vision):
+    p.error("--freeze-llm / --freeze-vision with --lora-r: LoRA already leaves every base weight frozen (it trains "
+            "low-rank updates on the LLM, the projector and, with --lora-train-mra, the MR-Adapters): drop them")
 if args.quantize and args.fsdp:
     p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
 args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
 args.lora_train_mra = args.lora_train_mra is not False
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
+gate_given, args.gate = args.gate is not None, args.gate or "tanh"
 
 # -----------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK; a plain `python train.py` is one process
@@ -352,6 +360,18 @@ def with_adapters(m1, cfg, source):
     return m2
 
 
+def max_len_within(cfg):
+    """The samples' length cap (--max-len, <image> counted as one): one with an image must fit the LLM's
+    context once the placeholder becomes the visual tokens. A default beyond it is lowered to fit; a
+    --max-len given beyond it is refused now, not at the first long sample, hours in."""
+    fits = cfg.llm.max_seq_len - cfg.visual_tokens + 1
+    if args.max_len and args.max_len > fits:
+        raise SystemExit(f"--max-len {args.max_len}: a sample with an image would take {args.max_len - 1} text + "
+                         f"{cfg.visual_tokens} visual positions, over the LLM's context of {cfg.llm.max_seq_len}; "
+                         f"--max-len {fits} at most")
+    return min(args.max_len or data.MAX_LEN[recipe["template"]], fits)
+
+
 def plan(cfg, world, bf16):
     def build(c):  # the model as the run will hold it
         model = mra.LlavaHR(c)
@@ -363,13 +383,19 @@ def plan(cfg, world, bf16):
                 lora.bf16_bases(model)
         return checkpoint_blocks(model) if args.grad_checkpoint else model
     p = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
-                            args.max_len or data.MAX_LEN[recipe["template"]], args.grad_checkpoint, bf16)
+                            max_len_within(cfg), args.grad_checkpoint, bf16)
     p["runtime"] = 0 if bf16 else runtime  # a plan for this CPU: the process itself shares its memory
     return p
 
 
 def from_init(held):
     """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
+    if held.adapters and args.adapters is False:
+        raise SystemExit(f"--no-adapters: --init {args.init} has MR-Adapters; the fusion-only ablation starts from a "
+                         f"model without them (a stage-1 checkpoint)")
+    if held.adapters and gate_given and args.gate != held.gate:
+        raise SystemExit(f"--gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, which "
+                         f"it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
     if adapters and not held.adapters and held.arch == "llava-hr":
         return replace(held, **stage_cfg)
     return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
@@ -441,6 +467,8 @@ if not os.path.isfile(args.data):
 if args.image_folder and not os.path.isdir(args.image_folder):
     raise SystemExit(f"--image-folder {args.image_folder}: no such directory (the records' image paths are under it)")
 tok = Tokenizer(tok_path)
+with open(tok_path, "rb") as f:  # copied into each checkpoint: a resume from ckpt.old deletes it at its first save
+    tok_bytes = f.read()
 ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
                        recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
 by_length = args.group_by_length if args.group_by_length is not None else args.stage == 2
@@ -488,6 +516,7 @@ if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16);
         lora.bf16_bases(model)  # on GPUs, not FSDP across processes (which wants one dtype)
 cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
+ds.max_len = max_len_within(cfg)
 if tok.vocab_size > cfg.llm.vocab_size:
     raise SystemExit(f"{tok_path}: {tok.vocab_size} pieces, but the LLM has only {cfg.llm.vocab_size} "
                      f"embeddings: the tokenizer does not belong to this model (--tokenizer)")
@@ -696,7 +725,8 @@ def save(step):
                     weights = merged_state(step, adapters)
             if not sharded and weights is not None:
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
-            shutil.copy(tok_path, os.path.join(tmp, "tokenizer.model"))
+            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+                f.write(tok_bytes)
             torch.save(state, os.path.join(tmp, "train_state.pt"))
         # the last good checkpoint is never touched until the new one is complete
         if os.path.isdir(ckpt_dir):

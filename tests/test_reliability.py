@@ -246,6 +246,7 @@ def test_train_user_errors_are_one_line(env, tmp_path):
     weights_only = tmp_path / "w" / "ckpt"
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(json.loads(json.dumps(tiny_dict())))), weights_only)
     base = args(env, tmp_path / "o", 2, "--max-steps", 1)
+    from_init = [*base, "--init", weights_only]
     with_data = lambda f: [str(tmp_path / f) if a == str(d / "chats.json") else a for a in map(str, base)]  # noqa: E731
     cases = {
         "record without conversations": (with_data("no_conv.json"), "record 0 (id 1): no conversations"),
@@ -255,6 +256,17 @@ def test_train_user_errors_are_one_line(env, tmp_path):
         "lr nan": ([*base, "--lr", "nan"], "--lr > 0"),
         "config not json": ([*base, "--config", tmp_path / "bad.json"], "bad.json line 2: not valid JSON"),
         "resume without train state": ([*args(env, tmp_path / "w", 2), "--resume"], "has no train_state.pt"),
+        # refused at the start, not at the first long sample (the tiny LLM's context is 512)
+        "max len past the context": ([*base, "--max-len", 600], "--max-len 600: a sample with an image would take 599 "
+                                     "text + 16 visual positions, over the LLM's context of 512; --max-len 497 at most"),
+        # flags that would go unused, silently
+        "parts and init": ([*from_init, "--projector", "p.bin"], "--init gives the whole model, so --projector would "
+                           "go unused: drop one or the other"),
+        "freeze with lora": ([*from_init, "--lora-r", 4, "--freeze-llm"], "--freeze-llm / --freeze-vision with --lora-r"),
+        "no adapters on adapters": ([*from_init, "--no-adapters"], "--no-adapters: --init " + str(weights_only)
+                                    + " has MR-Adapters; the fusion-only ablation starts from a model without them"),
+        "another gate": ([*from_init, "--gate", "sigmoid"], "--gate sigmoid: --init " + str(weights_only)
+                         + " has MR-Adapters with the tanh gate"),
     }
     if not torch.cuda.is_available():
         cases["no GPU"] = ([*base, "--device", "cuda"], "--device cuda: no CUDA GPU is visible")
