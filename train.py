@@ -47,7 +47,7 @@ import memplan
 import mra
 from convnext import ConvNeXtConfig
 from int8 import int8_linears
-from llama import LlamaConfig, Tokenizer
+from llama import LlamaConfig, RMSNorm, Tokenizer
 from vit import ViTConfig
 from weights import available_memory, fingerprint, read_config, write_safetensors
 
@@ -116,7 +116,7 @@ p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 / 2e-5
 p.add_argument("--adapter-lr-scale", type=float, default=1.0, help="MR-Adapters' lr / --lr (release 1; demo 0.1)")
 p.add_argument("--tower-lr-scale", type=float, default=1.0, help="ViT and ConvNeXt lr / --lr (release 1; demo 0.1)")
 p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, then cosine (default 0.03)")
-p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (default 0)")
+p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, not on biases and norms (default 0)")
 p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
 p.add_argument("--epochs", type=int, default=1, help="default 1")
 p.add_argument("--global-batch", type=int, help="default 256 / 128")
@@ -551,14 +551,17 @@ elif distributed:
 
 params = [q for q in model.parameters() if q.requires_grad]
 proj_scale = args.projector_lr_scale if args.projector_lr_scale is not None else 0.1 if args.lora_r else 1.0
-lr_groups = [dict(params=[], scale=s) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale, proj_scale)]
+# per lr scale, weights with --weight-decay, then biases and norm weights without (HF Trainer's rule, as LLaVA)
+lr_groups = [dict(params=[], scale=s, weight_decay=wd) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale,
+                                                                  proj_scale) for wd in (args.weight_decay, 0.0)]
+norms = {q for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, RMSNorm)) for q in m.parameters()}
 for name, q in model.named_parameters():  # names may carry DDP's "module." prefix
     name = f".{name}"
     tower = ".encoder.vit." in name or ".encoder.convnext." in name
     if q.requires_grad:
-        lr_groups[1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0]["params"].append(q)
-opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8,
-                        weight_decay=args.weight_decay)
+        k = 1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0
+        lr_groups[2 * k + bool(args.weight_decay and (name.endswith(".bias") or q in norms))]["params"].append(q)
+opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8)
 
 # the data position carries over only if these stay as the run had them, and a LoRA run's model (its
 # scale, rank and frozen base) is the one its adapters were trained in: --resume refuses a change

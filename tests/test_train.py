@@ -163,6 +163,27 @@ def test_lr_scales(env, tmp_path, zeroed):
             assert not torch.equal(before[k], after[k]), k
 
 
+def test_weight_decay_spares_biases_and_norms(env, tmp_path):
+    # HF Trainer's rule, which LLaVA trains with: decay on weights, none on biases and norm weights
+    torch.manual_seed(0)
+    mra.save_checkpoint(mra.build(replace(tiny(), adapters=True, image_size=128)), tmp_path / "init")
+    old = sys.argv
+    sys.argv = [TRAIN, *map(str, args(env, tmp_path / "s2", 2, "--init", tmp_path / "init", "--global-batch", 2,
+                                      "--batch-size", 2, "--max-steps", 1, "--weight-decay", 0.1))]
+    try:
+        g = runpy.run_path(TRAIN, run_name="__main__")
+    finally:
+        sys.argv = old
+    decay = {q: group["weight_decay"] for group in g["opt"].param_groups for q in group["params"]}
+    named = dict(g["unwrapped"].named_parameters())
+    assert set(decay) == {q for q in named.values() if q.requires_grad}
+    for name, q in filter(lambda nq: nq[1].requires_grad, named.items()):  # norms: ln_pre, ln1, stem_norm, norm, ...
+        spared = name.endswith(".bias") or re.fullmatch(r"ln\w*|(\w+_)?norm", name.split(".")[-2])
+        assert decay[q] == (0.0 if spared else 0.1), name
+    assert decay[named["llm.norm.weight"]] == decay[named["encoder.vit.blocks.0.ln1.weight"]] == 0.0
+    assert decay[named[LLM_KEY]] == decay[named["encoder.convnext.stages.0.blocks.0.gamma"]] == 0.1
+
+
 def test_resume_equals_uninterrupted_run(env, tmp_path):
     common = ("--global-batch", 2, "--batch-size", 1, "--epochs", 1, "--lr", 1e-3)
     train(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
