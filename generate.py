@@ -199,6 +199,16 @@ def slots(model, ids):
     return mra.llm_positions(len(ids), ids.count(IMAGE_TOKEN), model.cfg)
 
 
+def not_a_character(text):
+    """The first code point of text that is no character, or None: a lone surrogate, from a JSON
+    "\\ud800" or a byte that is not UTF-8 (argv and stdin read it as one), fails in sentencepiece."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None
+
+
 def check_length(model, ids, max_new_tokens, what="prompt"):
     need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
     if need > limit:
@@ -286,12 +296,21 @@ def chat(model, tok, image, args, pick, step):
     after the answer as generated. Where retokenising splits the answer differently, the static cache
     is rolled back to the common prefix (only its write position moves)."""
     turns, cache, cached = [], None, []  # cached: the ids whose keys/values the cache holds
+    if hasattr(sys.stdin, "reconfigure"):  # a byte that is not UTF-8 then spoils its own line, not the read
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         log("USER: ", end="")
-        line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with stdin closed
+        try:
+            line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with stdin closed
+        except UnicodeDecodeError:
+            log("error: that line is not UTF-8 text; type it again")
+            continue
         if not line or line.strip() == "exit":
             return
         if not line.strip():
+            continue
+        if bad := not_a_character(line):
+            log(f"error: that line holds {bad!r}, no character (a byte that is not UTF-8?); type it again")
             continue
         turns.append(human_turn(line.strip(), image is not None and not turns))
         ids = prompt_ids(tok, turns, args.conv_mode)
@@ -349,6 +368,8 @@ def question_problem(q, image_folder):
         return "question_id must be a string or an integer"
     if not isinstance(q.get("text"), str):
         return "text must be a string"
+    if bad := not_a_character(q["text"]):
+        return f"text holds {bad!r}, a lone surrogate, no character; fix or delete that line"
     if q.get("image") is not None and not (isinstance(q["image"], str) and q["image"]):
         return f"image must be a file name, not {q['image']!r} (leave it out for a text-only question)"
     if q.get("image") and not os.path.isfile(os.path.join(image_folder or "", q["image"])):
@@ -494,6 +515,9 @@ def parse_args(argv):
     args.image = args.image[0] if args.image else None
     if args.prompt is not None and not args.prompt.strip():
         p.error("--prompt is empty: ask a question, or drop --prompt to chat")
+    if args.prompt is not None and (bad := not_a_character(args.prompt)):
+        p.error(f"--prompt holds {bad!r}, no character (a byte that is not UTF-8?); "
+                f"give the question as UTF-8 text")
     if not args.questions and (args.image_folder or args.batch_size != 1):
         p.error("--image-folder and --batch-size go with --questions")
     if (args.questions is None) != (args.answers is None):

@@ -343,6 +343,39 @@ def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_text_that_is_no_unicode_is_refused_in_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    # a lone surrogate (a JSON "\\ud800", or a byte that is not UTF-8 read from argv or stdin) made
+    # sentencepiece raise a RuntimeError traceback
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "--model", model_dir, "--prompt", "hi \udcff")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.endswith(": error: --prompt holds '\\udcff', no "
+                                                                       "character (a byte that is not UTF-8?); give "
+                                                                       "the question as UTF-8 text (see --help)\n"), err
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2, "text": "\\ud800 hi"}\n')
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", tmp_path / "a.jsonl")
+    assert code == 1 and err == f"error: {q} line 2: text holds '\\ud800', a lone surrogate, no character; fix or " \
+        f"delete that line\n"
+    # chat: that turn is refused and the conversation goes on, whether the line arrives with the byte as a
+    # surrogate (a stream that reads so, or is reconfigured to) or the read itself fails
+    refused = "USER: error: that line holds '\\udcff', no character (a byte that is not UTF-8?); type it again\n"
+
+    class Strict(io.StringIO):  # a stream that cannot be reconfigured, whose read fails
+        def readline(self, *a):
+            line = super().readline(*a)
+            if "\udcff" in line:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            return line
+    unread = "USER: error: that line is not UTF-8 text; type it again\n"
+    for stdin, message in [(io.StringIO("hi \udcff\nWhat is this?\n"), refused),
+                           (io.TextIOWrapper(io.BytesIO(b"hi \xff\nWhat is this?\n"), "utf-8", "strict"), refused),
+                           (Strict("hi \udcff\nWhat is this?\n"), unread)]:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        code, _, err = run_cli(capsys, "--model", model_dir, "--max-new-tokens", 2)
+        assert code == 0 and message in err and err.count("error") == 1 and err.count("ASSISTANT: ") == 1, err
+
+
 def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images, monkeypatch):
     # a 64-token batched generation (rows of different lengths, left-padded) through the compiled
     # step: the same tokens as eager, from one graph compiled once (its shapes never change)
