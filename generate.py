@@ -221,10 +221,17 @@ def check_length(model, ids, max_new_tokens, what="prompt"):
 # ---------------------------------------------------------------------------------------
 # Prompts and streaming
 
+def without_image(text):
+    """text with no "<image>" left: removed until none is (once, "<imag<image>e>" would make one)."""
+    while "<image>" in text:
+        text = text.replace("<image>", "")
+    return text
+
+
 def human_turn(text, has_image):
     # LLaVA's model_vqa: the question follows the image placeholder and a newline. A user's own
     # "<image>" is dropped: only the image we were given may become a placeholder.
-    text = text.replace("<image>", "")
+    text = without_image(text)
     return ("human", "<image>\n" + text if has_image else text)
 
 
@@ -334,7 +341,7 @@ def chat(model, tok, image, args, pick, step):
         on_token, finish = streamer(tok, sys.stdout)
         out = decode_n_tokens(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
         finish()
-        turns.append(("gpt", tok.decode(out).strip()))
+        turns.append(("gpt", without_image(tok.decode(out)).strip()))  # the model's "<image>" is no image either
         # the cache holds the prompt and each token fed back (the last sampled too, if an EOS stopped a
         # step queued ahead): count from its slots
         cached = (ids + out + [tok.eos_id])[:int(cache.pos) - slots(model, ids) + len(ids)]

@@ -238,6 +238,23 @@ def test_chat_appends_after_a_canonical_answer(model, tok, images, capsys, monke
     assert out == tok.decode(answer) + "\n" + tok.decode(fresh[0]) + "\n"
 
 
+def test_no_text_becomes_an_image_placeholder(model_dir, model, tok, capsys, monkeypatch):
+    # "<image>" was removed in one pass: "<imag<image>e>" left one, a placeholder without an image
+    assert generate.human_turn("<imag<image>e> hi", False) == ("human", " hi")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "<imag<image>e> hi", "--max-new-tokens", 2)
+    assert code == 0 and "error" not in err, err
+    # chat: the model's own "<image>" in an answer is part of the next prompt, and no placeholder either
+    forced = tok.encode("<image> yes", bos=False) + [tok.eos_id]
+    pick = lambda logits: torch.tensor([forced.pop(0)]) if forced else logits.argmax(-1)  # noqa: E731
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAnd?\n"))
+    generate.chat(model, tok, None, SimpleNamespace(conv_mode="vicuna_v1", max_new_tokens=MAX_NEW), pick,
+                  model.llm.decode)
+    out, err = capsys.readouterr()
+    turns = [("human", "Hi"), ("gpt", "yes"), ("human", "And?")]
+    fresh = generate.generate(model, [ids_for(tok, turns)], max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
+    assert out == "<image> yes\n" + tok.decode(fresh[0]) + "\n" and err.count("ASSISTANT: ") == 2
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
