@@ -319,6 +319,10 @@ def chat(model, tok, image, args, pick, step):
         if bad := not_a_character(line):
             log(f"error: that line holds {bad!r}, no character (a byte that is not UTF-8?); type it again")
             continue
+        if turns and args.conv_mode == "plain":
+            log("error: --conv-mode plain takes one image and its caption, no second turn; type exit (a "
+                "conversation needs --conv-mode vicuna_v1)")
+            continue
         turns.append(human_turn(line.strip(), image is not None and not turns))
         ids = prompt_ids(tok, turns, args.conv_mode)
         try:
@@ -370,7 +374,7 @@ def read_jsonl(path, check, text=None):
         yield n, obj
 
 
-def question_problem(q, image_folder):
+def question_problem(q, image_folder, conv_mode="vicuna_v1"):
     if not isinstance(q.get("question_id"), (str, int)) or isinstance(q["question_id"], bool):
         return "question_id must be a string or an integer"
     if not isinstance(q.get("text"), str):
@@ -381,6 +385,9 @@ def question_problem(q, image_folder):
         return f"image must be a file name, not {q['image']!r} (leave it out for a text-only question)"
     if q.get("image") and not os.path.isfile(os.path.join(image_folder or "", q["image"])):
         return f"image file not found: {os.path.join(image_folder or '', q['image'])} (--image-folder?)"
+    if conv_mode == "plain" and not q.get("image"):
+        return "a text-only question, but --conv-mode plain (stage 1) captions an image; give it one, or use " \
+               "--conv-mode vicuna_v1"
     return None
 
 
@@ -388,7 +395,7 @@ def read_questions(args):
     """The questions to answer and the (question_id, text) pairs already answered, all checked
     before the model loads. An id may repeat with other text (MME asks two questions per image
     under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
-    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder)))
+    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder, args.conv_mode)))
     first = {}  # (question_id, text): the line that asked it
     for n, q in questions:
         key = (q["question_id"], q["text"])
@@ -529,6 +536,8 @@ def parse_args(argv):
         p.error("--image-folder and --batch-size go with --questions")
     if (args.questions is None) != (args.answers is None):
         p.error("--questions and --answers go together")
+    if args.conv_mode == "plain" and not args.questions and not args.image:  # its one turn holds <image>
+        p.error("--conv-mode plain (stage 1) captions an image: give --image, or use --conv-mode vicuna_v1")
     if args.trace is not None and not args.image:
         p.error("--trace needs --image")
     if args.trace == "":  # the picture's default name
@@ -585,6 +594,9 @@ def run(args):
     if args.temperature == 0 and (args.top_p != 1.0 or args.seed is not None):
         log("note: --top-p and --seed shape sampling (--temperature > 0); greedy decoding (the default) ignores them")
     questions, answered = read_questions(args) if args.questions else (None, None)
+    if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
+        log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
+            "text is not used")
     tok = mra.load_tokenizer(args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
     t0 = time.perf_counter()

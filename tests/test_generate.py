@@ -255,6 +255,35 @@ def test_no_text_becomes_an_image_placeholder(model_dir, model, tok, capsys, mon
     assert out == "<image> yes\n" + tok.decode(fresh[0]) + "\n" and err.count("ASSISTANT: ") == 2
 
 
+def test_plain_template_is_refused_where_it_cannot_run(model_dir, images, tmp_path, capsys, monkeypatch):
+    # --conv-mode plain (a stage-1 model) is one human turn holding <image>, then the caption: a prompt
+    # without an image, a text-only question or a second chat turn failed mid-run, naming nothing
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "--model", model_dir, "--conv-mode", "plain", "--prompt", "Hi")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.endswith(
+        ": error: --conv-mode plain (stage 1) captions an image: give --image, or use --conv-mode vicuna_v1 "
+        "(see --help)\n"), err
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text(json.dumps(dict(question_id=1, image=images[0].name, text="Hi")) + "\n" +
+                 json.dumps(dict(question_id=2, text="Hi")) + "\n")
+    argv = ["--model", model_dir, "--questions", q, "--answers", a, "--image-folder", images[0].parent,
+            "--max-new-tokens", 2, "--conv-mode", "plain"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and err == f"error: {q} line 2: a text-only question, but --conv-mode plain (stage 1) " \
+        f"captions an image; give it one, or use --conv-mode vicuna_v1\n" and not a.exists()
+    q.write_text(json.dumps(dict(question_id=1, image=images[0].name, text="Hi")) + "\n")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and err.count("note: --conv-mode plain prompts with the image alone (stage 1 learned to "
+                                   "caption it): the question's text is not used\n") == 1, err
+    assert [json.loads(line)["question_id"] for line in open(a)] == [1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is this?\nAnd the colour?\n"))
+    code, _, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--max-new-tokens", 2,
+                           "--conv-mode", "plain")
+    assert code == 0 and err.count("ASSISTANT: ") == 1 and "USER: error: --conv-mode plain takes one image and " \
+        "its caption, no second turn; type exit (a conversation needs --conv-mode vicuna_v1)\nUSER: " in err, err
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
