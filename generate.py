@@ -396,6 +396,9 @@ def read_questions(args):
     before the model loads. An id may repeat with other text (MME asks two questions per image
     under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
     questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder, args.conv_mode)))
+    if not questions:  # else a run that loads the model, answers nothing and succeeds
+        raise data.DataError(f"--questions {args.questions}: no questions in it (a .jsonl of {{question_id, image, "
+                             f"text}} objects, one per line, is expected)")
     first = {}  # (question_id, text): the line that asked it
     for n, q in questions:
         key = (q["question_id"], q["text"])
@@ -482,6 +485,9 @@ def answer_file(model, tok, args, pick, step, questions, answered):
                                               model_id=model_id, metadata={})) + "\n")
                     out.flush()
             bar.update(len(todo[i:i + args.batch_size]))  # the skipped ones too
+    if skipped and len(skipped) == len(todo):  # a run that answered nothing has failed
+        raise ContextError(f"none of the {len(todo)} question(s) could be answered: each is too long for the context "
+                           f"with --max-new-tokens {args.max_new_tokens}; lower it (or shorten them)")
     if skipped:
         log(f"{len(skipped)} question(s) skipped, too long for the context (lines {', '.join(map(str, skipped))}); "
             f"they count as missing")
@@ -616,6 +622,13 @@ def run(args):
         trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))
         log(f"what each path sees: {trace_image.paths_picture(image, model, args.trace)}")
         return
+    # the shortest prompt this run can have (images: plain always has one), with room for --max-new-tokens
+    least = slots(model, prompt_ids(tok, [human_turn("", image is not None or args.conv_mode == "plain")],
+                                    args.conv_mode))
+    if least + args.max_new_tokens > model.cfg.llm.max_seq_len:
+        raise ContextError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the shortest takes "
+                           f"{least} of the context's {model.cfg.llm.max_seq_len} positions; use at most "
+                           f"{model.cfg.llm.max_seq_len - least}")
     if image is not None:
         image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
     generator = torch.Generator(device)

@@ -284,6 +284,28 @@ def test_plain_template_is_refused_where_it_cannot_run(model_dir, images, tmp_pa
         "its caption, no second turn; type exit (a conversation needs --conv-mode vicuna_v1)\nUSER: " in err, err
 
 
+def test_a_batch_run_that_can_answer_nothing_fails(model_dir, model, tok, images, tmp_path, capsys):
+    # an empty questions file, or a --max-new-tokens that leaves no question room, loaded the model,
+    # answered nothing (each question said skipped: thousands on a benchmark) and exited 0
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    for text in ("", "\n  \n"):
+        q.write_text(text)
+        code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a)
+        assert code == 1 and err == f"error: --questions {q}: no questions in it (a .jsonl of {{question_id, image, " \
+            f"text}} objects, one per line, is expected)\n" and not a.exists(), err
+    least, limit = generate.slots(model, ids_for(tok, [generate.human_turn("", False)])), model.cfg.llm.max_seq_len
+    q.write_text("".join(json.dumps(dict(question_id=i, image=im.name, text="Hi")) + "\n" for i, im in enumerate(images)))
+    argv = ["--model", model_dir, "--questions", q, "--answers", a, "--image-folder", images[0].parent]
+    code, _, err = run_cli(capsys, *argv, "--max-new-tokens", limit - least + 1)
+    assert code == 1 and err.splitlines()[-1] == f"error: --max-new-tokens {limit - least + 1} leaves no room for a " \
+        f"prompt: the shortest takes {least} of the context's {limit} positions; use at most {limit - least}"
+    assert "skipped" not in err and not a.exists()
+    code, _, err = run_cli(capsys, *argv, "--max-new-tokens", limit - least)  # room for a text-only question only
+    assert code == 1 and err.count("skipped") == 2 and err.splitlines()[-1] == "error: none of the 2 question(s) " \
+        f"could be answered: each is too long for the context with --max-new-tokens {limit - least}; lower it (or " \
+        "shorten them)", err
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
