@@ -56,8 +56,8 @@ def top_p_filter(probs, top_p):
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """Next token per row (B,) from logits (B, V): argmax at temperature 0, else a draw from
     softmax(logits / temperature) after the nucleus filter."""
-    if temperature == 0:
-        return logits.argmax(-1)
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that logits / it is argmax anyway (or
+        return logits.argmax(-1)  # NaN: below 1e-45 float32 holds it as 0, and 0 / 0 is no probability)
     logits = logits.float()
     # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, not inf - inf
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
@@ -552,7 +552,8 @@ def parse_args(argv):
         p.error("--questions takes its images from the file; drop --prompt/--image")
     limits = {"--max-new-tokens >= 1": args.max_new_tokens >= 1, "--batch-size >= 1": args.batch_size >= 1,
               "a finite --temperature >= 0": 0 <= args.temperature < float("inf"),
-              "0 < --top-p <= 1": 0 < args.top_p <= 1}  # written so that NaN fails too
+              "0 < --top-p <= 1": 0 < args.top_p <= 1,  # written so that NaN fails too
+              "--seed from -2**63 to 2**64 - 1 (torch's range)": args.seed is None or -2**63 <= args.seed < 2**64}
     bad = [rule for rule, ok in limits.items() if not ok]
     if bad:
         p.error("need " + ", ".join(bad))
@@ -564,6 +565,11 @@ def parse_args(argv):
         p.error(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         p.error(f"--device {args.device}: MPS is not available here; use --device cpu")
+    try:  # a device torch names but cannot compute on here (meta, xla, a GPU past the last): found now
+        torch.empty(0, device=device), torch.Generator(device)
+    except (RuntimeError, ImportError) as e:
+        why = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]  # torch's first sentence of a paragraph
+        p.error(f"--device {args.device}: torch cannot run the model on it here ({why}); use --device cpu")
     return args
 
 

@@ -167,6 +167,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert generate.sample(logits, 0.0)[0] == 1
     # a temperature so small that logits / t overflow: the draw is the argmax, not an error
     assert generate.sample(logits, 1e-40, 1.0, g)[0] == 1  # (row 1: four ties, any of them)
+    assert generate.sample(logits, 1e-46, 1.0, g)[0] == 1  # float32 holds it as 0: it was 0 / 0, NaN probabilities
     assert generate.sample(logits * 1e30, 1e-30, 0.9, g)[0] == 1
 
 
