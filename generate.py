@@ -395,7 +395,13 @@ def read_questions(args):
     """The questions to answer and the (question_id, text) pairs already answered, all checked
     before the model loads. An id may repeat with other text (MME asks two questions per image
     under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
-    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder, args.conv_mode)))
+    with open(args.questions, "rb") as f:
+        raw = f.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (some Windows editors): no part of line 1
+    if raw.lstrip().startswith(b"["):  # a .json array (ScienceQA's llava_test_CQM-A.json), one line or many
+        raise data.DataError(f"--questions {args.questions}: a JSON array, not a .jsonl of {{question_id, image, text}} "
+                             f"objects one per line; ScienceQA's .json converts with `python eval.py "
+                             f"scienceqa-questions SRC DST`")
+    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder, args.conv_mode), raw))
     if not questions:  # else a run that loads the model, answers nothing and succeeds
         raise data.DataError(f"--questions {args.questions}: no questions in it (a .jsonl of {{question_id, image, "
                              f"text}} objects, one per line, is expected)")

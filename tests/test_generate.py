@@ -307,6 +307,25 @@ def test_a_batch_run_that_can_answer_nothing_fails(model_dir, model, tok, images
         "shorten them)", err
 
 
+@pytest.mark.parametrize("text", [json.dumps([{"id": "1", "conversations": [{"from": "human", "value": "Hi"}]}]),
+                                  json.dumps([{"id": "1"}], indent=2), " \n[]"])
+def test_a_json_array_of_questions_names_the_layout_expected(model_dir, tmp_path, capsys, text):
+    # ScienceQA's llava_test_CQM-A.json given as it is got "line 1: not a JSON object" or "line 1: not JSON"
+    q = tmp_path / "llava_test_CQM-A.json"
+    q.write_text(text + "\n")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", tmp_path / "a.jsonl")
+    assert code == 1 and err == f"error: --questions {q}: a JSON array, not a .jsonl of {{question_id, image, text}} " \
+        f"objects one per line; ScienceQA's .json converts with `python eval.py scienceqa-questions SRC DST`\n", err
+
+
+def test_a_questions_file_with_a_byte_order_mark_is_read(model_dir, tmp_path, capsys):
+    # a UTF-8 BOM (as some Windows editors save) is no part of line 1: it was "not JSON (Unexpected UTF-8 BOM ...)"
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_bytes(b"\xef\xbb\xbf" + json.dumps(dict(question_id=1, text="Hi")).encode() + b"\n")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--max-new-tokens", 2)
+    assert code == 0 and [(r["question_id"], r["prompt"]) for r in read_jsonl(a)] == [(1, "Hi")], err
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
