@@ -209,13 +209,13 @@ def not_a_character(text):
     return None
 
 
-def check_length(model, ids, max_new_tokens, what="prompt"):
+def check_length(model, ids, max_new_tokens, what="prompt", fix="shorten it or lower --max-new-tokens"):
     need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
     if need > limit:
         n_img = ids.count(IMAGE_TOKEN)
         raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * model.cfg.visual_tokens} "
                            f"visual tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
-                           f"(shorten it or lower --max-new-tokens)")
+                           f"({fix})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,7 +326,9 @@ def chat(model, tok, image, args, pick, step):
         turns.append(human_turn(line.strip(), image is not None and not turns))
         ids = prompt_ids(tok, turns, args.conv_mode)
         try:
-            check_length(model, ids, args.max_new_tokens, "conversation")
+            # what came before cannot be shortened, nor --max-new-tokens changed in a running chat
+            check_length(model, ids, args.max_new_tokens, "conversation", "type a shorter turn, or exit and start a "
+                         "new conversation; a lower --max-new-tokens next time")
         except ContextError as e:  # this turn is refused; the conversation so far goes on
             turns.pop()
             log(f"error: {e}")

@@ -424,6 +424,11 @@ def test_chat_with_stdin_closed_and_an_over_long_turn(model_dir, images, capsys,
     monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 600 + "\nWhat is this?\n"))
     code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--max-new-tokens", 2)
     assert code == 0 and "error: conversation too long" in err and err.count("ASSISTANT: ") == 1, err
+    # a way out a chat has (it said "shorten it or lower --max-new-tokens", as a prompt's refusal does)
+    assert "> the context of 512 (type a shorter turn, or exit and start a new conversation; a lower " \
+        "--max-new-tokens next time)\n" in err, err
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "word " * 600, "--max-new-tokens", 2)
+    assert code == 1 and err.endswith("> the context of 512 (shorten it or lower --max-new-tokens)\n"), err
 
 
 # -----------------------------------------------------------------------------
