@@ -79,6 +79,9 @@ def read_jsonl(path, what, keys):
         for k in ("text", "prompt"):
             if k in keys and not isinstance(obj[k], str):
                 raise EvalError(f"{path}:{n}: {k!r} must be a string, got {type(obj[k]).__name__}")
+        qid = obj.get("question_id")  # a list or dict cannot key a lookup; true would be question 1
+        if "question_id" in keys and (not isinstance(qid, (str, int)) or isinstance(qid, bool)):
+            raise EvalError(f"{path}:{n}: 'question_id' must be a string or an integer, got {type(qid).__name__}")
         rows.append((n, obj))
     return rows
 
@@ -100,10 +103,15 @@ def unknown(path, n, qid, where):
                      f"were these answers generated from another question file?")
 
 
-def need(obj, key, path, what):
-    """obj[key], or one line saying the file does not have the expected layout."""
+def need(obj, key, path, what, kind=None):
+    """obj[key] (an instance of kind, a type or a tuple of them, if given), or one line saying the file
+    does not have the expected layout."""
     if not isinstance(obj, dict) or key not in obj:
         raise EvalError(f"{path}: {what} has no {key!r}; is this the right file?")
+    if kind is not None and not isinstance(obj[key], kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise EvalError(f"{path}: {key!r} of {what} must be a {names}, got {type(obj[key]).__name__}; is this "
+                        f"the right file?")
     return obj[key]
 
 
@@ -212,7 +220,12 @@ def score_vqa(preds):
 
 
 def human_answers(path, ann, qid):
-    answers = [a["answer"] if isinstance(a, dict) else a for a in need(ann, "answers", path, f"question {qid!r}")]
+    # TextVQA's are strings, VQAv2's {answer, answer_confidence, answer_id} objects
+    answers = [need(a, "answer", path, f"a human answer to question {qid!r}") if isinstance(a, dict) else a
+               for a in need(ann, "answers", path, f"question {qid!r}", list)]
+    if not all(isinstance(a, str) for a in answers):
+        raise EvalError(f"{path}: question {qid!r} has a human answer that is neither a string nor an object "
+                        f"with an 'answer' string; is this the right file?")
     if len(answers) != 10:  # the release asserts ten
         raise EvalError(f"{path}: question {qid!r} has {len(answers)} human answers; VQA accuracy needs 10")
     return answers
@@ -221,8 +234,8 @@ def human_answers(path, ann, qid):
 def run_textvqa(args):
     anns = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file")
     # later duplicates win, as in the release's dict
-    anns = {(need(a, "image_id", args.annotations, "an entry"), need(a, "question", args.annotations, "an entry").lower()): a
-            for a in anns}
+    anns = {(need(a, "image_id", args.annotations, "an entry", (str, int)),
+             need(a, "question", args.annotations, "an entry", str).lower()): a for a in anns}
     rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
     preds, seen = [], {}
     for n, a in rows:
@@ -248,7 +261,7 @@ def run_vqav2(args):
     if args.submission:
         return vqa_submission(args, "vqav2")
     anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file")
-    anns = {need(a, "question_id", args.annotations, "an annotation"): a for a in anns}
+    anns = {need(a, "question_id", args.annotations, "an annotation", (str, int)): a for a in anns}
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
     preds, per_type = [], defaultdict(list)
@@ -331,7 +344,9 @@ def run_gqa(args):
         score = float(gqa_prediction(answers[qid][1]["text"]) == q["answer"])
         scores["accuracy"].append(score)
         if "types" in q:
-            scores["open" if q["types"]["structural"] == "query" else "binary"].append(score)
+            types = need(q, "types", args.questions, f"question {qid!r}", dict)
+            structural = need(types, "structural", args.questions, f"the types of question {qid!r}")
+            scores["open" if structural == "query" else "binary"].append(score)
     report(questions=len(balanced), answered=len(scores["accuracy"]), missing=len(balanced) - len(scores["accuracy"]))
     for k in ("accuracy", "binary", "open"):  # eval.py: avg * 100, printed with 2 places
         if scores[k]:

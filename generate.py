@@ -56,8 +56,8 @@ def top_p_filter(probs, top_p):
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """Next token per row (B,) from logits (B, V): argmax at temperature 0, else a draw from
     softmax(logits / temperature) after the nucleus filter."""
-    if temperature == 0:
-        return logits.argmax(-1)
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that logits / it is argmax anyway (or
+        return logits.argmax(-1)  # NaN: below 1e-45 float32 holds it as 0, and 0 / 0 is no probability)
     logits = logits.float()
     # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, not inf - inf
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
@@ -199,22 +199,39 @@ def slots(model, ids):
     return mra.llm_positions(len(ids), ids.count(IMAGE_TOKEN), model.cfg)
 
 
-def check_length(model, ids, max_new_tokens, what="prompt"):
+def not_a_character(text):
+    """The first code point of text that is no character, or None: a lone surrogate, from a JSON
+    "\\ud800" or a byte that is not UTF-8 (argv and stdin read it as one), fails in sentencepiece."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None
+
+
+def check_length(model, ids, max_new_tokens, what="prompt", fix="shorten it or lower --max-new-tokens"):
     need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
     if need > limit:
         n_img = ids.count(IMAGE_TOKEN)
         raise ContextError(f"{what} too long: {len(ids) - n_img} text tokens + {n_img * model.cfg.visual_tokens} "
                            f"visual tokens + {max_new_tokens} new tokens = {need} > the context of {limit} "
-                           f"(shorten it or lower --max-new-tokens)")
+                           f"({fix})")
 
 
 # ---------------------------------------------------------------------------------------
 # Prompts and streaming
 
+def without_image(text):
+    """text with no "<image>" left: removed until none is (once, "<imag<image>e>" would make one)."""
+    while "<image>" in text:
+        text = text.replace("<image>", "")
+    return text
+
+
 def human_turn(text, has_image):
     # LLaVA's model_vqa: the question follows the image placeholder and a newline. A user's own
     # "<image>" is dropped: only the image we were given may become a placeholder.
-    text = text.replace("<image>", "")
+    text = without_image(text)
     return ("human", "<image>\n" + text if has_image else text)
 
 
@@ -286,17 +303,32 @@ def chat(model, tok, image, args, pick, step):
     after the answer as generated. Where retokenising splits the answer differently, the static cache
     is rolled back to the common prefix (only its write position moves)."""
     turns, cache, cached = [], None, []  # cached: the ids whose keys/values the cache holds
+    if hasattr(sys.stdin, "reconfigure"):  # a byte that is not UTF-8 then spoils its own line, not the read
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         log("USER: ", end="")
-        line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with stdin closed
+        try:
+            line = sys.stdin.readline() if sys.stdin is not None else ""  # None: started with stdin closed
+        except UnicodeDecodeError:
+            log("error: that line is not UTF-8 text; type it again")
+            continue
         if not line or line.strip() == "exit":
             return
         if not line.strip():
             continue
+        if bad := not_a_character(line):
+            log(f"error: that line holds {bad!r}, no character (a byte that is not UTF-8?); type it again")
+            continue
+        if turns and args.conv_mode == "plain":
+            log("error: --conv-mode plain takes one image and its caption, no second turn; type exit (a "
+                "conversation needs --conv-mode vicuna_v1)")
+            continue
         turns.append(human_turn(line.strip(), image is not None and not turns))
         ids = prompt_ids(tok, turns, args.conv_mode)
         try:
-            check_length(model, ids, args.max_new_tokens, "conversation")
+            # what came before cannot be shortened, nor --max-new-tokens changed in a running chat
+            check_length(model, ids, args.max_new_tokens, "conversation", "type a shorter turn, or exit and start a "
+                         "new conversation; a lower --max-new-tokens next time")
         except ContextError as e:  # this turn is refused; the conversation so far goes on
             turns.pop()
             log(f"error: {e}")
@@ -315,7 +347,7 @@ def chat(model, tok, image, args, pick, step):
         on_token, finish = streamer(tok, sys.stdout)
         out = decode_n_tokens(step, logits, cache, args.max_new_tokens, pick, tok.eos_id, on_token)[0]
         finish()
-        turns.append(("gpt", tok.decode(out).strip()))
+        turns.append(("gpt", without_image(tok.decode(out)).strip()))  # the model's "<image>" is no image either
         # the cache holds the prompt and each token fed back (the last sampled too, if an EOS stopped a
         # step queued ahead): count from its slots
         cached = (ids + out + [tok.eos_id])[:int(cache.pos) - slots(model, ids) + len(ids)]
@@ -344,15 +376,20 @@ def read_jsonl(path, check, text=None):
         yield n, obj
 
 
-def question_problem(q, image_folder):
+def question_problem(q, image_folder, conv_mode="vicuna_v1"):
     if not isinstance(q.get("question_id"), (str, int)) or isinstance(q["question_id"], bool):
         return "question_id must be a string or an integer"
     if not isinstance(q.get("text"), str):
         return "text must be a string"
+    if bad := not_a_character(q["text"]):
+        return f"text holds {bad!r}, a lone surrogate, no character; fix or delete that line"
     if q.get("image") is not None and not (isinstance(q["image"], str) and q["image"]):
         return f"image must be a file name, not {q['image']!r} (leave it out for a text-only question)"
     if q.get("image") and not os.path.isfile(os.path.join(image_folder or "", q["image"])):
         return f"image file not found: {os.path.join(image_folder or '', q['image'])} (--image-folder?)"
+    if conv_mode == "plain" and not q.get("image"):
+        return "a text-only question, but --conv-mode plain (stage 1) captions an image; give it one, or use " \
+               "--conv-mode vicuna_v1"
     return None
 
 
@@ -360,7 +397,16 @@ def read_questions(args):
     """The questions to answer and the (question_id, text) pairs already answered, all checked
     before the model loads. An id may repeat with other text (MME asks two questions per image
     under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
-    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder)))
+    with open(args.questions, "rb") as f:
+        raw = f.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (some Windows editors): no part of line 1
+    if raw.lstrip().startswith(b"["):  # a .json array (ScienceQA's llava_test_CQM-A.json), one line or many
+        raise data.DataError(f"--questions {args.questions}: a JSON array, not a .jsonl of {{question_id, image, text}} "
+                             f"objects one per line; ScienceQA's .json converts with `python eval.py "
+                             f"scienceqa-questions SRC DST`")
+    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder, args.conv_mode), raw))
+    if not questions:  # else a run that loads the model, answers nothing and succeeds
+        raise data.DataError(f"--questions {args.questions}: no questions in it (a .jsonl of {{question_id, image, "
+                             f"text}} objects, one per line, is expected)")
     first = {}  # (question_id, text): the line that asked it
     for n, q in questions:
         key = (q["question_id"], q["text"])
@@ -447,6 +493,9 @@ def answer_file(model, tok, args, pick, step, questions, answered):
                                               model_id=model_id, metadata={})) + "\n")
                     out.flush()
             bar.update(len(todo[i:i + args.batch_size]))  # the skipped ones too
+    if skipped and len(skipped) == len(todo):  # a run that answered nothing has failed
+        raise ContextError(f"none of the {len(todo)} question(s) could be answered: each is too long for the context "
+                           f"with --max-new-tokens {args.max_new_tokens}; lower it (or shorten them)")
     if skipped:
         log(f"{len(skipped)} question(s) skipped, too long for the context (lines {', '.join(map(str, skipped))}); "
             f"they count as missing")
@@ -494,10 +543,15 @@ def parse_args(argv):
     args.image = args.image[0] if args.image else None
     if args.prompt is not None and not args.prompt.strip():
         p.error("--prompt is empty: ask a question, or drop --prompt to chat")
+    if args.prompt is not None and (bad := not_a_character(args.prompt)):
+        p.error(f"--prompt holds {bad!r}, no character (a byte that is not UTF-8?); "
+                f"give the question as UTF-8 text")
     if not args.questions and (args.image_folder or args.batch_size != 1):
         p.error("--image-folder and --batch-size go with --questions")
     if (args.questions is None) != (args.answers is None):
         p.error("--questions and --answers go together")
+    if args.conv_mode == "plain" and not args.questions and not args.image:  # its one turn holds <image>
+        p.error("--conv-mode plain (stage 1) captions an image: give --image, or use --conv-mode vicuna_v1")
     if args.trace is not None and not args.image:
         p.error("--trace needs --image")
     if args.trace == "":  # the picture's default name
@@ -506,7 +560,8 @@ def parse_args(argv):
         p.error("--questions takes its images from the file; drop --prompt/--image")
     limits = {"--max-new-tokens >= 1": args.max_new_tokens >= 1, "--batch-size >= 1": args.batch_size >= 1,
               "a finite --temperature >= 0": 0 <= args.temperature < float("inf"),
-              "0 < --top-p <= 1": 0 < args.top_p <= 1}  # written so that NaN fails too
+              "0 < --top-p <= 1": 0 < args.top_p <= 1,  # written so that NaN fails too
+              "--seed from -2**63 to 2**64 - 1 (torch's range)": args.seed is None or -2**63 <= args.seed < 2**64}
     bad = [rule for rule, ok in limits.items() if not ok]
     if bad:
         p.error("need " + ", ".join(bad))
@@ -518,6 +573,11 @@ def parse_args(argv):
         p.error(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         p.error(f"--device {args.device}: MPS is not available here; use --device cpu")
+    try:  # a device torch names but cannot compute on here (meta, xla, a GPU past the last): found now
+        torch.empty(0, device=device), torch.Generator(device)
+    except (RuntimeError, ImportError) as e:
+        why = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]  # torch's first sentence of a paragraph
+        p.error(f"--device {args.device}: torch cannot run the model on it here ({why}); use --device cpu")
     return args
 
 
@@ -554,6 +614,9 @@ def run(args):
     if args.temperature == 0 and (args.top_p != 1.0 or args.seed is not None):
         log("note: --top-p and --seed shape sampling (--temperature > 0); greedy decoding (the default) ignores them")
     questions, answered = read_questions(args) if args.questions else (None, None)
+    if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
+        log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
+            "text is not used")
     tok = mra.load_tokenizer(args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
     t0 = time.perf_counter()
@@ -573,6 +636,13 @@ def run(args):
         trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))
         log(f"what each path sees: {trace_image.paths_picture(image, model, args.trace)}")
         return
+    # the shortest prompt this run can have (images: plain always has one), with room for --max-new-tokens
+    least = slots(model, prompt_ids(tok, [human_turn("", image is not None or args.conv_mode == "plain")],
+                                    args.conv_mode))
+    if least + args.max_new_tokens > model.cfg.llm.max_seq_len:
+        raise ContextError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the shortest takes "
+                           f"{least} of the context's {model.cfg.llm.max_seq_len} positions; use at most "
+                           f"{model.cfg.llm.max_seq_len - least}")
     if image is not None:
         image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
     generator = torch.Generator(device)

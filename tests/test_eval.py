@@ -608,6 +608,55 @@ def test_prompt_must_be_a_string(tmp_path, capsys):
     fails(capsys, argv, "answers.jsonl:1:", "'prompt' must be a string")
 
 
+@pytest.mark.parametrize("bench", ["textvqa", "vqav2", "vqav2-test", "vizwiz", "pope", "gqa"])
+def test_a_question_id_that_cannot_be_a_key_is_one_line(tmp_path, capsys, bench):
+    # a list or dict question_id (unhashable) made by_key and the lookups raise TypeError
+    writers = {"textvqa": write_textvqa, "vqav2": write_vqav2, "vqav2-test": write_vqav2_test, "vizwiz": write_vizwiz,
+               "pope": write_pope, "gqa": write_gqa}
+    argv = writers[bench](tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:1] + [json.dumps(dict(json.loads(ls[1]), question_id=[1]))] + ls[2:])
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and err == f"error: {argv[2]}:2: 'question_id' must be a string or an integer, got list\n", err
+    if "--questions" in argv and bench != "gqa":  # a question file's line alike
+        (tmp_path / "q").mkdir()
+        argv = writers[bench](tmp_path / "q")
+        rewrite_answers(argv[4], lambda ls: [json.dumps(dict(json.loads(ls[0]), question_id={"id": 1}))] + ls[1:])
+        rc, _, err = run(capsys, *argv)
+        assert rc == 1 and err == f"error: {argv[4]}:1: 'question_id' must be a string or an integer, got dict\n", err
+
+
+def edit_json(path, edit):
+    obj = json.load(open(path))
+    edit(obj)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+@pytest.mark.parametrize("bench, edit, message", [
+    ("vqav2", lambda a: a["annotations"][0]["answers"][3].pop("answer"),
+     "a human answer to question 1 has no 'answer'; is this the right file?"),
+    ("vqav2", lambda a: a["annotations"][0]["answers"].__setitem__(3, None),
+     "question 1 has a human answer that is neither a string nor an object with an 'answer' string; is this the "
+     "right file?"),
+    ("vqav2", lambda a: a["annotations"][1].update(answers="no"),
+     "'answers' of question 2 must be a list, got str; is this the right file?"),
+    ("vqav2", lambda a: a["annotations"][1].update(question_id=[2]),
+     "'question_id' of an annotation must be a str or int, got list; is this the right file?"),
+    ("textvqa", lambda a: a["data"][2].update(question=5), "'question' of an entry must be a str, got int; is this "
+     "the right file?"),
+    ("gqa", lambda q: q["20515"].update(types="query"),
+     "'types' of question '20515' must be a dict, got str; is this the right file?"),
+    ("gqa", lambda q: q["20515"].update(types={"semantic": "attr"}),
+     "the types of question '20515' has no 'structural'; is this the right file?"),
+])
+def test_annotations_of_another_layout_are_one_line(tmp_path, capsys, bench, edit, message):
+    # KeyError, AttributeError and TypeError tracebacks before
+    argv = dict(vqav2=write_vqav2, textvqa=write_textvqa, gqa=write_gqa)[bench](tmp_path)
+    edit_json(argv[4], edit)
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and err == f"error: {argv[4]}: {message}\n", err
+
+
 def test_binary_inputs_are_one_line(tmp_path, capsys):
     argv = write_gqa(tmp_path)
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")

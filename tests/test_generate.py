@@ -167,6 +167,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert generate.sample(logits, 0.0)[0] == 1
     # a temperature so small that logits / t overflow: the draw is the argmax, not an error
     assert generate.sample(logits, 1e-40, 1.0, g)[0] == 1  # (row 1: four ties, any of them)
+    assert generate.sample(logits, 1e-46, 1.0, g)[0] == 1  # float32 holds it as 0: it was 0 / 0, NaN probabilities
     assert generate.sample(logits * 1e30, 1e-30, 0.9, g)[0] == 1
 
 
@@ -236,6 +237,93 @@ def test_chat_appends_after_a_canonical_answer(model, tok, images, capsys, monke
     assert full[:seen[1][0]] == ids1 + answer  # ...all of which the fresh prompt starts with
     fresh = generate.generate(model, [full], img[None], max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
     assert out == tok.decode(answer) + "\n" + tok.decode(fresh[0]) + "\n"
+
+
+def test_no_text_becomes_an_image_placeholder(model_dir, model, tok, capsys, monkeypatch):
+    # "<image>" was removed in one pass: "<imag<image>e>" left one, a placeholder without an image
+    assert generate.human_turn("<imag<image>e> hi", False) == ("human", " hi")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "<imag<image>e> hi", "--max-new-tokens", 2)
+    assert code == 0 and "error" not in err, err
+    # chat: the model's own "<image>" in an answer is part of the next prompt, and no placeholder either
+    forced = tok.encode("<image> yes", bos=False) + [tok.eos_id]
+    pick = lambda logits: torch.tensor([forced.pop(0)]) if forced else logits.argmax(-1)  # noqa: E731
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAnd?\n"))
+    generate.chat(model, tok, None, SimpleNamespace(conv_mode="vicuna_v1", max_new_tokens=MAX_NEW), pick,
+                  model.llm.decode)
+    out, err = capsys.readouterr()
+    turns = [("human", "Hi"), ("gpt", "yes"), ("human", "And?")]
+    fresh = generate.generate(model, [ids_for(tok, turns)], max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
+    assert out == "<image> yes\n" + tok.decode(fresh[0]) + "\n" and err.count("ASSISTANT: ") == 2
+
+
+def test_plain_template_is_refused_where_it_cannot_run(model_dir, images, tmp_path, capsys, monkeypatch):
+    # --conv-mode plain (a stage-1 model) is one human turn holding <image>, then the caption: a prompt
+    # without an image, a text-only question or a second chat turn failed mid-run, naming nothing
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "--model", model_dir, "--conv-mode", "plain", "--prompt", "Hi")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.endswith(
+        ": error: --conv-mode plain (stage 1) captions an image: give --image, or use --conv-mode vicuna_v1 "
+        "(see --help)\n"), err
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text(json.dumps(dict(question_id=1, image=images[0].name, text="Hi")) + "\n" +
+                 json.dumps(dict(question_id=2, text="Hi")) + "\n")
+    argv = ["--model", model_dir, "--questions", q, "--answers", a, "--image-folder", images[0].parent,
+            "--max-new-tokens", 2, "--conv-mode", "plain"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and err == f"error: {q} line 2: a text-only question, but --conv-mode plain (stage 1) " \
+        f"captions an image; give it one, or use --conv-mode vicuna_v1\n" and not a.exists()
+    q.write_text(json.dumps(dict(question_id=1, image=images[0].name, text="Hi")) + "\n")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and err.count("note: --conv-mode plain prompts with the image alone (stage 1 learned to "
+                                   "caption it): the question's text is not used\n") == 1, err
+    assert [json.loads(line)["question_id"] for line in open(a)] == [1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is this?\nAnd the colour?\n"))
+    code, _, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--max-new-tokens", 2,
+                           "--conv-mode", "plain")
+    assert code == 0 and err.count("ASSISTANT: ") == 1 and "USER: error: --conv-mode plain takes one image and " \
+        "its caption, no second turn; type exit (a conversation needs --conv-mode vicuna_v1)\nUSER: " in err, err
+
+
+def test_a_batch_run_that_can_answer_nothing_fails(model_dir, model, tok, images, tmp_path, capsys):
+    # an empty questions file, or a --max-new-tokens that leaves no question room, loaded the model,
+    # answered nothing (each question said skipped: thousands on a benchmark) and exited 0
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    for text in ("", "\n  \n"):
+        q.write_text(text)
+        code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a)
+        assert code == 1 and err == f"error: --questions {q}: no questions in it (a .jsonl of {{question_id, image, " \
+            f"text}} objects, one per line, is expected)\n" and not a.exists(), err
+    least, limit = generate.slots(model, ids_for(tok, [generate.human_turn("", False)])), model.cfg.llm.max_seq_len
+    q.write_text("".join(json.dumps(dict(question_id=i, image=im.name, text="Hi")) + "\n" for i, im in enumerate(images)))
+    argv = ["--model", model_dir, "--questions", q, "--answers", a, "--image-folder", images[0].parent]
+    code, _, err = run_cli(capsys, *argv, "--max-new-tokens", limit - least + 1)
+    assert code == 1 and err.splitlines()[-1] == f"error: --max-new-tokens {limit - least + 1} leaves no room for a " \
+        f"prompt: the shortest takes {least} of the context's {limit} positions; use at most {limit - least}"
+    assert "skipped" not in err and not a.exists()
+    code, _, err = run_cli(capsys, *argv, "--max-new-tokens", limit - least)  # room for a text-only question only
+    assert code == 1 and err.count("skipped") == 2 and err.splitlines()[-1] == "error: none of the 2 question(s) " \
+        f"could be answered: each is too long for the context with --max-new-tokens {limit - least}; lower it (or " \
+        "shorten them)", err
+
+
+@pytest.mark.parametrize("text", [json.dumps([{"id": "1", "conversations": [{"from": "human", "value": "Hi"}]}]),
+                                  json.dumps([{"id": "1"}], indent=2), " \n[]"])
+def test_a_json_array_of_questions_names_the_layout_expected(model_dir, tmp_path, capsys, text):
+    # ScienceQA's llava_test_CQM-A.json given as it is got "line 1: not a JSON object" or "line 1: not JSON"
+    q = tmp_path / "llava_test_CQM-A.json"
+    q.write_text(text + "\n")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", tmp_path / "a.jsonl")
+    assert code == 1 and err == f"error: --questions {q}: a JSON array, not a .jsonl of {{question_id, image, text}} " \
+        f"objects one per line; ScienceQA's .json converts with `python eval.py scienceqa-questions SRC DST`\n", err
+
+
+def test_a_questions_file_with_a_byte_order_mark_is_read(model_dir, tmp_path, capsys):
+    # a UTF-8 BOM (as some Windows editors save) is no part of line 1: it was "not JSON (Unexpected UTF-8 BOM ...)"
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_bytes(b"\xef\xbb\xbf" + json.dumps(dict(question_id=1, text="Hi")).encode() + b"\n")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--max-new-tokens", 2)
+    assert code == 0 and [(r["question_id"], r["prompt"]) for r in read_jsonl(a)] == [(1, "Hi")], err
 
 
 def read_jsonl(path):
@@ -341,6 +429,39 @@ def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
                        text=True, cwd=os.path.dirname(os.path.abspath(generate.__file__)))
     assert r.returncode != 0 and r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_text_that_is_no_unicode_is_refused_in_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    # a lone surrogate (a JSON "\\ud800", or a byte that is not UTF-8 read from argv or stdin) made
+    # sentencepiece raise a RuntimeError traceback
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "--model", model_dir, "--prompt", "hi \udcff")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.endswith(": error: --prompt holds '\\udcff', no "
+                                                                       "character (a byte that is not UTF-8?); give "
+                                                                       "the question as UTF-8 text (see --help)\n"), err
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2, "text": "\\ud800 hi"}\n')
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", tmp_path / "a.jsonl")
+    assert code == 1 and err == f"error: {q} line 2: text holds '\\ud800', a lone surrogate, no character; fix or " \
+        f"delete that line\n"
+    # chat: that turn is refused and the conversation goes on, whether the line arrives with the byte as a
+    # surrogate (a stream that reads so, or is reconfigured to) or the read itself fails
+    refused = "USER: error: that line holds '\\udcff', no character (a byte that is not UTF-8?); type it again\n"
+
+    class Strict(io.StringIO):  # a stream that cannot be reconfigured, whose read fails
+        def readline(self, *a):
+            line = super().readline(*a)
+            if "\udcff" in line:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            return line
+    unread = "USER: error: that line is not UTF-8 text; type it again\n"
+    for stdin, message in [(io.StringIO("hi \udcff\nWhat is this?\n"), refused),
+                           (io.TextIOWrapper(io.BytesIO(b"hi \xff\nWhat is this?\n"), "utf-8", "strict"), refused),
+                           (Strict("hi \udcff\nWhat is this?\n"), unread)]:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        code, _, err = run_cli(capsys, "--model", model_dir, "--max-new-tokens", 2)
+        assert code == 0 and message in err and err.count("error") == 1 and err.count("ASSISTANT: ") == 1, err
 
 
 def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images, monkeypatch):

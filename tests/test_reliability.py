@@ -414,6 +414,11 @@ def test_tokenizer_larger_than_the_llm_is_refused(model_dir, images, tmp_path, c
     (["--device", "gpu"], "--device gpu: not a device"),
     (["--temperature", "nan"], "a finite --temperature"),
     (["--device", "cuda"], "no CUDA GPU is visible"),
+    # torch tracebacks after the load before: devices torch names but cannot compute on, a seed past its range
+    (["--device", "meta"], "error: --device meta: torch cannot run the model on it here ("),
+    (["--device", "xla"], "error: --device xla: torch cannot run the model on it here (Could not run "),  # (torch's words)
+    (["--seed", "99999999999999999999999", "--temperature", "1"],
+     "error: need --seed from -2**63 to 2**64 - 1 (torch's range) (see --help)"),
 ])
 def test_bad_flags_are_one_line(model_dir, capsys, flags, expected):  # noqa: F811
     if "cuda" in flags and torch.cuda.is_available():
@@ -431,6 +436,11 @@ def test_chat_with_stdin_closed_and_an_over_long_turn(model_dir, images, capsys,
     monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 600 + "\nWhat is this?\n"))
     code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--max-new-tokens", 2)
     assert code == 0 and "error: conversation too long" in err and err.count("ASSISTANT: ") == 1, err
+    # a way out a chat has (it said "shorten it or lower --max-new-tokens", as a prompt's refusal does)
+    assert "> the context of 512 (type a shorter turn, or exit and start a new conversation; a lower " \
+        "--max-new-tokens next time)\n" in err, err
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "word " * 600, "--max-new-tokens", 2)
+    assert code == 1 and err.endswith("> the context of 512 (shorten it or lower --max-new-tokens)\n"), err
 
 
 # -----------------------------------------------------------------------------
