@@ -267,3 +267,15 @@ def test_fingerprint_follows_contents_not_place(tmp_path):
     (tmp_path / "config" / "config.json").write_text('{"rope_theta": 1e6}')
     one, two, tuned, config = (fingerprint(tmp_path / d) for d in ("one", "two", "tuned", "config"))
     assert one == two and tuned != one and config != one
+
+
+def test_meta_reading_knows_every_dtype_safetensors_writes(tmp_path):
+    # the header alone (device="meta"): each of safetensors' dtypes that torch has (complex64, the fnuz float8s
+    # were called "a dtype torch does not have")
+    dtypes = [torch.float64, torch.bfloat16, torch.int16, torch.uint16, torch.uint64, torch.bool, torch.complex64,
+              torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+    tensors = {str(dtype): torch.zeros(2, 3, dtype=dtype) for dtype in dtypes}
+    save_file(tensors, tmp_path / "all.safetensors")
+    meta = read_checkpoint(str(tmp_path / "all.safetensors"), device="meta")
+    assert {k: (t.dtype, t.shape, t.is_meta) for k, t in meta.items()} == {
+        k: (t.dtype, t.shape, True) for k, t in tensors.items()}
