@@ -249,9 +249,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self.bad_index.append(i)
         if not self.records:
             raise DataError(f"{path}: no usable records")
-        # for grouping by modality and length (epoch_order); LLaVA's cheap length counts words
-        self.has_image = [r["image"] is not None for r in self.records]
-        self.lengths = [sum(len(t.split()) for _, t in r["turns"]) for r in self.records]
+        self.has_image = [r["image"] is not None for r in self.records]  # for grouping by modality (epoch_order)
 
     def _check(self, rec):
         conv = rec.get("conversations") if isinstance(rec, dict) else None
@@ -344,14 +342,18 @@ def collate(batch, pad_id):
 # ---------------------------------------------------------------------------------------
 # Batches: one global order per epoch, sliced the same way at any world size
 
-def epoch_order(n, seed, epoch, unit=1, has_image=None, lengths=None, group=False, mega=50):
+def epoch_order(n, seed, epoch, unit=1, has_image=None, group=False):
     """A permutation of range(n) for one epoch, deterministic in (seed, epoch).
 
-    group: LLaVA's group_by_modality_length. The order is cut into units of `unit` samples (one
-    global batch); each holds one modality (image or text-only, so every rank runs the same modules
-    in every micro-step, as FSDP needs) and similar lengths (units are cut from sorted blocks of
-    `mega` units, so padding stays small), then shuffled. A modality's last unit is filled up with
-    repeats of its own samples, so the order holds grouped_units(has_image, unit) whole units."""
+    group: LLaVA's group_by_modality_length, by modality. The order is cut into units of `unit`
+    samples (one global batch), each of one modality (image or text-only, so every rank runs the same
+    modules in every micro-step, as FSDP needs), drawn at random within it, then shuffled. The release
+    groups per micro-step (GPUs x micro-batch) instead, so its optimizer steps may mix the two; a unit
+    of a whole global batch keeps any split of it over ranks and accumulation the same step. Lengths
+    mix at random in a micro-batch, as in the release (whose length sort only balances the GPUs): the
+    loss, a token mean per micro-batch, weighs samples as the release's does; micro-batches of like
+    lengths would weigh a short answer as much as a long one. A modality's last unit is filled up
+    with repeats of its own samples, so the order holds grouped_units(has_image, unit) whole units."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     if not group:
         return torch.randperm(n, generator=g).tolist()
@@ -360,9 +362,7 @@ def epoch_order(n, seed, epoch, unit=1, has_image=None, lengths=None, group=Fals
         idx = [i for i in range(n) if has_image[i] == want]
         idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
         idx += (idx * unit)[:-len(idx) % unit]  # fill the last unit with repeats, as DistributedSampler pads
-        for s in range(0, len(idx), unit * mega):  # sort each block by length, longest first
-            block = sorted(idx[s:s + unit * mega], key=lambda i: -lengths[i])
-            units += [block[u:u + unit] for u in range(0, len(block), unit)]
+        units += [idx[u:u + unit] for u in range(0, len(idx), unit)]
     units = [units[j] for j in torch.randperm(len(units), generator=g).tolist()]
     return [i for u in units for i in u]
 
@@ -402,8 +402,7 @@ class BatchSampler:
         for step in range(self.start_step, self.total_steps):
             epoch, i = divmod(step, self.steps_per_epoch)  # i: the step within its epoch
             if i == 0 or step == self.start_step:
-                order = epoch_order(len(self.ds), self.seed, epoch, self.global_batch,
-                                    self.ds.has_image, self.ds.lengths, self.group)
+                order = epoch_order(len(self.ds), self.seed, epoch, self.global_batch, self.ds.has_image, self.group)
                 assert len(order) // self.global_batch == self.steps_per_epoch
             base = i * self.global_batch
             for k in range(self.accum):

@@ -474,7 +474,6 @@ def test_batches_same_at_any_world_size():
         def __len__(self):
             return 40
         has_image = [i % 3 != 0 for i in range(40)]
-        lengths = [(i * 7) % 13 for i in range(40)]
 
     def steps(world, accum, micro, group=False, start=0):
         per_rank = [list(data.BatchSampler(DS(), micro, accum, world, r, seed=3, epochs=2, group=group,
@@ -500,7 +499,6 @@ def test_grouped_epoch_holds_every_record(n_img, n_txt, G):
     # record is dropped (a whole unit of images was, when an epoch had len // G steps)
     class DS:
         has_image = [True] * n_img + [False] * n_txt
-        lengths = [(i * 7) % 13 for i in range(n_img + n_txt)]
 
         def __len__(self):
             return n_img + n_txt
@@ -513,5 +511,22 @@ def test_grouped_epoch_holds_every_record(n_img, n_txt, G):
         first = [i for s in epochs for b in list(s)[:units * accum] for i in b]
         assert len(seen) == 2 * units * G and set(first) == set(range(len(DS()))), (n_img, n_txt, G)
     for epoch in range(2):
-        order = data.epoch_order(len(DS()), 5, epoch, G, DS.has_image, DS.lengths, group=True)
+        order = data.epoch_order(len(DS()), 5, epoch, G, DS.has_image, group=True)
         assert len(order) == units * G and set(order) == set(range(len(DS())))
+
+
+def test_grouping_is_by_modality_alone():
+    # as the release's micro-batches, ours mix lengths at random: the loss (a token mean per micro-batch)
+    # then weighs samples as the release's does; units sorted by length weighed short answers far more
+    def order(lengths):
+        class DS:
+            has_image = [i % 4 != 0 for i in range(64)]
+
+            def __len__(self):
+                return 64
+        DS.lengths = lengths  # what the samples hold: the order must not depend on it
+        ranks = [list(data.BatchSampler(DS(), 2, 2, 2, r, seed=1, epochs=1, group=True)) for r in range(2)]
+        return [[i for r in ranks for b in r[2 * s:2 * s + 2] for i in b] for s in range(len(ranks[0]) // 2)]
+    steps = order(list(range(64)))
+    assert steps == order(list(range(64))[::-1])
+    assert all(len({i % 4 != 0 for i in s}) == 1 for s in steps)  # still one modality per optimizer step
