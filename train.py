@@ -54,8 +54,9 @@ from weights import available_memory, fingerprint, read_config, write_safetensor
 # -----------------------------------------------------------------------------
 # settings: the release's recipe per stage; a flag overrides
 
-STAGE = {1: dict(template="plain", image_size=384, image_mode="crop", lr=1e-3, global_batch=256),
-         2: dict(template="vicuna_v1", image_size=1024, image_mode="pad", lr=2e-5, global_batch=128)}
+# micro: the release's per-GPU batch (8 GPUs; stage 2 accumulates 2), over which each loss is a token mean
+STAGE = {1: dict(template="plain", image_size=384, image_mode="crop", lr=1e-3, global_batch=256, micro=32),
+         2: dict(template="vicuna_v1", image_size=1024, image_mode="pad", lr=2e-5, global_batch=128, micro=8)}
 # random towers small enough for a CPU test: R 64 -> 2x2 ConvNeXt map, ViT 28 px -> 2x2 grid
 TINY = mra.MRAConfig(vit_min_size=28,
                      vit=ViTConfig(image_size=28, patch_size=14, width=32, layers=4, heads=2, mlp_dim=64),
@@ -120,7 +121,7 @@ p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, not on 
 p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
 p.add_argument("--epochs", type=int, default=1, help="default 1")
 p.add_argument("--global-batch", type=int, help="default 256 / 128")
-p.add_argument("--batch-size", type=int, default=16, help="per device, per micro-step (default 16)")
+p.add_argument("--batch-size", type=int, help="per device, per micro-step (default 32 / 8, as released)")
 p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
 p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500; 0: at the end only)")
@@ -132,18 +133,18 @@ p.add_argument("--lean-malloc", action="store_true", help="CPU: return freed act
 p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block) instead of DDP")
 p.add_argument("--freeze-vision", action="store_true", help="stage 2: keep both towers fixed")
 p.add_argument("--freeze-llm", action="store_true", help="stage 2: keep the LLM fixed")
-p.add_argument("--lora-r", type=int, help="stage 2 with LoRA of this rank on the LLM (release: 128); needs --init")
-p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default 2 r, as released: 256)")
-p.add_argument("--lora-dropout", type=float, help="on the input of the low-rank path (default 0.05, as released)")
+p.add_argument("--lora-r", type=int, help="stage 2 with LoRA of this rank on the LLM (LLaVA-1.5's: 128); needs --init")
+p.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default 2 r, LLaVA-1.5's: 256)")
+p.add_argument("--lora-dropout", type=float, help="on the input of the low-rank path (default 0.05, LLaVA-1.5's)")
 p.add_argument("--lora-train-mra", action=argparse.BooleanOptionalAction,
                help="with LoRA, also train the MR-Adapters and the fusion at full rank (as LLaVA-HR does)")
 p.add_argument("--lora-adapters-only", action="store_true",
                help="checkpoints hold only OUT/ckpt/lora (small), not the merged model as well")
 p.add_argument("--quantize", choices=["int8"], help="with --lora-r: the frozen LLM's linears in int8 (QLoRA-style, "
                "a scale per row); checkpoints hold the adapters only: generate.py --model INIT --lora OUT/ckpt/lora")
-p.add_argument("--projector-lr-scale", type=float, help="projector's lr / --lr (default 1; LoRA 0.1, as released)")
+p.add_argument("--projector-lr-scale", type=float, help="projector's lr / --lr (default 1; LoRA 0.1, as LLaVA-1.5)")
 p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
-               help="micro-steps of one modality and similar lengths (default: on in stage 2, as released)")
+               help="global batches of one modality, as LLaVA's group_by_modality_length (default: on in stage 2)")
 p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
 p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
@@ -159,7 +160,7 @@ if not args.debug:
     sys.excepthook = one_line_errors
 recipe = STAGE[args.stage]
 # a flag left out (None) takes the default; one given as 0 is refused, never read as left out
-limits = {"--batch-size >= 1": args.batch_size >= 1, "--epochs >= 1": args.epochs >= 1,
+limits = {"--batch-size >= 1": args.batch_size is None or args.batch_size >= 1, "--epochs >= 1": args.epochs >= 1,
           "--global-batch >= 1": args.global_batch is None or args.global_batch >= 1,
           "--image-size >= 32": args.image_size is None or args.image_size >= 32,
           "--max-len >= 1": args.max_len is None or args.max_len >= 1,
@@ -186,7 +187,7 @@ lora_flags = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-dropout
                               ("--[no-]lora-train-mra", args.lora_train_mra),
                               ("--lora-adapters-only", args.lora_adapters_only or None)) if v is not None]
 if lora_flags and not args.lora_r:  # else a full fine-tune would run, the flags silently unused
-    p.error(f"{', '.join(lora_flags)} set LoRA up: it needs --lora-r (the rank; the release's is 128)")
+    p.error(f"{', '.join(lora_flags)} set LoRA up: it needs --lora-r (the rank; LLaVA-1.5's is 128)")
 if args.quantize and not args.lora_r:
     p.error("--quantize int8 freezes the LLM's weights in int8, where only LoRA can learn: it needs --lora-r")
 if args.device == "cuda" and not torch.cuda.is_available():
@@ -200,6 +201,7 @@ if args.lora_r and (args.freeze_llm or args.freeze_vision):
             "low-rank updates on the LLM, the projector and, with --lora-train-mra, the MR-Adapters): drop them")
 if args.quantize and args.fsdp:
     p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
+args.batch_size = args.batch_size or STAGE[args.stage]["micro"]
 args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
 args.lora_train_mra = args.lora_train_mra is not False
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
@@ -640,7 +642,7 @@ if start_step >= stop_step:  # resumed at or past where this run stops: it is do
         dist.destroy_process_group()
     sys.exit()
 warmup = math.ceil(args.warmup_ratio * total_steps)
-lr_max = args.lr or (2e-4 if args.lora_r else recipe["lr"])  # LoRA: the release's finetune_lora lr
+lr_max = args.lr or (2e-4 if args.lora_r else recipe["lr"])  # LoRA: LLaVA-1.5's finetune_lora lr
 
 
 def logged_step(line):
