@@ -89,17 +89,20 @@ def prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache=False):
     return model.prefill(ids.to(device), images, pad_mask.to(device), max_new_tokens, reuse_cache)
 
 
-def compile_step(step, device):
+def compile_step(step, device, max_batch=1):
     """torch.compile a decode step. Its shapes are the same at every position (see
     Llama.decode), so it compiles once per cache shape and never sees a dynamic shape. A batch run
-    meets many (batch size, cache length) pairs: past dynamo's default 8, a fullgraph step fails."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    meets up to max_batch batch sizes (skipped questions, the last batch) times the cache lengths
+    (CACHE_ROUND steps of the context): past dynamo's limits (8; 256 in all), a fullgraph step fails."""
+    model = getattr(step, "__self__", None)  # step: model.decode
+    shapes = max_batch * (getattr(getattr(model, "config", None), "max_seq_len", 4096) // CACHE_ROUND + 1)
+    for limit in ("recompile_limit", "accumulated_recompile_limit"):
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), shapes))
     if device.type == "cuda":  # the whole step replayed as one CUDA graph (reduce-overhead's option)
         options = {"triton.cudagraphs": True}
         # int8 weights: coordinate-descent tuning makes inductor write each one-row product as a reduction
         # that dequantises as it reads (1 byte per weight); else the bf16 copy is written and read back
         # every step (5). bf16 weights keep cuBLAS: tuned triton products were slower there (0.55 vs 0.59)
-        model = getattr(step, "__self__", None)  # step: model.decode
         if isinstance(model, torch.nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules()):
             options["coordinate_descent_tuning"] = True
         return torch.compile(step, fullgraph=True, dynamic=False, options=options)
@@ -660,7 +663,7 @@ def run(args):
         llama.pack_linears(model.llm)
     if device.type == "cpu":
         keep_freed_memory()
-    step = compile_step(model.llm.decode, device) if args.compile else model.llm.decode
+    step = compile_step(model.llm.decode, device, args.batch_size) if args.compile else model.llm.decode
     if args.compile:
         log("--compile: each new batch size or cache length compiles the step at its first call (seconds to minutes)")
     if args.questions:

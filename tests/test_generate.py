@@ -402,8 +402,13 @@ def test_compiled_step_runs_packed_products(model, tok, images):
     eager = generate.generate(model, prompts, img, max_new_tokens=16, eos_id=-1)
     packed = copy.deepcopy(model)
     assert llama.pack_linears(packed.llm, min_bytes=0) > 0
-    step = generate.compile_step(packed.llm.decode, torch.device("cpu"))
+    step = generate.compile_step(packed.llm.decode, torch.device("cpu"), max_batch=40)
     assert generate.generate(packed, prompts, img, max_new_tokens=16, eos_id=-1, step=step) == eager
+    # a --batch-size 40 run may meet 40 batch sizes x 3 cache lengths (context 512, CACHE_ROUND 256): a
+    # fullgraph step stops the run past dynamo's limits, so they cover every one
+    shapes = 40 * (packed.llm.config.max_seq_len // generate.CACHE_ROUND + 1)
+    assert shapes == 120 and torch._dynamo.config.recompile_limit >= shapes
+    assert torch._dynamo.config.accumulated_recompile_limit >= shapes
 
 
 def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
