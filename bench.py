@@ -47,7 +47,8 @@
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
     python bench.py --device cuda --only 7b   # that alone
     python bench.py --quick    # smoke run, a few seconds
-    python bench.py --only experiment   # section 4: the README's experiment table
+    python bench.py --only experiment   # section 4: the README's experiment table; its arms without stage 0:
+    python bench.py --only experiment --experiment-out out/no-stage0 --demo-flags="--tower-steps 0 --tower-lr-scale 1"
     python bench.py --only scale [--model DIR]   # section 5
     python bench.py --only stage2 --device cuda   # section 6
     python bench.py --only lean   # section 7 (~10 minutes, 12 GB of memory at once, on 2 busy cores)
@@ -61,6 +62,7 @@ import os
 import queue
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -856,7 +858,8 @@ def bench_experiment(a):
         t0 = time.time()
         subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", arm, "--data-dir", a.data_dir,
                         "--config", os.path.join(arm, "config.json"), "--stage1-size", str(r1),
-                        "--image-size", str(r2), "--overwrite"] + flags, check=True)  # an arm without a result is redone
+                        "--image-size", str(r2), "--overwrite"] + shlex.split(a.demo_flags) + flags,
+                       check=True)  # an arm without a result is redone; --demo-flags first, so the arm's own win
         result = {"train_s": time.time() - t0, "tokens": replace(cfg, image_size=r2).visual_tokens}
         steps = [json.loads(line) for line in open(os.path.join(arm, "stage2", "log.jsonl"))]
         result["tokens_per_s"] = sum(s["tokens_per_s"] for s in steps) / len(steps)
@@ -1366,6 +1369,11 @@ def main(argv=None):
     p.add_argument("--arms", default="abcd",
                    help="experiment: the arms to train, by letter (d: all three ablations) or index 0-5")
     p.add_argument("--pil-scenes", type=int, default=300, help="experiment: scenes in the independent held-out set")
+    # e.g. --demo-flags="--tower-steps 0 --tower-lr-scale 1": the arms without stage 0 (README); demo.run takes
+    # its own flags (--tower-steps, --scenes) and passes the rest to both train.py stages, where the last wins
+    p.add_argument("--demo-flags", default="",
+                   help="experiment: more flags for every arm's train.py --preset demo (one string: "
+                        "--demo-flags=\"...\"); use another --experiment-out, as arms with a result are kept")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-len", type=int, default=1100)
