@@ -886,6 +886,17 @@ def test_int8_kernel_equals_dequantise_then_matmul(dtype, k):
     near(layer(x).float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_int8_rows_too_small_for_the_scales_dtype_or_zero(dtype):
+    # fp16 scales of rows under ~7.6e-6 rounded to 0 (the row's output lost, and 0 / 0 for a zero row)
+    from int8 import Int8Linear
+    w = torch.stack([torch.linspace(-1, 1, 32) * 10 ** -e for e in (0, 5, 6, 7)] + [torch.zeros(32)])
+    q, s = Int8Linear.quantize(w, dtype)
+    assert s.dtype == dtype and (s > 0).all() and torch.equal(q[-1], torch.zeros(32, dtype=torch.int8))
+    err = (q.float() * s.float()[:, None] - w).abs()
+    assert (err <= s.float()[:, None] / 2 * (1 + 1e-2)).all()  # half a step, as for any row
+
+
 def test_towers_load_from_pytorch_model_bin_as_the_llm_does(tmp_path):
     """HF's CLIP repos may ship only pytorch_model.bin: the towers find their files as Llama does."""
     clip, convnext = make_clip(seed=9), make_convnext(seed=10)
