@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import mra
 from int8 import Int8Linear, int8_linear, int8_linears, int8_reader
-from weights import CheckpointError, load_state, read_config, read_safetensors
+from weights import CheckpointError, fingerprint, load_state, read_config, read_safetensors
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
 # the parts a LoRA run keeps frozen and its adapter file leaves to the base checkpoint
@@ -125,14 +125,23 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
     if not os.path.isfile(info_path):
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
                               f"OUT/ckpt/lora of a train.py --lora-r run)")
-    r, alpha, trained_on = read_config(info_path, lambda d: (int(d["r"]), float(d["alpha"]), d.get("base")))
-    if (os.path.realpath(os.path.join(base, "lora")) == os.path.realpath(adapters)
-            and os.path.isfile(os.path.join(base, "mra_config.json"))):  # train.py's OUT/ckpt: the merged model
+    r, alpha, trained_on = read_config(info_path, lambda d: (d["r"], d["alpha"], d.get("base")))
+    if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
+        raise CheckpointError(f"{info_path}: r must be a whole number >= 1 and alpha a finite number > 0, not "
+                              f"{r!r} and {alpha!r}")
+    merged_here = os.path.join(base, "lora")  # train.py's OUT/ckpt: the merged model, its adapters beside it
+    if (os.path.isfile(os.path.join(base, "mra_config.json")) and os.path.isdir(merged_here)
+            and (os.path.realpath(merged_here) == os.path.realpath(adapters)
+                 or fingerprint(merged_here) == fingerprint(adapters))):  # the same adapters, copied elsewhere
         raise CheckpointError(f"--lora {adapters}: {base} is the model with these adapters already merged in; "
                               f"applying them again would add the update twice. Use --model {base} alone, or "
                               f"--model {trained_on or 'BASE'} --lora {adapters}")
     cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
     tensors = read_safetensors(adapters, dtype, device)
+    ranks = {tuple(v.shape[:1]) for k, v in tensors.items() if k.endswith(".lora_a")}
+    if ranks != {(r,)}:  # else every layer's shape mismatch would be blamed on the base
+        raise CheckpointError(f"{info_path}: r {r}, but the adapters in {adapters} are of rank "
+                              f"{', '.join(str(s[0]) for s in sorted(ranks)) or 'none (no lora_a tensors)'}")
     q = quantize if not merged else None  # merged: W + (alpha / r) B A in full precision, then quantized
     state = {k: v for k, v in mra.load_checkpoint(base, dtype, device, q).state_dict().items() if k not in tensors}
     state |= tensors

@@ -4,6 +4,7 @@ only LoRA, the projector and the flagged modules learn, the base weights stay bi
 resume, DDP and FSDP2 equal one uninterrupted process; bad ranks and mismatched adapters are
 one line. The same on an int8 base (train.py --quantize int8): the int8 weights and scales stay
 bit-identical, the adapters alone are saved and serve on the full-precision base."""
+import json
 import os
 import runpy
 import shutil
@@ -168,7 +169,7 @@ def test_a_base_changed_or_gone_mid_run_leaves_the_adapters_saved(env, base, tmp
         (tmp_path / "base").mkdir()  # gone: an empty directory in its place
 
 
-def test_adapters_on_their_own_merged_model_are_refused(run, env, capsys):
+def test_adapters_on_their_own_merged_model_are_refused(run, env, capsys, tmp_path):
     """OUT/ckpt is already W + s B A: --lora OUT/ckpt/lora on it would add the update twice."""
     out, _ = run
     with pytest.raises(mra.CheckpointError, match="already merged in"):
@@ -179,6 +180,23 @@ def test_adapters_on_their_own_merged_model_are_refused(run, env, capsys):
     err = capsys.readouterr().err
     assert code != 0 and err.strip().splitlines()[-1].startswith("error: ") and "add the update twice" in err, err
     assert "Traceback" not in err
+    # the same adapters copied elsewhere are still the ones merged in (they were added twice, silently)
+    shutil.copytree(out / "ckpt" / "lora", tmp_path / "copied")
+    with pytest.raises(mra.CheckpointError, match="already merged in"):
+        lora.load(str(out / "ckpt"), str(tmp_path / "copied"))
+
+
+def test_a_bad_lora_json_is_one_line(run, tmp_path):
+    # alpha NaN made every merged weight NaN; 0 dropped the adapters; r 4.7 read as 4; an r the tensors
+    # do not have was blamed on the base
+    out, g = run
+    for bad, why in (({"alpha": float("nan")}, "alpha a finite number > 0"), ({"alpha": 0}, "alpha a finite"),
+                     ({"r": 4.7}, "r must be a whole number"), ({"r": 8}, "r 8, but the adapters in .* are of rank 4")):
+        shutil.copytree(out / "ckpt" / "lora", tmp_path / "a", dirs_exist_ok=True)
+        info = json.loads((tmp_path / "a" / "lora.json").read_text())
+        (tmp_path / "a" / "lora.json").write_text(json.dumps(info | bad))
+        with pytest.raises(mra.CheckpointError, match=r"lora\.json: .*" + why):
+            lora.load(g["args"].init, str(tmp_path / "a"))
 
 
 def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
