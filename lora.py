@@ -120,7 +120,8 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
     merged=True: a plain LlavaHR with the updates folded in (for generation); False: the LoRA
     modules kept (train.py --resume). Adapters that do not fit the base: one CheckpointError.
     quantize="int8": unmerged, LoRA on the int8 base (a --quantize run's resume); merged, the
-    merged weights quantized one at a time (generate.py --lora --quantize int8)."""
+    merged weights quantized one at a time (generate.py --lora --quantize int8), after the base was
+    loaded whole in dtype: the peak is the float model's."""
     info_path = os.path.join(adapters, "lora.json")
     if not os.path.isfile(info_path):
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
