@@ -736,7 +736,7 @@ def bench_table1(a):
 
 # (name, MRAConfig changes, R in stage 1, R in stage 2, extra train.py flags)
 ARMS = [("(a) LLaVA-1.5 style: ViT alone, low res", dict(arch="llava-1.5"), 112, 112, []),
-        ("(b) ViT alone, full res", dict(arch="llava-1.5"), 224, 224, []),
+        ("(b) ViT alone, 224 px", dict(arch="llava-1.5"), 224, 224, []),
         ("(c) LLaVA-HR, MR-Adapters (tanh gate)", {}, 128, 256, []),
         ("(d) no adapters, final fusion only", {}, 128, 256, ["--no-adapters"]),
         ("(d) sigmoid gate", {}, 128, 256, ["--gate", "sigmoid"]),
