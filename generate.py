@@ -96,8 +96,8 @@ def compile_step(step, device, max_batch=1):
     (CACHE_ROUND steps of the context): past dynamo's limits (8; 256 in all), a fullgraph step fails."""
     model = getattr(step, "__self__", None)  # step: model.decode
     shapes = max_batch * (getattr(getattr(model, "config", None), "max_seq_len", 4096) // CACHE_ROUND + 1)
-    for limit in ("recompile_limit", "accumulated_recompile_limit"):
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), shapes))
+    for limit in ("recompile_limit", "accumulated_recompile_limit"):  # at least 64: caches not of CACHE_ROUND too
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), shapes, 64))
     if device.type == "cuda":  # the whole step replayed as one CUDA graph (reduce-overhead's option)
         options = {"triton.cudagraphs": True}
         # int8 weights: coordinate-descent tuning makes inductor write each one-row product as a reduction

@@ -367,7 +367,7 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
     qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
     compiled, packed = [], []
-    monkeypatch.setattr(generate, "compile_step", lambda step, device: compiled.append(step) or step)
+    monkeypatch.setattr(generate, "compile_step", lambda step, *a: compiled.append(step) or step)
     monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(m) or 0)
     argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW, "--compile"]
     assert run_cli(capsys, *argv, "--batch-size", 2)[0] == 0 and len(read_jsonl(afile)) == 3
@@ -379,7 +379,7 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
 def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkeypatch):
     # --prompt logs time to first token and the decode rate; with --compile the first decode
     # step also compiles the step, so the rate starts after it
-    monkeypatch.setattr(generate, "compile_step", lambda step, device: step)
+    monkeypatch.setattr(generate, "compile_step", lambda step, *a: step)
 
     def five_tokens(*_, on_token, **__):
         for t in range(5):
