@@ -258,6 +258,9 @@ def run_textvqa(args):
 
 
 def run_vqav2(args):
+    """The test-dev upload, as the release writes it; or a val accuracy by TextVQA's rule (the release has
+    no val scorer): the VQA tool's own normalises only the prediction (and the humans' punctuation
+    where they disagree), so its val number differs where humans wrote "two" or "a dog"."""
     if args.submission:
         return vqa_submission(args, "vqav2")
     anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file")
@@ -637,7 +640,7 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("textvqa", help="val accuracy (VQA's soft accuracy, LLaVA's answer processing)")
     s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
-    s = sub.add_parser("vqav2", help="val accuracy (--annotations) or the test-dev upload (--questions, --submission)")
+    s = sub.add_parser("vqav2", help="val accuracy by TextVQA's rule (--annotations) or the test-dev upload (--questions, --submission)")
     s.add_argument("--annotations", help="v2_mscoco_val2014_annotations.json")
     s.add_argument("--questions", help="llava_vqav2_mscoco_test2015.jsonl (all of test2015)")
     s.add_argument("--submission", help="the upload file to write")
