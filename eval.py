@@ -640,7 +640,8 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("textvqa", help="val accuracy (VQA's soft accuracy, LLaVA's answer processing)")
     s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
-    s = sub.add_parser("vqav2", help="val accuracy by TextVQA's rule (--annotations) or the test-dev upload (--questions, --submission)")
+    s = sub.add_parser("vqav2", help="val accuracy by TextVQA's rule (--annotations) or the test-dev upload "
+                                      "(--questions, --submission)")
     s.add_argument("--annotations", help="v2_mscoco_val2014_annotations.json")
     s.add_argument("--questions", help="llava_vqav2_mscoco_test2015.jsonl (all of test2015)")
     s.add_argument("--submission", help="the upload file to write")
