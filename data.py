@@ -311,7 +311,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         # a bad item is replaced by the next good one of its modality (skip_bad only): a micro-step grouped
         # by modality stays so (under FSDP every rank must run the same modules)
-        alike = [j for k in range(len(self)) if self.has_image[j := (i + k) % len(self)] == self.has_image[i]]
+        alike = (j for k in range(len(self)) if self.has_image[j := (i + k) % len(self)] == self.has_image[i])
         for skipped, j in enumerate(alike):
             try:
                 return self.load(j) | dict(skipped=skipped)
