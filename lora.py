@@ -139,10 +139,10 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
                               f"--model {trained_on or 'BASE'} --lora {adapters}")
     cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
     tensors = read_safetensors(adapters, dtype, device)
-    ranks = {tuple(v.shape[:1]) for k, v in tensors.items() if k.endswith(".lora_a")}
-    if ranks != {(r,)}:  # else every layer's shape mismatch would be blamed on the base
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_a")}
+    if ranks != {r}:  # else every layer's shape mismatch would be blamed on the base
         raise CheckpointError(f"{info_path}: r {r}, but the adapters in {adapters} are of rank "
-                              f"{', '.join(str(s[0]) for s in sorted(ranks)) or 'none (no lora_a tensors)'}")
+                              f"{', '.join(map(str, sorted(ranks))) or 'none (no lora_a tensors)'}")
     q = quantize if not merged else None  # merged: W + (alpha / r) B A in full precision, then quantized
     state = {k: v for k, v in mra.load_checkpoint(base, dtype, device, q).state_dict().items() if k not in tensors}
     state |= tensors

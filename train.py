@@ -201,7 +201,7 @@ if args.lora_r and (args.freeze_llm or args.freeze_vision):
             "low-rank updates on the LLM, the projector and, with --lora-train-mra, the MR-Adapters): drop them")
 if args.quantize and args.fsdp:
     p.error("--quantize int8 with --fsdp: FSDP2 would not shard the int8 weights (buffers); use DDP or one GPU")
-args.batch_size = args.batch_size or STAGE[args.stage]["micro"]
+args.batch_size = args.batch_size or recipe["micro"]
 args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
 args.lora_train_mra = args.lora_train_mra is not False
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)

@@ -187,8 +187,8 @@ def read_bin(file):
                 raise
             sd = torch.load(file, map_location="cpu", weights_only=True)  # pre-1.6 format: read whole
     except Exception as e:  # noqa: BLE001 -- UnpicklingError and the zip reader's many errors
-        if lfs_pointer(file):
-            raise lfs_pointer(file) from None
+        if pointer := lfs_pointer(file):
+            raise pointer from None
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         # torch's message is a paragraph; the line that says what the unpickler refused is enough
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), None)
