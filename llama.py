@@ -535,11 +535,16 @@ class Llama(nn.Module):
 
 class Tokenizer:
     """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0). LLaVA
-    tokenises through HF's slow `LlamaTokenizer` in legacy mode; `encode` and `decode` reproduce its ids
-    and text exactly (tests/test_tokenizer.py), so checkpoints trained with it see the same sequences.
-    Sentencepiece does the real work; the rest is HF's handling of the strings "<s>", "</s>", "<unk>"."""
+    tokenises through HF's slow `LlamaTokenizer` of transformers 4.31 (the release's pin); `encode` and
+    `decode` reproduce its ids and text exactly (tests/test_tokenizer.py), so checkpoints trained with it
+    see the same sequences. Sentencepiece does the real work; the rest is HF's handling of the strings
+    "<s>", "</s>", "<unk>", in one of two modes: `legacy` as the tokenizer_config.json beside the model
+    says (HF's default, true, where it says nothing). The two differ only after a special token in the
+    text: "</s>USER" is [</s>, ▁US, ER] in legacy mode and [</s>, US, ER] in the other, where HF 4.31
+    strips the dummy-prefix "▁" from the first piece after it (LLaVA-1.5's tokenizer, whose
+    tokenizer_config.json says "legacy": false, does; so every multi-turn conversation is affected)."""
 
-    def __init__(self, model_path):
+    def __init__(self, model_path, legacy=None):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
         self.sp = spm.SentencePieceProcessor()
@@ -547,6 +552,10 @@ class Tokenizer:
             self.sp.load(model_path)
         except RuntimeError:
             raise ValueError(f"not a sentencepiece model: {model_path}") from None
+        if legacy is None:  # HF 4.31: `if not self.legacy` -- so an explicit null counts as false
+            config = os.path.join(os.path.dirname(model_path), "tokenizer_config.json")
+            legacy = bool(read_config(config, lambda d: d.get("legacy", True))) if os.path.isfile(config) else True
+        self.legacy = legacy
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.unk_id  # LLaMA has no pad token; LLaVA pads with <unk>
         self.vocab_size = self.sp.get_piece_size()
@@ -562,11 +571,17 @@ class Tokenizer:
         # HF first cuts the text at literal special-token strings: the "</s>" that ends every answer in
         # the vicuna_v1 template becomes EOS. The spaces around them are kept, and each chunk is a separate
         # sentencepiece call with its own dummy-prefix space: "</s>USER" gives [</s>, ▁USER] in legacy mode.
-        for chunk in self.special_re.split(text):
+        if not self.legacy:  # HF 4.31 marks the text's start with "▁", so every "▁" in it is a space first
+            text = text.replace("▁", " ")
+        for k, chunk in enumerate(self.special_re.split(text)):
             if chunk in self.special_ids:
                 ids.append(self.special_ids[chunk])
-            elif chunk:
+            elif chunk and (self.legacy or k == 0 or chunk[0] == " "):
                 ids += self.sp.encode(chunk)
+            elif chunk:  # not legacy, right after a special token: the first piece loses its "▁", by name
+                pieces = self.sp.encode(chunk, out_type=str)
+                pieces[0] = pieces[0][1:] if pieces[0].startswith("▁") else pieces[0]
+                ids += [self.sp.piece_to_id(p) for p in pieces if p]  # a piece that is not one becomes <unk>
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids, skip_special_tokens=True):

@@ -732,6 +732,8 @@ def save(step):
                 mra.save_checkpoint(None, tmp, state=weights, cfg=cfg)
             with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
                 f.write(tok_bytes)
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:  # the mode it tokenised in
+                json.dump(dict(legacy=tok.legacy), f)
             torch.save(state, os.path.join(tmp, "train_state.pt"))
         # the last good checkpoint is never touched until the new one is complete
         if os.path.isdir(ckpt_dir):

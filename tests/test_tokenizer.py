@@ -1,9 +1,15 @@
-"""Tokenizer parity with HF's slow LlamaTokenizer (legacy mode, as LLaVA uses it).
+"""Tokenizer parity with HF's slow LlamaTokenizer: the installed transformers in legacy mode, and
+transformers 4.31.0 (the release's pin, fetched from PyPI once into .ref/) in both modes.
 
 A tiny sentencepiece model is trained here with LLaMA's trainer settings (BPE, byte fallback,
 split digits, identity normalisation, whitespace kept), so the test needs no download.
 """
+import json
+import os
 import random
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import sentencepiece as spm
@@ -130,3 +136,83 @@ def test_bad_model_file(tmp_path):
     bad.write_bytes(b"this is not a protobuf")
     with pytest.raises(ValueError, match="corrupt.model"):
         Tokenizer(str(bad))
+
+
+# -----------------------------------------------------------------------------
+# transformers 4.31.0: the release pins it, and its non-legacy mode differs from later versions'
+
+REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ref")
+REF_431 = """
+import json, sys, tempfile
+import transformers
+from transformers import LlamaTokenizer
+assert transformers.__version__ == "4.31.0", transformers.__version__
+model, texts = sys.argv[1], json.load(sys.stdin)
+out = {}
+for legacy in (True, False):
+    d = tempfile.mkdtemp()
+    LlamaTokenizer(vocab_file=model, legacy=legacy).save_pretrained(d)  # as from_pretrained reads a model dir
+    t = LlamaTokenizer.from_pretrained(d)
+    out[legacy] = [[t(x).input_ids, t(x, add_special_tokens=False).input_ids] for x in texts]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="session")
+def transformers_431():
+    """transformers 4.31.0 unpacked under .ref/ (pip cannot hold two versions), imported in a subprocess
+    ahead of the installed one. Its import-time check of dependency versions is switched off: the
+    tokenizer needs only sentencepiece, and the installed tokenizers is newer than 4.31 allows."""
+    root = os.path.join(REF, "transformers-4.31.0")
+    if not os.path.isdir(root):
+        os.makedirs(REF, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                            "transformers==4.31.0", "-d", REF], capture_output=True, text=True)
+        assert r.returncode == 0, f"cannot fetch transformers 4.31.0 from PyPI into {REF}: {r.stderr[-500:]}"
+        with zipfile.ZipFile(os.path.join(REF, "transformers-4.31.0-py3-none-any.whl")) as z:
+            z.extractall(root + ".tmp")
+        check = os.path.join(root + ".tmp", "transformers", "dependency_versions_check.py")
+        src = open(check).read()
+        assert "        require_version_core(deps[pkg])" in src
+        open(check, "w").write(src.replace("        require_version_core(deps[pkg])", "        pass"))
+        os.replace(root + ".tmp", root)
+    return root
+
+
+def test_both_modes_match_transformers_431(model_path, transformers_431):
+    texts = ALL + [VICUNA + " A dog.</s>USER: What?</s>ASSISTANT: Red.</s>", "Hi</s> USER", "Hi</s>▁USER"]
+    env = dict(os.environ, PYTHONPATH=transformers_431)
+    r = subprocess.run([sys.executable, "-c", REF_431, model_path], input=json.dumps(texts), env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = json.loads(r.stdout.strip().splitlines()[-1])
+    unk = 0
+    for legacy in (True, False):
+        tok = Tokenizer(model_path, legacy=legacy)
+        for text, (ids, no_bos) in zip(texts, ref[str(legacy).lower()]):
+            assert tok.encode(text) == ids, (legacy, text)
+            assert tok.encode(text, bos=False) == no_bos, (legacy, text)
+            unk += not legacy and tok.unk_id in ids and "<unk>" not in text
+    assert unk  # a first piece that is no piece without its "▁" (HF 4.31 looks it up by name: <unk>)
+    # the two modes differ exactly after a special token: "</s>USER" loses the dummy-prefix space
+    legacy, modern = ref["true"][-3][0], ref["false"][-3][0]
+    assert legacy != modern and len(legacy) == len(modern)
+
+
+def test_mode_from_tokenizer_config(model_path, tmp_path):
+    import shutil
+    shutil.copy(model_path, tmp_path / "tokenizer.model")
+    path, config = str(tmp_path / "tokenizer.model"), tmp_path / "tokenizer_config.json"
+    assert Tokenizer(path).legacy  # no config: HF's default
+    for text, legacy in (('{"legacy": false}', False), ('{"legacy": null}', False), ('{"legacy": true}', True),
+                         ('{"add_bos_token": true}', True)):
+        config.write_text(text)
+        tok = Tokenizer(path)
+        assert tok.legacy is legacy, text
+        ids = tok.encode("Hi</s>USER", bos=False)
+        assert ids == Tokenizer(model_path, legacy=legacy).encode("Hi</s>USER", bos=False)
+        after = ids[ids.index(tok.eos_id) + 1:]
+        assert tok.sp.id_to_piece(after[0]).startswith("▁") == legacy, text
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json line 1: not valid JSON"):
+        Tokenizer(path)

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 import mra
+from llama import Tokenizer
 from test_data import random_image, train_spm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +40,7 @@ def one_thread():
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     tok = train_spm(d / "tok")
+    (d / "tokenizer_config.json").write_text('{"legacy": false}')  # as Vicuna v1.5's: checkpoints keep it
     (d / "images").mkdir()
     captions, chats = [], []
     for i, c in enumerate(CAPTIONS):
@@ -118,6 +120,7 @@ def test_stage1_trains_only_projector_and_fusion(env, tmp_path):
         else:
             assert torch.equal(before[k], after[k]), f"{k} changed in stage 1"
     assert os.path.isfile(tmp_path / "s1" / "ckpt" / "tokenizer.model")
+    assert Tokenizer(tok).legacy is False and mra.load_tokenizer(tmp_path / "s1" / "ckpt").legacy is False
 
 
 def tiny():
