@@ -124,14 +124,16 @@ def _check_turns(turns):
             raise DataError(f"turn {i} has a {type(text).__name__} value, not text")
 
 
-def build_prompt(turns, template="vicuna_v1"):
+def build_prompt(turns, template="vicuna_v1", move_image=True):
     """[(role, text), ...] with role "human"/"gpt" -> the prompt string; a final ("gpt", None)
-    leaves it open for generation, and "<image>" in a turn moves to its front as "<image>\\n".
+    leaves it open for generation, and "<image>" in a turn moves to its front as "<image>\\n" (in
+    training; move_image=False keeps the turns as given, as the release's inference does: its
+    model_vqa puts "<image>\\n" before the question and strips nothing).
     vicuna_v1 (SeparatorStyle.TWO): SYSTEM + " USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:"
     plain (stage 1): "<image>" + caption + "\\n". preprocess_plain *replaces* the human
     turn by the bare "<image>": stage 1 learns to caption from the image alone."""
     _check_turns(turns)
-    turns = [(r, move_image_first(t) if t and "<image>" in t else t) for r, t in turns]
+    turns = [(r, move_image_first(t) if move_image and t and "<image>" in t else t) for r, t in turns]
     if template == "plain":
         if len(turns) != 2 or "<image>" not in (turns[0][1] or ""):
             raise DataError("the plain template takes one human turn holding <image> and one caption")

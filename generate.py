@@ -41,28 +41,31 @@ class ContextError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Sampling: pure functions of the logits
 
-def top_p_filter(probs, top_p):
-    """Nucleus filter on probs (B, V): keep the smallest set of most likely tokens whose
-    total probability reaches top_p (always at least the most likely one), renormalised."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    # a token is kept while the mass strictly before it is still short of top_p
-    keep_sorted = sorted_p.cumsum(-1) - sorted_p < top_p
-    keep_sorted[..., 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    probs = probs * keep
-    return probs / probs.sum(-1, keepdim=True)
+def warp(logits, temperature, top_k=0, top_p=1.0):
+    """HF generate's sampling warpers, in its order and arithmetic (TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper): logits (B, V) / temperature, then every token below the
+    k-th largest, then every token outside the nucleus (the smallest set of most likely tokens
+    whose probability reaches top_p; always at least one), set to -inf."""
+    scores = logits.float() / temperature
+    if not torch.isfinite(scores).all():  # a tiny temperature overflowed: shifted first, the argmax stays 0
+        scores = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+    if top_k:
+        kth = scores.topk(min(top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        ascending, order = scores.sort(dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p  # summed from the least likely, as HF sums
+        drop[..., -1] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return scores
 
 
-def sample(logits, temperature=0.0, top_p=1.0, generator=None):
-    """Next token per row (B,) from logits (B, V): argmax at temperature 0, else a draw from
-    softmax(logits / temperature) after the nucleus filter."""
+def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
+    """Next token per row (B,) from logits (B, V): argmax at temperature 0, else a draw from the
+    softmax of the warped logits (HF's do_sample; its default top_k is 50, generate.py's --top-k)."""
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that logits / it is argmax anyway (or
         return logits.argmax(-1)  # NaN: below 1e-45 float32 holds it as 0, and 0 / 0 is no probability)
-    logits = logits.float()
-    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, not inf - inf
-    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
-    if top_p < 1.0:
-        probs = top_p_filter(probs, top_p)
+    probs = warp(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -239,24 +242,26 @@ def human_turn(text, has_image):
 
 
 def prompt_ids(tok, turns, conv_mode):
-    return data.tokenize(tok, data.build_prompt(turns + [("gpt", None)], conv_mode))
+    return data.tokenize(tok, data.build_prompt(turns + [("gpt", None)], conv_mode, move_image=False))
 
 
 def streamer(tok, file):
     """on_token callback printing row 0's text as it grows, decoded from all its ids so far:
-    sentencepiece spaces and multi-byte characters split over byte pieces come out right."""
+    sentencepiece spaces and multi-byte characters split over byte pieces come out right. What is
+    printed is the answer stripped, as the answers file and the release print it: whitespace at its
+    end is held back until more text follows it."""
     ids, shown = [], [""]
 
     def on_token(b, t):
         if b == 0:
             ids.append(t)
-            text = tok.decode(ids)
+            text = tok.decode(ids).strip()
             if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
                 print(text[len(shown[0]):], end="", file=file, flush=True)
                 shown[0] = text
 
     def finish():  # whatever is still held back (a character that never completed)
-        print(tok.decode(ids)[len(shown[0]):], file=file, flush=True)
+        print(tok.decode(ids).strip()[len(shown[0]):], file=file, flush=True)
     return on_token, finish
 
 
@@ -523,6 +528,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=1, help="--questions answered this many at a time (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0 (default 1: off)")
+    p.add_argument("--top-k", type=int, default=50, help="with --temperature > 0, only the k most likely tokens "
+                   "(default 50: HF generate's, so the release's sampling; 0: off)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
     p.add_argument("--conv-mode", default="vicuna_v1", choices=["vicuna_v1", "plain"],
                    help="the prompt template: vicuna_v1 (stage 2, default) or plain (a stage-1 model)")
@@ -564,6 +571,7 @@ def parse_args(argv):
     limits = {"--max-new-tokens >= 1": args.max_new_tokens >= 1, "--batch-size >= 1": args.batch_size >= 1,
               "a finite --temperature >= 0": 0 <= args.temperature < float("inf"),
               "0 < --top-p <= 1": 0 < args.top_p <= 1,  # written so that NaN fails too
+              "--top-k >= 0": args.top_k >= 0,
               "--seed from -2**63 to 2**64 - 1 (torch's range)": args.seed is None or -2**63 <= args.seed < 2**64}
     bad = [rule for rule, ok in limits.items() if not ok]
     if bad:
@@ -614,8 +622,9 @@ def run(args):
         image = data.load_image(args.image) if args.image else None
     except data.DataError as e:
         raise data.DataError(f"--image {e}") from None
-    if args.temperature == 0 and (args.top_p != 1.0 or args.seed is not None):
-        log("note: --top-p and --seed shape sampling (--temperature > 0); greedy decoding (the default) ignores them")
+    if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 50 or args.seed is not None):
+        log("note: --top-p, --top-k and --seed shape sampling (--temperature > 0); greedy decoding (the default) "
+            "ignores them")
     questions, answered = read_questions(args) if args.questions else (None, None)
     if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
         log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
@@ -654,7 +663,8 @@ def run(args):
     else:
         generator.seed()
     # a padded vocabulary (more LLM rows than tokenizer pieces): never pick a row without text
-    pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator)  # noqa: E731
+    pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator,  # noqa: E731
+                                 args.top_k)
     if device.type == "cuda":  # 4 weight products per layer, not 7: fewer GEMV kernels per token (on
         llama.fuse_linears(model.llm)  # the CPU: decode as fast, prefill ~1% slower; so not there)
     # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, eager or

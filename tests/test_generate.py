@@ -149,21 +149,30 @@ def test_batched_equals_one_by_one(model, tok, images):
     assert max(map(len, batched)) == MAX_NEW  # the others went on
 
 
-def test_top_p_keeps_the_smallest_nucleus():
-    p = torch.tensor([[0.125, 0.5, 0.125, 0.25], [0.25, 0.25, 0.25, 0.25]])
-    kept = lambda top_p: (generate.top_p_filter(p, top_p) > 0).tolist()  # noqa: E731
-    assert kept(0.5)[0] == [False, True, False, False]  # 0.5 reaches 0.5: one token
-    assert kept(0.75)[0] == [False, True, False, True]
-    assert kept(0.76)[0] in ([True, True, False, True], [False, True, True, True])  # one of the ties
-    assert kept(0.01)[0] == [False, True, False, False]  # always at least one
-    assert kept(1.0) == [[True] * 4] * 2
-    assert kept(0.5)[1].count(True) == 2
-    torch.testing.assert_close(generate.top_p_filter(p, 0.75)[0], torch.tensor([0, 2 / 3, 0, 1 / 3]))
-    # sampling draws only from the nucleus; temperature 0 is argmax
-    logits = p.log()
+def test_sampling_warpers_match_hf():
+    """generate.warp is HF generate's do_sample warpers (4.31, the release's pin, and today's: the same
+    order and arithmetic): the same kept tokens and the same probabilities, bit for bit."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    assert GenerationConfig().top_k == 50 == generate.parse_args(["--model", "m", "--prompt", "x"]).top_k  # the release samples so
     g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(6, 32000, generator=g) * s for s in (0.5, 3, 12)])
+    logits[0, :40] = logits[0, 40]  # ties at the k-th and at the nucleus' edge
+    for t, k, p in [(1.0, 50, 1.0), (0.2, 50, 1.0), (0.7, 50, 0.8), (1.0, 0, 0.9), (1.5, 0, 0.999), (1.0, 0, 0.95),
+                    (0.5, 3, 0.5), (1.0, 1, 1.0)]:
+        hf = LogitsProcessorList([TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k else [])
+                                 + ([TopPLogitsWarper(p)] if p < 1 else []))
+        ref = hf(None, logits / 1.0)
+        ours = generate.warp(logits, t, k, p)
+        assert torch.equal(ours.isinf(), ref.isinf()), (t, k, p)
+        assert torch.equal(ours.softmax(-1), ref.softmax(-1)), (t, k, p)
+        assert (~ours.isinf()).sum(-1).min() >= 1
+    # sampling draws only from what the warpers keep; temperature 0 is argmax
+    p = torch.tensor([[0.125, 0.5, 0.125, 0.25], [0.25, 0.25, 0.25, 0.25]])
+    logits = p.log()
     draws = torch.stack([generate.sample(logits, 1.0, 0.75, g) for _ in range(200)])
     assert set(draws[:, 0].tolist()) == {1, 3}
+    assert set(torch.stack([generate.sample(logits, 1.0, 1.0, g, top_k=1) for _ in range(50)])[:, 0].tolist()) == {1}
     assert generate.sample(logits, 0.0)[0] == 1
     # a temperature so small that logits / t overflow: the draw is the argmax, not an error
     assert generate.sample(logits, 1e-40, 1.0, g)[0] == 1  # (row 1: four ties, any of them)
@@ -237,6 +246,38 @@ def test_chat_appends_after_a_canonical_answer(model, tok, images, capsys, monke
     assert full[:seen[1][0]] == ids1 + answer  # ...all of which the fresh prompt starts with
     fresh = generate.generate(model, [full], img[None], max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
     assert out == tok.decode(answer) + "\n" + tok.decode(fresh[0]) + "\n"
+
+
+def test_question_text_is_kept_as_the_release_prompts_it(tok):
+    # model_vqa / cli: "<image>\n" + the question as given, into conversation.py's vicuna_v1 prompt
+    from test_data import llava_tokenizer_image_token, llava_v1_prompt
+    for q in ["What is it?", "What is it? ", " What is it?", "What is it?\n", "", "Two\n\nlines "]:
+        for image in (True, False):
+            release = llava_v1_prompt([{"from": "human", "value": ("<image>\n" if image else "") + q},
+                                       {"from": "gpt", "value": None}])
+            ids = generate.prompt_ids(tok, [generate.human_turn(q, image)], "vicuna_v1")
+            assert ids == llava_tokenizer_image_token(release, _HF(tok)).tolist(), (q, image)
+
+
+class _HF:  # the call test_data's transcription of tokenizer_image_token makes: tokenizer(chunk).input_ids
+    def __init__(self, tok):
+        self.tok, self.bos_token_id = tok, tok.bos_id
+
+    def __call__(self, text):
+        return SimpleNamespace(input_ids=self.tok.encode(text))
+
+
+def test_the_streamed_answer_is_printed_stripped(tok):
+    # as the answers file holds it and the release's run_llava prints it (outputs.strip()), while
+    # each piece is printed as soon as it is known not to be trailing whitespace
+    for text in ["\n Yes it is\n\n", "Yes", "  a  b  ", "你好 ", "\n\n", ""]:
+        out = io.StringIO()
+        on_token, finish = generate.streamer(tok, out)
+        ids = tok.encode(text, bos=False)
+        for i in ids:
+            on_token(0, i)
+        finish()
+        assert out.getvalue() == tok.decode(ids).strip() + "\n", text
 
 
 def test_no_text_becomes_an_image_placeholder(model_dir, model, tok, capsys, monkeypatch):
@@ -587,7 +628,7 @@ def test_binary_questions_file_is_one_line(model_dir, tmp_path, capsys):
 
 def test_sampling_flags_without_a_temperature_are_said_to_do_nothing(model_dir, capsys):
     code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--seed", 3)
-    assert code == 0 and "note: --top-p and --seed shape sampling" in err
+    assert code == 0 and "note: --top-p, --top-k and --seed shape sampling" in err
     code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 2)
     assert code == 0 and "note:" not in err
 
