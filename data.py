@@ -188,7 +188,7 @@ def encode(tok, turns, template, has_image):
     labels[cur:] = [IGNORE] * len(labels[cur:])
     if cur != len(ids):
         raise DataError(f"tokenization mismatch: the rounds count {cur} tokens, the conversation {len(ids)} "
-                        f"(a turn containing '{sep.strip()}' or '</s>'? LLaVA would silently mask it all)")
+                        f"(a turn containing '{sep}' or '</s>'? LLaVA would silently mask it all)")
     return ids, labels
 
 
@@ -272,10 +272,18 @@ class LlavaDataset(torch.utils.data.Dataset):
         for i, (role, text) in enumerate(turns):
             if not text:  # the template reads an empty turn as an open one (LLaVA masks the whole sample)
                 raise DataError(f"turn {i} ({role}) is empty")
-            if self.template == "vicuna_v1" and ("ASSISTANT:" in text or "</s>" in text):
-                raise DataError(f"turn {i} holds the template's separator 'ASSISTANT:' or '</s>', which would "
-                                f"break its rounds (LLaVA would silently mask it all)")
-        n_tags = sum(t.count("<image>") for _, t in turns)
+            if "<unk>" in text:  # LLaVA pads with <unk>: its collator would hide it and mask the whole sample
+                raise DataError(f"turn {i} holds '<unk>', the padding token (LLaVA would silently mask it all)")
+            if "<image>" in text and move_image_first(text).count("<image>") != 1:  # "<imag<image>e>": one left
+                raise DataError(f"turn {i} holds '<image>' once its tags are removed, a second placeholder")
+        # preprocess_v1 walks the rounds, split on "</s>" and then on " ASSISTANT: ": one of those inside a
+        # turn (or next to its edge) breaks them, and LLaVA then masks the whole sample without a word
+        rounds = build_prompt(turns).split("</s>") if self.template == "vicuna_v1" else None
+        if rounds and (len(rounds) != len(turns) // 2 + 1 or any(len(r.split(" ASSISTANT: ")) != 2
+                                                                 for r in rounds[:-1])):
+            raise DataError("a turn holds the template's separator ' ASSISTANT: ' or '</s>', which would break "
+                            "its rounds (LLaVA would silently mask it all)")
+        n_tags = sum("<image>" in t for _, t in turns)  # several in one turn become one, as LLaVA moves them
         image = None
         if "image" in rec:
             if not isinstance(rec["image"], str) or not rec["image"]:
@@ -283,8 +291,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             image = os.path.join(self.folder, rec["image"])
             if not os.path.isfile(image):
                 raise DataError(f"image file not found: {image}")
-            if n_tags != 1:
-                raise DataError(f"{n_tags} '<image>' tags for one image")
+            if n_tags != 1:  # none: LLaVA would train it as text, the image unused; almost surely broken
+                raise DataError(f"'<image>' in {n_tags} turns, for one image")
         elif n_tags:  # LLaVA would tokenise the tag as text; almost surely a broken record
             raise DataError("'<image>' in a record without an image")
         elif self.template == "plain":

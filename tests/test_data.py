@@ -145,6 +145,9 @@ CONVERSATIONS = [  # (conversations, has_image)
     (conv("<image> what is this  ", "  a dog  ", "and this?", "3 cats"), True),
     (conv("What is the answer?", "Yes, the answer is 7.", "And the question?", "There is no question."), False),
     (conv("Hello", "Hi there"), False),
+    # the release trains these, as below: tags in one turn become one; "ASSISTANT:" without its spaces
+    (conv("<image> Is this <image> a cat?", "Yes", "And?", "No"), True),
+    (conv("Q:ASSISTANT:x", "A"), False),
 ]
 CAPTIONS = [
     (conv("<image>\nDescribe the image.", "a man sitting on a red car"), True),
@@ -394,15 +397,20 @@ BAD = [
     (dict(id="y", image="missing.png", conversations=conv("<image>\nQ", "A")), "record 1 \\(id y\\): image file not found: .*missing.png"),
     (dict(id="z", conversations=[{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"}]), "record 1 \\(id z\\): turn 1 is from 'human'"),
     (dict(id="w", conversations=conv("Q", "A", "Q2")), "record 1 \\(id w\\): 3 turns"),
-    (dict(id="v", image="0.png", conversations=conv("no tag", "A")), "record 1 \\(id v\\): 0 '<image>' tags"),
+    (dict(id="v", image="0.png", conversations=conv("no tag", "A")), "record 1 \\(id v\\): '<image>' in 0 turns"),
+    (dict(id="v2", image="0.png", conversations=conv("<image>\nQ", "A", "<image> Q2", "B")),
+     "record 1 \\(id v2\\): '<image>' in 2 turns"),
+    (dict(id="v3", image="0.png", conversations=conv("<imag<image>e>\nQ", "A")),
+     "record 1 \\(id v3\\): turn 0 holds '<image>' once its tags are removed"),
+    (dict(id="v4", conversations=conv("What is <unk>?", "A")), "record 1 \\(id v4\\): turn 0 holds '<unk>'"),
     (dict(id="u", conversations=conv("<image>\nQ", "A")), "record 1 \\(id u\\): '<image>' in a record without"),
     # found up front, not mid-run as a misleading "tokenization mismatch"
     (dict(id="t", image="0.png", conversations=conv("<image>\nQ", "")),
      "record 1 \\(id t\\): turn 1 \\(gpt\\) is empty"),
     (dict(id="s", conversations=conv("", "A")), "record 1 \\(id s\\): turn 0 \\(human\\) is empty"),
     (dict(id="r", conversations=conv("Q ASSISTANT: x", "A")),
-     "record 1 \\(id r\\): turn 0 holds the template's separator"),
-    (dict(id="q", conversations=conv("Q", "A</s>B")), "record 1 \\(id q\\): turn 1 holds the template's separator"),
+     "record 1 \\(id r\\): a turn holds the template's separator"),
+    (dict(id="q", conversations=conv("Q", "A</s>B")), "record 1 \\(id q\\): a turn holds the template's separator"),
     (dict(id="p", image="0.png", conversations=conv("Q", "<image> A")), "record 1 \\(id p\\): the '<image>' tag is in a gpt"),
 ]
 
