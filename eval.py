@@ -103,16 +103,29 @@ def unknown(path, n, qid, where):
                      f"were these answers generated from another question file?")
 
 
-def need(obj, key, path, what, kind=None):
-    """obj[key] (an instance of kind, a type or a tuple of them, if given), or one line saying the file
-    does not have the expected layout."""
-    if not isinstance(obj, dict) or key not in obj:
+def need(obj, key, path, what, kind=None, each=None):
+    """obj[key] (an instance of kind, a type or a tuple of them, if given; a list of instances of each,
+    if that is given), or one line saying the file does not have the expected layout."""
+    names = lambda k: " or ".join(t.__name__ for t in (k if isinstance(k, tuple) else (k,)))
+    an = lambda k: ("an " if names(k)[0] in "aeiou" else "a ") + names(k)
+    if not isinstance(obj, dict):
+        raise EvalError(f"{path}: {what} must be an object with {key!r}, got {type(obj).__name__}; is this the "
+                        f"right file?")
+    if key not in obj:
         raise EvalError(f"{path}: {what} has no {key!r}; is this the right file?")
-    if kind is not None and not isinstance(obj[key], kind):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise EvalError(f"{path}: {key!r} of {what} must be a {names}, got {type(obj[key]).__name__}; is this "
+    value = obj[key]
+    if kind is not None and not isinstance(value, kind):
+        raise EvalError(f"{path}: {key!r} of {what} must be {an(kind)}, got {type(value).__name__}; is this "
                         f"the right file?")
-    return obj[key]
+    if each is not None:
+        if not isinstance(value, list):
+            raise EvalError(f"{path}: {key!r} of {what} must be a list of {names(each)}, got "
+                            f"{type(value).__name__}; is this the right file?")
+        for i, v in enumerate(value):
+            if not isinstance(v, each):
+                raise EvalError(f"{path}: {key!r} of {what} must be a list of {names(each)}, but item {i} is "
+                                f"{v!r:.40}; is this the right file?")
+    return value
 
 
 def write_new(path, write):
@@ -273,7 +286,7 @@ def run_vqav2(args):
             raise unknown(args.answers, n, qid, args.annotations)
         pair = (a["text"], human_answers(args.annotations, anns[qid], qid))
         preds.append(pair)
-        per_type[anns[qid].get("answer_type", "all")].append(pair)
+        per_type[need(anns[qid], "answer_type", args.annotations, f"question {qid!r}", str)].append(pair)
     report(questions=len(anns), answered=len(answers), missing=len(anns) - len(answers))
     if preds:
         print(f"accuracy: {100. * score_vqa(preds):.2f}")
@@ -570,16 +583,17 @@ def sqa_letter(text, rule="llava"):
 
 
 def run_scienceqa(args):
-    problems = read_json(os.path.join(args.base_dir, "problems.json"), "ScienceQA problems")
-    splits = read_json(os.path.join(args.base_dir, "pid_splits.json"), "ScienceQA splits")
-    if not isinstance(splits, dict) or args.split not in splits:
-        raise EvalError(f"{os.path.join(args.base_dir, 'pid_splits.json')}: no split {args.split!r} "
-                        f"(it has {', '.join(splits)})")
-    split = splits[args.split]
+    problems_path = os.path.join(args.base_dir, "problems.json")
+    splits_path = os.path.join(args.base_dir, "pid_splits.json")
+    problems = read_json(problems_path, "ScienceQA problems")
+    splits = read_json(splits_path, "ScienceQA splits")
+    if isinstance(splits, dict) and args.split not in splits:
+        raise EvalError(f"{splits_path}: no split {args.split!r} (it has {', '.join(splits)}); --split?")
+    split = need(splits, args.split, splits_path, "the file", each=str)  # pids are strings, as problems.json's keys
     for pid in split:
-        need(problems, pid, os.path.join(args.base_dir, "problems.json"), "the file")
-        for key in ("choices", "answer"):
-            need(problems[pid], key, os.path.join(args.base_dir, "problems.json"), f"problem {pid!r}")
+        prob = need(problems, pid, problems_path, "the file", dict)
+        need(prob, "choices", problems_path, f"problem {pid!r}", list)
+        need(prob, "answer", problems_path, f"problem {pid!r}", int)  # the index of the right choice
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))
     in_split = set(split)

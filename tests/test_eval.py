@@ -642,6 +642,10 @@ def edit_json(path, edit):
      "'answers' of question 2 must be a list, got str; is this the right file?"),
     ("vqav2", lambda a: a["annotations"][1].update(question_id=[2]),
      "'question_id' of an annotation must be a str or int, got list; is this the right file?"),
+    ("vqav2", lambda a: a["annotations"][1].update(answer_type=None),
+     "'answer_type' of question 2 must be a str, got NoneType; is this the right file?"),
+    ("vqav2", lambda a: a["annotations"][1].update(answer_type=["number"]),
+     "'answer_type' of question 2 must be a str, got list; is this the right file?"),
     ("textvqa", lambda a: a["data"][2].update(question=5), "'question' of an entry must be a str, got int; is this "
      "the right file?"),
     ("gqa", lambda q: q["20515"].update(types="query"),
@@ -655,6 +659,28 @@ def test_annotations_of_another_layout_are_one_line(tmp_path, capsys, bench, edi
     edit_json(argv[4], edit)
     rc, _, err = run(capsys, *argv)
     assert rc == 1 and err == f"error: {argv[4]}: {message}\n", err
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("pid_splits.json", lambda s: [s["test"]], "the file must be an object with 'test', got list"),
+    ("pid_splits.json", lambda s: dict(test="12"), "'test' of the file must be a list of str, got str"),  # not '1', '2'
+    ("pid_splits.json", lambda s: dict(test=[1, 2]), "'test' of the file must be a list of str, but item 0 is 1"),
+    ("pid_splits.json", lambda s: dict(test=[["1"]]), "'test' of the file must be a list of str, but item 0 is "
+     "['1']"),
+    ("problems.json", lambda p: list(p.values()), "the file must be an object with '1', got list"),
+    ("problems.json", lambda p: dict(p, **{"1": "B"}), "'1' of the file must be a dict, got str"),
+    ("problems.json", lambda p: dict(p, **{"1": dict(p["1"], choices=3)}),
+     "'choices' of problem '1' must be a list, got int"),
+    ("problems.json", lambda p: dict(p, **{"1": dict(p["1"], answer="B")}),
+     "'answer' of problem '1' must be an int, got str"),
+])
+def test_scienceqa_files_of_another_layout_are_one_line(tmp_path, capsys, name, edit, message):
+    # a split that is a string was read as its characters; the rest were TypeError tracebacks
+    argv = write_sqa(tmp_path)
+    path = tmp_path / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and err == f"error: {path}: {message}; is this the right file?\n", err
 
 
 def test_binary_inputs_are_one_line(tmp_path, capsys):
