@@ -589,7 +589,11 @@ def run_scienceqa(args):
     splits = read_json(splits_path, "ScienceQA splits")
     if isinstance(splits, dict) and args.split not in splits:
         raise EvalError(f"{splits_path}: no split {args.split!r} (it has {', '.join(splits)}); --split?")
-    split = need(splits, args.split, splits_path, "the file", each=str)  # pids are strings, as problems.json's keys
+    listed = need(splits, args.split, splits_path, "the file", each=str)  # pids are strings, as problems.json's keys
+    split = list(dict.fromkeys(listed))  # eval_science_qa.py builds a dict over the split: a pid counts once
+    if len(split) < len(listed):
+        print(f"warning: {splits_path}: {len(listed) - len(split)} pids of the {args.split} split are listed again; "
+              f"each is counted once, as the release counts them", file=sys.stderr)
     for pid in split:
         prob = need(problems, pid, problems_path, "the file", dict)
         need(prob, "choices", problems_path, f"problem {pid!r}", list)

@@ -551,6 +551,16 @@ def test_scienceqa_matches_the_release(tmp_path, capsys, rule):
     assert out["missing"] == "1"
 
 
+def test_scienceqa_counts_a_pid_listed_twice_once(tmp_path, capsys):
+    # eval_science_qa.py scores {pid: problem for pid in split}: the same numbers as without the repeats
+    argv = write_sqa(tmp_path)
+    edit_json(tmp_path / "pid_splits.json", lambda s: s["test"].extend(["1", "2", "11", "2"]))
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and all(out[k] == v for k, v in SQA_EXPECTED["llava"].items()), out
+    assert (out["questions"], out["missing"]) == (str(len(SQA)), "1")
+    assert "4 pids of the test split are listed again; each is counted once" in err
+
+
 def test_scienceqa_image_subset_from_problems_when_prompts_lack_the_placeholder(tmp_path, capsys):
     # generate.py's prompts carry no <image>: the problem's own image decides, same numbers
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
