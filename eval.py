@@ -18,8 +18,11 @@ eval.py, MME's eval_tool/calculation.py). Each prints `name: value` lines in the
 the rounding that tool prints, so the numbers can be compared digit for digit. Where the release
 is fragile (it pairs POPE labels and MME questions by file position, and silently drops extra
 answers) we match by id instead, which gives the same numbers whenever the release's assumptions
-hold, and refuses the input with one line naming the file and line when they do not. Missing
-answers are never scored as if the set were complete: every run prints `missing:`.
+hold, and refuses the input with one line naming the file and line when they do not. One known
+exception: an MME answer holding a tab or a line break is scored here as written, while the
+release's tab-separated files drop it (tab) or break on it (line break), so its figure differs;
+eval.py says how many there are. Missing answers are never scored as if the set were complete:
+every run prints `missing:`.
 """
 import argparse
 import json
@@ -521,6 +524,19 @@ def mme_task_score(images):
     return 0 + acc * 100 + acc_plus * 100
 
 
+def mme_unsplittable(texts):
+    """A warning for answers the release's own tool cannot carry, or None. convert_answer_to_mme.py writes
+    each answer into a tab-separated line that calculation.py splits on tabs (a fifth field: its
+    try/except skips the answer) and reads line by line, two lines an image (a line break, \\n or \\r,
+    splits the line: its assert fails, or every pair after it is shifted)."""
+    tabs, breaks = sum("\t" in t for t in texts), sum("\n" in t or "\r" in t for t in texts)
+    if tabs or breaks:
+        return (f"warning: {tabs} answers hold a tab and {breaks} a line break; eval.py scores them as written, but "
+                f"the release's tool would drop those with a tab and fail on (or misread) those with a line break, "
+                f"so its figure would differ")
+    return None
+
+
 def run_mme(args):
     gt = mme_ground_truth(args.mme_dir)
     rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
@@ -544,6 +560,8 @@ def run_mme(args):
             raise EvalError(f"{args.mme_dir}: ground truth {gt[key]!r} for {key} is neither yes nor no")
         images[key[0], key[1]].append(mme_label(a["text"]) == gt[key].lower())
     report(questions=len(gt), answered=len(seen), missing=len(gt) - len(seen))
+    if warning := mme_unsplittable([a["text"] for _, a in rows]):
+        print(warning, file=sys.stderr)
     per_task = defaultdict(list)
     for (category, _), pair in images.items():
         if len(pair) > 2:

@@ -511,6 +511,21 @@ def test_mme_matches_the_release(tmp_path, capsys):
         assert out[k] == v, k
 
 
+def test_mme_answers_with_a_tab_or_a_line_break_are_scored_as_written_and_said(tmp_path, capsys):
+    # the release's tab-separated lines would drop the first (its try/except) and break on the second
+    argv = write_mme(tmp_path)
+    swap = {"yes, it is": "yes,\tit is", "Not really": "Not\nreally"}  # same reading as written (yes / no)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(a, text=swap.get(a["text"], a["text"])))
+                                         for a in map(json.loads, ls)])
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and all(out[k] == v for k, v in MME_EXPECTED.items()), out
+    tabs = sum(text == "yes, it is" for *_, text in mme_items())
+    breaks = sum(text == "Not really" for *_, text in mme_items())
+    assert f"{tabs} answers hold a tab and {breaks} a line break" in err and "would differ" in err
+    _, _, err = run(capsys, *write_mme(tmp_path / "b"))
+    assert "tab" not in err
+
+
 # ---------------------------------------------------------------------------------------
 # ScienceQA: (pid, number of choices, answer index, has image, model answer or None)
 
