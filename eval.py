@@ -562,22 +562,34 @@ def run_mme(args):
     report(questions=len(gt), answered=len(seen), missing=len(gt) - len(seen))
     if warning := mme_unsplittable([a["text"] for _, a in rows]):
         print(warning, file=sys.stderr)
-    per_task = defaultdict(list)
+    per_task, half = defaultdict(list), 0
     for (category, _), pair in images.items():
         if len(pair) > 2:
             raise EvalError(f"{args.answers}: {category} has {len(pair)} questions on one image; MME has two")
-        if len(pair) == 2:  # an image missing one of its answers is left out (counted in missing)
+        if len(pair) == 2:
             per_task[category].append(pair)
+        else:  # acc+ needs both answers of an image: one alone is answered, but not scored
+            half += 1
+    if half:
+        print(f"warning: {half} images have one of their two questions answered; those {half} answers are left "
+              f"out of the scores (MME scores an image's two answers together)", file=sys.stderr)
+    in_gt = defaultdict(set)  # the images of each task
+    for category, name, _ in gt:
+        in_gt[category].add(name)
     for kind, tasks in MME_TASKS.items():
         done = [t for t in tasks if per_task[t]]
+        partial = [t for t in done if len(per_task[t]) < len(in_gt[t])]
         scores = {t: mme_task_score(per_task[t]) for t in done}
         total = sum(scores[t] for t in done)  # 0 + first + second ..., calculation.py's order
-        if len(done) == len(tasks):
-            print(f"{kind}: {total}")  # calculation.py prints the raw float sum
-        else:
+        if len(done) < len(tasks):
             print(f"{kind}: incomplete ({len(done)} of {len(tasks)} tasks answered)")
+        elif partial:
+            print(f"{kind}: {total} (partial: {', '.join(partial)} not fully answered)")
+        else:
+            print(f"{kind}: {total}")  # calculation.py prints the raw float sum
         for t in done:
-            print(f"{t}: {scores[t]}")
+            print(f"{t}: {scores[t]}" + (f" (partial: {len(per_task[t])} of {len(in_gt[t])} images)" if t in partial
+                                          else ""))
 
 
 # ---------------------------------------------------------------------------------------

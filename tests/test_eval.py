@@ -511,6 +511,20 @@ def test_mme_matches_the_release(tmp_path, capsys):
         assert out[k] == v, k
 
 
+def test_mme_image_with_one_answer_is_counted_and_its_task_marked_partial(tmp_path, capsys):
+    # one answer of count's first image dropped: its other answer is answered but cannot be scored
+    argv = write_mme(tmp_path)
+    first = next(i for i, (task, img, *_) in enumerate(mme_items()) if task == "count")
+    rewrite_answers(argv[2], lambda ls: ls[:first] + ls[first + 1:])
+    rc, out, err = run(capsys, *argv)
+    n = len(mme_items())
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == (str(n), str(n - 1), "1")
+    assert "1 images have one of their two questions answered; those 1 answers are left out of the scores" in err
+    assert out["count"].endswith(" (partial: 1 of 2 images)"), out["count"]
+    assert out["perception"].endswith(" (partial: count not fully answered)"), out["perception"]
+    assert out["cognition"] == MME_EXPECTED["cognition"] and out["existence"] == MME_EXPECTED["existence"]
+
+
 def test_mme_answers_with_a_tab_or_a_line_break_are_scored_as_written_and_said(tmp_path, capsys):
     # the release's tab-separated lines would drop the first (its try/except) and break on the second
     argv = write_mme(tmp_path)
