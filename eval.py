@@ -248,12 +248,17 @@ def human_answers(path, ann, qid):
 
 
 def run_textvqa(args):
-    anns = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file")
-    # later duplicates win, as in the release's dict
-    anns = {(need(a, "image_id", args.annotations, "an entry", (str, int)),
-             need(a, "question", args.annotations, "an entry", str).lower()): a for a in anns}
+    entries = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file", list)
+    # eval_textvqa.py keys the annotations by (image id, lower-cased question): a later entry replaces an
+    # earlier one of the same key, and every answer line is scored against the entry of its key
+    anns, asked = {}, defaultdict(int)
+    for a in entries:
+        key = (need(a, "image_id", args.annotations, "an entry", (str, int)),
+               need(a, "question", args.annotations, "an entry", str).lower())
+        anns[key], asked[key] = a, asked[key] + 1
     rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
-    preds, seen = [], {}
+    by_key(args.answers, rows, lambda a: (a["question_id"], a["prompt"]))  # the same question answered twice
+    preds, lines = [], defaultdict(list)
     for n, a in rows:
         q = textvqa_question(a["prompt"])
         if q is None:
@@ -263,12 +268,17 @@ def run_textvqa(args):
         if key not in anns:
             raise EvalError(f"{args.answers}:{n}: image {a['question_id']!r} with question {q!r} is not in "
                             f"{args.annotations}")
-        if key in seen:  # the release would score it twice
+        lines[key].append(n)
+        if len(lines[key]) > asked[key]:  # more answers than the annotations ask it: one is a second answer
             raise EvalError(f"{args.answers}:{n}: image {key[0]!r} question {key[1]!r} was already answered on "
-                            f"line {seen[key]}; keep one answer per question")
-        seen[key] = n
+                            f"line {', '.join(map(str, lines[key][:-1]))} ({asked[key]} times in "
+                            f"{args.annotations}); keep one answer per question")
         preds.append((a["text"], human_answers(args.annotations, anns[key], key)))
-    report(questions=len(anns), answered=len(seen), missing=len(anns) - len(seen))
+    report(questions=len(entries), answered=len(rows), missing=len(entries) - len(rows))
+    shared = sum(len(ns) for ns in lines.values() if len(ns) > 1)
+    if shared:
+        print(f"warning: {shared} answers share their image and (lower-cased) question with another; each is "
+              f"scored against the last annotation of that pair, as eval_textvqa.py scores them", file=sys.stderr)
     if preds:
         print(f"accuracy: {100. * score_vqa(preds):.2f}")  # eval_textvqa prints a percentage, 2 places
 

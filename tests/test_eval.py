@@ -231,6 +231,35 @@ def test_textvqa_matches_the_release(tmp_path, capsys):
     assert (out["answered"], out["missing"]) == (str(len(TEXTVQA)), "0")
 
 
+# t02 asked again in other capitals: eval_textvqa.py keys both by (image, lower-cased question), so its
+# later annotation (other human answers) replaces the first, and both answer lines score against it
+TEXTVQA_TWIN = ("t02", "HOW MANY BOTTLES ARE THERE?", ["3"] * 6 + ["three"] * 2 + ["2"] * 2,
+                "HOW MANY BOTTLES ARE THERE?" + SHORT, "3")
+# eval_textvqa.py on TEXTVQA + [TEXTVQA_TWIN]: "Samples: 15", "Accuracy: 86.00%"
+TEXTVQA_TWIN_EXPECTED = {'accuracy': '86.00'}
+
+
+def test_textvqa_answers_sharing_a_key_score_as_the_release(tmp_path, capsys):
+    # eval.py refused the second answer before: the real val set would be refused if it held such a pair
+    rc, out, err = run(capsys, *write_textvqa(tmp_path, TEXTVQA + [TEXTVQA_TWIN]))
+    assert rc == 0 and out["accuracy"] == TEXTVQA_TWIN_EXPECTED["accuracy"]
+    assert (out["questions"], out["answered"], out["missing"]) == ("15", "15", "0")
+    assert "warning: 2 answers share their image and (lower-cased) question with another" in err
+    (tmp_path / "b").mkdir()
+    argv = write_textvqa(tmp_path / "b", TEXTVQA + [TEXTVQA_TWIN])
+    rewrite_answers(argv[2], lambda ls: ls[:-1])  # one of the two unanswered: missing, whichever it is
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == ("15", "14", "1") and "share" not in err
+    twin = answer(TEXTVQA_TWIN[0], TEXTVQA_TWIN[3], TEXTVQA_TWIN[4])
+    third = answer("t02", "How Many Bottles Are There?" + SHORT, "2")  # more answers than the pair is asked
+    rewrite_answers(argv[2], lambda ls: ls + [json.dumps(twin), json.dumps(third)])
+    fails(capsys, argv, "answers.jsonl:16:", "question 'how many bottles are there?' was already answered on line 2, 15",
+          "(2 times in")
+    argv = write_textvqa(tmp_path / "b")
+    rewrite_answers(argv[2], lambda ls: ls + [ls[3]])  # the same line twice
+    fails(capsys, argv, f"answers.jsonl:{len(TEXTVQA) + 1}:", "already answered on line 4")
+
+
 # ---------------------------------------------------------------------------------------
 # VQAv2 val: (question id, answer type, 10 human answers, model answer)
 
