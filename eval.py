@@ -149,7 +149,8 @@ def report(questions, answered, missing, note="the scores below cover the answer
 
 # ---------------------------------------------------------------------------------------
 # VQA answer normalisation: the EvalAI processor of LLaVA's llava/eval/m4c_evaluator.py (from
-# MMF), used for TextVQA and for the VQAv2 / VizWiz submission files. Restated as tables.
+# MMF), used for TextVQA and for the VQAv2 / VizWiz submission files, and the VQA tool's own
+# (llava_hr/eval/vqa_eval.py's VQAEval), used for VQAv2 val. Both share the tables below.
 
 # contractions written without the apostrophe -> with it; the odd entries ("somebody'd" ->
 # "somebodyd", "let's" -> "let's") are in the original table and kept so answers match it
@@ -183,20 +184,29 @@ PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 # a period not followed by a digit ("1.5" keeps its point). The original passes re.UNICODE as
 # sub()'s third argument, which is `count`: at most 32 periods go, and so do we.
 PERIOD = re.compile(r"\.(?!\d)")
+COMMA_NUMBER = re.compile(r"\d,\d")
+
+
+def vqa_punctuation(text):
+    """processPunctuation: punctuation touching a space is deleted, punctuation inside a word becomes a
+    space (all of it is deleted once a digit-comma-digit occurs); then the periods go."""
+    out, comma_number = text, COMMA_NUMBER.search(text) is not None
+    for p in PUNCTUATION:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or comma_number) else " ")
+    return PERIOD.sub("", out, count=32)
+
+
+def vqa_digits_articles(text):
+    """processDigitArticle: lower case, number words as digits, articles out, contractions given back."""
+    words = [NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
 def normalize_answer(text):
-    """The EvalAI answer normalisation, step by step as m4c_evaluator applies it."""
+    """The EvalAI answer normalisation, step by step as m4c_evaluator applies it (commas are gone
+    before the punctuation step, so its digit-comma test never fires here)."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    # punctuation touching a space is deleted, punctuation inside a word becomes a space
-    # (the original's digit-comma test never fires here: commas are already gone)
-    out = text
-    for p in PUNCTUATION:
-        out = out.replace(p, "" if (p + " " in text or " " + p in text) else " ")
-    out = PERIOD.sub("", out, count=32)
-    words = [NUMBERS.get(w, w) for w in out.split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+    return vqa_digits_articles(vqa_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
 
 
 def vqa_accuracy(pred, humans):
@@ -283,28 +293,41 @@ def run_textvqa(args):
         print(f"accuracy: {100. * score_vqa(preds):.2f}")  # eval_textvqa prints a percentage, 2 places
 
 
+def vqa_tool_accuracy(text, humans):
+    """VQA accuracy of one answer as the VQA tool scores it (vqa_eval.py's VQAEval.evaluate, which the
+    release runs through eval_okvqa.py): the answer is read as the EvalAI processor reads it, less its
+    first step (lower case, commas and '?' out, "'s" split off); the humans' answers keep theirs as
+    written, and lose only their punctuation, and only when they disagree. So a human "two" or "a dog"
+    never matches an answer. (VQAEval leaves out each human's answer object by equality; VQAv2's differ
+    by answer_id, so that is leave-one-out, as here.)"""
+    pred = vqa_digits_articles(vqa_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+    return vqa_accuracy(pred, [vqa_punctuation(h) for h in humans] if len(set(humans)) > 1 else humans)
+
+
 def run_vqav2(args):
-    """The test-dev upload, as the release writes it; or a val accuracy by TextVQA's rule (the release has
-    no val scorer): the VQA tool's own normalises only the prediction (and the humans' punctuation
-    where they disagree), so its val number differs where humans wrote "two" or "a dog"."""
+    """The test-dev upload, as the release writes it; or a val accuracy by the VQA tool's rule (the
+    release's eval_okvqa.py with vqa_eval.py, for VQAv2-format annotations), overall and per answer type."""
     if args.submission:
         return vqa_submission(args, "vqav2")
-    anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file")
+    anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file", list)
     anns = {need(a, "question_id", args.annotations, "an annotation", (str, int)): a for a in anns}
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
-    preds, per_type = [], defaultdict(list)
     for qid, (n, a) in answers.items():
         if qid not in anns:
             raise unknown(args.answers, n, qid, args.annotations)
-        pair = (a["text"], human_answers(args.annotations, anns[qid], qid))
-        preds.append(pair)
-        per_type[need(anns[qid], "answer_type", args.annotations, f"question {qid!r}", str)].append(pair)
+    scores, per_type = [], defaultdict(list)
+    for qid, ann in anns.items():  # VQAEval sums in the annotations' order
+        if qid in answers:
+            acc = vqa_tool_accuracy(answers[qid][1]["text"], human_answers(args.annotations, ann, qid))
+            scores.append(acc)
+            per_type[need(ann, "answer_type", args.annotations, f"question {qid!r}", str)].append(acc)
     report(questions=len(anns), answered=len(answers), missing=len(anns) - len(answers))
-    if preds:
-        print(f"accuracy: {100. * score_vqa(preds):.2f}")
+    percent = lambda accs: 100 * float(sum(accs)) / len(accs)  # VQAEval.setAccuracy, which rounds to 2 places
+    if scores:
+        print(f"accuracy: {percent(scores):.2f}")
         for t in sorted(per_type):
-            print(f"accuracy_{t.replace('/', '_')}: {100. * score_vqa(per_type[t]):.2f}")
+            print(f"accuracy_{t.replace('/', '_')}: {percent(per_type[t]):.2f}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -698,8 +721,8 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("textvqa", help="val accuracy (VQA's soft accuracy, LLaVA's answer processing)")
     s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
-    s = sub.add_parser("vqav2", help="val accuracy by TextVQA's rule (--annotations) or the test-dev upload "
-                                      "(--questions, --submission)")
+    s = sub.add_parser("vqav2", help="val accuracy by the VQA tool's rule (--annotations) or the test-dev "
+                                      "upload (--questions, --submission)")
     s.add_argument("--annotations", help="v2_mscoco_val2014_annotations.json")
     s.add_argument("--questions", help="llava_vqav2_mscoco_test2015.jsonl (all of test2015)")
     s.add_argument("--submission", help="the upload file to write")

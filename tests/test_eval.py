@@ -3,8 +3,8 @@
 Every expected value in this file was produced by running the release's scoring script on the
 very vector the test writes (the `write_*` helpers below build the files; the scripts ran outside
 this repo, unchanged): LLaVA-HR's llava_hr/eval/m4c_evaluator.py (EvalAIAnswerProcessor,
-TextVQAAccuracyEvaluator), eval_textvqa.py, eval_pope.py, eval_science_qa.py (LLaVA-1.5's
-llava/eval/eval_science_qa.py for rule='llava'), scripts/convert_vqav2_for_submission.py,
+TextVQAAccuracyEvaluator), vqa.py with vqa_eval.py (VQAEval), eval_textvqa.py, eval_pope.py,
+eval_science_qa.py (LLaVA-1.5's llava/eval/eval_science_qa.py for rule='llava'), scripts/convert_vqav2_for_submission.py,
 convert_vizwiz_for_submission.py and convert_gqa_for_eval.py followed by GQA's eval.py (the
 version LLaVA's docs point to), and LLaVA's playground/data/eval/MME/convert_answer_to_mme.py
 followed by MME's eval_tool/calculation.py. No expected number here was computed by eval.py.
@@ -271,6 +271,15 @@ VQAV2 = [
     (5, "other", ["red"] * 2 + ["red and white"] * 4 + ["white"] * 4, "Red and white."),
     (6, "other", ["frisbee"] * 10, "A frisbee"),
     (7, "other", ["tennis"] * 5 + ["playing tennis"] * 5, ""),
+    # the VQA tool reads the humans' answers as written (only their punctuation goes, when they disagree)
+    (8, "number", ["two"] * 10, "2"),
+    (9, "other", ["a dog"] * 10, "dog"),
+    (10, "number", ["1,000"] * 5 + ["1000"] * 5, "1,000"),
+    (11, "other", ["Coca-Cola"] * 4 + ["coca cola"] * 6, "Coca-Cola"),
+    (12, "yes/no", ["Yes"] * 8 + ["yes"] * 2, "Yes"),
+    (13, "other", ["mcdonald's"] * 7 + ["mcdonalds"] * 3, "McDonald's"),
+    (14, "other", ["t-shirt"] * 10, "T-Shirt"),
+    (15, "other", ["left / right", "left/right"] * 5, "left/right"),
 ]
 
 
@@ -285,8 +294,11 @@ def write_vqav2(d):
             "--annotations", os.path.join(d, "v2_mscoco_val2014_annotations.json")]
 
 
-# TextVQAAccuracyEvaluator.eval_pred_list, x100, 2 places
-VQAV2_EXPECTED = {'accuracy': '65.71', 'accuracy_number': '80.00', 'accuracy_other': '66.67', 'accuracy_yes_no': '50.00'}
+# vqa_eval.py's VQAEval (through vqa.py's VQA and loadRes, as eval_okvqa.py runs them): accuracy['overall'],
+# accuracy['perAnswerType'] (rounded to 2 places; printed here with both), and evalQA per question
+VQAV2_EXPECTED = {'accuracy': '61.33', 'accuracy_number': '65.00', 'accuracy_other': '62.50', 'accuracy_yes_no': '53.33'}
+VQAV2_PER_QUESTION = {1: 100.0, 2: 0.0, 3: 100.0, 4: 60.0, 5: 100.0, 6: 100.0, 7: 0.0, 8: 0.0, 9: 0.0, 10: 100.0,
+                      11: 100.0, 12: 60.0, 13: 100.0, 14: 0.0, 15: 100.0}
 
 
 def test_vqav2_val_matches_the_release_accuracy(tmp_path, capsys):
@@ -294,6 +306,8 @@ def test_vqav2_val_matches_the_release_accuracy(tmp_path, capsys):
     assert rc == 0 and VQAV2_EXPECTED
     for k, v in VQAV2_EXPECTED.items():
         assert out[k] == v, k
+    for q, _, humans, text in VQAV2:
+        assert round(100 * ev.vqa_tool_accuracy(text, humans), 2) == VQAV2_PER_QUESTION[q], q
 
 
 # ---------------------------------------------------------------------------------------
