@@ -39,16 +39,17 @@ class EvalError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Reading answers and annotations
 
-def read_json(path, what):
+def read_json(path, what, layout=""):
+    """The file's JSON; `layout` ('; it is ...') is said when the file is not JSON."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: a BOM (some Windows editors) is no JSON
             return json.load(f)
     except OSError as e:
         raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except json.JSONDecodeError as e:
-        raise EvalError(f"{path}:{e.lineno}: the {what} is not valid JSON ({e.msg})") from None
+        raise EvalError(f"{path}:{e.lineno}: the {what} file is not valid JSON ({e.msg}){layout}") from None
     except UnicodeDecodeError:
-        raise EvalError(f"{path}: the {what} is not UTF-8 text; is this the right file?") from None
+        raise EvalError(f"{path}: the {what} file is not UTF-8 text; is this the right file?") from None
 
 
 # what every line of generate.py's (and LLaVA's model_vqa) answer files holds; a question line has
@@ -59,12 +60,18 @@ ANSWER_KEYS = ("question_id", "prompt", "text")
 def read_jsonl(path, what, keys):
     """[(line number, object)] for every non-blank line; each object must hold `keys`."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")  # not splitlines(): U+2028 inside a string is no line break
+        with open(path, encoding="utf-8-sig") as f:  # a BOM, as generate.py allows in question files
+            text = f.read()
     except OSError as e:
         raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except UnicodeDecodeError:
         raise EvalError(f"{path}: the {what} file is not UTF-8 text; is this the right file?") from None
+    if text.lstrip().startswith("["):
+        hint = "; an upload file eval.py wrote (--submission)? " if what == "answer" else "; "
+        raise EvalError(f"{path}: a JSON array, not a .jsonl file of {what}s{hint}a .jsonl holds one JSON object "
+                        f"a line, as generate.py writes them")
+    lines = text.split("\n")  # not splitlines(): U+2028 inside a string is no line break
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -72,13 +79,17 @@ def read_jsonl(path, what, keys):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{n}: not a JSON line ({e.msg}); a run cut short? "
-                            f"rerun generate.py, which redoes a broken last line") from None
-        missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+            way = ("a run cut short? rerun generate.py, which redoes a broken last line" if n == last
+                   else "fix or delete that line")
+            raise EvalError(f"{path}:{n}: not a JSON line ({e.msg}); {way}") from None
+        if not isinstance(obj, dict):
+            raise EvalError(f"{path}:{n}: a JSON {type(obj).__name__}, where each {what} line is an object with "
+                            f"{', '.join(keys)}; is this the right file?")
+        missing = [k for k in keys if k not in obj]
         if missing:
-            hint = "; a question file given as --answers?" if what == "answer" and "prompt" in missing else ""
+            question = what == "answer" and "prompt" in missing and "question_id" in obj and "text" in obj
             raise EvalError(f"{path}:{n}: each {what} line needs {', '.join(keys)}; this one lacks "
-                            f"{', '.join(missing)}{hint}")
+                            f"{', '.join(missing)}" + ("; a question file given as --answers?" if question else ""))
         for k in ("text", "prompt"):
             if k in keys and not isinstance(obj[k], str):
                 raise EvalError(f"{path}:{n}: {k!r} must be a string, got {type(obj[k]).__name__}")
@@ -377,9 +388,11 @@ def run_gqa(args):
     """GQA's eval.py (as the release runs it): 1 point when the prediction equals the answer,
     averaged over the balanced questions; binary (yes/no, 'verify'/'logical'/'choose'/'compare'
     structures) and open ('query') splits likewise."""
-    questions = read_json(args.questions, "GQA questions")
-    if not isinstance(questions, dict):
-        raise EvalError(f"{args.questions}: expected GQA's {{question id: question}} object")
+    layout = ("; a GQA questions file is one JSON object {question id: question}, e.g. "
+              "testdev_balanced_questions.json (not LLaVA's llava_gqa_testdev_balanced.jsonl)")
+    questions = read_json(args.questions, "GQA questions", layout)
+    if not (isinstance(questions, dict) and all(isinstance(q, dict) for q in questions.values())):
+        raise EvalError(f"{args.questions}: not the layout of GQA's questions{layout}")
     for qid, q in questions.items():
         need(q, "answer", args.questions, f"question {qid!r}")
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),

@@ -661,8 +661,42 @@ def fails(capsys, argv, *needles):
 
 def test_malformed_line_names_file_and_line(tmp_path, capsys):
     argv = write_gqa(tmp_path)
-    rewrite_answers(argv[2], lambda ls: ls[:2] + [ls[2][:30]] + ls[3:])  # a line cut short
-    fails(capsys, argv, "answers.jsonl:3:", "not a JSON line")
+    rewrite_answers(argv[2], lambda ls: ls[:2] + [ls[2][:30]] + ls[3:])  # a line cut short, not the last
+    fails(capsys, argv, "answers.jsonl:3:", "not a JSON line", "fix or delete that line")
+    rewrite_answers(argv[2], lambda ls: ls[:2] + ls[3:] + [ls[2]])  # the last: a run that stopped
+    fails(capsys, argv, f"answers.jsonl:{len(GQA)}:", "a run cut short? rerun generate.py")
+
+
+def test_a_utf8_bom_is_no_part_of_line_1(tmp_path, capsys):
+    # was "not a JSON line (Unexpected UTF-8 BOM); a run cut short?"; generate.py allows one in question files
+    argv = write_gqa(tmp_path)
+    for path in (argv[2], argv[4]):
+        with open(path, "rb+") as f:
+            data = f.read()
+            f.seek(0)
+            f.write(b"\xef\xbb\xbf" + data)
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and all(out[k] == v for k, v in GQA_EXPECTED.items()), out
+
+
+def test_an_upload_file_given_as_answers_is_named(tmp_path, capsys):
+    argv = write_vqav2_test(tmp_path)
+    assert run(capsys, *argv)[0] == 0
+    argv[2] = argv[-1]  # upload.json, a JSON array
+    argv[-1] = str(tmp_path / "again.json")
+    fails(capsys, argv, "upload.json: a JSON array, not a .jsonl file of answers; an upload file eval.py wrote "
+                        "(--submission)?")
+
+
+def test_a_jsonl_given_as_gqa_questions_is_named(tmp_path, capsys):
+    argv = write_gqa(tmp_path)
+    argv[4] = write_jsonl(tmp_path / "llava_gqa_testdev_balanced.jsonl",
+                          [dict(question_id=qid, image="n1.jpg", text="q" + SHORT) for qid, *_ in GQA])
+    layout = "a GQA questions file is one JSON object {question id: question}, e.g. testdev_balanced_questions.json"
+    fails(capsys, argv, "llava_gqa_testdev_balanced.jsonl:2: the GQA questions file is not valid JSON (Extra data)",
+          layout)
+    write_jsonl(argv[4], [dict(question_id=GQA[0][0], image="n1.jpg", text="q" + SHORT)])  # one line: an object
+    fails(capsys, argv, "llava_gqa_testdev_balanced.jsonl: not the layout of GQA's questions", layout)
 
 
 def test_line_without_question_id(tmp_path, capsys):
