@@ -8,6 +8,7 @@
     python eval.py pope      --answers A.jsonl --questions llava_pope_test.jsonl --annotation-dir coco/
     python eval.py mme       --answers A.jsonl --mme-dir MME_Benchmark_release_version/
     python eval.py scienceqa --answers A.jsonl --base-dir scienceqa/     (problems.json, pid_splits.json)
+    python eval.py seed      --answers A.jsonl --annotations SEED-Bench.json
     python eval.py scienceqa-questions llava_test_CQM-A.json sqa.jsonl   (the question file generate.py reads)
 
 Answer files are LLaVA's model_vqa jsonl ({question_id, prompt, text, ...} per line), as generate.py
@@ -728,6 +729,48 @@ SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 # ---------------------------------------------------------------------------------------
+# SEED-Bench: the answer letter, exactly, on the image questions
+
+def run_seed(args):
+    """scripts/convert_seed_for_submission.py: an answer is right when its text is the question's answer
+    letter exactly; accuracy per question type and over the image questions (its 'image accuracy', the
+    SEED figure of LLaVA-HR's model zoo). An unanswered question counts as wrong, as there. Ids match as
+    strings (the release looks an answer up by the int of SEED's id); answers to video questions are
+    counted but not scored."""
+    data = read_json(args.annotations, "SEED-Bench annotations")
+    names = {i: name for name, i in need(data, "question_type", args.annotations, "the file", dict).items()}
+    questions = need(data, "questions", args.annotations, "the file", list)
+    image = []
+    for q in questions:
+        qid = need(q, "question_id", args.annotations, "a question", (str, int))
+        if need(q, "data_type", args.annotations, f"question {qid!r}", str) == "image":
+            if need(q, "question_type_id", args.annotations, f"question {qid!r}", int) not in names:
+                raise EvalError(f"{args.annotations}: question {qid!r} has a question_type_id that 'question_type' "
+                                f"does not name; is this the right file?")
+            need(q, "answer", args.annotations, f"question {qid!r}", str)
+            image.append(q)
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS), lambda a: str(a["question_id"]))
+    known = {str(q["question_id"]) for q in questions}
+    for qid, (n, _) in answers.items():
+        if qid not in known:
+            raise unknown(args.answers, n, qid, args.annotations)
+    count, correct, answered = defaultdict(int), defaultdict(int), 0
+    for q in image:
+        a = answers.get(str(q["question_id"]))
+        count[q["question_type_id"]] += 1
+        correct[q["question_type_id"]] += a is not None and a[1]["text"] == q["answer"]
+        answered += a is not None
+    report(len(image), answered, len(image) - answered, "they count as wrong, as the release scores them")
+    if len(answers) > answered:
+        print(f"warning: {len(answers) - answered} answers to SEED's video questions are not scored (the image "
+              f"questions are)", file=sys.stderr)
+    for t in sorted(count):  # the release's order and rounding: "<type>: xx.xx%", then "image accuracy: xx.xx%"
+        print(f"{names[t]}: {correct[t] / count[t] * 100:.2f}")
+    if image:
+        print(f"image_accuracy: {sum(correct.values()) / len(image) * 100:.2f}")
+
+
+# ---------------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -754,7 +797,9 @@ def parse_args(argv):
     s.add_argument("--split", default="test")
     s.add_argument("--letter-rule", choices=["llava", "llava-hr"], default="llava",
                    help="how the option letter is read (see sqa_letter); llava: the published numbers' rule")
-    for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa"):
+    s = sub.add_parser("seed", help="SEED-Bench accuracy per question type and on the image questions")
+    s.add_argument("--annotations", required=True, help="SEED-Bench.json")
+    for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa", "seed"):
         sub.choices[name].add_argument("--answers", required=True, help="answer .jsonl (generate.py's)")
     s = sub.add_parser("scienceqa-questions", help="convert llava_test_CQM-A.json for generate.py")
     s.add_argument("src")
@@ -770,7 +815,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     run = {"textvqa": run_textvqa, "vqav2": run_vqav2, "vizwiz": run_vizwiz, "gqa": run_gqa, "pope": run_pope,
-           "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions}
+           "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions,
+           "seed": run_seed}
     try:
         run[args.bench](args)
     except EvalError as e:

@@ -642,6 +642,106 @@ def test_scienceqa_image_subset_from_problems_when_prompts_lack_the_placeholder(
 
 
 # ---------------------------------------------------------------------------------------
+# SEED-Bench: (question id, data type, question type id, answer letter, model answer or None)
+
+SEED_TYPES = {"Scene Understanding": 1, "Instance Identity": 2, "Instances Counting": 5, "Text Understanding": 9,
+              "Action Recognition": 10}
+SEED = [
+    ("0", "image", 1, "A", "A"), ("1", "image", 1, "B", "B."), ("2", "image", 1, "C", "C"), ("3", "image", 1, "D", None),
+    ("4", "image", 2, "B", "b"), ("5", "image", 2, "B", "B"), ("6", "image", 2, "A", " A"),
+    ("7", "image", 5, "C", "The answer is C."), ("8", "image", 5, "D", None), ("9", "image", 5, "A", "A"),
+    ("10", "image", 9, "D", "D"), ("11", "image", 9, "C", "D"), ("12", "image", 9, "A", "A"), ("13", "image", 9, "B", "B"),
+    ("14", "video", 10, "A", "A"), ("15", "video", 10, "B", None), ("16", "video", 10, "C", "C"),
+]
+
+
+def write_seed(d):
+    data = {"question_type": SEED_TYPES,
+            "questions": [dict(question_id=q, data_type=dt, question_type_id=t, answer=gold, question="q?",
+                               choice_a="a", choice_b="b", choice_c="c", choice_d="d", data_id=f"{q}.jpg")
+                          for q, dt, t, gold, _ in SEED]}
+    with open(os.path.join(d, "SEED-Bench.json"), "w") as f:
+        json.dump(data, f)
+    # the release looks answers up by int(SEED's id): LLaVA's question file carries ints
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answer(int(q), "q?\nA. a\nB. b\nC. c\nD. d\n" + ev.SQA_SUFFIX, a)
+                                                   for q, _, _, _, a in SEED if a is not None])
+    return ["seed", "--answers", os.path.join(d, "answers.jsonl"), "--annotations", os.path.join(d, "SEED-Bench.json")]
+
+
+def release_seed(annotation_file, result_file):
+    """scripts/convert_seed_for_submission.py's eval_single, as released (`data` and
+    `ques_type_id_to_name` are its module globals), run for all types and then for 'image';
+    its printed lines."""
+    data = json.load(open(annotation_file))
+    ques_type_id_to_name = {id: n for n, id in data['question_type'].items()}
+    printed = []
+    print = printed.append
+
+    def eval_single(result_file, eval_only_type=None):
+        results = {}
+        for line in open(result_file):
+            row = json.loads(line)
+            results[row['question_id']] = row
+
+        type_counts = {}
+        correct_counts = {}
+        for question_data in data['questions']:
+            if eval_only_type is not None and question_data['data_type'] != eval_only_type: continue
+            data_type = question_data['question_type_id']
+            type_counts[data_type] = type_counts.get(data_type, 0) + 1
+            try:
+                question_id = int(question_data['question_id'])
+            except:
+                question_id = question_data['question_id']
+            if question_id not in results:
+                correct_counts[data_type] = correct_counts.get(data_type, 0)
+                continue
+            row = results[question_id]
+            if row['text'] == question_data['answer']:
+                correct_counts[data_type] = correct_counts.get(data_type, 0) + 1
+
+        total_count = 0
+        total_correct = 0
+        for data_type in sorted(type_counts.keys()):
+            accuracy = correct_counts[data_type] / type_counts[data_type] * 100
+            if eval_only_type is None:
+                print(f"{ques_type_id_to_name[data_type]}: {accuracy:.2f}%")
+
+            total_count += type_counts[data_type]
+            total_correct += correct_counts[data_type]
+
+        total_accuracy = total_correct / total_count * 100
+        if eval_only_type is None:
+            print(f"Total accuracy: {total_accuracy:.2f}%")
+        else:
+            print(f"{eval_only_type} accuracy: {total_accuracy:.2f}%")
+
+        return results
+
+    eval_single(result_file)
+    eval_single(result_file, eval_only_type='image')
+    return dict(line.rstrip("%").split(": ") for line in printed)
+
+
+def test_seed_matches_the_release(tmp_path, capsys):
+    argv = write_seed(tmp_path)
+    want = release_seed(argv[4], argv[2])
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and out["image_accuracy"] == want["image accuracy"]
+    image_types = {n for n, t in SEED_TYPES.items() if any(dt == "image" and tt == t for _, dt, tt, _, _ in SEED)}
+    for name in image_types:
+        assert out[name] == want[name], name
+    assert set(out) == image_types | {"questions", "answered", "missing", "image_accuracy"}
+    image = [a for _, dt, _, _, a in SEED if dt == "image"]
+    assert (out["questions"], out["missing"]) == (str(len(image)), str(image.count(None)))
+    assert "2 answers to SEED's video questions are not scored" in err
+    # ids written as strings match as well (the release would find none of them)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(x), question_id=str(json.loads(x)["question_id"])))
+                                         for x in ls])
+    assert run(capsys, *argv)[1] == out
+
+
+# ---------------------------------------------------------------------------------------
 # Bad input: one line naming the file and line, a non-zero exit, never a wrong score
 
 def rewrite_answers(path, edit):
@@ -768,10 +868,15 @@ def edit_json(path, edit):
      "'types' of question '20515' must be a dict, got str; is this the right file?"),
     ("gqa", lambda q: q["20515"].update(types={"semantic": "attr"}),
      "the types of question '20515' has no 'structural'; is this the right file?"),
+    ("seed", lambda a: a["questions"][1].update(question_type_id="1"),
+     "'question_type_id' of question '1' must be an int, got str; is this the right file?"),
+    ("seed", lambda a: a["questions"][1].update(question_type_id=3),
+     "question '1' has a question_type_id that 'question_type' does not name; is this the right file?"),
+    ("seed", lambda a: a["questions"][2].pop("data_type"), "question '2' has no 'data_type'; is this the right file?"),
 ])
 def test_annotations_of_another_layout_are_one_line(tmp_path, capsys, bench, edit, message):
     # KeyError, AttributeError and TypeError tracebacks before
-    argv = dict(vqav2=write_vqav2, textvqa=write_textvqa, gqa=write_gqa)[bench](tmp_path)
+    argv = dict(vqav2=write_vqav2, textvqa=write_textvqa, gqa=write_gqa, seed=write_seed)[bench](tmp_path)
     edit_json(argv[4], edit)
     rc, _, err = run(capsys, *argv)
     assert rc == 1 and err == f"error: {argv[4]}: {message}\n", err
@@ -820,10 +925,10 @@ def test_scienceqa_problem_without_its_answer(tmp_path, capsys):
     fails(capsys, argv, "problems.json", "problem '1' has no 'answer'")
 
 
-@pytest.mark.parametrize("bench", ["textvqa", "vqav2", "gqa", "pope", "mme", "scienceqa", "vizwiz"])
+@pytest.mark.parametrize("bench", ["textvqa", "vqav2", "gqa", "pope", "mme", "scienceqa", "vizwiz", "seed"])
 def test_answer_to_an_unknown_question(tmp_path, capsys, bench):
     writers = dict(textvqa=write_textvqa, vqav2=write_vqav2, gqa=write_gqa, pope=write_pope, mme=write_mme,
-                   scienceqa=write_sqa, vizwiz=write_vizwiz)
+                   scienceqa=write_sqa, vizwiz=write_vizwiz, seed=write_seed)
     argv = writers[bench](tmp_path)
     stranger = answer("nope-404" if bench != "mme" else "existence/404.png", "Is it?" + SHORT, "yes")
     rewrite_answers(argv[2], lambda ls: ls + [json.dumps(stranger)])
