@@ -7,7 +7,9 @@ TextVQAAccuracyEvaluator), vqa.py with vqa_eval.py (VQAEval), eval_textvqa.py, e
 eval_science_qa.py (LLaVA-1.5's llava/eval/eval_science_qa.py for rule='llava'), scripts/convert_vqav2_for_submission.py,
 convert_vizwiz_for_submission.py and convert_gqa_for_eval.py followed by GQA's eval.py (the
 version LLaVA's docs point to), and LLaVA's playground/data/eval/MME/convert_answer_to_mme.py
-followed by MME's eval_tool/calculation.py. No expected number here was computed by eval.py.
+followed by MME's eval_tool/calculation.py. SEED's are computed in the test by the release's
+scripts/convert_seed_for_submission.py, its eval_single copied into release_seed below. No expected
+number here was computed by eval.py.
 """
 import json
 import os
