@@ -222,9 +222,9 @@ def normalize_answer(text):
 
 
 def vqa_accuracy(pred, humans):
-    """VQA accuracy of one answer against the 10 human answers (all already normalised):
+    """VQA accuracy of one answer against the 10 human answers (each already read by the caller's rule):
     min(#humans who gave it / 3, 1), averaged over the 10 leave-one-out subsets of 9 humans
-    (m4c_evaluator's TextVQAAccuracyEvaluator, the VQA challenge's metric)."""
+    (m4c_evaluator's TextVQAAccuracyEvaluator and vqa_eval.py's VQAEval, the VQA challenge's metric)."""
     total = 0
     for i, h in enumerate(humans):
         others = sum(1 for j, o in enumerate(humans) if j != i and o == pred)
