@@ -8,6 +8,7 @@
     python eval.py pope      --answers A.jsonl --questions llava_pope_test.jsonl --annotation-dir coco/
     python eval.py mme       --answers A.jsonl --mme-dir MME_Benchmark_release_version/
     python eval.py scienceqa --answers A.jsonl --base-dir scienceqa/     (problems.json, pid_splits.json)
+    python eval.py seed      --answers A.jsonl --annotations SEED-Bench.json
     python eval.py scienceqa-questions llava_test_CQM-A.json sqa.jsonl   (the question file generate.py reads)
 
 Answer files are LLaVA's model_vqa jsonl ({question_id, prompt, text, ...} per line), as generate.py
@@ -18,8 +19,11 @@ eval.py, MME's eval_tool/calculation.py). Each prints `name: value` lines in the
 the rounding that tool prints, so the numbers can be compared digit for digit. Where the release
 is fragile (it pairs POPE labels and MME questions by file position, and silently drops extra
 answers) we match by id instead, which gives the same numbers whenever the release's assumptions
-hold, and refuses the input with one line naming the file and line when they do not. Missing
-answers are never scored as if the set were complete: every run prints `missing:`.
+hold, and refuses the input with one line naming the file and line when they do not. One known
+exception: an MME answer holding a tab or a line break is scored here as written, while the
+release's tab-separated files drop it (tab) or break on it (line break), so its figure differs;
+eval.py says how many there are. Missing answers are never scored as if the set were complete:
+every run prints `missing:`.
 """
 import argparse
 import json
@@ -36,16 +40,17 @@ class EvalError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Reading answers and annotations
 
-def read_json(path, what):
+def read_json(path, what, layout=""):
+    """The file's JSON; `layout` ('; it is ...') is said when the file is not JSON."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: a BOM (some Windows editors) is no JSON
             return json.load(f)
     except OSError as e:
         raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except json.JSONDecodeError as e:
-        raise EvalError(f"{path}:{e.lineno}: the {what} is not valid JSON ({e.msg})") from None
+        raise EvalError(f"{path}:{e.lineno}: the {what} file is not valid JSON ({e.msg}){layout}") from None
     except UnicodeDecodeError:
-        raise EvalError(f"{path}: the {what} is not UTF-8 text; is this the right file?") from None
+        raise EvalError(f"{path}: the {what} file is not UTF-8 text; is this the right file?") from None
 
 
 # what every line of generate.py's (and LLaVA's model_vqa) answer files holds; a question line has
@@ -56,12 +61,18 @@ ANSWER_KEYS = ("question_id", "prompt", "text")
 def read_jsonl(path, what, keys):
     """[(line number, object)] for every non-blank line; each object must hold `keys`."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")  # not splitlines(): U+2028 inside a string is no line break
+        with open(path, encoding="utf-8-sig") as f:  # a BOM, as generate.py allows in question files
+            text = f.read()
     except OSError as e:
         raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except UnicodeDecodeError:
         raise EvalError(f"{path}: the {what} file is not UTF-8 text; is this the right file?") from None
+    if text.lstrip().startswith("["):
+        hint = "; an upload file eval.py wrote (--submission)? " if what == "answer" else "; "
+        raise EvalError(f"{path}: a JSON array, not a .jsonl file of {what}s{hint}a .jsonl holds one JSON object "
+                        f"a line, as generate.py writes them")
+    lines = text.split("\n")  # not splitlines(): U+2028 inside a string is no line break
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -69,13 +80,17 @@ def read_jsonl(path, what, keys):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{n}: not a JSON line ({e.msg}); a run cut short? "
-                            f"rerun generate.py, which redoes a broken last line") from None
-        missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+            way = ("a run cut short? rerun generate.py, which redoes a broken last line" if n == last
+                   else "fix or delete that line")
+            raise EvalError(f"{path}:{n}: not a JSON line ({e.msg}); {way}") from None
+        if not isinstance(obj, dict):
+            raise EvalError(f"{path}:{n}: a JSON {type(obj).__name__}, where each {what} line is an object with "
+                            f"{', '.join(keys)}; is this the right file?")
+        missing = [k for k in keys if k not in obj]
         if missing:
-            hint = "; a question file given as --answers?" if what == "answer" and "prompt" in missing else ""
+            question = what == "answer" and "prompt" in missing and "question_id" in obj and "text" in obj
             raise EvalError(f"{path}:{n}: each {what} line needs {', '.join(keys)}; this one lacks "
-                            f"{', '.join(missing)}{hint}")
+                            f"{', '.join(missing)}" + ("; a question file given as --answers?" if question else ""))
         for k in ("text", "prompt"):
             if k in keys and not isinstance(obj[k], str):
                 raise EvalError(f"{path}:{n}: {k!r} must be a string, got {type(obj[k]).__name__}")
@@ -103,16 +118,29 @@ def unknown(path, n, qid, where):
                      f"were these answers generated from another question file?")
 
 
-def need(obj, key, path, what, kind=None):
-    """obj[key] (an instance of kind, a type or a tuple of them, if given), or one line saying the file
-    does not have the expected layout."""
-    if not isinstance(obj, dict) or key not in obj:
+def need(obj, key, path, what, kind=None, each=None):
+    """obj[key] (an instance of kind, a type or a tuple of them, if given; a list of instances of each,
+    if that is given), or one line saying the file does not have the expected layout."""
+    names = lambda k: " or ".join(t.__name__ for t in (k if isinstance(k, tuple) else (k,)))
+    an = lambda k: ("an " if names(k)[0] in "aeiou" else "a ") + names(k)
+    if not isinstance(obj, dict):
+        raise EvalError(f"{path}: {what} must be an object with {key!r}, got {type(obj).__name__}; is this the "
+                        f"right file?")
+    if key not in obj:
         raise EvalError(f"{path}: {what} has no {key!r}; is this the right file?")
-    if kind is not None and not isinstance(obj[key], kind):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise EvalError(f"{path}: {key!r} of {what} must be a {names}, got {type(obj[key]).__name__}; is this "
+    value = obj[key]
+    if kind is not None and not isinstance(value, kind):
+        raise EvalError(f"{path}: {key!r} of {what} must be {an(kind)}, got {type(value).__name__}; is this "
                         f"the right file?")
-    return obj[key]
+    if each is not None:
+        if not isinstance(value, list):
+            raise EvalError(f"{path}: {key!r} of {what} must be a list of {names(each)}, got "
+                            f"{type(value).__name__}; is this the right file?")
+        for i, v in enumerate(value):
+            if not isinstance(v, each):
+                raise EvalError(f"{path}: {key!r} of {what} must be a list of {names(each)}, but item {i} is "
+                                f"{v!r:.40}; is this the right file?")
+    return value
 
 
 def write_new(path, write):
@@ -133,7 +161,8 @@ def report(questions, answered, missing, note="the scores below cover the answer
 
 # ---------------------------------------------------------------------------------------
 # VQA answer normalisation: the EvalAI processor of LLaVA's llava/eval/m4c_evaluator.py (from
-# MMF), used for TextVQA and for the VQAv2 / VizWiz submission files. Restated as tables.
+# MMF), used for TextVQA and for the VQAv2 / VizWiz submission files, and the VQA tool's own
+# (llava_hr/eval/vqa_eval.py's VQAEval), used for VQAv2 val. Both share the tables below.
 
 # contractions written without the apostrophe -> with it; the odd entries ("somebody'd" ->
 # "somebodyd", "let's" -> "let's") are in the original table and kept so answers match it
@@ -167,26 +196,35 @@ PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 # a period not followed by a digit ("1.5" keeps its point). The original passes re.UNICODE as
 # sub()'s third argument, which is `count`: at most 32 periods go, and so do we.
 PERIOD = re.compile(r"\.(?!\d)")
+COMMA_NUMBER = re.compile(r"\d,\d")
 
 
-def normalize_answer(text):
-    """The EvalAI answer normalisation, step by step as m4c_evaluator applies it."""
-    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    # punctuation touching a space is deleted, punctuation inside a word becomes a space
-    # (the original's digit-comma test never fires here: commas are already gone)
-    out = text
+def vqa_punctuation(text):
+    """processPunctuation: punctuation touching a space is deleted, punctuation inside a word becomes a
+    space (all of it is deleted once a digit-comma-digit occurs); then the periods go."""
+    out, comma_number = text, COMMA_NUMBER.search(text) is not None
     for p in PUNCTUATION:
-        out = out.replace(p, "" if (p + " " in text or " " + p in text) else " ")
-    out = PERIOD.sub("", out, count=32)
-    words = [NUMBERS.get(w, w) for w in out.split()]
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or comma_number) else " ")
+    return PERIOD.sub("", out, count=32)
+
+
+def vqa_digits_articles(text):
+    """processDigitArticle: lower case, number words as digits, articles out, contractions given back."""
+    words = [NUMBERS.get(w, w) for w in text.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def normalize_answer(text):
+    """The EvalAI answer normalisation, step by step as m4c_evaluator applies it (commas are gone
+    before the punctuation step, so its digit-comma test never fires here)."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return vqa_digits_articles(vqa_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+
+
 def vqa_accuracy(pred, humans):
-    """VQA accuracy of one answer against the 10 human answers (all already normalised):
+    """VQA accuracy of one answer against the 10 human answers (each already read by the caller's rule):
     min(#humans who gave it / 3, 1), averaged over the 10 leave-one-out subsets of 9 humans
-    (m4c_evaluator's TextVQAAccuracyEvaluator, the VQA challenge's metric)."""
+    (m4c_evaluator's TextVQAAccuracyEvaluator and vqa_eval.py's VQAEval, the VQA challenge's metric)."""
     total = 0
     for i, h in enumerate(humans):
         others = sum(1 for j, o in enumerate(humans) if j != i and o == pred)
@@ -232,12 +270,17 @@ def human_answers(path, ann, qid):
 
 
 def run_textvqa(args):
-    anns = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file")
-    # later duplicates win, as in the release's dict
-    anns = {(need(a, "image_id", args.annotations, "an entry", (str, int)),
-             need(a, "question", args.annotations, "an entry", str).lower()): a for a in anns}
+    entries = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file", list)
+    # eval_textvqa.py keys the annotations by (image id, lower-cased question): a later entry replaces an
+    # earlier one of the same key, and every answer line is scored against the entry of its key
+    anns, asked = {}, defaultdict(int)
+    for a in entries:
+        key = (need(a, "image_id", args.annotations, "an entry", (str, int)),
+               need(a, "question", args.annotations, "an entry", str).lower())
+        anns[key], asked[key] = a, asked[key] + 1
     rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
-    preds, seen = [], {}
+    by_key(args.answers, rows, lambda a: (a["question_id"], a["prompt"]))  # the same question answered twice
+    preds, lines = [], defaultdict(list)
     for n, a in rows:
         q = textvqa_question(a["prompt"])
         if q is None:
@@ -247,38 +290,56 @@ def run_textvqa(args):
         if key not in anns:
             raise EvalError(f"{args.answers}:{n}: image {a['question_id']!r} with question {q!r} is not in "
                             f"{args.annotations}")
-        if key in seen:  # the release would score it twice
+        lines[key].append(n)
+        if len(lines[key]) > asked[key]:  # more answers than the annotations ask it: one is a second answer
             raise EvalError(f"{args.answers}:{n}: image {key[0]!r} question {key[1]!r} was already answered on "
-                            f"line {seen[key]}; keep one answer per question")
-        seen[key] = n
+                            f"line {', '.join(map(str, lines[key][:-1]))} ({asked[key]} times in "
+                            f"{args.annotations}); keep one answer per question")
         preds.append((a["text"], human_answers(args.annotations, anns[key], key)))
-    report(questions=len(anns), answered=len(seen), missing=len(anns) - len(seen))
+    report(questions=len(entries), answered=len(rows), missing=len(entries) - len(rows))
+    shared = sum(len(ns) for ns in lines.values() if len(ns) > 1)
+    if shared:
+        print(f"warning: {shared} answers share their image and (lower-cased) question with another; each is "
+              f"scored against the last annotation of that pair, as eval_textvqa.py scores them", file=sys.stderr)
     if preds:
         print(f"accuracy: {100. * score_vqa(preds):.2f}")  # eval_textvqa prints a percentage, 2 places
 
 
+def vqa_tool_accuracy(text, humans):
+    """VQA accuracy of one answer as the VQA tool scores it (vqa_eval.py's VQAEval.evaluate, which the
+    release runs through eval_okvqa.py): the answer is read as the EvalAI processor reads it, less its
+    first step (lower case, commas and '?' out, "'s" split off); the humans' answers keep theirs as
+    written, and lose only their punctuation, and only when they disagree. So a human "two" or "a dog"
+    never matches an answer. (VQAEval leaves out each human's answer object by equality; VQAv2's differ
+    by answer_id, so that is leave-one-out, as here.)"""
+    pred = vqa_digits_articles(vqa_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+    return vqa_accuracy(pred, [vqa_punctuation(h) for h in humans] if len(set(humans)) > 1 else humans)
+
+
 def run_vqav2(args):
-    """The test-dev upload, as the release writes it; or a val accuracy by TextVQA's rule (the release has
-    no val scorer): the VQA tool's own normalises only the prediction (and the humans' punctuation
-    where they disagree), so its val number differs where humans wrote "two" or "a dog"."""
+    """The test-dev upload, as the release writes it; or a val accuracy by the VQA tool's rule (the
+    release's eval_okvqa.py with vqa_eval.py, for VQAv2-format annotations), overall and per answer type."""
     if args.submission:
         return vqa_submission(args, "vqav2")
-    anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file")
+    anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file", list)
     anns = {need(a, "question_id", args.annotations, "an annotation", (str, int)): a for a in anns}
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
-    preds, per_type = [], defaultdict(list)
     for qid, (n, a) in answers.items():
         if qid not in anns:
             raise unknown(args.answers, n, qid, args.annotations)
-        pair = (a["text"], human_answers(args.annotations, anns[qid], qid))
-        preds.append(pair)
-        per_type[anns[qid].get("answer_type", "all")].append(pair)
+    scores, per_type = [], defaultdict(list)
+    for qid, ann in anns.items():  # VQAEval sums in the annotations' order
+        if qid in answers:
+            acc = vqa_tool_accuracy(answers[qid][1]["text"], human_answers(args.annotations, ann, qid))
+            scores.append(acc)
+            per_type[need(ann, "answer_type", args.annotations, f"question {qid!r}", str)].append(acc)
     report(questions=len(anns), answered=len(answers), missing=len(anns) - len(answers))
-    if preds:
-        print(f"accuracy: {100. * score_vqa(preds):.2f}")
+    percent = lambda accs: 100 * float(sum(accs)) / len(accs)  # VQAEval.setAccuracy, which rounds to 2 places
+    if scores:
+        print(f"accuracy: {percent(scores):.2f}")
         for t in sorted(per_type):
-            print(f"accuracy_{t.replace('/', '_')}: {100. * score_vqa(per_type[t]):.2f}")
+            print(f"accuracy_{t.replace('/', '_')}: {percent(per_type[t]):.2f}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,9 +389,11 @@ def run_gqa(args):
     """GQA's eval.py (as the release runs it): 1 point when the prediction equals the answer,
     averaged over the balanced questions; binary (yes/no, 'verify'/'logical'/'choose'/'compare'
     structures) and open ('query') splits likewise."""
-    questions = read_json(args.questions, "GQA questions")
-    if not isinstance(questions, dict):
-        raise EvalError(f"{args.questions}: expected GQA's {{question id: question}} object")
+    layout = ("; a GQA questions file is one JSON object {question id: question}, e.g. "
+              "testdev_balanced_questions.json (not LLaVA's llava_gqa_testdev_balanced.jsonl)")
+    questions = read_json(args.questions, "GQA questions", layout)
+    if not (isinstance(questions, dict) and all(isinstance(q, dict) for q in questions.values())):
+        raise EvalError(f"{args.questions}: not the layout of GQA's questions{layout}")
     for qid, q in questions.items():
         need(q, "answer", args.questions, f"question {qid!r}")
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
@@ -508,6 +571,19 @@ def mme_task_score(images):
     return 0 + acc * 100 + acc_plus * 100
 
 
+def mme_unsplittable(texts):
+    """A warning for answers the release's own tool cannot carry, or None. convert_answer_to_mme.py writes
+    each answer into a tab-separated line that calculation.py splits on tabs (a fifth field: its
+    try/except skips the answer) and reads line by line, two lines an image (a line break, \\n or \\r,
+    splits the line: its assert fails, or every pair after it is shifted)."""
+    tabs, breaks = sum("\t" in t for t in texts), sum("\n" in t or "\r" in t for t in texts)
+    if tabs or breaks:
+        return (f"warning: {tabs} answers hold a tab and {breaks} a line break; eval.py scores them as written, but "
+                f"the release's tool would drop those with a tab and fail on (or misread) those with a line break, "
+                f"so its figure would differ")
+    return None
+
+
 def run_mme(args):
     gt = mme_ground_truth(args.mme_dir)
     rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
@@ -531,22 +607,36 @@ def run_mme(args):
             raise EvalError(f"{args.mme_dir}: ground truth {gt[key]!r} for {key} is neither yes nor no")
         images[key[0], key[1]].append(mme_label(a["text"]) == gt[key].lower())
     report(questions=len(gt), answered=len(seen), missing=len(gt) - len(seen))
-    per_task = defaultdict(list)
+    if warning := mme_unsplittable([a["text"] for _, a in rows]):
+        print(warning, file=sys.stderr)
+    per_task, half = defaultdict(list), 0
     for (category, _), pair in images.items():
         if len(pair) > 2:
             raise EvalError(f"{args.answers}: {category} has {len(pair)} questions on one image; MME has two")
-        if len(pair) == 2:  # an image missing one of its answers is left out (counted in missing)
+        if len(pair) == 2:
             per_task[category].append(pair)
+        else:  # acc+ needs both answers of an image: one alone is answered, but not scored
+            half += 1
+    if half:
+        print(f"warning: {half} images have one of their two questions answered; those {half} answers are left "
+              f"out of the scores (MME scores an image's two answers together)", file=sys.stderr)
+    in_gt = defaultdict(set)  # the images of each task
+    for category, name, _ in gt:
+        in_gt[category].add(name)
     for kind, tasks in MME_TASKS.items():
         done = [t for t in tasks if per_task[t]]
+        partial = [t for t in done if len(per_task[t]) < len(in_gt[t])]
         scores = {t: mme_task_score(per_task[t]) for t in done}
         total = sum(scores[t] for t in done)  # 0 + first + second ..., calculation.py's order
-        if len(done) == len(tasks):
-            print(f"{kind}: {total}")  # calculation.py prints the raw float sum
-        else:
+        if len(done) < len(tasks):
             print(f"{kind}: incomplete ({len(done)} of {len(tasks)} tasks answered)")
+        elif partial:
+            print(f"{kind}: {total} (partial: {', '.join(partial)} not fully answered)")
+        else:
+            print(f"{kind}: {total}")  # calculation.py prints the raw float sum
         for t in done:
-            print(f"{t}: {scores[t]}")
+            print(f"{t}: {scores[t]}" + (f" (partial: {len(per_task[t])} of {len(in_gt[t])} images)" if t in partial
+                                          else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -570,16 +660,21 @@ def sqa_letter(text, rule="llava"):
 
 
 def run_scienceqa(args):
-    problems = read_json(os.path.join(args.base_dir, "problems.json"), "ScienceQA problems")
-    splits = read_json(os.path.join(args.base_dir, "pid_splits.json"), "ScienceQA splits")
-    if not isinstance(splits, dict) or args.split not in splits:
-        raise EvalError(f"{os.path.join(args.base_dir, 'pid_splits.json')}: no split {args.split!r} "
-                        f"(it has {', '.join(splits)})")
-    split = splits[args.split]
+    problems_path = os.path.join(args.base_dir, "problems.json")
+    splits_path = os.path.join(args.base_dir, "pid_splits.json")
+    problems = read_json(problems_path, "ScienceQA problems")
+    splits = read_json(splits_path, "ScienceQA splits")
+    if isinstance(splits, dict) and args.split not in splits:
+        raise EvalError(f"{splits_path}: no split {args.split!r} (it has {', '.join(splits)}); --split?")
+    listed = need(splits, args.split, splits_path, "the file", each=str)  # pids are strings, as problems.json's keys
+    split = list(dict.fromkeys(listed))  # eval_science_qa.py builds a dict over the split: a pid counts once
+    if len(split) < len(listed):
+        print(f"warning: {splits_path}: {len(listed) - len(split)} pids of the {args.split} split are listed again; "
+              f"each is counted once, as the release counts them", file=sys.stderr)
     for pid in split:
-        need(problems, pid, os.path.join(args.base_dir, "problems.json"), "the file")
-        for key in ("choices", "answer"):
-            need(problems[pid], key, os.path.join(args.base_dir, "problems.json"), f"problem {pid!r}")
+        prob = need(problems, pid, problems_path, "the file", dict)
+        need(prob, "choices", problems_path, f"problem {pid!r}", list)
+        need(prob, "answer", problems_path, f"problem {pid!r}", int)  # the index of the right choice
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))
     in_split = set(split)
@@ -634,14 +729,56 @@ SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 # ---------------------------------------------------------------------------------------
+# SEED-Bench: the answer letter, exactly, on the image questions
+
+def run_seed(args):
+    """scripts/convert_seed_for_submission.py: an answer is right when its text is the question's answer
+    letter exactly; accuracy per question type and over the image questions (its 'image accuracy', the
+    SEED figure of LLaVA-HR's model zoo). An unanswered question counts as wrong, as there. Ids match as
+    strings (the release looks an answer up by the int of SEED's id); answers to video questions are
+    counted but not scored."""
+    data = read_json(args.annotations, "SEED-Bench annotations")
+    names = {i: name for name, i in need(data, "question_type", args.annotations, "the file", dict).items()}
+    questions = need(data, "questions", args.annotations, "the file", list)
+    image = []
+    for q in questions:
+        qid = need(q, "question_id", args.annotations, "a question", (str, int))
+        if need(q, "data_type", args.annotations, f"question {qid!r}", str) == "image":
+            if need(q, "question_type_id", args.annotations, f"question {qid!r}", int) not in names:
+                raise EvalError(f"{args.annotations}: question {qid!r} has a question_type_id that 'question_type' "
+                                f"does not name; is this the right file?")
+            need(q, "answer", args.annotations, f"question {qid!r}", str)
+            image.append(q)
+    answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS), lambda a: str(a["question_id"]))
+    known = {str(q["question_id"]) for q in questions}
+    for qid, (n, _) in answers.items():
+        if qid not in known:
+            raise unknown(args.answers, n, qid, args.annotations)
+    count, correct, answered = defaultdict(int), defaultdict(int), 0
+    for q in image:
+        a = answers.get(str(q["question_id"]))
+        count[q["question_type_id"]] += 1
+        correct[q["question_type_id"]] += a is not None and a[1]["text"] == q["answer"]
+        answered += a is not None
+    report(len(image), answered, len(image) - answered, "they count as wrong, as the release scores them")
+    if len(answers) > answered:
+        print(f"warning: {len(answers) - answered} answers to SEED's video questions are not scored (the image "
+              f"questions are)", file=sys.stderr)
+    for t in sorted(count):  # the release's order and rounding: "<type>: xx.xx%", then "image accuracy: xx.xx%"
+        print(f"{names[t]}: {correct[t] / count[t] * 100:.2f}")
+    if image:
+        print(f"image_accuracy: {sum(correct.values()) / len(image) * 100:.2f}")
+
+
+# ---------------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("textvqa", help="val accuracy (VQA's soft accuracy, LLaVA's answer processing)")
     s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
-    s = sub.add_parser("vqav2", help="val accuracy by TextVQA's rule (--annotations) or the test-dev upload "
-                                      "(--questions, --submission)")
+    s = sub.add_parser("vqav2", help="val accuracy by the VQA tool's rule (--annotations) or the test-dev "
+                                      "upload (--questions, --submission)")
     s.add_argument("--annotations", help="v2_mscoco_val2014_annotations.json")
     s.add_argument("--questions", help="llava_vqav2_mscoco_test2015.jsonl (all of test2015)")
     s.add_argument("--submission", help="the upload file to write")
@@ -660,7 +797,9 @@ def parse_args(argv):
     s.add_argument("--split", default="test")
     s.add_argument("--letter-rule", choices=["llava", "llava-hr"], default="llava",
                    help="how the option letter is read (see sqa_letter); llava: the published numbers' rule")
-    for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa"):
+    s = sub.add_parser("seed", help="SEED-Bench accuracy per question type and on the image questions")
+    s.add_argument("--annotations", required=True, help="SEED-Bench.json")
+    for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa", "seed"):
         sub.choices[name].add_argument("--answers", required=True, help="answer .jsonl (generate.py's)")
     s = sub.add_parser("scienceqa-questions", help="convert llava_test_CQM-A.json for generate.py")
     s.add_argument("src")
@@ -676,7 +815,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     run = {"textvqa": run_textvqa, "vqav2": run_vqav2, "vizwiz": run_vizwiz, "gqa": run_gqa, "pope": run_pope,
-           "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions}
+           "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions,
+           "seed": run_seed}
     try:
         run[args.bench](args)
     except EvalError as e:

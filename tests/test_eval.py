@@ -3,11 +3,13 @@
 Every expected value in this file was produced by running the release's scoring script on the
 very vector the test writes (the `write_*` helpers below build the files; the scripts ran outside
 this repo, unchanged): LLaVA-HR's llava_hr/eval/m4c_evaluator.py (EvalAIAnswerProcessor,
-TextVQAAccuracyEvaluator), eval_textvqa.py, eval_pope.py, eval_science_qa.py (LLaVA-1.5's
-llava/eval/eval_science_qa.py for rule='llava'), scripts/convert_vqav2_for_submission.py,
+TextVQAAccuracyEvaluator), vqa.py with vqa_eval.py (VQAEval), eval_textvqa.py, eval_pope.py,
+eval_science_qa.py (LLaVA-1.5's llava/eval/eval_science_qa.py for rule='llava'), scripts/convert_vqav2_for_submission.py,
 convert_vizwiz_for_submission.py and convert_gqa_for_eval.py followed by GQA's eval.py (the
 version LLaVA's docs point to), and LLaVA's playground/data/eval/MME/convert_answer_to_mme.py
-followed by MME's eval_tool/calculation.py. No expected number here was computed by eval.py.
+followed by MME's eval_tool/calculation.py. SEED's are computed in the test by the release's
+scripts/convert_seed_for_submission.py, its eval_single copied into release_seed below. No expected
+number here was computed by eval.py.
 """
 import json
 import os
@@ -231,6 +233,35 @@ def test_textvqa_matches_the_release(tmp_path, capsys):
     assert (out["answered"], out["missing"]) == (str(len(TEXTVQA)), "0")
 
 
+# t02 asked again in other capitals: eval_textvqa.py keys both by (image, lower-cased question), so its
+# later annotation (other human answers) replaces the first, and both answer lines score against it
+TEXTVQA_TWIN = ("t02", "HOW MANY BOTTLES ARE THERE?", ["3"] * 6 + ["three"] * 2 + ["2"] * 2,
+                "HOW MANY BOTTLES ARE THERE?" + SHORT, "3")
+# eval_textvqa.py on TEXTVQA + [TEXTVQA_TWIN]: "Samples: 15", "Accuracy: 86.00%"
+TEXTVQA_TWIN_EXPECTED = {'accuracy': '86.00'}
+
+
+def test_textvqa_answers_sharing_a_key_score_as_the_release(tmp_path, capsys):
+    # eval.py refused the second answer before: the real val set would be refused if it held such a pair
+    rc, out, err = run(capsys, *write_textvqa(tmp_path, TEXTVQA + [TEXTVQA_TWIN]))
+    assert rc == 0 and out["accuracy"] == TEXTVQA_TWIN_EXPECTED["accuracy"]
+    assert (out["questions"], out["answered"], out["missing"]) == ("15", "15", "0")
+    assert "warning: 2 answers share their image and (lower-cased) question with another" in err
+    (tmp_path / "b").mkdir()
+    argv = write_textvqa(tmp_path / "b", TEXTVQA + [TEXTVQA_TWIN])
+    rewrite_answers(argv[2], lambda ls: ls[:-1])  # one of the two unanswered: missing, whichever it is
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == ("15", "14", "1") and "share" not in err
+    twin = answer(TEXTVQA_TWIN[0], TEXTVQA_TWIN[3], TEXTVQA_TWIN[4])
+    third = answer("t02", "How Many Bottles Are There?" + SHORT, "2")  # more answers than the pair is asked
+    rewrite_answers(argv[2], lambda ls: ls + [json.dumps(twin), json.dumps(third)])
+    fails(capsys, argv, "answers.jsonl:16:", "question 'how many bottles are there?' was already answered on line 2, 15",
+          "(2 times in")
+    argv = write_textvqa(tmp_path / "b")
+    rewrite_answers(argv[2], lambda ls: ls + [ls[3]])  # the same line twice
+    fails(capsys, argv, f"answers.jsonl:{len(TEXTVQA) + 1}:", "already answered on line 4")
+
+
 # ---------------------------------------------------------------------------------------
 # VQAv2 val: (question id, answer type, 10 human answers, model answer)
 
@@ -242,6 +273,15 @@ VQAV2 = [
     (5, "other", ["red"] * 2 + ["red and white"] * 4 + ["white"] * 4, "Red and white."),
     (6, "other", ["frisbee"] * 10, "A frisbee"),
     (7, "other", ["tennis"] * 5 + ["playing tennis"] * 5, ""),
+    # the VQA tool reads the humans' answers as written (only their punctuation goes, when they disagree)
+    (8, "number", ["two"] * 10, "2"),
+    (9, "other", ["a dog"] * 10, "dog"),
+    (10, "number", ["1,000"] * 5 + ["1000"] * 5, "1,000"),
+    (11, "other", ["Coca-Cola"] * 4 + ["coca cola"] * 6, "Coca-Cola"),
+    (12, "yes/no", ["Yes"] * 8 + ["yes"] * 2, "Yes"),
+    (13, "other", ["mcdonald's"] * 7 + ["mcdonalds"] * 3, "McDonald's"),
+    (14, "other", ["t-shirt"] * 10, "T-Shirt"),
+    (15, "other", ["left / right", "left/right"] * 5, "left/right"),
 ]
 
 
@@ -256,8 +296,11 @@ def write_vqav2(d):
             "--annotations", os.path.join(d, "v2_mscoco_val2014_annotations.json")]
 
 
-# TextVQAAccuracyEvaluator.eval_pred_list, x100, 2 places
-VQAV2_EXPECTED = {'accuracy': '65.71', 'accuracy_number': '80.00', 'accuracy_other': '66.67', 'accuracy_yes_no': '50.00'}
+# vqa_eval.py's VQAEval (through vqa.py's VQA and loadRes, as eval_okvqa.py runs them): accuracy['overall'],
+# accuracy['perAnswerType'] (rounded to 2 places; printed here with both), and evalQA per question
+VQAV2_EXPECTED = {'accuracy': '61.33', 'accuracy_number': '65.00', 'accuracy_other': '62.50', 'accuracy_yes_no': '53.33'}
+VQAV2_PER_QUESTION = {1: 100.0, 2: 0.0, 3: 100.0, 4: 60.0, 5: 100.0, 6: 100.0, 7: 0.0, 8: 0.0, 9: 0.0, 10: 100.0,
+                      11: 100.0, 12: 60.0, 13: 100.0, 14: 0.0, 15: 100.0}
 
 
 def test_vqav2_val_matches_the_release_accuracy(tmp_path, capsys):
@@ -265,6 +308,8 @@ def test_vqav2_val_matches_the_release_accuracy(tmp_path, capsys):
     assert rc == 0 and VQAV2_EXPECTED
     for k, v in VQAV2_EXPECTED.items():
         assert out[k] == v, k
+    for q, _, humans, text in VQAV2:
+        assert round(100 * ev.vqa_tool_accuracy(text, humans), 2) == VQAV2_PER_QUESTION[q], q
 
 
 # ---------------------------------------------------------------------------------------
@@ -511,6 +556,35 @@ def test_mme_matches_the_release(tmp_path, capsys):
         assert out[k] == v, k
 
 
+def test_mme_image_with_one_answer_is_counted_and_its_task_marked_partial(tmp_path, capsys):
+    # one answer of count's first image dropped: its other answer is answered but cannot be scored
+    argv = write_mme(tmp_path)
+    first = next(i for i, (task, img, *_) in enumerate(mme_items()) if task == "count")
+    rewrite_answers(argv[2], lambda ls: ls[:first] + ls[first + 1:])
+    rc, out, err = run(capsys, *argv)
+    n = len(mme_items())
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == (str(n), str(n - 1), "1")
+    assert "1 images have one of their two questions answered; those 1 answers are left out of the scores" in err
+    assert out["count"].endswith(" (partial: 1 of 2 images)"), out["count"]
+    assert out["perception"].endswith(" (partial: count not fully answered)"), out["perception"]
+    assert out["cognition"] == MME_EXPECTED["cognition"] and out["existence"] == MME_EXPECTED["existence"]
+
+
+def test_mme_answers_with_a_tab_or_a_line_break_are_scored_as_written_and_said(tmp_path, capsys):
+    # the release's tab-separated lines would drop the first (its try/except) and break on the second
+    argv = write_mme(tmp_path)
+    swap = {"yes, it is": "yes,\tit is", "Not really": "Not\nreally"}  # same reading as written (yes / no)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(a, text=swap.get(a["text"], a["text"])))
+                                         for a in map(json.loads, ls)])
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and all(out[k] == v for k, v in MME_EXPECTED.items()), out
+    tabs = sum(text == "yes, it is" for *_, text in mme_items())
+    breaks = sum(text == "Not really" for *_, text in mme_items())
+    assert f"{tabs} answers hold a tab and {breaks} a line break" in err and "would differ" in err
+    _, _, err = run(capsys, *write_mme(tmp_path / "b"))
+    assert "tab" not in err
+
+
 # ---------------------------------------------------------------------------------------
 # ScienceQA: (pid, number of choices, answer index, has image, model answer or None)
 
@@ -551,12 +625,122 @@ def test_scienceqa_matches_the_release(tmp_path, capsys, rule):
     assert out["missing"] == "1"
 
 
+def test_scienceqa_counts_a_pid_listed_twice_once(tmp_path, capsys):
+    # eval_science_qa.py scores {pid: problem for pid in split}: the same numbers as without the repeats
+    argv = write_sqa(tmp_path)
+    edit_json(tmp_path / "pid_splits.json", lambda s: s["test"].extend(["1", "2", "11", "2"]))
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and all(out[k] == v for k, v in SQA_EXPECTED["llava"].items()), out
+    assert (out["questions"], out["missing"]) == (str(len(SQA)), "1")
+    assert "4 pids of the test split are listed again; each is counted once" in err
+
+
 def test_scienceqa_image_subset_from_problems_when_prompts_lack_the_placeholder(tmp_path, capsys):
     # generate.py's prompts carry no <image>: the problem's own image decides, same numbers
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     _, with_tag, _ = run(capsys, *write_sqa(tmp_path / "a"))
     _, without, _ = run(capsys, *write_sqa(tmp_path / "b", image_in_prompt=False))
     assert with_tag == without
+
+
+# ---------------------------------------------------------------------------------------
+# SEED-Bench: (question id, data type, question type id, answer letter, model answer or None)
+
+SEED_TYPES = {"Scene Understanding": 1, "Instance Identity": 2, "Instances Counting": 5, "Text Understanding": 9,
+              "Action Recognition": 10}
+SEED = [
+    ("0", "image", 1, "A", "A"), ("1", "image", 1, "B", "B."), ("2", "image", 1, "C", "C"), ("3", "image", 1, "D", None),
+    ("4", "image", 2, "B", "b"), ("5", "image", 2, "B", "B"), ("6", "image", 2, "A", " A"),
+    ("7", "image", 5, "C", "The answer is C."), ("8", "image", 5, "D", None), ("9", "image", 5, "A", "A"),
+    ("10", "image", 9, "D", "D"), ("11", "image", 9, "C", "D"), ("12", "image", 9, "A", "A"), ("13", "image", 9, "B", "B"),
+    ("14", "video", 10, "A", "A"), ("15", "video", 10, "B", None), ("16", "video", 10, "C", "C"),
+]
+
+
+def write_seed(d):
+    data = {"question_type": SEED_TYPES,
+            "questions": [dict(question_id=q, data_type=dt, question_type_id=t, answer=gold, question="q?",
+                               choice_a="a", choice_b="b", choice_c="c", choice_d="d", data_id=f"{q}.jpg")
+                          for q, dt, t, gold, _ in SEED]}
+    with open(os.path.join(d, "SEED-Bench.json"), "w") as f:
+        json.dump(data, f)
+    # the release looks answers up by int(SEED's id): LLaVA's question file carries ints
+    write_jsonl(os.path.join(d, "answers.jsonl"), [answer(int(q), "q?\nA. a\nB. b\nC. c\nD. d\n" + ev.SQA_SUFFIX, a)
+                                                   for q, _, _, _, a in SEED if a is not None])
+    return ["seed", "--answers", os.path.join(d, "answers.jsonl"), "--annotations", os.path.join(d, "SEED-Bench.json")]
+
+
+def release_seed(annotation_file, result_file):
+    """scripts/convert_seed_for_submission.py's eval_single, as released (`data` and
+    `ques_type_id_to_name` are its module globals), run for all types and then for 'image';
+    its printed lines."""
+    data = json.load(open(annotation_file))
+    ques_type_id_to_name = {id: n for n, id in data['question_type'].items()}
+    printed = []
+    print = printed.append
+
+    def eval_single(result_file, eval_only_type=None):
+        results = {}
+        for line in open(result_file):
+            row = json.loads(line)
+            results[row['question_id']] = row
+
+        type_counts = {}
+        correct_counts = {}
+        for question_data in data['questions']:
+            if eval_only_type is not None and question_data['data_type'] != eval_only_type: continue
+            data_type = question_data['question_type_id']
+            type_counts[data_type] = type_counts.get(data_type, 0) + 1
+            try:
+                question_id = int(question_data['question_id'])
+            except:
+                question_id = question_data['question_id']
+            if question_id not in results:
+                correct_counts[data_type] = correct_counts.get(data_type, 0)
+                continue
+            row = results[question_id]
+            if row['text'] == question_data['answer']:
+                correct_counts[data_type] = correct_counts.get(data_type, 0) + 1
+
+        total_count = 0
+        total_correct = 0
+        for data_type in sorted(type_counts.keys()):
+            accuracy = correct_counts[data_type] / type_counts[data_type] * 100
+            if eval_only_type is None:
+                print(f"{ques_type_id_to_name[data_type]}: {accuracy:.2f}%")
+
+            total_count += type_counts[data_type]
+            total_correct += correct_counts[data_type]
+
+        total_accuracy = total_correct / total_count * 100
+        if eval_only_type is None:
+            print(f"Total accuracy: {total_accuracy:.2f}%")
+        else:
+            print(f"{eval_only_type} accuracy: {total_accuracy:.2f}%")
+
+        return results
+
+    eval_single(result_file)
+    eval_single(result_file, eval_only_type='image')
+    return dict(line.rstrip("%").split(": ") for line in printed)
+
+
+def test_seed_matches_the_release(tmp_path, capsys):
+    argv = write_seed(tmp_path)
+    want = release_seed(argv[4], argv[2])
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and out["image_accuracy"] == want["image accuracy"]
+    image_types = {n for n, t in SEED_TYPES.items() if any(dt == "image" and tt == t for _, dt, tt, _, _ in SEED)}
+    for name in image_types:
+        assert out[name] == want[name], name
+    assert set(out) == image_types | {"questions", "answered", "missing", "image_accuracy"}
+    image = [a for _, dt, _, _, a in SEED if dt == "image"]
+    assert (out["questions"], out["missing"]) == (str(len(image)), str(image.count(None)))
+    assert "2 answers to SEED's video questions are not scored" in err
+    # ids written as strings match as well (the release would find none of them)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(x), question_id=str(json.loads(x)["question_id"])))
+                                         for x in ls])
+    assert run(capsys, *argv)[1] == out
 
 
 # ---------------------------------------------------------------------------------------
@@ -579,8 +763,42 @@ def fails(capsys, argv, *needles):
 
 def test_malformed_line_names_file_and_line(tmp_path, capsys):
     argv = write_gqa(tmp_path)
-    rewrite_answers(argv[2], lambda ls: ls[:2] + [ls[2][:30]] + ls[3:])  # a line cut short
-    fails(capsys, argv, "answers.jsonl:3:", "not a JSON line")
+    rewrite_answers(argv[2], lambda ls: ls[:2] + [ls[2][:30]] + ls[3:])  # a line cut short, not the last
+    fails(capsys, argv, "answers.jsonl:3:", "not a JSON line", "fix or delete that line")
+    rewrite_answers(argv[2], lambda ls: ls[:2] + ls[3:] + [ls[2]])  # the last: a run that stopped
+    fails(capsys, argv, f"answers.jsonl:{len(GQA)}:", "a run cut short? rerun generate.py")
+
+
+def test_a_utf8_bom_is_no_part_of_line_1(tmp_path, capsys):
+    # was "not a JSON line (Unexpected UTF-8 BOM); a run cut short?"; generate.py allows one in question files
+    argv = write_gqa(tmp_path)
+    for path in (argv[2], argv[4]):
+        with open(path, "rb+") as f:
+            data = f.read()
+            f.seek(0)
+            f.write(b"\xef\xbb\xbf" + data)
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and all(out[k] == v for k, v in GQA_EXPECTED.items()), out
+
+
+def test_an_upload_file_given_as_answers_is_named(tmp_path, capsys):
+    argv = write_vqav2_test(tmp_path)
+    assert run(capsys, *argv)[0] == 0
+    argv[2] = argv[-1]  # upload.json, a JSON array
+    argv[-1] = str(tmp_path / "again.json")
+    fails(capsys, argv, "upload.json: a JSON array, not a .jsonl file of answers; an upload file eval.py wrote "
+                        "(--submission)?")
+
+
+def test_a_jsonl_given_as_gqa_questions_is_named(tmp_path, capsys):
+    argv = write_gqa(tmp_path)
+    argv[4] = write_jsonl(tmp_path / "llava_gqa_testdev_balanced.jsonl",
+                          [dict(question_id=qid, image="n1.jpg", text="q" + SHORT) for qid, *_ in GQA])
+    layout = "a GQA questions file is one JSON object {question id: question}, e.g. testdev_balanced_questions.json"
+    fails(capsys, argv, "llava_gqa_testdev_balanced.jsonl:2: the GQA questions file is not valid JSON (Extra data)",
+          layout)
+    write_jsonl(argv[4], [dict(question_id=GQA[0][0], image="n1.jpg", text="q" + SHORT)])  # one line: an object
+    fails(capsys, argv, "llava_gqa_testdev_balanced.jsonl: not the layout of GQA's questions", layout)
 
 
 def test_line_without_question_id(tmp_path, capsys):
@@ -642,19 +860,50 @@ def edit_json(path, edit):
      "'answers' of question 2 must be a list, got str; is this the right file?"),
     ("vqav2", lambda a: a["annotations"][1].update(question_id=[2]),
      "'question_id' of an annotation must be a str or int, got list; is this the right file?"),
+    ("vqav2", lambda a: a["annotations"][1].update(answer_type=None),
+     "'answer_type' of question 2 must be a str, got NoneType; is this the right file?"),
+    ("vqav2", lambda a: a["annotations"][1].update(answer_type=["number"]),
+     "'answer_type' of question 2 must be a str, got list; is this the right file?"),
     ("textvqa", lambda a: a["data"][2].update(question=5), "'question' of an entry must be a str, got int; is this "
      "the right file?"),
     ("gqa", lambda q: q["20515"].update(types="query"),
      "'types' of question '20515' must be a dict, got str; is this the right file?"),
     ("gqa", lambda q: q["20515"].update(types={"semantic": "attr"}),
      "the types of question '20515' has no 'structural'; is this the right file?"),
+    ("seed", lambda a: a["questions"][1].update(question_type_id="1"),
+     "'question_type_id' of question '1' must be an int, got str; is this the right file?"),
+    ("seed", lambda a: a["questions"][1].update(question_type_id=3),
+     "question '1' has a question_type_id that 'question_type' does not name; is this the right file?"),
+    ("seed", lambda a: a["questions"][2].pop("data_type"), "question '2' has no 'data_type'; is this the right file?"),
 ])
 def test_annotations_of_another_layout_are_one_line(tmp_path, capsys, bench, edit, message):
     # KeyError, AttributeError and TypeError tracebacks before
-    argv = dict(vqav2=write_vqav2, textvqa=write_textvqa, gqa=write_gqa)[bench](tmp_path)
+    argv = dict(vqav2=write_vqav2, textvqa=write_textvqa, gqa=write_gqa, seed=write_seed)[bench](tmp_path)
     edit_json(argv[4], edit)
     rc, _, err = run(capsys, *argv)
     assert rc == 1 and err == f"error: {argv[4]}: {message}\n", err
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("pid_splits.json", lambda s: [s["test"]], "the file must be an object with 'test', got list"),
+    ("pid_splits.json", lambda s: dict(test="12"), "'test' of the file must be a list of str, got str"),  # not '1', '2'
+    ("pid_splits.json", lambda s: dict(test=[1, 2]), "'test' of the file must be a list of str, but item 0 is 1"),
+    ("pid_splits.json", lambda s: dict(test=[["1"]]), "'test' of the file must be a list of str, but item 0 is "
+     "['1']"),
+    ("problems.json", lambda p: list(p.values()), "the file must be an object with '1', got list"),
+    ("problems.json", lambda p: dict(p, **{"1": "B"}), "'1' of the file must be a dict, got str"),
+    ("problems.json", lambda p: dict(p, **{"1": dict(p["1"], choices=3)}),
+     "'choices' of problem '1' must be a list, got int"),
+    ("problems.json", lambda p: dict(p, **{"1": dict(p["1"], answer="B")}),
+     "'answer' of problem '1' must be an int, got str"),
+])
+def test_scienceqa_files_of_another_layout_are_one_line(tmp_path, capsys, name, edit, message):
+    # a split that is a string was read as its characters; the rest were TypeError tracebacks
+    argv = write_sqa(tmp_path)
+    path = tmp_path / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and err == f"error: {path}: {message}; is this the right file?\n", err
 
 
 def test_binary_inputs_are_one_line(tmp_path, capsys):
@@ -678,10 +927,10 @@ def test_scienceqa_problem_without_its_answer(tmp_path, capsys):
     fails(capsys, argv, "problems.json", "problem '1' has no 'answer'")
 
 
-@pytest.mark.parametrize("bench", ["textvqa", "vqav2", "gqa", "pope", "mme", "scienceqa", "vizwiz"])
+@pytest.mark.parametrize("bench", ["textvqa", "vqav2", "gqa", "pope", "mme", "scienceqa", "vizwiz", "seed"])
 def test_answer_to_an_unknown_question(tmp_path, capsys, bench):
     writers = dict(textvqa=write_textvqa, vqav2=write_vqav2, gqa=write_gqa, pope=write_pope, mme=write_mme,
-                   scienceqa=write_sqa, vizwiz=write_vizwiz)
+                   scienceqa=write_sqa, vizwiz=write_vizwiz, seed=write_seed)
     argv = writers[bench](tmp_path)
     stranger = answer("nope-404" if bench != "mme" else "existence/404.png", "Is it?" + SHORT, "yes")
     rewrite_answers(argv[2], lambda ls: ls + [json.dumps(stranger)])
