@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 
 import torch
 from PIL import Image
@@ -402,9 +403,10 @@ def question_problem(q, image_folder, conv_mode="vicuna_v1"):
 
 
 def read_questions(args):
-    """The questions to answer and the (question_id, text) pairs already answered, all checked
-    before the model loads. An id may repeat with other text (MME asks two questions per image
-    under one id), so answers are matched on both; a repeated pair is ambiguous and refused."""
+    """The questions to answer and how often each (question_id, text) pair is already answered, all
+    checked before the model loads. An id may repeat with other text (MME asks two questions per image
+    under one id), so answers are matched on both. A pair may repeat too (TextVQA's ids are image ids,
+    and two askers may ask one image the same): each line is answered, as the release answers it."""
     with open(args.questions, "rb") as f:
         raw = f.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (some Windows editors): no part of line 1
     if raw.lstrip().startswith(b"["):  # a .json array (ScienceQA's llava_test_CQM-A.json), one line or many
@@ -415,15 +417,12 @@ def read_questions(args):
     if not questions:  # else a run that loads the model, answers nothing and succeeds
         raise data.DataError(f"--questions {args.questions}: no questions in it (a .jsonl of {{question_id, image, "
                              f"text}} objects, one per line, is expected)")
-    first = {}  # (question_id, text): the line that asked it
-    for n, q in questions:
-        key = (q["question_id"], q["text"])
-        if key in first:
-            raise data.DataError(f"{args.questions} line {n}: repeats line {first[key]} (question_id "
-                                 f"{q['question_id']!r}, same text); each question must be asked once")
-        first[key] = n
+    asked = Counter((q["question_id"], q["text"]) for _, q in questions)
+    if len(asked) < len(questions):
+        log(f"note: {len(questions) - len(asked)} lines of {args.questions} repeat an earlier line's question_id and "
+            f"text: each is answered, as the release answers them")
     if not os.path.exists(args.answers):
-        return questions, set()
+        return questions, Counter()
     if os.path.samefile(args.answers, args.questions):
         raise data.DataError(f"--answers {args.answers} is the --questions file; name a new file for the answers")
     # the file is read and checked whole before anything is written to it: only an answers file
@@ -437,19 +436,21 @@ def read_questions(args):
     except ValueError:  # cut short if it starts as generate.py's lines do; anything else is named below
         cut = tail.startswith(b'{"question_id"')
     answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
-    asked = {(q["question_id"], q["text"]) for _, q in questions}
+    answered = Counter()
     for n, a in answers:
-        if (a["question_id"], a["prompt"]) not in asked:
+        key = (a["question_id"], a["prompt"])
+        answered[key] += 1
+        if answered[key] > asked[key]:
             raise data.DataError(f"{args.answers} line {n}: answers question_id {a['question_id']!r} with a prompt "
-                                 f"that {args.questions} does not ask: the answers to other questions? name a new file "
-                                 f"for --answers")
+                                 f"that {args.questions} does not ask{' that often' if asked[key] else ''}: the answers "
+                                 f"to other questions? name a new file for --answers")
     with open(args.answers, "ab") as f:
         if cut:
             f.truncate(len(raw) - len(tail))
             log(f"--answers {args.answers}: dropped its last line, cut short (a run that stopped); asking it again")
         elif tail.strip():
             f.write(b"\n")
-    return questions, {(a["question_id"], a["prompt"]) for _, a in answers}
+    return questions, answered
 
 
 def answer_problem(a):
@@ -464,7 +465,12 @@ def answer_file(model, tok, args, pick, step, questions, answered):
     """LLaVA's model_vqa: {question_id, image, text} lines in, {question_id, prompt, text,
     answer_id, model_id, metadata} lines out; questions already answered are skipped (resume)."""
     from tqdm import tqdm
-    todo = [(n, q) for n, q in questions if (q["question_id"], q["text"]) not in answered]
+    seen, todo = Counter(), []  # a pair asked k times and answered j times: its first j askings are done
+    for n, q in questions:
+        key = (q["question_id"], q["text"])
+        seen[key] += 1
+        if seen[key] > answered[key]:
+            todo.append((n, q))
     if answered:
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
     model_id = os.path.basename(os.path.normpath(args.model))
