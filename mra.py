@@ -194,8 +194,9 @@ class DualEncoder(nn.Module):
         self.vit = vit or ViT(cfg.vit)
         self.convnext = convnext or ConvNeXt(cfg.convnext)
         d, c_slow = cfg.vit.width, cfg.convnext.dims[-1]
-        if cfg.adapters and cfg.vit.layers < 4:
-            raise ValueError("MR-Adapters go after layers n, 2n, 3n with n = layers // 4: need >= 4 ViT layers")
+        if cfg.adapters and (cfg.vit.layers < 4 or cfg.vit.layers % 4):  # the release asserts it too
+            raise ValueError("MR-Adapters go after layers n, 2n, 3n with n = layers / 4: need a multiple of 4 "
+                             "ViT layers, >= 4")
         # the paper: "applied into the last three stages of ViT", i.e. after the 1st, 2nd, 3rd quarter
         self.adapters = nn.ModuleList(MRAdapter(d, c_slow, cfg.gate) for _ in range(3 if cfg.adapters else 0))
         quarter = cfg.vit.layers // 4
@@ -204,9 +205,10 @@ class DualEncoder(nn.Module):
         self.fusion = nn.ModuleDict(dict(fast_proj=nn.Linear(d, d), slow_proj=nn.Linear(c_slow, d)))
 
     def low_res(self, images):
-        """The ViT's S x S input: the same normalised tensor, resized bilinearly without antialias."""
+        """The ViT's S x S input: the same normalised tensor, resized bilinearly without antialias, in
+        fp32 and rounded once to the images' dtype, as the release does (fp16 on a CPU rounds inside)."""
         S = vit_input_size(images.shape[-1], self.cfg.vit_min_size, self.cfg.vit.patch_size)
-        return F.interpolate(images, size=(S, S), mode="bilinear", align_corners=True)
+        return F.interpolate(images.float(), size=(S, S), mode="bilinear", align_corners=True).to(images.dtype)
 
     def forward(self, images):
         """Normalised images (B, 3, R, R) -> visual features (B, N, d)."""

@@ -228,5 +228,15 @@ def test_our_checkpoint_round_trip(tmp_path):
 
 
 def test_adapters_need_four_vit_layers():
-    with pytest.raises(ValueError, match=">= 4 ViT layers"):
-        mra.build(tiny_cfg(vit=ViTConfig(image_size=112, patch_size=14, width=32, layers=3, heads=1, mlp_dim=64)))
+    for layers in (3, 6):  # the release asserts a multiple of 4; 6 would have put them after blocks 1, 2, 3
+        with pytest.raises(ValueError, match="need a multiple of 4 ViT layers, >= 4"):
+            mra.build(tiny_cfg(vit=ViTConfig(image_size=112, patch_size=14, width=32, layers=layers, heads=1,
+                                             mlp_dim=64)))
+
+
+def test_low_res_rounds_once_from_fp32_as_the_release():
+    # the release: F.interpolate(x.float(), ...).to(x.dtype); fp16 interpolation on a CPU rounds inside
+    enc = mra.build(tiny_cfg()).encoder
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)).half()
+    ref = F.interpolate(x.float(), size=(112, 112), mode="bilinear", align_corners=True).half()
+    assert enc.low_res(x).dtype == torch.float16 and torch.equal(enc.low_res(x), ref)

@@ -680,7 +680,8 @@ def test_wrong_llava_hr_checkpoint(hr_parts, tmp_path, edit, message, fmt):
 def test_a_vit_too_shallow_for_the_adapters_names_the_checkpoint(hr_parts, tmp_path):
     clip = randomise(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP | dict(num_hidden_layers=2))), 0)
     path = write_release(tmp_path, release_state(**hr_parts | dict(clip=clip)), llava_config(384))
-    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: MR-Adapters go after layers .*need >= 4 ViT layers "
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: MR-Adapters go after layers .*need a multiple of 4 "
+                                              r"ViT layers, >= 4 "
                                               r"\(this one has 2\)$"):
         mra.load_checkpoint(path)
 
