@@ -205,6 +205,12 @@ args.batch_size = args.batch_size or recipe["micro"]
 args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
 args.lora_train_mra = args.lora_train_mra is not False
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
+# defaults that depend on the run, resolved: a saved run (and --resume's report of a change) holds the value in effect
+DEFAULTS = dict(lr=2e-4 if args.lora_r else recipe["lr"],  # LoRA: LLaVA-1.5's finetune_lora lr
+                projector_lr_scale=0.1 if args.lora_r else 1.0)  # LoRA: LLaVA-1.5's mm_projector_lr 2e-5 / lr 2e-4
+for k, v in DEFAULTS.items():
+    if getattr(args, k) is None:
+        setattr(args, k, v)
 gate_given, args.gate = args.gate is not None, args.gate or "tanh"
 
 # -----------------------------------------------------------------------------
@@ -552,10 +558,9 @@ elif distributed:
                 broadcast_buffers=not args.quantize)
 
 params = [q for q in model.parameters() if q.requires_grad]
-proj_scale = args.projector_lr_scale if args.projector_lr_scale is not None else 0.1 if args.lora_r else 1.0
 # per lr scale, weights with --weight-decay, then biases and norm weights without (HF Trainer's rule, as LLaVA)
-lr_groups = [dict(params=[], scale=s, weight_decay=wd) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale,
-                                                                  proj_scale) for wd in (args.weight_decay, 0.0)]
+scales = (1.0, args.adapter_lr_scale, args.tower_lr_scale, args.projector_lr_scale)
+lr_groups = [dict(params=[], scale=s, weight_decay=wd) for s in scales for wd in (args.weight_decay, 0.0)]
 norms = {q for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, RMSNorm)) for q in m.parameters()}
 for name, q in model.named_parameters():  # names may carry DDP's "module." prefix
     name = f".{name}"
@@ -607,9 +612,10 @@ if args.resume:
                          f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
                          f"data position would not carry over; restore the records and images as the run had "
                          f"them, {new_run}")
-    changed = [f"--{k.replace('_', '-')} {run['args'][k]} -> {v}" for k, v in vars(args).items()
-               if (k not in RESUME_FREE or k in fixed and k not in run) and k in run.get("args", {})
-               and run["args"][k] != v]
+    then = {k: DEFAULTS[k] if v is None and k in DEFAULTS else v  # older runs saved None for these defaults
+            for k, v in run.get("args", {}).items()}
+    changed = [f"--{k.replace('_', '-')} {then[k]} -> {v}" for k, v in vars(args).items()
+               if (k not in RESUME_FREE or k in fixed and k not in run) and k in then and then[k] != v]
     if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
         print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
               f"come from the checkpoint, the rest applies from here on")
@@ -625,6 +631,10 @@ if args.resume:
     if "params" in state:
         load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
     else:
+        # only each parameter's moments come from the checkpoint: the groups and their hyperparameters (lr
+        # scales, weight decay, and the groups a weight decay makes) are this run's, as --fsdp's load_shards does
+        names = {q: n for n, q in unwrapped.named_parameters()}
+        state["optimizer"]["param_groups"] = [dict(g, params=[names[q] for q in g["params"]]) for g in opt.param_groups]
         set_optimizer_state_dict(unwrapped, opt, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, strict=False))
     start_step = state["step"]
@@ -642,7 +652,6 @@ if start_step >= stop_step:  # resumed at or past where this run stops: it is do
         dist.destroy_process_group()
     sys.exit()
 warmup = math.ceil(args.warmup_ratio * total_steps)
-lr_max = args.lr or (2e-4 if args.lora_r else recipe["lr"])  # LoRA: LLaVA-1.5's finetune_lora lr
 
 
 def logged_step(line):
@@ -655,9 +664,9 @@ def logged_step(line):
 def get_lr(step):
     """HF's cosine schedule with linear warmup, as LLaVA trains (step 0 has lr 0)."""
     if step < warmup:
-        return lr_max * step / warmup
+        return args.lr * step / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return lr_max * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @contextmanager

@@ -66,11 +66,11 @@ def args(env, out, stage=2, *extra):
 
 
 def train(argv):
-    """Run train.py in this process (no interpreter start-up: the tests stay fast)."""
+    """Run train.py in this process (no interpreter start-up: the tests stay fast); its globals."""
     old = sys.argv
-    sys.argv = [TRAIN, *argv]
+    sys.argv = [TRAIN, *map(str, argv)]
     try:
-        runpy.run_path(TRAIN, run_name="__main__")
+        return runpy.run_path(TRAIN, run_name="__main__")
     finally:
         sys.argv = old
 
@@ -185,6 +185,24 @@ def test_weight_decay_spares_biases_and_norms(env, tmp_path):
         assert decay[q] == (0.0 if spared else 0.1), name
     assert decay[named["llm.norm.weight"]] == decay[named["encoder.vit.blocks.0.ln1.weight"]] == 0.0
     assert decay[named[LLM_KEY]] == decay[named["encoder.convnext.stages.0.blocks.0.gamma"]] == 0.1
+
+
+def test_resume_takes_this_runs_lr_scales_and_weight_decay(env, tmp_path, capsys):
+    # only AdamW's moments come from the checkpoint: new lr scales and a weight decay (which puts biases
+    # and norms in groups of their own) apply from the resumed step on, as the run says
+    common = ("--global-batch", 2, "--batch-size", 2, "--lr", 1e-3, "--warmup-ratio", 0)
+    train(args(env, tmp_path / "run", 2, *common, "--max-steps", 1, "--projector-lr-scale", 0.5))
+    g = train(args(env, tmp_path / "run", 2, *common, "--max-steps", 2, "--resume", "--adapter-lr-scale", 0.2,
+                   "--weight-decay", 0.1))
+    assert ("--resume with settings other than the run's: --adapter-lr-scale 1.0 -> 0.2, --weight-decay 0.0 -> 0.1, "
+            "--projector-lr-scale 0.5 -> 1.0;") in capsys.readouterr().out  # 1.0: the default, in effect
+    named, opt = dict(g["unwrapped"].named_parameters()), g["opt"]
+    group = {q: grp for grp in opt.param_groups for q in grp["params"]}
+    for name, scale, decay in ((LLM_KEY, 1, 0.1), ("llm.norm.weight", 1, 0), ("projector.0.weight", 1, 0.1),
+                               ("projector.0.bias", 1, 0), ("encoder.adapters.0.fast_conv.weight", 0.2, 0.1)):
+        assert (group[named[name]]["scale"], group[named[name]]["weight_decay"]) == (scale, decay), name
+    assert group[named["encoder.adapters.0.fast_conv.weight"]]["lr"] == pytest.approx(0.2 * group[named[LLM_KEY]]["lr"])
+    assert opt.state[named[LLM_KEY]]["step"] == 2  # the moments carried over
 
 
 def test_resume_equals_uninterrupted_run(env, tmp_path):
