@@ -669,6 +669,13 @@ def get_lr(step):
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def way_on(cause):
+    """The way on, in words, from a run stopped by an error: the last checkpoint is as it was."""
+    return (f"the last checkpoint {ckpt_dir} is untouched; once the cause is fixed ({cause}), --resume continues "
+            f"from it" if os.path.isdir(ckpt_dir) else
+            f"no checkpoint kept; once the cause is fixed ({cause}), --overwrite starts over")
+
+
 @contextmanager
 def save_errors(step, tmp):
     """A failed write stops the run in one line; the last good checkpoint stays as it was."""
@@ -678,11 +685,8 @@ def save_errors(step, tmp):
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
-        kept = (f"the last checkpoint {ckpt_dir} is untouched; once the cause is fixed (a full disk?), --resume "
-                f"continues from it" if os.path.isdir(ckpt_dir) else
-                "no checkpoint kept; once the cause is fixed (a full disk?), --overwrite starts over")
         why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"step {step}: saving to {tmp} failed ({why}); {kept}") from None
+        raise SystemExit(f"step {step}: saving to {tmp} failed ({why}); {way_on('a full disk?')}") from None
 
 
 def merged_state(step, adapters):
@@ -816,14 +820,16 @@ for step in range(start_step, stop_step):
         dist.all_reduce(sums)  # every rank sees the same numbers, so every rank stops together
     loss_sum, tokens, n_skipped = sums.tolist()
     loss = loss_sum / (accum * world)
-    if not math.isfinite(loss):
+    # a finite loss can still give non-finite gradients (an overflow in backward): the norm is checked too,
+    # measured (max_norm inf) when not clipped; it is the whole model's on every rank, so all stop alike
+    norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
+    norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
         bar.close()
         if distributed:
             dist.destroy_process_group()
-        raise SystemExit(f"step {step + 1}: loss is {loss}; stopping without saving this state "
-                         f"(the last checkpoint in {ckpt_dir} is untouched)")
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        raise SystemExit(f"step {step + 1}: {what}; stopping without saving this state: {way_on('a lower --lr?')}")
     opt.step()
     opt.zero_grad(set_to_none=True)
     skipped += int(n_skipped)

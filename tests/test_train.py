@@ -281,6 +281,32 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch):
     assert len(losses(tmp_path / "o")) == 2
 
 
+class Overflow(torch.autograd.Function):
+    """The identity, whose backward overflows: a finite loss with non-finite gradients."""
+    forward = staticmethod(lambda ctx, x: x.clone())
+    backward = staticmethod(lambda ctx, grad: grad * float("inf"))
+
+
+@pytest.mark.parametrize("clip", [1, 0])  # 0: the norm is measured all the same
+def test_non_finite_gradients_stop_and_keep_last_checkpoint(env, tmp_path, monkeypatch, clip):
+    forward, calls = mra.LlavaHR.forward, []
+
+    def overflowing(self, *a, **kw):
+        logits, loss = forward(self, *a, **kw)
+        calls.append(1)
+        return logits, Overflow.apply(loss) if len(calls) == 3 else loss
+
+    monkeypatch.setattr(mra.LlavaHR, "forward", overflowing)
+    with pytest.raises(SystemExit, match=r"step 3: gradient norm is (nan|inf); stopping without saving this state: "
+                                         r"the last checkpoint .*ckpt is untouched; .*--resume continues from it$"):
+        train(args(env, tmp_path / "o", 2, "--global-batch", 1, "--batch-size", 1, "--save-every", 1,
+                   "--grad-clip", clip))
+    ckpt = tmp_path / "o" / "ckpt"
+    assert torch.load(ckpt / "train_state.pt", weights_only=True)["step"] == 2
+    assert all(torch.isfinite(t).all() for t in mra.load_checkpoint(str(ckpt)).state_dict().values())
+    assert len(losses(tmp_path / "o")) == 2
+
+
 def test_ddp_and_fsdp_equal_one_process(env, tmp_path):
     # DDP without grouping: a text-only micro-batch on one rank while the other holds an image
     common = ("--global-batch", 2, "--batch-size", 1, "--max-steps", 3, "--lr", 1e-3, "--warmup-ratio", 0)
