@@ -477,6 +477,8 @@ if args.image_folder and not os.path.isdir(args.image_folder):
 tok = Tokenizer(tok_path)
 with open(tok_path, "rb") as f:  # copied into each checkpoint: a resume from ckpt.old deletes it at its first save
     tok_bytes = f.read()
+# the token ids the run trains on: a resume must find the same tokenizer, wherever it lies
+tokenizer = dict(tokenizer_sha256=hashlib.sha256(tok_bytes).hexdigest(), tokenizer_legacy=tok.legacy)
 ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
                        recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
 by_length = args.group_by_length if args.group_by_length is not None else args.stage == 2
@@ -607,6 +609,14 @@ if args.resume:
                         run.get("init") != os.path.realpath(args.init)):
         raise SystemExit(f"--resume: --init {args.init} is not the base the run trained on ({run.get('init')}, as it "
                          f"was then): the model would not be the one trained; give that base, {new_run}")
+    if any(run.get(k, v) != v for k, v in tokenizer.items()):  # older runs recorded neither
+        digest = tokenizer["tokenizer_sha256"]
+        why = ("other bytes" if run.get("tokenizer_sha256", digest) != digest else f"legacy={tok.legacy} from the "
+               f"tokenizer_config.json beside it or its absence, the run's {run['tokenizer_legacy']}")
+        own = os.path.join(resume_dir, "tokenizer.model")
+        raise SystemExit(f"--resume: {tok_path} is not the tokenizer the run trained with ({why}): the token ids "
+                         f"would change; " + (f"drop --tokenizer to use the run's own copy, {own}" if args.tokenizer
+                                              else "give the run's tokenizer with --tokenizer") + f", {new_run}")
     if any(run.get(k, v) != v for k, v in usable.items()):  # --skip-bad: other records bad now (or fixed)
         raise SystemExit(f"--resume: the run trained on {run['records']} usable records of {args.data}, now "
                          f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
@@ -729,8 +739,8 @@ def save(step):
         dist.all_gather_object(rngs, rng)
     if master:
         # the data file's digest as it was read (at the start), not as it may be now
-        run = dict(fixed, **usable, data=os.path.realpath(args.data), data_sha256=ds.sha256, args=vars(args),
-                   init=args.lora_r and os.path.realpath(args.init), init_digest=init_digest)
+        run = dict(fixed, **usable, **tokenizer, data=os.path.realpath(args.data), data_sha256=ds.sha256,
+                   args=vars(args), init=args.lora_r and os.path.realpath(args.init), init_digest=init_digest)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, rng=rngs, run=json.dumps(run), **extra)
         with save_errors(step, tmp):

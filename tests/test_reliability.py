@@ -23,7 +23,7 @@ import data
 import generate
 import mra
 from llama import Llama, LlamaConfig, Tokenizer
-from test_data import conv, records, write_dataset
+from test_data import conv, records, train_spm, write_dataset
 from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
 from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, train, weights  # noqa: F401
 from weights import CheckpointError, convert_bin
@@ -95,6 +95,29 @@ def test_resume_checks_the_data_by_content_and_says_what_else_changed(env, tmp_p
         train(with_data(d / "chats.json", "--max-steps", 1, "--resume", "--lr", 5e-4))
     assert done.value.code is None
     assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 1" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_tokenizer(env, tmp_path):
+    d, tok = env
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    with_tok = lambda path, *extra: [str(path) if a == tok else a  # noqa: E731
+                                     for a in map(str, args(env, out, 2, *COMMON, "--resume", *extra))]
+    for name in ("moved", "bare", "other"):
+        (tmp_path / name).mkdir()
+    for name in ("moved", "bare"):  # bare: the same bytes, without the config that says legacy false
+        shutil.copy(tok, tmp_path / name / "tok.model")
+    train_spm(tmp_path / "other" / "tok", seed=1)  # another tokenizer, in the same mode
+    for name in ("moved", "other"):
+        shutil.copy(d / "tokenizer_config.json", tmp_path / name)
+    for name, why in (("bare", r"legacy=True from the tokenizer_config.json beside it or its absence, the run's False"),
+                      ("other", "other bytes")):
+        with pytest.raises(SystemExit, match=rf"--resume: \S*{name}/tok.model is not the tokenizer the run trained "
+                                             rf"with \({why}\): the token ids would change; drop --tokenizer to use "
+                                             rf"the run's own copy, \S*run/ckpt/tokenizer.model, or start a new run"):
+            train(with_tok(tmp_path / name / "tok.model", "--max-steps", 2))
+    train(with_tok(tmp_path / "moved" / "tok.model", "--max-steps", 2))  # the same tokenizer elsewhere: fine
+    assert len(losses(out)) == 2
 
 
 def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tmp_path):
