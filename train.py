@@ -79,11 +79,13 @@ def world_size(text):  # --dry-run's WORLD; the flag alone (const 0) means this 
 def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
     disk) is one line, not a traceback (--debug shows it)."""
-    if issubclass(kind, KeyboardInterrupt):
-        saved = "ckpt_dir" in globals() and any(os.path.isdir(d) for d in (ckpt_dir, ckpt_dir + ".old"))
-        return tqdm.write("interrupted: the last saved checkpoint is intact; --resume continues from it" if saved else
-                          "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over",
-                          file=sys.stderr)
+    if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
+        known = globals().get("ckpt_dir")  # None before that, and under --dry-run
+        saved = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)] if known else []
+        logged = known and os.path.isfile(log_path) and os.path.getsize(log_path)
+        return tqdm.write(f"interrupted: the last checkpoint {saved[0]} is intact; --resume continues from it" if saved
+                          else "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over"
+                          if logged else "interrupted: nothing was saved; run it again to start", file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     # an error raised in a DataLoader worker arrives with the worker's traceback as its message
@@ -178,6 +180,7 @@ if bad:
     p.error("need " + ", ".join(bad))
 if args.dry_run is None and not (args.data and args.out):
     p.error("--data and --out are required (unless --dry-run)")
+ckpt_dir, log_path = (os.path.join(args.out, "ckpt"), os.path.join(args.out, "log.jsonl")) if args.out else (None, None)
 if args.resume and args.overwrite:
     p.error("--resume continues the run in --out, --overwrite deletes it: pick one")
 if args.lora_r and not (args.stage == 2 and (args.init or args.dry_run is not None)):  # a plan: --config's
@@ -431,7 +434,6 @@ if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, 
 
 # -----------------------------------------------------------------------------
 # the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
-ckpt_dir, log_path = os.path.join(args.out, "ckpt"), os.path.join(args.out, "log.jsonl")
 if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise SystemExit(f"--out {args.out}: is a file, not a directory")
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]

@@ -233,6 +233,25 @@ def test_log_holds_each_step_once_after_a_crash_and_resume(env, tmp_path, monkey
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+def test_an_early_ctrl_c_says_what_there_is_to_resume(env, tmp_path):
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    # Ctrl-C early in the start-up (as while torchrun's ranks wait for each other), before --out is looked at
+    code = ("import runpy, sys, torch\n"
+            "def interrupt(*a): raise KeyboardInterrupt\n"
+            "torch.set_flush_denormal = interrupt\n"
+            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    for extra, said in ((("--resume",), f"interrupted: the last checkpoint {out / 'ckpt'} is intact; --resume "
+                                        f"continues from it"),
+                        ((), "interrupted: nothing was saved; run it again to start")):
+        r = subprocess.run([sys.executable, "-c", code, *map(str, args(env, out if extra else tmp_path / "new", 2,
+                                                                       *COMMON, *extra))],
+                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=300)
+        assert one_line(r) == said
+
+
 def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))
