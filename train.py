@@ -436,12 +436,15 @@ if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, 
 # the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
 if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise SystemExit(f"--out {args.out}: is a file, not a directory")
+if any(os.path.isfile(os.path.join(args.out, f)) for f in ("train_state.pt", "mra_config.json")):
+    # a run's OUT/ckpt, say: a run inside it would be deleted with it, at the next save of the run that holds it
+    raise SystemExit(f"--out {args.out} is a checkpoint, not a run directory: " + (
+        f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(args.out))}" if args.resume else
+        f"a run inside it would be deleted when it is next replaced; pick another --out (--init {args.out} starts "
+        f"from its weights)"))
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
 if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
     if not previous:
-        if os.path.isfile(os.path.join(args.out, "train_state.pt")):  # dropping --resume would start a run in it
-            raise SystemExit(f"--resume: --out {args.out} is a checkpoint, not a run directory: pass the run that "
-                             f"holds it, --out {os.path.dirname(os.path.abspath(args.out))}")
         raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue): " + (
             "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
     resume_dir = previous[0]

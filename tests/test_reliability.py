@@ -134,6 +134,14 @@ def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tm
     with pytest.raises(SystemExit, match=r"--out .*run/ckpt is a checkpoint, not a run directory: pass the run that "
                                          r"holds it, --out \S*run$"):
         train(args(env, out / "ckpt", 2, *COMMON, "--max-steps", 2, "--resume"))
+    # or as a new run's: the run's next save would delete it (--overwrite too)
+    before = sorted(os.listdir(out / "ckpt"))
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(SystemExit, match=r"--out .*run/ckpt is a checkpoint, not a run directory: a run inside it "
+                                             r"would be deleted when it is next replaced; pick another --out \(--init "
+                                             r"\S*run/ckpt starts from its weights\)$"):
+            train(args(env, out / "ckpt", 2, *COMMON, "--max-steps", 1, *extra))
+    assert sorted(os.listdir(out / "ckpt")) == before
     train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", "--group-by-length", "--seed", 42))
 
 
