@@ -442,6 +442,14 @@ if any(os.path.isfile(os.path.join(args.out, f)) for f in ("train_state.pt", "mr
         f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(args.out))}" if args.resume else
         f"a run inside it would be deleted when it is next replaced; pick another --out (--init {args.out} starts "
         f"from its weights)"))
+if master and (os.path.isdir(args.out) or not args.resume):
+    # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        run_lock = open(os.path.join(args.out, "train.lock"), "a")
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
+                         f"writable --out") from None
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
 if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
     if not previous:
@@ -782,7 +790,6 @@ if master:
             shutil.rmtree(old, ignore_errors=True)
         if os.path.isfile(log_path):
             os.remove(log_path)
-    os.makedirs(args.out, exist_ok=True)
     if args.resume and os.path.isfile(log_path):  # steps logged after the last save are run again: drop them
         with open(log_path) as f:
             lines = f.read().splitlines()

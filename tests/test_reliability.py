@@ -260,6 +260,17 @@ def test_an_early_ctrl_c_says_what_there_is_to_resume(env, tmp_path):
         assert one_line(r) == said
 
 
+def test_an_out_that_cannot_be_written_fails_before_the_model_loads(env, tmp_path, monkeypatch):
+    def build(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mra, "build", build)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out \S*file/run: cannot be created or written \(Not a directory: "
+                                         r"\S*file/run\); pick a writable --out$"):
+        train(args(env, tmp_path / "file" / "run", 2, *COMMON))
+
+
 def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))
