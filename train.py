@@ -30,6 +30,10 @@ from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
+try:
+    import fcntl  # --out's lock (POSIX); elsewhere a run goes without it
+except ImportError:
+    fcntl = None
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -450,6 +454,15 @@ if master and (os.path.isdir(args.out) or not args.resume):
     except OSError as e:
         raise SystemExit(f"--out {args.out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
                          f"writable --out") from None
+    # one run at a time: two started together would both find --out free below, then garble each other. A
+    # POSIX lock (lockf) is the process's, released when it ends however it ends; a flock would be held on by
+    # an earlier run in the same process that ended in an exception (tests run train.py in-process)
+    try:
+        if fcntl:
+            fcntl.lockf(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"--out {args.out}: another train.py is running in it (it holds {run_lock.name}); wait "
+                         f"for it to end, or pick another --out") from None
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
 if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
     if not previous:
@@ -877,5 +890,7 @@ if master:
           + (f" (adapters only: generate.py --model {args.init} --lora {ckpt_dir}/lora)"
              if not args.no_save and (args.lora_adapters_only or args.quantize) else "")
           + (f"; {len(ds.bad)} bad records skipped, {skipped} replaced at load time" if args.skip_bad else ""))
+    log.close()
+    run_lock.close()  # --out is free: for the next run, even in this same process (the tests run train.py in it)
 if distributed:
     dist.destroy_process_group()

@@ -260,6 +260,25 @@ def test_an_early_ctrl_c_says_what_there_is_to_resume(env, tmp_path):
         assert one_line(r) == said
 
 
+def test_a_run_is_refused_an_out_where_another_is_running(env, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # another train.py, started at the same time, holds the lock on --out (a process of its own: the lock is per process)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
+                               "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(300)",
+                               str(out / "train.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=r"--out \S*run: another train.py is running in it \(it holds "
+                                             r"\S*run/train.lock\); wait for it to end, or pick another --out$"):
+            train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    finally:
+        holder.kill()
+        holder.wait()
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))  # once it has ended
+    assert len(losses(out)) == 1
+
+
 def test_an_out_that_cannot_be_written_fails_before_the_model_loads(env, tmp_path, monkeypatch):
     def build(*a, **kw):
         raise AssertionError("the model was loaded")
