@@ -331,7 +331,9 @@ def save_shards(model, opt, path, cfg, rank, world):
     names = {q: n for n, q in model.named_parameters()}
     rows = {f"{names[q]}/{k}": v.to_local() if isinstance(v, DTensor) else v  # "step" is the same on every rank
             for q, st in opt.state.items() for k, v in st.items()}
-    write_safetensors(os.path.join(path, f"optimizer-{rank + 1:05d}-of-{world:05d}.safetensors"), rows)
+    mine = os.path.join(path, f"optimizer-{rank + 1:05d}-of-{world:05d}.safetensors")
+    write_safetensors(mine, rows)
+    fsync(mine)  # by its writer: rank 0 (save) flushes only what is in its own machine's cache
 
 
 def load_shards(model, opt, path, saved_world, rank, world):
@@ -740,6 +742,19 @@ def merged_state(step, adapters):
     return None
 
 
+def fsync(path, tree=False):
+    """Flush a file, or a directory's entries (tree: and everything under it), to the disk. A rename can
+    reach the disk before the data it names: after a host crash, ckpt/ could hold empty files, and
+    ckpt.old be gone already."""
+    for root, _, files in os.walk(path) if tree else [(path, (), ())]:
+        for p in [*(os.path.join(root, f) for f in files), root]:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def save(step):
     """OUT/ckpt: weights (generate.py loads the dir) + train_state.pt (under --fsdp, AdamW's state
     in one file per rank), replaced atomically."""
@@ -784,11 +799,13 @@ def save(step):
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:  # the mode it tokenised in
                 json.dump(dict(legacy=tok.legacy), f)
             torch.save(state, os.path.join(tmp, "train_state.pt"))
-        # the last good checkpoint is never touched until the new one is complete
+            fsync(tmp, tree=True)
+        # the last good checkpoint is never touched until the new one is complete, on the disk
         if os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
             os.replace(ckpt_dir, ckpt_dir + ".old")
         os.replace(tmp, ckpt_dir)
+        fsync(args.out)  # the renames, before ckpt.old goes
         shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
     if distributed:
         dist.barrier()

@@ -290,6 +290,24 @@ def test_an_out_that_cannot_be_written_fails_before_the_model_loads(env, tmp_pat
         train(args(env, tmp_path / "file" / "run", 2, *COMMON))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsync'd file by /proc/self/fd (Linux)")
+def test_a_save_is_on_the_disk_before_its_renames(env, tmp_path, monkeypatch):
+    out, events = tmp_path / "run", []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or replace(a, b))
+    train(args(env, out, 2, *COMMON, "--max-steps", 2, "--save-every", 1))  # the second save replaces a checkpoint
+    ckpt, tmp = os.path.realpath(out / "ckpt"), os.path.realpath(out / "ckpt.tmp")
+    files = {os.path.join(r, n).replace(ckpt, tmp) for r, _, names in os.walk(ckpt) for n in names}
+    synced = lambda a, b: {e[1] for e in events[a:b] if e[0] == "fsync"}  # noqa: E731
+    renamed = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out / "ckpt")]  # ckpt.tmp -> ckpt
+    assert len(renamed) == 2 and synced(0, renamed[0]) >= files | {tmp}  # the files and their directory
+    aside = events.index(("replace", str(out / "ckpt"), str(out / "ckpt.old")))  # the second save's
+    assert renamed[0] < aside < renamed[1] and synced(renamed[0] + 1, aside) >= files | {tmp}
+    assert ("fsync", os.path.realpath(out)) in events[renamed[1]:]  # the renames themselves
+
+
 def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))
