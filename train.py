@@ -85,7 +85,8 @@ def one_line_errors(kind, err, tb):
     disk) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
         known = globals().get("ckpt_dir")  # None before that, and under --dry-run
-        saved = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)] if known else []
+        saved = [d for d in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp")  # .tmp: complete (see save)
+                 if os.path.isfile(os.path.join(d, "train_state.pt"))] if known else []
         logged = known and os.path.isfile(log_path) and os.path.getsize(log_path)
         return tqdm.write(f"interrupted: the last checkpoint {saved[0]} is intact; --resume continues from it" if saved
                           else "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over"
@@ -317,6 +318,19 @@ def rows_of(n, world, rank):
     return min(n, rank * size), min(n, rank * size + size)
 
 
+def fsync(path, tree=False):
+    """Flush a file, or a directory's entries (tree: and everything under it), to the disk. A rename can
+    reach the disk before the data it names: after a host crash, ckpt/ could hold empty files, and
+    ckpt.old be gone already."""
+    for root, _, files in os.walk(path) if tree else [(path, (), ())]:
+        for p in [*(os.path.join(root, f) for f in files), root]:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def save_shards(model, opt, path, cfg, rank, world):
     """--fsdp: a checkpoint no rank holds whole. Each weight is gathered on every rank in turn and rank 0
     streams it into model.safetensors (what generate.py and --resume load); each rank writes its rows of
@@ -465,8 +479,18 @@ if master and (os.path.isdir(args.out) or not args.resume):
     except OSError:
         raise SystemExit(f"--out {args.out}: another train.py is running in it (it holds {run_lock.name}); wait "
                          f"for it to end, or pick another --out") from None
+    complete = os.path.join(ckpt_dir + ".tmp", "train_state.pt")  # (see save)
+    if args.resume and not os.path.isdir(ckpt_dir) and os.path.isfile(complete):
+        # a save killed between its renames: its ckpt.tmp is complete, and newer than ckpt.old
+        os.replace(ckpt_dir + ".tmp", ckpt_dir)
+        fsync(args.out)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        print(f"--resume: {ckpt_dir}.tmp held the complete checkpoint of a save cut short before its last rename: "
+              f"that save is finished, as {ckpt_dir}")
+if distributed:
+    dist.barrier()  # rank 0 has made --out, taken its lock and finished a save before any rank looks into it
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
-if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
+if args.resume:  # ckpt.old alone: a save cut between its renames before train.py could tell a complete ckpt.tmp
     if not previous:
         raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue): " + (
             "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
@@ -742,19 +766,6 @@ def merged_state(step, adapters):
     return None
 
 
-def fsync(path, tree=False):
-    """Flush a file, or a directory's entries (tree: and everything under it), to the disk. A rename can
-    reach the disk before the data it names: after a host crash, ckpt/ could hold empty files, and
-    ckpt.old be gone already."""
-    for root, _, files in os.walk(path) if tree else [(path, (), ())]:
-        for p in [*(os.path.join(root, f) for f in files), root]:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def save(step):
     """OUT/ckpt: weights (generate.py loads the dir) + train_state.pt (under --fsdp, AdamW's state
     in one file per rank), replaced atomically."""
@@ -798,8 +809,12 @@ def save(step):
                 f.write(tok_bytes)
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:  # the mode it tokenised in
                 json.dump(dict(legacy=tok.legacy), f)
-            torch.save(state, os.path.join(tmp, "train_state.pt"))
+            # train_state.pt last, renamed into place once the rest is on the disk: a ckpt.tmp that holds it
+            # is complete (a kill between the renames below leaves it newer than ckpt.old: --resume finishes it)
+            torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
             fsync(tmp, tree=True)
+            os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
+            fsync(tmp)
         # the last good checkpoint is never touched until the new one is complete, on the disk
         if os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)

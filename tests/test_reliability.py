@@ -300,12 +300,43 @@ def test_a_save_is_on_the_disk_before_its_renames(env, tmp_path, monkeypatch):
     train(args(env, out, 2, *COMMON, "--max-steps", 2, "--save-every", 1))  # the second save replaces a checkpoint
     ckpt, tmp = os.path.realpath(out / "ckpt"), os.path.realpath(out / "ckpt.tmp")
     files = {os.path.join(r, n).replace(ckpt, tmp) for r, _, names in os.walk(ckpt) for n in names}
+    files = {f + ".tmp" if f.endswith("/train_state.pt") else f for f in files}  # synced under its temporary name
     synced = lambda a, b: {e[1] for e in events[a:b] if e[0] == "fsync"}  # noqa: E731
     renamed = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out / "ckpt")]  # ckpt.tmp -> ckpt
-    assert len(renamed) == 2 and synced(0, renamed[0]) >= files | {tmp}  # the files and their directory
+    # train_state.pt goes into place last, once the rest is on the disk: a ckpt.tmp that holds it is complete
+    state = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("ckpt.tmp/train_state.pt")]
+    assert len(renamed) == len(state) == 2 and synced(0, state[0]) >= files | {tmp}  # the files and their directory
+    assert ("fsync", tmp) in events[state[0]:renamed[0]]
     aside = events.index(("replace", str(out / "ckpt"), str(out / "ckpt.old")))  # the second save's
-    assert renamed[0] < aside < renamed[1] and synced(renamed[0] + 1, aside) >= files | {tmp}
+    assert renamed[0] < state[1] < aside < renamed[1] and synced(renamed[0] + 1, state[1]) >= files | {tmp}
     assert ("fsync", os.path.realpath(out)) in events[renamed[1]:]  # the renames themselves
+
+
+def test_resume_finishes_a_save_cut_between_its_renames(env, tmp_path, monkeypatch, capsys):
+    out, replace, saves = tmp_path / "run", os.replace, []
+
+    def killed_at_second_save(a, b):  # its ckpt -> ckpt.old done, its ckpt.tmp -> ckpt not
+        saves.extend([1] if str(b) == str(out / "ckpt") else [])
+        if len(saves) == 2:
+            raise RuntimeError("killed")
+        return replace(a, b)
+
+    monkeypatch.setattr(os, "replace", killed_at_second_save)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(args(env, out, 2, *COMMON, "--max-steps", 2, "--save-every", 1))
+    monkeypatch.setattr(os, "replace", replace)
+    assert {"ckpt.old", "ckpt.tmp"} <= set(os.listdir(out)) and not (out / "ckpt").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:  # from ckpt.tmp, step 2, not ckpt.old's step 1
+        train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume"))
+    assert done.value.code is None
+    said = capsys.readouterr().out
+    assert f"--resume: {out / 'ckpt'}.tmp held the complete checkpoint of a save cut short before its last rename: " \
+           f"that save is finished, as {out / 'ckpt'}\n" in said
+    assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 2" in said
+    assert not (out / "ckpt.tmp").exists() and not (out / "ckpt.old").exists()
+    train(args(env, out, 2, *COMMON, "--max-steps", 3, "--resume"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
 
 
 def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
