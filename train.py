@@ -626,9 +626,9 @@ opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.
 
 # the data position carries over only if these stay as the run had them, and a LoRA run's model (its
 # scale, rank and frozen base) is the one its adapters were trained in: --resume refuses a change
-fixed = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, stage=args.stage,
-             group_by_length=by_length, lora_r=args.lora_r, quantize=args.quantize,
-             lora_alpha=lora_alpha if args.lora_r else None)
+# (--epochs may change: an epoch's order depends on the seed and its number alone; the cosine's length changes)
+fixed = dict(global_batch=global_batch, seed=args.seed, stage=args.stage, group_by_length=by_length,
+             lora_r=args.lora_r, quantize=args.quantize, lora_alpha=lora_alpha if args.lora_r else None)
 MODEL_FIXED = {"lora_r", "quantize", "lora_alpha"}
 # flags --resume does not list when they change: where and how the run goes on, and the ones above
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",

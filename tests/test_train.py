@@ -223,6 +223,31 @@ def test_resume_equals_uninterrupted_run(env, tmp_path):
     assert not os.path.exists(tmp_path / "cut" / "ckpt.tmp") and not os.path.exists(tmp_path / "cut" / "ckpt.old")
 
 
+def test_resume_may_extend_the_epochs(env, tmp_path, monkeypatch, capsys):
+    # an epoch's order depends on the seed and its number alone: a finished 1-epoch run extended to 2
+    # trains the second epoch a 2-epoch run trains (only the cosine schedule is longer, as the run says)
+    forward, seen = mra.LlavaHR.forward, []
+
+    def recording(self, input_ids, *a, **kw):
+        seen.append(input_ids.tolist())
+        return forward(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(mra.LlavaHR, "forward", recording)
+    common = ("--global-batch", 2, "--batch-size", 2, "--lr", 1e-3)
+    train(args(env, tmp_path / "two", 2, *common, "--epochs", 2, "--no-save"))
+    two = seen[:]
+    assert len(two) == 10  # 5 steps an epoch
+    del seen[:]
+    train(args(env, tmp_path / "one", 2, *common))
+    assert seen == two[:5]
+    del seen[:]
+    capsys.readouterr()
+    train(args(env, tmp_path / "one", 2, *common, "--epochs", 2, "--resume"))
+    assert seen == two[5:]
+    assert "--resume with settings other than the run's: --epochs 1 -> 2;" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "one" / "log.jsonl")] == list(range(1, 11))
+
+
 def test_fsdp_resume_equals_uninterrupted_run(env, tmp_path):
     # --fsdp saves without gathering: rank 0 streams the weights one tensor at a time into
     # model.safetensors, each rank writes its own rows of AdamW's state
