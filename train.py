@@ -911,8 +911,12 @@ for step in range(start_step, stop_step):
                      skipped=skipped, time=time.time())
         if cuda:  # this rank's, the most any step has held so far
             entry["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+        except OSError as e:  # a full disk: a line cut short is dropped by --resume, which runs the step again
+            bar.close()
+            raise SystemExit(f"step {done}: writing {log_path} failed ({e.strerror or e}); {way_on('a full disk?')}")
     if not args.no_save and (done == stop_step or (args.save_every and done % args.save_every == 0)):
         save(done)
 bar.close()

@@ -6,6 +6,8 @@ checkpoint. generate.py: questions and answers files are checked (file and line)
 model loads; ids are unique; a padded vocabulary never yields an id without text; chat survives
 closed stdin and over-long turns. Loaders: config files, dtypes and pickles are checked.
 """
+import builtins
+import errno
 import json
 import os
 import pickle
@@ -353,6 +355,36 @@ def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
     assert not os.path.exists(out / "ckpt.tmp")
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
     mra.load_checkpoint(str(out / "ckpt"))
+
+
+def test_a_full_disk_under_the_log_is_one_line_and_the_run_resumes(env, tmp_path, monkeypatch):
+    out, real_open = tmp_path / "run", open
+
+    class Full:  # log.jsonl on a disk that fills up at its third line
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def open_(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return Full(f) if str(path).endswith("log.jsonl") and mode == "a" else f
+
+    monkeypatch.setattr(builtins, "open", open_)
+    with pytest.raises(SystemExit, match=r"^step 3: writing \S*run/log.jsonl failed \(No space left on device\); the "
+                                         r"last checkpoint \S*run/ckpt is untouched; once the cause is fixed \(a full "
+                                         r"disk\?\), --resume continues from it$"):
+        train(args(env, out, 2, *COMMON, "--max-steps", 4, "--save-every", 2))
+    monkeypatch.setattr(builtins, "open", real_open)
+    train(args(env, out, 2, *COMMON, "--max-steps", 4, "--save-every", 2, "--resume"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3, 4]
 
 
 def test_first_turn_from_gpt_is_dropped_as_released(env, tmp_path):
