@@ -30,6 +30,10 @@ from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
+try:
+    import fcntl  # --out's lock (POSIX); elsewhere a run goes without it
+except ImportError:
+    fcntl = None
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -79,11 +83,14 @@ def world_size(text):  # --dry-run's WORLD; the flag alone (const 0) means this 
 def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
     disk) is one line, not a traceback (--debug shows it)."""
-    if issubclass(kind, KeyboardInterrupt):
-        saved = "ckpt_dir" in globals() and any(os.path.isdir(d) for d in (ckpt_dir, ckpt_dir + ".old"))
-        return tqdm.write("interrupted: the last saved checkpoint is intact; --resume continues from it" if saved else
-                          "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over",
-                          file=sys.stderr)
+    if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
+        known = globals().get("ckpt_dir")  # None before that, and under --dry-run
+        saved = [d for d in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp")  # .tmp: complete (see save)
+                 if os.path.isfile(os.path.join(d, "train_state.pt"))] if known else []
+        logged = known and os.path.isfile(log_path) and os.path.getsize(log_path)
+        return tqdm.write(f"interrupted: the last checkpoint {saved[0]} is intact; --resume continues from it" if saved
+                          else "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over"
+                          if logged else "interrupted: nothing was saved; run it again to start", file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     # an error raised in a DataLoader worker arrives with the worker's traceback as its message
@@ -178,6 +185,7 @@ if bad:
     p.error("need " + ", ".join(bad))
 if args.dry_run is None and not (args.data and args.out):
     p.error("--data and --out are required (unless --dry-run)")
+ckpt_dir, log_path = (os.path.join(args.out, "ckpt"), os.path.join(args.out, "log.jsonl")) if args.out else (None, None)
 if args.resume and args.overwrite:
     p.error("--resume continues the run in --out, --overwrite deletes it: pick one")
 if args.lora_r and not (args.stage == 2 and (args.init or args.dry_run is not None)):  # a plan: --config's
@@ -205,6 +213,12 @@ args.batch_size = args.batch_size or recipe["micro"]
 args.lora_dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
 args.lora_train_mra = args.lora_train_mra is not False
 lora_alpha = args.lora_alpha or 2 * (args.lora_r or 0)
+# defaults that depend on the run, resolved: a saved run (and --resume's report of a change) holds the value in effect
+DEFAULTS = dict(lr=2e-4 if args.lora_r else recipe["lr"],  # LoRA: LLaVA-1.5's finetune_lora lr
+                projector_lr_scale=0.1 if args.lora_r else 1.0)  # LoRA: LLaVA-1.5's mm_projector_lr 2e-5 / lr 2e-4
+for k, v in DEFAULTS.items():
+    if getattr(args, k) is None:
+        setattr(args, k, v)
 gate_given, args.gate = args.gate is not None, args.gate or "tanh"
 
 # -----------------------------------------------------------------------------
@@ -304,6 +318,19 @@ def rows_of(n, world, rank):
     return min(n, rank * size), min(n, rank * size + size)
 
 
+def fsync(path, tree=False):
+    """Flush a file, or a directory's entries (tree: and everything under it), to the disk. A rename can
+    reach the disk before the data it names: after a host crash, ckpt/ could hold empty files, and
+    ckpt.old be gone already."""
+    for root, _, files in os.walk(path) if tree else [(path, (), ())]:
+        for p in [*(os.path.join(root, f) for f in files), root]:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def save_shards(model, opt, path, cfg, rank, world):
     """--fsdp: a checkpoint no rank holds whole. Each weight is gathered on every rank in turn and rank 0
     streams it into model.safetensors (what generate.py and --resume load); each rank writes its rows of
@@ -318,7 +345,9 @@ def save_shards(model, opt, path, cfg, rank, world):
     names = {q: n for n, q in model.named_parameters()}
     rows = {f"{names[q]}/{k}": v.to_local() if isinstance(v, DTensor) else v  # "step" is the same on every rank
             for q, st in opt.state.items() for k, v in st.items()}
-    write_safetensors(os.path.join(path, f"optimizer-{rank + 1:05d}-of-{world:05d}.safetensors"), rows)
+    mine = os.path.join(path, f"optimizer-{rank + 1:05d}-of-{world:05d}.safetensors")
+    write_safetensors(mine, rows)
+    fsync(mine)  # by its writer: rank 0 (save) flushes only what is in its own machine's cache
 
 
 def load_shards(model, opt, path, saved_world, rank, world):
@@ -425,15 +454,44 @@ if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, 
 
 # -----------------------------------------------------------------------------
 # the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
-ckpt_dir, log_path = os.path.join(args.out, "ckpt"), os.path.join(args.out, "log.jsonl")
 if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise SystemExit(f"--out {args.out}: is a file, not a directory")
+if any(os.path.isfile(os.path.join(args.out, f)) for f in ("train_state.pt", "mra_config.json")):
+    # a run's OUT/ckpt, say: a run inside it would be deleted with it, at the next save of the run that holds it
+    raise SystemExit(f"--out {args.out} is a checkpoint, not a run directory: " + (
+        f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(args.out))}" if args.resume else
+        f"a run inside it would be deleted when it is next replaced; pick another --out (--init {args.out} starts "
+        f"from its weights)"))
+if master and (os.path.isdir(args.out) or not args.resume):
+    # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        run_lock = open(os.path.join(args.out, "train.lock"), "a")
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
+                         f"writable --out") from None
+    # one run at a time: two started together would both find --out free below, then garble each other. A
+    # POSIX lock (lockf) is the process's, released when it ends however it ends; a flock would be held on by
+    # an earlier run in the same process that ended in an exception (tests run train.py in-process)
+    try:
+        if fcntl:
+            fcntl.lockf(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"--out {args.out}: another train.py is running in it (it holds {run_lock.name}); wait "
+                         f"for it to end, or pick another --out") from None
+    complete = os.path.join(ckpt_dir + ".tmp", "train_state.pt")  # (see save)
+    if args.resume and not os.path.isdir(ckpt_dir) and os.path.isfile(complete):
+        # a save killed between its renames: its ckpt.tmp is complete, and newer than ckpt.old
+        os.replace(ckpt_dir + ".tmp", ckpt_dir)
+        fsync(args.out)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        print(f"--resume: {ckpt_dir}.tmp held the complete checkpoint of a save cut short before its last rename: "
+              f"that save is finished, as {ckpt_dir}")
+if distributed:
+    dist.barrier()  # rank 0 has made --out, taken its lock and finished a save before any rank looks into it
 previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
-if args.resume:  # a kill between the two renames of a save leaves only ckpt.old
+if args.resume:  # ckpt.old alone: a save cut between its renames before train.py could tell a complete ckpt.tmp
     if not previous:
-        if os.path.isfile(os.path.join(args.out, "train_state.pt")):  # dropping --resume would start a run in it
-            raise SystemExit(f"--resume: --out {args.out} is a checkpoint, not a run directory: pass the run that "
-                             f"holds it, --out {os.path.dirname(os.path.abspath(args.out))}")
         raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue): " + (
             "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
     resume_dir = previous[0]
@@ -471,6 +529,8 @@ if args.image_folder and not os.path.isdir(args.image_folder):
 tok = Tokenizer(tok_path)
 with open(tok_path, "rb") as f:  # copied into each checkpoint: a resume from ckpt.old deletes it at its first save
     tok_bytes = f.read()
+# the token ids the run trains on: a resume must find the same tokenizer, wherever it lies
+tokenizer = dict(tokenizer_sha256=hashlib.sha256(tok_bytes).hexdigest(), tokenizer_legacy=tok.legacy)
 ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
                        recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
 by_length = args.group_by_length if args.group_by_length is not None else args.stage == 2
@@ -552,10 +612,9 @@ elif distributed:
                 broadcast_buffers=not args.quantize)
 
 params = [q for q in model.parameters() if q.requires_grad]
-proj_scale = args.projector_lr_scale if args.projector_lr_scale is not None else 0.1 if args.lora_r else 1.0
 # per lr scale, weights with --weight-decay, then biases and norm weights without (HF Trainer's rule, as LLaVA)
-lr_groups = [dict(params=[], scale=s, weight_decay=wd) for s in (1.0, args.adapter_lr_scale, args.tower_lr_scale,
-                                                                  proj_scale) for wd in (args.weight_decay, 0.0)]
+scales = (1.0, args.adapter_lr_scale, args.tower_lr_scale, args.projector_lr_scale)
+lr_groups = [dict(params=[], scale=s, weight_decay=wd) for s in scales for wd in (args.weight_decay, 0.0)]
 norms = {q for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, RMSNorm)) for q in m.parameters()}
 for name, q in model.named_parameters():  # names may carry DDP's "module." prefix
     name = f".{name}"
@@ -567,9 +626,9 @@ opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.
 
 # the data position carries over only if these stay as the run had them, and a LoRA run's model (its
 # scale, rank and frozen base) is the one its adapters were trained in: --resume refuses a change
-fixed = dict(global_batch=global_batch, seed=args.seed, epochs=args.epochs, stage=args.stage,
-             group_by_length=by_length, lora_r=args.lora_r, quantize=args.quantize,
-             lora_alpha=lora_alpha if args.lora_r else None)
+# (--epochs may change: an epoch's order depends on the seed and its number alone; the cosine's length changes)
+fixed = dict(global_batch=global_batch, seed=args.seed, stage=args.stage, group_by_length=by_length,
+             lora_r=args.lora_r, quantize=args.quantize, lora_alpha=lora_alpha if args.lora_r else None)
 MODEL_FIXED = {"lora_r", "quantize", "lora_alpha"}
 # flags --resume does not list when they change: where and how the run goes on, and the ones above
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
@@ -602,14 +661,23 @@ if args.resume:
                         run.get("init") != os.path.realpath(args.init)):
         raise SystemExit(f"--resume: --init {args.init} is not the base the run trained on ({run.get('init')}, as it "
                          f"was then): the model would not be the one trained; give that base, {new_run}")
+    if any(run.get(k, v) != v for k, v in tokenizer.items()):  # older runs recorded neither
+        digest = tokenizer["tokenizer_sha256"]
+        why = ("other bytes" if run.get("tokenizer_sha256", digest) != digest else f"legacy={tok.legacy} from the "
+               f"tokenizer_config.json beside it or its absence, the run's {run['tokenizer_legacy']}")
+        own = os.path.join(resume_dir, "tokenizer.model")
+        raise SystemExit(f"--resume: {tok_path} is not the tokenizer the run trained with ({why}): the token ids "
+                         f"would change; " + (f"drop --tokenizer to use the run's own copy, {own}" if args.tokenizer
+                                              else "give the run's tokenizer with --tokenizer") + f", {new_run}")
     if any(run.get(k, v) != v for k, v in usable.items()):  # --skip-bad: other records bad now (or fixed)
         raise SystemExit(f"--resume: the run trained on {run['records']} usable records of {args.data}, now "
                          f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
                          f"data position would not carry over; restore the records and images as the run had "
                          f"them, {new_run}")
-    changed = [f"--{k.replace('_', '-')} {run['args'][k]} -> {v}" for k, v in vars(args).items()
-               if (k not in RESUME_FREE or k in fixed and k not in run) and k in run.get("args", {})
-               and run["args"][k] != v]
+    then = {k: DEFAULTS[k] if v is None and k in DEFAULTS else v  # older runs saved None for these defaults
+            for k, v in run.get("args", {}).items()}
+    changed = [f"--{k.replace('_', '-')} {then[k]} -> {v}" for k, v in vars(args).items()
+               if (k not in RESUME_FREE or k in fixed and k not in run) and k in then and then[k] != v]
     if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
         print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
               f"come from the checkpoint, the rest applies from here on")
@@ -625,6 +693,10 @@ if args.resume:
     if "params" in state:
         load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
     else:
+        # only each parameter's moments come from the checkpoint: the groups and their hyperparameters (lr
+        # scales, weight decay, and the groups a weight decay makes) are this run's, as --fsdp's load_shards does
+        names = {q: n for n, q in unwrapped.named_parameters()}
+        state["optimizer"]["param_groups"] = [dict(g, params=[names[q] for q in g["params"]]) for g in opt.param_groups]
         set_optimizer_state_dict(unwrapped, opt, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, strict=False))
     start_step = state["step"]
@@ -642,7 +714,6 @@ if start_step >= stop_step:  # resumed at or past where this run stops: it is do
         dist.destroy_process_group()
     sys.exit()
 warmup = math.ceil(args.warmup_ratio * total_steps)
-lr_max = args.lr or (2e-4 if args.lora_r else recipe["lr"])  # LoRA: LLaVA-1.5's finetune_lora lr
 
 
 def logged_step(line):
@@ -655,9 +726,16 @@ def logged_step(line):
 def get_lr(step):
     """HF's cosine schedule with linear warmup, as LLaVA trains (step 0 has lr 0)."""
     if step < warmup:
-        return lr_max * step / warmup
+        return args.lr * step / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return lr_max * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def way_on(cause):
+    """The way on, in words, from a run stopped by an error: the last checkpoint is as it was."""
+    return (f"the last checkpoint {ckpt_dir} is untouched; once the cause is fixed ({cause}), --resume continues "
+            f"from it" if os.path.isdir(ckpt_dir) else
+            f"no checkpoint kept; once the cause is fixed ({cause}), --overwrite starts over")
 
 
 @contextmanager
@@ -669,11 +747,8 @@ def save_errors(step, tmp):
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
-        kept = (f"the last checkpoint {ckpt_dir} is untouched; once the cause is fixed (a full disk?), --resume "
-                f"continues from it" if os.path.isdir(ckpt_dir) else
-                "no checkpoint kept; once the cause is fixed (a full disk?), --overwrite starts over")
         why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"step {step}: saving to {tmp} failed ({why}); {kept}") from None
+        raise SystemExit(f"step {step}: saving to {tmp} failed ({why}); {way_on('a full disk?')}") from None
 
 
 def merged_state(step, adapters):
@@ -716,8 +791,8 @@ def save(step):
         dist.all_gather_object(rngs, rng)
     if master:
         # the data file's digest as it was read (at the start), not as it may be now
-        run = dict(fixed, **usable, data=os.path.realpath(args.data), data_sha256=ds.sha256, args=vars(args),
-                   init=args.lora_r and os.path.realpath(args.init), init_digest=init_digest)
+        run = dict(fixed, **usable, **tokenizer, data=os.path.realpath(args.data), data_sha256=ds.sha256,
+                   args=vars(args), init=args.lora_r and os.path.realpath(args.init), init_digest=init_digest)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
         state = dict(step=step, rng=rngs, run=json.dumps(run), **extra)
         with save_errors(step, tmp):
@@ -734,12 +809,18 @@ def save(step):
                 f.write(tok_bytes)
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:  # the mode it tokenised in
                 json.dump(dict(legacy=tok.legacy), f)
-            torch.save(state, os.path.join(tmp, "train_state.pt"))
-        # the last good checkpoint is never touched until the new one is complete
+            # train_state.pt last, renamed into place once the rest is on the disk: a ckpt.tmp that holds it
+            # is complete (a kill between the renames below leaves it newer than ckpt.old: --resume finishes it)
+            torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
+            fsync(tmp, tree=True)
+            os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
+            fsync(tmp)
+        # the last good checkpoint is never touched until the new one is complete, on the disk
         if os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
             os.replace(ckpt_dir, ckpt_dir + ".old")
         os.replace(tmp, ckpt_dir)
+        fsync(args.out)  # the renames, before ckpt.old goes
         shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
     if distributed:
         dist.barrier()
@@ -754,7 +835,6 @@ if master:
             shutil.rmtree(old, ignore_errors=True)
         if os.path.isfile(log_path):
             os.remove(log_path)
-    os.makedirs(args.out, exist_ok=True)
     if args.resume and os.path.isfile(log_path):  # steps logged after the last save are run again: drop them
         with open(log_path) as f:
             lines = f.read().splitlines()
@@ -807,14 +887,16 @@ for step in range(start_step, stop_step):
         dist.all_reduce(sums)  # every rank sees the same numbers, so every rank stops together
     loss_sum, tokens, n_skipped = sums.tolist()
     loss = loss_sum / (accum * world)
-    if not math.isfinite(loss):
+    # a finite loss can still give non-finite gradients (an overflow in backward): the norm is checked too,
+    # measured (max_norm inf) when not clipped; it is the whole model's on every rank, so all stop alike
+    norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
+    norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
         bar.close()
         if distributed:
             dist.destroy_process_group()
-        raise SystemExit(f"step {step + 1}: loss is {loss}; stopping without saving this state "
-                         f"(the last checkpoint in {ckpt_dir} is untouched)")
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        raise SystemExit(f"step {step + 1}: {what}; stopping without saving this state: {way_on('a lower --lr?')}")
     opt.step()
     opt.zero_grad(set_to_none=True)
     skipped += int(n_skipped)
@@ -829,8 +911,12 @@ for step in range(start_step, stop_step):
                      skipped=skipped, time=time.time())
         if cuda:  # this rank's, the most any step has held so far
             entry["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+        except OSError as e:  # a full disk: a line cut short is dropped by --resume, which runs the step again
+            bar.close()
+            raise SystemExit(f"step {done}: writing {log_path} failed ({e.strerror or e}); {way_on('a full disk?')}")
     if not args.no_save and (done == stop_step or (args.save_every and done % args.save_every == 0)):
         save(done)
 bar.close()
@@ -840,5 +926,7 @@ if master:
           + (f" (adapters only: generate.py --model {args.init} --lora {ckpt_dir}/lora)"
              if not args.no_save and (args.lora_adapters_only or args.quantize) else "")
           + (f"; {len(ds.bad)} bad records skipped, {skipped} replaced at load time" if args.skip_bad else ""))
+    log.close()
+    run_lock.close()  # --out is free: for the next run, even in this same process (the tests run train.py in it)
 if distributed:
     dist.destroy_process_group()

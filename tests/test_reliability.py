@@ -6,6 +6,8 @@ checkpoint. generate.py: questions and answers files are checked (file and line)
 model loads; ids are unique; a padded vocabulary never yields an id without text; chat survives
 closed stdin and over-long turns. Loaders: config files, dtypes and pickles are checked.
 """
+import builtins
+import errno
 import json
 import os
 import pickle
@@ -23,7 +25,7 @@ import data
 import generate
 import mra
 from llama import Llama, LlamaConfig, Tokenizer
-from test_data import conv, records, write_dataset
+from test_data import conv, records, train_spm, write_dataset
 from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
 from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, train, weights  # noqa: F401
 from weights import CheckpointError, convert_bin
@@ -97,6 +99,29 @@ def test_resume_checks_the_data_by_content_and_says_what_else_changed(env, tmp_p
     assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 1" in capsys.readouterr().out
 
 
+def test_resume_refuses_another_tokenizer(env, tmp_path):
+    d, tok = env
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    with_tok = lambda path, *extra: [str(path) if a == tok else a  # noqa: E731
+                                     for a in map(str, args(env, out, 2, *COMMON, "--resume", *extra))]
+    for name in ("moved", "bare", "other"):
+        (tmp_path / name).mkdir()
+    for name in ("moved", "bare"):  # bare: the same bytes, without the config that says legacy false
+        shutil.copy(tok, tmp_path / name / "tok.model")
+    train_spm(tmp_path / "other" / "tok", seed=1)  # another tokenizer, in the same mode
+    for name in ("moved", "other"):
+        shutil.copy(d / "tokenizer_config.json", tmp_path / name)
+    for name, why in (("bare", r"legacy=True from the tokenizer_config.json beside it or its absence, the run's False"),
+                      ("other", "other bytes")):
+        with pytest.raises(SystemExit, match=rf"--resume: \S*{name}/tok.model is not the tokenizer the run trained "
+                                             rf"with \({why}\): the token ids would change; drop --tokenizer to use "
+                                             rf"the run's own copy, \S*run/ckpt/tokenizer.model, or start a new run"):
+            train(with_tok(tmp_path / name / "tok.model", "--max-steps", 2))
+    train(with_tok(tmp_path / "moved" / "tok.model", "--max-steps", 2))  # the same tokenizer elsewhere: fine
+    assert len(losses(out)) == 2
+
+
 def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))  # stage 2: grouped by default
@@ -111,6 +136,14 @@ def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tm
     with pytest.raises(SystemExit, match=r"--out .*run/ckpt is a checkpoint, not a run directory: pass the run that "
                                          r"holds it, --out \S*run$"):
         train(args(env, out / "ckpt", 2, *COMMON, "--max-steps", 2, "--resume"))
+    # or as a new run's: the run's next save would delete it (--overwrite too)
+    before = sorted(os.listdir(out / "ckpt"))
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(SystemExit, match=r"--out .*run/ckpt is a checkpoint, not a run directory: a run inside it "
+                                             r"would be deleted when it is next replaced; pick another --out \(--init "
+                                             r"\S*run/ckpt starts from its weights\)$"):
+            train(args(env, out / "ckpt", 2, *COMMON, "--max-steps", 1, *extra))
+    assert sorted(os.listdir(out / "ckpt")) == before
     train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", "--group-by-length", "--seed", 42))
 
 
@@ -210,6 +243,104 @@ def test_log_holds_each_step_once_after_a_crash_and_resume(env, tmp_path, monkey
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+def test_an_early_ctrl_c_says_what_there_is_to_resume(env, tmp_path):
+    out = tmp_path / "run"
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    # Ctrl-C early in the start-up (as while torchrun's ranks wait for each other), before --out is looked at
+    code = ("import runpy, sys, torch\n"
+            "def interrupt(*a): raise KeyboardInterrupt\n"
+            "torch.set_flush_denormal = interrupt\n"
+            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    for extra, said in ((("--resume",), f"interrupted: the last checkpoint {out / 'ckpt'} is intact; --resume "
+                                        f"continues from it"),
+                        ((), "interrupted: nothing was saved; run it again to start")):
+        r = subprocess.run([sys.executable, "-c", code, *map(str, args(env, out if extra else tmp_path / "new", 2,
+                                                                       *COMMON, *extra))],
+                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=300)
+        assert one_line(r) == said
+
+
+def test_a_run_is_refused_an_out_where_another_is_running(env, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # another train.py, started at the same time, holds the lock on --out (a process of its own: the lock is per process)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
+                               "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(300)",
+                               str(out / "train.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=r"--out \S*run: another train.py is running in it \(it holds "
+                                             r"\S*run/train.lock\); wait for it to end, or pick another --out$"):
+            train(args(env, out, 2, *COMMON, "--max-steps", 1))
+    finally:
+        holder.kill()
+        holder.wait()
+    train(args(env, out, 2, *COMMON, "--max-steps", 1))  # once it has ended
+    assert len(losses(out)) == 1
+
+
+def test_an_out_that_cannot_be_written_fails_before_the_model_loads(env, tmp_path, monkeypatch):
+    def build(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mra, "build", build)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out \S*file/run: cannot be created or written \(Not a directory: "
+                                         r"\S*file/run\); pick a writable --out$"):
+        train(args(env, tmp_path / "file" / "run", 2, *COMMON))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsync'd file by /proc/self/fd (Linux)")
+def test_a_save_is_on_the_disk_before_its_renames(env, tmp_path, monkeypatch):
+    out, events = tmp_path / "run", []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or replace(a, b))
+    train(args(env, out, 2, *COMMON, "--max-steps", 2, "--save-every", 1))  # the second save replaces a checkpoint
+    ckpt, tmp = os.path.realpath(out / "ckpt"), os.path.realpath(out / "ckpt.tmp")
+    files = {os.path.join(r, n).replace(ckpt, tmp) for r, _, names in os.walk(ckpt) for n in names}
+    files = {f + ".tmp" if f.endswith("/train_state.pt") else f for f in files}  # synced under its temporary name
+    synced = lambda a, b: {e[1] for e in events[a:b] if e[0] == "fsync"}  # noqa: E731
+    renamed = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out / "ckpt")]  # ckpt.tmp -> ckpt
+    # train_state.pt goes into place last, once the rest is on the disk: a ckpt.tmp that holds it is complete
+    state = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("ckpt.tmp/train_state.pt")]
+    assert len(renamed) == len(state) == 2 and synced(0, state[0]) >= files | {tmp}  # the files and their directory
+    assert ("fsync", tmp) in events[state[0]:renamed[0]]
+    aside = events.index(("replace", str(out / "ckpt"), str(out / "ckpt.old")))  # the second save's
+    assert renamed[0] < state[1] < aside < renamed[1] and synced(renamed[0] + 1, state[1]) >= files | {tmp}
+    assert ("fsync", os.path.realpath(out)) in events[renamed[1]:]  # the renames themselves
+
+
+def test_resume_finishes_a_save_cut_between_its_renames(env, tmp_path, monkeypatch, capsys):
+    out, replace, saves = tmp_path / "run", os.replace, []
+
+    def killed_at_second_save(a, b):  # its ckpt -> ckpt.old done, its ckpt.tmp -> ckpt not
+        saves.extend([1] if str(b) == str(out / "ckpt") else [])
+        if len(saves) == 2:
+            raise RuntimeError("killed")
+        return replace(a, b)
+
+    monkeypatch.setattr(os, "replace", killed_at_second_save)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(args(env, out, 2, *COMMON, "--max-steps", 2, "--save-every", 1))
+    monkeypatch.setattr(os, "replace", replace)
+    assert {"ckpt.old", "ckpt.tmp"} <= set(os.listdir(out)) and not (out / "ckpt").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:  # from ckpt.tmp, step 2, not ckpt.old's step 1
+        train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume"))
+    assert done.value.code is None
+    said = capsys.readouterr().out
+    assert f"--resume: {out / 'ckpt'}.tmp held the complete checkpoint of a save cut short before its last rename: " \
+           f"that save is finished, as {out / 'ckpt'}\n" in said
+    assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 2" in said
+    assert not (out / "ckpt.tmp").exists() and not (out / "ckpt.old").exists()
+    train(args(env, out, 2, *COMMON, "--max-steps", 3, "--resume"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+
+
 def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))
@@ -224,6 +355,36 @@ def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
     assert not os.path.exists(out / "ckpt.tmp")
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
     mra.load_checkpoint(str(out / "ckpt"))
+
+
+def test_a_full_disk_under_the_log_is_one_line_and_the_run_resumes(env, tmp_path, monkeypatch):
+    out, real_open = tmp_path / "run", open
+
+    class Full:  # log.jsonl on a disk that fills up at its third line
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def open_(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return Full(f) if str(path).endswith("log.jsonl") and mode == "a" else f
+
+    monkeypatch.setattr(builtins, "open", open_)
+    with pytest.raises(SystemExit, match=r"^step 3: writing \S*run/log.jsonl failed \(No space left on device\); the "
+                                         r"last checkpoint \S*run/ckpt is untouched; once the cause is fixed \(a full "
+                                         r"disk\?\), --resume continues from it$"):
+        train(args(env, out, 2, *COMMON, "--max-steps", 4, "--save-every", 2))
+    monkeypatch.setattr(builtins, "open", real_open)
+    train(args(env, out, 2, *COMMON, "--max-steps", 4, "--save-every", 2, "--resume"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3, 4]
 
 
 def test_first_turn_from_gpt_is_dropped_as_released(env, tmp_path):

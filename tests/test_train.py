@@ -66,11 +66,11 @@ def args(env, out, stage=2, *extra):
 
 
 def train(argv):
-    """Run train.py in this process (no interpreter start-up: the tests stay fast)."""
+    """Run train.py in this process (no interpreter start-up: the tests stay fast); its globals."""
     old = sys.argv
-    sys.argv = [TRAIN, *argv]
+    sys.argv = [TRAIN, *map(str, argv)]
     try:
-        runpy.run_path(TRAIN, run_name="__main__")
+        return runpy.run_path(TRAIN, run_name="__main__")
     finally:
         sys.argv = old
 
@@ -187,6 +187,24 @@ def test_weight_decay_spares_biases_and_norms(env, tmp_path):
     assert decay[named[LLM_KEY]] == decay[named["encoder.convnext.stages.0.blocks.0.gamma"]] == 0.1
 
 
+def test_resume_takes_this_runs_lr_scales_and_weight_decay(env, tmp_path, capsys):
+    # only AdamW's moments come from the checkpoint: new lr scales and a weight decay (which puts biases
+    # and norms in groups of their own) apply from the resumed step on, as the run says
+    common = ("--global-batch", 2, "--batch-size", 2, "--lr", 1e-3, "--warmup-ratio", 0)
+    train(args(env, tmp_path / "run", 2, *common, "--max-steps", 1, "--projector-lr-scale", 0.5))
+    g = train(args(env, tmp_path / "run", 2, *common, "--max-steps", 2, "--resume", "--adapter-lr-scale", 0.2,
+                   "--weight-decay", 0.1))
+    assert ("--resume with settings other than the run's: --adapter-lr-scale 1.0 -> 0.2, --weight-decay 0.0 -> 0.1, "
+            "--projector-lr-scale 0.5 -> 1.0;") in capsys.readouterr().out  # 1.0: the default, in effect
+    named, opt = dict(g["unwrapped"].named_parameters()), g["opt"]
+    group = {q: grp for grp in opt.param_groups for q in grp["params"]}
+    for name, scale, decay in ((LLM_KEY, 1, 0.1), ("llm.norm.weight", 1, 0), ("projector.0.weight", 1, 0.1),
+                               ("projector.0.bias", 1, 0), ("encoder.adapters.0.fast_conv.weight", 0.2, 0.1)):
+        assert (group[named[name]]["scale"], group[named[name]]["weight_decay"]) == (scale, decay), name
+    assert group[named["encoder.adapters.0.fast_conv.weight"]]["lr"] == pytest.approx(0.2 * group[named[LLM_KEY]]["lr"])
+    assert opt.state[named[LLM_KEY]]["step"] == 2  # the moments carried over
+
+
 def test_resume_equals_uninterrupted_run(env, tmp_path):
     common = ("--global-batch", 2, "--batch-size", 1, "--epochs", 1, "--lr", 1e-3)
     train(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
@@ -203,6 +221,31 @@ def test_resume_equals_uninterrupted_run(env, tmp_path):
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert not os.path.exists(tmp_path / "cut" / "ckpt.tmp") and not os.path.exists(tmp_path / "cut" / "ckpt.old")
+
+
+def test_resume_may_extend_the_epochs(env, tmp_path, monkeypatch, capsys):
+    # an epoch's order depends on the seed and its number alone: a finished 1-epoch run extended to 2
+    # trains the second epoch a 2-epoch run trains (only the cosine schedule is longer, as the run says)
+    forward, seen = mra.LlavaHR.forward, []
+
+    def recording(self, input_ids, *a, **kw):
+        seen.append(input_ids.tolist())
+        return forward(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(mra.LlavaHR, "forward", recording)
+    common = ("--global-batch", 2, "--batch-size", 2, "--lr", 1e-3)
+    train(args(env, tmp_path / "two", 2, *common, "--epochs", 2, "--no-save"))
+    two = seen[:]
+    assert len(two) == 10  # 5 steps an epoch
+    del seen[:]
+    train(args(env, tmp_path / "one", 2, *common))
+    assert seen == two[:5]
+    del seen[:]
+    capsys.readouterr()
+    train(args(env, tmp_path / "one", 2, *common, "--epochs", 2, "--resume"))
+    assert seen == two[5:]
+    assert "--resume with settings other than the run's: --epochs 1 -> 2;" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "one" / "log.jsonl")] == list(range(1, 11))
 
 
 def test_fsdp_resume_equals_uninterrupted_run(env, tmp_path):
@@ -257,6 +300,32 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch):
     monkeypatch.setattr(mra.LlavaHR, "forward", poisoned)
     with pytest.raises(SystemExit, match="step 3: loss is nan; stopping without saving"):
         train(args(env, tmp_path / "o", 2, "--global-batch", 1, "--batch-size", 1, "--save-every", 1))
+    ckpt = tmp_path / "o" / "ckpt"
+    assert torch.load(ckpt / "train_state.pt", weights_only=True)["step"] == 2
+    assert all(torch.isfinite(t).all() for t in mra.load_checkpoint(str(ckpt)).state_dict().values())
+    assert len(losses(tmp_path / "o")) == 2
+
+
+class Overflow(torch.autograd.Function):
+    """The identity, whose backward overflows: a finite loss with non-finite gradients."""
+    forward = staticmethod(lambda ctx, x: x.clone())
+    backward = staticmethod(lambda ctx, grad: grad * float("inf"))
+
+
+@pytest.mark.parametrize("clip", [1, 0])  # 0: the norm is measured all the same
+def test_non_finite_gradients_stop_and_keep_last_checkpoint(env, tmp_path, monkeypatch, clip):
+    forward, calls = mra.LlavaHR.forward, []
+
+    def overflowing(self, *a, **kw):
+        logits, loss = forward(self, *a, **kw)
+        calls.append(1)
+        return logits, Overflow.apply(loss) if len(calls) == 3 else loss
+
+    monkeypatch.setattr(mra.LlavaHR, "forward", overflowing)
+    with pytest.raises(SystemExit, match=r"step 3: gradient norm is (nan|inf); stopping without saving this state: "
+                                         r"the last checkpoint .*ckpt is untouched; .*--resume continues from it$"):
+        train(args(env, tmp_path / "o", 2, "--global-batch", 1, "--batch-size", 1, "--save-every", 1,
+                   "--grad-clip", clip))
     ckpt = tmp_path / "o" / "ckpt"
     assert torch.load(ckpt / "train_state.pt", weights_only=True)["step"] == 2
     assert all(torch.isfinite(t).all() for t in mra.load_checkpoint(str(ckpt)).state_dict().values())
