@@ -279,7 +279,6 @@ def run_textvqa(args):
                need(a, "question", args.annotations, "an entry", str).lower())
         anns[key], asked[key] = a, asked[key] + 1
     rows = read_jsonl(args.answers, "answer", ANSWER_KEYS)
-    by_key(args.answers, rows, lambda a: (a["question_id"], a["prompt"]))  # the same question answered twice
     preds, lines = [], defaultdict(list)
     for n, a in rows:
         q = textvqa_question(a["prompt"])

@@ -239,6 +239,11 @@ TEXTVQA_TWIN = ("t02", "HOW MANY BOTTLES ARE THERE?", ["3"] * 6 + ["three"] * 2 
                 "HOW MANY BOTTLES ARE THERE?" + SHORT, "3")
 # eval_textvqa.py on TEXTVQA + [TEXTVQA_TWIN]: "Samples: 15", "Accuracy: 86.00%"
 TEXTVQA_TWIN_EXPECTED = {'accuracy': '86.00'}
+# the same image and question asked twice in the very same words (generate.py answers both lines)
+TEXTVQA_SAME = ("t02", "How many bottles are there?", ["3"] * 6 + ["three"] * 2 + ["2"] * 2,
+                "How many bottles are there?" + SHORT, "3")
+# eval_textvqa.py on TEXTVQA + [TEXTVQA_SAME]
+TEXTVQA_SAME_EXPECTED = {'accuracy': '86.00'}
 
 
 def test_textvqa_answers_sharing_a_key_score_as_the_release(tmp_path, capsys):
@@ -257,6 +262,9 @@ def test_textvqa_answers_sharing_a_key_score_as_the_release(tmp_path, capsys):
     rewrite_answers(argv[2], lambda ls: ls + [json.dumps(twin), json.dumps(third)])
     fails(capsys, argv, "answers.jsonl:16:", "question 'how many bottles are there?' was already answered on line 2, 15",
           "(2 times in")
+    (tmp_path / "c").mkdir()  # asked twice in the same words: both lines answered, both scored
+    rc, out, err = run(capsys, *write_textvqa(tmp_path / "c", TEXTVQA + [TEXTVQA_SAME]))
+    assert rc == 0 and out["accuracy"] == TEXTVQA_SAME_EXPECTED["accuracy"] and out["answered"] == "15"
     argv = write_textvqa(tmp_path / "b")
     rewrite_answers(argv[2], lambda ls: ls + [ls[3]])  # the same line twice
     fails(capsys, argv, f"answers.jsonl:{len(TEXTVQA) + 1}:", "already answered on line 4")
