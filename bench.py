@@ -726,7 +726,8 @@ def bench_table1(a):
     for r, case in zip(rows, cases):
         r.insert(4, f"{flops[case] / base:.2f}")
     print(f"\n3. Table 1 cost at full scale (Vicuna-7B, CLIP ViT-L/14, ConvNeXt-L), counted on the meta device: "
-          f"prefill of one image + {a.text_tokens} text tokens (logits at every position, as prefill computes them)")
+          f"prefill of one image + {a.text_tokens} text tokens (logits at every position, as training's forward "
+          f"computes them; generation's prefill computes the last one only)")
     table(rows, ["model", "px", "visual tokens", "TFLOPs", f"x {cases[0][0]}@{cases[0][1]}", "paper tok/s (A800)"])
     out = {}
     if ("llava-1.5", 1022) in flops:

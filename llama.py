@@ -540,8 +540,8 @@ class Tokenizer:
     see the same sequences. Sentencepiece does the real work; the rest is HF's handling of the strings
     "<s>", "</s>", "<unk>", in one of two modes: `legacy` as the tokenizer_config.json beside the model
     says (HF's default, true, where it says nothing). The two differ only after a special token in the
-    text: "</s>USER" is [</s>, ▁US, ER] in legacy mode and [</s>, US, ER] in the other, where HF 4.31
-    strips the dummy-prefix "▁" from the first piece after it (LLaVA-1.5's tokenizer, whose
+    text: after "</s>", "USER" begins with the piece "▁US..." in legacy mode and "US..." in the other,
+    where HF 4.31 strips the dummy-prefix "▁" from the first piece after it (LLaVA-1.5's tokenizer, whose
     tokenizer_config.json says "legacy": false, does; so every multi-turn conversation is affected)."""
 
     def __init__(self, model_path, legacy=None):
@@ -570,7 +570,7 @@ class Tokenizer:
         ids = [self.bos_id] if bos else []
         # HF first cuts the text at literal special-token strings: the "</s>" that ends every answer in
         # the vicuna_v1 template becomes EOS. The spaces around them are kept, and each chunk is a separate
-        # sentencepiece call with its own dummy-prefix space: "</s>USER" gives [</s>, ▁USER] in legacy mode.
+        # sentencepiece call with its own dummy-prefix space: after "</s>", "USER" starts "▁US..." in legacy mode.
         if not self.legacy:  # HF 4.31 marks the text's start with "▁", so every "▁" in it is a space first
             text = text.replace("▁", " ")
         for k, chunk in enumerate(self.special_re.split(text)):

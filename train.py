@@ -1,4 +1,4 @@
-"""Train LLaVA-HR in the paper's two stages (Sec. 4.4), with the released recipe.
+r"""Train LLaVA-HR in the paper's two stages (Sec. 4.4), with the released recipe.
 
 Stage 1 (pre-training, LCS-558K, template "plain", R = 384, no MR-Adapters): only the
 projector and the final fusion learn; both towers and the LLM stay frozen.
@@ -7,7 +7,7 @@ inserted as the identity and everything learns. AdamW, weight decay 0, warmup ra
 cosine, one epoch, lr 1e-3 / 2e-5, global batch 256 / 128, bf16, gradient checkpointing.
 
     python train.py --stage 1 --data blip_laion_cc_sbu_558k.json --image-folder images/ \
-        --llm vicuna-7b-v1.5/ --vit clip-vit-large-patch14-336/ --convnext convnext_large.safetensors \
+        --llm vicuna-7b-v1.5/ --vit clip-vit-large-patch14-336/ --convnext convnext_large_mlp.safetensors \
         --out out/stage1 --grad-checkpoint
     torchrun --nproc_per_node 8 train.py --stage 2 --data llava_v1_5_mix665k.json \
         --image-folder data/ --init out/stage1/ckpt --out out/stage2 --fsdp --grad-checkpoint

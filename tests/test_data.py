@@ -1,9 +1,11 @@
 """data.py against its references: HF's CLIPImageProcessor for the pixels, and a transcription
-of LLaVA's preprocess_v1 / preprocess_plain (run with HF's slow LlamaTokenizer, legacy mode)
-for the tokens and labels. Images are generated with PIL; the tokenizer is trained here."""
+of LLaVA's preprocess_v1 / preprocess_plain (run with HF's slow LlamaTokenizer, legacy mode, and
+with our tokenizer in the release's non-legacy mode, whose ids test_tokenizer checks against
+transformers 4.31) for the tokens and labels. Images are generated with PIL; the tokenizer is trained here."""
 import copy
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from transformers import CLIPImageProcessor
 
 import data
 from data import DataError, LlavaDataset, build_prompt, encode, load_image, preprocess, tokenize
+from llama import Tokenizer
 from mra import IGNORE, IMAGE_TOKEN
 
 WORDS = ("the a cat dog image picture what is this color of on in and man woman red blue two three "
@@ -21,14 +24,15 @@ WORDS = ("the a cat dog image picture what is this color of on in and man woman 
          "describe detail yes no left right photo").split()
 
 
-def train_spm(prefix, n=400, seed=0):
-    """A tiny LLaMA-like sentencepiece model (BPE, byte fallback, whitespace kept)."""
+def train_spm(prefix, n=400, seed=0, after_eos=True):
+    """A tiny LLaMA-like sentencepiece model (BPE, byte fallback, whitespace kept). after_eos: trained
+    on "USER" after "</s>" too, so that "USER" is a piece without the dummy-prefix "▁", as in LLaMA's."""
     rng = random.Random(seed)
     lines = [data.SYSTEM, "USER:", "ASSISTANT:"]
     for _ in range(n):
         q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
         a = " ".join(rng.choice(WORDS + [str(rng.randint(0, 99))]) for _ in range(rng.randint(1, 8)))
-        lines += [f"USER: {q.capitalize()}? ASSISTANT: {a.capitalize()}.", "  " + q]
+        lines += [f"USER: {q.capitalize()}? ASSISTANT: {a.capitalize()}.", "  " + q] + [f"{a}.</s>USER: {q}?"] * after_eos
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=400, model_type="bpe",
         byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
@@ -169,6 +173,42 @@ def test_vicuna_labels_match_llava(tok, hf, case):
     # what is learned: each answer and its </s>, nothing else
     learned = tok.decode([t for t, label in zip(ids, labels) if label != IGNORE], skip_special_tokens=False)
     assert learned.count("</s>") == len(turns) // 2 and "USER" not in learned and "ASSISTANT" not in learned
+
+
+class NonLegacy:
+    """The tokenizer the release trains with (Vicuna v1.5's config: legacy false), as the transcription
+    calls HF's: our Tokenizer's ids in that mode are transformers 4.31's (tests/test_tokenizer.py)."""
+    pad_token_id = 0
+
+    def __init__(self, model_path):
+        self.tok = Tokenizer(model_path, legacy=False)
+        self.bos_token_id = self.tok.bos_id
+
+    def __call__(self, text):
+        return SimpleNamespace(input_ids=self.tok.encode(text))
+
+
+@pytest.mark.parametrize("case", range(len(CONVERSATIONS)))
+def test_vicuna_labels_match_llava_in_the_release_tokenizer_mode(model_path, case):
+    conversations, has_image = CONVERSATIONS[case]
+    ref = NonLegacy(model_path)
+    ids, labels = encode(ref.tok, [(t["from"], t["value"]) for t in conversations], "vicuna_v1", has_image)
+    assert (ids, labels) == llava_reference(conversations, ref, "vicuna_v1", has_image) and ref.tok.unk_id not in ids
+    assert any(label != IGNORE for label in labels)
+    if len(conversations) > 2:  # the turn after an answer's </s> starts without the dummy-prefix space
+        after = ids[ids.index(ref.tok.eos_id) + 1]
+        assert not ref.tok.sp.id_to_piece(after).startswith("▁")
+
+
+def test_an_unk_the_tokenizer_makes_is_refused_as_the_release_masks_it(tmp_path):
+    # non-legacy, a vocabulary with "▁USER" but no "USER": after "</s>" HF 4.31 strips the "▁" and looks
+    # "USER" up by name, <unk>; LLaVA counts the tokens that are not <unk>, its padding, and masks it all
+    ref = NonLegacy(train_spm(tmp_path / "tok", after_eos=False))
+    conversations = conv("Hi", "Yes", "What?", "No")
+    ids, labels = llava_reference(conversations, ref, "vicuna_v1", False)
+    assert ref.tok.unk_id in ids and all(label == IGNORE for label in labels)
+    with pytest.raises(DataError, match="the tokenizer gives <unk>"):
+        encode(ref.tok, [(t["from"], t["value"]) for t in conversations], "vicuna_v1", False)
 
 
 @pytest.mark.parametrize("case", range(len(CAPTIONS)))

@@ -3,7 +3,7 @@
 train.py: a rerun never replaces a run unasked; a run resumes at any step (even one saved before
 some parameter had a gradient); log.jsonl holds each step once; a failed save keeps the last
 checkpoint. generate.py: questions and answers files are checked (file and line) before the
-model loads; ids are unique; a padded vocabulary never yields an id without text; chat survives
+model loads; a question asked twice is answered twice; a padded vocabulary never yields an id without text; chat survives
 closed stdin and over-long turns. Loaders: config files, dtypes and pickles are checked.
 """
 import builtins
@@ -441,7 +441,7 @@ def tiny_dict():
 
 
 # -----------------------------------------------------------------------------
-# generate.py: inputs checked before the model loads, ids unique, a padded vocabulary
+# generate.py: inputs checked before the model loads, repeats answered, a padded vocabulary
 
 
 def batch_argv(model_dir, images, q, a):  # noqa: F811
