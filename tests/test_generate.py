@@ -193,9 +193,12 @@ def test_sampling_is_reproducible(model_dir, model, tok, images, capsys):
     assert run_cli(capsys, *argv)[1] == run_cli(capsys, *argv)[1]
 
 
-def test_chat_continuation_tokenises_like_a_fresh_prompt(tok):
+@pytest.mark.parametrize("legacy", [True, False])
+def test_chat_continuation_tokenises_like_a_fresh_prompt(model_dir, legacy):
     # what the chat feeds after an answer ("</s>USER: ... ASSISTANT:") is exactly the tail of
-    # the whole conversation tokenised afresh, and the answer's tokens are what was generated
+    # the whole conversation tokenised afresh, and the answer's tokens are what was generated;
+    # in either of the tokenizer's modes (the release's: not legacy, "USER" after "</s>" loses its "▁")
+    tok = llama.Tokenizer(os.path.join(model_dir, "tokenizer.model"), legacy=legacy)
     first = [generate.human_turn("What is this?", True)]
     answer = "A red car on the street."
     ids1 = ids_for(tok, first)
