@@ -1118,7 +1118,7 @@ def make_tokenizer(path, n=32000):
 def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
     """A random LLaVA-HR in the released layout: config.json, fp16 pytorch_model-0000N-of-0000M.bin
     shards (of ~shard_gb; the releases' are ~10 GB) + pytorch_model.bin.index.json, a 32,000-piece
-    tokenizer.model. Release names come from
+    tokenizer.model and its tokenizer_config.json. Release names come from
     our names through the loaders' own tables (their_name), so nothing here is a second copy of them."""
     cfg = mra.MRAConfig.from_name(preset)
     with torch.device("meta"):
@@ -1143,6 +1143,8 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
     make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:  # the mode the releases' say (Vicuna v1.5's)
+        json.dump(dict(tokenizer_class="LlamaTokenizer", legacy=False, add_bos_token=True, add_eos_token=False), f)
     groups, size = [[]], 0  # consecutive keys, a new shard after every shard_gb (what the maker holds)
     for k, shape in shapes.items():
         if size >= shard_gb * 1e9:
