@@ -276,7 +276,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             if not text:  # the template reads an empty turn as an open one (LLaVA masks the whole sample)
                 raise DataError(f"turn {i} ({role}) is empty")
             if "<unk>" in text:  # LLaVA pads with <unk>: its collator would hide it and mask the whole sample
-                raise DataError(f"turn {i} holds '<unk>', the padding token (LLaVA would silently mask it all)")
+                raise DataError(f"turn {i} holds '<unk>', the padding token (LLaVA would silently hide it from "
+                                f"attention, and in stage 2 mask the whole sample)")
             if "<image>" in text and move_image_first(text).count("<image>") != 1:  # "<imag<image>e>": one left
                 raise DataError(f"turn {i} holds '<image>' once its tags are removed, a second placeholder")
         # preprocess_v1 walks the rounds, split on "</s>" and then on " ASSISTANT: ": one of those inside a
@@ -286,6 +287,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                                                                  for r in rounds[:-1])):
             raise DataError("a turn holds the template's separator ' ASSISTANT: ' or '</s>', which would break "
                             "its rounds (LLaVA would silently mask it all)")
+        if any("<s>" in t for _, t in turns):  # a BOS mid-text (rare): tokenised now, what encode refuses found
+            encode(self.tok, turns, self.template, "image" in rec)  # here, not hours into the run
         n_tags = sum("<image>" in t for _, t in turns)  # several in one turn become one, as LLaVA moves them
         image = None
         if "image" in rec:

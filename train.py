@@ -17,6 +17,7 @@ transformer block, the release's ZeRO-3 for stage 2). Checkpoints are loadable b
 generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py.
 """
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -85,7 +86,7 @@ def one_line_errors(kind, err, tb):
     disk) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
         known = globals().get("ckpt_dir")  # None before that, and under --dry-run
-        saved = [d for d in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp")  # .tmp: complete (see save)
+        saved = [d for d in (ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old")  # as --resume picks (see save)
                  if os.path.isfile(os.path.join(d, "train_state.pt"))] if known else []
         logged = known and os.path.isfile(log_path) and os.path.getsize(log_path)
         return tqdm.write(f"interrupted: the last checkpoint {saved[0]} is intact; --resume continues from it" if saved
@@ -476,9 +477,12 @@ if master and (os.path.isdir(args.out) or not args.resume):
     try:
         if fcntl:
             fcntl.lockf(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SystemExit(f"--out {args.out}: another train.py is running in it (it holds {run_lock.name}); wait "
-                         f"for it to end, or pick another --out") from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without POSIX locks (some NFS, FUSE)
+            print(f"note: --out {args.out}: cannot be locked ({e.strerror}); nothing stops a second train.py there")
+        else:
+            raise SystemExit(f"--out {args.out}: another train.py is running in it (it holds {run_lock.name}); wait "
+                             f"for it to end, or pick another --out") from None
     complete = os.path.join(ckpt_dir + ".tmp", "train_state.pt")  # (see save)
     if args.resume and not os.path.isdir(ckpt_dir) and os.path.isfile(complete):
         # a save killed between its renames: its ckpt.tmp is complete, and newer than ckpt.old
@@ -661,10 +665,12 @@ if args.resume:
                         run.get("init") != os.path.realpath(args.init)):
         raise SystemExit(f"--resume: --init {args.init} is not the base the run trained on ({run.get('init')}, as it "
                          f"was then): the model would not be the one trained; give that base, {new_run}")
-    if any(run.get(k, v) != v for k, v in tokenizer.items()):  # older runs recorded neither
-        digest = tokenizer["tokenizer_sha256"]
-        why = ("other bytes" if run.get("tokenizer_sha256", digest) != digest else f"legacy={tok.legacy} from the "
-               f"tokenizer_config.json beside it or its absence, the run's {run['tokenizer_legacy']}")
+    # older runs recorded neither: their bytes are not known, but their mode is (legacy, the only one then)
+    then = dict(tokenizer_sha256=run.get("tokenizer_sha256", tokenizer["tokenizer_sha256"]),
+                tokenizer_legacy=run.get("tokenizer_legacy", True))
+    if then != tokenizer:
+        why = ("other bytes" if then["tokenizer_sha256"] != tokenizer["tokenizer_sha256"] else f"legacy={tok.legacy} "
+               f"from the tokenizer_config.json beside it or its absence, the run's {then['tokenizer_legacy']}")
         own = os.path.join(resume_dir, "tokenizer.model")
         raise SystemExit(f"--resume: {tok_path} is not the tokenizer the run trained with ({why}): the token ids "
                          f"would change; " + (f"drop --tokenizer to use the run's own copy, {own}" if args.tokenizer

@@ -209,6 +209,10 @@ def test_an_unk_the_tokenizer_makes_is_refused_as_the_release_masks_it(tmp_path)
     assert ref.tok.unk_id in ids and all(label == IGNORE for label in labels)
     with pytest.raises(DataError, match="the tokenizer gives <unk>"):
         encode(ref.tok, [(t["from"], t["value"]) for t in conversations], "vicuna_v1", False)
+    # a "<s>" inside a turn does the same to the word after it: found when the dataset is read, not mid-run
+    path = write_dataset(tmp_path, [dict(id="s", conversations=conv("Say it<s>USER", "A")), records()[1]])
+    with pytest.raises(DataError, match=r"record 0 \(id s\): the tokenizer gives <unk>"):
+        LlavaDataset(path, str(tmp_path / "images"), ref.tok, "vicuna_v1", 32)
 
 
 @pytest.mark.parametrize("case", range(len(CAPTIONS)))

@@ -277,8 +277,12 @@ def test_the_streamed_answer_is_printed_stripped(tok):
         out = io.StringIO()
         on_token, finish = generate.streamer(tok, out)
         ids = tok.encode(text, bos=False)
-        for i in ids:
+        shown = ""
+        for k, i in enumerate(ids, 1):
             on_token(0, i)
+            now = tok.decode(ids[:k]).strip()  # printed as soon as decoded, but the end's spaces (and a
+            shown = shown if now.endswith("\ufffd") else now  # character still missing bytes)
+            assert out.getvalue() == shown, (text, k)
         finish()
         assert out.getvalue() == tok.decode(ids).strip() + "\n", text
 

@@ -120,6 +120,16 @@ def test_resume_refuses_another_tokenizer(env, tmp_path):
             train(with_tok(tmp_path / name / "tok.model", "--max-steps", 2))
     train(with_tok(tmp_path / "moved" / "tok.model", "--max-steps", 2))  # the same tokenizer elsewhere: fine
     assert len(losses(out)) == 2
+    # a run saved before the mode was recorded tokenised in legacy mode, the only one there was then
+    state_path = out / "ckpt" / "train_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    run = {k: v for k, v in json.loads(state["run"]).items() if not k.startswith("tokenizer_")}
+    torch.save(dict(state, run=json.dumps(run)), state_path)
+    with pytest.raises(SystemExit, match=r"legacy=False from the tokenizer_config.json beside it or its absence, "
+                                         r"the run's True"):
+        train(with_tok(tmp_path / "moved" / "tok.model", "--max-steps", 3))
+    train(with_tok(tmp_path / "bare" / "tok.model", "--max-steps", 3))  # its bytes, in legacy mode: goes on
+    assert len(losses(out)) == 3
 
 
 def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tmp_path):
@@ -279,6 +289,17 @@ def test_a_run_is_refused_an_out_where_another_is_running(env, tmp_path):
         holder.wait()
     train(args(env, out, 2, *COMMON, "--max-steps", 1))  # once it has ended
     assert len(losses(out)) == 1
+
+
+def test_an_out_that_cannot_be_locked_is_said_and_trains(env, tmp_path, monkeypatch, capsys):
+    # a file system without POSIX locks (some NFS, FUSE) is no other run: said, and the run goes on
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    train(args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 1))
+    assert len(losses(tmp_path / "run")) == 1 and "cannot be locked (No locks available)" in capsys.readouterr().out
 
 
 def test_an_out_that_cannot_be_written_fails_before_the_model_loads(env, tmp_path, monkeypatch):
