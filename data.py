@@ -282,9 +282,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 raise DataError(f"turn {i} holds '<image>' once its tags are removed, a second placeholder")
         # preprocess_v1 walks the rounds, split on "</s>" and then on " ASSISTANT: ": one of those inside a
         # turn (or next to its edge) breaks them, and LLaVA then masks the whole sample without a word
-        rounds = build_prompt(turns).split("</s>") if self.template == "vicuna_v1" else None
-        if rounds and (len(rounds) != len(turns) // 2 + 1 or any(len(r.split(" ASSISTANT: ")) != 2
-                                                                 for r in rounds[:-1])):
+        rounds = build_prompt(turns).split("</s>")[:-1] if self.template == "vicuna_v1" else []
+        if rounds and (len(rounds) * 2 != len(turns) or any(len(r.split(" ASSISTANT: ")) != 2 for r in rounds)):
             raise DataError("a turn holds the template's separator ' ASSISTANT: ' or '</s>', which would break "
                             "its rounds (LLaVA would silently mask it all)")
         if any("<s>" in t for _, t in turns):  # a BOS mid-text (rare): tokenised now, what encode refuses found
@@ -361,15 +360,12 @@ def collate(batch, pad_id):
 def epoch_order(n, seed, epoch, unit=1, has_image=None, group=False):
     """A permutation of range(n) for one epoch, deterministic in (seed, epoch).
 
-    group: LLaVA's group_by_modality_length, by modality. The order is cut into units of `unit`
-    samples (one global batch), each of one modality (image or text-only, so every rank runs the same
-    modules in every micro-step, as FSDP needs), drawn at random within it, then shuffled. The release
-    groups per micro-step (GPUs x micro-batch) instead, so its optimizer steps may mix the two; a unit
-    of a whole global batch keeps any split of it over ranks and accumulation the same step. Lengths
-    mix at random in a micro-batch, as in the release (whose length sort only balances the GPUs): the
-    loss, a token mean per micro-batch, weighs samples as the release's does; micro-batches of like
-    lengths would weigh a short answer as much as a long one. A modality's last unit is filled up
-    with repeats of its own samples, so the order holds grouped_units(has_image, unit) whole units."""
+    group: LLaVA's group_by_modality_length. The order is cut into units of `unit` samples (one global
+    batch; the release groups per micro-step, but a whole global batch keeps any split over ranks and
+    accumulation the same step), each of one modality (so every rank runs the same modules, as FSDP
+    needs), drawn at random within it: lengths mix in a micro-batch as in the release, so the loss, a
+    token mean per micro-batch, weighs samples as it does. A modality's last unit is filled up with
+    repeats of its own samples, so the order holds grouped_units(has_image, unit) whole units."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     if not group:
         return torch.randperm(n, generator=g).tolist()

@@ -47,9 +47,10 @@ def warp(logits, temperature, top_k=0, top_p=1.0):
     TopKLogitsWarper, TopPLogitsWarper): logits (B, V) / temperature, then every token below the
     k-th largest, then every token outside the nucleus (the smallest set of most likely tokens
     whose probability reaches top_p; always at least one), set to -inf."""
-    scores = logits.float() / temperature
+    logits = logits.float()
+    scores = logits / temperature
     if not torch.isfinite(scores).all():  # a tiny temperature overflowed: shifted first, the argmax stays 0
-        scores = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+        scores = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k:
         kth = scores.topk(min(top_k, scores.shape[-1])).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))

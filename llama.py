@@ -534,15 +534,12 @@ class Llama(nn.Module):
 # Tokenizer: sentencepiece, wrapped exactly as HF's slow LlamaTokenizer wraps it
 
 class Tokenizer:
-    """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0). LLaVA
-    tokenises through HF's slow `LlamaTokenizer` of transformers 4.31 (the release's pin); `encode` and
-    `decode` reproduce its ids and text exactly (tests/test_tokenizer.py), so checkpoints trained with it
-    see the same sequences. Sentencepiece does the real work; the rest is HF's handling of the strings
-    "<s>", "</s>", "<unk>", in one of two modes: `legacy` as the tokenizer_config.json beside the model
-    says (HF's default, true, where it says nothing). The two differ only after a special token in the
-    text: after "</s>", "USER" begins with the piece "▁US..." in legacy mode and "US..." in the other,
-    where HF 4.31 strips the dummy-prefix "▁" from the first piece after it (LLaVA-1.5's tokenizer, whose
-    tokenizer_config.json says "legacy": false, does; so every multi-turn conversation is affected)."""
+    """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0), wrapped as
+    HF's slow `LlamaTokenizer` of transformers 4.31 (the release's pin) wraps it: the same ids
+    (tests/test_tokenizer.py). Sentencepiece does the real work; the rest is HF's handling of "<s>",
+    "</s>", "<unk>" in the text, in the mode the tokenizer_config.json beside the model says (`legacy`,
+    true where it says nothing). Vicuna v1.5's says false: the first piece after a special token then
+    loses its dummy-prefix "▁" ("</s>USER" gives "US...", not "▁US..."), in every multi-turn prompt."""
 
     def __init__(self, model_path, legacy=None):
         if not os.path.isfile(model_path):
