@@ -246,6 +246,22 @@ else:
         memplan.fixed_malloc_threshold()
 runtime = 0 if cuda else memplan.resident_bytes()  # the CPU plan adds what the process holds before any model
 master = rank == 0
+
+
+def leave(message=None):
+    """The run ends: `message` is an error (exit status 1). Under torchrun the process group is destroyed and
+    the process ends here, its output flushed: the group's C++ threads (gloo's workers) outlive
+    destroy_process_group, and Python's shutdown with them alive once aborted a rank of a complete run
+    ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed run."""
+    if not distributed:
+        raise SystemExit(message)
+    dist.destroy_process_group()
+    if message and master:  # the same line on every rank
+        print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if message else 0)
+
 torch.manual_seed(args.seed)  # the same initial weights (new adapters, projector) on every rank
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 global_batch = args.global_batch or recipe["global_batch"]
@@ -449,9 +465,7 @@ if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, 
                mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
     if master:  # under torchrun, once
         memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))  # 0: no WORLD given
-    if distributed:
-        dist.destroy_process_group()
-    sys.exit()
+    leave()
 
 # -----------------------------------------------------------------------------
 # the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
@@ -716,9 +730,7 @@ if start_step >= stop_step:  # resumed at or past where this run stops: it is do
     if master:
         print(f"nothing to train: the checkpoint is at step {start_step} of {total_steps}"
               + (f", --max-steps {args.max_steps}" if start_step < total_steps else ""))
-    if distributed:
-        dist.destroy_process_group()
-    sys.exit()
+    leave()
 warmup = math.ceil(args.warmup_ratio * total_steps)
 
 
@@ -899,10 +911,8 @@ for step in range(start_step, stop_step):
     norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not (math.isfinite(loss) and math.isfinite(norm)):
         bar.close()
-        if distributed:
-            dist.destroy_process_group()
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
-        raise SystemExit(f"step {step + 1}: {what}; stopping without saving this state: {way_on('a lower --lr?')}")
+        leave(f"step {step + 1}: {what}; stopping without saving this state: {way_on('a lower --lr?')}")
     opt.step()
     opt.zero_grad(set_to_none=True)
     skipped += int(n_skipped)
@@ -935,4 +945,4 @@ if master:
     log.close()
     run_lock.close()  # --out is free: for the next run, even in this same process (the tests run train.py in it)
 if distributed:
-    dist.destroy_process_group()
+    leave()

@@ -75,7 +75,8 @@ def train(argv):
         sys.argv = old
 
 
-def torchrun(argv, n=2):
+def torchrun(argv, n=2, ok=True):
+    """train.py under torchrun (gloo): its stdout, or (ok=False) the finished process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,6 +84,8 @@ def torchrun(argv, n=2):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
                         "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN, *argv],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if not ok:
+        return r
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -253,7 +256,8 @@ def test_fsdp_resume_equals_uninterrupted_run(env, tmp_path):
     # model.safetensors, each rank writes its own rows of AdamW's state
     common = ("--global-batch", 2, "--batch-size", 1, "--epochs", 1, "--lr", 1e-3, "--group-by-length", "--fsdp")
     torchrun(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
-    torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 3))
+    out = torchrun(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 3))
+    assert "done: step 3 of 5; checkpoint in" in out  # flushed before the process ends (train.leave)
     ckpt = tmp_path / "cut" / "ckpt"
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("optimizer")) == [
         "optimizer-00001-of-00002.safetensors", "optimizer-00002-of-00002.safetensors"]
@@ -303,6 +307,19 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch):
     ckpt = tmp_path / "o" / "ckpt"
     assert torch.load(ckpt / "train_state.pt", weights_only=True)["step"] == 2
     assert all(torch.isfinite(t).all() for t in mra.load_checkpoint(str(ckpt)).state_dict().values())
+    assert len(losses(tmp_path / "o")) == 2
+
+
+def test_fsdp_non_finite_loss_stops_every_rank_in_one_line(env, tmp_path):
+    # lr 0 at step 1 (warm-up), 1e30 at step 2: the weights overflow, and step 3's loss is not finite. The loss
+    # and the gradient norm are all-reduced, so every rank stops at that step; rank 0 says why, once
+    r = torchrun(args(env, tmp_path / "o", 2, "--global-batch", 2, "--batch-size", 1, "--lr", 1e30, "--fsdp",
+                      "--save-every", 1), ok=False)
+    said = [line for line in r.stderr.splitlines() if "stopping without saving this state" in line]
+    assert r.returncode == 1 and len(said) == 1, r.stderr[-3000:]
+    assert re.match(r"step 3: (loss|gradient norm) is (nan|inf); stopping without saving this state: the last "
+                    r"checkpoint .*ckpt is untouched", said[0])
+    assert torch.load(tmp_path / "o" / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2
     assert len(losses(tmp_path / "o")) == 2
 
 
