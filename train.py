@@ -43,18 +43,18 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
-from safetensors import safe_open
 from tqdm import tqdm
 
 import data
 import lora
 import memplan
 import mra
+import runs
 from convnext import ConvNeXtConfig
 from int8 import int8_linears
 from llama import LlamaConfig, RMSNorm, Tokenizer
 from vit import ViTConfig
-from weights import available_memory, fingerprint, read_config, write_safetensors
+from weights import available_memory, fingerprint, read_config
 
 # -----------------------------------------------------------------------------
 # settings: the release's recipe per stage; a flag overrides
@@ -324,78 +324,9 @@ def shard_lean(model, units, mp, device, rank, world):
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             full = source.pop(name)
             if isinstance(t, DTensor):  # FSDP2's Shard(0): this rank's rows of dim 0
-                full, t = full[slice(*rows_of(full.shape[0], world, rank))], t.to_local()
+                full, t = full[slice(*runs.rows_of(full.shape[0], world, rank))], t.to_local()
             assert full.shape == t.shape, (name, full.shape, t.shape)
             t.copy_(full)  # casts to fp32
-
-
-def rows_of(n, world, rank):
-    """Rows [start, stop) of a dim 0 of n that rank holds under FSDP2 (torch.chunk's split)."""
-    size = -(-n // world)
-    return min(n, rank * size), min(n, rank * size + size)
-
-
-def fsync(path, tree=False):
-    """Flush a file, or a directory's entries (tree: and everything under it), to the disk. A rename can
-    reach the disk before the data it names: after a host crash, ckpt/ could hold empty files, and
-    ckpt.old be gone already."""
-    for root, _, files in os.walk(path) if tree else [(path, (), ())]:
-        for p in [*(os.path.join(root, f) for f in files), root]:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def save_shards(model, opt, path, cfg, rank, world):
-    """--fsdp: a checkpoint no rank holds whole. Each weight is gathered on every rank in turn and rank 0
-    streams it into model.safetensors (what generate.py and --resume load); each rank writes its rows of
-    AdamW's state to optimizer-R-of-W.safetensors (load_shards reads them back for any world)."""
-    state = model.state_dict()  # DTensors of the global shapes: the file's header
-    full = (t.full_tensor() if isinstance(t, DTensor) else t for t in state.values())  # collectives
-    if rank == 0:
-        mra.save_checkpoint(None, path, state=state, cfg=cfg, tensors=full)
-    else:
-        for _ in full:  # each rank takes part in each gather, then drops the tensor
-            pass
-    names = {q: n for n, q in model.named_parameters()}
-    rows = {f"{names[q]}/{k}": v.to_local() if isinstance(v, DTensor) else v  # "step" is the same on every rank
-            for q, st in opt.state.items() for k, v in st.items()}
-    mine = os.path.join(path, f"optimizer-{rank + 1:05d}-of-{world:05d}.safetensors")
-    write_safetensors(mine, rows)
-    fsync(mine)  # by its writer: rank 0 (save) flushes only what is in its own machine's cache
-
-
-def load_shards(model, opt, path, saved_world, rank, world):
-    """AdamW's state from save_shards' files, cut for this run's ranks whatever the saved run's were:
-    each rank reads only the rows it holds. A parameter with no state (no gradient yet) gets none."""
-    files = []
-    for r in range(saved_world):
-        f = os.path.join(path, f"optimizer-{r + 1:05d}-of-{saved_world:05d}.safetensors")
-        try:
-            files.append(safe_open(f, framework="pt"))
-        except Exception as e:  # noqa: BLE001 -- missing (OSError) or cut short (SafetensorError)
-            why = (str(e).splitlines() or [type(e).__name__])[0]
-            raise SystemExit(f"--resume: {f}: the optimizer state the run's rank {r} saved is missing or "
-                             f"unreadable ({why}); start anew from its weights with --init {path}") from None
-    named = dict(model.named_parameters())
-    for key in files[0].keys():  # "name/k": AdamW's state k of a parameter
-        name, k = key.split("/")
-        q = named[name]
-        if not files[0].get_slice(key).get_shape():  # a scalar ("step"): every file holds it
-            opt.state[q][k] = files[0].get_tensor(key)
-            continue
-        st = opt.state[q][k] = torch.zeros_like(q)  # a DTensor sharded as q is, under FSDP
-        local = st.to_local() if isinstance(q, DTensor) else st
-        start, stop = rows_of(q.shape[0], world, rank) if isinstance(q, DTensor) else (0, q.shape[0])
-        parts = []
-        for r, f in enumerate(files):  # the saved rows [a, b) of rank r that this rank holds now
-            a, b = rows_of(q.shape[0], saved_world, r)
-            if max(a, start) < min(b, stop):
-                parts.append(f.get_slice(key)[max(a, start) - a:min(b, stop) - a])
-        if parts:
-            local.copy_(torch.cat(parts))
 
 
 def with_adapters(m1, cfg, source):
@@ -501,7 +432,7 @@ if master and (os.path.isdir(args.out) or not args.resume):
     if args.resume and not os.path.isdir(ckpt_dir) and os.path.isfile(complete):
         # a save killed between its renames: its ckpt.tmp is complete, and newer than ckpt.old
         os.replace(ckpt_dir + ".tmp", ckpt_dir)
-        fsync(args.out)
+        runs.fsync(args.out)
         shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
         print(f"--resume: {ckpt_dir}.tmp held the complete checkpoint of a save cut short before its last rename: "
               f"that save is finished, as {ckpt_dir}")
@@ -584,7 +515,7 @@ else:
 if args.lora_r and not args.resume:
     lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
 lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) until shard_lean
-sharded = lean and not args.lora_r  # saved without gathering (save_shards); LoRA's merge gathers on rank 0
+sharded = lean and not args.lora_r  # saved without gathering (runs.save_shards); LoRA's merge gathers on rank 0
 if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
     model.to(device, torch.float32)
     if not cuda:
@@ -711,10 +642,10 @@ if args.resume:
                          f"same --stage and --freeze-* flags as the run"
                          f"{', and its --[no-]lora-train-mra' if args.lora_r else ''}, please")
     if "params" in state:
-        load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
+        runs.load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
     else:
         # only each parameter's moments come from the checkpoint: the groups and their hyperparameters (lr
-        # scales, weight decay, and the groups a weight decay makes) are this run's, as --fsdp's load_shards does
+        # scales, weight decay, and the groups a weight decay makes) are this run's, as --fsdp's runs.load_shards does
         names = {q: n for n, q in unwrapped.named_parameters()}
         state["optimizer"]["param_groups"] = [dict(g, params=[names[q] for q in g["params"]]) for g in opt.param_groups]
         set_optimizer_state_dict(unwrapped, opt, state["optimizer"],
@@ -794,7 +725,7 @@ def save(step):
         dist.barrier()  # cleared before any rank writes into it
         with save_errors(step, tmp):
             os.makedirs(tmp, exist_ok=True)
-            save_shards(unwrapped, opt, tmp, cfg, rank, world)
+            runs.save_shards(unwrapped, opt, tmp, cfg, rank, world)
         dist.barrier()  # every rank's file is complete before rank 0 renames the directory
         extra = dict(params=json.dumps(sorted(trainable)), world=world)
     else:
@@ -830,15 +761,15 @@ def save(step):
             # train_state.pt last, renamed into place once the rest is on the disk: a ckpt.tmp that holds it
             # is complete (a kill between the renames below leaves it newer than ckpt.old: --resume finishes it)
             torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
-            fsync(tmp, tree=True)
+            runs.fsync(tmp, tree=True)
             os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
-            fsync(tmp)
+            runs.fsync(tmp)
         # the last good checkpoint is never touched until the new one is complete, on the disk
         if os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
             os.replace(ckpt_dir, ckpt_dir + ".old")
         os.replace(tmp, ckpt_dir)
-        fsync(args.out)  # the renames, before ckpt.old goes
+        runs.fsync(args.out)  # the renames, before ckpt.old goes
         shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
     if distributed:
         dist.barrier()
