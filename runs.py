@@ -2,8 +2,14 @@
 checkpoints (written atomically; whole, or FSDP2 shards that no rank holds whole), and what --resume
 checks before it continues. train.py's bookkeeping, kept apart so that train.py reads as the recipe.
 """
+import errno
 import os
+import shutil
 
+try:
+    import fcntl  # --out's lock (POSIX); elsewhere a run goes without it
+except ImportError:
+    fcntl = None
 import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
@@ -79,3 +85,83 @@ def load_shards(model, opt, path, saved_world, rank, world):
                 parts.append(f.get_slice(key)[max(a, start) - a:min(b, stop) - a])
         if parts:
             local.copy_(torch.cat(parts))
+
+
+# -----------------------------------------------------------------------------
+# the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
+
+def check_out(out, resume):
+    """Refuse an --out that is a file, or a checkpoint rather than the run directory that holds one."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: is a file, not a directory")
+    if any(os.path.isfile(os.path.join(out, f)) for f in ("train_state.pt", "mra_config.json")):
+        # a run's OUT/ckpt, say: a run inside it would be deleted with it, at the next save of the run that holds it
+        raise SystemExit(f"--out {out} is a checkpoint, not a run directory: " + (
+            f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(out))}" if resume else
+            f"a run inside it would be deleted when it is next replaced; pick another --out (--init {out} starts "
+            f"from its weights)"))
+
+
+def claim_out(out):
+    """Make --out and lock it for this run (rank 0): the lock file, to hold open until the run ends."""
+    # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, "train.lock"), "a")
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
+                         f"writable --out") from None
+    # one run at a time: two started together would both find --out free below, then garble each other. A
+    # POSIX lock (lockf) is the process's, released when it ends however it ends; a flock would be held on by
+    # an earlier run in the same process that ended in an exception (tests run train.py in-process)
+    try:
+        if fcntl:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without POSIX locks (some NFS, FUSE)
+            print(f"note: --out {out}: cannot be locked ({e.strerror}); nothing stops a second train.py there")
+        else:
+            raise SystemExit(f"--out {out}: another train.py is running in it (it holds {lock.name}); wait "
+                             f"for it to end, or pick another --out") from None
+    return lock
+
+
+def finish_cut_save(out, ckpt_dir):
+    """--resume (rank 0, --out locked): a save killed between its renames left ckpt.tmp complete (it holds
+    train_state.pt, written last) and newer than ckpt.old, and no ckpt: that save is finished now."""
+    complete = os.path.join(ckpt_dir + ".tmp", "train_state.pt")  # (see train.py's save)
+    if not os.path.isdir(ckpt_dir) and os.path.isfile(complete):
+        os.replace(ckpt_dir + ".tmp", ckpt_dir)
+        fsync(out)
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        print(f"--resume: {ckpt_dir}.tmp held the complete checkpoint of a save cut short before its last rename: "
+              f"that save is finished, as {ckpt_dir}")
+
+
+def previous_run(out, ckpt_dir, log_path, resume, overwrite):
+    """The checkpoint --resume continues from (None without --resume). An --out that holds a run (a
+    checkpoint, or a log of steps) is refused unless --resume continues it or --overwrite starts over."""
+    previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
+    if resume:  # ckpt.old alone: a save cut between its renames before train.py could tell a complete ckpt.tmp
+        if not previous:
+            raise SystemExit(f"--resume: no checkpoint in {out} (nothing to continue): " + (
+                "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
+        if not os.path.isfile(os.path.join(previous[0], "train_state.pt")):
+            raise SystemExit(f"--resume: {previous[0]} has no train_state.pt (weights only, no optimizer or data "
+                             f"position); start a new run from its weights with --init {previous[0]}")
+        return previous[0]
+    if (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and not overwrite:
+        raise SystemExit(f"--out {out} already holds a run ({', '.join(previous) or log_path}): "
+                         f"--resume continues it, --overwrite starts over (deleting it), or pick another --out")
+    return None
+
+
+def check_overwrite(out, ckpt_dir, log_path, inputs):
+    """What --overwrite deletes must not be what this run reads (its --init, say). `inputs`: each flag's
+    name (as argparse keeps it: "image_folder") and its path, or None where not given."""
+    doomed = [os.path.realpath(d) for d in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp", log_path)]
+    for flag, given in inputs.items():
+        path = given and os.path.realpath(given)
+        if path and any(path == d or path.startswith(d + os.sep) for d in doomed):
+            raise SystemExit(f"--{flag.replace('_', '-')} {given} lies in the run that --overwrite "
+                             f"would delete; copy it out of {out} first, or pick another --out")

@@ -17,7 +17,6 @@ transformer block, the release's ZeRO-3 for stage 2). Checkpoints are loadable b
 generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py.
 """
 import argparse
-import errno
 import hashlib
 import json
 import math
@@ -31,10 +30,6 @@ from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
-try:
-    import fcntl  # --out's lock (POSIX); elsewhere a run goes without it
-except ImportError:
-    fcntl = None
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -400,63 +395,17 @@ if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, 
 
 # -----------------------------------------------------------------------------
 # the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
-if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise SystemExit(f"--out {args.out}: is a file, not a directory")
-if any(os.path.isfile(os.path.join(args.out, f)) for f in ("train_state.pt", "mra_config.json")):
-    # a run's OUT/ckpt, say: a run inside it would be deleted with it, at the next save of the run that holds it
-    raise SystemExit(f"--out {args.out} is a checkpoint, not a run directory: " + (
-        f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(args.out))}" if args.resume else
-        f"a run inside it would be deleted when it is next replaced; pick another --out (--init {args.out} starts "
-        f"from its weights)"))
-if master and (os.path.isdir(args.out) or not args.resume):
-    # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        run_lock = open(os.path.join(args.out, "train.lock"), "a")
-    except OSError as e:
-        raise SystemExit(f"--out {args.out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
-                         f"writable --out") from None
-    # one run at a time: two started together would both find --out free below, then garble each other. A
-    # POSIX lock (lockf) is the process's, released when it ends however it ends; a flock would be held on by
-    # an earlier run in the same process that ended in an exception (tests run train.py in-process)
-    try:
-        if fcntl:
-            fcntl.lockf(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without POSIX locks (some NFS, FUSE)
-            print(f"note: --out {args.out}: cannot be locked ({e.strerror}); nothing stops a second train.py there")
-        else:
-            raise SystemExit(f"--out {args.out}: another train.py is running in it (it holds {run_lock.name}); wait "
-                             f"for it to end, or pick another --out") from None
-    complete = os.path.join(ckpt_dir + ".tmp", "train_state.pt")  # (see save)
-    if args.resume and not os.path.isdir(ckpt_dir) and os.path.isfile(complete):
-        # a save killed between its renames: its ckpt.tmp is complete, and newer than ckpt.old
-        os.replace(ckpt_dir + ".tmp", ckpt_dir)
-        runs.fsync(args.out)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
-        print(f"--resume: {ckpt_dir}.tmp held the complete checkpoint of a save cut short before its last rename: "
-              f"that save is finished, as {ckpt_dir}")
+runs.check_out(args.out, args.resume)
+if master and (os.path.isdir(args.out) or not args.resume):  # else --resume finds no run: refused below
+    run_lock = runs.claim_out(args.out)
+    if args.resume:
+        runs.finish_cut_save(args.out, ckpt_dir)
 if distributed:
     dist.barrier()  # rank 0 has made --out, taken its lock and finished a save before any rank looks into it
-previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
-if args.resume:  # ckpt.old alone: a save cut between its renames before train.py could tell a complete ckpt.tmp
-    if not previous:
-        raise SystemExit(f"--resume: no checkpoint in {args.out} (nothing to continue): " + (
-            "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
-    resume_dir = previous[0]
-    if not os.path.isfile(os.path.join(resume_dir, "train_state.pt")):
-        raise SystemExit(f"--resume: {resume_dir} has no train_state.pt (weights only, no optimizer or data "
-                         f"position); start a new run from its weights with --init {resume_dir}")
-elif (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and not args.overwrite:
-    raise SystemExit(f"--out {args.out} already holds a run ({', '.join(previous) or log_path}): "
-                     f"--resume continues it, --overwrite starts over (deleting it), or pick another --out")
-if args.overwrite:  # what --overwrite deletes must not be what this run reads (its --init, say)
-    doomed = [os.path.realpath(d) for d in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp", log_path)]
-    for flag in ("init", "llm", "vit", "convnext", "projector", "tokenizer", "data", "image_folder"):
-        path = getattr(args, flag) and os.path.realpath(getattr(args, flag))
-        if path and any(path == d or path.startswith(d + os.sep) for d in doomed):
-            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)} lies in the run that --overwrite "
-                             f"would delete; copy it out of {args.out} first, or pick another --out")
+resume_dir = runs.previous_run(args.out, ckpt_dir, log_path, args.resume, args.overwrite)
+if args.overwrite:
+    runs.check_overwrite(args.out, ckpt_dir, log_path, {flag: getattr(args, flag) for flag in (
+        "init", "llm", "vit", "convnext", "projector", "tokenizer", "data", "image_folder")})
 
 # -----------------------------------------------------------------------------
 # data: checked before the model loads (minutes for a 7B), so a bad file fails at once
