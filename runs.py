@@ -3,6 +3,7 @@ checkpoints (written atomically; whole, or FSDP2 shards that no rank holds whole
 checks before it continues. train.py's bookkeeping, kept apart so that train.py reads as the recipe.
 """
 import errno
+import json
 import os
 import shutil
 
@@ -165,3 +166,80 @@ def check_overwrite(out, ckpt_dir, log_path, inputs):
         if path and any(path == d or path.startswith(d + os.sep) for d in doomed):
             raise SystemExit(f"--{flag.replace('_', '-')} {given} lies in the run that --overwrite "
                              f"would delete; copy it out of {out} first, or pick another --out")
+
+
+# -----------------------------------------------------------------------------
+# --resume: the run it continues is the run that was saved
+
+def read_state(resume_dir):
+    """The checkpoint's train_state.pt, and the run it records (the settings it was saved with)."""
+    state_path = os.path.join(resume_dir, "train_state.pt")
+    try:
+        state = torch.load(state_path, weights_only=True)
+        run = json.loads(state["run"])
+    except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
+        raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return state, run
+
+
+def check_resume(run, resume_dir, args, ds, tok_path, fixed, model_fixed, tokenizer, usable, init_digest):
+    """Stop, in one line that names the way on, where this run differs from the saved `run` in what the data
+    position or the model depends on: a setting in `fixed` (those in `model_fixed` make the model), the data
+    file `ds` was read from, a LoRA run's frozen base (`init_digest`), the tokenizer (`tokenizer`: its sha256
+    and legacy mode) or the `usable` records. `args`: this run's flags."""
+    new_run = (f"or start a new run from its weights: --init {resume_dir} and another --out"
+               if os.path.isfile(os.path.join(resume_dir, "mra_config.json")) else  # not LoRA adapters alone
+               "or start a new run with another --out")
+    for key, now in fixed.items():
+        if run.get(key, now) != now:  # a setting older runs did not record is noted (changed_flags), if changed
+            why = ("the model would not be the one trained" if key in model_fixed else
+                   "the data position would not carry over")
+            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: {why}; give the run's "
+                             f"--{key.replace('_', '-')}, {new_run}")
+    # the same records in the same order, wherever the file now lies (older runs kept its path only)
+    if (run["data_sha256"] != ds.sha256 if "data_sha256" in run else
+            os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):
+        raise SystemExit(f"--resume: --data {args.data} is not the file the run read ({run.get('data')}, as it was "
+                         f"then): the data position would not carry over; give that file, {new_run}")
+    if args.lora_r and (run["init_digest"] != init_digest if "init_digest" in run else  # older runs: the path
+                        run.get("init") != os.path.realpath(args.init)):
+        raise SystemExit(f"--resume: --init {args.init} is not the base the run trained on ({run.get('init')}, as it "
+                         f"was then): the model would not be the one trained; give that base, {new_run}")
+    # older runs recorded neither: their bytes are not known, but their mode is (legacy, the only one then)
+    then = dict(tokenizer_sha256=run.get("tokenizer_sha256", tokenizer["tokenizer_sha256"]),
+                tokenizer_legacy=run.get("tokenizer_legacy", True))
+    if then != tokenizer:
+        why = ("other bytes" if then["tokenizer_sha256"] != tokenizer["tokenizer_sha256"] else
+               f"legacy={tokenizer['tokenizer_legacy']} from the tokenizer_config.json beside it or its absence, "
+               f"the run's {then['tokenizer_legacy']}")
+        own = os.path.join(resume_dir, "tokenizer.model")
+        raise SystemExit(f"--resume: {tok_path} is not the tokenizer the run trained with ({why}): the token ids "
+                         f"would change; " + (f"drop --tokenizer to use the run's own copy, {own}" if args.tokenizer
+                                              else "give the run's tokenizer with --tokenizer") + f", {new_run}")
+    if any(run.get(k, v) != v for k, v in usable.items()):  # --skip-bad: other records bad now (or fixed)
+        raise SystemExit(f"--resume: the run trained on {run['records']} usable records of {args.data}, now "
+                         f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
+                         f"data position would not carry over; restore the records and images as the run had "
+                         f"them, {new_run}")
+
+
+def changed_flags(run, flags, free, fixed, defaults):
+    """This run's `flags` (vars(args)) whose values differ from the saved `run`'s, as "--lr 0.001 -> 0.0005":
+    all but those in `free`, unless a setting in `fixed` the run did not record (check_resume compares the
+    others). `defaults`: the values in effect for flags older runs saved as None."""
+    then = {k: defaults[k] if v is None and k in defaults else v  # older runs saved None for these defaults
+            for k, v in run.get("args", {}).items()}
+    return [f"--{k.replace('_', '-')} {then[k]} -> {v}" for k, v in flags.items()
+            if (k not in free or k in fixed and k not in run) and k in then and then[k] != v]
+
+
+def check_trained(state, trainable, lora_r):
+    """The parameters the saved run trained (its train_state `state` names them) must be `trainable` now."""
+    saved = (set(json.loads(state["params"])) if "params" in state else  # a sharded save
+             {n for g in state["optimizer"]["param_groups"] for n in g["params"]})
+    if saved != trainable:
+        diff = sorted(saved ^ trainable)
+        raise SystemExit(f"--resume: the run trained other parameters ({len(diff)} differ, e.g. {diff[0]}): "
+                         f"same --stage and --freeze-* flags as the run"
+                         f"{', and its --[no-]lora-train-mra' if lora_r else ''}, please")

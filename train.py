@@ -534,62 +534,16 @@ RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max
 
 start_step = 0
 if args.resume:
-    state_path = os.path.join(resume_dir, "train_state.pt")
-    try:
-        state = torch.load(state_path, weights_only=True)
-        run = json.loads(state["run"])
-    except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
-        raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    new_run = (f"or start a new run from its weights: --init {resume_dir} and another --out"
-               if os.path.isfile(os.path.join(resume_dir, "mra_config.json")) else  # not LoRA adapters alone
-               "or start a new run with another --out")
-    for key, now in fixed.items():
-        if run.get(key, now) != now:  # a setting older runs did not record is noted below, if changed
-            why = ("the model would not be the one trained" if key in MODEL_FIXED else
-                   "the data position would not carry over")
-            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: {why}; give the run's "
-                             f"--{key.replace('_', '-')}, {new_run}")
-    # the same records in the same order, wherever the file now lies (older runs kept its path only)
-    if (run["data_sha256"] != ds.sha256 if "data_sha256" in run else
-            os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):
-        raise SystemExit(f"--resume: --data {args.data} is not the file the run read ({run.get('data')}, as it was "
-                         f"then): the data position would not carry over; give that file, {new_run}")
-    if args.lora_r and (run["init_digest"] != init_digest if "init_digest" in run else  # older runs: the path
-                        run.get("init") != os.path.realpath(args.init)):
-        raise SystemExit(f"--resume: --init {args.init} is not the base the run trained on ({run.get('init')}, as it "
-                         f"was then): the model would not be the one trained; give that base, {new_run}")
-    # older runs recorded neither: their bytes are not known, but their mode is (legacy, the only one then)
-    then = dict(tokenizer_sha256=run.get("tokenizer_sha256", tokenizer["tokenizer_sha256"]),
-                tokenizer_legacy=run.get("tokenizer_legacy", True))
-    if then != tokenizer:
-        why = ("other bytes" if then["tokenizer_sha256"] != tokenizer["tokenizer_sha256"] else f"legacy={tok.legacy} "
-               f"from the tokenizer_config.json beside it or its absence, the run's {then['tokenizer_legacy']}")
-        own = os.path.join(resume_dir, "tokenizer.model")
-        raise SystemExit(f"--resume: {tok_path} is not the tokenizer the run trained with ({why}): the token ids "
-                         f"would change; " + (f"drop --tokenizer to use the run's own copy, {own}" if args.tokenizer
-                                              else "give the run's tokenizer with --tokenizer") + f", {new_run}")
-    if any(run.get(k, v) != v for k, v in usable.items()):  # --skip-bad: other records bad now (or fixed)
-        raise SystemExit(f"--resume: the run trained on {run['records']} usable records of {args.data}, now "
-                         f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
-                         f"data position would not carry over; restore the records and images as the run had "
-                         f"them, {new_run}")
-    then = {k: DEFAULTS[k] if v is None and k in DEFAULTS else v  # older runs saved None for these defaults
-            for k, v in run.get("args", {}).items()}
-    changed = [f"--{k.replace('_', '-')} {then[k]} -> {v}" for k, v in vars(args).items()
-               if (k not in RESUME_FREE or k in fixed and k not in run) and k in then and then[k] != v]
+    state, run = runs.read_state(resume_dir)
+    runs.check_resume(run, resume_dir, args, ds, tok_path, fixed=fixed, model_fixed=MODEL_FIXED,
+                      tokenizer=tokenizer, usable=usable, init_digest=init_digest)
+    changed = runs.changed_flags(run, vars(args), RESUME_FREE, fixed, DEFAULTS)
     if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
         print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
               f"come from the checkpoint, the rest applies from here on")
     # a parameter with no gradient before the save (vision, after text-only micro-batches) has no Adam
     # state: strict=False starts it fresh, as AdamW would at its first gradient. The same ones must train.
-    saved = (set(json.loads(state["params"])) if "params" in state else  # a sharded save
-             {n for g in state["optimizer"]["param_groups"] for n in g["params"]})
-    if saved != trainable:
-        diff = sorted(saved ^ trainable)
-        raise SystemExit(f"--resume: the run trained other parameters ({len(diff)} differ, e.g. {diff[0]}): "
-                         f"same --stage and --freeze-* flags as the run"
-                         f"{', and its --[no-]lora-train-mra' if args.lora_r else ''}, please")
+    runs.check_trained(state, trainable, args.lora_r)
     if "params" in state:
         runs.load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
     else:
