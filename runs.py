@@ -88,6 +88,27 @@ def load_shards(model, opt, path, saved_world, rank, world):
             local.copy_(torch.cat(parts))
 
 
+def write_train_state(tmp, state):
+    """train_state.pt into the checkpoint being written in `tmp`, last, renamed into place once the rest is
+    on the disk: a ckpt.tmp that holds it is complete (a kill between replace_checkpoint's renames leaves it
+    newer than ckpt.old: --resume finishes it, finish_cut_save)."""
+    torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
+    fsync(tmp, tree=True)
+    os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
+    fsync(tmp)
+
+
+def replace_checkpoint(out, ckpt_dir):
+    """The complete ckpt.tmp becomes ckpt (in the run directory `out`): the last good checkpoint is never
+    touched until the new one is complete, on the disk."""
+    if os.path.isdir(ckpt_dir):
+        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        os.replace(ckpt_dir, ckpt_dir + ".old")
+    os.replace(ckpt_dir + ".tmp", ckpt_dir)
+    fsync(out)  # the renames, before ckpt.old goes
+    shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+
+
 # -----------------------------------------------------------------------------
 # the run directory: never overwritten unasked; an --out that holds a run is resumed or refused
 
@@ -130,11 +151,9 @@ def claim_out(out):
 def finish_cut_save(out, ckpt_dir):
     """--resume (rank 0, --out locked): a save killed between its renames left ckpt.tmp complete (it holds
     train_state.pt, written last) and newer than ckpt.old, and no ckpt: that save is finished now."""
-    complete = os.path.join(ckpt_dir + ".tmp", "train_state.pt")  # (see train.py's save)
+    complete = os.path.join(ckpt_dir + ".tmp", "train_state.pt")  # (see write_train_state)
     if not os.path.isdir(ckpt_dir) and os.path.isfile(complete):
-        os.replace(ckpt_dir + ".tmp", ckpt_dir)
-        fsync(out)
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+        replace_checkpoint(out, ckpt_dir)
         print(f"--resume: {ckpt_dir}.tmp held the complete checkpoint of a save cut short before its last rename: "
               f"that save is finished, as {ckpt_dir}")
 

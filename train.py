@@ -661,19 +661,8 @@ def save(step):
                 f.write(tok_bytes)
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:  # the mode it tokenised in
                 json.dump(dict(legacy=tok.legacy), f)
-            # train_state.pt last, renamed into place once the rest is on the disk: a ckpt.tmp that holds it
-            # is complete (a kill between the renames below leaves it newer than ckpt.old: --resume finishes it)
-            torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
-            runs.fsync(tmp, tree=True)
-            os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
-            runs.fsync(tmp)
-        # the last good checkpoint is never touched until the new one is complete, on the disk
-        if os.path.isdir(ckpt_dir):
-            shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
-            os.replace(ckpt_dir, ckpt_dir + ".old")
-        os.replace(tmp, ckpt_dir)
-        runs.fsync(args.out)  # the renames, before ckpt.old goes
-        shutil.rmtree(ckpt_dir + ".old", ignore_errors=True)
+            runs.write_train_state(tmp, state)  # last: a ckpt.tmp that holds train_state.pt is complete
+        runs.replace_checkpoint(args.out, ckpt_dir)
     if distributed:
         dist.barrier()
 
