@@ -13,6 +13,7 @@ except ImportError:
     fcntl = None
 import torch
 from safetensors import safe_open
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 import mra
@@ -86,6 +87,19 @@ def load_shards(model, opt, path, saved_world, rank, world):
                 parts.append(f.get_slice(key)[max(a, start) - a:min(b, stop) - a])
         if parts:
             local.copy_(torch.cat(parts))
+
+
+def load_optimizer(model, opt, state, path, rank, world):
+    """AdamW's state from the checkpoint in `path` (`state`: its train_state), saved whole or in shards. Only
+    each parameter's moments come from it: the groups and their hyperparameters (lr scales, weight decay,
+    and the groups a weight decay makes) are this run's, either way."""
+    if "params" in state:
+        load_shards(model, opt, path, state["world"], rank, world)
+    else:
+        names = {q: n for n, q in model.named_parameters()}
+        state["optimizer"]["param_groups"] = [dict(g, params=[names[q] for q in g["params"]]) for g in opt.param_groups]
+        set_optimizer_state_dict(model, opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def write_train_state(tmp, state):

@@ -32,8 +32,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -544,15 +543,7 @@ if args.resume:
     # a parameter with no gradient before the save (vision, after text-only micro-batches) has no Adam
     # state: strict=False starts it fresh, as AdamW would at its first gradient. The same ones must train.
     runs.check_trained(state, trainable, args.lora_r)
-    if "params" in state:
-        runs.load_shards(unwrapped, opt, resume_dir, state["world"], rank, world)
-    else:
-        # only each parameter's moments come from the checkpoint: the groups and their hyperparameters (lr
-        # scales, weight decay, and the groups a weight decay makes) are this run's, as --fsdp's runs.load_shards does
-        names = {q: n for n, q in unwrapped.named_parameters()}
-        state["optimizer"]["param_groups"] = [dict(g, params=[names[q] for q in g["params"]]) for g in opt.param_groups]
-        set_optimizer_state_dict(unwrapped, opt, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
+    runs.load_optimizer(unwrapped, opt, state, resume_dir, rank, world)
     start_step = state["step"]
 
 sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, by_length, start_step)
