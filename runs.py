@@ -4,6 +4,7 @@ checks before it continues. train.py's bookkeeping, kept apart so that train.py 
 """
 import errno
 import json
+import math
 import os
 import shutil
 
@@ -199,6 +200,33 @@ def check_overwrite(out, ckpt_dir, log_path, inputs):
         if path and any(path == d or path.startswith(d + os.sep) for d in doomed):
             raise SystemExit(f"--{flag.replace('_', '-')} {given} lies in the run that --overwrite "
                              f"would delete; copy it out of {out} first, or pick another --out")
+
+
+def delete_run(ckpt_dir, log_path):
+    """--overwrite: the old run's checkpoints and log go (once the new run is ready to start)."""
+    for old in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp"):
+        shutil.rmtree(old, ignore_errors=True)
+    if os.path.isfile(log_path):
+        os.remove(log_path)
+
+
+def logged_step(line):
+    """The step a line of log.jsonl records (inf for a line cut short: trim_log drops it)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return math.inf
+
+
+def trim_log(log_path, step):
+    """--resume from the checkpoint of `step`: the log keeps the steps up to it, each once (those logged
+    after it are run again), replaced atomically."""
+    if os.path.isfile(log_path):
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(line + "\n" for line in lines if logged_step(line) <= step)
+        os.replace(log_path + ".tmp", log_path)
 
 
 # -----------------------------------------------------------------------------

@@ -559,13 +559,6 @@ if start_step >= stop_step:  # resumed at or past where this run stops: it is do
 warmup = math.ceil(args.warmup_ratio * total_steps)
 
 
-def logged_step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-        return math.inf
-
-
 def get_lr(step):
     """HF's cosine schedule with linear warmup, as LLaVA trains (step 0 has lr 0)."""
     if step < warmup:
@@ -663,16 +656,9 @@ def save(step):
 
 if master:
     if args.overwrite:  # asked for: the old run goes only now that the new one is ready to start
-        for old in (ckpt_dir, ckpt_dir + ".old", ckpt_dir + ".tmp"):
-            shutil.rmtree(old, ignore_errors=True)
-        if os.path.isfile(log_path):
-            os.remove(log_path)
-    if args.resume and os.path.isfile(log_path):  # steps logged after the last save are run again: drop them
-        with open(log_path) as f:
-            lines = f.read().splitlines()
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(line + "\n" for line in lines if logged_step(line) <= start_step)
-        os.replace(log_path + ".tmp", log_path)
+        runs.delete_run(ckpt_dir, log_path)
+    if args.resume:  # steps logged after the last save are run again: drop them
+        runs.trim_log(log_path, start_step)
     print(f"stage {args.stage}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; R={cfg.image_size}, "
           f"{cfg.visual_tokens} visual tokens; {len(ds)} samples, {total_steps} steps of {global_batch} "
           f"({world} x {args.batch_size} x {accum} accumulation); "
