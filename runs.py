@@ -229,6 +229,17 @@ def trim_log(log_path, step):
         os.replace(log_path + ".tmp", log_path)
 
 
+def interrupted(ckpt_dir, log_path):
+    """A run interrupted now: what it has left on the disk and the way on, in one line (ckpt_dir None: no
+    run directory is known yet)."""
+    saved = [d for d in (ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old")  # as --resume picks them
+             if os.path.isfile(os.path.join(d, "train_state.pt"))] if ckpt_dir else []
+    logged = ckpt_dir and os.path.isfile(log_path) and os.path.getsize(log_path)
+    return (f"interrupted: the last checkpoint {saved[0]} is intact; --resume continues from it" if saved
+            else "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over"
+            if logged else "interrupted: nothing was saved; run it again to start")
+
+
 # -----------------------------------------------------------------------------
 # --resume: the run it continues is the run that was saved
 

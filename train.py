@@ -79,13 +79,8 @@ def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
     disk) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
-        known = globals().get("ckpt_dir")  # None before that, and under --dry-run
-        saved = [d for d in (ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old")  # as --resume picks (see save)
-                 if os.path.isfile(os.path.join(d, "train_state.pt"))] if known else []
-        logged = known and os.path.isfile(log_path) and os.path.getsize(log_path)
-        return tqdm.write(f"interrupted: the last checkpoint {saved[0]} is intact; --resume continues from it" if saved
-                          else "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over"
-                          if logged else "interrupted: nothing was saved; run it again to start", file=sys.stderr)
+        paths = globals().get("ckpt_dir"), globals().get("log_path")  # None before that, and under --dry-run
+        return tqdm.write(runs.interrupted(*paths), file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     # an error raised in a DataLoader worker arrives with the worker's traceback as its message
