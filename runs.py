@@ -20,6 +20,8 @@ from torch.distributed.tensor import DTensor
 import mra
 from weights import write_safetensors
 
+# -----------------------------------------------------------------------------
+# checkpoints: written atomically; whole, or FSDP2 shards that no rank holds whole
 
 def rows_of(n, world, rank):
     """Rows [start, stop) of a dim 0 of n that rank holds under FSDP2 (torch.chunk's split)."""
