@@ -31,6 +31,7 @@ import data
 import llama
 import lora
 import mra
+from questions import not_a_character, read_questions
 from int8 import Int8Linear
 from mra import IMAGE_TOKEN
 
@@ -207,16 +208,6 @@ def slots(model, ids):
     return mra.llm_positions(len(ids), ids.count(IMAGE_TOKEN), model.cfg)
 
 
-def not_a_character(text):
-    """The first code point of text that is no character, or None: a lone surrogate, from a JSON
-    "\\ud800" or a byte that is not UTF-8 (argv and stdin read it as one), fails in sentencepiece."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return text[e.start]
-    return None
-
-
 def check_length(model, ids, max_new_tokens, what="prompt", fix="shorten it or lower --max-new-tokens"):
     need, limit = slots(model, ids) + max_new_tokens, model.cfg.llm.max_seq_len
     if need > limit:
@@ -361,105 +352,6 @@ def chat(model, tok, image, args, pick, step):
         # the cache holds the prompt and each token fed back (the last sampled too, if an EOS stopped a
         # step queued ahead): count from its slots
         cached = (ids + out + [tok.eos_id])[:int(cache.pos) - slots(model, ids) + len(ids)]
-
-
-def read_jsonl(path, check, text=None):
-    """(line number, object) for each line of a .jsonl file (or of its bytes `text`, already read);
-    check(obj) -> what is wrong with it, or None."""
-    if text is None:
-        with open(path, "rb") as f:
-            text = f.read()
-    try:
-        lines = text.decode("utf-8").split("\n")  # not splitlines(): U+2028 inside a string is no line break
-    except UnicodeDecodeError:
-        raise data.DataError(f"{path}: not UTF-8 text (a .jsonl file, one JSON object per line, is expected)") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise data.DataError(f"{path} line {n}: not JSON ({e}); fix or delete that line") from None
-        problem = check(obj) if isinstance(obj, dict) else "not a JSON object"
-        if problem:
-            raise data.DataError(f"{path} line {n}: {problem}")
-        yield n, obj
-
-
-def question_problem(q, image_folder, conv_mode="vicuna_v1"):
-    if not isinstance(q.get("question_id"), (str, int)) or isinstance(q["question_id"], bool):
-        return "question_id must be a string or an integer"
-    if not isinstance(q.get("text"), str):
-        return "text must be a string"
-    if bad := not_a_character(q["text"]):
-        return f"text holds {bad!r}, a lone surrogate, no character; fix or delete that line"
-    if q.get("image") is not None and not (isinstance(q["image"], str) and q["image"]):
-        return f"image must be a file name, not {q['image']!r} (leave it out for a text-only question)"
-    if q.get("image") and not os.path.isfile(os.path.join(image_folder or "", q["image"])):
-        return f"image file not found: {os.path.join(image_folder or '', q['image'])} (--image-folder?)"
-    if conv_mode == "plain" and not q.get("image"):
-        return "a text-only question, but --conv-mode plain (stage 1) captions an image; give it one, or use " \
-               "--conv-mode vicuna_v1"
-    return None
-
-
-def read_questions(args):
-    """The questions to answer and how often each (question_id, text) pair is already answered, all
-    checked before the model loads. An id may repeat with other text (MME asks two questions per image
-    under one id), so answers are matched on both. A pair may repeat too (TextVQA's ids are image ids,
-    and two askers may ask one image the same): each line is answered, as the release answers it."""
-    with open(args.questions, "rb") as f:
-        raw = f.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (some Windows editors): no part of line 1
-    if raw.lstrip().startswith(b"["):  # a .json array (ScienceQA's llava_test_CQM-A.json), one line or many
-        raise data.DataError(f"--questions {args.questions}: a JSON array, not a .jsonl of {{question_id, image, text}} "
-                             f"objects one per line; ScienceQA's .json converts with `python eval.py "
-                             f"scienceqa-questions SRC DST`")
-    questions = list(read_jsonl(args.questions, lambda q: question_problem(q, args.image_folder, args.conv_mode), raw))
-    if not questions:  # else a run that loads the model, answers nothing and succeeds
-        raise data.DataError(f"--questions {args.questions}: no questions in it (a .jsonl of {{question_id, image, "
-                             f"text}} objects, one per line, is expected)")
-    asked = Counter((q["question_id"], q["text"]) for _, q in questions)
-    if len(asked) < len(questions):
-        log(f"note: {len(questions) - len(asked)} lines of {args.questions} repeat an earlier line's question_id and "
-            f"text: each is answered, as the release answers them")
-    if not os.path.exists(args.answers):
-        return questions, Counter()
-    if os.path.samefile(args.answers, args.questions):
-        raise data.DataError(f"--answers {args.answers} is the --questions file; name a new file for the answers")
-    # the file is read and checked whole before anything is written to it: only an answers file
-    # of these questions is appended to, and only its cut-short last line (a crash) is dropped
-    with open(args.answers, "rb") as f:
-        raw = f.read()
-    tail = raw[raw.rfind(b"\n") + 1:]  # a last line without its newline: whole, or cut short by a crash
-    try:
-        json.loads(tail or b"0")
-        cut = False
-    except ValueError:  # cut short if it starts as generate.py's lines do; anything else is named below
-        cut = tail.startswith(b'{"question_id"')
-    answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
-    answered = Counter()
-    for n, a in answers:
-        key = (a["question_id"], a["prompt"])
-        answered[key] += 1
-        if answered[key] > asked[key]:
-            raise data.DataError(f"{args.answers} line {n}: answers question_id {a['question_id']!r} with a prompt "
-                                 f"that {args.questions} does not ask{' that often' if asked[key] else ''}: the answers "
-                                 f"to other questions? name a new file for --answers")
-    with open(args.answers, "ab") as f:
-        if cut:
-            f.truncate(len(raw) - len(tail))
-            log(f"--answers {args.answers}: dropped its last line, cut short (a run that stopped); asking it again")
-        elif tail.strip():
-            f.write(b"\n")
-    return questions, answered
-
-
-def answer_problem(a):
-    if not isinstance(a.get("question_id"), (str, int)):
-        return "no question_id: not an answers file"
-    if not isinstance(a.get("prompt"), str) or not isinstance(a.get("text"), str):
-        return "needs a prompt and a text (strings): not an answers file (a question file?)"
-    return None
 
 
 def answer_file(model, tok, args, pick, step, questions, answered):
