@@ -419,6 +419,10 @@ def parse_args(argv):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="our checkpoint dir or a released LLaVA-HR / LLaVA-1.5 dir")
     p.add_argument("--lora", help="LoRA adapters (OUT/ckpt/lora of train.py --lora-r) to apply to --model, the base")
+    p.add_argument("--model-base", help="with a LoRA release as --model (llava-v1.5-7b-lora): the LLM it was trained "
+                   "on (an HF Vicuna dir), whose tokenizer is used; needs --vit")
+    p.add_argument("--vit", help="with --model-base: the CLIP tower the release names (an HF dir of "
+                   "openai/clip-vit-large-patch14-336), which a LoRA release does not hold")
     p.add_argument("--image", action="append", help="image file (omit for a text-only prompt); one per conversation")
     p.add_argument("--prompt", help="answer this one question and exit; without it: chat on stdin")
     p.add_argument("--questions", help="LLaVA question .jsonl ({question_id, image, text} per line)")
@@ -450,6 +454,11 @@ def parse_args(argv):
     if args.image == [""]:  # an unset shell variable, --image "$IMG": not a text-only question
         p.error("--image is empty: name an image file, or drop --image")
     args.image = args.image[0] if args.image else None
+    if (args.model_base is None) != (args.vit is None):
+        p.error("--model-base and --vit go together: a LoRA release holds neither its LLM nor its CLIP tower")
+    if args.model_base and args.lora:
+        p.error("--lora (train.py's adapters on --model) and --model-base (the base of a LoRA release) exclude "
+                "each other")
     if args.prompt is not None and not args.prompt.strip():
         p.error("--prompt is empty: ask a question, or drop --prompt to chat")
     if args.prompt is not None and (bad := not_a_character(args.prompt)):
@@ -528,10 +537,12 @@ def run(args):
     if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
         log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
             "text is not used")
-    tok = mra.load_tokenizer(args.model)
+    tok = mra.load_tokenizer(args.model_base or args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
     t0 = time.perf_counter()
-    if args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint
+    if args.model_base:  # a LoRA release: merged into its base LLM as it loads, the tower from --vit
+        model = lora.load_release(args.model, args.model_base, args.vit, dtype, device, args.quantize).eval()
+    elif args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint
         model = lora.load(args.model, args.lora, dtype, device, quantize=args.quantize).eval()
     elif not os.path.exists(os.path.join(args.model, "mra_config.json")) and os.path.isdir(f"{args.model}/lora"):
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model BASE --lora "
@@ -540,8 +551,8 @@ def run(args):
         model = mra.load_checkpoint(args.model, dtype, device, args.quantize).eval()
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
     if len(tok) > model.cfg.llm.vocab_size:
-        raise mra.CheckpointError(f"{args.model}: tokenizer.model has {len(tok)} pieces, the LLM only "
-                                  f"{model.cfg.llm.vocab_size} embeddings: they do not belong together")
+        raise mra.CheckpointError(f"{args.model_base or args.model}: tokenizer.model has {len(tok)} pieces, the LLM "
+                                  f"only {model.cfg.llm.vocab_size} embeddings: they do not belong together")
     if args.trace:  # pixels to the LLM's input, printed, and the picture; no answer
         import trace_image
         trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))

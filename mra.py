@@ -328,11 +328,15 @@ RELEASE_KEYS = (
 )
 
 
-def load_release(path, dtype=None, device="cpu", quantize=None):
+def load_release(path, dtype=None, device="cpu", quantize=None, tensors=None, vit=None):
     """A released LLaVA-HR or LLaVA-1.5 directory (config.json + the fp16 pytorch_model-*.bin shards as
     released, or safetensors) -> LlavaHR; tower shapes come from the tensors. Each tensor is cast to `dtype`
     (or, quantize="int8", the LLM's linear weights quantized) as it is read, a shard let go before the
-    next: the weights are held once. Weights that would not fit in memory are refused before any is read."""
+    next: the weights are held once. Weights that would not fit in memory are refused before any is read.
+    tensors, vit: the weights read elsewhere, under the release's names, and a loaded CLIP ViT (a LoRA
+    release, which holds neither its LLM nor its tower: lora.load_release)."""
+    if tensors is None:
+        lora_release(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: neither mra_config.json (a train.py checkpoint) nor config.json (a released "
@@ -346,9 +350,10 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
     if hf.get("mm_use_im_start_end"):
         raise CheckpointError(f"{cfg_path}: mm_use_im_start_end {hf['mm_use_im_start_end']!r}: the <im_start> and "
                               f"<im_end> tokens around each image are not implemented (false or absent is)")
-    check_memory(path, tensor_sizes(path), dtype, device, INT8_KEYS.match, _int8(quantize))
-    convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
-    tensors = read_checkpoint(path, dtype, device, convert=convert)
+    if tensors is None:
+        check_memory(path, tensor_sizes(path), dtype, device, INT8_KEYS.match, _int8(quantize))
+        convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
+        tensors = read_checkpoint(path, dtype, device, convert=convert)
     parts = {p: {k[len(p):]: tensors.pop(k) for k in list(tensors) if k.startswith(p)}
              for p in (HR_VIT, HR_CONVNEXT, V15_VIT)}
     if parts[HR_VIT] or parts[HR_CONVNEXT]:
@@ -356,7 +361,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
         for p, what in ((HR_VIT, "CLIP ViT"), (HR_CONVNEXT, "ConvNeXt")):
             if not parts[p]:
                 raise CheckpointError(f"{path}: LLaVA-HR checkpoint without its {what} tower (no {p}* keys)")
-    elif parts[V15_VIT]:
+    elif parts[V15_VIT] or vit is not None:
         arch = "llava-1.5"
     else:
         raise CheckpointError(f"{path}: no vision tower in this checkpoint (expected {HR_VIT}* and {HR_CONVNEXT}* "
@@ -375,7 +380,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None):
         llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}),
                                     device=device, quantize=quantize)
         where = (HR_VIT if parts[HR_VIT] else V15_VIT) + "*"
-        vit = ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT], device=device)
+        vit = vit if vit is not None else ViT.from_pretrained(parts[HR_VIT] or parts[V15_VIT], device=device)
         where = HR_CONVNEXT + "*"
         convnext = ConvNeXt.from_pretrained(parts[HR_CONVNEXT], device=device) if arch == "llava-hr" else None
     except CheckpointError as e:
@@ -496,6 +501,14 @@ def run_directory(path):
         raise CheckpointError(f"{path}: a train.py run directory; its checkpoint is {ckpt}")
 
 
+def lora_release(path):
+    """Refuse a LoRA release (LLaVA-1.5's llava-v1.5-7b-lora) where a whole model is meant, naming the way."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise CheckpointError(f"{path}: a LoRA release (adapter_config.json), without its base LLM, tokenizer or CLIP "
+                              f"tower: load it with generate.py --model {path} --model-base VICUNA_DIR --vit CLIP_DIR")
+
+
 def load_tokenizer(path):
     run_directory(path)
+    lora_release(path)
     return Tokenizer(os.path.join(path, "tokenizer.model"))

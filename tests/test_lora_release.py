@@ -1,0 +1,210 @@
+"""LLaVA-1.5's LoRA releases (lora.load_release; generate.py --model-base --vit) on a tiny random
+release written as LLaVA ships one: a peft LoRA of a Vicuna-like base (adapter_config.json with
+adapter_model.safetensors, or the .bin the release holds), non_lora_trainables.bin with the
+projector, LLaVA's config.json; the CLIP tower in its own HF directory. References: peft's own
+merge_and_unload (the LLM), and mra.load_release on the equivalent full LLaVA-1.5 directory (the
+merged LLM, the tower and the projector under the release's names): equal weights, equal logits."""
+import copy
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from safetensors.torch import load_file
+
+import generate
+import lora
+import mra
+from test_data import train_spm
+from test_release import (IDS, LLM, PAD_MASK, PROJECTOR, Payload, images, llava_config, make_clip, make_heads, near,
+                          randomise, release_state, write_release)
+from weights import CheckpointError
+
+VOCAB = 400  # the tokenizer's (train_spm): generate.py refuses an LLM with fewer embeddings than pieces
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the release's
+CONFIG = llava_config() | dict(vocab_size=VOCAB)  # a LlavaLlamaForCausalLM's, CLIP-L/336 named, "pad"
+Q = "base_model.model.model.layers.0.self_attn.q_proj."  # a LoRA'd layer, under peft's names
+
+
+def peft_release(path, llama, heads, fmt, rslora=False, seed=20):
+    """A LoRA release of `llama` in `path` -> the peft model's merge_and_unload (the reference LLM).
+    lora_A and lora_B random (B = 0, peft's init, would make the merge a no-op), r 4, alpha 8."""
+    peft = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, bias="none",
+                                                            lora_dropout=0.05, use_rslora=rslora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    peft.save_pretrained(path)  # adapter_config.json, adapter_model.safetensors
+    if fmt == "bin":  # as the release ships it (older peft): the same tensors, torch.save'd
+        torch.save(load_file(path / "adapter_model.safetensors"), path / "adapter_model.bin")
+        os.remove(path / "adapter_model.safetensors")
+    # LLaVA saves the projector under the peft model's names: base_model.model.model.mm_projector.*
+    torch.save({"base_model.model." + k: v for k, v in heads.items()}, path / "non_lora_trainables.bin")
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    return peft.eval().merge_and_unload()
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """The base (saved HF-style with a tokenizer), the CLIP dir, the projector."""
+    d = tmp_path_factory.mktemp("lora-release")
+    llama = randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **LLM | dict(vocab_size=VOCAB), attn_implementation="eager")), 21)
+    llama.save_pretrained(d / "vicuna", safe_serialization=False)  # pytorch_model.bin, as Vicuna v1.5 ships
+    shutil.copy(train_spm(d / "tok"), d / "vicuna" / "tokenizer.model")
+    (d / "vicuna" / "tokenizer_config.json").write_text('{"legacy": false}')  # Vicuna v1.5's
+    clip = make_clip(seed=22)
+    clip.save_pretrained(d / "clip", safe_serialization=True)
+    heads = {k: v for k, v in make_heads(seed=23, adapters=False).items() if k.startswith(PROJECTOR)}
+    return dict(dir=d, llama=llama, clip=clip, heads=heads, base=d / "vicuna", vit=d / "clip")
+
+
+def release(parts, path, fmt="bin", rslora=False):
+    """(the LoRA release dir, the full LLaVA-1.5 dir of the same model, peft's merged LLM)."""
+    merged = peft_release(path / "llava-v1.5-lora", parts["llama"], parts["heads"], fmt, rslora)
+    full = write_release(path / "llava-v1.5", release_state(merged, parts["heads"], v15_clip=parts["clip"]), CONFIG)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(parts["base"] / f, full / f)
+    return path / "llava-v1.5-lora", full, merged
+
+
+@pytest.fixture(scope="module")
+def shipped(parts, tmp_path_factory):
+    return release(parts, tmp_path_factory.mktemp("shipped"))
+
+
+@pytest.mark.parametrize("fmt, rslora", [("bin", False), ("safetensors", False), ("safetensors", True)])
+@torch.no_grad()
+def test_matches_peft_and_the_full_release(parts, tmp_path, fmt, rslora):
+    path, full_dir, merged = release(parts, tmp_path, fmt, rslora)
+    ours = lora.load_release(path, parts["base"], parts["vit"]).eval()
+    full = mra.load_checkpoint(full_dir).eval()
+    assert ours.cfg == full.cfg and ours.cfg.arch == "llava-1.5" and ours.cfg.image_aspect_ratio == "pad"
+    want = full.state_dict()
+    assert ours.state_dict().keys() == want.keys()
+    for k, v in ours.state_dict().items():  # W + scale B A computed as peft computes it: the same floats
+        assert torch.equal(v, want[k]), k
+    # the merge mattered: the base's q_proj is not the merged one
+    base_q = parts["llama"].model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(ours.llm.layers[0].attn.wq.weight, base_q, atol=1e-3)
+    ids = IDS.clamp(min=0)[:, :6]
+    near(ours.llm(ids), merged(input_ids=ids).logits)  # the LLM against peft's merge_and_unload
+    x = images(112)
+    assert torch.equal(ours(IDS, x, pad_mask=PAD_MASK)[0], full(IDS, x, pad_mask=PAD_MASK)[0])
+
+
+@torch.no_grad()
+def test_merged_in_fp32_then_cast_or_quantized_as_a_merged_release_loads(parts, shipped):
+    path, full_dir, _ = shipped
+    for kw in (dict(dtype=torch.bfloat16), dict(quantize="int8"), dict(dtype=torch.bfloat16, quantize="int8")):
+        ours = lora.load_release(path, parts["base"], parts["vit"], **kw).state_dict()
+        want = mra.load_checkpoint(full_dir, **kw).state_dict()  # the fp32 merged weights, cast as read
+        assert ours.keys() == want.keys()
+        assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in ours.items()), kw
+
+
+@torch.no_grad()
+def test_llm_weights_in_non_lora_trainables_replace_the_bases_before_the_merge(parts, shipped, tmp_path):
+    """As LLaVA loads them (strict=False) into the base, before peft merges: a merged q = W' + 2 B A."""
+    path = shutil.copytree(shipped[0], tmp_path / "llava-v1.5-lora")
+    g = torch.Generator().manual_seed(24)
+    norm, q = torch.randn(64, generator=g), torch.randn(64, 64, generator=g)
+    trainables = torch.load(path / "non_lora_trainables.bin", weights_only=True)
+    torch.save(trainables | {"base_model.model.model.norm.weight": norm, Q + "weight": q},
+               path / "non_lora_trainables.bin")
+    ours = lora.load_release(path, parts["base"], parts["vit"])
+    lora_sd = torch.load(path / "adapter_model.bin", weights_only=True)
+    assert torch.equal(ours.llm.norm.weight, norm)
+    near(ours.llm.layers[0].attn.wq.weight, q + 8 / 4 * lora_sd[Q + "lora_B.weight"] @ lora_sd[Q + "lora_A.weight"])
+
+
+def test_without_model_base_says_what_to_pass(parts, shipped, tmp_path):
+    path = shipped[0]
+    safetensors_release = release(parts, tmp_path, "safetensors")[0]
+    for p in (path, safetensors_release):  # before: "not a checkpoint directory", "no vision tower"
+        with pytest.raises(CheckpointError, match=rf"^{p}: a LoRA release .* --model-base VICUNA_DIR --vit CLIP_DIR$"):
+            mra.load_checkpoint(p)
+
+
+def edit_config(**kw):
+    def edit(path):
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps(cfg | kw))
+    return edit
+
+
+def edit_adapters(change):
+    def edit(path):
+        sd = torch.load(path / "adapter_model.bin", weights_only=True)
+        torch.save(change(sd), path / "adapter_model.bin")
+    return edit
+
+
+
+BAD = {  # name: (what is done to a copy of the release, the one line expected)
+    "bias": (edit_config(bias="all"), r"adapter_config\.json: bias 'all' is not implemented; a plain LoRA is, merged as W \+ "),
+    "fan_in_fan_out": (edit_config(fan_in_fan_out=True), r"adapter_config\.json: fan_in_fan_out True is not "),
+    "dora": (edit_config(use_dora=True), r"adapter_config\.json: use_dora True is not implemented"),
+    "target_modules": (edit_config(target_modules=TARGETS + ["lm_head"]),
+                       r"adapter_config\.json: target_modules \['lm_head'\]: LoRA outside the LLM's linear layers"),
+    "head_key": (edit_adapters(lambda sd: sd | {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)}),
+                 r"adapter_model\.bin: base_model\.model\.lm_head\.lora_A\.weight is not the lora_A or lora_B"),
+    "no_base_weight": (edit_adapters(lambda sd: sd | {k.replace("layers.0.", "layers.7."): v for k, v in sd.items()
+                                                      if k.startswith(Q)}),
+                       r"adapter_model\.bin: a LoRA of model\.layers\.7\.self_attn\.q_proj\.weight, which "
+                       r".*vicuna does not hold"),
+    "shape": (edit_adapters(lambda sd: sd | {Q + "lora_B.weight": torch.zeros(32, 4)}),
+              r"adapter_model\.bin: shape mismatch for model\.layers\.0\.self_attn\.q_proj\.weight: lora_B @ "
+              r"lora_A is \(32, 64\), .*vicuna holds \(64, 64\)"),
+    "rank": (edit_adapters(lambda sd: sd | {Q + "lora_A.weight": torch.zeros(3, 64)}), r"is not of rank 4, "),
+    "no_non_lora": (lambda path: os.remove(path / "non_lora_trainables.bin"),
+                    r"llava-v1\.5-lora: no non_lora_trainables\.bin \(the projector's weights"),
+    "no_adapter": (lambda path: os.remove(path / "adapter_model.bin"),
+                   r"llava-v1\.5-lora: no adapter_model\.safetensors or adapter_model\.bin \(the LoRA weights"),
+}
+
+
+@pytest.mark.parametrize("edit, message", list(BAD.values()), ids=list(BAD))
+def test_bad_inputs_are_one_line(parts, shipped, tmp_path, edit, message):
+    path = shutil.copytree(shipped[0], tmp_path / "llava-v1.5-lora")
+    edit(path)
+    with pytest.raises(CheckpointError, match=message) as e:
+        lora.load_release(path, parts["base"], parts["vit"])
+    assert "\n" not in str(e.value)
+
+
+def test_pickled_objects_are_refused_unrun(parts, shipped, tmp_path):
+    path, marker = shutil.copytree(shipped[0], tmp_path / "llava-v1.5-lora"), tmp_path / "ran"
+    heads = torch.load(path / "non_lora_trainables.bin", weights_only=True)
+    torch.save(heads | {"extra": Payload(str(marker))}, path / "non_lora_trainables.bin")
+    with pytest.raises(CheckpointError, match=r"non_lora_trainables\.bin: refused, it holds a \S+ object"):
+        lora.load_release(path, parts["base"], parts["vit"])
+    assert not marker.exists()
+
+
+def run_cli(capsys, *argv):
+    code = generate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_with_model_base_answers_as_the_full_release(parts, shipped, capsys):
+    path, full_dir, _ = shipped
+    image = parts["dir"] / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
+    ask = ("--image", image, "--prompt", "What is this?", "--max-new-tokens", 6)
+    code, out, err = run_cli(capsys, "--model", path, "--model-base", parts["base"], "--vit", parts["vit"], *ask)
+    assert code == 0, err
+    assert out.strip() and (0, out) == run_cli(capsys, "--model", full_dir, *ask)[:2]
+    code, out, err = run_cli(capsys, "--model", path, *ask)  # the LoRA release alone: what to pass
+    assert code == 1 and out == "" and err.startswith(f"error: {path}: a LoRA release") and "--model-base" in err
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "--model", path, "--model-base", parts["base"], *ask)
+    assert e.value.code == 2 and "--model-base and --vit go together" in capsys.readouterr().err
