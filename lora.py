@@ -265,6 +265,7 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
                                              "checkpoint loads from --model alone")
     adapter = beside("adapter_model.safetensors", "adapter_model.bin", why="the LoRA weights: download them")
     trainables = beside("non_lora_trainables.bin", why="the projector's weights: download them")
+    mra.release_config(path, "llava-1.5")  # before any weight is read
     r, scale = peft_config(conf)
     deltas, extra = peft_pairs(adapter, r), llava_trainables(trainables)
     sizes = {k: v for k, v in tensor_sizes(base).items() if mra.LLM_KEYS.match(k)}

@@ -147,7 +147,6 @@ def edit_adapters(change):
     return edit
 
 
-
 BAD = {  # name: (what is done to a copy of the release, the one line expected)
     "bias": (edit_config(bias="all"), r"adapter_config\.json: bias 'all' is not implemented; a plain LoRA is, merged as W \+ "),
     "fan_in_fan_out": (edit_config(fan_in_fan_out=True), r"adapter_config\.json: fan_in_fan_out True is not "),
@@ -178,6 +177,15 @@ def test_bad_inputs_are_one_line(parts, shipped, tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message) as e:
         lora.load_release(path, parts["base"], parts["vit"])
     assert "\n" not in str(e.value)
+
+
+def test_a_bad_config_is_refused_before_the_base_is_read(parts, shipped, tmp_path):
+    path = shutil.copytree(shipped[0], tmp_path / "llava-v1.5-lora")
+    (path / "config.json").write_text(json.dumps(CONFIG | dict(mm_projector_type="linear")))
+    empty = tmp_path / "no-base"  # a base with no weights: read first, it would be what the error names
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: mm_projector_type 'linear', mm_vision_select_layer -2"):
+        lora.load_release(path, empty, parts["vit"])
 
 
 def test_pickled_objects_are_refused_unrun(parts, shipped, tmp_path):
