@@ -507,6 +507,10 @@ def run(args):
     if not os.path.isdir(args.model):
         raise mra.CheckpointError(f"--model {args.model}: " + ("a file; " if os.path.exists(args.model) else
                                   "no such directory; ") + "a checkpoint directory is expected")
+    for flag, path, what in (("--model-base", args.model_base, "the HF Vicuna directory the LoRA release was "
+                              "trained on"), ("--vit", args.vit, "an HF CLIP directory, the release's mm_vision_tower")):
+        if path and not os.path.isdir(path):
+            raise mra.CheckpointError(f"{flag} {path}: no such directory ({what} is expected)")
     if args.questions and not os.path.isfile(args.questions):
         raise data.DataError(f"--questions {args.questions}: no such file (a LLaVA question .jsonl is expected)")
     if args.answers and os.path.isdir(args.answers):

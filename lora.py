@@ -247,6 +247,16 @@ def llava_trainables(file):
     return sd
 
 
+def check_tower(tower, vit, name, path):
+    """--vit must be the tower config.json names (mm_vision_tower, as openai/clip-vit-large-patch14-336: patch 14,
+    336 px; no size: CLIP's 224): the 224 px CLIP-L would give 256 visual tokens to a projector trained on 576."""
+    m = re.search(r"patch(\d+)(?:-(\d+))?$", str(name or ""))
+    if m and (tower.config.patch_size, tower.config.image_size) != (int(m[1]), int(m[2] or 224)):
+        raise CheckpointError(f"--vit {vit}: a {tower.config.image_size} px tower of {tower.config.patch_size} px "
+                              f"patches, but {path}/config.json names {name} (patch {m[1]}, {m[2] or 224} px): give "
+                              f"that tower's directory")
+
+
 def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
     """A LLaVA-1.5 LoRA release `path` + its base LLM `base` (an HF LLaMA / Vicuna dir) + the CLIP tower
     `vit` (an HF CLIP dir) -> the merged LLaVA-1.5 LlavaHR, as mra.load_release builds one from a full dir.
@@ -265,7 +275,7 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
                                              "checkpoint loads from --model alone")
     adapter = beside("adapter_model.safetensors", "adapter_model.bin", why="the LoRA weights: download them")
     trainables = beside("non_lora_trainables.bin", why="the projector's weights: download them")
-    mra.release_config(path, "llava-1.5")  # before any weight is read
+    hf, _ = mra.release_config(path, "llava-1.5")  # before any weight is read
     r, scale = peft_config(conf)
     deltas, extra = peft_pairs(adapter, r), llava_trainables(trainables)
     sizes = {k: v for k, v in tensor_sizes(base).items() if mra.LLM_KEYS.match(k)}
@@ -277,6 +287,7 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
     sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
     check_memory(base, sizes, dtype, device, INT8_KEYS.match, mra._int8(quantize))
     tower = ViT.from_pretrained(vit, dtype=dtype, device=device)
+    check_tower(tower, vit, hf.get("mm_vision_tower"), path)
     cast = lambda dt: int8_reader(INT8_KEYS.match if quantize else lambda k: False, dt, device)  # noqa: E731
 
     def merged(k, t):
@@ -290,10 +301,12 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
         # cast (or quantized) from fp32 once merged; dtype None: W's own
         return cast(dtype or t.dtype)(k, t.to(device, torch.float32) + scale * (b @ a))
     tensors = read_checkpoint(base, dtype, device, keep=mra.LLM_KEYS.match, convert=merged)
+    # dtype None: the base's own for every part, as LLaVA loads them all in one (merged reads it from here on)
+    dtype = dtype or tensors["model.embed_tokens.weight"].dtype
     for k in list(extra):  # the projector, and any weight the base does not hold
         tensors |= merged(k, extra.pop(k))
     try:
-        return mra.load_release(path, dtype, device, quantize, tensors=tensors, vit=tower)
+        return mra.load_release(path, dtype, device, quantize, tensors=tensors, vit=tower.to(dtype))
     except CheckpointError as e:
         raise CheckpointError(f"{e} (a LoRA release: the LLM from {base}, the tower from {vit})") from None
 

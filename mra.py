@@ -513,7 +513,8 @@ def lora_release(path):
     """Refuse a LoRA release (LLaVA-1.5's llava-v1.5-7b-lora) where a whole model is meant, naming the way."""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise CheckpointError(f"{path}: a LoRA release (adapter_config.json), without its base LLM, tokenizer or CLIP "
-                              f"tower: load it with generate.py --model {path} --model-base VICUNA_DIR --vit CLIP_DIR")
+                              f"tower; it loads whole with lora.load_release, as in generate.py --model {path} "
+                              f"--model-base VICUNA_DIR --vit CLIP_DIR")
 
 
 def load_tokenizer(path):

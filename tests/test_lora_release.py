@@ -27,7 +27,8 @@ from weights import CheckpointError
 
 VOCAB = 400  # the tokenizer's (train_spm): generate.py refuses an LLM with fewer embeddings than pieces
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the release's
-CONFIG = llava_config() | dict(vocab_size=VOCAB)  # a LlavaLlamaForCausalLM's, CLIP-L/336 named, "pad"
+# a LlavaLlamaForCausalLM's, "pad"; its tower named as LLaVA names CLIP-L/336, at the tiny tower's size
+CONFIG = llava_config() | dict(vocab_size=VOCAB, mm_vision_tower="tiny/clip-vit-patch14-112")
 Q = "base_model.model.model.layers.0.self_attn.q_proj."  # a LoRA'd layer, under peft's names
 
 
@@ -188,6 +189,26 @@ def test_a_bad_config_is_refused_before_the_base_is_read(parts, shipped, tmp_pat
         lora.load_release(path, empty, parts["vit"])
 
 
+def test_a_tower_other_than_the_one_config_json_names_is_refused(parts, shipped, tmp_path):
+    # the 224 px CLIP-L for the 336 px one would give the projector 256 visual tokens instead of 576
+    make_clip(seed=22, image_size=56).save_pretrained(tmp_path / "clip56", safe_serialization=True)
+    with pytest.raises(CheckpointError, match=rf"^--vit {tmp_path / 'clip56'}: a 56 px tower of 14 px patches, but "
+                                              rf".*config\.json names tiny/clip-vit-patch14-112 \(patch 14, 112 px\)"):
+        lora.load_release(shipped[0], parts["base"], tmp_path / "clip56")
+
+
+@torch.no_grad()
+def test_without_a_dtype_every_part_is_the_bases_own(parts, shipped, tmp_path):
+    # as LLaVA loads them all in one dtype: an fp16 base and the fp32 CLIP weights make an fp16 model, not
+    # an fp32 one (twice the memory check_memory counted)
+    copy.deepcopy(parts["llama"]).half().save_pretrained(tmp_path / "vicuna16", safe_serialization=False)
+    ours = lora.load_release(shipped[0], tmp_path / "vicuna16", parts["vit"])
+    assert {t.dtype for t in ours.state_dict().values() if t.is_floating_point()} == {torch.float16}
+    want = lora.load_release(shipped[0], parts["base"], parts["vit"], dtype=torch.float16)  # merged from fp16 W
+    assert ours.encoder.vit.state_dict().keys() == want.encoder.vit.state_dict().keys()
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in ours.state_dict().items() if "llm." not in k)
+
+
 def test_pickled_objects_are_refused_unrun(parts, shipped, tmp_path):
     path, marker = shutil.copytree(shipped[0], tmp_path / "llava-v1.5-lora"), tmp_path / "ran"
     heads = torch.load(path / "non_lora_trainables.bin", weights_only=True)
@@ -213,6 +234,11 @@ def test_cli_with_model_base_answers_as_the_full_release(parts, shipped, capsys)
     assert out.strip() and (0, out) == run_cli(capsys, "--model", full_dir, *ask)[:2]
     code, out, err = run_cli(capsys, "--model", path, *ask)  # the LoRA release alone: what to pass
     assert code == 1 and out == "" and err.startswith(f"error: {path}: a LoRA release") and "--model-base" in err
+    for i, flag in enumerate(("--model-base", "--vit")):  # a wrong path: the flag named, before any loading
+        given = [parts["base"], parts["vit"]]
+        given[i] = parts["dir"] / "nowhere"
+        code, out, err = run_cli(capsys, "--model", path, "--model-base", given[0], "--vit", given[1], *ask)
+        assert code == 1 and err.startswith(f"error: {flag} {given[i]}: no such directory ("), err
     with pytest.raises(SystemExit) as e:
         run_cli(capsys, "--model", path, "--model-base", parts["base"], *ask)
     assert e.value.code == 2 and "--model-base and --vit go together" in capsys.readouterr().err
