@@ -285,6 +285,8 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
                               f"adapters were trained on")
     skip = [re.compile(p) for p in HF_IGNORE]  # a CLIPModel's text tower: not read
     sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
+    # held too until each is merged (7B, r 128: 0.6 GB), as stored: not cast
+    sizes |= {f"lora:{k}": (a.numel() + b.numel(), a.element_size(), False) for k, (a, b) in deltas.items()}
     check_memory(base, sizes, dtype, device, INT8_KEYS.match, mra._int8(quantize))
     tower = ViT.from_pretrained(vit, dtype=dtype, device=device)
     check_tower(tower, vit, hf.get("mm_vision_tower"), path)

@@ -209,6 +209,15 @@ def test_without_a_dtype_every_part_is_the_bases_own(parts, shipped, tmp_path):
     assert all(torch.equal(v, want.state_dict()[k]) for k, v in ours.state_dict().items() if "llm." not in k)
 
 
+def test_the_memory_check_counts_the_adapters_held_until_merged(parts, shipped, monkeypatch):
+    counted, check = {}, lora.check_memory
+    monkeypatch.setattr(lora, "check_memory", lambda source, sizes, *a: counted.update(sizes) or check(source, sizes, *a))
+    lora.load_release(shipped[0], parts["base"], parts["vit"])
+    held = torch.load(shipped[0] / "adapter_model.bin", weights_only=True)
+    assert sum(n * size for k, (n, size, _) in counted.items() if k.startswith("lora:")) == \
+        sum(t.nbytes for t in held.values())
+
+
 def test_pickled_objects_are_refused_unrun(parts, shipped, tmp_path):
     path, marker = shutil.copytree(shipped[0], tmp_path / "llava-v1.5-lora"), tmp_path / "ran"
     heads = torch.load(path / "non_lora_trainables.bin", weights_only=True)
