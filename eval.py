@@ -9,7 +9,10 @@
     python eval.py mme       --answers A.jsonl --mme-dir MME_Benchmark_release_version/
     python eval.py scienceqa --answers A.jsonl --base-dir scienceqa/     (problems.json, pid_splits.json)
     python eval.py seed      --answers A.jsonl --annotations SEED-Bench.json
+    python eval.py mmbench   --answers A.jsonl --questions mmbench_dev_20230712.tsv [--submission up.xlsx]
+                             (the server's upload; on dev also a single-pass accuracy, not MMBench's circular score)
     python eval.py scienceqa-questions llava_test_CQM-A.json sqa.jsonl   (the question file generate.py reads)
+    python eval.py mmbench-questions mmbench_dev_20230712.tsv mmb.jsonl --image-folder mmb_images/ [--all-rounds]
 
 Answer files are LLaVA's model_vqa jsonl ({question_id, prompt, text, ...} per line), as generate.py
 and the release's model_vqa_loader write them. Each benchmark's rule is one small pure function
@@ -26,11 +29,16 @@ eval.py says how many there are. Missing answers are never scored as if the set 
 every run prints `missing:`.
 """
 import argparse
+import base64
+import binascii
+import csv
 import json
 import os
 import re
 import sys
+import zipfile
 from collections import defaultdict
+from xml.sax.saxutils import escape
 
 
 class EvalError(ValueError):
@@ -770,6 +778,276 @@ def run_seed(args):
 
 
 # ---------------------------------------------------------------------------------------
+# MMBench: the question file generate.py reads, made from the benchmark's .tsv, and the upload
+# .xlsx (llava/eval/model_vqa_mmbench.py, scripts/convert_mmbench_for_submission.py)
+
+MMB_OPTIONS = ["A", "B", "C", "D"]  # model_vqa_mmbench.py's all_options
+MMB_SUFFIX = {"en": "Answer with the option's letter from the given choices directly.",  # --single-pred-prompt
+              "cn": "请直接回答选项字母。"}  # with --lang cn
+# the cells pandas.read_table (the release's reader) takes for NaN: its default na_values
+PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+             "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+MMB_DROPPED = ["hint", "category", "source", "image", "comment", "l2-category"]  # not in the upload
+MMB_IMAGE_TYPES = [(b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+                   (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif")]
+
+
+def mmb_none(cell):
+    """model_vqa_mmbench.py's is_none on what pandas reads: NaN, or 'nan' / 'none' in any case."""
+    return cell in PANDAS_NA or cell.lower() in ("nan", "none")
+
+
+def read_mmbench(path, columns):
+    """(header, [(line, {column: cell})]) of an MMBench .tsv; every row has the header's cells, an
+    integer index (the answers' question_id), seen once."""
+    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # a cell holds a whole base64 image
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if header is None or not set(columns) <= set(header):
+                lacks = [c for c in columns if c not in (header or [])]
+                raise EvalError(f"{path}:1: an MMBench .tsv has the columns {', '.join(columns)}; this one lacks "
+                                f"{', '.join(lacks)}; is this the right file?")
+            rows, seen = [], {}
+            while True:
+                line = reader.line_num + 1
+                cells = next(reader, None)
+                if cells is None:
+                    break
+                if not cells:
+                    continue  # a blank line (pandas skips them)
+                if len(cells) != len(header):
+                    raise EvalError(f"{path}:{line}: {len(cells)} tab-separated cells where the header has "
+                                    f"{len(header)}; is the file cut short or edited?")
+                row = dict(zip(header, cells))
+                if not re.fullmatch(r"-?\d+", row["index"].strip()):
+                    raise EvalError(f"{path}:{line}: index {row['index']!r:.40} is not an integer; is this the "
+                                    f"right file?")
+                row["index"] = int(row["index"])
+                if row["index"] in seen:
+                    raise EvalError(f"{path}:{line}: index {row['index']} is also on line {seen[row['index']]}; "
+                                    f"each question needs its own")
+                seen[row["index"]] = line
+                rows.append((line, row))
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read the MMBench questions ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise EvalError(f"{path}: the MMBench questions are not UTF-8 text; is this the right file?") from None
+    except csv.Error as e:
+        raise EvalError(f"{path}:{reader.line_num}: not a tab-separated line ({e})") from None
+    return header, rows
+
+
+def mmb_options(row):
+    """get_options: the option texts from A on, up to the first empty one ('nan')."""
+    options = []
+    for c in MMB_OPTIONS:
+        if mmb_none(row[c]):
+            break
+        options.append(row[c])
+    return options
+
+
+def mmb_question(row, rnd=0):
+    """model_vqa_mmbench.py's cur_prompt for round rnd (its options rotated rnd places, lettered
+    from A again): the hint (unless empty) and the question, then 'A. option' lines."""
+    options = mmb_options(row)
+    options = options[rnd:] + options[:rnd]
+    question = row["question"]
+    if not mmb_none(row["hint"]):
+        question = row["hint"] + "\n" + question
+    for c, option in zip(MMB_OPTIONS, options):
+        question = question + "\n" + c + ". " + option
+    return question
+
+
+def mmb_image(path, line, cell):
+    """(bytes, extension) of a row's base64 image, as the release decodes it (base64.b64decode)."""
+    try:
+        data = base64.b64decode(cell)
+    except (binascii.Error, ValueError) as e:
+        raise EvalError(f"{path}:{line}: the image cell is not base64 ({e})") from None
+    for magic, ext in MMB_IMAGE_TYPES:
+        if data.startswith(magic):
+            return data, ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data, "webp"
+    raise EvalError(f"{path}:{line}: the image cell decodes to no PNG, JPEG, GIF, BMP, TIFF or WebP image")
+
+
+def run_mmbench_questions(args):
+    """mmbench_dev_20230712.tsv -> the question jsonl generate.py reads, and the images. Each text is
+    model_vqa_mmbench.py's qs without its '<image>\\n' (generate.py adds it): the hint, the question,
+    the options, then (--single-pred-prompt, as LLaVA-1.5's scripts/v1_5/eval/mmbench.sh runs it)
+    the letter instruction. question_id is the TSV's index, as in the release's answers; with
+    --all-rounds each option rotation is one more line with that id, told apart by its text."""
+    if os.path.exists(args.dst):
+        raise EvalError(f"{args.dst} exists; remove it or choose another output path")
+    _, rows = read_mmbench(args.src, ["index", "question", "hint", "image"] + MMB_OPTIONS)
+    try:
+        os.makedirs(args.image_folder, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"{args.image_folder}: cannot make the image folder ({e.strerror})") from None
+    suffix = "" if args.no_single_pred_prompt else "\n" + MMB_SUFFIX[args.lang]
+    lines, written = [], 0
+    for line, row in rows:
+        data, ext = mmb_image(args.src, line, row["image"])
+        name = f"{row['index']}.{ext}"
+        target = os.path.join(args.image_folder, name)
+        if os.path.exists(target):
+            with open(target, "rb") as f:
+                if f.read() != data:
+                    raise EvalError(f"{target} exists and is another image than line {line} of {args.src} holds; "
+                                    f"use an empty --image-folder")
+        else:
+            try:
+                with open(target + ".tmp", "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                raise EvalError(f"{target}: cannot write it ({e.strerror})") from None
+            os.replace(target + ".tmp", target)
+            written += 1
+        rounds = len(mmb_options(row)) if args.all_rounds else 1  # the release: no options, no round
+        for rnd in range(rounds):
+            lines.append(json.dumps(dict(question_id=row["index"], text=mmb_question(row, rnd) + suffix,
+                                         image=name)) + "\n")
+    write_new(args.dst, lambda f: f.writelines(lines))
+    print(f"questions: {len(lines)}")
+    print(f"images_written: {written}")
+
+
+def xlsx_column(i):
+    """0 -> A, 25 -> Z, 26 -> AA."""
+    name = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        name = chr(ord("A") + r) + name
+    return name
+
+
+# what an XML cell cannot hold goes as OOXML's _xHHHH_ escape (a literal '_' before 'xHHHH_' too)
+XLSX_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]|_(?=x[0-9A-Fa-f]{4}_)")
+
+
+def xlsx_cell(ref, value):
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return f'<c r="{ref}"><v>{value}</v></c>'
+    value = XLSX_UNSAFE.sub(lambda m: f"_x{ord(m.group()):04X}_", value)
+    return f'<c r="{ref}" t="inlineStr"><is><t xml:space="preserve">{escape(value, {chr(13): "&#13;"})}</t></is></c>'
+
+
+def write_xlsx(path, rows):
+    """A one-sheet .xlsx ('Sheet1', as pandas names it) of rows (lists of str, int or None: empty)."""
+    xml = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
+    main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+    rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+    pkg = "http://schemas.openxmlformats.org/package/2006/relationships"
+    sheet = "".join(f'<row r="{r}">' + "".join(xlsx_cell(f"{xlsx_column(c)}{r}", v) for c, v in enumerate(row))
+                    + "</row>" for r, row in enumerate(rows, 1))
+    parts = {
+        "[Content_Types].xml": '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+        '<Default Extension="xml" ContentType="application/xml"/>'
+        '<Override PartName="/xl/workbook.xml" '
+        'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
+        '<Override PartName="/xl/worksheets/sheet1.xml" '
+        'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/></Types>',
+        "_rels/.rels": f'<Relationships xmlns="{pkg}"><Relationship Id="rId1" Type="{rel}/officeDocument" '
+        f'Target="xl/workbook.xml"/></Relationships>',
+        "xl/workbook.xml": f'<workbook xmlns="{main}" xmlns:r="{rel}"><sheets><sheet name="Sheet1" sheetId="1" '
+        f'r:id="rId1"/></sheets></workbook>',
+        "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{pkg}"><Relationship Id="rId1" Type="{rel}/worksheet" '
+        f'Target="worksheets/sheet1.xml"/></Relationships>',
+        "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{main}"><sheetData>{sheet}</sheetData></worksheet>',
+    }
+    try:
+        with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_DEFLATED) as z:
+            for name, text in parts.items():
+                z.writestr(name, xml + text)
+    except OSError as e:
+        raise EvalError(f"{path}: cannot write it ({e.strerror}); does its folder exist?") from None
+    os.replace(path + ".tmp", path)
+
+
+def mmb_round(path, n, a, row, seen):
+    """The round (option rotation) an answer's prompt is, or one line saying it is none of them. The
+    prompt may carry a --single-pred-prompt instruction (generate.py's prompts) or not (the release's)."""
+    prompt = a["prompt"]
+    for suffix in MMB_SUFFIX.values():
+        prompt = prompt.removesuffix("\n" + suffix)
+    rounds = [rnd for rnd in range(max(1, len(mmb_options(row)))) if prompt == mmb_question(row, rnd)]
+    if rounds:  # options alike make rotations alike: the first not yet answered
+        return next((rnd for rnd in rounds if (row["index"], rnd) not in seen), rounds[0])
+    raise EvalError(f"{path}:{n}: the prompt of question {a['question_id']!r} is none that model_vqa_mmbench asks "
+                    f"for that index; were these answers generated from another question file?")
+
+
+def run_mmbench(args):
+    """scripts/convert_mmbench_for_submission.py's upload (--submission): the .tsv without its hint,
+    category, source, image, comment and l2-category columns, a 'prediction' column inserted as the
+    7th, holding each index's answer text (empty where unanswered). The MMBench server scores it, by
+    circular evaluation (a question counts only if every rotation of its options is answered right).
+    Where the .tsv has an 'answer' column (dev), `accuracy:` is a local single-pass check: the share
+    of questions whose answer text is exactly the right letter, an unanswered one wrong; it is not
+    the official figure. Answers to the rotated rounds (--all-rounds) are not scored or uploaded
+    (said on stderr): the upload holds each question's unrotated answer, as the release's
+    mmbench.sh, run without --all-rounds, makes it."""
+    header, rows = read_mmbench(args.questions, ["index", "question", "hint"] + MMB_OPTIONS
+                                + (MMB_DROPPED if args.submission else []))
+    if not args.submission and "answer" not in header:
+        raise EvalError(f"{args.questions}: no 'answer' column (a test split?): nothing to score here; give "
+                        f"--submission to write the upload file for the MMBench server")
+    if args.submission and os.path.exists(args.submission):
+        raise EvalError(f"{args.submission} exists; remove it or choose another --submission path")
+    by_index = {row["index"]: row for _, row in rows}
+    known = {str(i): i for i in by_index}
+    preds, seen, other_rounds = {}, {}, 0
+    for n, a in read_jsonl(args.answers, "answer", ANSWER_KEYS):
+        index = known.get(str(a["question_id"]))
+        if index is None:
+            raise unknown(args.answers, n, a["question_id"], args.questions)
+        rnd = mmb_round(args.answers, n, a, by_index[index], seen)
+        if (index, rnd) in seen:
+            raise EvalError(f"{args.answers}:{n}: question {a['question_id']!r} (round {rnd}) was already answered "
+                            f"on line {seen[index, rnd]}; keep one answer per question")
+        seen[index, rnd] = n
+        if rnd == 0:
+            preds[index] = a["text"]
+        else:
+            other_rounds += 1
+    if other_rounds:
+        print(f"warning: {other_rounds} answers to rotated options (--all-rounds) are not scored or uploaded; "
+              f"each question's unrotated answer is", file=sys.stderr)
+    if args.submission:
+        keep = [c for c in header if c not in MMB_DROPPED]
+        columns = keep[:6] + ["prediction"] + keep[6:]  # cur_df.insert(6, 'prediction', None)
+        # a column of integers (and empty cells) pandas reads as numbers, and writes as number cells
+        numeric = {c for c in keep if c != "index"
+                   and all(re.fullmatch(r"-?\d+", row[c]) or row[c] in PANDAS_NA for _, row in rows)}
+        out = [columns]
+        for _, row in rows:
+            cells = {c: None if row[c] in PANDAS_NA else int(row[c]) if c in numeric else row[c] for c in keep}
+            cells["index"] = row["index"]
+            cells["prediction"] = preds.get(row["index"])
+            out.append([cells[c] for c in columns])
+        write_xlsx(args.submission, out)
+    report(len(rows), len(preds), len(rows) - len(preds),
+           "they count as wrong, as the server scores an empty prediction")
+    if args.submission:
+        print(f"submission: {args.submission}")
+    if "answer" in header:
+        scored = [row for _, row in rows if not mmb_none(row["answer"])]
+        correct = sum(preds.get(row["index"]) == row["answer"] for row in scored)
+        print(f"correct: {correct}")
+        if scored:
+            print(f"accuracy: {correct / len(scored) * 100:.2f}")
+
+
+# ---------------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -798,11 +1076,22 @@ def parse_args(argv):
                    help="how the option letter is read (see sqa_letter); llava: the published numbers' rule")
     s = sub.add_parser("seed", help="SEED-Bench accuracy per question type and on the image questions")
     s.add_argument("--annotations", required=True, help="SEED-Bench.json")
-    for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa", "seed"):
+    s = sub.add_parser("mmbench", help="the MMBench upload .xlsx (--submission); on dev, a single-pass accuracy")
+    s.add_argument("--questions", required=True, help="mmbench_dev_20230712.tsv")
+    s.add_argument("--submission", help="the upload .xlsx to write")
+    for name in ("textvqa", "vqav2", "vizwiz", "gqa", "pope", "mme", "scienceqa", "seed", "mmbench"):
         sub.choices[name].add_argument("--answers", required=True, help="answer .jsonl (generate.py's)")
     s = sub.add_parser("scienceqa-questions", help="convert llava_test_CQM-A.json for generate.py")
     s.add_argument("src")
     s.add_argument("dst")
+    s = sub.add_parser("mmbench-questions", help="convert an MMBench .tsv for generate.py (and write its images)")
+    s.add_argument("src", help="mmbench_dev_20230712.tsv")
+    s.add_argument("dst", help="the question .jsonl to write")
+    s.add_argument("--image-folder", required=True, help="where the images go (generate.py's --image-folder)")
+    s.add_argument("--all-rounds", action="store_true", help="also ask each question with its options rotated")
+    s.add_argument("--lang", choices=["en", "cn"], default="en", help="the instruction's language (cn: MMBench-CN)")
+    s.add_argument("--no-single-pred-prompt", action="store_true",
+                   help="leave the letter instruction out (LLaVA-HR's scripts/v1_5/eval_full/mmbench.sh does)")
     args = p.parse_args(argv)
     if args.bench == "vqav2" and bool(args.annotations) == bool(args.questions or args.submission):
         p.error("vqav2: give --annotations (val accuracy) or --questions with --submission (test-dev upload)")
@@ -815,7 +1104,7 @@ def main(argv=None):
     args = parse_args(argv)
     run = {"textvqa": run_textvqa, "vqav2": run_vqav2, "vizwiz": run_vizwiz, "gqa": run_gqa, "pope": run_pope,
            "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions,
-           "seed": run_seed}
+           "seed": run_seed, "mmbench": run_mmbench, "mmbench-questions": run_mmbench_questions}
     try:
         run[args.bench](args)
     except EvalError as e:

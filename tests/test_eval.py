@@ -1057,3 +1057,235 @@ def test_a_line_separator_inside_an_answer_is_not_a_line_break(tmp_path, capsys)
     rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), text="Yes\u2028no"), ensure_ascii=False)] + ls[1:])
     rc, out, _ = run(capsys, *argv)
     assert rc == 0 and out["missing"] == "0"
+
+
+# ---------------------------------------------------------------------------------------
+# MMBench: the question file from the .tsv, and the upload .xlsx. The expected prompts and rows are
+# computed in the test by transcriptions of the release's llava/eval/model_vqa_mmbench.py (its prompt
+# loop, less the model) and scripts/convert_mmbench_for_submission.py (its DataFrame edits), on the
+# values pandas.read_table gives for the test's .tsv (NaN for its empty and 'nan' cells).
+
+NAN = float("nan")
+MMB_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
+              "l2-category", "comment", "split"]
+
+
+def tiny_image(color, fmt):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2), color).save(buf, fmt)
+    return buf.getvalue()
+
+
+def mmbench_rows():
+    import base64
+    images = [tiny_image("red", "PNG"), tiny_image("blue", "PNG"), tiny_image("green", "JPEG")]
+    rows = [  # as pandas reads them: NaN where the cell is empty or 'nan'
+        dict(index=10, question="What color is the square?", hint=NAN, A="red", B="green", C="blue", D="yellow",
+             answer="A"),
+        dict(index=12, question="Which number is largest?", hint=NAN, A="1", B="2", C="3", D=NAN, answer="C"),
+        dict(index=11, question="Where is this?", hint='A photo of a "park".\nIt is sunny.', A="park", B="beach",
+             C=NAN, D="sea", answer="A"),  # C empty: D is never read (get_options stops at the first NaN)
+    ]
+    for row, image in zip(rows, images):
+        row.update(category="c", image=base64.b64encode(image).decode(), source="s", comment=NAN, split="dev")
+        row["l2-category"] = "l2"
+    return rows, images
+
+
+def write_mmbench(d, rows=None, cells=None):
+    """The .tsv, NaN written as '' (rows 10 and 11) or 'nan' (row 12), both of which pandas reads as NaN;
+    cells: a row's raw cells to append."""
+    import csv
+    rows = rows or mmbench_rows()[0]
+    path = d / "mmb.tsv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(MMB_HEADER)
+        for i, row in enumerate(rows):
+            w.writerow(["nan" if i % 2 and v != v else "" if v != v else v for v in (row[c] for c in MMB_HEADER)])
+        if cells:
+            w.writerow(cells)
+    return path
+
+
+def release_mmbench_prompts(rows, all_rounds, single_pred_prompt=True, lang="en"):
+    """model_vqa_mmbench.py's loop: (question_id, round_id, prompt, qs) for each question it asks."""
+    import math
+    all_options = ['A', 'B', 'C', 'D']
+
+    def is_none(value):
+        if value is None:
+            return True
+        if type(value) is float and math.isnan(value):
+            return True
+        if type(value) is str and value.lower() == 'nan':
+            return True
+        if type(value) is str and value.lower() == 'none':
+            return True
+        return False
+
+    def get_options(row, options):
+        parsed_options = []
+        for option in options:
+            option_value = row[option]
+            if is_none(option_value):
+                break
+            parsed_options.append(option_value)
+        return parsed_options
+
+    out = []
+    for row in rows:
+        options = get_options(row, all_options)
+        num_rounds = len(options) if all_rounds else 1
+        for round_idx in range(num_rounds):
+            idx = row['index']
+            question = row['question']
+            hint = row['hint']
+            if not is_none(hint):
+                question = hint + '\n' + question
+            for option_char, option in zip(all_options[:len(options)], options):
+                question = question + '\n' + option_char + '. ' + option
+            qs = cur_prompt = question
+            qs = '<image>' + '\n' + qs  # mm_use_im_start_end is False in LLaVA-1.5 and LLaVA-HR
+            if single_pred_prompt:
+                if lang == 'cn':
+                    qs = qs + '\n' + "请直接回答选项字母。"
+                else:
+                    qs = qs + '\n' + "Answer with the option's letter from the given choices directly."
+            out.append((idx, round_idx, cur_prompt, qs))
+            options = options[1:] + options[:1]
+    return out
+
+
+@pytest.mark.parametrize("flags", [[], ["--all-rounds"], ["--lang", "cn"], ["--no-single-pred-prompt"]])
+def test_mmbench_questions_for_generate(tmp_path, capsys, flags):
+    rows, images = mmbench_rows()
+    src = write_mmbench(tmp_path)
+    rc, out, err = run(capsys, "mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img",
+                       *flags)
+    assert rc == 0, err
+    got = [json.loads(line) for line in open(tmp_path / "mmb.jsonl", encoding="utf-8")]
+    want = release_mmbench_prompts(rows, "--all-rounds" in flags, "--no-single-pred-prompt" not in flags,
+                                   "cn" if "cn" in flags else "en")
+    assert len(want) == (9 if "--all-rounds" in flags else 3)
+    # generate.py's human turn is "<image>\n" + text: the release's qs, question_id its index
+    assert [("<image>\n" + q["text"], q["question_id"]) for q in got] == [(qs, idx) for idx, _, _, qs in want]
+    names = {10: "10.png", 12: "12.png", 11: "11.jpg"}
+    assert [q["image"] for q in got] == [names[idx] for idx, *_ in want]
+    assert sorted(os.listdir(tmp_path / "img")) == sorted(names.values())
+    for (idx, name), image in zip(names.items(), images):
+        assert (tmp_path / "img" / name).read_bytes() == image
+    assert out == {"questions": str(len(want)), "images_written": "3"}
+    # a second conversion into the same folder finds its images there and keeps them
+    rc, out, err = run(capsys, "mmbench-questions", src, tmp_path / "again.jsonl", "--image-folder", tmp_path / "img")
+    assert rc == 0 and out["images_written"] == "0", err
+
+
+def read_xlsx(path):
+    """The rows of the one sheet (ints, strings, None for an empty cell), read back with zipfile + XML."""
+    import re
+    import zipfile
+    import xml.etree.ElementTree as ET
+    ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        assert {"[Content_Types].xml", "_rels/.rels", "xl/workbook.xml", "xl/_rels/workbook.xml.rels"} <= names
+        sheet = ET.fromstring(z.read("xl/worksheets/sheet1.xml"))
+    rows = []
+    for r in sheet.iter(f"{{{ns['m']}}}row"):
+        row = {}
+        for c in r.findall("m:c", ns):
+            col = 0
+            for ch in re.match(r"[A-Z]+", c.get("r")).group():
+                col = col * 26 + ord(ch) - 64
+            if c.get("t") == "inlineStr":
+                row[col - 1] = "".join(t.text or "" for t in c.iter(f"{{{ns['m']}}}t"))
+            else:
+                row[col - 1] = int(c.find("m:v", ns).text)
+        rows.append(row)
+    width = len(rows[0])
+    return [[row.get(i) for i in range(width)] for row in rows]
+
+
+def release_mmbench_upload(rows, answers):
+    """convert_mmbench_for_submission.py on a DataFrame of rows: the columns dropped, 'prediction'
+    inserted as the 7th, each answer's text written where index == question_id (a later one wins);
+    to_excel writes NaN and None as empty cells."""
+    columns = [c for c in MMB_HEADER if c not in ['hint', 'category', 'source', 'image', 'comment', 'l2-category']]
+    columns.insert(6, 'prediction')
+    table = [dict(row, prediction=None) for row in rows]
+    for pred in answers:
+        for row in table:
+            if row['index'] == pred['question_id']:
+                row['prediction'] = pred['text']
+    empty = lambda v: None if v is None or v != v else v
+    return [columns] + [[empty(row[c]) for c in columns] for row in table]
+
+
+def mmbench_answers(rows, texts, all_rounds=False):
+    return [answer(idx, qs.removeprefix("<image>\n"), texts[(idx, rnd)])
+            for idx, rnd, _, qs in release_mmbench_prompts(rows, all_rounds) if (idx, rnd) in texts]
+
+
+def test_mmbench_upload_and_accuracy(tmp_path, capsys):
+    rows, _ = mmbench_rows()
+    src = write_mmbench(tmp_path)
+    answers = mmbench_answers(rows, {(10, 0): "A", (11, 0): "B"})  # 12 unanswered
+    write_jsonl(tmp_path / "answers.jsonl", answers)
+    rc, out, err = run(capsys, "mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src,
+                       "--submission", tmp_path / "up.xlsx")
+    assert rc == 0, err
+    assert out == {"questions": "3", "answered": "2", "missing": "1", "submission": str(tmp_path / "up.xlsx"),
+                   "correct": "1", "accuracy": "33.33"}
+    assert read_xlsx(tmp_path / "up.xlsx") == release_mmbench_upload(rows, answers)
+    assert read_xlsx(tmp_path / "up.xlsx")[0] == ["index", "question", "A", "B", "C", "D", "prediction", "answer",
+                                                  "split"]
+
+
+def test_mmbench_rotated_answers_are_neither_scored_nor_uploaded(tmp_path, capsys):
+    # --all-rounds answers, as the release writes them (its prompt is cur_prompt, without the
+    # instruction): each question's round 0 is the one scored and uploaded
+    rows, _ = mmbench_rows()
+    src = write_mmbench(tmp_path)
+    texts = {(10, 0): "A", (10, 1): "D", (10, 2): "C", (10, 3): "B", (11, 0): "A", (11, 1): "A"}
+    release = [dict(answer(idx, prompt, texts[idx, rnd]), round_id=rnd)
+               for idx, rnd, prompt, _ in release_mmbench_prompts(rows, True) if (idx, rnd) in texts]
+    write_jsonl(tmp_path / "answers.jsonl", release)
+    rc, out, err = run(capsys, "mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src,
+                       "--submission", tmp_path / "up.xlsx")
+    assert rc == 0 and out["correct"] == "2" and out["missing"] == "1", err
+    assert "4 answers to rotated options" in err
+    assert read_xlsx(tmp_path / "up.xlsx") == release_mmbench_upload(rows, [a for a in release if a["round_id"] == 0])
+
+
+@pytest.mark.parametrize("where", ["tsv", "answers", "image"])
+def test_mmbench_bad_input_is_one_line(tmp_path, capsys, where):
+    rows, _ = mmbench_rows()
+    src = write_mmbench(tmp_path, cells=["13", "Which?", "", "x"] if where == "tsv" else
+                        ["13", "Which?", "", "x", "y", "", "", "A", "c", "bm90IGFuIGltYWdl", "s", "l2", "", "dev"]
+                        if where == "image" else None)
+    if where == "answers":
+        answers = mmbench_answers(rows, {(10, 0): "A", (11, 0): "B"})
+        answers[1]["prompt"] = answers[1]["prompt"].replace("A. park", "A. beach")
+        write_jsonl(tmp_path / "answers.jsonl", answers)
+        fails(capsys, ["mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src, "--submission",
+                       tmp_path / "up.xlsx"], "answers.jsonl:2:", "question 11", "another question file")
+        assert not (tmp_path / "up.xlsx").exists()
+        return
+    argv = ["mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img"]
+    if where == "tsv":  # a row cut short: named by its line (the hint of 11 spans lines 4 and 5)
+        fails(capsys, argv, "mmb.tsv:6:", "4 tab-separated cells where the header has 14")
+    else:
+        fails(capsys, argv, "mmb.tsv:6:", "decodes to no PNG, JPEG")
+    assert not (tmp_path / "mmb.jsonl").exists()
+
+
+def test_mmbench_never_overwrites_another_image(tmp_path, capsys):
+    src = write_mmbench(tmp_path)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "11.jpg").write_bytes(b"my own picture")
+    fails(capsys, ["mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img"],
+          "11.jpg exists and is another image", "mmb.tsv")
+    assert (tmp_path / "img" / "11.jpg").read_bytes() == b"my own picture"
