@@ -927,8 +927,10 @@ def xlsx_column(i):
     return name
 
 
-# what an XML cell cannot hold goes as OOXML's _xHHHH_ escape (a literal '_' before 'xHHHH_' too)
-XLSX_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]|_(?=x[0-9A-Fa-f]{4}_)")
+# what no XML cell can hold: control characters (openpyxl, the release's writer, refuses them: its
+# conversion stops there) and lone surrogates (not UTF-8). Left out, and counted; the rest is written
+# as openpyxl writes it (a literal "_x0041_" as it is, a CR raw), so pandas reads back the release's text
+XLSX_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def xlsx_cell(ref, value):
@@ -936,12 +938,16 @@ def xlsx_cell(ref, value):
         return ""
     if isinstance(value, int):
         return f'<c r="{ref}"><v>{value}</v></c>'
-    value = XLSX_UNSAFE.sub(lambda m: f"_x{ord(m.group()):04X}_", value)
-    return f'<c r="{ref}" t="inlineStr"><is><t xml:space="preserve">{escape(value, {chr(13): "&#13;"})}</t></is></c>'
+    return f'<c r="{ref}" t="inlineStr"><is><t xml:space="preserve">{escape(value)}</t></is></c>'
 
 
 def write_xlsx(path, rows):
     """A one-sheet .xlsx ('Sheet1', as pandas names it) of rows (lists of str, int or None: empty)."""
+    dropped = sum(len(XLSX_ILLEGAL.findall(v)) for row in rows for v in row if isinstance(v, str))
+    if dropped:
+        print(f"warning: {path}: {dropped} control characters or lone surrogates left out (no .xlsx cell holds "
+              f"them; the release's conversion stops at the first)", file=sys.stderr)
+    rows = [[XLSX_ILLEGAL.sub("", v) if isinstance(v, str) else v for v in row] for row in rows]
     xml = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
     main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
     rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"

@@ -1244,6 +1244,20 @@ def test_mmbench_upload_and_accuracy(tmp_path, capsys):
                                                   "split"]
 
 
+def test_mmbench_upload_cells_read_back_as_the_releases(tmp_path, capsys):
+    # openpyxl (the release's writer, and pandas' reader) writes a literal "_x0041_" as it is and a CR
+    # raw (an XML reader gives LF), and refuses control characters: left out here, and said
+    rows, _ = mmbench_rows()
+    src = write_mmbench(tmp_path)
+    texts = {(10, 0): "_x0041_ lit", (11, 0): "\r\nlead", (12, 0): "x\x02y\ud800"}
+    write_jsonl(tmp_path / "answers.jsonl", mmbench_answers(rows, texts))
+    rc, out, err = run(capsys, "mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src,
+                       "--submission", tmp_path / "up.xlsx")
+    assert rc == 0 and "2 control characters or lone surrogates left out" in err, err
+    sent = {row[0]: row[6] for row in read_xlsx(tmp_path / "up.xlsx")[1:]}  # index: prediction
+    assert sent == {10: "_x0041_ lit", 11: "\nlead", 12: "xy"}
+
+
 def test_mmbench_rotated_answers_are_neither_scored_nor_uploaded(tmp_path, capsys):
     # --all-rounds answers, as the release writes them (its prompt is cur_prompt, without the
     # instruction): each question's round 0 is the one scored and uploaded
