@@ -31,9 +31,9 @@ import data
 import llama
 import lora
 import mra
-from questions import not_a_character, read_questions
 from int8 import Int8Linear
 from mra import IMAGE_TOKEN
+from questions import not_a_character, read_questions
 
 
 class ContextError(ValueError):
