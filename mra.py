@@ -344,14 +344,19 @@ def release_config(path, arch=None):
     if hf.get("mm_use_im_start_end"):
         raise CheckpointError(f"{cfg_path}: mm_use_im_start_end {hf['mm_use_im_start_end']!r}: the <im_start> and "
                               f"<im_end> tokens around each image are not implemented (false or absent is)")
-    # what LLaVA's config.json may set that would change the model, beyond what we implement
+    if arch:
+        check_vision(hf, cfg_path, arch)
+    return hf, llm_cfg
+
+
+def check_vision(hf, cfg_path, arch):
+    """What LLaVA's config.json may set that would change the model, beyond what we implement."""
     projector = hf.get("mm_projector_type", "mlp2x_gelu")
     select = hf.get("mm_vision_select_layer", -2), hf.get("mm_vision_select_feature", "patch")
-    if arch and (projector != "mlp2x_gelu" or (arch == "llava-1.5" and select != (-2, "patch"))):
+    if projector != "mlp2x_gelu" or (arch == "llava-1.5" and select != (-2, "patch")):
         raise CheckpointError(f"{cfg_path}: mm_projector_type {projector!r}, mm_vision_select_layer {select[0]!r}, "
                               f"mm_vision_select_feature {select[1]!r}: implemented are 'mlp2x_gelu', -2, 'patch' "
                               f"(LLaVA-1.5's; LLaVA-HR's ViT path uses its last layer whatever the config says)")
-    return hf, llm_cfg
 
 
 def load_release(path, dtype=None, device="cpu", quantize=None, tensors=None, vit=None):
@@ -361,10 +366,9 @@ def load_release(path, dtype=None, device="cpu", quantize=None, tensors=None, vi
     next: the weights are held once. Weights that would not fit in memory are refused before any is read.
     tensors, vit: the weights read elsewhere, under the release's names, and a loaded CLIP ViT (a LoRA
     release, which holds neither its LLM nor its tower: lora.load_release)."""
-    if tensors is None:
-        lora_release(path)
     cfg_path, (hf, llm_cfg) = os.path.join(path, "config.json"), release_config(path)
     if tensors is None:
+        lora_release(path)  # before its files are read as a whole model's
         check_memory(path, tensor_sizes(path), dtype, device, INT8_KEYS.match, _int8(quantize))
         convert = int8_reader(INT8_KEYS.match, dtype, device) if quantize else None
         tensors = read_checkpoint(path, dtype, device, convert=convert)
@@ -382,7 +386,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None, tensors=None, vi
                               f"for LLaVA-HR, or {V15_VIT}* for LLaVA-1.5); is it a plain LLaMA checkpoint?")
     # the other architecture's tower is in no model built here: reported as unexpected, not dropped
     stray = [p + k for p in ((V15_VIT,) if arch == "llava-hr" else (HR_VIT, HR_CONVNEXT)) for k in parts[p]]
-    release_config(path, arch)
+    check_vision(hf, cfg_path, arch)
     try:  # the towers' loaders name their keys without the release's prefix: say where they sit
         where = "model.* and lm_head.*, shaped as config.json says"
         llm = Llama.from_pretrained((llm_cfg, {k: tensors.pop(k) for k in list(tensors) if LLM_KEYS.match(k)}),
