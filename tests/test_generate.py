@@ -560,7 +560,9 @@ def test_bench_7b_section_runs_at_a_tiny_shape(capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "compiled, 7 products per layer" in printed and "compiled, sdpa attention" in printed
     # each summary line printed once its part has run: a GPU run cut short by its timeout keeps them
-    assert printed.index("decode_7b_bf16_fused_speedup: ") < printed.index("compiled, sdpa attention")
+    assert printed.index("decode_7b_bf16_roofline_fraction: ") < printed.index("compiled, sdpa attention")
+    # the step generate.py runs first, the unfused one it is compared with last
+    assert printed.index("compiled, int8 weights") < printed.index("compiled, 7 products per layer")
     assert llama.COMPILED_ATTENTION == {"cpu": "written-out", "cuda": "sdpa"}  # as it was
     # a part that fails (most of this has never run on a GPU) leaves out its lines, and the rest runs
     monkeypatch.setattr(bench, "attention_pass", lambda *a: 1 / 0)
