@@ -653,6 +653,23 @@ def test_config_problems_name_the_file(tmp_path):
         mra.load_checkpoint(str(tmp_path))
 
 
+@pytest.mark.parametrize("tower, field, value, expected", [
+    ("vit", "width", 33, "vit: 2 heads do not divide width 33"),
+    ("vit", "patch_size", 0, "vit.patch_size is 0, expected a positive whole number"),
+    ("vit", "heads", "2", "vit.heads is '2', expected a positive whole number"),
+    ("convnext", "depths", [1, 1, 1], "convnext: 3 depths for 4 dims, one of each per stage"),
+    ("convnext", "dims", [8, 16, -24, 32], r"convnext.dims is \(8, 16, -24, 32\), expected a list of positive"),
+])
+def test_a_bad_tower_config_is_one_line_naming_the_field(env, tmp_path, tower, field, value, expected):
+    # --config (or a checkpoint's mra_config.json): refused as it is read, not as a shape error in torch at
+    # the first forward
+    cfg = tiny_dict()
+    cfg[tower][field] = value
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"cfg.json: not a valid config \({expected}"):
+        train(args(env, tmp_path / "o", 2, *COMMON, "--max-steps", 1, "--config", tmp_path / "cfg.json"))
+
+
 def test_integer_weights_are_refused_by_name():
     cfg = LlamaConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
     state = {k: v for k, v in Llama(cfg).state_dict().items()}
