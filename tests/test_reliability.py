@@ -207,6 +207,17 @@ def test_a_zero_flag_is_refused_not_read_as_left_out(env, tmp_path, capsys, flag
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.parametrize("seed", [-1, 10**14])
+def test_a_seed_out_of_range_is_refused_by_name(env, tmp_path, capsys, seed):
+    # 10**14 passed torch.manual_seed, then overflowed in epoch_order once the model had loaded, as
+    # "error: Overflow when unpacking long long"
+    with pytest.raises(SystemExit) as e:
+        train(args(env, tmp_path / "o", 2, *COMMON, "--max-steps", 1, "--seed", seed))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "need 0 <= --seed < 2**32" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_a_checkpoint_without_its_tokenizer_names_the_flag(env, tmp_path):
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict())), tmp_path / "init")  # no tokenizer.model
     argv = [a for a in map(str, args(env, tmp_path / "o", 2, "--init", tmp_path / "init")) if a != env[1]]
