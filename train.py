@@ -87,7 +87,7 @@ def one_line_errors(kind, err, tb):
     last = (str(err).strip().splitlines() or [kind.__name__])[-1]
     tqdm.write("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)  # below any bar
 
-if __name__ == "__main__" and "--preset" in sys.argv:  # the CPU demo lives in demo.py
+if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.argv):  # the CPU demo lives in demo.py
     import demo
     demo.run(sys.argv[1:])
     sys.exit()
