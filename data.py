@@ -257,8 +257,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.has_image = [r["image"] is not None for r in self.records]  # for grouping by modality (epoch_order)
 
     def _check(self, rec):
-        conv = rec.get("conversations") if isinstance(rec, dict) else None
-        if not isinstance(conv, list) or not conv:
+        if not isinstance(rec, dict):
+            raise DataError(f"a JSON {type(rec).__name__}, not an object holding 'conversations'")
+        conv = rec.get("conversations")
+        if conv is not None and not isinstance(conv, list):
+            raise DataError(f"'conversations' is a JSON {type(conv).__name__}, not a list of turns")
+        if not conv:
             raise DataError("no conversations")
         if not all(isinstance(t, dict) and "from" in t and isinstance(t.get("value"), str) for t in conv):
             raise DataError("a turn without 'from' or a text 'value'")

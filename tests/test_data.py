@@ -438,6 +438,9 @@ def test_truncation(tmp_path, tok):
 
 BAD = [
     (dict(id="x", image="0.png"), "record 1 \\(id x\\): no conversations"),
+    (dict(id="x2", conversations=dict(human="Q", gpt="A")),
+     "record 1 \\(id x2\\): 'conversations' is a JSON dict, not a list of turns"),
+    (["Q", "A"], "record 1: a JSON list, not an object holding 'conversations'"),
     (dict(id="y", image="missing.png", conversations=conv("<image>\nQ", "A")), "record 1 \\(id y\\): image file not found: .*missing.png"),
     (dict(id="z", conversations=[{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"}]), "record 1 \\(id z\\): turn 1 is from 'human'"),
     (dict(id="w", conversations=conv("Q", "A", "Q2")), "record 1 \\(id w\\): 3 turns"),
