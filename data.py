@@ -299,7 +299,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 raise DataError(f"'image' must be a file name, not {rec['image']!r}")
             image = os.path.join(self.folder, rec["image"])
             if not os.path.isfile(image):
-                raise DataError(f"image file not found: {image}")
+                raise DataError(f"image file not found: {image}" + ("" if self.folder else  # the usual slip
+                                " (no --image-folder given: the path is read from the current directory)"))
             if n_tags != 1:  # none: LLaVA would train it as text, the image unused; almost surely broken
                 raise DataError(f"'<image>' in {n_tags} turns, for one image")
         elif n_tags:  # LLaVA would tokenise the tag as text; almost surely a broken record

@@ -473,6 +473,14 @@ def test_bad_records(tmp_path, tok, case):
     assert len(ds) == 2 and len(ds.bad) == 1 and "record 1" in ds.bad[0]
 
 
+def test_an_image_not_found_without_image_folder_says_so(tmp_path, tok, monkeypatch):
+    path = write_dataset(tmp_path, records())
+    monkeypatch.chdir(tmp_path)  # images/0.png would be found here, 0.png is not
+    with pytest.raises(DataError, match=r"record 0 \(id a\): image file not found: 0.png \(no --image-folder given: "
+                                        r"the path is read from the current directory\)"):
+        LlavaDataset(path, None, tok, "vicuna_v1", 32)
+
+
 def test_jsonl_of_one_record(tmp_path, tok):
     for name in ("one.jsonl", "one.json"):  # one line holding one record: JSON lines of one
         path = write_dataset(tmp_path, records()[:1], name, jsonl=True)
