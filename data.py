@@ -204,7 +204,7 @@ def read_records(path, with_digest=False):
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not JSON: dropped
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text file (expected a LLaVA JSON list or JSON lines)") from None
     if not text.strip():

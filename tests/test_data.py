@@ -481,6 +481,17 @@ def test_an_image_not_found_without_image_folder_says_so(tmp_path, tok, monkeypa
         LlavaDataset(path, None, tok, "vicuna_v1", 32)
 
 
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_byte_order_mark_is_read_past(tmp_path, tok, jsonl):
+    # it was "line 1: not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))"
+    path = write_dataset(tmp_path, records(), jsonl=jsonl)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + raw)
+    assert len(LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)) == 4
+
+
 def test_jsonl_of_one_record(tmp_path, tok):
     for name in ("one.jsonl", "one.json"):  # one line holding one record: JSON lines of one
         path = write_dataset(tmp_path, records()[:1], name, jsonl=True)
