@@ -25,6 +25,18 @@ class ConvNeXtConfig:
     dims: tuple = (192, 384, 768, 1536)  # channels per stage
     eps: float = 1e-6                    # of every LayerNorm; not stored in the weights
 
+    def __post_init__(self):
+        # a config file's fields must fail here, named, not as a shape error in the first forward
+        for name in ("depths", "dims"):
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and value and
+                    all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+                raise ValueError(f"convnext.{name} is {value!r}, expected a list of positive whole numbers")
+        if len(self.depths) != len(self.dims):
+            raise ValueError(f"convnext: {len(self.depths)} depths for {len(self.dims)} dims, one of each per stage")
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
+            raise ValueError(f"convnext.eps is {self.eps!r}, expected a positive number")
+
     @classmethod
     def from_name(cls, name):
         return cls(**CONVNEXT_PRESETS[name])

@@ -204,7 +204,7 @@ def read_records(path, with_digest=False):
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not JSON: dropped
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text file (expected a LLaVA JSON list or JSON lines)") from None
     if not text.strip():
@@ -257,8 +257,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.has_image = [r["image"] is not None for r in self.records]  # for grouping by modality (epoch_order)
 
     def _check(self, rec):
-        conv = rec.get("conversations") if isinstance(rec, dict) else None
-        if not isinstance(conv, list) or not conv:
+        if not isinstance(rec, dict):
+            raise DataError(f"a JSON {type(rec).__name__}, not an object holding 'conversations'")
+        conv = rec.get("conversations")
+        if conv is not None and not isinstance(conv, list):
+            raise DataError(f"'conversations' is a JSON {type(conv).__name__}, not a list of turns")
+        if not conv:
             raise DataError("no conversations")
         if not all(isinstance(t, dict) and "from" in t and isinstance(t.get("value"), str) for t in conv):
             raise DataError("a turn without 'from' or a text 'value'")
@@ -295,7 +299,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 raise DataError(f"'image' must be a file name, not {rec['image']!r}")
             image = os.path.join(self.folder, rec["image"])
             if not os.path.isfile(image):
-                raise DataError(f"image file not found: {image}")
+                raise DataError(f"image file not found: {image}" + ("" if self.folder else  # the usual slip
+                                " (no --image-folder given: the path is read from the current directory)"))
             if n_tags != 1:  # none: LLaVA would train it as text, the image unused; almost surely broken
                 raise DataError(f"'<image>' in {n_tags} turns, for one image")
         elif n_tags:  # LLaVA would tokenise the tag as text; almost surely a broken record

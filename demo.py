@@ -162,7 +162,13 @@ def prepare(out, n_train=2000, n_test=500, vocab_size=600):
     questions about each (seed 1), and a sentencepiece tokenizer trained on the text (nothing
     pretrained exists here). Kept if already there, so the demo and the experiment reuse them."""
     import sentencepiece as spm
-    if not os.path.isfile(os.path.join(out, "tokenizer.model")):
+    if os.path.isfile(os.path.join(out, "tokenizer.model")):  # kept: but as many scenes as asked for, or said
+        held = [len(data.read_records(os.path.join(out, s, "pretrain.json"))) for s in ("train", "test")]
+        if held != [n_train, n_test]:
+            raise SystemExit(f"--data-dir {out} holds {held[0]} training and {held[1]} held-out scenes, drawn "
+                             f"earlier, not the {n_train} and {n_test} asked for: --scenes {held[0]} --test-scenes "
+                             f"{held[1]} reuses them, or pick another --data-dir")
+    else:
         print(f"data: drawing {n_train} training and {n_test} held-out scenes into {out}, then training a "
               f"tokenizer on their text (once; a rerun reuses them)", flush=True)
         make_synthetic(os.path.join(out, "train"), n_train, seed=0)
@@ -267,6 +273,8 @@ def run(argv):
     pre.add_argument("--image-size", type=int, default=256)
     pre.add_argument("--tower-steps", type=int, default=300, help="stage 0: the ViT's steps, the ConvNeXt's twice that (0: random towers)")
     demo, rest = pre.parse_known_args(argv)
+    if demo.scenes < 1 or demo.test_scenes < 0 or demo.tower_steps < 0:
+        pre.error("need --scenes >= 1, --test-scenes >= 0 and --tower-steps >= 0")
     done = [f"{demo.out}/{s}/ckpt" for s in ("stage0", "stage1", "stage2") if os.path.isdir(f"{demo.out}/{s}/ckpt")]
     if done and "--overwrite" not in rest:
         raise SystemExit(f"--out {demo.out} already holds a demo run ({', '.join(done)}): --overwrite "

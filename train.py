@@ -87,7 +87,7 @@ def one_line_errors(kind, err, tb):
     last = (str(err).strip().splitlines() or [kind.__name__])[-1]
     tqdm.write("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)  # below any bar
 
-if __name__ == "__main__" and "--preset" in sys.argv:  # the CPU demo lives in demo.py
+if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.argv):  # the CPU demo lives in demo.py
     import demo
     demo.run(sys.argv[1:])
     sys.exit()
@@ -163,6 +163,7 @@ limits = {"--batch-size >= 1": args.batch_size is None or args.batch_size >= 1, 
           "--max-len >= 1": args.max_len is None or args.max_len >= 1,
           "--max-steps >= 1": args.max_steps is None or args.max_steps >= 1,
           "--save-every >= 0": args.save_every >= 0, "--workers >= 0": args.workers >= 0,
+          "0 <= --seed < 2**32": 0 <= args.seed < 2**32,  # torch's generators take 64 bits; epoch_order scales it
           "--lr > 0": args.lr is None or 0 < args.lr < math.inf, "0 <= --warmup-ratio <= 1": 0 <= args.warmup_ratio <= 1,
           "--grad-clip >= 0": 0 <= args.grad_clip < math.inf, "--weight-decay >= 0": 0 <= args.weight_decay < math.inf,
           "lr scales >= 0": all(0 <= s < math.inf for s in (args.adapter_lr_scale, args.tower_lr_scale,

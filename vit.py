@@ -35,6 +35,19 @@ class ViTConfig:
     mlp_dim: int = 4096
     eps: float = 1e-5
 
+    def __post_init__(self):
+        # a config file's fields must fail here, named, not as a shape error in the first forward
+        for name in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"vit.{name} is {value!r}, expected a positive whole number")
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
+            raise ValueError(f"vit.eps is {self.eps!r}, expected a positive number")
+        if self.width % self.heads:
+            raise ValueError(f"vit: {self.heads} heads do not divide width {self.width}")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vit.image_size {self.image_size} is below one patch of {self.patch_size}")
+
     @property
     def grid(self):
         return self.image_size // self.patch_size

@@ -438,6 +438,9 @@ def test_truncation(tmp_path, tok):
 
 BAD = [
     (dict(id="x", image="0.png"), "record 1 \\(id x\\): no conversations"),
+    (dict(id="x2", conversations=dict(human="Q", gpt="A")),
+     "record 1 \\(id x2\\): 'conversations' is a JSON dict, not a list of turns"),
+    (["Q", "A"], "record 1: a JSON list, not an object holding 'conversations'"),
     (dict(id="y", image="missing.png", conversations=conv("<image>\nQ", "A")), "record 1 \\(id y\\): image file not found: .*missing.png"),
     (dict(id="z", conversations=[{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"}]), "record 1 \\(id z\\): turn 1 is from 'human'"),
     (dict(id="w", conversations=conv("Q", "A", "Q2")), "record 1 \\(id w\\): 3 turns"),
@@ -468,6 +471,25 @@ def test_bad_records(tmp_path, tok, case):
         LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)
     ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, skip_bad=True)
     assert len(ds) == 2 and len(ds.bad) == 1 and "record 1" in ds.bad[0]
+
+
+def test_an_image_not_found_without_image_folder_says_so(tmp_path, tok, monkeypatch):
+    path = write_dataset(tmp_path, records())
+    monkeypatch.chdir(tmp_path)  # images/0.png would be found here, 0.png is not
+    with pytest.raises(DataError, match=r"record 0 \(id a\): image file not found: 0.png \(no --image-folder given: "
+                                        r"the path is read from the current directory\)"):
+        LlavaDataset(path, None, tok, "vicuna_v1", 32)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_byte_order_mark_is_read_past(tmp_path, tok, jsonl):
+    # it was "line 1: not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))"
+    path = write_dataset(tmp_path, records(), jsonl=jsonl)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + raw)
+    assert len(LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)) == 4
 
 
 def test_jsonl_of_one_record(tmp_path, tok):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -127,3 +128,24 @@ def test_demo_preset_end_to_end(tmp_path):
                           "--max-new-tokens", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.endswith("\n") and "Traceback" not in gen.stderr
+
+
+def test_data_drawn_earlier_is_reused_only_as_asked(tmp_path):
+    d = str(tmp_path / "data")
+    demo.prepare(d, n_train=3, n_test=1)
+    assert demo.prepare(d, n_train=3, n_test=1) == d  # the same counts: reused as they are
+    # other counts were silently trained on the scenes drawn earlier (a quick --scenes 40, then the real run)
+    with pytest.raises(SystemExit, match=r"--data-dir \S*data holds 3 training and 1 held-out scenes, drawn earlier, "
+                                         r"not the 2000 and 500 asked for: --scenes 3 --test-scenes 1 reuses them"):
+        demo.prepare(d)
+
+
+@pytest.mark.parametrize("flag", ["--preset=demo", "--preset demo"])
+def test_demo_flags_out_of_range_are_refused_before_anything_is_drawn(tmp_path, flag):
+    # --scenes 0 was a traceback from sentencepiece's trainer once the (empty) scenes were drawn; --preset=demo
+    # was read as train.py's own flags: "the following arguments are required: --stage"
+    run = subprocess.run([sys.executable, "train.py", *flag.split(), "--out", str(tmp_path / "out"), "--data-dir",
+                          str(tmp_path / "data"), "--scenes", "0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and "need --scenes >= 1" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "data").exists()

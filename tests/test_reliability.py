@@ -207,6 +207,17 @@ def test_a_zero_flag_is_refused_not_read_as_left_out(env, tmp_path, capsys, flag
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.parametrize("seed", [-1, 10**14])
+def test_a_seed_out_of_range_is_refused_by_name(env, tmp_path, capsys, seed):
+    # 10**14 passed torch.manual_seed, then overflowed in epoch_order once the model had loaded, as
+    # "error: Overflow when unpacking long long"
+    with pytest.raises(SystemExit) as e:
+        train(args(env, tmp_path / "o", 2, *COMMON, "--max-steps", 1, "--seed", seed))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "need 0 <= --seed < 2**32" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_a_checkpoint_without_its_tokenizer_names_the_flag(env, tmp_path):
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict())), tmp_path / "init")  # no tokenizer.model
     argv = [a for a in map(str, args(env, tmp_path / "o", 2, "--init", tmp_path / "init")) if a != env[1]]
@@ -651,6 +662,23 @@ def test_config_problems_name_the_file(tmp_path):
     (tmp_path / "mra_config.json").write_text('{\n"arch": "llava-hr",\n}')
     with pytest.raises(CheckpointError, match=r"mra_config.json line 3: not valid JSON"):
         mra.load_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("tower, field, value, expected", [
+    ("vit", "width", 33, "vit: 2 heads do not divide width 33"),
+    ("vit", "patch_size", 0, "vit.patch_size is 0, expected a positive whole number"),
+    ("vit", "heads", "2", "vit.heads is '2', expected a positive whole number"),
+    ("convnext", "depths", [1, 1, 1], "convnext: 3 depths for 4 dims, one of each per stage"),
+    ("convnext", "dims", [8, 16, -24, 32], r"convnext.dims is \(8, 16, -24, 32\), expected a list of positive"),
+])
+def test_a_bad_tower_config_is_one_line_naming_the_field(env, tmp_path, tower, field, value, expected):
+    # --config (or a checkpoint's mra_config.json): refused as it is read, not as a shape error in torch at
+    # the first forward
+    cfg = tiny_dict()
+    cfg[tower][field] = value
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"cfg.json: not a valid config \({expected}"):
+        train(args(env, tmp_path / "o", 2, *COMMON, "--max-steps", 1, "--config", tmp_path / "cfg.json"))
 
 
 def test_integer_weights_are_refused_by_name():
