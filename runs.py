@@ -215,9 +215,10 @@ def delete_run(ckpt_dir, log_path):
 def logged_step(line):
     """The step a line of log.jsonl records (inf for a line cut short: trim_log drops it)."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):  # a line cut short by a kill
         return math.inf
+    return step if isinstance(step, int) else math.inf  # a line edited by hand: dropped with the cut ones
 
 
 def trim_log(log_path, step):

@@ -365,6 +365,9 @@ def from_init(held):
     if held.adapters and gate_given and args.gate != held.gate:
         raise SystemExit(f"--gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, which "
                          f"it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
+    if held.adapters and not adapters and master:  # stage 1 from a model that has them (a stage-2 one)
+        print(f"note: --init {args.init} has MR-Adapters: they stay in the model, frozen (stage 1 trains the "
+              f"projector and the fusion)", flush=True)
     if adapters and not held.adapters and held.arch == "llava-hr":
         return replace(held, **stage_cfg)
     return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])

@@ -734,3 +734,20 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     r = conv_(src, tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert "already exists" in one_line(conv_(src, tmp_path / "out"))
+
+
+def test_stage1_from_a_model_with_adapters_says_they_stay(env, tmp_path):
+    # they are kept (and frozen: stage 1 trains the projector and fusion); before, without a word
+    ckpt = tmp_path / "w" / "ckpt"
+    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict())), ckpt)
+    r = run_train([*args(env, tmp_path / "o", 1, "--init", ckpt), "--dry-run"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"note: --init {ckpt} has MR-Adapters: they stay in the model, frozen" in r.stdout
+
+
+def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
+    import runs
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": "x"}\n{"step": 2}\n{"step": 3}\n{"ste')
+    runs.trim_log(str(log), 2)  # was: TypeError comparing "x" with 2
+    assert log.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2}\n'
