@@ -55,7 +55,13 @@ def read_config(path, parse=lambda d: d):
     """A JSON config file through parse(dict); whatever is wrong is one line naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return parse(json.load(f))
+            d = json.load(f)
+        if not isinstance(d, dict):  # else parse's first d["..."] fails with a message about lists
+            raise CheckpointError(f"{path}: a JSON {type(d).__name__}, not an object of config fields; is this "
+                                  f"the right file?")
+        return parse(d)
+    except CheckpointError:
+        raise
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     except KeyError as e:

@@ -651,6 +651,13 @@ def test_config_problems_name_the_file(tmp_path):
     (tmp_path / "mra_config.json").write_text('{\n"arch": "llava-hr",\n}')
     with pytest.raises(CheckpointError, match=r"mra_config.json line 3: not valid JSON"):
         mra.load_checkpoint(str(tmp_path))
+    # JSON, but not an object: said so, once, not as a Python error about lists
+    for name, text, kind in (("mra_config.json", "[1, 2]", "list"), ("config.json", '"llava"', "str")):
+        (tmp_path / "mra_config.json").unlink(missing_ok=True)
+        (tmp_path / name).write_text(text)
+        with pytest.raises(CheckpointError) as e:
+            mra.load_checkpoint(str(tmp_path))
+        assert str(e.value) == f"{tmp_path / name}: a JSON {kind}, not an object of config fields; is this the right file?"
 
 
 def test_integer_weights_are_refused_by_name():
