@@ -25,6 +25,16 @@ class ConvNeXtConfig:
     dims: tuple = (192, 384, 768, 1536)  # channels per stage
     eps: float = 1e-6                    # of every LayerNorm; not stored in the weights
 
+    def __post_init__(self):
+        # an mra_config.json field must fail here, named, not as an IndexError building the stages
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        if not (isinstance(self.depths, (tuple, list)) and isinstance(self.dims, (tuple, list))
+                and len(self.depths) == len(self.dims) >= 1 and all(map(whole, (*self.depths, *self.dims)))):
+            raise ValueError(f"depths {self.depths!r} and dims {self.dims!r}: expected one positive whole number "
+                             f"per stage in each")
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
+            raise ValueError(f"eps is {self.eps!r}, expected a positive number")
+
     @classmethod
     def from_name(cls, name):
         return cls(**CONVNEXT_PRESETS[name])

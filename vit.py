@@ -35,6 +35,18 @@ class ViTConfig:
     mlp_dim: int = 4096
     eps: float = 1e-5
 
+    def __post_init__(self):
+        # a config.json (--vit) or mra_config.json field must fail here, named, not as a shape error in attention
+        for name in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} is {value!r}, expected a positive whole number")
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
+            raise ValueError(f"eps is {self.eps!r}, expected a positive number")
+        if self.width % self.heads or self.image_size < self.patch_size:
+            raise ValueError(f"{self.heads} heads do not divide width {self.width}, or patches of {self.patch_size} "
+                             f"px do not fit in {self.image_size} px")
+
     @property
     def grid(self):
         return self.image_size // self.patch_size

@@ -660,6 +660,24 @@ def test_config_problems_name_the_file(tmp_path):
         assert str(e.value) == f"{tmp_path / name}: a JSON {kind}, not an object of config fields; is this the right file?"
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["vit"].update(heads=3), "3 heads do not divide width 32"),
+    (lambda d: d["vit"].update(patch_size=0), "patch_size is 0, expected a positive whole number"),
+    (lambda d: d["vit"].update(patch_size=224), "patches of 224 px do not fit in 112 px"),
+    (lambda d: d["convnext"].update(dims=[8, 16]), r"depths \(1, 1, 1, 1\) and dims \(8, 16\): expected one"),
+    (lambda d: d["convnext"].update(eps=0), "eps is 0, expected a positive number")])
+def test_tower_config_problems_name_the_file(tmp_path, edit, message):
+    """The towers' fields in mra_config.json are checked as the LLM's are: before, a ViT whose heads do
+    not divide its width loaded and failed at the first image, deep in attention (and a patch of 0 or
+    a stage list shorter than its depths were a ZeroDivisionError or an IndexError)."""
+    from test_mra import tiny_cfg
+    d = tiny_cfg().to_dict()
+    edit(d)
+    (tmp_path / "mra_config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=f"mra_config.json: not a valid config \\(.*{message}"):
+        mra.load_checkpoint(str(tmp_path))
+
+
 def test_integer_weights_are_refused_by_name():
     cfg = LlamaConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
     state = {k: v for k, v in Llama(cfg).state_dict().items()}
