@@ -607,6 +607,20 @@ def test_tokenizer_larger_than_the_llm_is_refused(model_dir, images, tmp_path, c
     assert code == 1 and "500 pieces, the LLM only 400 embeddings" in err and out == ""
 
 
+def test_a_context_that_holds_no_prompt_names_the_model(model_dir, images, tmp_path, capsys):  # noqa: F811
+    """Was "--max-new-tokens 2 leaves no room for a prompt: ...; use at most -64": no value of the flag helps."""
+    shutil.copytree(model_dir, tmp_path / "short")
+    cfg = json.loads((tmp_path / "short" / "mra_config.json").read_text())
+    cfg["llm"]["max_seq_len"] = 100  # holds the text-only template, not it and the image's 64 visual tokens
+    (tmp_path / "short" / "mra_config.json").write_text(json.dumps(cfg))
+    code, out, err = run_cli(capsys, "--model", tmp_path / "short", "--image", images[0], "--prompt", "Hi",
+                             "--max-new-tokens", 2)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 1 and out == "" and len(errors) == 1 and "at most -" not in err, err
+    assert errors[0].startswith(f"error: {tmp_path / 'short'}: its context of 100 positions cannot hold the shortest "
+                                f"prompt (") and "the image included) and one new token" in errors[0], err
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--device", "gpu"], "--device gpu: not a device"),
     (["--temperature", "nan"], "a finite --temperature"),
