@@ -198,11 +198,12 @@ def read_bin(file):
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         # torch's message is a paragraph; the line that says what the unpickler refused is enough
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), None)
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:200]  # else: its first sentence
         raise CheckpointError(f"{file}: refused, it holds a {code[1]} object, not only tensors (a pickle that "
                               f"would run code when loaded)" if code else
                               f"{file}: refused, not a plain weights file ({why})" if why else
                               f"{file}: not a readable PyTorch weights file "
-                              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); damaged or cut "
+                              f"({first}); damaged or cut "
                               f"short? download it again") from None
     plain = lambda k, v: isinstance(k, str) and torch.is_tensor(v) and v.layout == torch.strided  # noqa: E731
     if not isinstance(sd, dict) or not all(plain(k, v) for k, v in sd.items()):
