@@ -494,7 +494,8 @@ def convert_bin(src, dst):
     .bin files are pickles: read only through torch.load(weights_only=True), which refuses anything but
     tensors and plain containers."""
     if not os.path.isdir(src):
-        raise CheckpointError(f"{src}: no such directory")
+        raise CheckpointError(f"{src}: " + ("a file; SRC is the directory that holds the .bin shards" if
+                                            os.path.exists(src) else "no such directory"))
     # the shards loading would read (the index's, when there is one), or a stage-1 projector file
     projector = os.path.join(src, "mm_projector.bin")
     shards = bin_files(src) or ([projector] if os.path.isfile(projector) else [])

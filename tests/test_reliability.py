@@ -733,6 +733,9 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     conv_ = lambda src, dst: subprocess.run([sys.executable, "weights.py", "convert", str(src), str(dst)],  # noqa: E731
                                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "no such directory" in one_line(conv_(tmp_path / "nope", tmp_path / "out"))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")  # a shard given for its directory: not 'no such directory'
+    assert one_line(conv_(tmp_path / "pytorch_model.bin", tmp_path / "out")).endswith(
+        "pytorch_model.bin: a file; SRC is the directory that holds the .bin shards")
     src = tmp_path / "release"
     src.mkdir()
     torch.save({"a": torch.ones(2)}, src / "pytorch_model-00001-of-00002.bin")
