@@ -1055,8 +1055,13 @@ def run_mmbench(args):
 
 # ---------------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):  # generate.py's: a flag slip is one line, not the usage text too
+    def error(self, message):  # (the subcommands' parsers are of this class too)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("textvqa", help="val accuracy (VQA's soft accuracy, LLaVA's answer processing)")
     s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")

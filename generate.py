@@ -565,6 +565,10 @@ def run(args):
     # the shortest prompt this run can have (images: plain always has one), with room for --max-new-tokens
     least = slots(model, prompt_ids(tok, [human_turn("", image is not None or args.conv_mode == "plain")],
                                     args.conv_mode))
+    if least + 1 > model.cfg.llm.max_seq_len:  # no --max-new-tokens helps: the model's own context is too short
+        raise ContextError(f"{args.model}: its context of {model.cfg.llm.max_seq_len} positions cannot hold the "
+                           f"shortest prompt ({least} positions{', the image included' if image is not None else ''}) "
+                           f"and one new token: its config's max_seq_len (max_position_embeddings) is too small")
     if least + args.max_new_tokens > model.cfg.llm.max_seq_len:
         raise ContextError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the shortest takes "
                            f"{least} of the context's {model.cfg.llm.max_seq_len} positions; use at most "

@@ -141,7 +141,11 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
         raise CheckpointError(f"--lora {adapters}: {base} is the model with these adapters already merged in; "
                               f"applying them again would add the update twice. Use --model {base} alone, or "
                               f"--model {trained_on or 'BASE'} --lora {adapters}")
-    cfg = read_config(os.path.join(adapters, "mra_config.json"), mra.MRAConfig.from_dict)
+    cfg_path = os.path.join(adapters, "mra_config.json")
+    if not os.path.isfile(cfg_path):  # save_adapters writes it beside lora.json: the model the adapters trained in
+        raise CheckpointError(f"--lora {adapters}: no mra_config.json beside lora.json (train.py writes both); copy "
+                              f"the whole adapter directory again")
+    cfg = read_config(cfg_path, mra.MRAConfig.from_dict)
     tensors = read_safetensors(adapters, dtype, device)
     ranks = {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_a")}
     if ranks != {r}:  # else every layer's shape mismatch would be blamed on the base

@@ -55,7 +55,13 @@ def read_config(path, parse=lambda d: d):
     """A JSON config file through parse(dict); whatever is wrong is one line naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return parse(json.load(f))
+            d = json.load(f)
+        if not isinstance(d, dict):  # else parse's first d["..."] fails with a message about lists
+            raise CheckpointError(f"{path}: a JSON {type(d).__name__}, not an object of config fields; is this "
+                                  f"the right file?")
+        return parse(d)
+    except CheckpointError:
+        raise
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     except KeyError as e:
@@ -192,11 +198,12 @@ def read_bin(file):
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         # torch's message is a paragraph; the line that says what the unpickler refused is enough
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), None)
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:200]  # else: its first sentence
         raise CheckpointError(f"{file}: refused, it holds a {code[1]} object, not only tensors (a pickle that "
                               f"would run code when loaded)" if code else
                               f"{file}: refused, not a plain weights file ({why})" if why else
                               f"{file}: not a readable PyTorch weights file "
-                              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); damaged or cut "
+                              f"({first}); damaged or cut "
                               f"short? download it again") from None
     plain = lambda k, v: isinstance(k, str) and torch.is_tensor(v) and v.layout == torch.strided  # noqa: E731
     if not isinstance(sd, dict) or not all(plain(k, v) for k, v in sd.items()):
@@ -487,7 +494,8 @@ def convert_bin(src, dst):
     .bin files are pickles: read only through torch.load(weights_only=True), which refuses anything but
     tensors and plain containers."""
     if not os.path.isdir(src):
-        raise CheckpointError(f"{src}: no such directory")
+        raise CheckpointError(f"{src}: " + ("a file; SRC is the directory that holds the .bin shards" if
+                                            os.path.exists(src) else "no such directory"))
     # the shards loading would read (the index's, when there is one), or a stage-1 projector file
     projector = os.path.join(src, "mm_projector.bin")
     shards = bin_files(src) or ([projector] if os.path.isfile(projector) else [])

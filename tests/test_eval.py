@@ -1015,6 +1015,21 @@ def test_cli_exits_with_one_line(tmp_path):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and f"answers.jsonl:{len(GQA) + 1}:" in r.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    ([], ": error: the following arguments are required: bench (see --help)"),
+    (["gqa", "--answers", "a.jsonl"], " gqa: error: the following arguments are required: --questions (see --help)"),
+    (["textvqa"], " textvqa: error: the following arguments are required: --annotations, --answers"),
+    (["scienceqa", "--letter-rule", "hr"], " scienceqa: error: argument --letter-rule: invalid choice: 'hr'"),
+    (["vqav2", "--answers", "a.jsonl"], ": error: vqav2: give --annotations (val accuracy) or --questions"),
+])
+def test_flag_slips_are_one_line(capsys, argv, message):
+    # was argparse's usage text (the eleven subcommands over three lines) and then the error
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1 and err.endswith("(see --help)\n"), err
+
+
 def test_scienceqa_questions_for_generate(tmp_path, capsys):
     # model_vqa_science.py's prompt: <image> dropped from the text (generate.py adds it back), the
     # letter instruction appended; problems without an image stay text-only

@@ -197,6 +197,12 @@ def test_a_bad_lora_json_is_one_line(run, tmp_path):
         (tmp_path / "a" / "lora.json").write_text(json.dumps(info | bad))
         with pytest.raises(mra.CheckpointError, match=r"lora\.json: .*" + why):
             lora.load(g["args"].init, str(tmp_path / "a"))
+    # its config gone: named, not Python's "[Errno 2] No such file or directory: '.../mra_config.json'"
+    shutil.rmtree(tmp_path / "a")
+    shutil.copytree(out / "ckpt" / "lora", tmp_path / "a")
+    os.remove(tmp_path / "a" / "mra_config.json")
+    with pytest.raises(mra.CheckpointError, match=r"--lora .*a: no mra_config.json beside lora.json \(train.py"):
+        lora.load(g["args"].init, str(tmp_path / "a"))
 
 
 def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):

@@ -618,6 +618,20 @@ def test_tokenizer_larger_than_the_llm_is_refused(model_dir, images, tmp_path, c
     assert code == 1 and "500 pieces, the LLM only 400 embeddings" in err and out == ""
 
 
+def test_a_context_that_holds_no_prompt_names_the_model(model_dir, images, tmp_path, capsys):  # noqa: F811
+    """Was "--max-new-tokens 2 leaves no room for a prompt: ...; use at most -64": no value of the flag helps."""
+    shutil.copytree(model_dir, tmp_path / "short")
+    cfg = json.loads((tmp_path / "short" / "mra_config.json").read_text())
+    cfg["llm"]["max_seq_len"] = 100  # holds the text-only template, not it and the image's 64 visual tokens
+    (tmp_path / "short" / "mra_config.json").write_text(json.dumps(cfg))
+    code, out, err = run_cli(capsys, "--model", tmp_path / "short", "--image", images[0], "--prompt", "Hi",
+                             "--max-new-tokens", 2)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 1 and out == "" and len(errors) == 1 and "at most -" not in err, err
+    assert errors[0].startswith(f"error: {tmp_path / 'short'}: its context of 100 positions cannot hold the shortest "
+                                f"prompt (") and "the image included) and one new token" in errors[0], err
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--device", "gpu"], "--device gpu: not a device"),
     (["--temperature", "nan"], "a finite --temperature"),
@@ -661,6 +675,31 @@ def test_config_problems_name_the_file(tmp_path):
         Llama.from_pretrained(tmp_path)
     (tmp_path / "mra_config.json").write_text('{\n"arch": "llava-hr",\n}')
     with pytest.raises(CheckpointError, match=r"mra_config.json line 3: not valid JSON"):
+        mra.load_checkpoint(str(tmp_path))
+    # JSON, but not an object: said so, once, not as a Python error about lists
+    for name, text, kind in (("mra_config.json", "[1, 2]", "list"), ("config.json", '"llava"', "str")):
+        (tmp_path / "mra_config.json").unlink(missing_ok=True)
+        (tmp_path / name).write_text(text)
+        with pytest.raises(CheckpointError) as e:
+            mra.load_checkpoint(str(tmp_path))
+        assert str(e.value) == f"{tmp_path / name}: a JSON {kind}, not an object of config fields; is this the right file?"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["vit"].update(heads=3), "3 heads do not divide width 32"),
+    (lambda d: d["vit"].update(patch_size=0), "patch_size is 0, expected a positive whole number"),
+    (lambda d: d["vit"].update(patch_size=224), "patches of 224 px do not fit in 112 px"),
+    (lambda d: d["convnext"].update(dims=[8, 16]), r"depths \(1, 1, 1, 1\) and dims \(8, 16\): expected one"),
+    (lambda d: d["convnext"].update(eps=0), "eps is 0, expected a positive number")])
+def test_tower_config_problems_name_the_file(tmp_path, edit, message):
+    """The towers' fields in mra_config.json are checked as the LLM's are: before, a ViT whose heads do
+    not divide its width loaded and failed at the first image, deep in attention (and a patch of 0 or
+    a stage list shorter than its depths were a ZeroDivisionError or an IndexError)."""
+    from test_mra import tiny_cfg
+    d = tiny_cfg().to_dict()
+    edit(d)
+    (tmp_path / "mra_config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=f"mra_config.json: not a valid config \\(.*{message}"):
         mra.load_checkpoint(str(tmp_path))
 
 
@@ -722,6 +761,9 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     conv_ = lambda src, dst: subprocess.run([sys.executable, "weights.py", "convert", str(src), str(dst)],  # noqa: E731
                                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "no such directory" in one_line(conv_(tmp_path / "nope", tmp_path / "out"))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")  # a shard given for its directory: not 'no such directory'
+    assert one_line(conv_(tmp_path / "pytorch_model.bin", tmp_path / "out")).endswith(
+        "pytorch_model.bin: a file; SRC is the directory that holds the .bin shards")
     src = tmp_path / "release"
     src.mkdir()
     torch.save({"a": torch.ones(2)}, src / "pytorch_model-00001-of-00002.bin")

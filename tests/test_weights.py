@@ -102,6 +102,14 @@ def test_truncated_and_missing_files(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"m\.safetensors: not a readable safetensors file"):
         read_safetensors(str(path))
+    # a .bin cut short: torch's first sentence, not its paragraph cut off mid-sentence ("... your checkpoint file is)")
+    torch.save(foreign(), tmp_path / "m.bin")
+    (tmp_path / "m.bin").write_bytes((tmp_path / "m.bin").read_bytes()[:-100])
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(tmp_path / "m.bin"))
+    assert str(e.value) == f"{tmp_path / 'm.bin'}: not a readable PyTorch weights file (PytorchStreamReader failed " \
+                           f"reading zip archive: failed finding central directory); damaged or cut short? download " \
+                           f"it again"
     with pytest.raises(CheckpointError, match=r"nowhere: no such file or directory"):
         read_safetensors(str(tmp_path / "nowhere"))
     os.makedirs(tmp_path / "empty")
