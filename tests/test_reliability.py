@@ -688,8 +688,8 @@ def test_config_problems_name_the_file(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["vit"].update(heads=3), "3 heads do not divide width 32"),
     (lambda d: d["vit"].update(patch_size=0), "patch_size is 0, expected a positive whole number"),
-    (lambda d: d["vit"].update(patch_size=224), "patches of 224 px do not fit in 112 px"),
-    (lambda d: d["convnext"].update(dims=[8, 16]), r"depths \(1, 1, 1, 1\) and dims \(8, 16\): expected one"),
+    (lambda d: d["vit"].update(patch_size=224), "vit.image_size 112 is below one patch of 224"),
+    (lambda d: d["convnext"].update(dims=[8, 16]), "convnext: 4 depths for 2 dims, one of each per stage"),
     (lambda d: d["convnext"].update(eps=0), "eps is 0, expected a positive number")])
 def test_tower_config_problems_name_the_file(tmp_path, edit, message):
     """The towers' fields in mra_config.json are checked as the LLM's are: before, a ViT whose heads do
