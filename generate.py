@@ -33,7 +33,7 @@ import lora
 import mra
 from int8 import Int8Linear
 from mra import IMAGE_TOKEN
-from questions import not_a_character, read_questions
+from questions import not_a_character, read_questions, settings
 
 
 class ContextError(ValueError):
@@ -367,6 +367,7 @@ def answer_file(model, tok, args, pick, step, questions, answered):
     if answered:
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
     model_id = os.path.basename(os.path.normpath(args.model))
+    metadata = settings(args)  # what a resumed file is checked against
     R, mode = model.cfg.image_size, model.cfg.image_aspect_ratio
     device = model.projector[0].weight.device
     skipped = []
@@ -397,7 +398,7 @@ def answer_file(model, tok, args, pick, step, questions, answered):
                 for (q, _), ids in zip(batch, outs):
                     out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
                                               text=tok.decode(ids).strip(), answer_id=short_id(),
-                                              model_id=model_id, metadata={})) + "\n")
+                                              model_id=model_id, metadata=metadata)) + "\n")
                     out.flush()
             bar.update(len(todo[i:i + args.batch_size]))  # the skipped ones too
     if skipped and len(skipped) == len(todo):  # a run that answered nothing has failed

@@ -98,8 +98,14 @@ def read_questions(args):
     except ValueError:  # cut short if it starts as generate.py's lines do; anything else is named below
         cut = tail.startswith(b'{"question_id"')
     answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
-    answered = Counter()
+    answered, ours = Counter(), settings(args)
     for n, a in answers:
+        theirs = a.get("metadata")
+        if isinstance(theirs, dict) and "model" in theirs and theirs != ours:  # not LLaVA's {}: a run of ours
+            changed = ", ".join(f"{k} {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs.keys() | ours)
+                                if theirs.get(k) != ours.get(k))
+            raise data.DataError(f"{args.answers} line {n}: answered by a run with other settings ({changed}): the "
+                                 f"two would mix in one file; name a new file for --answers, or run as before")
         key = (a["question_id"], a["prompt"])
         answered[key] += 1
         if answered[key] > asked[key]:
@@ -113,6 +119,17 @@ def read_questions(args):
         elif tail.strip():
             f.write(b"\n")
     return questions, answered
+
+
+def settings(args):
+    """What a run's answers are generated with, written as each answer's `metadata` (LLaVA's is empty): a
+    rerun adds to an answers file only as the run that began it (one benchmark figure, one model)."""
+    path = lambda p: p and os.path.realpath(p)  # noqa: E731
+    sampling = (dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.temperature > 0
+                else dict(temperature=0.0))  # greedy: top-p and top-k play no part
+    return dict(model=path(args.model), lora=path(args.lora), model_base=path(args.model_base), vit=path(args.vit),
+                conv_mode=args.conv_mode, dtype=args.dtype, quantize=args.quantize,
+                max_new_tokens=args.max_new_tokens, **sampling)
 
 
 def answer_problem(a):

@@ -392,7 +392,10 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
     assert [a["question_id"] for a in first] == [7, "b"]
     for a, q in zip(first, qs):
         assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-        assert a["prompt"] == q["text"] and a["model_id"] == model_dir.name and a["metadata"] == {}
+        assert a["prompt"] == q["text"] and a["model_id"] == model_dir.name
+        assert a["metadata"] == dict(model=os.path.realpath(model_dir), lora=None, model_base=None, vit=None,
+                                     conv_mode="vicuna_v1", dtype=None, quantize=None, max_new_tokens=MAX_NEW,
+                                     temperature=0.0)
         assert isinstance(a["answer_id"], str) and len(a["answer_id"]) >= 20
         img = pixels(model, folder / q["image"])[None] if "image" in q else None
         ref = generate.generate(model, [ids_for(tok, [generate.human_turn(q["text"], img is not None)])], img,
@@ -609,6 +612,23 @@ def test_answers_that_are_not_these_answers_are_left_untouched(model_dir, tmp_pa
     code, _, err = answers_run(capsys, model_dir, q, a)
     assert code == 1 and message in err and err.count("\n") == 1 and "loading" not in err, err
     assert a.read_bytes() == content
+
+
+def test_answers_of_a_run_with_other_settings_are_not_added_to(model_dir, tmp_path, capsys):
+    # a rerun with another model or other flags on the same --answers: resumed silently, so one file
+    # held two runs' answers and scored as one. LLaVA's own files (metadata {}) still resume
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2, "text": "Bye"}\n')
+    a.write_text('{"question_id": 1, "prompt": "Hi", "text": "x", "metadata": {}}\n')
+    assert answers_run(capsys, model_dir, q, a)[0] == 0
+    q.write_text(q.read_text() + '{"question_id": 3, "text": "Why?"}\n')
+    before = a.read_bytes()
+    code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--max-new-tokens", 3)
+    assert code == 1 and err == f"error: {a} line 2: answered by a run with other settings (max_new_tokens 2, now " \
+        f"3): the two would mix in one file; name a new file for --answers, or run as before\n", err
+    assert a.read_bytes() == before
+    code, _, err = answers_run(capsys, model_dir, q, a)  # as before: resumed
+    assert code == 0 and "resuming: 2 of 3" in err and len(read_jsonl(a)) == 3
 
 
 def test_answers_file_is_not_the_questions_file(model_dir, tmp_path, capsys):
