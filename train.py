@@ -104,7 +104,8 @@ p.add_argument("--convnext", help="timm / open_clip ConvNeXt safetensors")
 p.add_argument("--init", help="start from our checkpoint or a released LLaVA-HR directory")
 p.add_argument("--projector", help="stage 2: the released stage-1 projector file")
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
-p.add_argument("--config", default="full", help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig (with --init, unused: its model stands)")
+p.add_argument("--config", default="full",
+               help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig (with --init, unused: its model stands)")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
 p.add_argument("--gate", choices=("tanh", "sigmoid", "none"),
                help="MR-Adapter gate (default tanh, as released)")
