@@ -9,7 +9,7 @@ file reproduces it and names the function each piece transcribes:
 - <image> as one placeholder id between separately tokenised chunks   -> tokenize
 - labels: preprocess_plain / preprocess_v1, whose masking of instructions is *computed
   from token counts of separately tokenised rounds*, not from positions -> encode
-- the dataset (LLaVA json / jsonl), padding and batches grouped by modality and length.
+- the dataset (LLaVA json / jsonl), padding, and batches grouped by modality (not length).
 
 Where LLaVA silently drops a bad sample (it masks every label on a tokenisation length mismatch,
 or asserts mid-training) we raise DataError naming the record, or skip and count it (skip_bad=True).
