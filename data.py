@@ -67,13 +67,13 @@ def load_image(path):
     return im.convert("RGB")  # as LLaVA: alpha dropped (not composited), CMYK naively inverted
 
 
-def expand2square(image, fill=PAD_FILL):
+def expand2square(image):
     """LLaVA's "pad" mode: the image centred on a square canvas of the mean colour."""
     w, h = image.size
     if w == h:
         return image
     side = max(w, h)
-    canvas = Image.new(image.mode, (side, side), fill)
+    canvas = Image.new(image.mode, (side, side), PAD_FILL)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
 
