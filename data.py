@@ -187,8 +187,8 @@ def encode(tok, turns, template, has_image):
         cur += len(enc(rou))  # its BOS stands in for the "</s>" the split removed
     labels[cur:] = [IGNORE] * len(labels[cur:])
     if tok.unk_id in ids:  # LLaVA counts the tokens that are not <unk>, its padding: a mismatch, all masked
-        raise DataError(f"the tokenizer gives <unk> for a piece of it (LLaVA pads with <unk>, and would silently "
-                        f"mask it all)")
+        raise DataError("the tokenizer gives <unk> for a piece of it (LLaVA pads with <unk>, and would silently "
+                        "mask it all)")
     if cur != len(ids):
         raise DataError(f"tokenization mismatch: the rounds count {cur} tokens, the conversation {len(ids)} "
                         f"(a turn containing '{sep}' or '</s>'? LLaVA would silently mask it all)")
