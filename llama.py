@@ -395,7 +395,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        # tied: the head *is* the embedding matrix, used directly in forward; holding no second
+        # tied: the head *is* the embedding matrix, used directly in head(); holding no second
         # parameter means nothing can untie them (load_state_dict(assign=True) would)
         self.output = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
 
