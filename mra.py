@@ -106,9 +106,9 @@ MRA_PRESETS = {
 # Token accounting: why MRA is cheap. The ViT's grid sets the LLM's visual-token count;
 # the ConvNeXt's stride of 32 lets R grow while S (and so the count) grows far slower.
 
-def vit_input_size(R, floor=336, patch=14, stride=32):
+def vit_input_size(R, floor=336, patch=14):
     """S for a high-res input R: the ViT grid matches the ConvNeXt's R/32 grid (release rule)."""
-    return max(int(R / stride * patch), floor)
+    return max(int(R / 32 * patch), floor)  # 32: the ConvNeXt's stride (stem 4, then three 2x downsamples)
 
 
 def visual_tokens(arch, R, floor=336, patch=14):
