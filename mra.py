@@ -7,10 +7,11 @@ Models" (arXiv 2403.03003). Read it beside this file:
   inside the ViT carry high-res detail into the low-res tokens: few LLM tokens that hold fine detail.
 - Fig. 4 / Eq. 3-4 (MRAdapter.forward): f_l on the low-res tokens, f_h on the high-res map, a gate g
   from the pooled pair.
-- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without adapters, stage 2 all.
-Where the released code (which the released checkpoints need) differs from the paper, we follow the
-release and say so in a comment (README: "Where the release differs from the paper").
-Then: token accounting, the model, loading the release, building and saving ours."""
+- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without adapters, stage 2 all
+  (MRAConfig.adapters here; train.py's `trains` and `with_adapters` do the switching).
+Where the release (which its checkpoints need) differs from the paper, we follow it and say so in a
+comment (README: "Where the release differs from the paper"). In file order: token accounting, the
+MR-Adapter, the encoders, the model, loading the release, building and saving ours."""
 import json
 import math
 import os
