@@ -247,7 +247,7 @@ class LlavaHR(nn.Module):
         self.cfg = cfg
         self.encoder = (DualEncoder if cfg.arch == "llava-hr" else ClipEncoder)(cfg, vit, convnext)
         d, H = cfg.vit.width, cfg.llm.dim
-        self.projector = nn.Sequential(nn.Linear(d, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
+        self.projector = nn.Sequential(nn.Linear(d, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu: F_P of Eq. 1
         self.llm = llm or Llama(cfg.llm)
 
     def encode_images(self, images):
