@@ -351,10 +351,10 @@ def plan(cfg, world, bf16):
             if bf16 and not (args.fsdp and world > 1):
                 lora.bf16_bases(model)
         return checkpoint_blocks(model) if args.grad_checkpoint else model
-    p = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
-                            max_len_within(cfg), args.grad_checkpoint, bf16)
-    p["runtime"] = 0 if bf16 else runtime  # a plan for this CPU: the process itself shares its memory
-    return p
+    mem = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
+                              max_len_within(cfg), args.grad_checkpoint, bf16)
+    mem["runtime"] = 0 if bf16 else runtime  # a plan for this CPU: the process itself shares its memory
+    return mem
 
 
 def from_init(held):
