@@ -516,7 +516,7 @@ for name, q in model.named_parameters():  # names may carry DDP's "module." pref
     name = f".{name}"
     tower = ".encoder.vit." in name or ".encoder.convnext." in name
     if q.requires_grad:
-        k = 1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0
+        k = 1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0  # index into scales
         lr_groups[2 * k + bool(args.weight_decay and (name.endswith(".bias") or q in norms))]["params"].append(q)
 opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8)
 
