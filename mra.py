@@ -213,8 +213,7 @@ class DualEncoder(nn.Module):
 
     def forward(self, images):
         """Normalised images (B, 3, R, R) -> visual features (B, N, d)."""
-        # release: all three adapters and the fusion read this one map (stage 4, unnormed), not a stage each
-        slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32)
+        slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32); release: stage 4 alone feeds all adapters + fusion
         # on CUDA the adapters run compiled, gates fused (cached on MRAdapter.forward: re-wrapping is free)
         adapters = [torch.compile(a, dynamic=False) if images.is_cuda else a for a in self.adapters]
         after = {i: partial(adapter, slow=slow) for i, adapter in zip(self.adapter_after, adapters)}
