@@ -406,8 +406,7 @@ class Llama(nn.Module):
         """In the embeddings' dtype and device. reuse: the last cache made with reuse=True, emptied (zeroed: a NaN
         left in a padding slot would pass the mask), if it has this shape; else it goes and the new one is kept. A
         CUDA graph is recorded per input addresses: a new cache per batch was a new recording, each checked per step."""
-        c, w = self.config, self.tok_embeddings.weight
-        dtype, device = w.dtype, w.device
+        c, dtype, device = self.config, self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         cache = self.__dict__.pop("reusable_cache", None) if reuse else None
         wanted = ((batch_size, max_len), dtype, device)
         if cache is not None and (cache.valid.shape, cache.k[0].dtype, cache.k[0].device) == wanted:
