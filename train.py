@@ -275,7 +275,7 @@ stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image
 
 
 def trains(name):
-    """Stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen)."""
+    """Stage 1 trains the projector and (release, not paper) the final fusion; stage 2 all (unless frozen)."""
     if name.startswith("encoder.vit.ln_post."):  # feeds only CLIP's pooled class token, which LLaVA never uses
         return False
     if args.stage == 1:
