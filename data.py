@@ -9,7 +9,7 @@ file reproduces it and names the function each piece transcribes:
 - <image> as one placeholder id between separately tokenised chunks   -> tokenize
 - labels: preprocess_plain / preprocess_v1, whose masking of instructions is *computed
   from token counts of separately tokenised rounds*, not from positions -> encode
-- the dataset (LLaVA json / jsonl), padding and batches grouped by modality and length.
+- the dataset (LLaVA json / jsonl), padding, and batches grouped by modality (not length).
 
 Where LLaVA silently drops a bad sample (it masks every label on a tokenisation length mismatch,
 or asserts mid-training) we raise DataError naming the record, or skip and count it (skip_bad=True).
@@ -67,13 +67,13 @@ def load_image(path):
     return im.convert("RGB")  # as LLaVA: alpha dropped (not composited), CMYK naively inverted
 
 
-def expand2square(image, fill=PAD_FILL):
+def expand2square(image):
     """LLaVA's "pad" mode: the image centred on a square canvas of the mean colour."""
     w, h = image.size
     if w == h:
         return image
     side = max(w, h)
-    canvas = Image.new(image.mode, (side, side), fill)
+    canvas = Image.new(image.mode, (side, side), PAD_FILL)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
 
@@ -187,8 +187,8 @@ def encode(tok, turns, template, has_image):
         cur += len(enc(rou))  # its BOS stands in for the "</s>" the split removed
     labels[cur:] = [IGNORE] * len(labels[cur:])
     if tok.unk_id in ids:  # LLaVA counts the tokens that are not <unk>, its padding: a mismatch, all masked
-        raise DataError(f"the tokenizer gives <unk> for a piece of it (LLaVA pads with <unk>, and would silently "
-                        f"mask it all)")
+        raise DataError("the tokenizer gives <unk> for a piece of it (LLaVA pads with <unk>, and would silently "
+                        "mask it all)")
     if cur != len(ids):
         raise DataError(f"tokenization mismatch: the rounds count {cur} tokens, the conversation {len(ids)} "
                         f"(a turn containing '{sep}' or '</s>'? LLaVA would silently mask it all)")

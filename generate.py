@@ -9,7 +9,7 @@ Generation is the gpt-fast loop: `prefill` runs the whole prompt (visual tokens 
 <image> placeholder, rows left-padded) into a preallocated KV cache, then `decode_n_tokens` feeds
 one token per row per step through the LLM alone (`model.llm.decode`). --compile compiles only the
 decode step: prefill runs once per prompt with a new shape, decode hundreds of times with one.
-Temperature 0 is argmax (the paper's evaluation: greedy, one beam, 128 new tokens). Batch files use
+Temperature 0 is argmax (the release's eval scripts: greedy, one beam, 128 new tokens). Batch files use
 LLaVA's model_vqa formats, so its evaluation scripts read our answers unchanged.
 """
 import argparse

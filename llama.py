@@ -395,19 +395,18 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        # tied: the head *is* the embedding matrix, used directly in forward; holding no second
+        # tied: the head *is* the embedding matrix, used directly in head(); holding no second
         # parameter means nothing can untie them (load_state_dict(assign=True) would)
         self.output = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
 
     def embed(self, tokens):
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
-    def new_cache(self, batch_size, max_len, dtype=None, device=None, reuse=False):
-        """reuse: hand back the last cache made with reuse=True, emptied (zeroed: a NaN left in a padding
-        slot would pass the mask), if it has this shape; else let it go, then keep the new one. A CUDA
-        graph is recorded per input addresses: a new cache per batch was a new recording, each checked per step."""
-        c, w = self.config, self.tok_embeddings.weight
-        dtype, device = dtype or w.dtype, torch.empty(0, device=device or w.device).device  # "cuda" -> cuda:0
+    def new_cache(self, batch_size, max_len, reuse=False):
+        """In the embeddings' dtype and device. reuse: the last cache made with reuse=True, emptied (zeroed: a NaN
+        left in a padding slot would pass the mask), if it has this shape; else it goes and the new one is kept. A
+        CUDA graph is recorded per input addresses: a new cache per batch was a new recording, each checked per step."""
+        c, dtype, device = self.config, self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         cache = self.__dict__.pop("reusable_cache", None) if reuse else None
         wanted = ((batch_size, max_len), dtype, device)
         if cache is not None and (cache.valid.shape, cache.k[0].dtype, cache.k[0].device) == wanted:

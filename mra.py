@@ -7,10 +7,11 @@ Models" (arXiv 2403.03003). Read it beside this file:
   inside the ViT carry high-res detail into the low-res tokens: few LLM tokens that hold fine detail.
 - Fig. 4 / Eq. 3-4 (MRAdapter.forward): f_l on the low-res tokens, f_h on the high-res map, a gate g
   from the pooled pair.
-- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without adapters, stage 2 all.
-Where the released code (which the released checkpoints need) differs from the paper, we follow the
-release and say so in a comment (README: "Where the release differs from the paper").
-Then: token accounting, the model, loading the release, building and saving ours."""
+- Sec. 4.4: stage 1 trains the projector (release: and the final fusion) without adapters, stage 2 all
+  (MRAConfig.adapters here; train.py's `trains` and `with_adapters` do the switching).
+Where the release (which its checkpoints need) differs from the paper, we follow it and say so in a
+comment (README: "Where the release differs from the paper"). In file order: token accounting, the
+MR-Adapter, the encoders, the model, loading the release, building and saving ours."""
 import json
 import math
 import os
@@ -106,9 +107,9 @@ MRA_PRESETS = {
 # Token accounting: why MRA is cheap. The ViT's grid sets the LLM's visual-token count;
 # the ConvNeXt's stride of 32 lets R grow while S (and so the count) grows far slower.
 
-def vit_input_size(R, floor=336, patch=14, stride=32):
+def vit_input_size(R, floor=336, patch=14):
     """S for a high-res input R: the ViT grid matches the ConvNeXt's R/32 grid (release rule)."""
-    return max(int(R / stride * patch), floor)
+    return max(int(R / 32 * patch), floor)  # 32: the ConvNeXt's stride (stem 4, then three 2x downsamples)
 
 
 def visual_tokens(arch, R, floor=336, patch=14):
@@ -212,7 +213,7 @@ class DualEncoder(nn.Module):
 
     def forward(self, images):
         """Normalised images (B, 3, R, R) -> visual features (B, N, d)."""
-        slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32): stage 4, unnormed, for all adapters + fusion
+        slow = self.convnext(images)[-1]  # (B, C_s, R/32, R/32); release: stage 4 alone feeds all adapters + fusion
         # on CUDA the adapters run compiled, gates fused (cached on MRAdapter.forward: re-wrapping is free)
         adapters = [torch.compile(a, dynamic=False) if images.is_cuda else a for a in self.adapters]
         after = {i: partial(adapter, slow=slow) for i, adapter in zip(self.adapter_after, adapters)}
@@ -245,7 +246,7 @@ class LlavaHR(nn.Module):
         self.cfg = cfg
         self.encoder = (DualEncoder if cfg.arch == "llava-hr" else ClipEncoder)(cfg, vit, convnext)
         d, H = cfg.vit.width, cfg.llm.dim
-        self.projector = nn.Sequential(nn.Linear(d, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu
+        self.projector = nn.Sequential(nn.Linear(d, H), nn.GELU(), nn.Linear(H, H))  # mlp2x_gelu: F_P of Eq. 1
         self.llm = llm or Llama(cfg.llm)
 
     def encode_images(self, images):

@@ -276,7 +276,7 @@ stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image
 
 
 def trains(name):
-    """Stage 1 trains the projector and the final fusion; stage 2 everything (unless frozen)."""
+    """Stage 1 trains the projector and (release, not paper) the final fusion; stage 2 all (unless frozen)."""
     if name.startswith("encoder.vit.ln_post."):  # feeds only CLIP's pooled class token, which LLaVA never uses
         return False
     if args.stage == 1:
@@ -352,10 +352,10 @@ def plan(cfg, world, bf16):
             if bf16 and not (args.fsdp and world > 1):
                 lora.bf16_bases(model)
         return checkpoint_blocks(model) if args.grad_checkpoint else model
-    p = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
-                            max_len_within(cfg), args.grad_checkpoint, bf16)
-    p["runtime"] = 0 if bf16 else runtime  # a plan for this CPU: the process itself shares its memory
-    return p
+    mem = memplan.memory_plan(build, cfg, trains, world, args.fsdp and world > 1, args.batch_size,
+                              max_len_within(cfg), args.grad_checkpoint, bf16)
+    mem["runtime"] = 0 if bf16 else runtime  # a plan for this CPU: the process itself shares its memory
+    return mem
 
 
 def from_init(held):
@@ -430,10 +430,10 @@ with open(tok_path, "rb") as f:  # copied into each checkpoint: a resume from ck
 tokenizer = dict(tokenizer_sha256=hashlib.sha256(tok_bytes).hexdigest(), tokenizer_legacy=tok.legacy)
 ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
                        recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
-by_length = args.group_by_length if args.group_by_length is not None else args.stage == 2
+by_modality = args.group_by_length if args.group_by_length is not None else args.stage == 2
 # the records the run trains on (--skip-bad leaves the bad ones out): a resume must find the same
 usable = dict(records=len(ds), bad_sha256=hashlib.sha256(json.dumps(ds.bad_index).encode()).hexdigest())
-if args.fsdp and not by_length and not all(ds.has_image):
+if args.fsdp and not by_modality and not all(ds.has_image):
     # FSDP gathers a block's shards when it runs: every rank must run the same modules
     raise SystemExit("--fsdp with text-only samples needs --group-by-length (one modality per micro-step)")
 
@@ -517,14 +517,14 @@ for name, q in model.named_parameters():  # names may carry DDP's "module." pref
     name = f".{name}"
     tower = ".encoder.vit." in name or ".encoder.convnext." in name
     if q.requires_grad:
-        k = 1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0
+        k = 1 if ".adapters." in name else 2 if tower else 3 if ".projector." in name else 0  # index into scales
         lr_groups[2 * k + bool(args.weight_decay and (name.endswith(".bias") or q in norms))]["params"].append(q)
 opt = torch.optim.AdamW([g for g in lr_groups if g["params"]], lr=0.0, betas=(0.9, 0.999), eps=1e-8)
 
 # the data position carries over only if these stay as the run had them, and a LoRA run's model (its
 # scale, rank and frozen base) is the one its adapters were trained in: --resume refuses a change
 # (--epochs may change: an epoch's order depends on the seed and its number alone; the cosine's length changes)
-fixed = dict(global_batch=global_batch, seed=args.seed, stage=args.stage, group_by_length=by_length,
+fixed = dict(global_batch=global_batch, seed=args.seed, stage=args.stage, group_by_length=by_modality,
              lora_r=args.lora_r, quantize=args.quantize, lora_alpha=lora_alpha if args.lora_r else None)
 MODEL_FIXED = {"lora_r", "quantize", "lora_alpha"}
 # flags --resume does not list when they change: where and how the run goes on, and the ones above
@@ -546,7 +546,7 @@ if args.resume:
     runs.load_optimizer(unwrapped, opt, state, resume_dir, rank, world)
     start_step = state["step"]
 
-sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, by_length, start_step)
+sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, by_modality, start_step)
 loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
                                      collate_fn=partial(data.collate, pad_id=tok.pad_id))
 total_steps = sampler.total_steps
