@@ -5,6 +5,8 @@ embeddings and (optionally) grouped-query attention. This is F_L in the paper's 
 p = prod_s F_L(R_s | F_P(F_v), f_t, R_<s): it reads the projected visual tokens and the text embeddings
 f_t as one sequence, so the forward takes token ids *or* input embeddings (mra.py splices the visual
 tokens in). A static, preallocated KV cache serves batched generation with left or right padding.
+The last section holds what makes decoding fast: the same model through faster kernels, equal up to
+rounding (the tokenizer is tokenizer.py's).
 
 References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE); Shazeer, "GLU Variants
 Improve Transformer" (SwiGLU); HF transformers' modeling_llama.py (the numerics matched here);
@@ -17,7 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -124,64 +125,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-# measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
-ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
-          and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's one-core gemv: 1.4-2x
-    as fast for 1 and 8 rows (`python bench.py --only linear`), equal up to rounding. Training (no oneDNN
-    backward) and compiled steps of plain weights (inductor picks its kernels) keep F.linear. After
-    pack_linears the weight is oneDNN's blocked `packed` one and only this path remains."""
-    packed = None
-
-    def forward(self, x):
-        if self.packed is not None:
-            if torch.is_grad_enabled() and x.requires_grad:
-                raise RuntimeError("this Linear's weight is packed for inference (llama.pack_linears): it can't "
-                                   "be trained; load the model again for that")
-            if torch.compiler.is_compiling():  # one opaque op to inductor, which can't read the layout
-                return packed_linear(x, self.packed, self.bias, self.out_features)
-            weight = self.packed
-        elif (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            weight = self.weight
-        else:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-
-
-def pack_linears(model, min_bytes=64 << 20):
-    """fp32 inference on an x86 CPU: each llama.Linear's weight moves into oneDNN's blocked layout (a
-    plain one gets slower kernels or a repack per call); memory does not grow. `bench.py --only linear`:
-    8-row products 1.2-1.75x as fast, 1-row 0.92x (Zen 3) to 1.58x (Zen 5). Weights that stay in the
-    caches gain nothing: under `min_bytes` in all, nothing is packed. The Parameters stay, on meta
-    (shapes and counts still read, any other use fails loudly); the model is for inference only.
-    Returns how many were packed (0 on a GPU, in bf16, off x86)."""
-    linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    if sum(m.weight.nbytes for m in linears) < min_bytes:
-        return 0
-    model.requires_grad_(False)
-    for m in linears:
-        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
-        m.weight = nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
-    return len(linears)
-
-
-@torch.library.custom_op("mra::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
-                  out_features: int) -> torch.Tensor:
-    """A packed Linear inside a compiled step (generate.py --compile with batches on the CPU)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, packed, bias, out_features):
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
 def additive_mask(allowed, dtype):
     """A bool mask (True: may attend) as 0 / -inf to add to the scores. Built once per call and
     shared by every layer: given the bool mask, SDPA would convert it again in each."""
@@ -253,31 +196,11 @@ class KVCache:
         return view
 
 
-# How a compiled decode step attends, per device: "written-out" (decode_attention) or "sdpa"; read as
-# the step is traced (bench.py compiles one with each)
-COMPILED_ATTENTION = {"cpu": "written-out", "cuda": "sdpa"}
-
-
-def decode_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(hd) + mask) v for one query per row, q (B, nh, 1, hd), over the whole cache,
-    k, v (B, nkv, S, hd), mask (B, 1, 1, S). Written out, a compiled CPU step fuses it into one pass over
-    the keys and one over the (channel-major) values: faster than SDPA's kernel (`bench.py --only decode`).
-    On a GPU the compiled step keeps SDPA (bench.py --device cuda --compile times both)."""
-    B, nh, _, hd = q.shape
-    nkv = k.shape[1]
-    # scores and softmax in fp32, as SDPA's kernels keep them: in bf16 a score near 30 is rounded by up
-    # to 1/16, e^(1/16) = 6% in its weight (the keys and values convert as read: no bytes added)
-    q = q.view(B, nkv, nh // nkv, 1, hd).float() * hd ** -0.5  # each k/v head's queries (grouped-query)
-    s = (q * k[:, :, None]).sum(-1) + mask  # (B, nkv, g, S)
-    e = (s - s.amax(-1, keepdim=True)).exp()  # softmax(s) = e / sum(e)
-    # dividing after the sum over slots: once per channel, not once per slot
-    return ((e[..., None] * v[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)).view(B, nh, 1, hd).to(v.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig, layer):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, c.n_heads, c.n_kv_heads, c.head_dim
+        # Linear: nn.Linear with a faster CPU inference path (the last section)
         self.wq = Linear(c.dim, c.n_heads * c.head_dim, bias=False)
         self.wk = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
@@ -322,33 +245,6 @@ class MLP(nn.Module):
     def forward(self, x):
         gate, up = (self.gate(x), self.up(x)) if self.gate_up is None else self.gate_up(x).chunk(2, -1)
         return self.down(F.silu(gate) * up)  # SwiGLU
-
-
-def fuse_linears(model):
-    """Inference: q, k, v as one product and gate, up as one (weights' rows stacked): a batch-1 decode
-    step reads the same bytes in 4 products per layer, not 7. In place, before pack_linears; plain and
-    int8 weights (merge a LoRA first). The keys change (attn.wqkv, mlp.gate_up): save the model unfused."""
-    n = 0
-    for block in model.layers:
-        for part, names, fused in ((block.attn, ("wq", "wk", "wv"), "wqkv"), (block.mlp, ("gate", "up"), "gate_up")):
-            if getattr(part, fused) is not None:
-                continue  # fused already
-            ms = [getattr(part, name) for name in names]
-            if not (all(type(m) is Linear and m.packed is None and m.bias is None for m in ms)
-                    or all(type(m) is Int8Linear for m in ms)):
-                continue  # LoRA, packed: as they are
-            int8, w = type(ms[0]) is Int8Linear, torch.cat([m.weight.detach() for m in ms])
-            with torch.device("meta"):  # shapes only: the stacked tensors go in next
-                new = Int8Linear(w.shape[1], w.shape[0]) if int8 else Linear(w.shape[1], w.shape[0], bias=False)
-            if int8:
-                new.weight, new.scales = w, torch.cat([m.scales for m in ms])
-            else:
-                new.weight = nn.Parameter(w, requires_grad=False)
-            for name in names:
-                delattr(part, name)
-            setattr(part, fused, new)
-            n += 1
-    return n
 
 
 class Block(nn.Module):
@@ -530,78 +426,111 @@ class Llama(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer: sentencepiece, wrapped exactly as HF's slow LlamaTokenizer wraps it
+# Decoding fast: the model above runs as is; these make its inference faster where measured
+# (`python bench.py`): oneDNN's products and packed weights on an x86 CPU, q, k, v and gate, up fused
+# into two products on a GPU, and a written-out decode attention for the compiled CPU step
 
-class Tokenizer:
-    """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0), wrapped as
-    HF's slow `LlamaTokenizer` of transformers 4.31 (the release's pin) wraps it: the same ids
-    (tests/test_tokenizer.py). Sentencepiece does the real work; the rest is HF's handling of "<s>",
-    "</s>", "<unk>" in the text, in the mode the tokenizer_config.json beside the model says (`legacy`,
-    true where it says nothing). Vicuna v1.5's says false: the first piece after a special token then
-    loses its dummy-prefix "▁" ("</s>USER" gives "US...", not "▁US..."), in every multi-turn prompt."""
+# measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
+ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
+          and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
 
-    def __init__(self, model_path, legacy=None):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.load(model_path)
-        except RuntimeError:
-            raise ValueError(f"not a sentencepiece model: {model_path}") from None
-        if legacy is None:  # HF 4.31: `if not self.legacy` -- so an explicit null counts as false
-            config = os.path.join(os.path.dirname(model_path), "tokenizer_config.json")
-            legacy = bool(read_config(config, lambda d: d.get("legacy", True))) if os.path.isfile(config) else True
-        self.legacy = legacy
-        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
-        self.pad_id = self.unk_id  # LLaMA has no pad token; LLaVA pads with <unk>
-        self.vocab_size = self.sp.get_piece_size()
-        self.special = {i: self.sp.id_to_piece(i) for i in (self.unk_id, self.bos_id, self.eos_id)}
-        self.special_ids = {s: i for i, s in self.special.items()}
-        self.special_re = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
 
-    def __len__(self):
-        return self.vocab_size
+class Linear(nn.Linear):
+    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's one-core gemv: 1.4-2x
+    as fast for 1 and 8 rows (`python bench.py --only linear`), equal up to rounding. Training (no oneDNN
+    backward) and compiled steps of plain weights (inductor picks its kernels) keep F.linear. After
+    pack_linears the weight is oneDNN's blocked `packed` one and only this path remains."""
+    packed = None
 
-    def encode(self, text, bos=True, eos=False):
-        ids = [self.bos_id] if bos else []
-        # HF first cuts the text at literal special-token strings: the "</s>" that ends every answer in
-        # the vicuna_v1 template becomes EOS. The spaces around them are kept, and each chunk is a separate
-        # sentencepiece call with its own dummy-prefix space: after "</s>", "USER" starts "▁US..." in legacy mode.
-        if not self.legacy:  # HF 4.31 marks the text's start with "▁", so every "▁" in it is a space first
-            text = text.replace("▁", " ")
-        for k, chunk in enumerate(self.special_re.split(text)):
-            if chunk in self.special_ids:
-                ids.append(self.special_ids[chunk])
-            elif chunk and (self.legacy or k == 0 or chunk[0] == " "):
-                ids += self.sp.encode(chunk)
-            elif chunk:  # not legacy, right after a special token: the first piece loses its "▁", by name
-                pieces = self.sp.encode(chunk, out_type=str)
-                pieces[0] = pieces[0][1:] if pieces[0].startswith("▁") else pieces[0]
-                ids += [self.sp.piece_to_id(p) for p in pieces if p]  # a piece that is not one becomes <unk>
-        return ids + [self.eos_id] if eos else ids
+    def forward(self, x):
+        if self.packed is not None:
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise RuntimeError("this Linear's weight is packed for inference (llama.pack_linears): it can't "
+                                   "be trained; load the model again for that")
+            if torch.compiler.is_compiling():  # one opaque op to inductor, which can't read the layout
+                return packed_linear(x, self.packed, self.bias, self.out_features)
+            weight = self.packed
+        elif (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            weight = self.weight
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
-    def decode(self, ids, skip_special_tokens=True):
-        ids = [int(i) for i in ids]  # lists or tensors
-        if skip_special_tokens:  # <unk> counts as special too, so padding disappears
-            ids = [i for i in ids if i not in self.special]
-        pieces = [self.sp.id_to_piece(i) for i in ids]
-        if not pieces:
-            return ""
-        # HF removes the dummy-prefix space, then sentencepiece a leading one again: a first "▁▁x" loses both
-        if pieces[0].startswith("▁"):
-            pieces[0] = pieces[0][1:]
-        # Runs of ordinary pieces are decoded by sentencepiece, special tokens pasted in. Legacy mode adds a
-        # space *before the run* preceding a special token, and after a leading one when no "▁" follows.
-        text, run = "", []
-        for k, (i, piece) in enumerate(zip(ids, pieces)):
-            prev_special = k > 0 and ids[k - 1] in self.special
-            if i in self.special:
-                if k > 0 and not prev_special:
-                    text += " "
-                text += self.sp.decode_pieces(run) + piece
-                run = []
+
+def pack_linears(model, min_bytes=64 << 20):
+    """fp32 inference on an x86 CPU: each llama.Linear's weight moves into oneDNN's blocked layout (a
+    plain one gets slower kernels or a repack per call); memory does not grow. `bench.py --only linear`:
+    8-row products 1.2-1.75x as fast, 1-row 0.92x (Zen 3) to 1.58x (Zen 5). Weights that stay in the
+    caches gain nothing: under `min_bytes` in all, nothing is packed. The Parameters stay, on meta
+    (shapes and counts still read, any other use fails loudly); the model is for inference only.
+    Returns how many were packed (0 on a GPU, in bf16, off x86)."""
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    if sum(m.weight.nbytes for m in linears) < min_bytes:
+        return 0
+    model.requires_grad_(False)
+    for m in linears:
+        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+        m.weight = nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
+    return len(linears)
+
+
+@torch.library.custom_op("mra::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
+                  out_features: int) -> torch.Tensor:
+    """A packed Linear inside a compiled step (generate.py --compile with batches on the CPU)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# How a compiled decode step attends, per device: "written-out" (decode_attention) or "sdpa"; read as
+# the step is traced (bench.py compiles one with each)
+COMPILED_ATTENTION = {"cpu": "written-out", "cuda": "sdpa"}
+
+
+def decode_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(hd) + mask) v for one query per row, q (B, nh, 1, hd), over the whole cache,
+    k, v (B, nkv, S, hd), mask (B, 1, 1, S). Written out, a compiled CPU step fuses it into one pass over
+    the keys and one over the (channel-major) values: faster than SDPA's kernel (`bench.py --only decode`).
+    On a GPU the compiled step keeps SDPA (bench.py --device cuda --compile times both)."""
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    # scores and softmax in fp32, as SDPA's kernels keep them: in bf16 a score near 30 is rounded by up
+    # to 1/16, e^(1/16) = 6% in its weight (the keys and values convert as read: no bytes added)
+    q = q.view(B, nkv, nh // nkv, 1, hd).float() * hd ** -0.5  # each k/v head's queries (grouped-query)
+    s = (q * k[:, :, None]).sum(-1) + mask  # (B, nkv, g, S)
+    e = (s - s.amax(-1, keepdim=True)).exp()  # softmax(s) = e / sum(e)
+    # dividing after the sum over slots: once per channel, not once per slot
+    return ((e[..., None] * v[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)).view(B, nh, 1, hd).to(v.dtype)
+
+
+def fuse_linears(model):
+    """Inference: q, k, v as one product and gate, up as one (weights' rows stacked): a batch-1 decode
+    step reads the same bytes in 4 products per layer, not 7. In place, before pack_linears; plain and
+    int8 weights (merge a LoRA first). The keys change (attn.wqkv, mlp.gate_up): save the model unfused."""
+    n = 0
+    for block in model.layers:
+        for part, names, fused in ((block.attn, ("wq", "wk", "wv"), "wqkv"), (block.mlp, ("gate", "up"), "gate_up")):
+            if getattr(part, fused) is not None:
+                continue  # fused already
+            ms = [getattr(part, name) for name in names]
+            if not (all(type(m) is Linear and m.packed is None and m.bias is None for m in ms)
+                    or all(type(m) is Int8Linear for m in ms)):
+                continue  # LoRA, packed: as they are
+            int8, w = type(ms[0]) is Int8Linear, torch.cat([m.weight.detach() for m in ms])
+            with torch.device("meta"):  # shapes only: the stacked tensors go in next
+                new = Int8Linear(w.shape[1], w.shape[0]) if int8 else Linear(w.shape[1], w.shape[0], bias=False)
+            if int8:
+                new.weight, new.scales = w, torch.cat([m.scales for m in ms])
             else:
-                if k == 1 and prev_special and not piece.startswith("▁"):
-                    text += " "
-                run.append(piece)
-        return text + self.sp.decode_pieces(run)
+                new.weight = nn.Parameter(w, requires_grad=False)
+            for name in names:
+                delattr(part, name)
+            setattr(part, fused, new)
+            n += 1
+    return n

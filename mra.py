@@ -25,7 +25,8 @@ from torch import nn
 
 from convnext import ConvNeXt, ConvNeXtConfig
 from int8 import int8_linears, int8_reader
-from llama import INT8_KEYS, Llama, LlamaConfig, Tokenizer
+from llama import INT8_KEYS, Llama, LlamaConfig
+from tokenizer import Tokenizer
 from vit import ViT, ViTConfig
 from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint,
                      read_config, read_safetensors, remap, tensor_sizes, their_name, write_safetensors)

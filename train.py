@@ -46,7 +46,8 @@ import mra
 import runs
 from convnext import ConvNeXtConfig
 from int8 import int8_linears
-from llama import LlamaConfig, RMSNorm, Tokenizer
+from llama import LlamaConfig, RMSNorm
+from tokenizer import Tokenizer
 from vit import ViTConfig
 from weights import available_memory, fingerprint, read_config
 

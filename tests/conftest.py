@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaTokenizer
 
-from llama import Tokenizer
+from tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

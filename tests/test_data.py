@@ -16,7 +16,7 @@ from transformers import CLIPImageProcessor
 
 import data
 from data import DataError, LlavaDataset, build_prompt, encode, load_image, preprocess, tokenize
-from llama import Tokenizer
+from tokenizer import Tokenizer
 from mra import IGNORE, IMAGE_TOKEN
 
 WORDS = ("the a cat dog image picture what is this color of on in and man woman red blue two three "

@@ -24,6 +24,7 @@ import mra
 from llama import LlamaConfig
 from test_mra import randomise, tiny_cfg
 from test_tokenizer import training_lines
+from tokenizer import Tokenizer
 
 MAX_NEW = 8
 
@@ -198,7 +199,7 @@ def test_chat_continuation_tokenises_like_a_fresh_prompt(model_dir, legacy):
     # what the chat feeds after an answer ("</s>USER: ... ASSISTANT:") is exactly the tail of
     # the whole conversation tokenised afresh, and the answer's tokens are what was generated;
     # in either of the tokenizer's modes (the release's: not legacy, "USER" after "</s>" loses its "▁")
-    tok = llama.Tokenizer(os.path.join(model_dir, "tokenizer.model"), legacy=legacy)
+    tok = Tokenizer(os.path.join(model_dir, "tokenizer.model"), legacy=legacy)
     first = [generate.human_turn("What is this?", True)]
     answer = "A red car on the street."
     ids1 = ids_for(tok, first)

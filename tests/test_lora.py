@@ -17,7 +17,7 @@ import torch
 import generate
 import lora
 import mra
-from llama import Tokenizer
+from tokenizer import Tokenizer
 from test_generate import greedy_full_forward, ids_for, pixels
 from test_train import TRAIN, args, assert_same, env, losses, one_thread, plan, tiny, torchrun, weights  # noqa: F401
 
@@ -161,7 +161,7 @@ def test_a_base_changed_or_gone_mid_run_leaves_the_adapters_saved(env, base, tmp
         capsys.readouterr()
         g["save"](g["done"])
         err = capsys.readouterr().err
-        assert f"holds the LoRA adapters alone, not the merged model (" in err and why in err, err
+        assert "holds the LoRA adapters alone, not the merged model (" in err and why in err, err
         assert not (out / "ckpt" / "model.safetensors").exists() and (out / "ckpt" / "lora" / "lora.json").is_file()
         assert_same(mra.read_safetensors(out / "ckpt" / "lora"), lora.adapter_state(g["unwrapped"].state_dict(),
                                                                                      g["trainable"]))

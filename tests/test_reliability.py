@@ -24,10 +24,11 @@ import torch
 import data
 import generate
 import mra
-from llama import Llama, LlamaConfig, Tokenizer
+from llama import Llama, LlamaConfig
 from test_data import conv, records, train_spm, write_dataset
 from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
 from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, train, weights  # noqa: F401
+from tokenizer import Tokenizer
 from weights import CheckpointError, convert_bin
 
 COMMON = ("--global-batch", 1, "--batch-size", 1, "--lr", 1e-3)

@@ -15,7 +15,7 @@ import pytest
 import sentencepiece as spm
 from transformers import LlamaTokenizer
 
-from llama import Tokenizer
+from tokenizer import Tokenizer
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions.")

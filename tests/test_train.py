@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 import mra
-from llama import Tokenizer
+from tokenizer import Tokenizer
 from test_data import random_image, train_spm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
