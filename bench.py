@@ -1132,6 +1132,9 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
                 return prefix + weights.their_name(k[len(ours):], table)
         return weights.their_name(k, mra.RELEASE_KEYS)
 
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):  # a real release, say
+        raise SystemExit(f"--make-release {path}: exists and is not an empty directory; the random shards, "
+                         f"config.json and tokenizer.model would replace its files: name a new directory")
     os.makedirs(path, exist_ok=True)
     c = cfg.llm
     hf = dict(model_type="llava", architectures=["LlavaLlamaForCausalLM"], vocab_size=c.vocab_size,

@@ -805,6 +805,18 @@ def test_memory_estimate_refuses_before_reading(hr, monkeypatch):
     assert int8 == fp32 // 2 - linears
 
 
+def test_make_release_loads_and_never_writes_into_a_directory_that_holds_files(tmp_path):
+    import bench
+    path = bench.make_release(str(tmp_path), preset="demo")  # an empty directory is fine
+    assert mra.load_checkpoint(path).cfg.llm.n_layers == mra.MRAConfig.from_name("demo").llm.n_layers
+    real = tmp_path / "llava-hr-7b"  # bench.py --make-release DIR with a real release's DIR, by mistake
+    real.mkdir()
+    (real / "config.json").write_text("the release's own")
+    with pytest.raises(SystemExit, match=r"llava-hr-7b: exists and is not an empty directory; .* name a new directory"):
+        bench.make_release(str(real), preset="demo")
+    assert os.listdir(real) == ["config.json"] and (real / "config.json").read_text() == "the release's own"
+
+
 @pytest.fixture(scope="module")
 def int8_pair(hr_parts, tmp_path_factory):
     """The released .bin form loaded twice: fp32, and int8 (quantized while read)."""
