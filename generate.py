@@ -494,7 +494,7 @@ def parse_args(argv):
         p.error(f"--device {args.device}: MPS is not available here; use --device cpu")
     try:  # a device torch names but cannot compute on here (meta, xla, a GPU past the last): found now
         torch.empty(0, device=device), torch.Generator(device)
-    except (RuntimeError, ImportError) as e:
+    except (RuntimeError, ImportError, AssertionError) as e:  # AssertionError: xpu in a build without it
         why = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]  # torch's first sentence of a paragraph
         p.error(f"--device {args.device}: torch cannot run the model on it here ({why}); use --device cpu")
     return args

@@ -614,11 +614,12 @@ def test_tokenizer_larger_than_the_llm_is_refused(model_dir, images, tmp_path, c
     # torch tracebacks after the load before: devices torch names but cannot compute on, a seed past its range
     (["--device", "meta"], "error: --device meta: torch cannot run the model on it here ("),
     (["--device", "xla"], "error: --device xla: torch cannot run the model on it here (Could not run "),  # (torch's words)
+    (["--device", "xpu"], "error: --device xpu: torch cannot run the model on it here ("),
     (["--seed", "99999999999999999999999", "--temperature", "1"],
      "error: need --seed from -2**63 to 2**64 - 1 (torch's range) (see --help)"),
 ])
 def test_bad_flags_are_one_line(model_dir, capsys, flags, expected):  # noqa: F811
-    if "cuda" in flags and torch.cuda.is_available():
+    if "cuda" in flags and torch.cuda.is_available() or "xpu" in flags and torch.xpu.is_available():
         pytest.skip("a GPU is here")
     with pytest.raises(SystemExit) as e:
         generate.main(["--model", str(model_dir), "--prompt", "Hi", *flags])
