@@ -565,6 +565,10 @@ def run(args):
     # the shortest prompt this run can have (images: plain always has one), with room for --max-new-tokens
     least = slots(model, prompt_ids(tok, [human_turn("", image is not None or args.conv_mode == "plain")],
                                     args.conv_mode))
+    if least >= model.cfg.llm.max_seq_len:  # no --max-new-tokens helps: "use at most" would be 0 or less
+        raise ContextError(f"--model {args.model}: the shortest prompt takes {least} positions, but the LLM's "
+                           f"context holds {model.cfg.llm.max_seq_len}: nothing can be answered; is its context "
+                           f"length right (max_position_embeddings in config.json, llm.max_seq_len in ours)?")
     if least + args.max_new_tokens > model.cfg.llm.max_seq_len:
         raise ContextError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the shortest takes "
                            f"{least} of the context's {model.cfg.llm.max_seq_len} positions; use at most "
