@@ -77,6 +77,15 @@ def test_overwrite_never_deletes_what_the_run_reads(env, tmp_path):
         train([str(tmp_path / "nope.json") if a.endswith("chats.json") else a for a in args(env, tmp_path / "o")])
 
 
+@pytest.mark.parametrize("flag, what", [("--vit", "an HF CLIP checkpoint"), ("--projector", "the released stage-1 "
+                                        "mm_projector.bin"), ("--convnext", "a timm or open_clip ConvNeXt checkpoint")])
+def test_a_missing_backbone_or_projector_file_is_named_before_anything_loads(env, tmp_path, flag, what):
+    # they were found only once the parts before them had loaded, and a missing --projector was called
+    # "not a readable PyTorch weights file ... damaged or cut short? download it again"
+    with pytest.raises(SystemExit, match=rf"^{flag} .*nope: no such file or directory \({what} is expected\)$"):
+        train([*args(env, tmp_path / "o", 2, *COMMON), flag, str(tmp_path / "nope")])
+
+
 def test_resume_checks_the_data_by_content_and_says_what_else_changed(env, tmp_path, capsys):
     d, _ = env
     moved, out = tmp_path / "moved.json", tmp_path / "run"
