@@ -256,7 +256,8 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0, crop=64):
 def run(argv):
     """python train.py --preset demo [--out out/demo] [--data-dir data/demo] [--scenes N] [--tower-steps N]
     [flags for both stages]: data, stage 0 (pretrain_towers), stage 1, stage 2."""
-    pre = argparse.ArgumentParser()
+    pre = argparse.ArgumentParser(description="The CPU demo: synthetic data, stage 0, then train.py's stages 1 and 2. "
+                                  "Flags not listed here go to both stages (python train.py --stage 2 --help).")
     pre.add_argument("--preset", choices=["demo"])
     pre.add_argument("--out", default="out/demo")
     pre.add_argument("--data-dir", default="data/demo")

@@ -92,7 +92,8 @@ if __name__ == "__main__" and "--preset" in sys.argv:  # the CPU demo lives in d
     demo.run(sys.argv[1:])
     sys.exit()
 
-p = Parser(description=__doc__.split("\n")[0])
+p = Parser(description=__doc__.split("\n")[0],
+           epilog="The CPU demo (demo.py): python train.py --preset demo; its own flags: --preset demo --help")
 p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                help="1: projector (and fusion) on caption pairs; 2: instruction tuning with the MR-Adapters")
 p.add_argument("--data", help="LLaVA json / jsonl (required unless --dry-run)")
