@@ -162,7 +162,13 @@ def prepare(out, n_train=2000, n_test=500, vocab_size=600):
     questions about each (seed 1), and a sentencepiece tokenizer trained on the text (nothing
     pretrained exists here). Kept if already there, so the demo and the experiment reuse them."""
     import sentencepiece as spm
-    if not os.path.isfile(os.path.join(out, "tokenizer.model")):
+    if os.path.isfile(os.path.join(out, "tokenizer.model")):  # reused only if it is what was asked for
+        held = [len(data.read_records(os.path.join(out, s, "pretrain.json"))) for s in ("train", "test")]
+        if held != [n_train, n_test]:
+            raise SystemExit(f"--data-dir {out} holds {held[0]} training and {held[1]} held-out scenes, not the "
+                             f"{n_train} and {n_test} asked for (--scenes, --test-scenes): delete it to draw them "
+                             f"anew, or pick another --data-dir")
+    else:
         print(f"data: drawing {n_train} training and {n_test} held-out scenes into {out}, then training a "
               f"tokenizer on their text (once; a rerun reuses them)", flush=True)
         make_synthetic(os.path.join(out, "train"), n_train, seed=0)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -103,6 +104,18 @@ def test_questions_file_holds_true_answers(tmp_path):
     for q in map(json.loads, open(tmp_path / "questions.jsonl")):
         assert q["text"] == demo.QUESTIONS[q["category"]]
         assert q["answer"] == str(by_image[q["image"]][q["category"]])
+
+
+def test_prepare_reuses_the_data_only_if_it_holds_the_scenes_asked_for(tmp_path):
+    # a short try (--scenes 40) left in data/demo was reused by the next full demo, silently: 40 scenes
+    d = str(tmp_path / "data")
+    assert demo.prepare(d, n_train=4, n_test=2, vocab_size=300) == d
+    mtime = os.path.getmtime(os.path.join(d, "tokenizer.model"))
+    assert demo.prepare(d, n_train=4, n_test=2, vocab_size=300) == d  # the same: kept as it is
+    with pytest.raises(SystemExit, match=r"data holds 4 training and 2 held-out scenes, not the 2000 and 500 asked "
+                                         r"for \(--scenes, --test-scenes\): delete it .*or pick another --data-dir"):
+        demo.prepare(d)
+    assert os.path.getmtime(os.path.join(d, "tokenizer.model")) == mtime
 
 
 def test_demo_preset_end_to_end(tmp_path):
