@@ -1101,7 +1101,11 @@ def make_tokenizer(path, n=32000):
     """A sentencepiece BPE model with n pieces (byte fallback, <unk> <s> </s> = 0 1 2, as LLaMA's):
     trained on a few lines, then padded with placeholder pieces up to n."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    try:  # protobuf: in requirements-dev.txt, not in the runtime's requirements.txt
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError as e:
+        raise SystemExit(f"a {n}-piece tokenizer.model is written through sentencepiece's protobuf model, and "
+                         f"protobuf does not import ({e}): pip install protobuf (or -r requirements-dev.txt)") from None
     with tempfile.TemporaryDirectory() as d:
         lines = [f"What is in the image? A picture of {w} number {i}." for i, w in enumerate(["cat", "sign"] * 75)]
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=os.path.join(d, "t"),
@@ -1137,6 +1141,7 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
                          f"config.json and tokenizer.model would replace its files: name a new directory")
     os.makedirs(path, exist_ok=True)
     c = cfg.llm
+    make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)  # first: it alone needs protobuf
     hf = dict(model_type="llava", architectures=["LlavaLlamaForCausalLM"], vocab_size=c.vocab_size,
               hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
               num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
@@ -1145,7 +1150,6 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
               is_multipath_encoder=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
-    make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:  # the mode the releases' say (Vicuna v1.5's)
         json.dump(dict(tokenizer_class="LlamaTokenizer", legacy=False, add_bos_token=True, add_eos_token=False), f)
     groups, size = [[]], 0  # consecutive keys, a new shard after every shard_gb (what the maker holds)

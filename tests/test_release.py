@@ -817,6 +817,18 @@ def test_make_release_loads_and_never_writes_into_a_directory_that_holds_files(t
     assert os.listdir(real) == ["config.json"] and (real / "config.json").read_text() == "the release's own"
 
 
+def test_make_release_without_protobuf_says_so_and_leaves_the_directory_empty(tmp_path, monkeypatch):
+    # requirements.txt has no protobuf, which the padded tokenizer.model is written through: it was a
+    # ModuleNotFoundError traceback, after config.json was written (and DIR then held files)
+    import sentencepiece
+    import bench
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
+    with pytest.raises(SystemExit, match=r"protobuf does not import .*: pip install protobuf"):
+        bench.make_release(str(tmp_path / "rel"), preset="demo")
+    assert os.listdir(tmp_path / "rel") == []
+
+
 @pytest.fixture(scope="module")
 def int8_pair(hr_parts, tmp_path_factory):
     """The released .bin form loaded twice: fp32, and int8 (quantized while read)."""
