@@ -63,6 +63,7 @@ import queue
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1140,6 +1141,10 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
         raise SystemExit(f"--make-release {path}: exists and is not an empty directory; the random shards, "
                          f"config.json and tokenizer.model would replace its files: name a new directory")
     os.makedirs(path, exist_ok=True)
+    need, free = 2 * sum(s.numel() for s in shapes.values()), shutil.disk_usage(path).free  # fp16
+    if need > free:  # found now, not as a write fails some shards in
+        raise SystemExit(f"--make-release {path}: its fp16 shards need {need / 1e9:.2f} GB of disk, {free / 1e9:.2f} "
+                         f"GB is free there: free some, or name a directory on another disk")
     c = cfg.llm
     make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)  # first: it alone needs protobuf
     hf = dict(model_type="llava", architectures=["LlavaLlamaForCausalLM"], vocab_size=c.vocab_size,

@@ -817,6 +817,15 @@ def test_make_release_loads_and_never_writes_into_a_directory_that_holds_files(t
     assert os.listdir(real) == ["config.json"] and (real / "config.json").read_text() == "the release's own"
 
 
+def test_make_release_refuses_a_disk_that_cannot_hold_it(tmp_path, monkeypatch):
+    import shutil
+    import bench
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(SystemExit, match=r"rel: its fp16 shards need 0\.01 GB of disk, 0\.00 GB is free there: free "):
+        bench.make_release(str(tmp_path / "rel"), preset="demo")
+    assert os.listdir(tmp_path / "rel") == []
+
+
 def test_make_release_without_protobuf_says_so_and_leaves_the_directory_empty(tmp_path, monkeypatch):
     # requirements.txt has no protobuf, which the padded tokenizer.model is written through: it was a
     # ModuleNotFoundError traceback, after config.json was written (and DIR then held files)
