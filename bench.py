@@ -63,6 +63,7 @@ import queue
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1110,7 +1111,11 @@ def make_tokenizer(path, n=32000):
     """A sentencepiece BPE model with n pieces (byte fallback, <unk> <s> </s> = 0 1 2, as LLaMA's):
     trained on a few lines, then padded with placeholder pieces up to n."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    try:  # protobuf: in requirements-dev.txt, not in the runtime's requirements.txt
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError as e:
+        raise SystemExit(f"a {n}-piece tokenizer.model is written through sentencepiece's protobuf model, and "
+                         f"protobuf does not import ({e}): pip install protobuf (or -r requirements-dev.txt)") from None
     with tempfile.TemporaryDirectory() as d:
         lines = [f"What is in the image? A picture of {w} number {i}." for i, w in enumerate(["cat", "sign"] * 75)]
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=os.path.join(d, "t"),
@@ -1141,8 +1146,16 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
                 return prefix + weights.their_name(k[len(ours):], table)
         return weights.their_name(k, mra.RELEASE_KEYS)
 
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):  # a real release, say
+        raise SystemExit(f"--make-release {path}: exists and is not an empty directory; the random shards, "
+                         f"config.json and tokenizer.model would replace its files: name a new directory")
     os.makedirs(path, exist_ok=True)
+    need, free = 2 * sum(s.numel() for s in shapes.values()), shutil.disk_usage(path).free  # fp16
+    if need > free:  # found now, not as a write fails some shards in
+        raise SystemExit(f"--make-release {path}: its fp16 shards need {need / 1e9:.2f} GB of disk, {free / 1e9:.2f} "
+                         f"GB is free there: free some, or name a directory on another disk")
     c = cfg.llm
+    make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)  # first: it alone needs protobuf
     hf = dict(model_type="llava", architectures=["LlavaLlamaForCausalLM"], vocab_size=c.vocab_size,
               hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
               num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
@@ -1151,7 +1164,6 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
               is_multipath_encoder=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
-    make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:  # the mode the releases' say (Vicuna v1.5's)
         json.dump(dict(tokenizer_class="LlamaTokenizer", legacy=False, add_bos_token=True, add_eos_token=False), f)
     groups, size = [[]], 0  # consecutive keys, a new shard after every shard_gb (what the maker holds)

@@ -262,7 +262,8 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0, crop=64):
 def run(argv):
     """python train.py --preset demo [--out out/demo] [--data-dir data/demo] [--scenes N] [--tower-steps N]
     [flags for both stages]: data, stage 0 (pretrain_towers), stage 1, stage 2."""
-    pre = argparse.ArgumentParser()
+    pre = argparse.ArgumentParser(description="The CPU demo: synthetic data, stage 0, then train.py's stages 1 and 2. "
+                                  "Flags not listed here go to both stages (python train.py --stage 2 --help).")
     pre.add_argument("--preset", choices=["demo"])
     pre.add_argument("--out", default="out/demo")
     pre.add_argument("--data-dir", default="data/demo")
@@ -279,7 +280,7 @@ def run(argv):
     if done and "--overwrite" not in rest:
         raise SystemExit(f"--out {demo.out} already holds a demo run ({', '.join(done)}): --overwrite "
                          f"starts over (deleting it), or pick another --out")
-    d = prepare(demo.data_dir, n_train=demo.scenes, n_test=demo.test_scenes)
+    d = demo.data_dir
     os.makedirs(demo.out, exist_ok=True)
     config = demo.config or os.path.join(demo.out, "config.json")
     if not demo.config:
@@ -288,15 +289,21 @@ def run(argv):
     common = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", config, "--tokenizer", f"{d}/tokenizer.model",
               "--image-folder", f"{d}/train", "--global-batch", "16", "--batch-size", "16", "--lr", "1e-3",
               "--workers", "1", "--save-every", "0"]
-    init = []
-    if demo.tower_steps:
-        pretrain_towers(config, f"{d}/train", f"{demo.out}/stage0", demo.image_size, demo.tower_steps)
-        init = ["--init", f"{demo.out}/stage0/ckpt"]
+    init = ["--init", f"{demo.out}/stage0/ckpt"] if demo.tower_steps else []
     stages = [["--stage", "1", "--data", f"{d}/train/pretrain.json", "--out", f"{demo.out}/stage1",
                "--image-size", str(demo.stage1_size)] + init,
               ["--stage", "2", "--data", f"{d}/train/instruct.json", "--out", f"{demo.out}/stage2",
                "--init", f"{demo.out}/stage1/ckpt", "--image-size", str(demo.image_size), "--epochs", "4",
                "--adapter-lr-scale", "0.1", "--tower-lr-scale", "0.1"]]
+    # train.py checks the flags now, not after the data and stage 0 (minutes): each stage's --dry-run
+    # (the plan alone; without --init, whose checkpoint does not exist yet)
+    for stage in stages:
+        i = stage.index("--init") if "--init" in stage else len(stage)
+        if subprocess.run(common + stage[:i] + stage[i + 2:] + rest + ["--dry-run"], stdout=subprocess.DEVNULL).returncode:
+            sys.exit(1)  # train.py printed its own error
+    prepare(d, n_train=demo.scenes, n_test=demo.test_scenes)
+    if demo.tower_steps:
+        pretrain_towers(config, f"{d}/train", f"{demo.out}/stage0", demo.image_size, demo.tower_steps)
     for stage in stages:  # flags given on the command line come last, so they win
         if subprocess.run(common + stage + rest).returncode:
             sys.exit(1)  # the stage printed its own error

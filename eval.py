@@ -72,7 +72,7 @@ def read_jsonl(path, what, keys):
         with open(path, encoding="utf-8-sig") as f:  # a BOM, as generate.py allows in question files
             text = f.read()
     except OSError as e:
-        raise EvalError(f"{path}: cannot read the {what} ({e.strerror})") from None
+        raise EvalError(f"{path}: cannot read the {what} file ({e.strerror})") from None
     except UnicodeDecodeError:
         raise EvalError(f"{path}: the {what} file is not UTF-8 text; is this the right file?") from None
     if text.lstrip().startswith("["):

@@ -495,7 +495,7 @@ def parse_args(argv):
         p.error(f"--device {args.device}: MPS is not available here; use --device cpu")
     try:  # a device torch names but cannot compute on here (meta, xla, a GPU past the last): found now
         torch.empty(0, device=device), torch.Generator(device)
-    except (RuntimeError, ImportError) as e:
+    except (RuntimeError, ImportError, AssertionError) as e:  # AssertionError: xpu in a build without it
         why = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]  # torch's first sentence of a paragraph
         p.error(f"--device {args.device}: torch cannot run the model on it here ({why}); use --device cpu")
     return args
@@ -566,10 +566,10 @@ def run(args):
     # the shortest prompt this run can have (images: plain always has one), with room for --max-new-tokens
     least = slots(model, prompt_ids(tok, [human_turn("", image is not None or args.conv_mode == "plain")],
                                     args.conv_mode))
-    if least + 1 > model.cfg.llm.max_seq_len:  # no --max-new-tokens helps: the model's own context is too short
-        raise ContextError(f"{args.model}: its context of {model.cfg.llm.max_seq_len} positions cannot hold the "
-                           f"shortest prompt ({least} positions{', the image included' if image is not None else ''}) "
-                           f"and one new token: its config's max_seq_len (max_position_embeddings) is too small")
+    if least >= model.cfg.llm.max_seq_len:  # no --max-new-tokens helps: "use at most" would be 0 or less
+        raise ContextError(f"--model {args.model}: the shortest prompt takes {least} positions, but the LLM's "
+                           f"context holds {model.cfg.llm.max_seq_len}: nothing can be answered; is its context "
+                           f"length right (max_position_embeddings in config.json, llm.max_seq_len in ours)?")
     if least + args.max_new_tokens > model.cfg.llm.max_seq_len:
         raise ContextError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the shortest takes "
                            f"{least} of the context's {model.cfg.llm.max_seq_len} positions; use at most "

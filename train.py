@@ -93,7 +93,8 @@ if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.arg
     demo.run(sys.argv[1:])
     sys.exit()
 
-p = Parser(description=__doc__.split("\n")[0])
+p = Parser(description=__doc__.split("\n")[0],
+           epilog="The CPU demo (demo.py): python train.py --preset demo; its own flags: --preset demo --help")
 p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                help="1: projector (and fusion) on caption pairs; 2: instruction tuning with the MR-Adapters")
 p.add_argument("--data", help="LLaVA json / jsonl (required unless --dry-run)")
@@ -378,6 +379,11 @@ def from_init(held):
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
+for flag, path, what in (("--vit", args.vit, "an HF CLIP checkpoint"), ("--convnext", args.convnext, "a timm or "
+                         "open_clip ConvNeXt checkpoint"), ("--projector", args.projector, "the released stage-1 "
+                         "mm_projector.bin")):  # else found after the LLM loaded (minutes for a 7B)
+    if path and not os.path.exists(path):
+        raise SystemExit(f"{flag} {path}: no such file or directory ({what} is expected)")
 if args.init:
     mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
     info = os.path.join(args.init, "lora", "lora.json")  # a --lora-adapters-only (or --quantize) run's ckpt

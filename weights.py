@@ -184,6 +184,8 @@ def read_bin(file):
 
     A pickle can run code when loaded: torch.load(weights_only=True) accepts tensors and plain
     containers only, and anything but a flat {name: tensor} is refused here as well."""
+    if not os.path.isfile(file):  # else torch's error below reads as a damaged file
+        raise CheckpointError(f"{file}: no such file")
     try:
         try:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # old pickles: refused below, or fine

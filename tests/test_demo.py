@@ -106,6 +106,18 @@ def test_questions_file_holds_true_answers(tmp_path):
         assert q["answer"] == str(by_image[q["image"]][q["category"]])
 
 
+def test_demo_preset_checks_the_flags_for_train_py_before_the_data_and_stage_0(tmp_path):
+    # a mistyped flag surfaced only at stage 1, after the data and stage 0 (minutes); the rerun was
+    # then refused (--out holds stage0/ckpt) until --overwrite
+    out, d = tmp_path / "out", tmp_path / "data"
+    run = subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", str(out), "--data-dir", str(d),
+                          "--scenes", "4", "--test-scenes", "2", "--tower-steps", "2", "--max-stepz", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        "train.py: error: unrecognized arguments: --max-stepz 2 (see --help)"], run.stderr[-2000:]
+    assert not d.exists() and not (out / "stage0").exists()
+
+
 def test_demo_preset_end_to_end(tmp_path):
     out, d = tmp_path / "out", tmp_path / "data"
     env = dict(os.environ, OMP_NUM_THREADS="1")

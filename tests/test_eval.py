@@ -966,7 +966,7 @@ def test_missing_answers_are_counted_and_scored_apart(tmp_path, capsys):
 
 def test_unreadable_inputs(tmp_path, capsys):
     argv = write_textvqa(tmp_path)
-    fails(capsys, argv[:2] + [str(tmp_path / "absent.jsonl")] + argv[3:], "absent.jsonl", "cannot read")
+    fails(capsys, argv[:2] + [str(tmp_path / "absent.jsonl")] + argv[3:], "absent.jsonl: cannot read the answer file (")
     with open(argv[4], "w") as f:
         f.write("{broken")
     fails(capsys, argv, "TextVQA_0.5.1_val.json:1:", "not valid JSON")

@@ -356,6 +356,24 @@ def test_a_batch_run_that_can_answer_nothing_fails(model_dir, model, tok, images
         "shorten them)", err
 
 
+def test_a_context_shorter_than_any_prompt_is_named_not_given_a_negative_limit(model_dir, model, tok, images,
+                                                                                tmp_path, capsys):
+    # it said "use at most -2" of --max-new-tokens, which no value satisfies
+    least = generate.slots(model, ids_for(tok, [generate.human_turn("", True)]))
+    short = tmp_path / "short"
+    short.mkdir()
+    for name in os.listdir(model_dir):
+        os.link(model_dir / name, short / name)
+    cfg = json.loads((model_dir / "mra_config.json").read_text())
+    cfg["llm"]["max_seq_len"] = least - 2
+    (short / "mra_config.json").unlink()
+    (short / "mra_config.json").write_text(json.dumps(cfg))
+    code, out, err = run_cli(capsys, "--model", short, "--image", images[0], "--prompt", "Hi", "--max-new-tokens", 1)
+    assert code == 1 and out == "" and err.splitlines()[-1] == f"error: --model {short}: the shortest prompt takes " \
+        f"{least} positions, but the LLM's context holds {least - 2}: nothing can be answered; is its context " \
+        "length right (max_position_embeddings in config.json, llm.max_seq_len in ours)?", err
+
+
 @pytest.mark.parametrize("text", [json.dumps([{"id": "1", "conversations": [{"from": "human", "value": "Hi"}]}]),
                                   json.dumps([{"id": "1"}], indent=2), " \n[]"])
 def test_a_json_array_of_questions_names_the_layout_expected(model_dir, tmp_path, capsys, text):

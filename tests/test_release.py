@@ -805,6 +805,39 @@ def test_memory_estimate_refuses_before_reading(hr, monkeypatch):
     assert int8 == fp32 // 2 - linears
 
 
+def test_make_release_loads_and_never_writes_into_a_directory_that_holds_files(tmp_path):
+    import bench
+    path = bench.make_release(str(tmp_path), preset="demo")  # an empty directory is fine
+    assert mra.load_checkpoint(path).cfg.llm.n_layers == mra.MRAConfig.from_name("demo").llm.n_layers
+    real = tmp_path / "llava-hr-7b"  # bench.py --make-release DIR with a real release's DIR, by mistake
+    real.mkdir()
+    (real / "config.json").write_text("the release's own")
+    with pytest.raises(SystemExit, match=r"llava-hr-7b: exists and is not an empty directory; .* name a new directory"):
+        bench.make_release(str(real), preset="demo")
+    assert os.listdir(real) == ["config.json"] and (real / "config.json").read_text() == "the release's own"
+
+
+def test_make_release_refuses_a_disk_that_cannot_hold_it(tmp_path, monkeypatch):
+    import shutil
+    import bench
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(SystemExit, match=r"rel: its fp16 shards need 0\.01 GB of disk, 0\.00 GB is free there: free "):
+        bench.make_release(str(tmp_path / "rel"), preset="demo")
+    assert os.listdir(tmp_path / "rel") == []
+
+
+def test_make_release_without_protobuf_says_so_and_leaves_the_directory_empty(tmp_path, monkeypatch):
+    # requirements.txt has no protobuf, which the padded tokenizer.model is written through: it was a
+    # ModuleNotFoundError traceback, after config.json was written (and DIR then held files)
+    import sentencepiece
+    import bench
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
+    with pytest.raises(SystemExit, match=r"protobuf does not import .*: pip install protobuf"):
+        bench.make_release(str(tmp_path / "rel"), preset="demo")
+    assert os.listdir(tmp_path / "rel") == []
+
+
 @pytest.fixture(scope="module")
 def int8_pair(hr_parts, tmp_path_factory):
     """The released .bin form loaded twice: fp32, and int8 (quantized while read)."""

@@ -165,6 +165,8 @@ def test_bin_files_that_are_empty_or_hold_more_than_named_dense_tensors(tmp_path
     path.write_bytes(b"")  # torch.load raises an error with no message
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable PyTorch weights file \(EOFError\)"):
         read_bin(str(path))
+    with pytest.raises(CheckpointError, match=r"nowhere\.bin: no such file$"):  # was "damaged or cut short?"
+        read_bin(str(tmp_path / "nowhere.bin"))
     torch.save({"w": torch.ones(2), 7: torch.ones(2)}, path)
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused, .* holds 7: Tensor"):
         read_bin(str(path))
