@@ -3,8 +3,9 @@ r"""Train LLaVA-HR in the paper's two stages (Sec. 4.4), with the released recip
 Stage 1 (pre-training, LCS-558K, template "plain", R = 384, no MR-Adapters): only the
 projector and the final fusion learn; both towers and the LLM stay frozen.
 Stage 2 (instruction tuning, llava_v1_5_mix665k, "vicuna_v1", R = 1024): MR-Adapters are
-inserted as the identity and everything learns. AdamW, weight decay 0, warmup ratio 0.03,
-cosine, one epoch, lr 1e-3 / 2e-5, global batch 256 / 128, bf16, gradient checkpointing.
+inserted as the identity and everything learns. AdamW, weight decay 0, no gradient clipping,
+warmup ratio 0.03, cosine, one epoch, lr 1e-3 / 2e-5, global batch 256 / 128, bf16, gradient
+checkpointing.
 
     python train.py --stage 1 --data blip_laion_cc_sbu_558k.json --image-folder images/ \
         --llm vicuna-7b-v1.5/ --vit clip-vit-large-patch14-336/ --convnext convnext_large_mlp.safetensors \
@@ -115,7 +116,9 @@ p.add_argument("--adapter-lr-scale", type=float, default=1.0, help="MR-Adapters'
 p.add_argument("--tower-lr-scale", type=float, default=1.0, help="ViT and ConvNeXt lr / --lr (release 1; demo 0.1)")
 p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, then cosine (default 0.03)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, not on biases and norms (default 0)")
-p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
+p.add_argument("--grad-clip", type=float, default=0.0,
+               help="max gradient norm; default 0: none, as released (its ZeRO configs set no gradient_clipping, "
+                    "so DeepSpeed never applies HF's max_grad_norm 1.0)")
 p.add_argument("--epochs", type=int, default=1, help="default 1")
 p.add_argument("--global-batch", type=int, help="default 256 / 128")
 p.add_argument("--batch-size", type=int, help="per device, per micro-step (default 32 / 8, as released)")
