@@ -542,8 +542,8 @@ if args.resume:
     if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
         print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
               f"come from the checkpoint, the rest applies from here on")
-    # a parameter with no gradient before the save (vision, after text-only micro-batches) has no Adam
-    # state: strict=False starts it fresh, as AdamW would at its first gradient. The same ones must train.
+    # a parameter without Adam state (older runs skipped the vision side after text-only batches) starts
+    # fresh: strict=False, as AdamW would at its first gradient. The same ones must train.
     runs.check_trained(state, trainable, args.lora_r)
     runs.load_optimizer(unwrapped, opt, state, resume_dir, rank, world)
     start_step = state["step"]
@@ -707,6 +707,12 @@ for step in range(start_step, stop_step):
         dist.all_reduce(sums)  # every rank sees the same numbers, so every rank stops together
     loss_sum, tokens, n_skipped = sums.tolist()
     loss = loss_sum / (accum * world)
+    # the release's AdamW (DeepSpeed's, on flat partitions) steps every trainable parameter every step: a
+    # text-only batch gives the vision side a zero gradient (its forward splices in features[0:0]), so
+    # momentum still moves it and its moments decay, where torch's AdamW would skip a parameter with none
+    for q in params:
+        if q.grad is None:
+            q.grad = torch.zeros_like(q)
     # a finite loss can still give non-finite gradients (an overflow in backward): the norm is checked too,
     # measured (max_norm inf) when not clipped; it is the whole model's on every rank, so all stop alike
     norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)

@@ -365,6 +365,15 @@ def test_gradients_are_not_clipped_by_default(env, tmp_path, monkeypatch):
     assert max(norm for _, norm in seen) > 1, seen
 
 
+def test_adamw_steps_every_trainable_parameter_every_step(env, tmp_path):
+    # 8 image and 2 text-only records, global batches of 2 grouped by modality: 5 steps, one text-only. As
+    # the release's DeepSpeed AdamW, the vision side is stepped there too (a zero gradient: momentum moves it)
+    g = train(args(env, tmp_path / "o", 2, "--global-batch", 2, "--batch-size", 2, "--no-save"))
+    named = dict(g["unwrapped"].named_parameters())
+    steps = {n: int(g["opt"].state[q]["step"]) for n, q in named.items() if q.requires_grad}
+    assert set(steps.values()) == {5}, {n: s for n, s in steps.items() if s != 5}
+
+
 def test_ddp_and_fsdp_equal_one_process(env, tmp_path):
     # DDP without grouping: a text-only micro-batch on one rank while the other holds an image
     common = ("--global-batch", 2, "--batch-size", 1, "--max-steps", 3, "--lr", 1e-3, "--warmup-ratio", 0)
