@@ -3,8 +3,9 @@ r"""Train LLaVA-HR in the paper's two stages (Sec. 4.4), with the released recip
 Stage 1 (pre-training, LCS-558K, template "plain", R = 384, no MR-Adapters): only the
 projector and the final fusion learn; both towers and the LLM stay frozen.
 Stage 2 (instruction tuning, llava_v1_5_mix665k, "vicuna_v1", R = 1024): MR-Adapters are
-inserted as the identity and everything learns. AdamW, weight decay 0, warmup ratio 0.03,
-cosine, one epoch, lr 1e-3 / 2e-5, global batch 256 / 128, bf16, gradient checkpointing.
+inserted as the identity and everything learns. AdamW, weight decay 0, no gradient clipping,
+warmup ratio 0.03, cosine, one epoch, lr 1e-3 / 2e-5, global batch 256 / 128, bf16, gradient
+checkpointing.
 
     python train.py --stage 1 --data blip_laion_cc_sbu_558k.json --image-folder images/ \
         --llm vicuna-7b-v1.5/ --vit clip-vit-large-patch14-336/ --convnext convnext_large_mlp.safetensors \
@@ -118,7 +119,9 @@ p.add_argument("--adapter-lr-scale", type=float, default=1.0, help="MR-Adapters'
 p.add_argument("--tower-lr-scale", type=float, default=1.0, help="ViT and ConvNeXt lr / --lr (release 1; demo 0.1)")
 p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, then cosine (default 0.03)")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, not on biases and norms (default 0)")
-p.add_argument("--grad-clip", type=float, default=1.0, help="HF Trainer's default max_grad_norm")
+p.add_argument("--grad-clip", type=float, default=0.0,
+               help="max gradient norm; default 0: none, as released (its ZeRO configs set no gradient_clipping, "
+                    "so DeepSpeed never applies HF's max_grad_norm 1.0)")
 p.add_argument("--epochs", type=int, default=1, help="default 1")
 p.add_argument("--global-batch", type=int, help="default 256 / 128")
 p.add_argument("--batch-size", type=int, help="per device, per micro-step (default 32 / 8, as released)")
@@ -547,8 +550,8 @@ if args.resume:
     if changed and master:  # allowed (a lower lr after a spike, say), but no longer the run it was
         print(f"--resume with settings other than the run's: {', '.join(changed)}; the model's shape and config "
               f"come from the checkpoint, the rest applies from here on")
-    # a parameter with no gradient before the save (vision, after text-only micro-batches) has no Adam
-    # state: strict=False starts it fresh, as AdamW would at its first gradient. The same ones must train.
+    # a parameter without Adam state (older runs skipped the vision side after text-only batches) starts
+    # fresh: strict=False, as AdamW would at its first gradient. The same ones must train.
     runs.check_trained(state, trainable, args.lora_r)
     runs.load_optimizer(unwrapped, opt, state, resume_dir, rank, world)
     start_step = state["step"]
@@ -712,6 +715,12 @@ for step in range(start_step, stop_step):
         dist.all_reduce(sums)  # every rank sees the same numbers, so every rank stops together
     loss_sum, tokens, n_skipped = sums.tolist()
     loss = loss_sum / (accum * world)
+    # the release's AdamW (DeepSpeed's, on flat partitions) steps every trainable parameter every step: a
+    # text-only batch gives the vision side a zero gradient (its forward splices in features[0:0]), so
+    # momentum still moves it and its moments decay, where torch's AdamW would skip a parameter with none
+    for q in params:
+        if q.grad is None:
+            q.grad = torch.zeros_like(q)
     # a finite loss can still give non-finite gradients (an overflow in backward): the norm is checked too,
     # measured (max_norm inf) when not clipped; it is the whole model's on every rank, so all stop alike
     norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)

@@ -2,6 +2,7 @@
 touches only projector + fusion, DDP and FSDP2 (torchrun, gloo) equal one process, a resumed run
 equals an uninterrupted one, a NaN stops the run and keeps the last checkpoint."""
 import json
+import math
 import os
 import re
 import runpy
@@ -347,6 +348,30 @@ def test_non_finite_gradients_stop_and_keep_last_checkpoint(env, tmp_path, monke
     assert torch.load(ckpt / "train_state.pt", weights_only=True)["step"] == 2
     assert all(torch.isfinite(t).all() for t in mra.load_checkpoint(str(ckpt)).state_dict().values())
     assert len(losses(tmp_path / "o")) == 2
+
+
+def test_gradients_are_not_clipped_by_default(env, tmp_path, monkeypatch):
+    # the release leaves HF's max_grad_norm 1.0 unused: its ZeRO configs have no "gradient_clipping", so
+    # DeepSpeed clips nothing (and HF defers to it). The norm is still measured, here well above 1
+    clip, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def measured(params, max_norm, *a, **kw):
+        seen.append((max_norm, float(clip(params, max_norm, *a, **kw))))
+        return torch.tensor(seen[-1][1])
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", measured)
+    train(args(env, tmp_path / "o", 2, "--global-batch", 2, "--batch-size", 2, "--max-steps", 2, "--no-save"))
+    assert len(seen) == 2 and all(max_norm == math.inf for max_norm, _ in seen), seen
+    assert max(norm for _, norm in seen) > 1, seen
+
+
+def test_adamw_steps_every_trainable_parameter_every_step(env, tmp_path):
+    # 8 image and 2 text-only records, global batches of 2 grouped by modality: 5 steps, one text-only. As
+    # the release's DeepSpeed AdamW, the vision side is stepped there too (a zero gradient: momentum moves it)
+    g = train(args(env, tmp_path / "o", 2, "--global-batch", 2, "--batch-size", 2, "--no-save"))
+    named = dict(g["unwrapped"].named_parameters())
+    steps = {n: int(g["opt"].state[q]["step"]) for n, q in named.items() if q.requires_grad}
+    assert set(steps.values()) == {5}, {n: s for n, s in steps.items() if s != 5}
 
 
 def test_ddp_and_fsdp_equal_one_process(env, tmp_path):
