@@ -213,7 +213,8 @@ def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "cut" / "ckpt" / "model.safetensors")  # the adapters alone
     capsys.readouterr()
     assert generate.main(["--model", str(tmp_path / "cut" / "ckpt"), "--prompt", "Hi"]) == 1
-    assert "holds LoRA adapters only; use --model BASE --lora" in capsys.readouterr().err
+    assert f"holds LoRA adapters only; use --model {base} --lora {tmp_path / 'cut' / 'ckpt' / 'lora'}\n" in \
+        capsys.readouterr().err  # the base lora.json names
     train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
