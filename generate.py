@@ -552,7 +552,8 @@ def run(args):
     elif not os.path.exists(os.path.join(args.model, "mra_config.json")) and os.path.isdir(f"{args.model}/lora"):
         adapters = os.path.join(args.model, "lora")  # lora.json names the base they trained on
         base = mra.read_config(os.path.join(adapters, "lora.json"), lambda d: d.get("base")) or "BASE"
-        raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model {base} --lora {adapters}")
+        raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model {base} "
+                                  f"--lora {adapters}")
     else:
         model = mra.load_checkpoint(args.model, dtype, device, args.quantize).eval()
     log(f"loaded in {time.perf_counter() - t0:.1f} s")
