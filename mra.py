@@ -502,7 +502,7 @@ def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
         if _int8(quantize):
             int8_linears(model.llm)
     int8 = {k for k, v in model.state_dict().items() if v.dtype == torch.int8}.__contains__
-    check_memory(path, tensor_sizes(path), dtype, device, int8, quantize)
+    check_memory(path, tensor_sizes(path), dtype, device, int8, _int8(quantize))
     convert = int8_reader(int8, dtype, device) if quantize else None
     return load_state(model, read_checkpoint(path, dtype, device, convert=convert), path, one_dtype=dtype is None)
 

@@ -205,7 +205,7 @@ class ViT(nn.Module):
         """Hidden states as HF lists them: [ln_pre output, block 1 output, ..., block L output].
         LLaVA-1.5 uses hs[-2][:, 1:], LLaVA-HR (keep_cls=False) hs[-1], no ln_post, despite the
         `mm_vision_select_layer: -2` its config.json carries; mra.py calls `encode` for them."""
-        hidden = []
+        hidden = []  # each slot's hook keeps h and hands it on unchanged (append returns None: "or h")
         self.encode(x, keep_cls, after=dict.fromkeys(range(len(self.blocks) + 1), lambda h: hidden.append(h) or h))
         return hidden
 
