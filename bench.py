@@ -1296,7 +1296,7 @@ def bench_lean(a, port=29533):
                "--init", os.path.join(d, "init"), "--data", os.path.join(d, "data.json"), "--image-folder", d,
                "--tokenizer", os.path.join(d, "tokenizer.model"), "--image-size", "128", "--workers", "0",
                "--global-batch", "2", "--batch-size", "1", "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0",
-               "--group-by-length", "--grad-checkpoint", "--lean-malloc"]
+               "--group-by-modality-length", "--grad-checkpoint", "--lean-malloc"]
         rows, losses = [], {}
         for name, world in (("one process", 1), ("--fsdp, 2 ranks", 2)):
             out = os.path.join(d, f"world{world}")

@@ -146,8 +146,10 @@ p.add_argument("--lora-adapters-only", action="store_true",
 p.add_argument("--quantize", choices=["int8"], help="with --lora-r: the frozen LLM's linears in int8 (QLoRA-style, "
                "a scale per row); checkpoints hold the adapters only: generate.py --model INIT --lora OUT/ckpt/lora")
 p.add_argument("--projector-lr-scale", type=float, help="projector's lr / --lr (default 1; LoRA 0.1, as LLaVA-1.5)")
-p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
-               help="global batches of one modality, as LLaVA's group_by_modality_length (default: on in stage 2)")
+p.add_argument("--group-by-modality-length", "--group-by-length", dest="group_by_length",
+               action=argparse.BooleanOptionalAction,  # LLaVA's name; --group-by-length, its first name here, still works
+               help="global batches of one modality, lengths mixed at random, as LLaVA's group_by_modality_length "
+                    "(default: on in stage 2)")
 p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
 p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
@@ -445,7 +447,7 @@ by_modality = args.group_by_length if args.group_by_length is not None else args
 usable = dict(records=len(ds), bad_sha256=hashlib.sha256(json.dumps(ds.bad_index).encode()).hexdigest())
 if args.fsdp and not by_modality and not all(ds.has_image):
     # FSDP gathers a block's shards when it runs: every rank must run the same modules
-    raise SystemExit("--fsdp with text-only samples needs --group-by-length (one modality per micro-step)")
+    raise SystemExit("--fsdp with text-only samples needs --group-by-modality-length (one modality per micro-step)")
 
 # -----------------------------------------------------------------------------
 # the model

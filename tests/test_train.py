@@ -377,7 +377,7 @@ def test_adamw_steps_every_trainable_parameter_every_step(env, tmp_path):
 def test_ddp_and_fsdp_equal_one_process(env, tmp_path):
     # DDP without grouping: a text-only micro-batch on one rank while the other holds an image
     common = ("--global-batch", 2, "--batch-size", 1, "--max-steps", 3, "--lr", 1e-3, "--warmup-ratio", 0)
-    train(args(env, tmp_path / "one", 2, *common, "--no-group-by-length"))
+    train(args(env, tmp_path / "one", 2, *common, "--no-group-by-modality-length"))  # LLaVA's name; the same flag
     torchrun(args(env, tmp_path / "ddp", 2, *common, "--no-group-by-length"))
     assert_same(weights(tmp_path / "ddp"), weights(tmp_path / "one"), atol=1e-6)
     # FSDP2: sharded per block, gathered to one file on rank 0; loads in this single process
