@@ -28,6 +28,9 @@ def test_generator_is_deterministic(tmp_path):
     img, ans = demo.make_scene(random.Random(1002))
     assert np.array_equal(np.asarray(Image.open(os.path.join(ROOT, "examples", "demo.png"))), img)
     assert ans == {"colour": "purple", "texture": "vertical lines", "digit": 2, "phase": "x%2=0"}
+    # those answers (the README's) are what the shipped picture shows, read by the readers below
+    assert read_texture(img) == (ans["texture"], ans["phase"]) and read_digit(img) == ans["digit"]
+    assert read_colour(img, demo.JITTER + 6, 1) == ans["colour"]
 
 
 # Reading the answers back from the pixels, with the spec's patterns defined here again (not through

@@ -7,6 +7,7 @@ merged LLM, the tower and the projector under the release's names): equal weight
 import copy
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 import generate
 import lora
 import mra
+from llama import Llama
 from test_data import train_spm
 from test_release import (IDS, LLM, PAD_MASK, PROJECTOR, Payload, images, llava_config, make_clip, make_heads, near,
                           randomise, release_state, write_release)
@@ -99,6 +101,44 @@ def test_matches_peft_and_the_full_release(parts, tmp_path, fmt, rslora):
     near(ours.llm(ids), merged(input_ids=ids).logits)  # the LLM against peft's merge_and_unload
     x = images(112)
     assert torch.equal(ours(IDS, x, pad_mask=PAD_MASK)[0], full(IDS, x, pad_mask=PAD_MASK)[0])
+
+
+def ours_key(peft_key):
+    """A peft / HF key of a LoRA'd layer ("...layers.1.mlp.up_proj.lora_A.default.weight", "...up_proj.weight")
+    -> ours (llama.py, lora.py: "llm.layers.1.mlp.up.lora_a", "llm.layers.1.mlp.up.weight"), written out here."""
+    names = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+             "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
+             "mlp.down_proj": "mlp.down"}
+    m = re.fullmatch(r".*\.layers\.(\d+)\.(\w+\.\w+)\.(?:lora_([AB])\.default\.)?weight", peft_key)
+    return f"llm.layers.{m[1]}.{names[m[2]]}." + (f"lora_{m[3].lower()}" if m[3] else "weight")
+
+
+@torch.no_grad()
+def test_training_lora_layers_and_merge_match_peft(parts):
+    """train.py --lora-r's own LoRA (lora.add_lora's LoRALinear, unmerged; lora.merge, what OUT/ckpt holds)
+    against peft on the same random adapters: peft's forward with them unmerged, its merge_and_unload."""
+    llama = parts["llama"]
+    peft = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, bias="none",
+                                                            lora_dropout=0.0)).eval()
+    g = torch.Generator().manual_seed(25)
+    adapters = {}
+    for name, p in peft.named_parameters():
+        if ".lora_" in name:
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            adapters[ours_key(name)] = p.clone()
+    ours = torch.nn.Module()
+    ours.llm = Llama.from_pretrained((llama.config.to_dict(), llama.state_dict())).eval()
+    lora.add_lora(ours, 4, 8)
+    state = ours.state_dict()
+    assert set(adapters) == {k for k in state if ".lora_" in k} and len(adapters) == 2 * 7 * 2  # A, B; 7 layers; 2 blocks
+    ours.load_state_dict(state | adapters)
+    ids = IDS.clamp(min=0)[:, :6]
+    near(ours.llm(ids), peft(input_ids=ids).logits)  # unmerged, as train.py runs it
+    merged = lora.merge(ours.state_dict(), 8 / 4)
+    want = {ours_key(k): v for k, v in peft.merge_and_unload().state_dict().items() if k.endswith("_proj.weight")}
+    assert len(want) == 7 * 2
+    for k, v in want.items():  # W + scale B A in fp32, as peft computes it: the same floats
+        assert torch.equal(merged[k], v), k
 
 
 @torch.no_grad()

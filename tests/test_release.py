@@ -865,6 +865,7 @@ def test_int8_layers_match_rounding_noise(int8_pair):
     want, _ = m32(IDS, x, pad_mask=PAD_MASK)
     for h in hooks:
         h.remove()
+    assert len(inputs) == 7 * LLM["num_hidden_layers"] + 1  # every quantized layer is checked below
     report = []
     for n, a in inputs.items():
         W = dict(m32.llm.named_modules())[n].weight
