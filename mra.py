@@ -493,6 +493,7 @@ def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
     """Ours (mra_config.json) or a released LLaVA-HR / LLaVA-1.5 directory (see load_release)."""
     path = os.fspath(path)
     run_directory(path)
+    lora_adapters(path)
     ours = os.path.join(path, "mra_config.json")
     if not os.path.isfile(ours):
         return load_release(path, dtype, device, quantize)
@@ -523,7 +524,17 @@ def lora_release(path):
                               f"--model-base VICUNA_DIR --vit CLIP_DIR")
 
 
+def lora_adapters(path):
+    """Refuse train.py's LoRA adapters (OUT/ckpt/lora: lora.json) where a whole model is meant, naming their base."""
+    info = os.path.join(path, "lora.json")
+    if os.path.isfile(info):  # its mra_config.json and model.safetensors would load as a model missing the LLM
+        base = read_config(info, lambda d: d.get("base")) or "BASE"
+        raise CheckpointError(f"{path}: LoRA adapters (lora.json), not a whole model: apply them to their base, "
+                              f"generate.py --model {base} --lora {path}, or train from it, train.py --init {base}")
+
+
 def load_tokenizer(path):
     run_directory(path)
     lora_release(path)
+    lora_adapters(path)
     return Tokenizer(os.path.join(path, "tokenizer.model"))

@@ -391,6 +391,7 @@ for flag, path, what in (("--vit", args.vit, "an HF CLIP checkpoint"), ("--convn
         raise SystemExit(f"{flag} {path}: no such file or directory ({what} is expected)")
 if args.init:
     mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
+    mra.lora_adapters(args.init)  # OUT/ckpt/lora given for a model
     info = os.path.join(args.init, "lora", "lora.json")  # a --lora-adapters-only (or --quantize) run's ckpt
     if os.path.isfile(info) and not os.path.isfile(os.path.join(args.init, "mra_config.json")):
         base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)

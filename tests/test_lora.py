@@ -186,6 +186,22 @@ def test_adapters_on_their_own_merged_model_are_refused(run, env, capsys, tmp_pa
         lora.load(str(out / "ckpt"), str(tmp_path / "copied"))
 
 
+def test_the_adapter_directory_as_a_model_is_one_line(run, base, env, capsys, tmp_path):
+    """OUT/ckpt/lora holds an mra_config.json and a model.safetensors too: given as --model or --init it was
+    "tokenizer model not found", or (with --tokenizer) 144 missing keys, not the way to its base."""
+    out, _ = run
+    adapters = out / "ckpt" / "lora"
+    way = f"{adapters}: LoRA adapters (lora.json), not a whole model: apply them to their base, " \
+          f"generate.py --model {base} --lora {adapters}, or train from it, train.py --init {base}"
+    assert generate.main(["--model", str(adapters), "--prompt", "Hi"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {way}"
+    for plan_only in ((), ("--dry-run",)):
+        with pytest.raises(mra.CheckpointError) as e:
+            train_globals(args(env, tmp_path / "new", 2, "--init", adapters, *LORA, *plan_only))
+        assert str(e.value) == way
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_bad_lora_json_is_one_line(run, tmp_path):
     # alpha NaN made every merged weight NaN; 0 dropped the adapters; r 4.7 read as 4; an r the tensors
     # do not have was blamed on the base
