@@ -498,12 +498,15 @@ def parse_args(argv):
     except (RuntimeError, ImportError, AssertionError) as e:  # AssertionError: xpu in a build without it
         why = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]  # torch's first sentence of a paragraph
         p.error(f"--device {args.device}: torch cannot run the model on it here ({why}); use --device cpu")
+    # the default resolved here, so an answer's metadata records the dtype that ran (questions.settings):
+    # a rerun with the same dtype named, or left to the same default, resumes; another device's default does not
+    args.dtype = args.dtype or ("float32" if device.type == "cpu" else "float16")
     return args
 
 
 def run(args):
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
+    dtype = getattr(torch, args.dtype)  # parse_args resolved the default: float32 on CPU, float16 on GPU
     # every input is checked before the model loads (minutes for a 7B)
     if not os.path.isdir(args.model):
         raise mra.CheckpointError(f"--model {args.model}: " + ("a file; " if os.path.exists(args.model) else

@@ -413,7 +413,7 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
         assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
         assert a["prompt"] == q["text"] and a["model_id"] == model_dir.name
         assert a["metadata"] == dict(model=os.path.realpath(model_dir), lora=None, model_base=None, vit=None,
-                                     conv_mode="vicuna_v1", dtype=None, quantize=None, max_new_tokens=MAX_NEW,
+                                     conv_mode="vicuna_v1", dtype="float32", quantize=None, max_new_tokens=MAX_NEW,
                                      temperature=0.0)
         assert isinstance(a["answer_id"], str) and len(a["answer_id"]) >= 20
         img = pixels(model, folder / q["image"])[None] if "image" in q else None
@@ -648,6 +648,14 @@ def test_answers_of_a_run_with_other_settings_are_not_added_to(model_dir, tmp_pa
     assert a.read_bytes() == before
     code, _, err = answers_run(capsys, model_dir, q, a)  # as before: resumed
     assert code == 0 and "resuming: 2 of 3" in err and len(read_jsonl(a)) == 3
+    # the same run named another way resumes: the model through a symlink, the default dtype named
+    # (it was recorded as None, so "--dtype float32" on the CPU was refused), another --batch-size
+    q.write_text(q.read_text() + '{"question_id": 4, "text": "How?"}\n')
+    (tmp_path / "link").symlink_to(model_dir)
+    code, _, err = run_cli(capsys, "--model", tmp_path / "link", "--questions", q, "--answers", a,
+                           "--max-new-tokens", 2, "--dtype", "float32", "--batch-size", 2)
+    assert code == 0 and "resuming: 3 of 4" in err and len(read_jsonl(a)) == 4, err
+    assert read_jsonl(a)[-1]["metadata"] == read_jsonl(a)[1]["metadata"]
 
 
 def test_answers_file_is_not_the_questions_file(model_dir, tmp_path, capsys):
