@@ -270,8 +270,11 @@ def check_resume(run, resume_dir, args, ds, tok_path, fixed, model_fixed, tokeni
         if run.get(key, now) != now:  # a setting older runs did not record is noted (changed_flags), if changed
             why = ("the model would not be the one trained" if key in model_fixed else
                    "the data position would not carry over")
+            flag = "--" + {"group_by_length": "group-by-modality-length"}.get(key, key.replace("_", "-"))
+            if isinstance(run[key], bool):  # the run's value, which for False is the --no- form
+                flag = flag if run[key] else "--no-" + flag[2:]
             raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: {why}; give the run's "
-                             f"--{key.replace('_', '-')}, {new_run}")
+                             f"{flag}, {new_run}")
     # the same records in the same order, wherever the file now lies (older runs kept its path only)
     if (run["data_sha256"] != ds.sha256 if "data_sha256" in run else
             os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):

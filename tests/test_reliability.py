@@ -145,9 +145,8 @@ def test_resume_refuses_another_tokenizer(env, tmp_path):
 def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))  # stage 2: grouped by default
-    for extra, was in ((("--no-group-by-length",), "group_by_length=True, now False"),
-                       (("--seed", 1), "seed=42, now 1")):
-        flag = extra[0].replace("no-", "")
+    for extra, was, flag in ((("--no-group-by-length",), "group_by_length=True, now False", "--group-by-modality-length"),
+                             (("--seed", 1), "seed=42, now 1", "--seed")):
         with pytest.raises(SystemExit, match=f"--resume: the run used {was}: the data position would not carry "
                                              f"over; give the run's {flag}, or start a new run from its weights: "
                                              f"--init .*run/ckpt and another --out"):
