@@ -427,7 +427,8 @@ def parse_args(argv):
     p.add_argument("--image", action="append", help="image file (omit for a text-only prompt); one per conversation")
     p.add_argument("--prompt", help="answer this one question and exit; without it: chat on stdin")
     p.add_argument("--questions", help="LLaVA question .jsonl ({question_id, image, text} per line)")
-    p.add_argument("--answers", help="answer .jsonl to write (appended to; answered questions are skipped)")
+    p.add_argument("--answers", help="answer .jsonl to write (appended to; answered questions are skipped; a file "
+                   "begun with another model or other settings is refused, see each answer's metadata)")
     p.add_argument("--image-folder", help="directory the questions' image paths are relative to")
     p.add_argument("--batch-size", type=int, default=1, help="--questions answered this many at a time (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
