@@ -271,10 +271,10 @@ def check_resume(run, resume_dir, args, ds, tok_path, fixed, model_fixed, tokeni
             why = ("the model would not be the one trained" if key in model_fixed else
                    "the data position would not carry over")
             flag = "--" + {"group_by_length": "group-by-modality-length"}.get(key, key.replace("_", "-"))
-            if isinstance(run[key], bool):  # the run's value, which for False is the --no- form
-                flag = flag if run[key] else "--no-" + flag[2:]
-            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: {why}; give the run's "
-                             f"{flag}, {new_run}")
+            way = (f"drop {flag}" if run[key] is None else  # the run had none (--quantize, say)
+                   f"give the run's {flag if run[key] else '--no-' + flag[2:]}" if isinstance(run[key], bool) else
+                   f"give the run's {flag} {run[key]}")
+            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: {why}; {way}, {new_run}")
     # the same records in the same order, wherever the file now lies (older runs kept its path only)
     if (run["data_sha256"] != ds.sha256 if "data_sha256" in run else
             os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):

@@ -278,7 +278,8 @@ def test_resume_refuses_another_alpha_rank_or_base(env, base, tmp_path):
     info = (out / "ckpt" / "lora" / "lora.json").read_text()
     for extra, was in ((("--lora-alpha", 16), "lora_alpha=8.0, now 16.0"), (("--lora-r", 8), "lora_r=4, now 8")):
         with pytest.raises(SystemExit, match=f"--resume: the run used {was}: the model would not be the one trained; "
-                                             f"give the run's {extra[0]}, or start a new run with another --out$"):
+                                             f"give the run's {extra[0]} {was.split('=')[1].split(',')[0]}, or start "
+                                             f"a new run with another --out$"):
             train_globals(args(env, out, 2, *common, "--max-steps", 2, "--resume", *extra))
     # the base overwritten in place (another fine-tune of the same shapes): the same path, other weights
     state = mra.read_safetensors(tmp_path / "base")

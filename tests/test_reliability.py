@@ -146,7 +146,7 @@ def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tm
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))  # stage 2: grouped by default
     for extra, was, flag in ((("--no-group-by-length",), "group_by_length=True, now False", "--group-by-modality-length"),
-                             (("--seed", 1), "seed=42, now 1", "--seed")):
+                             (("--seed", 1), "seed=42, now 1", "--seed 42")):
         with pytest.raises(SystemExit, match=f"--resume: the run used {was}: the data position would not carry "
                                              f"over; give the run's {flag}, or start a new run from its weights: "
                                              f"--init .*run/ckpt and another --out"):
@@ -789,3 +789,12 @@ def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": "x"}\n{"step": 2}\n{"step": 3}\n{"ste')
     runs.trim_log(str(log), 2)  # was: TypeError comparing "x" with 2
     assert log.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2}\n'
+
+
+def test_resume_refusal_names_the_way_back_for_a_setting_the_run_had_not(tmp_path):
+    # the run had no --quantize; it said "give the run's --quantize", which would change nothing
+    import runs
+    with pytest.raises(SystemExit, match=r"quantize=None, now 'int8': the model would not be the one trained; drop "
+                                         r"--quantize, or start a new run with another --out$"):
+        runs.check_resume({"quantize": None}, str(tmp_path), None, None, None, {"quantize": "int8"}, {"quantize"},
+                          None, None, None)
