@@ -549,15 +549,16 @@ def run(args):
     tok = mra.load_tokenizer(args.model_base or args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
     t0 = time.perf_counter()
-    if args.model_base:  # a LoRA release: merged into its base LLM as it loads, the tower from --vit
-        model = lora.load_release(args.model, args.model_base, args.vit, dtype, device, args.quantize).eval()
-    elif args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint
-        model = lora.load(args.model, args.lora, dtype, device, quantize=args.quantize).eval()
-    elif not os.path.exists(os.path.join(args.model, "mra_config.json")) and os.path.isdir(f"{args.model}/lora"):
+    if (not args.model_base and not os.path.exists(os.path.join(args.model, "mra_config.json"))
+            and os.path.isdir(f"{args.model}/lora")):  # a --lora-adapters-only run's checkpoint, with --lora or not
         adapters = os.path.join(args.model, "lora")  # lora.json names the base they trained on
         base = mra.read_config(os.path.join(adapters, "lora.json"), lambda d: d.get("base")) or "BASE"
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model {base} "
                                   f"--lora {adapters}")
+    if args.model_base:  # a LoRA release: merged into its base LLM as it loads, the tower from --vit
+        model = lora.load_release(args.model, args.model_base, args.vit, dtype, device, args.quantize).eval()
+    elif args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint
+        model = lora.load(args.model, args.lora, dtype, device, quantize=args.quantize).eval()
     else:
         model = mra.load_checkpoint(args.model, dtype, device, args.quantize).eval()
     log(f"loaded in {time.perf_counter() - t0:.1f} s")

@@ -231,6 +231,10 @@ def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     assert generate.main(["--model", str(tmp_path / "cut" / "ckpt"), "--prompt", "Hi"]) == 1
     assert f"holds LoRA adapters only; use --model {base} --lora {tmp_path / 'cut' / 'ckpt' / 'lora'}\n" in \
         capsys.readouterr().err  # the base lora.json names
+    # the same with --lora given too (as if the checkpoint were the base): was "neither mra_config.json nor ..."
+    assert generate.main(["--model", str(tmp_path / "cut" / "ckpt"), "--lora", str(tmp_path / "cut" / "ckpt" / "lora"),
+                          "--prompt", "Hi"]) == 1
+    assert f"holds LoRA adapters only; use --model {base} --lora" in capsys.readouterr().err
     train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
