@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, load_state, read_checkpoint, remap
+from weights import CheckpointError, check_positive, load_state, read_checkpoint, remap
 
 
 @dataclass
@@ -34,8 +34,7 @@ class ConvNeXtConfig:
                 raise ValueError(f"convnext.{name} is {value!r}, expected a list of positive whole numbers")
         if len(self.depths) != len(self.dims):
             raise ValueError(f"convnext: {len(self.depths)} depths for {len(self.dims)} dims, one of each per stage")
-        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
-            raise ValueError(f"convnext.eps is {self.eps!r}, expected a positive number")
+        check_positive(self, real=("eps",), prefix="convnext.")
 
     @classmethod
     def from_name(cls, name):

@@ -549,12 +549,9 @@ def run(args):
     tok = mra.load_tokenizer(args.model_base or args.model)
     log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
     t0 = time.perf_counter()
-    if (not args.model_base and not os.path.exists(os.path.join(args.model, "mra_config.json"))
-            and os.path.isdir(f"{args.model}/lora")):  # a --lora-adapters-only run's checkpoint, with --lora or not
-        adapters = os.path.join(args.model, "lora")  # lora.json names the base they trained on
-        base = mra.read_config(os.path.join(adapters, "lora.json"), lambda d: d.get("base")) or "BASE"
-        raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model {base} "
-                                  f"--lora {adapters}")
+    if not args.model_base and (adapters := mra.adapters_only(args.model)):  # with --lora or not
+        raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model "
+                                  f"{mra.lora_base(adapters)} --lora {adapters}")
     if args.model_base:  # a LoRA release: merged into its base LLM as it loads, the tower from --vit
         model = lora.load_release(args.model, args.model_base, args.vit, dtype, device, args.quantize).eval()
     elif args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from int8 import Int8Linear, int8_linears, int8_reader
-from weights import CheckpointError, load_state, read_checkpoint, read_config, remap
+from weights import CheckpointError, check_positive, load_state, read_checkpoint, read_config, remap
 
 
 @dataclass
@@ -44,14 +44,8 @@ class LlamaConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         # unchecked config.json fields must fail here, named, not as a shape error or NaN logits (rope_theta 0)
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} is {value!r}, expected a positive whole number")
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name} is {value!r}, expected a positive number")
+        check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"),
+                       ("norm_eps", "rope_theta"))
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.n_heads} heads do not divide dim {self.dim}, or {self.n_kv_heads} key/value "
                              f"heads do not divide them")

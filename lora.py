@@ -118,6 +118,13 @@ def save_adapters(path, state, cfg, r, alpha, base):
         json.dump(dict(r=r, alpha=alpha, base=os.path.abspath(base)), f, indent=1)
 
 
+def check_scale(file, r, alpha, alpha_key):
+    """A LoRA's rank and alpha as its config file gives them (train.py's lora.json, peft's adapter_config.json)."""
+    if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
+        raise CheckpointError(f"{file}: r must be a whole number >= 1 and {alpha_key} a finite number > 0, not "
+                              f"{r!r} and {alpha!r}")
+
+
 def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, quantize=None):
     """The fine-tuned model: `base` (a checkpoint dir) + `adapters` (a dir save_adapters wrote).
 
@@ -131,9 +138,7 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
                               f"OUT/ckpt/lora of a train.py --lora-r run)")
     r, alpha, trained_on = read_config(info_path, lambda d: (d["r"], d["alpha"], d.get("base")))
-    if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
-        raise CheckpointError(f"{info_path}: r must be a whole number >= 1 and alpha a finite number > 0, not "
-                              f"{r!r} and {alpha!r}")
+    check_scale(info_path, r, alpha, "alpha")
     merged_here = os.path.join(base, "lora")  # train.py's OUT/ckpt: the merged model, its adapters beside it
     if (os.path.isfile(os.path.join(base, "mra_config.json")) and os.path.isdir(merged_here)
             and (os.path.realpath(merged_here) == os.path.realpath(adapters)
@@ -204,9 +209,7 @@ def peft_config(file):
         raise CheckpointError(f"{file}: {bad} {c[bad]!r} is not implemented; a plain LoRA is, merged as "
                               f"W + (lora_alpha / r) B A")
     r, alpha, targets = c["r"], c["lora_alpha"], c.get("target_modules")
-    if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
-        raise CheckpointError(f"{file}: r must be a whole number >= 1 and lora_alpha a finite number > 0, not "
-                              f"{r!r} and {alpha!r}")
+    check_scale(file, r, alpha, "lora_alpha")
     # peft matches a listed name against the end of a module's; a regex (a string) is judged by the keys
     others = [t for t in (targets if isinstance(targets, list) else []) if str(t).rsplit(".", 1)[-1] not in PROJECTIONS]
     if others:

@@ -524,11 +524,22 @@ def lora_release(path):
                               f"--model-base VICUNA_DIR --vit CLIP_DIR")
 
 
+def lora_base(adapters):
+    """The base model train.py's LoRA adapters (OUT/ckpt/lora) trained on, as their lora.json names it."""
+    return read_config(os.path.join(adapters, "lora.json"), lambda d: d.get("base")) or "BASE"
+
+
+def adapters_only(path):
+    """A --lora-adapters-only run's checkpoint (no model; its adapters in lora/): that lora/ dir, else None."""
+    adapters = os.path.join(path, "lora")
+    whole = os.path.isfile(os.path.join(path, "mra_config.json"))
+    return adapters if not whole and os.path.isfile(os.path.join(adapters, "lora.json")) else None
+
+
 def lora_adapters(path):
     """Refuse train.py's LoRA adapters (OUT/ckpt/lora: lora.json) where a whole model is meant, naming their base."""
-    info = os.path.join(path, "lora.json")
-    if os.path.isfile(info):  # its mra_config.json and model.safetensors would load as a model missing the LLM
-        base = read_config(info, lambda d: d.get("base")) or "BASE"
+    if os.path.isfile(os.path.join(path, "lora.json")):  # its files would load as a model missing the LLM
+        base = lora_base(path)
         raise CheckpointError(f"{path}: LoRA adapters (lora.json), not a whole model: apply them to their base, "
                               f"generate.py --model {base} --lora {path}, or train from it, train.py --init {base}")
 

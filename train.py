@@ -392,9 +392,8 @@ for flag, path, what in (("--vit", args.vit, "an HF CLIP checkpoint"), ("--convn
 if args.init:
     mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
     mra.lora_adapters(args.init)  # OUT/ckpt/lora given for a model
-    info = os.path.join(args.init, "lora", "lora.json")  # a --lora-adapters-only (or --quantize) run's ckpt
-    if os.path.isfile(info) and not os.path.isfile(os.path.join(args.init, "mra_config.json")):
-        base, only = read_config(info, lambda d: d.get("base")) or "BASE", os.path.dirname(info)
+    if only := mra.adapters_only(args.init):  # a --lora-adapters-only (or --quantize) run's ckpt
+        base = mra.lora_base(only)
         raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
                          f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine

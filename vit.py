@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, load_state, read_checkpoint, read_config, remap
+from weights import CheckpointError, check_positive, load_state, read_checkpoint, read_config, remap
 
 
 @dataclass
@@ -37,12 +37,7 @@ class ViTConfig:
 
     def __post_init__(self):
         # a config file's fields must fail here, named, not as a shape error in the first forward
-        for name in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"vit.{name} is {value!r}, expected a positive whole number")
-        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
-            raise ValueError(f"vit.eps is {self.eps!r}, expected a positive number")
+        check_positive(self, ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"), ("eps",), "vit.")
         if self.width % self.heads:
             raise ValueError(f"vit: {self.heads} heads do not divide width {self.width}")
         if self.image_size < self.patch_size:

@@ -51,6 +51,16 @@ def _cast(t, dtype):
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def check_positive(cfg, whole=(), real=(), prefix=""):
+    """A config's fields that must be positive whole numbers (`whole`) or positive numbers (`real`), checked
+    as it is made: read from a file, a 0 or a string would fail later as a shape error or NaN, unnamed."""
+    for name in (*whole, *real):
+        value, kinds = getattr(cfg, name), int if name in whole else (int, float)
+        if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{prefix}{name} is {value!r}, expected a positive "
+                             f"{'whole number' if name in whole else 'number'}")
+
+
 def read_config(path, parse=lambda d: d):
     """A JSON config file through parse(dict); whatever is wrong is one line naming the file."""
     try:
