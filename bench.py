@@ -80,6 +80,7 @@ import data
 import demo
 import generate
 import mra
+import release
 from convnext import ConvNeXtConfig
 import llama
 import vit
@@ -1140,11 +1141,11 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
     convnext_table, _ = _layout(["stages.0.blocks.0.weight"])  # the release's layout (gamma as .weight)
 
     def release_name(k):
-        for ours, prefix, table in (("llm.", "", llama.LLAMA_KEYS), ("encoder.vit.", mra.HR_VIT, vit.HF_KEYS),
-                                    ("encoder.convnext.", mra.HR_CONVNEXT, convnext_table)):
+        for ours, prefix, table in (("llm.", "", llama.LLAMA_KEYS), ("encoder.vit.", release.HR_VIT, vit.HF_KEYS),
+                                    ("encoder.convnext.", release.HR_CONVNEXT, convnext_table)):
             if k.startswith(ours):
                 return prefix + weights.their_name(k[len(ours):], table)
-        return weights.their_name(k, mra.RELEASE_KEYS)
+        return weights.their_name(k, release.RELEASE_KEYS)
 
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):  # a real release, say
         raise SystemExit(f"--make-release {path}: exists and is not an empty directory; the random shards, "

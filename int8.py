@@ -8,6 +8,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+
+def check_quantize(quantize):
+    """The loaders' `quantize` argument: None or "int8" -> whether to quantize."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    return quantize == "int8"
+
+
 class Int8Linear(nn.Module):
     """A bias-free Linear with int8 weights, one scale per output channel (weight-only: activations keep
     the model's dtype). Decoding reads every weight once per token: half of bf16's bytes, up to 2x tokens/s.

@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mra
-from int8 import Int8Linear, int8_linear, int8_linears, int8_reader
+import release
+from int8 import Int8Linear, check_quantize, int8_linear, int8_linears, int8_reader
 from llama import INT8_KEYS
 from vit import HF_IGNORE, ViT
 from weights import (CheckpointError, check_memory, fingerprint, load_state, read_checkpoint, read_config,
@@ -247,7 +248,7 @@ def llava_trainables(file):
     sd = {k.removeprefix("base_model."): v for k, v in sd.items()}
     if any(k.startswith("model.model.") for k in sd):
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    bad = next((k for k in sd if not (k.startswith("model.mm_projector.") or mra.LLM_KEYS.match(k))), None)
+    bad = next((k for k in sd if not (k.startswith("model.mm_projector.") or release.LLM_KEYS.match(k))), None)
     if bad is not None:
         raise CheckpointError(f"{file}: holds {bad}; implemented are the projector (model.mm_projector.*) and the "
                               f"LLM's weights (a tuned vision tower is not)")
@@ -266,7 +267,7 @@ def check_tower(tower, vit, name, path):
 
 def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
     """A LLaVA-1.5 LoRA release `path` + its base LLM `base` (an HF LLaMA / Vicuna dir) + the CLIP tower
-    `vit` (an HF CLIP dir) -> the merged LLaVA-1.5 LlavaHR, as mra.load_release builds one from a full dir.
+    `vit` (an HF CLIP dir) -> the merged LLaVA-1.5 LlavaHR, as release.load_release builds one from a full dir.
 
     Each base weight is merged as it is read, W + scale B A in fp32, then cast to dtype (None: W's own)
     or quantized (quantize="int8"): the model is held once, as when loading a merged checkpoint."""
@@ -282,10 +283,10 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
                                              "checkpoint loads from --model alone")
     adapter = beside("adapter_model.safetensors", "adapter_model.bin", why="the LoRA weights: download them")
     trainables = beside("non_lora_trainables.bin", why="the projector's weights: download them")
-    hf, _ = mra.release_config(path, "llava-1.5")  # before any weight is read
+    hf, _ = release.release_config(path, "llava-1.5")  # before any weight is read
     r, scale = peft_config(conf)
     deltas, extra = peft_pairs(adapter, r), llava_trainables(trainables)
-    sizes = {k: v for k, v in tensor_sizes(base).items() if mra.LLM_KEYS.match(k)}
+    sizes = {k: v for k, v in tensor_sizes(base).items() if release.LLM_KEYS.match(k)}
     lost = next((k for k in deltas if k not in sizes and k not in extra), None)
     if lost is not None:
         raise CheckpointError(f"{adapter}: a LoRA of {lost}, which {base} does not hold: not the base LLM these "
@@ -294,7 +295,7 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
     sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
     # held too until each is merged (7B, r 128: 0.6 GB), as stored: not cast
     sizes |= {f"lora:{k}": (a.numel() + b.numel(), a.element_size(), False) for k, (a, b) in deltas.items()}
-    check_memory(base, sizes, dtype, device, INT8_KEYS.match, mra._int8(quantize))
+    check_memory(base, sizes, dtype, device, INT8_KEYS.match, check_quantize(quantize))
     tower = ViT.from_pretrained(vit, dtype=dtype, device=device)
     check_tower(tower, vit, hf.get("mm_vision_tower"), path)
     cast = lambda dt: int8_reader(INT8_KEYS.match if quantize else lambda k: False, dt, device)  # noqa: E731
@@ -309,13 +310,13 @@ def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
                                   f"{(b.shape[0], a.shape[1])}, {base} holds {tuple(t.shape)}")
         # cast (or quantized) from fp32 once merged; dtype None: W's own
         return cast(dtype or t.dtype)(k, t.to(device, torch.float32) + scale * (b @ a))
-    tensors = read_checkpoint(base, dtype, device, keep=mra.LLM_KEYS.match, convert=merged)
+    tensors = read_checkpoint(base, dtype, device, keep=release.LLM_KEYS.match, convert=merged)
     # dtype None: the base's own for every part, as LLaVA loads them all in one (merged reads it from here on)
     dtype = dtype or tensors["model.embed_tokens.weight"].dtype
     for k in list(extra):  # the projector, and any weight the base does not hold
         tensors |= merged(k, extra.pop(k))
     try:
-        return mra.load_release(path, dtype, device, quantize, tensors=tensors, vit=tower.to(dtype))
+        return release.load_release(path, dtype, device, quantize, tensors=tensors, vit=tower.to(dtype))
     except CheckpointError as e:
         raise CheckpointError(f"{e} (a LoRA release: the LLM from {base}, the tower from {vit})") from None
 

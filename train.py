@@ -44,6 +44,7 @@ import data
 import lora
 import memplan
 import mra
+import release
 import runs
 from convnext import ConvNeXtConfig
 from int8 import int8_linears
@@ -471,7 +472,7 @@ else:
         raise SystemExit("--llm, --vit and --convnext are needed (or --init, or --config tiny for a test)")
     model = mra.build(replace(cfg, **stage_cfg), llm=args.llm, vit=args.vit, convnext=args.convnext)
     if args.projector:  # stage 2 from the released stage-1 file (projector + final fusion)
-        mra.load_projector(model, args.projector)
+        release.load_projector(model, args.projector)
 if args.lora_r and not args.resume:
     lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
 lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) until shard_lean

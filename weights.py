@@ -1,6 +1,6 @@
 """Reading safetensors checkpoints and loading them strictly through key tables.
 
-Every loader in mra (vit.py, convnext.py, llama.py, mra.py) follows the same three
+Every loader in mra (vit.py, convnext.py, llama.py, mra.py, release.py) follows the same three
 steps, which live here so that each of them is a table and a few lines:
 
 1. `read_checkpoint(path)`: a file, or a directory holding `model.safetensors`,

@@ -83,7 +83,7 @@ def test_llava_hr_layout(large, image, tmp_path):
     assert "stages.1.blocks.1.weight" in sd and not any(k.endswith("gamma") for k in sd)
     save_file(sd, tmp_path / "model.safetensors")
     assert_matches(ConvNeXt.from_pretrained(tmp_path / "model.safetensors"), large, image)
-    assert_matches(ConvNeXt.from_pretrained(sd), large, image)  # mra.py passes an already-read dict
+    assert_matches(ConvNeXt.from_pretrained(sd), large, image)  # release.py passes an already-read dict
 
 
 def test_eps_from_preset(xxlarge, image, tmp_path):

@@ -20,6 +20,7 @@ import mra
 from tokenizer import Tokenizer
 from test_generate import greedy_full_forward, ids_for, pixels
 from test_train import TRAIN, args, assert_same, env, losses, one_thread, plan, tiny, torchrun, weights  # noqa: F401
+from weights import read_safetensors
 
 LORA = ("--lora-r", 4, "--lora-alpha", 8)
 FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
@@ -90,7 +91,7 @@ def test_only_lora_projector_and_mra_learn_base_bit_identical(run, base):
     for k in ("llm.layers.0.attn.wq.lora_b", "llm.layers.1.mlp.down.lora_b", "projector.2.weight"):
         assert state[k].abs().sum() > 0 and (k not in init or not torch.equal(state[k], init[k])), k
     # the adapter file is small: no frozen LLM or tower weight in it
-    adapters = mra.read_safetensors(out / "ckpt" / "lora")
+    adapters = read_safetensors(out / "ckpt" / "lora")
     assert not any(k.startswith(FROZEN) and ".lora_" not in k for k in adapters)
 
 
@@ -141,7 +142,7 @@ def test_merged_model_is_the_full_precision_base_plus_the_update(env, base, tmp_
                            "--epochs", 1, "--lr", 2e-2))
     lora.bf16_bases(g["unwrapped"])  # as a GPU run holds it
     g["save"](g["done"])
-    merged = mra.read_safetensors(out / "ckpt")
+    merged = read_safetensors(out / "ckpt")
     assert_same(lora.load(base, out / "ckpt" / "lora").state_dict(), merged)
     assert g["unwrapped"].llm.layers[0].attn.wq.weight.dtype == torch.bfloat16
 
@@ -154,7 +155,7 @@ def test_a_base_changed_or_gone_mid_run_leaves_the_adapters_saved(env, base, tmp
     g = train_globals(args(env, out, 2, "--init", tmp_path / "base", *LORA, "--global-batch", 10, "--batch-size", 10,
                            "--epochs", 1))
     assert (out / "ckpt" / "model.safetensors").is_file()
-    state = mra.read_safetensors(tmp_path / "base")
+    state = read_safetensors(tmp_path / "base")
     state["llm.layers.0.mlp.up.weight"][0, 0] += 1e-3  # overwritten in place
     mra.save_checkpoint(None, tmp_path / "base", state=state, cfg=mra.load_checkpoint(base).cfg)
     for why in ("has changed since the run read it", "no model.safetensors"):
@@ -163,7 +164,7 @@ def test_a_base_changed_or_gone_mid_run_leaves_the_adapters_saved(env, base, tmp
         err = capsys.readouterr().err
         assert "holds the LoRA adapters alone, not the merged model (" in err and why in err, err
         assert not (out / "ckpt" / "model.safetensors").exists() and (out / "ckpt" / "lora" / "lora.json").is_file()
-        assert_same(mra.read_safetensors(out / "ckpt" / "lora"), lora.adapter_state(g["unwrapped"].state_dict(),
+        assert_same(read_safetensors(out / "ckpt" / "lora"), lora.adapter_state(g["unwrapped"].state_dict(),
                                                                                      g["trainable"]))
         shutil.rmtree(tmp_path / "base")
         (tmp_path / "base").mkdir()  # gone: an empty directory in its place
@@ -237,8 +238,8 @@ def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     assert f"holds LoRA adapters only; use --model {base} --lora" in capsys.readouterr().err
     train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
-    assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
-                mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
+    assert_same(read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
+                read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
@@ -247,8 +248,8 @@ def assert_resume_equals_uninterrupted(run, env, tmp_path, common):
     run(args(env, tmp_path / "full", 2, *common, "--save-every", 0))
     run(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--max-steps", 2))
     run(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
-    assert_same(mra.read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
-                mra.read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
+    assert_same(read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
+                read_safetensors(tmp_path / "full" / "ckpt" / "lora"))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
@@ -286,7 +287,7 @@ def test_resume_refuses_another_alpha_rank_or_base(env, base, tmp_path):
                                              f"a new run with another --out$"):
             train_globals(args(env, out, 2, *common, "--max-steps", 2, "--resume", *extra))
     # the base overwritten in place (another fine-tune of the same shapes): the same path, other weights
-    state = mra.read_safetensors(tmp_path / "base")
+    state = read_safetensors(tmp_path / "base")
     state["llm.layers.0.mlp.up.weight"][0, 0] += 1e-3
     mra.save_checkpoint(None, tmp_path / "base", state=state, cfg=mra.load_checkpoint(base).cfg)
     with pytest.raises(SystemExit, match=r"--resume: --init .*base is not the base the run trained on \(.*base, as "
@@ -513,7 +514,7 @@ def test_qlora_ddp_equals_one_process(env, base, tmp_path):
               "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, "--group-by-length")
     train_globals(args(env, tmp_path / "one", 2, *common))
     torchrun(args(env, tmp_path / "ddp", 2, *common))
-    one, ddp = (mra.read_safetensors(tmp_path / d / "ckpt" / "lora") for d in ("one", "ddp"))
+    one, ddp = (read_safetensors(tmp_path / d / "ckpt" / "lora") for d in ("one", "ddp"))
     assert any(".lora_b" in k and v.abs().sum() > 0 for k, v in one.items())
     assert_same(ddp, one, atol=1e-6)
 

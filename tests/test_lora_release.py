@@ -2,7 +2,7 @@
 release written as LLaVA ships one: a peft LoRA of a Vicuna-like base (adapter_config.json with
 adapter_model.safetensors, or the .bin the release holds), non_lora_trainables.bin with the
 projector, LLaVA's config.json; the CLIP tower in its own HF directory. References: peft's own
-merge_and_unload (the LLM), and mra.load_release on the equivalent full LLaVA-1.5 directory (the
+merge_and_unload (the LLM), and release.load_release on the equivalent full LLaVA-1.5 directory (the
 merged LLM, the tower and the projector under the release's names): equal weights, equal logits."""
 import copy
 import json
@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import generate
 import lora
 import mra
+import release
 from llama import Llama
 from test_data import train_spm
 from test_release import (IDS, LLM, PAD_MASK, PROJECTOR, Payload, images, llava_config, make_clip, make_heads, near,
@@ -69,7 +70,7 @@ def parts(tmp_path_factory):
     return dict(dir=d, llama=llama, clip=clip, heads=heads, base=d / "vicuna", vit=d / "clip")
 
 
-def release(parts, path, fmt="bin", rslora=False):
+def lora_release_dir(parts, path, fmt="bin", rslora=False):
     """(the LoRA release dir, the full LLaVA-1.5 dir of the same model, peft's merged LLM)."""
     merged = peft_release(path / "llava-v1.5-lora", parts["llama"], parts["heads"], fmt, rslora)
     full = write_release(path / "llava-v1.5", release_state(merged, parts["heads"], v15_clip=parts["clip"]), CONFIG)
@@ -80,13 +81,13 @@ def release(parts, path, fmt="bin", rslora=False):
 
 @pytest.fixture(scope="module")
 def shipped(parts, tmp_path_factory):
-    return release(parts, tmp_path_factory.mktemp("shipped"))
+    return lora_release_dir(parts, tmp_path_factory.mktemp("shipped"))
 
 
 @pytest.mark.parametrize("fmt, rslora", [("bin", False), ("safetensors", False), ("safetensors", True)])
 @torch.no_grad()
 def test_matches_peft_and_the_full_release(parts, tmp_path, fmt, rslora):
-    path, full_dir, merged = release(parts, tmp_path, fmt, rslora)
+    path, full_dir, merged = lora_release_dir(parts, tmp_path, fmt, rslora)
     ours = lora.load_release(path, parts["base"], parts["vit"]).eval()
     full = mra.load_checkpoint(full_dir).eval()
     assert ours.cfg == full.cfg and ours.cfg.arch == "llava-1.5" and ours.cfg.image_aspect_ratio == "pad"
@@ -168,7 +169,7 @@ def test_llm_weights_in_non_lora_trainables_replace_the_bases_before_the_merge(p
 
 def test_without_model_base_says_what_to_pass(parts, shipped, tmp_path):
     path = shipped[0]
-    safetensors_release = release(parts, tmp_path, "safetensors")[0]
+    safetensors_release = lora_release_dir(parts, tmp_path, "safetensors")[0]
     for p in (path, safetensors_release):  # before: "not a checkpoint directory", "no vision tower"
         with pytest.raises(CheckpointError, match=rf"^{p}: a LoRA release .* --model-base VICUNA_DIR --vit CLIP_DIR$"):
             mra.load_checkpoint(p)

@@ -20,8 +20,9 @@ import transformers
 from safetensors.torch import save_file
 
 import mra
+import release
 from convnext import ConvNeXt, ConvNeXtConfig
-from llama import LlamaConfig
+from llama import INT8_KEYS, LlamaConfig
 from vit import ViT, ViTConfig
 from weights import CheckpointError, convert_bin
 
@@ -352,7 +353,7 @@ def test_hr_logits_match_reference(hr, hr_model):
     assert hr_model.cfg.vit == ViTConfig(image_size=112, patch_size=14, width=D, layers=4, heads=2, mlp_dim=256)
     assert hr_model.cfg.convnext == ConvNeXtConfig(DEPTHS, DIMS, 1e-6)
     # load_checkpoint hands a released directory to load_release: the same model either way
-    direct = mra.load_release(path).state_dict()
+    direct = release.load_release(path).state_dict()
     assert all(torch.equal(v, direct[k]) for k, v in hr_model.state_dict().items())
     x = images(384)
     logits, _ = hr_model(IDS, x, pad_mask=PAD_MASK)
@@ -438,7 +439,7 @@ def test_stage1_projector_file(tmp_path, fmt):
     torch.manual_seed(0)
     model = mra.build(tiny_cfg(adapters=False))
     vit_before = model.encoder.vit.patch.weight.clone()
-    assert mra.load_projector(model, file) is model
+    assert release.load_projector(model, file) is model
     assert torch.equal(model.projector[0].weight, heads[PROJECTOR + "0.weight"])
     assert torch.equal(model.projector[2].bias, heads[PROJECTOR + "2.bias"])
     ours = model.state_dict()
@@ -449,7 +450,7 @@ def test_stage1_projector_file(tmp_path, fmt):
     # a file without the final fusion is not a LLaVA-HR stage-1 file
     save_file({k: v for k, v in heads.items() if k.startswith(PROJECTOR)}, tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match=r"missing .*(encoder\.fusion|align_stages\.0)\.fast_proj\.bias"):
-        mra.load_projector(model, str(tmp_path / "partial.safetensors"))
+        release.load_projector(model, str(tmp_path / "partial.safetensors"))
 
 
 @pytest.mark.parametrize("adapters", [False, True])
@@ -461,7 +462,7 @@ def test_load_projector_refuses_a_file_with_adapters(tmp_path, adapters):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"mm_projector.bin: not a stage-1 projector file: unexpected "
                                               r"model\.vision_tower\.align_stages_latent\.0\..* \(36 in all\)"):
-        mra.load_projector(model, str(tmp_path / "mm_projector.bin"))
+        release.load_projector(model, str(tmp_path / "mm_projector.bin"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
 
 
@@ -469,7 +470,7 @@ def test_load_projector_takes_a_path_object(tmp_path):
     # every other loader takes str or os.PathLike (pytest's tmp_path is a pathlib.Path)
     save_file(stage1_heads(), tmp_path / "mm_projector.safetensors")
     model = mra.build(tiny_cfg(adapters=False))
-    mra.load_projector(model, tmp_path / "mm_projector.safetensors")
+    release.load_projector(model, tmp_path / "mm_projector.safetensors")
     assert torch.equal(model.projector[0].weight, stage1_heads()[PROJECTOR + "0.weight"])
 
 
@@ -487,7 +488,7 @@ def test_load_projector_refuses_pickled_objects(tmp_path):
     marker = tmp_path / "ran"
     torch.save(stage1_heads() | {"extra": Payload(str(marker))}, tmp_path / "mm_projector.bin")
     with pytest.raises(CheckpointError, match="mm_projector.bin"):
-        mra.load_projector(mra.build(tiny_cfg(adapters=False)), str(tmp_path / "mm_projector.bin"))
+        release.load_projector(mra.build(tiny_cfg(adapters=False)), str(tmp_path / "mm_projector.bin"))
     assert not marker.exists()
 
 
@@ -800,8 +801,8 @@ def test_memory_estimate_refuses_before_reading(hr, monkeypatch):
         mra.load_checkpoint(path, dtype=torch.float32)
     assert read == []  # stopped before any weight was read
     # int8: the LLM's linear weights in one byte each, everything else in the dtype
-    int8 = weights.weight_bytes(sizes, torch.bfloat16, mra.INT8_KEYS.match)
-    linears = sum(v.numel() for k, v in release_state(**hr[0]).items() if mra.INT8_KEYS.match(k))
+    int8 = weights.weight_bytes(sizes, torch.bfloat16, INT8_KEYS.match)
+    linears = sum(v.numel() for k, v in release_state(**hr[0]).items() if INT8_KEYS.match(k))
     assert int8 == fp32 // 2 - linears
 
 

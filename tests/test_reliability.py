@@ -29,7 +29,7 @@ from test_data import conv, records, train_spm, write_dataset
 from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
 from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, train, weights  # noqa: F401
 from tokenizer import Tokenizer
-from weights import CheckpointError, convert_bin
+from weights import CheckpointError, convert_bin, read_safetensors
 
 COMMON = ("--global-batch", 1, "--batch-size", 1, "--lr", 1e-3)
 
@@ -738,7 +738,7 @@ def test_convert_keeps_a_tied_head_and_writes_readable_files(tmp_path, monkeypat
         convert_bin(str(src), str(tmp_path / "out"))
     finally:
         os.umask(old)
-    got = mra.read_safetensors(str(tmp_path / "out"))
+    got = read_safetensors(str(tmp_path / "out"))
     assert torch.equal(got["lm_head.weight"], emb) and torch.equal(got["model.embed_tokens.weight"], emb)
     assert {f: os.stat(tmp_path / "out" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "out")} == \
         {"model.safetensors": 0o644, "config.json": 0o644}
