@@ -235,10 +235,10 @@ class LlavaDataset(torch.utils.data.Dataset):
     them (self.bad_index: their indices in the file), and each item reports the load-time skips it
     replaced. self.sha256: the file's, as read."""
 
-    def __init__(self, path, image_folder, tok, template, image_size, image_mode="pad",
+    def __init__(self, path, image_folder, tok, template, image_size, image_aspect_ratio="pad",
                  max_len=None, skip_bad=False):
         self.path, self.folder, self.tok, self.template = path, image_folder or "", tok, template
-        self.image_size, self.image_mode, self.skip_bad = image_size, image_mode, skip_bad
+        self.image_size, self.image_aspect_ratio, self.skip_bad = image_size, image_aspect_ratio, skip_bad
         self.max_len = max_len or MAX_LEN[template]
         self.records, self.bad, self.bad_index, self.dropped_first = [], [], [], 0
         records, self.sha256 = read_records(path, with_digest=True)
@@ -318,7 +318,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def load(self, i):
         rec = self.records[i]
-        image = preprocess(load_image(rec["image"]), self.image_size, self.image_mode) if rec["image"] else None
+        image = preprocess(load_image(rec["image"]), self.image_size, self.image_aspect_ratio) if rec["image"] else None
         ids, labels = encode(self.tok, rec["turns"], self.template, rec["image"] is not None)
         # truncation after masking, placeholder counted as one token (LLaVA's collator)
         ids, labels = ids[:self.max_len], labels[:self.max_len]

@@ -57,8 +57,8 @@ from weights import available_memory, fingerprint, read_config
 # settings: the release's recipe per stage; a flag overrides
 
 # micro: the release's per-GPU batch (8 GPUs; stage 2 accumulates 2), over which each loss is a token mean
-STAGE = {1: dict(template="plain", image_size=384, image_mode="crop", lr=1e-3, global_batch=256, micro=32),
-         2: dict(template="vicuna_v1", image_size=1024, image_mode="pad", lr=2e-5, global_batch=128, micro=8)}
+STAGE = {1: dict(template="plain", image_size=384, image_aspect_ratio="crop", lr=1e-3, global_batch=256, micro=32),
+         2: dict(template="vicuna_v1", image_size=1024, image_aspect_ratio="pad", lr=2e-5, global_batch=128, micro=8)}
 # random towers small enough for a CPU test: R 64 -> 2x2 ConvNeXt map, ViT 28 px -> 2x2 grid
 TINY = mra.MRAConfig(vit_min_size=28,
                      vit=ViTConfig(image_size=28, patch_size=14, width=32, layers=4, heads=2, mlp_dim=64),
@@ -280,7 +280,7 @@ else:
     raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
 image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else recipe["image_size"])
 adapters = args.adapters if args.adapters is not None else args.stage == 2
-stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=recipe["image_mode"])
+stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=recipe["image_aspect_ratio"])
 
 
 def trains(name):
@@ -379,7 +379,7 @@ def from_init(held):
               f"projector and the fusion)", flush=True)
     if adapters and not held.adapters and held.arch == "llava-hr":
         return replace(held, **stage_cfg)
-    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_mode"])
+    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_aspect_ratio"])
 
 
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
@@ -442,7 +442,7 @@ with open(tok_path, "rb") as f:  # copied into each checkpoint: a resume from ck
 # the token ids the run trains on: a resume must find the same tokenizer, wherever it lies
 tokenizer = dict(tokenizer_sha256=hashlib.sha256(tok_bytes).hexdigest(), tokenizer_legacy=tok.legacy)
 ds = data.LlavaDataset(args.data, args.image_folder, tok, recipe["template"], image_size,
-                       recipe["image_mode"], args.max_len, skip_bad=args.skip_bad)
+                       recipe["image_aspect_ratio"], args.max_len, skip_bad=args.skip_bad)
 by_modality = args.group_by_length if args.group_by_length is not None else args.stage == 2
 # the records the run trains on (--skip-bad leaves the bad ones out): a resume must find the same
 usable = dict(records=len(ds), bad_sha256=hashlib.sha256(json.dumps(ds.bad_index).encode()).hexdigest())
