@@ -37,7 +37,8 @@ IGNORE = -100  # label of every position the loss skips
 @dataclass
 class MRAConfig:
     arch: str = "llava-hr"  # "llava-hr" (dual pathway) or "llava-1.5" (one ViT path)
-    image_size: int = 1024  # R: the ConvNeXt input (LLaVA-1.5: the ViT input)
+    image_size: int = 1024  # R: the ConvNeXt input (LLaVA-1.5: the ViT input); vit.image_size is the size
+    # the ViT's position table was trained at (336), resampled to S at run time
     vit_min_size: int = 336  # floor of the low-res size S (the release hard-codes 336)
     adapters: bool = True  # stage 2 inserts MR-Adapters; stage 1 has none
     gate: str = "tanh"  # "tanh" (released), "sigmoid", "none" (plain sum): Table 3's ablation
