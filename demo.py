@@ -165,7 +165,7 @@ def prepare(out, n_train=2000, n_test=500, vocab_size=600):
     if os.path.isfile(os.path.join(out, "tokenizer.model")):  # kept: but as many scenes as asked for, or said
         held = [len(data.read_records(os.path.join(out, s, "pretrain.json"))) for s in ("train", "test")]
         if held != [n_train, n_test]:
-            raise SystemExit(f"--data-dir {out} holds {held[0]} training and {held[1]} held-out scenes, drawn "
+            raise SystemExit(f"error: --data-dir {out} holds {held[0]} training and {held[1]} held-out scenes, drawn "
                              f"earlier, not the {n_train} and {n_test} asked for: --scenes {held[0]} --test-scenes "
                              f"{held[1]} reuses them, or pick another --data-dir")
     else:
@@ -278,7 +278,7 @@ def run(argv):
         pre.error("need --scenes >= 1, --test-scenes >= 0 and --tower-steps >= 0")
     done = [f"{demo.out}/{s}/ckpt" for s in ("stage0", "stage1", "stage2") if os.path.isdir(f"{demo.out}/{s}/ckpt")]
     if done and "--overwrite" not in rest:
-        raise SystemExit(f"--out {demo.out} already holds a demo run ({', '.join(done)}): --overwrite "
+        raise SystemExit(f"error: --out {demo.out} already holds a demo run ({', '.join(done)}): --overwrite "
                          f"starts over (deleting it), or pick another --out")
     d = demo.data_dir
     os.makedirs(demo.out, exist_ok=True)

@@ -71,7 +71,7 @@ def load_shards(model, opt, path, saved_world, rank, world):
             files.append(safe_open(f, framework="pt"))
         except Exception as e:  # noqa: BLE001 -- missing (OSError) or cut short (SafetensorError)
             why = (str(e).splitlines() or [type(e).__name__])[0]
-            raise SystemExit(f"--resume: {f}: the optimizer state the run's rank {r} saved is missing or "
+            raise SystemExit(f"error: --resume: {f}: the optimizer state the run's rank {r} saved is missing or "
                              f"unreadable ({why}); start anew from its weights with --init {path}") from None
     named = dict(model.named_parameters())
     for key in files[0].keys():  # "name/k": AdamW's state k of a parameter
@@ -132,10 +132,10 @@ def replace_checkpoint(out, ckpt_dir):
 def check_out(out, resume):
     """Refuse an --out that is a file, or a checkpoint rather than the run directory that holds one."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"--out {out}: is a file, not a directory")
+        raise SystemExit(f"error: --out {out}: is a file, not a directory")
     if any(os.path.isfile(os.path.join(out, f)) for f in ("train_state.pt", "mra_config.json")):
         # a run's OUT/ckpt, say: a run inside it would be deleted with it, at the next save of the run that holds it
-        raise SystemExit(f"--out {out} is a checkpoint, not a run directory: " + (
+        raise SystemExit(f"error: --out {out} is a checkpoint, not a run directory: " + (
             f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(out))}" if resume else
             f"a run inside it would be deleted when it is next replaced; pick another --out (--init {out} starts "
             f"from its weights)"))
@@ -148,7 +148,7 @@ def claim_out(out):
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, "train.lock"), "a")
     except OSError as e:
-        raise SystemExit(f"--out {out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
+        raise SystemExit(f"error: --out {out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
                          f"writable --out") from None
     # one run at a time: two started together would both find --out free below, then garble each other. A
     # POSIX lock (lockf) is the process's, released when it ends however it ends; a flock would be held on by
@@ -160,7 +160,7 @@ def claim_out(out):
         if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without POSIX locks (some NFS, FUSE)
             print(f"note: --out {out}: cannot be locked ({e.strerror}); nothing stops a second train.py there")
         else:
-            raise SystemExit(f"--out {out}: another train.py is running in it (it holds {lock.name}); wait "
+            raise SystemExit(f"error: --out {out}: another train.py is running in it (it holds {lock.name}); wait "
                              f"for it to end, or pick another --out") from None
     return lock
 
@@ -181,14 +181,14 @@ def previous_run(out, ckpt_dir, log_path, resume, overwrite):
     previous = [d for d in (ckpt_dir, ckpt_dir + ".old") if os.path.isdir(d)]
     if resume:  # ckpt.old alone: a save cut between its renames before train.py could tell a complete ckpt.tmp
         if not previous:
-            raise SystemExit(f"--resume: no checkpoint in {out} (nothing to continue): " + (
+            raise SystemExit(f"error: --resume: no checkpoint in {out} (nothing to continue): " + (
                 "--overwrite starts over" if os.path.isfile(log_path) else "drop --resume"))
         if not os.path.isfile(os.path.join(previous[0], "train_state.pt")):
-            raise SystemExit(f"--resume: {previous[0]} has no train_state.pt (weights only, no optimizer or data "
-                             f"position); start a new run from its weights with --init {previous[0]}")
+            raise SystemExit(f"error: --resume: {previous[0]} has no train_state.pt (weights only, no optimizer or "
+                             f"data position); start a new run from its weights with --init {previous[0]}")
         return previous[0]
     if (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and not overwrite:
-        raise SystemExit(f"--out {out} already holds a run ({', '.join(previous) or log_path}): "
+        raise SystemExit(f"error: --out {out} already holds a run ({', '.join(previous) or log_path}): "
                          f"--resume continues it, --overwrite starts over (deleting it), or pick another --out")
     return None
 
@@ -200,7 +200,7 @@ def check_overwrite(out, ckpt_dir, log_path, inputs):
     for flag, given in inputs.items():
         path = given and os.path.realpath(given)
         if path and any(path == d or path.startswith(d + os.sep) for d in doomed):
-            raise SystemExit(f"--{flag.replace('_', '-')} {given} lies in the run that --overwrite "
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {given} lies in the run that --overwrite "
                              f"would delete; copy it out of {out} first, or pick another --out")
 
 
@@ -253,7 +253,7 @@ def read_state(resume_dir):
         state = torch.load(state_path, weights_only=True)
         run = json.loads(state["run"])
     except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
-        raise SystemExit(f"--resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
+        raise SystemExit(f"error: --resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return state, run
 
@@ -274,16 +274,16 @@ def check_resume(run, resume_dir, args, ds, tok_path, fixed, model_fixed, tokeni
             way = (f"drop {flag}" if run[key] is None else  # the run had none (--quantize, say)
                    f"give the run's {flag if run[key] else '--no-' + flag[2:]}" if isinstance(run[key], bool) else
                    f"give the run's {flag} {run[key]}")
-            raise SystemExit(f"--resume: the run used {key}={run[key]!r}, now {now!r}: {why}; {way}, {new_run}")
+            raise SystemExit(f"error: --resume: the run used {key}={run[key]!r}, now {now!r}: {why}; {way}, {new_run}")
     # the same records in the same order, wherever the file now lies (older runs kept its path only)
     if (run["data_sha256"] != ds.sha256 if "data_sha256" in run else
             os.path.realpath(run.get("data") or "") != os.path.realpath(args.data)):
-        raise SystemExit(f"--resume: --data {args.data} is not the file the run read ({run.get('data')}, as it was "
-                         f"then): the data position would not carry over; give that file, {new_run}")
+        raise SystemExit(f"error: --resume: --data {args.data} is not the file the run read ({run.get('data')}, as it "
+                         f"was then): the data position would not carry over; give that file, {new_run}")
     if args.lora_r and (run["init_digest"] != init_digest if "init_digest" in run else  # older runs: the path
                         run.get("init") != os.path.realpath(args.init)):
-        raise SystemExit(f"--resume: --init {args.init} is not the base the run trained on ({run.get('init')}, as it "
-                         f"was then): the model would not be the one trained; give that base, {new_run}")
+        raise SystemExit(f"error: --resume: --init {args.init} is not the base the run trained on ({run.get('init')}, "
+                         f"as it was then): the model would not be the one trained; give that base, {new_run}")
     # older runs recorded neither: their bytes are not known, but their mode is (legacy, the only one then)
     then = dict(tokenizer_sha256=run.get("tokenizer_sha256", tokenizer["tokenizer_sha256"]),
                 tokenizer_legacy=run.get("tokenizer_legacy", True))
@@ -292,11 +292,11 @@ def check_resume(run, resume_dir, args, ds, tok_path, fixed, model_fixed, tokeni
                f"legacy={tokenizer['tokenizer_legacy']} from the tokenizer_config.json beside it or its absence, "
                f"the run's {then['tokenizer_legacy']}")
         own = os.path.join(resume_dir, "tokenizer.model")
-        raise SystemExit(f"--resume: {tok_path} is not the tokenizer the run trained with ({why}): the token ids "
-                         f"would change; " + (f"drop --tokenizer to use the run's own copy, {own}" if args.tokenizer
+        raise SystemExit(f"error: --resume: {tok_path} is not the tokenizer the run trained with ({why}): the token "
+                         f"ids would change; " + (f"drop --tokenizer to use the run's own copy, {own}" if args.tokenizer
                                               else "give the run's tokenizer with --tokenizer") + f", {new_run}")
     if any(run.get(k, v) != v for k, v in usable.items()):  # --skip-bad: other records bad now (or fixed)
-        raise SystemExit(f"--resume: the run trained on {run['records']} usable records of {args.data}, now "
+        raise SystemExit(f"error: --resume: the run trained on {run['records']} usable records of {args.data}, now "
                          f"{len(ds)} ({len(ds.bad)} bad{', other ones' if run['records'] == len(ds) else ''}): the "
                          f"data position would not carry over; restore the records and images as the run had "
                          f"them, {new_run}")
@@ -318,6 +318,6 @@ def check_trained(state, trainable, lora_r):
              {n for g in state["optimizer"]["param_groups"] for n in g["params"]})
     if saved != trainable:
         diff = sorted(saved ^ trainable)
-        raise SystemExit(f"--resume: the run trained other parameters ({len(diff)} differ, e.g. {diff[0]}): "
+        raise SystemExit(f"error: --resume: the run trained other parameters ({len(diff)} differ, e.g. {diff[0]}): "
                          f"same --stage and --freeze-* flags as the run"
                          f"{', and its --[no-]lora-train-mra' if lora_r else ''}, please")

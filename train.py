@@ -266,7 +266,7 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext
 global_batch = args.global_batch or recipe["global_batch"]
 accum, rem = divmod(global_batch, args.batch_size * world)
 if rem or not accum:
-    raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {args.batch_size} "
+    raise SystemExit(f"error: --global-batch {global_batch} is not a multiple of --batch-size {args.batch_size} "
                      f"x {world} processes")
 
 # -----------------------------------------------------------------------------
@@ -277,7 +277,7 @@ if args.config in ("tiny", "full"):
 elif os.path.isfile(args.config):
     cfg = read_config(args.config, mra.MRAConfig.from_dict)
 else:
-    raise SystemExit(f"--config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
+    raise SystemExit(f"error: --config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
 image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else recipe["image_size"])
 adapters = args.adapters if args.adapters is not None else args.stage == 2
 stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=recipe["image_aspect_ratio"])
@@ -334,7 +334,7 @@ def with_adapters(m1, cfg, source):
     missing, unexpected = m2.load_state_dict(m1.state_dict(), strict=False)
     bad = unexpected + [k for k in missing if not k.startswith("encoder.adapters.")]
     if bad:
-        raise SystemExit(f"{source}: does not fit the stage-2 model: {bad[:6]}")
+        raise SystemExit(f"error: {source}: does not fit the stage-2 model: {bad[:6]}")
     return m2
 
 
@@ -344,9 +344,9 @@ def max_len_within(cfg):
     --max-len given beyond it is refused now, not at the first long sample, hours in."""
     fits = cfg.llm.max_seq_len - cfg.visual_tokens + 1
     if args.max_len and args.max_len > fits:
-        raise SystemExit(f"--max-len {args.max_len}: a sample with an image would take {args.max_len - 1} text + "
-                         f"{cfg.visual_tokens} visual positions, over the LLM's context of {cfg.llm.max_seq_len}; "
-                         f"--max-len {fits} at most")
+        raise SystemExit(f"error: --max-len {args.max_len}: a sample with an image would take {args.max_len - 1} "
+                         f"text + {cfg.visual_tokens} visual positions, over the LLM's context of "
+                         f"{cfg.llm.max_seq_len}; --max-len {fits} at most")
     return min(args.max_len or data.MAX_LEN[recipe["template"]], fits)
 
 
@@ -369,11 +369,11 @@ def plan(cfg, world, bf16):
 def from_init(held):
     """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
     if held.adapters and args.adapters is False:
-        raise SystemExit(f"--no-adapters: --init {args.init} has MR-Adapters; the fusion-only ablation starts from a "
-                         f"model without them (a stage-1 checkpoint)")
+        raise SystemExit(f"error: --no-adapters: --init {args.init} has MR-Adapters; the fusion-only ablation starts "
+                         f"from a model without them (a stage-1 checkpoint)")
     if held.adapters and gate_given and args.gate != held.gate:
-        raise SystemExit(f"--gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, which "
-                         f"it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
+        raise SystemExit(f"error: --gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, "
+                         f"which it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
     if held.adapters and not adapters and master:  # stage 1 from a model that has them (a stage-2 one)
         print(f"note: --init {args.init} has MR-Adapters: they stay in the model, frozen (stage 1 trains the "
               f"projector and the fusion)", flush=True)
@@ -384,18 +384,18 @@ def from_init(held):
 
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):
-        raise SystemExit(f"{flag} {path}: no such directory (a checkpoint directory is expected)")
+        raise SystemExit(f"error: {flag} {path}: no such directory (a checkpoint directory is expected)")
 for flag, path, what in (("--vit", args.vit, "an HF CLIP checkpoint"), ("--convnext", args.convnext, "a timm or "
                          "open_clip ConvNeXt checkpoint"), ("--projector", args.projector, "the released stage-1 "
                          "mm_projector.bin")):  # else found after the LLM loaded (minutes for a 7B)
     if path and not os.path.exists(path):
-        raise SystemExit(f"{flag} {path}: no such file or directory ({what} is expected)")
+        raise SystemExit(f"error: {flag} {path}: no such file or directory ({what} is expected)")
 if args.init:
     mra.run_directory(args.init)  # a run's OUT given for its OUT/ckpt: say so
     mra.lora_adapters(args.init)  # OUT/ckpt/lora given for a model
     if only := mra.adapters_only(args.init):  # a --lora-adapters-only (or --quantize) run's ckpt
         base = mra.lora_base(only)
-        raise SystemExit(f"--init {args.init}: holds LoRA adapters only, no model: start from their base "
+        raise SystemExit(f"error: --init {args.init}: holds LoRA adapters only, no model: start from their base "
                          f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
     # the model the run would build, on the meta device: shapes from the files' headers, no weight read
@@ -426,16 +426,18 @@ if args.overwrite:
 init_digest = fingerprint(args.init) if args.lora_r else None
 start_dir = resume_dir if args.resume else args.init or args.llm  # the weights the run starts from
 if not (args.tokenizer or start_dir):
-    raise SystemExit("nothing to start from: --llm (with --vit and --convnext) or --init gives the weights and "
+    raise SystemExit("error: nothing to start from: --llm (with --vit and --convnext) or --init gives the weights and "
                      "the tokenizer; to train from random weights, pass --tokenizer")
 tok_path = args.tokenizer or os.path.join(start_dir, "tokenizer.model")
 if not os.path.isfile(tok_path):
-    raise SystemExit(f"--tokenizer {tok_path}: no such file" if args.tokenizer else f"{start_dir}: no "
+    raise SystemExit(f"error: --tokenizer {tok_path}: no such file" if args.tokenizer else f"error: {start_dir}: no "
                      f"tokenizer.model beside the weights: pass --tokenizer (the LLM's tokenizer.model)")
 if not os.path.isfile(args.data):
-    raise SystemExit(f"--data {args.data}: no such file (a LLaVA json or jsonl file of conversations is expected)")
+    raise SystemExit(f"error: --data {args.data}: no such file (a LLaVA json or jsonl file of conversations is "
+                     f"expected)")
 if args.image_folder and not os.path.isdir(args.image_folder):
-    raise SystemExit(f"--image-folder {args.image_folder}: no such directory (the records' image paths are under it)")
+    raise SystemExit(f"error: --image-folder {args.image_folder}: no such directory (the records' image paths are "
+                     f"under it)")
 tok = Tokenizer(tok_path)
 with open(tok_path, "rb") as f:  # copied into each checkpoint: a resume from ckpt.old deletes it at its first save
     tok_bytes = f.read()
@@ -448,14 +450,15 @@ by_modality = args.group_by_length if args.group_by_length is not None else args
 usable = dict(records=len(ds), bad_sha256=hashlib.sha256(json.dumps(ds.bad_index).encode()).hexdigest())
 if args.fsdp and not by_modality and not all(ds.has_image):
     # FSDP gathers a block's shards when it runs: every rank must run the same modules
-    raise SystemExit("--fsdp with text-only samples needs --group-by-modality-length (one modality per micro-step)")
+    raise SystemExit("error: --fsdp with text-only samples needs --group-by-modality-length (one modality per "
+                     "micro-step)")
 
 # -----------------------------------------------------------------------------
 # the model
 
 if args.resume and os.path.isdir(os.path.join(resume_dir, "lora")):  # the frozen base is --init's, as it was
     if not args.lora_r:
-        raise SystemExit(f"--resume: {resume_dir} holds a LoRA run: the run's --lora-r and --init, please")
+        raise SystemExit(f"error: --resume: {resume_dir} holds a LoRA run: the run's --lora-r and --init, please")
     model = lora.load(args.init, os.path.join(resume_dir, "lora"), merged=False, dropout=args.lora_dropout,
                       quantize=args.quantize)
 elif args.resume:
@@ -469,7 +472,7 @@ elif args.init:
         model.cfg = run_cfg
 else:
     if args.config == "full" and not (args.llm and args.vit and (args.convnext or cfg.arch != "llava-hr")):
-        raise SystemExit("--llm, --vit and --convnext are needed (or --init, or --config tiny for a test)")
+        raise SystemExit("error: --llm, --vit and --convnext are needed (or --init, or --config tiny for a test)")
     model = mra.build(replace(cfg, **stage_cfg), llm=args.llm, vit=args.vit, convnext=args.convnext)
     if args.projector:  # stage 2 from the released stage-1 file (projector + final fusion)
         release.load_projector(model, args.projector)
@@ -490,7 +493,7 @@ cfg = model.cfg
 ds.image_size = cfg.image_size  # a resumed run keeps its checkpoint's R
 ds.max_len = max_len_within(cfg)
 if tok.vocab_size > cfg.llm.vocab_size:
-    raise SystemExit(f"{tok_path}: {tok.vocab_size} pieces, but the LLM has only {cfg.llm.vocab_size} "
+    raise SystemExit(f"error: {tok_path}: {tok.vocab_size} pieces, but the LLM has only {cfg.llm.vocab_size} "
                      f"embeddings: the tokenizer does not belong to this model (--tokenizer)")
 
 for name, param in model.named_parameters():
@@ -597,7 +600,7 @@ def save_errors(step, tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
         why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"step {step}: saving to {tmp} failed ({why}); {way_on('a full disk?')}") from None
+        raise SystemExit(f"error: step {step}: saving to {tmp} failed ({why}); {way_on('a full disk?')}") from None
 
 
 def merged_state(step, adapters):
@@ -731,7 +734,7 @@ for step in range(start_step, stop_step):
     if not (math.isfinite(loss) and math.isfinite(norm)):
         bar.close()
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
-        leave(f"step {step + 1}: {what}; stopping without saving this state: {way_on('a lower --lr?')}")
+        leave(f"error: step {step + 1}: {what}; stopping without saving this state: {way_on('a lower --lr?')}")
     opt.step()
     opt.zero_grad(set_to_none=True)
     skipped += int(n_skipped)
@@ -751,7 +754,8 @@ for step in range(start_step, stop_step):
             log.flush()
         except OSError as e:  # a full disk: a line cut short is dropped by --resume, which runs the step again
             bar.close()
-            raise SystemExit(f"step {done}: writing {log_path} failed ({e.strerror or e}); {way_on('a full disk?')}")
+            raise SystemExit(f"error: step {done}: writing {log_path} failed ({e.strerror or e}); "
+                             f"{way_on('a full disk?')}")
     if not args.no_save and (done == stop_step or (args.save_every and done % args.save_every == 0)):
         save(done)
 bar.close()

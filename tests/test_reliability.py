@@ -83,7 +83,7 @@ def test_overwrite_never_deletes_what_the_run_reads(env, tmp_path):
 def test_a_missing_backbone_or_projector_file_is_named_before_anything_loads(env, tmp_path, flag, what):
     # they were found only once the parts before them had loaded, and a missing --projector was called
     # "not a readable PyTorch weights file ... damaged or cut short? download it again"
-    with pytest.raises(SystemExit, match=rf"^{flag} .*nope: no such file or directory \({what} is expected\)$"):
+    with pytest.raises(SystemExit, match=rf"^error: {flag} .*nope: no such file or directory \({what} is expected\)$"):
         train([*args(env, tmp_path / "o", 2, *COMMON), flag, str(tmp_path / "nope")])
 
 
@@ -419,9 +419,9 @@ def test_a_full_disk_under_the_log_is_one_line_and_the_run_resumes(env, tmp_path
         return Full(f) if str(path).endswith("log.jsonl") and mode == "a" else f
 
     monkeypatch.setattr(builtins, "open", open_)
-    with pytest.raises(SystemExit, match=r"^step 3: writing \S*run/log.jsonl failed \(No space left on device\); the "
-                                         r"last checkpoint \S*run/ckpt is untouched; once the cause is fixed \(a full "
-                                         r"disk\?\), --resume continues from it$"):
+    with pytest.raises(SystemExit, match=r"^error: step 3: writing \S*run/log.jsonl failed \(No space left on device\); "
+                                         r"the last checkpoint \S*run/ckpt is untouched; once the cause is fixed \(a "
+                                         r"full disk\?\), --resume continues from it$"):
         train(args(env, out, 2, *COMMON, "--max-steps", 4, "--save-every", 2))
     monkeypatch.setattr(builtins, "open", real_open)
     train(args(env, out, 2, *COMMON, "--max-steps", 4, "--save-every", 2, "--resume"))
@@ -473,7 +473,20 @@ def test_train_user_errors_are_one_line(env, tmp_path):
     if not torch.cuda.is_available():
         cases["no GPU"] = ([*base, "--device", "cuda"], "--device cuda: no CUDA GPU is visible")
     for name, (argv, expected) in cases.items():
-        assert expected in one_line(run_train(argv)), name
+        line = one_line(run_train(argv))
+        assert expected in line and line.startswith(("error: ", "train.py: error: ")), (name, line)
+
+
+def test_train_refusals_begin_with_error_whichever_way_they_come(env, tmp_path):
+    """A flag's check (argparse), a refusal raised in train.py and one raised in runs.py: one line each, and it
+    starts with `error:`, as the excepthook's lines and generate.py's do (the SystemExits had no prefix)."""
+    (tmp_path / "file").write_text("")
+    cases = {"argparse": ([*args(env, tmp_path / "o", 2), "--epochs", 0], "train.py: error: need --epochs >= 1"),
+             "train.py": ([*args(env, tmp_path / "o", 2), "--config", tmp_path / "nope.json"], "error: --config "),
+             "runs.py": (args(env, tmp_path / "file", 2), f"error: --out {tmp_path / 'file'}: is a file, not a "
+                                                            f"directory")}
+    for name, (argv, start) in cases.items():
+        assert one_line(run_train(argv)).startswith(start), name
 
 
 def tiny_dict():

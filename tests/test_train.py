@@ -318,7 +318,7 @@ def test_fsdp_non_finite_loss_stops_every_rank_in_one_line(env, tmp_path):
                       "--save-every", 1), ok=False)
     said = [line for line in r.stderr.splitlines() if "stopping without saving this state" in line]
     assert r.returncode == 1 and len(said) == 1, r.stderr[-3000:]
-    assert re.match(r"step 3: (loss|gradient norm) is (nan|inf); stopping without saving this state: the last "
+    assert re.match(r"error: step 3: (loss|gradient norm) is (nan|inf); stopping without saving this state: the last "
                     r"checkpoint .*ckpt is untouched", said[0])
     assert torch.load(tmp_path / "o" / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2
     assert len(losses(tmp_path / "o")) == 2
