@@ -262,8 +262,10 @@ def pretrain_towers(config, data_dir, out, image_size, steps, seed=0, crop=64):
 def run(argv):
     """python train.py --preset demo [--out out/demo] [--data-dir data/demo] [--scenes N] [--tower-steps N]
     [flags for both stages]: data, stage 0 (pretrain_towers), stage 1, stage 2."""
-    pre = argparse.ArgumentParser(description="The CPU demo: synthetic data, stage 0, then train.py's stages 1 and 2. "
-                                  "Flags not listed here go to both stages (python train.py --stage 2 --help).")
+    pre = argparse.ArgumentParser(prog="train.py --preset demo", description="The CPU demo: synthetic data, stage 0, "
+                                  "then train.py's stages 1 and 2. Flags not listed here go to both stages (python "
+                                  "train.py --stage 2 --help).")
+    pre.error = lambda message: pre.exit(2, f"{pre.prog}: error: {message} (see --help)\n")  # one line, as train.py's
     pre.add_argument("--preset", choices=["demo"])
     pre.add_argument("--out", default="out/demo")
     pre.add_argument("--data-dir", default="data/demo")
@@ -302,12 +304,16 @@ def run(argv):
         i = stage.index("--init") if "--init" in stage else len(stage)
         if subprocess.run(common + stage[:i] + stage[i + 2:] + rest + ["--dry-run"], stdout=subprocess.DEVNULL).returncode:
             sys.exit(1)  # train.py printed its own error
-    prepare(d, n_train=demo.scenes, n_test=demo.test_scenes)
-    if demo.tower_steps:
-        pretrain_towers(config, f"{d}/train", f"{demo.out}/stage0", demo.image_size, demo.tower_steps)
-    for stage in stages:  # flags given on the command line come last, so they win
-        if subprocess.run(common + stage + rest).returncode:
-            sys.exit(1)  # the stage printed its own error
+    try:
+        prepare(d, n_train=demo.scenes, n_test=demo.test_scenes)
+        if demo.tower_steps:
+            pretrain_towers(config, f"{d}/train", f"{demo.out}/stage0", demo.image_size, demo.tower_steps)
+        for stage in stages:  # flags given on the command line come last, so they win
+            if subprocess.run(common + stage + rest).returncode:
+                sys.exit(1)  # the stage printed its own error
+    except KeyboardInterrupt:  # train.py's hook would speak of one run; the demo is several
+        raise SystemExit("interrupted: the demo does not resume; run it again to start over (with --overwrite once "
+                         "a stage has finished)") from None
     print(f"\ntry: python generate.py --model {demo.out}/stage2/ckpt --image examples/demo.png "
           f"--prompt \"What pattern fills the background?\"")
 

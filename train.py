@@ -91,6 +91,8 @@ def one_line_errors(kind, err, tb):
     tqdm.write("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)  # below any bar
 
 if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.argv):  # the CPU demo lives in demo.py
+    if "--debug" not in sys.argv:
+        sys.excepthook = one_line_errors
     import demo
     demo.run(sys.argv[1:])
     sys.exit()

@@ -3,6 +3,7 @@ and the demo preset end to end (data, tokenizer, both stages, an answer from gen
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -162,5 +163,26 @@ def test_demo_flags_out_of_range_are_refused_before_anything_is_drawn(tmp_path, 
     run = subprocess.run([sys.executable, "train.py", *flag.split(), "--out", str(tmp_path / "out"), "--data-dir",
                           str(tmp_path / "data"), "--scenes", "0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
-    assert run.returncode == 2 and "need --scenes >= 1" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 2 and run.stderr.splitlines() == [  # one line, as train.py's own flag errors
+        "train.py --preset demo: error: need --scenes >= 1, --test-scenes >= 0 and --tower-steps >= 0 (see --help)"]
     assert not (tmp_path / "data").exists()
+
+
+def test_demo_errors_and_interrupts_are_one_line(tmp_path):
+    # the demo ran before train.py's one-line hook: a bad --data-dir was a traceback, and Ctrl-C spoke of
+    # one run ("nothing was saved; run it again") where the demo's stages are several
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    demo_cmd = [sys.executable, "train.py", "--preset", "demo", "--out", str(tmp_path / "out"), "--scenes", "4000",
+                "--test-scenes", "1", "--tower-steps", "2"]
+    run = subprocess.run(demo_cmd + ["--data-dir", str(not_a_dir)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("error: ") and str(not_a_dir) in run.stderr
+    proc = subprocess.Popen(demo_cmd + ["--data-dir", str(tmp_path / "data")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("data: drawing 4000 training")  # 4,000 scenes: seconds to draw
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.splitlines() == [
+        "interrupted: the demo does not resume; run it again to start over (with --overwrite once a stage has finished)"]
