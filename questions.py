@@ -115,7 +115,7 @@ def read_questions(args):
     with open(args.answers, "ab") as f:
         if cut:
             f.truncate(len(raw) - len(tail))
-            log(f"--answers {args.answers}: dropped its last line, cut short (a run that stopped); asking it again")
+            log(f"note: --answers {args.answers}: dropped its last line, cut short (a run that stopped); asking it again")
         elif tail.strip():
             f.write(b"\n")
     return questions, answered

@@ -426,6 +426,7 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
         f.write('{"question_id": 9, "prompt": "Red')
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and out == "" and "resuming: 2 of 3" in err
+    assert f"note: --answers {afile}: dropped its last line, cut short" in err  # a notice, as the others
     second = read_jsonl(afile)
     assert second[:2] == first and [a["question_id"] for a in second] == [7, "b", 9]
     assert pack is None or pack == [15, 15]  # both runs packed
