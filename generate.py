@@ -31,6 +31,7 @@ import data
 import llama
 import lora
 import mra
+import release
 from int8 import Int8Linear
 from mra import IMAGE_TOKEN
 from questions import not_a_character, read_questions, settings
@@ -553,7 +554,7 @@ def run(args):
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model "
                                   f"{mra.lora_base(adapters)} --lora {adapters}")
     if args.model_base:  # a LoRA release: merged into its base LLM as it loads, the tower from --vit
-        model = lora.load_release(args.model, args.model_base, args.vit, dtype, device, args.quantize).eval()
+        model = release.load_lora_release(args.model, args.model_base, args.vit, dtype, device, args.quantize).eval()
     elif args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint
         model = lora.load(args.model, args.lora, dtype, device, quantize=args.quantize).eval()
     else:

@@ -20,7 +20,6 @@ full-precision base at load time rather than merged into the rounded W.
 import json
 import math
 import os
-import re
 from dataclasses import replace
 
 import torch
@@ -28,12 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mra
-import release
-from int8 import Int8Linear, check_quantize, int8_linear, int8_linears, int8_reader
-from llama import INT8_KEYS
-from vit import HF_IGNORE, ViT
-from weights import (CheckpointError, check_memory, fingerprint, load_state, read_checkpoint, read_config,
-                     read_safetensors, tensor_sizes)
+from int8 import Int8Linear, int8_linear, int8_linears, int8_reader
+from weights import CheckpointError, fingerprint, load_state, read_config, read_safetensors
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
 # the parts a LoRA run keeps frozen and its adapter file leaves to the base checkpoint
@@ -183,142 +178,6 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
         convert = int8_reader(int8, dtype, device)
         state = {k2: v2 for k in list(state) for k2, v2 in convert(k, state.pop(k)).items()}
     return load_state(plain, state, adapters, one_dtype=dtype is None)
-
-
-# -----------------------------------------------------------------------------
-# LLaVA-1.5's LoRA releases (llava-v1.5-7b-lora, -13b-lora), loaded as LLaVA's builder.py loads them
-# (load_pretrained_model with a model_base): config.json, LLaVA's; adapter_config.json and
-# adapter_model.bin (or .safetensors, newer peft), peft's LoRA of the LLM's linear layers (r 128,
-# alpha 256); non_lora_trainables.bin, the projector. The LLM is the base they were trained on
-# (--model-base, Vicuna v1.5: its tokenizer too), the CLIP tower its own directory (--vit: LLaVA
-# fetches config.json's mm_vision_tower from the hub).
-
-PEFT_KEY = re.compile(r"base_model\.model\.(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj))"
-                      r"\.lora_([AB])\.weight")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# adapter_config.json fields that would change what the merge must compute (their defaults do not)
-NOT_MERGED = dict(peft_type="LORA", bias="none", fan_in_fan_out=False) | dict.fromkeys(
-    ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "rank_pattern", "alpha_pattern", "modules_to_save",
-     "layer_replication", "target_parameters", "trainable_token_indices"))
-
-
-def peft_config(file):
-    """adapter_config.json -> (r, scale): W' = W + scale B A, scale alpha / r (rsLoRA: alpha / sqrt(r))."""
-    c = read_config(file, lambda d: {**d, "r": d["r"], "lora_alpha": d["lora_alpha"]})  # these two must be there
-    bad = next((k for k, ok in NOT_MERGED.items() if (c.get(k) if ok is None else c.get(k, ok) != ok)), None)
-    if bad is not None:
-        raise CheckpointError(f"{file}: {bad} {c[bad]!r} is not implemented; a plain LoRA is, merged as "
-                              f"W + (lora_alpha / r) B A")
-    r, alpha, targets = c["r"], c["lora_alpha"], c.get("target_modules")
-    check_scale(file, r, alpha, "lora_alpha")
-    # peft matches a listed name against the end of a module's; a regex (a string) is judged by the keys
-    others = [t for t in (targets if isinstance(targets, list) else []) if str(t).rsplit(".", 1)[-1] not in PROJECTIONS]
-    if others:
-        raise CheckpointError(f"{file}: target_modules {others}: LoRA outside the LLM's linear layers "
-                              f"({', '.join(PROJECTIONS)}) is not implemented")
-    return r, alpha / (math.sqrt(r) if c.get("use_rslora") else r)
-
-
-def peft_pairs(file, r):
-    """{base key: (A (r, in), B (out, r))} of a peft adapter file, each checked to be of rank r."""
-    pairs = {}
-    for k, t in read_checkpoint(file).items():
-        m = PEFT_KEY.fullmatch(k)
-        if m is None:
-            raise CheckpointError(f"{file}: {k} is not the lora_A or lora_B of one of the LLM's linear layers "
-                                  f"({', '.join(PROJECTIONS)}); nothing else is implemented")
-        pairs.setdefault(m[1] + ".weight", {})[m[4]] = t
-    for k, ab in pairs.items():
-        a, b = ab.get("A"), ab.get("B")
-        if a is None or b is None:
-            raise CheckpointError(f"{file}: {k.removesuffix('weight')}lora_{'A' if a is None else 'B'} is missing, "
-                                  f"its lora_{'B' if a is None else 'A'} is there: download the file again")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise CheckpointError(f"{file}: the LoRA of {k} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) is "
-                                  f"not of rank {r}, adapter_config.json's r")
-    if not pairs:
-        raise CheckpointError(f"{file}: holds no LoRA tensors")
-    return {k: (ab["A"], ab["B"]) for k, ab in pairs.items()}
-
-
-def llava_trainables(file):
-    """non_lora_trainables.bin renamed as LLaVA renames it: 'base_model.' off, then 'model.' too where the
-    keys start 'model.model.'. The projector; LLM weights too (they replace the base's, before the merge)."""
-    sd = read_checkpoint(file)
-    sd = {k.removeprefix("base_model."): v for k, v in sd.items()}
-    if any(k.startswith("model.model.") for k in sd):
-        sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    bad = next((k for k in sd if not (k.startswith("model.mm_projector.") or release.LLM_KEYS.match(k))), None)
-    if bad is not None:
-        raise CheckpointError(f"{file}: holds {bad}; implemented are the projector (model.mm_projector.*) and the "
-                              f"LLM's weights (a tuned vision tower is not)")
-    return sd
-
-
-def check_tower(tower, vit, name, path):
-    """--vit must be the tower config.json names (mm_vision_tower, as openai/clip-vit-large-patch14-336: patch 14,
-    336 px; no size: CLIP's 224): the 224 px CLIP-L would give 256 visual tokens to a projector trained on 576."""
-    m = re.search(r"patch(\d+)(?:-(\d+))?$", str(name or ""))
-    if m and (tower.config.patch_size, tower.config.image_size) != (int(m[1]), int(m[2] or 224)):
-        raise CheckpointError(f"--vit {vit}: a {tower.config.image_size} px tower of {tower.config.patch_size} px "
-                              f"patches, but {path}/config.json names {name} (patch {m[1]}, {m[2] or 224} px): give "
-                              f"that tower's directory")
-
-
-def load_release(path, base, vit, dtype=None, device="cpu", quantize=None):
-    """A LLaVA-1.5 LoRA release `path` + its base LLM `base` (an HF LLaMA / Vicuna dir) + the CLIP tower
-    `vit` (an HF CLIP dir) -> the merged LLaVA-1.5 LlavaHR, as release.load_release builds one from a full dir.
-
-    Each base weight is merged as it is read, W + scale B A in fp32, then cast to dtype (None: W's own)
-    or quantized (quantize="int8"): the model is held once, as when loading a merged checkpoint."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such directory (a LoRA release, such as llava-v1.5-7b-lora)")
-
-    def beside(*names, why):
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            raise CheckpointError(f"{path}: no {' or '.join(names)} ({why})")
-        return found[0]  # peft reads safetensors first
-    conf = beside("adapter_config.json", why="not a LoRA release, which --model-base goes with; a full "
-                                             "checkpoint loads from --model alone")
-    adapter = beside("adapter_model.safetensors", "adapter_model.bin", why="the LoRA weights: download them")
-    trainables = beside("non_lora_trainables.bin", why="the projector's weights: download them")
-    hf, _ = release.release_config(path, "llava-1.5")  # before any weight is read
-    r, scale = peft_config(conf)
-    deltas, extra = peft_pairs(adapter, r), llava_trainables(trainables)
-    sizes = {k: v for k, v in tensor_sizes(base).items() if release.LLM_KEYS.match(k)}
-    lost = next((k for k in deltas if k not in sizes and k not in extra), None)
-    if lost is not None:
-        raise CheckpointError(f"{adapter}: a LoRA of {lost}, which {base} does not hold: not the base LLM these "
-                              f"adapters were trained on")
-    skip = [re.compile(p) for p in HF_IGNORE]  # a CLIPModel's text tower: not read
-    sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
-    # held too until each is merged (7B, r 128: 0.6 GB), as stored: not cast
-    sizes |= {f"lora:{k}": (a.numel() + b.numel(), a.element_size(), False) for k, (a, b) in deltas.items()}
-    check_memory(base, sizes, dtype, device, INT8_KEYS.match, check_quantize(quantize))
-    tower = ViT.from_pretrained(vit, dtype=dtype, device=device)
-    check_tower(tower, vit, hf.get("mm_vision_tower"), path)
-    cast = lambda dt: int8_reader(INT8_KEYS.match if quantize else lambda k: False, dt, device)  # noqa: E731
-
-    def merged(k, t):
-        t = extra.pop(k, t)  # LLaVA loads non_lora_trainables over the base, then merges the LoRA
-        if k not in deltas:
-            return cast(dtype)(k, t)
-        a, b = (x.to(device, torch.float32) for x in deltas.pop(k))
-        if (b.shape[0], a.shape[1]) != tuple(t.shape):
-            raise CheckpointError(f"{adapter}: shape mismatch for {k}: lora_B @ lora_A is "
-                                  f"{(b.shape[0], a.shape[1])}, {base} holds {tuple(t.shape)}")
-        # cast (or quantized) from fp32 once merged; dtype None: W's own
-        return cast(dtype or t.dtype)(k, t.to(device, torch.float32) + scale * (b @ a))
-    tensors = read_checkpoint(base, dtype, device, keep=release.LLM_KEYS.match, convert=merged)
-    # dtype None: the base's own for every part, as LLaVA loads them all in one (merged reads it from here on)
-    dtype = dtype or tensors["model.embed_tokens.weight"].dtype
-    for k in list(extra):  # the projector, and any weight the base does not hold
-        tensors |= merged(k, extra.pop(k))
-    try:
-        return release.load_release(path, dtype, device, quantize, tensors=tensors, vit=tower.to(dtype))
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (a LoRA release: the LLM from {base}, the tower from {vit})") from None
 
 
 # -----------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def lora_release(path):
     """Refuse a LoRA release (LLaVA-1.5's llava-v1.5-7b-lora) where a whole model is meant, naming the way."""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise CheckpointError(f"{path}: a LoRA release (adapter_config.json), without its base LLM, tokenizer or CLIP "
-                              f"tower; it loads whole with lora.load_release, as in generate.py --model {path} "
+                              f"tower; it loads whole with release.load_lora_release, as in generate.py --model {path} "
                               f"--model-base VICUNA_DIR --vit CLIP_DIR")
 
 

@@ -1,8 +1,8 @@
 """Loading the released checkpoints: a LLaVA-HR or LLaVA-1.5 directory as published (config.json, the
 fp16 pytorch_model-*.bin shards or safetensors, tokenizer.model) and a stage-1 projector file
-(mm_projector.bin). Every name of a whole released model's key layout is in this file (a LoRA release:
-lora.load_release, which comes here once merged); mra.load_checkpoint comes here for any directory
-without our mra_config.json.
+(mm_projector.bin), and LLaVA-1.5's LoRA releases (load_lora_release: merged into their base LLM, then
+loaded as a whole directory is). Every name of the release's key layouts is in this file;
+mra.load_checkpoint comes here for any directory without our mra_config.json.
 
 The release's keys, and where each goes in mra.LlavaHR:
     model.embed_tokens.* model.layers.* model.norm.* lm_head.*       -> llm.* (HF LLaMA names, llama.py)
@@ -16,6 +16,7 @@ config.json is HF's LlamaConfig plus the release's fields: mm_projector_type, mm
 _feature, image_aspect_ratio ('pad' pads to a square; 'anyres' is refused; any other value, absent included,
 resizes and centre-crops), mm_use_im_start_end (refused when true), and LLaVA-HR's input_image_size
 (R, 1024) and vit_min_size (336)."""
+import math
 import os
 import re
 
@@ -25,7 +26,8 @@ import mra
 from convnext import ConvNeXt
 from int8 import check_quantize, int8_linears, int8_reader
 from llama import INT8_KEYS, Llama, LlamaConfig
-from vit import ViT
+from lora import check_scale
+from vit import HF_IGNORE, ViT
 from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint, read_config,
                      read_safetensors, remap, tensor_sizes, their_name)
 
@@ -80,7 +82,7 @@ def load_release(path, dtype=None, device="cpu", quantize=None, tensors=None, vi
     (or, quantize="int8", the LLM's linear weights quantized) as it is read, a shard let go before the
     next: the weights are held once. Weights that would not fit in memory are refused before any is read.
     tensors, vit: the weights read elsewhere, under the release's names, and a loaded CLIP ViT (a LoRA
-    release, which holds neither its LLM nor its tower: lora.load_release)."""
+    release, which holds neither its LLM nor its tower: load_lora_release)."""
     cfg_path, (hf, llm_cfg) = os.path.join(path, "config.json"), release_config(path)
     if tensors is None:
         mra.lora_release(path)  # before its files are read as a whole model's
@@ -155,3 +157,139 @@ def load_projector(model, path):
                                   f"file has {tuple(v.shape)}")
         ours[k].data.copy_(v)
     return model
+
+
+# -----------------------------------------------------------------------------
+# LLaVA-1.5's LoRA releases (llava-v1.5-7b-lora, -13b-lora), loaded as LLaVA's builder.py loads them
+# (load_pretrained_model with a model_base): config.json, LLaVA's; adapter_config.json and
+# adapter_model.bin (or .safetensors, newer peft), peft's LoRA of the LLM's linear layers (r 128,
+# alpha 256); non_lora_trainables.bin, the projector. The LLM is the base they were trained on
+# (--model-base, Vicuna v1.5: its tokenizer too), the CLIP tower its own directory (--vit: LLaVA
+# fetches config.json's mm_vision_tower from the hub).
+
+PEFT_KEY = re.compile(r"base_model\.model\.(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj))"
+                      r"\.lora_([AB])\.weight")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# adapter_config.json fields that would change what the merge must compute (their defaults do not)
+NOT_MERGED = dict(peft_type="LORA", bias="none", fan_in_fan_out=False) | dict.fromkeys(
+    ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "rank_pattern", "alpha_pattern", "modules_to_save",
+     "layer_replication", "target_parameters", "trainable_token_indices"))
+
+
+def peft_config(file):
+    """adapter_config.json -> (r, scale): W' = W + scale B A, scale alpha / r (rsLoRA: alpha / sqrt(r))."""
+    c = read_config(file, lambda d: {**d, "r": d["r"], "lora_alpha": d["lora_alpha"]})  # these two must be there
+    bad = next((k for k, ok in NOT_MERGED.items() if (c.get(k) if ok is None else c.get(k, ok) != ok)), None)
+    if bad is not None:
+        raise CheckpointError(f"{file}: {bad} {c[bad]!r} is not implemented; a plain LoRA is, merged as "
+                              f"W + (lora_alpha / r) B A")
+    r, alpha, targets = c["r"], c["lora_alpha"], c.get("target_modules")
+    check_scale(file, r, alpha, "lora_alpha")
+    # peft matches a listed name against the end of a module's; a regex (a string) is judged by the keys
+    others = [t for t in (targets if isinstance(targets, list) else []) if str(t).rsplit(".", 1)[-1] not in PROJECTIONS]
+    if others:
+        raise CheckpointError(f"{file}: target_modules {others}: LoRA outside the LLM's linear layers "
+                              f"({', '.join(PROJECTIONS)}) is not implemented")
+    return r, alpha / (math.sqrt(r) if c.get("use_rslora") else r)
+
+
+def peft_pairs(file, r):
+    """{base key: (A (r, in), B (out, r))} of a peft adapter file, each checked to be of rank r."""
+    pairs = {}
+    for k, t in read_checkpoint(file).items():
+        m = PEFT_KEY.fullmatch(k)
+        if m is None:
+            raise CheckpointError(f"{file}: {k} is not the lora_A or lora_B of one of the LLM's linear layers "
+                                  f"({', '.join(PROJECTIONS)}); nothing else is implemented")
+        pairs.setdefault(m[1] + ".weight", {})[m[4]] = t
+    for k, ab in pairs.items():
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None:
+            raise CheckpointError(f"{file}: {k.removesuffix('weight')}lora_{'A' if a is None else 'B'} is missing, "
+                                  f"its lora_{'B' if a is None else 'A'} is there: download the file again")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(f"{file}: the LoRA of {k} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) is "
+                                  f"not of rank {r}, adapter_config.json's r")
+    if not pairs:
+        raise CheckpointError(f"{file}: holds no LoRA tensors")
+    return {k: (ab["A"], ab["B"]) for k, ab in pairs.items()}
+
+
+def llava_trainables(file):
+    """non_lora_trainables.bin renamed as LLaVA renames it: 'base_model.' off, then 'model.' too where the
+    keys start 'model.model.'. The projector; LLM weights too (they replace the base's, before the merge)."""
+    sd = read_checkpoint(file)
+    sd = {k.removeprefix("base_model."): v for k, v in sd.items()}
+    if any(k.startswith("model.model.") for k in sd):
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    bad = next((k for k in sd if not (k.startswith("model.mm_projector.") or LLM_KEYS.match(k))), None)
+    if bad is not None:
+        raise CheckpointError(f"{file}: holds {bad}; implemented are the projector (model.mm_projector.*) and the "
+                              f"LLM's weights (a tuned vision tower is not)")
+    return sd
+
+
+def check_tower(tower, vit, name, path):
+    """--vit must be the tower config.json names (mm_vision_tower, as openai/clip-vit-large-patch14-336: patch 14,
+    336 px; no size: CLIP's 224): the 224 px CLIP-L would give 256 visual tokens to a projector trained on 576."""
+    m = re.search(r"patch(\d+)(?:-(\d+))?$", str(name or ""))
+    if m and (tower.config.patch_size, tower.config.image_size) != (int(m[1]), int(m[2] or 224)):
+        raise CheckpointError(f"--vit {vit}: a {tower.config.image_size} px tower of {tower.config.patch_size} px "
+                              f"patches, but {path}/config.json names {name} (patch {m[1]}, {m[2] or 224} px): give "
+                              f"that tower's directory")
+
+
+def load_lora_release(path, base, vit, dtype=None, device="cpu", quantize=None):
+    """A LLaVA-1.5 LoRA release `path` + its base LLM `base` (an HF LLaMA / Vicuna dir) + the CLIP tower
+    `vit` (an HF CLIP dir) -> the merged LLaVA-1.5 LlavaHR, as load_release builds one from a full dir.
+
+    Each base weight is merged as it is read, W + scale B A in fp32, then cast to dtype (None: W's own)
+    or quantized (quantize="int8"): the model is held once, as when loading a merged checkpoint."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory (a LoRA release, such as llava-v1.5-7b-lora)")
+
+    def beside(*names, why):
+        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise CheckpointError(f"{path}: no {' or '.join(names)} ({why})")
+        return found[0]  # peft reads safetensors first
+    conf = beside("adapter_config.json", why="not a LoRA release, which --model-base goes with; a full "
+                                             "checkpoint loads from --model alone")
+    adapter = beside("adapter_model.safetensors", "adapter_model.bin", why="the LoRA weights: download them")
+    trainables = beside("non_lora_trainables.bin", why="the projector's weights: download them")
+    hf, _ = release_config(path, "llava-1.5")  # before any weight is read
+    r, scale = peft_config(conf)
+    deltas, extra = peft_pairs(adapter, r), llava_trainables(trainables)
+    sizes = {k: v for k, v in tensor_sizes(base).items() if LLM_KEYS.match(k)}
+    lost = next((k for k in deltas if k not in sizes and k not in extra), None)
+    if lost is not None:
+        raise CheckpointError(f"{adapter}: a LoRA of {lost}, which {base} does not hold: not the base LLM these "
+                              f"adapters were trained on")
+    skip = [re.compile(p) for p in HF_IGNORE]  # a CLIPModel's text tower: not read
+    sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
+    # held too until each is merged (7B, r 128: 0.6 GB), as stored: not cast
+    sizes |= {f"lora:{k}": (a.numel() + b.numel(), a.element_size(), False) for k, (a, b) in deltas.items()}
+    check_memory(base, sizes, dtype, device, INT8_KEYS.match, check_quantize(quantize))
+    tower = ViT.from_pretrained(vit, dtype=dtype, device=device)
+    check_tower(tower, vit, hf.get("mm_vision_tower"), path)
+    cast = lambda dt: int8_reader(INT8_KEYS.match if quantize else lambda k: False, dt, device)  # noqa: E731
+
+    def merged(k, t):
+        t = extra.pop(k, t)  # LLaVA loads non_lora_trainables over the base, then merges the LoRA
+        if k not in deltas:
+            return cast(dtype)(k, t)
+        a, b = (x.to(device, torch.float32) for x in deltas.pop(k))
+        if (b.shape[0], a.shape[1]) != tuple(t.shape):
+            raise CheckpointError(f"{adapter}: shape mismatch for {k}: lora_B @ lora_A is "
+                                  f"{(b.shape[0], a.shape[1])}, {base} holds {tuple(t.shape)}")
+        # cast (or quantized) from fp32 once merged; dtype None: W's own
+        return cast(dtype or t.dtype)(k, t.to(device, torch.float32) + scale * (b @ a))
+    tensors = read_checkpoint(base, dtype, device, keep=LLM_KEYS.match, convert=merged)
+    # dtype None: the base's own for every part, as LLaVA loads them all in one (merged reads it from here on)
+    dtype = dtype or tensors["model.embed_tokens.weight"].dtype
+    for k in list(extra):  # the projector, and any weight the base does not hold
+        tensors |= merged(k, extra.pop(k))
+    try:
+        return load_release(path, dtype, device, quantize, tensors=tensors, vit=tower.to(dtype))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (a LoRA release: the LLM from {base}, the tower from {vit})") from None

@@ -1,4 +1,4 @@
-"""LLaVA-1.5's LoRA releases (lora.load_release; generate.py --model-base --vit) on a tiny random
+"""LLaVA-1.5's LoRA releases (release.load_lora_release; generate.py --model-base --vit) on a tiny random
 release written as LLaVA ships one: a peft LoRA of a Vicuna-like base (adapter_config.json with
 adapter_model.safetensors, or the .bin the release holds), non_lora_trainables.bin with the
 projector, LLaVA's config.json; the CLIP tower in its own HF directory. References: peft's own
@@ -88,7 +88,7 @@ def shipped(parts, tmp_path_factory):
 @torch.no_grad()
 def test_matches_peft_and_the_full_release(parts, tmp_path, fmt, rslora):
     path, full_dir, merged = lora_release_dir(parts, tmp_path, fmt, rslora)
-    ours = lora.load_release(path, parts["base"], parts["vit"]).eval()
+    ours = release.load_lora_release(path, parts["base"], parts["vit"]).eval()
     full = mra.load_checkpoint(full_dir).eval()
     assert ours.cfg == full.cfg and ours.cfg.arch == "llava-1.5" and ours.cfg.image_aspect_ratio == "pad"
     want = full.state_dict()
@@ -146,7 +146,7 @@ def test_training_lora_layers_and_merge_match_peft(parts):
 def test_merged_in_fp32_then_cast_or_quantized_as_a_merged_release_loads(parts, shipped):
     path, full_dir, _ = shipped
     for kw in (dict(dtype=torch.bfloat16), dict(quantize="int8"), dict(dtype=torch.bfloat16, quantize="int8")):
-        ours = lora.load_release(path, parts["base"], parts["vit"], **kw).state_dict()
+        ours = release.load_lora_release(path, parts["base"], parts["vit"], **kw).state_dict()
         want = mra.load_checkpoint(full_dir, **kw).state_dict()  # the fp32 merged weights, cast as read
         assert ours.keys() == want.keys()
         assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in ours.items()), kw
@@ -161,7 +161,7 @@ def test_llm_weights_in_non_lora_trainables_replace_the_bases_before_the_merge(p
     trainables = torch.load(path / "non_lora_trainables.bin", weights_only=True)
     torch.save(trainables | {"base_model.model.model.norm.weight": norm, Q + "weight": q},
                path / "non_lora_trainables.bin")
-    ours = lora.load_release(path, parts["base"], parts["vit"])
+    ours = release.load_lora_release(path, parts["base"], parts["vit"])
     lora_sd = torch.load(path / "adapter_model.bin", weights_only=True)
     assert torch.equal(ours.llm.norm.weight, norm)
     near(ours.llm.layers[0].attn.wq.weight, q + 8 / 4 * lora_sd[Q + "lora_B.weight"] @ lora_sd[Q + "lora_A.weight"])
@@ -217,7 +217,7 @@ def test_bad_inputs_are_one_line(parts, shipped, tmp_path, edit, message):
     path = shutil.copytree(shipped[0], tmp_path / "llava-v1.5-lora")
     edit(path)
     with pytest.raises(CheckpointError, match=message) as e:
-        lora.load_release(path, parts["base"], parts["vit"])
+        release.load_lora_release(path, parts["base"], parts["vit"])
     assert "\n" not in str(e.value)
 
 
@@ -227,7 +227,7 @@ def test_a_bad_config_is_refused_before_the_base_is_read(parts, shipped, tmp_pat
     empty = tmp_path / "no-base"  # a base with no weights: read first, it would be what the error names
     empty.mkdir()
     with pytest.raises(CheckpointError, match=r"config\.json: mm_projector_type 'linear', mm_vision_select_layer -2"):
-        lora.load_release(path, empty, parts["vit"])
+        release.load_lora_release(path, empty, parts["vit"])
 
 
 def test_a_tower_other_than_the_one_config_json_names_is_refused(parts, shipped, tmp_path):
@@ -235,7 +235,7 @@ def test_a_tower_other_than_the_one_config_json_names_is_refused(parts, shipped,
     make_clip(seed=22, image_size=56).save_pretrained(tmp_path / "clip56", safe_serialization=True)
     with pytest.raises(CheckpointError, match=rf"^--vit {tmp_path / 'clip56'}: a 56 px tower of 14 px patches, but "
                                               rf".*config\.json names tiny/clip-vit-patch14-112 \(patch 14, 112 px\)"):
-        lora.load_release(shipped[0], parts["base"], tmp_path / "clip56")
+        release.load_lora_release(shipped[0], parts["base"], tmp_path / "clip56")
 
 
 @torch.no_grad()
@@ -243,17 +243,17 @@ def test_without_a_dtype_every_part_is_the_bases_own(parts, shipped, tmp_path):
     # as LLaVA loads them all in one dtype: an fp16 base and the fp32 CLIP weights make an fp16 model, not
     # an fp32 one (twice the memory check_memory counted)
     copy.deepcopy(parts["llama"]).half().save_pretrained(tmp_path / "vicuna16", safe_serialization=False)
-    ours = lora.load_release(shipped[0], tmp_path / "vicuna16", parts["vit"])
+    ours = release.load_lora_release(shipped[0], tmp_path / "vicuna16", parts["vit"])
     assert {t.dtype for t in ours.state_dict().values() if t.is_floating_point()} == {torch.float16}
-    want = lora.load_release(shipped[0], parts["base"], parts["vit"], dtype=torch.float16)  # merged from fp16 W
+    want = release.load_lora_release(shipped[0], parts["base"], parts["vit"], dtype=torch.float16)  # merged from fp16 W
     assert ours.encoder.vit.state_dict().keys() == want.encoder.vit.state_dict().keys()
     assert all(torch.equal(v, want.state_dict()[k]) for k, v in ours.state_dict().items() if "llm." not in k)
 
 
 def test_the_memory_check_counts_the_adapters_held_until_merged(parts, shipped, monkeypatch):
-    counted, check = {}, lora.check_memory
-    monkeypatch.setattr(lora, "check_memory", lambda source, sizes, *a: counted.update(sizes) or check(source, sizes, *a))
-    lora.load_release(shipped[0], parts["base"], parts["vit"])
+    counted, check = {}, release.check_memory
+    monkeypatch.setattr(release, "check_memory", lambda source, sizes, *a: counted.update(sizes) or check(source, sizes, *a))
+    release.load_lora_release(shipped[0], parts["base"], parts["vit"])
     held = torch.load(shipped[0] / "adapter_model.bin", weights_only=True)
     assert sum(n * size for k, (n, size, _) in counted.items() if k.startswith("lora:")) == \
         sum(t.nbytes for t in held.values())
@@ -264,7 +264,7 @@ def test_pickled_objects_are_refused_unrun(parts, shipped, tmp_path):
     heads = torch.load(path / "non_lora_trainables.bin", weights_only=True)
     torch.save(heads | {"extra": Payload(str(marker))}, path / "non_lora_trainables.bin")
     with pytest.raises(CheckpointError, match=r"non_lora_trainables\.bin: refused, it holds a \S+ object"):
-        lora.load_release(path, parts["base"], parts["vit"])
+        release.load_lora_release(path, parts["base"], parts["vit"])
     assert not marker.exists()
 
 
