@@ -41,7 +41,7 @@ DIGITS = ["111101101101111", "010110010010111", "111001111100111", "111001111001
           "111100111001111", "111100111101111", "111001001010010", "111101111101111", "111101111001111"]
 
 
-# The task's spec (README, "The demo task"): what a scene may be. make_scene draws at random
+# The task's spec (README, "The task's spec"): what a scene may be. make_scene draws at random
 # everything it leaves free; bench.py's second held-out set draws the same spec another way.
 PHASES = {"horizontal lines": 2, "vertical lines": 2, "checkerboard": 2, "dots": 9}
 DARKEN = {"horizontal lines": (30, 40), "vertical lines": (30, 40), "checkerboard": (30, 40), "dots": (50, 70)}
