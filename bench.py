@@ -46,7 +46,7 @@
     python bench.py            # sections 1-3, ~6 minutes on 2 CPU cores
     python bench.py --device cuda --compile   # + the 7B-shaped decode on a GPU
     python bench.py --device cuda --only 7b   # that alone
-    python bench.py --quick    # smoke run, a few seconds
+    python bench.py --quick    # a smoke run of the default sections at tiny sizes, ~20 s (--only picks others)
     python bench.py --only experiment   # section 4: the README's experiment table; its arms without stage 0:
     python bench.py --only experiment --experiment-out out/no-stage0 --demo-flags="--tower-steps 0 --tower-lr-scale 1"
     python bench.py --only scale [--model DIR]   # section 5
@@ -1393,7 +1393,7 @@ def bench_ckpt1024(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (of the default sections, or those --only names)")
     p.add_argument("--only", choices=["decode", "7b", "batch", "linear", "ttft", "table1", "experiment", "scale", "stage2",
                                       "lean", "ckpt1024"],
                    action="append",
