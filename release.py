@@ -31,6 +31,9 @@ from vit import HF_IGNORE, ViT
 from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint, read_config,
                      read_safetensors, remap, tensor_sizes, their_name)
 
+# -----------------------------------------------------------------------------
+# A whole released model (LLaVA-HR, LLaVA-1.5), and a stage-1 projector file
+
 HR_VIT = "model.vision_tower.fast_vision_tower.vision_tower."  # + HF CLIP keys (vision_model.*)
 HR_CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."  # + timm keys, gamma -> .weight
 V15_VIT = "model.vision_tower.vision_tower."  # LLaVA-1.5's single CLIP tower
