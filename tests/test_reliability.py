@@ -458,6 +458,7 @@ def test_train_user_errors_are_one_line(env, tmp_path):
         "lr nan": ([*base, "--lr", "nan"], "--lr > 0"),
         "config not json": ([*base, "--config", tmp_path / "bad.json"], "bad.json line 2: not valid JSON"),
         "resume without train state": ([*args(env, tmp_path / "w", 2), "--resume"], "has no train_state.pt"),
+        "out is a file": (args(env, tmp_path / "bad.json", 2), f"--out {tmp_path / 'bad.json'}: is a file"),
         # refused at the start, not at the first long sample (the tiny LLM's context is 512)
         "max len past the context": ([*base, "--max-len", 600], "--max-len 600: a sample with an image would take 599 "
                                      "text + 16 visual positions, over the LLM's context of 512; --max-len 497 at most"),
@@ -472,21 +473,9 @@ def test_train_user_errors_are_one_line(env, tmp_path):
     }
     if not torch.cuda.is_available():
         cases["no GPU"] = ([*base, "--device", "cuda"], "--device cuda: no CUDA GPU is visible")
-    for name, (argv, expected) in cases.items():
+    for name, (argv, expected) in cases.items():  # whichever way it comes (argparse, train.py, runs.py, the hook)
         line = one_line(run_train(argv))
         assert expected in line and line.startswith(("error: ", "train.py: error: ")), (name, line)
-
-
-def test_train_refusals_begin_with_error_whichever_way_they_come(env, tmp_path):
-    """A flag's check (argparse), a refusal raised in train.py and one raised in runs.py: one line each, and it
-    starts with `error:`, as the excepthook's lines and generate.py's do (the SystemExits had no prefix)."""
-    (tmp_path / "file").write_text("")
-    cases = {"argparse": ([*args(env, tmp_path / "o", 2), "--epochs", 0], "train.py: error: need --epochs >= 1"),
-             "train.py": ([*args(env, tmp_path / "o", 2), "--config", tmp_path / "nope.json"], "error: --config "),
-             "runs.py": (args(env, tmp_path / "file", 2), f"error: --out {tmp_path / 'file'}: is a file, not a "
-                                                            f"directory")}
-    for name, (argv, start) in cases.items():
-        assert one_line(run_train(argv)).startswith(start), name
 
 
 def tiny_dict():
