@@ -776,13 +776,18 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     assert "already exists" in one_line(conv_(src, tmp_path / "out"))
 
 
-def test_stage1_from_a_model_with_adapters_says_they_stay(env, tmp_path):
+def test_init_from_a_model_with_adapters_says_what_the_run_changes(env, tmp_path):
     # they are kept (and frozen: stage 1 trains the projector and fusion); before, without a word
     ckpt = tmp_path / "w" / "ckpt"
-    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict())), ckpt)
+    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(image_size=96))), ckpt)
     r = run_train([*args(env, tmp_path / "o", 1, "--init", ckpt), "--dry-run"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"note: --init {ckpt} has MR-Adapters: they stay in the model, frozen" in r.stdout
+    # a model with MR-Adapters trained at another R than the stage's: said (a fine-tune changed it silently)
+    assert f"note: --init {ckpt} was trained at R = 96; this run trains at the stage's R = 64 (--image-size 96 " \
+           f"keeps it)" in r.stdout
+    r = run_train([*args(env, tmp_path / "o", 2, "--init", ckpt), "--image-size", 96, "--dry-run"])
+    assert r.returncode == 0 and "was trained at" not in r.stdout, r.stderr[-2000:]
 
 
 def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
