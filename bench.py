@@ -604,11 +604,14 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
                "decode_7b_int8_roofline_fraction": lambda: f"{frac['compiled, int8 weights']:.2f}"}
     out = {}
     for part in (fused, attention, quantized, unfused):
+        t0 = time.perf_counter()
         try:
             part()
         except Exception:
             traceback.print_exc()
             print(f"{part.__name__}: failed (above); its rows and summary lines are left out", flush=True)
+        # compiles included: what the next run's timeout must allow for each part
+        print(f"{part.__name__}: {time.perf_counter() - t0:.0f} s", flush=True)
         for name, value in summary.items():  # printed as soon as known: a run cut short by a timeout keeps them
             try:
                 if name not in out:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from functools import partial
@@ -586,11 +587,32 @@ def test_bench_7b_section_runs_at_a_tiny_shape(capsys, monkeypatch):
     assert printed.index("decode_7b_bf16_roofline_fraction: ") < printed.index("compiled, sdpa attention")
     # the step generate.py runs first, the unfused one it is compared with last
     assert printed.index("compiled, int8 weights") < printed.index("compiled, 7 products per layer")
+    # each part's seconds, compiles included: what a GPU run's timeout must allow for
+    assert all(re.search(rf"^{part}: \d+ s$", printed, re.M) for part in ("fused", "attention", "quantized", "unfused"))
     assert llama.COMPILED_ATTENTION == {"cpu": "written-out", "cuda": "sdpa"}  # as it was
     # a part that fails (most of this has never run on a GPU) leaves out its lines, and the rest runs
     monkeypatch.setattr(bench, "attention_pass", lambda *a: 1 / 0)
     assert set(bench.bench_decode_7b(torch.device("cpu"), 1e10, prompt_len=8, new_tokens=4, c=c)) == set(out) - attention
     assert "attention: failed" in capsys.readouterr().out
+
+
+def test_ci_cuda_collects_the_cuda_tests_alone_and_gives_them_what_is_left(tmp_path):
+    # .ci/cuda on a GPU machine, its commands stubbed (each prints its arguments): `pytest -m cuda`
+    # collected every test file, importing peft and the rest against the carried transformers (one
+    # failed import stops the whole run), and had 150 s however early the 7B section ended
+    for name, body in (("python3", 'echo "python3 $*"'), ("nvidia-smi", "echo gpu"),
+                       ("timeout", 'echo "timeout $1"; shift; "$@"')):
+        (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    env.pop("PYTEST_S", None), env.pop("CALL_S", None)
+    lines = subprocess.run(["bash", os.path.join(root, ".ci", "cuda"), "tests"], env=env, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    pytest_line = next(line for line in lines if "-m pytest" in line)
+    assert "-m cuda tests/test_cuda.py" in pytest_line
+    assert int(lines[lines.index(pytest_line) - 1].split()[1]) > 500  # the call's ~590 s, less the setup
+    assert "tests rc=0" in lines
 
 
 def test_bench_worker_that_dies_stops_the_section():
