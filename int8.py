@@ -39,9 +39,9 @@ class Int8Linear(nn.Module):
         exact = w.abs().amax(dim=1) / 127
         # in dtype, rounded up where dtype rounds down (fp16's subnormals, below max|W| ~ 7.8e-3, coarsely),
         # so no |q| passes 127; an all-zero row gets the least positive scale and q = 0, not 0 / 0
-        scales = exact.to(dtype)
-        scales = torch.where(scales.float() < exact, scales.nextafter(torch.tensor(torch.inf, dtype=dtype)), scales)
-        least = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))
+        scales, on = exact.to(dtype), dict(dtype=dtype, device=w.device)  # on w's device: nothing mixes CPU and GPU
+        scales = torch.where(scales.float() < exact, scales.nextafter(torch.tensor(torch.inf, **on)), scales)
+        least = torch.nextafter(torch.zeros((), **on), torch.ones((), **on))
         scales = torch.where(scales > 0, scales, least)
         # divide by the scales as stored, so q * s reconstructs with the scales forward will use
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
