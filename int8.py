@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 def check_quantize(quantize):
     """The loaders' `quantize` argument: None or "int8" -> whether to quantize."""
     if quantize not in (None, "int8"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from int8 import Int8Linear, int8_linears, int8_reader
+from int8 import Int8Linear, check_quantize, int8_linears, int8_reader
 from weights import CheckpointError, check_positive, load_state, read_checkpoint, read_config, remap
 
 
@@ -391,8 +391,7 @@ class Llama(nn.Module):
         or a (config, tensors) pair: LlamaConfig or HF config dict, and {HF key: tensor}.
         quantize="int8": the blocks' linear weights as Int8Linear, quantized as they are read
         (a pair's tensors must already be: int8_reader did it while reading them)."""
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+        check_quantize(quantize)
         if isinstance(src, (str, os.PathLike)):
             cfg_path = os.path.join(src, "config.json")
             if not os.path.isfile(cfg_path):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mra
-from int8 import Int8Linear, int8_linear, int8_linears, int8_reader
+from int8 import Int8Linear, check_quantize, int8_linear, int8_linears, int8_reader
 from weights import CheckpointError, fingerprint, load_state, read_config, read_safetensors
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
@@ -129,6 +129,7 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
     quantize="int8": unmerged, LoRA on the int8 base (a --quantize run's resume); merged, the
     merged weights quantized one at a time (generate.py --lora --quantize int8), after the base was
     loaded whole in dtype: the peak is the float model's."""
+    check_quantize(quantize)  # merged, the base loads unquantized: its loader would not see another value
     info_path = os.path.join(adapters, "lora.json")
     if not os.path.isfile(info_path):
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "

@@ -11,7 +11,8 @@ Models" (arXiv 2403.03003). Read it beside this file:
   (MRAConfig.adapters here; train.py's `trains` and `with_adapters` do the switching).
 Where the release (which its checkpoints need) differs from the paper, we follow it and say so in a
 comment (README: "Where the release differs from the paper"). In file order: token accounting, the
-MR-Adapter, the encoders, the model, building and saving ours; the release's checkpoints load in release.py."""
+MR-Adapter, the encoders, the model, building, saving and loading ours; the release's checkpoints load
+in release.py."""
 import json
 import math
 import os

@@ -70,6 +70,12 @@ def test_zero_init_is_the_base_model(base):
     assert torch.equal(before, after)
 
 
+def test_load_refuses_a_quantize_other_than_int8_before_reading(tmp_path):
+    # merged, the base loaded unquantized and `if quantize:` quantized the merge to int8 for any other value
+    with pytest.raises(ValueError, match=r"^quantize must be None or 'int8', not 'int4'$"):
+        lora.load(str(tmp_path / "base"), str(tmp_path / "lora"), quantize="int4")
+
+
 def test_only_lora_projector_and_mra_learn_base_bit_identical(run, base):
     out, g = run
     loss = losses(out)  # an epoch: a global batch of images, one of the 2 text-only records filled up (slower)

@@ -788,6 +788,11 @@ def test_init_from_a_model_with_adapters_says_what_the_run_changes(env, tmp_path
            f"keeps it)" in r.stdout
     r = run_train([*args(env, tmp_path / "o", 2, "--init", ckpt), "--image-size", 96, "--dry-run"])
     assert r.returncode == 0 and "was trained at" not in r.stdout, r.stderr[-2000:]
+    # stage 1 -> 2 changes R by design (the recipe's 384 -> 1024): a stage-1 model, no adapters, no note
+    stage1 = tmp_path / "s1" / "ckpt"
+    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(image_size=96, adapters=False))), stage1)
+    r = run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--dry-run"])
+    assert r.returncode == 0 and "was trained at" not in r.stdout, r.stderr[-2000:]
 
 
 def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
