@@ -49,6 +49,8 @@ class MRAConfig:
     llm: LlamaConfig = field(default_factory=lambda: LlamaConfig.from_name("vicuna-7b-v1.5"))
 
     def __post_init__(self):
+        if self.arch == "llava-1.5":  # one ViT path, nothing to adapt from: a stage-2 LLaVA-1.5 holds no MR-Adapters
+            self.adapters = False
         for name, allowed in (("arch", ("llava-hr", "llava-1.5")), ("gate", ("tanh", "sigmoid", "none")),
                               ("image_aspect_ratio", ("pad", "crop"))):
             if getattr(self, name) not in allowed:

@@ -376,13 +376,14 @@ def from_init(held):
     if held.adapters and gate_given and args.gate != held.gate:
         raise SystemExit(f"error: --gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, "
                          f"which it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
-    if held.adapters and args.image_size is None and image_size != held.image_size and master:  # said, not silent
+    adds = adapters and not held.adapters and held.arch == "llava-hr"  # stage 1 -> 2: R rises by design
+    if not adds and args.image_size is None and image_size != held.image_size and master:  # said, not silent
         print(f"note: --init {args.init} was trained at R = {held.image_size}; this run trains at the stage's "
               f"R = {image_size} (--image-size {held.image_size} keeps it)", flush=True)
     if held.adapters and not adapters and master:  # stage 1 from a model that has them (a stage-2 one)
         print(f"note: --init {args.init} has MR-Adapters: they stay in the model, frozen (stage 1 trains the "
               f"projector and the fusion)", flush=True)
-    if adapters and not held.adapters and held.arch == "llava-hr":
+    if adds:
         return replace(held, **stage_cfg)
     return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_aspect_ratio"])
 

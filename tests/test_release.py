@@ -398,6 +398,7 @@ def test_v15_matches_reference(v15):
     parts, path = v15
     model = mra.load_checkpoint(path).eval()
     assert model.cfg.arch == "llava-1.5" and model.cfg.image_size == 112
+    assert not model.cfg.adapters  # was the default, True: train.py --init then spoke of its MR-Adapters
     assert not hasattr(model.encoder, "convnext") and not hasattr(model.encoder, "fusion")
     x = images(112)
     want = ref_v15_encoder(parts["v15_clip"], x)

@@ -793,6 +793,13 @@ def test_init_from_a_model_with_adapters_says_what_the_run_changes(env, tmp_path
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(image_size=96, adapters=False))), stage1)
     r = run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--dry-run"])
     assert r.returncode == 0 and "was trained at" not in r.stdout, r.stderr[-2000:]
+    # LLaVA-1.5 (one ViT path) has no adapters to add: the stage's R is a change (LLaVA-1.5's own R is 336)
+    v15 = tmp_path / "v15" / "ckpt"
+    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(arch="llava-1.5", image_size=56))), v15)
+    # --no-adapters was refused: "has MR-Adapters" (its config said adapters=True, the default, for a model without)
+    r = run_train([*args(env, tmp_path / "o", 2, "--init", v15), "--no-adapters", "--dry-run"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"note: --init {v15} was trained at R = 56; this run trains at the stage's R = 128" in r.stdout
 
 
 def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
