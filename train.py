@@ -112,7 +112,8 @@ p.add_argument("--projector", help="stage 2: the released stage-1 projector file
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full",
                help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig (with --init, unused: its model stands)")
-p.add_argument("--image-size", type=int, help="R (default 384 / 1024)")
+p.add_argument("--image-size", type=int, help="R (default 384 / 1024 in stage 1 / 2; LLaVA-1.5: its ViT's 336; "
+                                               "--init: see the note if the model's differs)")
 p.add_argument("--gate", choices=("tanh", "sigmoid", "none"),
                help="MR-Adapter gate (default tanh, as released)")
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
@@ -280,7 +281,9 @@ elif os.path.isfile(args.config):
     cfg = read_config(args.config, mra.MRAConfig.from_dict)
 else:
     raise SystemExit(f"error: --config {args.config}: neither 'full', 'tiny' nor an MRAConfig json file")
-image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else recipe["image_size"])
+# R: LLaVA-HR's recipe; LLaVA-1.5 reads the image at its ViT's own size (336) in both stages
+image_size = args.image_size or (TINY_SIZE[args.stage] if args.config == "tiny" else
+                                 cfg.vit.image_size if cfg.arch == "llava-1.5" else recipe["image_size"])
 adapters = args.adapters if args.adapters is not None else args.stage == 2
 stage_cfg = dict(adapters=adapters, image_size=image_size, gate=args.gate, image_aspect_ratio=recipe["image_aspect_ratio"])
 

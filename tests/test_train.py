@@ -151,6 +151,14 @@ def test_stage2_from_stage1_adds_adapters_and_learns(env, tmp_path):
     assert s2["encoder.adapters.0.fast_proj.weight"].abs().sum() > 0  # left the identity
 
 
+def test_llava15_trains_at_its_vits_own_size_by_default(env, tmp_path):
+    # the recipe's R (384 / 1024) is LLaVA-HR's; at 1024 LLaVA-1.5 would take 5,329 visual tokens, over its context
+    v15 = tmp_path / "v15.json"
+    v15.write_text(json.dumps(dict(tiny().to_dict(), arch="llava-1.5")))
+    g = train(args(env, tmp_path / "o", 2, "--config", v15, "--max-steps", 1, "--global-batch", 4, "--batch-size", 4))
+    assert g["cfg"].arch == "llava-1.5" and g["cfg"].image_size == tiny().vit.image_size == 28
+
+
 @pytest.mark.parametrize("zeroed", ["adapter", "tower"])
 def test_lr_scales(env, tmp_path, zeroed):
     torch.manual_seed(0)
