@@ -364,14 +364,14 @@ def load_checkpoint(path, dtype=None, device="cpu", quantize=None):
     if not os.path.isfile(ours):
         import release  # here, not at the top: release.py builds its model from this file
         return release.load_release(path, dtype, device, quantize)
-    cfg = read_config(ours, MRAConfig.from_dict)
+    cfg, quantized = read_config(ours, MRAConfig.from_dict), check_quantize(quantize)
     with torch.device("meta"):
         model = LlavaHR(cfg)
-        if check_quantize(quantize):
+        if quantized:
             int8_linears(model.llm)
     int8 = {k for k, v in model.state_dict().items() if v.dtype == torch.int8}.__contains__
-    check_memory(path, tensor_sizes(path), dtype, device, int8, check_quantize(quantize))
-    convert = int8_reader(int8, dtype, device) if quantize else None
+    check_memory(path, tensor_sizes(path), dtype, device, int8, quantized)
+    convert = int8_reader(int8, dtype, device) if quantized else None
     return load_state(model, read_checkpoint(path, dtype, device, convert=convert), path, one_dtype=dtype is None)
 
 
