@@ -113,14 +113,14 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
     shard = world if fsdp else 1
     return dict(weights=weight_bytes / shard + buffers, gradients=4 * n_train / shard, adam=8 * n_train / shard,
                 activations=counter.peak, update=update.peak / shard, n_all=n_all + n_int8, n_train=n_train,
-                tokens=n_vis + n_text, world=world, fsdp=fsdp, batch=batch, bf16=bf16, grad_ckpt=grad_ckpt)
+                tokens=n_vis + n_text, image_size=cfg.image_size, world=world, fsdp=fsdp, batch=batch, bf16=bf16, grad_ckpt=grad_ckpt)
 
 
 def print_plan(plan):
     gb = lambda n: f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.2f} MiB"  # noqa: E731
     how = f"FSDP2 over {plan['world']} ranks" if plan["fsdp"] else f"{plan['world']} process(es), unsharded"
     print(f"memory plan per device: {plan['n_train'] / 1e6:.2f}M of {plan['n_all'] / 1e6:.2f}M parameters "
-          f"train; {how}; micro-batch {plan['batch']} x {plan['tokens']} tokens; "
+          f"train; {how}; micro-batch {plan['batch']} x {plan['tokens']} tokens (one image at R={plan['image_size']}); "
           f"{'bf16 autocast' if plan['bf16'] else 'fp32'}; {'with' if plan['grad_ckpt'] else 'no'} grad checkpointing")
     for k in ("weights", "gradients", "adam", "activations", "update") + (("runtime",) if plan["runtime"] else ()):
         print(f"  {k:<12}{gb(plan[k])}")

@@ -113,7 +113,7 @@ p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full",
                help="'full' (LLaVA-HR-7B), 'tiny', or a json of MRAConfig (with --init, unused: its model stands)")
 p.add_argument("--image-size", type=int, help="R (default 384 / 1024 in stage 1 / 2; LLaVA-1.5: its ViT's 336; "
-                                               "--init: see the note if the model's differs)")
+                                               "--init: the model's own, but LLaVA-HR's stage 1 -> 2: 1024)")
 p.add_argument("--gate", choices=("tanh", "sigmoid", "none"),
                help="MR-Adapter gate (default tanh, as released)")
 p.add_argument("--adapters", action=argparse.BooleanOptionalAction,
@@ -372,24 +372,20 @@ def plan(cfg, world, bf16):
 
 
 def from_init(held):
-    """The config a run from --init trains: stage 1 -> 2 adds the MR-Adapters, else --init's own at the run's R."""
+    """The config a run from --init trains: --init's own, at its own R (--image-size another), except
+    LLaVA-HR's stage 1 -> 2 (a model without MR-Adapters into stage 2): the stage's, R rising by design."""
     if held.adapters and args.adapters is False:
         raise SystemExit(f"error: --no-adapters: --init {args.init} has MR-Adapters; the fusion-only ablation starts "
                          f"from a model without them (a stage-1 checkpoint)")
     if held.adapters and gate_given and args.gate != held.gate:
         raise SystemExit(f"error: --gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, "
                          f"which it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
-    adds = adapters and not held.adapters and held.arch == "llava-hr"  # stage 1 -> 2: R rises by design
-    if not adds and args.image_size is None and image_size != held.image_size and master:  # said, not silent
-        print(f"note: --init {args.init} was trained at R = {held.image_size}; this run trains at the stage's "
-              f"R = {image_size} (--image-size {held.image_size} keeps it)", flush=True)
+    if args.stage == 2 and held.arch == "llava-hr" and not held.adapters:  # adds them (or, --no-adapters, not)
+        return replace(held, **stage_cfg)
     if held.adapters and not adapters and master:  # stage 1 from a model that has them (a stage-2 one)
         print(f"note: --init {args.init} has MR-Adapters: they stay in the model, frozen (stage 1 trains the "
               f"projector and the fusion)", flush=True)
-    if adds:
-        return replace(held, **stage_cfg)
-    return replace(held, image_size=image_size, image_aspect_ratio=recipe["image_aspect_ratio"])
-
+    return replace(held, image_size=args.image_size or held.image_size, image_aspect_ratio=recipe["image_aspect_ratio"])
 
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):

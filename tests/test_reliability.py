@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -776,30 +777,35 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     assert "already exists" in one_line(conv_(src, tmp_path / "out"))
 
 
-def test_init_from_a_model_with_adapters_says_what_the_run_changes(env, tmp_path):
-    # they are kept (and frozen: stage 1 trains the projector and fusion); before, without a word
+def planned_r(r):
+    """R from a --dry-run's output (train.py prints the plan's config)."""
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(re.search(r"R=(\d+)", r.stdout).group(1))
+
+
+def test_init_keeps_its_own_r_and_says_what_the_run_changes(env, tmp_path):
+    # adapters are kept (and frozen: stage 1 trains the projector and fusion); before, without a word
     ckpt = tmp_path / "w" / "ckpt"
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(image_size=96))), ckpt)
     r = run_train([*args(env, tmp_path / "o", 1, "--init", ckpt), "--dry-run"])
-    assert r.returncode == 0, r.stderr[-2000:]
     assert f"note: --init {ckpt} has MR-Adapters: they stay in the model, frozen" in r.stdout
-    # a model with MR-Adapters trained at another R than the stage's: said (a fine-tune changed it silently)
-    assert f"note: --init {ckpt} was trained at R = 96; this run trains at the stage's R = 64 (--image-size 96 " \
-           f"keeps it)" in r.stdout
-    r = run_train([*args(env, tmp_path / "o", 2, "--init", ckpt), "--image-size", 96, "--dry-run"])
-    assert r.returncode == 0 and "was trained at" not in r.stdout, r.stderr[-2000:]
-    # stage 1 -> 2 changes R by design (the recipe's 384 -> 1024): a stage-1 model, no adapters, no note
+    # a model trained at another R than the stage's keeps its own (a fine-tune moved it to the stage's);
+    # --image-size sets another
+    assert planned_r(r) == 96
+    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", ckpt), "--dry-run"])) == 96
+    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", ckpt), "--image-size", 80, "--dry-run"])) == 80
+    # stage 1 -> 2 changes R by design (the recipe's 384 -> 1024): a stage-1 model, adapters added or not
     stage1 = tmp_path / "s1" / "ckpt"
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(image_size=96, adapters=False))), stage1)
-    r = run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--dry-run"])
-    assert r.returncode == 0 and "was trained at" not in r.stdout, r.stderr[-2000:]
-    # LLaVA-1.5 (one ViT path) has no adapters to add: the stage's R is a change (LLaVA-1.5's own R is 336)
+    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--dry-run"])) == 128
+    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--no-adapters", "--dry-run"])) == 128
+    assert planned_r(run_train([*args(env, tmp_path / "o", 1, "--init", stage1), "--dry-run"])) == 96
+    # LLaVA-1.5 (one ViT path) has no adapters to add: its own R (the stage's 1024 gave a 7B 5,329 visual
+    # tokens, refused against its 4,096 context); --no-adapters was refused: "has MR-Adapters" (its config
+    # said adapters=True, the default, for a model without)
     v15 = tmp_path / "v15" / "ckpt"
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(arch="llava-1.5", image_size=56))), v15)
-    # --no-adapters was refused: "has MR-Adapters" (its config said adapters=True, the default, for a model without)
-    r = run_train([*args(env, tmp_path / "o", 2, "--init", v15), "--no-adapters", "--dry-run"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"note: --init {v15} was trained at R = 56; this run trains at the stage's R = 128" in r.stdout
+    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", v15), "--no-adapters", "--dry-run"])) == 56
 
 
 def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
