@@ -30,7 +30,8 @@
    peak anonymous memory (RssAnon: what cannot be reclaimed, unlike a mapped file's pages).
    With --model DIR: the README's generate.py command on a real checkpoint, bf16 and int8:
    load seconds, peak anonymous memory / bf16 weight bytes, time to first token, tokens/s.
-   `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with.
+   `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with;
+   `--make-lora-release DIR2 --model DIR` a LLaVA-1.5 LoRA release on its LLM (DIR2/lora, DIR2/clip).
    Not in the default run (~15 min on 2 busy cores).
 
 6. stage2: `train.py --stage 2 --fsdp` as run (torchrun, one GPU, bf16 FSDP2) with the full vision
@@ -1118,7 +1119,7 @@ def make_tokenizer(path, n=32000):
     try:  # protobuf: in requirements-dev.txt, not in the runtime's requirements.txt
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError as e:
-        raise SystemExit(f"a {n}-piece tokenizer.model is written through sentencepiece's protobuf model, and "
+        raise SystemExit(f"error: a {n}-piece tokenizer.model is written through sentencepiece's protobuf model, and "
                          f"protobuf does not import ({e}): pip install protobuf (or -r requirements-dev.txt)") from None
     with tempfile.TemporaryDirectory() as d:
         lines = [f"What is in the image? A picture of {w} number {i}." for i, w in enumerate(["cat", "sign"] * 75)]
@@ -1151,12 +1152,12 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
         return weights.their_name(k, release.RELEASE_KEYS)
 
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):  # a real release, say
-        raise SystemExit(f"--make-release {path}: exists and is not an empty directory; the random shards, "
+        raise SystemExit(f"error: --make-release {path}: exists and is not an empty directory; the random shards, "
                          f"config.json and tokenizer.model would replace its files: name a new directory")
     os.makedirs(path, exist_ok=True)
     need, free = 2 * sum(s.numel() for s in shapes.values()), shutil.disk_usage(path).free  # fp16
     if need > free:  # found now, not as a write fails some shards in
-        raise SystemExit(f"--make-release {path}: its fp16 shards need {need / 1e9:.2f} GB of disk, {free / 1e9:.2f} "
+        raise SystemExit(f"error: --make-release {path}: its fp16 shards need {need / 1e9:.2f} GB of disk, {free / 1e9:.2f} "
                          f"GB is free there: free some, or name a directory on another disk")
     c = cfg.llm
     make_tokenizer(os.path.join(path, "tokenizer.model"), c.vocab_size)  # first: it alone needs protobuf
@@ -1190,6 +1191,52 @@ def make_release(path, preset="llava-hr-7b", shard_gb=2.0, seed=0):
         del shard
     with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    return path
+
+
+def make_lora_release(path, base, r=128, alpha=256, seed=1):
+    """A random LLaVA-1.5 LoRA release as llava-v1.5-7b-lora ships, on the LLM of `base` (a --make-release
+    dir, which serves as the --model-base: only its LLM is read from it): PATH/lora (LLaVA's config.json;
+    adapter_config.json and adapter_model.safetensors, peft's LoRA of rank r on the seven projections of every
+    layer, fp16, B and A both random so the merge changes every weight; non_lora_trainables.bin, base's
+    projector under peft's names) and PATH/clip (base's CLIP ViT as an HF CLIP directory, for --vit)."""
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise SystemExit(f"error: --model {base}: no config.json; a --make-release DIR (LLaVA-HR's layout) is expected")
+    from safetensors.torch import save_file
+    hf = weights.read_config(os.path.join(base, "config.json"))
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise SystemExit(f"error: --make-lora-release {path}: exists and is not an empty directory: name a new directory")
+    lora_dir, clip_dir = os.path.join(path, "lora"), os.path.join(path, "clip")
+    os.makedirs(lora_dir), os.makedirs(clip_dir)
+    tower = weights.read_checkpoint(base, keep=lambda k: k.startswith((release.HR_VIT, "model.mm_projector.")))
+    projector = {"base_model.model." + k: tower.pop(k) for k in list(tower) if k.startswith("model.mm_projector.")}
+    torch.save(projector, os.path.join(lora_dir, "non_lora_trainables.bin"))
+    tower = {k[len(release.HR_VIT):]: v for k, v in tower.items()}  # vision_model.*: an HF CLIP's keys
+    v = vit.ViT.from_pretrained(tower).config
+    save_file(tower, os.path.join(clip_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(clip_dir, "config.json"), "w") as f:
+        json.dump(dict(model_type="clip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,
+                       num_hidden_layers=v.layers, num_attention_heads=v.heads, image_size=v.image_size,
+                       patch_size=v.patch_size, layer_norm_eps=v.eps, hidden_act="quick_gelu"), f, indent=1)
+    del tower
+    llava = {k: x for k, x in hf.items() if k not in ("input_image_size", "vit_min_size", "is_multipath_encoder")}
+    with open(os.path.join(lora_dir, "config.json"), "w") as f:  # LLaVA-1.5's: one CLIP-L/336 tower
+        json.dump(llava | dict(mm_vision_tower=f"openai/clip-vit-large-patch{v.patch_size}-{v.image_size}",
+                               mm_vision_select_layer=-2, mm_vision_select_feature="patch"), f, indent=1)
+    with open(os.path.join(lora_dir, "adapter_config.json"), "w") as f:
+        json.dump(dict(peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                       target_modules=list(release.PROJECTIONS)), f, indent=1)
+    c, g, pairs = llama.LlamaConfig.from_hf(hf), torch.Generator().manual_seed(seed), {}
+    kv = c.n_kv_heads * (c.dim // c.n_heads)
+    shapes = {"self_attn.q_proj": (c.dim, c.dim), "self_attn.k_proj": (kv, c.dim), "self_attn.v_proj": (kv, c.dim),
+              "self_attn.o_proj": (c.dim, c.dim), "mlp.gate_proj": (c.hidden_dim, c.dim),
+              "mlp.up_proj": (c.hidden_dim, c.dim), "mlp.down_proj": (c.dim, c.hidden_dim)}
+    for i in range(c.n_layers):  # (alpha / r) B A about a tenth of the weight (N(0, 1 / fan_in)) it is added to
+        for name, (out, inp) in shapes.items():
+            key = f"base_model.model.model.layers.{i}.{name}"
+            pairs[key + ".lora_A.weight"] = (torch.randn(r, inp, generator=g) / inp ** 0.5).half()
+            pairs[key + ".lora_B.weight"] = (torch.randn(out, r, generator=g) * 0.1 / (alpha / r * r ** 0.5)).half()
+    save_file(pairs, os.path.join(lora_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     return path
 
 
@@ -1429,6 +1476,8 @@ def main(argv=None):
                         "the CPU (generate.keep_freed_memory; both sides share the process either way)")
     p.add_argument("--model", help="scale: a real (released-layout) checkpoint to run generate.py on")
     p.add_argument("--make-release", metavar="DIR", help="write a random LLaVA-HR-7B in the released .bin layout, exit")
+    p.add_argument("--make-lora-release", metavar="DIR", help="write a random LLaVA-1.5 LoRA release (DIR/lora, r 128) "
+                   "and its CLIP tower (DIR/clip) on --model's LLM (a --make-release DIR, the --model-base), exit")
     a = p.parse_args(argv)
     if a.quick:
         a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
@@ -1441,6 +1490,11 @@ def main(argv=None):
         generate.keep_freed_memory()
     if a.make_release:
         print(make_release(a.make_release))
+        return
+    if a.make_lora_release:
+        if not a.model:
+            raise SystemExit("error: --make-lora-release DIR needs --model BASE (a --make-release DIR)")
+        print(make_lora_release(a.make_lora_release, a.model))
         return
     sections = a.only or ["decode", "batch", "linear", "ttft", "table1"]
     summary = {}

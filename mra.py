@@ -388,7 +388,9 @@ def lora_release(path):
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise CheckpointError(f"{path}: a LoRA release (adapter_config.json), without its base LLM, tokenizer or CLIP "
                               f"tower; it loads whole with release.load_lora_release, as in generate.py --model {path} "
-                              f"--model-base VICUNA_DIR --vit CLIP_DIR")
+                              f"--model-base VICUNA_DIR --vit CLIP_DIR, or merge it once into a model of its own "
+                              f"(for train.py --init): python release.py merge-lora {path} DST_DIR --model-base "
+                              f"VICUNA_DIR --vit CLIP_DIR")
 
 
 def lora_base(adapters):

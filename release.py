@@ -1,7 +1,8 @@
 """Loading the released checkpoints: a LLaVA-HR or LLaVA-1.5 directory as published (config.json, the
 fp16 pytorch_model-*.bin shards or safetensors, tokenizer.model) and a stage-1 projector file
 (mm_projector.bin), and LLaVA-1.5's LoRA releases (load_lora_release: merged into their base LLM, then
-loaded as a whole directory is). Every name of the release's key layouts is in this file;
+loaded as a whole directory is; written once as a whole model of ours by the one command line here,
+python release.py merge-lora LORA_DIR DST_DIR --model-base VICUNA_DIR --vit CLIP_DIR). Every name of the release's key layouts is in this file;
 mra.load_checkpoint comes here for any directory without our mra_config.json.
 
 The release's keys, and where each goes in mra.LlavaHR:
@@ -19,6 +20,8 @@ resizes and centre-crops), mm_use_im_start_end (refused when true), and LLaVA-HR
 import math
 import os
 import re
+import shutil
+import sys
 
 import torch
 
@@ -28,8 +31,8 @@ from int8 import check_quantize, int8_linears, int8_reader
 from llama import INT8_KEYS, Llama, LlamaConfig
 from lora import check_scale
 from vit import HF_IGNORE, ViT
-from weights import (CheckpointError, check_memory, load_state, read_bin, read_checkpoint, read_config,
-                     read_safetensors, remap, tensor_sizes, their_name)
+from weights import (CheckpointError, check_memory, exit_on_sigterm, load_state, new_directory, read_bin,
+                     read_checkpoint, read_config, read_safetensors, remap, tensor_sizes, their_name)
 
 # -----------------------------------------------------------------------------
 # A whole released model (LLaVA-HR, LLaVA-1.5), and a stage-1 projector file
@@ -296,3 +299,37 @@ def load_lora_release(path, base, vit, dtype=None, device="cpu", quantize=None):
         return load_release(path, dtype, device, quantize, tensors=tensors, vit=tower.to(dtype))
     except CheckpointError as e:
         raise CheckpointError(f"{e} (a LoRA release: the LLM from {base}, the tower from {vit})") from None
+
+
+def merge_lora_release(path, base, vit, dst, dtype=torch.float16):
+    """load_lora_release once, written as a whole checkpoint of ours in the new directory dst (weights,
+    mra_config.json, the base's tokenizer), as LLaVA's merge_lora_weights.py writes one of theirs: a model
+    that train.py --init and generate.py --model take alone. dtype float16: the release's (and LLaVA's)."""
+    if os.path.isdir(base) and not os.path.isfile(os.path.join(base, "tokenizer.model")):  # before minutes of loading
+        raise CheckpointError(f"{base}: no tokenizer.model (the base LLM's, which the merged model keeps)")
+    with new_directory(dst, "merge") as tmp:  # dst refused before anything is read if it exists
+        mra.save_checkpoint(load_lora_release(path, base, vit, dtype), tmp)
+        for f in ("tokenizer.model", "tokenizer_config.json"):  # the latter: the tokenizer's mode (legacy)
+            if os.path.isfile(os.path.join(base, f)):
+                shutil.copy(os.path.join(base, f), os.path.join(tmp, f))
+    return dst
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model "
+                                "in a new directory, for train.py --init and generate.py --model.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge-lora", help="LORA_DIR + --model-base + --vit -> DST_DIR")
+    m.add_argument("lora", metavar="LORA_DIR", help="the LoRA release (adapter_config.json, non_lora_trainables.bin)")
+    m.add_argument("dst", metavar="DST_DIR", help="a new directory (it appears whole or not at all)")
+    m.add_argument("--model-base", required=True, help="the HF Vicuna dir the LoRA trained on (vicuna-7b-v1.5)")
+    m.add_argument("--vit", required=True, help="the HF CLIP dir config.json names (clip-vit-large-patch14-336)")
+    m.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="of the written weights (default float16, as the release and LLaVA's merge write them)")
+    args = p.parse_args()
+    exit_on_sigterm(args.dst)
+    try:
+        print(merge_lora_release(args.lora, args.model_base, args.vit, args.dst, getattr(torch, args.dtype)))
+    except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
+        sys.exit(f"error: {e}")

@@ -26,6 +26,7 @@ shards to safetensors (optional: loading reads them as shipped):
 
     python weights.py convert SRC_DIR DST_DIR
 """
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -501,6 +502,37 @@ def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
 # ---------------------------------------------------------------------------------------
 # Conversion, the one command line here: python weights.py convert SRC DST
 
+@contextlib.contextmanager
+def new_directory(dst, verb):
+    """Write the directory dst whole or not at all: the caller fills a hidden directory beside it (removed
+    if anything fails, a kill included), renamed to dst at the end. An existing dst is refused."""
+    if os.path.lexists(dst):
+        raise CheckpointError(f"{dst}: already exists; {verb} into a new directory")
+    parent, name = os.path.split(os.path.abspath(dst))
+    if not os.path.isdir(parent):  # named here: mkdtemp's error would name the hidden directory
+        raise CheckpointError(f"{parent}: no such directory, to {verb} into {dst}; create it first")
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0o700 -> what a plain mkdir gives
+        for f in os.listdir(tmp):  # safetensors writes 0o600: readable by all, as a plain write would be
+            os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
+        os.rename(tmp, dst)
+
+
+def exit_on_sigterm(dst):
+    """A command line that writes dst through new_directory: a kill (SIGTERM) unwinds as an error does, so
+    the hidden directory goes and dst never appears half-written."""
+    import signal
+
+    def terminated(*_):
+        done = "was written in full before" if os.path.isdir(dst) else "was not written"
+        print(f"error: terminated; {dst} {done}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def convert_bin(src, dst):
     """Released pytorch_model-*.bin shards -> safetensors shards + index (plus the small files). The
     .bin files are pickles: read only through torch.load(weights_only=True), which refuses anything but
@@ -513,14 +545,8 @@ def convert_bin(src, dst):
     shards = bin_files(src) or ([projector] if os.path.isfile(projector) else [])
     if not shards:
         raise CheckpointError(f"{src}: no pytorch_model*.bin or mm_projector.bin files to convert")
-    if os.path.lexists(dst):
-        raise CheckpointError(f"{dst}: already exists; convert into a new directory")
-    # written in a hidden directory beside dst (removed on failure), then renamed: all of dst appears, or none
-    parent, name = os.path.split(os.path.abspath(dst))
-    if not os.path.isdir(parent):  # named here: mkdtemp's error would name the hidden directory
-        raise CheckpointError(f"{parent}: no such directory, to convert into {dst}; create it first")
     from safetensors.torch import save_file
-    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
+    with new_directory(dst, "convert") as tmp:
         weight_map, where = {}, {}
         for file in shards:
             sd, seen = read_bin(file), set()
@@ -542,25 +568,13 @@ def convert_bin(src, dst):
         for extra in os.listdir(src):  # config.json, tokenizer files: not weights, nor an index of them
             if os.path.isfile(os.path.join(src, extra)) and not extra.endswith((".bin", ".safetensors", "index.json")):
                 shutil.copy(os.path.join(src, extra), os.path.join(tmp, extra))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0o700 -> what a plain mkdir gives
-        for f in os.listdir(tmp):  # safetensors writes 0o600: readable by all, as a plain write would be
-            os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
-        os.rename(tmp, dst)
     return dst
 
 
 if __name__ == "__main__":
-    import signal
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
         sys.exit("usage: python weights.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
-
-    def terminated(*_):  # a kill (SIGTERM) unwinds as an error does: the hidden directory goes, dst never appears
-        done = "was written in full before" if os.path.isdir(sys.argv[3]) else "was not written"
-        print(f"error: terminated; {sys.argv[3]} {done}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    signal.signal(signal.SIGTERM, terminated)
+    exit_on_sigterm(sys.argv[3])
     try:
         print(convert_bin(sys.argv[2], sys.argv[3]))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all

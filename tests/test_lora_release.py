@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ VOCAB = 400  # the tokenizer's (train_spm): generate.py refuses an LLM with fewe
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the release's
 # a LlavaLlamaForCausalLM's, "pad"; its tower named as LLaVA names CLIP-L/336, at the tiny tower's size
 CONFIG = llava_config() | dict(vocab_size=VOCAB, mm_vision_tower="tiny/clip-vit-patch14-112")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = "base_model.model.model.layers.0.self_attn.q_proj."  # a LoRA'd layer, under peft's names
 
 
@@ -292,3 +295,50 @@ def test_cli_with_model_base_answers_as_the_full_release(parts, shipped, capsys)
     with pytest.raises(SystemExit) as e:
         run_cli(capsys, "--model", path, "--model-base", parts["base"], *ask)
     assert e.value.code == 2 and "--model-base and --vit go together" in capsys.readouterr().err
+
+
+def merge_cli(*argv):
+    return subprocess.run([sys.executable, "release.py", "merge-lora", *map(str, argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@torch.no_grad()
+def test_merged_once_it_loads_alone_as_the_full_release_and_train_py_takes_it(parts, shipped, tmp_path):
+    """python release.py merge-lora: the merged model, written as ours, loads with no --model-base / --vit
+    as the full LLaVA-1.5 directory does (bit for bit in fp32), with the base's tokenizer; its default
+    dtype is float16; train.py --init takes it, and names the command when given the LoRA release."""
+    path, full_dir, _ = shipped
+    given = ("--model-base", parts["base"], "--vit", parts["vit"])
+    r = merge_cli(path, tmp_path / "fp32", *given, "--dtype", "float32")
+    assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "fp32"), r.stderr
+    ours, full = mra.load_checkpoint(tmp_path / "fp32").eval(), mra.load_checkpoint(full_dir).eval()
+    assert ours.cfg == full.cfg and ours.state_dict().keys() == full.state_dict().keys()
+    for k, v in full.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        assert (tmp_path / "fp32" / f).read_bytes() == (parts["base"] / f).read_bytes()
+    half = release.merge_lora_release(path, parts["base"], parts["vit"], tmp_path / "fp16")
+    want = release.load_lora_release(path, parts["base"], parts["vit"], torch.float16).state_dict()
+    for k, v in mra.load_checkpoint(half).state_dict().items():
+        assert v.dtype == torch.float16 and torch.equal(v, want[k]), k
+    # train.py: the LoRA release as --init names the merge; the merged model plans a run
+    r = subprocess.run([sys.executable, "train.py", "--stage", "2", "--init", str(path), "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "release.py merge-lora" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "train.py", "--stage", "2", "--init", str(tmp_path / "fp32"), "--dry-run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    # refused in one line, nothing left behind: an existing DST, a full release for LORA_DIR, a base
+    # without its tokenizer (before anything loads)
+    no_tok = shutil.copytree(parts["base"], tmp_path / "no-tok")
+    os.remove(no_tok / "tokenizer.model")
+    before = sorted(os.listdir(tmp_path))
+    for argv, message in (((path, tmp_path / "fp32", *given), "fp32: already exists; merge into a new directory"),
+                          ((full_dir, tmp_path / "new", *given), "no adapter_config.json"),
+                          ((path, tmp_path / "new", "--model-base", no_tok, "--vit", parts["vit"]),
+                           "no-tok: no tokenizer.model")):
+        r = merge_cli(*argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+            r.stderr
+    assert sorted(os.listdir(tmp_path)) == before

@@ -985,3 +985,28 @@ def test_the_gpu_checks_hold_on_the_cpu(tmp_path):
     test_cuda.check_int8_compiled_agrees_with_eager(path, "cpu")
     test_cuda.check_bf16_agrees_with_fp32(path, "cpu")
     test_cuda.check_compiled_adapter_bf16("cpu")
+
+
+@torch.no_grad()
+def test_make_lora_release_loads_on_its_base_and_merges_every_projection(tmp_path):
+    """bench.py --make-lora-release: a LoRA release in the shipped layout on a --make-release dir's LLM,
+    which release.load_lora_release reads with that dir as --model-base and the written CLIP dir as --vit:
+    the tower and projector as the base holds them, every LoRA'd weight moved (W + 2 B A, r 4, alpha 8)."""
+    import bench
+    base = bench.make_release(str(tmp_path / "rel"), preset="demo")
+    path = bench.make_lora_release(str(tmp_path / "lora-rel"), base, r=4, alpha=8)
+    lora_model = release.load_lora_release(os.path.join(path, "lora"), base, os.path.join(path, "clip"))
+    full = mra.load_checkpoint(base)
+    assert lora_model.cfg.arch == "llava-1.5" and lora_model.cfg.image_size == full.cfg.vit.image_size
+    want, got = full.state_dict(), lora_model.state_dict()
+    deltas = release.peft_pairs(os.path.join(path, "lora", "adapter_model.safetensors"), 4)
+    assert len(deltas) == 7 * full.cfg.llm.n_layers
+    for k, v in got.items():
+        if k.startswith(("encoder.vit.", "projector.")):
+            assert torch.equal(v, want[k]), k
+    a, b = deltas["model.layers.1.mlp.down_proj.weight"]
+    w = want["llm.layers.1.mlp.down.weight"]
+    assert torch.equal(got["llm.layers.1.mlp.down.weight"], (w.float() + 2 * (b.float() @ a.float())).to(w.dtype))
+    assert not torch.equal(got["llm.layers.1.mlp.down.weight"], w)
+    with pytest.raises(SystemExit, match=r"lora-rel: exists and is not an empty directory"):
+        bench.make_lora_release(path, base)
