@@ -29,7 +29,8 @@
    tokens/s, bytes read per token against the measured memory bandwidth (the roofline), and
    peak anonymous memory (RssAnon: what cannot be reclaimed, unlike a mapped file's pages).
    With --model DIR: the README's generate.py command on a real checkpoint, bf16 and int8:
-   load seconds, peak anonymous memory / bf16 weight bytes, time to first token, tokens/s.
+   load seconds, peak anonymous memory / bf16 weight bytes, time to first token, tokens/s; a LoRA
+   release (--model-base, --vit) also merged once (release.py merge-lora) and run merged.
    `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with;
    `--make-lora-release DIR2 --model DIR` a LLaVA-1.5 LoRA release on its LLM (DIR2/lora, DIR2/clip).
    Not in the default run (~15 min on 2 busy cores).
@@ -1080,24 +1081,47 @@ def bench_scale(a, device):
             "decode_tokens_per_s_int8": f"{res['int8']['tokens_per_s']:.2f}"}
 
 
+def sampled(cmd):
+    """cmd in a process of its own, its anonymous memory sampled: (exit status, stdout, stderr, peak, wall s)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = PeakAnon(proc.pid)
+    stdout, stderr = proc.communicate()
+    return proc.returncode, stdout, stderr, peak.done(), time.perf_counter() - t0
+
+
 def bench_release(a):
-    """generate.py as the README runs it, bf16 then int8, on a released-layout checkpoint."""
+    """generate.py as the README runs it, bf16 then int8, on a released-layout checkpoint. A LoRA release
+    (with --model-base and --vit, generate.py's flags) is also merged once (release.py merge-lora, into a
+    temporary directory) and run from the merged model."""
     from PIL import Image
-    bf16 = weights.weight_bytes(weights.tensor_sizes(a.model), torch.bfloat16)
+    lora = os.path.isfile(os.path.join(a.model, "adapter_config.json"))
+    if lora and not (a.model_base and a.vit):
+        raise SystemExit(f"error: --model {a.model}: a LoRA release; give its --model-base and --vit")
+    if not lora and (a.model_base or a.vit):
+        raise SystemExit(f"error: --model-base and --vit go with a LoRA release as --model; {a.model} is not one")
     rows, out = [], {}
     with tempfile.TemporaryDirectory() as d:
         image = os.path.join(d, "x.png")
         Image.effect_noise((336, 336), 64).convert("RGB").save(image)
-        for name, extra in (("bf16", []), ("int8", ["--quantize", "int8"])):
-            cmd = [sys.executable, "generate.py", "--model", a.model, "--image", image, "--prompt",
-                   "What is in the image?", "--dtype", "bfloat16", "--max-new-tokens", str(a.new_tokens),
-                   "--device", a.device] + extra
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            peak = PeakAnon(proc.pid)
-            stdout, stderr = proc.communicate()
-            peak, wall = peak.done(), time.perf_counter() - t0
-            if proc.returncode:  # e.g. refused: not enough memory for this variant; the next may fit
+        variants, model = [("bf16", ["--model", a.model]), ("int8", ["--model", a.model, "--quantize", "int8"])], a.model
+        if lora:
+            model = os.path.join(d, "merged")
+            code, _, stderr, peak, wall = sampled([sys.executable, "release.py", "merge-lora", a.model, model,
+                                                   "--model-base", a.model_base, "--vit", a.vit])
+            if code:
+                raise SystemExit(f"error: release.py merge-lora failed: {stderr.strip().splitlines()[-1]}")
+            given = ["--model-base", a.model_base, "--vit", a.vit]
+            variants = [("lora_bf16", variants[0][1] + given), ("lora_int8", variants[1][1] + given),
+                        ("merged_bf16", ["--model", model])]
+        bf16 = weights.weight_bytes(weights.tensor_sizes(model), torch.bfloat16)
+        if lora:
+            rows.append(["merge-lora (fp16)", "-", f"{peak / 1e9:.2f}", f"{peak / bf16:.2f}", "-", "-", f"{wall:.0f}"])
+        for name, flags in variants:
+            cmd = [sys.executable, "generate.py", *flags, "--image", image, "--prompt", "What is in the image?",
+                   "--dtype", "bfloat16", "--max-new-tokens", str(a.new_tokens), "--device", a.device]
+            code, stdout, stderr, peak, wall = sampled(cmd)
+            if code:  # e.g. refused: not enough memory for this variant; the next may fit
                 print(f"{name}: generate.py failed: {stderr.strip().splitlines()[-1]}")
                 continue
             load = re.search(r"loaded in ([\d.]+) s", stderr)
@@ -1475,6 +1499,8 @@ def main(argv=None):
                    help="leave glibc's allocator as it is, rather than keep freed memory as generate.py does on "
                         "the CPU (generate.keep_freed_memory; both sides share the process either way)")
     p.add_argument("--model", help="scale: a real (released-layout) checkpoint to run generate.py on")
+    p.add_argument("--model-base", help="scale: with a LoRA release as --model, its base LLM (generate.py's flag)")
+    p.add_argument("--vit", help="scale: with a LoRA release as --model, its CLIP tower (generate.py's flag)")
     p.add_argument("--make-release", metavar="DIR", help="write a random LLaVA-HR-7B in the released .bin layout, exit")
     p.add_argument("--make-lora-release", metavar="DIR", help="write a random LLaVA-1.5 LoRA release (DIR/lora, r 128) "
                    "and its CLIP tower (DIR/clip) on --model's LLM (a --make-release DIR, the --model-base), exit")

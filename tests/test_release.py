@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -1010,3 +1011,24 @@ def test_make_lora_release_loads_on_its_base_and_merges_every_projection(tmp_pat
     assert not torch.equal(got["llm.layers.1.mlp.down.weight"], w)
     with pytest.raises(SystemExit, match=r"lora-rel: exists and is not an empty directory"):
         bench.make_lora_release(path, base)
+
+
+def test_bench_scale_runs_a_lora_release_as_given_and_merged(tmp_path, capsys):
+    """bench.py --only scale --model LORA --model-base BASE --vit CLIP: the merge, then generate.py three
+    ways (the release as given, bf16 and int8, then the merged model), each row measured; the merged
+    model answers as the release does."""
+    import bench
+    base = bench.make_release(str(tmp_path / "rel"), preset="demo")
+    path = bench.make_lora_release(str(tmp_path / "lora-rel"), base, r=4, alpha=8)
+    given = ["--model", os.path.join(path, "lora"), "--model-base", base, "--vit", os.path.join(path, "clip")]
+    bench.main(["--only", "scale", "--new-tokens", "3", *given])
+    out = capsys.readouterr().out
+    assert all(re.search(rf"^ *{name}  +[\d.-]+  +[\d.]+  ", out, re.M)
+               for name in (r"merge-lora \(fp16\)", "lora_bf16", "lora_int8", "merged_bf16")), out
+    answers = dict(re.findall(r"^(\w+) answer: (.*)$", out, re.M))
+    assert answers["lora_bf16"] == answers["merged_bf16"] and len(answers) == 3, out
+    assert re.search(r"^peak_anon_over_bf16_weights_merged_bf16: [\d.]+$", out, re.M), out
+    with pytest.raises(SystemExit, match=r"a LoRA release; give its --model-base and --vit"):
+        bench.main(["--only", "scale", "--model", os.path.join(path, "lora")])
+    with pytest.raises(SystemExit, match=r"--model-base and --vit go with a LoRA release as --model; .* is not one"):
+        bench.main(["--only", "scale", "--model", base, "--vit", os.path.join(path, "clip")])
