@@ -129,7 +129,7 @@ p.add_argument("--grad-clip", type=float, default=0.0,
 p.add_argument("--epochs", type=int, default=1, help="default 1")
 p.add_argument("--global-batch", type=int, help="default 256 / 128")
 p.add_argument("--batch-size", type=int, help="per device, per micro-step (default 32 / 8, as released)")
-p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens, <image> counted as one")
+p.add_argument("--max-len", type=int, help="default 2048 / 2496 tokens (LLaVA-1.5: 2048), <image> counted as one")
 p.add_argument("--max-steps", type=int, help="stop early; the schedule still spans --epochs")
 p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500; 0: at the end only)")
 p.add_argument("--no-save", action="store_true", help="write no checkpoint, not even the last (benchmarks)")
@@ -352,7 +352,8 @@ def max_len_within(cfg):
         raise SystemExit(f"error: --max-len {args.max_len}: a sample with an image would take {args.max_len - 1} "
                          f"text + {cfg.visual_tokens} visual positions, over the LLM's context of "
                          f"{cfg.llm.max_seq_len}; --max-len {fits} at most")
-    return min(args.max_len or data.MAX_LEN[recipe["template"]], fits)
+    default = 2048 if cfg.arch == "llava-1.5" else data.MAX_LEN[recipe["template"]]  # LLaVA-1.5's, both stages
+    return min(args.max_len or default, fits)
 
 
 def plan(cfg, world, bf16):

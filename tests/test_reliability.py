@@ -803,9 +803,14 @@ def test_init_keeps_its_own_r_and_says_what_the_run_changes(env, tmp_path):
     # LLaVA-1.5 (one ViT path) has no adapters to add: its own R (the stage's 1024 gave a 7B 5,329 visual
     # tokens, refused against its 4,096 context); --no-adapters was refused: "has MR-Adapters" (its config
     # said adapters=True, the default, for a model without)
+    # tokens of the longest sample: LLaVA-1.5's model_max_length, 2048 (image as one) in both stages, where
+    # LLaVA-HR's stage 2 takes 2496 (it was given to a LLaVA-1.5 too)
     v15 = tmp_path / "v15" / "ckpt"
-    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(arch="llava-1.5", image_size=56))), v15)
-    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", v15), "--no-adapters", "--dry-run"])) == 56
+    d = tiny_dict()
+    d |= dict(arch="llava-1.5", image_size=56, llm=d["llm"] | dict(max_seq_len=4096))
+    mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(d)), v15)
+    r = run_train([*args(env, tmp_path / "o", 2, "--init", v15), "--no-adapters", "--dry-run"])
+    assert planned_r(r) == 56 and "x 2063 tokens" in r.stdout  # 16 visual + 2047 text
 
 
 def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
