@@ -31,7 +31,8 @@
    With --model DIR: the README's generate.py command on a real checkpoint, bf16 and int8:
    load seconds, peak anonymous memory / bf16 weight bytes, time to first token, tokens/s; a LoRA
    release (--model-base, --vit) also merged once (release.py merge-lora) and run merged.
-   `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with;
+   `--make-release DIR` writes a random LLaVA-HR-7B in the released layout to test that with
+   (`--release-preset llava-hr-x-13b`: LLaVA-HR-X's shapes);
    `--make-lora-release DIR2 --model DIR` a LLaVA-1.5 LoRA release on its LLM (DIR2/lora, DIR2/clip).
    Not in the default run (~15 min on 2 busy cores).
 
@@ -1502,6 +1503,8 @@ def main(argv=None):
     p.add_argument("--model-base", help="scale: with a LoRA release as --model, its base LLM (generate.py's flag)")
     p.add_argument("--vit", help="scale: with a LoRA release as --model, its CLIP tower (generate.py's flag)")
     p.add_argument("--make-release", metavar="DIR", help="write a random LLaVA-HR-7B in the released .bin layout, exit")
+    p.add_argument("--release-preset", default="llava-hr-7b", choices=list(mra.MRA_PRESETS),
+                   help="--make-release: the model whose shapes it has (llava-hr-x-13b: LLaVA-HR-X, 26 GB of fp16)")
     p.add_argument("--make-lora-release", metavar="DIR", help="write a random LLaVA-1.5 LoRA release (DIR/lora, r 128) "
                    "and its CLIP tower (DIR/clip) on --model's LLM (a --make-release DIR, the --model-base), exit")
     a = p.parse_args(argv)
@@ -1515,7 +1518,7 @@ def main(argv=None):
     if device.type == "cpu" and not a.glibc_defaults:
         generate.keep_freed_memory()
     if a.make_release:
-        print(make_release(a.make_release))
+        print(make_release(a.make_release, a.release_preset))
         return
     if a.make_lora_release:
         if not a.model:
