@@ -775,6 +775,11 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     r = conv_(src, tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert "already exists" in one_line(conv_(src, tmp_path / "out"))
+    # '': no directory (the working directory's name was taken beside it, then renamed onto '', a raw OSError)
+    assert one_line(conv_(src, "")) == "error: '': no directory named; convert into a new directory"
+    # 'new/.': the new directory itself (the rename onto 'new/.' failed)
+    r = conv_(src, f"{tmp_path / 'new'}/.")
+    assert r.returncode == 0 and sorted(os.listdir(tmp_path / "new")) == sorted(os.listdir(tmp_path / "out")), r.stderr
 
 
 def planned_r(r):
