@@ -305,8 +305,16 @@ def merge_lora_release(path, base, vit, dst, dtype=torch.float16):
     """load_lora_release once, written as a whole checkpoint of ours in the new directory dst (weights,
     mra_config.json, the base's tokenizer), as LLaVA's merge_lora_weights.py writes one of theirs: a model
     that train.py --init and generate.py --model take alone. dtype float16: the release's (and LLaVA's)."""
-    if os.path.isdir(base) and not os.path.isfile(os.path.join(base, "tokenizer.model")):  # before minutes of loading
-        raise CheckpointError(f"{base}: no tokenizer.model (the base LLM's, which the merged model keeps)")
+    # before minutes of loading, named by the command's flags (as generate.py checks them)
+    if not os.path.isdir(base):
+        raise CheckpointError(f"--model-base {base}: no such directory (the HF Vicuna directory the LoRA release "
+                              f"was trained on is expected)")
+    if not os.path.isfile(os.path.join(base, "tokenizer.model")):
+        raise CheckpointError(f"--model-base {base}: no tokenizer.model (the base LLM's, which the merged model "
+                              f"keeps): give the HF Vicuna directory itself")
+    if not os.path.exists(vit):
+        raise CheckpointError(f"--vit {vit}: no such file or directory (an HF CLIP directory, the release's "
+                              f"mm_vision_tower, is expected)")
     with new_directory(dst, "merge") as tmp:  # dst refused before anything is read if it exists
         mra.save_checkpoint(load_lora_release(path, base, vit, dtype), tmp)
         for f in ("tokenizer.model", "tokenizer_config.json"):  # the latter: the tokenizer's mode (legacy)
