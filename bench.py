@@ -1227,16 +1227,23 @@ def make_lora_release(path, base, r=128, alpha=256, seed=1):
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise SystemExit(f"error: --model {base}: no config.json; a --make-release DIR (LLaVA-HR's layout) is expected")
     from safetensors.torch import save_file
-    hf = weights.read_config(os.path.join(base, "config.json"))
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         raise SystemExit(f"error: --make-lora-release {path}: exists and is not an empty directory: name a new directory")
+    try:  # read and checked before PATH is written
+        hf = weights.read_config(os.path.join(base, "config.json"))
+        tower = weights.read_checkpoint(base, keep=lambda k: k.startswith((release.HR_VIT, "model.mm_projector.")))
+        projector = {"base_model.model." + k: tower.pop(k) for k in list(tower) if k.startswith("model.mm_projector.")}
+        tower = {k[len(release.HR_VIT):]: v for k, v in tower.items()}  # vision_model.*: an HF CLIP's keys
+        v = vit.ViT.from_pretrained(tower).config
+    except weights.CheckpointError as e:
+        raise SystemExit(f"error: --model {base}: {str(e).removeprefix(f'{base}: ')}; a --make-release DIR "
+                         f"(LLaVA-HR's layout) is expected") from None
+    if not projector:
+        raise SystemExit(f"error: --model {base}: no model.mm_projector.* weights; a --make-release DIR (LLaVA-HR's "
+                         f"layout) is expected")
     lora_dir, clip_dir = os.path.join(path, "lora"), os.path.join(path, "clip")
     os.makedirs(lora_dir), os.makedirs(clip_dir)
-    tower = weights.read_checkpoint(base, keep=lambda k: k.startswith((release.HR_VIT, "model.mm_projector.")))
-    projector = {"base_model.model." + k: tower.pop(k) for k in list(tower) if k.startswith("model.mm_projector.")}
     torch.save(projector, os.path.join(lora_dir, "non_lora_trainables.bin"))
-    tower = {k[len(release.HR_VIT):]: v for k, v in tower.items()}  # vision_model.*: an HF CLIP's keys
-    v = vit.ViT.from_pretrained(tower).config
     save_file(tower, os.path.join(clip_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(clip_dir, "config.json"), "w") as f:
         json.dump(dict(model_type="clip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,

@@ -1011,6 +1011,12 @@ def test_make_lora_release_loads_on_its_base_and_merges_every_projection(tmp_pat
     assert not torch.equal(got["llm.layers.1.mlp.down.weight"], w)
     with pytest.raises(SystemExit, match=r"lora-rel: exists and is not an empty directory"):
         bench.make_lora_release(path, base)
+    # a base without LLaVA-HR's tower (the LoRA release itself, say): one line, nothing written (was a
+    # traceback, after PATH/lora/non_lora_trainables.bin)
+    with pytest.raises(SystemExit, match=r"^error: --model \S+lora: cannot infer the ViT shape: .*; a --make-release "
+                                         r"DIR \(LLaVA-HR's layout\) is expected$"):
+        bench.make_lora_release(str(tmp_path / "again"), os.path.join(path, "lora"))
+    assert not os.path.exists(tmp_path / "again")
 
 
 def test_bench_scale_runs_a_lora_release_as_given_and_merged(tmp_path, capsys):
