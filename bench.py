@@ -1081,6 +1081,14 @@ def bench_scale(a, device):
             "decode_tokens_per_s_int8": f"{res['int8']['tokens_per_s']:.2f}"}
 
 
+def failure(code, stderr):
+    """A failed command's own last line ('error: ' dropped: the caller says it), or how it ended without one."""
+    lines = stderr.strip().splitlines()
+    if lines:
+        return lines[-1].removeprefix("error: ")
+    return f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit status {code}, no message"
+
+
 def sampled(cmd):
     """cmd in a process of its own, its anonymous memory sampled: (exit status, stdout, stderr, peak, wall s)."""
     t0 = time.perf_counter()
@@ -1110,7 +1118,7 @@ def bench_release(a):
             code, _, stderr, peak, wall = sampled([sys.executable, "release.py", "merge-lora", a.model, model,
                                                    "--model-base", a.model_base, "--vit", a.vit])
             if code:
-                raise SystemExit(f"error: release.py merge-lora failed: {stderr.strip().splitlines()[-1]}")
+                raise SystemExit(f"error: release.py merge-lora failed: {failure(code, stderr)}")
             given = ["--model-base", a.model_base, "--vit", a.vit]
             variants = [("lora_bf16", variants[0][1] + given), ("lora_int8", variants[1][1] + given),
                         ("merged_bf16", ["--model", model])]
@@ -1122,7 +1130,7 @@ def bench_release(a):
                    "--dtype", "bfloat16", "--max-new-tokens", str(a.new_tokens), "--device", a.device]
             code, stdout, stderr, peak, wall = sampled(cmd)
             if code:  # e.g. refused: not enough memory for this variant; the next may fit
-                print(f"{name}: generate.py failed: {stderr.strip().splitlines()[-1]}")
+                print(f"{name}: generate.py failed: {failure(code, stderr)}")
                 continue
             load = re.search(r"loaded in ([\d.]+) s", stderr)
             speed = re.search(r"time to first token ([\d.]+) s, then ([\d.]+) tokens/s", stderr)

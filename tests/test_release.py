@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import timm
@@ -1038,3 +1039,10 @@ def test_bench_scale_runs_a_lora_release_as_given_and_merged(tmp_path, capsys):
         bench.main(["--only", "scale", "--model", os.path.join(path, "lora")])
     with pytest.raises(SystemExit, match=r"--model-base and --vit go with a LoRA release as --model; .* is not one"):
         bench.main(["--only", "scale", "--model", base, "--vit", os.path.join(path, "clip")])
+    # the merge killed (out of memory: no message of its own), or refused: said in one line, not an IndexError
+    for code, stderr, said in ((-9, "", "killed by signal 9 (out of memory?)"),
+                               (1, "error: x: no such directory\n", "x: no such directory")):
+        with mock.patch.object(bench, "sampled", return_value=(code, "", stderr, 0, 0.0)):
+            with pytest.raises(SystemExit) as e:
+                bench.main(["--only", "scale", *given])
+        assert str(e.value.code) == f"error: release.py merge-lora failed: {said}"
