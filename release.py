@@ -2,8 +2,9 @@
 fp16 pytorch_model-*.bin shards or safetensors, tokenizer.model) and a stage-1 projector file
 (mm_projector.bin), and LLaVA-1.5's LoRA releases (load_lora_release: merged into their base LLM, then
 loaded as a whole directory is; written once as a whole model of ours by the one command line here,
-python release.py merge-lora LORA_DIR DST_DIR --model-base VICUNA_DIR --vit CLIP_DIR). Every name of the release's key layouts is in this file;
-mra.load_checkpoint comes here for any directory without our mra_config.json.
+python release.py merge-lora LORA_DIR DST_DIR --model-base VICUNA_DIR --vit CLIP_DIR). Every name of the
+release's key layouts is in this file; mra.load_checkpoint comes here for any directory without our
+mra_config.json.
 
 The release's keys, and where each goes in mra.LlavaHR:
     model.embed_tokens.* model.layers.* model.norm.* lm_head.*       -> llm.* (HF LLaMA names, llama.py)
