@@ -348,3 +348,24 @@ def test_merged_once_it_loads_alone_as_the_full_release_and_train_py_takes_it(pa
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
             r.stderr
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_merge_killed_leaves_nothing(parts, shipped, tmp_path):
+    """SIGTERM (a job's time limit, kill) while the merged weights are written: one line, no hidden scratch
+    directory, no DST; as weights.py convert."""
+    killed_while_writing = """if True:
+        import os, runpy, signal, sys
+        import mra
+        write = mra.write_safetensors
+        def write_and_die(*a, **kw):
+            os.kill(os.getpid(), signal.SIGTERM)
+            write(*a, **kw)
+        mra.write_safetensors = write_and_die
+        sys.argv = ["release.py", "merge-lora", *sys.argv[1:]]
+        runpy.run_path("release.py", run_name="__main__")"""
+    dst = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-c", killed_while_writing, str(shipped[0]), str(dst), "--model-base",
+                        str(parts["base"]), "--vit", str(parts["vit"])], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 143 and r.stderr.strip() == f"error: terminated; {dst} was not written", r.stderr
+    assert os.listdir(tmp_path) == []
