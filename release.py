@@ -326,8 +326,12 @@ def merge_lora_release(path, base, vit, dst, dtype=torch.float16):
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model "
-                                "in a new directory, for train.py --init and generate.py --model.")
+
+    class Parser(argparse.ArgumentParser):  # generate.py's: a flag slip is one line, not the usage text too
+        def error(self, message):  # (the subcommand's parser is of this class too)
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    p = Parser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model in a new "
+                           "directory, for train.py --init and generate.py --model.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge-lora", help="LORA_DIR + --model-base + --vit -> DST_DIR")
     m.add_argument("lora", metavar="LORA_DIR", help="the LoRA release (adapter_config.json, non_lora_trainables.bin)")

@@ -348,6 +348,9 @@ def test_merged_once_it_loads_alone_as_the_full_release_and_train_py_takes_it(pa
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
             r.stderr
     assert sorted(os.listdir(tmp_path)) == before
+    r = merge_cli(path, tmp_path / "new", "--model-base", parts["base"])  # a flag left out: one line, not the usage
+    assert r.returncode == 2 and r.stderr == "release.py merge-lora: error: the following arguments are required: " \
+                                             "--vit (see --help)\n", r.stderr
 
 
 def test_merge_killed_leaves_nothing(parts, shipped, tmp_path):
