@@ -1082,6 +1082,14 @@ def bench_scale(a, device):
             "decode_tokens_per_s_int8": f"{res['int8']['tokens_per_s']:.2f}"}
 
 
+def failure(code, stderr):
+    """A failed command's own last line ('error: ' dropped: the caller says it), or how it ended without one."""
+    lines = stderr.strip().splitlines()
+    if lines:
+        return lines[-1].removeprefix("error: ")
+    return f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit status {code}, no message"
+
+
 def sampled(cmd):
     """cmd in a process of its own, its anonymous memory sampled: (exit status, stdout, stderr, peak, wall s)."""
     t0 = time.perf_counter()
@@ -1111,7 +1119,7 @@ def bench_release(a):
             code, _, stderr, peak, wall = sampled([sys.executable, "release.py", "merge-lora", a.model, model,
                                                    "--model-base", a.model_base, "--vit", a.vit])
             if code:
-                raise SystemExit(f"error: release.py merge-lora failed: {stderr.strip().splitlines()[-1]}")
+                raise SystemExit(f"error: release.py merge-lora failed: {failure(code, stderr)}")
             given = ["--model-base", a.model_base, "--vit", a.vit]
             variants = [("lora_bf16", variants[0][1] + given), ("lora_int8", variants[1][1] + given),
                         ("merged_bf16", ["--model", model])]
@@ -1123,7 +1131,7 @@ def bench_release(a):
                    "--dtype", "bfloat16", "--max-new-tokens", str(a.new_tokens), "--device", a.device]
             code, stdout, stderr, peak, wall = sampled(cmd)
             if code:  # e.g. refused: not enough memory for this variant; the next may fit
-                print(f"{name}: generate.py failed: {stderr.strip().splitlines()[-1]}")
+                print(f"{name}: generate.py failed: {failure(code, stderr)}")
                 continue
             load = re.search(r"loaded in ([\d.]+) s", stderr)
             speed = re.search(r"time to first token ([\d.]+) s, then ([\d.]+) tokens/s", stderr)
@@ -1228,16 +1236,23 @@ def make_lora_release(path, base, r=128, alpha=256, seed=1):
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise SystemExit(f"error: --model {base}: no config.json; a --make-release DIR (LLaVA-HR's layout) is expected")
     from safetensors.torch import save_file
-    hf = weights.read_config(os.path.join(base, "config.json"))
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         raise SystemExit(f"error: --make-lora-release {path}: exists and is not an empty directory: name a new directory")
+    try:  # read and checked before PATH is written
+        hf = weights.read_config(os.path.join(base, "config.json"))
+        tower = weights.read_checkpoint(base, keep=lambda k: k.startswith((release.HR_VIT, "model.mm_projector.")))
+        projector = {"base_model.model." + k: tower.pop(k) for k in list(tower) if k.startswith("model.mm_projector.")}
+        tower = {k[len(release.HR_VIT):]: v for k, v in tower.items()}  # vision_model.*: an HF CLIP's keys
+        v = vit.ViT.from_pretrained(tower).config
+    except weights.CheckpointError as e:
+        raise SystemExit(f"error: --model {base}: {str(e).removeprefix(f'{base}: ')}; a --make-release DIR "
+                         f"(LLaVA-HR's layout) is expected") from None
+    if not projector:
+        raise SystemExit(f"error: --model {base}: no model.mm_projector.* weights; a --make-release DIR (LLaVA-HR's "
+                         f"layout) is expected")
     lora_dir, clip_dir = os.path.join(path, "lora"), os.path.join(path, "clip")
     os.makedirs(lora_dir), os.makedirs(clip_dir)
-    tower = weights.read_checkpoint(base, keep=lambda k: k.startswith((release.HR_VIT, "model.mm_projector.")))
-    projector = {"base_model.model." + k: tower.pop(k) for k in list(tower) if k.startswith("model.mm_projector.")}
     torch.save(projector, os.path.join(lora_dir, "non_lora_trainables.bin"))
-    tower = {k[len(release.HR_VIT):]: v for k, v in tower.items()}  # vision_model.*: an HF CLIP's keys
-    v = vit.ViT.from_pretrained(tower).config
     save_file(tower, os.path.join(clip_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(clip_dir, "config.json"), "w") as f:
         json.dump(dict(model_type="clip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,

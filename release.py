@@ -2,8 +2,9 @@
 fp16 pytorch_model-*.bin shards or safetensors, tokenizer.model) and a stage-1 projector file
 (mm_projector.bin), and LLaVA-1.5's LoRA releases (load_lora_release: merged into their base LLM, then
 loaded as a whole directory is; written once as a whole model of ours by the one command line here,
-python release.py merge-lora LORA_DIR DST_DIR --model-base VICUNA_DIR --vit CLIP_DIR). Every name of the release's key layouts is in this file;
-mra.load_checkpoint comes here for any directory without our mra_config.json.
+python release.py merge-lora LORA_DIR DST_DIR --model-base VICUNA_DIR --vit CLIP_DIR). Every name of the
+release's key layouts is in this file; mra.load_checkpoint comes here for any directory without our
+mra_config.json.
 
 The release's keys, and where each goes in mra.LlavaHR:
     model.embed_tokens.* model.layers.* model.norm.* lm_head.*       -> llm.* (HF LLaMA names, llama.py)
@@ -305,8 +306,16 @@ def merge_lora_release(path, base, vit, dst, dtype=torch.float16):
     """load_lora_release once, written as a whole checkpoint of ours in the new directory dst (weights,
     mra_config.json, the base's tokenizer), as LLaVA's merge_lora_weights.py writes one of theirs: a model
     that train.py --init and generate.py --model take alone. dtype float16: the release's (and LLaVA's)."""
-    if os.path.isdir(base) and not os.path.isfile(os.path.join(base, "tokenizer.model")):  # before minutes of loading
-        raise CheckpointError(f"{base}: no tokenizer.model (the base LLM's, which the merged model keeps)")
+    # before minutes of loading, named by the command's flags (as generate.py checks them)
+    if not os.path.isdir(base):
+        raise CheckpointError(f"--model-base {base}: no such directory (the HF Vicuna directory the LoRA release "
+                              f"was trained on is expected)")
+    if not os.path.isfile(os.path.join(base, "tokenizer.model")):
+        raise CheckpointError(f"--model-base {base}: no tokenizer.model (the base LLM's, which the merged model "
+                              f"keeps): give the HF Vicuna directory itself")
+    if not os.path.exists(vit):
+        raise CheckpointError(f"--vit {vit}: no such file or directory (an HF CLIP directory, the release's "
+                              f"mm_vision_tower, is expected)")
     with new_directory(dst, "merge") as tmp:  # dst refused before anything is read if it exists
         mra.save_checkpoint(load_lora_release(path, base, vit, dtype), tmp)
         for f in ("tokenizer.model", "tokenizer_config.json"):  # the latter: the tokenizer's mode (legacy)
@@ -317,8 +326,12 @@ def merge_lora_release(path, base, vit, dst, dtype=torch.float16):
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model "
-                                "in a new directory, for train.py --init and generate.py --model.")
+
+    class Parser(argparse.ArgumentParser):  # generate.py's: a flag slip is one line, not the usage text too
+        def error(self, message):  # (the subcommand's parser is of this class too)
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    p = Parser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model in a new "
+                           "directory, for train.py --init and generate.py --model.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge-lora", help="LORA_DIR + --model-base + --vit -> DST_DIR")
     m.add_argument("lora", metavar="LORA_DIR", help="the LoRA release (adapter_config.json, non_lora_trainables.bin)")

@@ -374,19 +374,23 @@ def plan(cfg, world, bf16):
 
 def from_init(held):
     """The config a run from --init trains: --init's own, at its own R (--image-size another), except
-    LLaVA-HR's stage 1 -> 2 (a model without MR-Adapters into stage 2): the stage's, R rising by design."""
+    LLaVA-HR's stage 1 -> 2 (a model without MR-Adapters into stage 2): the stage's, R rising by design
+    (stage 1 --adapters adds them too, R kept)."""
     if held.adapters and args.adapters is False:
         raise SystemExit(f"error: --no-adapters: --init {args.init} has MR-Adapters; the fusion-only ablation starts "
                          f"from a model without them (a stage-1 checkpoint)")
     if held.adapters and gate_given and args.gate != held.gate:
         raise SystemExit(f"error: --gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, "
                          f"which it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
-    if args.stage == 2 and held.arch == "llava-hr" and not held.adapters:  # adds them (or, --no-adapters, not)
-        return replace(held, **stage_cfg)
+    if held.arch == "llava-hr" and not held.adapters and (args.stage == 2 or adapters):
+        # stage 2 adds them (or, --no-adapters, not) at the stage's R; stage 1 --adapters adds them at --init's
+        return replace(held, **stage_cfg | dict(image_size=image_size if args.stage == 2 else
+                                                args.image_size or held.image_size))
     if held.adapters and not adapters and master:  # stage 1 from a model that has them (a stage-2 one)
         print(f"note: --init {args.init} has MR-Adapters: they stay in the model, frozen (stage 1 trains the "
               f"projector and the fusion)", flush=True)
     return replace(held, image_size=args.image_size or held.image_size, image_aspect_ratio=recipe["image_aspect_ratio"])
+
 
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
     if path and not os.path.isdir(path):

@@ -506,6 +506,8 @@ def load_state(model, state, source, unexpected=(), table=(), one_dtype=False):
 def new_directory(dst, verb):
     """Write the directory dst whole or not at all: the caller fills a hidden directory beside it (removed
     if anything fails, a kill included), renamed to dst at the end. An existing dst is refused."""
+    if not os.fspath(dst):  # abspath would make it the working directory, renamed onto ''
+        raise CheckpointError(f"'': no directory named; {verb} into a new directory")
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: already exists; {verb} into a new directory")
     parent, name = os.path.split(os.path.abspath(dst))
@@ -518,7 +520,7 @@ def new_directory(dst, verb):
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0o700 -> what a plain mkdir gives
         for f in os.listdir(tmp):  # safetensors writes 0o600: readable by all, as a plain write would be
             os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
-        os.rename(tmp, dst)
+        os.rename(tmp, os.path.join(parent, name))  # as checked: 'new/.' is new
 
 
 def exit_on_sigterm(dst):

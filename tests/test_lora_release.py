@@ -329,16 +329,46 @@ def test_merged_once_it_loads_alone_as_the_full_release_and_train_py_takes_it(pa
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     # refused in one line, nothing left behind: an existing DST, a full release for LORA_DIR, a base
-    # without its tokenizer (before anything loads)
+    # without its tokenizer, a missing base or tower (named by their flags, before anything loads), DST ''
+    # (made the working directory's name beside it)
     no_tok = shutil.copytree(parts["base"], tmp_path / "no-tok")
     os.remove(no_tok / "tokenizer.model")
     before = sorted(os.listdir(tmp_path))
     for argv, message in (((path, tmp_path / "fp32", *given), "fp32: already exists; merge into a new directory"),
                           ((full_dir, tmp_path / "new", *given), "no adapter_config.json"),
                           ((path, tmp_path / "new", "--model-base", no_tok, "--vit", parts["vit"]),
-                           "no-tok: no tokenizer.model")):
+                           "--model-base " + str(no_tok) + ": no tokenizer.model"),
+                          ((path, tmp_path / "new", "--model-base", tmp_path / "nope", "--vit", parts["vit"]),
+                           "nope: no such directory (the HF Vicuna directory"),
+                          ((path, tmp_path / "new", "--model-base", parts["base"], "--vit", tmp_path / "nope"),
+                           "--vit " + str(tmp_path / "nope") + ": no such file or directory (an HF CLIP directory"),
+                          ((path, "", *given), "'': no directory named; merge into a new directory")):
         r = merge_cli(*argv)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
             r.stderr
     assert sorted(os.listdir(tmp_path)) == before
+    r = merge_cli(path, tmp_path / "new", "--model-base", parts["base"])  # a flag left out: one line, not the usage
+    assert r.returncode == 2 and r.stderr == "release.py merge-lora: error: the following arguments are required: " \
+                                             "--vit (see --help)\n", r.stderr
+
+
+def test_merge_killed_leaves_nothing(parts, shipped, tmp_path):
+    """SIGTERM (a job's time limit, kill) while the merged weights are written: one line, no hidden scratch
+    directory, no DST; as weights.py convert."""
+    killed_while_writing = """if True:
+        import os, runpy, signal, sys
+        import mra
+        write = mra.write_safetensors
+        def write_and_die(*a, **kw):
+            os.kill(os.getpid(), signal.SIGTERM)
+            write(*a, **kw)
+        mra.write_safetensors = write_and_die
+        sys.argv = ["release.py", "merge-lora", *sys.argv[1:]]
+        runpy.run_path("release.py", run_name="__main__")"""
+    dst = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-c", killed_while_writing, str(shipped[0]), str(dst), "--model-base",
+                        str(parts["base"]), "--vit", str(parts["vit"])], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 143 and r.stderr.strip() == f"error: terminated; {dst} was not written", r.stderr
+    assert os.listdir(tmp_path) == []

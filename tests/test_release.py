@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import timm
@@ -1011,6 +1012,12 @@ def test_make_lora_release_loads_on_its_base_and_merges_every_projection(tmp_pat
     assert not torch.equal(got["llm.layers.1.mlp.down.weight"], w)
     with pytest.raises(SystemExit, match=r"lora-rel: exists and is not an empty directory"):
         bench.make_lora_release(path, base)
+    # a base without LLaVA-HR's tower (the LoRA release itself, say): one line, nothing written (was a
+    # traceback, after PATH/lora/non_lora_trainables.bin)
+    with pytest.raises(SystemExit, match=r"^error: --model \S+lora: cannot infer the ViT shape: .*; a --make-release "
+                                         r"DIR \(LLaVA-HR's layout\) is expected$"):
+        bench.make_lora_release(str(tmp_path / "again"), os.path.join(path, "lora"))
+    assert not os.path.exists(tmp_path / "again")
 
 
 def test_bench_scale_runs_a_lora_release_as_given_and_merged(tmp_path, capsys):
@@ -1032,3 +1039,10 @@ def test_bench_scale_runs_a_lora_release_as_given_and_merged(tmp_path, capsys):
         bench.main(["--only", "scale", "--model", os.path.join(path, "lora")])
     with pytest.raises(SystemExit, match=r"--model-base and --vit go with a LoRA release as --model; .* is not one"):
         bench.main(["--only", "scale", "--model", base, "--vit", os.path.join(path, "clip")])
+    # the merge killed (out of memory: no message of its own), or refused: said in one line, not an IndexError
+    for code, stderr, said in ((-9, "", "killed by signal 9 (out of memory?)"),
+                               (1, "error: x: no such directory\n", "x: no such directory")):
+        with mock.patch.object(bench, "sampled", return_value=(code, "", stderr, 0, 0.0)):
+            with pytest.raises(SystemExit) as e:
+                bench.main(["--only", "scale", *given])
+        assert str(e.value.code) == f"error: release.py merge-lora failed: {said}"

@@ -775,6 +775,11 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     r = conv_(src, tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert "already exists" in one_line(conv_(src, tmp_path / "out"))
+    # '': no directory (the working directory's name was taken beside it, then renamed onto '', a raw OSError)
+    assert one_line(conv_(src, "")) == "error: '': no directory named; convert into a new directory"
+    # 'new/.': the new directory itself (the rename onto 'new/.' failed)
+    r = conv_(src, f"{tmp_path / 'new'}/.")
+    assert r.returncode == 0 and sorted(os.listdir(tmp_path / "new")) == sorted(os.listdir(tmp_path / "out")), r.stderr
 
 
 def planned_r(r):
@@ -800,6 +805,11 @@ def test_init_keeps_its_own_r_and_says_what_the_run_changes(env, tmp_path):
     assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--dry-run"])) == 128
     assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--no-adapters", "--dry-run"])) == 128
     assert planned_r(run_train([*args(env, tmp_path / "o", 1, "--init", stage1), "--dry-run"])) == 96
+    # stage 1 --adapters adds them too (it was ignored), at --init's R
+    counts = [run_train([*args(env, tmp_path / "o", 1, "--init", stage1), *extra, "--dry-run"]) for extra in
+              ([], ["--adapters"])]
+    n_all = [float(re.search(r"of ([\d.]+)M parameters", r.stdout)[1]) for r in counts]
+    assert n_all[1] > n_all[0] and planned_r(counts[1]) == 96, [r.stdout for r in counts]
     # LLaVA-1.5 (one ViT path) has no adapters to add: its own R (the stage's 1024 gave a 7B 5,329 visual
     # tokens, refused against its 4,096 context); --no-adapters was refused: "has MR-Adapters" (its config
     # said adapters=True, the default, for a model without)
