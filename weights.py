@@ -523,16 +523,17 @@ def new_directory(dst, verb):
         os.rename(tmp, os.path.join(parent, name))  # as checked: 'new/.' is new
 
 
-def exit_on_sigterm(dst):
-    """A command line that writes dst through new_directory: a kill (SIGTERM) unwinds as an error does, so
-    the hidden directory goes and dst never appears half-written."""
+def exit_on_signals(dst):
+    """A command line that writes dst through new_directory: a kill (SIGTERM) or Ctrl-C (SIGINT) unwinds as
+    an error does, so the hidden directory goes and dst never appears half-written; one line says so."""
     import signal
 
-    def terminated(*_):
+    def stop(signum, _):
         done = "was written in full before" if os.path.isdir(dst) else "was not written"
-        print(f"error: terminated; {dst} {done}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    signal.signal(signal.SIGTERM, terminated)
+        print(f"error: {'interrupted' if signum == signal.SIGINT else 'terminated'}; {dst} {done}", file=sys.stderr)
+        sys.exit(128 + signum)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 def convert_bin(src, dst):
@@ -576,7 +577,7 @@ def convert_bin(src, dst):
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
         sys.exit("usage: python weights.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
-    exit_on_sigterm(sys.argv[3])
+    exit_on_signals(sys.argv[3])
     try:
         print(convert_bin(sys.argv[2], sys.argv[3]))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all

@@ -353,22 +353,23 @@ def test_merged_once_it_loads_alone_as_the_full_release_and_train_py_takes_it(pa
                                              "--vit (see --help)\n", r.stderr
 
 
-def test_merge_killed_leaves_nothing(parts, shipped, tmp_path):
-    """SIGTERM (a job's time limit, kill) while the merged weights are written: one line, no hidden scratch
-    directory, no DST; as weights.py convert."""
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_merge_killed_or_interrupted_leaves_nothing(parts, shipped, tmp_path, signame, code, said):
+    """SIGTERM (a job's time limit, kill) or Ctrl-C (SIGINT: was a KeyboardInterrupt traceback) while the
+    merged weights are written: one line, no hidden scratch directory, no DST; as weights.py convert."""
     killed_while_writing = """if True:
         import os, runpy, signal, sys
         import mra
-        write = mra.write_safetensors
+        write, sig = mra.write_safetensors, getattr(signal, sys.argv[1])
         def write_and_die(*a, **kw):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
             write(*a, **kw)
         mra.write_safetensors = write_and_die
-        sys.argv = ["release.py", "merge-lora", *sys.argv[1:]]
+        sys.argv = ["release.py", "merge-lora", *sys.argv[2:]]
         runpy.run_path("release.py", run_name="__main__")"""
     dst = tmp_path / "merged"
-    r = subprocess.run([sys.executable, "-c", killed_while_writing, str(shipped[0]), str(dst), "--model-base",
-                        str(parts["base"]), "--vit", str(parts["vit"])], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 143 and r.stderr.strip() == f"error: terminated; {dst} was not written", r.stderr
+    r = subprocess.run([sys.executable, "-c", killed_while_writing, signame, str(shipped[0]), str(dst),
+                        "--model-base", str(parts["base"]), "--vit", str(parts["vit"])], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == code and r.stderr.strip() == f"error: {said}; {dst} was not written", r.stderr
     assert os.listdir(tmp_path) == []
