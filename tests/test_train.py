@@ -157,6 +157,11 @@ def test_llava15_trains_at_its_vits_own_size_by_default(env, tmp_path):
     v15.write_text(json.dumps(dict(tiny().to_dict(), arch="llava-1.5")))
     g = train(args(env, tmp_path / "o", 2, "--config", v15, "--max-steps", 1, "--global-batch", 4, "--batch-size", 4))
     assert g["cfg"].arch == "llava-1.5" and g["cfg"].image_size == tiny().vit.image_size == 28
+    # fine-tuned from it (--init, as a merged LoRA release is), with LoRA: its own R again, not the stage's
+    g = train(args(env, tmp_path / "lora", 2, "--init", tmp_path / "o" / "ckpt", "--lora-r", 4, "--max-steps", 1,
+                   "--global-batch", 4, "--batch-size", 4))
+    assert g["cfg"].arch == "llava-1.5" and g["cfg"].image_size == 28 != g["TINY_SIZE"][2]
+    assert os.path.isfile(tmp_path / "lora" / "ckpt" / "lora" / "lora.json")
 
 
 @pytest.mark.parametrize("zeroed", ["adapter", "tower"])
