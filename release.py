@@ -273,11 +273,21 @@ def load_lora_release(path, base, vit, dtype=None, device="cpu", quantize=None):
         raise CheckpointError(f"{adapter}: a LoRA of {lost}, which {base} does not hold: not the base LLM these "
                               f"adapters were trained on")
     skip = [re.compile(p) for p in HF_IGNORE]  # a CLIPModel's text tower: not read
-    sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
+
+    def not_clip(e):  # another directory given as the tower (the base, an empty one): named by its flag
+        return CheckpointError(f"--vit {vit}: {str(e).removeprefix(f'{vit}: ')} (an HF CLIP directory, the "
+                               f"release's mm_vision_tower, is expected)")
+    try:
+        sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
+    except CheckpointError as e:
+        raise not_clip(e) from None
     # held too until each is merged (7B, r 128: 0.6 GB), as stored: not cast
     sizes |= {f"lora:{k}": (a.numel() + b.numel(), a.element_size(), False) for k, (a, b) in deltas.items()}
     check_memory(base, sizes, dtype, device, INT8_KEYS.match, check_quantize(quantize))
-    tower = ViT.from_pretrained(vit, dtype=dtype, device=device)
+    try:
+        tower = ViT.from_pretrained(vit, dtype=dtype, device=device)
+    except CheckpointError as e:
+        raise not_clip(e) from None
     check_tower(tower, vit, hf.get("mm_vision_tower"), path)
     cast = lambda dt: int8_reader(INT8_KEYS.match if quantize else lambda k: False, dt, device)  # noqa: E731
 

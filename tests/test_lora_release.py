@@ -241,6 +241,17 @@ def test_a_tower_other_than_the_one_config_json_names_is_refused(parts, shipped,
         release.load_lora_release(shipped[0], parts["base"], tmp_path / "clip56")
 
 
+def test_a_tower_directory_that_is_no_clip_is_named_by_its_flag(parts, shipped, tmp_path):
+    # the base given for --vit too (the flags mixed up), or an empty directory: was "…/config.json: model_type
+    # 'llama' is not a CLIP model" and "…: not a checkpoint directory", the flag unnamed
+    (tmp_path / "empty").mkdir()
+    for vit, why in ((parts["base"], r"config\.json: model_type 'llama' is not a CLIP model"),
+                     (tmp_path / "empty", r"no model\.safetensors, .*not a checkpoint directory")):
+        with pytest.raises(CheckpointError, match=rf"^--vit {vit}: .*{why} \(an HF CLIP directory, the release's "
+                                                  rf"mm_vision_tower, is expected\)$"):
+            release.load_lora_release(shipped[0], parts["base"], vit)
+
+
 @torch.no_grad()
 def test_without_a_dtype_every_part_is_the_bases_own(parts, shipped, tmp_path):
     # as LLaVA loads them all in one dtype: an fp16 base and the fp32 CLIP weights make an fp16 model, not
