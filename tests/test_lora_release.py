@@ -302,10 +302,30 @@ def test_cli_with_model_base_answers_as_the_full_release(parts, shipped, capsys)
         given = [parts["base"], parts["vit"]]
         given[i] = parts["dir"] / "nowhere"
         code, out, err = run_cli(capsys, "--model", path, "--model-base", given[0], "--vit", given[1], *ask)
-        assert code == 1 and err.startswith(f"error: {flag} {given[i]}: no such directory ("), err
+        assert code == 1 and err.startswith(f"error: {flag} {given[i]}: no such "), err
     with pytest.raises(SystemExit) as e:
         run_cli(capsys, "--model", path, "--model-base", parts["base"], *ask)
     assert e.value.code == 2 and "--model-base and --vit go together" in capsys.readouterr().err
+
+
+def test_cli_names_a_base_without_its_tokenizer_and_takes_the_tower_as_a_file(parts, shipped, capsys):
+    """--model-base and --vit swapped: was "tokenizer model not found: CLIP/tokenizer.model", the flag unnamed;
+    --vit CLIP/model.safetensors, which release.py merge-lora takes, and a file for --model-base: were "no such
+    directory" (they exist)."""
+    path, full_dir, _ = shipped
+    image = parts["dir"] / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
+    ask = ("--image", image, "--prompt", "What is this?", "--max-new-tokens", 6)
+    code, out, err = run_cli(capsys, "--model", path, "--model-base", parts["vit"], "--vit", parts["base"], *ask)
+    assert (code, out) == (1, "") and err == f"error: --model-base {parts['vit']}: no tokenizer.model (the base " \
+                                             f"LLM's, which the release is prompted with): give the HF Vicuna " \
+                                             f"directory itself\n", err
+    code, out, err = run_cli(capsys, "--model", path, "--model-base", parts["base"] / "config.json", "--vit",
+                             parts["vit"], *ask)  # a file of the base: said so, not "no such directory"
+    assert code == 1 and err.startswith(f"error: --model-base {parts['base'] / 'config.json'}: a file (the HF "), err
+    code, out, err = run_cli(capsys, "--model", path, "--model-base", parts["base"], "--vit",
+                             parts["vit"] / "model.safetensors", *ask)
+    assert code == 0 and out.strip() and out == run_cli(capsys, "--model", full_dir, *ask)[1], err
 
 
 def merge_cli(*argv):
