@@ -347,7 +347,8 @@ if __name__ == "__main__":
     m.add_argument("lora", metavar="LORA_DIR", help="the LoRA release (adapter_config.json, non_lora_trainables.bin)")
     m.add_argument("dst", metavar="DST_DIR", help="a new directory (it appears whole or not at all)")
     m.add_argument("--model-base", required=True, help="the HF Vicuna dir the LoRA trained on (vicuna-7b-v1.5)")
-    m.add_argument("--vit", required=True, help="the HF CLIP dir config.json names (clip-vit-large-patch14-336)")
+    m.add_argument("--vit", required=True, help="the HF CLIP dir that LORA_DIR's config.json names as "
+                   "mm_vision_tower (clip-vit-large-patch14-336)")
     m.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="of the written weights (default float16, as the release and LLaVA's merge write them)")
     args = p.parse_args()

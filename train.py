@@ -107,7 +107,8 @@ p.add_argument("--out", help="run directory (required unless --dry-run)")
 p.add_argument("--llm", help="HF LLaMA / Vicuna directory")
 p.add_argument("--vit", help="HF CLIP ViT checkpoint (file or directory)")
 p.add_argument("--convnext", help="timm / open_clip ConvNeXt safetensors")
-p.add_argument("--init", help="start from our checkpoint or a released LLaVA-HR directory")
+p.add_argument("--init", help="start from our checkpoint (train.py's; a LoRA release merged by release.py "
+               "merge-lora) or a released LLaVA-HR / LLaVA-1.5 directory")
 p.add_argument("--projector", help="stage 2: the released stage-1 projector file")
 p.add_argument("--tokenizer", help="default: tokenizer.model of --llm / --init")
 p.add_argument("--config", default="full",
@@ -192,8 +193,8 @@ ckpt_dir, log_path = (os.path.join(args.out, "ckpt"), os.path.join(args.out, "lo
 if args.resume and args.overwrite:
     p.error("--resume continues the run in --out, --overwrite deletes it: pick one")
 if args.lora_r and not (args.stage == 2 and (args.init or args.dry_run is not None)):  # a plan: --config's
-    p.error("--lora-r adapts a trained model in stage 2: --stage 2 and --init CHECKPOINT (a released LLaVA-HR "
-            "dir or a train.py checkpoint) are needed")
+    p.error("--lora-r adapts a trained model in stage 2: --stage 2 and --init CHECKPOINT (a released LLaVA-HR or "
+            "LLaVA-1.5 dir, a train.py checkpoint, or a LoRA release merged by release.py merge-lora) are needed")
 lora_flags = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout),
                               ("--[no-]lora-train-mra", args.lora_train_mra),
                               ("--lora-adapters-only", args.lora_adapters_only or None)) if v is not None]
