@@ -700,6 +700,10 @@ if master:
               f"more (bench.py --only ckpt1024): --lean-malloc keeps the peak near the plan, at slower steps")
     if ds.dropped_first:
         print(f"{ds.dropped_first} conversations open with a gpt turn: dropped that turn (as the release does)")
+    epoch = sampler.steps_per_epoch * global_batch  # grouped: each modality's last global batch filled up
+    if by_modality and (epoch - len(ds)) * 10 > epoch:  # a tenth of each epoch repeats: a small dataset
+        print(f"note: an epoch is {epoch} samples for {len(ds)} records: each modality's last global batch of "
+              f"{global_batch} is filled up with repeats of its own records; a smaller --global-batch repeats fewer")
 log = open(log_path, "a") if master else None
 bar = tqdm(total=stop_step, initial=start_step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
 batches = iter(loader)  # draws a seed from the global RNG: the saved state goes back only after it

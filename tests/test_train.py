@@ -303,8 +303,14 @@ def test_grouped_epoch_is_every_global_batch_of_each_modality(env, tmp_path, cap
     # 8 image and 2 text-only records in global batches of 4, one modality each: 2 of images (one
     # filled up), 1 of text; none dropped (10 // 4 = 2 steps left a whole one out)
     train(args(env, tmp_path / "o", 2, "--global-batch", 4, "--batch-size", 4, "--no-save"))
-    assert "10 samples, 3 steps of 4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "10 samples, 3 steps of 4" in out
     assert len(losses(tmp_path / "o")) == 3
+    # the repeats said (a dataset small for the default global batch of 128 was silently run ~20 times over)
+    assert "note: an epoch is 12 samples for 10 records: each modality's last global batch of 4 is filled up " \
+           "with repeats of its own records; a smaller --global-batch repeats fewer" in out
+    train(args(env, tmp_path / "two", 2, "--global-batch", 2, "--batch-size", 2, "--no-save", "--max-steps", 1))
+    assert "note: an epoch is" not in capsys.readouterr().out  # 8 + 2 records fill batches of 2 exactly
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch):
