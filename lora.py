@@ -132,8 +132,11 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
     check_quantize(quantize)  # merged, the base loads unquantized: its loader would not see another value
     info_path = os.path.join(adapters, "lora.json")
     if not os.path.isfile(info_path):
+        inside = os.path.join(adapters, "lora")  # OUT/ckpt given for OUT/ckpt/lora
         raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
-                              f"OUT/ckpt/lora of a train.py --lora-r run)")
+                              f"OUT/ckpt/lora of a train.py --lora-r run)" +
+                              (f"; its adapters are in --lora {inside}" if os.path.isfile(
+                                  os.path.join(inside, "lora.json")) else ""))
     r, alpha, trained_on = read_config(info_path, lambda d: (d["r"], d["alpha"], d.get("base")))
     check_scale(info_path, r, alpha, "alpha")
     merged_here = os.path.join(base, "lora")  # train.py's OUT/ckpt: the merged model, its adapters beside it

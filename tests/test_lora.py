@@ -336,7 +336,12 @@ def test_adapters_that_do_not_fit_the_base_are_one_line(run, env, tmp_path, caps
     assert code == 1 and len(errors) == 1 and "do not fit this base model" in errors[0], err
     assert "llm.layers.0.mlp.gate.weight" in err and "(128, 64)" in err and "(96, 64)" in err, err
     code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(tmp_path), "--prompt", "Hi"])
-    assert code == 1 and "no lora.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "no lora.json" in err and "its adapters are in" not in err, err
+    # the run's OUT/ckpt for its OUT/ckpt/lora: the way to the adapters named
+    code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(out / "ckpt"), "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.rstrip().endswith(f"; its adapters are in --lora {out / 'ckpt' / 'lora'}"), err
 
 
 def test_7b_counts_and_memory_on_meta():
