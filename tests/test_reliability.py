@@ -782,45 +782,45 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     assert r.returncode == 0 and sorted(os.listdir(tmp_path / "new")) == sorted(os.listdir(tmp_path / "out")), r.stderr
 
 
-def planned_r(r):
-    """R from a --dry-run's output (train.py prints the plan's config)."""
-    assert r.returncode == 0, r.stderr[-2000:]
-    return int(re.search(r"R=(\d+)", r.stdout).group(1))
+class Planned:
+    """train.py --dry-run run in this process: its stdout, and R and the parameter count of its plan."""
+    def __init__(self, capsys, argv):
+        with pytest.raises(SystemExit) as e:
+            train([*map(str, argv), "--dry-run"])
+        assert not e.value.code
+        self.out = capsys.readouterr().out
+        self.r = int(re.search(r"R=(\d+)", self.out)[1])
+        self.n_all = float(re.search(r"of ([\d.]+)M parameters", self.out)[1])
 
 
-def test_init_keeps_its_own_r_and_says_what_the_run_changes(env, tmp_path):
+def test_init_keeps_its_own_r_and_says_what_the_run_changes(env, tmp_path, capsys):
+    plan = lambda stage, init, *extra: Planned(capsys, args(env, tmp_path / "o", stage, "--init", init, *extra))  # noqa: E731
     # adapters are kept (and frozen: stage 1 trains the projector and fusion); before, without a word
     ckpt = tmp_path / "w" / "ckpt"
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(image_size=96))), ckpt)
-    r = run_train([*args(env, tmp_path / "o", 1, "--init", ckpt), "--dry-run"])
-    assert f"note: --init {ckpt} has MR-Adapters: they stay in the model, frozen" in r.stdout
+    r = plan(1, ckpt)
+    assert f"note: --init {ckpt} has MR-Adapters: they stay in the model, frozen" in r.out
     # a model trained at another R than the stage's keeps its own (a fine-tune moved it to the stage's);
     # --image-size sets another
-    assert planned_r(r) == 96
-    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", ckpt), "--dry-run"])) == 96
-    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", ckpt), "--image-size", 80, "--dry-run"])) == 80
+    assert r.r == 96 and plan(2, ckpt).r == 96 and plan(2, ckpt, "--image-size", 80).r == 80
     # stage 1 -> 2 changes R by design (the recipe's 384 -> 1024): a stage-1 model, adapters added or not
     stage1 = tmp_path / "s1" / "ckpt"
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(tiny_dict() | dict(image_size=96, adapters=False))), stage1)
-    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--dry-run"])) == 128
-    assert planned_r(run_train([*args(env, tmp_path / "o", 2, "--init", stage1), "--no-adapters", "--dry-run"])) == 128
-    assert planned_r(run_train([*args(env, tmp_path / "o", 1, "--init", stage1), "--dry-run"])) == 96
+    assert plan(2, stage1).r == 128 and plan(2, stage1, "--no-adapters").r == 128
     # stage 1 --adapters adds them too (it was ignored), at --init's R
-    counts = [run_train([*args(env, tmp_path / "o", 1, "--init", stage1), *extra, "--dry-run"]) for extra in
-              ([], ["--adapters"])]
-    n_all = [float(re.search(r"of ([\d.]+)M parameters", r.stdout)[1]) for r in counts]
-    assert n_all[1] > n_all[0] and planned_r(counts[1]) == 96, [r.stdout for r in counts]
+    without, added = plan(1, stage1), plan(1, stage1, "--adapters")
+    assert without.r == 96 and added.n_all > without.n_all and added.r == 96
     # LLaVA-1.5 (one ViT path) has no adapters to add: its own R (the stage's 1024 gave a 7B 5,329 visual
     # tokens, refused against its 4,096 context); --no-adapters was refused: "has MR-Adapters" (its config
-    # said adapters=True, the default, for a model without)
-    # tokens of the longest sample: LLaVA-1.5's model_max_length, 2048 (image as one) in both stages, where
-    # LLaVA-HR's stage 2 takes 2496 (it was given to a LLaVA-1.5 too)
+    # said adapters=True, the default, for a model without). The longest sample: LLaVA-1.5's
+    # model_max_length, 2048 tokens (image as one) in both stages, where LLaVA-HR's stage 2 takes 2496 (it
+    # was given to a LLaVA-1.5 too)
     v15 = tmp_path / "v15" / "ckpt"
     d = tiny_dict()
     d |= dict(arch="llava-1.5", image_size=56, llm=d["llm"] | dict(max_seq_len=4096))
     mra.save_checkpoint(mra.build(mra.MRAConfig.from_dict(d)), v15)
-    r = run_train([*args(env, tmp_path / "o", 2, "--init", v15), "--no-adapters", "--dry-run"])
-    assert planned_r(r) == 56 and "x 2063 tokens" in r.stdout  # 16 visual + 2047 text
+    r = plan(2, v15, "--no-adapters")
+    assert r.r == 56 and "x 2063 tokens" in r.out  # 16 visual + 2047 text
 
 
 def test_resume_trims_log_lines_cut_short_or_edited_by_hand(tmp_path):
