@@ -2,6 +2,7 @@
 checkpoints (written atomically; whole, or FSDP2 shards that no rank holds whole), and what --resume
 checks before it continues. train.py's bookkeeping, kept apart so that train.py reads as the recipe.
 """
+import atexit
 import errno
 import json
 import math
@@ -143,6 +144,7 @@ def check_out(out, resume):
 
 def claim_out(out):
     """Make --out and lock it for this run (rank 0): the lock file, to hold open until the run ends."""
+    made = not os.path.isdir(out)
     # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
     try:
         os.makedirs(out, exist_ok=True)
@@ -156,6 +158,7 @@ def claim_out(out):
     try:
         if fcntl:
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            atexit.register(tidy_out, out, lock, made)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without POSIX locks (some NFS, FUSE)
             print(f"note: --out {out}: cannot be locked ({e.strerror}); nothing stops a second train.py there")
@@ -163,6 +166,18 @@ def claim_out(out):
             raise SystemExit(f"error: --out {out}: another train.py is running in it (it holds {lock.name}); wait "
                              f"for it to end, or pick another --out") from None
     return lock
+
+
+def tidy_out(out, lock, made):
+    """At exit, the lock still held: a run refused before it wrote anything (bad data, say) leaves --out as it
+    found it, without the lock file (and without the directory, if the run made it)."""
+    try:
+        if not lock.closed and os.listdir(out) == ["train.lock"]:
+            os.remove(lock.name)
+            if made:
+                os.rmdir(out)
+    except OSError:
+        pass
 
 
 def finish_cut_save(out, ckpt_dir):

@@ -838,3 +838,13 @@ def test_resume_refusal_names_the_way_back_for_a_setting_the_run_had_not(tmp_pat
                                          r"--quantize, or start a new run with another --out$"):
         runs.check_resume({"quantize": None}, str(tmp_path), None, None, None, {"quantize": "int8"}, {"quantize"},
                           None, None, None)
+
+
+def test_a_refused_run_leaves_out_as_it_found_it(env, tmp_path):
+    # refused after --out was made and locked (the data is read after): it held only train.lock
+    bad = [str(tmp_path / "nope.json") if a.endswith("chats.json") else a for a in args(env, tmp_path / "o")]
+    assert "nope.json: no such file" in one_line(run_train(bad))
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "mine").mkdir()  # an --out the user made: it stays, empty
+    assert "nope.json: no such file" in one_line(run_train([*bad, "--out", tmp_path / "mine"]))
+    assert os.listdir(tmp_path / "mine") == []
