@@ -554,11 +554,13 @@ def run(args):
         log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
             "text is not used")
     tok = mra.load_tokenizer(args.model_base or args.model)
-    log(f"loading {args.model} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
-    t0 = time.perf_counter()
     if not args.model_base and (adapters := mra.adapters_only(args.model)):  # with --lora or not
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model "
                                   f"{mra.lora_base(adapters)} --lora {adapters}")
+    merged = (f" merged into {args.model_base}, the tower {args.vit}" if args.model_base else
+              f" with the LoRA adapters {args.lora} merged in" if args.lora else "")
+    log(f"loading {args.model}{merged} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")
+    t0 = time.perf_counter()
     if args.model_base:  # a LoRA release: merged into its base LLM as it loads, the tower from --vit
         model = release.load_lora_release(args.model, args.model_base, args.vit, dtype, device, args.quantize).eval()
     elif args.lora:  # base + adapters, merged as they load (then quantized): the run's merged checkpoint

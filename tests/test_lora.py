@@ -334,6 +334,7 @@ def test_adapters_that_do_not_fit_the_base_are_one_line(run, env, tmp_path, caps
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if not line.startswith("loading ")]
     assert code == 1 and len(errors) == 1 and "do not fit this base model" in errors[0], err
+    assert err.startswith(f"loading {tmp_path / 'other'} with the LoRA adapters {out / 'ckpt' / 'lora'} merged in ("), err
     assert "llm.layers.0.mlp.gate.weight" in err and "(128, 64)" in err and "(96, 64)" in err, err
     code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(tmp_path), "--prompt", "Hi"])
     err = capsys.readouterr().err
