@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import time
 
 import torch
 
@@ -312,10 +313,11 @@ def load_lora_release(path, base, vit, dtype=None, device="cpu", quantize=None):
         raise CheckpointError(f"{e} (a LoRA release: the LLM from {base}, the tower from {vit})") from None
 
 
-def merge_lora_release(path, base, vit, dst, dtype=torch.float16):
+def merge_lora_release(path, base, vit, dst, dtype=torch.float16, log=lambda line: None):
     """load_lora_release once, written as a whole checkpoint of ours in the new directory dst (weights,
     mra_config.json, the base's tokenizer), as LLaVA's merge_lora_weights.py writes one of theirs: a model
-    that train.py --init and generate.py --model take alone. dtype float16: the release's (and LLaVA's)."""
+    that train.py --init and generate.py --model take alone. dtype float16: the release's (and LLaVA's).
+    log: where the two steps (a minute or two each at 7B) are said as they start."""
     # before minutes of loading, named by the command's flags (as generate.py checks them)
     if not os.path.isdir(base):
         raise CheckpointError(f"--model-base {base}: no such directory (the HF Vicuna directory the LoRA release "
@@ -327,7 +329,11 @@ def merge_lora_release(path, base, vit, dst, dtype=torch.float16):
         raise CheckpointError(f"--vit {vit}: no such file or directory (an HF CLIP directory, the release's "
                               f"mm_vision_tower, is expected)")
     with new_directory(dst, "merge") as tmp:  # dst refused before anything is read if it exists
-        mra.save_checkpoint(load_lora_release(path, base, vit, dtype), tmp)
+        log(f"merging {path} into {base} ({dtype}; the tower from {vit})")
+        t0 = time.perf_counter()
+        model = load_lora_release(path, base, vit, dtype)
+        log(f"merged in {time.perf_counter() - t0:.1f} s; writing {dst}")
+        mra.save_checkpoint(model, tmp)
         for f in ("tokenizer.model", "tokenizer_config.json"):  # the latter: the tokenizer's mode (legacy)
             if os.path.isfile(os.path.join(base, f)):
                 shutil.copy(os.path.join(base, f), os.path.join(tmp, f))
@@ -354,6 +360,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     exit_on_signals(args.dst)
     try:
-        print(merge_lora_release(args.lora, args.model_base, args.vit, args.dst, getattr(torch, args.dtype)))
+        print(merge_lora_release(args.lora, args.model_base, args.vit, args.dst, getattr(torch, args.dtype),
+                                 log=lambda line: print(line, file=sys.stderr, flush=True)))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
         sys.exit(f"error: {e}")

@@ -342,6 +342,8 @@ def test_merged_once_it_loads_alone_as_the_full_release_and_train_py_takes_it(pa
     given = ("--model-base", parts["base"], "--vit", parts["vit"])
     r = merge_cli(path, tmp_path / "fp32", *given, "--dtype", "float32")
     assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "fp32"), r.stderr
+    assert r.stderr.splitlines()[0] == f"merging {path} into {parts['base']} (torch.float32; the tower from " \
+                                       f"{parts['vit']})" and "; writing " in r.stderr, r.stderr
     ours, full = mra.load_checkpoint(tmp_path / "fp32").eval(), mra.load_checkpoint(full_dir).eval()
     assert ours.cfg == full.cfg and ours.state_dict().keys() == full.state_dict().keys()
     for k, v in full.state_dict().items():
@@ -375,7 +377,7 @@ def test_merged_once_it_loads_alone_as_the_full_release_and_train_py_takes_it(pa
                            "--vit " + str(tmp_path / "nope") + ": no such file or directory (an HF CLIP directory"),
                           ((path, "", *given), "'': no directory named; merge into a new directory")):
         r = merge_cli(*argv)
-        lines = r.stderr.strip().splitlines()
+        lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("merging ")]  # progress
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
             r.stderr
     assert sorted(os.listdir(tmp_path)) == before
@@ -402,5 +404,7 @@ def test_merge_killed_or_interrupted_leaves_nothing(parts, shipped, tmp_path, si
     r = subprocess.run([sys.executable, "-c", killed_while_writing, signame, str(shipped[0]), str(dst),
                         "--model-base", str(parts["base"]), "--vit", str(parts["vit"])], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == code and r.stderr.strip() == f"error: {said}; {dst} was not written", r.stderr
+    *progress, last = r.stderr.strip().splitlines()
+    assert r.returncode == code and last == f"error: {said}; {dst} was not written", r.stderr
+    assert [line.split()[0] for line in progress] == ["merging", "merged"], r.stderr  # the steps said as they start
     assert os.listdir(tmp_path) == []
