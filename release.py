@@ -279,6 +279,11 @@ def load_lora_release(path, base, vit, dtype=None, device="cpu", quantize=None):
         return CheckpointError(f"--vit {vit}: {str(e).removeprefix(f'{vit}: ')} (an HF CLIP directory, the "
                                f"release's mm_vision_tower, is expected)")
     try:
+        config_json = os.path.join(vit, "config.json")  # the base given for it: refused before it is sized (a
+        if os.path.isdir(vit) and os.path.isfile(config_json):  # second LLM: a memory refusal) or read (13 GB)
+            kind = read_config(config_json).get("model_type")
+            if kind not in ("clip", "clip_vision_model"):  # as ViT.from_pretrained refuses it
+                raise CheckpointError(f"{config_json}: model_type {kind!r} is not a CLIP model")
         sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
     except CheckpointError as e:
         raise not_clip(e) from None

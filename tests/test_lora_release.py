@@ -24,6 +24,7 @@ import generate
 import lora
 import mra
 import release
+import weights
 from llama import Llama
 from test_data import train_spm
 from test_release import (IDS, LLM, PAD_MASK, PROJECTOR, Payload, images, llava_config, make_clip, make_heads, near,
@@ -241,7 +242,7 @@ def test_a_tower_other_than_the_one_config_json_names_is_refused(parts, shipped,
         release.load_lora_release(shipped[0], parts["base"], tmp_path / "clip56")
 
 
-def test_a_tower_directory_that_is_no_clip_is_named_by_its_flag(parts, shipped, tmp_path):
+def test_a_tower_directory_that_is_no_clip_is_named_by_its_flag(parts, shipped, tmp_path, monkeypatch):
     # the base given for --vit too (the flags mixed up), or an empty directory: was "…/config.json: model_type
     # 'llama' is not a CLIP model" and "…: not a checkpoint directory", the flag unnamed
     (tmp_path / "empty").mkdir()
@@ -250,6 +251,12 @@ def test_a_tower_directory_that_is_no_clip_is_named_by_its_flag(parts, shipped, 
         with pytest.raises(CheckpointError, match=rf"^--vit {vit}: .*{why} \(an HF CLIP directory, the release's "
                                                   rf"mm_vision_tower, is expected\)$"):
             release.load_lora_release(shipped[0], parts["base"], vit)
+    # the base is refused as the tower before it is sized or read: at 7B it was sized as a second LLM (27 GB:
+    # on a 24 GB machine a memory refusal that named the base, not --vit), else read whole (13 GB) to be refused
+    monkeypatch.setattr(weights, "available_memory", lambda device: 1)  # no room for any weights at all
+    with pytest.raises(CheckpointError, match=rf"^--vit {parts['base']}: .*config\.json: model_type 'llama' is not "
+                                              rf"a CLIP model \(an HF CLIP directory"):
+        release.load_lora_release(shipped[0], parts["base"], parts["base"])
 
 
 @torch.no_grad()
