@@ -144,7 +144,9 @@ def check_out(out, resume):
 
 def claim_out(out):
     """Make --out and lock it for this run (rank 0): the lock file, to hold open until the run ends."""
-    made = not os.path.isdir(out)
+    made, top = None, os.path.abspath(out)  # made: the topmost directory this run makes (--out's parents too)
+    while not os.path.isdir(top) and top != os.path.dirname(top):
+        made, top = top, os.path.dirname(top)
     # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
     try:
         os.makedirs(out, exist_ok=True)
@@ -158,7 +160,7 @@ def claim_out(out):
     try:
         if fcntl:
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            atexit.register(tidy_out, out, lock, made)
+            atexit.register(tidy_out, os.path.abspath(out), lock, made)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without POSIX locks (some NFS, FUSE)
             print(f"note: --out {out}: cannot be locked ({e.strerror}); nothing stops a second train.py there")
@@ -170,12 +172,14 @@ def claim_out(out):
 
 def tidy_out(out, lock, made):
     """At exit, the lock still held: a run refused before it wrote anything (bad data, say) leaves --out as it
-    found it, without the lock file (and without the directory, if the run made it)."""
+    found it, without the lock file (and without the directories it made: --out, and `made`, the topmost)."""
     try:
         if not lock.closed and os.listdir(out) == ["train.lock"]:
-            os.remove(lock.name)
-            if made:
+            os.remove(os.path.join(out, "train.lock"))
+            while made:  # --out, then each parent made for it, up to `made`; one that is not empty stays
                 os.rmdir(out)
+                made = None if out == made else made
+                out = os.path.dirname(out)
     except OSError:
         pass
 

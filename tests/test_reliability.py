@@ -848,3 +848,6 @@ def test_a_refused_run_leaves_out_as_it_found_it(env, tmp_path):
     (tmp_path / "mine").mkdir()  # an --out the user made: it stays, empty
     assert "nope.json: no such file" in one_line(run_train([*bad, "--out", tmp_path / "mine"]))
     assert os.listdir(tmp_path / "mine") == []
+    # the parents made for it go too (they were left behind, empty), up to the directory that was there
+    assert "nope.json: no such file" in one_line(run_train([*bad, "--out", tmp_path / "mine" / "new" / "o"]))
+    assert os.listdir(tmp_path / "mine") == []
