@@ -147,20 +147,19 @@ def claim_out(out):
     made, top = None, os.path.abspath(out)  # made: the topmost directory this run makes (--out's parents too)
     while not os.path.isdir(top) and top != os.path.dirname(top):
         made, top = top, os.path.dirname(top)
-    # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
-    try:
-        os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, "train.lock"), "a")
-    except OSError as e:
-        raise SystemExit(f"error: --out {out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
-                         f"writable --out") from None
+    lock = open_lock(out)
     # one run at a time: two started together would both find --out free below, then garble each other. A
     # POSIX lock (lockf) is the process's, released when it ends however it ends; a flock would be held on by
     # an earlier run in the same process that ended in an exception (tests run train.py in-process)
     try:
-        if fcntl:
+        while fcntl:
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            atexit.register(tidy_out, os.path.abspath(out), lock, made)
+            if same_file(lock, lock.name):
+                atexit.register(tidy_out, os.path.abspath(out), lock, made)
+                break
+            # a refused run, exiting, took away (tidy_out) the file this one had opened: lock the one there now
+            lock.close()
+            lock = open_lock(out)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without POSIX locks (some NFS, FUSE)
             print(f"note: --out {out}: cannot be locked ({e.strerror}); nothing stops a second train.py there")
@@ -168,6 +167,25 @@ def claim_out(out):
             raise SystemExit(f"error: --out {out}: another train.py is running in it (it holds {lock.name}); wait "
                              f"for it to end, or pick another --out") from None
     return lock
+
+
+def open_lock(out):
+    # made now, before the model loads (minutes at 7B): an --out that cannot be written fails at once
+    try:
+        os.makedirs(out, exist_ok=True)
+        return open(os.path.join(out, "train.lock"), "a")
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot be created or written ({e.strerror}: {e.filename}); pick a "
+                         f"writable --out") from None
+
+
+def same_file(f, path):
+    """Is the open file f the one at path (not one removed, or replaced, since it was opened)?"""
+    try:
+        a, b = os.fstat(f.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def tidy_out(out, lock, made):

@@ -851,3 +851,25 @@ def test_a_refused_run_leaves_out_as_it_found_it(env, tmp_path):
     # the parents made for it go too (they were left behind, empty), up to the directory that was there
     assert "nope.json: no such file" in one_line(run_train([*bad, "--out", tmp_path / "mine" / "new" / "o"]))
     assert os.listdir(tmp_path / "mine") == []
+
+
+@pytest.mark.parametrize("gone", ["train.lock", "out"])
+def test_a_lock_taken_on_a_file_a_refused_run_removed_is_taken_again(tmp_path, monkeypatch, gone):
+    # a refused run, exiting (runs.tidy_out), removes its train.lock (and --out, if it made it) just after
+    # this run opened that file: the lock it then takes is on no file a third run would see
+    import fcntl
+    import runs
+    out, lockf, calls = tmp_path / "out", fcntl.lockf, []
+    out.mkdir()
+
+    def removed_first(f, *a):
+        calls.append(f.name)
+        if len(calls) == 1:
+            os.remove(out / "train.lock")
+            if gone == "out":
+                os.rmdir(out)
+        return lockf(f, *a)
+    monkeypatch.setattr(fcntl, "lockf", removed_first)
+    lock = runs.claim_out(str(out))
+    assert len(calls) == 2 and runs.same_file(lock, str(out / "train.lock"))
+    lock.close()
