@@ -513,16 +513,8 @@ def run(args):
     if not os.path.isdir(args.model):
         raise mra.CheckpointError(f"--model {args.model}: " + ("a file; " if os.path.exists(args.model) else
                                   "no such directory; ") + "a checkpoint directory is expected")
-    if args.model_base and not os.path.isdir(args.model_base):
-        raise mra.CheckpointError(f"--model-base {args.model_base}: " + ("a file" if os.path.exists(args.model_base)
-                                  else "no such directory") + " (the HF Vicuna directory the LoRA release was "
-                                  "trained on is expected)")
-    if args.model_base and not os.path.isfile(os.path.join(args.model_base, "tokenizer.model")):  # as merge-lora
-        raise mra.CheckpointError(f"--model-base {args.model_base}: no tokenizer.model (the base LLM's, which the "
-                                  f"release is prompted with): give the HF Vicuna directory itself")
-    if args.vit and not os.path.exists(args.vit):  # a file too, as release.py merge-lora takes it
-        raise mra.CheckpointError(f"--vit {args.vit}: no such file or directory (an HF CLIP directory, the "
-                                  f"release's mm_vision_tower, is expected)")
+    if args.model_base:  # with --vit (parse_args): a LoRA release
+        release.check_lora_flags(args.model_base, args.vit)
     if args.questions and not os.path.isfile(args.questions):
         raise data.DataError(f"--questions {args.questions}: no such file (a LLaVA question .jsonl is expected)")
     if args.answers and os.path.isdir(args.answers):

@@ -32,7 +32,7 @@ from convnext import ConvNeXt
 from int8 import check_quantize, int8_linears, int8_reader
 from llama import INT8_KEYS, Llama, LlamaConfig
 from lora import check_scale
-from vit import HF_IGNORE, ViT
+from vit import HF_IGNORE, ViT, clip_config
 from weights import (CheckpointError, check_memory, exit_on_signals, load_state, new_directory, read_bin,
                      read_checkpoint, read_config, read_safetensors, remap, tensor_sizes, their_name)
 
@@ -278,12 +278,8 @@ def load_lora_release(path, base, vit, dtype=None, device="cpu", quantize=None):
     def not_clip(e):  # another directory given as the tower (the base, an empty one): named by its flag
         return CheckpointError(f"--vit {vit}: {str(e).removeprefix(f'{vit}: ')} (an HF CLIP directory, the "
                                f"release's mm_vision_tower, is expected)")
-    try:
-        config_json = os.path.join(vit, "config.json")  # the base given for it: refused before it is sized (a
-        if os.path.isdir(vit) and os.path.isfile(config_json):  # second LLM: a memory refusal) or read (13 GB)
-            kind = read_config(config_json).get("model_type")
-            if kind not in ("clip", "clip_vision_model"):  # as ViT.from_pretrained refuses it
-                raise CheckpointError(f"{config_json}: model_type {kind!r} is not a CLIP model")
+    try:  # the base given for it: refused before it is sized (a second LLM: a memory refusal) or read (13 GB)
+        clip_config(vit)
         sizes |= {"vit:" + k: v for k, v in tensor_sizes(vit).items() if not any(p.match(k) for p in skip)}
     except CheckpointError as e:
         raise not_clip(e) from None
@@ -318,21 +314,25 @@ def load_lora_release(path, base, vit, dtype=None, device="cpu", quantize=None):
         raise CheckpointError(f"{e} (a LoRA release: the LLM from {base}, the tower from {vit})") from None
 
 
+def check_lora_flags(base, vit):
+    """A LoRA release's --model-base and --vit (generate.py, merge-lora), named by flag before anything loads."""
+    if not os.path.isdir(base):
+        raise CheckpointError(f"--model-base {base}: " + ("a file" if os.path.exists(base) else "no such directory")
+                              + " (the HF Vicuna directory the LoRA release was trained on is expected)")
+    if not os.path.isfile(os.path.join(base, "tokenizer.model")):  # --model-base and --vit swapped, say
+        raise CheckpointError(f"--model-base {base}: no tokenizer.model (the base LLM's, which the release is prompted "
+                              f"with): give the HF Vicuna directory itself")
+    if not os.path.exists(vit):  # a file too: the weights, a CLIP config.json beside them
+        raise CheckpointError(f"--vit {vit}: no such file or directory (an HF CLIP directory, the release's "
+                              f"mm_vision_tower, is expected)")
+
+
 def merge_lora_release(path, base, vit, dst, dtype=torch.float16, log=lambda line: None):
     """load_lora_release once, written as a whole checkpoint of ours in the new directory dst (weights,
     mra_config.json, the base's tokenizer), as LLaVA's merge_lora_weights.py writes one of theirs: a model
     that train.py --init and generate.py --model take alone. dtype float16: the release's (and LLaVA's).
     log: where the two steps (a minute or two each at 7B) are said as they start."""
-    # before minutes of loading, named by the command's flags (as generate.py checks them)
-    if not os.path.isdir(base):
-        raise CheckpointError(f"--model-base {base}: no such directory (the HF Vicuna directory the LoRA release "
-                              f"was trained on is expected)")
-    if not os.path.isfile(os.path.join(base, "tokenizer.model")):
-        raise CheckpointError(f"--model-base {base}: no tokenizer.model (the base LLM's, which the merged model "
-                              f"keeps): give the HF Vicuna directory itself")
-    if not os.path.exists(vit):
-        raise CheckpointError(f"--vit {vit}: no such file or directory (an HF CLIP directory, the release's "
-                              f"mm_vision_tower, is expected)")
+    check_lora_flags(base, vit)  # before minutes of loading
     with new_directory(dst, "merge") as tmp:  # dst refused before anything is read if it exists
         log(f"merging {path} into {base} ({dtype}; the tower from {vit})")
         t0 = time.perf_counter()

@@ -162,6 +162,21 @@ HF_IGNORE = [r"text_model\.", r"(text|visual)_projection\.", r"logit_scale$",
              r"vision_model\.embeddings\.position_ids$"]
 
 
+def clip_config(src):
+    """The ViTConfig of a CLIP checkpoint's config.json (a directory's; a file's: the one beside it, if it
+    is a CLIP one), else None. A directory whose config.json is another model's is refused."""
+    beside = not os.path.isdir(src)
+    config_json = os.path.join(os.path.dirname(src) if beside else src, "config.json")
+    if not os.path.isfile(config_json):
+        return None
+    kind = read_config(config_json).get("model_type")
+    if kind in ("clip", "clip_vision_model"):
+        return read_config(config_json, ViTConfig.from_hf)
+    if not beside:
+        raise CheckpointError(f"{config_json}: model_type {kind!r} is not a CLIP model")
+    return None
+
+
 class ViT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -216,15 +231,8 @@ class ViT(nn.Module):
         else:
             source = os.fspath(src)
             skip = [re.compile(p) for p in HF_IGNORE]
+            config = config or clip_config(source)  # before the weights: another model's dir is not read
             tensors = read_checkpoint(source, dtype, device, keep=lambda k: not any(p.match(k) for p in skip))
-            beside = not os.path.isdir(source)  # a file: the config.json beside it, if it is a CLIP one
-            config_json = os.path.join(os.path.dirname(source) if beside else source, "config.json")
-            if config is None and os.path.isfile(config_json):
-                kind = read_config(config_json).get("model_type")
-                if kind in ("clip", "clip_vision_model"):
-                    config = read_config(config_json, ViTConfig.from_hf)
-                elif not beside:
-                    raise CheckpointError(f"{config_json}: model_type {kind!r} is not a CLIP model")
         state, unexpected = remap(tensors, HF_KEYS, HF_IGNORE)
         state = {k: t.to(device, dtype if t.is_floating_point() else None) for k, t in state.items()}
         config = config or ViTConfig.from_shapes(state)
