@@ -383,14 +383,14 @@ def from_init(held):
     if held.adapters and gate_given and args.gate != held.gate:
         raise SystemExit(f"error: --gate {args.gate}: --init {args.init} has MR-Adapters with the {held.gate} gate, "
                          f"which it keeps; a new gate needs new adapters (--init a stage-1 checkpoint)")
+    own = args.image_size or held.image_size
     if held.arch == "llava-hr" and not held.adapters and (args.stage == 2 or adapters):
         # stage 2 adds them (or, --no-adapters, not) at the stage's R; stage 1 --adapters adds them at --init's
-        return replace(held, **stage_cfg | dict(image_size=image_size if args.stage == 2 else
-                                                args.image_size or held.image_size))
+        return replace(held, **stage_cfg | dict(image_size=image_size if args.stage == 2 else own))
     if held.adapters and not adapters and master:  # stage 1 from a model that has them (a stage-2 one)
         print(f"note: --init {args.init} has MR-Adapters: they stay in the model, frozen (stage 1 trains the "
               f"projector and the fusion)", flush=True)
-    return replace(held, image_size=args.image_size or held.image_size, image_aspect_ratio=recipe["image_aspect_ratio"])
+    return replace(held, image_size=own, image_aspect_ratio=recipe["image_aspect_ratio"])
 
 
 for flag, path in (("--init", args.init), ("--llm", args.llm)):
