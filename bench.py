@@ -1266,16 +1266,15 @@ def make_lora_release(path, base, r=128, alpha=256, seed=1):
     with open(os.path.join(lora_dir, "adapter_config.json"), "w") as f:
         json.dump(dict(peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                        target_modules=list(release.PROJECTIONS)), f, indent=1)
-    c, g, pairs = llama.LlamaConfig.from_hf(hf), torch.Generator().manual_seed(seed), {}
-    kv = c.n_kv_heads * (c.dim // c.n_heads)
-    shapes = {"self_attn.q_proj": (c.dim, c.dim), "self_attn.k_proj": (kv, c.dim), "self_attn.v_proj": (kv, c.dim),
-              "self_attn.o_proj": (c.dim, c.dim), "mlp.gate_proj": (c.hidden_dim, c.dim),
-              "mlp.up_proj": (c.hidden_dim, c.dim), "mlp.down_proj": (c.dim, c.hidden_dim)}
-    for i in range(c.n_layers):  # (alpha / r) B A about a tenth of the weight (N(0, 1 / fan_in)) it is added to
-        for name, (out, inp) in shapes.items():
-            key = f"base_model.model.model.layers.{i}.{name}"
-            pairs[key + ".lora_A.weight"] = (torch.randn(r, inp, generator=g) / inp ** 0.5).half()
-            pairs[key + ".lora_B.weight"] = (torch.randn(out, r, generator=g) * 0.1 / (alpha / r * r ** 0.5)).half()
+    with torch.device("meta"):  # the LLM's weights under their HF names, as the base holds them
+        llm = {weights.their_name(k, llama.LLAMA_KEYS): t.shape
+               for k, t in llama.Llama(llama.LlamaConfig.from_hf(hf)).state_dict().items()}
+    g, pairs, targets = torch.Generator().manual_seed(seed), {}, tuple(f"{p}.weight" for p in release.PROJECTIONS)
+    for k, (out, inp) in ((k, s) for k, s in llm.items() if k.endswith(targets)):
+        # (alpha / r) B A about a tenth of the weight (N(0, 1 / fan_in)) it is added to
+        key = "base_model.model." + k.removesuffix(".weight")
+        pairs[key + ".lora_A.weight"] = (torch.randn(r, inp, generator=g) / inp ** 0.5).half()
+        pairs[key + ".lora_B.weight"] = (torch.randn(out, r, generator=g) * 0.1 / (alpha / r * r ** 0.5)).half()
     save_file(pairs, os.path.join(lora_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     return path
 
