@@ -58,6 +58,7 @@
     python bench.py --only ckpt1024   # section 8 (~20 GB of memory without checkpointing: an idle machine)
 """
 import argparse
+import copy
 import glob
 import json
 import multiprocessing
@@ -265,9 +266,8 @@ def bench_decode(a, device):
         # copies as generate.py runs them: eager with packed weights, or the step compiled (on
         # the CPU also with SDPA in place of llama.decode_attention, to compare)
         ours, dense, dense_sdpa = (Llama.from_pretrained(d, device=device).eval() for _ in range(3))
-    llama.pack_linears(ours)
-    if device.type == "cuda":  # as generate.py runs on a GPU
-        llama.fuse_linears(ours), llama.fuse_linears(dense)
+    generate.fast_products(ours, device, rows=1, compiled=False)
+    generate.fast_products(dense, device, rows=1, compiled=True)
     n_params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     cache_len = cache_length(a.prompt_len + a.new_tokens)
@@ -358,26 +358,29 @@ def bench_decode(a, device):
 @torch.no_grad()
 def bench_batch(a, device):
     """Throughput of generate.py's batching: 8 prompts of different lengths answered one at a
-    time and as one left-padded batch of 8, in turns; same model as section 1, eager. Then the
+    time and as one left-padded batch of 8, in turns; same model as section 1, eager, each side's
+    products as generate.py picks them for its batch size (generate.fast_products). Then the
     batch of 8 through the step `--compile` runs for it (oneDNN's products inside)."""
     c = LlamaConfig(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                     hidden_dim=a.hidden, max_seq_len=4096)
     torch.manual_seed(0)
     model = mra.LlavaHR(replace(small_cfg("llava-1.5", 336, True), llm=c)).to(device).eval()  # text-only here
-    llama.pack_linears(model.llm)  # as generate.py does on the CPU, eager or compiled for batches
-    if device.type == "cuda":  # and on a GPU
-        llama.fuse_linears(model.llm)
+    alone = copy.deepcopy(model)  # each as generate.py runs it: --batch-size 8 (eager or compiled), and 1
+    generate.fast_products(model.llm, device, rows=8, compiled=False)
+    generate.fast_products(alone.llm, device, rows=1, compiled=False)
     compiled = generate.compile_step(model.llm.decode, device)
     lo, hi = a.batch_prompt_lens
     g = torch.Generator().manual_seed(1)
     prompts = [[1] + torch.randint(3, c.vocab_size, (lo + (hi - lo) * i // 7 - 1,), generator=g).tolist()
                for i in range(8)]
 
-    def run(batch, step=model.llm.decode):  # (prefill s, decode s) for these prompts in one batch
+    def run(batch, step=None):  # (prefill s, decode s) for these prompts in one batch
+        m = model if len(batch) > 1 else alone
+        step = step or m.llm.decode
         t0 = now(device)
         # a compiled step on CUDA gets its own cache back every time, as generate() gives it (its graph replays)
         reuse = step is compiled and device.type == "cuda"
-        logits, cache = generate.prefill(model, batch, None, 0, a.new_tokens, reuse)
+        logits, cache = generate.prefill(m, batch, None, 0, a.new_tokens, reuse)
         t1 = now(device)
         generate.decode_n_tokens(step, logits, cache, a.new_tokens, argmax, eos_id=-1)
         return t1 - t0, now(device) - t1
@@ -456,6 +459,8 @@ def bench_linear(a, rows=(1, 8), repeats=15):
     print(f"\n1c. linear: the {len(weights)} weights of section 1's model ({n_bytes / 1e6:.0f} MB, fp32) times a few "
           f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
     table(table_rows, ["rows", "product", "ms", "GB/s", "GFLOP/s"])
+    print(f"generate.py's eager products on this {llama.cpu_vendor() or 'CPU'}: oneDNN's on packed weights, "
+          + ("but MKL's on plain ones at one row (llama.MKL_GEMV)" if llama.MKL_GEMV else "at one row too"))
     return out | bench_batch_attention(a, repeats)
 
 

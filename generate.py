@@ -135,6 +135,19 @@ def compile_step(step, device, max_batch=1):
     return run
 
 
+def fast_products(llm, device, rows, compiled):
+    """The LLM's weight products as generate.py runs them, `rows` prompts at a time (bench.py too). On a
+    GPU q, k, v and gate, up fused: 4 products per layer, not 7, fewer GEMV kernels per token (on the CPU
+    decode is as fast, prefill ~1% slower; so not there). fp32 on an x86 CPU: the weights in oneDNN's
+    blocked layout (llama.pack_linears; elsewhere it does nothing), except at one row where that is
+    slower: a step compiled for one prompt at a time does better with inductor's products (compile_step),
+    and an eager one on an Intel CPU with MKL's (llama.MKL_GEMV)."""
+    if device.type == "cuda":
+        llama.fuse_linears(llm)
+    if rows > 1 or not (compiled or llama.MKL_GEMV):
+        llama.pack_linears(llm)
+
+
 def keep_freed_memory():
     """On glibc (Linux), keep freed blocks of up to 32 MB for reuse rather than return them to the
     kernel, which maps fresh zeroed pages (a page fault per 4 KB) at the next allocation. A prefill
@@ -589,12 +602,7 @@ def run(args):
     # a padded vocabulary (more LLM rows than tokenizer pieces): never pick a row without text
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator,  # noqa: E731
                                  args.top_k)
-    if device.type == "cuda":  # 4 weight products per layer, not 7: fewer GEMV kernels per token (on
-        llama.fuse_linears(model.llm)  # the CPU: decode as fast, prefill ~1% slower; so not there)
-    # fp32 on an x86 CPU (else nothing happens): the LLM's weights in oneDNN's blocked layout, eager or
-    # compiled; but a step compiled for one prompt at a time does better with inductor's (compile_step)
-    if not args.compile or (args.questions and args.batch_size > 1):
-        llama.pack_linears(model.llm)
+    fast_products(model.llm, device, args.batch_size if args.questions else 1, args.compile)
     if device.type == "cpu":
         keep_freed_memory()
     step = compile_step(model.llm.decode, device, args.batch_size) if args.compile else model.llm.decode

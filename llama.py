@@ -423,16 +423,31 @@ class Llama(nn.Module):
 # (`python bench.py`): oneDNN's products and packed weights on an x86 CPU, q, k, v and gate, up fused
 # into two products on a GPU, and a written-out decode attention for the compiled CPU step
 
+def cpu_vendor():
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"); "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 # measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
 ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
           and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
+# MKL picks its code by the CPU's vendor. On an Intel CPU its one-row product (F.linear's gemv) reads plain
+# weights at the memory's rate, faster than oneDNN's on packed ones (12.4 vs 14.2 ms for the bench model's
+# weights on a Xeon with AMX), and its prefill is as fast; on the AMD CPUs measured it reads at under half
+# of oneDNN's rate (`python bench.py --only linear`). On Intel, plain fp32 weights stay with MKL.
+MKL_GEMV = ONEDNN and cpu_vendor() == "GenuineIntel"
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's one-core gemv: 1.4-2x
-    as fast for 1 and 8 rows (`python bench.py --only linear`), equal up to rounding. Training (no oneDNN
-    backward) and compiled steps of plain weights (inductor picks its kernels) keep F.linear. After
-    pack_linears the weight is oneDNN's blocked `packed` one and only this path remains."""
+    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's gemv, on an AMD CPU: 1.4-2x
+    as fast for 1 and 8 rows (`python bench.py --only linear`), equal up to rounding; on an Intel one MKL
+    stays (MKL_GEMV). Training (no oneDNN backward) and compiled steps of plain weights (inductor picks its
+    kernels) keep F.linear. After pack_linears the weight is oneDNN's blocked `packed` one and only this
+    path remains."""
     packed = None
 
     def forward(self, x):
@@ -443,7 +458,8 @@ class Linear(nn.Linear):
             if torch.compiler.is_compiling():  # one opaque op to inductor, which can't read the layout
                 return packed_linear(x, self.packed, self.bias, self.out_features)
             weight = self.packed
-        elif (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+        elif (ONEDNN and not MKL_GEMV and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             weight = self.weight
         else:

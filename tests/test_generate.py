@@ -76,6 +76,7 @@ def pack(request, monkeypatch):
         return None
     if not llama.ONEDNN:
         pytest.skip("oneDNN's packed layout: x86 CPUs")
+    monkeypatch.setattr(llama, "MKL_GEMV", False)  # an Intel CPU packs for batches only
     packed, real = [], llama.pack_linears
     monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(real(m, min_bytes=0)) or packed[-1])
     return packed
@@ -446,6 +447,22 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
     assert len(compiled) == 1 and len(packed) == 1
     afile.unlink()
     assert run_cli(capsys, *argv)[0] == 0 and len(compiled) == 2 and len(packed) == 1  # batch 1: not packed
+
+
+@pytest.mark.parametrize("intel", [False, True])
+def test_eager_packs_but_one_row_on_intel(model_dir, tmp_path, capsys, monkeypatch, intel):
+    # eagerly one prompt at a time: packed weights on an AMD CPU, plain ones on an Intel CPU (MKL's
+    # one-row product is faster there: llama.MKL_GEMV); batches packed on both
+    qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
+    packed = []
+    monkeypatch.setattr(llama, "MKL_GEMV", intel)
+    monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(m) or 0)
+    assert run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", MAX_NEW)[0] == 0
+    assert len(packed) == (0 if intel else 1)
+    argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW]
+    assert run_cli(capsys, *argv, "--batch-size", 2)[0] == 0 and len(read_jsonl(afile)) == 3
+    assert len(packed) == (1 if intel else 2)
 
 
 def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkeypatch):

@@ -435,6 +435,28 @@ def test_packed_linears_answer_as_the_plain_ones():
         packed(embeds=torch.randn(1, 3, plain.config.dim, requires_grad=True))
 
 
+@pytest.mark.skipif(not __import__("llama").ONEDNN, reason="oneDNN's matmul: x86 CPUs")
+@pytest.mark.parametrize("intel", [False, True])
+def test_plain_weights_take_the_faster_library_per_vendor(monkeypatch, intel):
+    """fp32 inference on plain weights: oneDNN's matmul on an AMD CPU, MKL's (F.linear) on an Intel one
+    (llama.MKL_GEMV: MKL picks its code by vendor); training keeps F.linear on both. Equal up to rounding."""
+    import llama
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
+    monkeypatch.setattr(llama, "MKL_GEMV", intel)
+    torch.manual_seed(0)
+    m = llama.Linear(64, 32)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        got = m(x)
+    assert len(calls) == intel
+    torch.testing.assert_close(got, linear(x, m.weight, m.bias), **TOL)
+    calls.clear()
+    m(x).sum().backward()
+    assert len(calls) == 1 and m.weight.grad is not None
+
+
 def test_compiled_decode_attends_as_eager_with_grouped_queries():
     """A compiled CPU step attends through llama.decode_attention (grouped-query here: 4 query
     heads over 2 key/value heads, two rows, one left-padded): the same logits as eager SDPA."""
