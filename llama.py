@@ -438,8 +438,9 @@ ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is
 # MKL picks its code by the CPU's vendor. On an Intel CPU its one-row product (F.linear's gemv) reads plain
 # weights at the memory's rate, faster than oneDNN's on packed ones (12.2 vs 14.4 ms for the bench model's
 # weights on a Xeon with AMX), and its prefill is as fast; on the AMD CPUs measured it reads at under half
-# of oneDNN's rate (`python bench.py --only linear`). On Intel, plain fp32 weights stay with MKL.
-MKL_GEMV = ONEDNN and cpu_vendor() == "GenuineIntel"
+# of oneDNN's rate (`python bench.py --only linear`). On Intel, plain fp32 weights stay with MKL, where MKL
+# is torch's BLAS (a build without it, OpenBLAS say, keeps oneDNN).
+MKL_GEMV = ONEDNN and torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel"
 
 
 class Linear(nn.Linear):

@@ -457,6 +457,25 @@ def test_plain_weights_take_the_faster_library_per_vendor(monkeypatch, intel):
     assert len(calls) == 1 and m.weight.grad is not None
 
 
+@pytest.mark.skipif(not __import__("llama").ONEDNN, reason="oneDNN's matmul: x86 CPUs")
+@pytest.mark.parametrize("mkl", [True, False])
+def test_mkl_gemv_on_an_intel_cpu_with_torch_built_with_mkl(mkl):
+    """llama.MKL_GEMV, read as llama is imported, on an Intel CPU (/proc/cpuinfo faked): set where MKL is
+    torch's BLAS (F.linear's product is MKL's), not in a build without it."""
+    import subprocess
+    import sys
+    code = ("import builtins, io, torch\n"
+            "real = builtins.open\n"
+            "builtins.open = lambda f, *a, **k: (io.StringIO('vendor_id\\t: GenuineIntel\\n') if f == '/proc/cpuinfo'\n"
+            "                                    else real(f, *a, **k))\n"
+            f"torch.backends.mkl.is_available = lambda: {mkl}\n"
+            "import llama\n"
+            "print(llama.cpu_vendor(), llama.MKL_GEMV)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["GenuineIntel", str(mkl)]
+
+
 def test_compiled_decode_attends_as_eager_with_grouped_queries():
     """A compiled CPU step attends through llama.decode_attention (grouped-query here: 4 query
     heads over 2 key/value heads, two rows, one left-padded): the same logits as eager SDPA."""
