@@ -1,6 +1,6 @@
 """Benchmarks. Every figure is a ratio of two things measured side by side in this one run.
 
-1. decode: our LLaMA, eager (packed weights) and compiled (generate.compile_step; on the CPU
+1. decode: our LLaMA, eager (packed weights; plain ones on an Intel CPU) and compiled (generate.compile_step; on the CPU
    also compiled with SDPA in place of llama.decode_attention), against transformers'
    LlamaForCausalLM on identical weights (a ~100M random model built in HF, saved as
    safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
@@ -263,8 +263,9 @@ def bench_decode(a, device):
     hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d, safe_serialization=True)
-        # copies as generate.py runs them: eager with packed weights, or the step compiled (on
-        # the CPU also with SDPA in place of llama.decode_attention, to compare)
+        # copies as generate.py runs them: eager (generate.fast_products: packed weights, plain ones and
+        # MKL's product on an Intel CPU), or the step compiled (on the CPU also with SDPA in place of
+        # llama.decode_attention, to compare)
         ours, dense, dense_sdpa = (Llama.from_pretrained(d, device=device).eval() for _ in range(3))
     generate.fast_products(ours, device, rows=1, compiled=False)
     generate.fast_products(dense, device, rows=1, compiled=True)
@@ -415,11 +416,11 @@ def bench_linear(a, rows=(1, 8), repeats=15):
     """The products a decode step makes, alone: every Linear weight of section 1's model (its
     layers and output head) times `rows` rows, through torch's F.linear (MKL for fp32), MKL on
     the transposed product and on its own packed layout, oneDNN's matmul on the plain weight
-    (llama.Linear) and on the weight in oneDNN's blocked layout (llama.pack_linears), the latter
-    with q, k, v and gate, up fused into two products per layer, and (8 rows) inductor's C++ GEMM
-    template on weights frozen into a compiled graph, against a sum over the same weights (what
-    reading them costs). Then the attention of a batch-8 step. Each is the median of `repeats`
-    passes, all interleaved."""
+    (llama.Linear's but on an Intel CPU) and on the weight in oneDNN's blocked layout
+    (llama.pack_linears), the latter with q, k, v and gate, up fused into two products per layer,
+    and (8 rows) inductor's C++ GEMM template on weights frozen into a compiled graph, against a
+    sum over the same weights (what reading them costs). Then the attention of a batch-8 step. Each
+    is the median of `repeats` passes, all interleaved."""
     if not llama.ONEDNN:
         print("linear: skipped, oneDNN's matmul is used on x86 CPUs only")
         return {}

@@ -113,12 +113,13 @@ def compile_step(step, device, max_batch=1):
         if isinstance(model, torch.nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules()):
             options["coordinate_descent_tuning"] = True
         return torch.compile(step, fullgraph=True, dynamic=False, options=options)
-    # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default;
-    # its N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at
-    # about twice MKL's gemv bandwidth. Batches call oneDNN on weights run() packed (llama.packed_linear):
-    # about twice inductor's MKL rate at 8 rows (`python bench.py --only linear`). Pointwise results of over
-    # 8 ops (CPU default 50) are stored, not redone in each loop reading them (the query's RoPE, per cache
-    # slot); multiply-adds fused. cpp_extension imported now and muted: nothing it logs lands in the answer.
+    # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default; its
+    # N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at about
+    # twice MKL's gemv bandwidth on the AMD hosts measured. Batches call oneDNN on weights run() packed
+    # (llama.packed_linear): about twice inductor's MKL rate at 8 rows there, 1.6x on an Intel Xeon (`python
+    # bench.py --only linear`). Pointwise results of over 8 ops (CPU default 50) are stored, not redone in
+    # each loop reading them (the query's RoPE, per cache slot); multiply-adds fused. cpp_extension imported
+    # now and muted: nothing it logs lands in the answer.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension  # noqa: F401 ("import torch.utils..." would make torch a local)
     from torch._inductor.fx_passes import decompose_mem_bound_mm

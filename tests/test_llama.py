@@ -375,7 +375,8 @@ def test_last_only_logits_equal_the_full_passes_last_row():
 
 
 def test_linear_inference_path_equals_f_linear_and_training_keeps_autograd():
-    # llama.Linear: oneDNN for CPU inference (one row or many), F.linear for training
+    # llama.Linear: oneDNN for CPU inference (one row or many; MKL's F.linear on an Intel CPU), F.linear for
+    # training
     import llama
     torch.manual_seed(0)
     lin = llama.Linear(64, 172, bias=False)
