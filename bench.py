@@ -2,9 +2,8 @@
 
 1. decode: our LLaMA, eager (packed weights; plain ones on an Intel CPU) and compiled
    (generate.compile_step; on the CPU also compiled with SDPA in place of llama.decode_attention),
-   against transformers'
-   LlamaForCausalLM on identical weights (a ~100M random model built in HF, saved as
-   safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
+   against transformers' LlamaForCausalLM on identical weights (a ~100M random model built in HF,
+   saved as safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
    driving them all. Tokens/s, prefill time, and the bytes each token reads (weights + KV
    cache) as a fraction of the read bandwidth measured in the same run (decode is bound by
    it). With --device cuda --compile (or --only 7b), a Vicuna-7B-shaped model against HBM: the
