@@ -58,11 +58,13 @@
     python bench.py --only ckpt1024   # section 8 (~20 GB of memory without checkpointing: an idle machine)
 """
 import argparse
+import contextlib
 import copy
 import glob
 import json
 import multiprocessing
 import os
+import platform
 import queue
 import re
 import resource
@@ -103,6 +105,26 @@ def now(device):
 
 def argmax(logits):
     return logits.argmax(-1)
+
+
+def host(device):
+    """The machine a run's figures belong to: the CPU as /proc/cpuinfo names it (the README quotes hosts
+    by vendor, family and model), the threads torch uses, the GPU if any, and the libraries' versions."""
+    info = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        cpu += f" ({info.get('vendor_id', '?')}, family {info['cpu family']}, model {info.get('model', '?')})"
+    gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    try:
+        import transformers
+        versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    except ImportError:
+        versions = f"torch {torch.__version__}"
+    return f"host: {cpu}, {os.cpu_count()} CPUs, torch on {torch.get_num_threads()} threads{gpu}; {versions}"
 
 
 def table(rows, header):
@@ -1546,6 +1568,7 @@ def main(argv=None):
         print(make_lora_release(a.make_lora_release, a.model))
         return
     sections = a.only or ["decode", "batch", "linear", "ttft", "table1"]
+    print(host(device))
     summary = {}
     if "decode" in sections:
         summary |= bench_decode(a, device)

@@ -649,6 +649,16 @@ def test_bench_counts_table1_on_meta():
     assert n == 576 and 2 * 6.7e9 * 636 < flops < 1.2 * 2 * 6.7e9 * 636 + 0.5e12
 
 
+def test_bench_names_its_host_first(capsys):
+    # every run's figures belong to a machine: bench.py's first line names it, as the README quotes hosts
+    import bench
+    bench.main(["--quick", "--only", "table1", "--text-tokens", "1"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("host: ") and f"torch {torch.__version__}" in first
+    if os.path.isfile("/proc/cpuinfo") and llama.cpu_vendor():
+        assert f"({llama.cpu_vendor()}, family " in first
+
+
 # ---------------------------------------------------------------------------------------
 # --answers: appended to only when it is an answers file of these questions; nothing else touched
 
