@@ -58,7 +58,6 @@
     python bench.py --only ckpt1024   # section 8 (~20 GB of memory without checkpointing: an idle machine)
 """
 import argparse
-import contextlib
 import copy
 import glob
 import json
@@ -110,11 +109,7 @@ def argmax(logits):
 def host(device):
     """The machine a run's figures belong to: the CPU as /proc/cpuinfo names it (the README quotes hosts
     by vendor, family and model), the threads torch uses, the GPU if any, and the libraries' versions."""
-    info = {}
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
+    info = llama.cpu_info()
     cpu = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info:
         cpu += f" ({info.get('vendor_id', '?')}, family {info['cpu family']}, model {info.get('model', '?')})"
@@ -482,7 +477,7 @@ def bench_linear(a, rows=(1, 8), repeats=15):
     print(f"\n1c. linear: the {len(weights)} weights of section 1's model ({n_bytes / 1e6:.0f} MB, fp32) times a few "
           f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
     table(table_rows, ["rows", "product", "ms", "GB/s", "GFLOP/s"])
-    print(f"generate.py's eager products on this {llama.cpu_vendor() or 'CPU'}: oneDNN's on packed weights, "
+    print(f"generate.py's eager products on this {llama.cpu_info().get('vendor_id', 'CPU')}: oneDNN's on packed weights, "
           + ("but MKL's on plain ones at one row (llama.MKL_GEMV)" if llama.MKL_GEMV else "at one row too"))
     return out | bench_batch_attention(a, repeats)
 

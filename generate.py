@@ -137,12 +137,10 @@ def compile_step(step, device, max_batch=1):
 
 
 def fast_products(llm, device, rows, compiled):
-    """The LLM's weight products as generate.py runs them, `rows` prompts at a time (bench.py too). On a
-    GPU q, k, v and gate, up fused: 4 products per layer, not 7, fewer GEMV kernels per token (on the CPU
-    decode is as fast, prefill ~1% slower; so not there). fp32 on an x86 CPU: the weights in oneDNN's
-    blocked layout (llama.pack_linears; elsewhere it does nothing), except at one row where that is
-    slower: a step compiled for one prompt at a time does better with inductor's products (compile_step),
-    and an eager one on an Intel CPU with MKL's (llama.MKL_GEMV)."""
+    """The LLM's weight products as generate.py (and bench.py) runs them, `rows` prompts at a time. GPU: q, k, v
+    and gate, up fused, 4 GEMV kernels per layer, not 7 (on the CPU no faster). fp32 on an x86 CPU: weights in
+    oneDNN's blocked layout (llama.pack_linears), except at one row where inductor's products (compiled) or
+    MKL's on an Intel CPU (eager, llama.MKL_GEMV) are faster."""
     if device.type == "cuda":
         llama.fuse_linears(llm)
     if rows > 1 or not (compiled or llama.MKL_GEMV):

@@ -423,32 +423,31 @@ class Llama(nn.Module):
 # (`python bench.py`): oneDNN's products and packed weights on an x86 CPU, q, k, v and gate, up fused
 # into two products on a GPU, and a written-out decode attention for the compiled CPU step
 
-def cpu_vendor():
-    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"); "" where there is none."""
+def cpu_info():
+    """/proc/cpuinfo's fields for the first CPU ({"vendor_id": "GenuineIntel", ...}); {} where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            first = f.read().split("\n\n")[0]
     except OSError:
-        return ""
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
 
 
 # measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
 ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
           and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
-# MKL picks its code by the CPU's vendor. On an Intel CPU its one-row product (F.linear's gemv) reads plain
-# weights at the memory's rate, faster than oneDNN's on packed ones (12.2 vs 14.4 ms for the bench model's
-# weights on a Xeon with AMX), and its prefill is as fast; on the AMD CPUs measured it reads at under half
-# of oneDNN's rate (`python bench.py --only linear`). On Intel, plain fp32 weights stay with MKL, where MKL
-# is torch's BLAS (a build without it, OpenBLAS say, keeps oneDNN).
-MKL_GEMV = ONEDNN and torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel"
+# MKL picks its code by the CPU's vendor: on an Intel CPU its one-row product (F.linear's gemv) reads plain
+# weights faster than oneDNN's packed ones (12.2 vs 14.4 ms, the bench model on a Xeon), prefill as fast; on
+# the AMD CPUs measured, at under half oneDNN's rate (`python bench.py --only linear`). So on Intel plain fp32
+# weights stay with MKL, where it is torch's BLAS (a build with OpenBLAS, say, keeps oneDNN).
+MKL_GEMV = ONEDNN and torch.backends.mkl.is_available() and cpu_info().get("vendor_id") == "GenuineIntel"
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's gemv, on an AMD CPU: 1.4-2x
-    as fast for 1 and 8 rows (`python bench.py --only linear`), equal up to rounding; on an Intel one MKL
-    stays (MKL_GEMV). Training (no oneDNN backward) and compiled steps of plain weights (inductor picks its
-    kernels) keep F.linear. After pack_linears the weight is oneDNN's blocked `packed` one and only this
-    path remains."""
+    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's gemv (AMD: 1.4-2x as fast,
+    equal up to rounding; an Intel CPU keeps MKL, MKL_GEMV). Training (no oneDNN backward) and compiled steps
+    of plain weights (inductor picks its kernels) keep F.linear. After pack_linears the weight is oneDNN's
+    blocked `packed` one and only this path remains."""
     packed = None
 
     def forward(self, x):

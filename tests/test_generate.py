@@ -655,8 +655,8 @@ def test_bench_names_its_host_first(capsys):
     bench.main(["--quick", "--only", "table1", "--text-tokens", "1"])
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("host: ") and f"torch {torch.__version__}" in first
-    if os.path.isfile("/proc/cpuinfo") and llama.cpu_vendor():
-        assert f"({llama.cpu_vendor()}, family " in first
+    if llama.cpu_info().get("vendor_id"):
+        assert f"({llama.cpu_info()['vendor_id']}, family " in first
 
 
 # ---------------------------------------------------------------------------------------
