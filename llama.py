@@ -421,7 +421,7 @@ class Llama(nn.Module):
 # -----------------------------------------------------------------------------
 # Decoding fast: the model above runs as is; these make its inference faster where measured
 # (`python bench.py`): oneDNN's products and packed weights on an x86 CPU, q, k, v and gate, up fused
-# into two products on a GPU, and a written-out decode attention for the compiled CPU step
+# into two products on a GPU and for CPU batches, and a written-out decode attention for the compiled CPU step
 
 def cpu_info():
     """/proc/cpuinfo's fields for the first CPU ({"vendor_id": "GenuineIntel", ...}); {} where there is none."""

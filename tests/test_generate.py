@@ -452,17 +452,19 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
 @pytest.mark.parametrize("intel", [False, True])
 def test_eager_packs_but_one_row_on_intel(model_dir, tmp_path, capsys, monkeypatch, intel):
     # eagerly one prompt at a time: packed weights on an AMD CPU, plain ones on an Intel CPU (MKL's
-    # one-row product is faster there: llama.MKL_GEMV); batches packed on both
+    # one-row product is faster there: llama.MKL_GEMV), q, k, v and gate, up apart; batches packed
+    # and fused on both
     qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
-    packed = []
+    packed, fused = [], []
     monkeypatch.setattr(llama, "MKL_GEMV", intel)
     monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(m) or 0)
+    monkeypatch.setattr(llama, "fuse_linears", lambda m: fused.append(m) or 0)
     assert run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", MAX_NEW)[0] == 0
-    assert len(packed) == (0 if intel else 1)
+    assert len(packed) == (0 if intel else 1) and not fused
     argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW]
     assert run_cli(capsys, *argv, "--batch-size", 2)[0] == 0 and len(read_jsonl(afile)) == 3
-    assert len(packed) == (1 if intel else 2)
+    assert len(packed) == (1 if intel else 2) and len(fused) == 1
 
 
 def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkeypatch):
@@ -483,14 +485,14 @@ def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkey
 
 @pytest.mark.skipif(not llama.ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
 def test_compiled_step_runs_packed_products(model, tok, images):
-    # generate.py --compile with batches on the CPU: packed weights, each product one opaque op
-    # (llama.packed_linear) in the compiled step; the same tokens as the plain eager model
+    # generate.py --compile with batches on the CPU: q, k, v and gate, up fused, packed weights, each
+    # product one opaque op (llama.packed_linear) in the compiled step; the same tokens as the plain eager model
     rows = [("What is this?", images[0]), ("Describe the picture in detail, the table and the street", None)]
     prompts = [ids_for(tok, [generate.human_turn(q, img is not None)]) for q, img in rows]
     img = pixels(model, images[0])[None]
     eager = generate.generate(model, prompts, img, max_new_tokens=16, eos_id=-1)
     packed = copy.deepcopy(model)
-    assert llama.pack_linears(packed.llm, min_bytes=0) > 0
+    assert llama.fuse_linears(packed.llm) > 0 and llama.pack_linears(packed.llm, min_bytes=0) > 0
     step = generate.compile_step(packed.llm.decode, torch.device("cpu"), max_batch=40)
     assert generate.generate(packed, prompts, img, max_new_tokens=16, eos_id=-1, step=step) == eager
     # a --batch-size 40 run may meet 40 batch sizes x 3 cache lengths (context 512, CACHE_ROUND 256): a

@@ -528,7 +528,7 @@ def test_training_mask_is_built_once_in_the_autocast_dtype():
 
 
 def test_fused_linears_answer_as_the_separate_ones():
-    """fuse_linears (generate.py on a GPU): q, k, v as one product and gate, up as one. The same
+    """fuse_linears (generate.py on a GPU and for CPU batches): q, k, v as one product and gate, up as one. The same
     logits (prefill with padding and last_only, eager and compiled decode), plain and int8 weights;
     fused then packed; a LoRA's layers are left as they are."""
     import copy
