@@ -1,7 +1,7 @@
 """Benchmarks. Every figure is a ratio of two things measured side by side in this one run.
 
 1. decode: our LLaMA, eager (packed weights; plain ones on an Intel CPU) and compiled
-   (generate.compile_step; on the CPU also compiled with SDPA in place of llama.decode_attention),
+   (generate.compile_step; on the CPU also compiled with SDPA in place of kernels.decode_attention),
    against transformers' LlamaForCausalLM on identical weights (a ~100M random model built in HF,
    saved as safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
    driving them all. Tokens/s, prefill time, and the bytes each token reads (weights + KV
@@ -92,6 +92,7 @@ import vit
 import weights
 from convnext import _layout
 import int8
+import kernels
 from llama import Llama, LlamaConfig
 from vit import ViTConfig
 
@@ -109,7 +110,7 @@ def argmax(logits):
 def host(device):
     """The machine a run's figures belong to: the CPU as /proc/cpuinfo names it (the README quotes hosts
     by vendor, family and model), the threads torch uses, the GPU if any, and the libraries' versions."""
-    info = llama.cpu_info()
+    info = kernels.cpu_info()
     cpu = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info:
         cpu += f" ({info.get('vendor_id', '?')}, family {info['cpu family']}, model {info.get('model', '?')})"
@@ -280,19 +281,19 @@ def bench_decode(a, device):
     hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d, safe_serialization=True)
-        # copies as generate.py runs them: eager (generate.fast_products: packed weights, plain ones and
+        # copies as generate.py runs them: eager (kernels.fast_products: packed weights, plain ones and
         # MKL's product on an Intel CPU), or the step compiled (on the CPU also with SDPA in place of
-        # llama.decode_attention, to compare)
+        # kernels.decode_attention, to compare)
         ours, dense, dense_sdpa = (Llama.from_pretrained(d, device=device).eval() for _ in range(3))
-    generate.fast_products(ours, device, rows=1, compiled=False)
-    generate.fast_products(dense, device, rows=1, compiled=True)
+    kernels.fast_products(ours, device, rows=1, compiled=False)
+    kernels.fast_products(dense, device, rows=1, compiled=True)
     n_params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     cache_len = cache_length(a.prompt_len + a.new_tokens)
 
-    def attending(how, step):  # the step traced, and so run, with this llama.COMPILED_ATTENTION["cpu"]
+    def attending(how, step):  # the step traced, and so run, with this kernels.COMPILED_ATTENTION["cpu"]
         def run(tokens, cache):
-            llama.COMPILED_ATTENTION["cpu"] = how
+            kernels.COMPILED_ATTENTION["cpu"] = how
             return step(tokens, cache)
         return run
     compiled = attending("written-out", generate.compile_step(dense.decode, device))
@@ -325,7 +326,7 @@ def bench_decode(a, device):
     paired_rates = paired_roofline(steps, ids, device, cache_len, pairs)
     paired = {name: median([d / b for d, b in r]) for name, r in paired_rates.items()}
     prefill_pairs, prefill_kernel = paired_prefill(ours, hf, ids, cache_len, 3 if a.quick else 9)
-    llama.COMPILED_ATTENTION["cpu"] = "written-out"
+    kernels.COMPILED_ATTENTION["cpu"] = "written-out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     weight_bytes, kv_bytes = bytes_per_token(ours, a.prompt_len, a.new_tokens)
     rows, tps, frac = [], {}, {}
@@ -377,15 +378,15 @@ def bench_decode(a, device):
 def bench_batch(a, device):
     """Throughput of generate.py's batching: 8 prompts of different lengths answered one at a
     time and as one left-padded batch of 8, in turns; same model as section 1, eager, each side's
-    products as generate.py picks them for its batch size (generate.fast_products). Then the
+    products as generate.py picks them for its batch size (kernels.fast_products). Then the
     batch of 8 through the step `--compile` runs for it (oneDNN's products inside)."""
     c = LlamaConfig(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                     hidden_dim=a.hidden, max_seq_len=4096)
     torch.manual_seed(0)
     model = mra.LlavaHR(replace(small_cfg("llava-1.5", 336, True), llm=c)).to(device).eval()  # text-only here
     alone = copy.deepcopy(model)  # each as generate.py runs it: --batch-size 8 (eager or compiled), and 1
-    generate.fast_products(model.llm, device, rows=8, compiled=False)
-    generate.fast_products(alone.llm, device, rows=1, compiled=False)
+    kernels.fast_products(model.llm, device, rows=8, compiled=False)
+    kernels.fast_products(alone.llm, device, rows=1, compiled=False)
     compiled = generate.compile_step(model.llm.decode, device)
     lo, hi = a.batch_prompt_lens
     g = torch.Generator().manual_seed(1)
@@ -433,12 +434,12 @@ def bench_linear(a, rows=(1, 8), repeats=15):
     """The products a decode step makes, alone: every Linear weight of section 1's model (its
     layers and output head) times `rows` rows, through torch's F.linear (MKL for fp32), MKL on
     the transposed product and on its own packed layout, oneDNN's matmul on the plain weight
-    (llama.Linear's but on an Intel CPU) and on the weight in oneDNN's blocked layout
-    (llama.pack_linears), the latter with q, k, v and gate, up fused into two products per layer,
+    (kernels.Linear's but on an Intel CPU) and on the weight in oneDNN's blocked layout
+    (kernels.pack_linears), the latter with q, k, v and gate, up fused into two products per layer,
     and (8 rows) inductor's C++ GEMM template on weights frozen into a compiled graph, against a
     sum over the same weights (what reading them costs). Then the attention of a batch-8 step. Each
     is the median of `repeats` passes, all interleaved."""
-    if not llama.ONEDNN:
+    if not kernels.ONEDNN:
         print("linear: skipped, oneDNN's matmul is used on x86 CPUs only")
         return {}
     g = torch.Generator().manual_seed(0)
@@ -477,8 +478,8 @@ def bench_linear(a, rows=(1, 8), repeats=15):
     print(f"\n1c. linear: the {len(weights)} weights of section 1's model ({n_bytes / 1e6:.0f} MB, fp32) times a few "
           f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
     table(table_rows, ["rows", "product", "ms", "GB/s", "GFLOP/s"])
-    print(f"generate.py's eager products on this {llama.cpu_info().get('vendor_id', 'CPU')}: oneDNN's on packed weights, "
-          + ("but MKL's on plain ones at one row (llama.MKL_GEMV)" if llama.MKL_GEMV else "at one row too"))
+    print(f"generate.py's eager products on this {kernels.cpu_info().get('vendor_id', 'CPU')}: oneDNN's on packed weights, "
+          + ("but MKL's on plain ones at one row (kernels.MKL_GEMV)" if kernels.MKL_GEMV else "at one row too"))
     return out | bench_batch_attention(a, repeats)
 
 
@@ -588,7 +589,7 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
     # The parts, most wanted first (a run cut short by its timeout keeps what came before): the step
     # as generate.py runs it on a GPU (q, k, v and gate, up fused), the other attention, int8, unfused
     def fused():  # "not ahead": each step launched only after the host read the tokens it is fed (GPU idle)
-        llama.fuse_linears(llm)
+        kernels.fuse_linears(llm)
         step = compiled()
         for name, s, ahead in (("eager", llm.decode, None), ("compiled", step, None), ("compiled, not ahead", step, False)):
             measure(name, s, ahead)
@@ -599,9 +600,9 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
         for name, seconds in attn_s.items():
             alone(f"attention alone, {name}", attn_bytes, seconds)
         # the whole step again with the other attention (on a GPU the written-out one)
-        used = llama.COMPILED_ATTENTION.get(device.type, "sdpa")
+        used = kernels.COMPILED_ATTENTION.get(device.type, "sdpa")
         other = "sdpa" if used == "written-out" else "written-out"
-        with mock.patch.dict(llama.COMPILED_ATTENTION, {device.type: other}):
+        with mock.patch.dict(kernels.COMPILED_ATTENTION, {device.type: other}):
             measure(f"compiled, {other} attention", compiled())
         tps[f"attention {used}"], tps[f"attention {other}"] = tps["compiled"], tps[f"compiled, {other} attention"]
 
@@ -662,13 +663,13 @@ def gemv_pass(llm, device, passes=50):
 def attention_pass(c, slots, device, dtype=torch.bfloat16, passes=50):
     """(bytes, {impl: seconds}) of a batch-1 decode step's attention alone: in each of c.n_layers layers
     one query per head over a cache of `slots` keys and values (its last tenth masked, not yet written),
-    as the compiled step reads it: SDPA, and llama.decode_attention compiled (the CPU step's attention)."""
+    as the compiled step reads it: SDPA, and kernels.decode_attention compiled (the CPU step's attention)."""
     q = torch.randn(1, c.n_heads, 1, c.head_dim, device=device, dtype=dtype)
     kv = [torch.randn(2, 1, c.n_kv_heads, slots, c.head_dim, device=device, dtype=dtype) for _ in range(c.n_layers)]
     mask = llama.additive_mask((torch.arange(slots, device=device) < slots - slots // 10)[None, None, None], dtype)
     impls = {"SDPA": lambda k, v: torch.nn.functional.scaled_dot_product_attention(
                  q, k, v, attn_mask=mask, enable_gqa=c.n_kv_heads != c.n_heads),
-             "written out, compiled": torch.compile(lambda k, v: llama.decode_attention(q, k, v, mask), fullgraph=True)}
+             "written out, compiled": torch.compile(lambda k, v: kernels.decode_attention(q, k, v, mask), fullgraph=True)}
     return sum(t.nbytes for t in kv), {name: timed_pass(lambda f=f: [f(k, v) for k, v in kv], device, passes)
                                        for name, f in impls.items()}
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 import data
+import kernels
 import llama
 import lora
 import mra
@@ -116,7 +117,7 @@ def compile_step(step, device, max_batch=1):
     # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default; its
     # N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at about
     # twice MKL's gemv bandwidth on the AMD hosts measured. Batches call oneDNN on weights run() packed
-    # (llama.packed_linear): about twice inductor's MKL rate at 8 rows there, 1.6x on an Intel Xeon (`python
+    # (kernels.packed_linear): about twice inductor's MKL rate at 8 rows there, 1.6x on an Intel Xeon (`python
     # bench.py --only linear`). Pointwise results of over 8 ops (CPU default 50) are stored, not redone in
     # each loop reading them (the query's RoPE, per cache slot); multiply-adds fused. cpp_extension imported
     # now and muted: nothing it logs lands in the answer.
@@ -130,21 +131,10 @@ def compile_step(step, device, max_batch=1):
                                       "cpp.enable_floating_point_contract_flag": "fast"})
 
     def run(tokens, cache):
-        if llama.COMPILED_ATTENTION["cpu"] == "written-out":
+        if kernels.COMPILED_ATTENTION["cpu"] == "written-out":
             cache.values_by_channel()  # the layout decode_attention reads in one pass (once per cache)
         return compiled(tokens, cache)
     return run
-
-
-def fast_products(llm, device, rows, compiled):
-    """The LLM's weight products as generate.py (and bench.py) runs them, `rows` prompts at a time. On a GPU, and
-    for batches on the CPU, q, k, v and gate, up fused: 4 products per layer, not 7 (one row on the CPU: no
-    faster). fp32 on an x86 CPU: weights in oneDNN's blocked layout (llama.pack_linears), except at one row
-    where inductor's products (compiled) or MKL's on an Intel CPU (eager, llama.MKL_GEMV) are faster."""
-    if device.type == "cuda" or rows > 1:
-        llama.fuse_linears(llm)
-    if rows > 1 or not (compiled or llama.MKL_GEMV):
-        llama.pack_linears(llm)
 
 
 def keep_freed_memory():
@@ -601,7 +591,7 @@ def run(args):
     # a padded vocabulary (more LLM rows than tokenizer pieces): never pick a row without text
     pick = lambda logits: sample(logits[:, :len(tok)], args.temperature, args.top_p, generator,  # noqa: E731
                                  args.top_k)
-    fast_products(model.llm, device, args.batch_size if args.questions else 1, args.compile)
+    kernels.fast_products(model.llm, device, args.batch_size if args.questions else 1, args.compile)
     if device.type == "cpu":
         keep_freed_memory()
     step = compile_step(model.llm.decode, device, args.batch_size) if args.compile else model.llm.decode

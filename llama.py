@@ -5,8 +5,8 @@ embeddings and (optionally) grouped-query attention. This is F_L in the paper's 
 p = prod_s F_L(R_s | F_P(F_v), f_t, R_<s): it reads the projected visual tokens and the text embeddings
 f_t as one sequence, so the forward takes token ids *or* input embeddings (mra.py splices the visual
 tokens in). A static, preallocated KV cache serves batched generation with left or right padding.
-The last section holds what makes decoding fast: the same model through faster kernels, equal up to
-rounding (the tokenizer is tokenizer.py's).
+Its Linear layers and the compiled decode step's attention run through kernels.py's faster kernels,
+equal up to rounding (the tokenizer is tokenizer.py's).
 
 References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE); Shazeer, "GLU Variants
 Improve Transformer" (SwiGLU); HF transformers' modeling_llama.py (the numerics matched here);
@@ -14,16 +14,15 @@ gpt-fast and nanoGPT (the layout).
 """
 import copy
 import os
-import platform
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from int8 import Int8Linear, check_quantize, int8_linears, int8_reader
+from int8 import check_quantize, int8_linears, int8_reader
+from kernels import COMPILED_ATTENTION, Linear, decode_attention
 from weights import CheckpointError, check_positive, load_state, read_checkpoint, read_config, remap
 
 
@@ -194,7 +193,7 @@ class Attention(nn.Module):
     def __init__(self, c: LlamaConfig, layer):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, c.n_heads, c.n_kv_heads, c.head_dim
-        # Linear: nn.Linear with a faster CPU inference path (the last section)
+        # Linear: nn.Linear with a faster CPU inference path (kernels.py)
         self.wq = Linear(c.dim, c.n_heads * c.head_dim, bias=False)
         self.wk = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
@@ -416,130 +415,3 @@ class Llama(nn.Module):
             if quantize:
                 int8_linears(model)
         return load_state(model, state, source, unexpected, table, one_dtype=dtype is None)
-
-
-# -----------------------------------------------------------------------------
-# Decoding fast: the model above runs as is; these make its inference faster where measured
-# (`python bench.py`): oneDNN's products and packed weights on an x86 CPU, q, k, v and gate, up fused
-# into two products on a GPU and for CPU batches, and a written-out decode attention for the compiled CPU step
-
-def cpu_info():
-    """/proc/cpuinfo's fields for the first CPU ({"vendor_id": "GenuineIntel", ...}); {} where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            first = f.read().split("\n\n")[0]
-    except OSError:
-        return {}
-    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
-
-
-# measured on x86 only; elsewhere (ARM: oneDNN over ACL) torch's own choice stands
-ONEDNN = (platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
-          and all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")))
-# MKL picks its code by the CPU's vendor: on an Intel CPU its one-row product (F.linear's gemv) reads plain
-# weights faster than oneDNN's packed ones (12.2 vs 14.4 ms, the bench model on a Xeon), prefill as fast; on
-# the AMD CPUs measured, at under half oneDNN's rate (`python bench.py --only linear`). So on Intel plain fp32
-# weights stay with MKL, where it is torch's BLAS (a build with OpenBLAS, say, keeps oneDNN).
-MKL_GEMV = ONEDNN and torch.backends.mkl.is_available() and cpu_info().get("vendor_id") == "GenuineIntel"
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose fp32 CPU inference runs through oneDNN's matmul, not MKL's gemv (AMD: 1.4-2x as fast,
-    equal up to rounding; an Intel CPU keeps MKL, MKL_GEMV). Training (no oneDNN backward) and compiled steps
-    of plain weights (inductor picks its kernels) keep F.linear. After pack_linears the weight is oneDNN's
-    blocked `packed` one and only this path remains."""
-    packed = None
-
-    def forward(self, x):
-        if self.packed is not None:
-            if torch.is_grad_enabled() and x.requires_grad:
-                raise RuntimeError("this Linear's weight is packed for inference (llama.pack_linears): it can't "
-                                   "be trained; load the model again for that")
-            if torch.compiler.is_compiling():  # one opaque op to inductor, which can't read the layout
-                return packed_linear(x, self.packed, self.bias, self.out_features)
-            weight = self.packed
-        elif (ONEDNN and not MKL_GEMV and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            weight = self.weight
-        else:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-
-
-def pack_linears(model, min_bytes=64 << 20):
-    """fp32 inference on an x86 CPU: each llama.Linear's weight moves into oneDNN's blocked layout (a
-    plain one gets slower kernels or a repack per call); memory does not grow. `bench.py --only linear`:
-    8-row products 1.2-1.75x as fast, 1-row 0.92x (Zen 3) to 1.58x (Zen 5). Weights that stay in the
-    caches gain nothing: under `min_bytes` in all, nothing is packed. The Parameters stay, on meta
-    (shapes and counts still read, any other use fails loudly); the model is for inference only.
-    Returns how many were packed (0 on a GPU, in bf16, off x86)."""
-    linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None and ONEDNN
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    if sum(m.weight.nbytes for m in linears) < min_bytes:
-        return 0
-    model.requires_grad_(False)
-    for m in linears:
-        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
-        m.weight = nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
-    return len(linears)
-
-
-@torch.library.custom_op("mra::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
-                  out_features: int) -> torch.Tensor:
-    """A packed Linear inside a compiled step (generate.py --compile with batches on the CPU)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, packed, bias, out_features):
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-# How a compiled decode step attends, per device: "written-out" (decode_attention) or "sdpa"; read as
-# the step is traced (bench.py compiles one with each)
-COMPILED_ATTENTION = {"cpu": "written-out", "cuda": "sdpa"}
-
-
-def decode_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(hd) + mask) v for one query per row, q (B, nh, 1, hd), over the whole cache,
-    k, v (B, nkv, S, hd), mask (B, 1, 1, S). Written out, a compiled CPU step fuses it into one pass over
-    the keys and one over the (channel-major) values: faster than SDPA's kernel (`bench.py --only decode`).
-    On a GPU the compiled step keeps SDPA (bench.py --device cuda --compile times both)."""
-    B, nh, _, hd = q.shape
-    nkv = k.shape[1]
-    # scores and softmax in fp32, as SDPA's kernels keep them: in bf16 a score near 30 is rounded by up
-    # to 1/16, e^(1/16) = 6% in its weight (the keys and values convert as read: no bytes added)
-    q = q.view(B, nkv, nh // nkv, 1, hd).float() * hd ** -0.5  # each k/v head's queries (grouped-query)
-    s = (q * k[:, :, None]).sum(-1) + mask  # (B, nkv, g, S)
-    e = (s - s.amax(-1, keepdim=True)).exp()  # softmax(s) = e / sum(e)
-    # dividing after the sum over slots: once per channel, not once per slot
-    return ((e[..., None] * v[:, :, None]).sum(-2) / e.sum(-1, keepdim=True)).view(B, nh, 1, hd).to(v.dtype)
-
-
-def fuse_linears(model):
-    """Inference: q, k, v as one product and gate, up as one (weights' rows stacked): a batch-1 decode
-    step reads the same bytes in 4 products per layer, not 7. In place, before pack_linears; plain and
-    int8 weights (merge a LoRA first). The keys change (attn.wqkv, mlp.gate_up): save the model unfused."""
-    n = 0
-    for block in model.layers:
-        for part, names, fused in ((block.attn, ("wq", "wk", "wv"), "wqkv"), (block.mlp, ("gate", "up"), "gate_up")):
-            if getattr(part, fused) is not None:
-                continue  # fused already
-            ms = [getattr(part, name) for name in names]
-            if not (all(type(m) is Linear and m.packed is None and m.bias is None for m in ms)
-                    or all(type(m) is Int8Linear for m in ms)):
-                continue  # LoRA, packed: as they are
-            int8, w = type(ms[0]) is Int8Linear, torch.cat([m.weight.detach() for m in ms])
-            with torch.device("meta"):  # shapes only: the stacked tensors go in next
-                new = Int8Linear(w.shape[1], w.shape[0]) if int8 else Linear(w.shape[1], w.shape[0], bias=False)
-            if int8:
-                new.weight, new.scales = w, torch.cat([m.scales for m in ms])
-            else:
-                new.weight = nn.Parameter(w, requires_grad=False)
-            for name in names:
-                delattr(part, name)
-            setattr(part, fused, new)
-            n += 1
-    return n

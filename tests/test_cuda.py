@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import generate
-import llama
+import kernels
 import mra
 from test_release import (IDS, PAD_MASK, greedy, images, llava_config, make_clip, make_convnext, make_heads,
                           make_llama, release_state, write_release)
@@ -73,10 +73,10 @@ def check_bf16_agrees_with_fp32(path, device, n=8):
         top2 = ref_logits.topk(2, dim=-1).values
         clear = top2[..., 0] - top2[..., 1] > 2 * atol  # no error within atol can flip these
         assert clear.sum() >= 3, "the test model has too few clear greedy choices to test anything"
-        # eager; then fused (llama.fuse_linears, as generate.py runs on a GPU), eager and compiled
+        # eager; then fused (kernels.fuse_linears, as generate.py runs on a GPU), eager and compiled
         for step in (model.llm.decode, "fuse", "compile"):
             if step == "fuse":
-                llama.fuse_linears(model.llm)
+                kernels.fuse_linears(model.llm)
             step = generate.compile_step(model.llm.decode, torch.device(device)) if step == "compile" else model.llm.decode
             logits = forced(model, x, ref, step)
             torch.testing.assert_close(logits, ref_logits, rtol=0, atol=atol)
@@ -97,7 +97,7 @@ def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
     # fp32: eager and compiled then pick the same greedy tokens for all 64 steps (in bf16 their
     # different roundings could break a near-tie of the random tiny model; bf16 is tested above)
     model = mra.load_checkpoint(release_dir, torch.float32, "cuda").eval()
-    llama.fuse_linears(model.llm)  # as generate.py runs on a GPU
+    kernels.fuse_linears(model.llm)  # as generate.py runs on a GPU
     prompts = [row[mask].tolist() for row, mask in zip(IDS, PAD_MASK)]
     x = images(384).cuda()
     eager = generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1)
@@ -124,7 +124,7 @@ def check_int8_compiled_agrees_with_eager(path, device, n=8):
     tuned path takes one-row products only (inductor's mm decomposition), so batch 1 as well as 3."""
     with torch.no_grad():
         model = mra.load_checkpoint(path, torch.bfloat16, device, quantize="int8").eval()
-        llama.fuse_linears(model.llm)  # as generate.py runs on a GPU
+        kernels.fuse_linears(model.llm)  # as generate.py runs on a GPU
         step = generate.compile_step(model.llm.decode, torch.device(device))
         for rows, x in ((slice(None), images(384)), (slice(2, 3), images(384)[1:])):  # row 2 holds image 1
             ids, pad_mask, x = IDS[rows].to(device), PAD_MASK[rows].to(device), x.to(device)

@@ -20,6 +20,7 @@ from PIL import Image
 
 import data
 import generate
+import kernels
 import llama
 import mra
 from llama import LlamaConfig
@@ -70,15 +71,15 @@ def images(tmp_path_factory):
 @pytest.fixture(params=["plain", "packed"])
 def pack(request, monkeypatch):
     """Runs a CLI test twice: as is (a model this small is not packed), and with generate.py's
-    llama.pack_linears forced to pack (as it does a model of 64 MB of Linear weights and more):
+    kernels.pack_linears forced to pack (as it does a model of 64 MB of Linear weights and more):
     a list that holds how many weights were packed."""
     if request.param == "plain":
         return None
-    if not llama.ONEDNN:
+    if not kernels.ONEDNN:
         pytest.skip("oneDNN's packed layout: x86 CPUs")
-    monkeypatch.setattr(llama, "MKL_GEMV", False)  # an Intel CPU packs for batches only
-    packed, real = [], llama.pack_linears
-    monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(real(m, min_bytes=0)) or packed[-1])
+    monkeypatch.setattr(kernels, "MKL_GEMV", False)  # an Intel CPU packs for batches only
+    packed, real = [], kernels.pack_linears
+    monkeypatch.setattr(kernels, "pack_linears", lambda m: packed.append(real(m, min_bytes=0)) or packed[-1])
     return packed
 
 
@@ -431,7 +432,7 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
     assert f"note: --answers {afile}: dropped its last line, cut short" in err  # a notice, as the others
     second = read_jsonl(afile)
     assert second[:2] == first and [a["question_id"] for a in second] == [7, "b", 9]
-    assert pack is None or pack == [15, 15]  # both runs packed
+    assert pack is None or pack == [9, 9]  # both runs packed, fused: qkv, o, gate|up, down in 2 layers, and the head
 
 
 def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monkeypatch):
@@ -441,7 +442,7 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
     qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
     compiled, packed = [], []
     monkeypatch.setattr(generate, "compile_step", lambda step, *a: compiled.append(step) or step)
-    monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(m) or 0)
+    monkeypatch.setattr(kernels, "pack_linears", lambda m: packed.append(m) or 0)
     argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW, "--compile"]
     assert run_cli(capsys, *argv, "--batch-size", 2)[0] == 0 and len(read_jsonl(afile)) == 3
     assert len(compiled) == 1 and len(packed) == 1
@@ -452,14 +453,14 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
 @pytest.mark.parametrize("intel", [False, True])
 def test_eager_packs_but_one_row_on_intel(model_dir, tmp_path, capsys, monkeypatch, intel):
     # eagerly one prompt at a time: packed weights on an AMD CPU, plain ones on an Intel CPU (MKL's
-    # one-row product is faster there: llama.MKL_GEMV), q, k, v and gate, up apart; batches packed
+    # one-row product is faster there: kernels.MKL_GEMV), q, k, v and gate, up apart; batches packed
     # and fused on both
     qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
     packed, fused = [], []
-    monkeypatch.setattr(llama, "MKL_GEMV", intel)
-    monkeypatch.setattr(llama, "pack_linears", lambda m: packed.append(m) or 0)
-    monkeypatch.setattr(llama, "fuse_linears", lambda m: fused.append(m) or 0)
+    monkeypatch.setattr(kernels, "MKL_GEMV", intel)
+    monkeypatch.setattr(kernels, "pack_linears", lambda m: packed.append(m) or 0)
+    monkeypatch.setattr(kernels, "fuse_linears", lambda m: fused.append(m) or 0)
     assert run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--max-new-tokens", MAX_NEW)[0] == 0
     assert len(packed) == (0 if intel else 1) and not fused
     argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW]
@@ -483,16 +484,16 @@ def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkey
     assert code == 0 and "tokens/s (5 tokens)" in err
 
 
-@pytest.mark.skipif(not llama.ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
+@pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
 def test_compiled_step_runs_packed_products(model, tok, images):
     # generate.py --compile with batches on the CPU: q, k, v and gate, up fused, packed weights, each
-    # product one opaque op (llama.packed_linear) in the compiled step; the same tokens as the plain eager model
+    # product one opaque op (kernels.packed_linear) in the compiled step; the same tokens as the plain eager model
     rows = [("What is this?", images[0]), ("Describe the picture in detail, the table and the street", None)]
     prompts = [ids_for(tok, [generate.human_turn(q, img is not None)]) for q, img in rows]
     img = pixels(model, images[0])[None]
     eager = generate.generate(model, prompts, img, max_new_tokens=16, eos_id=-1)
     packed = copy.deepcopy(model)
-    assert llama.fuse_linears(packed.llm) > 0 and llama.pack_linears(packed.llm, min_bytes=0) > 0
+    assert kernels.fuse_linears(packed.llm) > 0 and kernels.pack_linears(packed.llm, min_bytes=0) > 0
     step = generate.compile_step(packed.llm.decode, torch.device("cpu"), max_batch=40)
     assert generate.generate(packed, prompts, img, max_new_tokens=16, eos_id=-1, step=step) == eager
     # a --batch-size 40 run may meet 40 batch sizes x 3 cache lengths (context 512, CACHE_ROUND 256): a
@@ -585,7 +586,7 @@ def test_bench_gemv_pass_reads_every_linear_weight():
     llm = llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_seq_len=64))
     n, seconds = bench.gemv_pass(llm, torch.device("cpu"), passes=2)
     assert n == 4 * (2 * (4 * 32 * 32 + 3 * 32 * 48) + 64 * 32) and seconds > 0  # 7 per layer + head
-    llama.fuse_linears(llm)
+    kernels.fuse_linears(llm)
     assert bench.gemv_pass(llm, torch.device("cpu"), passes=2)[0] == n  # the same bytes in 4 per layer + head
 
 
@@ -608,7 +609,7 @@ def test_bench_7b_section_runs_at_a_tiny_shape(capsys, monkeypatch):
     assert printed.index("compiled, int8 weights") < printed.index("compiled, 7 products per layer")
     # each part's seconds, compiles included: what a GPU run's timeout must allow for
     assert all(re.search(rf"^{part}: \d+ s$", printed, re.M) for part in ("fused", "attention", "quantized", "unfused"))
-    assert llama.COMPILED_ATTENTION == {"cpu": "written-out", "cuda": "sdpa"}  # as it was
+    assert kernels.COMPILED_ATTENTION == {"cpu": "written-out", "cuda": "sdpa"}  # as it was
     # a part that fails (most of this has never run on a GPU) leaves out its lines, and the rest runs
     monkeypatch.setattr(bench, "attention_pass", lambda *a: 1 / 0)
     assert set(bench.bench_decode_7b(torch.device("cpu"), 1e10, prompt_len=8, new_tokens=4, c=c)) == set(out) - attention
@@ -657,8 +658,8 @@ def test_bench_names_its_host_first(capsys):
     bench.main(["--quick", "--only", "table1", "--text-tokens", "1"])
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("host: ") and f"torch {torch.__version__}" in first
-    if llama.cpu_info().get("vendor_id"):
-        assert f"({llama.cpu_info()['vendor_id']}, family " in first
+    if kernels.cpu_info().get("vendor_id"):
+        assert f"({kernels.cpu_info()['vendor_id']}, family " in first
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
+import kernels
 from llama import Llama, LlamaConfig, RMSNorm, apply_rope, rope
 from weights import CheckpointError
 
@@ -375,11 +376,10 @@ def test_last_only_logits_equal_the_full_passes_last_row():
 
 
 def test_linear_inference_path_equals_f_linear_and_training_keeps_autograd():
-    # llama.Linear: oneDNN for CPU inference (one row or many; MKL's F.linear on an Intel CPU), F.linear for
+    # kernels.Linear: oneDNN for CPU inference (one row or many; MKL's F.linear on an Intel CPU), F.linear for
     # training
-    import llama
     torch.manual_seed(0)
-    lin = llama.Linear(64, 172, bias=False)
+    lin = kernels.Linear(64, 172, bias=False)
     x = torch.randn(3, 5, 64)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight), **TOL)
@@ -406,7 +406,7 @@ def test_int8_quantizes_an_untied_head_and_keeps_a_tied_one():
         assert logits.shape == (2, 7, c.vocab_size) and logits.isfinite().all()
 
 
-@pytest.mark.skipif(not __import__("llama").ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
+@pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
 def test_packed_linears_answer_as_the_plain_ones():
     """pack_linears (generate.py's eager CPU path) moves each weight into oneDNN's blocked layout in
     place of the plain one: the same logits and greedy tokens, the same parameter count, and a
@@ -414,13 +414,12 @@ def test_packed_linears_answer_as_the_plain_ones():
     import copy
 
     import generate
-    import llama
     torch.manual_seed(0)
     plain = Llama(LlamaConfig.from_name("llama-tiny")).eval()
     packed = copy.deepcopy(plain)
-    assert llama.pack_linears(packed) == 0  # a model this small stays in the caches: left as it is
-    assert llama.pack_linears(packed, min_bytes=0) == 7 * plain.config.n_layers + 1  # q k v o, gate up down; head
-    assert all(m.weight.is_meta for m in packed.modules() if isinstance(m, llama.Linear))
+    assert kernels.pack_linears(packed) == 0  # a model this small stays in the caches: left as it is
+    assert kernels.pack_linears(packed, min_bytes=0) == 7 * plain.config.n_layers + 1  # q k v o, gate up down; head
+    assert all(m.weight.is_meta for m in packed.modules() if isinstance(m, kernels.Linear))
     assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in plain.parameters())
     ids = torch.randint(3, plain.config.vocab_size, (2, 9))
     with torch.no_grad():
@@ -436,18 +435,17 @@ def test_packed_linears_answer_as_the_plain_ones():
         packed(embeds=torch.randn(1, 3, plain.config.dim, requires_grad=True))
 
 
-@pytest.mark.skipif(not __import__("llama").ONEDNN, reason="oneDNN's matmul: x86 CPUs")
+@pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN's matmul: x86 CPUs")
 @pytest.mark.parametrize("intel", [False, True])
 def test_plain_weights_take_the_faster_library_per_vendor(monkeypatch, intel):
     """fp32 inference on plain weights: oneDNN's matmul on an AMD CPU, MKL's (F.linear) on an Intel one
-    (llama.MKL_GEMV: MKL picks its code by vendor); training keeps F.linear on both. Equal up to rounding."""
-    import llama
+    (kernels.MKL_GEMV: MKL picks its code by vendor); training keeps F.linear on both. Equal up to rounding."""
     calls = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
-    monkeypatch.setattr(llama, "MKL_GEMV", intel)
+    monkeypatch.setattr(kernels, "MKL_GEMV", intel)
     torch.manual_seed(0)
-    m = llama.Linear(64, 32)
+    m = kernels.Linear(64, 32)
     x = torch.randn(3, 64)
     with torch.no_grad():
         got = m(x)
@@ -458,10 +456,10 @@ def test_plain_weights_take_the_faster_library_per_vendor(monkeypatch, intel):
     assert len(calls) == 1 and m.weight.grad is not None
 
 
-@pytest.mark.skipif(not __import__("llama").ONEDNN, reason="oneDNN's matmul: x86 CPUs")
+@pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN's matmul: x86 CPUs")
 @pytest.mark.parametrize("mkl", [True, False])
 def test_mkl_gemv_on_an_intel_cpu_with_torch_built_with_mkl(mkl):
-    """llama.MKL_GEMV, read as llama is imported, on an Intel CPU (/proc/cpuinfo faked): set where MKL is
+    """kernels.MKL_GEMV, read as kernels is imported, on an Intel CPU (/proc/cpuinfo faked): set where MKL is
     torch's BLAS (F.linear's product is MKL's), not in a build without it."""
     import subprocess
     import sys
@@ -470,15 +468,15 @@ def test_mkl_gemv_on_an_intel_cpu_with_torch_built_with_mkl(mkl):
             "builtins.open = lambda f, *a, **k: (io.StringIO('vendor_id\\t: GenuineIntel\\n') if f == '/proc/cpuinfo'\n"
             "                                    else real(f, *a, **k))\n"
             f"torch.backends.mkl.is_available = lambda: {mkl}\n"
-            "import llama\n"
-            "print(llama.cpu_info()['vendor_id'], llama.MKL_GEMV)\n")
+            "import kernels\n"
+            "print(kernels.cpu_info()['vendor_id'], kernels.MKL_GEMV)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["GenuineIntel", str(mkl)]
 
 
 def test_compiled_decode_attends_as_eager_with_grouped_queries():
-    """A compiled CPU step attends through llama.decode_attention (grouped-query here: 4 query
+    """A compiled CPU step attends through kernels.decode_attention (grouped-query here: 4 query
     heads over 2 key/value heads, two rows, one left-padded): the same logits as eager SDPA."""
     import generate
     torch.manual_seed(0)
@@ -534,7 +532,6 @@ def test_fused_linears_answer_as_the_separate_ones():
     import copy
 
     import generate
-    import llama
     import lora
     from int8 import quantize_
     torch.manual_seed(0)
@@ -554,26 +551,26 @@ def test_fused_linears_answer_as_the_separate_ones():
     q8 = quantize_(copy.deepcopy(plain))
     for model in (plain, q8):
         fused = copy.deepcopy(model)
-        assert llama.fuse_linears(fused) == 2 * plain.config.n_layers and llama.fuse_linears(fused) == 0
+        assert kernels.fuse_linears(fused) == 2 * plain.config.n_layers and kernels.fuse_linears(fused) == 0
         attn, mlp = fused.layers[0].attn, fused.layers[0].mlp
         assert not hasattr(attn, "wq") and not hasattr(mlp, "gate") and type(attn.wqkv) is type(attn.wo)
         assert sum(p.numel() for p in fused.state_dict().values()) == sum(p.numel() for p in model.state_dict().values())
         torch.testing.assert_close(answers(fused), answers(model), **TOL)
     fused = copy.deepcopy(plain)
-    llama.fuse_linears(fused)
+    kernels.fuse_linears(fused)
     torch.testing.assert_close(answers(fused, compiled=True), answers(plain), **TOL)
-    if llama.ONEDNN:
-        assert llama.pack_linears(fused, min_bytes=0) == 4 * plain.config.n_layers + 1
+    if kernels.ONEDNN:
+        assert kernels.pack_linears(fused, min_bytes=0) == 4 * plain.config.n_layers + 1
         torch.testing.assert_close(answers(fused), answers(plain), **TOL)
     adapted = torch.nn.Module()
     adapted.llm = copy.deepcopy(plain)
     lora.add_lora(adapted, 4, 8)
-    assert llama.fuse_linears(adapted.llm) == 0 and isinstance(adapted.llm.layers[0].attn.wq, lora.LoRALinear)
+    assert kernels.fuse_linears(adapted.llm) == 0 and isinstance(adapted.llm.layers[0].attn.wq, lora.LoRALinear)
 
 
 def test_written_out_attention_is_as_accurate_as_sdpa_in_bf16():
     # scores of std 9 (LLaMA's reach 10-40 on attention-sink tokens): in bf16 the written-out attention
-    # (a compiled CPU step's, llama.decode_attention) rounded them before the softmax, 10x SDPA's error
+    # (a compiled CPU step's, kernels.decode_attention) rounded them before the softmax, 10x SDPA's error
     import llama
     g = torch.Generator().manual_seed(0)
     S = 256
@@ -584,6 +581,6 @@ def test_written_out_attention_is_as_accurate_as_sdpa_in_bf16():
                                            enable_gqa=True)
     bf = [t.bfloat16() for t in (q, k, v, mask)]
     sdpa_error = (F.scaled_dot_product_attention(*bf[:3], attn_mask=bf[3], enable_gqa=True).double() - exact).abs().max()
-    for attend in (llama.decode_attention, torch.compile(llama.decode_attention, fullgraph=True)):
+    for attend in (kernels.decode_attention, torch.compile(kernels.decode_attention, fullgraph=True)):
         y = attend(*bf)
         assert y.dtype == torch.bfloat16 and (y.double() - exact).abs().max() <= 2 * sdpa_error
