@@ -1,8 +1,11 @@
-"""Decoding fast: llama.py's model runs as written; this picks the kernels that run its products and
-attention, where faster, as measured (`python bench.py`): oneDNN's products and packed weights on an
-x86 CPU (MKL's at one row on an Intel CPU), q, k, v and gate, up fused into two products on a GPU and
-for CPU batches, and a written-out decode attention for the compiled CPU step. Every path is the same
-model, equal up to rounding (tests/test_llama.py, tests/test_generate.py).
+"""Decoding fast: the kernels that run llama.py's products and attention, picked where faster, as
+measured (`python bench.py`): oneDNN's products and packed weights on an x86 CPU (MKL's at one row on an
+Intel CPU), q, k, v and gate, up fused into two products on a GPU and for CPU batches, and a written-out
+decode attention for the compiled CPU step. Every path is the same model, equal up to rounding
+(tests/test_llama.py, tests/test_generate.py).
+
+llama.py builds its layers from `Linear` and, in a compiled decode step, attends as COMPILED_ATTENTION
+says; generate.py and bench.py call `fast_products` once the model has loaded.
 """
 import platform
 from typing import Optional
@@ -44,7 +47,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         if self.packed is not None:
             if torch.is_grad_enabled() and x.requires_grad:
-                raise RuntimeError("this Linear's weight is packed for inference (llama.pack_linears): it can't "
+                raise RuntimeError("this Linear's weight is packed for inference (kernels.pack_linears): it can't "
                                    "be trained; load the model again for that")
             if torch.compiler.is_compiling():  # one opaque op to inductor, which can't read the layout
                 return packed_linear(x, self.packed, self.bias, self.out_features)
@@ -59,7 +62,7 @@ class Linear(nn.Linear):
 
 
 def pack_linears(model, min_bytes=64 << 20):
-    """fp32 inference on an x86 CPU: each llama.Linear's weight moves into oneDNN's blocked layout (a
+    """fp32 inference on an x86 CPU: each Linear's weight moves into oneDNN's blocked layout (a
     plain one gets slower kernels or a repack per call); memory does not grow. `bench.py --only linear`:
     8-row products 1.2-1.75x as fast, 1-row 0.92x (Zen 3) to 1.58x (Zen 5). Weights that stay in the
     caches gain nothing: under `min_bytes` in all, nothing is packed. The Parameters stay, on meta
@@ -111,8 +114,9 @@ def decode_attention(q, k, v, mask):
 
 def fuse_linears(model):
     """Inference: q, k, v as one product and gate, up as one (weights' rows stacked): a batch-1 decode
-    step reads the same bytes in 4 products per layer, not 7. In place, before pack_linears; plain and
-    int8 weights (merge a LoRA first). The keys change (attn.wqkv, mlp.gate_up): save the model unfused."""
+    step reads the same bytes in 4 products per layer, not 7 (fast_products: on a GPU, and for CPU batches,
+    where oneDNN's 8-row products are faster fused). In place, before pack_linears; plain and int8 weights
+    (merge a LoRA first). The keys change (attn.wqkv, mlp.gate_up): save the model unfused."""
     n = 0
     for block in model.layers:
         for part, names, fused in ((block.attn, ("wq", "wk", "wv"), "wqkv"), (block.mlp, ("gate", "up"), "gate_up")):

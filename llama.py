@@ -6,7 +6,7 @@ p = prod_s F_L(R_s | F_P(F_v), f_t, R_<s): it reads the projected visual tokens 
 f_t as one sequence, so the forward takes token ids *or* input embeddings (mra.py splices the visual
 tokens in). A static, preallocated KV cache serves batched generation with left or right padding.
 Its Linear layers and the compiled decode step's attention run through kernels.py's faster kernels,
-equal up to rounding (the tokenizer is tokenizer.py's).
+equal up to rounding. The tokenizer is tokenizer.py's.
 
 References: Touvron et al., "Llama 2" (2023); Su et al., "RoFormer" (RoPE); Shazeer, "GLU Variants
 Improve Transformer" (SwiGLU); HF transformers' modeling_llama.py (the numerics matched here);
@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from int8 import check_quantize, int8_linears, int8_reader
-from kernels import COMPILED_ATTENTION, Linear, decode_attention
+import kernels
+from kernels import Linear
 from weights import CheckpointError, check_positive, load_state, read_checkpoint, read_config, remap
 
 
@@ -165,7 +166,7 @@ class KVCache:
 
     def values_by_channel(self):
         """Store each layer's values as (B, nkv, head_dim, max_len), still used through write(): a compiled
-        CPU step (decode_attention) then sums e_s * v_s over contiguous slots. New tensors, not a transposed
+        CPU step (kernels.decode_attention) then sums e_s * v_s over contiguous slots. New tensors, not a transposed
         view (see k, v above). SDPA reads this layout slower: compile_step switches a cache after prefill."""
         if not self.by_channel:
             for i, t in enumerate(self.v):  # one layer at a time: memory grows by one layer's values
@@ -198,7 +199,7 @@ class Attention(nn.Module):
         self.wk = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = Linear(c.n_heads * c.head_dim, c.dim, bias=False)
-        self.wqkv = None  # fuse_linears: wq, wk, wv as one
+        self.wqkv = None  # kernels.fuse_linears: wq, wk, wv as one
 
     def forward(self, x, cos, sin, mask, cache, start, last_only=False):
         B, T, _ = x.shape
@@ -219,8 +220,8 @@ class Attention(nn.Module):
             k, v = cache.write(self.layer, k, v, start)  # (B, nkv, S, hd), S = slots attended to
         # softmax(q k^T / sqrt(hd) + mask) v, mask 0 / -inf (causal when None); grouped-query (enable_gqa):
         # each k/v head serves n_heads / n_kv_heads consecutive q heads, read in place, not copied
-        if T == 1 and torch.compiler.is_compiling() and COMPILED_ATTENTION.get(q.device.type) == "written-out":
-            y = decode_attention(q, k, v, mask)
+        if T == 1 and torch.compiler.is_compiling() and kernels.COMPILED_ATTENTION.get(q.device.type) == "written-out":
+            y = kernels.decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not last_only,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
@@ -233,7 +234,7 @@ class MLP(nn.Module):
         self.gate = Linear(c.dim, c.hidden_dim, bias=False)
         self.up = Linear(c.dim, c.hidden_dim, bias=False)
         self.down = Linear(c.hidden_dim, c.dim, bias=False)
-        self.gate_up = None  # fuse_linears: gate, up as one
+        self.gate_up = None  # kernels.fuse_linears: gate, up as one
 
     def forward(self, x):
         gate, up = (self.gate(x), self.up(x)) if self.gate_up is None else self.gate_up(x).chunk(2, -1)
