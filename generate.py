@@ -508,10 +508,8 @@ def parse_args(argv):
     return args
 
 
-def run(args):
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)  # parse_args resolved the default: float32 on CPU, float16 on GPU
-    # every input is checked before the model loads (minutes for a 7B)
+def check_inputs(args):
+    """Every input checked before the model loads (minutes for a 7B); returns --image, read (or None)."""
     if not os.path.isdir(args.model):
         raise mra.CheckpointError(f"--model {args.model}: " + ("a file; " if os.path.exists(args.model) else
                                   "no such directory; ") + "a checkpoint directory is expected")
@@ -537,17 +535,13 @@ def run(args):
             raise data.DataError(f"--trace {args.trace}: cannot write the picture as {picture} ({e}); end it "
                                  f"in .png (or .jpg, ...)") from None
     try:
-        image = data.load_image(args.image) if args.image else None
+        return data.load_image(args.image) if args.image else None
     except data.DataError as e:
         raise data.DataError(f"--image {e}") from None
-    if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 50 or args.seed is not None):
-        log("note: --top-p, --top-k and --seed shape sampling (--temperature > 0); greedy decoding (the default) "
-            "ignores them")
-    questions, answered = read_questions(args) if args.questions else (None, None)
-    if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
-        log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
-            "text is not used")
-    tok = mra.load_tokenizer(args.model_base or args.model)
+
+
+def load_model(args, tok, dtype, device):
+    """--model as run: ours, a LoRA release merged into --model-base, or a run's base with --lora merged."""
     if not args.model_base and (adapters := mra.adapters_only(args.model)):  # with --lora or not
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model "
                                   f"{mra.lora_base(adapters)} --lora {adapters}")
@@ -565,6 +559,22 @@ def run(args):
     if len(tok) > model.cfg.llm.vocab_size:
         raise mra.CheckpointError(f"{args.model_base or args.model}: tokenizer.model has {len(tok)} pieces, the LLM "
                                   f"only {model.cfg.llm.vocab_size} embeddings: they do not belong together")
+    return model
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)  # parse_args resolved the default: float32 on CPU, float16 on GPU
+    image = check_inputs(args)
+    if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 50 or args.seed is not None):
+        log("note: --top-p, --top-k and --seed shape sampling (--temperature > 0); greedy decoding (the default) "
+            "ignores them")
+    questions, answered = read_questions(args) if args.questions else (None, None)
+    if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
+        log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
+            "text is not used")
+    tok = mra.load_tokenizer(args.model_base or args.model)
+    model = load_model(args, tok, dtype, device)
     if args.trace:  # pixels to the LLM's input, printed, and the picture; no answer
         import trace_image
         trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))
