@@ -479,7 +479,8 @@ def bench_linear(a, rows=(1, 8), repeats=15):
           f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
     table(table_rows, ["rows", "product", "ms", "GB/s", "GFLOP/s"])
     print(f"generate.py's eager products on this {kernels.cpu_info().get('vendor_id', 'CPU')}: oneDNN's on packed weights, "
-          + ("but MKL's on plain ones at one row (kernels.MKL_GEMV)" if kernels.MKL_GEMV else "at one row too"))
+          + ("but MKL's on plain ones at one row (kernels.MKL_GEMV)" if kernels.MKL_GEMV else "at one row too")
+          + "; a batch's with q, k, v and gate, up fused (kernels.fast_products)")
     return out | bench_batch_attention(a, repeats)
 
 
