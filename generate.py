@@ -77,7 +77,9 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
 # ---------------------------------------------------------------------------------------
 # Prefill and decode over the model's static KV cache
 
-CACHE_ROUND = 256  # slots; at most this many unused slots are read per step (masked)
+# slots; a compiled step reads up to this many unused (masked) ones per step, and compiles once per cache length:
+# 128, not 256, made the CPU's compiled batch of 8 1.05x the eager one, not 0.96-0.99x (`bench.py --only batch`)
+CACHE_ROUND = 128
 
 
 def prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache=False):
