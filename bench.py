@@ -53,6 +53,7 @@
     python bench.py --only experiment   # section 4: the README's experiment table; its arms without stage 0:
     python bench.py --only experiment --experiment-out out/no-stage0 --demo-flags="--tower-steps 0 --tower-lr-scale 1"
     python bench.py --only scale [--model DIR]   # section 5
+    python bench.py --only int8   # 5b: where int8.int8_linear leaves torch's CPU int8 kernel
     python bench.py --only stage2 --device cuda   # section 6
     python bench.py --only lean   # section 7 (~10 minutes, 12 GB of memory at once, on 2 busy cores)
     python bench.py --only ckpt1024   # section 8 (~20 GB of memory without checkpointing: an idle machine)
@@ -482,6 +483,40 @@ def bench_linear(a, rows=(1, 8), repeats=15):
           + ("but MKL's on plain ones at one row (kernels.MKL_GEMV)" if kernels.MKL_GEMV else "at one row too")
           + "; a batch's with q, k, v and gate, up fused (kernels.fast_products)")
     return out | bench_batch_attention(a, repeats)
+
+
+@torch.no_grad()
+def bench_int8_rows(a, rows=(1, 2, 4, 8, 16, 32, 64, 128), repeats=5):
+    """Where int8.int8_linear should leave torch's CPU int8 kernel (`_weight_int8pack_mm`, whose time
+    grows with the rows) for dequantising then an ordinary matmul: both on Vicuna-7B's two layer
+    shapes, in bf16 and fp32, a few rows to many; medians of `repeats` interleaved passes."""
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        print("int8 rows: skipped, this torch has no _weight_int8pack_mm")
+        return {}
+    g = torch.Generator().manual_seed(0)
+    shapes = [(a.dim, a.dim), (a.hidden, a.dim)] if a.quick else [(4096, 4096), (11008, 4096)]
+    table_rows, out = [], {}
+    for dtype in (torch.bfloat16, torch.float32):
+        wins = []
+        for n in rows:
+            times = {"kernel": 0.0, "dequantise": 0.0}
+            for out_f, in_f in shapes:
+                q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
+                s, x = torch.rand(out_f, generator=g).to(dtype), torch.randn(n, in_f, generator=g).to(dtype)
+                med = interleaved_medians({"kernel": lambda: torch.ops.aten._weight_int8pack_mm(x, q, s),
+                                           "dequantise": lambda: torch.nn.functional.linear(x, q.to(dtype)) * s},
+                                          repeats)
+                times = {k: times[k] + med[k] for k in times}
+            wins.append(times["kernel"] < times["dequantise"])
+            table_rows.append([str(dtype).removeprefix("torch."), n, f"{times['kernel'] * 1e3:.2f}",
+                               f"{times['dequantise'] * 1e3:.2f}"])
+        # the most rows up to which the kernel is the faster at every count
+        out[f"int8_kernel_rows_{str(dtype).removeprefix('torch.')}"] = max(
+            [n for n, _ in zip(rows, wins) if all(wins[:rows.index(n) + 1])], default=0)
+    print(f"\n5b. int8 products on the CPU, {torch.get_num_threads()} threads: torch's int8 kernel against "
+          f"dequantising then a matmul, summed over the layer shapes {shapes}; medians of {repeats} passes")
+    table(table_rows, ["dtype", "rows", "kernel ms", "dequantise + matmul ms"])
+    return out
 
 
 def interleaved_medians(impls, repeats):
@@ -1508,8 +1543,8 @@ def bench_ckpt1024(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (of the default sections, or those --only names)")
-    p.add_argument("--only", choices=["decode", "7b", "batch", "linear", "ttft", "table1", "experiment", "scale", "stage2",
-                                      "lean", "ckpt1024"],
+    p.add_argument("--only", choices=["decode", "7b", "batch", "linear", "ttft", "table1", "experiment", "scale", "int8",
+                                      "stage2", "lean", "ckpt1024"],
                    action="append",
                    help="run these sections")
     p.add_argument("--data-dir", default="data/demo", help="experiment: the synthetic data")
@@ -1586,6 +1621,8 @@ def main(argv=None):
         summary |= bench_experiment(a)
     if "scale" in sections:
         summary |= bench_scale(a, device)
+    if "int8" in sections and device.type == "cpu":
+        summary |= bench_int8_rows(a)
     if "stage2" in sections:
         summary |= bench_stage2(a, device)
     if "lean" in sections:

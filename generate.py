@@ -568,6 +568,9 @@ def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)  # parse_args resolved the default: float32 on CPU, float16 on GPU
     image = check_inputs(args)
+    if args.quantize and device.type == "cpu" and dtype == torch.float32:
+        log("note: --quantize int8 in float32 on the CPU: torch's int8 kernel ran 8x slower in float32 than in "
+            "bfloat16 at 7B's shapes (`python bench.py --only int8` times it here); --dtype bfloat16 is the faster")
     if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 50 or args.seed is not None):
         log("note: --top-p, --top-k and --seed shape sampling (--temperature > 0); greedy decoding (the default) "
             "ignores them")

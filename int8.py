@@ -56,12 +56,14 @@ def int8_linear(x, q, scales):
         return Int8Matmul.apply(x, q, scales)
     shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
     s = scales if scales.dtype == x.dtype else scales.to(x.dtype)  # stored in the model's dtype: no copy
-    # torch's int8 kernel (as gpt-fast) is built for decode's few rows; a prefill of hundreds
-    # of tokens is compute-bound, where dequantising once for a bf16 matmul is faster. In bf16 the
-    # kernel reads past a row whose length is not a multiple of 16 (wrong sums, or a segfault;
-    # torch 2.14 on an AVX-512 CPU): such layers (no LLaMA release has one) dequantise instead
-    if (x.device.type == "cpu" and x.shape[0] <= 256 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-            and (x.dtype != torch.bfloat16 or x.shape[1] % 16 == 0)):
+    # torch's int8 kernel (as gpt-fast) is built for decode's few rows: its time grows with the rows, where
+    # dequantising once for an ordinary matmul costs about the same for any few. At 7B's shapes on an Intel
+    # Xeon the kernel was the faster up to 32 rows in bf16, up to 2 in fp32 (where it is 8x slower than in
+    # bf16: `python bench.py --only int8`). In bf16 the kernel reads past a row whose length is not a
+    # multiple of 16 (wrong sums, or a segfault; torch 2.14 on an AVX-512 CPU): such layers (no LLaMA
+    # release has one) dequantise instead
+    if (x.device.type == "cpu" and x.shape[0] <= (2 if x.dtype == torch.float32 else 32)
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm") and (x.dtype != torch.bfloat16 or x.shape[1] % 16 == 0)):
         y = torch.ops.aten._weight_int8pack_mm(x, q, s)  # (N, out)
     else:  # dequantise, then an ordinary matmul (torch.compile fuses the two on CUDA)
         y = F.linear(x, q.to(x.dtype)) * s

@@ -468,6 +468,15 @@ def test_eager_packs_but_one_row_on_intel(model_dir, tmp_path, capsys, monkeypat
     assert len(packed) == (1 if intel else 2) and len(fused) == 1
 
 
+def test_int8_in_float32_on_the_cpu_points_to_bfloat16(model_dir, capsys):
+    # torch's CPU int8 kernel is far slower in float32 (bench.py --only int8): said, the run goes on
+    argv = ["--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--quantize", "int8"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and "note: --quantize int8 in float32 on the CPU" in err and "--dtype bfloat16" in err
+    code, _, err = run_cli(capsys, *argv, "--dtype", "bfloat16")
+    assert code == 0 and "note: --quantize int8" not in err
+
+
 def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkeypatch):
     # --prompt logs time to first token and the decode rate; with --compile the first decode
     # step also compiles the step, so the rate starts after it
@@ -661,6 +670,18 @@ def test_bench_names_its_host_first(capsys):
     if kernels.cpu_info().get("vendor_id"):
         assert f"({kernels.cpu_info()['vendor_id']}, family " in first
 
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="torch's CPU int8 kernel")
+def test_bench_int8_section_times_both_ways_per_row_count(capsys):
+    # the figures behind int8.int8_linear's row limits: a table per dtype and row count, and the limits
+    import bench
+    bench.main(["--quick", "--only", "int8"])
+    out = capsys.readouterr().out
+    assert "5b. int8 products on the CPU" in out and out.count("bfloat16 ") >= 8 and out.count(" float32 ") >= 8
+    lines = dict(line.split(": ") for line in out.splitlines() if line.startswith("int8_kernel_rows_"))
+    assert set(lines) == {"int8_kernel_rows_bfloat16", "int8_kernel_rows_float32"}
+    assert all(v in {"0", "1", "2", "4", "8", "16", "32", "64", "128"} for v in lines.values())
 
 # ---------------------------------------------------------------------------------------
 # --answers: appended to only when it is an answers file of these questions; nothing else touched

@@ -925,6 +925,23 @@ def test_int8_kernel_equals_dequantise_then_matmul(dtype, k):
     near(layer(x).float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="torch's CPU int8 kernel")
+@pytest.mark.parametrize("dtype, kernel_rows", [(torch.bfloat16, 32), (torch.float32, 2)])
+def test_int8_takes_torch_kernel_for_few_rows_only(dtype, kernel_rows):
+    # its time grows with the rows (and in fp32 is 8x its bf16 time): past these counts dequantise-then-matmul is the
+    # faster (`python bench.py --only int8`); the same products either way
+    from int8 import Int8Linear, int8_linear
+    g = torch.Generator().manual_seed(0)
+    q, s = Int8Linear.quantize(torch.randn(48, 64, generator=g), dtype)
+    calls, real = [], torch.ops.aten._weight_int8pack_mm
+    with mock.patch.object(torch.ops.aten, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape[0]) or real(*a)):
+        for n in (1, kernel_rows, kernel_rows + 1):
+            x = torch.randn(n, 64, generator=g).to(dtype)
+            near(int8_linear(x, q, s).float(), F.linear(x.float(), q.float()) * s.float(),
+                 rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert calls == [1, kernel_rows]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_int8_rows_too_small_for_the_scales_dtype_or_zero(dtype):
     # fp16 scales of rows under ~7.6e-6 rounded to 0 (the row's output lost, and 0 / 0 for a zero row)
