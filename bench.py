@@ -35,6 +35,9 @@
    (`--release-preset llava-hr-x-13b`: LLaVA-HR-X's shapes);
    `--make-lora-release DIR2 --model DIR` a LLaVA-1.5 LoRA release on its LLM (DIR2/lora, DIR2/clip).
    Not in the default run (~15 min on 2 busy cores).
+5b. int8: on the CPU, torch's int8 kernel against dequantising then a matmul on Vicuna-7B's layer
+   shapes, bf16, fp32 and fp16, 1 to 128 rows: up to how many rows the kernel is the faster
+   (int8.KERNEL_ROWS). Not in the default run (~2 min).
 
 6. stage2: `train.py --stage 2 --fsdp` as run (torchrun, one GPU, bf16 FSDP2) with the full vision
    towers (CLIP ViT-L/14 at 448 with three MR-Adapters, ConvNeXt-L at 1024) and a random ~1B
@@ -488,15 +491,17 @@ def bench_linear(a, rows=(1, 8), repeats=15):
 @torch.no_grad()
 def bench_int8_rows(a, rows=(1, 2, 4, 8, 16, 32, 64, 128), repeats=5):
     """Where int8.int8_linear should leave torch's CPU int8 kernel (`_weight_int8pack_mm`, whose time
-    grows with the rows) for dequantising then an ordinary matmul: both on Vicuna-7B's two layer
-    shapes, in bf16 and fp32, a few rows to many; medians of `repeats` interleaved passes."""
+    grows with the rows) for dequantising then an ordinary matmul: both on Vicuna-7B's three layer
+    shapes (unfused), in bf16, fp32 and fp16, a few rows to many; medians of `repeats` interleaved
+    passes. int8.KERNEL_ROWS holds the limits measured so."""
     if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         print("int8 rows: skipped, this torch has no _weight_int8pack_mm")
         return {}
     g = torch.Generator().manual_seed(0)
-    shapes = [(a.dim, a.dim), (a.hidden, a.dim)] if a.quick else [(4096, 4096), (11008, 4096)]
+    shapes = [(a.dim, a.dim), (a.hidden, a.dim), (a.dim, a.hidden)] if a.quick else [(4096, 4096), (11008, 4096),
+                                                                                      (4096, 11008)]
     table_rows, out = [], {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
         wins = []
         for n in rows:
             times = {"kernel": 0.0, "dequantise": 0.0}
@@ -1621,8 +1626,8 @@ def main(argv=None):
         summary |= bench_experiment(a)
     if "scale" in sections:
         summary |= bench_scale(a, device)
-    if "int8" in sections and device.type == "cpu":
-        summary |= bench_int8_rows(a)
+    if "int8" in sections:
+        summary |= bench_int8_rows(a) if device.type == "cpu" else print("\n5b. int8: skipped, a CPU section") or {}
     if "stage2" in sections:
         summary |= bench_stage2(a, device)
     if "lean" in sections:

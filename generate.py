@@ -77,8 +77,9 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
 # ---------------------------------------------------------------------------------------
 # Prefill and decode over the model's static KV cache
 
-# slots; a compiled step reads up to this many unused (masked) ones per step, and compiles once per cache length:
-# 128, not 256, made the CPU's compiled batch of 8 1.05x the eager one, not 0.96-0.99x (`bench.py --only batch`)
+# slots; a compiled step attends over its whole cache (unwritten slots masked) and compiles once per cache
+# length: 128, not 256, made the CPU's compiled batch of 8 1.05-1.07x the eager one, not 0.94-0.99x
+# (`bench.py --only batch`, an Intel Xeon)
 CACHE_ROUND = 128
 
 
@@ -448,7 +449,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default float32 on CPU (matches the reference exactly), float16 on GPU (as LLaVA)")
     p.add_argument("--quantize", choices=["int8"], help="int8: the LLM's linear weights in one byte each, quantized "
-                   "while loading (half bfloat16's memory; decodes faster on the CPU, not yet measured on a GPU)")
+                   "while loading (half bfloat16's memory; with --dtype bfloat16 it also decodes faster on the CPU; "
+                   "not yet measured on a GPU)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: random)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA: as a CUDA graph), once per batch size and cache length")
@@ -568,9 +570,10 @@ def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)  # parse_args resolved the default: float32 on CPU, float16 on GPU
     image = check_inputs(args)
-    if args.quantize and device.type == "cpu" and dtype == torch.float32:
-        log("note: --quantize int8 in float32 on the CPU: torch's int8 kernel ran 8x slower in float32 than in "
-            "bfloat16 at 7B's shapes (`python bench.py --only int8` times it here); --dtype bfloat16 is the faster")
+    if args.quantize and device.type == "cpu" and dtype != torch.bfloat16:
+        log(f"note: --quantize int8 in {args.dtype} on the CPU saves memory but decodes slower than {args.dtype} "
+            f"weights: torch's int8 kernel is 8x slower and more than in bfloat16 (`python bench.py --only int8` "
+            f"times it here); --dtype bfloat16 is the fast one")
     if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 50 or args.seed is not None):
         log("note: --top-p, --top-k and --seed shape sampling (--temperature > 0); greedy decoding (the default) "
             "ignores them")

@@ -50,6 +50,9 @@ class Int8Linear(nn.Module):
         return int8_linear(x, self.weight, self.scales)
 
 
+KERNEL_ROWS = {torch.bfloat16: 32, torch.float32: 2, torch.float16: 1}  # int8_linear's, per activation dtype
+
+
 def int8_linear(x, q, scales):
     """(x q^T) * s for x (..., in), q int8 (out, in), scales (out,) -> (..., out)."""
     if torch.is_grad_enabled() and x.requires_grad:
@@ -58,11 +61,11 @@ def int8_linear(x, q, scales):
     s = scales if scales.dtype == x.dtype else scales.to(x.dtype)  # stored in the model's dtype: no copy
     # torch's int8 kernel (as gpt-fast) is built for decode's few rows: its time grows with the rows, where
     # dequantising once for an ordinary matmul costs about the same for any few. At 7B's shapes on an Intel
-    # Xeon the kernel was the faster up to 32 rows in bf16, up to 2 in fp32 (where it is 8x slower than in
-    # bf16: `python bench.py --only int8`). In bf16 the kernel reads past a row whose length is not a
-    # multiple of 16 (wrong sums, or a segfault; torch 2.14 on an AVX-512 CPU): such layers (no LLaMA
-    # release has one) dequantise instead
-    if (x.device.type == "cpu" and x.shape[0] <= (2 if x.dtype == torch.float32 else 32)
+    # Xeon the kernel was the faster up to 32 rows in bf16, 2 in fp32 and 1 in fp16, the two far slower
+    # than bf16 (8x and more: `python bench.py --only int8`). In bf16 the kernel reads past a row whose
+    # length is not a multiple of 16 (wrong sums, or a segfault; torch 2.14 on an AVX-512 CPU): such layers
+    # (no LLaMA release has one) dequantise instead
+    if (x.device.type == "cpu" and x.shape[0] <= KERNEL_ROWS.get(x.dtype, 0)
             and hasattr(torch.ops.aten, "_weight_int8pack_mm") and (x.dtype != torch.bfloat16 or x.shape[1] % 16 == 0)):
         y = torch.ops.aten._weight_int8pack_mm(x, q, s)  # (N, out)
     else:  # dequantise, then an ordinary matmul (torch.compile fuses the two on CUDA)

@@ -473,6 +473,8 @@ def test_int8_in_float32_on_the_cpu_points_to_bfloat16(model_dir, capsys):
     argv = ["--model", model_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--quantize", "int8"]
     code, _, err = run_cli(capsys, *argv)
     assert code == 0 and "note: --quantize int8 in float32 on the CPU" in err and "--dtype bfloat16" in err
+    code, _, err = run_cli(capsys, *argv, "--dtype", "float16")
+    assert code == 0 and "note: --quantize int8 in float16 on the CPU" in err
     code, _, err = run_cli(capsys, *argv, "--dtype", "bfloat16")
     assert code == 0 and "note: --quantize int8" not in err
 
@@ -671,16 +673,15 @@ def test_bench_names_its_host_first(capsys):
         assert f"({kernels.cpu_info()['vendor_id']}, family " in first
 
 
-
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="torch's CPU int8 kernel")
 def test_bench_int8_section_times_both_ways_per_row_count(capsys):
     # the figures behind int8.int8_linear's row limits: a table per dtype and row count, and the limits
     import bench
     bench.main(["--quick", "--only", "int8"])
     out = capsys.readouterr().out
-    assert "5b. int8 products on the CPU" in out and out.count("bfloat16 ") >= 8 and out.count(" float32 ") >= 8
+    assert "5b. int8 products on the CPU" in out and out.count("bfloat16 ") >= 8 and out.count(" float32 ") >= 8 and out.count(" float16 ") >= 8
     lines = dict(line.split(": ") for line in out.splitlines() if line.startswith("int8_kernel_rows_"))
-    assert set(lines) == {"int8_kernel_rows_bfloat16", "int8_kernel_rows_float32"}
+    assert set(lines) == {"int8_kernel_rows_bfloat16", "int8_kernel_rows_float32", "int8_kernel_rows_float16"}
     assert all(v in {"0", "1", "2", "4", "8", "16", "32", "64", "128"} for v in lines.values())
 
 # ---------------------------------------------------------------------------------------

@@ -909,13 +909,14 @@ def test_int8_greedy_agrees_where_fp32_is_decided(int8_pair):
         assert torch.equal(tokens8[b, :k], tokens32[b, :k]), b
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [64, 172])  # 172: torch's bf16 int8 kernel reads past rows not a multiple of 16
-def test_int8_kernel_equals_dequantise_then_matmul(dtype, k):
-    """Int8Linear's CPU path (torch's int8 kernel where it exists) against the plain formula."""
+@pytest.mark.parametrize("rows", [(1, 1), (3, 5)])  # torch's int8 kernel at one row, dequantised at 15 (KERNEL_ROWS)
+def test_int8_kernel_equals_dequantise_then_matmul(dtype, k, rows):
+    """Int8Linear's CPU paths (torch's int8 kernel where it exists, for a few rows) against the plain formula."""
     from int8 import Int8Linear
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(172, k, generator=g), torch.randn(3, 5, k, generator=g).to(dtype)
+    w, x = torch.randn(172, k, generator=g), torch.randn(*rows, k, generator=g).to(dtype)
     layer = Int8Linear(k, 172)
     layer.weight, layer.scales = Int8Linear.quantize(w, dtype)
     assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() == 127
@@ -926,10 +927,10 @@ def test_int8_kernel_equals_dequantise_then_matmul(dtype, k):
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="torch's CPU int8 kernel")
-@pytest.mark.parametrize("dtype, kernel_rows", [(torch.bfloat16, 32), (torch.float32, 2)])
+@pytest.mark.parametrize("dtype, kernel_rows", [(torch.bfloat16, 32), (torch.float32, 2), (torch.float16, 1)])
 def test_int8_takes_torch_kernel_for_few_rows_only(dtype, kernel_rows):
-    # its time grows with the rows (and in fp32 is 8x its bf16 time): past these counts dequantise-then-matmul is the
-    # faster (`python bench.py --only int8`); the same products either way
+    # its time grows with the rows (and in fp32 and fp16 is 8x its bf16 time and more): past these counts
+    # dequantise-then-matmul is the faster (`python bench.py --only int8`); the same products either way
     from int8 import Int8Linear, int8_linear
     g = torch.Generator().manual_seed(0)
     q, s = Int8Linear.quantize(torch.randn(48, 64, generator=g), dtype)
