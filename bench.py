@@ -482,7 +482,8 @@ def bench_linear(a, rows=(1, 8), repeats=15):
     print(f"\n1c. linear: the {len(weights)} weights of section 1's model ({n_bytes / 1e6:.0f} MB, fp32) times a few "
           f"rows, {torch.get_num_threads()} threads; medians of {repeats} interleaved passes")
     table(table_rows, ["rows", "product", "ms", "GB/s", "GFLOP/s"])
-    print(f"generate.py's eager products on this {kernels.cpu_info().get('vendor_id', 'CPU')}: oneDNN's on packed weights, "
+    vendor = kernels.cpu_info().get("vendor_id", "CPU")
+    print(f"generate.py's eager products on this {vendor}: oneDNN's on packed weights, "
           + ("but MKL's on plain ones at one row (kernels.MKL_GEMV)" if kernels.MKL_GEMV else "at one row too")
           + "; a batch's with q, k, v and gate, up fused (kernels.fast_products)")
     return out | bench_batch_attention(a, repeats)
@@ -500,24 +501,22 @@ def bench_int8_rows(a, rows=(1, 2, 4, 8, 16, 32, 64, 128), repeats=5):
     g = torch.Generator().manual_seed(0)
     shapes = [(a.dim, a.dim), (a.hidden, a.dim), (a.dim, a.hidden)] if a.quick else [(4096, 4096), (11008, 4096),
                                                                                       (4096, 11008)]
+    weights = [torch.randint(-127, 128, shape, generator=g, dtype=torch.int8) for shape in shapes]
     table_rows, out = [], {}
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
-        wins = []
+        name, limit, winning = str(dtype).removeprefix("torch."), 0, True
         for n in rows:
             times = {"kernel": 0.0, "dequantise": 0.0}
-            for out_f, in_f in shapes:
-                q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
-                s, x = torch.rand(out_f, generator=g).to(dtype), torch.randn(n, in_f, generator=g).to(dtype)
+            for q in weights:
+                s, x = torch.rand(q.shape[0], generator=g).to(dtype), torch.randn(n, q.shape[1], generator=g).to(dtype)
                 med = interleaved_medians({"kernel": lambda: torch.ops.aten._weight_int8pack_mm(x, q, s),
                                            "dequantise": lambda: torch.nn.functional.linear(x, q.to(dtype)) * s},
                                           repeats)
                 times = {k: times[k] + med[k] for k in times}
-            wins.append(times["kernel"] < times["dequantise"])
-            table_rows.append([str(dtype).removeprefix("torch."), n, f"{times['kernel'] * 1e3:.2f}",
-                               f"{times['dequantise'] * 1e3:.2f}"])
-        # the most rows up to which the kernel is the faster at every count
-        out[f"int8_kernel_rows_{str(dtype).removeprefix('torch.')}"] = max(
-            [n for n, _ in zip(rows, wins) if all(wins[:rows.index(n) + 1])], default=0)
+            table_rows.append([name, n, f"{times['kernel'] * 1e3:.2f}", f"{times['dequantise'] * 1e3:.2f}"])
+            winning = winning and times["kernel"] < times["dequantise"]  # the faster at every count so far
+            limit = n if winning else limit
+        out[f"int8_kernel_rows_{name}"] = limit
     print(f"\n5b. int8 products on the CPU, {torch.get_num_threads()} threads: torch's int8 kernel against "
           f"dequantising then a matmul, summed over the layer shapes {shapes}; medians of {repeats} passes")
     table(table_rows, ["dtype", "rows", "kernel ms", "dequantise + matmul ms"])
