@@ -261,6 +261,6 @@ def fits_table(seq=2048):
 
 
 if __name__ == "__main__":
-    print("| setup | trains | grad ckpt | batch | weights | grads + Adam | activations | total GB | fits 24 / 48 / 80 |")
+    print("| setup | trains | grad ckpt | batch | weights | grads + Adam | activations | total GiB | fits 24 / 48 / 80 |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(fits_table()))
