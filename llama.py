@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from int8 import check_quantize, int8_linears, int8_reader
 import kernels
 from kernels import Linear
-from weights import CheckpointError, check_positive, load_state, read_checkpoint, read_config, remap
+from weights import CheckpointError, check_bool, check_positive, load_state, read_checkpoint, read_config, remap
 
 
 @dataclass
@@ -46,6 +46,7 @@ class LlamaConfig:
         # unchecked config.json fields must fail here, named, not as a shape error or NaN logits (rope_theta 0)
         check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"),
                        ("norm_eps", "rope_theta"))
+        check_bool(self, ("tie_embeddings",))
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.n_heads} heads do not divide dim {self.dim}, or {self.n_kv_heads} key/value "
                              f"heads do not divide them")

@@ -28,7 +28,7 @@ from int8 import check_quantize, int8_linears, int8_reader
 from llama import Llama, LlamaConfig
 from tokenizer import Tokenizer
 from vit import ViT, ViTConfig
-from weights import (CheckpointError, check_memory, load_state, read_checkpoint, read_config, tensor_sizes,
+from weights import (CheckpointError, check_bool, check_memory, load_state, read_checkpoint, read_config, tensor_sizes,
                      write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
@@ -59,6 +59,12 @@ class MRAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} is {value!r}, expected a positive whole number of pixels")
+        check_bool(self, ("adapters",))
+        if self.arch == "llava-hr":  # the ConvNeXt's grid is aligned to the ViT's (align): one must divide the other
+            h, side = self.image_size // 2 ** (len(self.convnext.dims) + 1), math.isqrt(self.visual_tokens)
+            if not h or max(h, side) % min(h, side):
+                raise ValueError(f"image_size {self.image_size} gives the ConvNeXt a {h}x{h} grid and the ViT a "
+                                 f"{side}x{side} one: one must divide the other (LLaVA-HR's sizes: 384, 768, 1024, 1536)")
 
     @classmethod
     def from_name(cls, name):

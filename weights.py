@@ -57,9 +57,16 @@ def check_positive(cfg, whole=(), real=(), prefix=""):
     as it is made: read from a file, a 0 or a string would fail later as a shape error or NaN, unnamed."""
     for name in (*whole, *real):
         value, kinds = getattr(cfg, name), int if name in whole else (int, float)
-        if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"{prefix}{name} is {value!r}, expected a positive "
-                             f"{'whole number' if name in whole else 'number'}")
+        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ValueError(f"{prefix}{name} is {value!r}, expected a positive"
+                             f"{' whole number' if name in whole else ', finite number'}")
+
+
+def check_bool(cfg, names, prefix=""):
+    """A config's true/false fields: from a file, "false" (a string) would count as true."""
+    for name in names:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{prefix}{name} is {getattr(cfg, name)!r}, expected true or false")
 
 
 def read_config(path, parse=lambda d: d):

@@ -587,7 +587,8 @@ def test_convert_refuses_a_missing_parent_and_meta_tensors_in_one_line(tmp_path)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(rope_theta=0), r"rope_theta is 0, expected a positive number"),
+    (dict(rope_theta=0), r"rope_theta is 0, expected a positive, finite number"),
+    (dict(rope_theta=1e400), r"rope_theta is inf, expected a positive, finite number"),  # JSON's 1e400: inf
     (dict(num_attention_heads=0), r"n_heads is 0, expected a positive whole number"),
     (dict(hidden_size=64.0), r"dim is 64\.0, expected a positive whole number"),
     (dict(num_key_value_heads=3), r"3 key/value heads do not divide them"),
@@ -598,7 +599,7 @@ def test_convert_refuses_a_missing_parent_and_meta_tensors_in_one_line(tmp_path)
     (dict(mm_use_im_start_end=True), r"mm_use_im_start_end True: the <im_start> and <im_end> tokens .* not "
                                      r"implemented"),
     (dict(sliding_window=1024), r"sliding_window=1024, which llama\.py does not implement"),
-], ids=["rope-theta", "heads", "float-width", "kv-heads", "image-size", "projector", "anyres", "im-start-end",
+], ids=["rope-theta", "rope-theta-inf", "heads", "float-width", "kv-heads", "image-size", "projector", "anyres", "im-start-end",
         "sliding-window"])
 def test_a_config_json_the_code_cannot_honour_is_refused_by_name(hr_parts, tmp_path, edit, message):
     path = write_release(tmp_path, release_state(**hr_parts), llava_config(384) | edit)

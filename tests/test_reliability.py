@@ -689,7 +689,15 @@ def test_config_problems_name_the_file(tmp_path):
     (lambda d: d["vit"].update(patch_size=0), "patch_size is 0, expected a positive whole number"),
     (lambda d: d["vit"].update(patch_size=224), "vit.image_size 112 is below one patch of 224"),
     (lambda d: d["convnext"].update(dims=[8, 16]), "convnext: 4 depths for 2 dims, one of each per stage"),
-    (lambda d: d["convnext"].update(eps=0), "eps is 0, expected a positive number")])
+    (lambda d: d["convnext"].update(eps=0), "eps is 0, expected a positive, finite number"),
+    # Infinity is JSON to Python: an eps or a RoPE base of inf loaded and answered NaN or without RoPE
+    (lambda d: d["llm"].update(norm_eps=float("inf")), r"norm_eps is inf, expected a positive, finite number"),
+    (lambda d: d["vit"].update(eps=float("inf")), r"vit.eps is inf, expected a positive, finite number"),
+    # a string "false" is true to Python: the head was untied (a key error) or adapters built
+    (lambda d: d["llm"].update(tie_embeddings="false"), "tie_embeddings is 'false', expected true or false"),
+    (lambda d: d.update(adapters="no"), "adapters is 'no', expected true or false"),
+    # grids that do not divide failed after the model loaded, naming neither file nor field
+    (lambda d: d.update(image_size=100), r"image_size 100 gives the ConvNeXt a 3x3 grid and the ViT a 8x8 one")])
 def test_tower_config_problems_name_the_file(tmp_path, edit, message):
     """The towers' fields in mra_config.json are checked as the LLM's are: before, a ViT whose heads do
     not divide its width loaded and failed at the first image, deep in attention (and a patch of 0 or
