@@ -42,6 +42,10 @@ class ContextError(ValueError):
     """A prompt that cannot fit in the LLM's context."""
 
 
+class NaNError(ValueError):
+    """Next-token scores that hold NaN: no token can be read from them (argmax would pick one anyway)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling: pure functions of the logits
 
@@ -71,7 +75,11 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that logits / it is argmax anyway (or
         return logits.argmax(-1)  # NaN: below 1e-45 float32 holds it as 0, and 0 / 0 is no probability)
     probs = warp(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # a NaN score makes its row's probabilities NaN, which multinomial refuses (on CUDA, as a device
+    # assert): such a row is given the NaN's id, as argmax picks it, for decode_n_tokens to report
+    nan = probs.isnan().any(-1)
+    drawn = torch.multinomial(probs.masked_fill(nan[:, None], 1), 1, generator=generator).squeeze(-1)
+    return torch.where(nan, logits.argmax(-1), drawn)
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,11 +183,21 @@ def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=
     with contextlib.ExitStack() as steady:
         for i in range(max_new_tokens):
             tokens = pick(logits)
+            # NaN scores (float16 overflowing, NaN weights) pick a NaN's id (argmax, and sample for such
+            # a row): that token's score is NaN, read as -1 with the tokens (a whole row's check cost more)
+            nan = logits.gather(-1, tokens[:, None]).squeeze(-1).isnan()
             more = i < max_new_tokens - 1
             early = ahead and more and i > 0  # not the first step: it compiles, and the first token shows now
             if early:
                 logits = step(tokens, cache)
-            for b, t in enumerate(tokens.tolist()):  # the one host sync per step
+            for b, t in enumerate(torch.where(nan, -1, tokens).tolist()):  # the one host sync per step
+                if t == -1 and not done[b]:
+                    row = f" of prompt {b + 1}" if len(out) > 1 else ""
+                    e = NaNError(f"the model's scores for new token {i + 1}{row} are NaN: an activation overflowed "
+                                 f"(float16 does where bfloat16 and float32 do not: try --dtype bfloat16) or the "
+                                 f"weights hold NaN or inf")
+                    e.row = b
+                    raise e
                 done[b] = done[b] or t == eos_id
                 if not done[b]:
                     out[b].append(t)
@@ -396,12 +414,16 @@ def answer_file(model, tok, args, pick, step, questions, answered):
                 except data.DataError as e:
                     raise data.DataError(f"{where}: {e}; the answers so far are kept: fix or drop that "
                                          f"line and run again to go on") from None
-                batch.append((q, ids))
+                batch.append((q, ids, n))
             if batch:
-                outs = generate(model, [ids for _, ids in batch], torch.stack(images) if images else None,
-                                max_new_tokens=args.max_new_tokens, pick=pick, eos_id=tok.eos_id,
-                                pad_id=tok.pad_id, step=step)
-                for (q, _), ids in zip(batch, outs):
+                try:
+                    outs = generate(model, [ids for _, ids, _ in batch], torch.stack(images) if images else None,
+                                    max_new_tokens=args.max_new_tokens, pick=pick, eos_id=tok.eos_id,
+                                    pad_id=tok.pad_id, step=step)
+                except NaNError as e:  # no answer is written for that batch, nor any after it
+                    n = batch[e.row][2]
+                    raise NaNError(f"{args.questions} line {n}: {e}; the answers so far are kept") from None
+                for (q, _, _), ids in zip(batch, outs):
                     out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
                                               text=tok.decode(ids).strip(), answer_id=short_id(),
                                               model_id=model_id, metadata=metadata)) + "\n")
