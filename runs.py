@@ -134,12 +134,20 @@ def check_out(out, resume):
     """Refuse an --out that is a file, or a checkpoint rather than the run directory that holds one."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out}: is a file, not a directory")
-    if any(os.path.isfile(os.path.join(out, f)) for f in ("train_state.pt", "mra_config.json")):
+    def checkpoint(d):
+        return any(os.path.isfile(os.path.join(d, f)) for f in ("train_state.pt", "mra_config.json"))
+    if checkpoint(out):
         # a run's OUT/ckpt, say: a run inside it would be deleted with it, at the next save of the run that holds it
         raise SystemExit(f"error: --out {out} is a checkpoint, not a run directory: " + (
             f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(out))}" if resume else
             f"a run inside it would be deleted when it is next replaced; pick another --out (--init {out} starts "
             f"from its weights)"))
+    above = os.path.dirname(os.path.abspath(out))
+    while not checkpoint(above) and os.path.dirname(above) != above:  # OUT/ckpt/sub: deleted with OUT/ckpt too
+        above = os.path.dirname(above)
+    if checkpoint(above):
+        raise SystemExit(f"error: --out {out} lies inside the checkpoint {above}: a run there would be deleted when "
+                         f"that checkpoint is next replaced; pick another --out")
 
 
 def claim_out(out):

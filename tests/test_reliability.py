@@ -163,6 +163,11 @@ def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tm
                                              r"would be deleted when it is next replaced; pick another --out \(--init "
                                              r"\S*run/ckpt starts from its weights\)$"):
             train(args(env, out / "ckpt", 2, *COMMON, "--max-steps", 1, *extra))
+    # or a directory inside it: deleted with it as well (a run there was accepted, then lost at that save)
+    with pytest.raises(SystemExit, match=r"--out \S*run/ckpt/sub/run lies inside the checkpoint \S*run/ckpt: a run "
+                                         r"there would be deleted when that checkpoint is next replaced; pick another "
+                                         r"--out$"):
+        train(args(env, out / "ckpt" / "sub" / "run", 2, *COMMON, "--max-steps", 1))
     assert sorted(os.listdir(out / "ckpt")) == before
     train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", "--group-by-length", "--seed", 42))
 
