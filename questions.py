@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 
 import data
+from weights import fingerprint
 
 
 def log(*a, **kw):
@@ -101,7 +102,9 @@ def read_questions(args):
     answered, ours = Counter(), settings(args)
     for n, a in answers:
         theirs = a.get("metadata")
-        if isinstance(theirs, dict) and "model" in theirs and theirs != ours:  # not LLaVA's {}: a run of ours
+        if isinstance(theirs, dict) and "model" in theirs:  # not LLaVA's {}: a run of ours
+            theirs = {"weights": ours["weights"]} | theirs  # (a file begun before the weights were recorded)
+        if isinstance(theirs, dict) and "model" in theirs and theirs != ours:
             changed = ", ".join(f"{k} {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs.keys() | ours)
                                 if theirs.get(k) != ours.get(k))
             raise data.DataError(f"{args.answers} line {n}: answered by a run with other settings ({changed}): the "
@@ -123,11 +126,15 @@ def read_questions(args):
 
 def settings(args):
     """What a run's answers are generated with, written as each answer's `metadata` (LLaVA's is empty): a
-    rerun adds to an answers file only as the run that began it (one benchmark figure, one model)."""
+    rerun adds to an answers file only as the run that began it (one benchmark figure, one model). The
+    weights are named by their paths and by weights.fingerprint of each: a run's OUT/ckpt, say, is the
+    same path after every save."""
     path = lambda p: p and os.path.realpath(p)  # noqa: E731
     sampling = (dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.temperature > 0
                 else dict(temperature=0.0))  # greedy: top-p and top-k play no part
+    given = [p for p in (args.model, args.lora, args.model_base, args.vit) if p]
     return dict(model=path(args.model), lora=path(args.lora), model_base=path(args.model_base), vit=path(args.vit),
+                weights=" ".join(fingerprint(p)[:16] for p in given),
                 conv_mode=args.conv_mode, dtype=args.dtype, quantize=args.quantize,
                 max_new_tokens=args.max_new_tokens, **sampling)
 

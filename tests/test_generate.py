@@ -23,6 +23,7 @@ import generate
 import kernels
 import llama
 import mra
+import weights
 from llama import LlamaConfig
 from test_mra import randomise, tiny_cfg
 from test_tokenizer import training_lines
@@ -416,7 +417,7 @@ def test_batch_answers_in_llava_format_and_resume(model_dir, model, tok, images,
         assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
         assert a["prompt"] == q["text"] and a["model_id"] == model_dir.name
         assert a["metadata"] == dict(model=os.path.realpath(model_dir), lora=None, model_base=None, vit=None,
-                                     conv_mode="vicuna_v1", dtype="float32", quantize=None, max_new_tokens=MAX_NEW,
+                                     weights=weights.fingerprint(str(model_dir))[:16], conv_mode="vicuna_v1", dtype="float32", quantize=None, max_new_tokens=MAX_NEW,
                                      temperature=0.0)
         assert isinstance(a["answer_id"], str) and len(a["answer_id"]) >= 20
         img = pixels(model, folder / q["image"])[None] if "image" in q else None
@@ -764,6 +765,35 @@ def test_answers_of_a_run_with_other_settings_are_not_added_to(model_dir, tmp_pa
                            "--max-new-tokens", 2, "--dtype", "float32", "--batch-size", 2)
     assert code == 0 and "resuming: 3 of 4" in err and len(read_jsonl(a)) == 4, err
     assert read_jsonl(a)[-1]["metadata"] == read_jsonl(a)[1]["metadata"]
+
+
+def test_answers_of_other_weights_at_the_same_path_are_not_added_to(model_dir, tmp_path, capsys):
+    # a run's OUT/ckpt is one path whatever its weights: a file begun on one save resumed on the next
+    from safetensors.torch import load_file, save_file
+
+    m, q, a = tmp_path / "m", tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    m.mkdir()
+    for f in os.listdir(model_dir):
+        (m / f).write_bytes((model_dir / f).read_bytes())
+    q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2, "text": "Bye"}\n')
+    assert answers_run(capsys, m, q, a)[0] == 0
+    before = read_jsonl(a)[0]["metadata"]["weights"]
+    save_file({k: -v for k, v in load_file(m / "model.safetensors").items()}, m / "model.safetensors")
+    q.write_text(q.read_text() + '{"question_id": 3, "text": "Why?"}\n')
+    kept = a.read_bytes()
+    code, _, err = answers_run(capsys, m, q, a)
+    now = weights.fingerprint(str(m))[:16]
+    assert before != now and code == 1 and err == f"error: {a} line 1: answered by a run with other settings " \
+        f"(weights {before!r}, now {now!r}): the two would mix in one file; name a new file for --answers, or run " \
+        f"as before\n", err
+    assert a.read_bytes() == kept
+    # a file begun before the weights were recorded resumes as it did
+    lines = read_jsonl(a)
+    for line in lines:
+        del line["metadata"]["weights"]
+    a.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, _, err = answers_run(capsys, m, q, a)
+    assert code == 0 and "resuming: 2 of 3" in err and read_jsonl(a)[-1]["metadata"]["weights"] == now
 
 
 def test_answers_file_is_not_the_questions_file(model_dir, tmp_path, capsys):
