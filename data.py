@@ -337,8 +337,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 return self.load(j) | dict(skipped=skipped)
             except DataError as e:  # found only now, mid-run (decoding every image up front would take long)
                 if not self.skip_bad:
-                    raise DataError(f"{self.records[j]['where']}: {e}; fix or drop it and start again, or pass "
-                                    f"--skip-bad (with --resume, to go on from the last checkpoint)") from None
+                    raise DataError(f"{self.records[j]['where']}: {e}") from None  # train.py says the way on
         raise DataError(f"{self.path}: every record {'with' if self.has_image[i] else 'without'} an image is bad")
 
 

@@ -82,6 +82,9 @@ def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
     disk) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
+        if globals().get("replacing"):
+            return tqdm.write(f"interrupted before the first step: {args.out} holds the run --overwrite was to "
+                              f"replace, as it was", file=sys.stderr)
         paths = globals().get("ckpt_dir"), globals().get("log_path")  # None before that, and under --dry-run
         return tqdm.write(runs.interrupted(*paths), file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
@@ -596,6 +599,9 @@ def get_lr(step):
 
 def way_on(cause):
     """The way on, in words, from a run stopped by an error: the last checkpoint is as it was."""
+    if replacing:
+        return (f"{args.out} holds the run --overwrite was to replace, as it was (it goes after the first step); "
+                f"once the cause is fixed ({cause}), run the same command again")
     return (f"the last checkpoint {ckpt_dir} is untouched; once the cause is fixed ({cause}), --resume continues "
             f"from it" if os.path.isdir(ckpt_dir) else
             f"no checkpoint kept; once the cause is fixed ({cause}), --overwrite starts over")
@@ -681,9 +687,9 @@ def save(step):
 # -----------------------------------------------------------------------------
 # training loop
 
+replacing = args.overwrite  # the old run goes only once the new one has made a step (bad data found at the
+# first batch, a NaN loss, running out of memory: each leaves it as it was)
 if master:
-    if args.overwrite:  # asked for: the old run goes only now that the new one is ready to start
-        runs.delete_run(ckpt_dir, log_path)
     if args.resume:  # steps logged after the last save are run again: drop them
         runs.trim_log(log_path, start_step)
     print(f"stage {args.stage}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; R={cfg.image_size}, "
@@ -704,7 +710,7 @@ if master:
     if by_modality and (epoch - len(ds)) * 10 > epoch:  # a tenth of each epoch repeats: a small dataset
         print(f"note: an epoch is {epoch} samples for {len(ds)} records: each modality's last global batch of "
               f"{global_batch} is filled up with repeats of its own records; a smaller --global-batch repeats fewer")
-log = open(log_path, "a") if master else None
+log = open(log_path, "a") if master and not replacing else None
 bar = tqdm(total=stop_step, initial=start_step, disable=not master, desc=f"stage {args.stage}", dynamic_ncols=True)
 batches = iter(loader)  # draws a seed from the global RNG: the saved state goes back only after it
 if args.resume:  # dropout (LoRA's) then draws the masks the uninterrupted run drew
@@ -722,7 +728,12 @@ for step in range(start_step, stop_step):
         g["lr"] = lr * g["scale"]
     sums = torch.zeros(3, device=device)  # over micro-batches (and ranks): loss, tokens, samples skipped
     for k in range(accum):
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except data.DataError as e:  # a record found bad as it loads (under workers: the last line of their traceback)
+            bar.close()
+            last = re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1])
+            leave(f"error: step {step + 1}: {last}; {way_on('fix or drop it, or pass --skip-bad to skip such records')}")
         # DDP: average gradients across ranks only once, after the last micro-batch
         sync = model.no_sync() if isinstance(model, DDP) and k < accum - 1 else nullcontext()
         with sync, autocast:
@@ -759,6 +770,10 @@ for step in range(start_step, stop_step):
     t0 = time.time()
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
     bar.update()
+    if master and replacing:  # --overwrite: the new run has made its first step
+        runs.delete_run(ckpt_dir, log_path)
+        log = open(log_path, "a")
+    replacing = False
     if master:
         entry = dict(step=done, loss=loss, lr=lr, tokens=int(tokens), tokens_per_s=tok_s,
                      skipped=skipped, time=time.time())

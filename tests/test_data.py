@@ -431,8 +431,7 @@ def test_truncation(tmp_path, tok):
     assert short["labels"].tolist() == full["labels"][:n].tolist()
     assert data.MAX_LEN == {"plain": 2048, "vicuna_v1": 2496}
     # nothing left to learn after truncation: refused, never a sample of pure -100
-    with pytest.raises(DataError, match=r"record 0 \(id a\): no answer tokens left within 10 tokens; fix or drop "
-                                        r"it and start again, or pass --skip-bad \(with --resume, to go on"):
+    with pytest.raises(DataError, match=r"record 0 \(id a\): no answer tokens left within 10 tokens$"):
         LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, max_len=10)[0]
 
 
@@ -505,8 +504,7 @@ def test_unreadable_image_at_load_time(tmp_path, tok):
     path = write_dataset(tmp_path, records())
     (tmp_path / "images" / "1.png").write_bytes(b"corrupt")
     ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)
-    with pytest.raises(DataError, match=r"data.json record 2 \(id c\): .*1.png: cannot read image .*; fix or drop "
-                                        r"it and start again, or pass --skip-bad"):
+    with pytest.raises(DataError, match=r"data.json record 2 \(id c\): .*1.png: cannot read image .*\)$"):
         ds[2]
     ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, skip_bad=True)
     item = ds[2]  # replaced by the next good record, and counted

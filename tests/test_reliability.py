@@ -59,6 +59,14 @@ def test_rerun_is_refused_and_overwrite_starts_over(env, tmp_path):
     with pytest.raises(SystemExit, match="already holds a run .*--resume continues it, --overwrite starts over"):
         train(args(env, out, 2, *COMMON, "--max-steps", 1))
     assert ((out / "ckpt" / "model.safetensors").read_bytes(), (out / "log.jsonl").read_text()) == before
+    # an --overwrite run stopped before its first step (here by a record found bad as it loads) left only an
+    # empty log: the old run goes once the new one has made a step
+    with pytest.raises(SystemExit, match=r"^error: step 1: \S*chats.json record \d+ \(id \w+\): no answer tokens left "
+                                         r"within 10 tokens; \S*run holds the run --overwrite was to replace, as it was "
+                                         r"\(it goes after the first step\); once the cause is fixed \(fix or drop it, "
+                                         r"or pass --skip-bad to skip such records\), run the same command again$"):
+        train(args(env, out, 2, *COMMON, "--max-steps", 1, "--overwrite", "--max-len", 10))
+    assert ((out / "ckpt" / "model.safetensors").read_bytes(), (out / "log.jsonl").read_text()) == before
     train(args(env, out, 2, *COMMON, "--max-steps", 1, "--overwrite"))
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
