@@ -116,6 +116,16 @@ def move_image_first(text):
     return ("<image>\n" + text.replace("<image>", "").strip()).strip()
 
 
+def not_a_character(text):
+    """The first code point of text that is no character, or None: a lone surrogate, from a JSON
+    "\\ud800" or a byte that is not UTF-8 (argv and stdin read it as one), fails in sentencepiece."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None
+
+
 def _check_turns(turns):
     for i, (role, text) in enumerate(turns):
         if role != ("human", "gpt")[i % 2]:
@@ -277,6 +287,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise DataError(f"{len(turns)} turns: the last human turn has no answer")
         # what build_prompt / encode would refuse mid-run, found here by string checks alone
         for i, (role, text) in enumerate(turns):
+            if bad := not_a_character(text):  # sentencepiece would fail mid-run, a traceback
+                raise DataError(f"turn {i} ({role}) holds {bad!r}, a lone surrogate, no character")
             if not text:  # the template reads an empty turn as an open one (LLaVA masks the whole sample)
                 raise DataError(f"turn {i} ({role}) is empty")
             if "<unk>" in text:  # LLaVA pads with <unk>: its collator would hide it and mask the whole sample

@@ -8,21 +8,12 @@ import sys
 from collections import Counter
 
 import data
+from data import not_a_character
 from weights import fingerprint
 
 
 def log(*a, **kw):
     print(*a, file=sys.stderr, flush=True, **kw)
-
-
-def not_a_character(text):
-    """The first code point of text that is no character, or None: a lone surrogate, from a JSON
-    "\\ud800" or a byte that is not UTF-8 (argv and stdin read it as one), fails in sentencepiece."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return text[e.start]
-    return None
 
 
 def read_jsonl(path, check, text=None):

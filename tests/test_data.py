@@ -458,6 +458,9 @@ BAD = [
      "record 1 \\(id r\\): a turn holds the template's separator"),
     (dict(id="q", conversations=conv("Q", "A</s>B")), "record 1 \\(id q\\): a turn holds the template's separator"),
     (dict(id="p", image="0.png", conversations=conv("Q", "<image> A")), "record 1 \\(id p\\): the '<image>' tag is in a gpt"),
+    # JSON's "\\ud800": sentencepiece failed on it mid-run, a traceback that --skip-bad did not catch
+    (dict(id="o", conversations=conv("hi \ud800", "A")),
+     "record 1 \\(id o\\): turn 0 \\(human\\) holds '\\\\ud800', a lone surrogate, no character"),
 ]
 
 
