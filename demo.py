@@ -283,11 +283,23 @@ def run(argv):
         raise SystemExit(f"error: --out {demo.out} already holds a demo run ({', '.join(done)}): --overwrite "
                          f"starts over (deleting it), or pick another --out")
     d = demo.data_dir
-    os.makedirs(demo.out, exist_ok=True)
     config = demo.config or os.path.join(demo.out, "config.json")
-    if not demo.config:
+    new_out, wrote = not os.path.isdir(demo.out), False
+    if not demo.config:  # the demo's config, written into --out: never over a file of the user's
+        ours, existed = json.loads(json.dumps(mra.MRAConfig.from_name("demo").to_dict())), os.path.exists(config)
+        if existed and not done:  # (beside a demo run's stages it is an earlier demo's)
+            try:
+                with open(config) as f:
+                    theirs = json.load(f)
+            except (OSError, ValueError):
+                theirs = None
+            if theirs != ours:
+                raise SystemExit(f"error: --out {demo.out} holds a config.json that is not the demo's: pick another "
+                                 f"--out (or pass that file as --config)")
+        os.makedirs(demo.out, exist_ok=True)
         with open(config, "w") as f:
-            json.dump(mra.MRAConfig.from_name("demo").to_dict(), f, indent=1)
+            json.dump(ours, f, indent=1)
+        wrote = not existed
     common = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", config, "--tokenizer", f"{d}/tokenizer.model",
               "--image-folder", f"{d}/train", "--global-batch", "16", "--batch-size", "16", "--lr", "1e-3",
               "--workers", "1", "--save-every", "0",
@@ -303,7 +315,12 @@ def run(argv):
     for stage in stages:
         i = stage.index("--init") if "--init" in stage else len(stage)
         if subprocess.run(common + stage[:i] + stage[i + 2:] + rest + ["--dry-run"], stdout=subprocess.DEVNULL).returncode:
+            if wrote:  # nothing left behind
+                os.remove(config)
+                if new_out:
+                    os.rmdir(demo.out)
             sys.exit(1)  # train.py printed its own error
+    os.makedirs(demo.out, exist_ok=True)  # (with --config)
     try:
         prepare(d, n_train=demo.scenes, n_test=demo.test_scenes)
         if demo.tower_steps:

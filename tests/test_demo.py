@@ -119,7 +119,16 @@ def test_demo_preset_checks_the_flags_for_train_py_before_the_data_and_stage_0(t
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and run.stderr.strip().splitlines() == [
         "train.py: error: unrecognized arguments: --max-stepz 2 (see --help)"], run.stderr[-2000:]
-    assert not d.exists() and not (out / "stage0").exists()
+    assert not d.exists() and not out.exists()  # not even the config.json it was checked with
+    # a config.json of the user's in --out was overwritten before anything was checked
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "config"}')
+    run = subprocess.run([sys.executable, "train.py", "--preset", "demo", "--out", str(out), "--data-dir", str(d)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == [
+        f"error: --out {out} holds a config.json that is not the demo's: pick another --out (or pass that file as "
+        f"--config)"], run.stderr[-2000:]
+    assert (out / "config.json").read_text() == '{"my": "config"}' and not d.exists()
 
 
 def test_demo_preset_end_to_end(tmp_path):
