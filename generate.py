@@ -35,7 +35,7 @@ import mra
 import release
 from int8 import Int8Linear
 from mra import IMAGE_TOKEN
-from questions import not_a_character, read_questions, settings
+from questions import answers_lock, not_a_character, read_questions, settings
 
 
 class ContextError(ValueError):
@@ -588,7 +588,8 @@ def load_model(args, tok, dtype, device):
     return model
 
 
-def run(args):
+def run(args, held):
+    """held: an ExitStack that holds what must stay held until the run ends (the answers file's lock)."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)  # parse_args resolved the default: float32 on CPU, float16 on GPU
     image = check_inputs(args)
@@ -599,6 +600,8 @@ def run(args):
     if args.temperature == 0 and (args.top_p != 1.0 or args.top_k != 50 or args.seed is not None):
         log("note: --top-p, --top-k and --seed shape sampling (--temperature > 0); greedy decoding (the default) "
             "ignores them")
+    if args.questions:  # a second run on the same answers file is refused now, not found doubled later
+        held.enter_context(answers_lock(args.answers))
     questions, answered = read_questions(args) if args.questions else (None, None)
     if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
         log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
@@ -648,7 +651,8 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        with contextlib.ExitStack() as held:
+            run(args, held)
     except (ValueError, OSError) as e:  # DataError, CheckpointError, ContextError, missing files
         if args.debug:
             raise

@@ -2,10 +2,17 @@
 loads (a bad line is named now, not hours into a benchmark), and the answers .jsonl that a run appends
 to and a rerun resumes (only its own answers; a last line cut short by a crash is dropped and asked
 again). generate.answer_file answers what is left."""
+import contextlib
+import errno
 import json
 import os
 import sys
 from collections import Counter
+
+try:
+    import fcntl  # the answers file's lock (POSIX); elsewhere a run goes without it
+except ImportError:
+    fcntl = None
 
 import data
 from data import not_a_character
@@ -54,6 +61,29 @@ def question_problem(q, image_folder, conv_mode="vicuna_v1"):
         return "a text-only question, but --conv-mode plain (stage 1) captions an image; give it one, or use " \
                "--conv-mode vicuna_v1"
     return None
+
+
+@contextlib.contextmanager
+def answers_lock(path):
+    """One run at a time on an answers file: two would both answer every question left, each line twice.
+    A lock on the open file itself (flock: one per open file, so the reads and appends that open it
+    again keep it), released when the run ends however it ends; a file it made and left empty goes."""
+    made = not os.path.exists(path)
+    with open(path, "a") as f:
+        try:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS, FUSE)
+                log(f"note: --answers {path}: cannot be locked ({e.strerror}); nothing stops a second run on it")
+            else:
+                raise data.DataError(f"--answers {path}: another generate.py is writing it; wait for it to end, "
+                                     f"or name another file") from None
+        try:
+            yield
+        finally:
+            if made and os.path.isfile(path) and os.path.getsize(path) == 0:
+                os.remove(path)
 
 
 def read_questions(args):

@@ -796,6 +796,24 @@ def test_answers_of_other_weights_at_the_same_path_are_not_added_to(model_dir, t
     assert code == 0 and "resuming: 2 of 3" in err and read_jsonl(a)[-1]["metadata"]["weights"] == now
 
 
+def test_a_second_run_on_one_answers_file_is_refused(model_dir, tmp_path, capsys):
+    # two runs on one --answers both answered every question: each line twice, then a rerun refused the file
+    fcntl = pytest.importorskip("fcntl")
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n')
+    with open(a, "a") as other:  # as another generate.py holds it
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = answers_run(capsys, model_dir, q, a)
+    assert code == 1 and err == f"error: --answers {a}: another generate.py is writing it; wait for it to end, or " \
+        f"name another file\n", err
+    assert a.read_bytes() == b""
+    assert answers_run(capsys, model_dir, q, a)[0] == 0 and len(read_jsonl(a)) == 1  # released: runs
+    # a run that answered nothing leaves no empty answers file of its own making behind
+    q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2}\n')
+    code, _, err = answers_run(capsys, model_dir, q, tmp_path / "new.jsonl")
+    assert code == 1 and "line 2" in err and not (tmp_path / "new.jsonl").exists()
+
+
 def test_answers_file_is_not_the_questions_file(model_dir, tmp_path, capsys):
     q = tmp_path / "q.jsonl"
     q.write_text('{"question_id": 1, "text": "Hi"}\n')
