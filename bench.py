@@ -916,7 +916,12 @@ def pil_scene(rng, size=256):
 def make_pil_heldout(out, n, seed=2):
     """n pil_scene scenes as JPEG 90 under out/images, every question of each in questions.jsonl."""
     import random
-    if os.path.isfile(os.path.join(out, "questions.jsonl")):
+    if os.path.isfile(os.path.join(out, "questions.jsonl")):  # drawn earlier: reused if it is as asked
+        with open(os.path.join(out, "questions.jsonl")) as f:
+            had = len({json.loads(line)["image"] for line in f if line.strip()})
+        if had != n:
+            raise SystemExit(f"error: {out} holds {had} scenes drawn earlier, not the {n} asked for: --pil-scenes "
+                             f"{had} reuses them, or delete {out} to draw {n}")
         return out
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rng, answers = random.Random(seed), []
@@ -1548,8 +1553,18 @@ def bench_ckpt1024(a):
             f"ckpt{R}_peak_gb_no_ckpt": rows[0][4]}
 
 
+def at_least(low):
+    """An argparse type: a whole number >= low (a negative --threads was torch's traceback, a negative
+    --text-tokens one from inside the FLOP counter)."""
+    def parse(text):
+        if not (text.lstrip("-").isdigit() and int(text) >= low):
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, not {text!r}")
+        return int(text)
+    return parse
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = generate.Parser(prog="bench.py", description=__doc__.split("\n\n")[0])  # a flag's slip: one line
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (of the default sections, or those --only names)")
     p.add_argument("--only", choices=["decode", "7b", "batch", "linear", "ttft", "table1", "experiment", "scale", "int8",
                                       "stage2", "lean", "ckpt1024"],
@@ -1559,23 +1574,23 @@ def main(argv=None):
     p.add_argument("--experiment-out", default="out/experiment")
     p.add_argument("--arms", default="abcd",
                    help="experiment: the arms to train, by letter (d: all three ablations) or index 0-5")
-    p.add_argument("--pil-scenes", type=int, default=300, help="experiment: scenes in the independent held-out set")
+    p.add_argument("--pil-scenes", type=at_least(1), default=300, help="experiment: scenes in the independent held-out set")
     # e.g. --demo-flags="--tower-steps 0 --tower-lr-scale 1": the arms without stage 0 (README); demo.run takes
     # its own flags (--tower-steps, --scenes) and passes the rest to both train.py stages, where the last wins
     p.add_argument("--demo-flags", default="",
                    help="experiment: more flags for every arm's train.py --preset demo (one string: "
                         "--demo-flags=\"...\"); use another --experiment-out, as arms with a result are kept")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--prompt-len", type=int, default=1100)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--batch-prompt-lens", type=int, nargs=2, default=(64, 256), metavar=("MIN", "MAX"),
+    p.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--prompt-len", type=at_least(1), default=1100)
+    p.add_argument("--new-tokens", type=at_least(1), default=128)
+    p.add_argument("--dim", type=at_least(64), default=768, help="a multiple of 64 (heads of 64)")
+    p.add_argument("--layers", type=at_least(1), default=8)
+    p.add_argument("--hidden", type=at_least(1), default=2048)
+    p.add_argument("--batch-prompt-lens", type=at_least(1), nargs=2, default=(64, 256), metavar=("MIN", "MAX"),
                    help="batch: the 8 prompts' lengths run from MIN to MAX tokens")
-    p.add_argument("--repeats", type=int, default=2, help="decode: runs of each implementation (the best counts)")
-    p.add_argument("--text-tokens", type=int, default=60, help="table1: text tokens beside the image")
+    p.add_argument("--repeats", type=at_least(1), default=2, help="decode: runs of each implementation (the best counts)")
+    p.add_argument("--text-tokens", type=at_least(0), default=60, help="table1: text tokens beside the image")
     p.add_argument("--compile", action="store_true",
                    help="decode on CUDA: also a Vicuna-7B-shaped model, bf16 and int8, eager and compiled (~40 GB of GPU memory)")
     p.add_argument("--glibc-defaults", action="store_true",
@@ -1590,13 +1605,25 @@ def main(argv=None):
     p.add_argument("--make-lora-release", metavar="DIR", help="write a random LLaVA-1.5 LoRA release (DIR/lora, r 128) "
                    "and its CLIP tower (DIR/clip) on --model's LLM (a --make-release DIR, the --model-base), exit")
     a = p.parse_args(argv)
+    if a.dim % 64:
+        p.error(f"--dim {a.dim}: a multiple of 64 is expected (heads of 64)")
+    if a.batch_prompt_lens[0] > a.batch_prompt_lens[1]:
+        p.error(f"--batch-prompt-lens MIN MAX: MIN {a.batch_prompt_lens[0]} is above MAX {a.batch_prompt_lens[1]}")
+    if unknown := set(a.arms) - {arm[0][1] for arm in ARMS} - set(map(str, range(len(ARMS)))):
+        p.error(f"--arms {a.arms}: no arm {''.join(sorted(unknown))!r}; letters "
+                f"{''.join(sorted({arm[0][1] for arm in ARMS}))} or indexes 0-{len(ARMS) - 1} are expected")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device {a.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA device here")
     if a.quick:
         a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
         a.batch_prompt_lens = (8, 32)
     a.arms = [i for i, arm in enumerate(ARMS) if arm[0][1] in a.arms or str(i) in a.arms]
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
     if device.type == "cpu" and not a.glibc_defaults:
         generate.keep_freed_memory()
     if a.make_release:
@@ -1648,4 +1675,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    try:
+        main()
+    except (weights.CheckpointError, data.DataError, OSError) as e:  # a checkpoint or a file given (--model,
+        sys.exit(f"error: {e}")  # --make-release DIR): one line, as generate.py says it

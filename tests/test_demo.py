@@ -165,6 +165,16 @@ def test_data_drawn_earlier_is_reused_only_as_asked(tmp_path):
         demo.prepare(d)
 
 
+def test_pil_heldout_drawn_earlier_is_reused_only_as_asked(tmp_path):
+    import bench
+    d = str(tmp_path / "pil")
+    assert bench.make_pil_heldout(d, 2) == d and bench.make_pil_heldout(d, 2) == d
+    # another count was silently scored on the scenes drawn earlier (--pil-scenes 20 got 2)
+    with pytest.raises(SystemExit, match=rf"^error: {d} holds 2 scenes drawn earlier, not the 5 asked for: "
+                                         rf"--pil-scenes 2 reuses them, or delete {d} to draw 5$"):
+        bench.make_pil_heldout(d, 5)
+
+
 @pytest.mark.parametrize("flag", ["--preset=demo", "--preset demo"])
 def test_demo_flags_out_of_range_are_refused_before_anything_is_drawn(tmp_path, flag):
     # --scenes 0 was a traceback from sentencepiece's trainer once the (empty) scenes were drawn; --preset=demo

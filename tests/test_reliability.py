@@ -894,3 +894,28 @@ def test_a_lock_taken_on_a_file_a_refused_run_removed_is_taken_again(tmp_path, m
     lock = runs.claim_out(str(out))
     assert len(calls) == 2 and runs.same_file(lock, str(out / "train.lock"))
     lock.close()
+
+
+# -----------------------------------------------------------------------------
+# bench.py: its flags are checked too
+
+@pytest.mark.parametrize("argv, message", [
+    ("--threads -3 --only table1", "argument --threads: expected a whole number >= 1, not '-3'"),  # was torch's
+    ("--only table1 --text-tokens -5000", "argument --text-tokens: expected a whole number >= 0, not '-5000'"),
+    ("--device foo", "--device foo: not a device torch knows (cpu, cuda, cuda:1, ...)"),
+    ("--device cuda", "--device cuda: no CUDA device here"),
+    ("--dim 100", "--dim 100: a multiple of 64 is expected (heads of 64)"),
+    ("--batch-prompt-lens 9 3", "--batch-prompt-lens MIN MAX: MIN 9 is above MAX 3"),
+    ("--arms az --only experiment", "--arms az: no arm 'z'; letters abcd or indexes 0-5 are expected"),
+])
+def test_bench_flags_are_one_line_errors(capsys, argv, message):
+    import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv.split())
+    assert e.value.code == 2 and capsys.readouterr().err == f"bench.py: error: {message} (see --help)\n"
+
+
+def test_bench_names_a_missing_checkpoint_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "bench.py", "--only", "scale", "--model", str(tmp_path / "nope"),
+                        "--new-tokens", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'nope'}: no such file or directory\n", r.stderr
