@@ -151,14 +151,18 @@ def need(obj, key, path, what, kind=None, each=None):
     return value
 
 
-def write_new(path, write):
-    """Write a file whole or not at all (through path.tmp)."""
+def write_new(path, write, mode="w"):
+    """Write a file whole or not at all: into a new file of this process's beside it (path.PID.tmp, made
+    with "x", so never a file of the user's), renamed over path once written."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path + ".tmp", "w") as f:
+        with open(tmp, mode.replace("w", "x")) as f:
             write(f)
     except OSError as e:
+        if not isinstance(e, FileExistsError) and os.path.isfile(tmp):
+            os.remove(tmp)
         raise EvalError(f"{path}: cannot write it ({e.strerror}); does its folder exist?") from None
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def report(questions, answered, missing, note="the scores below cover the answered ones only"):
@@ -896,17 +900,17 @@ def run_mmbench_questions(args):
         name = f"{row['index']}.{ext}"
         target = os.path.join(args.image_folder, name)
         if os.path.exists(target):
-            with open(target, "rb") as f:
-                if f.read() != data:
-                    raise EvalError(f"{target} exists and is another image than line {line} of {args.src} holds; "
-                                    f"use an empty --image-folder")
-        else:
             try:
-                with open(target + ".tmp", "wb") as f:
-                    f.write(data)
-            except OSError as e:
-                raise EvalError(f"{target}: cannot write it ({e.strerror})") from None
-            os.replace(target + ".tmp", target)
+                with open(target, "rb") as f:
+                    same = f.read() == data
+            except OSError as e:  # a folder of that name, say
+                raise EvalError(f"{target} exists and cannot be read ({e.strerror}); use an empty "
+                                f"--image-folder") from None
+            if not same:
+                raise EvalError(f"{target} exists and is another image than line {line} of {args.src} holds; "
+                                f"use an empty --image-folder")
+        else:
+            write_new(target, lambda f: f.write(data), "wb")
             written += 1
         rounds = len(mmb_options(row)) if args.all_rounds else 1  # the release: no options, no round
         for rnd in range(rounds):
@@ -970,13 +974,11 @@ def write_xlsx(path, rows):
         f'Target="worksheets/sheet1.xml"/></Relationships>',
         "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{main}"><sheetData>{sheet}</sheetData></worksheet>',
     }
-    try:
-        with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_DEFLATED) as z:
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
             for name, text in parts.items():
                 z.writestr(name, xml + text)
-    except OSError as e:
-        raise EvalError(f"{path}: cannot write it ({e.strerror}); does its folder exist?") from None
-    os.replace(path + ".tmp", path)
+    write_new(path, write, "wb")
 
 
 def mmb_round(path, n, a, row, seen):
@@ -1118,7 +1120,7 @@ def main(argv=None):
            "seed": run_seed, "mmbench": run_mmbench, "mmbench-questions": run_mmbench_questions}
     try:
         run[args.bench](args)
-    except EvalError as e:
+    except (EvalError, OSError) as e:  # OSError: a file problem no check above foresaw, still one line
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1318,3 +1318,25 @@ def test_mmbench_never_overwrites_another_image(tmp_path, capsys):
     fails(capsys, ["mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img"],
           "11.jpg exists and is another image", "mmb.tsv")
     assert (tmp_path / "img" / "11.jpg").read_bytes() == b"my own picture"
+    # a folder where an image goes was IsADirectoryError's traceback
+    (tmp_path / "img" / "11.jpg").unlink()
+    (tmp_path / "img" / "11.jpg").mkdir()
+    fails(capsys, ["mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img"],
+          "11.jpg exists and cannot be read (Is a directory); use an empty --image-folder")
+
+
+def test_outputs_never_write_over_a_users_tmp_file(tmp_path, capsys):
+    # every output went through a fixed NAME.tmp beside it, overwritten and renamed away
+    rows, _ = mmbench_rows()
+    src = write_mmbench(tmp_path)
+    write_jsonl(tmp_path / "answers.jsonl", mmbench_answers(rows, {(10, 0): "A", (11, 0): "B"}))
+    for name in ("up.xlsx.tmp", "mmb.jsonl.tmp"):
+        (tmp_path / name).write_text("mine")
+    rc, _, err = run(capsys, "mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src,
+                     "--submission", tmp_path / "up.xlsx")
+    assert rc == 0, err
+    rc, _, err = run(capsys, "mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img")
+    assert rc == 0, err
+    assert all((tmp_path / name).read_text() == "mine" for name in ("up.xlsx.tmp", "mmb.jsonl.tmp"))
+    assert not [f for f in os.listdir(tmp_path) + os.listdir(tmp_path / "img") if f.endswith(".tmp")
+                and f not in ("up.xlsx.tmp", "mmb.jsonl.tmp")]
