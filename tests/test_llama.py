@@ -27,7 +27,7 @@ def make_hf(n_kv, tie, theta, seed=0):
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=64,
-        rms_norm_eps=1e-6, rope_theta=theta, tie_word_embeddings=tie, initializer_range=0.1,
+        rms_norm_eps=1e-5, rope_theta=theta, tie_word_embeddings=tie, initializer_range=0.1,
         attn_implementation="eager", pad_token_id=0, eos_token_id=None)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -59,6 +59,34 @@ def test_logits_match_hf(pair):
     ids = tokens(2, 17)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, **TOL)
+
+
+def test_training_loss_matches_hf(tmp_path):
+    """LlavaHR.forward's loss against LlamaForCausalLM's (labels=...) on the same spliced embeddings: the
+    next-token shift, the visual tokens, padding and masked turns ignored, the mean over counted tokens."""
+    import mra
+    from mra import IGNORE, IMAGE_TOKEN
+    from test_mra import randomise, tiny_cfg
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,
+        attn_implementation="eager")).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = mra.build(tiny_cfg(image_size=128), llm=str(tmp_path))
+    randomise(model.encoder), randomise(model.projector)  # (new adapters start as the identity)
+    ids = torch.cat([tokens(2, 12), torch.full((2, 1), IMAGE_TOKEN), tokens(2, 9, seed=2)], 1)
+    pad = torch.ones_like(ids, dtype=torch.bool)
+    pad[1, -5:] = False  # right padding, as training pads
+    labels = ids.masked_fill(~pad, IGNORE)
+    labels[:, :14] = IGNORE  # the human turn, as data.encode masks it
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        _, loss = model(ids, images, labels, pad)
+        embeds, mask, spliced = model.splice(ids, images, labels, pad)
+        ref = hf(inputs_embeds=embeds, attention_mask=mask.long(), labels=spliced).loss
+    assert (spliced != IGNORE).sum(1).tolist() == [8, 3]  # of 85 and 80 positions
+    torch.testing.assert_close(loss, ref, **TOL)
 
 
 def test_tied_embeddings_stay_tied(pair):

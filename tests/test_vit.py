@@ -139,6 +139,11 @@ def test_resize_pos_embed():
     out = resize_pos_embed(pos, (4, 5))
     assert out.shape == (21, 8)
     torch.testing.assert_close(out, resample_reference(pos, 4, 5), atol=0, rtol=0)
+    # and timm's own function (the release resamples as it does): the written-out recipe is checked too
+    from timm.layers import resample_abs_pos_embed
+    for size in ((4, 5), (32, 32), (2, 2)):
+        timm_out = resample_abs_pos_embed(pos[None], list(size), [3, 3], num_prefix_tokens=1)[0]
+        torch.testing.assert_close(resize_pos_embed(pos, size), timm_out, atol=0, rtol=0)
     # antialias changes the result even when upsampling (PIL's cubic kernel); drop it and this fails
     plain = F.interpolate(pos[1:].T.reshape(1, 8, 3, 3), size=(4, 5), mode="bicubic", align_corners=False)
     assert (out[1:] - plain.reshape(8, 20).T).abs().max() > 1e-2
