@@ -1616,8 +1616,11 @@ def main(argv=None):
         device = torch.device(a.device)
     except RuntimeError:
         p.error(f"--device {a.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {a.device}: bench.py runs on cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {a.device}: no CUDA device here" if not torch.cuda.is_available() else
+                f"--device {a.device}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0")
     if a.quick:
         a.prompt_len, a.new_tokens, a.dim, a.layers, a.hidden, a.repeats = 64, 8, 128, 2, 256, 1
         a.batch_prompt_lens = (8, 32)

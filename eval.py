@@ -156,13 +156,20 @@ def write_new(path, write, mode="w"):
     with "x", so never a file of the user's), renamed over path once written."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, mode.replace("w", "x")) as f:
-            write(f)
+        f = open(tmp, mode.replace("w", "x"))
+    except FileExistsError:
+        raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again") from None
     except OSError as e:
-        if not isinstance(e, FileExistsError) and os.path.isfile(tmp):
-            os.remove(tmp)
         raise EvalError(f"{path}: cannot write it ({e.strerror}); does its folder exist?") from None
-    os.replace(tmp, path)
+    try:
+        with f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:  # nothing left behind, whatever stopped it
+        os.remove(tmp)
+        if isinstance(e, OSError):
+            raise EvalError(f"{path}: cannot write it ({e.strerror})") from None
+        raise
 
 
 def report(questions, answered, missing, note="the scores below cover the answered ones only"):

@@ -42,8 +42,8 @@ class ContextError(ValueError):
     """A prompt that cannot fit in the LLM's context."""
 
 
-class NaNError(ValueError):
-    """Next-token scores that hold NaN: no token can be read from them (argmax would pick one anyway)."""
+class NonFiniteError(ValueError):
+    """A next-token score that is NaN or infinite was picked: no answer can be read from such scores."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,11 +75,13 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that logits / it is argmax anyway (or
         return logits.argmax(-1)  # NaN: below 1e-45 float32 holds it as 0, and 0 / 0 is no probability)
     probs = warp(logits, temperature, top_k, top_p).softmax(-1)
-    # a NaN score makes its row's probabilities NaN, which multinomial refuses (on CUDA, as a device
-    # assert): such a row is given the NaN's id, as argmax picks it, for decode_n_tokens to report
-    nan = probs.isnan().any(-1)
-    drawn = torch.multinomial(probs.masked_fill(nan[:, None], 1), 1, generator=generator).squeeze(-1)
-    return torch.where(nan, logits.argmax(-1), drawn)
+    # a NaN or infinite score makes its row's probabilities all NaN, which multinomial refuses (on CUDA,
+    # as a device assert): such a row is given argmax's pick, a non-finite score for decode_n_tokens to report
+    nan = probs[:, 0].isnan()
+    if nan.any():  # (a host sync, as warp's check is)
+        drawn = torch.multinomial(probs.masked_fill_(nan[:, None], 1), 1, generator=generator).squeeze(-1)
+        return torch.where(nan, logits.argmax(-1), drawn)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,20 +185,19 @@ def decode_n_tokens(step, logits, cache, max_new_tokens, pick, eos_id, on_token=
     with contextlib.ExitStack() as steady:
         for i in range(max_new_tokens):
             tokens = pick(logits)
-            # NaN scores (float16 overflowing, NaN weights) pick a NaN's id (argmax, and sample for such
-            # a row): that token's score is NaN, read as -1 with the tokens (a whole row's check cost more)
-            nan = logits.gather(-1, tokens[:, None]).squeeze(-1).isnan()
+            # NaN or infinite scores (float16 overflowing, weights holding NaN) make argmax, and sample for
+            # such a row, pick a non-finite score: read as -1 with the tokens (a whole row's check cost more)
+            bad = ~logits.gather(-1, tokens[:, None]).squeeze(-1).isfinite()
             more = i < max_new_tokens - 1
             early = ahead and more and i > 0  # not the first step: it compiles, and the first token shows now
             if early:
                 logits = step(tokens, cache)
-            for b, t in enumerate(torch.where(nan, -1, tokens).tolist()):  # the one host sync per step
+            for b, t in enumerate(torch.where(bad, -1, tokens).tolist()):  # the one host sync per step
                 if t == -1 and not done[b]:
-                    row = f" of prompt {b + 1}" if len(out) > 1 else ""
-                    e = NaNError(f"the model's scores for new token {i + 1}{row} are NaN: an activation overflowed "
-                                 f"(float16 does where bfloat16 and float32 do not: try --dtype bfloat16) or the "
-                                 f"weights hold NaN or inf")
-                    e.row = b
+                    e = NonFiniteError(f"the model's scores for new token {i + 1} are NaN or infinite: " + (
+                        "an activation overflowed float16's range; try --dtype bfloat16 (or float32)"
+                        if logits.dtype == torch.float16 else "do the weights hold NaN or inf?"))
+                    e.row = b  # (of the batch)
                     raise e
                 done[b] = done[b] or t == eos_id
                 if not done[b]:
@@ -378,7 +379,7 @@ def chat(model, tok, image, args, pick, step):
         cached = (ids + out + [tok.eos_id])[:int(cache.pos) - slots(model, ids) + len(ids)]
 
 
-def answer_file(model, tok, args, pick, step, questions, answered):
+def answer_file(model, tok, args, pick, step, questions, answered, metadata):
     """LLaVA's model_vqa: {question_id, image, text} lines in, {question_id, prompt, text,
     answer_id, model_id, metadata} lines out; questions already answered are skipped (resume)."""
     from tqdm import tqdm
@@ -391,7 +392,6 @@ def answer_file(model, tok, args, pick, step, questions, answered):
     if answered:
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
     model_id = os.path.basename(os.path.normpath(args.model))
-    metadata = settings(args)  # what a resumed file is checked against
     R, mode = model.cfg.image_size, model.cfg.image_aspect_ratio
     device = model.projector[0].weight.device
     skipped = []
@@ -420,9 +420,9 @@ def answer_file(model, tok, args, pick, step, questions, answered):
                     outs = generate(model, [ids for _, ids, _ in batch], torch.stack(images) if images else None,
                                     max_new_tokens=args.max_new_tokens, pick=pick, eos_id=tok.eos_id,
                                     pad_id=tok.pad_id, step=step)
-                except NaNError as e:  # no answer is written for that batch, nor any after it
+                except NonFiniteError as e:  # no answer is written for that batch, nor any after it
                     n = batch[e.row][2]
-                    raise NaNError(f"{args.questions} line {n}: {e}; the answers so far are kept") from None
+                    raise NonFiniteError(f"{args.questions} line {n}: {e}; the answers so far are kept") from None
                 for (q, _, _), ids in zip(batch, outs):
                     out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
                                               text=tok.decode(ids).strip(), answer_id=short_id(),
@@ -602,7 +602,8 @@ def run(args, held):
             "ignores them")
     if args.questions:  # a second run on the same answers file is refused now, not found doubled later
         held.enter_context(answers_lock(args.answers))
-    questions, answered = read_questions(args) if args.questions else (None, None)
+        metadata = settings(args)  # each answer's; a resumed file is checked against it
+        questions, answered = read_questions(args, metadata)
     if args.conv_mode == "plain":  # preprocess_plain: the human turn is the bare <image>
         log("note: --conv-mode plain prompts with the image alone (stage 1 learned to caption it): the question's "
             "text is not used")
@@ -641,7 +642,7 @@ def run(args, held):
     if args.compile:
         log("--compile: each new batch size or cache length compiles the step at its first call (seconds to minutes)")
     if args.questions:
-        answer_file(model, tok, args, pick, step, questions, answered)
+        answer_file(model, tok, args, pick, step, questions, answered, metadata)
     elif args.prompt is not None:
         answer_one(model, tok, image, args, pick, step)
     else:

@@ -66,10 +66,12 @@ def question_problem(q, image_folder, conv_mode="vicuna_v1"):
 @contextlib.contextmanager
 def answers_lock(path):
     """One run at a time on an answers file: two would both answer every question left, each line twice.
-    A lock on the open file itself (flock: one per open file, so the reads and appends that open it
-    again keep it), released when the run ends however it ends; a file it made and left empty goes."""
+    A lock on the open file itself (flock, POSIX: one per open file, so the reads and appends that open
+    it again keep it; elsewhere no lock), released when the run ends however it ends; a file it made
+    and left empty goes."""
     made = not os.path.exists(path)
-    with open(path, "a") as f:
+    f = open(path, "a")
+    try:
         try:
             if fcntl:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,14 +81,14 @@ def answers_lock(path):
             else:
                 raise data.DataError(f"--answers {path}: another generate.py is writing it; wait for it to end, "
                                      f"or name another file") from None
-        try:
-            yield
-        finally:
-            if made and os.path.isfile(path) and os.path.getsize(path) == 0:
-                os.remove(path)
+        yield
+    finally:
+        f.close()  # before the removal: an open file cannot be removed on Windows
+        if made and os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)
 
 
-def read_questions(args):
+def read_questions(args, ours):
     """The questions to answer and how often each (question_id, text) pair is already answered, all
     checked before the model loads. An id may repeat with other text (MME asks two questions per image
     under one id), so answers are matched on both. A pair may repeat too (TextVQA's ids are image ids,
@@ -120,7 +122,7 @@ def read_questions(args):
     except ValueError:  # cut short if it starts as generate.py's lines do; anything else is named below
         cut = tail.startswith(b'{"question_id"')
     answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
-    answered, ours = Counter(), settings(args)
+    answered = Counter()  # ours: settings(args), what the answers of this run record
     for n, a in answers:
         theirs = a.get("metadata")
         if isinstance(theirs, dict) and "model" in theirs:  # not LLaVA's {}: a run of ours

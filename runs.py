@@ -142,10 +142,13 @@ def check_out(out, resume):
             f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(out))}" if resume else
             f"a run inside it would be deleted when it is next replaced; pick another --out (--init {out} starts "
             f"from its weights)"))
+    def replaced(d):  # a run's checkpoint (RUN/ckpt, or its .old / .tmp), which its saves replace
+        return os.path.basename(d) in ("ckpt", "ckpt.old", "ckpt.tmp") and any(
+            os.path.isfile(os.path.join(os.path.dirname(d), f)) for f in ("log.jsonl", "train.lock"))
     above = os.path.dirname(os.path.abspath(out))
-    while not checkpoint(above) and os.path.dirname(above) != above:  # OUT/ckpt/sub: deleted with OUT/ckpt too
+    while not replaced(above) and os.path.dirname(above) != above:  # RUN/ckpt/sub: deleted with RUN/ckpt
         above = os.path.dirname(above)
-    if checkpoint(above):
+    if replaced(above):
         raise SystemExit(f"error: --out {out} lies inside the checkpoint {above}: a run there would be deleted when "
                          f"that checkpoint is next replaced; pick another --out")
 
@@ -232,10 +235,16 @@ def previous_run(out, ckpt_dir, log_path, resume, overwrite):
             raise SystemExit(f"error: --resume: {previous[0]} has no train_state.pt (weights only, no optimizer or "
                              f"data position); start a new run from its weights with --init {previous[0]}")
         return previous[0]
-    if (previous or os.path.isfile(log_path) and os.path.getsize(log_path)) and not overwrite:
+    if holds_run(ckpt_dir, log_path) and not overwrite:
         raise SystemExit(f"error: --out {out} already holds a run ({', '.join(previous) or log_path}): "
                          f"--resume continues it, --overwrite starts over (deleting it), or pick another --out")
     return None
+
+
+def holds_run(ckpt_dir, log_path):
+    """Does the run directory hold a run (a checkpoint, or a log of steps)?"""
+    return (any(os.path.isdir(d) for d in (ckpt_dir, ckpt_dir + ".old"))
+            or os.path.isfile(log_path) and os.path.getsize(log_path) > 0)
 
 
 def check_overwrite(out, ckpt_dir, log_path, inputs):

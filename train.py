@@ -254,15 +254,17 @@ runtime = 0 if cuda else memplan.resident_bytes()  # the CPU plan adds what the 
 master = rank == 0
 
 
-def leave(message=None):
-    """The run ends: `message` is an error (exit status 1). Under torchrun the process group is destroyed and
-    the process ends here, its output flushed: the group's C++ threads (gloo's workers) outlive
-    destroy_process_group, and Python's shutdown with them alive once aborted a rank of a complete run
-    ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed run."""
+def leave(message=None, own=False):
+    """The run ends: `message` is an error (exit status 1); `own`: this rank's alone (a record it read),
+    said by this rank, where an error every rank shares is said by rank 0. Under torchrun the process
+    group is destroyed and the process ends here, its output flushed: the group's C++ threads (gloo's
+    workers) outlive destroy_process_group, and Python's shutdown with them alive once aborted a rank of a
+    complete run ("terminate called without an active exception", SIGABRT), which torchrun reports as a
+    failed run."""
     if not distributed:
         raise SystemExit(message)
     dist.destroy_process_group()
-    if message and master:  # the same line on every rank
+    if message and (master or own):
         print(message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -687,9 +689,12 @@ def save(step):
 # -----------------------------------------------------------------------------
 # training loop
 
-replacing = args.overwrite  # the old run goes only once the new one has made a step (bad data found at the
-# first batch, a NaN loss, running out of memory: each leaves it as it was)
+# --overwrite: the old run goes only once the new one has made a step (bad data found at the first batch, a
+# NaN loss, running out of memory: each leaves it as it was); what is no run (a stale ckpt.tmp) goes now
+replacing = args.overwrite and runs.holds_run(ckpt_dir, log_path)
 if master:
+    if args.overwrite and not replacing:
+        runs.delete_run(ckpt_dir, log_path)
     if args.resume:  # steps logged after the last save are run again: drop them
         runs.trim_log(log_path, start_step)
     print(f"stage {args.stage}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters train; R={cfg.image_size}, "
@@ -733,7 +738,8 @@ for step in range(start_step, stop_step):
         except data.DataError as e:  # a record found bad as it loads (under workers: the last line of their traceback)
             bar.close()
             last = re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1])
-            leave(f"error: step {step + 1}: {last}; {way_on('fix or drop it, or pass --skip-bad to skip such records')}")
+            leave(f"error: step {step + 1}: {last}; {way_on('fix or drop it, or pass --skip-bad to skip such records')}",
+                  own=True)  # this rank's record: the others stop as torchrun ends the group
         # DDP: average gradients across ranks only once, after the last micro-batch
         sync = model.no_sync() if isinstance(model, DDP) and k < accum - 1 else nullcontext()
         with sync, autocast:

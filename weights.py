@@ -180,13 +180,18 @@ def fingerprint(path, every=16 << 20, size=1 << 16):
     """A digest of a checkpoint: its config files whole, and of each weight file its name, length and
     64 KB at evenly spaced offsets, one per 16 MB (at least 65; a file under 4 MB is read whole).
     About 55 MB read at 7B; it changes with any tensor of 16 MB or more (a fine-tune of any 7B
-    matrix), not necessarily with a single small one (a norm's weights)."""
+    matrix), not necessarily with a single small one (a norm's weights). A directory that is no one
+    checkpoint (a LoRA release's adapter_model.bin and non_lora_trainables.bin) counts all its files."""
     h = hashlib.sha256()
     for name in ("config.json", "mra_config.json"):
         if os.path.isfile(os.path.join(path, name)):
             with open(os.path.join(path, name), "rb") as f:
                 h.update(name.encode() + f.read())
-    for file in checkpoint_files(path):
+    try:
+        files = checkpoint_files(path)
+    except CheckpointError:
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    for file in files:
         n = os.path.getsize(file)
         samples = max(64, n // every)
         h.update(f"{os.path.basename(file)} {n};".encode())

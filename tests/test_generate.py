@@ -540,36 +540,48 @@ def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_nan_scores_stop_in_one_line_and_keep_the_answers(model_dir, tok, tmp_path, capsys):
+def test_non_finite_scores_stop_in_one_line_and_keep_the_answers(model, model_dir, tok, tmp_path, capsys):
     # NaN next-token scores (float16 overflowing, weights holding NaN) made argmax pick the NaN's id: an
     # empty answer, exit 0, and in batch mode "" written as every answer; sampling failed in multinomial.
-    # Here one token's embedding is NaN, so a question holding it (and only such a one) meets NaN scores.
+    # Here one token's embedding is NaN, so the scores after it (and only those) are NaN.
     from safetensors.torch import load_file, save_file
-    ok, bad = "What is this?", "Describe the table and the street"
     ids = lambda text: ids_for(tok, [generate.human_turn(text, False)])  # noqa: E731
-    token = next(t for t in ids(bad) if t not in ids(ok))
-    nan_dir = tmp_path / "nan"
-    nan_dir.mkdir()
-    for f in os.listdir(model_dir):
-        (nan_dir / f).write_bytes((model_dir / f).read_bytes())
-    state = load_file(nan_dir / "model.safetensors")
-    state["llm.tok_embeddings.weight"][token] = float("nan")
-    save_file(state, nan_dir / "model.safetensors")
-    line = "the model's scores for new token 1 are NaN: an activation overflowed (float16 does where bfloat16 " \
-           "and float32 do not: try --dtype bfloat16) or the weights hold NaN or inf"
+    ok, bad = "What is this?", "Describe the table and the street"
+    first = generate.generate(model, [ids(ok)], max_new_tokens=1, eos_id=-1)[0][0]  # ok's first answer token
+
+    def nan_model(name, token):
+        path = tmp_path / name
+        path.mkdir()
+        for f in os.listdir(model_dir):
+            (path / f).write_bytes((model_dir / f).read_bytes())
+        state = load_file(path / "model.safetensors")
+        state["llm.tok_embeddings.weight"][token] = float("nan")
+        save_file(state, path / "model.safetensors")
+        return path
+    in_bad = nan_model("in_bad", next(t for t in ids(bad) if t not in ids(ok) + [first]))
+    line = lambda n, why="do the weights hold NaN or inf?": \
+        f"the model's scores for new token {n} are NaN or infinite: {why}"  # noqa: E731
     for flags in ([], ["--temperature", "0.7"]):  # greedy, and sampling (which failed inside multinomial)
-        code, out, err = run_cli(capsys, "--model", nan_dir, "--prompt", bad, "--max-new-tokens", 4, *flags)
-        assert code == 1 and out.strip() == "" and err.splitlines()[-1] == f"error: {line}", (flags, err)
+        code, out, err = run_cli(capsys, "--model", in_bad, "--prompt", bad, "--max-new-tokens", 4, *flags)
+        assert code == 1 and out.strip() == "" and err.splitlines()[-1] == f"error: {line(1)}", (flags, err)
         assert "Traceback" not in err
-        code, out, _ = run_cli(capsys, "--model", nan_dir, "--prompt", ok, "--max-new-tokens", 4, *flags)
+        code, out, _ = run_cli(capsys, "--model", in_bad, "--prompt", ok, "--max-new-tokens", 4, *flags)
         assert code == 0 and out.strip()  # the same weights answer what avoids that token
+    # in float16 the advice is another dtype
+    code, _, err = run_cli(capsys, "--model", in_bad, "--prompt", bad, "--max-new-tokens", 4, "--dtype", "float16")
+    assert code == 1 and err.splitlines()[-1] == "error: " + line(1, "an activation overflowed float16's range; "
+                                                                  "try --dtype bfloat16 (or float32)")
+    # met mid-answer: ok's first token fed back
+    assert first not in ids(ok)
+    code, _, err = run_cli(capsys, "--model", nan_model("in_answer", first), "--prompt", ok, "--max-new-tokens", 4)
+    assert code == 1 and err.splitlines()[-1] == f"error: {line(2)}", err
+    # a batch file: the line named is the question's, second of its batch here
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
-    q.write_text("".join(json.dumps(dict(question_id=i, text=t)) + "\n" for i, t in enumerate([ok, ok, bad, ok])))
-    code, _, err = run_cli(capsys, "--model", nan_dir, "--questions", q, "--answers", a, "--batch-size", 2,
+    q.write_text("".join(json.dumps(dict(question_id=i, text=t)) + "\n" for i, t in enumerate([ok, ok, ok, bad])))
+    code, _, err = run_cli(capsys, "--model", in_bad, "--questions", q, "--answers", a, "--batch-size", 2,
                            "--max-new-tokens", 4)
-    assert code == 1 and err.splitlines()[-1] == f"error: {q} line 3: {line.replace('token 1', 'token 1 of prompt 1')}; " \
-        "the answers so far are kept"
-    assert [json.loads(x)["question_id"] for x in a.read_text().splitlines()] == [0, 1]  # none of the NaN batch
+    assert code == 1 and err.splitlines()[-1] == f"error: {q} line 4: {line(1)}; the answers so far are kept", err
+    assert [json.loads(x)["question_id"] for x in a.read_text().splitlines()] == [0, 1]  # none of that batch
 
 
 def test_text_that_is_no_unicode_is_refused_in_one_line(model_dir, tmp_path, capsys, monkeypatch):

@@ -313,6 +313,16 @@ def test_cli_with_model_base_answers_as_the_full_release(parts, shipped, capsys)
     with pytest.raises(SystemExit) as e:
         run_cli(capsys, "--model", path, "--model-base", parts["base"], *ask)
     assert e.value.code == 2 and "--model-base and --vit go together" in capsys.readouterr().err
+    # a questions file: each answer records the three directories' weights (a LoRA release's .bin files,
+    # no checkpoint of its own, failed that record before the model loaded)
+    q, a = parts["dir"] / "q.jsonl", parts["dir"] / "lora_answers.jsonl"
+    q.write_text('{"question_id": 1, "text": "What is this?"}\n')
+    code, _, err = run_cli(capsys, "--model", path, "--model-base", parts["base"], "--vit", parts["vit"],
+                           "--questions", q, "--answers", a, "--max-new-tokens", 6)
+    answer = json.loads(a.read_text())
+    assert code == 0 and len(answer["metadata"]["weights"].split()) == 3, err
+    assert answer["text"] == run_cli(capsys, "--model", path, "--model-base", parts["base"], "--vit", parts["vit"],
+                                     "--prompt", "What is this?", "--max-new-tokens", 6)[1].strip()
 
 
 def test_cli_names_a_base_without_its_tokenizer_and_takes_the_tower_as_a_file(parts, shipped, capsys):

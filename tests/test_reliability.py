@@ -69,6 +69,10 @@ def test_rerun_is_refused_and_overwrite_starts_over(env, tmp_path):
     assert ((out / "ckpt" / "model.safetensors").read_bytes(), (out / "log.jsonl").read_text()) == before
     train(args(env, out, 2, *COMMON, "--max-steps", 1, "--overwrite"))
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
+    # with no run to replace, an --overwrite run stopped so speaks of none
+    with pytest.raises(SystemExit, match=r"; no checkpoint kept; once the cause is fixed \(fix or drop it, or pass "
+                                         r"--skip-bad to skip such records\), --overwrite starts over$"):
+        train(args(env, tmp_path / "fresh", 2, *COMMON, "--max-steps", 1, "--overwrite", "--max-len", 10))
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
 
 
@@ -177,6 +181,10 @@ def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tm
                                          r"--out$"):
         train(args(env, out / "ckpt" / "sub" / "run", 2, *COMMON, "--max-steps", 1))
     assert sorted(os.listdir(out / "ckpt")) == before
+    # a model directory that no run replaces (a merged or converted one) may hold runs
+    shutil.copytree(out / "ckpt", tmp_path / "merged")
+    (tmp_path / "merged" / "train_state.pt").unlink()
+    train(args(env, tmp_path / "merged" / "runs" / "r", 2, *COMMON, "--max-steps", 1))
     train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", "--group-by-length", "--seed", 42))
 
 
@@ -903,7 +911,9 @@ def test_a_lock_taken_on_a_file_a_refused_run_removed_is_taken_again(tmp_path, m
     ("--threads -3 --only table1", "argument --threads: expected a whole number >= 1, not '-3'"),  # was torch's
     ("--only table1 --text-tokens -5000", "argument --text-tokens: expected a whole number >= 0, not '-5000'"),
     ("--device foo", "--device foo: not a device torch knows (cpu, cuda, cuda:1, ...)"),
-    ("--device cuda", "--device cuda: no CUDA device here"),
+    pytest.param("--device cuda", "--device cuda: no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
+    ("--device mps", "--device mps: bench.py runs on cpu or cuda"),
     ("--dim 100", "--dim 100: a multiple of 64 is expected (heads of 64)"),
     ("--batch-prompt-lens 9 3", "--batch-prompt-lens MIN MAX: MIN 9 is above MAX 3"),
     ("--arms az --only experiment", "--arms az: no arm 'z'; letters abcd or indexes 0-5 are expected"),
