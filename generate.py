@@ -541,6 +541,9 @@ def check_inputs(args):
                                   "no such directory; ") + "a checkpoint directory is expected")
     if args.model_base:  # with --vit (parse_args): a LoRA release
         release.check_lora_flags(args.model_base, args.vit)
+    elif adapters := mra.adapters_only(args.model):  # with --lora or not
+        raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model "
+                                  f"{mra.lora_base(adapters)} --lora {adapters}")
     if args.questions and not os.path.isfile(args.questions):
         raise data.DataError(f"--questions {args.questions}: no such file (a LLaVA question .jsonl is expected)")
     if args.answers and os.path.isdir(args.answers):
@@ -568,9 +571,6 @@ def check_inputs(args):
 
 def load_model(args, tok, dtype, device):
     """--model as run: ours, a LoRA release merged into --model-base, or a run's base with --lora merged."""
-    if not args.model_base and (adapters := mra.adapters_only(args.model)):  # with --lora or not
-        raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model "
-                                  f"{mra.lora_base(adapters)} --lora {adapters}")
     merged = (f" merged into {args.model_base}, the tower {args.vit}" if args.model_base else
               f" with the LoRA adapters {args.lora} merged in" if args.lora else "")
     log(f"loading {args.model}{merged} ({dtype}{', int8 LLM weights' if args.quantize else ''}, {device})")

@@ -189,7 +189,9 @@ def fingerprint(path, every=16 << 20, size=1 << 16):
                 h.update(name.encode() + f.read())
     try:
         files = checkpoint_files(path)
-    except CheckpointError:
+    except CheckpointError:  # weights, but no one checkpoint's files (a LoRA release): every file; else as said
+        if not (os.path.isdir(path) and any(f.endswith((".bin", ".safetensors")) for f in os.listdir(path))):
+            raise
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     for file in files:
         n = os.path.getsize(file)

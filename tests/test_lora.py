@@ -242,6 +242,12 @@ def test_resume_equals_uninterrupted(env, base, tmp_path, capsys):
     assert generate.main(["--model", str(tmp_path / "cut" / "ckpt"), "--lora", str(tmp_path / "cut" / "ckpt" / "lora"),
                           "--prompt", "Hi"]) == 1
     assert f"holds LoRA adapters only; use --model {base} --lora" in capsys.readouterr().err
+    # and with a questions file (whose answers record a digest of the weights, taken before the model loads)
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "text": "Hi"}\n')
+    assert generate.main(["--model", str(tmp_path / "cut" / "ckpt"), "--questions", str(tmp_path / "q.jsonl"),
+                          "--answers", str(tmp_path / "a.jsonl")]) == 1
+    assert f"holds LoRA adapters only; use --model {base} --lora" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
     train_globals(args(env, tmp_path / "cut", 2, *common, "--save-every", 2, "--resume"))
     assert_same(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     assert_same(read_safetensors(tmp_path / "cut" / "ckpt" / "lora"),
