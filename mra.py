@@ -28,8 +28,8 @@ from int8 import check_quantize, int8_linears, int8_reader
 from llama import Llama, LlamaConfig
 from tokenizer import Tokenizer
 from vit import ViT, ViTConfig
-from weights import (CheckpointError, check_bool, check_memory, load_state, read_checkpoint, read_config, tensor_sizes,
-                     write_safetensors)
+from weights import (CheckpointError, check_bool, check_memory, load_state, read_checkpoint, read_config,
+                     tensor_sizes, write_safetensors)
 
 IMAGE_TOKEN = -200  # LLaVA's placeholder id for <image>; replaced by the visual features
 IGNORE = -100  # label of every position the loss skips

@@ -122,16 +122,16 @@ def read_questions(args, ours):
     except ValueError:  # cut short if it starts as generate.py's lines do; anything else is named below
         cut = tail.startswith(b'{"question_id"')
     answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
-    answered = Counter()  # ours: settings(args), what the answers of this run record
+    answered = Counter()
     for n, a in answers:
         theirs = a.get("metadata")
         if isinstance(theirs, dict) and "model" in theirs:  # not LLaVA's {}: a run of ours
             theirs = {"weights": ours["weights"]} | theirs  # (a file begun before the weights were recorded)
-        if isinstance(theirs, dict) and "model" in theirs and theirs != ours:
-            changed = ", ".join(f"{k} {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs.keys() | ours)
-                                if theirs.get(k) != ours.get(k))
-            raise data.DataError(f"{args.answers} line {n}: answered by a run with other settings ({changed}): the "
-                                 f"two would mix in one file; name a new file for --answers, or run as before")
+            if theirs != ours:
+                changed = ", ".join(f"{k} {theirs.get(k)!r}, now {ours.get(k)!r}"
+                                    for k in sorted(theirs.keys() | ours) if theirs.get(k) != ours.get(k))
+                raise data.DataError(f"{args.answers} line {n}: answered by a run with other settings ({changed}): "
+                                     f"the two would mix in one file; name a new file for --answers, or run as before")
         key = (a["question_id"], a["prompt"])
         answered[key] += 1
         if answered[key] > asked[key]:

@@ -134,9 +134,7 @@ def check_out(out, resume):
     """Refuse an --out that is a file, or a checkpoint rather than the run directory that holds one."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out}: is a file, not a directory")
-    def checkpoint(d):
-        return any(os.path.isfile(os.path.join(d, f)) for f in ("train_state.pt", "mra_config.json"))
-    if checkpoint(out):
+    if any(os.path.isfile(os.path.join(out, f)) for f in ("train_state.pt", "mra_config.json")):
         # a run's OUT/ckpt, say: a run inside it would be deleted with it, at the next save of the run that holds it
         raise SystemExit(f"error: --out {out} is a checkpoint, not a run directory: " + (
             f"pass the run that holds it, --out {os.path.dirname(os.path.abspath(out))}" if resume else

@@ -89,9 +89,14 @@ def one_line_errors(kind, err, tb):
         return tqdm.write(runs.interrupted(*paths), file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
-    # an error raised in a DataLoader worker arrives with the worker's traceback as its message
-    last = (str(err).strip().splitlines() or [kind.__name__])[-1]
-    tqdm.write("error: " + re.sub(r"^[\w.]+(Error|Exception): ", "", last), file=sys.stderr)  # below any bar
+    tqdm.write("error: " + said(err), file=sys.stderr)  # below any bar
+
+
+def said(err):
+    """An error's message, in one line: one raised in a DataLoader worker arrives with the worker's
+    traceback as its message, whose last line is the error's own."""
+    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.argv):  # the CPU demo lives in demo.py
     if "--debug" not in sys.argv:
@@ -735,11 +740,10 @@ for step in range(start_step, stop_step):
     for k in range(accum):
         try:
             batch = next(batches)
-        except data.DataError as e:  # a record found bad as it loads (under workers: the last line of their traceback)
+        except data.DataError as e:  # a record found bad as it loads
             bar.close()
-            last = re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1])
-            leave(f"error: step {step + 1}: {last}; {way_on('fix or drop it, or pass --skip-bad to skip such records')}",
-                  own=True)  # this rank's record: the others stop as torchrun ends the group
+            way = way_on("fix or drop it, or pass --skip-bad to skip such records")
+            leave(f"error: step {step + 1}: {said(e)}; {way}", own=True)  # this rank's record: torchrun ends the rest
         # DDP: average gradients across ranks only once, after the last micro-batch
         sync = model.no_sync() if isinstance(model, DDP) and k < accum - 1 else nullcontext()
         with sync, autocast:
