@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mra import IGNORE, IMAGE_TOKEN
+from tokenizer import not_a_character
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -114,16 +115,6 @@ def preprocess(image, size, mode="pad"):
 def move_image_first(text):
     """LLaVA's preprocess_multimodal: '<image>' goes to the front, then a newline, then the rest."""
     return ("<image>\n" + text.replace("<image>", "").strip()).strip()
-
-
-def not_a_character(text):
-    """The first code point of text that is no character, or None: a lone surrogate, from a JSON
-    "\\ud800" or a byte that is not UTF-8 (argv and stdin read it as one), fails in sentencepiece."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return text[e.start]
-    return None
 
 
 def _check_turns(turns):

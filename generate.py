@@ -35,7 +35,8 @@ import mra
 import release
 from int8 import Int8Linear
 from mra import IMAGE_TOKEN
-from questions import answers_lock, not_a_character, read_questions, settings
+from questions import answers_lock, read_questions, settings
+from tokenizer import not_a_character
 
 
 class ContextError(ValueError):

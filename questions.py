@@ -15,7 +15,7 @@ except ImportError:
     fcntl = None
 
 import data
-from data import not_a_character
+from tokenizer import not_a_character
 from weights import fingerprint
 
 

@@ -13,6 +13,16 @@ import sentencepiece as spm
 from weights import read_config
 
 
+def not_a_character(text):
+    """The first code point of text that is no character, or None: a lone surrogate, from a JSON
+    "\\ud800" or a byte that is not UTF-8 (argv and stdin read it as one), fails in sentencepiece."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None
+
+
 class Tokenizer:
     """Vicuna v1.5's sentencepiece BPE (32,000 pieces, byte fallback, BOS=1, EOS=2, UNK=0), wrapped as
     HF's slow `LlamaTokenizer` of transformers 4.31 (the release's pin) wraps it: the same ids
