@@ -19,6 +19,7 @@ generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py
 """
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import timedelta
@@ -540,10 +542,15 @@ if lean:
     held = sum(q.to_local().nbytes for q in model.parameters())
     print(f"rank {rank}: {held / 2**20:.1f} MiB of parameters held, {held / (4 * n_all):.2f} of the model")
 elif distributed:
-    # text-only micro-batches leave the vision side unused: DDP must be told it may happen
-    # an int8 base's weights are buffers, identical on every rank: not broadcast every step
+    # text-only micro-batches leave the vision side unused: DDP must be told it may happen.
+    # An int8 base's weights are buffers, identical on every rank: not broadcast every step (by the flag's
+    # newer name where torch has it: the old one then works, with a warning on every rank)
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     model = DDP(model, device_ids=[local_rank] if cuda else None, find_unused_parameters=True,
-                broadcast_buffers=not args.quantize)
+                **({flag: False} if args.quantize else {}))
+    # a depthwise convolution's weight gradient (ConvNeXt, MR-Adapter) may come with another stride on its
+    # size-1 dimension, the same layout; DDP copies it into its bucket, and would warn of it on every rank
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
 
 params = [q for q in model.parameters() if q.requires_grad]
 # per lr scale, weights with --weight-decay, then biases and norm weights without (HF Trainer's rule, as LLaVA)
