@@ -42,7 +42,8 @@ class MRAConfig:
     # the ViT's position table was trained at (336), resampled to S at run time
     vit_min_size: int = 336  # floor of the low-res size S (the release hard-codes 336)
     adapters: bool = True  # stage 2 inserts MR-Adapters; stage 1 has none
-    gate: str = "tanh"  # "tanh" (released), "sigmoid", "none" (plain sum): Table 3's ablation
+    gate: str = "tanh"  # "tanh" (released), "sigmoid", "none" (plain sum): sigmoid is Table 3's
+    # gate ablation; "none", without g, is ours
     image_aspect_ratio: str = "pad"  # "pad" to a square (stage 2, inference) or "crop" (stage 1)
     vit: ViTConfig = field(default_factory=lambda: ViTConfig.from_name("clip-vit-l-14-336"))
     convnext: ConvNeXtConfig = field(default_factory=lambda: ConvNeXtConfig.from_name("convnext_large_mlp"))
@@ -118,7 +119,9 @@ MRA_PRESETS = {
 # the ConvNeXt's stride of 32 lets R grow while S (and so the count) grows far slower.
 
 def vit_input_size(R, floor=336, patch=14):
-    """S for a high-res input R: the ViT grid matches the ConvNeXt's R/32 grid (release rule)."""
+    """S for a high-res input R (release rule): from R = 768 up the ViT grid is the ConvNeXt's R/32 grid
+    (1024 -> 448, 32x32); below, the floor makes it a multiple (384 -> 336: 24x24 against 12x12; align
+    upsamples the ConvNeXt's map)."""
     return max(int(R / 32 * patch), floor)  # 32: the ConvNeXt's stride (stem 4, then three 2x downsamples)
 
 
@@ -185,7 +188,7 @@ class MRAdapter(nn.Module):
         f_h = align(self.slow_proj(F.gelu(self.slow_conv(slow))), N)  # (B, N, d): on the low-res grid
         # release: the residual is added first, x = F_vl + f_l(F_vl), and the gate pools this updated x
         x = x + f_l
-        if self.gate is None:  # Table 3's ablation without a gate
+        if self.gate is None:  # the ablation without a gate (ours; Table 3 tries sigmoid)
             return x + f_h
         # Eq. 4: f_v pools the concatenated pair over tokens, so g looks at the whole image
         g = self.gate(torch.cat([x, f_h], dim=-1).mean(dim=1))  # (B, 2d) -> (B, 1)

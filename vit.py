@@ -3,12 +3,14 @@
 A pre-LayerNorm ViT (Radford et al. 2021, "Learning Transferable Visual Models From
 Natural Language Supervision"; Dosovitskiy et al. 2021 for the ViT itself) that loads
 the HF `CLIPVisionModel` weights unchanged. LLaVA-HR (Luo et al. 2024, "Feast Your
-Eyes", Sec. 4.2, 4.4) keeps it as is, with two changes that live here:
+Eyes", Sec. 4.2, 4.4) keeps it as is, with three changes that live here:
 
 - in stage 2 it runs ViT-L/14-336 at 448 px, so the 24x24 position table is resampled
   to 32x32 (`resize_pos_embed`, bicubic *with antialias*, as in the released code);
 - mra.py inserts MR-Adapters between the blocks (`encode`'s `after`), so the blocks are a
-  plain `nn.ModuleList`; `forward` returns every hidden state, as HF does.
+  plain `nn.ModuleList`; `forward` returns every hidden state, as HF does;
+- the class token is dropped before ln_pre and every block (`encode(keep_cls=False)`), and the
+  last block's output is used, without ln_post.
 
 References: github.com/openai/CLIP (model.py), transformers' modeling_clip.py,
 github.com/luogen1996/LLaVA-HR (clip_encoder.py).
@@ -198,7 +200,8 @@ class ViT(nn.Module):
         return x + resize_pos_embed(self.pos, (gh, gw))
 
     def encode(self, x, keep_cls=True, depth=None, after=None):
-        """Images (B, 3, H, W) -> the output of block `depth` (default: the last), (B, [1+]N, d).
+        """Images (B, 3, H, W) -> the output after `blocks[:depth]` (default: all; depth=-1 stops one
+        short, HF's hidden_states[-2]), (B, [1+]N, d).
         keep_cls=False drops the class token before ln_pre, so attention never sees it (LLaVA-HR).
         after: {i: f}: f(x) replaces block i's output (i = 0: ln_pre's; HF's hidden_states index)
         before the next block runs: mra.py puts its MR-Adapters here."""
