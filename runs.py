@@ -143,11 +143,14 @@ def check_out(out, resume):
     def replaced(d):  # a run's checkpoint (RUN/ckpt, or its .old / .tmp), which its saves replace
         return os.path.basename(d) in ("ckpt", "ckpt.old", "ckpt.tmp") and any(
             os.path.isfile(os.path.join(os.path.dirname(d), f)) for f in ("log.jsonl", "train.lock"))
-    above = os.path.dirname(os.path.abspath(out))
-    while not replaced(above) and os.path.dirname(above) != above:  # RUN/ckpt/sub: deleted with RUN/ckpt
+    # --out itself (RUN/ckpt.old, or RUN/ckpt before RUN's first save) and every directory above it (RUN/ckpt/sub),
+    # where its links lead: each is deleted with that checkpoint
+    above = os.path.realpath(out)
+    while not replaced(above) and os.path.dirname(above) != above:
         above = os.path.dirname(above)
     if replaced(above):
-        raise SystemExit(f"error: --out {out} lies inside the checkpoint {above}: a run there would be deleted when "
+        where = "is" if above == os.path.realpath(out) else "lies inside"
+        raise SystemExit(f"error: --out {out} {where} the checkpoint {above}: a run there would be deleted when "
                          f"that checkpoint is next replaced; pick another --out")
 
 

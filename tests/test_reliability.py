@@ -180,6 +180,17 @@ def test_resume_refuses_another_grouping_seed_or_a_checkpoint_as_the_run(env, tm
                                          r"there would be deleted when that checkpoint is next replaced; pick another "
                                          r"--out$"):
         train(args(env, out / "ckpt" / "sub" / "run", 2, *COMMON, "--max-steps", 1))
+    # or the run's ckpt.old / ckpt.tmp (where a save puts the last checkpoint), a ckpt not yet saved, or any of
+    # them through a link: each went at the holding run's next save
+    (tmp_path / "link").symlink_to(out / "ckpt")
+    with pytest.raises(SystemExit, match=r"^error: --out \S*link/sub lies inside the checkpoint \S*run/ckpt: "):
+        train(args(env, tmp_path / "link" / "sub", 2, *COMMON, "--max-steps", 1))
+    os.rename(out / "ckpt", out / "ckpt.kept")
+    for name in ("ckpt.old", "ckpt.tmp", "ckpt"):
+        with pytest.raises(SystemExit, match=rf"^error: --out \S*run/{name} is the checkpoint \S*run/{name}: a run "):
+            train(args(env, out / name, 2, *COMMON, "--max-steps", 1))
+        assert not (out / name).exists()
+    os.rename(out / "ckpt.kept", out / "ckpt")
     assert sorted(os.listdir(out / "ckpt")) == before
     # a model directory that no run replaces (a merged or converted one) may hold runs
     shutil.copytree(out / "ckpt", tmp_path / "merged")
