@@ -575,7 +575,7 @@ MODEL_FIXED = {"lora_r", "quantize", "lora_alpha"}
 RESUME_FREE = {"resume", "overwrite", "debug", "dry_run", "out", "workers", "max_steps", "save_every", "no_save",
                "data", "init", *fixed}
 
-start_step = 0
+start_step, skipped = 0, 0  # skipped: samples --skip-bad replaced as they loaded, so far
 if args.resume:
     state, run = runs.read_state(resume_dir)
     runs.check_resume(run, resume_dir, args, ds, tok_path, fixed=fixed, model_fixed=MODEL_FIXED,
@@ -588,7 +588,7 @@ if args.resume:
     # fresh: strict=False, as AdamW would at its first gradient. The same ones must train.
     runs.check_trained(state, trainable, args.lora_r)
     runs.load_optimizer(unwrapped, opt, state, resume_dir, rank, world)
-    start_step = state["step"]
+    start_step, skipped = state["step"], state.get("skipped", 0)  # (runs saved before it was kept: 0)
 
 sampler = data.BatchSampler(ds, args.batch_size, accum, world, rank, args.seed, args.epochs, by_modality, start_step)
 loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
@@ -677,7 +677,7 @@ def save(step):
         run = dict(fixed, **usable, **tokenizer, data=os.path.realpath(args.data), data_sha256=ds.sha256,
                    args=vars(args), init=args.lora_r and os.path.realpath(args.init), init_digest=init_digest)
         # plain types and tensors only: torch.load(weights_only=True) reads it back
-        state = dict(step=step, rng=rngs, run=json.dumps(run), **extra)
+        state = dict(step=step, skipped=skipped, rng=rngs, run=json.dumps(run), **extra)
         with save_errors(step, tmp):
             if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model
                 adapters = os.path.join(tmp, "lora")
@@ -737,7 +737,6 @@ if args.resume:  # dropout (LoRA's) then draws the masks the uninterrupted run d
     torch.set_rng_state(rng[0])
     if cuda and len(rng) > 1:
         torch.cuda.set_rng_state(rng[1])
-skipped = 0
 t0 = time.time()
 for step in range(start_step, stop_step):
     lr = get_lr(step)

@@ -240,6 +240,25 @@ def test_skip_bad_resume_needs_the_same_usable_records(env, tmp_path):
     run("--max-steps", 2, "--resume")
 
 
+def test_a_resumed_run_counts_the_samples_replaced_before_it(env, tmp_path, capsys):
+    # an image that fails only as it loads: --skip-bad replaces that sample, and the log and the closing line
+    # count it; a run cut after it and resumed counted from 0 again
+    d, _ = env
+    shutil.copytree(d / "images", tmp_path / "images")
+    (tmp_path / "images" / "3.png").write_bytes(b"x")
+    run = lambda out, *extra: train([str(tmp_path / "images") if a == str(d / "images") else a  # noqa: E731
+                                     for a in map(str, args(env, out, 2, *COMMON, "--skip-bad", *extra))])
+    run(tmp_path / "full", "--save-every", 0)
+    full = capsys.readouterr().out
+    run(tmp_path / "cut", "--max-steps", 5)
+    run(tmp_path / "cut", "--resume")
+    cut = capsys.readouterr().out
+    skipped = lambda out: [json.loads(line)["skipped"] for line in open(out / "log.jsonl")]  # noqa: E731
+    assert skipped(tmp_path / "cut") == skipped(tmp_path / "full") and skipped(tmp_path / "full")[-1] == 1
+    assert "0 bad records skipped, 1 replaced at load time" in full.splitlines()[-1]
+    assert cut.splitlines()[-1].endswith(full.splitlines()[-1].split("; ", 1)[1].replace("full", "cut"))
+
+
 @pytest.mark.parametrize("flag", ["--max-steps", "--image-size", "--max-len", "--global-batch"])
 def test_a_zero_flag_is_refused_not_read_as_left_out(env, tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as e:
