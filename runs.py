@@ -3,6 +3,7 @@ checkpoints (written atomically; whole, or FSDP2 shards that no rank holds whole
 checks before it continues. train.py's bookkeeping, kept apart so that train.py reads as the recipe.
 """
 import atexit
+import contextlib
 import errno
 import json
 import math
@@ -279,12 +280,23 @@ def logged_step(line):
 def trim_log(log_path, step):
     """--resume from the checkpoint of `step`: the log keeps the steps up to it, each once (those logged
     after it are run again), replaced atomically."""
-    if os.path.isfile(log_path):
-        with open(log_path) as f:
-            lines = f.read().splitlines()
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path, errors="replace") as f:  # bytes that are no text: a line edited by hand, dropped
+        kept = [line for line in f.read().splitlines() if logged_step(line) <= step]
+    try:
         with open(log_path + ".tmp", "w") as f:
-            f.writelines(line + "\n" for line in lines if logged_step(line) <= step)
+            f.writelines(line + "\n" for line in kept)
         os.replace(log_path + ".tmp", log_path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(log_path + ".tmp")
+        raise SystemExit(f"error: --resume: rewriting {log_path} failed ({e.strerror or e}); the run is as it was: "
+                         f"once there is room (a full disk?), run the same command again") from None
+    last = max(map(logged_step, kept), default=0)
+    if last < step:  # each save syncs the log first: a log edited by hand, or written by an older train.py
+        print(f"note: {log_path} ends at step {last}, the checkpoint is at step {step}: steps {last + 1}-{step} "
+              f"are not in it")
 
 
 def interrupted(ckpt_dir, log_path):

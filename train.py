@@ -655,6 +655,7 @@ def save(step):
     tmp = ckpt_dir + ".tmp"
     if master:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+        os.fsync(log.fileno())  # the log reaches the disk first: after a crash it holds every step saved
     if sharded:
         dist.barrier()  # cleared before any rank writes into it
         with save_errors(step, tmp):

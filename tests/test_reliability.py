@@ -325,6 +325,34 @@ def test_log_holds_each_step_once_after_a_crash_and_resume(env, tmp_path, monkey
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+def test_resume_reads_a_damaged_log_and_says_what_it_lacks(env, tmp_path, monkeypatch, capsys):
+    out, real_fsync, real_replace, synced = tmp_path / "run", os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or real_fsync(fd))
+    train(args(env, out, 2, *COMMON, "--max-steps", 4, "--save-every", 2))
+    # the log reaches the disk at each save, before the checkpoint: after a crash it holds every step saved
+    assert synced.count((out / "log.jsonl").stat().st_ino) == 2
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    # a log edited by hand: bytes that are no text are dropped as a line cut short is; steps 2-4 are gone
+    (out / "log.jsonl").write_bytes((out / "log.jsonl").read_bytes().splitlines(keepends=True)[0] + b"\xff\xfe\n")
+    capsys.readouterr()
+    train(args(env, out, 2, *COMMON, "--max-steps", 5, "--save-every", 2, "--resume"))
+    assert "log.jsonl ends at step 1, the checkpoint is at step 4: steps 2-4 are not in it" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 5]
+    # a full disk as --resume rewrites the log: one line, and the log as it was
+    before = (out / "log.jsonl").read_bytes()
+
+    def full(src, dst):
+        if str(dst).endswith("log.jsonl"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SystemExit, match=r"^error: --resume: rewriting \S*run/log.jsonl failed \(No space left on "
+                                         r"device\); the run is as it was: once there is room \(a full disk\?\), run "
+                                         r"the same command again$"):
+        train(args(env, out, 2, *COMMON, "--max-steps", 6, "--resume"))
+    assert (out / "log.jsonl").read_bytes() == before and not (out / "log.jsonl.tmp").exists()
+
+
 def test_an_early_ctrl_c_says_what_there_is_to_resume(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))
