@@ -174,7 +174,8 @@ p.add_argument("--device", choices=("cuda", "cpu"),
 p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
 p.add_argument("--dry-run", type=world_size, nargs="?", const=0, metavar="WORLD",
                help="print the memory plan per device for WORLD processes (default: this run's) and exit, for "
-                    "the model from --init or --llm (else --config's); no weights or data are read")
+                    "the model --resume continues, or from --init or --llm (else --config's); no weights or data "
+                    "are read")
 args = p.parse_args()
 if not args.debug:
     sys.excepthook = one_line_errors
@@ -422,8 +423,15 @@ if args.init:
                          f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
     # the model the run would build, on the meta device: shapes from the files' headers, no weight read
-    planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
-               mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
+    held = args.resume and next((d for d in (ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old")  # as --resume picks
+                                 if os.path.isfile(os.path.join(d, "train_state.pt"))), None)
+    if args.resume and not held:
+        raise SystemExit(f"error: --resume --dry-run: no checkpoint in {args.out} to plan for")
+    if held and not os.path.isdir(os.path.join(held, "lora")):  # a LoRA run's model is --init's, as below
+        planned = mra.load_checkpoint(held, device="meta").cfg  # the run's, as saved
+    else:
+        planned = (from_init(mra.load_checkpoint(args.init, device="meta").cfg) if args.init else
+                   mra.build(replace(cfg, **stage_cfg), args.llm, args.vit, args.convnext, device="meta").cfg)
     if master:  # under torchrun, once
         memplan.print_plan(plan(planned, args.dry_run or world, bf16=cuda or args.dry_run > 0))  # 0: no WORLD given
     leave()

@@ -511,6 +511,12 @@ def test_dry_run_plans_the_model_init_holds(env, capsys, tmp_path):
     n = sum(q.numel() for q in as_trained.parameters())
     assert ours["weights"] == pytest.approx(4 * n, rel=1e-2)
     assert ours["weights"] > plan(env, capsys, "--dry-run")["weights"]  # --config tiny's 2 layers
+    # --resume: the run's model as saved (planned as --config's, whatever the run had been)
+    train(args(env, tmp_path / "run", 2, "--init", tmp_path / "ckpt", "--global-batch", 1, "--batch-size", 1,
+               "--max-steps", 1))
+    assert plan(env, capsys, "--dry-run", "--resume", "--out", tmp_path / "run")["weights"] == ours["weights"]
+    with pytest.raises(SystemExit, match=r"^error: --resume --dry-run: no checkpoint in \S*new to plan for$"):
+        train(["--stage", "2", "--config", "tiny", "--dry-run", "--resume", "--out", str(tmp_path / "new")])
 
 
 @pytest.mark.parametrize("world", ["-2", "0"])  # 0 was read as no WORLD given (this run's world)
