@@ -321,7 +321,8 @@ def read_state(resume_dir):
         run = json.loads(state["run"])
     except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, the run cannot continue from it
         raise SystemExit(f"error: --resume: {state_path} is not a train state train.py wrote ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"{str(e).splitlines()[0] if str(e) else ''}); the run cannot go on from it: a new run "
+                         f"starts from its weights with --init {resume_dir} and another --out") from None
     return state, run
 
 

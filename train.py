@@ -605,8 +605,10 @@ total_steps = sampler.total_steps
 stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 if start_step >= stop_step:  # resumed at or past where this run stops: it is done as it is
     if master:
-        print(f"nothing to train: the checkpoint is at step {start_step} of {total_steps}"
-              + (f", --max-steps {args.max_steps}" if start_step < total_steps else ""))
+        end = "--max-steps" if stop_step < total_steps else "--epochs"
+        print(f"nothing to train: the checkpoint is at step {start_step}, and this run ends at step {stop_step} ("
+              + (f"--max-steps {args.max_steps}" if end == "--max-steps" else f"{args.epochs} epoch(s)")
+              + f"); a larger {end} goes on")
     leave()
 warmup = math.ceil(args.warmup_ratio * total_steps)
 
@@ -639,6 +641,8 @@ def save_errors(step, tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
         why = (str(e).splitlines() or [type(e).__name__])[0]
+        if "inline_container" in why or "PytorchStreamWriter" in why:  # torch.save's words for a file cut short
+            why = "a file could not be written in full"
         raise SystemExit(f"error: step {step}: saving to {tmp} failed ({why}); {way_on('a full disk?')}") from None
 
 

@@ -119,7 +119,20 @@ def test_resume_checks_the_data_by_content_and_says_what_else_changed(env, tmp_p
     with pytest.raises(SystemExit) as done:  # at step 2 already: nothing to do, and no error
         train(with_data(d / "chats.json", "--max-steps", 1, "--resume", "--lr", 5e-4))
     assert done.value.code is None
-    assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 1" in capsys.readouterr().out
+    assert ("nothing to train: the checkpoint is at step 2, and this run ends at step 1 (--max-steps 1); a larger "
+            "--max-steps goes on") in capsys.readouterr().out
+    train(with_data(d / "chats.json", "--resume", "--lr", 5e-4))  # to the end of its epoch
+    with pytest.raises(SystemExit) as done:  # at the run's whole length, which --epochs sets
+        train(with_data(d / "chats.json", "--max-steps", 20, "--resume", "--lr", 5e-4))
+    assert done.value.code is None
+    assert "run ends at step 10 (1 epoch(s)); a larger --epochs goes on" in capsys.readouterr().out  # 10 records
+    # a train state cut short: named, with the way on
+    state = tmp_path / "run" / "ckpt" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=r"^error: --resume: \S*train_state.pt is not a train state train.py wrote "
+                                         r"\(.*\); the run cannot go on from it: a new run starts from its weights "
+                                         r"with --init \S*run/ckpt and another --out$"):
+        train(with_data(d / "chats.json", "--max-steps", 3, "--resume", "--lr", 5e-4))
 
 
 def test_resume_refuses_another_tokenizer(env, tmp_path):
@@ -456,23 +469,25 @@ def test_resume_finishes_a_save_cut_between_its_renames(env, tmp_path, monkeypat
     said = capsys.readouterr().out
     assert f"--resume: {out / 'ckpt'}.tmp held the complete checkpoint of a save cut short before its last rename: " \
            f"that save is finished, as {out / 'ckpt'}\n" in said
-    assert "nothing to train: the checkpoint is at step 2 of 10, --max-steps 2" in said
+    assert "nothing to train: the checkpoint is at step 2, and this run ends at step 2 (--max-steps 2)" in said
     assert not (out / "ckpt.tmp").exists() and not (out / "ckpt.old").exists()
     train(args(env, out, 2, *COMMON, "--max-steps", 3, "--resume"))
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
 
 
-def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path):
+@pytest.mark.parametrize("limit", [64_000, 1_500_000])  # the weights' file fails, or (torch.save) train_state.pt
+def test_a_failed_save_keeps_the_last_checkpoint(env, tmp_path, limit):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))
 
-    def small_disk():  # writes past 64 KB fail (EFBIG) as they would on a full disk
+    def small_disk():  # writes past the limit fail (EFBIG) as they would on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     r = run_train(args(env, out, 2, *COMMON, "--max-steps", 2, "--resume", "--workers", 0), preexec_fn=small_disk)
     line = one_line(r)
     assert "step 2: saving to" in line and "is untouched" in line and "--resume" in line
+    assert "File too large" in line if limit < 100_000 else "failed (a file could not be written in full)" in line
     assert not os.path.exists(out / "ckpt.tmp")
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
     mra.load_checkpoint(str(out / "ckpt"))
