@@ -33,6 +33,18 @@ from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
+
+def early_errors(kind, err, tb):
+    """sys.excepthook while torch imports (a second or two), until one_line_errors: Ctrl-C then is one
+    line too, and nothing was written yet (as runs.interrupted says it)."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, err, tb)
+    print("interrupted: nothing was saved; run it again to start", file=sys.stderr)
+
+
+if "--debug" not in sys.argv:
+    sys.excepthook = early_errors
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict

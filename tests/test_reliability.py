@@ -929,3 +929,21 @@ def test_bench_names_a_missing_checkpoint_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "bench.py", "--only", "scale", "--model", str(tmp_path / "nope"),
                         "--new-tokens", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'nope'}: no such file or directory\n", r.stderr
+
+
+# -----------------------------------------------------------------------------
+# train.py: Ctrl-C, SIGTERM and the machine's failures are one line, nothing lost
+
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
+    # the first second or two, before one_line_errors is installed: a traceback it was
+    code = ("import os, runpy, signal, sys\n"
+            "class Interrupt:  # Ctrl-C as torch is imported\n"
+            "    def find_spec(self, name, *a):\n"
+            "        if name == 'torch': os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, "--stage", "2", "--out", str(tmp_path / "run")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert one_line(r) == "interrupted: nothing was saved; run it again to start"
+    assert r.returncode == -signal.SIGINT and os.listdir(tmp_path) == []
