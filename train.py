@@ -34,12 +34,18 @@ from datetime import timedelta
 from functools import partial
 
 
+def say_interrupted(line, write=print):
+    """Ctrl-C's one line, `line` (what is kept). torchrun passes Ctrl-C on to every rank: rank 0 alone says it."""
+    if os.environ.get("RANK", "0") == "0":
+        write(line, file=sys.stderr)
+
+
 def early_errors(kind, err, tb):
     """sys.excepthook while torch imports (a second or two), until one_line_errors: Ctrl-C then is one
     line too, and nothing was written yet (as runs.interrupted says it)."""
     if not issubclass(kind, KeyboardInterrupt):
         return sys.__excepthook__(kind, err, tb)
-    print("interrupted: nothing was saved; run it again to start", file=sys.stderr)
+    say_interrupted("interrupted: nothing was saved; run it again to start")
 
 
 if "--debug" not in sys.argv:
@@ -97,10 +103,10 @@ def one_line_errors(kind, err, tb):
     disk) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
         if globals().get("replacing"):
-            return tqdm.write(f"interrupted before the first step: {args.out} holds the run --overwrite was to "
-                              f"replace, as it was", file=sys.stderr)
-        paths = globals().get("ckpt_dir"), globals().get("log_path")  # None before that, and under --dry-run
-        return tqdm.write(runs.interrupted(*paths), file=sys.stderr)
+            line = f"interrupted before the first step: {args.out} holds the run --overwrite was to replace, as it was"
+        else:  # ckpt_dir None before the flags are read, and under --dry-run
+            line = runs.interrupted(globals().get("ckpt_dir"), globals().get("log_path"))
+        return say_interrupted(line, tqdm.write)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     tqdm.write("error: " + said(err), file=sys.stderr)  # below any bar

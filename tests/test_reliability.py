@@ -15,8 +15,10 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from argparse import Namespace
 
 import pytest
@@ -934,7 +936,8 @@ def test_bench_names_a_missing_checkpoint_in_one_line(tmp_path):
 # -----------------------------------------------------------------------------
 # train.py: Ctrl-C, SIGTERM and the machine's failures are one line, nothing lost
 
-def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
+@pytest.mark.parametrize("rank", [None, "1"])  # 1: torchrun's second rank, which leaves it to rank 0
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, rank):
     # the first second or two, before one_line_errors is installed: a traceback it was
     code = ("import os, runpy, signal, sys\n"
             "class Interrupt:  # Ctrl-C as torch is imported\n"
@@ -944,6 +947,39 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
             f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
             f"runpy.run_path({TRAIN!r}, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code, "--stage", "2", "--out", str(tmp_path / "run")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert one_line(r) == "interrupted: nothing was saved; run it again to start"
+                       env=dict(os.environ, **{"RANK": rank} if rank else {}), capture_output=True, text=True,
+                       timeout=300)
+    if rank:
+        assert r.stderr == ""
+    else:
+        assert one_line(r) == "interrupted: nothing was saved; run it again to start"
     assert r.returncode == -signal.SIGINT and os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
+    # torchrun passes Ctrl-C on to every rank (each in a session of its own): rank 0 says it, once (it was
+    # said by every rank, 8 times on 8 GPUs)
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env_ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), TRAIN, *map(str, args(
+                              env, out, 2, "--global-batch", 2, "--batch-size", 1, "--epochs", 1000))],
+                         cwd=ROOT, env=dict(env_, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while p.poll() is None and time.time() < deadline and not (os.path.isfile(out / "log.jsonl") and
+                                                                   os.path.getsize(out / "log.jsonl")):
+            time.sleep(0.05)  # until the run has made a step
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:  # torchrun passes it on to the ranks (a kill would leave them running)
+            p.terminate()
+            p.wait()
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and re.fullmatch(r"(\[rank0\]: )?interrupted before any checkpoint was saved: nothing to "
+                                           r"resume; --overwrite starts over", said[0]), err[-3000:]
