@@ -18,6 +18,7 @@ transformer block, the release's ZeRO-3 for stage 2). Checkpoints are loadable b
 generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py.
 """
 import argparse
+import atexit
 import hashlib
 import inspect
 import json
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -34,8 +36,24 @@ from datetime import timedelta
 from functools import partial
 
 
-def say_interrupted(line, write=print):
-    """Ctrl-C's one line, `line` (what is kept). torchrun passes Ctrl-C on to every rank: rank 0 alone says it."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, docker stop, timeout, Kubernetes) in a one-process run: unwound as Ctrl-C is, so a
+    save in progress ends as it would then, and said as Ctrl-C is, as `terminated`. Under torchrun it keeps
+    its default (the rank ends at once, silently): torchrun sends it to the other ranks when one fails, which
+    has said why, and a rank waiting on the failed one in a collective would not get to a handler."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
+def say_interrupted(kind, line, write=print):
+    """Ctrl-C's one line, `line` (what is kept), or SIGTERM's, `terminated`, the process then ending with
+    status 128 + 15 as a shell expects (Python's would be 1). torchrun passes Ctrl-C on to every rank: rank 0
+    alone says it."""
+    global exit_status
+    if issubclass(kind, Terminated):
+        line, exit_status = line.replace("interrupted", "terminated", 1), 128 + signal.SIGTERM
     if os.environ.get("RANK", "0") == "0":
         write(line, file=sys.stderr)
 
@@ -45,9 +63,20 @@ def early_errors(kind, err, tb):
     line too, and nothing was written yet (as runs.interrupted says it)."""
     if not issubclass(kind, KeyboardInterrupt):
         return sys.__excepthook__(kind, err, tb)
-    say_interrupted("interrupted: nothing was saved; run it again to start")
+    say_interrupted(kind, "interrupted: nothing was saved; run it again to start")
 
 
+def exit_with_status():  # registered before anything else, so run last at exit (after --out's tidy-up)
+    if exit_status is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_status)
+
+
+exit_status = None
+atexit.register(exit_with_status)
+if "RANK" not in os.environ:  # (see Terminated)
+    signal.signal(signal.SIGTERM, terminate)
 if "--debug" not in sys.argv:
     sys.excepthook = early_errors
 
@@ -106,7 +135,7 @@ def one_line_errors(kind, err, tb):
             line = f"interrupted before the first step: {args.out} holds the run --overwrite was to replace, as it was"
         else:  # ckpt_dir None before the flags are read, and under --dry-run
             line = runs.interrupted(globals().get("ckpt_dir"), globals().get("log_path"))
-        return say_interrupted(line, tqdm.write)
+        return say_interrupted(kind, line, tqdm.write)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     tqdm.write("error: " + said(err), file=sys.stderr)  # below any bar

@@ -936,13 +936,18 @@ def test_bench_names_a_missing_checkpoint_in_one_line(tmp_path):
 # -----------------------------------------------------------------------------
 # train.py: Ctrl-C, SIGTERM and the machine's failures are one line, nothing lost
 
+# Ctrl-C (SIGINT) or SIGTERM (scancel, docker stop, timeout): the exit status a shell shows is 128 + the signal
+STOPS = [("SIGINT", -signal.SIGINT, "interrupted"), ("SIGTERM", 128 + signal.SIGTERM, "terminated")]
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
 @pytest.mark.parametrize("rank", [None, "1"])  # 1: torchrun's second rank, which leaves it to rank 0
-def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, rank):
-    # the first second or two, before one_line_errors is installed: a traceback it was
+def test_ctrl_c_or_sigterm_while_torch_imports_is_one_line(tmp_path, sig, status, said, rank):
+    # the first second or two, before one_line_errors is installed: a traceback it was (SIGTERM: not a word)
     code = ("import os, runpy, signal, sys\n"
-            "class Interrupt:  # Ctrl-C as torch is imported\n"
+            "class Interrupt:  # as torch is imported\n"
             "    def find_spec(self, name, *a):\n"
-            "        if name == 'torch': os.kill(os.getpid(), signal.SIGINT)\n"
+            f"        if name == 'torch': os.kill(os.getpid(), signal.{sig})\n"
             "sys.meta_path.insert(0, Interrupt())\n"
             f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
             f"runpy.run_path({TRAIN!r}, run_name='__main__')")
@@ -952,8 +957,9 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, rank):
     if rank:
         assert r.stderr == ""
     else:
-        assert one_line(r) == "interrupted: nothing was saved; run it again to start"
-    assert r.returncode == -signal.SIGINT and os.listdir(tmp_path) == []
+        assert one_line(r) == f"{said}: nothing was saved; run it again to start"
+    # under torchrun SIGTERM keeps its default: torchrun sends it to the other ranks when one fails
+    assert r.returncode == (status if sig == "SIGINT" or not rank else -signal.SIGTERM) and os.listdir(tmp_path) == []
 
 
 def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
@@ -983,3 +989,35 @@ def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
     said = [line for line in err.splitlines() if "interrupted" in line]
     assert len(said) == 1 and re.fullmatch(r"(\[rank0\]: )?interrupted before any checkpoint was saved: nothing to "
                                            r"resume; --overwrite starts over", said[0]), err[-3000:]
+
+
+def train_where(where, n, then, argv):
+    """train.py in a process of its own, where the n-th call of `where` (module.attribute) first runs the
+    statement `then` (os, signal and torch imported)."""
+    module, _ = where.split(".")
+    code = (f"import os, runpy, signal, sys, torch, {module}\n"
+            f"f, calls = {where}, []\n"
+            "def at_n(*a, **kw):\n"
+            "    calls.append(1)\n"
+            f"    if len(calls) == {n}:\n"
+            f"        {then}\n"
+            "    return f(*a, **kw)\n"
+            f"{where} = at_n\n"
+            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
+def test_sigterm_mid_save_is_ctrl_c_and_the_run_resumes(env, tmp_path, sig, status, said):
+    # a signal while the second checkpoint is written: the first stays, and --resume goes on from it (SIGTERM
+    # ended the run without a word)
+    out = tmp_path / "run"
+    r = train_where("runs.write_train_state", 2, f"os.kill(os.getpid(), signal.{sig})",
+                    args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1))
+    assert one_line(r) == f"{said}: the last checkpoint {out / 'ckpt'} is intact; --resume continues from it"
+    assert r.returncode == status and not (out / "ckpt.tmp" / "train_state.pt").exists()
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+    train(args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1, "--resume"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
