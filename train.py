@@ -129,16 +129,38 @@ def world_size(text):  # --dry-run's WORLD; the flag alone (const 0) means this 
 
 def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
-    disk) is one line, not a traceback (--debug shows it)."""
+    disk, too little memory) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
         if globals().get("replacing"):
             line = f"interrupted before the first step: {args.out} holds the run --overwrite was to replace, as it was"
         else:  # ckpt_dir None before the flags are read, and under --dry-run
             line = runs.interrupted(globals().get("ckpt_dir"), globals().get("log_path"))
         return say_interrupted(kind, line, tqdm.write)
+    if issubclass(kind, (RuntimeError, MemoryError)) and (line := machine_failure(err)):
+        return tqdm.write(line, file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     tqdm.write("error: " + said(err), file=sys.stderr)  # below any bar
+
+
+def machine_failure(err):
+    """A RuntimeError or MemoryError that is the machine's, not a bug: the memory ran out (torch's CPU
+    allocator, numpy, a GPU: torch.OutOfMemoryError; in a DataLoader worker, the last line says which), or a
+    DataLoader worker died (the OOM killer's doing, most often). Its one line, with what is kept and the way
+    on; None for any other RuntimeError (a bug: its traceback)."""
+    last = (str(err).strip().splitlines() or [""])[-1]
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or re.search(r"can't allocate|MemoryError: ", last):
+        short = re.search(r"(CUDA|\w+Allocator|Unable)\b.*?allocate [\d.]+ ?\w+", last)  # not what goes around it
+        what = f"out of memory ({short[0] if short else said(err)})"
+        cause = "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan"
+    elif last.startswith("DataLoader worker (pid"):
+        what, cause = last.rstrip(". "), "the memory ran out? fewer --workers"
+    else:
+        return None
+    if "replacing" not in globals():  # the model loads: nothing in --out has changed yet
+        return f"error: {what} before the first step; once the cause is fixed ({cause}), run the same command again"
+    where = f"step {step + 1}: " if "step" in globals() else ""  # the training loop's
+    return f"error: {where}{what}; {way_on(cause)}"
 
 
 def said(err):

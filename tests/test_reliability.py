@@ -994,8 +994,7 @@ def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
 def train_where(where, n, then, argv):
     """train.py in a process of its own, where the n-th call of `where` (module.attribute) first runs the
     statement `then` (os, signal and torch imported)."""
-    module, _ = where.split(".")
-    code = (f"import os, runpy, signal, sys, torch, {module}\n"
+    code = (f"import os, runpy, signal, sys, torch, {where.split('.')[0]}\n"
             f"f, calls = {where}, []\n"
             "def at_n(*a, **kw):\n"
             "    calls.append(1)\n"
@@ -1021,3 +1020,41 @@ def test_sigterm_mid_save_is_ctrl_c_and_the_run_resumes(env, tmp_path, sig, stat
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
     train(args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1, "--resume"))
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+
+
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to " \
+          "allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)"
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which " \
+           "1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the " \
+           "allocated memory 76.50 GiB is allocated by PyTorch. See documentation for Memory Management"
+ROOM = "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan"
+
+
+@pytest.mark.parametrize("where, n, then, said", [
+    ("mra.LlavaHR.forward", 2, f"raise RuntimeError({CPU_OOM!r})",
+     rf"error: step 2: out of memory \(DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 "
+     rf"bytes\); the last checkpoint \S+/run/ckpt is untouched; once the cause is fixed \({re.escape(ROOM)}\), "
+     rf"--resume continues from it"),
+    ("mra.LlavaHR.forward", 1, f"raise torch.OutOfMemoryError({CUDA_OOM!r})",
+     rf"error: step 1: out of memory \(CUDA out of memory. Tried to allocate 2.00 GiB\); no checkpoint kept; once "
+     rf"the cause is fixed \({re.escape(ROOM)}\), --overwrite starts over"),
+    ("mra.build", 1, "raise MemoryError('Unable to allocate 3.00 MiB for an array with shape (512, 512, 3) and data "
+                     "type float32')",  # numpy's, as the model loads
+     rf"error: out of memory \(Unable to allocate 3.00 MiB\) before the first step; once the cause is fixed "
+     rf"\({re.escape(ROOM)}\), run the same command again"),
+    # a worker the system killed (its OOM killer, most often): collate runs in the worker
+    ("data.collate", 1, "os.kill(os.getpid(), signal.SIGKILL)",
+     r"error: step 1: DataLoader worker \(pid\(?s?\)? \d+\) (is killed by signal: Killed|exited unexpectedly); no "
+     r"checkpoint kept; once the cause is fixed \(the memory ran out\? fewer --workers\), --overwrite starts over"),
+])
+def test_the_machine_running_out_is_one_line(env, tmp_path, where, n, then, said):
+    # out of memory (the host's, a GPU's) or a DataLoader worker killed: a traceback, as a bug's, it was
+    r = train_where(where, n, then, args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 2, "--save-every", 1,
+                                         "--workers", 1 if where == "data.collate" else 0))
+    assert re.fullmatch(said, one_line(r)) and r.returncode == 1, r.stderr[-3000:]
+
+
+def test_a_runtime_error_of_a_bug_keeps_its_traceback(env, tmp_path):
+    r = train_where("mra.LlavaHR.forward", 1, "raise RuntimeError('mat1 and mat2 shapes cannot be multiplied')",
+                    args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 1))
+    assert "Traceback" in r.stderr and r.stderr.endswith("RuntimeError: mat1 and mat2 shapes cannot be multiplied\n")
