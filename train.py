@@ -154,7 +154,11 @@ def machine_failure(err):
         what = f"out of memory ({short[0] if short else said(err)})"
         cause = "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan"
     elif last.startswith("DataLoader worker (pid"):
-        what, cause = last.rstrip(". "), "the memory ran out? fewer --workers"
+        # how it ended, when torch saw it at once (SIGCHLD), may be the cause of the error raised
+        first = err.__cause__ if str(err.__cause__).startswith("DataLoader worker (pid") else err
+        what = str(first).split(". ")[0].rstrip(".")  # not torch's advice after it
+        cause = ("the memory ran out? fewer --workers" if "signal: Killed" in what else  # SIGKILL: the OOM killer's
+                 "--workers 0 loads in this process, where an error shows")
     else:
         return None
     if "replacing" not in globals():  # the model loads: nothing in --out has changed yet
