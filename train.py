@@ -18,6 +18,7 @@ transformer block, the release's ZeRO-3 for stage 2). Checkpoints are loadable b
 generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py.
 """
 import argparse
+import atexit
 import hashlib
 import inspect
 import json
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -32,6 +34,51 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import timedelta
 from functools import partial
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, docker stop, timeout, Kubernetes) in a one-process run: unwound as Ctrl-C is, so a
+    save in progress ends as it would then, and said as Ctrl-C is, as `terminated`. Under torchrun it keeps
+    its default (the rank ends at once, silently): torchrun sends it to the other ranks when one fails, which
+    has said why, and a rank waiting on the failed one in a collective would not get to a handler."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
+def say_interrupted(kind, line, write=print):
+    """Ctrl-C's one line, `line` (what is kept), or SIGTERM's, `terminated`, the process then ending with
+    status 128 + 15 as a shell expects (Python's would be 1). torchrun passes Ctrl-C on to every rank: rank 0
+    alone says it."""
+    global exit_status
+    if issubclass(kind, Terminated):
+        line, exit_status = line.replace("interrupted", "terminated", 1), 128 + signal.SIGTERM
+    if os.environ.get("RANK", "0") == "0":
+        write(line, file=sys.stderr)
+
+
+def early_errors(kind, err, tb):
+    """sys.excepthook while torch imports (a second or two), until one_line_errors: Ctrl-C then is one
+    line too, and nothing was written yet (as runs.interrupted says it)."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, err, tb)
+    say_interrupted(kind, "interrupted: nothing was saved; run it again to start")
+
+
+def exit_with_status():  # registered before anything else, so run last at exit (after --out's tidy-up)
+    if exit_status is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_status)
+
+
+exit_status = None
+atexit.register(exit_with_status)
+if "RANK" not in os.environ:  # (see Terminated)
+    signal.signal(signal.SIGTERM, terminate)
+if "--debug" not in sys.argv:
+    sys.excepthook = early_errors
 
 import torch
 import torch.distributed as dist
@@ -82,16 +129,42 @@ def world_size(text):  # --dry-run's WORLD; the flag alone (const 0) means this 
 
 def one_line_errors(kind, err, tb):
     """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
-    disk) is one line, not a traceback (--debug shows it)."""
+    disk, too little memory) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
         if globals().get("replacing"):
-            return tqdm.write(f"interrupted before the first step: {args.out} holds the run --overwrite was to "
-                              f"replace, as it was", file=sys.stderr)
-        paths = globals().get("ckpt_dir"), globals().get("log_path")  # None before that, and under --dry-run
-        return tqdm.write(runs.interrupted(*paths), file=sys.stderr)
+            line = f"interrupted before the first step: {args.out} holds the run --overwrite was to replace, as it was"
+        else:  # ckpt_dir None before the flags are read, and under --dry-run
+            line = runs.interrupted(globals().get("ckpt_dir"), globals().get("log_path"))
+        return say_interrupted(kind, line, tqdm.write)
+    if issubclass(kind, (RuntimeError, MemoryError)) and (line := machine_failure(err)):
+        return tqdm.write(line, file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     tqdm.write("error: " + said(err), file=sys.stderr)  # below any bar
+
+
+def machine_failure(err):
+    """A RuntimeError or MemoryError that is the machine's, not a bug: the memory ran out (torch's CPU
+    allocator, numpy, a GPU: torch.OutOfMemoryError; in a DataLoader worker, the last line says which), or a
+    DataLoader worker died (the OOM killer's doing, most often). Its one line, with what is kept and the way
+    on; None for any other RuntimeError (a bug: its traceback)."""
+    last = (str(err).strip().splitlines() or [""])[-1]
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or re.search(r"can't allocate|MemoryError: ", last):
+        short = re.search(r"(CUDA|\w+Allocator|Unable)\b.*?allocate [\d.]+ ?\w+", last)  # not what goes around it
+        what = f"out of memory ({short[0] if short else said(err)})"
+        cause = "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan"
+    elif last.startswith("DataLoader worker (pid"):
+        # how it ended, when torch saw it at once (SIGCHLD), may be the cause of the error raised
+        first = err.__cause__ if str(err.__cause__).startswith("DataLoader worker (pid") else err
+        what = str(first).split(". ")[0].rstrip(".")  # not torch's advice after it
+        cause = ("the memory ran out? fewer --workers" if "signal: Killed" in what else  # SIGKILL: the OOM killer's
+                 "--workers 0 loads in this process, where an error shows")
+    else:
+        return None
+    if "replacing" not in globals():  # the model loads: nothing in --out has changed yet
+        return f"error: {what} before the first step; once the cause is fixed ({cause}), run the same command again"
+    where = f"step {step + 1}: " if "step" in globals() else ""  # the training loop's
+    return f"error: {where}{what}; {way_on(cause)}"
 
 
 def said(err):

@@ -15,8 +15,10 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from argparse import Namespace
 
 import pytest
@@ -1002,3 +1004,133 @@ def test_bench_names_a_missing_checkpoint_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "bench.py", "--only", "scale", "--model", str(tmp_path / "nope"),
                         "--new-tokens", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'nope'}: no such file or directory\n", r.stderr
+
+
+# -----------------------------------------------------------------------------
+# train.py: Ctrl-C, SIGTERM and the machine's failures are one line, nothing lost
+
+# Ctrl-C (SIGINT) or SIGTERM (scancel, docker stop, timeout): the exit status a shell shows is 128 + the signal
+STOPS = [("SIGINT", -signal.SIGINT, "interrupted"), ("SIGTERM", 128 + signal.SIGTERM, "terminated")]
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
+@pytest.mark.parametrize("rank", [None, "1"])  # 1: torchrun's second rank, which leaves it to rank 0
+def test_ctrl_c_or_sigterm_while_torch_imports_is_one_line(tmp_path, sig, status, said, rank):
+    # the first second or two, before one_line_errors is installed: a traceback it was (SIGTERM: not a word)
+    code = ("import os, runpy, signal, sys\n"
+            "class Interrupt:  # as torch is imported\n"
+            "    def find_spec(self, name, *a):\n"
+            f"        if name == 'torch': os.kill(os.getpid(), signal.{sig})\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, "--stage", "2", "--out", str(tmp_path / "run")], cwd=ROOT,
+                       env=dict(os.environ, **{"RANK": rank} if rank else {}), capture_output=True, text=True,
+                       timeout=300)
+    if rank:
+        assert r.stderr == ""
+    else:
+        assert one_line(r) == f"{said}: nothing was saved; run it again to start"
+    # under torchrun SIGTERM keeps its default: torchrun sends it to the other ranks when one fails
+    assert r.returncode == (status if sig == "SIGINT" or not rank else -signal.SIGTERM) and os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
+    # torchrun passes Ctrl-C on to every rank (each in a session of its own): rank 0 says it, once (it was
+    # said by every rank, 8 times on 8 GPUs)
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env_ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), TRAIN, *map(str, args(
+                              env, out, 2, "--global-batch", 2, "--batch-size", 1, "--epochs", 1000))],
+                         cwd=ROOT, env=dict(env_, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while p.poll() is None and time.time() < deadline and not (os.path.isfile(out / "log.jsonl") and
+                                                                   os.path.getsize(out / "log.jsonl")):
+            time.sleep(0.05)  # until the run has made a step
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:  # torchrun passes it on to the ranks (a kill would leave them running)
+            p.terminate()
+            p.wait()
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and re.fullmatch(r"(\[rank0\]: )?interrupted before any checkpoint was saved: nothing to "
+                                           r"resume; --overwrite starts over", said[0]), err[-3000:]
+
+
+def train_where(where, n, then, argv):
+    """train.py in a process of its own, where the n-th call of `where` (module.attribute) first runs the
+    statement `then` (os, signal and torch imported)."""
+    code = (f"import os, runpy, signal, sys, torch, {where.split('.')[0]}\n"
+            f"f, calls = {where}, []\n"
+            "def at_n(*a, **kw):\n"
+            "    calls.append(1)\n"
+            f"    if len(calls) == {n}:\n"
+            f"        {then}\n"
+            "    return f(*a, **kw)\n"
+            f"{where} = at_n\n"
+            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
+def test_sigterm_mid_save_is_ctrl_c_and_the_run_resumes(env, tmp_path, sig, status, said):
+    # a signal while the second checkpoint is written: the first stays, and --resume goes on from it (SIGTERM
+    # ended the run without a word)
+    out = tmp_path / "run"
+    r = train_where("runs.write_train_state", 2, f"os.kill(os.getpid(), signal.{sig})",
+                    args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1))
+    assert one_line(r) == f"{said}: the last checkpoint {out / 'ckpt'} is intact; --resume continues from it"
+    assert r.returncode == status and not (out / "ckpt.tmp" / "train_state.pt").exists()
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+    train(args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1, "--resume"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+
+
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to " \
+          "allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)"
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which " \
+           "1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the " \
+           "allocated memory 76.50 GiB is allocated by PyTorch. See documentation for Memory Management"
+ROOM = "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan"
+
+
+@pytest.mark.parametrize("where, n, then, said", [
+    ("mra.LlavaHR.forward", 2, f"raise RuntimeError({CPU_OOM!r})",
+     rf"error: step 2: out of memory \(DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 "
+     rf"bytes\); the last checkpoint \S+/run/ckpt is untouched; once the cause is fixed \({re.escape(ROOM)}\), "
+     rf"--resume continues from it"),
+    ("mra.LlavaHR.forward", 1, f"raise torch.OutOfMemoryError({CUDA_OOM!r})",
+     rf"error: step 1: out of memory \(CUDA out of memory. Tried to allocate 2.00 GiB\); no checkpoint kept; once "
+     rf"the cause is fixed \({re.escape(ROOM)}\), --overwrite starts over"),
+    ("mra.build", 1, "raise MemoryError('Unable to allocate 3.00 MiB for an array with shape (512, 512, 3) and data "
+                     "type float32')",  # numpy's, as the model loads
+     rf"error: out of memory \(Unable to allocate 3.00 MiB\) before the first step; once the cause is fixed "
+     rf"\({re.escape(ROOM)}\), run the same command again"),
+    # a worker the system killed (its OOM killer, most often): collate runs in the worker
+    ("data.collate", 1, "os.kill(os.getpid(), signal.SIGKILL)",
+     r"error: step 1: DataLoader worker \(pid \d+\) is killed by signal: Killed; no checkpoint kept; once the cause "
+     r"is fixed \(the memory ran out\? fewer --workers\), --overwrite starts over"),
+    ("data.collate", 1, "os._exit(3)",  # a worker ended otherwise: not put down to memory
+     r"error: step 1: DataLoader worker \(pid \d+\) exited unexpectedly with exit code 3; no checkpoint kept; once "
+     r"the cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over"),
+])
+def test_the_machine_running_out_is_one_line(env, tmp_path, where, n, then, said):
+    # out of memory (the host's, a GPU's) or a DataLoader worker killed: a traceback, as a bug's, it was
+    r = train_where(where, n, then, args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 2, "--save-every", 1,
+                                         "--workers", 1 if where == "data.collate" else 0))
+    assert re.fullmatch(said, one_line(r)) and r.returncode == 1, r.stderr[-3000:]
+
+
+def test_a_runtime_error_of_a_bug_keeps_its_traceback(env, tmp_path):
+    r = train_where("mra.LlavaHR.forward", 1, "raise RuntimeError('mat1 and mat2 shapes cannot be multiplied')",
+                    args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 1))
+    assert "Traceback" in r.stderr and r.stderr.endswith("RuntimeError: mat1 and mat2 shapes cannot be multiplied\n")
