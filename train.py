@@ -740,7 +740,6 @@ def save(step):
     tmp = ckpt_dir + ".tmp"
     if master:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
-        os.fsync(log.fileno())  # the log reaches the disk first: after a crash it holds every step saved
     if sharded:
         dist.barrier()  # cleared before any rank writes into it
         with save_errors(step, tmp):
@@ -889,6 +888,8 @@ for step in range(start_step, stop_step):
             raise SystemExit(f"error: step {done}: writing {log_path} failed ({e.strerror or e}); "
                              f"{way_on('a full disk?')}")
     if not args.no_save and (done == stop_step or (args.save_every and done % args.save_every == 0)):
+        if master:  # the log reaches the disk before the checkpoint: after a crash it holds every step saved
+            os.fsync(log.fileno())
         save(done)
 bar.close()
 if master:
