@@ -136,8 +136,8 @@ def one_line_errors(kind, err, tb):
         else:  # ckpt_dir None before the flags are read, and under --dry-run
             line = runs.interrupted(globals().get("ckpt_dir"), globals().get("log_path"))
         return say_interrupted(kind, line, tqdm.write)
-    if issubclass(kind, (RuntimeError, MemoryError)) and (line := machine_failure(err)):
-        return tqdm.write(line, file=sys.stderr)
+    if issubclass(kind, (RuntimeError, MemoryError)) and (line := machine_failure(err)) is not None:
+        return line and tqdm.write(line, file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
     tqdm.write("error: " + said(err), file=sys.stderr)  # below any bar
@@ -146,8 +146,8 @@ def one_line_errors(kind, err, tb):
 def machine_failure(err):
     """A RuntimeError or MemoryError that is the machine's, not a bug: the memory ran out (torch's CPU
     allocator, numpy, a GPU: torch.OutOfMemoryError; in a DataLoader worker, the last line says which), or a
-    DataLoader worker died (the OOM killer's doing, most often). Its one line, with what is kept and the way
-    on; None for any other RuntimeError (a bug: its traceback)."""
+    DataLoader worker died (the OOM killer's doing, most often), or (torchrun) another rank did. Its one line,
+    with what is kept and the way on ("": none); None for any other RuntimeError (a bug: its traceback)."""
     last = (str(err).strip().splitlines() or [""])[-1]
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or re.search(r"can't allocate|MemoryError: ", last):
         short = re.search(r"(CUDA|\w+Allocator|Unable)\b.*?allocate [\d.]+ ?\w+", last)  # not what goes around it
@@ -159,6 +159,11 @@ def machine_failure(err):
         what = str(first).split(". ")[0].rstrip(".")  # not torch's advice after it
         cause = ("the memory ran out? fewer --workers" if "signal: Killed" in what else  # SIGKILL: the OOM killer's
                  "--workers 0 loads in this process, where an error shows")
+    elif globals().get("distributed") and (isinstance(err, dist.DistError) or
+                                           re.search(r"(closed|reset) by peer|remote process exited", last)):
+        if rank:  # a collective lost its other end: the rank that ended says why, rank 0 what is kept
+            return ""
+        what, cause = "another process of the run ended (its own line says why)", "see that line"
     else:
         return None
     if "replacing" not in globals():  # the model loads: nothing in --out has changed yet

@@ -30,7 +30,7 @@ import mra
 from llama import Llama, LlamaConfig
 from test_data import conv, records, train_spm, write_dataset
 from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
-from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, train, weights  # noqa: F401
+from test_train import ROOT, TRAIN, args, assert_same, env, losses, one_thread, torchrun, train, weights  # noqa: F401
 from tokenizer import Tokenizer
 from weights import CheckpointError, convert_bin, read_safetensors
 
@@ -1064,9 +1064,9 @@ def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
                                            r"resume; --overwrite starts over", said[0]), err[-3000:]
 
 
-def train_where(where, n, then, argv):
-    """train.py in a process of its own, where the n-th call of `where` (module.attribute) first runs the
-    statement `then` (os, signal and torch imported)."""
+def train_where(where, n, then, argv, ranks=None):
+    """train.py in a process of its own (or `ranks` under torchrun), where the n-th call of `where`
+    (module.attribute) first runs the statement `then` (os, signal and torch imported)."""
     code = (f"import os, runpy, signal, sys, torch, {where.split('.')[0]}\n"
             f"f, calls = {where}, []\n"
             "def at_n(*a, **kw):\n"
@@ -1077,6 +1077,10 @@ def train_where(where, n, then, argv):
             f"{where} = at_n\n"
             f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
             f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    if ranks:
+        with open(f"{argv[argv.index('--out') + 1]}.py", "w") as f:  # torchrun runs a file, which imports from
+            f.write(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + code)  # its own directory
+        return torchrun(list(map(str, argv)), n=ranks, ok=False, script=f.name)
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
@@ -1128,6 +1132,23 @@ def test_the_machine_running_out_is_one_line(env, tmp_path, where, n, then, said
     r = train_where(where, n, then, args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 2, "--save-every", 1,
                                          "--workers", 1 if where == "data.collate" else 0))
     assert re.fullmatch(said, one_line(r)) and r.returncode == 1, r.stderr[-3000:]
+
+
+def test_a_rank_out_of_memory_under_torchrun_is_said_by_it_and_rank_0_alone(env, tmp_path):
+    # rank 0, left waiting in the gradients' all-reduce, printed gloo's "Connection closed by peer" traceback
+    out = tmp_path / "run"
+    r = train_where("mra.LlavaHR.forward", 2, "if os.environ['RANK'] == '1': raise torch.OutOfMemoryError('CUDA out of "
+                    "memory. Tried to allocate 2.00 GiB')", args(env, out, 2, "--global-batch", 2, "--batch-size", 1,
+                                                                 "--lr", 1e-3, "--save-every", 1), ranks=2)
+    said = sorted(re.findall(r"\[rank\d\]: error: .*", r.stderr))  # (a line may follow the bar's, after a \r)
+    ended = (f"the last checkpoint {out / 'ckpt'} is untouched; once the cause is fixed (%s), --resume continues "
+             "from it")
+    assert said[-1] == ("[rank1]: error: step 2: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); "
+                        + ended % "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan")
+    # rank 0 says what is kept, unless torchrun's SIGTERM (it ends the other ranks when one fails) came first
+    assert said[:-1] in ([], ["[rank0]: error: step 2: another process of the run ended (its own line says why); "
+                              + ended % "see that line"]), r.stderr[-3000:]
+    assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
 
 
 def test_a_runtime_error_of_a_bug_keeps_its_traceback(env, tmp_path):

@@ -76,14 +76,14 @@ def train(argv):
         sys.argv = old
 
 
-def torchrun(argv, n=2, ok=True):
-    """train.py under torchrun (gloo): its stdout, or (ok=False) the finished process."""
+def torchrun(argv, n=2, ok=True, script=TRAIN):
+    """train.py (or `script`) under torchrun (gloo): its stdout, or (ok=False) the finished process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                        "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN, *argv],
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), script, *argv],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if not ok:
         return r
