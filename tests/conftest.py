@@ -2,11 +2,19 @@
 same sentencepiece model. Each module provides `model_path` (its own trained model). And every
 test starts with torch's process-wide float mode as a fresh process has it, and (but those marked
 cuda) sees no GPU, as CI's machine: their exact fp32 comparisons hold on a machine with one too."""
+import signal
+
 import pytest
 import torch
 from transformers import LlamaTokenizer
 
 from tokenizer import Tokenizer
+
+# A suite started in the background by a shell without job control inherits Ctrl-C (SIGINT) ignored, and so
+# would every process it starts: the tests of Ctrl-C need it delivered (a handled signal is reset to its
+# default in a process started from this one, where Python then raises KeyboardInterrupt)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
