@@ -152,7 +152,10 @@ def machine_failure(err):
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or re.search(r"can't allocate|MemoryError: ", last):
         short = re.search(r"(CUDA|\w+Allocator|Unable)\b.*?allocate [\d.]+ ?\w+", last)  # not what goes around it
         what = f"out of memory ({short[0] if short else said(err)})"
-        cause = "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan"
+        a, ways = globals().get("args"), ["a smaller --batch-size"]  # and the flags not given yet
+        ways += [] if a and a.grad_checkpoint else ["--grad-checkpoint"]
+        ways += ["--fsdp"] if globals().get("distributed") and a and not a.fsdp else []  # (one process: no shards)
+        cause = " or ".join([", ".join(ways[:-1]), ways[-1]] if ways[1:] else ways) + "; --dry-run shows the plan"
     elif last.startswith("DataLoader worker (pid"):
         # how it ended, when torch saw it at once (SIGCHLD), may be the cause of the error raised
         first = err.__cause__ if str(err.__cause__).startswith("DataLoader worker (pid") else err

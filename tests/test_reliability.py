@@ -1110,33 +1110,36 @@ CPU_OOM = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ca
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which " \
            "1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. Of the " \
            "allocated memory 76.50 GiB is allocated by PyTorch. See documentation for Memory Management"
-ROOM = "a smaller --batch-size, --grad-checkpoint or --fsdp; --dry-run shows the plan"
+ROOM = "a smaller --batch-size or --grad-checkpoint; --dry-run shows the plan"  # (--fsdp: under torchrun)
 
 
-@pytest.mark.parametrize("where, n, then, said", [
+@pytest.mark.parametrize("where, n, then, said, extra", [
     ("mra.LlavaHR.forward", 2, f"raise RuntimeError({CPU_OOM!r})",
      rf"error: step 2: out of memory \(DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 "
      rf"bytes\); the last checkpoint \S+/run/ckpt is untouched; once the cause is fixed \({re.escape(ROOM)}\), "
-     rf"--resume continues from it"),
+     rf"--resume continues from it", ()),
+    ("mra.LlavaHR.forward", 2, f"raise RuntimeError({CPU_OOM!r})",  # the flags not given are the ways on
+     r"error: step 2: .*; once the cause is fixed \(a smaller --batch-size; --dry-run shows the plan\), --resume "
+     r"continues from it", ("--grad-checkpoint",)),
     ("mra.LlavaHR.forward", 1, f"raise torch.OutOfMemoryError({CUDA_OOM!r})",
      rf"error: step 1: out of memory \(CUDA out of memory. Tried to allocate 2.00 GiB\); no checkpoint kept; once "
-     rf"the cause is fixed \({re.escape(ROOM)}\), --overwrite starts over"),
+     rf"the cause is fixed \({re.escape(ROOM)}\), --overwrite starts over", ()),
     ("mra.build", 1, "raise MemoryError('Unable to allocate 3.00 MiB for an array with shape (512, 512, 3) and data "
                      "type float32')",  # numpy's, as the model loads
      rf"error: out of memory \(Unable to allocate 3.00 MiB\) before the first step; once the cause is fixed "
-     rf"\({re.escape(ROOM)}\), run the same command again"),
+     rf"\({re.escape(ROOM)}\), run the same command again", ()),
     # a worker the system killed (its OOM killer, most often): collate runs in the worker
     ("data.collate", 1, "os.kill(os.getpid(), signal.SIGKILL)",
      r"error: step 1: DataLoader worker \(pid \d+\) is killed by signal: Killed; no checkpoint kept; once the cause "
-     r"is fixed \(the memory ran out\? fewer --workers\), --overwrite starts over"),
+     r"is fixed \(the memory ran out\? fewer --workers\), --overwrite starts over", ()),
     ("data.collate", 1, "os._exit(3)",  # a worker ended otherwise: not put down to memory
      r"error: step 1: DataLoader worker \(pid \d+\) exited unexpectedly with exit code 3; no checkpoint kept; once "
-     r"the cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over"),
+     r"the cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over", ()),
 ])
-def test_the_machine_running_out_is_one_line(env, tmp_path, where, n, then, said):
+def test_the_machine_running_out_is_one_line(env, tmp_path, where, n, then, said, extra):
     # out of memory (the host's, a GPU's) or a DataLoader worker killed: a traceback, as a bug's, it was
     r = train_where(where, n, then, args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 2, "--save-every", 1,
-                                         "--workers", 1 if where == "data.collate" else 0))
+                                         "--workers", 1 if where == "data.collate" else 0, *extra))
     assert re.fullmatch(said, one_line(r)) and r.returncode == 1, r.stderr[-3000:]
 
 
