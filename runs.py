@@ -283,7 +283,8 @@ def trim_log(log_path, step):
     if not os.path.isfile(log_path):
         return
     with open(log_path, errors="replace") as f:  # bytes that are no text: a line edited by hand, dropped
-        kept = [line for line in f.read().splitlines() if logged_step(line) <= step]
+        logged = [(line, logged_step(line)) for line in f.read().splitlines()]
+    kept = [line for line, n in logged if n <= step]
     try:
         with open(log_path + ".tmp", "w") as f:
             f.writelines(line + "\n" for line in kept)
@@ -293,19 +294,25 @@ def trim_log(log_path, step):
             os.remove(log_path + ".tmp")
         raise SystemExit(f"error: --resume: rewriting {log_path} failed ({e.strerror or e}); the run is as it was: "
                          f"once there is room (a full disk?), run the same command again") from None
-    last = max(map(logged_step, kept), default=0)
+    last = max((n for _, n in logged if n <= step), default=0)
     if last < step:  # each save syncs the log first: a log edited by hand, or written by an older train.py
         print(f"note: {log_path} ends at step {last}, the checkpoint is at step {step}: steps {last + 1}-{step} "
               f"are not in it")
 
 
+def last_checkpoint(ckpt_dir):
+    """The checkpoint --resume would continue from (None: none), as it picks them: a complete ckpt.tmp is
+    a save cut between its renames, finished first."""
+    return next((d for d in (ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old")
+                 if os.path.isfile(os.path.join(d, "train_state.pt"))), None)
+
+
 def interrupted(ckpt_dir, log_path):
     """A run interrupted now: what it has left on the disk and the way on, in one line (ckpt_dir None: no
     run directory is known yet)."""
-    saved = [d for d in (ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old")  # as --resume picks them
-             if os.path.isfile(os.path.join(d, "train_state.pt"))] if ckpt_dir else []
+    saved = ckpt_dir and last_checkpoint(ckpt_dir)
     logged = ckpt_dir and os.path.isfile(log_path) and os.path.getsize(log_path)
-    return (f"interrupted: the last checkpoint {saved[0]} is intact; --resume continues from it" if saved
+    return (f"interrupted: the last checkpoint {saved} is intact; --resume continues from it" if saved
             else "interrupted before any checkpoint was saved: nothing to resume; --overwrite starts over"
             if logged else "interrupted: nothing was saved; run it again to start")
 

@@ -504,10 +504,10 @@ if args.init:
                          f"(--init {base}), or apply them with generate.py --model {base} --lora {only}")
 if args.dry_run is not None:  # a plan for GPUs (bf16) when given a world size, else for this machine
     # the model the run would build, on the meta device: shapes from the files' headers, no weight read
-    held = args.resume and next((d for d in (ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old")  # as --resume picks
-                                 if os.path.isfile(os.path.join(d, "train_state.pt"))), None)
+    held = args.resume and args.out and runs.last_checkpoint(ckpt_dir)
     if args.resume and not held:
-        raise SystemExit(f"error: --resume --dry-run: no checkpoint in {args.out} to plan for")
+        raise SystemExit("error: --resume --dry-run: " + (f"no checkpoint in {args.out} to plan for" if args.out else
+                                                           "--out names the run to plan for"))
     if held and not os.path.isdir(os.path.join(held, "lora")):  # a LoRA run's model is --init's, as below
         planned = mra.load_checkpoint(held, device="meta").cfg  # the run's, as saved
     else:
@@ -686,10 +686,10 @@ total_steps = sampler.total_steps
 stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 if start_step >= stop_step:  # resumed at or past where this run stops: it is done as it is
     if master:
-        end = "--max-steps" if stop_step < total_steps else "--epochs"
-        print(f"nothing to train: the checkpoint is at step {start_step}, and this run ends at step {stop_step} ("
-              + (f"--max-steps {args.max_steps}" if end == "--max-steps" else f"{args.epochs} epoch(s)")
-              + f"); a larger {end} goes on")
+        flag, why = (("--max-steps", f"--max-steps {args.max_steps}") if stop_step < total_steps else
+                     ("--epochs", f"{args.epochs} epoch(s)"))
+        print(f"nothing to train: the checkpoint is at step {start_step}, and this run ends at step {stop_step} "
+              f"({why}); a larger {flag} goes on")
     leave()
 warmup = math.ceil(args.warmup_ratio * total_steps)
 

@@ -517,6 +517,8 @@ def test_dry_run_plans_the_model_init_holds(env, capsys, tmp_path):
     assert plan(env, capsys, "--dry-run", "--resume", "--out", tmp_path / "run")["weights"] == ours["weights"]
     with pytest.raises(SystemExit, match=r"^error: --resume --dry-run: no checkpoint in \S*new to plan for$"):
         train(["--stage", "2", "--config", "tiny", "--dry-run", "--resume", "--out", str(tmp_path / "new")])
+    with pytest.raises(SystemExit, match=r"^error: --resume --dry-run: --out names the run to plan for$"):
+        train(["--stage", "2", "--config", "tiny", "--dry-run", "--resume"])
 
 
 @pytest.mark.parametrize("world", ["-2", "0"])  # 0 was read as no WORLD given (this run's world)
