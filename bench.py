@@ -1,7 +1,7 @@
 """Benchmarks. Every figure is a ratio of two things measured side by side in this one run.
 
 1. decode: our LLaMA, eager (packed weights; plain ones on an Intel CPU) and compiled
-   (generate.compile_step; on the CPU also compiled with SDPA in place of kernels.decode_attention),
+   (kernels.compile_step; on the CPU also compiled with SDPA in place of kernels.decode_attention),
    against transformers' LlamaForCausalLM on identical weights (a ~100M random model built in HF,
    saved as safetensors, loaded by ours): batch 1, greedy, the same decode loop (generate.decode_n_tokens)
    driving them all. Tokens/s, prefill time, and the bytes each token reads (weights + KV
@@ -87,6 +87,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import demo
+import failures
 import generate
 import mra
 import release
@@ -163,7 +164,7 @@ def read_bandwidth(device, repeats=3, seconds=0.5):
 
 
 def cache_length(n):
-    return -(-n // generate.CACHE_ROUND) * generate.CACHE_ROUND  # rounded up as generate.prefill does
+    return -(-n // kernels.CACHE_ROUND) * kernels.CACHE_ROUND  # rounded up as generate.prefill does
 
 
 @torch.no_grad()
@@ -229,7 +230,7 @@ def paired_prefill(llm, hf, ids, cache_len, pairs):
     included) and transformers' back to back, which goes first alternating. Returns each pair's
     transformers seconds / ours; a moment of noise then moves one pair, not the figure. Also each
     side's page faults and system seconds per prefill, {side: [(faults, s), ...]} (the allocator's
-    cost: see generate.keep_freed_memory and --glibc-defaults)."""
+    cost: see kernels.keep_freed_memory and --glibc-defaults)."""
     dev, ratios, kernel = ids.device, [], {"ours": [], "transformers": []}
     usage = lambda: (lambda r: (r.ru_minflt, r.ru_stime))(resource.getrusage(resource.RUSAGE_SELF))  # noqa: E731
     for i in range(pairs + 1):
@@ -300,10 +301,10 @@ def bench_decode(a, device):
             kernels.COMPILED_ATTENTION["cpu"] = how
             return step(tokens, cache)
         return run
-    compiled = attending("written-out", generate.compile_step(dense.decode, device))
+    compiled = attending("written-out", kernels.compile_step(dense.decode, device))
     steps = {"ours": (ours, ours.decode), "ours compiled": (dense, compiled)}  # name: (model, step)
     if device.type == "cpu":
-        steps["ours compiled, SDPA"] = (dense_sdpa, attending("sdpa", generate.compile_step(dense_sdpa.decode, device)))
+        steps["ours compiled, SDPA"] = (dense_sdpa, attending("sdpa", kernels.compile_step(dense_sdpa.decode, device)))
     # warm-up: kernels, allocator, and the compiles, for the cache shape measured below
     run_ours(ours, ids[:, :16], 4, ours.decode), run_hf(hf, ids[:, :16], 4)
     torch._dynamo.utils.counters.clear()
@@ -362,7 +363,7 @@ def bench_decode(a, device):
                                             f"{median([s for _, s in k]) * 1e3:.0f} ms in the kernel"
                                             for side, k in prefill_kernel.items())
           + (" (glibc's allocator as it is: --glibc-defaults)" if a.glibc_defaults else
-             " (freed memory kept, as generate.py does: generate.keep_freed_memory)"))
+             " (freed memory kept, as generate.py does: kernels.keep_freed_memory)"))
     hf_tps = tps["transformers"]
     return {"read_bandwidth_gb_s": f"{bandwidth / 1e9:.1f}",
             "decode_tokens_per_s_ours": f"{tps['ours']:.1f}",
@@ -391,7 +392,7 @@ def bench_batch(a, device):
     alone = copy.deepcopy(model)  # each as generate.py runs it: --batch-size 8 (eager or compiled), and 1
     kernels.fast_products(model.llm, device, rows=8, compiled=False)
     kernels.fast_products(alone.llm, device, rows=1, compiled=False)
-    compiled = generate.compile_step(model.llm.decode, device)
+    compiled = kernels.compile_step(model.llm.decode, device)
     lo, hi = a.batch_prompt_lens
     g = torch.Generator().manual_seed(1)
     prompts = [[1] + torch.randint(3, c.vocab_size, (lo + (hi - lo) * i // 7 - 1,), generator=g).tolist()
@@ -427,7 +428,7 @@ def bench_batch(a, device):
     print(f"\n1b. batch throughput: 8 prompts of {lo}-{hi} tokens, {a.new_tokens} new tokens each, greedy, same "
           f"LLM as 1, through generate.prefill/decode_n_tokens (left-padded); one at a time vs one batch, eager, taking "
           f"turns (each prompt alone, then the batch: the 8 single runs against the mean of the 8 batch runs); "
-          f"then the batch through generate.compile_step, in the same turns")
+          f"then the batch through kernels.compile_step, in the same turns")
     table(rows, ["", "prefill s", "decode s", "decode tokens/s", "tokens/s overall"])
     return {"batch8_throughput_vs_batch1": f"{tps['batch 8'] / tps['batch 1']:.2f}x",
             "batch8_compiled_vs_eager": f"{tps['batch 8, compiled'] / tps['batch 8']:.2f}x"}
@@ -622,7 +623,7 @@ def bench_decode_7b(device, bandwidth, prompt_len=1100, new_tokens=128, c=LlamaC
         row(f"{name} ({n_bytes / 1e9:.2f} GB)", "-", "-", f"{n_bytes / seconds / 1e9:.0f}", f"{frac[name]:.2f}")
 
     def compiled():  # and warmed up: compiled for the cache shape measured
-        step = generate.compile_step(llm.decode, device)
+        step = kernels.compile_step(llm.decode, device)
         run_ours(llm, ids[:, :16], 4, step, cache_len=cache_len)
         return step
 
@@ -1564,7 +1565,7 @@ def at_least(low):
 
 
 def main(argv=None):
-    p = generate.Parser(prog="bench.py", description=__doc__.split("\n\n")[0])  # a flag's slip: one line
+    p = failures.Parser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (of the default sections, or those --only names)")
     p.add_argument("--only", choices=["decode", "7b", "batch", "linear", "ttft", "table1", "experiment", "scale", "int8",
                                       "stage2", "lean", "ckpt1024"],
@@ -1595,7 +1596,7 @@ def main(argv=None):
                    help="decode on CUDA: also a Vicuna-7B-shaped model, bf16 and int8, eager and compiled (~40 GB of GPU memory)")
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's allocator as it is, rather than keep freed memory as generate.py does on "
-                        "the CPU (generate.keep_freed_memory; both sides share the process either way)")
+                        "the CPU (kernels.keep_freed_memory; both sides share the process either way)")
     p.add_argument("--model", help="scale: a real (released-layout) checkpoint to run generate.py on")
     p.add_argument("--model-base", help="scale: with a LoRA release as --model, its base LLM (generate.py's flag)")
     p.add_argument("--vit", help="scale: with a LoRA release as --model, its CLIP tower (generate.py's flag)")
@@ -1628,7 +1629,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     if device.type == "cpu" and not a.glibc_defaults:
-        generate.keep_freed_memory()
+        kernels.keep_freed_memory()
     if a.make_release:
         print(make_release(a.make_release, a.release_preset))
         return

@@ -28,7 +28,6 @@ release's tab-separated files drop it (tab) or break on it (line break), so its 
 eval.py says how many there are. Missing answers are never scored as if the set were complete:
 every run prints `missing:`.
 """
-import argparse
 import base64
 import binascii
 import csv
@@ -39,6 +38,8 @@ import sys
 import zipfile
 from collections import defaultdict
 from xml.sax.saxutils import escape
+
+import failures
 
 
 class EvalError(ValueError):
@@ -1064,13 +1065,8 @@ def run_mmbench(args):
 
 # ---------------------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):  # generate.py's: a flag slip is one line, not the usage text too
-    def error(self, message):  # (the subcommands' parsers are of this class too)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv):
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = failures.Parser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("textvqa", help="val accuracy (VQA's soft accuracy, LLaVA's answer processing)")
     s.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")

@@ -14,10 +14,8 @@ LLaVA's model_vqa formats, so its evaluation scripts read our answers unchanged.
 """
 import argparse
 import contextlib
-import ctypes
 import io
 import json
-import logging
 import os
 import sys
 import time
@@ -28,12 +26,12 @@ import torch
 from PIL import Image
 
 import data
+import failures
 import kernels
 import llama
 import lora
 import mra
 import release
-from int8 import Int8Linear
 from mra import IMAGE_TOKEN
 from questions import answers_lock, read_questions, settings
 from tokenizer import not_a_character
@@ -88,20 +86,14 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
 # ---------------------------------------------------------------------------------------
 # Prefill and decode over the model's static KV cache
 
-# slots; a compiled step attends over its whole cache (unwritten slots masked) and compiles once per cache
-# length: 128, not 256, made the CPU's compiled batch of 8 1.05-1.07x the eager one, not 0.94-0.99x
-# (`bench.py --only batch`, an Intel Xeon)
-CACHE_ROUND = 128
-
-
 def prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache=False):
     """prompts: lists of ids (IMAGE_TOKEN placeholders included), any lengths, run as one padded batch
     by LlavaHR.prefill. Returns the last position's logits (B, V) and a cache with room for at least
-    max_new_tokens more per row: its length is rounded up to a multiple of CACHE_ROUND (within the
+    max_new_tokens more per row: its length is rounded up to a multiple of CACHE_ROUND (kernels.py; within the
     context), so prompts of similar lengths share one cache shape and so one compiled decode step."""
     device = model.projector[0].weight.device
     used = max(slots(model, p) for p in prompts)
-    rounded = -(-(used + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
+    rounded = -(-(used + max_new_tokens) // kernels.CACHE_ROUND) * kernels.CACHE_ROUND
     max_new_tokens = max(max_new_tokens, min(rounded, model.cfg.llm.max_seq_len) - used)
     T = max(map(len, prompts))
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (B, T), right-padded here;
@@ -109,62 +101,6 @@ def prefill(model, prompts, images, pad_id, max_new_tokens, reuse_cache=False):
     for b, p in enumerate(prompts):
         ids[b, :len(p)], pad_mask[b, :len(p)] = torch.tensor(p), True
     return model.prefill(ids.to(device), images, pad_mask.to(device), max_new_tokens, reuse_cache)
-
-
-def compile_step(step, device, max_batch=1):
-    """torch.compile a decode step. Its shapes are the same at every position (see
-    Llama.decode), so it compiles once per cache shape and never sees a dynamic shape. A batch run
-    meets up to max_batch batch sizes (skipped questions, the last batch) times the cache lengths
-    (CACHE_ROUND steps of the context): past dynamo's limits (8; 256 in all), a fullgraph step fails."""
-    model = getattr(step, "__self__", None)  # step: model.decode
-    shapes = max_batch * (getattr(getattr(model, "config", None), "max_seq_len", 4096) // CACHE_ROUND + 1)
-    for limit in ("recompile_limit", "accumulated_recompile_limit"):  # at least 64: caches not of CACHE_ROUND too
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), shapes, 64))
-    if device.type == "cuda":  # the whole step replayed as one CUDA graph (reduce-overhead's option)
-        options = {"triton.cudagraphs": True}
-        # int8 weights: coordinate-descent tuning makes inductor write each one-row product as a reduction
-        # that dequantises as it reads (1 byte per weight); else the bf16 copy is written and read back
-        # every step (5). bf16 weights keep cuBLAS: tuned triton products were slower there (0.55 vs 0.59)
-        if isinstance(model, torch.nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules()):
-            options["coordinate_descent_tuning"] = True
-        return torch.compile(step, fullgraph=True, dynamic=False, options=options)
-    # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default; its
-    # N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at about
-    # twice MKL's gemv bandwidth on the AMD hosts measured. Batches call oneDNN on weights run() packed
-    # (kernels.packed_linear): about twice inductor's MKL rate at 8 rows there, 1.6x on an Intel Xeon (`python
-    # bench.py --only linear`). Pointwise results of over 8 ops (CPU default 50) are stored, not redone in
-    # each loop reading them (the query's RoPE, per cache slot); multiply-adds fused. cpp_extension imported
-    # now and muted: nothing it logs lands in the answer.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension  # noqa: F401 ("import torch.utils..." would make torch a local)
-    from torch._inductor.fx_passes import decompose_mem_bound_mm
-    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
-    compiled = torch.compile(step, fullgraph=True, dynamic=False,
-                             options={"post_grad_fusion_options": {"decompose_mm_pass": {}},
-                                      "realize_cpu_opcount_threshold": 8,
-                                      "cpp.enable_floating_point_contract_flag": "fast"})
-
-    def run(tokens, cache):
-        if kernels.COMPILED_ATTENTION["cpu"] == "written-out":
-            cache.values_by_channel()  # the layout decode_attention reads in one pass (once per cache)
-        return compiled(tokens, cache)
-    return run
-
-
-def keep_freed_memory():
-    """On glibc (Linux), keep freed blocks of up to 32 MB for reuse rather than return them to the
-    kernel, which maps fresh zeroed pages (a page fault per 4 KB) at the next allocation. A prefill
-    allocates and frees activations layer after layer: with glibc's defaults the bench model's
-    1,100-token prefill page-faulted ~50,000 times (200 MB), ~160 ms of its 2 threads' time in the
-    kernel, ours and transformers' alike (`python bench.py --only decode --glibc-defaults`); with
-    these settings, none. Peak memory is unchanged, just not returned between prompts."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # at most 32 MB on 64-bit glibc
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    except (OSError, AttributeError):  # not glibc: its allocator stands
-        pass
 
 
 def is_eager(step):
@@ -440,13 +376,8 @@ def answer_file(model, tok, args, pick, step, questions, answered, metadata):
 
 # ---------------------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage text
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = failures.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="our checkpoint dir or a released LLaVA-HR / LLaVA-1.5 dir")
     p.add_argument("--lora", help="LoRA adapters (OUT/ckpt/lora of train.py --lora-r) to apply to --model, the base")
     p.add_argument("--model-base", help="with a LoRA release as --model (llava-v1.5-7b-lora): the LLM it was trained "
@@ -638,8 +569,8 @@ def run(args, held):
                                  args.top_k)
     kernels.fast_products(model.llm, device, args.batch_size if args.questions else 1, args.compile)
     if device.type == "cpu":
-        keep_freed_memory()
-    step = compile_step(model.llm.decode, device, args.batch_size) if args.compile else model.llm.decode
+        kernels.keep_freed_memory()
+    step = kernels.compile_step(model.llm.decode, device, args.batch_size) if args.compile else model.llm.decode
     if args.compile:
         log("--compile: each new batch size or cache length compiles the step at its first call (seconds to minutes)")
     if args.questions:

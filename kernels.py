@@ -5,8 +5,11 @@ decode attention for the compiled CPU step. Every path is the same model, equal 
 (tests/test_llama.py, tests/test_generate.py).
 
 llama.py builds its layers from `Linear` and, in a compiled decode step, attends as COMPILED_ATTENTION
-says; generate.py and bench.py call `fast_products` once the model has loaded.
+says; generate.py and bench.py call `fast_products` once the model has loaded, and `compile_step` for
+--compile's decode step (one compile per KV cache length, rounded to CACHE_ROUND slots).
 """
+import ctypes
+import logging
 import platform
 from typing import Optional
 
@@ -149,3 +152,69 @@ def fast_products(llm, device, rows, compiled):
         fuse_linears(llm)
     if rows > 1 or not (compiled or MKL_GEMV):
         pack_linears(llm)
+
+
+# -----------------------------------------------------------------------------
+# the compiled decode step, and memory kept for the next prompt
+
+# generate.prefill rounds each KV cache's length up to a multiple of CACHE_ROUND slots; a compiled step
+# attends over its whole cache (unwritten slots masked) and compiles once per cache
+# length: 128, not 256, made the CPU's compiled batch of 8 1.05-1.07x the eager one, not 0.94-0.99x
+# (`bench.py --only batch`, an Intel Xeon)
+CACHE_ROUND = 128
+
+
+def compile_step(step, device, max_batch=1):
+    """torch.compile a decode step. Its shapes are the same at every position (see
+    Llama.decode), so it compiles once per cache shape and never sees a dynamic shape. A batch run
+    meets up to max_batch batch sizes (skipped questions, the last batch) times the cache lengths
+    (CACHE_ROUND steps of the context): past dynamo's limits (8; 256 in all), a fullgraph step fails."""
+    model = getattr(step, "__self__", None)  # step: model.decode
+    shapes = max_batch * (getattr(getattr(model, "config", None), "max_seq_len", 4096) // CACHE_ROUND + 1)
+    for limit in ("recompile_limit", "accumulated_recompile_limit"):  # at least 64: caches not of CACHE_ROUND too
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), shapes, 64))
+    if device.type == "cuda":  # the whole step replayed as one CUDA graph (reduce-overhead's option)
+        options = {"triton.cudagraphs": True}
+        # int8 weights: coordinate-descent tuning makes inductor write each one-row product as a reduction
+        # that dequantises as it reads (1 byte per weight); else the bf16 copy is written and read back
+        # every step (5). bf16 weights keep cuBLAS: tuned triton products were slower there (0.55 vs 0.59)
+        if isinstance(model, torch.nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules()):
+            options["coordinate_descent_tuning"] = True
+        return torch.compile(step, fullgraph=True, dynamic=False, options=options)
+    # CPU, batch 1: each Linear is a matrix-vector product; inductor's decompose_mm pass (off by default; its
+    # N, K <= 2048 limit raised to take in the vocabulary head, a third of the weights) reads them at about
+    # twice MKL's gemv bandwidth on the AMD hosts measured. Batches call oneDNN on weights fast_products
+    # packed (packed_linear): about twice inductor's MKL rate at 8 rows there, 1.6x on an Intel Xeon (`python
+    # bench.py --only linear`). Pointwise results of over 8 ops (CPU default 50) are stored, not redone in
+    # each loop reading them (the query's RoPE, per cache slot); multiply-adds fused. cpp_extension imported
+    # now and muted: nothing it logs lands in the answer.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension  # noqa: F401 ("import torch.utils..." would make torch a local)
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
+    compiled = torch.compile(step, fullgraph=True, dynamic=False,
+                             options={"post_grad_fusion_options": {"decompose_mm_pass": {}},
+                                      "realize_cpu_opcount_threshold": 8,
+                                      "cpp.enable_floating_point_contract_flag": "fast"})
+
+    def run(tokens, cache):
+        if COMPILED_ATTENTION["cpu"] == "written-out":
+            cache.values_by_channel()  # the layout decode_attention reads in one pass (once per cache)
+        return compiled(tokens, cache)
+    return run
+
+
+def keep_freed_memory():
+    """On glibc (Linux), keep freed blocks of up to 32 MB for reuse rather than return them to the
+    kernel, which maps fresh zeroed pages (a page fault per 4 KB) at the next allocation. A prefill
+    allocates and frees activations layer after layer: with glibc's defaults the bench model's
+    1,100-token prefill page-faulted ~50,000 times (200 MB), ~160 ms of its 2 threads' time in the
+    kernel, ours and transformers' alike (`python bench.py --only decode --glibc-defaults`); with
+    these settings, none. Peak memory is unchanged, just not returned between prompts."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # at most 32 MB on 64-bit glibc
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):  # not glibc: its allocator stands
+        pass

@@ -346,11 +346,7 @@ def merge_lora_release(path, base, vit, dst, dtype=torch.float16, log=lambda lin
 
 
 if __name__ == "__main__":
-    import argparse
-
-    class Parser(argparse.ArgumentParser):  # generate.py's: a flag slip is one line, not the usage text too
-        def error(self, message):  # (the subcommand's parser is of this class too)
-            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    from failures import Parser
     p = Parser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model in a new "
                            "directory, for train.py --init and generate.py --model.")
     sub = p.add_subparsers(dest="command", required=True)

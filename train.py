@@ -18,15 +18,12 @@ transformer block, the release's ZeRO-3 for stage 2). Checkpoints are loadable b
 generate.py and resume exactly (--resume). The layout follows nanoGPT's train.py.
 """
 import argparse
-import atexit
 import hashlib
 import inspect
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -35,50 +32,9 @@ from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
+import failures
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (scancel, docker stop, timeout, Kubernetes) in a one-process run: unwound as Ctrl-C is, so a
-    save in progress ends as it would then, and said as Ctrl-C is, as `terminated`. Under torchrun it keeps
-    its default (the rank ends at once, silently): torchrun sends it to the other ranks when one fails, which
-    has said why, and a rank waiting on the failed one in a collective would not get to a handler."""
-
-
-def terminate(signum, frame):
-    raise Terminated
-
-
-def say_interrupted(kind, line, write=print):
-    """Ctrl-C's one line, `line` (what is kept), or SIGTERM's, `terminated`, the process then ending with
-    status 128 + 15 as a shell expects (Python's would be 1). torchrun passes Ctrl-C on to every rank: rank 0
-    alone says it."""
-    global exit_status
-    if issubclass(kind, Terminated):
-        line, exit_status = line.replace("interrupted", "terminated", 1), 128 + signal.SIGTERM
-    if os.environ.get("RANK", "0") == "0":
-        write(line, file=sys.stderr)
-
-
-def early_errors(kind, err, tb):
-    """sys.excepthook while torch imports (a second or two), until one_line_errors: Ctrl-C then is one
-    line too, and nothing was written yet (as runs.interrupted says it)."""
-    if not issubclass(kind, KeyboardInterrupt):
-        return sys.__excepthook__(kind, err, tb)
-    say_interrupted(kind, "interrupted: nothing was saved; run it again to start")
-
-
-def exit_with_status():  # registered before anything else, so run last at exit (after --out's tidy-up)
-    if exit_status is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_status)
-
-
-exit_status = None
-atexit.register(exit_with_status)
-if "RANK" not in os.environ:  # (see Terminated)
-    signal.signal(signal.SIGTERM, terminate)
-if "--debug" not in sys.argv:
-    sys.excepthook = early_errors
+failures.catch_signals(debug="--debug" in sys.argv)  # before torch loads: Ctrl-C, SIGTERM are one line from here
 
 import torch
 import torch.distributed as dist
@@ -116,11 +72,6 @@ TINY = mra.MRAConfig(vit_min_size=28,
 TINY_SIZE = {1: 64, 2: 128}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage text
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def world_size(text):  # --dry-run's WORLD; the flag alone (const 0) means this run's
     if not (text.isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(f"WORLD must be a whole number >= 1, not {text!r}")
@@ -128,58 +79,33 @@ def world_size(text):  # --dry-run's WORLD; the flag alone (const 0) means this 
 
 
 def one_line_errors(kind, err, tb):
-    """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full
-    disk, too little memory) is one line, not a traceback (--debug shows it)."""
+    """sys.excepthook: what a user can fix (bad data, a bad checkpoint, a missing file, a full disk, the
+    memory running out) is one line, not a traceback (--debug shows it)."""
     if issubclass(kind, KeyboardInterrupt):  # at any time: the run's paths are known as soon as the flags are read
         if globals().get("replacing"):
             line = f"interrupted before the first step: {args.out} holds the run --overwrite was to replace, as it was"
         else:  # ckpt_dir None before the flags are read, and under --dry-run
             line = runs.interrupted(globals().get("ckpt_dir"), globals().get("log_path"))
-        return say_interrupted(kind, line, tqdm.write)
-    if issubclass(kind, (RuntimeError, MemoryError)) and (line := machine_failure(err)) is not None:
-        return line and tqdm.write(line, file=sys.stderr)
+        return failures.say_interrupted(kind, line, tqdm.write)
+    if issubclass(kind, (RuntimeError, MemoryError)):
+        a = globals().get("args")  # the flags that would need less memory, of those not given
+        ways = ["a smaller --batch-size"] + ([] if a and a.grad_checkpoint else ["--grad-checkpoint"])
+        ways += ["--fsdp"] if globals().get("distributed") and a and not a.fsdp else []  # (one process: no shards)
+        if failure := failures.machine_failure(err, ways, globals().get("distributed")):
+            source, what, cause = failure
+            if source == "peer" and rank:  # a collective lost its other end: the rank that ended says why
+                return
+            if "replacing" not in globals():  # the model loads: nothing in --out has changed yet
+                line = (f"error: {what} before the first step; once the cause is fixed ({cause}), run the same "
+                        f"command again")
+            else:
+                where = f"step {step + 1}: " if "step" in globals() else ""  # the training loop's
+                line = f"error: {where}{what}; {way_on(cause)}"
+            return tqdm.write(line, file=sys.stderr)
     if not issubclass(kind, (ValueError, OSError)):
         return sys.__excepthook__(kind, err, tb)
-    tqdm.write("error: " + said(err), file=sys.stderr)  # below any bar
+    tqdm.write("error: " + failures.said(err), file=sys.stderr)  # below any bar
 
-
-def machine_failure(err):
-    """A RuntimeError or MemoryError that is the machine's, not a bug: the memory ran out (torch's CPU
-    allocator, numpy, a GPU: torch.OutOfMemoryError; in a DataLoader worker, the last line says which), or a
-    DataLoader worker died (the OOM killer's doing, most often), or (torchrun) another rank did. Its one line,
-    with what is kept and the way on ("": none); None for any other RuntimeError (a bug: its traceback)."""
-    last = (str(err).strip().splitlines() or [""])[-1]
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or re.search(r"can't allocate|MemoryError: ", last):
-        short = re.search(r"(CUDA|\w+Allocator|Unable)\b.*?allocate [\d.]+ ?\w+", last)  # not what goes around it
-        what = f"out of memory ({short[0] if short else said(err)})"
-        a, ways = globals().get("args"), ["a smaller --batch-size"]  # and the flags not given yet
-        ways += [] if a and a.grad_checkpoint else ["--grad-checkpoint"]
-        ways += ["--fsdp"] if globals().get("distributed") and a and not a.fsdp else []  # (one process: no shards)
-        cause = " or ".join([", ".join(ways[:-1]), ways[-1]] if ways[1:] else ways) + "; --dry-run shows the plan"
-    elif last.startswith("DataLoader worker (pid"):
-        # how it ended, when torch saw it at once (SIGCHLD), may be the cause of the error raised
-        first = err.__cause__ if str(err.__cause__).startswith("DataLoader worker (pid") else err
-        what = str(first).split(". ")[0].rstrip(".")  # not torch's advice after it
-        cause = ("the memory ran out? fewer --workers" if "signal: Killed" in what else  # SIGKILL: the OOM killer's
-                 "--workers 0 loads in this process, where an error shows")
-    elif globals().get("distributed") and (isinstance(err, dist.DistError) or
-                                           re.search(r"(closed|reset) by peer|remote process exited", last)):
-        if rank:  # a collective lost its other end: the rank that ended says why, rank 0 what is kept
-            return ""
-        what, cause = "another process of the run ended (its own line says why)", "see that line"
-    else:
-        return None
-    if "replacing" not in globals():  # the model loads: nothing in --out has changed yet
-        return f"error: {what} before the first step; once the cause is fixed ({cause}), run the same command again"
-    where = f"step {step + 1}: " if "step" in globals() else ""  # the training loop's
-    return f"error: {where}{what}; {way_on(cause)}"
-
-
-def said(err):
-    """An error's message, in one line: one raised in a DataLoader worker arrives with the worker's
-    traceback as its message, whose last line is the error's own."""
-    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.argv):  # the CPU demo lives in demo.py
     if "--debug" not in sys.argv:
@@ -188,7 +114,7 @@ if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.arg
     demo.run(sys.argv[1:])
     sys.exit()
 
-p = Parser(description=__doc__.split("\n")[0],
+p = failures.Parser(description=__doc__.split("\n")[0],
            epilog="The CPU demo (demo.py): python train.py --preset demo; its own flags: --preset demo --help")
 p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                help="1: projector (and fusion) on caption pairs; 2: instruction tuning with the MR-Adapters")
@@ -842,7 +768,7 @@ for step in range(start_step, stop_step):
         except data.DataError as e:  # a record found bad as it loads
             bar.close()
             way = way_on("fix or drop it, or pass --skip-bad to skip such records")
-            leave(f"error: step {step + 1}: {said(e)}; {way}", own=True)  # this rank's record: torchrun ends the rest
+            leave(f"error: step {step + 1}: {failures.said(e)}; {way}", own=True)  # this rank's record: torchrun ends the rest
         # DDP: average gradients across ranks only once, after the last micro-batch
         sync = model.no_sync() if isinstance(model, DDP) and k < accum - 1 else nullcontext()
         with sync, autocast:

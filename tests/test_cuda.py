@@ -77,7 +77,7 @@ def check_bf16_agrees_with_fp32(path, device, n=8):
         for step in (model.llm.decode, "fuse", "compile"):
             if step == "fuse":
                 kernels.fuse_linears(model.llm)
-            step = generate.compile_step(model.llm.decode, torch.device(device)) if step == "compile" else model.llm.decode
+            step = kernels.compile_step(model.llm.decode, torch.device(device)) if step == "compile" else model.llm.decode
             logits = forced(model, x, ref, step)
             torch.testing.assert_close(logits, ref_logits, rtol=0, atol=atol)
             assert torch.equal(logits.argmax(-1)[clear], ref[clear])
@@ -105,7 +105,7 @@ def test_one_cuda_graph_serves_every_decode_step(release_dir, monkeypatch):
     with torch.no_grad():  # as generate runs it (a graph compiled with grad on would not serve it)
         generate.prefill(model, prompts, x, 0, 64)  # the MR-Adapters compile here (DualEncoder on CUDA)
     counters.clear()  # from here on, only the decode step's graphs count
-    step = generate.compile_step(model.llm.decode, torch.device("cuda"))
+    step = kernels.compile_step(model.llm.decode, torch.device("cuda"))
     for _ in range(2):  # two batches of one shape: the second gets the first's cache (Llama.new_cache's reuse)
         assert generate.generate(model, prompts, x, max_new_tokens=64, eos_id=-1, step=step) == eager
     assert counters["stats"]["unique_graphs"] == 1  # compiled once for 2 x 63 steps
@@ -125,7 +125,7 @@ def check_int8_compiled_agrees_with_eager(path, device, n=8):
     with torch.no_grad():
         model = mra.load_checkpoint(path, torch.bfloat16, device, quantize="int8").eval()
         kernels.fuse_linears(model.llm)  # as generate.py runs on a GPU
-        step = generate.compile_step(model.llm.decode, torch.device(device))
+        step = kernels.compile_step(model.llm.decode, torch.device(device))
         for rows, x in ((slice(None), images(384)), (slice(2, 3), images(384)[1:])):  # row 2 holds image 1
             ids, pad_mask, x = IDS[rows].to(device), PAD_MASK[rows].to(device), x.to(device)
             ref, ref_logits = greedy(model, x, n, ids, pad_mask)

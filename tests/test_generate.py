@@ -442,7 +442,7 @@ def test_compile_packs_the_products_of_batches(model_dir, tmp_path, capsys, monk
     qfile, afile = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qfile.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
     compiled, packed = [], []
-    monkeypatch.setattr(generate, "compile_step", lambda step, *a: compiled.append(step) or step)
+    monkeypatch.setattr(kernels, "compile_step", lambda step, *a: compiled.append(step) or step)
     monkeypatch.setattr(kernels, "pack_linears", lambda m: packed.append(m) or 0)
     argv = ["--model", model_dir, "--questions", qfile, "--answers", afile, "--max-new-tokens", MAX_NEW, "--compile"]
     assert run_cli(capsys, *argv, "--batch-size", 2)[0] == 0 and len(read_jsonl(afile)) == 3
@@ -483,7 +483,7 @@ def test_int8_in_float32_on_the_cpu_points_to_bfloat16(model_dir, capsys):
 def test_one_answer_rate_leaves_out_the_compiling_step(model_dir, capsys, monkeypatch):
     # --prompt logs time to first token and the decode rate; with --compile the first decode
     # step also compiles the step, so the rate starts after it
-    monkeypatch.setattr(generate, "compile_step", lambda step, *a: step)
+    monkeypatch.setattr(kernels, "compile_step", lambda step, *a: step)
 
     def five_tokens(*_, on_token, **__):
         for t in range(5):
@@ -506,11 +506,11 @@ def test_compiled_step_runs_packed_products(model, tok, images):
     eager = generate.generate(model, prompts, img, max_new_tokens=16, eos_id=-1)
     packed = copy.deepcopy(model)
     assert kernels.fuse_linears(packed.llm) > 0 and kernels.pack_linears(packed.llm, min_bytes=0) > 0
-    step = generate.compile_step(packed.llm.decode, torch.device("cpu"), max_batch=40)
+    step = kernels.compile_step(packed.llm.decode, torch.device("cpu"), max_batch=40)
     assert generate.generate(packed, prompts, img, max_new_tokens=16, eos_id=-1, step=step) == eager
     # a --batch-size 40 run may meet 40 batch sizes x 5 cache lengths (context 512, CACHE_ROUND 128): a
     # fullgraph step stops the run past dynamo's limits, so they cover every one
-    shapes = 40 * (packed.llm.config.max_seq_len // generate.CACHE_ROUND + 1)
+    shapes = 40 * (packed.llm.config.max_seq_len // kernels.CACHE_ROUND + 1)
     assert shapes == 200 and torch._dynamo.config.recompile_limit >= shapes
     assert torch._dynamo.config.accumulated_recompile_limit >= shapes
 
@@ -626,7 +626,7 @@ def test_compiled_decode_compiles_once_and_equals_eager(model, tok, images, monk
     prompts = [ids_for(tok, [generate.human_turn(q, img is not None)]) for q, img in rows]
     img = pixels(model, images[0])[None]
     eager = generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1)
-    step = generate.compile_step(model.llm.decode, torch.device("cpu"))
+    step = kernels.compile_step(model.llm.decode, torch.device("cpu"))
     assert generate.generate(model, prompts, img, max_new_tokens=64, eos_id=-1, step=step) == eager
     # decode_n_tokens skips the guards after the first step; with every guard checked at every
     # step, not one fails: one graph, compiled once, which is what makes skipping them safe
@@ -866,12 +866,12 @@ def test_keep_freed_memory_reuses_a_prefills_freed_activations():
     # A fresh process, as a long pytest run's heap and threads would blur the count; two of them, since
     # a layout that keeps the memory anyway would let a keep_freed_memory that does nothing pass
     script = """if True:
-        import resource, torch, generate
+        import resource, torch, kernels
         torch.set_num_threads(1)
         def prefill_like():
             acts = [torch.ones(1100, 2048) for _ in range(10)]  # ~9 MB each
             del acts
-        generate.keep_freed_memory()
+        kernels.keep_freed_memory()
         for _ in range(3):  # the heap settles into its layout
             prefill_like()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -889,13 +889,13 @@ def test_compile_step_for_cuda_builds_without_a_gpu(monkeypatch):
     # which made torch a local there, unbound on the CUDA branch (found on the first GPU run)
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
-    step = generate.compile_step(len, torch.device("cuda"))
+    step = kernels.compile_step(len, torch.device("cuda"))
     assert step is len and calls == [dict(fullgraph=True, dynamic=False, options={"triton.cudagraphs": True})]
     assert torch._inductor.list_mode_options("reduce-overhead") == {"triton.cudagraphs": True}
     # an int8 model's step: its one-row products as triton reductions that read the int8 weights
     from int8 import int8_linears
     m = int8_linears(llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=48)))
-    generate.compile_step(m.decode, torch.device("cuda"))
+    kernels.compile_step(m.decode, torch.device("cuda"))
     assert calls[-1]["options"] == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
@@ -908,7 +908,7 @@ def test_compiled_step_serves_more_cache_shapes_than_dynamos_default(monkeypatch
     torch.manual_seed(0)
     m = llama.Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=48, max_seq_len=256)).eval()
     with torch._dynamo.config.patch(recompile_limit=8), torch.no_grad():  # dynamo's default, restored after
-        step = generate.compile_step(m.decode, torch.device("cuda"))  # the CUDA branch's arguments
+        step = kernels.compile_step(m.decode, torch.device("cuda"))  # the CUDA branch's arguments
         for n in range(16, 16 * 12, 16):  # 11 cache lengths
             cache = m.new_cache(1, n)
             logits = m(torch.tensor([[1, 5, 9]]), cache=cache)[:, -1]
@@ -932,7 +932,7 @@ def test_generate_reuses_one_cache_per_shape(model, tok, images):
     for b in batches:
         generate.generate(model, b, max_new_tokens=8, eos_id=-1, step=step, reuse_cache=False)
     fresh, seen = seen, []
-    model.llm.reusable_cache = model.llm.new_cache(2, generate.CACHE_ROUND)  # a cache of that shape...
+    model.llm.reusable_cache = model.llm.new_cache(2, kernels.CACHE_ROUND)  # a cache of that shape...
     for t in model.llm.reusable_cache.k + model.llm.reusable_cache.v:
         t.fill_(float("nan"))  # ...whose old keys and values are poison (NaN passes a -inf mask)
     kept = id(model.llm.reusable_cache)
@@ -941,10 +941,10 @@ def test_generate_reuses_one_cache_per_shape(model, tok, images):
     assert {c for c, *_ in seen} == {kept}  # one shape, one cache, reused
     for (_, pos, valid, logits), (_, pos0, valid0, logits0) in zip(seen, fresh, strict=True):
         assert pos == pos0 and torch.equal(valid, valid0) and torch.equal(logits, logits0)
-    long = ids_for(tok, [generate.human_turn("word " * (generate.CACHE_ROUND - 8), False)])
+    long = ids_for(tok, [generate.human_turn("word " * (kernels.CACHE_ROUND - 8), False)])
     generate.generate(model, [long, q[0]], max_new_tokens=8, eos_id=-1, step=step, reuse_cache=True)
     shape = seen[-1][2].shape  # a new shape: a new cache, kept in place of the old (which may leave its id free)
-    assert shape[1] > generate.CACHE_ROUND and model.llm.reusable_cache.valid.shape == shape
+    assert shape[1] > kernels.CACHE_ROUND and model.llm.reusable_cache.valid.shape == shape
     del model.llm.reusable_cache
 
 

@@ -506,14 +506,13 @@ def test_mkl_gemv_on_an_intel_cpu_with_torch_built_with_mkl(mkl):
 def test_compiled_decode_attends_as_eager_with_grouped_queries():
     """A compiled CPU step attends through kernels.decode_attention (grouped-query here: 4 query
     heads over 2 key/value heads, two rows, one left-padded): the same logits as eager SDPA."""
-    import generate
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_name("llama-tiny")).eval()
     assert model.config.n_kv_heads < model.config.n_heads
     ids = torch.randint(3, model.config.vocab_size, (2, 12))
     pad = torch.ones(2, 6, dtype=torch.bool)
     pad[1, :2] = False
-    step = generate.compile_step(model.decode, torch.device("cpu"))
+    step = kernels.compile_step(model.decode, torch.device("cpu"))
     with torch.no_grad():
         eager, static = model.new_cache(2, 32), model.new_cache(2, 32)
         model(ids[:, :6], cache=eager, pad_mask=pad), model(ids[:, :6], cache=static, pad_mask=pad)
@@ -559,7 +558,6 @@ def test_fused_linears_answer_as_the_separate_ones():
     fused then packed; a LoRA's layers are left as they are."""
     import copy
 
-    import generate
     import lora
     from int8 import quantize_
     torch.manual_seed(0)
@@ -569,7 +567,7 @@ def test_fused_linears_answer_as_the_separate_ones():
     pad[1, :2] = False
 
     def answers(model, compiled=False):
-        step = generate.compile_step(model.decode, torch.device("cpu")) if compiled else model.decode
+        step = kernels.compile_step(model.decode, torch.device("cpu")) if compiled else model.decode
         cache = model.new_cache(2, 32)
         with torch.no_grad():
             out = [model(ids[:, :6], cache=cache, pad_mask=pad, last_only=True)[:, 0]]

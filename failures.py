@@ -1,0 +1,109 @@
+"""How a command that stops says so: one line that names what went wrong, what is kept and the way on.
+A traceback is for a bug (or --debug). Kept apart so that train.py reads as the recipe. No torch at the
+top: train.py installs its Ctrl-C and SIGTERM handling before torch loads, a second or two a Ctrl-C can
+land in.
+"""
+import argparse
+import atexit
+import os
+import re
+import signal
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a flag's slip said in one line, not the whole usage text too (a subcommand's parser
+    is of this class as well)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def said(err):
+    """An error's message, in one line: one raised in a DataLoader worker arrives with the worker's
+    traceback as its message, whose last line is the error's own."""
+    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, docker stop, timeout, Kubernetes) in a one-process run: unwound as Ctrl-C is, so a
+    save in progress ends as it would then, and said as Ctrl-C is, as `terminated`. Under torchrun it keeps
+    its default (the rank ends at once, silently): torchrun sends it to the other ranks when one fails, which
+    has said why, and a rank waiting on the failed one in a collective would not get to a handler."""
+
+
+exit_status = None  # once set, the status the process ends with
+
+
+def say_interrupted(kind, line, write=print):
+    """Ctrl-C's one line, `line` (what is kept), or SIGTERM's, `terminated`, the process then ending with
+    status 128 + 15 as a shell expects (Python's would be 1). torchrun passes Ctrl-C on to every rank: rank 0
+    alone says it."""
+    global exit_status
+    if issubclass(kind, Terminated):
+        line, exit_status = line.replace("interrupted", "terminated", 1), 128 + signal.SIGTERM
+    if os.environ.get("RANK", "0") == "0":
+        write(line, file=sys.stderr)
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _exit_with_status():
+    if exit_status is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_status)
+
+
+def _while_torch_imports(kind, err, tb):
+    """sys.excepthook until the command's own: Ctrl-C is one line too, and nothing was written yet."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, err, tb)
+    say_interrupted(kind, "interrupted: nothing was saved; run it again to start")
+
+
+def catch_signals(debug):
+    """train.py's first act: SIGTERM unwinds as Ctrl-C (one process; see Terminated), and a Ctrl-C before
+    train.py's own excepthook is in place is one line (unless --debug)."""
+    global exit_status
+    exit_status = None  # (the tests run train.py more than once in one process)
+    atexit.unregister(_exit_with_status)
+    atexit.register(_exit_with_status)  # registered first, so run last at exit (after --out's tidy-up)
+    if "RANK" not in os.environ:
+        signal.signal(signal.SIGTERM, _terminate)
+    if not debug:
+        sys.excepthook = _while_torch_imports
+
+
+# -----------------------------------------------------------------------------
+# the machine's failures, not a bug's
+
+def machine_failure(err, memory_ways, distributed):
+    """A RuntimeError or MemoryError that is the machine's: the memory ran out (torch's CPU allocator,
+    numpy, a GPU: torch.OutOfMemoryError; in a DataLoader worker, the last line says which), a DataLoader
+    worker died (the OOM killer's doing, most often), or (torchrun) another rank did. (source, what went
+    wrong, the way past it), source "memory", "worker" or "peer"; None for any other error (a bug: its
+    traceback). `memory_ways`: the flags that would need less memory."""
+    import torch  # loaded already: this runs only once a command is under way
+    last = (str(err).strip().splitlines() or [""])[-1]
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or re.search(r"can't allocate|MemoryError: ", last):
+        short = re.search(r"(CUDA|\w+Allocator|Unable)\b.*?allocate [\d.]+ ?\w+", last)  # not what goes around it
+        ways = " or ".join([", ".join(memory_ways[:-1]), memory_ways[-1]] if memory_ways[1:] else memory_ways)
+        return "memory", f"out of memory ({short[0] if short else said(err)})", ways + "; --dry-run shows the plan"
+    if last.startswith("DataLoader worker (pid"):
+        # how it ended, when torch saw it at once (SIGCHLD), may be the cause of the error raised
+        first = err.__cause__ if str(err.__cause__).startswith("DataLoader worker (pid") else err
+        what = str(first).split(". ")[0].rstrip(".")  # not torch's advice after it
+        cause = ("the memory ran out? fewer --workers" if "signal: Killed" in what else  # SIGKILL: the OOM killer's
+                 "--workers 0 loads in this process, where an error shows")
+        return "worker", what, cause
+    if distributed and (isinstance(err, torch.distributed.DistError) or
+                        re.search(r"(closed|reset) by peer|remote process exited", last)):
+        return "peer", "another process of the run ended (its own line says why)", "see that line"
+    return None
