@@ -40,14 +40,17 @@ exit_status = None  # once set, the status the process ends with
 
 
 def say_interrupted(kind, line, write=print):
-    """Ctrl-C's one line, `line` (what is kept), or SIGTERM's, `terminated`, the process then ending with
-    status 128 + 15 as a shell expects (Python's would be 1). torchrun passes Ctrl-C on to every rank: rank 0
-    alone says it."""
+    """Ctrl-C's one line, `line` (what is kept), or SIGTERM's, `terminated`; returns the exit status a shell
+    expects, 128 + the signal's number (SIGTERM's is also kept in exit_status, for a process ending by an
+    excepthook, whose own would be 1). torchrun passes Ctrl-C on to every rank: rank 0 alone says it."""
     global exit_status
+    status = 128 + signal.SIGINT
     if issubclass(kind, Terminated):
-        line, exit_status = line.replace("interrupted", "terminated", 1), 128 + signal.SIGTERM
+        line, status = line.replace("interrupted", "terminated", 1), 128 + signal.SIGTERM
+        exit_status = status
     if os.environ.get("RANK", "0") == "0":
         write(line, file=sys.stderr)
+    return status
 
 
 def _terminate(signum, frame):
@@ -61,18 +64,22 @@ def _exit_with_status():
         os._exit(exit_status)
 
 
+_nothing_yet = "interrupted"
+
+
 def _while_torch_imports(kind, err, tb):
-    """sys.excepthook until the command's own: Ctrl-C is one line too, and nothing was written yet."""
+    """sys.excepthook until the command handles Ctrl-C itself: one line too, and nothing was written yet."""
     if not issubclass(kind, KeyboardInterrupt):
         return sys.__excepthook__(kind, err, tb)
-    say_interrupted(kind, "interrupted: nothing was saved; run it again to start")
+    say_interrupted(kind, _nothing_yet)
 
 
-def catch_signals(debug):
-    """train.py's first act: SIGTERM unwinds as Ctrl-C (one process; see Terminated), and a Ctrl-C before
-    train.py's own excepthook is in place is one line (unless --debug)."""
-    global exit_status
-    exit_status = None  # (the tests run train.py more than once in one process)
+def catch_signals(debug, nothing_yet="interrupted: nothing was written"):
+    """A command's first act, before torch loads: SIGTERM unwinds as Ctrl-C does (one process; see
+    Terminated), and a Ctrl-C before the command's own handling is in place is one line, `nothing_yet`
+    (unless --debug)."""
+    global exit_status, _nothing_yet
+    exit_status, _nothing_yet = None, nothing_yet  # (the tests run train.py more than once in one process)
     atexit.unregister(_exit_with_status)
     atexit.register(_exit_with_status)  # registered first, so run last at exit (after --out's tidy-up)
     if "RANK" not in os.environ:

@@ -34,7 +34,7 @@ from functools import partial
 
 import failures
 
-failures.catch_signals(debug="--debug" in sys.argv)  # before torch loads: Ctrl-C, SIGTERM are one line from here
+failures.catch_signals("--debug" in sys.argv, "interrupted: nothing was saved; run it again to start")  # before torch
 
 import torch
 import torch.distributed as dist
