@@ -222,9 +222,11 @@ def read_bin(file):
     except Exception as e:  # noqa: BLE001 -- UnpicklingError and the zip reader's many errors
         if pointer := lfs_pointer(file):
             raise pointer from None
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch's words for a global outside its allow-list: "Unsupported global: GLOBAL x.Y", or for one of
+        # a module it blocks outright (os, posix, subprocess, ...) "unsupported GLOBAL posix.system whose ..."
+        code = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         # torch's message is a paragraph; the line that says what the unpickler refused is enough
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), None)
+        why = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), None)
         first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:200]  # else: its first sentence
         raise CheckpointError(f"{file}: refused, it holds a {code[1]} object, not only tensors (a pickle that "
                               f"would run code when loaded)" if code else

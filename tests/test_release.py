@@ -487,6 +487,16 @@ class Payload:
         return (open, (self.marker, "w"))  # unpickling would create the marker file
 
 
+class SystemPayload:
+    """One that would run a shell command: os.system, a module torch's unpickler blocks outright."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def test_load_projector_refuses_pickled_objects(tmp_path):
     marker = tmp_path / "ran"
     torch.save(stage1_heads() | {"extra": Payload(str(marker))}, tmp_path / "mm_projector.bin")
@@ -772,6 +782,12 @@ def test_bin_release_with_pickled_object_is_refused(hr_parts, tmp_path):
     shard = path / "pytorch_model-00002-of-00002.bin"
     torch.save(torch.load(shard, weights_only=True) | {"extra": Payload(str(marker))}, shard)
     with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin: refused, it holds a .*open object"):
+        mra.load_checkpoint(path)
+    assert not marker.exists()
+    # a global of a module torch blocks outright (os.system: the classic payload) is said in other words,
+    # which once read as a damaged file ("download it again")
+    torch.save({"model.norm.weight": torch.ones(4), "extra": SystemPayload(f"touch {marker}")}, shard)
+    with pytest.raises(CheckpointError, match=r"00002\.bin: refused, it holds a (posix|nt)\.system object"):
         mra.load_checkpoint(path)
     assert not marker.exists()
     # weights_only also lets plain containers through: anything but {name: tensor} is refused too
