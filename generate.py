@@ -22,11 +22,15 @@ import time
 import uuid
 from collections import Counter
 
+import failures
+
+if __name__ == "__main__":  # before torch loads (a second or two): Ctrl-C and SIGTERM are one line from here
+    failures.catch_signals("--debug" in sys.argv)
+
 import torch
 from PIL import Image
 
 import data
-import failures
 import kernels
 import llama
 import lora
@@ -275,7 +279,9 @@ def chat(model, tok, image, args, pick, step):
         except UnicodeDecodeError:
             log("error: that line is not UTF-8 text; type it again")
             continue
-        if not line or line.strip() == "exit":
+        if not line:  # the end of the input (Ctrl-D, a file's end): the prompt's line ends too
+            return log()
+        if line.strip() == "exit":
             return
         if not line.strip():
             continue
@@ -591,8 +597,10 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM too, run as a command (failures.Terminated)
+        kept = args.questions and os.path.isfile(args.answers) and os.path.getsize(args.answers)
+        return failures.say_interrupted(type(e), "\ninterrupted" + (  # below a prompt, an answer or a bar
+            f": the answers so far are in {args.answers}; the same command goes on from there" if kept else ""))
     return 0
 
 

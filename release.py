@@ -25,6 +25,11 @@ import shutil
 import sys
 import time
 
+import failures
+
+if __name__ == "__main__":  # before torch loads: a Ctrl-C or SIGTERM then is one line (exit_on_signals' after)
+    failures.catch_signals(debug=False)
+
 import torch
 
 import mra
@@ -346,8 +351,7 @@ def merge_lora_release(path, base, vit, dst, dtype=torch.float16, log=lambda lin
 
 
 if __name__ == "__main__":
-    from failures import Parser
-    p = Parser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model in a new "
+    p = failures.Parser(description="Merge a LLaVA-1.5 LoRA release into its base once: a whole model in a new "
                            "directory, for train.py --init and generate.py --model.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge-lora", help="LORA_DIR + --model-base + --vit -> DST_DIR")

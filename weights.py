@@ -39,6 +39,11 @@ import sys
 import tempfile
 import warnings
 
+import failures
+
+if __name__ == "__main__":  # before torch loads: a Ctrl-C or SIGTERM then is one line (exit_on_signals' after)
+    failures.catch_signals(debug=False)
+
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -529,7 +534,12 @@ def new_directory(dst, verb):
     parent, name = os.path.split(os.path.abspath(dst))
     if not os.path.isdir(parent):  # named here: mkdtemp's error would name the hidden directory
         raise CheckpointError(f"{parent}: no such directory, to {verb} into {dst}; create it first")
-    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True) as tmp:
+    try:
+        hidden = tempfile.TemporaryDirectory(prefix=f".{name}.", dir=parent, ignore_cleanup_errors=True)
+    except OSError as e:  # named here: the error would name the hidden directory, which the user never gave
+        raise CheckpointError(f"{dst}: cannot be created in {parent} ({e.strerror or e}); {verb} into a directory "
+                              f"you can write to") from None
+    with hidden as tmp:
         yield tmp
         mask = os.umask(0)
         os.umask(mask)

@@ -754,7 +754,8 @@ def test_bad_flags_are_one_line(model_dir, capsys, flags, expected):  # noqa: F8
 
 def test_chat_with_stdin_closed_and_an_over_long_turn(model_dir, images, capsys, monkeypatch):  # noqa: F811
     monkeypatch.setattr(sys, "stdin", None)
-    assert run_cli(capsys, "--model", model_dir, "--max-new-tokens", 2)[0] == 0
+    code, _, err = run_cli(capsys, "--model", model_dir, "--max-new-tokens", 2)
+    assert code == 0 and err.endswith("USER: \n"), err  # the end of the input ends the prompt's line too
     import io
     monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 600 + "\nWhat is this?\n"))
     code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--max-new-tokens", 2)
@@ -1039,6 +1040,72 @@ def test_ctrl_c_or_sigterm_while_torch_imports_is_one_line(tmp_path, sig, status
         assert one_line(r) == f"{said}: nothing was saved; run it again to start"
     # under torchrun SIGTERM keeps its default: torchrun sends it to the other ranks when one fails
     assert r.returncode == (status if sig == "SIGINT" or not rank else -signal.SIGTERM) and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
+@pytest.mark.parametrize("script, argv", [
+    ("generate.py", ["--model", "m", "--prompt", "Hi"]),
+    ("release.py", ["merge-lora", "lora", "dst", "--model-base", "b", "--vit", "v"]),
+    ("weights.py", ["convert", "src", "dst"])])
+def test_every_command_stopped_while_torch_imports_says_so_in_one_line(tmp_path, sig, status, said, script, argv):
+    # as train.py's above: a traceback through torch's __init__ it was (SIGTERM: not a word)
+    code = ("import os, runpy, signal, sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, *a):\n"
+            f"        if name == 'torch': os.kill(os.getpid(), signal.{sig})\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            f"sys.argv = [{script!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one_line(r) == f"{said}: nothing was written" and r.returncode == status
+
+
+def test_generate_stopped_says_what_is_kept(model_dir, images, tmp_path):  # noqa: F811
+    # Ctrl-C or SIGTERM while a batch file is answered: one line, below the bar, saying where the answers
+    # are and that the same command goes on (it was a bare exit, 130; SIGTERM left an empty answers file)
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(4)))
+    argv = batch_argv(model_dir, images, q, a)
+    for sig, status, said, at in [("SIGTERM", 143, "terminated", 1), ("SIGINT", 130, "interrupted", 3)]:
+        code = ("import os, runpy, signal, sys\n"
+                "import mra\n"
+                "prefill, calls = mra.LlavaHR.prefill, []\n"
+                "def stop(*a, **kw):  # the signal arrives as this question is asked\n"
+                "    calls.append(1)\n"
+                f"    if len(calls) == {at}: os.kill(os.getpid(), signal.{sig})\n"
+                "    return prefill(*a, **kw)\n"
+                "mra.LlavaHR.prefill = stop\n"
+                "sys.argv = ['generate.py', *sys.argv[1:]]\n"
+                "runpy.run_path('generate.py', run_name='__main__')")
+        r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        answered = len(a.read_text().splitlines()) if a.exists() else 0
+        kept = f": the answers so far are in {a}; the same command goes on from there" if answered else ""
+        last = r.stderr.splitlines()[-1]  # below "loading ..." and the bar
+        assert r.returncode == status and "Traceback" not in r.stderr and last == said + kept, r.stderr[-2000:]
+        assert answered == at - 1 and (answered or not a.exists())  # no empty answers file left
+    r = subprocess.run([sys.executable, "generate.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "resuming: 2 of 4 questions already answered" in r.stderr, r.stderr[-2000:]
+    assert sorted(json.loads(line)["question_id"] for line in a.read_text().splitlines()) == [0, 1, 2, 3]
+
+
+def test_a_hidden_scratch_directory_is_never_the_name_said(tmp_path, monkeypatch):
+    # a directory that cannot be written in (read-only here, as a root test run writes anywhere): said of the
+    # directory the user named, not of the hidden one new_directory fills ("[Errno 30] Read-only file system:
+    # '/x/.dst.k3j2l1'" it was)
+    import tempfile
+
+    from weights import new_directory
+
+    def read_only(prefix, dir, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, prefix + "k3j2l1"))
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'dst'))}: cannot be created in "
+                                              rf"{re.escape(str(tmp_path))} \(Read-only file system\); convert into "
+                                              rf"a directory you can write to$"):
+        with new_directory(tmp_path / "dst", "convert"):
+            pass
 
 
 def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
