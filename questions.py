@@ -23,9 +23,9 @@ def log(*a, **kw):
     print(*a, file=sys.stderr, flush=True, **kw)
 
 
-def read_jsonl(path, check, text=None):
+def read_jsonl(path, check, text=None, fix="fix or delete that line"):
     """(line number, object) for each line of a .jsonl file (or of its bytes `text`, already read);
-    check(obj) -> what is wrong with it, or None."""
+    check(obj) -> what is wrong with it, or None; `fix`: the way out of a line that is no JSON."""
     if text is None:
         with open(path, "rb") as f:
             text = f.read()
@@ -39,7 +39,7 @@ def read_jsonl(path, check, text=None):
         try:
             obj = json.loads(line)
         except ValueError as e:
-            raise data.DataError(f"{path} line {n}: not JSON ({e}); fix or delete that line") from None
+            raise data.DataError(f"{path} line {n}: not JSON ({e}); {fix}") from None
         problem = check(obj) if isinstance(obj, dict) else "not a JSON object"
         if problem:
             raise data.DataError(f"{path} line {n}: {problem}")
@@ -121,23 +121,33 @@ def read_questions(args, ours):
         cut = False
     except ValueError:  # cut short if it starts as generate.py's lines do; anything else is named below
         cut = tail.startswith(b'{"question_id"')
-    answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw))
-    answered = Counter()
+    answers = list(read_jsonl(args.answers, answer_problem, raw[:len(raw) - len(tail)] if cut else raw,
+                              "fix or delete that line (or, if this is no answers file, name a new file for --answers)"))
+    answered, moved = Counter(), False
     for n, a in answers:
-        theirs = a.get("metadata")
-        if isinstance(theirs, dict) and "model" in theirs:  # not LLaVA's {}: a run of ours
-            theirs = {"weights": ours["weights"]} | theirs  # (a file begun before the weights were recorded)
-            if theirs != ours:
-                changed = ", ".join(f"{k} {theirs.get(k)!r}, now {ours.get(k)!r}"
-                                    for k in sorted(theirs.keys() | ours) if theirs.get(k) != ours.get(k))
-                raise data.DataError(f"{args.answers} line {n}: answered by a run with other settings ({changed}): "
-                                     f"the two would mix in one file; name a new file for --answers, or run as before")
         key = (a["question_id"], a["prompt"])
         answered[key] += 1
         if answered[key] > asked[key]:
             raise data.DataError(f"{args.answers} line {n}: answers question_id {a['question_id']!r} with a prompt "
                                  f"that {args.questions} does not ask{' that often' if asked[key] else ''}: the answers "
                                  f"to other questions? name a new file for --answers")
+        theirs = a.get("metadata")
+        if not (isinstance(theirs, dict) and "model" in theirs):  # LLaVA's {} (its scripts'), or none
+            raise data.DataError(f"{args.answers} line {n}: an answer without generate.py's settings (its metadata: "
+                                 f"{json.dumps(theirs)}; LLaVA's scripts write {{}}), so whether it came from this "
+                                 f"model and these settings is unknown, and two runs would mix in one file; name a "
+                                 f"new file for --answers")
+        theirs = {"weights": ours["weights"]} | theirs  # (a file begun before the weights were recorded)
+        if "weights" in a["metadata"] and theirs["weights"] == ours["weights"]:  # the same files: moved, maybe
+            moved = moved or {k: theirs.get(k) for k in PATHS} != {k: ours[k] for k in PATHS}
+            theirs |= {k: ours[k] for k in PATHS}
+        if theirs != ours:
+            changed = ", ".join(f"{k} {theirs.get(k)!r}, now {ours.get(k)!r}"
+                                for k in sorted(theirs.keys() | ours) if theirs.get(k) != ours.get(k))
+            raise data.DataError(f"{args.answers} line {n}: answered by a run with other settings ({changed}): "
+                                 f"the two would mix in one file; name a new file for --answers, or run as before")
+    if moved:
+        log(f"note: --answers {args.answers}: begun with the same weights at other paths (moved?); going on")
     with open(args.answers, "ab") as f:
         if cut:
             f.truncate(len(raw) - len(tail))
@@ -145,6 +155,9 @@ def read_questions(args, ours):
         elif tail.strip():
             f.write(b"\n")
     return questions, answered
+
+
+PATHS = ("model", "lora", "model_base", "vit")  # settings' paths: their weights, fingerprinted, may move
 
 
 def settings(args):

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -757,19 +758,37 @@ def test_answers_that_are_not_these_answers_are_left_untouched(model_dir, tmp_pa
 
 def test_answers_of_a_run_with_other_settings_are_not_added_to(model_dir, tmp_path, capsys):
     # a rerun with another model or other flags on the same --answers: resumed silently, so one file
-    # held two runs' answers and scored as one. LLaVA's own files (metadata {}) still resume
+    # held two runs' answers and scored as one. So did a file of LLaVA's scripts (metadata {}), or one without
+    # settings: whatever model and settings wrote it, it was resumed
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2, "text": "Bye"}\n')
-    a.write_text('{"question_id": 1, "prompt": "Hi", "text": "x", "metadata": {}}\n')
+    for metadata in ('"metadata": {}', '"metadata": null', '"model_id": "llava-v1.5-7b"'):
+        a.write_text(f'{{"question_id": 1, "prompt": "Hi", "text": "x", {metadata}}}\n')
+        code, _, err = answers_run(capsys, model_dir, q, a)
+        theirs = "{}" if "{}" in metadata else "null"
+        assert code == 1 and err == f"error: {a} line 1: an answer without generate.py's settings (its metadata: " \
+            f"{theirs}; LLaVA's scripts write {{}}), so whether it came from this model and these settings is " \
+            f"unknown, and two runs would mix in one file; name a new file for --answers\n", err
+    a.unlink()
     assert answers_run(capsys, model_dir, q, a)[0] == 0
     q.write_text(q.read_text() + '{"question_id": 3, "text": "Why?"}\n')
     before = a.read_bytes()
     code, _, err = run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--max-new-tokens", 3)
-    assert code == 1 and err == f"error: {a} line 2: answered by a run with other settings (max_new_tokens 2, now " \
+    assert code == 1 and err == f"error: {a} line 1: answered by a run with other settings (max_new_tokens 2, now " \
         f"3): the two would mix in one file; name a new file for --answers, or run as before\n", err
     assert a.read_bytes() == before
     code, _, err = answers_run(capsys, model_dir, q, a)  # as before: resumed
     assert code == 0 and "resuming: 2 of 3" in err and len(read_jsonl(a)) == 3
+    # the same weights moved (the same fingerprint at another path): resumed, said; a path was the only
+    # thing that differed, and it refused the file
+    moved = tmp_path / "moved"
+    shutil.copytree(model_dir, moved)
+    q.write_text(q.read_text() + '{"question_id": 5, "text": "Who?"}\n')
+    code, _, err = answers_run(capsys, moved, q, a)
+    assert code == 0 and "resuming: 3 of 4" in err and f"note: --answers {a}: begun with the same weights at other " \
+        f"paths (moved?); going on\n" in err, err
+    q.write_text("".join(q.read_text().splitlines(keepends=True)[:3]))
+    a.write_text("".join(a.read_text().splitlines(keepends=True)[:3]))
     # the same run named another way resumes: the model through a symlink, the default dtype named
     # (it was recorded as None, so "--dtype float32" on the CPU was refused), another --batch-size
     q.write_text(q.read_text() + '{"question_id": 4, "text": "How?"}\n')
