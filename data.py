@@ -17,6 +17,8 @@ or asserts mid-training) we raise DataError naming the record, or skip and count
 import hashlib
 import json
 import os
+import re
+import warnings
 
 import numpy as np
 import torch
@@ -46,11 +48,17 @@ def load_image(path):
         raise DataError(f"{path}: " + ("a directory, not an image file" if os.path.isdir(path) else
                                        "image file not found"))
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not in a worker later
-            fmt = im.format
-            im = ImageOps.exif_transpose(im)  # phone photos store "rotate me" in EXIF (LLaVA ignores it)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():  # Pillow warns of 89-179 million pixels (a 108 MP phone photo)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # and refuses more: below
+            with Image.open(path) as im:
+                im.load()  # decode now: a truncated file fails here, not in a worker later
+                fmt = im.format
+                im = ImageOps.exif_transpose(im)  # phone photos store "rotate me" in EXIF (LLaVA ignores it)
+    except Image.DecompressionBombError as e:  # (a guard against a small file that decodes to gigabytes)
+        pixels, limit = map(int, re.findall(r"\d+", str(e))[:2])
+        raise DataError(f"{path}: {pixels:,} pixels, over the {limit:,} Pillow decodes at most; downscale it "
+                        f"first") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # deep grayscale: PIL's convert("RGB") clips at 255, turning a 16-bit scan mostly white. 16 bits

@@ -5,6 +5,7 @@ transformers 4.31) for the tokens and labels. Images are generated with PIL; the
 import copy
 import json
 import random
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -366,6 +367,20 @@ def test_load_image_errors(tmp_path):
     (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:200])
     with pytest.raises(DataError, match="cut.png: cannot read image"):
         load_image(str(tmp_path / "cut.png"))
+
+
+def test_a_very_large_image_is_read_without_a_warning_or_refused_with_a_way_on(tmp_path, monkeypatch):
+    # Pillow warns past MAX_IMAGE_PIXELS (89 million: a 108 MP phone photo printed its two-line warning) and
+    # refuses past twice that (a decompression bomb?): "cannot read image (DecompressionBombError: ...)" it was
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the same rules, scaled down
+    random_image(40, 30).save(tmp_path / "large.png")  # 1,200 pixels: between the two
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(str(tmp_path / "large.png")).size == (40, 30)
+    random_image(50, 50).save(tmp_path / "huge.png")
+    with pytest.raises(DataError, match=r"^\S+huge.png: 2,500 pixels, over the 2,000 Pillow decodes at most; "
+                                        r"downscale it first$"):
+        load_image(str(tmp_path / "huge.png"))
 
 
 # ---------------------------------------------------------------------------------------
