@@ -855,7 +855,8 @@ def paths_picture(src="examples/demo.png", out="examples/paths.png"):
     import trace_image
     with torch.device("meta"):  # only the preprocessing runs: no weights needed
         model = mra.LlavaHR(mra.MRAConfig.from_name("demo"))
-    return trace_image.paths_picture(data.load_image(src), model, out)
+    trace_image.paths_picture(data.load_image(src), model).save(out)
+    return out
 
 
 def pil_scene(rng, size=256):

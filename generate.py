@@ -338,8 +338,9 @@ def answer_file(model, tok, args, pick, step, questions, answered, metadata):
     R, mode = model.cfg.image_size, model.cfg.image_aspect_ratio
     device = model.projector[0].weight.device
     skipped = []
-    with open(args.answers, "a") as out, tqdm(total=len(questions), initial=len(questions) - len(todo),
-                                              file=sys.stderr, unit="q") as bar:
+    # unbuffered: each answer reaches the file as it is made, and a failed write is not tried again at close
+    with open(args.answers, "ab", buffering=0) as out, tqdm(total=len(questions), initial=len(questions) - len(todo),
+                                                            file=sys.stderr, unit="q") as bar:
         for i in range(0, len(todo), args.batch_size):
             batch, images = [], []
             for n, q in todo[i:i + args.batch_size]:
@@ -367,10 +368,14 @@ def answer_file(model, tok, args, pick, step, questions, answered, metadata):
                     n = batch[e.row][2]
                     raise NonFiniteError(f"{args.questions} line {n}: {e}; the answers so far are kept") from None
                 for (q, _, _), ids in zip(batch, outs):
-                    out.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"],
-                                              text=tok.decode(ids).strip(), answer_id=short_id(),
-                                              model_id=model_id, metadata=metadata)) + "\n")
-                    out.flush()
+                    line = json.dumps(dict(question_id=q["question_id"], prompt=q["text"], text=tok.decode(ids).strip(),
+                                           answer_id=short_id(), model_id=model_id, metadata=metadata)) + "\n"
+                    try:
+                        write_all(out, line.encode())
+                    except OSError as e:  # a full disk: a line cut short is dropped, and asked again, by a rerun
+                        raise data.DataError(f"--answers {args.answers}: writing failed ({e.strerror or e}); the "
+                                             f"answers before it are kept: once there is room, the same command "
+                                             f"goes on") from None
             bar.update(len(todo[i:i + args.batch_size]))  # the skipped ones too
     if skipped and len(skipped) == len(todo):  # a run that answered nothing has failed
         raise ContextError(f"none of the {len(todo)} question(s) could be answered: each is too long for the context "
@@ -378,6 +383,12 @@ def answer_file(model, tok, args, pick, step, questions, answered, metadata):
     if skipped:
         log(f"{len(skipped)} question(s) skipped, too long for the context (lines {', '.join(map(str, skipped))}); "
             f"they count as missing")
+
+
+def write_all(f, data):
+    """All of `data` to an unbuffered file, which may take less at a time."""
+    while data:
+        data = data[f.write(data):]
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,14 +494,22 @@ def check_inputs(args):
         raise mra.CheckpointError(f"--model {args.model}: holds LoRA adapters only; use --model "
                                   f"{mra.lora_base(adapters)} --lora {adapters}")
     if args.questions and not os.path.isfile(args.questions):
-        raise data.DataError(f"--questions {args.questions}: no such file (a LLaVA question .jsonl is expected)")
-    if args.answers and os.path.isdir(args.answers):
-        raise data.DataError(f"--answers {args.answers}: a directory; name the .jsonl file to write")
+        raise data.DataError(f"--questions {args.questions}: " + (
+            "not a file (a directory, or a pipe such as <(...)?); save the questions as a .jsonl file" if
+            os.path.exists(args.questions) else "no such file (a LLaVA question .jsonl is expected)"))
+    if args.answers and os.path.exists(args.answers) and not os.path.isfile(args.answers):  # /dev/full: read forever
+        raise data.DataError(f"--answers {args.answers}: not a file (a directory, a device?); name the .jsonl file to "
+                             f"write")
     if args.answers and not os.path.isdir(os.path.dirname(os.path.abspath(args.answers))):
         raise data.DataError(f"--answers {args.answers}: its directory does not exist")
+    if args.compile and torch.device(args.device).type == "cpu" and not cpp_compiler():
+        raise data.DataError("--compile on a CPU needs a C++ compiler, and none was found (g++, or the one CXX "
+                             "names): install one, or drop --compile")
     if args.trace:
         if os.path.exists(args.trace):
-            raise data.DataError(f"--trace {args.trace}: exists; delete it or name another picture (--trace OUT.png)")
+            raise data.DataError(f"--trace {args.trace}: " + ("a directory; name the picture's file in it (--trace "
+                                 "DIR/OUT.png)" if os.path.isdir(args.trace) else "exists; name another picture "
+                                 "(--trace OUT.png), or delete it"))
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
             raise data.DataError(f"--trace {args.trace}: its folder does not exist")
         picture = Image.registered_extensions().get(os.path.splitext(args.trace)[1].lower())
@@ -505,6 +524,37 @@ def check_inputs(args):
         return data.load_image(args.image) if args.image else None
     except data.DataError as e:
         raise data.DataError(f"--image {e}") from None
+
+
+def write_new(picture, path):
+    """--trace's picture, written whole or not at all, and only as a new file: never over one that
+    appeared while the model ran (another run's trace)."""
+    encoded = io.BytesIO()
+    picture.save(encoded, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
+    made = False
+    try:
+        with open(path, "xb") as f:
+            made = True
+            f.write(encoded.getvalue())
+    except FileExistsError:
+        raise data.DataError(f"--trace {path}: appeared while the model ran (another run's picture?), and is kept; "
+                             f"name another picture") from None
+    except OSError as e:  # a full disk, a folder that went read-only
+        if made:
+            os.remove(path)
+        raise data.DataError(f"--trace {path}: cannot be written ({e.strerror or e}), and nothing is left there; "
+                             f"free some space, or name another place") from None
+
+
+def cpp_compiler():
+    """Whether inductor, compiling for a CPU, finds a C++ compiler (its own search: CXX, else g++)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        return bool(get_cpp_compiler())
+    except ImportError:  # a torch without it: found when compiling, as before
+        return True
+    except Exception:  # noqa: BLE001 -- InvalidCxxCompiler
+        return False
 
 
 def load_model(args, tok, dtype, device):
@@ -550,7 +600,8 @@ def run(args, held):
     if args.trace:  # pixels to the LLM's input, printed, and the picture; no answer
         import trace_image
         trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))
-        log(f"what each path sees: {trace_image.paths_picture(image, model, args.trace)}")
+        write_new(trace_image.paths_picture(image, model), args.trace)
+        log(f"what each path sees: {args.trace}")
         return
     # the shortest prompt this run can have (images: plain always has one), with room for --max-new-tokens
     least = slots(model, prompt_ids(tok, [human_turn("", image is not None or args.conv_mode == "plain")],
@@ -592,6 +643,9 @@ def main(argv=None):
     try:
         with contextlib.ExitStack() as held:
             run(args, held)
+    except BrokenPipeError:  # the answer's reader went away (| head -1): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else Python's exit flush says it)
+        return 128 + 13  # SIGPIPE's, as a program killed by it ends
     except (ValueError, OSError) as e:  # DataError, CheckpointError, ContextError, missing files
         if args.debug:
             raise

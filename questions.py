@@ -70,7 +70,11 @@ def answers_lock(path):
     it again keep it; elsewhere no lock), released when the run ends however it ends; a file it made
     and left empty goes."""
     made = not os.path.exists(path)
-    f = open(path, "a")
+    try:
+        f = open(path, "a")
+    except OSError as e:  # a read-only folder, no permission
+        raise data.DataError(f"--answers {path}: cannot be written ({e.strerror or e}); name a file where you "
+                             f"can write") from None
     try:
         try:
             if fcntl:

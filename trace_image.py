@@ -81,7 +81,7 @@ def trace(model, tok, image, ids):
     return embeds
 
 
-def paths_picture(image, model, out):
+def paths_picture(image, model):
     """What each path sees of `image` through the real preprocessing, all shown at R x R (top:
     the whole image; bottom: its top-left corner, 4x). LLaVA-HR: the ConvNeXt's R x R input,
     the S x S ViT input resized from it (bilinear, no antialias), and the S x S image LLaVA-1.5
@@ -98,5 +98,4 @@ def paths_picture(image, model, out):
               .resize((R, R), Image.NEAREST) for p in panels]
     crops = [p.crop((0, 0, R // 4, R // 4)).resize((R, R), Image.NEAREST) for p in panels]
     grid = np.concatenate([np.concatenate([np.asarray(p) for p in row], 1) for row in (panels, crops)], 0)
-    Image.fromarray(grid).save(out)
-    return out
+    return Image.fromarray(grid)

@@ -650,7 +650,16 @@ def test_generate_flag_slips_are_one_line_naming_the_flag(model_dir, images, tmp
         "no questions file": (["--model", model_dir, "--questions", tmp_path / "q.jsonl", "--answers", tmp_path / "x"],
                               "q.jsonl: no such file (a LLaVA question .jsonl is expected)"),
         "answers is a directory": (["--model", model_dir, "--questions", img, "--answers", tmp_path / "a.jsonl"],
-                                   "a.jsonl: a directory; name the .jsonl file to write"),
+                                   "a.jsonl: not a file (a directory, a device?); name the .jsonl file to write"),
+        # /dev/full was read to its end, which never comes, until the memory ran out
+        "answers is a device": (["--model", model_dir, "--questions", img, "--answers", os.devnull],
+                                f"--answers {os.devnull}: not a file (a directory, a device?)"),
+        # it said "no such file" of a directory, and of a pipe (bash's <(...))
+        "questions is a directory": (["--model", model_dir, "--questions", tmp_path, "--answers", tmp_path / "x"],
+                                     f"--questions {tmp_path}: not a file (a directory, or a pipe such as <(...)?); "
+                                     f"save the questions as a .jsonl file"),
+        "trace is a directory": (["--model", model_dir, "--image", img, "--trace", tmp_path],  # "exists; delete it"
+                                 f"--trace {tmp_path}: a directory; name the picture's file in it (--trace DIR/OUT.png)"),
     }
     for name, (argv, expected) in failed.items():
         code, _, err = run_cli(capsys, *argv)
@@ -659,6 +668,92 @@ def test_generate_flag_slips_are_one_line_naming_the_flag(model_dir, images, tmp
     code, _, err = run_cli(capsys, "--model", tmp_path / "m", *ask)
     assert code == 1 and err.splitlines()[-1] == f"error: {tmp_path / 'm'}: neither mra_config.json (a train.py " \
         f"checkpoint) nor config.json (a released LLaVA checkpoint): not a checkpoint directory, or one missing its config"
+
+
+def test_what_generate_cannot_write_or_compile_is_one_line_and_nothing_is_lost(model_dir, images, tmp_path,  # noqa: F811
+                                                                               capsys, monkeypatch):
+    import questions
+    import trace_image
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
+    # --compile on a CPU without a C++ compiler: inductor's InvalidCxxCompiler traceback, after the load
+    monkeypatch.setattr(generate, "cpp_compiler", lambda: False)
+    code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--compile")
+    assert code == 1 and err == "error: --compile on a CPU needs a C++ compiler, and none was found (g++, or the one " \
+        "CXX names): install one, or drop --compile\n", err
+    monkeypatch.undo()
+    # a full disk as the second answer is written: the first is kept, and a rerun goes on ("error: [Errno 28]
+    # No space left on device" it said)
+    writes, write_all = [], generate.write_all
+
+    def full_disk(f, data):
+        writes.append(data)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_all(f, data)
+    monkeypatch.setattr(generate, "write_all", full_disk)
+    code, _, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
+    assert code == 1 and err.splitlines()[-1] == f"error: --answers {a}: writing failed (No space left on device); " \
+        f"the answers before it are kept: once there is room, the same command goes on", err
+    assert len(a.read_text().splitlines()) == 1
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
+    assert code == 0 and "resuming: 1 of 3" in err and len(a.read_text().splitlines()) == 3
+    # an --answers that cannot be opened for writing (a read-only folder; root writes anywhere, so faked)
+    def read_only(path, mode="r", *args, **kw):
+        if "a" in mode:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return builtins.open(path, mode, *args, **kw)
+    monkeypatch.setattr(questions, "open", read_only, raising=False)
+    code, _, err = run_cli(capsys, *batch_argv(model_dir, images, q, tmp_path / "b.jsonl"))
+    assert code == 1 and err == f"error: --answers {tmp_path / 'b.jsonl'}: cannot be written (Read-only file " \
+        f"system); name a file where you can write\n", err
+    monkeypatch.undo()
+    # --trace: a picture that appeared while the model ran (another run's) is kept, not replaced; one that
+    # cannot be written in full leaves nothing
+    picture, paths_picture = tmp_path / "t.png", trace_image.paths_picture
+
+    def meanwhile(*args):
+        picture.write_bytes(b"another run's")
+        return paths_picture(*args)
+    monkeypatch.setattr(trace_image, "paths_picture", meanwhile)
+    code, _, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--trace", picture)
+    assert code == 1 and err.splitlines()[-1] == f"error: --trace {picture}: appeared while the model ran (another " \
+        f"run's picture?), and is kept; name another picture", err
+    assert picture.read_bytes() == b"another run's"
+    monkeypatch.undo()
+    picture.unlink()
+    monkeypatch.setattr(generate, "open", lambda path, mode: FullFile(builtins.open(path, mode)), raising=False)
+    code, _, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--trace", picture)
+    assert code == 1 and err.splitlines()[-1] == f"error: --trace {picture}: cannot be written (No space left on " \
+        f"device), and nothing is left there; free some space, or name another place", err
+    assert not picture.exists()
+
+
+class FullFile:
+    """A file on a full disk: its first write fails part way."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_an_answer_whose_reader_went_away_ends_quietly(model_dir, images):  # noqa: F811
+    # `generate.py ... | head -1`: "error: [Errno 32] Broken pipe" it said, and Python's exit flush after it
+    p = subprocess.Popen([sys.executable, "generate.py", "--model", str(model_dir), "--prompt", "Hi",
+                          "--max-new-tokens", "8"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first word
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and "error" not in err and "Exception" not in err, err
 
 
 def test_a_long_question_is_skipped_and_a_bad_image_named_by_line(model_dir, images, tmp_path, capsys):  # noqa: F811

@@ -50,10 +50,11 @@ def check(out, cfg, ids):
     assert f"LLM input: {len(ids)} ids - 1 placeholder + {n} visual tokens = {T} positions: 1x{T}x{cfg.llm.dim}" in out
 
 
-def check_picture(path, cfg):
+def check_picture(picture, cfg):  # a file's path, or the picture itself
     R = cfg.image_size
     panels = 3 if cfg.arch == "llava-hr" else 1
-    assert np.asarray(Image.open(path)).shape == (2 * R, panels * R, 3)
+    assert np.asarray(picture if isinstance(picture, Image.Image) else Image.open(picture)).shape == \
+        (2 * R, panels * R, 3)
 
 
 def test_trace_cli_on_our_checkpoint(model_dir, images, tmp_path, capsys):  # noqa: F811
@@ -82,7 +83,7 @@ def release_trace(path, tmp_path, capsys):
     embeds = trace_image.trace(model, tok, image, ids)
     assert embeds.shape == (1, mra.llm_positions(len(ids), 1, model.cfg), model.cfg.llm.dim)
     check(capsys.readouterr().out, model.cfg, ids)
-    check_picture(trace_image.paths_picture(image, model, tmp_path / "paths.png"), model.cfg)
+    check_picture(trace_image.paths_picture(image, model), model.cfg)
 
 
 def test_trace_on_the_llava_hr_release_layout(hr_parts, tmp_path, capsys):  # noqa: F811
