@@ -11,15 +11,20 @@ MR-Adapters and the final fusion at full rank ("align_stages"), LoRA or not.
 train.py --lora-r writes OUT/ckpt/lora/: the LoRA tensors plus every small module the base
 does not fix (projector, fusion, MR-Adapters), with lora.json and the model's mra_config.json.
 `load(base, adapters)` rebuilds the fine-tuned model from the base checkpoint and that
-directory; `merge` folds the updates into W for a plain model (generate.py, OUT/ckpt).
+directory; `merge` folds the updates into W for a plain model (generate.py, OUT/ckpt). The
+adapters fit only the base they trained on: lora.json records a digest of its weights
+(`base_digest`), and `load` refuses a base of the same shapes that holds other ones.
 On an int8 base (train.py --quantize int8, QLoRA-style as Dettmers et al. 2023 but 8-bit) W is
 int8.Int8Linear's frozen q * s and only A, B train; such adapters are applied to the
 full-precision base at load time rather than merged into the rounded W.
 `python lora.py` prints what fits on one GPU at 7B (`memory`, the model built on meta).
 """
+import hashlib
 import json
 import math
 import os
+import re
+import sys
 from dataclasses import replace
 
 import torch
@@ -33,6 +38,10 @@ from weights import CheckpointError, fingerprint, load_state, read_config, read_
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
 # the parts a LoRA run keeps frozen and its adapter file leaves to the base checkpoint
 FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
+# the base tensors an int8 base (int8.int8_linears) holds as int8 weights and their scales
+INT8_ABLE = re.compile(r"llm\.(layers\.\d+\.(attn|mlp)\.\w+|output)\.(weight|scales)")
+# base_digest's roundings: a base stored or loaded in fp16 or bf16, once or twice rounded
+ROUNDINGS = ((torch.float16,), (torch.bfloat16,), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16))
 
 
 class LoRALinear(nn.Module):
@@ -107,11 +116,63 @@ def adapter_state(state, trainable):
     return {k: v for k, v in state.items() if ".lora_" in k or k in trainable or not k.startswith(FROZEN)}
 
 
-def save_adapters(path, state, cfg, r, alpha, base):
-    """DIR/model.safetensors (adapter_state), DIR/mra_config.json, DIR/lora.json {r, alpha, base}."""
+def base_digest(state, rows=4):
+    """{part: [hash, ...]} of the frozen base in `state` (a model's state dict as loaded, LoRA or not): what
+    lora.json records, so that `load` tells the adapters' own base from another of the same shapes.
+
+    Of the weights' values, not of the files (weights.fingerprint): the same weights as a released .bin
+    directory or converted to safetensors, saved by us in fp32 or copied in fp16, are one base. Every
+    FROZEN tensor (the adapter file holds the rest) gives its name, shape and `rows` evenly spaced rows
+    (a 1-D one, a norm, all of it): a fine-tune moves every row of a matrix it trains (an embedding
+    table's rows of tokens it never saw aside), and a few KB a tensor are read (some 1,100 tensors at
+    7B, a fraction of a second; no pass over the weights). Hashed exactly, fp32 would
+    tell each copy apart, so the rows are hashed once per ROUNDINGS chain: a copy rounded to fp16 or
+    bf16 (stored so, or loaded with --dtype float16 / bfloat16) rounds to itself again, so some hash of
+    the copy is one of the original's (`same_base`). One dtype is not enough: an fp16 copy loaded in
+    bf16 is rounded twice, which is not always the value rounded to bf16 at once.
+    Two parts, "linears" (the LLM's linear weights, int8 on a --quantize base) and "rest": an int8 base
+    has only the rest, compared alone. 16 hex digits a hash: enough to tell two bases apart."""
+    keys = sorted(k for k in state if k.startswith(FROZEN) and ".lora_" not in k)
+    digest = {}
+    for part, wanted in (("linears", True), ("rest", False)):
+        part_keys = [k for k in keys if bool(INT8_ABLE.fullmatch(k)) == wanted]
+        if not part_keys or any(not state[k].is_floating_point() for k in part_keys):  # int8: not the float values
+            continue
+        hashes = [hashlib.sha256() for _ in ROUNDINGS]
+        for k in part_keys:
+            t = state[k].detach()
+            if t.dim() >= 2:
+                t = t[torch.linspace(0, len(t) - 1, min(rows, len(t)), device=t.device).round().long()]
+            t = t.to("cpu", torch.float32).reshape(-1)  # fp32 holds fp16 and bf16 values exactly
+            for chain, h in zip(ROUNDINGS, hashes):
+                rounded = t
+                for dtype in chain:
+                    rounded = rounded.to(dtype)
+                h.update(f"{k} {tuple(state[k].shape)};".encode() + rounded.float().numpy().tobytes())
+        digest[part] = [h.hexdigest()[:16] for h in hashes]
+    return digest
+
+
+def same_base(recorded, found):
+    """Two base_digest's are of one base: in each part both have, one rounding of the one is one of the other."""
+    return all(set(recorded[p]) & set(found[p]) for p in recorded.keys() & found.keys())
+
+
+def check_digest(d):
+    """lora.json's base_digest, as base_digest writes it, or None (adapters saved before it was recorded)."""
+    digest = d.get("base_digest")
+    if digest is not None and not (isinstance(digest, dict) and digest and all(
+            isinstance(v, list) and v and all(isinstance(h, str) for h in v) for v in digest.values())):
+        raise ValueError(f"base_digest is {digest!r}, expected {{part: [hash, ...]}} as train.py writes it")
+    return digest
+
+
+def save_adapters(path, state, cfg, r, alpha, base, digest):
+    """DIR/model.safetensors (adapter_state), DIR/mra_config.json, DIR/lora.json {r, alpha, base, base_digest}.
+    digest: base_digest of the base as the run loaded it (before any bf16 copy of it, lora.bf16_bases)."""
     mra.save_checkpoint(None, path, state=state, cfg=cfg)
     with open(os.path.join(path, "lora.json"), "w") as f:
-        json.dump(dict(r=r, alpha=alpha, base=os.path.abspath(base)), f, indent=1)
+        json.dump(dict(r=r, alpha=alpha, base=os.path.abspath(base), base_digest=digest), f, indent=1)
 
 
 def check_scale(file, r, alpha, alpha_key):
@@ -121,11 +182,28 @@ def check_scale(file, r, alpha, alpha_key):
                               f"{r!r} and {alpha!r}")
 
 
-def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, quantize=None):
+def check_base(base, adapters, trained_on, digest, state):
+    """Refuse a base that holds other weights than the adapters' own (the merge would be another model, its
+    answers silently wrong). lora.json from before base_digest: only its path is known, so a base elsewhere
+    is noted (it may be a copy), not refused."""
+    if digest is None:
+        if trained_on and os.path.realpath(base) != os.path.realpath(trained_on):
+            print(f"note: --lora {adapters} was trained on {trained_on} (lora.json, saved before it recorded a "
+                  f"digest of the base's weights: not checked), and --model {base} is another path: unless it holds "
+                  f"the same weights, the answers are wrong; --model {trained_on}", file=sys.stderr, flush=True)
+        return
+    if not same_base(digest, base_digest(state)):
+        raise CheckpointError(f"--lora {adapters} was trained on {trained_on} (lora.json), and --model {base} holds "
+                              f"other weights: the adapters only fit their own base; --model {trained_on}")
+
+
+def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, quantize=None, own_base=True):
     """The fine-tuned model: `base` (a checkpoint dir) + `adapters` (a dir save_adapters wrote).
 
     merged=True: a plain LlavaHR with the updates folded in (for generation); False: the LoRA
-    modules kept (train.py --resume). Adapters that do not fit the base: one CheckpointError.
+    modules kept (train.py --resume). Adapters that do not fit the base (of other shapes, or other
+    weights than those they trained on: check_base): one CheckpointError. own_base=False leaves the
+    weights to the caller (train.py --resume checks the run's init_digest, and says so in its flags).
     quantize="int8": unmerged, LoRA on the int8 base (a --quantize run's resume); merged, the
     merged weights quantized one at a time (generate.py --lora --quantize int8), after the base was
     loaded whole in dtype: the peak is the float model's."""
@@ -137,7 +215,8 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
                               f"OUT/ckpt/lora of a train.py --lora-r run)" +
                               (f"; its adapters are in --lora {inside}" if os.path.isfile(
                                   os.path.join(inside, "lora.json")) else ""))
-    r, alpha, trained_on = read_config(info_path, lambda d: (d["r"], d["alpha"], d.get("base")))
+    r, alpha, trained_on, digest = read_config(info_path, lambda d: (d["r"], d["alpha"], d.get("base"),
+                                                                     check_digest(d)))
     check_scale(info_path, r, alpha, "alpha")
     merged_here = os.path.join(base, "lora")  # train.py's OUT/ckpt: the merged model, its adapters beside it
     if (os.path.isfile(os.path.join(base, "mra_config.json")) and os.path.isdir(merged_here)
@@ -168,6 +247,8 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
         load_state(model, state, f"adapters {adapters} on base {base}", one_dtype=dtype is None)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (the adapters were trained on {trained_on}: they do not fit this base model)") from None
+    if own_base:  # of the right shapes: now its weights (a stage-2 checkpoint for the stage-1 one fits as well)
+        check_base(base, adapters, trained_on, digest, model.state_dict())
     if not merged:
         return model
     state = model.state_dict()

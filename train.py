@@ -498,7 +498,7 @@ if args.resume and os.path.isdir(os.path.join(resume_dir, "lora")):  # the froze
     if not args.lora_r:
         raise SystemExit(f"error: --resume: {resume_dir} holds a LoRA run: the run's --lora-r and --init, please")
     model = lora.load(args.init, os.path.join(resume_dir, "lora"), merged=False, dropout=args.lora_dropout,
-                      quantize=args.quantize)
+                      quantize=args.quantize, own_base=False)  # the base: runs.check_resume's init_digest
 elif args.resume:
     model = mra.load_checkpoint(resume_dir)  # every weight, frozen ones included
 elif args.init:
@@ -516,6 +516,9 @@ else:
         release.load_projector(model, args.projector)
 if args.lora_r and not args.resume:
     lora.add_lora(model, args.lora_r, lora_alpha, args.lora_dropout)  # B = 0: still exactly the --init model
+# the frozen base's values as loaded (not its bf16 copy below): lora.json records it, and generate.py --lora
+# refuses another base with it
+base_digest = lora.base_digest(model.state_dict()) if args.lora_r else None
 lean = args.fsdp and distributed  # the model stays as loaded (mapped, unread) until shard_lean
 sharded = lean and not args.lora_r  # saved without gathering (runs.save_shards); LoRA's merge gathers on rank 0
 if not lean:  # fp32 master weights (released and HF checkpoints are fp16/bf16); bf16 comes from autocast
@@ -701,7 +704,7 @@ def save(step):
             if args.lora_r:  # the adapters alone (resume reads them), and for generate.py the merged model
                 adapters = os.path.join(tmp, "lora")
                 lora.save_adapters(adapters, lora.adapter_state(weights, trainable), cfg, args.lora_r, lora_alpha,
-                                   args.init)
+                                   args.init, base_digest)
                 weights = None  # freed: merged anew from --init in fp32 (on GPUs the base held here is bf16)
                 if not (args.lora_adapters_only or args.quantize):
                     weights = merged_state(step, adapters)

@@ -1,11 +1,12 @@
 """LoRA (lora.py, train.py --lora-r, generate.py --lora) on tiny random models (CPU): B = 0 is exactly
 the base model; after training the merged model equals the unmerged one (logits, greedy text);
 only LoRA, the projector and the flagged modules learn, the base weights stay bit-identical;
-resume, DDP and FSDP2 equal one uninterrupted process; bad ranks and mismatched adapters are
-one line. The same on an int8 base (train.py --quantize int8): the int8 weights and scales stay
+resume, DDP and FSDP2 equal one uninterrupted process; bad ranks and mismatched adapters (of
+other shapes, or on another base of the same shapes) are one line. The same on an int8 base (train.py --quantize int8): the int8 weights and scales stay
 bit-identical, the adapters alone are saved and serve on the full-precision base."""
 import json
 import os
+import re
 import runpy
 import shutil
 import sys
@@ -20,7 +21,7 @@ import mra
 from tokenizer import Tokenizer
 from test_generate import greedy_full_forward, ids_for, pixels
 from test_train import TRAIN, args, assert_same, env, losses, one_thread, plan, tiny, torchrun, weights  # noqa: F401
-from weights import read_safetensors
+from weights import fingerprint, read_safetensors
 
 LORA = ("--lora-r", 4, "--lora-alpha", 8)
 FROZEN = ("llm.", "encoder.vit.", "encoder.convnext.")
@@ -214,7 +215,8 @@ def test_a_bad_lora_json_is_one_line(run, tmp_path):
     # do not have was blamed on the base
     out, g = run
     for bad, why in (({"alpha": float("nan")}, "alpha a finite number > 0"), ({"alpha": 0}, "alpha a finite"),
-                     ({"r": 4.7}, "r must be a whole number"), ({"r": 8}, "r 8, but the adapters in .* are of rank 4")):
+                     ({"r": 4.7}, "r must be a whole number"), ({"r": 8}, "r 8, but the adapters in .* are of rank 4"),
+                     ({"base_digest": "abc"}, r"not a valid config \(base_digest is 'abc', expected \{part: \[hash")):
         shutil.copytree(out / "ckpt" / "lora", tmp_path / "a", dirs_exist_ok=True)
         info = json.loads((tmp_path / "a" / "lora.json").read_text())
         (tmp_path / "a" / "lora.json").write_text(json.dumps(info | bad))
@@ -349,6 +351,110 @@ def test_adapters_that_do_not_fit_the_base_are_one_line(run, env, tmp_path, caps
     code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(out / "ckpt"), "--prompt", "Hi"])
     err = capsys.readouterr().err
     assert code == 1 and err.rstrip().endswith(f"; its adapters are in --lora {out / 'ckpt' / 'lora'}"), err
+
+
+def fine_tuned(base, env, path, moved=lambda k: k.startswith("llm.")):
+    """`base` fine-tuned on (as the stage 2 after the stage 1 the adapters trained on): the tensors `moved`
+    picks (every LLM weight) moved a little, the shapes the same, saved as a checkpoint with its tokenizer."""
+    g = torch.Generator().manual_seed(2)
+    state = read_safetensors(base)
+    for k in filter(moved, state):
+        state[k] = state[k] + 1e-3 * torch.randn(state[k].shape, generator=g)
+    mra.save_checkpoint(None, path, state=state, cfg=mra.load_checkpoint(base).cfg)
+    shutil.copy(env[1], path / "tokenizer.model")
+    return str(path)
+
+
+@pytest.mark.parametrize("moved", [lambda k: k.startswith("llm."),
+                                   lambda k: re.fullmatch(r"llm\.layers\.\d+\.(attn|mlp)\.\w+\.weight", k)],
+                         ids=["every LLM weight (a stage 2)", "the linear weights (another LoRA merged)"])
+def test_adapters_on_another_base_of_the_same_shapes_are_refused(run, base, env, tmp_path, capsys, moved):
+    """The shapes fit, so they loaded: merged onto another base, a silently other model (its answers wrong).
+    lora.json records a digest of the weights the run trained on, and --model must hold them."""
+    out, _ = run
+    adapters = out / "ckpt" / "lora"
+    other = fine_tuned(base, env, tmp_path / "other", moved)
+    way = (f"--lora {adapters} was trained on {base} (lora.json), and --model {other} holds other weights: the "
+           f"adapters only fit their own base; --model {base}")
+    for merged in (True, False):
+        with pytest.raises(mra.CheckpointError) as e:
+            lora.load(other, str(adapters), merged=merged)
+        assert str(e.value) == way
+    d, _ = env
+    capsys.readouterr()
+    code = generate.main([str(a) for a in ["--model", other, "--lora", adapters, "--image", d / "images" / "0.png",
+                                           "--prompt", "What is this?", "--max-new-tokens", 2]])
+    o, err = capsys.readouterr()
+    assert code == 1 and o == "" and err.splitlines()[-1] == f"error: {way}" and "Traceback" not in err, err
+    lora.load(base, str(adapters))  # their own base: fits
+    assert capsys.readouterr().err == ""
+    recorded = json.loads((adapters / "lora.json").read_text())["base_digest"]
+    assert recorded == lora.base_digest(mra.load_checkpoint(base).state_dict()) and set(recorded) == {"linears", "rest"}
+
+
+def test_qlora_adapters_on_another_base_are_refused(qrun, base, env, tmp_path):
+    """An int8 run's base is int8 in its linear weights: its digest is of the rest (embeddings, norms,
+    towers) alone, which a stage 2 moves too."""
+    out, _ = qrun
+    adapters = str(out / "ckpt" / "lora")
+    with pytest.raises(mra.CheckpointError, match=r"and --model .*other holds other weights: the adapters only fit "
+                                                 r"their own base; --model "):
+        lora.load(fine_tuned(base, env, tmp_path / "other"), adapters)
+    lora.load(base, adapters)
+    assert set(json.loads((out / "ckpt" / "lora" / "lora.json").read_text())["base_digest"]) == {"rest"}
+
+
+def test_the_same_base_in_another_dtype_or_format_fits(run, base, env, tmp_path, capsys):
+    """The digest is of the weights' values, not the files: fp16 or bf16 copies of the base (released checkpoints
+    are fp16, train.py saves fp32), the .bin form, and the base loaded with --dtype, all files weights.fingerprint
+    tells apart, are the base the adapters trained on; even an fp16 copy loaded in bf16 (rounded twice)."""
+    out, _ = run
+    adapters = str(out / "ckpt" / "lora")
+    model = mra.load_checkpoint(base)
+    mra.save_checkpoint(model.half(), tmp_path / "fp16")
+    mra.save_checkpoint(mra.load_checkpoint(base).bfloat16(), tmp_path / "bf16")
+    (tmp_path / "bin").mkdir()  # the released form: pytorch_model.bin, fp16
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    shutil.copy(tmp_path / "fp16" / "mra_config.json", tmp_path / "bin")
+    for name in ("fp16", "bf16", "bin"):
+        assert fingerprint(tmp_path / name) != fingerprint(base)
+        shutil.copy(env[1], tmp_path / name / "tokenizer.model")
+    capsys.readouterr()
+    for copy, dtype in ((base, torch.float16), (base, torch.bfloat16), (tmp_path / "fp16", None),
+                        (tmp_path / "bf16", None), (tmp_path / "bin", None), (tmp_path / "fp16", torch.bfloat16),
+                        (tmp_path / "bf16", torch.float16), (tmp_path / "bin", torch.float32)):
+        lora.load(str(copy), adapters, dtype)
+    d, _ = env
+    code = generate.main([str(a) for a in ["--model", tmp_path / "bin", "--lora", adapters, "--dtype", "bfloat16",
+                                           "--image", d / "images" / "0.png", "--prompt", "What is this?",
+                                           "--max-new-tokens", 2]])
+    o, err = capsys.readouterr()
+    assert code == 0 and o.strip() and "error" not in err and "note" not in err, err
+
+
+def test_adapters_saved_before_the_base_digest_load_with_a_note(run, base, env, tmp_path, capsys):
+    """A lora.json without base_digest (train.py before it) still loads; on a base at another path than the
+    one it names (a copy, or another model) one line says the weights were not checked."""
+    out, _ = run
+    old = tmp_path / "old"
+    shutil.copytree(out / "ckpt" / "lora", old)
+    info = json.loads((old / "lora.json").read_text())
+    info.pop("base_digest", None)
+    (old / "lora.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    lora.load(base, str(old))
+    assert capsys.readouterr().err == ""  # the path it names
+    other = fine_tuned(base, env, tmp_path / "other")
+    note = (f"note: --lora {old} was trained on {base} (lora.json, saved before it recorded a digest of the base's "
+            f"weights: not checked), and --model {other} is another path: unless it holds the same weights, the "
+            f"answers are wrong; --model {base}")
+    lora.load(other, str(old))
+    assert capsys.readouterr().err == note + "\n"
+    d, _ = env
+    code = generate.main([str(a) for a in ["--model", other, "--lora", old, "--image", d / "images" / "0.png",
+                                           "--prompt", "What is this?", "--max-new-tokens", 2]])
+    o, err = capsys.readouterr()
+    assert code == 0 and o.strip() and note in err.splitlines(), err
 
 
 def test_7b_counts_and_memory_on_meta():
