@@ -22,7 +22,10 @@ eval.py, MME's eval_tool/calculation.py). Each prints `name: value` lines in the
 the rounding that tool prints, so the numbers can be compared digit for digit. Where the release
 is fragile (it pairs POPE labels and MME questions by file position, and silently drops extra
 answers) we match by id instead, which gives the same numbers whenever the release's assumptions
-hold, and refuses the input with one line naming the file and line when they do not. One known
+hold, and refuses the input with one line naming the file and line when they do not. An id alone does
+not tie an answer to its question (POPE's ids are MMBench's and SEED's too): each answer's prompt must
+be the question the benchmark's file has under that id, or hold it (see another_question; VQAv2 val's
+annotations hold no question text to compare). One known
 exception: an MME answer holding a tab or a line break is scored here as written, while the
 release's tab-separated files drop it (tab) or break on it (line break), so its figure differs;
 eval.py says how many there are. Missing answers are never scored as if the set were complete:
@@ -125,6 +128,27 @@ def by_key(path, rows, key):
 def unknown(path, n, qid, where):
     return EvalError(f"{path}:{n}: question_id {qid!r} is not in {where}; "
                      f"were these answers generated from another question file?")
+
+
+# An id alone does not tie an answer to its question: POPE's ids 1, 2, ... are MMBench's and SEED's too, so
+# another benchmark's answers would be scored as these. Each answer line carries its prompt, the question file's
+# text as generate.py and LLaVA's model_vqa scripts write it, and each benchmark compares it with its question
+# (but VQAv2 val: its annotations hold none).
+
+def another_question(path, n, a, where, asked, source):
+    """The error for an answer whose prompt is not the question `where` has under its id (`asked`);
+    `source`: the question file these answers should have come from."""
+    short = lambda text: repr(text[:50]) + ("..." if len(text) > 50 else "")
+    return EvalError(f"{path}:{n}: question_id {a['question_id']!r} is {short(asked)} in {where}, but this answer's "
+                     f"prompt is {short(a['prompt'])}; these answers are to another question file: generate them "
+                     f"from {source}")
+
+
+def words(text):
+    """The text's words, one space apart: what is compared where the question file generate.py reads was made
+    from the benchmark's own by LLaVA's conversion (eval.zip's, not in its repository), whose spacing (a stripped
+    end, line breaks) cannot be checked."""
+    return " ".join(text.split())
 
 
 def need(obj, key, path, what, kind=None, each=None):
@@ -308,7 +332,7 @@ def run_textvqa(args):
         key = (a["question_id"], q)
         if key not in anns:
             raise EvalError(f"{args.answers}:{n}: image {a['question_id']!r} with question {q!r} is not in "
-                            f"{args.annotations}")
+                            f"{args.annotations}; were these answers generated from another question file?")
         lines[key].append(n)
         if len(lines[key]) > asked[key]:  # more answers than the annotations ask it: one is a second answer
             raise EvalError(f"{args.answers}:{n}: image {key[0]!r} question {key[1]!r} was already answered on "
@@ -369,13 +393,19 @@ def vqa_submission(args, bench):
     question of the split in the question file's order, its answer EvalAI-normalised. VQAv2's
     question file is all of test2015 and test-dev answers a part of it: the rest go as '' (as
     released). VizWiz needs every answer (the release asserts it)."""
-    questions = read_jsonl(args.questions, "question", ("question_id",) + (("image",) if bench == "vizwiz" else ()))
+    keys = ("question_id", "text") + (("image",) if bench == "vizwiz" else ())
+    questions = read_jsonl(args.questions, "question", keys)
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
-    ids = {q["question_id"] for _, q in questions}
-    for qid, (n, _) in answers.items():
-        if qid not in ids:
+    asked = {q["question_id"]: q["text"] for _, q in questions}
+    # generate.py and model_vqa_loader.py write the question's text as the prompt, exactly; VQAv2's test-dev
+    # file (which is answered) holds the lines of test2015's (which is read here) as they are
+    source = args.questions if bench == "vizwiz" else f"the test-dev part of {args.questions}"
+    for qid, (n, a) in answers.items():
+        if qid not in asked:
             raise unknown(args.answers, n, qid, args.questions)
+        if a["prompt"] != asked[qid]:
+            raise another_question(args.answers, n, a, args.questions, asked[qid], source)
     missing = [q["question_id"] for _, q in questions if q["question_id"] not in answers]
     if bench == "vizwiz" and missing:
         raise EvalError(f"{args.answers}: {len(missing)} of {len(questions)} VizWiz questions have no answer "
@@ -417,9 +447,15 @@ def run_gqa(args):
         need(q, "answer", args.questions, f"question {qid!r}")
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))  # GQA's ids are strings; LLaVA's files too
-    for qid, (n, _) in answers.items():
+    for qid, (n, a) in answers.items():
         if qid not in questions:
             raise unknown(args.answers, n, qid, args.questions)
+        # LLaVA's llava_gqa_testdev_balanced.jsonl, which generate.py answers, asks the question and then
+        # the answer-format line: the prompt's first words must be the question's
+        question = words(need(questions[qid], "question", args.questions, f"question {qid!r}", str))
+        if not (words(a["prompt"]) + " ").startswith(question + " "):
+            raise another_question(args.answers, n, a, args.questions, question,
+                                   "LLaVA's llava_gqa_testdev_balanced.jsonl")
     scores = defaultdict(list)
     balanced = [qid for qid, q in questions.items() if q.get("isBalanced", True)]
     for qid in balanced:  # the questions file's order, as eval.py iterates
@@ -463,13 +499,15 @@ def pope_metrics(pairs):
 
 
 def run_pope(args):
-    questions = read_jsonl(args.questions, "question", ("question_id", "category"))
+    questions = read_jsonl(args.questions, "question", ("question_id", "text", "category"))
     qs = by_key(args.questions, questions, lambda q: q["question_id"])
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
-    for qid, (n, _) in answers.items():
+    for qid, (n, a) in answers.items():
         if qid not in qs:
             raise unknown(args.answers, n, qid, args.questions)
+        if a["prompt"] != qs[qid][1]["text"]:  # the question's text, exactly (generate.py, model_vqa_loader.py)
+            raise another_question(args.answers, n, a, args.questions, qs[qid][1]["text"], args.questions)
     try:
         files = sorted(f for f in os.listdir(args.annotation_dir) if f.startswith("coco_pope_") and f.endswith(".json"))
     except OSError as e:
@@ -618,7 +656,7 @@ def run_mme(args):
         key = mme_key(qid, prompt, gt)
         if key not in gt:
             raise EvalError(f"{args.answers}:{n}: no MME ground truth for {key[0]}/{key[1]} question {key[2]!r} "
-                            f"in {args.mme_dir}")
+                            f"in {args.mme_dir}; were these answers generated from another question file?")
         if key in seen:
             raise EvalError(f"{args.answers}:{n}: a second answer to {key[0]}/{key[1]} question {key[2]!r}")
         seen.add(key)
@@ -697,9 +735,16 @@ def run_scienceqa(args):
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))
     in_split = set(split)
-    for qid, (n, _) in answers.items():
+    for qid, (n, a) in answers.items():
         if qid not in in_split:
             raise unknown(args.answers, n, qid, f"the {args.split} split of {args.base_dir}")
+        # the prompt (model_vqa_science.py's: '<image>' and the letter instruction around llava_test_CQM-A.json's
+        # text, as scienceqa-questions writes it too) holds the problem's question after its 'Context: ' hint
+        # and before its options, whose layout is LLaVA's own conversion: the question alone is compared
+        question = words(need(problems[qid], "question", problems_path, f"problem {qid!r}", str))
+        if f" {question} " not in f" {words(a['prompt'])} ":
+            raise another_question(args.answers, n, a, problems_path, question,
+                                   "the file eval.py scienceqa-questions makes of llava_test_CQM-A.json")
     correct = total = img_correct = img_total = 0
     for pid in split:  # every problem of the split counts; an unanswered one is wrong
         prob = problems[pid]
@@ -769,10 +814,14 @@ def run_seed(args):
             need(q, "answer", args.annotations, f"question {qid!r}", str)
             image.append(q)
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS), lambda a: str(a["question_id"]))
-    known = {str(q["question_id"]) for q in questions}
-    for qid, (n, _) in answers.items():
-        if qid not in known:
+    by_id = {str(q["question_id"]): q for q in questions}
+    for qid, (n, a) in answers.items():
+        if qid not in by_id:
             raise unknown(args.answers, n, qid, args.annotations)
+        # LLaVA's llava-seed-bench.jsonl asks the question, then its options and the letter instruction
+        question = words(need(by_id[qid], "question", args.annotations, f"question {qid!r}", str))
+        if not (words(a["prompt"]) + " ").startswith(question + " "):
+            raise another_question(args.answers, n, a, args.annotations, question, "LLaVA's llava-seed-bench.jsonl")
     count, correct, answered = defaultdict(int), defaultdict(int), 0
     for q in image:
         a = answers.get(str(q["question_id"]))
@@ -989,7 +1038,7 @@ def write_xlsx(path, rows):
     write_new(path, write, "wb")
 
 
-def mmb_round(path, n, a, row, seen):
+def mmb_round(args, n, a, row, seen):
     """The round (option rotation) an answer's prompt is, or one line saying it is none of them. The
     prompt may carry a --single-pred-prompt instruction (generate.py's prompts) or not (the release's)."""
     prompt = a["prompt"]
@@ -998,8 +1047,8 @@ def mmb_round(path, n, a, row, seen):
     rounds = [rnd for rnd in range(max(1, len(mmb_options(row)))) if prompt == mmb_question(row, rnd)]
     if rounds:  # options alike make rotations alike: the first not yet answered
         return next((rnd for rnd in rounds if (row["index"], rnd) not in seen), rounds[0])
-    raise EvalError(f"{path}:{n}: the prompt of question {a['question_id']!r} is none that model_vqa_mmbench asks "
-                    f"for that index; were these answers generated from another question file?")
+    raise another_question(args.answers, n, a, args.questions, mmb_question(row),
+                           f"the file eval.py mmbench-questions makes of {args.questions}")
 
 
 def run_mmbench(args):
@@ -1026,7 +1075,7 @@ def run_mmbench(args):
         index = known.get(str(a["question_id"]))
         if index is None:
             raise unknown(args.answers, n, a["question_id"], args.questions)
-        rnd = mmb_round(args.answers, n, a, by_index[index], seen)
+        rnd = mmb_round(args, n, a, by_index[index], seen)
         if (index, rnd) in seen:
             raise EvalError(f"{args.answers}:{n}: question {a['question_id']!r} (round {rnd}) was already answered "
                             f"on line {seen[index, rnd]}; keep one answer per question")

@@ -605,9 +605,9 @@ SQA = [
 
 
 def write_sqa(d, image_in_prompt=True):
-    problems = {pid: dict(choices=[f"c{i}" for i in range(n)], answer=a, image="image.png" if img else None)
-                for pid, n, a, img, _ in SQA}
-    problems["99"] = dict(choices=["x", "y"], answer=0, image=None)  # another split
+    problems = {pid: dict(question="Question?", choices=[f"c{i}" for i in range(n)], answer=a,
+                          image="image.png" if img else None) for pid, n, a, img, _ in SQA}
+    problems["99"] = dict(question="Question?", choices=["x", "y"], answer=0, image=None)  # another split
     with open(os.path.join(d, "problems.json"), "w") as f:
         json.dump(problems, f)
     with open(os.path.join(d, "pid_splits.json"), "w") as f:
@@ -944,6 +944,39 @@ def test_answer_to_an_unknown_question(tmp_path, capsys, bench):
     rewrite_answers(argv[2], lambda ls: ls + [json.dumps(stranger)])
     n = len(open(argv[2]).read().splitlines())
     fails(capsys, argv, f"answers.jsonl:{n}:")
+
+
+# another benchmark's question under an id this one has too (POPE's 1, 2, ... are MMBench's and SEED's)
+OTHER = "What colour is the big circle?\nA. red\nB. blue\n" + ev.SQA_SUFFIX
+
+
+@pytest.mark.parametrize("bench, source", [
+    ("pope", "llava_pope_test.jsonl"), ("vizwiz", "llava_test.jsonl"),
+    ("vqav2-test", "the test-dev part of"), ("gqa", "llava_gqa_testdev_balanced.jsonl"),
+    ("seed", "llava-seed-bench.jsonl"), ("scienceqa", "eval.py scienceqa-questions makes of llava_test_CQM-A.json")])
+def test_an_answer_to_another_question_under_a_known_id_is_refused(tmp_path, capsys, bench, source):
+    # matched by id alone, these were scored: an audit had mean_f1 66.7 from POPE for answers to MMBench's questions
+    writers = dict(pope=write_pope, vizwiz=write_vizwiz, gqa=write_gqa, seed=write_seed, scienceqa=write_sqa)
+    writers["vqav2-test"] = write_vqav2_test
+    argv = writers[bench](tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:1] + [json.dumps(dict(json.loads(ls[1]), prompt=OTHER))] + ls[2:])
+    qid = json.loads(open(argv[2]).read().splitlines()[1])["question_id"]
+    fails(capsys, argv, f"answers.jsonl:2: question_id {qid!r} is ", "but this answer's prompt is 'What colour is the "
+          "big circle?\\nA. red\\nB. blue\\nAnsw'...; these answers are to another question file: generate them from",
+          source)
+    assert not (tmp_path / "upload.json").exists()
+
+
+@pytest.mark.parametrize("prompt", [
+    "<image>\nContext: a hint\nover two lines\nQuestion?\nA. x\nB. y",  # model_vqa_science.py's, its hint first
+    "Context: a hint\nQuestion?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."])
+def test_scienceqa_finds_the_question_after_its_hint(tmp_path, capsys, prompt):
+    argv = write_sqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), prompt=prompt))] + ls[1:])
+    assert run(capsys, *argv)[0] == 0
+    other = prompt.replace("Question?", "Q?")
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), prompt=other))] + ls[1:])
+    fails(capsys, argv, "answers.jsonl:1: question_id '1' is 'Question?' in ", "problems.json, but this answer's")
 
 
 def test_two_answers_to_one_question(tmp_path, capsys):
@@ -1300,7 +1333,7 @@ def test_mmbench_bad_input_is_one_line(tmp_path, capsys, where):
         answers[1]["prompt"] = answers[1]["prompt"].replace("A. park", "A. beach")
         write_jsonl(tmp_path / "answers.jsonl", answers)
         fails(capsys, ["mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src, "--submission",
-                       tmp_path / "up.xlsx"], "answers.jsonl:2:", "question 11", "another question file")
+                       tmp_path / "up.xlsx"], "answers.jsonl:2:", "question_id 11", "another question file")
         assert not (tmp_path / "up.xlsx").exists()
         return
     argv = ["mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img"]
