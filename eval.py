@@ -31,6 +31,13 @@ release's tab-separated files drop it (tab) or break on it (line break), so its 
 eval.py says how many there are. Missing answers are never scored as if the set were complete:
 every run prints `missing:`.
 """
+import failures
+
+# the command's first act: SIGTERM unwinds as Ctrl-C does, and either is one line from here on (main says what
+# was written). The tests import eval.py: their process keeps its own handling.
+if __name__ == "__main__":
+    failures.catch_signals(False, "interrupted: nothing was written")
+
 import base64
 import binascii
 import csv
@@ -41,8 +48,6 @@ import sys
 import zipfile
 from collections import defaultdict
 from xml.sax.saxutils import escape
-
-import failures
 
 
 class EvalError(ValueError):
@@ -176,9 +181,14 @@ def need(obj, key, path, what, kind=None, each=None):
     return value
 
 
+outputs = []  # the paths write_new was given in this run (see interrupted)
+
+
 def write_new(path, write, mode="w"):
     """Write a file whole or not at all: into a new file of this process's beside it (path.PID.tmp, made
-    with "x", so never a file of the user's), renamed over path once written."""
+    with "x", so never a file of the user's), renamed over path once written. `path` does not exist: each
+    caller has checked, with its own message."""
+    outputs.append(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         f = open(tmp, mode.replace("w", "x"))
@@ -1165,16 +1175,33 @@ def parse_args(argv):
     return args
 
 
+def interrupted(args):
+    """Ctrl-C's line: what this run has written. write_new puts each file in place whole, by a rename, and
+    is given only paths that did not exist: one there now is this run's, and complete."""
+    done = [path for path in outputs if os.path.exists(path)]
+    out = getattr(args, "submission", None) or getattr(args, "dst", None)
+    if out in done:  # the last file written: it stopped as it was saying so
+        return f"interrupted: {out} was written, whole" + (" (and its images)" if len(done) > 1 else "")
+    if done:  # mmbench-questions writes the images first, and a rerun keeps those already there
+        return (f"interrupted: {args.dst} was not written; the {len(done)} images written into {args.image_folder} "
+                f"are whole and kept: the same command again writes the rest")
+    return "interrupted: nothing was written"
+
+
 def main(argv=None):
-    args = parse_args(argv)
     run = {"textvqa": run_textvqa, "vqav2": run_vqav2, "vizwiz": run_vizwiz, "gqa": run_gqa, "pope": run_pope,
            "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions,
            "seed": run_seed, "mmbench": run_mmbench, "mmbench-questions": run_mmbench_questions}
+    outputs.clear()  # (the tests run main more than once in one process)
+    args = None
     try:
+        args = parse_args(argv)
         run[args.bench](args)
     except (EvalError, OSError) as e:  # OSError: a file problem no check above foresaw, still one line
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (failures.catch_signals); 130 or 143, as a shell expects
+        return failures.say_interrupted(type(e), interrupted(args))
     return 0
 
 

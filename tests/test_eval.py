@@ -1048,6 +1048,42 @@ def test_cli_exits_with_one_line(tmp_path):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and f"answers.jsonl:{len(GQA) + 1}:" in r.stderr
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Ctrl-C (SIGINT) or SIGTERM (scancel, docker stop, timeout): one line, and the status a shell expects, 128 + signal
+STOPS = [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
+
+
+def eval_where(where, n, then, argv):
+    """eval.py in a process of its own, as a user runs it, where the n-th call of `where` (module.attribute)
+    first runs the statement `then` (os and signal imported)."""
+    import subprocess
+    import sys
+    code = (f"import os, runpy, signal, sys, {where.split('.')[0]}\n"
+            f"f, calls = {where}, []\n"
+            "def at_n(*a, **kw):\n"
+            "    calls.append(1)\n"
+            f"    if len(calls) == {n}:\n"
+            f"        {then}\n"
+            "    return f(*a, **kw)\n"
+            f"{where} = at_n\n"
+            f"sys.argv = ['eval.py', *sys.argv[1:]]\n"
+            f"runpy.run_path('eval.py', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
+def test_ctrl_c_or_sigterm_is_one_line(tmp_path, sig, status, said):
+    # while the answers are parsed (minutes, on a large set): a KeyboardInterrupt traceback it was, and SIGTERM
+    # ended it without a word
+    argv = write_pope(tmp_path)
+    r = eval_where("json.loads", 20, f"os.kill(os.getpid(), signal.{sig})", argv)
+    assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{said}: nothing was written\n")
+    # and at once, as the flags are read
+    r = eval_where("argparse.ArgumentParser.parse_args", 1, f"os.kill(os.getpid(), signal.{sig})", argv)
+    assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{said}: nothing was written\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], ": error: the following arguments are required: bench (see --help)"),
     (["gqa", "--answers", "a.jsonl"], " gqa: error: the following arguments are required: --questions (see --help)"),
