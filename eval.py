@@ -190,20 +190,22 @@ def write_new(path, write, mode="w"):
     caller has checked, with its own message."""
     outputs.append(path)
     tmp = f"{path}.{os.getpid()}.tmp"
+    if os.path.lexists(tmp):  # not this run's: neither written over nor removed
+        raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again")
     try:
-        f = open(tmp, mode.replace("w", "x"))
-    except FileExistsError:
-        raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again") from None
-    except OSError as e:
-        raise EvalError(f"{path}: cannot write it ({e.strerror}); does its folder exist?") from None
-    try:
-        with f:
+        with open(tmp, mode.replace("w", "x")) as f:  # "x": nor over one made since
             write(f)
         os.replace(tmp, path)
-    except BaseException as e:  # nothing left behind, whatever stopped it
-        os.remove(tmp)
+    except BaseException as e:
+        # nothing partial is left, whatever stopped it: a Ctrl-C or SIGTERM may land inside open(), once the file
+        # is made but before `f` is, so it goes by its name (it was not there before; FileExistsError: it was)
+        if not isinstance(e, FileExistsError) and os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, FileExistsError):
+            raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again") from None
         if isinstance(e, OSError):
-            raise EvalError(f"{path}: cannot write it ({e.strerror})") from None
+            folder = "; does its folder exist?" if isinstance(e, FileNotFoundError) else ""
+            raise EvalError(f"{path}: cannot write it ({e.strerror}){folder}") from None
         raise
 
 
@@ -1183,8 +1185,8 @@ def interrupted(args):
     if out in done:  # the last file written: it stopped as it was saying so
         return f"interrupted: {out} was written, whole" + (" (and its images)" if len(done) > 1 else "")
     if done:  # mmbench-questions writes the images first, and a rerun keeps those already there
-        return (f"interrupted: {args.dst} was not written; the {len(done)} images written into {args.image_folder} "
-                f"are whole and kept: the same command again writes the rest")
+        return (f"interrupted: {args.dst} was not written; the images written into {args.image_folder} "
+                f"({len(done)}) are whole and kept: the same command again writes the rest")
     return "interrupted: nothing was written"
 
 

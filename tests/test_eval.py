@@ -1084,6 +1084,31 @@ def test_ctrl_c_or_sigterm_is_one_line(tmp_path, sig, status, said):
     assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{said}: nothing was written\n")
 
 
+@pytest.mark.parametrize("sig, status, said", STOPS)
+def test_a_stop_while_an_output_is_written_leaves_nothing_partial(tmp_path, capsys, sig, status, said):
+    # mmbench-questions: a signal inside open() of the second image's .tmp (the file made, `f` not yet): Ctrl-C
+    # left it, 0 bytes, as open() was outside the try; SIGTERM left every .tmp in the making
+    src, img, dst = write_mmbench(tmp_path), tmp_path / "img", tmp_path / "mmb.jsonl"
+    argv = ["mmbench-questions", src, dst, "--image-folder", img]
+    r = eval_where("builtins.open", 3, f"f(*a, **kw); os.kill(os.getpid(), signal.{sig})", argv)
+    assert os.listdir(img) == ["10.png"] and not dst.exists()
+    assert (r.returncode, r.stderr) == (status, f"{said}: {dst} was not written; the images written into {img} (1) "
+                                                f"are whole and kept: the same command again writes the rest\n")
+    rc, out, err = run(capsys, *argv)  # the rerun writes the rest
+    assert rc == 0 and out["images_written"] == "2", err
+    assert sorted(os.listdir(img)) == ["10.png", "11.jpg", "12.png"] and dst.exists()
+    # an upload, stopped as it is written: neither it nor its .tmp is left
+    argv = write_vqav2_test(tmp_path)
+    r = eval_where("json.dump", 1, f"os.kill(os.getpid(), signal.{sig})", argv)
+    assert (r.returncode, r.stderr) == (status, f"{said}: nothing was written\n")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("upload.json")]
+    # stopped once it is in place (as its path is printed): said so
+    r = eval_where("builtins.print", 3, f"os.kill(os.getpid(), signal.{sig})", argv)  # (after 2 lines, 1 warning)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (status, f"{said}: {tmp_path / 'upload.json'} was written, "
+                                                                 f"whole")
+    assert json.load(open(tmp_path / "upload.json")) == VQAV2_UPLOAD
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], ": error: the following arguments are required: bench (see --help)"),
     (["gqa", "--answers", "a.jsonl"], " gqa: error: the following arguments are required: --questions (see --help)"),
