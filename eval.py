@@ -44,6 +44,7 @@ import csv
 import json
 import os
 import re
+import stat
 import sys
 import zipfile
 from collections import defaultdict
@@ -179,6 +180,23 @@ def need(obj, key, path, what, kind=None, each=None):
                 raise EvalError(f"{path}: {key!r} of {what} must be a list of {names(each)}, but item {i} is "
                                 f"{v!r:.40}; is this the right file?")
     return value
+
+
+def new_output(path, flag, inputs):
+    """Refuse an output path that is not a new file: one of the inputs ({flag: path}), what is no regular file
+    (write_new would rename its file over a device or a link to one), or a file that exists (never written over).
+    flag: how the user named it ('--submission', 'the output')."""
+    for name, given in inputs.items():
+        if os.path.exists(path) and os.path.exists(given) and os.path.samefile(path, given):
+            raise EvalError(f"{flag} {path} is the {name} file itself; name a new file for it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        mode = os.stat(path).st_mode
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a pipe or a socket")
+        raise EvalError(f"{flag} {path} is {kind}, not a file; name a new file for it")
+    if os.path.lexists(path):
+        raise EvalError(f"{path} exists; choose another {flag} path (eval.py writes over no file: remove it only "
+                        f"if it is an old output of yours)")
 
 
 outputs = []  # the paths write_new was given in this run (see interrupted)
@@ -405,6 +423,7 @@ def vqa_submission(args, bench):
     question of the split in the question file's order, its answer EvalAI-normalised. VQAv2's
     question file is all of test2015 and test-dev answers a part of it: the rest go as '' (as
     released). VizWiz needs every answer (the release asserts it)."""
+    new_output(args.submission, "--submission", {"--answers": args.answers, "--questions": args.questions})
     keys = ("question_id", "text") + (("image",) if bench == "vizwiz" else ())
     questions = read_jsonl(args.questions, "question", keys)
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
@@ -422,8 +441,6 @@ def vqa_submission(args, bench):
     if bench == "vizwiz" and missing:
         raise EvalError(f"{args.answers}: {len(missing)} of {len(questions)} VizWiz questions have no answer "
                         f"(first: {missing[0]!r}); the server needs all of them: finish the run first")
-    if os.path.exists(args.submission):
-        raise EvalError(f"{args.submission} exists; remove it or choose another --submission path")
     out = []
     for _, q in questions:
         text = normalize_answer(answers[q["question_id"]][1]["text"]) if q["question_id"] in answers else ""
@@ -781,8 +798,7 @@ def run_scienceqa_questions(args):
     """llava_test_CQM-A.json -> the question jsonl generate.py reads, with the prompt
     model_vqa_science.py builds under --single-pred-prompt (generate.py adds the <image> line)."""
     items = read_json(args.src, "ScienceQA questions")
-    if os.path.exists(args.dst):
-        raise EvalError(f"{args.dst} exists; remove it or choose another output path")
+    new_output(args.dst, "output", {"source": args.src})
     if not isinstance(items, list):
         raise EvalError(f"{args.src}: a list of questions (llava_test_CQM-A.json) is expected, not a "
                         f"{type(items).__name__}")
@@ -955,8 +971,7 @@ def run_mmbench_questions(args):
     the options, then (--single-pred-prompt, as LLaVA-1.5's scripts/v1_5/eval/mmbench.sh runs it)
     the letter instruction. question_id is the TSV's index, as in the release's answers; with
     --all-rounds each option rotation is one more line with that id, told apart by its text."""
-    if os.path.exists(args.dst):
-        raise EvalError(f"{args.dst} exists; remove it or choose another output path")
+    new_output(args.dst, "output", {"source": args.src})
     _, rows = read_mmbench(args.src, ["index", "question", "hint", "image"] + MMB_OPTIONS)
     try:
         os.makedirs(args.image_folder, exist_ok=True)
@@ -1078,8 +1093,8 @@ def run_mmbench(args):
     if not args.submission and "answer" not in header:
         raise EvalError(f"{args.questions}: no 'answer' column (a test split?): nothing to score here; give "
                         f"--submission to write the upload file for the MMBench server")
-    if args.submission and os.path.exists(args.submission):
-        raise EvalError(f"{args.submission} exists; remove it or choose another --submission path")
+    if args.submission:
+        new_output(args.submission, "--submission", {"--answers": args.answers, "--questions": args.questions})
     by_index = {row["index"]: row for _, row in rows}
     known = {str(i): i for i in by_index}
     preds, seen, other_rounds = {}, {}, 0

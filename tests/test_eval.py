@@ -1025,8 +1025,41 @@ def test_pope_labels_must_follow_the_questions(tmp_path, capsys):
 def test_submission_never_overwrites(tmp_path, capsys):
     argv = write_vqav2_test(tmp_path)
     (tmp_path / "upload.json").write_text("my earlier upload")
-    fails(capsys, argv, "upload.json exists")
+    fails(capsys, argv, "upload.json exists; choose another --submission path (eval.py writes over no file: remove "
+                        "it only if it is an old output of yours)")
     assert (tmp_path / "upload.json").read_text() == "my earlier upload"
+
+
+@pytest.mark.parametrize("bench, where, said", [
+    ("vizwiz", "--answers", "is the --answers file itself; name a new file for it"),
+    ("vizwiz", "--questions", "is the --questions file itself; name a new file for it"),
+    ("vizwiz", "/dev/full", "is a device, not a file; name a new file for it"),
+    ("vizwiz", "folder", "is a folder, not a file; name a new file for it"),
+    ("mmbench", "--answers", "is the --answers file itself; name a new file for it"),
+    ("mmbench-questions", "src", "is the source file itself; name a new file for it"),
+    ("scienceqa-questions", "src", "is the source file itself; name a new file for it")])
+def test_an_output_that_is_no_new_file_is_refused_as_such(tmp_path, capsys, bench, where, said):
+    # was "<the answers file> exists; remove it or choose another --submission path": deleting the answers it
+    # would score, it suggested; /dev/full too was "remove it"
+    if bench == "vizwiz":
+        argv = write_vizwiz(tmp_path)
+    elif bench == "mmbench":
+        write_jsonl(tmp_path / "answers.jsonl", mmbench_answers(mmbench_rows()[0], {(10, 0): "A"}))
+        argv = ["mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", write_mmbench(tmp_path),
+                "--submission", tmp_path / "up.xlsx"]
+    elif bench == "mmbench-questions":
+        argv = [bench, write_mmbench(tmp_path), "dst", "--image-folder", tmp_path / "img"]
+    else:
+        (tmp_path / "q.json").write_text("[]")
+        argv = [bench, tmp_path / "q.json", "dst"]
+    out = argv.index("--submission") + 1 if "--submission" in argv else 2
+    argv[out] = argv[argv.index(where) + 1] if where.startswith("--") else argv[1] if where == "src" else where
+    if where == "folder":
+        argv[out] = tmp_path
+    before = {f: open(f, "rb").read() for f in map(str, argv) if os.path.isfile(f)}
+    flag = "output" if out == 2 else "--submission"
+    fails(capsys, argv, f"error: {flag} {argv[out]} {said}")
+    assert before == {f: open(f, "rb").read() for f in before} and not os.path.exists(tmp_path / "img")
 
 
 def test_vizwiz_needs_every_answer(tmp_path, capsys):
