@@ -136,14 +136,11 @@ def unknown(path, n, qid, where):
                      f"were these answers generated from another question file?")
 
 
-# An id alone does not tie an answer to its question: POPE's ids 1, 2, ... are MMBench's and SEED's too, so
-# another benchmark's answers would be scored as these. Each answer line carries its prompt, the question file's
-# text as generate.py and LLaVA's model_vqa scripts write it, and each benchmark compares it with its question
-# (but VQAv2 val: its annotations hold none).
-
 def another_question(path, n, a, where, asked, source):
-    """The error for an answer whose prompt is not the question `where` has under its id (`asked`);
-    `source`: the question file these answers should have come from."""
+    """The error for an answer whose prompt is not the question `where` has under its id (`asked`); `source`:
+    the question file these answers should have come from. An id alone does not tie an answer to its question
+    (POPE's 1, 2, ... are MMBench's and SEED's too: another benchmark's answers would be scored as these); its
+    prompt does, the question file's text as generate.py and LLaVA's model_vqa scripts write it."""
     short = lambda text: repr(text[:50]) + ("..." if len(text) > 50 else "")
     return EvalError(f"{path}:{n}: question_id {a['question_id']!r} is {short(asked)} in {where}, but this answer's "
                      f"prompt is {short(a['prompt'])}; these answers are to another question file: generate them "
@@ -184,8 +181,8 @@ def need(obj, key, path, what, kind=None, each=None):
 
 def new_output(path, flag, inputs):
     """Refuse an output path that is not a new file: one of the inputs ({flag: path}), what is no regular file
-    (write_new would rename its file over a device or a link to one), or a file that exists (never written over).
-    flag: how the user named it ('--submission', 'the output')."""
+    (a device, a folder: write_new would rename its file over it), or a file that exists (never written over).
+    flag: how the user named it ('--submission', 'output')."""
     for name, given in inputs.items():
         if os.path.exists(path) and os.path.exists(given) and os.path.samefile(path, given):
             raise EvalError(f"{flag} {path} is the {name} file itself; name a new file for it")
@@ -767,9 +764,10 @@ def run_scienceqa(args):
     for qid, (n, a) in answers.items():
         if qid not in in_split:
             raise unknown(args.answers, n, qid, f"the {args.split} split of {args.base_dir}")
-        # the prompt (model_vqa_science.py's: '<image>' and the letter instruction around llava_test_CQM-A.json's
-        # text, as scienceqa-questions writes it too) holds the problem's question after its 'Context: ' hint
-        # and before its options, whose layout is LLaVA's own conversion: the question alone is compared
+        # the prompt, llava_test_CQM-A.json's text (model_vqa_science.py puts an '<image>' line before it and
+        # the letter instruction after; scienceqa-questions the instruction only), holds the problem's question
+        # after its 'Context: ' hint and before its options, whose layout is LLaVA's own conversion: the
+        # question alone is compared
         question = words(need(problems[qid], "question", problems_path, f"problem {qid!r}", str))
         if f" {question} " not in f" {words(a['prompt'])} ":
             raise another_question(args.answers, n, a, problems_path, question,
