@@ -22,24 +22,33 @@ eval.py, MME's eval_tool/calculation.py). Each prints `name: value` lines in the
 the rounding that tool prints, so the numbers can be compared digit for digit. Where the release
 is fragile (it pairs POPE labels and MME questions by file position, and silently drops extra
 answers) we match by id instead, which gives the same numbers whenever the release's assumptions
-hold, and refuses the input with one line naming the file and line when they do not. One known
+hold, and refuses the input with one line naming the file and line when they do not. An id alone does
+not tie an answer to its question (POPE's ids are MMBench's and SEED's too): each answer's prompt must
+be the question the benchmark's file has under that id, or hold it (see another_question; VQAv2 val's
+annotations hold no question text to compare). One known
 exception: an MME answer holding a tab or a line break is scored here as written, while the
 release's tab-separated files drop it (tab) or break on it (line break), so its figure differs;
 eval.py says how many there are. Missing answers are never scored as if the set were complete:
 every run prints `missing:`.
 """
+import failures
+
+# the command's first act: SIGTERM unwinds as Ctrl-C does, and either is one line from here on (main says what
+# was written). The tests import eval.py: their process keeps its own handling.
+if __name__ == "__main__":
+    failures.catch_signals(False, "interrupted: nothing was written")
+
 import base64
 import binascii
 import csv
 import json
 import os
 import re
+import stat
 import sys
 import zipfile
 from collections import defaultdict
 from xml.sax.saxutils import escape
-
-import failures
 
 
 class EvalError(ValueError):
@@ -127,6 +136,24 @@ def unknown(path, n, qid, where):
                      f"were these answers generated from another question file?")
 
 
+def another_question(path, n, a, where, asked, source):
+    """The error for an answer whose prompt is not the question `where` has under its id (`asked`); `source`:
+    the question file these answers should have come from. An id alone does not tie an answer to its question
+    (POPE's 1, 2, ... are MMBench's and SEED's too: another benchmark's answers would be scored as these); its
+    prompt does, the question file's text as generate.py and LLaVA's model_vqa scripts write it."""
+    short = lambda text: repr(text[:50]) + ("..." if len(text) > 50 else "")
+    return EvalError(f"{path}:{n}: question_id {a['question_id']!r} is {short(asked)} in {where}, but this answer's "
+                     f"prompt is {short(a['prompt'])}; these answers are to another question file: generate them "
+                     f"from {source}")
+
+
+def words(text):
+    """The text's words, one space apart: what is compared where the question file generate.py reads was made
+    from the benchmark's own by LLaVA's conversion (eval.zip's, not in its repository), whose spacing (a stripped
+    end, line breaks) cannot be checked."""
+    return " ".join(text.split())
+
+
 def need(obj, key, path, what, kind=None, each=None):
     """obj[key] (an instance of kind, a type or a tuple of them, if given; a list of instances of each,
     if that is given), or one line saying the file does not have the expected layout."""
@@ -152,24 +179,48 @@ def need(obj, key, path, what, kind=None, each=None):
     return value
 
 
+def new_output(path, flag, inputs):
+    """Refuse an output path that is not a new file: one of the inputs ({flag: path}), what is no regular file
+    (a device, a folder: write_new would rename its file over it), or a file that exists (never written over).
+    flag: how the user named it ('--submission', 'output')."""
+    for name, given in inputs.items():
+        if os.path.exists(path) and os.path.exists(given) and os.path.samefile(path, given):
+            raise EvalError(f"{flag} {path} is the {name} file itself; name a new file for it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        mode = os.stat(path).st_mode
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a pipe or a socket")
+        raise EvalError(f"{flag} {path} is {kind}, not a file; name a new file for it")
+    if os.path.lexists(path):
+        raise EvalError(f"{path} exists; choose another {flag} path (eval.py writes over no file: remove it only "
+                        f"if it is an old output of yours)")
+
+
+outputs = []  # the paths write_new was given in this run (see interrupted)
+
+
 def write_new(path, write, mode="w"):
     """Write a file whole or not at all: into a new file of this process's beside it (path.PID.tmp, made
-    with "x", so never a file of the user's), renamed over path once written."""
+    with "x", so never a file of the user's), renamed over path once written. `path` does not exist: each
+    caller has checked, with its own message."""
+    outputs.append(path)
     tmp = f"{path}.{os.getpid()}.tmp"
+    if os.path.lexists(tmp):  # not this run's: neither written over nor removed
+        raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again")
     try:
-        f = open(tmp, mode.replace("w", "x"))
-    except FileExistsError:
-        raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again") from None
-    except OSError as e:
-        raise EvalError(f"{path}: cannot write it ({e.strerror}); does its folder exist?") from None
-    try:
-        with f:
+        with open(tmp, mode.replace("w", "x")) as f:  # "x": nor over one made since
             write(f)
         os.replace(tmp, path)
-    except BaseException as e:  # nothing left behind, whatever stopped it
-        os.remove(tmp)
+    except BaseException as e:
+        # nothing partial is left, whatever stopped it: a Ctrl-C or SIGTERM may land inside open(), once the file
+        # is made but before `f` is, so it goes by its name (it was not there before; FileExistsError: it was)
+        if not isinstance(e, FileExistsError) and os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, FileExistsError):
+            raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again") from None
         if isinstance(e, OSError):
-            raise EvalError(f"{path}: cannot write it ({e.strerror})") from None
+            folder = "; does its folder exist?" if isinstance(e, FileNotFoundError) else ""
+            raise EvalError(f"{path}: cannot write it ({e.strerror}){folder}") from None
         raise
 
 
@@ -308,7 +359,7 @@ def run_textvqa(args):
         key = (a["question_id"], q)
         if key not in anns:
             raise EvalError(f"{args.answers}:{n}: image {a['question_id']!r} with question {q!r} is not in "
-                            f"{args.annotations}")
+                            f"{args.annotations}; were these answers generated from another question file?")
         lines[key].append(n)
         if len(lines[key]) > asked[key]:  # more answers than the annotations ask it: one is a second answer
             raise EvalError(f"{args.answers}:{n}: image {key[0]!r} question {key[1]!r} was already answered on "
@@ -369,19 +420,24 @@ def vqa_submission(args, bench):
     question of the split in the question file's order, its answer EvalAI-normalised. VQAv2's
     question file is all of test2015 and test-dev answers a part of it: the rest go as '' (as
     released). VizWiz needs every answer (the release asserts it)."""
-    questions = read_jsonl(args.questions, "question", ("question_id",) + (("image",) if bench == "vizwiz" else ()))
+    new_output(args.submission, "--submission", {"--answers": args.answers, "--questions": args.questions})
+    keys = ("question_id", "text") + (("image",) if bench == "vizwiz" else ())
+    questions = read_jsonl(args.questions, "question", keys)
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
-    ids = {q["question_id"] for _, q in questions}
-    for qid, (n, _) in answers.items():
-        if qid not in ids:
+    asked = {q["question_id"]: q["text"] for _, q in questions}
+    # generate.py and model_vqa_loader.py write the question's text as the prompt, exactly; VQAv2's test-dev
+    # file (which is answered) holds the lines of test2015's (which is read here) as they are
+    source = args.questions if bench == "vizwiz" else f"the test-dev part of {args.questions}"
+    for qid, (n, a) in answers.items():
+        if qid not in asked:
             raise unknown(args.answers, n, qid, args.questions)
+        if a["prompt"] != asked[qid]:
+            raise another_question(args.answers, n, a, args.questions, asked[qid], source)
     missing = [q["question_id"] for _, q in questions if q["question_id"] not in answers]
     if bench == "vizwiz" and missing:
         raise EvalError(f"{args.answers}: {len(missing)} of {len(questions)} VizWiz questions have no answer "
                         f"(first: {missing[0]!r}); the server needs all of them: finish the run first")
-    if os.path.exists(args.submission):
-        raise EvalError(f"{args.submission} exists; remove it or choose another --submission path")
     out = []
     for _, q in questions:
         text = normalize_answer(answers[q["question_id"]][1]["text"]) if q["question_id"] in answers else ""
@@ -417,9 +473,15 @@ def run_gqa(args):
         need(q, "answer", args.questions, f"question {qid!r}")
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))  # GQA's ids are strings; LLaVA's files too
-    for qid, (n, _) in answers.items():
+    for qid, (n, a) in answers.items():
         if qid not in questions:
             raise unknown(args.answers, n, qid, args.questions)
+        # LLaVA's llava_gqa_testdev_balanced.jsonl, which generate.py answers, asks the question and then
+        # the answer-format line: the prompt's first words must be the question's
+        question = words(need(questions[qid], "question", args.questions, f"question {qid!r}", str))
+        if not (words(a["prompt"]) + " ").startswith(question + " "):
+            raise another_question(args.answers, n, a, args.questions, question,
+                                   "LLaVA's llava_gqa_testdev_balanced.jsonl")
     scores = defaultdict(list)
     balanced = [qid for qid, q in questions.items() if q.get("isBalanced", True)]
     for qid in balanced:  # the questions file's order, as eval.py iterates
@@ -463,13 +525,15 @@ def pope_metrics(pairs):
 
 
 def run_pope(args):
-    questions = read_jsonl(args.questions, "question", ("question_id", "category"))
+    questions = read_jsonl(args.questions, "question", ("question_id", "text", "category"))
     qs = by_key(args.questions, questions, lambda q: q["question_id"])
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
-    for qid, (n, _) in answers.items():
+    for qid, (n, a) in answers.items():
         if qid not in qs:
             raise unknown(args.answers, n, qid, args.questions)
+        if a["prompt"] != qs[qid][1]["text"]:  # the question's text, exactly (generate.py, model_vqa_loader.py)
+            raise another_question(args.answers, n, a, args.questions, qs[qid][1]["text"], args.questions)
     try:
         files = sorted(f for f in os.listdir(args.annotation_dir) if f.startswith("coco_pope_") and f.endswith(".json"))
     except OSError as e:
@@ -618,7 +682,7 @@ def run_mme(args):
         key = mme_key(qid, prompt, gt)
         if key not in gt:
             raise EvalError(f"{args.answers}:{n}: no MME ground truth for {key[0]}/{key[1]} question {key[2]!r} "
-                            f"in {args.mme_dir}")
+                            f"in {args.mme_dir}; were these answers generated from another question file?")
         if key in seen:
             raise EvalError(f"{args.answers}:{n}: a second answer to {key[0]}/{key[1]} question {key[2]!r}")
         seen.add(key)
@@ -697,9 +761,17 @@ def run_scienceqa(args):
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: str(a["question_id"]))
     in_split = set(split)
-    for qid, (n, _) in answers.items():
+    for qid, (n, a) in answers.items():
         if qid not in in_split:
             raise unknown(args.answers, n, qid, f"the {args.split} split of {args.base_dir}")
+        # the prompt, llava_test_CQM-A.json's text (model_vqa_science.py puts an '<image>' line before it and
+        # the letter instruction after; scienceqa-questions the instruction only), holds the problem's question
+        # after its 'Context: ' hint and before its options, whose layout is LLaVA's own conversion: the
+        # question alone is compared
+        question = words(need(problems[qid], "question", problems_path, f"problem {qid!r}", str))
+        if f" {question} " not in f" {words(a['prompt'])} ":
+            raise another_question(args.answers, n, a, problems_path, question,
+                                   "the file eval.py scienceqa-questions makes of llava_test_CQM-A.json")
     correct = total = img_correct = img_total = 0
     for pid in split:  # every problem of the split counts; an unanswered one is wrong
         prob = problems[pid]
@@ -724,8 +796,7 @@ def run_scienceqa_questions(args):
     """llava_test_CQM-A.json -> the question jsonl generate.py reads, with the prompt
     model_vqa_science.py builds under --single-pred-prompt (generate.py adds the <image> line)."""
     items = read_json(args.src, "ScienceQA questions")
-    if os.path.exists(args.dst):
-        raise EvalError(f"{args.dst} exists; remove it or choose another output path")
+    new_output(args.dst, "output", {"source": args.src})
     if not isinstance(items, list):
         raise EvalError(f"{args.src}: a list of questions (llava_test_CQM-A.json) is expected, not a "
                         f"{type(items).__name__}")
@@ -769,10 +840,14 @@ def run_seed(args):
             need(q, "answer", args.annotations, f"question {qid!r}", str)
             image.append(q)
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS), lambda a: str(a["question_id"]))
-    known = {str(q["question_id"]) for q in questions}
-    for qid, (n, _) in answers.items():
-        if qid not in known:
+    by_id = {str(q["question_id"]): q for q in questions}
+    for qid, (n, a) in answers.items():
+        if qid not in by_id:
             raise unknown(args.answers, n, qid, args.annotations)
+        # LLaVA's llava-seed-bench.jsonl asks the question, then its options and the letter instruction
+        question = words(need(by_id[qid], "question", args.annotations, f"question {qid!r}", str))
+        if not (words(a["prompt"]) + " ").startswith(question + " "):
+            raise another_question(args.answers, n, a, args.annotations, question, "LLaVA's llava-seed-bench.jsonl")
     count, correct, answered = defaultdict(int), defaultdict(int), 0
     for q in image:
         a = answers.get(str(q["question_id"]))
@@ -894,8 +969,7 @@ def run_mmbench_questions(args):
     the options, then (--single-pred-prompt, as LLaVA-1.5's scripts/v1_5/eval/mmbench.sh runs it)
     the letter instruction. question_id is the TSV's index, as in the release's answers; with
     --all-rounds each option rotation is one more line with that id, told apart by its text."""
-    if os.path.exists(args.dst):
-        raise EvalError(f"{args.dst} exists; remove it or choose another output path")
+    new_output(args.dst, "output", {"source": args.src})
     _, rows = read_mmbench(args.src, ["index", "question", "hint", "image"] + MMB_OPTIONS)
     try:
         os.makedirs(args.image_folder, exist_ok=True)
@@ -989,7 +1063,7 @@ def write_xlsx(path, rows):
     write_new(path, write, "wb")
 
 
-def mmb_round(path, n, a, row, seen):
+def mmb_round(args, n, a, row, seen):
     """The round (option rotation) an answer's prompt is, or one line saying it is none of them. The
     prompt may carry a --single-pred-prompt instruction (generate.py's prompts) or not (the release's)."""
     prompt = a["prompt"]
@@ -998,8 +1072,8 @@ def mmb_round(path, n, a, row, seen):
     rounds = [rnd for rnd in range(max(1, len(mmb_options(row)))) if prompt == mmb_question(row, rnd)]
     if rounds:  # options alike make rotations alike: the first not yet answered
         return next((rnd for rnd in rounds if (row["index"], rnd) not in seen), rounds[0])
-    raise EvalError(f"{path}:{n}: the prompt of question {a['question_id']!r} is none that model_vqa_mmbench asks "
-                    f"for that index; were these answers generated from another question file?")
+    raise another_question(args.answers, n, a, args.questions, mmb_question(row),
+                           f"the file eval.py mmbench-questions makes of {args.questions}")
 
 
 def run_mmbench(args):
@@ -1017,8 +1091,8 @@ def run_mmbench(args):
     if not args.submission and "answer" not in header:
         raise EvalError(f"{args.questions}: no 'answer' column (a test split?): nothing to score here; give "
                         f"--submission to write the upload file for the MMBench server")
-    if args.submission and os.path.exists(args.submission):
-        raise EvalError(f"{args.submission} exists; remove it or choose another --submission path")
+    if args.submission:
+        new_output(args.submission, "--submission", {"--answers": args.answers, "--questions": args.questions})
     by_index = {row["index"]: row for _, row in rows}
     known = {str(i): i for i in by_index}
     preds, seen, other_rounds = {}, {}, 0
@@ -1026,7 +1100,7 @@ def run_mmbench(args):
         index = known.get(str(a["question_id"]))
         if index is None:
             raise unknown(args.answers, n, a["question_id"], args.questions)
-        rnd = mmb_round(args.answers, n, a, by_index[index], seen)
+        rnd = mmb_round(args, n, a, by_index[index], seen)
         if (index, rnd) in seen:
             raise EvalError(f"{args.answers}:{n}: question {a['question_id']!r} (round {rnd}) was already answered "
                             f"on line {seen[index, rnd]}; keep one answer per question")
@@ -1116,16 +1190,33 @@ def parse_args(argv):
     return args
 
 
+def interrupted(args):
+    """Ctrl-C's line: what this run has written. write_new puts each file in place whole, by a rename, and
+    is given only paths that did not exist: one there now is this run's, and complete."""
+    done = [path for path in outputs if os.path.exists(path)]
+    out = getattr(args, "submission", None) or getattr(args, "dst", None)
+    if out in done:  # the last file written: it stopped as it was saying so
+        return f"interrupted: {out} was written, whole" + (" (and its images)" if len(done) > 1 else "")
+    if done:  # mmbench-questions writes the images first, and a rerun keeps those already there
+        return (f"interrupted: {args.dst} was not written; the images written into {args.image_folder} "
+                f"({len(done)}) are whole and kept: the same command again writes the rest")
+    return "interrupted: nothing was written"
+
+
 def main(argv=None):
-    args = parse_args(argv)
     run = {"textvqa": run_textvqa, "vqav2": run_vqav2, "vizwiz": run_vizwiz, "gqa": run_gqa, "pope": run_pope,
            "mme": run_mme, "scienceqa": run_scienceqa, "scienceqa-questions": run_scienceqa_questions,
            "seed": run_seed, "mmbench": run_mmbench, "mmbench-questions": run_mmbench_questions}
+    outputs.clear()  # (the tests run main more than once in one process)
+    args = None
     try:
+        args = parse_args(argv)
         run[args.bench](args)
     except (EvalError, OSError) as e:  # OSError: a file problem no check above foresaw, still one line
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (failures.catch_signals); 130 or 143, as a shell expects
+        return failures.say_interrupted(type(e), interrupted(args))
     return 0
 
 

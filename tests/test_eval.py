@@ -605,9 +605,9 @@ SQA = [
 
 
 def write_sqa(d, image_in_prompt=True):
-    problems = {pid: dict(choices=[f"c{i}" for i in range(n)], answer=a, image="image.png" if img else None)
-                for pid, n, a, img, _ in SQA}
-    problems["99"] = dict(choices=["x", "y"], answer=0, image=None)  # another split
+    problems = {pid: dict(question="Question?", choices=[f"c{i}" for i in range(n)], answer=a,
+                          image="image.png" if img else None) for pid, n, a, img, _ in SQA}
+    problems["99"] = dict(question="Question?", choices=["x", "y"], answer=0, image=None)  # another split
     with open(os.path.join(d, "problems.json"), "w") as f:
         json.dump(problems, f)
     with open(os.path.join(d, "pid_splits.json"), "w") as f:
@@ -946,6 +946,39 @@ def test_answer_to_an_unknown_question(tmp_path, capsys, bench):
     fails(capsys, argv, f"answers.jsonl:{n}:")
 
 
+# another benchmark's question under an id this one has too (POPE's 1, 2, ... are MMBench's and SEED's)
+OTHER = "What colour is the big circle?\nA. red\nB. blue\n" + ev.SQA_SUFFIX
+
+
+@pytest.mark.parametrize("bench, source", [
+    ("pope", "llava_pope_test.jsonl"), ("vizwiz", "llava_test.jsonl"),
+    ("vqav2-test", "the test-dev part of"), ("gqa", "llava_gqa_testdev_balanced.jsonl"),
+    ("seed", "llava-seed-bench.jsonl"), ("scienceqa", "eval.py scienceqa-questions makes of llava_test_CQM-A.json")])
+def test_an_answer_to_another_question_under_a_known_id_is_refused(tmp_path, capsys, bench, source):
+    # matched by id alone, these were scored: an audit had mean_f1 66.7 from POPE for answers to MMBench's questions
+    writers = dict(pope=write_pope, vizwiz=write_vizwiz, gqa=write_gqa, seed=write_seed, scienceqa=write_sqa)
+    writers["vqav2-test"] = write_vqav2_test
+    argv = writers[bench](tmp_path)
+    rewrite_answers(argv[2], lambda ls: ls[:1] + [json.dumps(dict(json.loads(ls[1]), prompt=OTHER))] + ls[2:])
+    qid = json.loads(open(argv[2]).read().splitlines()[1])["question_id"]
+    fails(capsys, argv, f"answers.jsonl:2: question_id {qid!r} is ", "but this answer's prompt is 'What colour is the "
+          "big circle?\\nA. red\\nB. blue\\nAnsw'...; these answers are to another question file: generate them from",
+          source)
+    assert not (tmp_path / "upload.json").exists()
+
+
+@pytest.mark.parametrize("prompt", [
+    "<image>\nContext: a hint\nover two lines\nQuestion?\nA. x\nB. y",  # model_vqa_science.py's, its hint first
+    "Context: a hint\nQuestion?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."])
+def test_scienceqa_finds_the_question_after_its_hint(tmp_path, capsys, prompt):
+    argv = write_sqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), prompt=prompt))] + ls[1:])
+    assert run(capsys, *argv)[0] == 0
+    other = prompt.replace("Question?", "Q?")
+    rewrite_answers(argv[2], lambda ls: [json.dumps(dict(json.loads(ls[0]), prompt=other))] + ls[1:])
+    fails(capsys, argv, "answers.jsonl:1: question_id '1' is 'Question?' in ", "problems.json, but this answer's")
+
+
 def test_two_answers_to_one_question(tmp_path, capsys):
     argv = write_vqav2(tmp_path)
     rewrite_answers(argv[2], lambda ls: ls + [ls[1]])
@@ -992,8 +1025,41 @@ def test_pope_labels_must_follow_the_questions(tmp_path, capsys):
 def test_submission_never_overwrites(tmp_path, capsys):
     argv = write_vqav2_test(tmp_path)
     (tmp_path / "upload.json").write_text("my earlier upload")
-    fails(capsys, argv, "upload.json exists")
+    fails(capsys, argv, "upload.json exists; choose another --submission path (eval.py writes over no file: remove "
+                        "it only if it is an old output of yours)")
     assert (tmp_path / "upload.json").read_text() == "my earlier upload"
+
+
+@pytest.mark.parametrize("bench, where, said", [
+    ("vizwiz", "--answers", "is the --answers file itself; name a new file for it"),
+    ("vizwiz", "--questions", "is the --questions file itself; name a new file for it"),
+    ("vizwiz", "/dev/full", "is a device, not a file; name a new file for it"),
+    ("vizwiz", "folder", "is a folder, not a file; name a new file for it"),
+    ("mmbench", "--answers", "is the --answers file itself; name a new file for it"),
+    ("mmbench-questions", "src", "is the source file itself; name a new file for it"),
+    ("scienceqa-questions", "src", "is the source file itself; name a new file for it")])
+def test_an_output_that_is_no_new_file_is_refused_as_such(tmp_path, capsys, bench, where, said):
+    # was "<the answers file> exists; remove it or choose another --submission path": deleting the answers it
+    # would score, it suggested; /dev/full too was "remove it"
+    if bench == "vizwiz":
+        argv = write_vizwiz(tmp_path)
+    elif bench == "mmbench":
+        write_jsonl(tmp_path / "answers.jsonl", mmbench_answers(mmbench_rows()[0], {(10, 0): "A"}))
+        argv = ["mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", write_mmbench(tmp_path),
+                "--submission", tmp_path / "up.xlsx"]
+    elif bench == "mmbench-questions":
+        argv = [bench, write_mmbench(tmp_path), "dst", "--image-folder", tmp_path / "img"]
+    else:
+        (tmp_path / "q.json").write_text("[]")
+        argv = [bench, tmp_path / "q.json", "dst"]
+    out = argv.index("--submission") + 1 if "--submission" in argv else 2
+    argv[out] = argv[argv.index(where) + 1] if where.startswith("--") else argv[1] if where == "src" else where
+    if where == "folder":
+        argv[out] = tmp_path
+    before = {f: open(f, "rb").read() for f in map(str, argv) if os.path.isfile(f)}
+    flag = "output" if out == 2 else "--submission"
+    fails(capsys, argv, f"error: {flag} {argv[out]} {said}")
+    assert before == {f: open(f, "rb").read() for f in before} and not os.path.exists(tmp_path / "img")
 
 
 def test_vizwiz_needs_every_answer(tmp_path, capsys):
@@ -1013,6 +1079,67 @@ def test_cli_exits_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "eval.py"), *argv], capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and f"answers.jsonl:{len(GQA) + 1}:" in r.stderr
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Ctrl-C (SIGINT) or SIGTERM (scancel, docker stop, timeout): one line, and the status a shell expects, 128 + signal
+STOPS = [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
+
+
+def eval_where(where, n, then, argv):
+    """eval.py in a process of its own, as a user runs it, where the n-th call of `where` (module.attribute)
+    first runs the statement `then` (os and signal imported)."""
+    import subprocess
+    import sys
+    code = (f"import os, runpy, signal, sys, {where.split('.')[0]}\n"
+            f"f, calls = {where}, []\n"
+            "def at_n(*a, **kw):\n"
+            "    calls.append(1)\n"
+            f"    if len(calls) == {n}:\n"
+            f"        {then}\n"
+            "    return f(*a, **kw)\n"
+            f"{where} = at_n\n"
+            f"sys.argv = ['eval.py', *sys.argv[1:]]\n"
+            f"runpy.run_path('eval.py', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
+def test_ctrl_c_or_sigterm_is_one_line(tmp_path, sig, status, said):
+    # while the answers are parsed (minutes, on a large set): a KeyboardInterrupt traceback it was, and SIGTERM
+    # ended it without a word
+    argv = write_pope(tmp_path)
+    r = eval_where("json.loads", 20, f"os.kill(os.getpid(), signal.{sig})", argv)
+    assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{said}: nothing was written\n")
+    # and at once, as the flags are read
+    r = eval_where("argparse.ArgumentParser.parse_args", 1, f"os.kill(os.getpid(), signal.{sig})", argv)
+    assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{said}: nothing was written\n")
+
+
+@pytest.mark.parametrize("sig, status, said", STOPS)
+def test_a_stop_while_an_output_is_written_leaves_nothing_partial(tmp_path, capsys, sig, status, said):
+    # mmbench-questions: a signal inside open() of the second image's .tmp (the file made, `f` not yet): Ctrl-C
+    # left it, 0 bytes, as open() was outside the try; SIGTERM left every .tmp in the making
+    src, img, dst = write_mmbench(tmp_path), tmp_path / "img", tmp_path / "mmb.jsonl"
+    argv = ["mmbench-questions", src, dst, "--image-folder", img]
+    r = eval_where("builtins.open", 3, f"f(*a, **kw); os.kill(os.getpid(), signal.{sig})", argv)
+    assert os.listdir(img) == ["10.png"] and not dst.exists()
+    assert (r.returncode, r.stderr) == (status, f"{said}: {dst} was not written; the images written into {img} (1) "
+                                                f"are whole and kept: the same command again writes the rest\n")
+    rc, out, err = run(capsys, *argv)  # the rerun writes the rest
+    assert rc == 0 and out["images_written"] == "2", err
+    assert sorted(os.listdir(img)) == ["10.png", "11.jpg", "12.png"] and dst.exists()
+    # an upload, stopped as it is written: neither it nor its .tmp is left
+    argv = write_vqav2_test(tmp_path)
+    r = eval_where("json.dump", 1, f"os.kill(os.getpid(), signal.{sig})", argv)
+    assert (r.returncode, r.stderr) == (status, f"{said}: nothing was written\n")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("upload.json")]
+    # stopped once it is in place (as its path is printed): said so
+    r = eval_where("builtins.print", 3, f"os.kill(os.getpid(), signal.{sig})", argv)  # (after 2 lines, 1 warning)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (status, f"{said}: {tmp_path / 'upload.json'} was written, "
+                                                                 f"whole")
+    assert json.load(open(tmp_path / "upload.json")) == VQAV2_UPLOAD
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1300,7 +1427,7 @@ def test_mmbench_bad_input_is_one_line(tmp_path, capsys, where):
         answers[1]["prompt"] = answers[1]["prompt"].replace("A. park", "A. beach")
         write_jsonl(tmp_path / "answers.jsonl", answers)
         fails(capsys, ["mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src, "--submission",
-                       tmp_path / "up.xlsx"], "answers.jsonl:2:", "question 11", "another question file")
+                       tmp_path / "up.xlsx"], "answers.jsonl:2:", "question_id 11", "another question file")
         assert not (tmp_path / "up.xlsx").exists()
         return
     argv = ["mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img"]
