@@ -615,7 +615,10 @@ def run(args, held):
                            f"{least} of the context's {model.cfg.llm.max_seq_len} positions; use at most "
                            f"{model.cfg.llm.max_seq_len - least}")
     if image is not None:
-        image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
+        try:
+            image = data.preprocess(image, model.cfg.image_size, model.cfg.image_aspect_ratio).to(device)
+        except data.DataError as e:  # too thin to pad or resize
+            raise data.DataError(f"--image {args.image}: {e}") from None
     generator = torch.Generator(device)
     if args.seed is not None:
         generator.manual_seed(args.seed)

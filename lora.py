@@ -211,8 +211,9 @@ def load(base, adapters, dtype=None, device="cpu", merged=True, dropout=0.0, qua
     info_path = os.path.join(adapters, "lora.json")
     if not os.path.isfile(info_path):
         inside = os.path.join(adapters, "lora")  # OUT/ckpt given for OUT/ckpt/lora
-        raise CheckpointError(f"--lora {adapters}: no lora.json (expected a LoRA adapter directory, "
-                              f"OUT/ckpt/lora of a train.py --lora-r run)" +
+        raise CheckpointError(f"--lora {adapters}: " + ("no lora.json" if os.path.isdir(adapters) else
+                                                          "no such directory") +
+                              " (expected a LoRA adapter directory, OUT/ckpt/lora of a train.py --lora-r run)" +
                               (f"; its adapters are in --lora {inside}" if os.path.isfile(
                                   os.path.join(inside, "lora.json")) else ""))
     r, alpha, trained_on, digest = read_config(info_path, lambda d: (d["r"], d["alpha"], d.get("base"),

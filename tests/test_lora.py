@@ -347,6 +347,9 @@ def test_adapters_that_do_not_fit_the_base_are_one_line(run, env, tmp_path, caps
     code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(tmp_path), "--prompt", "Hi"])
     err = capsys.readouterr().err
     assert code == 1 and "no lora.json" in err and "its adapters are in" not in err, err
+    code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(tmp_path / "nope"), "--prompt", "Hi"])
+    err = capsys.readouterr().err  # a path that does not exist: it said "no lora.json" of it
+    assert code == 1 and f"--lora {tmp_path / 'nope'}: no such directory (expected a LoRA adapter" in err, err
     # the run's OUT/ckpt for its OUT/ckpt/lora: the way to the adapters named
     code = generate.main(["--model", str(tmp_path / "other"), "--lora", str(out / "ckpt"), "--prompt", "Hi"])
     err = capsys.readouterr().err

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import generate
@@ -664,6 +665,11 @@ def test_generate_flag_slips_are_one_line_naming_the_flag(model_dir, images, tmp
     for name, (argv, expected) in failed.items():
         code, _, err = run_cli(capsys, *argv)
         assert code == 1 and expected in err and len(err.splitlines()) == 1 and "loading" not in err, (name, err)
+    # an image too thin to pad square, found once the model's R is known: it did not name --image
+    Image.new("RGB", (1, 60000)).save(tmp_path / "thin.png")
+    code, _, err = run_cli(capsys, "--model", model_dir, "--image", tmp_path / "thin.png", *ask)
+    assert code == 1 and err.splitlines()[-1].startswith(f"error: --image {tmp_path / 'thin.png'}: an image of 1 x "
+                                                         f"60000 pixels is too thin"), err
     shutil.copytree(model_dir, tmp_path / "m", ignore=shutil.ignore_patterns("mra_config.json"))
     code, _, err = run_cli(capsys, "--model", tmp_path / "m", *ask)
     assert code == 1 and err.splitlines()[-1] == f"error: {tmp_path / 'm'}: neither mra_config.json (a train.py " \
