@@ -30,10 +30,10 @@ def said(err):
 # Ctrl-C and SIGTERM
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (scancel, docker stop, timeout, Kubernetes) in a one-process run: unwound as Ctrl-C is, so a
-    save in progress ends as it would then, and said as Ctrl-C is, as `terminated`. Under torchrun it keeps
-    its default (the rank ends at once, silently): torchrun sends it to the other ranks when one fails, which
-    has said why, and a rank waiting on the failed one in a collective would not get to a handler."""
+    """SIGTERM (scancel, docker stop, timeout, Kubernetes): unwound as Ctrl-C is, so a write in progress ends
+    as it would then, and said as Ctrl-C is, as `terminated`. A rank of train.py under torchrun keeps its
+    default (it ends at once, silently): torchrun sends it to the other ranks when one fails, which has said
+    why, and a rank waiting on the failed one in a collective would not get to a handler."""
 
 
 exit_status = None  # once set, the status the process ends with
@@ -48,7 +48,7 @@ def say_interrupted(kind, line, write=print):
     if issubclass(kind, Terminated):
         line, status = line.replace("interrupted", "terminated", 1), 128 + signal.SIGTERM
         exit_status = status
-    if os.environ.get("RANK", "0") == "0":
+    if not (_torchrun and os.environ.get("RANK") != "0"):
         write(line, file=sys.stderr)
     return status
 
@@ -64,28 +64,37 @@ def _exit_with_status():
         os._exit(exit_status)
 
 
-_nothing_yet = "interrupted"
+_nothing_yet, _torchrun = "interrupted", False
 
 
-def _while_torch_imports(kind, err, tb):
-    """sys.excepthook until the command handles Ctrl-C itself: one line too, and nothing was written yet."""
+def _uncaught(kind, err, tb):
+    """sys.excepthook: a Ctrl-C the command does not catch itself (while torch imports) is one line too."""
     if not issubclass(kind, KeyboardInterrupt):
         return sys.__excepthook__(kind, err, tb)
     say_interrupted(kind, _nothing_yet)
 
 
-def catch_signals(debug, nothing_yet="interrupted: nothing was written"):
-    """A command's first act, before torch loads: SIGTERM unwinds as Ctrl-C does (one process; see
-    Terminated), and a Ctrl-C before the command's own handling is in place is one line, `nothing_yet`
-    (unless --debug)."""
-    global exit_status, _nothing_yet
-    exit_status, _nothing_yet = None, nothing_yet  # (the tests run train.py more than once in one process)
+def catch_signals(debug, nothing_yet="interrupted: nothing was written", torchrun=False):
+    """A command's first act, before torch loads: SIGTERM unwinds as Ctrl-C does (see Terminated), and a
+    Ctrl-C before the command's own handling is in place is one line, `nothing_yet` (unless --debug).
+    torchrun: a command that runs as torchrun's ranks (train.py): there, if RANK is set, SIGTERM keeps its
+    default and rank 0 alone says a Ctrl-C."""
+    global exit_status, _nothing_yet, _torchrun
+    # (the tests run train.py more than once in one process)
+    exit_status, _nothing_yet, _torchrun = None, nothing_yet, torchrun and "RANK" in os.environ
     atexit.unregister(_exit_with_status)
     atexit.register(_exit_with_status)  # registered first, so run last at exit (after --out's tidy-up)
-    if "RANK" not in os.environ:
+    if not _torchrun:
         signal.signal(signal.SIGTERM, _terminate)
     if not debug:
-        sys.excepthook = _while_torch_imports
+        sys.excepthook = _uncaught
+
+
+def handling(line="interrupted"):
+    """The command says what a stop keeps from here on (its own `except KeyboardInterrupt`); a second Ctrl-C
+    landing while it says so gets `line` from the hook, never the `nothing_yet` of catch_signals."""
+    global _nothing_yet
+    _nothing_yet = line
 
 
 # -----------------------------------------------------------------------------

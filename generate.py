@@ -539,9 +539,11 @@ def write_new(picture, path):
     except FileExistsError:
         raise data.DataError(f"--trace {path}: appeared while the model ran (another run's picture?), and is kept; "
                              f"name another picture") from None
-    except OSError as e:  # a full disk, a folder that went read-only
+    except BaseException as e:  # a full disk, a folder gone read-only, Ctrl-C: no picture cut short is left
         if made:
             os.remove(path)
+        if not isinstance(e, OSError):
+            raise
         raise data.DataError(f"--trace {path}: cannot be written ({e.strerror or e}), and nothing is left there; "
                              f"free some space, or name another place") from None
 
@@ -643,6 +645,7 @@ def run(args, held):
 
 def main(argv=None):
     args = parse_args(argv)
+    failures.handling()
     try:
         with contextlib.ExitStack() as held:
             run(args, held)

@@ -193,6 +193,9 @@ def check_base(base, adapters, trained_on, digest, state):
                   f"the same weights, the answers are wrong; --model {trained_on}", file=sys.stderr, flush=True)
         return
     if not same_base(digest, base_digest(state)):
+        if trained_on and os.path.realpath(base) == os.path.realpath(trained_on):  # a later save there, say
+            raise CheckpointError(f"--lora {adapters} was trained on {trained_on} (lora.json), whose weights have "
+                                  f"changed since: the adapters only fit their base as it was; --model a copy of it")
         raise CheckpointError(f"--lora {adapters} was trained on {trained_on} (lora.json), and --model {base} holds "
                               f"other weights: the adapters only fit their own base; --model {trained_on}")
 

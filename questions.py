@@ -69,13 +69,13 @@ def answers_lock(path):
     A lock on the open file itself (flock, POSIX: one per open file, so the reads and appends that open
     it again keep it; elsewhere no lock), released when the run ends however it ends; a file it made
     and left empty goes."""
-    made = not os.path.exists(path)
+    made, f = not os.path.exists(path), None
     try:
-        f = open(path, "a")
-    except OSError as e:  # a read-only folder, no permission
-        raise data.DataError(f"--answers {path}: cannot be written ({e.strerror or e}); name a file where you "
-                             f"can write") from None
-    try:
+        try:  # (inside the outer try: a Ctrl-C landing in open(), once the file is made, leaves none)
+            f = open(path, "a")
+        except OSError as e:  # a read-only folder, no permission
+            raise data.DataError(f"--answers {path}: cannot be written ({e.strerror or e}); name a file where you "
+                                 f"can write") from None
         try:
             if fcntl:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,7 +87,8 @@ def answers_lock(path):
                                      f"or name another file") from None
         yield
     finally:
-        f.close()  # before the removal: an open file cannot be removed on Windows
+        if f is not None:
+            f.close()  # before the removal: an open file cannot be removed on Windows
         if made and os.path.isfile(path) and os.path.getsize(path) == 0:
             os.remove(path)
 

@@ -27,7 +27,7 @@ import time
 
 import failures
 
-if __name__ == "__main__":  # before torch loads: a Ctrl-C or SIGTERM then is one line (exit_on_signals' after)
+if __name__ == "__main__":  # before torch loads: Ctrl-C and SIGTERM are one line from here
     failures.catch_signals(debug=False)
 
 import torch
@@ -38,7 +38,7 @@ from int8 import check_quantize, int8_linears, int8_reader
 from llama import INT8_KEYS, Llama, LlamaConfig
 from lora import check_scale
 from vit import HF_IGNORE, ViT, clip_config
-from weights import (CheckpointError, check_memory, exit_on_signals, load_state, new_directory, read_bin,
+from weights import (CheckpointError, check_memory, interrupted, load_state, new_directory, read_bin,
                      read_checkpoint, read_config, read_safetensors, remap, tensor_sizes, their_name)
 
 # -----------------------------------------------------------------------------
@@ -363,9 +363,11 @@ if __name__ == "__main__":
     m.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="of the written weights (default float16, as the release and LLaVA's merge write them)")
     args = p.parse_args()
-    exit_on_signals(args.dst)
+    failures.handling()
     try:
         print(merge_lora_release(args.lora, args.model_base, args.vit, args.dst, getattr(torch, args.dtype),
                                  log=lambda line: print(line, file=sys.stderr, flush=True)))
+    except KeyboardInterrupt as e:
+        sys.exit(interrupted(args.dst, type(e)))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
         sys.exit(f"error: {e}")

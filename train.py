@@ -34,7 +34,8 @@ from functools import partial
 
 import failures
 
-failures.catch_signals("--debug" in sys.argv, "interrupted: nothing was saved; run it again to start")  # before torch
+# before torch loads: Ctrl-C and SIGTERM are one line from here
+failures.catch_signals("--debug" in sys.argv, "interrupted: nothing was saved; run it again to start", torchrun=True)
 
 import torch
 import torch.distributed as dist

@@ -41,7 +41,7 @@ import warnings
 
 import failures
 
-if __name__ == "__main__":  # before torch loads: a Ctrl-C or SIGTERM then is one line (exit_on_signals' after)
+if __name__ == "__main__":  # before torch loads: Ctrl-C and SIGTERM are one line from here
     failures.catch_signals(debug=False)
 
 import torch
@@ -549,17 +549,12 @@ def new_directory(dst, verb):
         os.rename(tmp, os.path.join(parent, name))  # as checked: 'new/.' is new
 
 
-def exit_on_signals(dst):
-    """A command line that writes dst through new_directory: a kill (SIGTERM) or Ctrl-C (SIGINT) unwinds as
-    an error does, so the hidden directory goes and dst never appears half-written; one line says so."""
-    import signal
-
-    def stop(signum, _):
-        done = "was written in full before" if os.path.isdir(dst) else "was not written"
-        print(f"error: {'interrupted' if signum == signal.SIGINT else 'terminated'}; {dst} {done}", file=sys.stderr)
-        sys.exit(128 + signum)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
+def interrupted(dst, kind):
+    """The one line of a command that writes dst through new_directory, stopped by Ctrl-C or SIGTERM
+    (failures.catch_signals unwinds it as Ctrl-C), and its exit status: the hidden directory went as the
+    stop unwound, so dst is whole or absent."""
+    done = "was written in full before" if os.path.isdir(dst) else "was not written"
+    return failures.say_interrupted(kind, f"interrupted: {dst} {done}")
 
 
 def convert_bin(src, dst):
@@ -603,8 +598,10 @@ def convert_bin(src, dst):
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
         sys.exit("usage: python weights.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
-    exit_on_signals(sys.argv[3])
+    failures.handling()
     try:
         print(convert_bin(sys.argv[2], sys.argv[3]))
+    except KeyboardInterrupt as e:
+        sys.exit(interrupted(sys.argv[3], type(e)))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
         sys.exit(f"error: {e}")

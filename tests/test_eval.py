@@ -952,7 +952,7 @@ OTHER = "What colour is the big circle?\nA. red\nB. blue\n" + ev.SQA_SUFFIX
 
 @pytest.mark.parametrize("bench, source", [
     ("pope", "llava_pope_test.jsonl"), ("vizwiz", "llava_test.jsonl"),
-    ("vqav2-test", "the test-dev part of"), ("gqa", "llava_gqa_testdev_balanced.jsonl"),
+    ("vqav2-test", "llava_vqav2_mscoco_test-dev2015.jsonl"), ("gqa", "llava_gqa_testdev_balanced.jsonl"),
     ("seed", "llava-seed-bench.jsonl"), ("scienceqa", "eval.py scienceqa-questions makes of llava_test_CQM-A.json")])
 def test_an_answer_to_another_question_under_a_known_id_is_refused(tmp_path, capsys, bench, source):
     # matched by id alone, these were scored: an audit had mean_f1 66.7 from POPE for answers to MMBench's questions
@@ -1086,9 +1086,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOPS = [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
 
 
-def eval_where(where, n, then, argv):
+def eval_where(where, n, then, argv, env=None):
     """eval.py in a process of its own, as a user runs it, where the n-th call of `where` (module.attribute)
-    first runs the statement `then` (os and signal imported)."""
+    first runs the statement `then` (os and signal imported); env: more environment variables."""
     import subprocess
     import sys
     code = (f"import os, runpy, signal, sys, {where.split('.')[0]}\n"
@@ -1102,7 +1102,7 @@ def eval_where(where, n, then, argv):
             f"sys.argv = ['eval.py', *sys.argv[1:]]\n"
             f"runpy.run_path('eval.py', run_name='__main__')")
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=dict(os.environ, **(env or {})))
 
 
 @pytest.mark.parametrize("sig, status, said", STOPS)
@@ -1111,6 +1111,9 @@ def test_ctrl_c_or_sigterm_is_one_line(tmp_path, sig, status, said):
     # ended it without a word
     argv = write_pope(tmp_path)
     r = eval_where("json.loads", 20, f"os.kill(os.getpid(), signal.{sig})", argv)
+    assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{said}: nothing was written\n")
+    # RANK set (a pod of a torchrun job): said all the same (train.py's rule for its torchrun ranks said nothing)
+    r = eval_where("json.loads", 20, f"os.kill(os.getpid(), signal.{sig})", argv, env={"RANK": "1"})
     assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{said}: nothing was written\n")
     # and at once, as the flags are read
     r = eval_where("argparse.ArgumentParser.parse_args", 1, f"os.kill(os.getpid(), signal.{sig})", argv)

@@ -383,6 +383,14 @@ def test_adapters_on_another_base_of_the_same_shapes_are_refused(run, base, env,
         with pytest.raises(mra.CheckpointError) as e:
             lora.load(other, str(adapters), merged=merged)
         assert str(e.value) == way
+    # the base changed at its own path since (a later save there): the way out is not that path again
+    copied = tmp_path / "lora"
+    shutil.copytree(adapters, copied)
+    (copied / "lora.json").write_text(json.dumps(json.loads((adapters / "lora.json").read_text()) | {"base": str(other)}))
+    with pytest.raises(mra.CheckpointError) as e:
+        lora.load(other, str(copied))
+    assert str(e.value) == f"--lora {copied} was trained on {other} (lora.json), whose weights have changed since: " \
+        f"the adapters only fit their base as it was; --model a copy of it"
     d, _ = env
     capsys.readouterr()
     code = generate.main([str(a) for a in ["--model", other, "--lora", adapters, "--image", d / "images" / "0.png",

@@ -422,6 +422,6 @@ def test_merge_killed_or_interrupted_leaves_nothing(parts, shipped, tmp_path, si
                         "--model-base", str(parts["base"]), "--vit", str(parts["vit"])], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     *progress, last = r.stderr.strip().splitlines()
-    assert r.returncode == code and last == f"error: {said}; {dst} was not written", r.stderr
+    assert r.returncode == code and last == f"{said}: {dst} was not written", r.stderr
     assert [line.split()[0] for line in progress] == ["merging", "merged"], r.stderr  # the steps said as they start
     assert os.listdir(tmp_path) == []

@@ -577,7 +577,7 @@ def test_convert_killed_leaves_nothing(hr_parts, tmp_path):
         runpy.run_path("weights.py", run_name="__main__")"""
     r = subprocess.run([sys.executable, "-c", killed_while_writing, str(src), str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(mra.__file__)))
-    assert r.returncode == 143 and r.stderr.strip() == f"error: terminated; {tmp_path / 'out'} was not written", r.stderr
+    assert r.returncode == 143 and r.stderr.strip() == f"terminated: {tmp_path / 'out'} was not written", r.stderr
     assert sorted(os.listdir(tmp_path)) == ["bin"]
 
 

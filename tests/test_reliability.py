@@ -734,13 +734,39 @@ def test_what_generate_cannot_write_or_compile_is_one_line_and_nothing_is_lost(m
     assert code == 1 and err.splitlines()[-1] == f"error: --trace {picture}: cannot be written (No space left on " \
         f"device), and nothing is left there; free some space, or name another place", err
     assert not picture.exists()
+    # nor by a Ctrl-C (or SIGTERM) as it is written: the picture cut short stayed, and a rerun refused it
+    monkeypatch.setattr(generate, "open", lambda path, mode: FullFile(builtins.open(path, mode), KeyboardInterrupt),
+                        raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        generate.write_new(Image.new("RGB", (8, 8)), str(picture))
+    assert not picture.exists()
+    monkeypatch.undo()
+    # an answers file made by a run stopped inside open() (the file made, the object not yet): it was left, empty
+    def made_then_stopped(path, mode="r", *args, **kw):
+        builtins.open(path, mode, *args, **kw).close()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(questions, "open", made_then_stopped, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        with questions.answers_lock(str(tmp_path / "c.jsonl")):
+            pass
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_a_second_ctrl_c_while_a_stop_is_said_never_says_nothing_was_written(capsys, monkeypatch):
+    # once a command says what its stop keeps, a Ctrl-C landing as it says so reached the hook set before torch
+    # loaded, which said "nothing was written" of a run that had written its upload
+    import failures
+    monkeypatch.setattr(failures, "_nothing_yet", "interrupted: nothing was written")
+    failures.handling()
+    failures._uncaught(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 class FullFile:
-    """A file on a full disk: its first write fails part way."""
+    """A file on a full disk: its first write fails part way (or is stopped there by `stop`)."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, stop=None):
+        self.f, self.stop = f, stop
 
     def __enter__(self):
         return self
@@ -750,7 +776,7 @@ class FullFile:
 
     def write(self, data):
         self.f.write(data[:10])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise self.stop() if self.stop else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_an_answer_whose_reader_went_away_ends_quietly(model_dir, images):  # noqa: F811
@@ -1148,8 +1174,11 @@ def test_ctrl_c_or_sigterm_while_torch_imports_is_one_line(tmp_path, sig, status
     ("generate.py", ["--model", "m", "--prompt", "Hi"]),
     ("release.py", ["merge-lora", "lora", "dst", "--model-base", "b", "--vit", "v"]),
     ("weights.py", ["convert", "src", "dst"])])
-def test_every_command_stopped_while_torch_imports_says_so_in_one_line(tmp_path, sig, status, said, script, argv):
-    # as train.py's above: a traceback through torch's __init__ it was (SIGTERM: not a word)
+@pytest.mark.parametrize("rank", [None, "1"])  # RANK set (a pod of a torchrun job) is train.py's business alone
+def test_every_command_stopped_while_torch_imports_says_so_in_one_line(tmp_path, sig, status, said, script, argv,
+                                                                        rank):
+    # as train.py's above: a traceback through torch's __init__ it was (SIGTERM: not a word); with RANK=1 in the
+    # environment, not a word either (the rule for train.py's torchrun ranks held for every command)
     code = ("import os, runpy, signal, sys\n"
             "class Interrupt:\n"
             "    def find_spec(self, name, *a):\n"
@@ -1157,7 +1186,8 @@ def test_every_command_stopped_while_torch_imports_says_so_in_one_line(tmp_path,
             "sys.meta_path.insert(0, Interrupt())\n"
             f"sys.argv = [{script!r}, *sys.argv[1:]]\n"
             f"runpy.run_path({script!r}, run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, **{"RANK": rank} if rank else {}))
     assert one_line(r) == f"{said}: nothing was written" and r.returncode == status
 
 
