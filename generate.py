@@ -502,7 +502,7 @@ def check_inputs(args):
                              f"write")
     if args.answers and not os.path.isdir(os.path.dirname(os.path.abspath(args.answers))):
         raise data.DataError(f"--answers {args.answers}: its directory does not exist")
-    if args.compile and torch.device(args.device).type == "cpu" and not cpp_compiler():
+    if args.compile and torch.device(args.device).type == "cpu" and not kernels.cpp_compiler():
         raise data.DataError("--compile on a CPU needs a C++ compiler, and none was found (g++, or the one CXX "
                              "names): install one, or drop --compile")
     if args.trace:
@@ -524,39 +524,6 @@ def check_inputs(args):
         return data.load_image(args.image) if args.image else None
     except data.DataError as e:
         raise data.DataError(f"--image {e}") from None
-
-
-def write_new(picture, path):
-    """--trace's picture, written whole or not at all, and only as a new file: never over one that
-    appeared while the model ran (another run's trace)."""
-    encoded = io.BytesIO()
-    picture.save(encoded, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
-    made = False
-    try:
-        with open(path, "xb") as f:
-            made = True
-            f.write(encoded.getvalue())
-    except FileExistsError:
-        raise data.DataError(f"--trace {path}: appeared while the model ran (another run's picture?), and is kept; "
-                             f"name another picture") from None
-    except BaseException as e:  # a full disk, a folder gone read-only, Ctrl-C: no picture cut short is left
-        if made:
-            os.remove(path)
-        if not isinstance(e, OSError):
-            raise
-        raise data.DataError(f"--trace {path}: cannot be written ({e.strerror or e}), and nothing is left there; "
-                             f"free some space, or name another place") from None
-
-
-def cpp_compiler():
-    """Whether inductor, compiling for a CPU, finds a C++ compiler (its own search: CXX, else g++)."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        return bool(get_cpp_compiler())
-    except ImportError:  # a torch without it: found when compiling, as before
-        return True
-    except Exception:  # noqa: BLE001 -- InvalidCxxCompiler
-        return False
 
 
 def load_model(args, tok, dtype, device):
@@ -602,7 +569,7 @@ def run(args, held):
     if args.trace:  # pixels to the LLM's input, printed, and the picture; no answer
         import trace_image
         trace_image.trace(model, tok, image, prompt_ids(tok, [human_turn(args.prompt or "", True)], args.conv_mode))
-        write_new(trace_image.paths_picture(image, model), args.trace)
+        trace_image.write_new(trace_image.paths_picture(image, model), args.trace)
         log(f"what each path sees: {args.trace}")
         return
     # the shortest prompt this run can have (images: plain always has one), with room for --max-new-tokens

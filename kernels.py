@@ -164,6 +164,17 @@ def fast_products(llm, device, rows, compiled):
 CACHE_ROUND = 128
 
 
+def cpp_compiler():
+    """Whether inductor, compiling for a CPU, finds a C++ compiler (its own search: CXX, else g++)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        return bool(get_cpp_compiler())
+    except ImportError:  # a torch without it: found when compiling, as before
+        return True
+    except Exception:  # noqa: BLE001 -- InvalidCxxCompiler
+        return False
+
+
 def compile_step(step, device, max_batch=1):
     """torch.compile a decode step. Its shapes are the same at every position (see
     Llama.decode), so it compiles once per cache shape and never sees a dynamic shape. A batch run

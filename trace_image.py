@@ -3,9 +3,12 @@
 Forward hooks on the real model print what each part receives and returns (both towers'
 inputs, every ConvNeXt stage, the ViT's tokens, each MR-Adapter's gate value, the fusion,
 the projector, the prompt and the spliced LLM input), so the numbers are the model's own.
-`paths_picture` draws what each path sees of the image (README: examples/paths.png).
+`paths_picture` draws what each path sees of the image (README: examples/paths.png), and
+`write_new` writes it as a new file.
 """
+import io
 import math
+import os
 
 import numpy as np
 import torch
@@ -99,3 +102,26 @@ def paths_picture(image, model):
     crops = [p.crop((0, 0, R // 4, R // 4)).resize((R, R), Image.NEAREST) for p in panels]
     grid = np.concatenate([np.concatenate([np.asarray(p) for p in row], 1) for row in (panels, crops)], 0)
     return Image.fromarray(grid)
+
+
+def write_new(picture, path):
+    """--trace's picture, written whole or not at all, and only as a new file: never over one that
+    appeared while the model ran (another run's trace)."""
+    from PIL import Image
+    encoded = io.BytesIO()
+    picture.save(encoded, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
+    made = False
+    try:
+        with open(path, "xb") as f:
+            made = True
+            f.write(encoded.getvalue())
+    except FileExistsError:
+        raise data.DataError(f"--trace {path}: appeared while the model ran (another run's picture?), and is kept; "
+                             f"name another picture") from None
+    except BaseException as e:  # a full disk, a folder gone read-only, Ctrl-C: no picture cut short is left
+        if made:
+            os.remove(path)
+        if not isinstance(e, OSError):
+            raise
+        raise data.DataError(f"--trace {path}: cannot be written ({e.strerror or e}), and nothing is left there; "
+                             f"free some space, or name another place") from None

@@ -678,12 +678,13 @@ def test_generate_flag_slips_are_one_line_naming_the_flag(model_dir, images, tmp
 
 def test_what_generate_cannot_write_or_compile_is_one_line_and_nothing_is_lost(model_dir, images, tmp_path,  # noqa: F811
                                                                                capsys, monkeypatch):
+    import kernels
     import questions
     import trace_image
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     q.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(3)))
     # --compile on a CPU without a C++ compiler: inductor's InvalidCxxCompiler traceback, after the load
-    monkeypatch.setattr(generate, "cpp_compiler", lambda: False)
+    monkeypatch.setattr(kernels, "cpp_compiler", lambda: False)
     code, _, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--compile")
     assert code == 1 and err == "error: --compile on a CPU needs a C++ compiler, and none was found (g++, or the one " \
         "CXX names): install one, or drop --compile\n", err
@@ -729,16 +730,16 @@ def test_what_generate_cannot_write_or_compile_is_one_line_and_nothing_is_lost(m
     assert picture.read_bytes() == b"another run's"
     monkeypatch.undo()
     picture.unlink()
-    monkeypatch.setattr(generate, "open", lambda path, mode: FullFile(builtins.open(path, mode)), raising=False)
+    monkeypatch.setattr(trace_image, "open", lambda path, mode: FullFile(builtins.open(path, mode)), raising=False)
     code, _, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--trace", picture)
     assert code == 1 and err.splitlines()[-1] == f"error: --trace {picture}: cannot be written (No space left on " \
         f"device), and nothing is left there; free some space, or name another place", err
     assert not picture.exists()
     # nor by a Ctrl-C (or SIGTERM) as it is written: the picture cut short stayed, and a rerun refused it
-    monkeypatch.setattr(generate, "open", lambda path, mode: FullFile(builtins.open(path, mode), KeyboardInterrupt),
+    monkeypatch.setattr(trace_image, "open", lambda path, mode: FullFile(builtins.open(path, mode), KeyboardInterrupt),
                         raising=False)
     with pytest.raises(KeyboardInterrupt):
-        generate.write_new(Image.new("RGB", (8, 8)), str(picture))
+        trace_image.write_new(Image.new("RGB", (8, 8)), str(picture))
     assert not picture.exists()
     monkeypatch.undo()
     # an answers file made by a run stopped inside open() (the file made, the object not yet): it was left, empty
