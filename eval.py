@@ -576,6 +576,8 @@ def run_pope(args):
         f1s.append(m["f1"])
     if len(f1s) == len(categories):  # the figure LLaVA-1.5 reports for POPE: the splits' mean F1, x100
         print(f"mean_f1: {100 * sum(f1s) / len(f1s):.1f}")
+    else:  # a split with no answer at all: the mean of the others would be another figure
+        print(f"mean_f1: incomplete ({len(f1s)} of {len(categories)} splits answered)")
 
 
 # ---------------------------------------------------------------------------------------

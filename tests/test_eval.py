@@ -490,6 +490,16 @@ def test_pope_matches_the_release(tmp_path, capsys):
         assert out[k] == v, k
 
 
+def test_pope_with_a_split_unanswered_says_its_mean_is_incomplete(tmp_path, capsys):
+    # mean_f1 was left out without a word (the other splits' lines printed as if nothing were amiss)
+    argv = write_pope(tmp_path)
+    adversarial = {q["question_id"] for q, _ in pope_questions() if q["category"] == "adversarial"}
+    rewrite_answers(argv[2], lambda ls: [line for line in ls if json.loads(line)["question_id"] not in adversarial])
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and out["mean_f1"] == "incomplete (2 of 3 splits answered)" and "adversarial_f1" not in out
+    assert out["missing"] == str(len(adversarial)) and out["popular_f1"] == POPE_EXPECTED["popular_f1"]
+
+
 def test_pope_pairs_labels_by_question_not_by_answer_order(tmp_path, capsys):
     # the release would pair shuffled answers with the wrong labels; we look them up by id
     n = len(pope_questions())
