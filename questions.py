@@ -68,8 +68,8 @@ def answers_lock(path):
     """One run at a time on an answers file: two would both answer every question left, each line twice.
     A lock on the open file itself (flock, POSIX: one per open file, so the reads and appends that open
     it again keep it; elsewhere no lock), released when the run ends however it ends; a file it made
-    and left empty goes."""
-    made, f = not os.path.exists(path), None
+    and left empty goes, unless another run holds it (two started at once both saw no file)."""
+    made, f, held = not os.path.exists(path), None, False
     try:
         try:  # (inside the outer try: a Ctrl-C landing in open(), once the file is made, leaves none)
             f = open(path, "a")
@@ -85,11 +85,12 @@ def answers_lock(path):
             else:
                 raise data.DataError(f"--answers {path}: another generate.py is writing it; wait for it to end, "
                                      f"or name another file") from None
+        held = True
         yield
     finally:
         if f is not None:
             f.close()  # before the removal: an open file cannot be removed on Windows
-        if made and os.path.isfile(path) and os.path.getsize(path) == 0:
+        if made and (held or f is None) and os.path.isfile(path) and os.path.getsize(path) == 0:
             os.remove(path)
 
 

@@ -828,7 +828,7 @@ def test_answers_of_other_weights_at_the_same_path_are_not_added_to(model_dir, t
     assert code == 0 and "resuming: 2 of 3" in err and read_jsonl(a)[-1]["metadata"]["weights"] == now
 
 
-def test_a_second_run_on_one_answers_file_is_refused(model_dir, tmp_path, capsys):
+def test_a_second_run_on_one_answers_file_is_refused(model_dir, tmp_path, capsys, monkeypatch):
     # two runs on one --answers both answered every question: each line twice, then a rerun refused the file
     fcntl = pytest.importorskip("fcntl")
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
@@ -844,6 +844,22 @@ def test_a_second_run_on_one_answers_file_is_refused(model_dir, tmp_path, capsys
     q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2}\n')
     code, _, err = answers_run(capsys, model_dir, q, tmp_path / "new.jsonl")
     assert code == 1 and "line 2" in err and not (tmp_path / "new.jsonl").exists()
+    # two runs started at once on a new file: both saw none, the other locked it first; the refused one
+    # deleted it as an empty file of its own making, and the other's answers went to a file no longer there
+    import builtins
+
+    import questions
+    b, other = tmp_path / "b.jsonl", []
+
+    def the_other_first(path, mode="r", *args, **kw):
+        if not other and str(path) == str(b):
+            other.append(builtins.open(b, "a"))
+            fcntl.flock(other[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return builtins.open(path, mode, *args, **kw)
+    monkeypatch.setattr(questions, "open", the_other_first, raising=False)
+    code, _, err = answers_run(capsys, model_dir, q, b)
+    assert code == 1 and "another generate.py is writing it" in err and b.exists(), err
+    other[0].close()
 
 
 def test_answers_file_is_not_the_questions_file(model_dir, tmp_path, capsys):
