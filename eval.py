@@ -154,6 +154,11 @@ def words(text):
     return " ".join(text.split())
 
 
+def opens(prompt, question):
+    """Whether the prompt's first words are the question's (words: the spacing is not compared)."""
+    return (words(prompt) + " ").startswith(words(question) + " ")
+
+
 def need(obj, key, path, what, kind=None, each=None):
     """obj[key] (an instance of kind, a type or a tuple of them, if given; a list of instances of each,
     if that is given), or one line saying the file does not have the expected layout."""
@@ -205,19 +210,17 @@ def write_new(path, write, mode="w"):
     caller has checked, with its own message."""
     outputs.append(path)
     tmp = f"{path}.{os.getpid()}.tmp"
-    if os.path.lexists(tmp):  # not this run's: neither written over nor removed
-        raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again")
     try:
-        with open(tmp, mode.replace("w", "x")) as f:  # "x": nor over one made since
+        with open(tmp, mode.replace("w", "x")) as f:  # "x": never over a file that is there
             write(f)
         os.replace(tmp, path)
+    except FileExistsError:  # not this run's: neither written over nor removed
+        raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again") from None
     except BaseException as e:
         # nothing partial is left, whatever stopped it: a Ctrl-C or SIGTERM may land inside open(), once the file
-        # is made but before `f` is, so it goes by its name (it was not there before; FileExistsError: it was)
-        if not isinstance(e, FileExistsError) and os.path.lexists(tmp):
+        # is made but before `f` is, so it goes by its name (it was not there before)
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        if isinstance(e, FileExistsError):
-            raise EvalError(f"{tmp} exists (from a run that stopped?); delete it and run again") from None
         if isinstance(e, OSError):
             folder = "; does its folder exist?" if isinstance(e, FileNotFoundError) else ""
             raise EvalError(f"{path}: cannot write it ({e.strerror}){folder}") from None
@@ -429,13 +432,14 @@ def vqa_submission(args, bench):
     # generate.py and model_vqa_loader.py write the question's text as the prompt, exactly: VizWiz answers the
     # file read here. VQAv2 answers llava_vqav2_mscoco_test-dev2015.jsonl, and test2015's is read: made by one
     # conversion, presumably, but not checkable here, so only the question (its first line) must open the prompt
-    source = args.questions if bench == "vizwiz" else "llava_vqav2_mscoco_test-dev2015.jsonl"
     for qid, (n, a) in answers.items():
         if qid not in asked:
             raise unknown(args.answers, n, qid, args.questions)
-        question = asked[qid] if bench == "vizwiz" else words(asked[qid].split("\n")[0])
-        if not (a["prompt"] == question if bench == "vizwiz" else (words(a["prompt"]) + " ").startswith(question + " ")):
-            raise another_question(args.answers, n, a, args.questions, question, source)
+        if bench == "vizwiz" and a["prompt"] != asked[qid]:
+            raise another_question(args.answers, n, a, args.questions, asked[qid], args.questions)
+        question = words(asked[qid].split("\n")[0])
+        if bench == "vqav2" and not opens(a["prompt"], question):
+            raise another_question(args.answers, n, a, args.questions, question, "llava_vqav2_mscoco_test-dev2015.jsonl")
     missing = [q["question_id"] for _, q in questions if q["question_id"] not in answers]
     if bench == "vizwiz" and missing:
         raise EvalError(f"{args.answers}: {len(missing)} of {len(questions)} VizWiz questions have no answer "
@@ -481,7 +485,7 @@ def run_gqa(args):
         # LLaVA's llava_gqa_testdev_balanced.jsonl, which generate.py answers, asks the question and then
         # the answer-format line: the prompt's first words must be the question's
         question = words(need(questions[qid], "question", args.questions, f"question {qid!r}", str))
-        if not (words(a["prompt"]) + " ").startswith(question + " "):
+        if not opens(a["prompt"], question):
             raise another_question(args.answers, n, a, args.questions, question,
                                    "LLaVA's llava_gqa_testdev_balanced.jsonl")
     scores = defaultdict(list)
@@ -850,7 +854,7 @@ def run_seed(args):
             raise unknown(args.answers, n, qid, args.annotations)
         # LLaVA's llava-seed-bench.jsonl asks the question, then its options and the letter instruction
         question = words(need(by_id[qid], "question", args.annotations, f"question {qid!r}", str))
-        if not (words(a["prompt"]) + " ").startswith(question + " "):
+        if not opens(a["prompt"], question):
             raise another_question(args.answers, n, a, args.annotations, question, "LLaVA's llava-seed-bench.jsonl")
     count, correct, answered = defaultdict(int), defaultdict(int), 0
     for q in image:

@@ -116,7 +116,7 @@ if __name__ == "__main__" and any(a.split("=")[0] == "--preset" for a in sys.arg
     sys.exit()
 
 p = failures.Parser(description=__doc__.split("\n")[0],
-           epilog="The CPU demo (demo.py): python train.py --preset demo; its own flags: --preset demo --help")
+                    epilog="The CPU demo (demo.py): python train.py --preset demo; its own flags: --preset demo --help")
 p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                help="1: projector (and fusion) on caption pairs; 2: instruction tuning with the MR-Adapters")
 p.add_argument("--data", help="LLaVA json / jsonl (required unless --dry-run)")
@@ -772,7 +772,8 @@ for step in range(start_step, stop_step):
         except data.DataError as e:  # a record found bad as it loads
             bar.close()
             way = way_on("fix or drop it, or pass --skip-bad to skip such records")
-            leave(f"error: step {step + 1}: {failures.said(e)}; {way}", own=True)  # this rank's record: torchrun ends the rest
+            # this rank's record: torchrun ends the rest
+            leave(f"error: step {step + 1}: {failures.said(e)}; {way}", own=True)
         # DDP: average gradients across ranks only once, after the last micro-batch
         sync = model.no_sync() if isinstance(model, DDP) and k < accum - 1 else nullcontext()
         with sync, autocast:
