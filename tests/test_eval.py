@@ -1101,16 +1101,9 @@ def eval_where(where, n, then, argv, env=None):
     first runs the statement `then` (os and signal imported); env: more environment variables."""
     import subprocess
     import sys
-    code = (f"import os, runpy, signal, sys, {where.split('.')[0]}\n"
-            f"f, calls = {where}, []\n"
-            "def at_n(*a, **kw):\n"
-            "    calls.append(1)\n"
-            f"    if len(calls) == {n}:\n"
-            f"        {then}\n"
-            "    return f(*a, **kw)\n"
-            f"{where} = at_n\n"
-            f"sys.argv = ['eval.py', *sys.argv[1:]]\n"
-            f"runpy.run_path('eval.py', run_name='__main__')")
+
+    from at_call import at_call
+    code = at_call("eval.py", where, n, then)
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, **(env or {})))
 

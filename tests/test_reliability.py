@@ -29,6 +29,7 @@ from PIL import Image
 import data
 import generate
 import mra
+from at_call import at_call
 from llama import Llama, LlamaConfig
 from test_data import conv, records, train_spm, write_dataset
 from test_generate import images, model_dir, run_cli  # noqa: F401 -- fixtures
@@ -1199,16 +1200,8 @@ def test_generate_stopped_says_what_is_kept(model_dir, images, tmp_path):  # noq
     q.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(4)))
     argv = batch_argv(model_dir, images, q, a)
     for sig, status, said, at in [("SIGTERM", 143, "terminated", 1), ("SIGINT", 130, "interrupted", 3)]:
-        code = ("import os, runpy, signal, sys\n"
-                "import mra\n"
-                "prefill, calls = mra.LlavaHR.prefill, []\n"
-                "def stop(*a, **kw):  # the signal arrives as this question is asked\n"
-                "    calls.append(1)\n"
-                f"    if len(calls) == {at}: os.kill(os.getpid(), signal.{sig})\n"
-                "    return prefill(*a, **kw)\n"
-                "mra.LlavaHR.prefill = stop\n"
-                "sys.argv = ['generate.py', *sys.argv[1:]]\n"
-                "runpy.run_path('generate.py', run_name='__main__')")
+        # the signal arrives as question `at` is asked
+        code = at_call("generate.py", "mra.LlavaHR.prefill", at, f"os.kill(os.getpid(), signal.{sig})")
         r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
         answered = len(a.read_text().splitlines()) if a.exists() else 0
@@ -1272,16 +1265,7 @@ def test_ctrl_c_under_torchrun_is_said_once(env, tmp_path):
 def train_where(where, n, then, argv, ranks=None):
     """train.py in a process of its own (or `ranks` under torchrun), where the n-th call of `where`
     (module.attribute) first runs the statement `then` (os, signal and torch imported)."""
-    code = (f"import os, runpy, signal, sys, torch, {where.split('.')[0]}\n"
-            f"f, calls = {where}, []\n"
-            "def at_n(*a, **kw):\n"
-            "    calls.append(1)\n"
-            f"    if len(calls) == {n}:\n"
-            f"        {then}\n"
-            "    return f(*a, **kw)\n"
-            f"{where} = at_n\n"
-            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
-            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    code = at_call(TRAIN, where, n, then, imports=["torch"])
     if ranks:
         with open(f"{argv[argv.index('--out') + 1]}.py", "w") as f:  # torchrun runs a file, which imports from
             f.write(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + code)  # its own directory
