@@ -89,6 +89,8 @@ def read_config(path, parse=lambda d: d):
         raise CheckpointError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     except KeyError as e:
         raise CheckpointError(f"{path}: the field {e} is missing") from None
+    except OSError as e:  # gone since it was found, a directory, no permission
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     except (TypeError, ValueError, AssertionError, AttributeError) as e:  # unknown fields, bad values, not text
         raise CheckpointError(f"{path}: not a valid config ({e or type(e).__name__})") from None
 
@@ -149,10 +151,12 @@ def safetensors_files(path):
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    named = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    found = [f for f in named if os.path.isfile(f)]
     if not found:
-        raise CheckpointError(f"{path}: no model.safetensors, shard index, or *.safetensors file")
-    return _all_shards(path, [os.path.join(path, f) for f in found])
+        folder = next((f" ({f} is a directory, not a file)" for f in named), "")
+        raise CheckpointError(f"{path}: no model.safetensors, shard index, or *.safetensors file{folder}")
+    return _all_shards(path, found)
 
 
 def bin_files(path):
@@ -162,7 +166,7 @@ def bin_files(path):
         return files
     # training_args.bin and mm_projector.bin are not weights of the whole model
     return _all_shards(path, [os.path.join(path, f) for f in sorted(os.listdir(path))
-                              if re.fullmatch(r"pytorch_model.*\.bin", f)])
+                              if re.fullmatch(r"pytorch_model.*\.bin", f) and os.path.isfile(os.path.join(path, f))])
 
 
 def checkpoint_files(path):

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from weights import (CheckpointError, checkpoint_files, convert_bin, fingerprint, load_state, read_bin, read_checkpoint, read_safetensors, remap,
-                     write_safetensors)
+from weights import (CheckpointError, checkpoint_files, convert_bin, fingerprint, load_state, read_bin, read_checkpoint,
+                     read_config, read_safetensors, remap, write_safetensors)
 
 TABLE = [("enc.layers.{i}.fc.weight", "blocks.{i}.weight"),
          ("enc.layers.{i}.fc.bias", "blocks.{i}.bias")]
@@ -115,6 +115,21 @@ def test_truncated_and_missing_files(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(CheckpointError, match=r"empty: no model\.safetensors"):
         read_safetensors(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin", "config.json"])
+def test_a_directory_where_a_checkpoint_file_belongs_is_named(tmp_path, name):
+    """A folder left where a file should be (an unpacked download, say): named as one, not torch's or
+    the OS's words ("No such device") about the reading that fails."""
+    os.makedirs(tmp_path / "m" / name)
+    with pytest.raises(CheckpointError) as e:
+        read_config(str(tmp_path / "m" / "config.json")) if name == "config.json" else read_checkpoint(str(tmp_path / "m"))
+    want = {"model.safetensors": f"{tmp_path / 'm'}: no model.safetensors, shard index, or *.safetensors file "
+                                 f"({tmp_path / 'm' / name} is a directory, not a file)",
+            "pytorch_model.bin": f"{tmp_path / 'm'}: no model.safetensors, pytorch_model.bin, shard index, or "
+                                 f"*.safetensors file: not a checkpoint directory",
+            "config.json": f"{tmp_path / 'm' / name}: cannot be read (Is a directory)"}[name]
+    assert str(e.value) == want
 
 
 def test_write_safetensors_streams_what_save_file_writes(tmp_path):
