@@ -654,7 +654,9 @@ def save_errors(step, tmp):
         why = (str(e).splitlines() or [type(e).__name__])[0]
         if "inline_container" in why or "PytorchStreamWriter" in why:  # torch.save's words for a file cut short
             why = "a file could not be written in full"
-        raise SystemExit(f"error: step {step}: saving to {tmp} failed ({why}); {way_on('a full disk?')}") from None
+        # the memory runs out here gathering the full state on rank 0 (or merging a LoRA run's model)
+        cause = "more free memory" if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else "a full disk?"
+        raise SystemExit(f"error: step {step}: saving to {tmp} failed ({why}); {way_on(cause)}") from None
 
 
 def merged_state(step, adapters):

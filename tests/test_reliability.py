@@ -1274,6 +1274,16 @@ def train_where(where, n, then, argv, ranks=None):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
 
+def test_memory_running_out_mid_save_is_not_called_a_full_disk(env, tmp_path):
+    out = tmp_path / "run"
+    r = train_where("runs.write_train_state", 2, "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate "
+                    "2.00 GiB')", args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1))
+    assert one_line(r) == (f"error: step 2: saving to {out / 'ckpt'}.tmp failed (CUDA out of memory. Tried to allocate "
+                           f"2.00 GiB); the last checkpoint {out / 'ckpt'} is untouched; once the cause is fixed (more "
+                           f"free memory), --resume continues from it")
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
+
+
 @pytest.mark.parametrize("sig, status, said", STOPS)
 def test_sigterm_mid_save_is_ctrl_c_and_the_run_resumes(env, tmp_path, sig, status, said):
     # a signal while the second checkpoint is written: the first stays, and --resume goes on from it (SIGTERM
