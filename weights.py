@@ -600,12 +600,18 @@ def convert_bin(src, dst):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "convert":
-        sys.exit("usage: python weights.py convert SRC_DIR_WITH_BIN_SHARDS DST_DIR")
+    p = failures.Parser(description="Convert a released PyTorch .bin checkpoint to safetensors once (a "
+                        ".bin loads as it is too, read through torch.load(weights_only=True) each time).")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="SRC_DIR -> DST_DIR")
+    c.add_argument("src", metavar="SRC_DIR", help="pytorch_model*.bin shards (with their index, if any) or a stage-1 "
+                   "mm_projector.bin, and the config files")
+    c.add_argument("dst", metavar="DST_DIR", help="a new directory (it appears whole or not at all)")
+    args = p.parse_args()
     failures.handling()
     try:
-        print(convert_bin(sys.argv[2], sys.argv[3]))
+        print(convert_bin(args.src, args.dst))
     except KeyboardInterrupt as e:
-        sys.exit(interrupted(sys.argv[3], type(e)))
+        sys.exit(interrupted(args.dst, type(e)))
     except (CheckpointError, OSError) as e:  # nothing is left behind: the output appears whole or not at all
         sys.exit(f"error: {e}")

@@ -1010,6 +1010,13 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
         pickle.dump(Namespace(x=1), f)  # an object, not tensors: the unpickler must refuse it
     assert "refused, not a plain weights file" in one_line(conv_(src, tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    # its flags through argparse, as every other command's: --help is help (it was a usage line, status 1)
+    cmd = lambda *a: subprocess.run([sys.executable, "weights.py", *a], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    r = cmd("convert", str(src))
+    assert r.returncode == 2 and one_line(r) == "weights.py convert: error: the following arguments are required: " \
+                                                "DST_DIR (see --help)"
+    r = cmd("--help")
+    assert r.returncode == 0 and "convert" in r.stdout and not r.stderr
     (src / "pytorch_model-00002-of-00002.bin").unlink()
     torch.save({"b": torch.zeros(3)}, src / "pytorch_model-00002-of-00002.bin")
     r = conv_(src, tmp_path / "out")
