@@ -1178,6 +1178,21 @@ def test_ctrl_c_or_sigterm_while_torch_imports_is_one_line(tmp_path, sig, status
     assert r.returncode == (status if sig == "SIGINT" or not rank else -signal.SIGTERM) and os.listdir(tmp_path) == []
 
 
+def test_debug_keeps_the_traceback_of_a_ctrl_c_while_torch_imports(tmp_path):
+    # --debug is for finding where a stop lands: the one line gives way to Python's own traceback
+    code = ("import os, runpy, signal, sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, *a):\n"
+            "        if name == 'torch': os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            f"sys.argv = [{TRAIN!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({TRAIN!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, "--stage", "2", "--out", str(tmp_path / "run"), "--debug"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.stderr.startswith("Traceback (most recent call last):") and r.stderr.endswith("KeyboardInterrupt\n")
+    assert "nothing was saved" not in r.stderr and os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("sig, status, said", STOPS)
 @pytest.mark.parametrize("script, argv", [
     ("generate.py", ["--model", "m", "--prompt", "Hi"]),
@@ -1335,6 +1350,9 @@ ROOM = "a smaller --batch-size or --grad-checkpoint; --dry-run shows the plan"  
     ("data.collate", 1, "os._exit(3)",  # a worker ended otherwise: not put down to memory
      r"error: step 1: DataLoader worker \(pid \d+\) exited unexpectedly with exit code 3; no checkpoint kept; once "
      r"the cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over", ()),
+    ("data.collate", 1, "os.kill(os.getpid(), signal.SIGABRT)",  # killed by another signal: not memory either
+     r"error: step 1: DataLoader worker \(pid \d+\) is killed by signal: Aborted; no checkpoint kept; once the "
+     r"cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over", ()),
 ])
 def test_the_machine_running_out_is_one_line(env, tmp_path, where, n, then, said, extra):
     # out of memory (the host's, a GPU's) or a DataLoader worker killed: a traceback, as a bug's, it was
