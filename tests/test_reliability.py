@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 import data
+import failures
 import generate
 import mra
 from at_call import at_call
@@ -1376,6 +1377,18 @@ def test_a_rank_out_of_memory_under_torchrun_is_said_by_it_and_rank_0_alone(env,
     assert said[:-1] in ([], ["[rank0]: error: step 2: another process of the run ended (its own line says why); "
                               + ended % "see that line"]), r.stderr[-3000:]
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("err", [
+    RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500"),
+    RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for "
+                 "recv operation to complete\nConnection reset by peer"),
+    torch.distributed.DistNetworkError("failed to recv, got 0 bytes")])
+def test_a_peer_gone_is_told_from_a_bug_only_under_torchrun(err):
+    # the line the test above may not see: torchrun's SIGTERM can end rank 0 before it speaks
+    assert failures.machine_failure(err, ["a smaller --batch-size"], distributed=True) == (
+        "peer", "another process of the run ended (its own line says why)", "see that line")
+    assert failures.machine_failure(err, ["a smaller --batch-size"], distributed=False) is None  # one process: a bug's
 
 
 def test_a_runtime_error_of_a_bug_keeps_its_traceback(env, tmp_path):
