@@ -828,6 +828,28 @@ def test_answers_of_other_weights_at_the_same_path_are_not_added_to(model_dir, t
     assert code == 0 and "resuming: 2 of 3" in err and read_jsonl(a)[-1]["metadata"]["weights"] == now
 
 
+def test_answers_begun_before_the_weights_were_recorded_are_not_added_to_from_another_path(model_dir, tmp_path,
+                                                                                           capsys):
+    # such a file names its model by path alone: at another path, whether the weights are the same is unknown,
+    # so it is another model's file, refused; not "the same weights moved", resumed (only a recorded
+    # fingerprint can say that)
+    q, a, other = tmp_path / "q.jsonl", tmp_path / "a.jsonl", tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2, "text": "Bye"}\n')
+    assert answers_run(capsys, model_dir, q, a)[0] == 0
+    lines = read_jsonl(a)
+    for line in lines:
+        del line["metadata"]["weights"]
+    a.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    q.write_text(q.read_text() + '{"question_id": 3, "text": "Why?"}\n')
+    kept = a.read_bytes()
+    code, _, err = answers_run(capsys, other, q, a)
+    was, now = os.path.realpath(model_dir), os.path.realpath(other)
+    assert code == 1 and err == f"error: {a} line 1: answered by a run with other settings (model {was!r}, now " \
+        f"{now!r}): the two would mix in one file; name a new file for --answers, or run as before\n", err
+    assert a.read_bytes() == kept
+
+
 def test_a_second_run_on_one_answers_file_is_refused(model_dir, tmp_path, capsys, monkeypatch):
     # two runs on one --answers both answered every question: each line twice, then a rerun refused the file
     fcntl = pytest.importorskip("fcntl")
@@ -844,6 +866,10 @@ def test_a_second_run_on_one_answers_file_is_refused(model_dir, tmp_path, capsys
     q.write_text('{"question_id": 1, "text": "Hi"}\n{"question_id": 2}\n')
     code, _, err = answers_run(capsys, model_dir, q, tmp_path / "new.jsonl")
     assert code == 1 and "line 2" in err and not (tmp_path / "new.jsonl").exists()
+    # ...but an empty file the user made (touch a.jsonl) is theirs, and kept
+    (tmp_path / "mine.jsonl").write_bytes(b"")
+    code, _, err = answers_run(capsys, model_dir, q, tmp_path / "mine.jsonl")
+    assert code == 1 and "line 2" in err and (tmp_path / "mine.jsonl").read_bytes() == b"", err
     # two runs started at once on a new file: both saw none, the other locked it first; the refused one
     # deleted it as an empty file of its own making, and the other's answers went to a file no longer there
     import builtins

@@ -1238,6 +1238,24 @@ def test_generate_stopped_says_what_is_kept(model_dir, images, tmp_path):  # noq
     assert sorted(json.loads(line)["question_id"] for line in a.read_text().splitlines()) == [0, 1, 2, 3]
 
 
+def test_generate_killed_keeps_every_answer_it_finished(model_dir, images, tmp_path, capsys):  # noqa: F811
+    # SIGKILL (the OOM killer, kill -9) runs no handler and flushes nothing: the answers file is written
+    # unbuffered, so each answer finished is on the disk, whole, and a rerun asks only the rest (written
+    # through a buffer, the answers of a killed run were lost with it, or left cut short)
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text("".join(json.dumps(dict(question_id=i, text=f"Say {i}.")) + "\n" for i in range(4)))
+    argv = [*batch_argv(model_dir, images, q, a), "--batch-size", 1]
+    code = at_call("generate.py", "mra.LlavaHR.prefill", 3, "os.kill(os.getpid(), signal.SIGKILL)")  # as question 3
+    r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    text = a.read_text()
+    assert text.endswith("\n") and [json.loads(line)["question_id"] for line in text.splitlines()] == [0, 1], text
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and "resuming: 2 of 4 questions already answered" in err and "dropped" not in err, err
+    assert a.read_text().startswith(text) and len(a.read_text().splitlines()) == 4
+
+
 def test_a_hidden_scratch_directory_is_never_the_name_said(tmp_path, monkeypatch):
     # a directory that cannot be written in (read-only here, as a root test run writes anywhere): said of the
     # directory the user named, not of the hidden one new_directory fills ("[Errno 30] Read-only file system:

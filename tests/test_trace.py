@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import generate
 import mra
 import trace_image
@@ -73,6 +74,17 @@ def test_trace_cli_on_our_checkpoint(model_dir, images, tmp_path, capsys):  # no
                      (tmp_path / "x.xbm", "cannot write the picture as XBM")):  # PIL knows XBM, writes no RGB in it
         code, out, err = run_cli(capsys, "--model", model_dir, "--image", images[0], "--trace", bad)
         assert code == 1 and err.count("\n") == 1 and f"--trace {bad}: " in err and why in err and out == "", err
+
+
+def test_a_picture_that_cannot_be_opened_is_one_line_and_nothing_is_removed(tmp_path):
+    # open() itself failing (its folder gone while the model ran, or made read-only) made no file: nothing is
+    # removed (a removal of the file never made raised its own FileNotFoundError in place of the one line)
+    picture = tmp_path / "gone" / "x.png"
+    with pytest.raises(data.DataError) as e:
+        trace_image.write_new(Image.new("RGB", (8, 8)), str(picture))
+    assert str(e.value) == f"--trace {picture}: cannot be written (No such file or directory), and nothing is left " \
+        f"there; free some space, or name another place"
+    assert not (tmp_path / "gone").exists()
 
 
 def release_trace(path, tmp_path, capsys):
