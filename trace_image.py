@@ -6,6 +6,7 @@ the projector, the prompt and the spliced LLM input), so the numbers are the mod
 `paths_picture` draws what each path sees of the image (README: examples/paths.png), and
 `write_new` writes it as a new file.
 """
+import errno
 import io
 import math
 import os
@@ -123,5 +124,6 @@ def write_new(picture, path):
             os.remove(path)
         if not isinstance(e, OSError):
             raise
+        way = "free some space, or name another place" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "name another place"
         raise data.DataError(f"--trace {path}: cannot be written ({e.strerror or e}), and nothing is left there; "
-                             f"free some space, or name another place") from None
+                             f"{way}") from None
