@@ -989,6 +989,80 @@ def test_scienceqa_finds_the_question_after_its_hint(tmp_path, capsys, prompt):
     fails(capsys, argv, "answers.jsonl:1: question_id '1' is 'Question?' in ", "problems.json, but this answer's")
 
 
+
+def first_prompt(path, prompt):
+    """The answers file at `path` with its first answer's prompt made `prompt`."""
+    rewrite_answers(path, lambda ls: [json.dumps(dict(json.loads(ls[0]), prompt=prompt))] + ls[1:])
+
+
+@pytest.mark.parametrize("bench", ["gqa", "vqav2-test"])
+def test_a_question_opens_a_prompt_only_at_a_word_boundary(tmp_path, capsys, bench):
+    # opens() compares words: "Is there a cat" is no question "Is there a cathedral ..." opens with
+    argv = {"gqa": write_gqa, "vqav2-test": write_vqav2_test}[bench](tmp_path)
+    if bench == "gqa":
+        edit_json(argv[4], lambda q: q[GQA[0][0]].update(question="Is there a cat"))
+        qid, source = GQA[0][0], "LLaVA's llava_gqa_testdev_balanced.jsonl"
+    else:
+        rewrite_answers(argv[4], lambda ls: [json.dumps(dict(json.loads(ls[0]), text="Is there a cat" + SHORT))]
+                        + ls[1:])
+        qid, source = VQAV2_TEST[0][0], "llava_vqav2_mscoco_test-dev2015.jsonl"
+    for prompt in ("Is there a cat" + SHORT, "Is there a cat"):  # the question, then more; or the question alone
+        first_prompt(argv[2], prompt)
+        rc, _, err = run(capsys, *argv)
+        assert rc == 0, err
+        if bench != "gqa":
+            os.remove(tmp_path / "upload.json")
+    first_prompt(argv[2], "Is there a cathedral in the picture?" + SHORT)
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and err == (f"error: {argv[2]}:1: question_id {qid!r} is 'Is there a cat' in {argv[4]}, but this "
+                               f"answer's prompt is 'Is there a cathedral in the picture?\\nAnswer the qu'...; these "
+                               f"answers are to another question file: generate them from {source}\n"), err
+
+
+@pytest.mark.parametrize("bench", ["pope", "vizwiz"])
+def test_pope_and_vizwiz_prompts_are_their_question_exactly(tmp_path, capsys, bench):
+    # generate.py writes the question's text as the prompt, whole: one that only opens with it is another question
+    argv = dict(pope=write_pope, vizwiz=write_vizwiz)[bench](tmp_path)
+    first_prompt(argv[2], json.loads(open(argv[4]).readline())["text"] + "\nThink step by step.")
+    # the question and the prompt, both shown by their first 50 characters, which they share
+    qid, shown = (1, "'Is there a dog in the image?\\nAnswer the question u'...") if bench == "pope" else \
+        (0, "'q\\nAnswer the question using a single word or phras'...")
+    rc, _, err = run(capsys, *argv)
+    assert rc == 1 and err == (f"error: {argv[2]}:1: question_id {qid} is {shown} in {argv[4]}, but this answer's "
+                               f"prompt is {shown}; these answers are to another question file: generate them from "
+                               f"{argv[4]}\n"), err
+    assert not (tmp_path / "upload.json").exists()
+
+
+def test_vqav2_test_compares_only_the_questions_first_line(tmp_path, capsys):
+    # generate.py answers test-dev's question file, and test2015's is read: after the question, they may differ
+    argv = write_vqav2_test(tmp_path)
+    first_prompt(argv[2], "q\nAnswer in one word.")
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0 and json.load(open(tmp_path / "upload.json")) == VQAV2_UPLOAD, err
+
+
+@pytest.mark.parametrize("question, prompt, found", [
+    ("Which of these  is a mammal?", "Context: a hint\nWhich of these\nis a mammal?\nA. x\nB. y", True),
+    ("Which of these\nis a mammal?", "<image>\nWhich of  these is a mammal?\nA. x\nB. y", True),
+    ("Is this a cat", "Context: a hint\nIs this a caterpillar?\nA. x\nB. y", False),  # inside a longer word
+    ("hat is it?", "Context: a hint\nWhat is it?\nA. x\nB. y", False)])
+def test_scienceqa_compares_the_question_by_its_words(tmp_path, capsys, question, prompt, found):
+    # LLaVA's conversion respaces the question (its line breaks, its double spaces), and a word is not a part of one
+    argv = write_sqa(tmp_path)
+    edit_json(tmp_path / "problems.json", lambda p: p["1"].update(question=question))
+    first_prompt(argv[2], prompt)
+    rc, _, err = run(capsys, *argv)
+    if found:
+        assert rc == 0, err
+    else:
+        problems = tmp_path / "problems.json"
+        assert rc == 1 and err == (f"error: {argv[2]}:1: question_id '1' is {question!r} in {problems}, but this "
+                                   f"answer's prompt is {prompt!r}; these answers are to another question file: "
+                                   f"generate them from the file eval.py scienceqa-questions makes of "
+                                   f"llava_test_CQM-A.json\n"), err
+
+
 def test_two_answers_to_one_question(tmp_path, capsys):
     argv = write_vqav2(tmp_path)
     rewrite_answers(argv[2], lambda ls: ls + [ls[1]])
@@ -1473,3 +1547,17 @@ def test_outputs_never_write_over_a_users_tmp_file(tmp_path, capsys):
     assert all((tmp_path / name).read_text() == "mine" for name in ("up.xlsx.tmp", "mmb.jsonl.tmp"))
     assert not [f for f in os.listdir(tmp_path) + os.listdir(tmp_path / "img") if f.endswith(".tmp")
                 and f not in ("up.xlsx.tmp", "mmb.jsonl.tmp")]
+
+
+
+@pytest.mark.parametrize("mode", ["w", "wb"])
+def test_a_leftover_tmp_of_this_process_is_refused_and_kept(tmp_path, monkeypatch, mode):
+    # PATH.PID.tmp is made with "x": one already there (a run with this pid that stopped) is neither written over
+    # nor removed, and the output is not written
+    monkeypatch.setattr(ev, "outputs", [])
+    path, tmp = tmp_path / "up.json", tmp_path / f"up.json.{os.getpid()}.tmp"
+    tmp.write_text("mine")
+    with pytest.raises(ev.EvalError) as e:
+        ev.write_new(str(path), lambda f: f.write("new" if mode == "w" else b"new"), mode)
+    assert str(e.value) == f"{tmp} exists (from a run that stopped?); delete it and run again"
+    assert tmp.read_text() == "mine" and not path.exists() and os.listdir(tmp_path) == [tmp.name]
