@@ -989,7 +989,6 @@ def test_scienceqa_finds_the_question_after_its_hint(tmp_path, capsys, prompt):
     fails(capsys, argv, "answers.jsonl:1: question_id '1' is 'Question?' in ", "problems.json, but this answer's")
 
 
-
 def first_prompt(path, prompt):
     """The answers file at `path` with its first answer's prompt made `prompt`."""
     rewrite_answers(path, lambda ls: [json.dumps(dict(json.loads(ls[0]), prompt=prompt))] + ls[1:])
@@ -1250,7 +1249,6 @@ def test_scienceqa_questions_for_generate(tmp_path, capsys):
     suffix = "\nAnswer with the option's letter from the given choices directly."
     assert rc == 0 and rows == [dict(question_id="5", text="Context: x\nWhich?\nA. a\nB. b" + suffix, image="5/image.png"),
                                 dict(question_id="4", text="Which?\nA. a\nB. b" + suffix)]
-
 
 
 @pytest.mark.parametrize("items, message", [
@@ -1547,7 +1545,6 @@ def test_outputs_never_write_over_a_users_tmp_file(tmp_path, capsys):
     assert all((tmp_path / name).read_text() == "mine" for name in ("up.xlsx.tmp", "mmb.jsonl.tmp"))
     assert not [f for f in os.listdir(tmp_path) + os.listdir(tmp_path / "img") if f.endswith(".tmp")
                 and f not in ("up.xlsx.tmp", "mmb.jsonl.tmp")]
-
 
 
 @pytest.mark.parametrize("mode", ["w", "wb"])
