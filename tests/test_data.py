@@ -418,13 +418,20 @@ def test_dataset_items_and_collate(tmp_path, tok, hf, jsonl):
             torch.testing.assert_close(item["image"], preprocess(img, 32, "crop"))
         else:
             assert item["image"] is None
-    batch = data.collate([ds[0], ds[1], ds[2]], tok.pad_id)
-    T = max(len(ds[i]["input_ids"]) for i in range(3))
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["pad_mask"].shape == (3, T)
-    assert batch["images"].shape == (2, 3, 32, 32)  # rows 0 and 2 hold an image, row 1 none
-    n1 = len(ds[1]["input_ids"])
-    assert (batch["input_ids"][1, n1:] == tok.pad_id).all() and (batch["labels"][1, n1:] == IGNORE).all()
-    assert batch["pad_mask"][1, :n1].all() and not batch["pad_mask"][1, n1:].any()
+    lengths = [len(ds[i]["input_ids"]) for i in range(3)]
+    T = max(lengths)
+    assert sum(n < T for n in lengths) == 2  # rows 0 and 2 are padded (row 1, the longest, is not)
+    for pad_id in (tok.pad_id, 7):  # <unk>, 0, as LLaVA pads; and an id no zero-fill would give
+        batch = data.collate([ds[0], ds[1], ds[2]], pad_id)
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["pad_mask"].shape == (3, T)
+        for r, n in enumerate(lengths):  # right padding: the row first, then pad_id, -100, False
+            assert batch["input_ids"][r, :n].tolist() == ds[r]["input_ids"].tolist()
+            assert batch["labels"][r, :n].tolist() == ds[r]["labels"].tolist()
+            assert (batch["input_ids"][r, n:] == pad_id).all() and (batch["labels"][r, n:] == IGNORE).all()
+            assert batch["pad_mask"][r, :n].all() and not batch["pad_mask"][r, n:].any()
+        # rows 0 and 2 hold an image, row 1 none: the images in row order, each with its own row
+        assert batch["images"].shape == (2, 3, 32, 32) and not torch.equal(ds[0]["image"], ds[2]["image"])
+        assert torch.equal(batch["images"][0], ds[0]["image"]) and torch.equal(batch["images"][1], ds[2]["image"])
 
 
 def test_plain_dataset_crops(tmp_path, tok, hf):
@@ -448,6 +455,23 @@ def test_truncation(tmp_path, tok):
     # nothing left to learn after truncation: refused, never a sample of pure -100
     with pytest.raises(DataError, match=r"record 0 \(id a\): no answer tokens left within 10 tokens$"):
         LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, max_len=10)[0]
+
+
+def test_an_image_placeholder_truncated_away_is_refused_naming_its_record(tmp_path, tok):
+    # answers left within max_len, but the <image> of a later turn cut off: without this check the image
+    # would have no placeholder, and mra.splice a bare ValueError mid-run, naming no record
+    late = dict(id="e", image="3.png", conversations=conv("What is the answer?", "Yes.", "<image>\nAnd this?", "A cat."))
+    path = write_dataset(tmp_path, records()[:2] + [late] + records()[2:])
+    full = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32)[2]["input_ids"].tolist()
+    n = full.index(IMAGE_TOKEN)  # the first n tokens hold the first answer, not the placeholder
+    ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, max_len=n)
+    with pytest.raises(DataError, match=rf"^\S+data.json record 2 \(id e\): the <image> placeholder lies beyond "
+                                        rf"{n} tokens$"):
+        ds[2]
+    ds = LlavaDataset(path, str(tmp_path / "images"), tok, "vicuna_v1", 32, max_len=n, skip_bad=True)
+    item = ds[2]  # --skip-bad: replaced by the next record with an image, and counted
+    assert item["skipped"] == 1 and item["input_ids"].tolist() == ds[3]["input_ids"].tolist()
+    assert IMAGE_TOKEN in item["input_ids"].tolist() and item["image"] is not None
 
 
 BAD = [
@@ -620,3 +644,45 @@ def test_grouping_is_by_modality_alone():
     steps = order(list(range(64)))
     assert steps == order(list(range(64))[::-1])
     assert all(len({i % 4 != 0 for i in s}) == 1 for s in steps)  # still one modality per optimizer step
+
+
+def epochs_of(n, has_image, G, seed, group, epochs=3):
+    """Each epoch's order of a BatchSampler at world 1 (one micro-batch a step), one list per epoch."""
+    class DS:
+        def __len__(self):
+            return n
+    DS.has_image = has_image
+    sampler = data.BatchSampler(DS(), G, 1, 1, 0, seed=seed, epochs=epochs, group=group)
+    steps = list(sampler)
+    k = sampler.steps_per_epoch
+    return [[i for s in steps[e * k:(e + 1) * k] for i in s] for e in range(epochs)]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_batch_order_is_shuffled_anew_each_epoch_and_by_seed(group):
+    has_image = [i % 2 == 0 for i in range(48)]
+    orders = epochs_of(48, has_image, 4, seed=3, group=group)
+    assert all(sorted(o) == list(range(48)) for o in orders)  # 48 = 12 whole batches: each sample once
+    assert orders[0] != orders[1] != orders[2] != orders[0]  # each epoch its own order
+    assert epochs_of(48, has_image, 4, seed=3, group=group) == orders  # deterministic in (seed, epoch)
+    other = epochs_of(48, has_image, 4, seed=4, group=group)  # another --seed, other orders
+    assert all(a != b for a, b in zip(orders, other))
+    if not group:  # stage 1: shuffled, not the file's order
+        assert all(o != list(range(48)) for o in orders)
+
+
+def test_grouped_batches_interleave_modalities_and_shuffle_within_each():
+    # stage 2: each global batch holds one modality, but image and text batches come in a random order (not
+    # all of one kind first), and a batch is drawn at random from its modality (not consecutive records)
+    has_image = [i % 2 == 0 for i in range(64)]
+    G = 4
+    for order in epochs_of(64, has_image, G, seed=1, group=True):
+        steps = [order[s:s + G] for s in range(0, 64, G)]
+        kinds = [has_image[s[0]] for s in steps]
+        assert all(has_image[i] == k for s, k in zip(steps, kinds) for i in s) and sum(kinds) == 8
+        assert len(set(kinds[:8])) == 2  # both kinds in the first half (all of one: 2 in 12,870)
+        # within a modality: a batch is not a run of that modality's records in file order
+        rank = {i: r for want in (True, False) for r, i in enumerate(j for j in range(64) if has_image[j] == want)}
+        runs = [sorted(rank[i] for i in s) == list(range(min(rank[i] for i in s), min(rank[i] for i in s) + G))
+                for s in steps]
+        assert sum(runs) < 8, runs  # a random batch of 4 from 32 is a run with chance 29 / 35,960
