@@ -541,6 +541,40 @@ def test_errors_are_one_clean_line(model_dir, images, tmp_path, capsys):
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_sampling_flags_reach_the_sampler(model_dir, images, capsys, monkeypatch):
+    # --temperature, --top-p, --top-k and --seed as given, at every step; with no --seed, a fresh seed per run
+    # (torch's fixed default seed would give every unseeded run the same "random" answer)
+    calls = []
+
+    def recording(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
+        calls.append((temperature, top_p, top_k, generator.initial_seed()))
+        return sample(logits, temperature, top_p, generator, top_k)
+
+    sample = generate.sample
+    monkeypatch.setattr(generate, "sample", recording)
+    argv = ("--model", model_dir, "--image", images[0], "--prompt", "What?", "--max-new-tokens", 3)
+    assert run_cli(capsys, *argv, "--temperature", 0.7, "--top-p", 0.9, "--top-k", 5, "--seed", 11)[0] == 0
+    assert calls and set(calls) == {(0.7, 0.9, 5, 11)}
+    seeds = []
+    for _ in range(2):
+        calls.clear()
+        assert run_cli(capsys, *argv, "--temperature", 1)[0] == 0
+        assert len({seed for *_, seed in calls}) == 1
+        seeds.append(calls[0][3])
+    assert seeds[0] != seeds[1] and torch.initial_seed() not in seeds
+
+
+def test_a_sampled_row_with_a_non_finite_score_gets_argmaxs_pick():
+    # softmax makes such a row all NaN; a draw from it (made uniform) would pick some finite token and hide
+    # the fault: argmax's pick is the non-finite score itself, which decode_n_tokens reports
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    logits[0, 7], logits[1, 4] = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        picked = generate.sample(logits, 1.0, 0.9, g, top_k=5)
+        assert picked[:2].tolist() == [7, 4] and not logits[2, picked[2]].isinf()
+
+
 def test_non_finite_scores_stop_in_one_line_and_keep_the_answers(model, model_dir, tok, tmp_path, capsys):
     # NaN next-token scores (float16 overflowing, weights holding NaN) made argmax pick the NaN's id: an
     # empty answer, exit 0, and in batch mode "" written as every answer; sampling failed in multinomial.
