@@ -594,6 +594,27 @@ def test_fused_linears_answer_as_the_separate_ones():
     assert kernels.fuse_linears(adapted.llm) == 0 and isinstance(adapted.llm.layers[0].attn.wq, lora.LoRALinear)
 
 
+def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it():
+    # the fields LlamaConfig defaults (an eps, the RoPE base, the context, tying, the k/v heads) default as HF's do
+    required = dict(vocab_size=96, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
+    ours, hf = LlamaConfig.from_hf(required), transformers.LlamaConfig(**required)
+    assert (ours.norm_eps, ours.rope_theta, ours.max_seq_len, ours.tie_embeddings, ours.n_kv_heads) == (
+        hf.rms_norm_eps, getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"],
+        hf.max_position_embeddings, hf.tie_word_embeddings, hf.num_key_value_heads)
+
+
+def test_written_out_attention_keeps_large_scores_finite():
+    # softmax(s) = e^(s - max s) / sum: without the shift a score above ~88 overflows e^s in fp32 (NaN answers)
+    import llama
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 64, generator=g) * 40, torch.randn(2, 2, 32, 64, generator=g) * 40, \
+        torch.randn(2, 2, 32, 64, generator=g)
+    mask = llama.additive_mask((torch.arange(32) < 30)[None, None, None].expand(2, 1, 1, 32), torch.float32)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), enable_gqa=True)
+    assert ((q * k[:, :1]).sum(-1) / 8).max() > 200  # scores far past e^x's float32 range
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, mask).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_written_out_attention_is_as_accurate_as_sdpa_in_bf16():
     # scores of std 9 (LLaMA's reach 10-40 on attention-sink tokens): in bf16 the written-out attention
     # (a compiled CPU step's, kernels.decode_attention) rounded them before the softmax, 10x SDPA's error
