@@ -15,7 +15,9 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors import safe_open
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import data
 import mra
 from tokenizer import Tokenizer
 from test_data import random_image, train_spm
@@ -116,8 +118,11 @@ def test_stage1_trains_only_projector_and_fusion(env, tmp_path):
     torch.manual_seed(0)
     init = mra.build(replace(tiny(), adapters=False, image_size=64, image_aspect_ratio="crop"))
     mra.save_checkpoint(init, tmp_path / "init")
-    train(args(env, tmp_path / "s1", 1, "--init", tmp_path / "init", "--global-batch", 8, "--batch-size", 8,
-               "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0))
+    g = train(args(env, tmp_path / "s1", 1, "--init", tmp_path / "init", "--global-batch", 8, "--batch-size", 8,
+                   "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0))
+    # LLaVA-HR's released stage-1 script pre-trains on images resized and centre-cropped (the CLIP processor's
+    # way; its stage-2 script pads them to a square): the data is read so, and the checkpoint says so
+    assert g["ds"].image_aspect_ratio == "crop" == mra.load_checkpoint(tmp_path / "s1" / "ckpt").cfg.image_aspect_ratio
     loss = losses(tmp_path / "s1")
     # the LLM is random and frozen: only the visual tokens can steer it, so the loss falls
     # clearly but cannot reach zero as in stage 2
@@ -186,6 +191,107 @@ def test_lr_scales(env, tmp_path, zeroed):
     for k in learns:
         if not k.startswith(frozen):
             assert not torch.equal(before[k], after[k]), k
+
+
+@pytest.fixture(scope="module")
+def stage2(env, tmp_path_factory):
+    """One short stage-2 run with the recipe's defaults but for: a model from --init at R 64 (not the R of the
+    stage, 128 under --config tiny), a 10-step epoch with --warmup-ratio 0.25 (ceil: 3 warm-up steps, int() 2)
+    and --grad-clip 0.01 (the norm is well above, see test_gradients_are_not_clipped_by_default). Its
+    globals, its log, the images each forward saw and the gradients' norm each AdamW step saw."""
+    d = tmp_path_factory.mktemp("stage2")
+    torch.manual_seed(0)
+    mra.save_checkpoint(mra.build(replace(tiny(), adapters=True, image_size=64)), d / "init")
+    forward, images, norms = mra.LlavaHR.forward, [], []
+
+    def recording(self, input_ids, images_=None, *a, **kw):
+        images.append(None if images_ is None else tuple(images_.shape))
+        return forward(self, input_ids, images_, *a, **kw)
+
+    def stepping(opt, a, kw):  # every AdamW step, memplan's on fake tensors too: told apart by `opt` below
+        grads = [q.grad for group in opt.param_groups for q in group["params"] if q.grad is not None]
+        norms.append((opt, torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in grads]))))
+
+    hook = register_optimizer_step_pre_hook(stepping)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(mra.LlavaHR, "forward", recording)
+            g = train(args(env, d / "run", 2, "--init", d / "init", "--global-batch", 1, "--batch-size", 1,
+                           "--warmup-ratio", 0.25, "--grad-clip", 0.01, "--no-save"))
+    finally:
+        hook.remove()
+    with open(d / "run" / "log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    return g, log, images, [float(n) for opt, n in norms if opt is g["opt"]]
+
+
+def test_stage2_recipe_defaults(stage2):
+    g, log, _, _ = stage2
+    # LLaVA-HR's released stage-2 script: --image_aspect_ratio pad, --learning_rate 2e-5; it sets no Adam
+    # betas, so HF Trainer's AdamW takes TrainingArguments' defaults: betas (0.9, 0.999), eps 1e-8
+    assert g["args"].lr == 2e-5 == max(entry["lr"] for entry in log)
+    assert g["ds"].image_aspect_ratio == "pad" == g["cfg"].image_aspect_ratio
+    assert {(group["betas"], group["eps"]) for group in g["opt"].param_groups} == {((0.9, 0.999), 1e-8)}
+
+
+def test_lr_schedule_is_hfs_cosine_with_warmup(stage2):
+    # HF Trainer's lr_scheduler_type "cosine" (LLaVA's): get_cosine_schedule_with_warmup, with
+    # ceil(warmup_ratio x steps) warm-up steps (TrainingArguments.get_warmup_steps); step 0 has lr 0
+    from transformers import get_cosine_schedule_with_warmup
+    g, log, _, _ = stage2
+    assert [entry["step"] for entry in log] == list(range(1, 11))
+    hf = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=2e-5), math.ceil(0.25 * 10), 10)
+    assert [entry["lr"] for entry in log] == pytest.approx([2e-5 * hf.lr_lambdas[0](s) for s in range(10)],
+                                                           rel=1e-12, abs=0)
+
+
+def test_grad_clip_scales_the_gradients_to_its_norm(stage2):
+    # AdamW steps with the gradients clip_grad_norm_ scaled to a norm of 0.01 (x N / (N + 1e-6))
+    _, _, _, norms = stage2
+    assert norms == pytest.approx([0.01] * 10, rel=1e-5)
+
+
+def test_init_at_another_r_reads_images_at_the_models_r_and_caps_max_len(stage2):
+    # --init's model is at R 64: the data is preprocessed at its R, not at the stage's (128 under --config
+    # tiny), which the model would otherwise take (its towers resize) and train at the wrong resolution
+    g, _, images, _ = stage2
+    assert g["cfg"].image_size == 64 != g["TINY_SIZE"][2]
+    assert g["ds"].image_size == 64 and images.count((1, 3, 64, 64)) == 8 and images.count(None) == 2, images
+    # the default max length (2496, the 7B's) lowered to what fits the tiny LLM's 512 positions with an image
+    cfg = g["cfg"]
+    assert g["ds"].max_len == cfg.llm.max_seq_len - cfg.visual_tokens + 1 < data.MAX_LEN["vicuna_v1"]
+
+
+@pytest.mark.parametrize("flag", ["--freeze-vision", "--freeze-llm"])
+def test_freeze_keeps_its_part_fixed(env, tmp_path, flag):
+    # --freeze-vision: both towers (the ConvNeXt as well as the ViT); --freeze-llm: the LLM. The rest learns
+    torch.manual_seed(0)
+    init = mra.build(replace(tiny(), adapters=True, image_size=128))
+    mra.save_checkpoint(init, tmp_path / "init")
+    g = train(args(env, tmp_path / "s2", 2, "--init", tmp_path / "init", "--global-batch", 4, "--batch-size", 4,
+                   "--max-steps", 2, "--lr", 1e-2, "--warmup-ratio", 0, "--no-save", flag))
+    before, after = init.state_dict(), g["unwrapped"].state_dict()
+    frozen = ("encoder.vit.", "encoder.convnext.") if flag == "--freeze-vision" else ("llm.",)
+    assert not any(n.startswith(frozen) for n in g["trainable"])
+    for k in before:
+        if k.startswith(frozen):
+            assert torch.equal(before[k], after[k]), k
+    for k in (LLM_KEY, "projector.0.weight", "encoder.adapters.0.fast_conv.weight", "encoder.vit.blocks.0.fc1.weight",
+              "encoder.convnext.stem_conv.weight"):
+        if not k.startswith(frozen):
+            assert not torch.equal(before[k], after[k]), k
+
+
+def test_lora_projector_learns_at_a_tenth_of_the_lr(env, tmp_path):
+    # LLaVA-1.5's released finetune_lora script: --learning_rate 2e-4 and --mm_projector_lr 2e-5, a tenth
+    torch.manual_seed(0)
+    mra.save_checkpoint(mra.build(replace(tiny(), adapters=True, image_size=128)), tmp_path / "init")
+    g = train(args(env, tmp_path / "lora", 2, "--init", tmp_path / "init", "--lora-r", 4, "--global-batch", 2,
+                   "--batch-size", 2, "--max-steps", 1, "--warmup-ratio", 0, "--no-save"))
+    named = dict(g["unwrapped"].named_parameters())
+    lr = {q: group["lr"] for group in g["opt"].param_groups for q in group["params"]}
+    assert lr[named["llm.layers.0.attn.wq.lora_b"]] == 2e-4
+    assert lr[named["projector.0.weight"]] == lr[named["projector.2.bias"]] == pytest.approx(2e-5, rel=1e-12)
 
 
 def test_weight_decay_spares_biases_and_norms(env, tmp_path):
@@ -533,3 +639,16 @@ def test_dry_run_refuses_an_image_longer_than_the_llm(env, capsys):
     d, tok = env  # tiny's LLM holds 512 positions; R = 2048 gives S = 2048 / 32 * 14 = 896, a 64 x 64 grid
     with pytest.raises(ValueError, match="one image takes 4096 LLM positions at --image-size 2048, but the LLM holds 512"):
         train(["--stage", "2", "--config", "tiny", "--image-size", "2048", "--dry-run"])
+
+
+def test_dry_run_plans_the_recipes_r_per_stage(capsys, tmp_path):
+    # LLaVA-HR's released scripts: stage 1 at 384, stage 2 at 1024 (a config other than --config tiny, whose
+    # R is its own; its LLM given 2048 positions, which 1024 visual tokens fit)
+    held = tiny()
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(replace(held, llm=replace(held.llm, max_seq_len=2048)).to_dict()))
+    for stage, R in ((1, 384), (2, 1024)):
+        with pytest.raises(SystemExit) as e:
+            train(["--stage", stage, "--config", path, "--batch-size", 1, "--max-len", 40, "--dry-run"])
+        assert not e.value.code
+        assert f"one image at R={R})" in capsys.readouterr().out
