@@ -120,8 +120,9 @@ def test_stage1_trains_only_projector_and_fusion(env, tmp_path):
     mra.save_checkpoint(init, tmp_path / "init")
     g = train(args(env, tmp_path / "s1", 1, "--init", tmp_path / "init", "--global-batch", 8, "--batch-size", 8,
                    "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0))
-    # LLaVA-HR's released stage-1 script pre-trains on images resized and centre-cropped (the CLIP processor's
-    # way; its stage-2 script pads them to a square): the data is read so, and the checkpoint says so
+    # LLaVA-HR's released stage-1 script sets no --image_aspect_ratio, so it pre-trains on images resized and
+    # centre-cropped (the CLIP processor's way; its stage-2 script pads them to a square): the data is read so,
+    # and the checkpoint says so
     assert g["ds"].image_aspect_ratio == "crop" == mra.load_checkpoint(tmp_path / "s1" / "ckpt").cfg.image_aspect_ratio
     loss = losses(tmp_path / "s1")
     # the LLM is random and frozen: only the visual tokens can steer it, so the loss falls
