@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from types import SimpleNamespace
 
@@ -562,6 +563,31 @@ def test_sampling_flags_reach_the_sampler(model_dir, images, capsys, monkeypatch
         assert len({seed for *_, seed in calls}) == 1
         seeds.append(calls[0][3])
     assert seeds[0] != seeds[1] and torch.initial_seed() not in seeds
+
+
+@pytest.mark.parametrize("temperature", [0, 1])
+def test_a_padded_vocabulary_never_picks_a_row_without_text(model_dir, images, tmp_path, capsys, monkeypatch,
+                                                            temperature):
+    # an LLM with more rows than the tokenizer has pieces (a vocabulary padded to a multiple of 64, say): the rows
+    # past the pieces hold no text, so the sampler, greedy or not, is shown the pieces' scores alone
+    model = mra.load_checkpoint(str(model_dir))
+    big = mra.build(replace(model.cfg, llm=replace(model.cfg.llm, vocab_size=512)))
+    state = model.state_dict()
+    for key in ("llm.tok_embeddings.weight", "llm.output.weight"):
+        state[key] = torch.cat([state[key], torch.full((12, state[key].shape[1]), 5.0)])
+    big.load_state_dict(state)
+    shutil.copytree(model_dir, tmp_path / "padded")
+    mra.save_checkpoint(big, tmp_path / "padded")
+    seen, sample = [], generate.sample
+
+    def seeing(logits, *a, **kw):
+        seen.append(logits.shape[-1])
+        return sample(logits, *a, **kw)
+
+    monkeypatch.setattr(generate, "sample", seeing)
+    code, _, err = run_cli(capsys, "--model", tmp_path / "padded", "--image", images[0], "--prompt", "What?",
+                           "--max-new-tokens", 4, "--temperature", temperature, "--seed", 0)
+    assert code == 0 and seen and set(seen) == {500}, err
 
 
 def test_a_sampled_row_with_a_non_finite_score_gets_argmaxs_pick():
