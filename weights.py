@@ -151,12 +151,21 @@ def safetensors_files(path):
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    named = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-    found = [f for f in named if os.path.isfile(f)]
+    check_files(path)
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not found:
-        folder = next((f" ({f} is a directory, not a file)" for f in named), "")
-        raise CheckpointError(f"{path}: no model.safetensors, shard index, or *.safetensors file{folder}")
-    return _all_shards(path, found)
+        raise CheckpointError(f"{path}: no model.safetensors, shard index, or *.safetensors file")
+    return _all_shards(path, [os.path.join(path, f) for f in found])
+
+
+def check_files(path):
+    """Refuse a weight file's name in directory `path` that is no file: a directory (a download unpacked
+    wrong) or a broken link (the HF cache's files are links, to blobs an interrupted download leaves out)."""
+    for f in sorted(os.listdir(path)):
+        full = os.path.join(path, f)
+        if (f.endswith(".safetensors") or re.fullmatch(r"pytorch_model.*\.bin", f)) and not os.path.isfile(full):
+            what = "a directory" if os.path.isdir(full) else "a broken link"
+            raise CheckpointError(f"{full}: {what}, where a weight file belongs; download the checkpoint again")
 
 
 def bin_files(path):
@@ -174,11 +183,12 @@ def checkpoint_files(path):
     (index, or model.safetensors), then the released .bin shards (index, or pytorch_model*.bin),
     then any *.safetensors. A stray safetensors file beside indexed .bin shards is not taken
     for the checkpoint."""
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
                                        for f in ("model.safetensors.index.json", "model.safetensors")):
         files = bin_files(path)
         if files:
             return files
+        check_files(path)
         if not any(f.endswith(".safetensors") for f in os.listdir(path)):
             raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin, shard index, or *.safetensors "
                                   f"file: not a checkpoint directory")

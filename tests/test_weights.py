@@ -117,19 +117,27 @@ def test_truncated_and_missing_files(tmp_path):
         read_safetensors(str(tmp_path / "empty"))
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin", "config.json"])
-def test_a_directory_where_a_checkpoint_file_belongs_is_named(tmp_path, name):
-    """A folder left where a file should be (an unpacked download, say): named as one, not torch's or
-    the OS's words ("No such device") about the reading that fails."""
-    os.makedirs(tmp_path / "m" / name)
+@pytest.mark.parametrize("kind", ["directory", "broken link"])
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin", "pytorch_model-00001-of-00002.bin",
+                                  "config.json"])
+def test_a_weight_file_that_is_no_file_is_named(tmp_path, name, kind):
+    """A folder left where a file should be (a download unpacked wrong), or a link to nothing (the HF cache's
+    files are links, an interrupted download leaves blobs out): named as one, not in the OS's words about the
+    reading that fails ("No such device") or as a checkpoint that is not there."""
+    os.makedirs(tmp_path / "m")
+    if kind == "directory":
+        os.makedirs(tmp_path / "m" / name)
+    else:
+        os.symlink(tmp_path / "blob", tmp_path / "m" / name)
     with pytest.raises(CheckpointError) as e:
-        read_config(str(tmp_path / "m" / "config.json")) if name == "config.json" else read_checkpoint(str(tmp_path / "m"))
-    want = {"model.safetensors": f"{tmp_path / 'm'}: no model.safetensors, shard index, or *.safetensors file "
-                                 f"({tmp_path / 'm' / name} is a directory, not a file)",
-            "pytorch_model.bin": f"{tmp_path / 'm'}: no model.safetensors, pytorch_model.bin, shard index, or "
-                                 f"*.safetensors file: not a checkpoint directory",
-            "config.json": f"{tmp_path / 'm' / name}: cannot be read (Is a directory)"}[name]
-    assert str(e.value) == want
+        if name == "config.json":
+            read_config(str(tmp_path / "m" / name))
+        else:
+            read_checkpoint(str(tmp_path / "m"))
+    why = "Is a directory" if kind == "directory" else "No such file or directory"
+    assert str(e.value) == (f"{tmp_path / 'm' / name}: cannot be read ({why})" if name == "config.json" else
+                            f"{tmp_path / 'm' / name}: a {kind}, where a weight file belongs; download the checkpoint "
+                            f"again")
 
 
 def test_write_safetensors_streams_what_save_file_writes(tmp_path):
