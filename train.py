@@ -654,8 +654,9 @@ def save_errors(step, tmp):
         why = (str(e).splitlines() or [type(e).__name__])[0]
         if "inline_container" in why or "PytorchStreamWriter" in why:  # torch.save's words for a file cut short
             why = "a file could not be written in full"
-        # the memory runs out here gathering the full state on rank 0 (or merging a LoRA run's model)
-        cause = "more free memory" if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else "a full disk?"
+        # the memory runs out here gathering --fsdp's shards, or merging a LoRA run's model in fp32
+        memory = (failures.machine_failure(e, ["more free memory"], distributed) or ("",))[0] == "memory"
+        cause = "more free memory" if memory else "a full disk?"
         raise SystemExit(f"error: step {step}: saving to {tmp} failed ({why}); {way_on(cause)}") from None
 
 
