@@ -124,6 +124,7 @@ def write_new(picture, path):
             os.remove(path)
         if not isinstance(e, OSError):
             raise
-        way = "free some space, or name another place" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "name another place"
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        way = "free some space, or name another place" if full else "name another place"
         raise data.DataError(f"--trace {path}: cannot be written ({e.strerror or e}), and nothing is left there; "
                              f"{way}") from None

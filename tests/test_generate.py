@@ -598,7 +598,7 @@ def test_a_sampled_row_with_a_non_finite_score_gets_argmaxs_pick():
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         picked = generate.sample(logits, 1.0, 0.9, g, top_k=5)
-        assert picked[:2].tolist() == [7, 4] and not logits[2, picked[2]].isinf()
+        assert picked[:2].tolist() == [7, 4] and picked[2] in logits[2].topk(5).indices  # row 2: a draw as ever
 
 
 def test_non_finite_scores_stop_in_one_line_and_keep_the_answers(model, model_dir, tok, tmp_path, capsys):

@@ -1012,7 +1012,8 @@ def test_convert_errors_are_one_line_and_leave_nothing(tmp_path):
     assert "refused, not a plain weights file" in one_line(conv_(src, tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
     # its flags through argparse, as every other command's: --help is help (it was a usage line, status 1)
-    cmd = lambda *a: subprocess.run([sys.executable, "weights.py", *a], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    cmd = lambda *a: subprocess.run([sys.executable, "weights.py", *a], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True)
     r = cmd("convert", str(src))
     assert r.returncode == 2 and one_line(r) == "weights.py convert: error: the following arguments are required: " \
                                                 "DST_DIR (see --help)"
@@ -1315,16 +1316,6 @@ def train_where(where, n, then, argv, ranks=None):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
 
-def test_memory_running_out_mid_save_is_not_called_a_full_disk(env, tmp_path):
-    out = tmp_path / "run"
-    r = train_where("runs.write_train_state", 2, "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate "
-                    "2.00 GiB')", args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1))
-    assert one_line(r) == (f"error: step 2: saving to {out / 'ckpt'}.tmp failed (CUDA out of memory. Tried to allocate "
-                           f"2.00 GiB); the last checkpoint {out / 'ckpt'} is untouched; once the cause is fixed (more "
-                           f"free memory), --resume continues from it")
-    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
-
-
 @pytest.mark.parametrize("sig, status, said", STOPS)
 def test_sigterm_mid_save_is_ctrl_c_and_the_run_resumes(env, tmp_path, sig, status, said):
     # a signal while the second checkpoint is written: the first stays, and --resume goes on from it (SIGTERM
@@ -1369,15 +1360,28 @@ ROOM = "a smaller --batch-size or --grad-checkpoint; --dry-run shows the plan"  
     ("data.collate", 1, "os._exit(3)",  # a worker ended otherwise: not put down to memory
      r"error: step 1: DataLoader worker \(pid \d+\) exited unexpectedly with exit code 3; no checkpoint kept; once "
      r"the cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over", ()),
-    ("data.collate", 1, "os.kill(os.getpid(), signal.SIGABRT)",  # killed by another signal: not memory either
-     r"error: step 1: DataLoader worker \(pid \d+\) is killed by signal: Aborted; no checkpoint kept; once the "
-     r"cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over", ()),
+    ("data.collate", 1, "os.kill(os.getpid(), signal.SIGUSR1)",  # killed by another signal: not memory either
+     r"error: step 1: DataLoader worker \(pid \d+\) is killed by signal: User defined signal 1; no checkpoint kept; "
+     r"once the cause is fixed \(--workers 0 loads in this process, where an error shows\), --overwrite starts over",
+     ()),
 ])
 def test_the_machine_running_out_is_one_line(env, tmp_path, where, n, then, said, extra):
     # out of memory (the host's, a GPU's) or a DataLoader worker killed: a traceback, as a bug's, it was
     r = train_where(where, n, then, args(env, tmp_path / "run", 2, *COMMON, "--max-steps", 2, "--save-every", 1,
                                          "--workers", 1 if where == "data.collate" else 0, *extra))
     assert re.fullmatch(said, one_line(r)) and r.returncode == 1, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("error, said", [("torch.OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                         ("RuntimeError", CPU_OOM)])  # the CPU's: a RuntimeError
+def test_memory_running_out_mid_save_is_not_called_a_full_disk(env, tmp_path, error, said):
+    out = tmp_path / "run"
+    r = train_where("runs.write_train_state", 2, f"raise {error}({said!r})",
+                    args(env, out, 2, *COMMON, "--max-steps", 3, "--save-every", 1))
+    assert one_line(r) == (f"error: step 2: saving to {out / 'ckpt'}.tmp failed ({said}); the last checkpoint "
+                           f"{out / 'ckpt'} is untouched; once the cause is fixed (more free memory), --resume continues "
+                           f"from it")
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
 
 
 def test_a_rank_out_of_memory_under_torchrun_is_said_by_it_and_rank_0_alone(env, tmp_path):

@@ -116,7 +116,8 @@ def assert_same(a, b, atol=0.0):
 def test_stage1_trains_only_projector_and_fusion(env, tmp_path):
     d, tok = env
     torch.manual_seed(0)
-    init = mra.build(replace(tiny(), adapters=False, image_size=64, image_aspect_ratio="crop"))
+    # (--init's model pads: the stage's way, not the model's, is what the run must take)
+    init = mra.build(replace(tiny(), adapters=False, image_size=64, image_aspect_ratio="pad"))
     mra.save_checkpoint(init, tmp_path / "init")
     g = train(args(env, tmp_path / "s1", 1, "--init", tmp_path / "init", "--global-batch", 8, "--batch-size", 8,
                    "--epochs", 25, "--lr", 2e-2, "--warmup-ratio", 0))
@@ -197,12 +198,14 @@ def test_lr_scales(env, tmp_path, zeroed):
 @pytest.fixture(scope="module")
 def stage2(env, tmp_path_factory):
     """One short stage-2 run with the recipe's defaults but for: a model from --init at R 64 (not the R of the
-    stage, 128 under --config tiny), a 10-step epoch with --warmup-ratio 0.25 (ceil: 3 warm-up steps, int() 2)
-    and --grad-clip 0.01 (the norm is well above, see test_gradients_are_not_clipped_by_default). Its
-    globals, its log, the images each forward saw and the gradients' norm each AdamW step saw."""
+    stage, 128 under --config tiny) that crops (the stage pads), a 10-step epoch with --warmup-ratio 0.25 (ceil:
+    3 warm-up steps, int() 2) and --grad-clip 0.01 (the norm is well above, see
+    test_gradients_are_not_clipped_by_default). Its globals, its log, the images each forward saw and the
+    gradients' norm each AdamW step saw."""
     d = tmp_path_factory.mktemp("stage2")
     torch.manual_seed(0)
-    mra.save_checkpoint(mra.build(replace(tiny(), adapters=True, image_size=64)), d / "init")
+    init = mra.build(replace(tiny(), adapters=True, image_size=64, image_aspect_ratio="crop"))
+    mra.save_checkpoint(init, d / "init")
     forward, images, norms = mra.LlavaHR.forward, [], []
 
     def recording(self, input_ids, images_=None, *a, **kw):
@@ -231,7 +234,7 @@ def test_stage2_recipe_defaults(stage2):
     # LLaVA-HR's released stage-2 script: --image_aspect_ratio pad, --learning_rate 2e-5; it sets no Adam
     # betas, so HF Trainer's AdamW takes TrainingArguments' defaults: betas (0.9, 0.999), eps 1e-8
     assert g["args"].lr == 2e-5 == max(entry["lr"] for entry in log)
-    assert g["ds"].image_aspect_ratio == "pad" == g["cfg"].image_aspect_ratio
+    assert g["ds"].image_aspect_ratio == "pad" == g["cfg"].image_aspect_ratio  # (--init's model crops)
     assert {(group["betas"], group["eps"]) for group in g["opt"].param_groups} == {((0.9, 0.999), 1e-8)}
 
 
