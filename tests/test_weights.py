@@ -312,3 +312,59 @@ def test_meta_reading_knows_every_dtype_safetensors_writes(tmp_path):
     meta = read_checkpoint(str(tmp_path / "all.safetensors"), device="meta")
     assert {k: (t.dtype, t.shape, t.is_meta) for k, t in meta.items()} == {
         k: (t.dtype, t.shape, True) for k, t in tensors.items()}
+
+
+def test_a_cast_leaves_integer_tensors_as_stored(tmp_path):
+    # position ids, masks: a dtype is for the weights; ids in bfloat16 would round (257 -> 256)
+    save_file(foreign() | {"ids": torch.arange(300)}, tmp_path / "m.safetensors")
+    t = read_checkpoint(str(tmp_path / "m.safetensors"), dtype=torch.bfloat16)
+    assert t["ids"].dtype == torch.int64 and torch.equal(t["ids"], torch.arange(300))
+    assert t["enc.layers.0.fc.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_the_last_shard_missing_is_named(tmp_path, fmt):
+    names = write_shards(tmp_path, [{k: v} for k, v in foreign().items()], fmt)
+    os.remove(tmp_path / names[-1])  # N of N: what is left still counts from 1
+    with pytest.raises(CheckpointError, match=rf"missing the shard {names[-1]}, which"):
+        read_checkpoint(str(tmp_path))
+
+
+def test_model_safetensors_wins_over_bin_shards_beside_it(tmp_path):
+    # HF's order: a repository that ships both loads its safetensors
+    torch.save(foreign(), tmp_path / "pytorch_model.bin")
+    save_file(foreign(), tmp_path / "model.safetensors")
+    assert checkpoint_files(str(tmp_path)) == [str(tmp_path / "model.safetensors")]
+
+
+def test_layer_indices_of_more_than_one_digit(tmp_path):
+    # a 7B has 32 layers: blocks.10 and on must map as blocks.0 does
+    state, unexpected = remap({"enc.layers.31.fc.weight": torch.ones(1)}, TABLE)
+    assert list(state) == ["blocks.31.weight"] and unexpected == []
+
+
+def test_a_dtype_torch_lacks_is_named_when_reading_shapes(tmp_path):
+    # safetensors knows float4 (F4); torch has no dtype for it
+    head = json.dumps({"x": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
+    head += b" " * (-len(head) % 8)
+    (tmp_path / "m.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + b"\0")
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: x is stored as F4, a dtype torch does not have$"):
+        read_checkpoint(str(tmp_path / "m.safetensors"), device="meta")
+
+
+def test_memory_check_refuses_a_byte_over_and_names_the_ways_that_help(monkeypatch):
+    import weights
+    sizes = {"w": (1000, 2, True), "ids": (10, 8, False)}  # bfloat16 weights: 2080 bytes as stored
+    need = weights.weight_bytes(sizes, torch.bfloat16)
+    assert need == 2080 and weights.weight_bytes(sizes, torch.float32) == 4080
+    assert weights.weight_bytes(sizes, torch.bfloat16, lambda k: k == "w") == 1080
+    monkeypatch.setattr(weights, "available_memory", lambda device: need)
+    assert weights.check_memory("ckpt", sizes, torch.bfloat16, "cpu", lambda k: k == "w", None) == need
+    monkeypatch.setattr(weights, "available_memory", lambda device: need - 1)
+    # bfloat16 already: only int8 would help, --dtype bfloat16 is not offered
+    with pytest.raises(CheckpointError, match=r"^ckpt: the weights need 0\.0 GB in bfloat16 but only 0\.0 GB of "
+                                              r"memory is available on cpu; load them with --quantize int8 "
+                                              r"\(0\.0 GB with bfloat16\)$"):
+        weights.check_memory("ckpt", sizes, torch.bfloat16, "cpu", lambda k: k == "w", None)
+    with pytest.raises(CheckpointError, match=r"float16 .* load them with --quantize int8 \(0\.0 GB with bfloat16\)$"):
+        weights.check_memory("ckpt", sizes, torch.float16, "cpu", lambda k: k == "w", None)
