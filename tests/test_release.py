@@ -469,6 +469,22 @@ def test_load_projector_refuses_a_file_with_adapters(tmp_path, adapters):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
 
 
+def test_load_projector_refuses_a_shape_that_would_broadcast(tmp_path):
+    # a (1,) bias copied into a (D,) one would broadcast, silently: refused by shape
+    heads = stage1_heads()
+    torch.save(heads | {PROJECTOR + "2.bias": heads[PROJECTOR + "2.bias"][:1]}, tmp_path / "mm_projector.bin")
+    with pytest.raises(CheckpointError, match=r"mm_projector\.bin: shape mismatch for projector\.2\.bias: model "
+                                              r"expects \(\d+,\), file has \(1,\)$"):
+        release.load_projector(mra.build(tiny_cfg(adapters=False)), str(tmp_path / "mm_projector.bin"))
+
+
+def test_a_llava_hr_release_without_mr_adapters_loads_as_one(hr_parts, tmp_path):
+    path = write_release(tmp_path, drop("model.vision_tower.align_stages_latent.")(release_state(**hr_parts)),
+                         llava_config(384))
+    model = mra.load_checkpoint(path)
+    assert model.cfg.arch == "llava-hr" and not model.cfg.adapters and len(model.encoder.adapters) == 0
+
+
 def test_load_projector_takes_a_path_object(tmp_path):
     # every other loader takes str or os.PathLike (pytest's tmp_path is a pathlib.Path)
     save_file(stage1_heads(), tmp_path / "mm_projector.safetensors")
@@ -643,6 +659,10 @@ def test_llava15_vision_select_other_than_the_penultimate_patches_is_refused(tmp
     path = write_release(tmp_path, release_state(**parts), llava_config() | dict(mm_vision_select_layer=-1))
     with pytest.raises(CheckpointError, match=r"config\.json: .*mm_vision_select_layer -1"):
         mra.load_checkpoint(path)
+    # the CLS token kept too (577 tokens where the projector was trained on 576): as silent a change
+    path = write_release(tmp_path / "cls", release_state(**parts), llava_config() | dict(mm_vision_select_feature="cls_patch"))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*mm_vision_select_feature 'cls_patch': implemented"):
+        mra.load_checkpoint(path)
 
 
 def test_tower_key_problems_name_the_directory_and_the_prefix(hr_parts, tmp_path):
@@ -670,7 +690,7 @@ def reshape(key, shape):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (drop(HR_CONVNEXT), r"without its ConvNeXt tower \(no model\.vision_tower\.slow_vision_tower"),
+    (drop(HR_CONVNEXT), r"LLaVA-HR checkpoint without its ConvNeXt tower \(no model\.vision_tower\.slow_vision_tower"),
     # named as the checkpoint calls it, the name a user can look for
     (drop(ADAPTER.format(2) + "slow_proj.bias"),
      r"missing model\.vision_tower\.align_stages_latent\.2\.slow_proj\.bias"),
