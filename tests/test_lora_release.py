@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -240,6 +241,16 @@ def test_a_tower_other_than_the_one_config_json_names_is_refused(parts, shipped,
     with pytest.raises(CheckpointError, match=rf"^--vit {tmp_path / 'clip56'}: a 56 px tower of 14 px patches, but "
                                               rf".*config\.json names tiny/clip-vit-patch14-112 \(patch 14, 112 px\)"):
         release.load_lora_release(shipped[0], parts["base"], tmp_path / "clip56")
+
+
+def test_a_tower_name_without_a_size_is_clips_224_px():
+    # openai/clip-vit-large-patch14 is the 224 px CLIP-L: that tower passes, the 336 px one is refused
+    tower = lambda size: types.SimpleNamespace(config=types.SimpleNamespace(patch_size=14, image_size=size))  # noqa: E731
+    release.check_tower(tower(224), "clip224", "openai/clip-vit-large-patch14", "lora")
+    with pytest.raises(CheckpointError, match=r"^--vit clip336: a 336 px tower of 14 px patches, but lora/config\.json "
+                                              r"names openai/clip-vit-large-patch14 \(patch 14, 224 px\)"):
+        release.check_tower(tower(336), "clip336", "openai/clip-vit-large-patch14", "lora")
+    release.check_tower(tower(336), "clip336", None, "lora")  # no name in config.json: nothing to check against
 
 
 def test_a_tower_directory_that_is_no_clip_is_named_by_its_flag(parts, shipped, tmp_path, monkeypatch):
