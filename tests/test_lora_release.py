@@ -245,7 +245,8 @@ def test_a_tower_other_than_the_one_config_json_names_is_refused(parts, shipped,
 
 def test_a_tower_name_without_a_size_is_clips_224_px():
     # openai/clip-vit-large-patch14 is the 224 px CLIP-L: that tower passes, the 336 px one is refused
-    tower = lambda size: types.SimpleNamespace(config=types.SimpleNamespace(patch_size=14, image_size=size))  # noqa: E731
+    def tower(size):
+        return types.SimpleNamespace(config=types.SimpleNamespace(patch_size=14, image_size=size))
     release.check_tower(tower(224), "clip224", "openai/clip-vit-large-patch14", "lora")
     with pytest.raises(CheckpointError, match=r"^--vit clip336: a 336 px tower of 14 px patches, but lora/config\.json "
                                               r"names openai/clip-vit-large-patch14 \(patch 14, 224 px\)"):

@@ -660,7 +660,8 @@ def test_llava15_vision_select_other_than_the_penultimate_patches_is_refused(tmp
     with pytest.raises(CheckpointError, match=r"config\.json: .*mm_vision_select_layer -1"):
         mra.load_checkpoint(path)
     # the CLS token kept too (577 tokens where the projector was trained on 576): as silent a change
-    path = write_release(tmp_path / "cls", release_state(**parts), llava_config() | dict(mm_vision_select_feature="cls_patch"))
+    path = write_release(tmp_path / "cls", release_state(**parts),
+                         llava_config() | dict(mm_vision_select_feature="cls_patch"))
     with pytest.raises(CheckpointError, match=r"config\.json: .*mm_vision_select_feature 'cls_patch': implemented"):
         mra.load_checkpoint(path)
 
@@ -710,6 +711,13 @@ def test_wrong_llava_hr_checkpoint(hr_parts, tmp_path, edit, message, fmt):
     path = write_release(tmp_path, edit(release_state(**hr_parts)), llava_config(384), fmt)
     with pytest.raises(CheckpointError, match=message):
         mra.load_checkpoint(path)
+
+
+def test_a_llava_hr_config_without_sizes_gets_the_releases_1024_and_336(hr_parts, tmp_path):
+    # input_image_size and vit_min_size absent: the release's hard-coded ones (read as shapes alone: fast)
+    cfg = {k: v for k, v in llava_config(384).items() if k != "input_image_size"}
+    model = mra.load_checkpoint(write_release(tmp_path, release_state(**hr_parts), cfg), device="meta")
+    assert (model.cfg.image_size, model.cfg.vit_min_size) == (1024, 336)
 
 
 def test_a_vit_too_shallow_for_the_adapters_names_the_checkpoint(hr_parts, tmp_path):
