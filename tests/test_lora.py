@@ -71,6 +71,54 @@ def test_zero_init_is_the_base_model(base):
     assert torch.equal(before, after)
 
 
+def test_a_is_initialised_as_peft_and_dropout_acts_in_training_only():
+    # A as nn.Linear's weight (kaiming uniform, a = sqrt(5): peft's init; A = 0 would leave B no gradient);
+    # dropout on the update's input in train() alone: eval's (and a merge's) output is W x + s B A x
+    torch.manual_seed(3)
+    want = torch.nn.Linear(24, 4, bias=False).weight
+    base = torch.nn.Linear(24, 16, bias=False)
+    torch.manual_seed(3)
+    layer = lora.LoRALinear(base, 4, 8, dropout=0.5)
+    assert torch.equal(layer.lora_a, want) and torch.equal(layer.lora_b, torch.zeros(16, 4))
+    with torch.no_grad():
+        layer.lora_b.normal_()
+        x = torch.randn(5, 24)
+        full = x @ layer.weight.T + 2 * (x @ layer.lora_a.T) @ layer.lora_b.T
+        torch.testing.assert_close(layer.eval()(x), full)
+        assert not torch.allclose(layer.train()(x), full)
+
+
+def test_merge_computes_in_fp32_and_stores_ws_dtype():
+    # bf16 adapters (read with --dtype bfloat16): B A and W + s B A in fp32, rounded once, to W's dtype or `dtype`
+    g = torch.Generator().manual_seed(0)
+    w, a, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((32, 48), (8, 48), (32, 8)))
+    want = w.float() + 0.5 * (b.float() @ a.float())
+    for dtype in (None, torch.float32):
+        merged = lora.merge({"x.weight": w, "x.lora_a": a, "x.lora_b": b}, 0.5, dtype)
+        assert merged.keys() == {"x.weight"} and torch.equal(merged["x.weight"], want.to(dtype or torch.bfloat16))
+
+
+def test_the_adapter_file_holds_what_the_base_lacks():
+    # the LoRA tensors, what trained, and every module outside the frozen LLM and towers, trained or not
+    # (MR-Adapters new to a stage-1 base under --no-lora-train-mra: the base has none to give)
+    state = dict.fromkeys(["llm.layers.0.attn.wq.weight", "llm.layers.0.attn.wq.lora_a", "llm.norm.weight",
+                           "encoder.vit.blocks.0.w", "encoder.convnext.w", "encoder.mra.0.w", "projector.0.weight"])
+    got = lora.adapter_state(state, {"projector.0.weight", "llm.norm.weight"})
+    assert set(got) == {"llm.layers.0.attn.wq.lora_a", "llm.norm.weight", "encoder.mra.0.w", "projector.0.weight"}
+
+
+def test_base_digest_reads_rows_spread_over_each_matrix():
+    # another base that differs from the adapters' own in the last rows alone is another base
+    g = torch.Generator().manual_seed(0)
+    state = {"llm.layers.0.attn.wq.weight": torch.randn(9, 4, generator=g), "llm.tok_emb.weight": torch.randn(9, 4, generator=g)}
+    for k in state:
+        other = dict(state)
+        other[k] = state[k].clone()
+        other[k][-1] += 1
+        assert not lora.same_base(lora.base_digest(state), lora.base_digest(other)), k
+    assert lora.same_base(lora.base_digest(state), lora.base_digest({k: v.half() for k, v in state.items()}))
+
+
 def test_load_refuses_a_quantize_other_than_int8_before_reading(tmp_path):
     # merged, the base loaded unquantized and `if quantize:` quantized the merge to int8 for any other value
     with pytest.raises(ValueError, match=r"^quantize must be None or 'int8', not 'int4'$"):
