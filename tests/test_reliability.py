@@ -1089,6 +1089,34 @@ def test_resume_refusal_names_the_way_back_for_a_setting_the_run_had_not(tmp_pat
                           None, None, None)
 
 
+def test_resume_takes_the_newest_checkpoint_and_rows_split_as_torch_chunk(tmp_path):
+    # ckpt before ckpt.old (a save cut after its first rename leaves both); a complete ckpt.tmp before ckpt.old
+    import runs
+    ckpt = tmp_path / "ckpt"
+    for d in ("ckpt.old", "ckpt.tmp", "ckpt"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "train_state.pt").write_bytes(b"")
+    assert runs.previous_run(str(tmp_path), str(ckpt), str(tmp_path / "log.jsonl"), True, False) == str(ckpt)
+    assert runs.last_checkpoint(str(ckpt)) == str(ckpt)
+    os.remove(ckpt / "train_state.pt")
+    assert runs.last_checkpoint(str(ckpt)) == str(ckpt) + ".tmp"
+    for n, world in ((7, 3), (8, 4), (2, 4), (5, 1)):  # FSDP2 shards dim 0 as torch.chunk does
+        want = [len(c) for c in torch.arange(n).chunk(world)] + [0] * world
+        assert [b - a for a, b in (runs.rows_of(n, world, r) for r in range(world))] == want[:world], (n, world)
+        assert runs.rows_of(n, world, world - 1)[1] == n
+
+
+def test_resume_refuses_other_trained_parameters():
+    import runs
+    state = {"optimizer": {"param_groups": [{"params": ["a", "b"]}, {"params": ["c"]}]}}
+    runs.check_trained(state, {"a", "b", "c"}, 0)
+    for now in ({"a", "b"}, {"a", "b", "c", "d"}):
+        with pytest.raises(SystemExit, match="the run trained other parameters"):
+            runs.check_trained(state, now, 0)
+    with pytest.raises(SystemExit, match="1 differ"):
+        runs.check_trained({"params": '["a"]'}, {"a", "b"}, 4)
+
+
 def test_a_refused_run_leaves_out_as_it_found_it(env, tmp_path):
     # refused after --out was made and locked (the data is read after): it held only train.lock
     bad = [str(tmp_path / "nope.json") if a.endswith("chats.json") else a for a in args(env, tmp_path / "o")]
