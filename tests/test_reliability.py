@@ -1116,6 +1116,19 @@ def test_resume_refuses_other_trained_parameters():
     with pytest.raises(SystemExit, match="1 differ"):
         runs.check_trained({"params": '["a"]'}, {"a", "b"}, 4)
 
+def test_resume_refuses_other_bad_records_of_the_same_count(tmp_path):
+    # --skip-bad: one bad record now another one (the count the same): the data position would not carry over
+    import runs
+    ds = type("DS", (), dict(sha256="d", bad=[3], __len__=lambda self: 10))()
+    tok = dict(tokenizer_sha256="t", tokenizer_legacy=True)
+    run = dict(data_sha256="d", records=10, bad_sha256="x", **tok)
+    args_ = Namespace(data="data.json", lora_r=0, tokenizer=None)
+    check = lambda bad: runs.check_resume(run, str(tmp_path), args_, ds, "tok", {}, set(), tok,  # noqa: E731
+                                          dict(records=10, bad_sha256=bad), None)
+    check("x")
+    with pytest.raises(SystemExit, match=r"10 usable records of data\.json, now 10 \(1 bad, other ones\)"):
+        check("y")
+
 
 def test_a_refused_run_leaves_out_as_it_found_it(env, tmp_path):
     # refused after --out was made and locked (the data is read after): it held only train.lock
