@@ -110,7 +110,7 @@ def test_the_adapter_file_holds_what_the_base_lacks():
 def test_base_digest_reads_rows_spread_over_each_matrix():
     # another base that differs from the adapters' own in the last rows alone is another base
     g = torch.Generator().manual_seed(0)
-    state = {"llm.layers.0.attn.wq.weight": torch.randn(9, 4, generator=g), "llm.tok_emb.weight": torch.randn(9, 4, generator=g)}
+    state = {k: torch.randn(9, 4, generator=g) for k in ("llm.layers.0.attn.wq.weight", "llm.tok_emb.weight")}
     for k in state:
         other = dict(state)
         other[k] = state[k].clone()
@@ -555,6 +555,18 @@ def test_int8_gradient_is_the_dequantised_layers():
     (want * dy).sum().backward()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_bases_leaves_an_int8_base_int8():
+    # train.py's GPU bf16 copy of the frozen weights: the float ones; an int8 base's weights stay 1 byte
+    from int8 import Int8Linear
+    q = Int8Linear(16, 8)
+    q.weight, q.scales = Int8Linear.quantize(torch.randn(8, 16))
+    layers = torch.nn.ModuleList([lora.LoRALinear(torch.nn.Linear(16, 8, bias=False), 2, 4),
+                                  lora.LoRALinear(q, 2, 4)])
+    lora.bf16_bases(layers)
+    assert [m.weight.dtype for m in layers] == [torch.bfloat16, torch.int8]
+    assert [m.lora_a.dtype for m in layers] == [torch.float32, torch.float32]
 
 
 def test_zero_init_lora_on_int8_is_the_int8_model(base):

@@ -1116,7 +1116,7 @@ def test_resume_refuses_other_trained_parameters():
     with pytest.raises(SystemExit, match="1 differ"):
         runs.check_trained({"params": '["a"]'}, {"a", "b"}, 4)
 
-def test_resume_refuses_other_bad_records_of_the_same_count(tmp_path):
+def test_resume_refuses_other_bad_records_of_the_same_count_or_an_old_runs_other_data(tmp_path):
     # --skip-bad: one bad record now another one (the count the same): the data position would not carry over
     import runs
     ds = type("DS", (), dict(sha256="d", bad=[3], __len__=lambda self: 10))()
@@ -1128,6 +1128,12 @@ def test_resume_refuses_other_bad_records_of_the_same_count(tmp_path):
     check("x")
     with pytest.raises(SystemExit, match=r"10 usable records of data\.json, now 10 \(1 bad, other ones\)"):
         check("y")
+    del run["data_sha256"]  # a run saved before it recorded the data's sha256: the file's path is compared
+    run["data"] = os.path.realpath("data.json")
+    check("x")
+    run["data"] = os.path.realpath("other.json")
+    with pytest.raises(SystemExit, match=r"--data data\.json is not the file the run read"):
+        check("x")
 
 
 def test_a_refused_run_leaves_out_as_it_found_it(env, tmp_path):
