@@ -437,9 +437,9 @@ def vqa_submission(args, bench):
             raise unknown(args.answers, n, qid, args.questions)
         if bench == "vizwiz" and a["prompt"] != asked[qid]:
             raise another_question(args.answers, n, a, args.questions, asked[qid], args.questions)
-        question = words(asked[qid].split("\n")[0])
-        if bench == "vqav2" and not opens(a["prompt"], question):
-            raise another_question(args.answers, n, a, args.questions, question, "llava_vqav2_mscoco_test-dev2015.jsonl")
+        if bench == "vqav2" and not opens(a["prompt"], question := words(asked[qid].split("\n")[0])):
+            raise another_question(args.answers, n, a, args.questions, question,
+                                   "llava_vqav2_mscoco_test-dev2015.jsonl")
     missing = [q["question_id"] for _, q in questions if q["question_id"] not in answers]
     if bench == "vizwiz" and missing:
         raise EvalError(f"{args.answers}: {len(missing)} of {len(questions)} VizWiz questions have no answer "

@@ -70,15 +70,15 @@ class LlamaConfig:
             if value:
                 raise ValueError(f"HF config sets {field}={value!r}, which llama.py does not implement")
         # Mistral's local attention: refused unless unset, off (Qwen2's use_sliding_window false) or >= the context
-        window = cfg.get("sliding_window")
+        window, context = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)  # (HF's default)
         if window is not None and cfg.get("use_sliding_window", True) is not False \
-                and not (isinstance(window, int) and window >= cfg.get("max_position_embeddings", 2048)):
+                and not (isinstance(window, int) and window >= context):
             raise ValueError(f"HF config sets sliding_window={window!r}, which llama.py does not implement")
         c = cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                 n_heads=cfg["num_attention_heads"],
                 n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                 hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=cfg.get("rope_theta", 10000.0), max_seq_len=cfg.get("max_position_embeddings", 2048),
+                rope_theta=cfg.get("rope_theta", 10000.0), max_seq_len=context,
                 tie_embeddings=cfg.get("tie_word_embeddings", False))
         if cfg.get("head_dim", c.head_dim) != c.head_dim:
             raise ValueError(f"HF config sets head_dim={cfg['head_dim']} != hidden_size / n_heads")

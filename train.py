@@ -655,8 +655,8 @@ def save_errors(step, tmp):
         if "inline_container" in why or "PytorchStreamWriter" in why:  # torch.save's words for a file cut short
             why = "a file could not be written in full"
         # the memory runs out here gathering --fsdp's shards, or merging a LoRA run's model in fp32
-        memory = (failures.machine_failure(e, ["more free memory"], distributed) or ("",))[0] == "memory"
-        cause = "more free memory" if memory else "a full disk?"
+        failure = failures.machine_failure(e, [], distributed)
+        cause = "more free memory" if failure and failure[0] == "memory" else "a full disk?"
         raise SystemExit(f"error: step {step}: saving to {tmp} failed ({why}); {way_on(cause)}") from None
 
 

@@ -188,8 +188,8 @@ def checkpoint_files(path):
         files = bin_files(path)
         if files:
             return files
-        check_files(path)
         if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            check_files(path)  # (else safetensors_files checks them)
             raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin, shard index, or *.safetensors "
                                   f"file: not a checkpoint directory")
     return safetensors_files(path)
