@@ -412,6 +412,12 @@ def test_fsdp_resume_equals_uninterrupted_run(env, tmp_path):
     train(args(env, tmp_path / "cut1", 2, *common[:-1], "--save-every", 2, "--resume"))
     assert_same(weights(tmp_path / "cut1"), weights(tmp_path / "full"), atol=1e-6)
     torch.testing.assert_close(losses(tmp_path / "cut1"), losses(tmp_path / "full"), rtol=1e-6, atol=0)
+    # and the other way: a run saved by one rank goes on on two, each reading its own rows of the one file
+    out = torchrun(args(env, tmp_path / "one", 2, *common, "--save-every", 2, "--max-steps", 3), n=1)
+    assert os.listdir(tmp_path / "one" / "ckpt").count("optimizer-00001-of-00001.safetensors") == 1, out
+    torchrun(args(env, tmp_path / "one", 2, *common, "--save-every", 2, "--resume"))
+    assert_same(weights(tmp_path / "one"), weights(tmp_path / "full"), atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "one"), losses(tmp_path / "full"), rtol=1e-6, atol=0)
 
 
 def test_grouped_epoch_is_every_global_batch_of_each_modality(env, tmp_path, capsys):
