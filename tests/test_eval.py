@@ -154,6 +154,10 @@ NORMALISE = {
     "Mr. Smith's": "mr smith 's",
     'left/ right': 'left right',
     'left /right': 'left right',
+    'why?not': 'whynot',  # '?' goes before the punctuation step: no space is left where it was
+    'a -b-c': 'bc',  # a '-' beside a space deletes every '-', inside words too
+    'x/-y-z': 'x y z',  # the '-' after '/' touches no space in the answer as given (not as '/' left it)
+    'x-y\n-z': 'xy z',  # the line break is a space before the punctuation step looks for one
 }
 
 
@@ -270,6 +274,52 @@ def test_textvqa_answers_sharing_a_key_score_as_the_release(tmp_path, capsys):
     fails(capsys, argv, f"answers.jsonl:{len(TEXTVQA) + 1}:", "already answered on line 4")
 
 
+# eval_textvqa.py on TEXTVQA's answers less those to t03 and t10 (it scores the answer lines it is given)
+TEXTVQA_LESS_T03_T10 = {'accuracy': '91.67'}
+
+
+def test_textvqa_averages_over_the_answered_questions(tmp_path, capsys):
+    argv = write_textvqa(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [line for line in ls if json.loads(line)["question_id"] not in ("t03", "t10")])
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == ("14", "12", "2")
+    assert out["accuracy"] == TEXTVQA_LESS_T03_T10["accuracy"]
+
+
+def release_textvqa_question(prompt):
+    """eval_textvqa.py's prompt_processor, as released; None where it fails (its assert, or .group of no match)."""
+    import re
+    if prompt.startswith('OCR tokens: '):
+        pattern = r"Question: (.*?) Short answer:"
+        match = re.search(pattern, prompt, re.DOTALL)
+        if match is None:
+            return None
+        question = match.group(1)
+    elif 'Reference OCR token: ' in prompt and len(prompt.split('\n')) == 3:
+        if prompt.startswith('Reference OCR token:'):
+            question = prompt.split('\n')[1]
+        else:
+            question = prompt.split('\n')[0]
+    elif len(prompt.split('\n')) == 2:
+        question = prompt.split('\n')[0]
+    else:
+        return None
+    return question.lower()
+
+
+@pytest.mark.parametrize("prompt", [
+    "OCR tokens: a b Question: What is\nWritten? Short answer:",  # the question over two lines (re.DOTALL)
+    "OCR tokens: a b Question: What is written?",  # no 'Short answer:'
+    "Reference OCR token: STOP\nWhat is written?" + SHORT + "\nThink.",  # four lines
+    "What is written?\nReference OCR token: STOP" + SHORT,
+    "Reference OCR token:STOP\nWhat is written?" + SHORT,  # no space after the colon: 'Reference OCR token: ' absent
+    "What is written?" + SHORT,
+    "What is written?",
+])
+def test_textvqa_finds_the_question_where_the_release_does(prompt):
+    assert ev.textvqa_question(prompt) == release_textvqa_question(prompt)
+
+
 # ---------------------------------------------------------------------------------------
 # VQAv2 val: (question id, answer type, 10 human answers, model answer)
 
@@ -320,6 +370,31 @@ def test_vqav2_val_matches_the_release_accuracy(tmp_path, capsys):
         assert round(100 * ev.vqa_tool_accuracy(text, humans), 2) == VQAV2_PER_QUESTION[q], q
 
 
+def test_vqav2_val_scores_the_answered_questions_only(tmp_path, capsys):
+    # the release's loadRes asserts every question answered; eval.py scores the answered ones: VQAEval's mean
+    # of their per-question accuracies (VQAV2_PER_QUESTION, exact), overall and per answer type
+    argv = write_vqav2(tmp_path)
+    rewrite_answers(argv[2], lambda ls: [line for line in ls if json.loads(line)["question_id"] not in (2, 4)])
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and (out["questions"], out["answered"], out["missing"]) == ("15", "13", "2"), err
+    # overall: questions 1, 3, 5-15: (100+100+100+100+0+0+0+100+100+60+100+0+100) / 13 = 860 / 13
+    # yes/no: 1, 12 -> (100+60)/2; number: 3, 8, 10 -> (100+0+100)/3; other: 5, 6, 7, 9, 11, 13, 14, 15 -> 500/8
+    assert (out["accuracy"], out["accuracy_yes_no"], out["accuracy_number"], out["accuracy_other"]) == \
+        ("66.15", "80.00", "66.67", "62.50")
+
+
+# (answer, 10 human answers, vqa_eval.py's evalQA for it): VQAEval.evaluate run on each, one question at a time
+VQA_TOOL = [
+    ("1,000", ["1000"] * 10, 100.0),  # a digit-comma-digit answer loses all its punctuation: "1000"
+    ("3,5-7", ["35 7"] * 6 + ["357"] * 4, 100.0),  # its '-' too: "357", which 4 humans gave
+]
+
+
+def test_vqa_tool_reads_a_digit_comma_digit_answer_as_the_release():
+    for text, humans, want in VQA_TOOL:
+        assert round(100 * ev.vqa_tool_accuracy(text, humans), 2) == want, text
+
+
 # ---------------------------------------------------------------------------------------
 # VQAv2 test-dev and VizWiz upload files
 
@@ -349,6 +424,14 @@ def test_vqav2_submission_matches_the_release(tmp_path, capsys):
     assert rc == 0 and VQAV2_UPLOAD is not None
     assert json.load(open(tmp_path / "upload.json")) == VQAV2_UPLOAD
     assert (out["answered"], out["missing"]) == ("4", "2")
+
+
+def test_vqav2_submission_follows_the_question_files_order(tmp_path, capsys):
+    # convert_vqav2_for_submission.py writes one entry per line of the question file, in its order
+    argv = write_vqav2_test(tmp_path)
+    rewrite_answers(argv[4], lambda ls: ls[::-1])
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0 and json.load(open(tmp_path / "upload.json")) == VQAV2_UPLOAD[::-1], err
 
 
 VIZWIZ = [(0, "Unanswerable"), (1, "A bottle of water."), (2, "It's red"), (3, "twenty-five dollars")]
@@ -410,6 +493,24 @@ def test_gqa_matches_the_release(tmp_path, capsys):
     assert rc == 0 and GQA_EXPECTED
     for k, v in GQA_EXPECTED.items():
         assert out[k] == v, k
+
+
+def test_gqa_scores_balanced_questions_by_exact_match_after_trailing_periods(tmp_path, capsys):
+    # convert_gqa_for_eval.py: text.rstrip('.').lower(); GQA's eval.py: prediction == answer, balanced questions only
+    qs = {"1": ("query", "yes", True, "...yes"),  # leading periods stay: '...yes' is wrong
+          "2": ("verify", "Yes", True, "Yes"),  # the prediction is lower-cased, the gold answer is not: wrong
+          "3": ("query", "cat", True, "Cat.."),  # 'cat': right
+          "4": ("query", "dog", False, "dog")}  # not balanced: not scored
+    with open(tmp_path / "questions.json", "w") as f:
+        json.dump({qid: dict(answer=gold, isBalanced=bal, question="q", types={"structural": st})
+                   for qid, (st, gold, bal, _) in qs.items()}, f)
+    write_jsonl(tmp_path / "answers.jsonl", [answer(qid, "q" + SHORT, a) for qid, (*_, a) in qs.items()])
+    rc, out, err = run(capsys, "gqa", "--answers", tmp_path / "answers.jsonl", "--questions",
+                       tmp_path / "questions.json")
+    assert rc == 0, err
+    # accuracy 1 of 3 balanced; binary: 0 of 1 (question 2); open: 1 of 2 (questions 1, 3)
+    assert out == {"questions": "3", "answered": "3", "missing": "0", "accuracy": "33.33", "binary": "0.00",
+                   "open": "50.00"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,6 +609,53 @@ def test_pope_pairs_labels_by_question_not_by_answer_order(tmp_path, capsys):
     assert ordered == shuffled
 
 
+def release_pope_yes(text):
+    """eval_pope.py's reading of one answer, as released: True for 'yes'."""
+    if text.find('.') != -1:
+        text = text.split('.')[0]
+    text = text.replace(',', '')
+    words = text.split(' ')
+    if 'No' in words or 'not' in words or 'no' in words:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("text", ["No, thanks", "no,", "Yes,no", "There is\nno dog", "There is\tno dog", "No\n",
+                                  "not.", "It is not. No", "Yes. No", "NO", "Not", "", " no", "yes no", "nono"])
+def test_pope_reads_an_answer_as_the_release(text):
+    assert ev.pope_yes(text) == release_pope_yes(text)
+
+
+def test_pope_mean_f1_is_the_mean_of_the_splits_f1(tmp_path, capsys):
+    # LLaVA-1.5's POPE figure: the splits' F1 (eval_pope.py's, POPE_EXPECTED), averaged, x100, one decimal
+    rc, out, _ = run(capsys, *write_pope(tmp_path / "a"))
+    f1 = [float(POPE_EXPECTED[f"{c}_f1"]) for c in POPE]
+    assert rc == 0 and out["mean_f1"] == "65.6" == f"{100 * sum(f1) / 3:.1f}"  # (2/3 + 0.8 + 0.5) / 3
+    argv = write_pope(tmp_path / "b")  # only two label files: their two splits are the mean
+    os.remove(os.path.join(argv[6], "coco_pope_random.json"))
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and out["mean_f1"] == "73.3" and "random_f1" not in out  # (2/3 + 0.8) / 2
+
+
+def test_pope_counts_every_label_but_no_as_yes(tmp_path, capsys):
+    # eval_pope.py: label 0 if it is 'no', else 1
+    argv = write_pope(tmp_path)
+    for f in os.listdir(argv[6]):
+        rewrite_answers(os.path.join(argv[6], f), lambda ls: [line.replace('"label": "yes"', '"label": "Yes"')
+                                                              for line in ls])
+    assert '"Yes"' in open(os.path.join(argv[6], "coco_pope_random.json")).read()
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and all(out[k] == v for k, v in POPE_EXPECTED.items()), out
+
+
+def test_pope_metrics_with_a_zero_denominator_are_nan():
+    # no 'yes' answer and no 'yes' label: the release divides by zero (precision, recall, F1); eval.py says nan
+    import math
+    m = ev.pope_metrics([(False, False), (False, False)])
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["accuracy"], m["yes_ratio"]) == (0, 0, 2, 0, 1.0, 0.0)
+    assert all(math.isnan(m[k]) for k in ("precision", "recall", "f1"))
+
+
 # ---------------------------------------------------------------------------------------
 # MME: a miniature release folder with all 14 tasks, two questions per image
 
@@ -603,6 +751,30 @@ def test_mme_answers_with_a_tab_or_a_line_break_are_scored_as_written_and_said(t
     assert "tab" not in err
 
 
+def release_mme_label(text):
+    """An answer as MME's calculation.py reads it: the 4th tab-separated field of its line, as readlines()
+    gives it (with the line's break; convert_answer_to_mme.py writes the answer as it is), lower-cased, then
+    parse_pred_ans."""
+    pred_ans = (text + "\n").lower()
+    if pred_ans in ["yes", "no"]:
+        pred_label = pred_ans
+    else:
+        prefix_pred_ans = pred_ans[:4]
+        if "yes" in prefix_pred_ans:
+            pred_label = "yes"
+        elif "no" in prefix_pred_ans:
+            pred_label = "no"
+        else:
+            pred_label = "other"
+    return pred_label
+
+
+@pytest.mark.parametrize("text", [" yes", "  no", "   yes", "ayes", "I no", "Nope", "eyes", "yeah", "n o", "YES.",
+                                  "", "ye", "Sure, yes", "know"])
+def test_mme_reads_an_answer_as_calculation_py(text):
+    assert ev.mme_label(text) == release_mme_label(text)
+
+
 # ---------------------------------------------------------------------------------------
 # ScienceQA: (pid, number of choices, answer index, has image, model answer or None)
 
@@ -659,6 +831,32 @@ def test_scienceqa_image_subset_from_problems_when_prompts_lack_the_placeholder(
     _, with_tag, _ = run(capsys, *write_sqa(tmp_path / "a"))
     _, without, _ = run(capsys, *write_sqa(tmp_path / "b", image_in_prompt=False))
     assert with_tag == without
+
+
+def release_sqa_letter(pred_text, rule):
+    """eval_science_qa.py's reading of an answer, as released: LLaVA-1.5's (rule 'llava') and LLaVA-HR's
+    (rule 'llava-hr', without the '. ' condition)."""
+    import re
+    options = ["A", "B", "C", "D", "E"]
+    if pred_text in options:
+        answer = pred_text
+    elif len(pred_text) >= 3 and pred_text[0] in options and (rule == "llava-hr" or pred_text[1:3] == ". "):
+        answer = pred_text[0]
+    else:
+        pattern = re.compile(r'The answer is ([A-Z]).')
+        res = pattern.findall(pred_text)
+        if len(res) == 1:
+            answer = res[0]  # 'A', 'B', ...
+        else:
+            answer = "FAILED"
+    return answer
+
+
+@pytest.mark.parametrize("rule", ["llava", "llava-hr"])
+@pytest.mark.parametrize("text", ["Bee", "B. ", "B.", "Be", "The answer is B, since", "The answer is B",
+                                  "The answer is C!", "The answer is b.", "F. no", "a. x", "The answer is F."])
+def test_scienceqa_reads_a_letter_as_the_release(text, rule):
+    assert ev.sqa_letter(text, rule) == release_sqa_letter(text, rule)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1492,6 +1690,32 @@ def test_mmbench_rotated_answers_are_neither_scored_nor_uploaded(tmp_path, capsy
     assert rc == 0 and out["correct"] == "2" and out["missing"] == "1", err
     assert "4 answers to rotated options" in err
     assert read_xlsx(tmp_path / "up.xlsx") == release_mmbench_upload(rows, [a for a in release if a["round_id"] == 0])
+
+
+def test_mmbench_none_in_any_case_ends_the_options_and_drops_the_hint(tmp_path, capsys):
+    # model_vqa_mmbench.py's is_none takes the strings 'none' and 'nan' in any case (pandas reads these as strings)
+    rows, _ = mmbench_rows()
+    rows[0]["D"], rows[1]["hint"], rows[2]["B"] = "none", "NONE", "Nan"
+    src = write_mmbench(tmp_path, rows)
+    rc, _, err = run(capsys, "mmbench-questions", src, tmp_path / "mmb.jsonl", "--image-folder", tmp_path / "img",
+                     "--all-rounds")
+    assert rc == 0, err
+    got = [json.loads(line) for line in open(tmp_path / "mmb.jsonl", encoding="utf-8")]
+    want = release_mmbench_prompts(rows, True)
+    assert len(want) == 3 + 3 + 1  # row 10: A-C; row 12: A-C; row 11: A alone
+    assert [("<image>\n" + q["text"], q["question_id"]) for q in got] == [(qs, idx) for idx, _, _, qs in want]
+
+
+def test_mmbench_dev_accuracy_is_the_exact_letter_over_questions_with_a_key(tmp_path, capsys):
+    # eval.py's own single-pass check (not the server's circular score): an answer is right when its text is the
+    # answer letter exactly; a question whose answer cell is empty has nothing to score against and is left out
+    rows, _ = mmbench_rows()
+    rows[2]["answer"] = NAN  # 11: no key
+    src = write_mmbench(tmp_path, rows)
+    write_jsonl(tmp_path / "answers.jsonl", mmbench_answers(rows, {(10, 0): "A.", (12, 0): "C", (11, 0): "A"}))
+    rc, out, err = run(capsys, "mmbench", "--answers", tmp_path / "answers.jsonl", "--questions", src)
+    assert rc == 0, err
+    assert (out["correct"], out["accuracy"]) == ("1", "50.00")  # 12 right, 10 ('A.') wrong, of 10 and 12
 
 
 @pytest.mark.parametrize("where", ["tsv", "answers", "image"])
