@@ -89,6 +89,13 @@ def test_encode_eos_matches_hf(tok, model_path):
         assert tok.encode(text, eos=True) == hf_eos(text).input_ids, repr(text)
 
 
+def test_encode_eos_without_bos_matches_hf(tok, model_path):
+    # EOS alone (no BOS): "" is [EOS], as HF's add_eos_token appends it to whatever the text gave
+    hf_eos = LlamaTokenizer(vocab_file=model_path, legacy=True, add_bos_token=False, add_eos_token=True)
+    for text in CASES:
+        assert tok.encode(text, bos=False, eos=True) == hf_eos(text).input_ids, repr(text)
+
+
 def test_vicuna_template(tok):
     ids = tok.encode(VICUNA)
     assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1 and tok.unk_id not in ids
@@ -115,6 +122,17 @@ def test_decode_random_ids_matches_hf(tok, hf):
                for _ in range(rng.randint(0, 10))]
         for skip in (True, False):
             assert tok.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip), (ids, skip)
+
+
+def test_decode_reads_a_tensor_of_ids_as_hf_does(tok, hf):
+    # ids in a tensor, as HF's decode takes them too: its elements are 0-d tensors, whose specials (and
+    # pieces) must still be found by their ids
+    import torch
+    for text in ALL:
+        ids = hf(text).input_ids
+        for skip in (True, False):
+            assert tok.decode(torch.tensor(ids), skip) == hf.decode(torch.tensor(ids), skip_special_tokens=skip), \
+                (repr(text), skip)
 
 
 def test_round_trip(tok, hf):
