@@ -463,6 +463,24 @@ def test_packed_linears_answer_as_the_plain_ones():
         packed(embeds=torch.randn(1, 3, plain.config.dim, requires_grad=True))
 
 
+@pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN's packed layout: x86 CPUs")
+def test_pack_linears_packs_from_min_bytes_on_and_leaves_a_model_for_inference():
+    # llama-tiny's Linear weights, fp32: per layer q 64x64, k and v 32x64 (2 k/v heads of 16), o 64x64, gate, up
+    # and down 172x64; 2 layers, and the untied head 256x64: 107,008 weights, 428,032 bytes
+    import copy
+    torch.manual_seed(0)
+    plain = Llama(LlamaConfig.from_name("llama-tiny")).eval()
+    total = 4 * (2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 172 * 64) + 256 * 64)
+    assert total == 428_032
+    packed = copy.deepcopy(plain)
+    assert kernels.pack_linears(packed, min_bytes=total + 1) == 0  # under min_bytes: nothing packed
+    assert kernels.pack_linears(packed, min_bytes=total) == 7 * 2 + 1  # exactly min_bytes: packed
+    # for inference only: no parameter asks for gradients, so a forward outside no_grad answers as the plain one
+    assert not any(p.requires_grad for p in packed.parameters())
+    ids = torch.randint(3, plain.config.vocab_size, (2, 9))
+    torch.testing.assert_close(packed(ids), plain(ids).detach(), **TOL)
+
+
 @pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN's matmul: x86 CPUs")
 @pytest.mark.parametrize("intel", [False, True])
 def test_plain_weights_take_the_faster_library_per_vendor(monkeypatch, intel):
@@ -592,6 +610,37 @@ def test_fused_linears_answer_as_the_separate_ones():
     adapted.llm = copy.deepcopy(plain)
     lora.add_lora(adapted, 4, 8)
     assert kernels.fuse_linears(adapted.llm) == 0 and isinstance(adapted.llm.layers[0].attn.wq, lora.LoRALinear)
+
+
+def test_fuse_linears_leaves_linears_with_a_bias_apart():
+    # the fused product has no bias: q, k, v with biases (a model other than LLaMA's) stay three products,
+    # and the model answers as before; the rest is fused
+    import copy
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("llama-tiny")).eval()
+    attn = model.layers[0].attn
+    for name in ("wq", "wk", "wv"):
+        old = getattr(attn, name)
+        new = kernels.Linear(old.in_features, old.out_features, bias=True)
+        torch.nn.init.normal_(new.bias)
+        setattr(attn, name, new)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    fused = copy.deepcopy(model)
+    assert kernels.fuse_linears(fused) == 2 * 2 - 1
+    assert fused.layers[0].attn.wqkv is None and fused.layers[0].attn.wq.bias is not None
+    assert fused.layers[0].mlp.gate_up is not None and fused.layers[1].attn.wqkv is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), model(ids), **TOL)
+
+
+def test_fast_products_fuse_on_a_gpu_at_one_row_and_on_the_cpu_from_two():
+    # generate.py's choice (fast_products): a GPU fuses q, k, v and gate, up whatever the rows; the CPU at one
+    # row keeps them apart (no faster there), and fuses batches. compiled=True: nothing is packed at one row
+    for device, rows, fused in (("cuda", 1, True), ("cpu", 1, False), ("cpu", 2, True)):
+        llm = Llama(LlamaConfig.from_name("llama-tiny")).eval()
+        kernels.fast_products(llm, torch.device(device), rows, compiled=True)
+        assert all((layer.attn.wqkv is not None and layer.mlp.gate_up is not None) == fused
+                   for layer in llm.layers), (device, rows)
 
 
 def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it():
