@@ -694,6 +694,30 @@ def test_dry_run_counts_a_gpu_lora_base_in_bf16(env, capsys):
     assert fsdp["weights"] == pytest.approx(cpu["weights"] / 2, abs=0.01 * 2**20)
 
 
+def test_memory_plan_counts_an_int8_base_as_parameters_and_steps_only_what_trains():
+    """The plan's parameter count holds an int8 base's weights (buffers, 1 byte each) as the model's parameters,
+    not their per-row scales: the count of the full-precision base. AdamW's temporaries are of what it steps
+    (the LoRA tensors and the projector): at most one fp32 copy of those, not of the whole model."""
+    import memplan
+    from int8 import int8_linears
+
+    def build(quantize):
+        def built(c):  # as train.py builds the model it plans
+            model = mra.LlavaHR(c)
+            if quantize:
+                int8_linears(model.llm)
+            return lora.add_lora(model, 4, 8)
+        return built
+    cfg = replace(tiny(), adapters=True, image_size=128)
+    trains = lambda name: ".lora_" in name or name.startswith("projector.")  # noqa: E731
+    full, q8 = (memplan.memory_plan(build(q), cfg, trains, 1, False, 1, 40, False, False) for q in (False, True))
+    model = build(False)(cfg)
+    n = sum(q.numel() for q in model.parameters())
+    n_train = sum(q.numel() for name, q in model.named_parameters() if trains(name))
+    assert full["n_all"] == q8["n_all"] == n and full["n_train"] == q8["n_train"] == n_train < n / 4
+    assert 0 < full["update"] <= 4 * n_train and 0 < q8["update"] <= 4 * n_train
+
+
 def test_7b_int8_base_counted_at_one_byte():
     # LoRA r 128 on an int8 base: the wrapped weights 1 byte (not bf16's 2), the head 1 (not 4),
     # plus a 4-byte fp32 scale per output row of each

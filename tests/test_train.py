@@ -612,6 +612,55 @@ def test_dry_run_memory_plan(env, capsys):
     assert one["peak"] == pytest.approx(peak, rel=1e-2)
 
 
+@pytest.fixture(scope="module")
+def plans():
+    """memplan's plans of --config tiny's stage 2 (R 128, everything trains), a micro-batch of 1 x --max-len 40:
+    for this CPU (fp32), for 4 GPUs unsharded (bf16 autocast) and under FSDP2 over the 4."""
+    import memplan
+    cfg = replace(tiny(), adapters=True, image_size=128)
+    every = lambda name: True  # noqa: E731
+    return cfg, {name: memplan.memory_plan(mra.LlavaHR, cfg, every, world, sharded, 1, 40, False, bf16)
+                 for name, world, sharded, bf16 in (("one", 1, False, False), ("gpus", 4, False, True),
+                                                     ("fsdp", 4, True, True))}
+
+
+def test_memory_plan_counts_fp32_gradients_and_adam_and_shards_them_under_fsdp(plans):
+    # per trained parameter: its fp32 weight 4 bytes, gradient 4, AdamW's exp_avg and exp_avg_sq 4 + 4. FSDP2
+    # over 4 ranks holds a quarter of each, and AdamW steps a quarter: a quarter of its temporaries. Its bf16
+    # gathered weights need no autocast copies: fewer activations than the unsharded bf16 (GPU) plan's
+    cfg, p = plans
+    n = sum(q.numel() for q in mra.LlavaHR(cfg).parameters())
+    one, fsdp = p["one"], p["fsdp"]
+    assert (one["weights"], one["gradients"], one["adam"], one["n_train"], one["n_all"]) == (4 * n, 4 * n, 8 * n, n, n)
+    assert (fsdp["weights"], fsdp["gradients"], fsdp["adam"]) == (n, n, 2 * n)
+    assert fsdp["update"] == one["update"] / 4 and one["update"] > 0
+    assert 0 < fsdp["activations"] < p["gpus"]["activations"]
+
+
+def test_memory_plan_takes_max_len_less_the_placeholder_and_the_image_within_the_context(plans):
+    # --config tiny at R 128: (128 / 32)^2 = 16 visual tokens in the place of the <image> placeholder, so
+    # --max-len 40 plans 39 text + 16 = 55 positions; a --max-len past the LLM's 512 is cut to the context
+    import memplan
+    cfg, p = plans
+    every = lambda name: True  # noqa: E731
+    assert cfg.visual_tokens == 16 and cfg.llm.max_seq_len == 512
+    assert p["one"]["tokens"] == p["fsdp"]["tokens"] == 39 + 16
+    assert memplan.memory_plan(mra.LlavaHR, cfg, every, 1, False, 1, 4000, False, False)["tokens"] == 512
+    # an image that fills the whole context leaves no room for any text: refused
+    full = replace(cfg, llm=replace(cfg.llm, max_seq_len=16))
+    with pytest.raises(ValueError, match="one image takes 16 LLM positions at --image-size 128, but the LLM holds 16"):
+        memplan.memory_plan(mra.LlavaHR, full, every, 1, False, 1, 40, False, False)
+
+
+def test_plan_peak_holds_the_activations_or_the_update_never_both():
+    # backward's activations are gone by the optimizer step: the peak is the larger of the two, on top of the
+    # rest (1 + 2 + 4 + 32 = 39, plus 16 or 64)
+    import memplan
+    rows = dict(weights=1, gradients=2, adam=4, activations=16, update=8, runtime=32)
+    assert memplan.plan_peak(rows) == 39 + 16
+    assert memplan.plan_peak(dict(rows, update=64)) == 39 + 64
+
+
 def test_dry_run_under_torchrun_prints_one_plan(env):
     # every rank printed the plan (and left without destroying its process group)
     out = torchrun(["--stage", "2", "--config", "tiny", "--dry-run", "--device", "cpu"])
