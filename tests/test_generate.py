@@ -795,8 +795,8 @@ def test_bench_int8_section_times_both_ways_per_row_count(capsys):
 # ---------------------------------------------------------------------------------------
 # --answers: appended to only when it is an answers file of these questions; nothing else touched
 
-def answers_run(capsys, model_dir, q, a):
-    return run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--max-new-tokens", 2)
+def answers_run(capsys, model_dir, q, a, *extra):
+    return run_cli(capsys, "--model", model_dir, "--questions", q, "--answers", a, "--max-new-tokens", 2, *extra)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -806,6 +806,9 @@ def answers_run(capsys, model_dir, q, a):
     (b"my notes", "line 1: not JSON"),
     (b"my notes\nsecond line", "line 1: not JSON"),
     (b'{"question_id": 5, "prompt": "Other?", "text": "x"}\n', "line 1: answers question_id 5 with a prompt that"),
+    (b'{"question_id": null, "prompt": "Hi", "text": "x"}\n', "line 1: no question_id: not an answers file"),
+    # a last line cut short that does not start as generate.py's do: another file's, named (not dropped as ours)
+    (b'{"id": 1, "answer": "ye', "line 1: not JSON"),
 ])
 def test_answers_that_are_not_these_answers_are_left_untouched(model_dir, tmp_path, capsys, content, message):
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
@@ -857,6 +860,28 @@ def test_answers_of_a_run_with_other_settings_are_not_added_to(model_dir, tmp_pa
                            "--max-new-tokens", 2, "--dtype", "float32", "--batch-size", 2)
     assert code == 0 and "resuming: 3 of 4" in err and len(read_jsonl(a)) == 4, err
     assert read_jsonl(a)[-1]["metadata"] == read_jsonl(a)[1]["metadata"]
+
+
+def test_answers_sampled_with_another_top_k_are_not_added_to(model_dir, tmp_path, capsys):
+    # sampling's top-k is one of the settings an answers file is generated with, as the temperature and top-p are
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text('{"question_id": 1, "text": "Hi"}\n')
+    sampled = ("--temperature", 0.7, "--top-p", 0.9, "--seed", 0)
+    assert answers_run(capsys, model_dir, q, a, *sampled, "--top-k", 5)[0] == 0
+    assert {k: read_jsonl(a)[0]["metadata"][k] for k in ("temperature", "top_p", "top_k")} == dict(
+        temperature=0.7, top_p=0.9, top_k=5)
+    q.write_text(q.read_text() + '{"question_id": 2, "text": "Bye"}\n')
+    before = a.read_bytes()
+    code, _, err = answers_run(capsys, model_dir, q, a, *sampled, "--top-k", 6)
+    assert code == 1 and "answered by a run with other settings (top_k 5, now 6)" in err and a.read_bytes() == before
+
+
+def test_a_line_separator_inside_a_question_is_no_line_break(model_dir, tmp_path, capsys):
+    # JSON may hold U+2028 unescaped inside a string (ensure_ascii=False): a .jsonl breaks lines at "\n" alone
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text(json.dumps(dict(question_id=1, text="Hi\u2028there"), ensure_ascii=False) + "\n", encoding="utf-8")
+    code, _, err = answers_run(capsys, model_dir, q, a)
+    assert code == 0 and [r["prompt"] for r in read_jsonl(a)] == ["Hi\u2028there"], err
 
 
 def test_answers_of_other_weights_at_the_same_path_are_not_added_to(model_dir, tmp_path, capsys):

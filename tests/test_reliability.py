@@ -604,6 +604,9 @@ def batch_argv(model_dir, images, q, a):  # noqa: F811
     (['{"question_id": 1, "text": "Hi"}', '{"question_id": 2, "text": '], "q.jsonl line 2: not JSON"),
     (['{"question_id": 1, "text": "Hi", "image": "nope.png"}'], "line 1: image file not found"),
     (['{"question_id": 1, "text": "Hi", "image": ""}'], "line 1: image must be a file name, not ''"),
+    # JSON's true is no id, though Python's bool is an int; a number is no file name (it was a TypeError)
+    (['{"question_id": true, "text": "Hi"}'], "line 1: question_id must be a string or an integer"),
+    (['{"question_id": 1, "text": "Hi", "image": 5}'], "line 1: image must be a file name, not 5"),
 ])
 def test_bad_questions_fail_before_the_model_loads(model_dir, images, tmp_path, capsys, lines, expected):  # noqa: F811
     q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
