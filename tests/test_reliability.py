@@ -8,6 +8,7 @@ closed stdin and over-long turns. Loaders: config files, dtypes and pickles are 
 """
 import builtins
 import errno
+import http.client
 import json
 import os
 import pickle
@@ -1461,6 +1462,44 @@ def test_a_peer_gone_is_told_from_a_bug_only_under_torchrun(err):
     assert failures.machine_failure(err, ["a smaller --batch-size"], distributed=True) == (
         "peer", "another process of the run ended (its own line says why)", "see that line")
     assert failures.machine_failure(err, ["a smaller --batch-size"], distributed=False) is None  # one process: a bug's
+
+
+def worker_error(raise_it):
+    """What an exception raised in a DataLoader worker arrives as in the main process (torch's ExceptionWrapper):
+    of its class where that can be built from a message alone, else a RuntimeError; the worker's traceback as
+    its message."""
+    from torch._utils import ExceptionWrapper
+    try:
+        raise_it()
+    except Exception:  # noqa: BLE001
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    try:
+        wrapped.reraise()
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def test_numpy_running_out_of_memory_in_a_worker_is_the_machines():
+    # numpy's MemoryError (an image decoded into an array, say) cannot be rebuilt from a message: it arrives as a
+    # RuntimeError whose last line names it. 1 EiB: more than any machine has, or can address
+    import numpy as np
+    err = worker_error(lambda: np.empty(1 << 60, np.uint8))
+    assert type(err) is RuntimeError and str(err).splitlines()[-1].endswith(
+        "MemoryError: Unable to allocate 1.00 EiB for an array with shape (1152921504606846976,) and data type uint8")
+    assert failures.machine_failure(err, ["a smaller --batch-size", "--grad-checkpoint"], distributed=False) == (
+        "memory", "out of memory (Unable to allocate 1.00 EiB)",
+        "a smaller --batch-size or --grad-checkpoint; --dry-run shows the plan")
+
+
+@pytest.mark.parametrize("error", [data.DataError("record 3 (id 7): no conversations"),
+                                   http.client.HTTPException("a class named ...Exception")])
+def test_an_error_raised_in_a_worker_is_said_as_its_own_line(error):
+    # its message is the worker's traceback, whose last line is the error's own after its class's name
+    def raise_it():
+        raise error
+    err = worker_error(raise_it)
+    assert str(err).startswith(f"Caught {type(error).__name__} in DataLoader worker process 0.")
+    assert failures.said(err) == str(error)
 
 
 def test_a_runtime_error_of_a_bug_keeps_its_traceback(env, tmp_path):
