@@ -556,7 +556,6 @@ def test_convert_bin_refuses_pickled_objects(tmp_path):
     assert not dst.exists() or not any(f.endswith(".safetensors") for f in os.listdir(dst))
 
 
-
 def test_convert_follows_the_index_and_deletes_nothing_it_did_not_make(hr_parts, tmp_path):
     src, dst = tmp_path / "bin", tmp_path / "converted"
     write_release(src, release_state(**hr_parts), llava_config(384), "bin")

@@ -83,7 +83,6 @@ def test_rerun_is_refused_and_overwrite_starts_over(env, tmp_path):
     assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 1
 
 
-
 def test_overwrite_never_deletes_what_the_run_reads(env, tmp_path):
     out = tmp_path / "run"
     train(args(env, out, 2, *COMMON, "--max-steps", 1))
@@ -615,7 +614,6 @@ def test_bad_questions_fail_before_the_model_loads(model_dir, images, tmp_path, 
     code, out, err = run_cli(capsys, *batch_argv(model_dir, images, q, a))
     assert code == 1 and expected in err and len(err.splitlines()) == 1 and "loading" not in err, err
     assert not a.exists()
-
 
 
 def test_a_question_asked_twice_is_answered_twice(model_dir, images, tmp_path, capsys):  # noqa: F811
