@@ -64,11 +64,11 @@ def fixed_malloc_threshold():
 
 def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16):
     """Bytes per device for build(cfg), the model as it will train (its blocks checkpointed when
-    grad_ckpt): weights (fp32; a LoRA base on GPUs in bf16, as train.py holds it), gradients and
-    AdamW's two moments (divided over the ranks under FSDP), and the activations of one micro-step
-    of `batch` samples of `max_len` tokens with one image each, measured on fake tensors through
-    the real forward and backward (autocast's bf16 copies of the weights included, as they are
-    held for the whole step)."""
+    grad_ckpt): weights (fp32; a LoRA base on GPUs in bf16, as train.py holds it), gradients (with
+    DDP's buckets over several ranks) and AdamW's two moments (divided over the ranks under FSDP),
+    and the activations of one micro-step of `batch` samples of `max_len` tokens with one image
+    each, measured on fake tensors through the real forward and backward (autocast's bf16 copies of
+    the weights included, as they are held for the whole step)."""
     with FakeTensorMode():
         # FSDP2's mixed precision gathers bf16 weights, so autocast makes no copies of them
         torch.set_default_dtype(torch.bfloat16 if fsdp and bf16 else torch.float32)
@@ -111,7 +111,11 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
                                                                      for t in st.values())]) as update:
             opt.step()
     shard = world if fsdp else 1
-    return dict(weights=weight_bytes / shard + buffers, gradients=4 * n_train / shard, adam=8 * n_train / shard,
+    # DDP (several ranks, unsharded) all-reduces through flat buckets of its own: a second fp32 copy of the
+    # gradients, held beside each parameter's .grad for the whole run
+    grad_bytes = 8 if world > 1 and not fsdp else 4
+    return dict(weights=weight_bytes / shard + buffers, gradients=grad_bytes * n_train / shard,
+                adam=8 * n_train / shard,
                 activations=counter.peak, update=update.peak / shard, n_all=n_all + n_int8, n_train=n_train,
                 tokens=n_vis + n_text, image_size=cfg.image_size, world=world, fsdp=fsdp, batch=batch, bf16=bf16,
                 grad_ckpt=grad_ckpt)

@@ -633,6 +633,7 @@ def test_memory_plan_counts_fp32_gradients_and_adam_and_shards_them_under_fsdp(p
     one, fsdp = p["one"], p["fsdp"]
     assert (one["weights"], one["gradients"], one["adam"], one["n_train"], one["n_all"]) == (4 * n, 4 * n, 8 * n, n, n)
     assert (fsdp["weights"], fsdp["gradients"], fsdp["adam"]) == (n, n, 2 * n)
+    assert p["gpus"]["gradients"] == 8 * n  # DDP: each .grad, and the same again in its all-reduce buckets
     assert fsdp["update"] == one["update"] / 4 and one["update"] > 0
     assert 0 < fsdp["activations"] < p["gpus"]["activations"]
 
