@@ -58,7 +58,7 @@
     python bench.py --only scale [--model DIR]   # section 5
     python bench.py --only int8   # 5b: where int8.int8_linear leaves torch's CPU int8 kernel
     python bench.py --only stage2 --device cuda   # section 6
-    python bench.py --only lean   # section 7 (~10 minutes, 12 GB of memory at once, on 2 busy cores)
+    python bench.py --only lean   # section 7 (3-10 minutes, 14 GB of memory at once: DDP's two ranks)
     python bench.py --only ckpt1024   # section 8 (~20 GB of memory without checkpointing: an idle machine)
 """
 import argparse
@@ -1438,10 +1438,11 @@ def plan_gib(printed):
 
 
 def bench_lean(a, port=29533):
-    """train.py --stage 2 --init CKPT --lean-malloc, one process and two gloo ranks (--fsdp) of the
-    same run, each saving its checkpoint at the end: peak RSS of each process (VmRSS sampled every
-    20 ms) against the other's and against its memory plan, the losses, and the saved weights
-    against each other. The towers are tiny, the LLM 20 x 1024 wide (quick: 2 layers)."""
+    """train.py --stage 2 --init CKPT --lean-malloc, one process, then two gloo ranks under DDP and
+    under --fsdp, of the same run, each saving its checkpoint at the end: peak RSS of each process
+    (VmRSS sampled every 20 ms) against one process's and against its memory plan, the losses, and
+    the saved weights against one process's. The towers are tiny, the LLM 20 x 1024 wide (quick: 2
+    layers)."""
     from PIL import Image
     cfg = replace(small_cfg("llava-hr", 128, True), vit_min_size=28, llm=LlamaConfig(
         dim=1024, n_layers=2 if a.quick else 20, n_heads=16, hidden_dim=2816, max_seq_len=512))
@@ -1462,12 +1463,12 @@ def bench_lean(a, port=29533):
                "--global-batch", "2", "--batch-size", "1", "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0",
                "--group-by-modality-length", "--grad-checkpoint", "--lean-malloc",
                "--grad-clip", "1"]  # the README's losses were measured with it (train.py's default then)
-        rows, losses = [], {}
-        for name, world in (("one process", 1), ("--fsdp, 2 ranks", 2)):
-            out = os.path.join(d, f"world{world}")
+        rows, losses, diffs, outs = [], {}, {}, {}
+        for name, world, flags in (("one process", 1, []), ("DDP, 2 ranks", 2, []), ("--fsdp, 2 ranks", 2, ["--fsdp"])):
+            out = outs[name] = os.path.join(d, f"run{len(outs)}")
             env = os.environ | dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                                     OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
-            procs = [subprocess.Popen(cmd + ["--out", out] + (["--fsdp"] if world > 1 else []), text=True,
+            procs = [subprocess.Popen(cmd + ["--out", out] + flags, text=True,
                                       stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       env=env | dict(RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env)
                      for r in range(world)]
@@ -1477,7 +1478,7 @@ def bench_lean(a, port=29533):
                 if p.wait():
                     raise SystemExit(f"lean: train.py failed: {p.stderr.read()[-2000:]}")
             with open(os.path.join(out, "log.jsonl")) as f:
-                losses[world] = [json.loads(line)["loss"] for line in f]
+                losses[name] = [json.loads(line)["loss"] for line in f]
             for r, peak in enumerate(peaks):
                 gib = peak.done() / 2**30
                 rows.append([name if world == 1 else f"{name}: rank {r}", f"{gib:.2f}", f"{plan:.2f}",
@@ -1485,17 +1486,21 @@ def bench_lean(a, port=29533):
         one = float(rows[0][1])
         for r in rows:
             r.insert(2, f"{float(r[1]) / one:.2f}")
-        saved = [weights.read_safetensors(os.path.join(d, f"world{w}", "ckpt")) for w in (1, 2)]
-        assert saved[0].keys() == saved[1].keys()
-        diff = max((saved[0][k] - saved[1][k]).abs().max().item() for k in saved[0])
-        del saved
-    print(f"\n7. lean FSDP start and save: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter checkpoint, fp32), "
-          f"--grad-checkpoint --lean-malloc, 3 steps of 2 samples, then the checkpoint; {os.cpu_count()} CPU cores")
+        alone = weights.read_safetensors(os.path.join(outs.pop("one process"), "ckpt"))
+        for name, out in outs.items():  # the saved weights, one run's at a time
+            saved = weights.read_safetensors(os.path.join(out, "ckpt"))
+            assert saved.keys() == alone.keys()
+            diffs[name] = max((saved[k] - alone[k]).abs().max().item() for k in saved)
+            del saved
+        del alone
+    print(f"\n7. DDP and the lean FSDP start, and saving: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter "
+          f"checkpoint, fp32), --grad-checkpoint --lean-malloc, 3 steps of 2 samples, then the checkpoint; {os.cpu_count()} CPU cores")
     table(rows, ["run", "peak RSS GiB", "x one process", "plan GiB", "peak / plan"])
-    worst = max((abs(x - y) / abs(y) for x, y in zip(losses[2], losses[1])), default=0)
-    print(f"losses, one process: {losses[1]}; FSDP: {losses[2]}; largest relative difference {worst:.1e}")
-    print(f"saved weights, FSDP against one process: largest absolute difference {diff:.1e}")
-    return {"lean_fsdp_rank_peak_vs_one_process": max(r[2] for r in rows[1:]),
+    for name, diff in diffs.items():
+        worst = max((abs(x - y) / abs(y) for x, y in zip(losses[name], losses["one process"])), default=0)
+        print(f"{name}: losses {losses[name]} (one process: {losses['one process']}), largest relative difference "
+              f"{worst:.1e}; saved weights against one process's: largest absolute difference {diff:.1e}")
+    return {"lean_fsdp_rank_peak_vs_one_process": max(r[2] for r in rows if r[0].startswith("--fsdp")),
             "lean_peak_vs_plan": f"{min(float(r[4]) for r in rows):.2f}-{max(float(r[4]) for r in rows):.2f}"}
 
 
