@@ -140,7 +140,7 @@ def table(rows, header):
 def read_bandwidth(device, repeats=3, seconds=0.5):
     """The memory read bandwidth this run can reach, bytes/s: the best of `repeats` samples, each
     summing a buffer far larger than the last-level cache (CPU: 8x the largest cache sysfs lists,
-    at least 256 MB; GPU: 4 GB) over and over for `seconds`, so every byte comes from DRAM / HBM.
+    at least 512 MB; GPU: 4 GB) over and over for `seconds`, so every byte comes from DRAM / HBM.
     A sample spans many passes, as a decode run spans many steps: one pass (~10 ms on a CPU) can
     catch a moment when a shared host's memory is quiet, which no run of seconds sees."""
     if device.type == "cuda":
@@ -150,7 +150,7 @@ def read_bandwidth(device, repeats=3, seconds=0.5):
         for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
             text = open(f).read().strip()  # e.g. "32768K"
             sizes.append(int(text[:-1]) << {"K": 10, "M": 20}[text[-1]] if text[-1] in "KM" else int(text))
-        n = max(256 << 20, 8 * max(sizes))
+        n = 8 * max(sizes)
     buf = torch.ones(n // 4, device=device)
     buf.sum().item()  # pages touched, kernels loaded
     best = 0.0
@@ -208,7 +208,7 @@ def paired_roofline(impls, ids, device, cache_len, pairs=30, steps=16):
     (here 30-68 GB/s within a minute), so a best run set against the best sample of another
     moment mixes two conditions; a pair shares one."""
     llm = next(iter(impls.values()))[0]
-    weight_bytes, kv_bytes = bytes_per_token(llm, ids.shape[1], steps)
+    weight_bytes, kv_bytes = bytes_per_token(llm, ids.shape[1], steps + 1)  # the prompt's token, then `steps`
     caches, logits = {}, {}
     for name, (llm, _) in impls.items():
         caches[name] = llm.new_cache(1, cache_len)  # the shape the compiled step was compiled for
@@ -263,9 +263,11 @@ def by_moment(pairs):
 
 def bytes_per_token(llm, prompt_len, new_tokens):
     """Bytes a decode step reads: every weight once (int8 ones with their scales; of the embedding
-    table, one row) and the KV cache up to the current position (its mean over the generated tokens)."""
+    table, one row, unless the head is tied to it and reads it whole) and the KV cache up to the
+    current position (its mean over the generated tokens)."""
     c, emb = llm.config, llm.tok_embeddings.weight
-    weights = sum(t.nbytes for t in llm.state_dict().values()) - emb.nbytes + emb[0].nbytes
+    head = emb.nbytes if llm.output is None else 0  # a tied head: the table read once more, whole
+    weights = sum(t.nbytes for t in llm.state_dict().values()) - emb.nbytes + emb[0].nbytes + head
     kv = emb.element_size() * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (prompt_len + new_tokens / 2)
     return weights, kv
 
@@ -1057,10 +1059,7 @@ def scale_worker(path, quantize, device, prompt_len, new_tokens, threads, out):
     ids = torch.randint(3, c.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     run_ours(model, ids, 4, model.decode)  # warm-up: the same shapes (kernels, allocator)
     tokens, _, dec = run_ours(model, ids, new_tokens, model.decode)  # generate.py's step
-    state = model.state_dict()
-    # every weight once per token except the embedding table (one row), plus the KV cache so far
-    weight_bytes = sum(t.numel() * t.element_size() for t in state.values()) - (c.vocab_size - 1) * c.dim * 2
-    kv_bytes = 2 * 2 * c.n_layers * c.n_kv_heads * c.head_dim * (prompt_len + new_tokens / 2)
+    weight_bytes, kv_bytes = bytes_per_token(model, prompt_len, new_tokens)
     out.put(dict(load_s=load_s, tokens_per_s=(new_tokens - 1) / dec, bytes_per_token=weight_bytes + kv_bytes,
                  tokens=tokens, cuda_peak=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0))
 
