@@ -1463,7 +1463,8 @@ def bench_lean(a, port=29533):
                "--group-by-modality-length", "--grad-checkpoint", "--lean-malloc",
                "--grad-clip", "1"]  # the README's losses were measured with it (train.py's default then)
         rows, losses, diffs, outs = [], {}, {}, {}
-        for name, world, flags in (("one process", 1, []), ("DDP, 2 ranks", 2, []), ("--fsdp, 2 ranks", 2, ["--fsdp"])):
+        runs = (("one process", 1, []), ("DDP, 2 ranks", 2, []), ("--fsdp, 2 ranks", 2, ["--fsdp"]))
+        for name, world, flags in runs:
             out = outs[name] = os.path.join(d, f"run{len(outs)}")
             env = os.environ | dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                                     OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
@@ -1493,7 +1494,8 @@ def bench_lean(a, port=29533):
             del saved
         del alone
     print(f"\n7. DDP and the lean FSDP start, and saving: train.py --stage 2 --init (a {n / 1e6:.0f}M-parameter "
-          f"checkpoint, fp32), --grad-checkpoint --lean-malloc, 3 steps of 2 samples, then the checkpoint; {os.cpu_count()} CPU cores")
+          f"checkpoint, fp32), --grad-checkpoint --lean-malloc, 3 steps of 2 samples, then the checkpoint; "
+          f"{os.cpu_count()} CPU cores")
     table(rows, ["run", "peak RSS GiB", "x one process", "plan GiB", "peak / plan"])
     for name, diff in diffs.items():
         worst = max((abs(x - y) / abs(y) for x, y in zip(losses[name], losses["one process"])), default=0)

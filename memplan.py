@@ -115,8 +115,8 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
     # gradients, held beside each parameter's .grad for the whole run
     grad_bytes = 8 if world > 1 and not fsdp else 4
     return dict(weights=weight_bytes / shard + buffers, gradients=grad_bytes * n_train / shard,
-                adam=8 * n_train / shard,
-                activations=counter.peak, update=update.peak / shard, n_all=n_all + n_int8, n_train=n_train,
+                adam=8 * n_train / shard, activations=counter.peak, update=update.peak / shard,
+                n_all=n_all + n_int8, n_train=n_train,
                 tokens=n_vis + n_text, image_size=cfg.image_size, world=world, fsdp=fsdp, batch=batch, bf16=bf16,
                 grad_ckpt=grad_ckpt)
 
