@@ -146,8 +146,9 @@ def read_bandwidth(device, repeats=3, seconds=0.5, each=False):
     Two kinds of read share each sample's time, and the faster stands: a sum, and a one-row product
     (the buffer as a matrix of 4,096 columns times a vector: MKL's or cuBLAS's gemv, as in decode).
     Neither is the faster everywhere, and a roofline that some read beats is no limit: on a 2-core
-    Xeon (family 6, model 167) on 2026-12-06 sums read 23.7 GB/s and products 30.0, where a decode
-    step read 24; the sum had read 29.5 there the day before. each: also {kind: its best bytes/s}."""
+    Xeon (family 6, model 167) on 2026-12-06 sums read 23.3-24.1 GB/s and products 30.6-31.0, where
+    the compiled decode step read 24-27 (`--only decode`); the day before, sums there read 29.5.
+    each: also {kind: its best bytes/s}."""
     if device.type == "cuda":
         n = 4 << 30
     else:
