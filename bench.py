@@ -137,18 +137,17 @@ def table(rows, header):
 # ---------------------------------------------------------------------------------------
 # 1. Decode speed against transformers
 
-def read_bandwidth(device, repeats=3, seconds=0.5, each=False):
-    """The memory read bandwidth this run can reach, bytes/s: the best of `repeats` samples, each
+def read_rates(device, repeats=3, seconds=0.5):
+    """{kind of read: the memory read bandwidth it reaches, bytes/s}: the best of `repeats` samples, each
     reading a buffer far larger than the last-level cache (CPU: 8x the largest cache sysfs lists,
     at least 512 MB; GPU: 4 GB) over and over for `seconds`, so every byte comes from DRAM / HBM.
     A sample spans many passes, as a decode run spans many steps: one pass (~10 ms on a CPU) can
     catch a moment when a shared host's memory is quiet, which no run of seconds sees.
-    Two kinds of read share each sample's time, and the faster stands: a sum, and a one-row product
-    (the buffer as a matrix of 4,096 columns times a vector: MKL's or cuBLAS's gemv, as in decode).
-    Neither is the faster everywhere, and a roofline that some read beats is no limit: on a 2-core
-    Xeon (family 6, model 167) on 2026-12-06 sums read 23.3-24.1 GB/s and products 30.6-31.0, where
-    the compiled decode step read 24-27 (`--only decode`); the day before, sums there read 29.5.
-    each: also {kind: its best bytes/s}."""
+    Two kinds of read share each sample's time: a sum, and a one-row product (the buffer as a
+    matrix of 4,096 columns times a vector: MKL's or cuBLAS's gemv, as in decode). Neither is the
+    faster everywhere, and a roofline that some read beats is no limit: on a 2-core Xeon (family
+    6, model 167) on 2026-12-06 sums read 23.3-24.1 GB/s and products 30.6-31.0, where the compiled
+    decode step read 24-27 (`--only decode`); the day before, sums there read 29.5."""
     if device.type == "cuda":
         n = 4 << 30
     else:
@@ -169,7 +168,12 @@ def read_bandwidth(device, repeats=3, seconds=0.5, each=False):
                 read()
                 passes += 1
             best[kind] = max(best[kind], passes * n / (now(device) - t0))
-    return (max(best.values()), best) if each else max(best.values())
+    return best
+
+
+def read_bandwidth(device, repeats=3, seconds=0.5):
+    """The roofline's bandwidth, bytes/s: the faster of read_rates'."""
+    return max(read_rates(device, repeats, seconds).values())
 
 
 def cache_length(n):
@@ -336,9 +340,9 @@ def bench_decode(a, device):
             out, pre, dec = fn()
             old = best.get(name, (out, pre, dec))
             best[name] = (out, min(pre, old[1]), min(dec, old[2]))
-            sample, each = read_bandwidth(device, 1, seconds=dec, each=True)
-            samples.append(sample)
-            kinds = {kind: max(rate, kinds.get(kind, 0.0)) for kind, rate in each.items()}
+            rates = read_rates(device, 1, seconds=dec)
+            samples.append(max(rates.values()))
+            kinds = {kind: max(rate, kinds.get(kind, 0.0)) for kind, rate in rates.items()}
     bandwidth = max(samples)
     pairs = 3 if a.quick else 30
     paired_rates = paired_roofline(steps, ids, device, cache_len, pairs)
