@@ -530,6 +530,12 @@ def pope_metrics(pairs):
                 recall=recall, f1=f1, yes_ratio=div(sum(p for p, _ in pairs), len(pairs)))
 
 
+# LLaVA's llava_pope_test.jsonl was made from POPE's output/coco at commit e3e39262 (2,910 'random' questions), the
+# commit LLaVA's docs/Evaluation.md links; POPE's later commits replaced coco_pope_random.json by 3,000 other questions
+POPE_LABELS = ("; LLaVA's llava_pope_test.jsonl goes with the label files of POPE's commit e3e39262 (its output/coco: "
+               "`git checkout e3e39262 -- output/coco` in a clone of AoiDragon/POPE)")
+
+
 def run_pope(args):
     questions = read_jsonl(args.questions, "question", ("question_id", "text", "category"))
     qs = by_key(args.questions, questions, lambda q: q["question_id"])
@@ -557,11 +563,11 @@ def run_pope(args):
         mine = [(n, q) for n, q in questions if q["category"] == category]
         if len(mine) != len(labels):
             raise EvalError(f"{path}: {len(labels)} labels, but {args.questions} has {len(mine)} "
-                            f"'{category}' questions; they must correspond line by line")
+                            f"'{category}' questions; they must correspond line by line{POPE_LABELS}")
         for (qn, q), (ln, lab) in zip(mine, labels):
             if "image" in q and "image" in lab and q["image"] != lab["image"]:
                 raise EvalError(f"{path}:{ln}: image {lab['image']!r} but {args.questions}:{qn} (the same "
-                                f"position among '{category}' questions) has {q['image']!r}")
+                                f"position among '{category}' questions) has {q['image']!r}{POPE_LABELS}")
             label[q["question_id"]] = lab["label"] != "no"
         categories.append(category)
     total = sum(1 for _, q in questions if q["category"] in categories)
