@@ -344,7 +344,9 @@ def human_answers(path, ann, qid):
 
 
 def run_textvqa(args):
-    entries = need(read_json(args.annotations, "TextVQA annotations"), "data", args.annotations, "the file", list)
+    entries = need(read_json(args.annotations, "TextVQA annotations", "; TextVQA's annotations are one JSON object "
+                             "with a 'data' list, TextVQA_0.5.1_val.json (not LLaVA's llava_textvqa_val_v051_ocr.jsonl)"),
+                   "data", args.annotations, "the file", list)
     # eval_textvqa.py keys the annotations by (image id, lower-cased question): a later entry replaces an
     # earlier one of the same key, and every answer line is scored against the entry of its key
     anns, asked = {}, defaultdict(int)
@@ -394,7 +396,9 @@ def run_vqav2(args):
     release's eval_okvqa.py with vqa_eval.py, for VQAv2-format annotations), overall and per answer type."""
     if args.submission:
         return vqa_submission(args, "vqav2")
-    anns = need(read_json(args.annotations, "VQAv2 annotations"), "annotations", args.annotations, "the file", list)
+    anns = need(read_json(args.annotations, "VQAv2 annotations", "; VQAv2's annotations are one JSON object with an "
+                          "'annotations' list, v2_mscoco_val2014_annotations.json (not one of LLaVA's .jsonl files)"),
+                "annotations", args.annotations, "the file", list)
     anns = {need(a, "question_id", args.annotations, "an annotation", (str, int)): a for a in anns}
     answers = by_key(args.answers, read_jsonl(args.answers, "answer", ANSWER_KEYS),
                      lambda a: a["question_id"])
@@ -841,7 +845,8 @@ def run_seed(args):
     SEED figure of LLaVA-HR's model zoo). An unanswered question counts as wrong, as there. Ids match as
     strings (the release looks an answer up by the int of SEED's id); answers to video questions are
     counted but not scored."""
-    data = read_json(args.annotations, "SEED-Bench annotations")
+    data = read_json(args.annotations, "SEED-Bench annotations",
+                     "; SEED-Bench's annotations are one JSON object, SEED-Bench.json (not LLaVA's llava-seed-bench.jsonl)")
     names = {i: name for name, i in need(data, "question_type", args.annotations, "the file", dict).items()}
     questions = need(data, "questions", args.annotations, "the file", list)
     image = []

@@ -1017,6 +1017,17 @@ def test_a_jsonl_given_as_gqa_questions_is_named(tmp_path, capsys):
     fails(capsys, argv, "llava_gqa_testdev_balanced.jsonl: not the layout of GQA's questions", layout)
 
 
+@pytest.mark.parametrize("write, want", [
+    (write_textvqa, "TextVQA_0.5.1_val.json (not LLaVA's llava_textvqa_val_v051_ocr.jsonl)"),
+    (write_vqav2, "v2_mscoco_val2014_annotations.json (not one of LLaVA's .jsonl files)"),
+    (write_seed, "SEED-Bench.json (not LLaVA's llava-seed-bench.jsonl)")])
+def test_a_question_jsonl_given_as_annotations_is_named(tmp_path, capsys, write, want):
+    argv = write(tmp_path)  # LLaVA's question file of the benchmark, where its annotations are wanted
+    argv[argv.index("--annotations") + 1] = write_jsonl(tmp_path / "llava_questions.jsonl",
+                                                        [dict(question_id=i, image="1.jpg", text="q?") for i in (1, 2)])
+    fails(capsys, argv, "llava_questions.jsonl:2:", "is not valid JSON (Extra data)", want)
+
+
 def test_line_without_question_id(tmp_path, capsys):
     argv = write_textvqa(tmp_path)
     rewrite_answers(argv[2], lambda ls: ls[:1] + [json.dumps({"prompt": "x", "text": "y"})] + ls[2:])
