@@ -1,10 +1,10 @@
 """The memory plan: what one training process holds, counted before any weight is read.
 
 train.py prints it before step 1 (and alone with --dry-run WORLD, for a cluster this machine is
-not): fp32 weights, gradients and AdamW's two moments (sharded over the ranks under FSDP2), and
-the activations of one micro-step, measured by running the real forward and backward on fake
-tensors (FakeTensorMode: nothing is allocated or computed, so a 7B step is counted in seconds on
-any machine). On the CPU the process's own resident memory is added (`runtime`), and
+not): fp32 weights, gradients and AdamW's two moments (sharded over the ranks under FSDP2, with
+the units it holds gathered), and the activations of one micro-step, measured by running the real
+forward and backward on fake tensors (FakeTensorMode: nothing is allocated or computed, so a 7B
+step is counted in seconds on any machine). On the CPU the process's own resident memory is added (`runtime`), and
 --lean-malloc keeps glibc's heap from holding on to freed activations (fixed_malloc_threshold).
 """
 import ctypes
@@ -62,13 +62,39 @@ def fixed_malloc_threshold():
     libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: return the heap's free top at once
 
 
+def fsdp_units(model):
+    """The modules train.py --fsdp shards one by one (FSDP2's units): the LLM's blocks, the ViT's blocks,
+    the ConvNeXt's stages, and the LLM's embedding and head unless tied (a tied head reads the
+    embedding's weight outside its module, where FSDP2 would not gather it). The rest (adapters,
+    projector, norms, stems) is the root unit."""
+    convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
+    ends = [model.llm.tok_embeddings, model.llm.output] if model.llm.output is not None else []
+    return [*model.llm.layers, *model.encoder.vit.blocks, *(convnext.stages if convnext else []), *ends]
+
+
+def gathered_bytes(model, trains, bf16):
+    """What FSDP2 holds whole beside the shards while the activations live: the root unit's weights
+    (kept gathered through forward and backward, FSDP2's default for the root), the two largest units'
+    (one running, the next prefetched), and in backward the largest trained unit's gradients, in the
+    gathered dtype and again in fp32 for their reduce-scatter. Weights gather in bf16 on GPUs
+    (train.py's MixedPrecisionPolicy), in fp32 on the CPU."""
+    size = 2 if bf16 else 4
+    trained = {id(q) for n, q in model.named_parameters() if trains(n)}
+    units = [list(u.parameters()) for u in fsdp_units(model)]
+    in_units = {id(q) for u in units for q in u}
+    root = sum(q.numel() for q in model.parameters() if id(q) not in in_units)
+    largest = sorted((sum(q.numel() for q in u) for u in units), reverse=True)[:2]
+    grads = max((sum(q.numel() for q in u if id(q) in trained) for u in units), default=0)
+    return size * (root + sum(largest)) + (size + 4) * grads
+
+
 def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16):
     """Bytes per device for build(cfg), the model as it will train (its blocks checkpointed when
     grad_ckpt): weights (fp32; a LoRA base on GPUs in bf16, as train.py holds it), gradients (with
-    DDP's buckets over several ranks) and AdamW's two moments (divided over the ranks under FSDP),
-    and the activations of one micro-step of `batch` samples of `max_len` tokens with one image
-    each, measured on fake tensors through the real forward and backward (autocast's bf16 copies of
-    the weights included, as they are held for the whole step)."""
+    DDP's buckets over several ranks) and AdamW's two moments (divided over the ranks under FSDP, which
+    also holds some units whole: gathered_bytes), and the activations of one micro-step of `batch`
+    samples of `max_len` tokens with one image each, measured on fake tensors through the real forward
+    and backward (autocast's bf16 copies of the weights included, as they are held for the whole step)."""
     with FakeTensorMode():
         # FSDP2's mixed precision gathers bf16 weights, so autocast makes no copies of them
         torch.set_default_dtype(torch.bfloat16 if fsdp and bf16 else torch.float32)
@@ -77,6 +103,7 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
         finally:
             torch.set_default_dtype(torch.float32)
         n_all = sum(q.numel() for q in model.parameters())
+        gathered = gathered_bytes(model, trains, bf16) if fsdp else 0
         # fp32 masters under FSDP (built in bf16 above); else as built: bf16 where train.py stores a
         # frozen LoRA base so (lora.bf16_bases), fp32 for the rest
         weight_bytes = sum(q.numel() * (4 if fsdp else q.element_size()) for q in model.parameters())
@@ -115,7 +142,8 @@ def memory_plan(build, cfg, trains, world, fsdp, batch, max_len, grad_ckpt, bf16
     # gradients, held beside each parameter's .grad for the whole run
     grad_bytes = 8 if world > 1 and not fsdp else 4
     return dict(weights=weight_bytes / shard + buffers, gradients=grad_bytes * n_train / shard,
-                adam=8 * n_train / shard, activations=counter.peak, update=update.peak / shard,
+                adam=8 * n_train / shard, activations=counter.peak, gathered=gathered,
+                update=update.peak / shard,
                 n_all=n_all + n_int8, n_train=n_train,
                 tokens=n_vis + n_text, image_size=cfg.image_size, world=world, fsdp=fsdp, batch=batch, bf16=bf16,
                 grad_ckpt=grad_ckpt)
@@ -127,7 +155,8 @@ def print_plan(plan):
     print(f"memory plan per device: {plan['n_train'] / 1e6:.2f}M of {plan['n_all'] / 1e6:.2f}M parameters "
           f"train; {how}; micro-batch {plan['batch']} x {plan['tokens']} tokens (one image at R={plan['image_size']}); "
           f"{'bf16 autocast' if plan['bf16'] else 'fp32'}; {'with' if plan['grad_ckpt'] else 'no'} grad checkpointing")
-    for k in ("weights", "gradients", "adam", "activations", "update") + (("runtime",) if plan["runtime"] else ()):
+    for k in (("weights", "gradients", "adam", "activations") + (("gathered",) if plan["fsdp"] else ()) + ("update",)
+              + (("runtime",) if plan["runtime"] else ())):
         print(f"  {k:<12}{gb(plan[k])}")
     print(f"  {'peak':<12}{gb(plan_peak(plan))}")
 
@@ -141,6 +170,7 @@ def resident_bytes():
 
 
 def plan_peak(plan):
-    # the activations (forward, backward) and the update's temporaries (optimizer step) never coexist
-    return (plan["weights"] + plan["gradients"] + plan["adam"] + max(plan["activations"], plan["update"])
-            + plan["runtime"])
+    # the activations and FSDP's gathered units (forward, backward) and the update's temporaries
+    # (optimizer step, on the shards) never coexist
+    return (plan["weights"] + plan["gradients"] + plan["adam"] + max(plan["activations"] + plan["gathered"],
+                                                                     plan["update"]) + plan["runtime"])

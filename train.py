@@ -549,15 +549,11 @@ trainable = {n for n, q in model.named_parameters() if q.requires_grad}
 if args.grad_checkpoint:
     checkpoint_blocks(model)
 if lean:
-    # ZeRO-3: a unit (a block, a ConvNeXt stage) is gathered just before it runs and freed after; the root
-    # (adapters, projector, norms) stays whole. The LLM's embedding and head are units (7B: 1 GB of fp32)
-    # unless tied: a tied head reads the embedding's weight outside its module, where FSDP2 would not
-    # gather it. GPUs: bf16 gathers, fp32 gradient reduction and fp32 AdamW shards, as the release's ZeRO-3.
+    # ZeRO-3: a unit (memplan.fsdp_units: a block, a ConvNeXt stage, the LLM's embedding and head) is
+    # gathered just before it runs and freed after; the root (adapters, projector, norms) stays whole. GPUs:
+    # bf16 gathers, fp32 gradient reduction and fp32 AdamW shards, as the release's ZeRO-3.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    convnext = getattr(model.encoder, "convnext", None)  # LLaVA-1.5 has none
-    ends = [model.llm.tok_embeddings, model.llm.output] if model.llm.output is not None else []
-    units = [*model.llm.layers, *model.encoder.vit.blocks, *(convnext.stages if convnext else []), *ends]
-    shard_lean(model, units, mp, device, rank, world)
+    shard_lean(model, memplan.fsdp_units(model), mp, device, rank, world)
     held = sum(q.to_local().nbytes for q in model.parameters())
     print(f"rank {rank}: {held / 2**20:.1f} MiB of parameters held, {held / (4 * n_all):.2f} of the model")
 elif distributed:

@@ -603,6 +603,10 @@ def test_dry_run_memory_plan(env, capsys):
     assert one["weights"] == pytest.approx(4 * n, rel=1e-2) and one["adam"] == pytest.approx(8 * n, rel=1e-2)
     fsdp = plan(env, capsys, "--dry-run", 4, "--fsdp")
     assert fsdp["weights"] == pytest.approx(one["weights"] / 4, rel=1e-2)  # sharded over 4 ranks
+    # and what FSDP2 holds gathered is in the peak, beside the activations (never with the update)
+    assert fsdp["gathered"] > 0 and "gathered" not in one
+    assert fsdp["peak"] == pytest.approx(fsdp["weights"] + fsdp["gradients"] + fsdp["adam"]
+                                         + max(fsdp["activations"] + fsdp["gathered"], fsdp["update"]), rel=1e-2)
     lean = plan(env, capsys, "--dry-run", "--grad-checkpoint")
     assert 0 < lean["activations"] < one["activations"]
     assert 0 < one["update"] <= 4 * n * 1.01  # AdamW's temporaries: at most one fp32 copy of what it updates
@@ -653,12 +657,34 @@ def test_memory_plan_takes_max_len_less_the_placeholder_and_the_image_within_the
         memplan.memory_plan(mra.LlavaHR, full, every, 1, False, 1, 40, False, False)
 
 
+def test_memory_plan_counts_what_fsdp_holds_gathered(plans):
+    # FSDP2 keeps the root unit gathered for the whole step and gathers one unit while the next is prefetched;
+    # in backward a unit's gradients are whole, in bf16 and again in fp32 for the reduce-scatter. The units,
+    # named here by hand: the LLM's and the ViT's blocks, the ConvNeXt's stages, the embedding and the head
+    cfg, p = plans
+    units = {}
+    for name, q in mra.LlavaHR(cfg).named_parameters():
+        parts, unit = name.split("."), None
+        if parts[:2] == ["llm", "layers"]:
+            unit = ".".join(parts[:3])
+        elif parts[:3] in (["encoder", "vit", "blocks"], ["encoder", "convnext", "stages"]):
+            unit = ".".join(parts[:4])
+        elif parts[:2] in (["llm", "tok_embeddings"], ["llm", "output"]):
+            unit = ".".join(parts[:2])
+        units[unit] = units.get(unit, 0) + q.numel()
+    root = units.pop(None)
+    largest = sorted(units.values(), reverse=True)
+    assert len(units) == cfg.llm.n_layers + cfg.vit.layers + 4 + 2 and root > 0
+    assert p["fsdp"]["gathered"] == 2 * (root + largest[0] + largest[1]) + (2 + 4) * largest[0]  # bf16 gathers
+    assert p["one"]["gathered"] == p["gpus"]["gathered"] == 0  # nothing sharded, nothing gathered
+
+
 def test_plan_peak_holds_the_activations_or_the_update_never_both():
-    # backward's activations are gone by the optimizer step: the peak is the larger of the two, on top of the
-    # rest (1 + 2 + 4 + 32 = 39, plus 16 or 64)
+    # backward's activations and FSDP's gathered units are gone by the optimizer step: the peak is the larger of
+    # the two, on top of the rest (1 + 2 + 4 + 32 = 39, plus 16 + 2 or 64)
     import memplan
-    rows = dict(weights=1, gradients=2, adam=4, activations=16, update=8, runtime=32)
-    assert memplan.plan_peak(rows) == 39 + 16
+    rows = dict(weights=1, gradients=2, adam=4, activations=16, gathered=2, update=8, runtime=32)
+    assert memplan.plan_peak(rows) == 39 + 16 + 2
     assert memplan.plan_peak(dict(rows, update=64)) == 39 + 64
 
 
