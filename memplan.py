@@ -4,8 +4,9 @@ train.py prints it before step 1 (and alone with --dry-run WORLD, for a cluster 
 not): fp32 weights, gradients and AdamW's two moments (sharded over the ranks under FSDP2, with
 the units it holds gathered), and the activations of one micro-step, measured by running the real
 forward and backward on fake tensors (FakeTensorMode: nothing is allocated or computed, so a 7B
-step is counted in seconds on any machine). On the CPU the process's own resident memory is added (`runtime`), and
---lean-malloc keeps glibc's heap from holding on to freed activations (fixed_malloc_threshold).
+step is counted in seconds on any machine). On the CPU the process's own resident memory is added
+(`runtime`), and --lean-malloc keeps glibc's heap from holding on to freed activations
+(fixed_malloc_threshold).
 """
 import ctypes
 import weakref
