@@ -156,9 +156,9 @@ def print_plan(plan):
     print(f"memory plan per device: {plan['n_train'] / 1e6:.2f}M of {plan['n_all'] / 1e6:.2f}M parameters "
           f"train; {how}; micro-batch {plan['batch']} x {plan['tokens']} tokens (one image at R={plan['image_size']}); "
           f"{'bf16 autocast' if plan['bf16'] else 'fp32'}; {'with' if plan['grad_ckpt'] else 'no'} grad checkpointing")
-    for k in (("weights", "gradients", "adam", "activations") + (("gathered",) if plan["fsdp"] else ()) + ("update",)
-              + (("runtime",) if plan["runtime"] else ())):
-        print(f"  {k:<12}{gb(plan[k])}")
+    for k in ("weights", "gradients", "adam", "activations", "gathered", "update", "runtime"):
+        if plan[k] or k not in ("gathered", "runtime"):  # those two only where there are any (FSDP, a CPU plan)
+            print(f"  {k:<12}{gb(plan[k])}")
     print(f"  {'peak':<12}{gb(plan_peak(plan))}")
 
 
